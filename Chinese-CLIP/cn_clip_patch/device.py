@@ -1,0 +1,57 @@
+"""The CPU path: run upstream cn_clip code, which calls ``.cuda()`` inline, on any device.
+
+``with on_device("cpu"): ...`` redirects ``Tensor.cuda``/``Module.cuda`` and
+``torch.cuda.set_device`` to the given device for the duration of the block, and
+:func:`single_process_group` gives upstream's ``dist.*`` calls a one-process gloo group.
+Used to referee and to benchmark upstream side by side with our code; our own code takes the
+device as a parameter and never needs this.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+@contextlib.contextmanager
+def on_device(device: str | torch.device = "cpu"):
+    device = torch.device(device)
+    saved = (torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.set_device)
+
+    def tensor_cuda(self, *args, non_blocking=False, **kwargs):
+        return self.to(device, non_blocking=non_blocking)
+
+    def module_cuda(self, *args, **kwargs):
+        return self.to(device)
+
+    torch.Tensor.cuda = tensor_cuda
+    torch.nn.Module.cuda = module_cuda
+    torch.cuda.set_device = lambda *a, **k: None
+    try:
+        yield device
+    finally:
+        torch.Tensor.cuda, torch.nn.Module.cuda, torch.cuda.set_device = saved
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group(backend: str = "gloo"):
+    """A world of one, for upstream functions that call ``dist.get_world_size``/``all_reduce``."""
+    if dist.is_initialized():
+        yield
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install everything (CPU is enough) and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q -e '.[test]'
+python -m pytest -q "$@"

@@ -1,0 +1,134 @@
+"""Datasets over cn_clip LMDB splits, image transforms, and the text collate.
+
+Images are decoded defensively: a sample whose image cannot be decoded is dropped from its
+batch with a warning (counted), never a crash mid-training. ``prepare`` should have removed
+such images already; this is the last line of defence.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from cn_clip_patch.prompt import tokenize
+
+from .lmdb_io import LMDBSplit
+
+log = logging.getLogger(__name__)
+
+AUGMENTS = ("none", "cnclip", "gentle")
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def eval_transform(resolution: int) -> Callable:
+    """Upstream's inference transform (resize to a square, bicubic, RGB, CLIP normalisation)."""
+    from cn_clip.clip import image_transform
+
+    return image_transform(resolution)
+
+
+def train_transform(resolution: int, augment: str = "none") -> Callable:
+    """``none``: as eval; ``cnclip``: upstream's ``--use-augment`` (timm AutoAugment, scale 0.9-1);
+    ``gentle``: RandomResizedCrop(0.8-1) + horizontal flip + mild ColorJitter."""
+    if augment == "none":
+        return eval_transform(resolution)
+    if augment == "cnclip":
+        from cn_clip.training.data import LMDBDataset
+
+        # Upstream builds it in a method that only reads these two attributes.
+        return LMDBDataset._build_transform(SimpleNamespace(split="train", use_augment=True), resolution)
+    if augment == "gentle":
+        from torchvision import transforms as T
+
+        return T.Compose([
+            T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.2, 0.2, 0.1),
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ])
+    raise ValueError(f"unknown augment {augment!r}; choose from {AUGMENTS}")
+
+
+def decode_image(b64: bytes | None) -> Image.Image | None:
+    """base64 (standard or url-safe) -> RGB PIL image, or None if it is not a decodable image."""
+    if not b64:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(b64)
+        im = Image.open(io.BytesIO(raw))
+        im.load()
+        return im.convert("RGB")
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return None
+
+
+class PairDataset(Dataset):
+    """Training/validation pairs: ``(image tensor, text, text_id, image_id)`` or None if undecodable."""
+
+    def __init__(self, split: LMDBSplit | str, transform: Callable):
+        self.split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.split.num_samples
+
+    def __getitem__(self, index: int):
+        image_id, text_id, text = self.split.pair(index)
+        im = decode_image(self.split.image_b64(image_id))
+        if im is None:
+            log.warning("skipping sample %d: image %s of %s cannot be decoded", index, image_id, self.split.split_dir)
+            return None
+        return self.transform(im), text, text_id, image_id
+
+
+class ImageDataset(Dataset):
+    """``(image_id, tensor)`` over the images of a split (all, or the given ids); None if undecodable."""
+
+    def __init__(self, split: LMDBSplit | str, transform: Callable, image_ids: Sequence[int] | None = None):
+        self.split = split if isinstance(split, LMDBSplit) else LMDBSplit(split, need_pairs=False)
+        self.transform = transform
+        self.image_ids = list(image_ids) if image_ids is not None else self.split.image_ids()
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.image_ids[index]
+        im = decode_image(self.split.image_b64(image_id))
+        if im is None:
+            log.warning("image %s of %s cannot be decoded; left out", image_id, self.split.split_dir)
+            return None
+        return image_id, self.transform(im)
+
+
+class PairCollate:
+    """Batch pairs and tokenise their texts (with the prompt), cut to the batch's longest text."""
+
+    def __init__(self, context_length: int, prompt: str = ""):
+        self.context_length, self.prompt = context_length, prompt
+
+    def __call__(self, batch):
+        batch = [b for b in batch if b is not None]
+        if not batch:
+            return None
+        images, texts, text_ids, image_ids = zip(*batch)
+        return (torch.stack(images), tokenize(texts, self.context_length, self.prompt),
+                torch.tensor(text_ids), torch.tensor(image_ids))
+
+
+def image_collate(batch):
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    ids, images = zip(*batch)
+    return torch.tensor(ids), torch.stack(images)

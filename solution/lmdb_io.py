@@ -1,0 +1,166 @@
+"""cn_clip's LMDB layout, written and read without trusting pickle.
+
+``{split}/imgs``: ``b"num_images"`` -> count, ``str(image_id)`` -> base64 of the image bytes.
+``{split}/pairs``: ``b"num_samples"`` -> count, ``str(index)`` -> ``pickle((image_id, text_id, text))``.
+
+This is exactly what ``cn_clip/preprocess/build_lmdb_dataset.py`` writes and what
+``cn_clip.training.data.LMDBDataset`` reads. Pairs are read back through
+:func:`restricted_loads`, which refuses any pickle that is not a plain ``(int, int, str)`` tuple.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import lmdb
+
+from .common import SolutionError
+
+MAP_SIZE = 1 << 40  # sparse on Linux; the same 1 TiB cn_clip asks for
+COMMIT_EVERY = 1000
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module, name):  # noqa: D401 - pickle API
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from an LMDB pair")
+
+
+def restricted_loads(data: bytes) -> tuple[int, int, str]:
+    """Unpickle one LMDB pair; only a tuple ``(int, int, str)`` is accepted, nothing is executed."""
+    try:
+        obj = _NoGlobals(io.BytesIO(bytes(data))).load()
+    except Exception as e:
+        raise SolutionError(f"refusing LMDB pair: {e}") from None
+    if not (isinstance(obj, tuple) and len(obj) == 3 and type(obj[0]) is int and type(obj[1]) is int
+            and isinstance(obj[2], str)):
+        raise SolutionError(f"refusing LMDB pair: expected (int, int, str), got {type(obj).__name__}")
+    return obj
+
+
+def dumps_pair(image_id: int, text_id: int, text: str) -> bytes:
+    return pickle.dumps((int(image_id), int(text_id), str(text)))
+
+
+def write_split(split_dir: str | os.PathLike, images: Iterable[tuple[int, bytes]],
+                pairs: Iterable[tuple[int, int, str]]) -> tuple[int, int]:
+    """Write ``split_dir/imgs`` and ``split_dir/pairs``; ``images`` yields ``(image_id, base64 bytes)``.
+
+    Existing LMDBs at that place are replaced. Returns ``(num_images, num_samples)``.
+    """
+    split_dir = Path(split_dir)
+    counts = []
+    for sub, rows, count_key in (("imgs", images, b"num_images"), ("pairs", pairs, b"num_samples")):
+        path = split_dir / sub
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in ("data.mdb", "lock.mdb"):
+            (path / stale).unlink(missing_ok=True)
+        env = lmdb.open(str(path), map_size=MAP_SIZE)
+        n = 0
+        txn = env.begin(write=True)
+        try:
+            for row in rows:
+                if sub == "imgs":
+                    image_id, b64 = row
+                    txn.put(str(int(image_id)).encode(), b64 if isinstance(b64, bytes) else b64.encode())
+                else:
+                    txn.put(str(n).encode(), dumps_pair(*row))
+                n += 1
+                if n % COMMIT_EVERY == 0:
+                    txn.commit()
+                    txn = env.begin(write=True)
+            txn.put(count_key, str(n).encode())
+            txn.commit()
+        finally:
+            env.close()
+        counts.append(n)
+    return counts[0], counts[1]
+
+
+class LMDBSplit:
+    """Read one split (``imgs`` + ``pairs``); safe to pickle into DataLoader workers (opens lazily)."""
+
+    def __init__(self, split_dir: str | os.PathLike, need_pairs: bool = True):
+        self.split_dir = Path(split_dir)
+        self.need_pairs = need_pairs
+        if self.split_dir.name == "imgs" and not (self.split_dir / "imgs").exists():
+            self.split_dir, self.need_pairs = self.split_dir.parent, False  # given .../imgs directly
+        for sub in ("imgs", "pairs") if self.need_pairs else ("imgs",):
+            p = self.split_dir / sub
+            if not (p / "data.mdb").is_file():
+                raise SolutionError(f"not an LMDB split: {p} has no data.mdb (build it with python -m solution.prepare)")
+        self._pid = None
+        self._open()
+        try:
+            self.num_images = int(bytes(self._img.get(b"num_images")).decode())
+            self.num_samples = int(bytes(self._pairs.get(b"num_samples")).decode()) if self.need_pairs else 0
+        except (TypeError, ValueError):
+            raise SolutionError(f"malformed LMDB split {self.split_dir}: missing num_images/num_samples") from None
+
+    def _open(self) -> None:
+        self._envs = []
+        kw = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False)
+        env = lmdb.open(str(self.split_dir / "imgs"), **kw)
+        self._envs.append(env)
+        self._img = env.begin(buffers=True)
+        self._pairs = None
+        if self.need_pairs:
+            env = lmdb.open(str(self.split_dir / "pairs"), **kw)
+            self._envs.append(env)
+            self._pairs = env.begin(buffers=True)
+        self._pid = os.getpid()
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # forked into a DataLoader worker: own handles
+            self._open()
+
+    def __getstate__(self):
+        return {"split_dir": self.split_dir, "need_pairs": self.need_pairs,
+                "num_images": self.num_images, "num_samples": self.num_samples}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def pair(self, index: int) -> tuple[int, int, str]:
+        self._check_pid()
+        raw = self._pairs.get(str(index).encode())
+        if raw is None:
+            raise SolutionError(f"{self.split_dir}/pairs has no sample {index}")
+        return restricted_loads(bytes(raw))
+
+    def pairs(self) -> Iterator[tuple[int, int, str]]:
+        for i in range(self.num_samples):
+            yield self.pair(i)
+
+    def image_b64(self, image_id: int) -> bytes | None:
+        self._check_pid()
+        raw = self._img.get(str(int(image_id)).encode())
+        return None if raw is None else bytes(raw)
+
+    def image_ids(self) -> list[int]:
+        """All image ids in key order (the order cn_clip's feature extractor walks them)."""
+        self._check_pid()
+        ids = []
+        for key in self._img.cursor().iternext(keys=True, values=False):
+            key = bytes(key)
+            if key != b"num_images":
+                ids.append(int(key.decode()))
+        return ids
+
+    def queries(self) -> "OrderedDict[int, tuple[str, list[int]]]":
+        """text_id -> (text, [image_ids]) gathered from the pairs, in first-seen order."""
+        out: "OrderedDict[int, tuple[str, list[int]]]" = OrderedDict()
+        for image_id, text_id, text in self.pairs():
+            if text_id not in out:
+                out[text_id] = (text, [])
+            out[text_id][1].append(image_id)
+        return out
+
+    def close(self) -> None:
+        for env in getattr(self, "_envs", []):
+            env.close()
+        self._envs = []
