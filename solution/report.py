@@ -1,0 +1,124 @@
+"""``REPORT.md`` for a demo (or any) run: the score table, the plots, and an embedding map.
+
+The embedding map is a PCA of image and text features of a few validation queries, coloured
+by query, for the starting model and the final one: fine-tuning should pull each query's texts
+and images together.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def score_table(results: Mapping[str, dict]) -> str:
+    head = "| model | valid R@1 | valid R@5 | valid R@10 | valid MR | test R@1 | test R@5 | test R@10 | test MR |"
+    lines = [head, "|" + "---|" * 9]
+    best_valid = max((r["valid"]["mean_recall"] for k, r in results.items() if k != "final"), default=None)
+    for name, r in results.items():
+        if name == "final":
+            continue
+        v, t = r["valid"], r["test"]
+        mark = " **(best valid)**" if v["mean_recall"] == best_valid else ""
+        lines.append(f"| {name}{mark} | {v['r1']:.2f} | {v['r5']:.2f} | {v['r10']:.2f} | {v['mean_recall']:.2f} "
+                     f"| {t['r1']:.2f} | {t['r5']:.2f} | {t['r10']:.2f} | {t['mean_recall']:.2f} |")
+    return "\n".join(lines)
+
+
+def embedding_map(checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Path, *, n_queries: int = 10,
+                  device: str = "cpu") -> Path:
+    """Side-by-side PCA maps (one per checkpoint) of images (dots) and texts (stars) of ``n_queries``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    from .features import encode_images, encode_texts
+    from .lmdb_io import LMDBSplit
+    from .models import load_model
+
+    split = LMDBSplit(lmdb_valid)
+    queries = list(split.queries().items())[:n_queries]
+    image_ids = sorted({i for _, (_, ids) in queries for i in ids})
+    fig, axes = plt.subplots(1, len(checkpoints), figsize=(6 * len(checkpoints), 5.5), squeeze=False)
+    cmap = plt.get_cmap("tab10" if n_queries <= 10 else "tab20")
+    for ax, (title, ckpt) in zip(axes[0], checkpoints.items()):
+        model, config, _ = load_model(ckpt, device=device)
+        ids, img = encode_images(model, split, config, image_ids=image_ids, device=device)
+        txt = encode_texts(model, [t for _, (t, _) in queries], config, device=device)
+        xy = PCA(n_components=2, random_state=0).fit_transform(np.concatenate([img, txt]))
+        img_xy, txt_xy = xy[: len(img)], xy[len(img):]
+        pos = {int(i): k for k, i in enumerate(ids)}
+        for q, (_, (text, gold)) in enumerate(queries):
+            c = cmap(q % cmap.N)
+            pts = np.array([img_xy[pos[i]] for i in gold if i in pos])
+            if len(pts):
+                ax.scatter(pts[:, 0], pts[:, 1], color=c, s=25, alpha=0.8)
+            ax.scatter(*txt_xy[q], color=c, marker="*", s=260, edgecolor="black", linewidth=0.6)
+        ax.set_title(f"{title}: images (dots) and queries (stars)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def _collect_pngs(src: Path, dst: Path, prefix: str) -> list[Path]:
+    found = []
+    if src and src.exists():
+        for p in sorted(src.glob("*.png")):
+            q = dst / f"{prefix}-{p.name}"
+            shutil.copyfile(p, q)
+            found.append(q)
+    return found
+
+
+def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, soups: Path | None, base: Path,
+                 final: Path, lmdb_valid: str, device: str = "cpu", elapsed: float | None = None) -> Path:
+    from . import compare
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    runs = sorted(p for p in (out / "runs").glob("*") if (p / "metrics.jsonl").is_file())
+    sources = [str(p) for p in runs] + ([str(soups)] if soups else []) + ([str(study)] if study else [])
+    table_md = ""
+    try:
+        table_md = compare.main([*sources, "--plot", str(plots / "compare.png"), "--output", str(out / "compare.md")]) or ""
+        if (out / "compare.md").is_file():
+            table_md = (out / "compare.md").read_text(encoding="utf-8")
+    except Exception as e:  # the report still gets written; say what is missing
+        log.warning("compare failed: %s", e)
+    pngs = [plots / "compare.png"] if (plots / "compare.png").is_file() else []
+    pngs += _collect_pngs(study, plots, "search") if study else []
+    for run in runs:
+        pngs += _collect_pngs(run, plots, f"run-{run.name}")
+    emb = embedding_map({"base (before fine-tuning)": base, "final (greedy soup)": final}, lmdb_valid,
+                        plots / "embedding_map.png", device=device)
+    pngs.append(emb)
+
+    final_row = results.get("final", {})
+    lines = ["# Demo report", "",
+             "Everything below was produced by `bash scripts/demo.sh` on this machine"
+             + (f" in {elapsed / 60:.1f} minutes." if elapsed else "."),
+             "Scores are text->image recall in percent (MUGE metric: MR = mean of R@1, R@5, R@10). "
+             "`valid` is the demo's validation split (the soups were chosen on half of its queries); "
+             "`test` is scored by the offline evaluator against `test_answers.jsonl`, as a submission.", "",
+             score_table(results), "",
+             f"Submission: `submissions/demo_test.jsonl` from `{final_row.get('checkpoint', final)}` "
+             f"(test MR {final_row.get('test', {}).get('mean_recall', float('nan')):.2f}).", ""]
+    if table_md:
+        lines += ["## Runs, soups and search (python -m solution.compare)", "", table_md.strip(), ""]
+    lines += ["## Plots", ""]
+    for p in pngs:
+        lines += [f"### {p.stem}", f"![{p.stem}](plots/{p.name})", ""]
+    report = out / "REPORT.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
