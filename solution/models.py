@@ -229,12 +229,13 @@ def load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], config:
     from cn_clip.clip.model import resize_pos_embed
 
     sd = clean_state_dict(sd)
+    original = dict(sd)
     own = model.state_dict()
     resize_pos_embed(sd, model)  # upstream's helper: adapts a different image resolution
     bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in sd]
     if bad or missing:
-        v, t = infer_architecture(sd)
+        v, t = infer_architecture(original)
         theirs = f"{v or '?'}@{t or '?'}"
         detail = f"{len(bad)} tensors differ in shape (e.g. {bad[0]})" if bad else f"{len(missing)} tensors missing (e.g. {missing[0]})"
         raise SolutionError(f"{source} holds a {theirs} model, not {config.arch}: {detail}")

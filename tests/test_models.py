@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from cn_clip.clip.model import CLIP
+from solution.common import SolutionError
+from solution.models import (ModelConfig, build_model, infer_architecture, load_model, read_checkpoint,
+                             resolve_config, save_checkpoint, text_models, vision_models)
+
+
+def test_registry_has_upstream_and_tiny_models():
+    assert {"ViT-B-16", "ViT-H-14", "RN50", "ViT-Tiny"} <= set(vision_models())
+    assert {"RoBERTa-wwm-ext-base-chinese", "RBT3-chinese", "RBT-Tiny"} <= set(text_models())
+
+
+def test_unknown_model_name_is_one_clear_error():
+    with pytest.raises(SolutionError, match="unknown model name 'ViT-Nope'"):
+        ModelConfig("ViT-Nope", "RBT-Tiny")
+
+
+def test_checkpoint_round_trip_keeps_config_and_weights(tmp_path, tiny_model):
+    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24, text_prompt="这是一张图片：")
+    path = save_checkpoint(tmp_path / "a.pt", tiny_model.state_dict(), cfg, epoch=2, step=7, name="run")
+    raw = torch.load(path, weights_only=True)
+    assert all(k.startswith("module.") for k in raw["state_dict"])  # cn_clip's layout
+    model, config, ckpt = load_model(path)
+    assert (config.text_prompt, config.context_length, ckpt["epoch"], ckpt["step"]) == ("这是一张图片：", 24, 2, 7)
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
+
+
+def test_official_format_checkpoint_of_full_size_architecture_loads(tmp_path):
+    """An official release file: fp16, module.-prefixed, a bert.pooler, no config -> inferred."""
+    cfg = ModelConfig("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")
+    torch.manual_seed(0)
+    ref = CLIP(**cfg.model_info)
+    sd = {f"module.{k}": v.half() for k, v in ref.state_dict().items()}
+    sd["module.bert.pooler.dense.weight"] = torch.zeros(768, 768, dtype=torch.half)
+    torch.save({"epoch": 1, "step": 100, "name": "official", "state_dict": sd}, tmp_path / "clip_cn_vit-b-16.pt")
+    model, config, _ = load_model(tmp_path / "clip_cn_vit-b-16.pt")
+    assert config.arch == "ViT-B-16@RoBERTa-wwm-ext-base-chinese"
+    w = model.state_dict()["visual.conv1.weight"]
+    assert w.dtype == torch.float32 and torch.equal(w, ref.state_dict()["visual.conv1.weight"].half().float())
+
+
+def test_other_architecture_is_refused_naming_both(tmp_path, tiny_model):
+    torch.save({"state_dict": {f"module.{k}": v for k, v in tiny_model.state_dict().items()}}, tmp_path / "t.pt")
+    with pytest.raises(SolutionError, match=r"ViT-Tiny@RBT-Tiny model, not ViT-B-16@RBT-Tiny"):
+        load_model(tmp_path / "t.pt", vision_model="ViT-B-16")
+
+
+@pytest.mark.parametrize("content", [b"", b"<html>not a checkpoint</html>", None])
+def test_unreadable_checkpoints_are_clear_errors(tmp_path, tiny_model, content):
+    path = tmp_path / "bad.pt"
+    if content is None:  # truncated real checkpoint
+        save_checkpoint(path, tiny_model.state_dict(), ModelConfig("ViT-Tiny", "RBT-Tiny"))
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SolutionError, match="bad.pt"):
+        read_checkpoint(path)
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": {}, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(SolutionError, match="not a readable checkpoint"):
+        read_checkpoint(tmp_path / "evil.pt")
+
+
+def test_flags_override_stored_config_with_warning(tiny_model, caplog):
+    ckpt = {"state_dict": tiny_model.state_dict(), "config": ModelConfig("ViT-Tiny", "RBT-Tiny", text_prompt="a").to_dict()}
+    cfg = resolve_config(ckpt, text_prompt="b", source="x.pt")
+    assert cfg.text_prompt == "b" and "text_prompt is 'a' in the checkpoint" in caplog.text
+    assert infer_architecture(tiny_model.state_dict()) == ("ViT-Tiny", "RBT-Tiny")
