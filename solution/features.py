@@ -3,10 +3,37 @@
 ``encode_images`` / ``encode_texts`` are the one path from a model to L2-normalised features:
 training validation, the soup and the submission all go through them, so they can never
 disagree about prompts, context length or preprocessing.
+
+CLI (``bash Chinese-CLIP/feature_extract.sh``, ``python -m solution.features``): cn_clip's
+``eval/extract_features.py`` flags on CPU or GPU. Architecture, prompt and context length come
+from the checkpoint's stored config (flags override with a warning).
+
+Feature files (see :func:`feature_paths`), for ``PATH`` = ``BASE.npy`` (``--format npy``, default)::
+
+    BASE.npy          float32 [N, D], L2-normalised rows
+    BASE.ids.npy      int64 [N], the image_id / text_id of each row
+    BASE.meta.json    provenance: kind, checkpoint (+ sha256), config, prompt, precision, data, validation
+
+and for ``PATH`` = ``BASE.jsonl`` (``--format jsonl``): cn_clip's lines
+``{"image_id"|"text_id": int, "feature": [D floats]}`` plus the same ``BASE.meta.json``.
+
+Image features are cached in ``--cache-dir`` (default ``$SOLUTION_CACHE_DIR`` or
+``~/.cache/cnclip-solution/image_feats``) under a key made of the vision tower's weights (all an
+image feature depends on), the image LMDB's content (every key and value), the resolution and the
+effective precision/device type: a second run against the same gallery reads the cache.
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import hashlib
+import json
 import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -14,13 +41,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cn_clip_patch.prompt import token_lengths, tokenize
+from cn_clip_patch.prompt import PromptError, check_prompt, token_lengths, tokenize
 
-from .common import SolutionError, autocast_context
+from .common import SolutionError, atomic_path, autocast_context, read_jsonl, resolve_device, run_cli, write_json
 from .data import ImageDataset, eval_transform, image_collate
 from .lmdb_io import LMDBSplit
 from .metrics import t2i_recall
-from .models import ModelConfig
+from .models import ModelConfig, load_model
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +138,406 @@ def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, device
     text_feats = encode_texts(model, texts, config, batch_size=batch_size, device=device, precision=precision,
                               progress=progress)
     return t2i_recall(text_feats, image_feats, tids, image_ids, gold, device=device)
+
+
+# ---------------------------------------------------------------- feature files
+
+FORMATS = ("npy", "jsonl")
+KINDS = ("image", "text")
+
+
+def _base(path: str | os.PathLike) -> str:
+    p = str(path)
+    for ext in (".npy", ".jsonl"):
+        if p.endswith(ext):
+            return p[: -len(ext)]
+    return p
+
+
+def feature_format(path: str | os.PathLike) -> str:
+    """``npy`` for ``*.npy`` paths, else ``jsonl`` (cn_clip's feature lines)."""
+    return "npy" if str(path).endswith(".npy") else "jsonl"
+
+
+def feature_paths(path: str | os.PathLike, fmt: str | None = None) -> tuple[Path, Path | None, Path]:
+    """``(features, ids or None, meta)`` of a feature output.
+
+    npy: ``BASE.npy``, ``BASE.ids.npy``, ``BASE.meta.json`` (``.npy`` is appended when missing);
+    jsonl: the path itself, no ids file, ``BASE.meta.json``.
+    """
+    fmt = fmt or feature_format(path)
+    base = _base(path)
+    if fmt == "npy":
+        return Path(base + ".npy"), Path(base + ".ids.npy"), Path(base + ".meta.json")
+    if fmt == "jsonl":
+        if str(path).endswith(".npy"):
+            raise SolutionError(f"{path}: a .npy path cannot hold jsonl features; name it .jsonl")
+        return Path(path), None, Path(base + ".meta.json")
+    raise SolutionError(f"unknown feature format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def save_features(path: str | os.PathLike, kind: str, ids, feats, *, fmt: str | None = None,
+                  meta: dict | None = None) -> list[Path]:
+    """Write features (each file atomically); returns the paths written (features first)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    if feats.ndim != 2 or len(ids) != len(feats):
+        raise ValueError(f"{len(ids)} ids for features of shape {feats.shape}")
+    fpath, ipath, mpath = feature_paths(path, fmt)
+    key = f"{kind}_id"
+    if ipath is not None:
+        _save_npy(ipath, ids)
+        _save_npy(fpath, feats)
+    else:
+        with atomic_path(fpath) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for i, row in zip(ids.tolist(), feats.tolist()):
+                f.write(json.dumps({key: i, "feature": row}) + "\n")
+    meta = {"kind": kind, "format": "npy" if ipath is not None else "jsonl", "count": int(len(ids)),
+            "dim": int(feats.shape[1]), "features": str(fpath.resolve()), **(meta or {})}
+    write_json(mpath, meta)
+    return [p for p in (fpath, ipath, mpath) if p is not None]
+
+
+@dataclass
+class FeatureSet:
+    """Features read back from a file: ``ids`` int64 [N], ``feats`` float32 [N, D], its meta (or {})."""
+
+    path: Path
+    kind: str
+    format: str
+    ids: np.ndarray
+    feats: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
+    """Read our ``.npy`` features (+ ``.ids.npy``) or cn_clip's JSONL lines; checks shapes and ids."""
+    if kind not in KINDS:
+        raise ValueError(kind)
+    fmt = feature_format(path)
+    fpath, ipath, mpath = feature_paths(path, fmt)
+    key = f"{kind}_id"
+    if not fpath.is_file():
+        raise SolutionError(f"{kind} features not found: {fpath}")
+    if fmt == "npy":
+        if not ipath.is_file():
+            raise SolutionError(f"{fpath}: its ids file {ipath} is missing")
+        try:
+            feats, ids = np.load(fpath, allow_pickle=False), np.load(ipath, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise SolutionError(f"{fpath}: not a readable .npy feature file ({e})") from None
+        if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+            raise SolutionError(f"{fpath}: expected a 2-D float array, got {feats.dtype} {feats.shape}")
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise SolutionError(f"{ipath}: expected a 1-D integer array, got {ids.dtype} {ids.shape}")
+        if len(ids) != len(feats):
+            raise SolutionError(f"{fpath} has {len(feats)} rows but {ipath} has {len(ids)} ids")
+    else:
+        id_list, rows = [], []
+        with open(fpath, encoding="utf-8") as f:
+            for lineno, line in enumerate(tqdm(f, desc=f"read {fpath.name}", unit="line", leave=False,
+                                               disable=not sys.stderr.isatty()), 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SolutionError(f"{fpath}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or key not in obj or "feature" not in obj:
+                    raise SolutionError(f"{fpath}:{lineno}: expected {{\"{key}\": int, \"feature\": [...]}}")
+                if not _is_int(obj[key]):
+                    raise SolutionError(f"{fpath}:{lineno}: {key} {obj[key]!r} is not an integer")
+                id_list.append(obj[key])
+                rows.append(obj["feature"])
+        if not rows:
+            raise SolutionError(f"{fpath} holds no {kind} features")
+        try:
+            feats = np.asarray(rows, dtype=np.float32)
+        except ValueError:
+            raise SolutionError(f"{fpath}: features have different lengths or non-numbers") from None
+        if feats.ndim != 2:
+            raise SolutionError(f"{fpath}: features have different lengths")
+        ids = np.asarray(id_list, dtype=np.int64)
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    if len(ids) == 0:
+        raise SolutionError(f"{fpath} holds no {kind} features")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        dup = uniq[counts > 1]
+        raise SolutionError(f"{fpath}: {len(dup)} {key}s occur more than once (e.g. {int(dup[0])})")
+    if not np.isfinite(feats).all():
+        bad = int(ids[~np.isfinite(feats).all(1)][0])
+        raise SolutionError(f"{fpath}: the feature of {key} {bad} is not finite")
+    meta = {}
+    if mpath.is_file():
+        try:
+            meta = json.loads(mpath.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; ignoring it", mpath)
+    return FeatureSet(fpath, kind, fmt, ids, feats, meta)
+
+
+# ---------------------------------------------------------------- provenance and the image cache
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SOLUTION_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "cnclip-solution" / "image_feats"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def module_sha256(module: torch.nn.Module) -> str:
+    """Digest of a module's state (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def lmdb_images_sha256(split: LMDBSplit) -> str:
+    """Digest of every key and value of a split's ``imgs`` LMDB, in key order."""
+    import lmdb
+
+    h = hashlib.sha256()
+    env = lmdb.open(str(split.split_dir / "imgs"), readonly=True, create=False, lock=False, readahead=False,
+                    meminit=False)
+    try:
+        with env.begin(buffers=True) as txn:
+            for key, value in txn.cursor():
+                h.update(len(key).to_bytes(8, "little"))
+                h.update(key)
+                h.update(len(value).to_bytes(8, "little"))
+                h.update(value)
+    finally:
+        env.close()
+    return h.hexdigest()
+
+
+def effective_precision(device, precision: str) -> str:
+    """What a precision flag computes in on a device: CPU runs fp32 unless bf16 is asked for."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "fp16" if precision in ("amp", "fp16") else precision
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def image_cache_key(model, config: ModelConfig, split: LMDBSplit, device, precision: str) -> tuple[str, dict]:
+    parts = {
+        "version": CACHE_VERSION,
+        "visual_sha256": module_sha256(model.visual),
+        "vision_info": {k: v for k, v in config.model_info.items() if not k.startswith("text_") and k != "vocab_size"},
+        "images_sha256": lmdb_images_sha256(split),
+        "precision": effective_precision(device, precision),
+        "device_type": torch.device(device).type,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40], parts
+
+
+def cached_image_features(model, split: LMDBSplit, config: ModelConfig, *, cache_dir: str | os.PathLike | None,
+                          device, precision: str, **encode_kw) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``encode_images`` through the cache: ``(ids, feats, info)`` with ``info["cache"]`` hit|miss|off."""
+    if cache_dir is None:
+        ids, feats = encode_images(model, split, config, device=device, precision=precision, **encode_kw)
+        return ids, feats, {"cache": "off"}
+    t0 = time.perf_counter()
+    key, parts = image_cache_key(model, config, split, device, precision)
+    log.info("image cache key %s (%.1f s to hash weights and images)", key[:12], time.perf_counter() - t0)
+    stem = Path(cache_dir) / f"img_{key}"
+    fpath, ipath, mpath = feature_paths(str(stem) + ".npy")
+    info = {"cache": "miss", "cache_key": key, "images_sha256": parts["images_sha256"], "cache_file": str(fpath)}
+    if fpath.is_file() and ipath.is_file():
+        try:
+            ids, feats = np.load(ipath, allow_pickle=False), np.load(fpath, allow_pickle=False)
+            if ids.ndim == 1 and feats.ndim == 2 and len(ids) == len(feats):
+                log.info("image features from the cache (%d images): %s", len(ids), fpath)
+                return ids.astype(np.int64), feats.astype(np.float32), {**info, "cache": "hit"}
+        except (ValueError, OSError):
+            pass
+        log.warning("unreadable cache entry %s; re-encoding", fpath)
+    ids, feats = encode_images(model, split, config, device=device, precision=precision, **encode_kw)
+    save_features(str(stem) + ".npy", "image", ids, feats, fmt="npy",
+                  meta={"cache_key_parts": parts, "split_dir": str(split.split_dir)})
+    return ids, feats, info
+
+
+def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
+    """The validation score of a checkpoint when it can be known, else None.
+
+    Looked for in the checkpoint (a dict holding ``mean_recall`` under a few usual keys), then in
+    its run directory's ``metrics.jsonl`` (the main-set ``valid`` record at the checkpoint's step).
+    """
+    keys = ("r1", "r5", "r10", "mean_recall")
+    for name in ("metrics", "valid", "validation", "val_metrics"):  # not "best": a resumable checkpoint's best-so-far
+        v = ckpt.get(name)
+        if isinstance(v, dict) and "mean_recall" in v:
+            return {**{k: v[k] for k in keys if k in v}, "source": f"checkpoint[{name!r}]"}
+    ckpt_dir = Path(path).resolve().parent
+    metrics = ckpt_dir.parent / "metrics.jsonl"
+    if ckpt_dir.name != "checkpoints" or not metrics.is_file() or "step" not in ckpt:
+        return None
+    found = None
+    try:
+        for row in read_jsonl(metrics):
+            if row.get("kind") == "valid" and row.get("set", "valid") == "valid" and row.get("step") == ckpt["step"] \
+                    and "mean_recall" in row:
+                found = row
+    except SolutionError:
+        return None
+    if found is None:
+        return None
+    return {**{k: found[k] for k in keys if k in found}, "step": found.get("step"), "epoch": found.get("epoch"),
+            "source": str(metrics)}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _read_texts(path: str) -> tuple[list[int], list[str]]:
+    ids, texts = [], []
+    for n, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row, dict) or "text_id" not in row or "text" not in row:
+            raise SolutionError(f"{path}: record {n} lacks text_id or text")
+        if not _is_int(row["text_id"]):
+            raise SolutionError(f"{path}: record {n}: text_id {row['text_id']!r} is not an integer")
+        ids.append(row["text_id"])
+        texts.append(str(row["text"]))
+    if not ids:
+        raise SolutionError(f"{path} holds no texts")
+    if len(set(ids)) != len(ids):
+        raise SolutionError(f"{path}: text_ids repeat (e.g. {next(i for i in ids if ids.count(i) > 1)})")
+    return ids, texts
+
+
+def default_outputs(args) -> tuple[str, str]:
+    """cn_clip's default output names, with the format's extension."""
+    ext = "npy" if args.format == "npy" else "jsonl"
+    text_base = args.text_data[:-6] if args.text_data.endswith(".jsonl") else args.text_data
+    text_out = args.text_feat_output_path or f"{text_base}.txt_feat.{ext}"
+    image_out = args.image_feat_output_path or "{}.img_feat.{}".format(args.text_data.replace("_texts.jsonl", "_imgs"), ext)
+    return text_out, image_out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m solution.features", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    up = p.add_argument_group("cn_clip extract_features.py flags")
+    up.add_argument("--extract-image-feats", action="store_true")
+    up.add_argument("--extract-text-feats", action="store_true")
+    up.add_argument("--image-data", default="../Multimodal_Retrieval/lmdb/test/imgs",
+                    help="image LMDB (SPLIT/imgs or the split directory)")
+    up.add_argument("--text-data", default="../Multimodal_Retrieval/test_texts.jsonl",
+                    help="texts jsonl: {\"text_id\": int, \"text\": str} per line")
+    up.add_argument("--image-feat-output-path", default=None,
+                    help="default: TEXT_DATA with _texts.jsonl -> _imgs.img_feat.{npy|jsonl}")
+    up.add_argument("--text-feat-output-path", default=None, help="default: TEXT_DATA minus .jsonl + .txt_feat.{npy|jsonl}")
+    up.add_argument("--img-batch-size", type=int, default=64)
+    up.add_argument("--text-batch-size", type=int, default=64)
+    up.add_argument("--context-length", type=int, default=None, help="default: the checkpoint's (52 if unknown)")
+    up.add_argument("--resume", required=True, help="checkpoint (ours, cn_clip's or an official one)")
+    up.add_argument("--precision", choices=["amp", "fp16", "fp32", "bf16"], default="amp",
+                    help="amp/fp16: fp16 autocast on GPU, fp32 on CPU; bf16 autocast on either")
+    up.add_argument("--vision-model", default=None, help="default: the checkpoint's (or inferred from shapes)")
+    up.add_argument("--text-model", default=None, help="default: the checkpoint's (or inferred from shapes)")
+    up.add_argument("--debug", action="store_true", help="debug logging")
+    ours = p.add_argument_group("ours")
+    ours.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    ours.add_argument("--format", choices=FORMATS, default="npy", help="npy (+ .ids.npy) or cn_clip's jsonl")
+    ours.add_argument("--prompt", default=None, help="text prompt; default: the checkpoint's")
+    ours.add_argument("--cache-dir", default=None, help="image feature cache (default $SOLUTION_CACHE_DIR or "
+                      "~/.cache/cnclip-solution/image_feats)")
+    ours.add_argument("--no-cache", action="store_true", help="neither read nor write the image cache")
+    ours.add_argument("--num-workers", type=int, default=None,
+                      help="image decoding workers (default min(4, CPUs - 1))")
+    ours.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    if not (args.extract_image_feats or args.extract_text_feats):
+        raise SolutionError("nothing to do: pass --extract-image-feats and/or --extract-text-feats")
+    for flag in ("img_batch_size", "text_batch_size"):
+        if getattr(args, flag) < 1:
+            raise SolutionError(f"--{flag.replace('_', '-')} must be at least 1")
+    device = resolve_device(args.device)
+    precision = effective_precision(device, args.precision)
+    workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+    progress = not args.no_progress
+    text_out, image_out = default_outputs(args)
+
+    t0 = time.perf_counter()
+    model, config, ckpt = load_model(args.resume, device=device, vision_model=args.vision_model,
+                                     text_model=args.text_model, context_length=args.context_length,
+                                     text_prompt=args.prompt)
+    try:
+        check_prompt(config.text_prompt, config.context_length)
+    except PromptError as e:
+        raise SolutionError(str(e)) from None
+    model.eval()
+    log.info("loaded %s (%s, context %d, prompt %r) on %s, %s, in %.1f s", args.resume, config.arch,
+             config.context_length, config.text_prompt, device, precision, time.perf_counter() - t0)
+    provenance = {
+        "checkpoint": str(Path(args.resume).resolve()),
+        "checkpoint_sha256": file_sha256(args.resume),
+        "config": config.to_dict(),
+        "prompt": config.text_prompt,
+        "context_length": config.context_length,
+        "precision": precision,
+        "device": str(device),
+        "validation": checkpoint_validation(args.resume, ckpt),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    result: dict = {}
+    if args.extract_text_feats:
+        ids, texts = _read_texts(args.text_data)
+        t0 = time.perf_counter()
+        feats = encode_texts(model, texts, config, batch_size=args.text_batch_size, device=device,
+                             precision=precision, progress=progress)
+        paths = save_features(text_out, "text", ids, feats, fmt=args.format,
+                              meta={**provenance, "data": str(Path(args.text_data).resolve())})
+        secs = time.perf_counter() - t0
+        log.info("%d text features in %.1f s (%.1f texts/s) -> %s", len(ids), secs, len(ids) / max(secs, 1e-9), paths[0])
+        result["text"] = {"path": str(paths[0]), "count": len(ids), "seconds": secs}
+    if args.extract_image_feats:
+        split = LMDBSplit(args.image_data, need_pairs=False)
+        cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+        t0 = time.perf_counter()
+        ids, feats, info = cached_image_features(model, split, config, cache_dir=cache_dir, device=device,
+                                                 precision=precision, batch_size=args.img_batch_size,
+                                                 num_workers=workers, progress=progress)
+        if len(ids) < split.num_images:
+            log.warning("%d of %d images could not be decoded and have no feature", split.num_images - len(ids),
+                        split.num_images)
+        paths = save_features(image_out, "image", ids, feats, fmt=args.format,
+                              meta={**provenance, "data": str(split.split_dir.resolve() / "imgs"), **info})
+        secs = time.perf_counter() - t0
+        log.info("%d image features in %.1f s (%s) -> %s", len(ids), secs, info["cache"], paths[0])
+        result["image"] = {"path": str(paths[0]), "count": int(len(ids)), "seconds": secs, "cache": info["cache"]}
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

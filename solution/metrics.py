@@ -30,7 +30,9 @@ def recall_at_k(predictions: Mapping[int, Sequence[int]], gold: Mapping[int, Col
             if any(i in answers for i in ranked[:k]):
                 hits[k] += 1
     n = len(gold)
-    out = {f"r{k}": hits[k] * 100.0 / n for k in ks}
+    # The official arithmetic, digit for digit: fraction first, then x100 (``hits * 100.0 / n`` differs in
+    # the last digit for many counts, e.g. 1/3).
+    out = {f"r{k}": (hits[k] * 1.0 / n) * 100 for k in ks}
     # Same arithmetic order as the official script: mean of fractions, then x100.
     out["mean_recall"] = (sum(hits[k] * 1.0 / n for k in ks) / len(ks)) * 100
     return out
@@ -43,8 +45,8 @@ def topk(queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torc
     Chunked over queries so memory stays ``chunk_size x len(gallery)``. Ties are broken by the
     lower gallery index, the order a stable sort of the scores gives (as upstream's ``sorted``).
     """
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
-    g = torch.as_tensor(np.asarray(gallery, dtype=np.float32)).to(device)
+    q = queries.float() if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries, dtype=np.float32))
+    g = (gallery.float() if torch.is_tensor(gallery) else torch.as_tensor(np.asarray(gallery, dtype=np.float32))).to(device)
     n = g.shape[0]
     k = min(k, n)
     all_s, all_i = [], []

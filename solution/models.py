@@ -127,15 +127,24 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> torc
 # ---------------------------------------------------------------- checkpoints
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint as data (``weights_only=True``); one clear error for anything else."""
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict:
+    """Load a checkpoint as data (``weights_only=True``); one clear error for anything else.
+
+    ``mmap=True`` maps the tensors from the file instead of reading them all (pages are read on
+    use): the soup reads configs and streams weights of many large files without holding them.
+    """
     path = Path(path)
     if not path.is_file():
         raise SolutionError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise SolutionError(f"checkpoint {path} is empty")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except Exception as e:  # truncated zip, not a torch file, or code inside
         raise SolutionError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if isinstance(ckpt, dict) and "state_dict" not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

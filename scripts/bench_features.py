@@ -1,0 +1,188 @@
+"""Feature extraction speed: ours vs cn_clip's extract_features.py, side by side on the same data.
+
+Random-weight ViT-B-16 + RoBERTa-wwm-ext-base-chinese (``--quick``: ViT-B-32 + RBT3-chinese and
+fewer items), the same LMDB of JPEG images and the same texts. Upstream runs its unmodified
+script (``.cuda()`` redirected by ``cn_clip_patch.device.on_device``, ``--precision fp32``); its
+text and image loops are timed by wrapping its ``tqdm``. Ours runs ``solution.features`` (timed
+from its own result: encode + write, no cache). The bare model forward on pre-decoded images
+bounds what any image path can reach. Features must agree to 1e-5.
+
+    python scripts/bench_features.py [--quick] [--device cpu] [--out runs/bench/features.json]
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import logging
+import runpy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import tqdm as tqdm_pkg
+from PIL import Image
+
+from cn_clip_patch.device import on_device
+from solution.data import decode_image, eval_transform
+from solution.features import load_features, main as features_main
+from solution.lmdb_io import LMDBSplit, write_split
+from solution.models import ModelConfig, build_model, load_model, save_checkpoint
+
+CHARS = ("连衣裙男士运动鞋透气轻便夏季新款苹果手机壳儿童玩具车保温杯红色白色黑色纯棉短袖长袖女装"
+         "家用厨房收纳盒办公椅实木书桌蓝牙耳机无线充电宝大容量防水户外登山背包")
+
+
+def make_data(d: Path, n_images: int, n_texts: int, rng) -> None:
+    images = []
+    for i in range(n_images):
+        h, w = int(rng.integers(400, 800)), int(rng.integers(400, 800))
+        base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.random(3)
+        arr = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        images.append((1_000_000 + i, base64.urlsafe_b64encode(buf.getvalue())))
+    texts = ["".join(rng.choice(list(CHARS), int(rng.integers(4, 21)))) for _ in range(n_texts)]
+    write_split(d / "lmdb" / "bench", images, [(1_000_000, 5_000 + i, t) for i, t in enumerate(texts)])
+    with open(d / "bench_texts.jsonl", "w", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text_id": 5_000 + i, "text": t}, ensure_ascii=False) + "\n")
+
+
+class TimedLoops:
+    """Stand-in for upstream's ``tqdm``: records how long each loop it wraps takes (body included)."""
+
+    loops: list[float] = []
+
+    def __init__(self, iterable=None, *args, **kwargs):
+        self.iterable = iterable
+
+    def __iter__(self):
+        t0 = time.perf_counter()
+        yield from self.iterable
+        TimedLoops.loops.append(time.perf_counter() - t0)
+
+
+def run_upstream(argv: list[str]) -> tuple[float, list[float]]:
+    saved_argv, saved_tqdm = sys.argv, tqdm_pkg.tqdm
+    sys.argv, tqdm_pkg.tqdm = ["extract_features.py", *argv], TimedLoops
+    TimedLoops.loops = []
+    sink = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with on_device("cpu"), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            runpy.run_module("cn_clip.eval.extract_features", run_name="__main__")
+    finally:
+        sys.argv, tqdm_pkg.tqdm = saved_argv, saved_tqdm
+    return time.perf_counter() - t0, list(TimedLoops.loops)
+
+
+@torch.inference_mode()
+def bare_forward(ckpt: Path, split_dir: Path, batch_size: int) -> float:
+    """Seconds for ``model.encode_image`` alone over images decoded and transformed beforehand."""
+    model, config, _ = load_model(ckpt)
+    model.eval()
+    split = LMDBSplit(split_dir, need_pairs=False)
+    tf = eval_transform(config.image_resolution)
+    images = torch.stack([tf(decode_image(split.image_b64(i))) for i in split.image_ids()])
+    t0 = time.perf_counter()
+    for s in range(0, len(images), batch_size):
+        f = model.encode_image(images[s:s + batch_size])
+        f = f / f.norm(dim=-1, keepdim=True)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--texts", type=int, default=256)
+    p.add_argument("--vision-model", default="ViT-B-16")
+    p.add_argument("--text-model", default="RoBERTa-wwm-ext-base-chinese")
+    p.add_argument("--img-batch-size", type=int, default=32)
+    p.add_argument("--text-batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=None, help="ours: image decoding workers (default: auto)")
+    p.add_argument("--quick", action="store_true", help="ViT-B-32 + RBT3-chinese, 16 images, 64 texts")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.vision_model, args.text_model, args.images, args.texts = "ViT-B-32", "RBT3-chinese", 16, 64
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(args.workdir or tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        make_data(d, args.images, args.texts, rng)
+        torch.manual_seed(0)
+        config = ModelConfig(args.vision_model, args.text_model)
+        save_checkpoint(d / "random.pt", build_model(config).state_dict(), config, epoch=0, step=0)
+        print(f"{config.arch} random weights, {args.images} images, {args.texts} texts, torch threads "
+              f"{torch.get_num_threads()}", file=sys.stderr)
+        common = ["--image-data", str(d / "lmdb/bench/imgs"), "--text-data", str(d / "bench_texts.jsonl"),
+                  "--resume", str(d / "random.pt"), "--precision", "fp32", "--img-batch-size", str(args.img_batch_size),
+                  "--text-batch-size", str(args.text_batch_size), "--context-length", "52"]
+
+        up_total, loops = run_upstream(["--extract-text-feats", "--extract-image-feats", *common,
+                                        "--vision-model", args.vision_model, "--text-model", args.text_model,
+                                        "--text-feat-output-path", str(d / "up_txt.jsonl"),
+                                        "--image-feat-output-path", str(d / "up_img.jsonl")])
+        up_text, up_image = loops  # upstream does texts first, then images
+        print(f"upstream: texts {up_text:.1f} s, images {up_image:.1f} s (run {up_total:.1f} s)", file=sys.stderr)
+
+        ours_argv = ["--extract-text-feats", "--extract-image-feats", *common, "--device", "cpu", "--no-progress",
+                     "--text-feat-output-path", str(d / "txt.npy"), "--image-feat-output-path", str(d / "img.npy"),
+                     "--cache-dir", str(d / "cache")]
+        if args.num_workers is not None:
+            ours_argv += ["--num-workers", str(args.num_workers)]
+        t0 = time.perf_counter()
+        r = features_main(ours_argv)
+        ours_total = time.perf_counter() - t0
+        ours_text, ours_image = r["text"]["seconds"], r["image"]["seconds"]
+        print(f"ours: texts {ours_text:.1f} s, images {ours_image:.1f} s (run {ours_total:.1f} s)", file=sys.stderr)
+        t0 = time.perf_counter()
+        r2 = features_main(ours_argv[1:])  # images again (texts dropped): the gallery cache answers
+        cached = r2["image"]["seconds"]
+        assert r2["image"]["cache"] == "hit"
+
+        bare = bare_forward(d / "random.pt", d / "lmdb/bench", args.img_batch_size)
+        print(f"bare image forward: {bare:.1f} s", file=sys.stderr)
+
+        diffs = {}
+        for kind, up, ours in (("text", "up_txt.jsonl", "txt.npy"), ("image", "up_img.jsonl", "img.npy")):
+            a, b = load_features(d / up, kind), load_features(d / ours, kind)
+            assert a.ids.tolist() == b.ids.tolist(), f"{kind} ids differ"
+            diffs[kind] = float(np.abs(a.feats - b.feats).max())
+
+    n_t, n_i = args.texts, args.images
+    rows = [
+        {"what": "texts/s", "ours": n_t / ours_text, "upstream": n_t / up_text, "bare_forward": None,
+         "ours_over_upstream": up_text / ours_text, "max_abs_diff": diffs["text"]},
+        {"what": "images/s", "ours": n_i / ours_image, "upstream": n_i / up_image, "bare_forward": n_i / bare,
+         "ours_over_upstream": up_image / ours_image, "ours_over_bare": bare / ours_image, "max_abs_diff": diffs["image"]},
+        {"what": "images/s, second run (cache hit)", "ours": n_i / cached, "upstream": n_i / up_image,
+         "ours_over_upstream": up_image / cached},
+    ]
+    result = {"rows": rows, "model": config.arch, "images": n_i, "texts": n_t, "device": "cpu", "precision": "fp32",
+              "img_batch_size": args.img_batch_size, "text_batch_size": args.text_batch_size,
+              "torch_threads": torch.get_num_threads(), "upstream_run_s": up_total, "ours_run_s": ours_total}
+    print(f"\n{config.arch}, CPU fp32, {n_i} images / {n_t} texts")
+    print(f"{'':34s} {'ours':>9s} {'upstream':>9s} {'bare':>9s} {'ours/upstream':>14s} {'max|diff|':>10s}")
+    for row in rows:
+        bare_s = f"{row['bare_forward']:9.2f}" if row.get("bare_forward") else f"{'':9s}"
+        diff = f"{row['max_abs_diff']:10.1e}" if "max_abs_diff" in row else ""
+        print(f"{row['what']:34s} {row['ours']:9.2f} {row['upstream']:9.2f} {bare_s} {row['ours_over_upstream']:13.2f}x {diff}")
+    print(f"ours image path / bare forward: {rows[1]['ours_over_bare']:.3f} (1.0 = no overhead)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Top-k predictions at MUGE validation scale: ours vs cn_clip's make_topk_predictions.py, side by side.
+
+Random L2-normalised features (default 5,008 texts x 29,806 images x 512-d, MUGE's validation
+sizes). Ours runs ``solution.predict`` end to end (read features, rank, write the submission and
+manifest) from ``.npy`` and from cn_clip's JSONL; upstream runs its unmodified script from the
+JSONL features with its ``.cuda()`` redirected to the CPU (``cn_clip_patch.device.on_device``).
+
+Upstream spends ~40 ms of Python per text, so by default it ranks only the first
+``--upstream-texts`` texts (1,000 at full scale) and its full-scale time is extrapolated:
+``fixed + (measured - fixed) * texts / upstream_texts``, where ``fixed`` (reading the image
+features) is measured by a run with no texts. Pass ``--upstream-texts 0`` for all texts.
+Predictions are compared on the texts both ranked.
+
+    python scripts/bench_predict.py [--quick] [--out runs/bench/predict.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import runpy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cn_clip_patch.device import on_device
+from solution.features import load_features, save_features
+from solution.predict import main as predict_main
+
+
+def unit(rng, n, d):
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def run_upstream(image_feats: Path, text_feats: Path, out: Path, k: int) -> float:
+    argv = ["make_topk_predictions.py", "--image-feats", str(image_feats), "--text-feats", str(text_feats),
+            "--top-k", str(k), "--output", str(out)]
+    saved = sys.argv
+    sys.argv = argv
+    sink = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with on_device("cpu"), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            runpy.run_module("cn_clip.eval.make_topk_predictions", run_name="__main__")
+    finally:
+        sys.argv = saved
+    return time.perf_counter() - t0
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--texts", type=int, default=5008)
+    p.add_argument("--images", type=int, default=29806)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--upstream-texts", type=int, default=None,
+                   help="texts upstream ranks (0 = all; default 1000 at full scale, all with --quick)")
+    p.add_argument("--quick", action="store_true", help="500 texts x 3,000 images")
+    p.add_argument("--workdir", default=None, help="keep the feature files here (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="also write the table as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.texts, args.images = 500, 3000
+    n_up = args.upstream_texts if args.upstream_texts is not None else (0 if args.quick else 1000)
+    n_up = args.texts if n_up in (0, None) or n_up > args.texts else n_up
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(args.workdir or tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        texts, images = unit(rng, args.texts, args.dim), unit(rng, args.images, args.dim)
+        tids = np.arange(args.texts, dtype=np.int64) + 300_000
+        iids = rng.choice(10_000_000, args.images, replace=False).astype(np.int64)
+        t0 = time.perf_counter()
+        save_features(d / "text.npy", "text", tids, texts)
+        save_features(d / "img.npy", "image", iids, images)
+        save_features(d / "text.jsonl", "text", tids, texts)
+        save_features(d / "img.jsonl", "image", iids, images)
+        write_s = time.perf_counter() - t0
+        sub = d / "text_sub.jsonl"
+        with open(d / "text.jsonl") as f, open(sub, "w") as g:
+            for _ in range(n_up):
+                g.write(f.readline())
+        (d / "text_none.jsonl").write_text("")
+        print(f"{args.texts} texts x {args.images} images x {args.dim}-d, top-{args.top_k}; torch threads "
+              f"{torch.get_num_threads()}; feature files written in {write_s:.1f} s", file=sys.stderr)
+
+        timings = {}
+        for fmt in ("npy", "jsonl"):
+            t0 = time.perf_counter()
+            predict_main(["--image-feats", str(d / f"img.{fmt}"), "--text-feats", str(d / f"text.{fmt}"),
+                          "--top-k", str(args.top_k), "--output", str(d / f"ours_{fmt}.jsonl"), "--device", "cpu",
+                          "--no-progress"])
+            timings[fmt] = time.perf_counter() - t0
+            print(f"ours from {fmt}: {timings[fmt]:.2f} s", file=sys.stderr)
+        t0 = time.perf_counter()
+        load_features(d / "text.npy", "text"), load_features(d / "img.npy", "image")
+        load_npy = time.perf_counter() - t0
+
+        fixed = run_upstream(d / "img.jsonl", d / "text_none.jsonl", d / "up_none.jsonl", args.top_k)
+        print(f"upstream, reading the image features only: {fixed:.1f} s", file=sys.stderr)
+        measured = run_upstream(d / "img.jsonl", sub, d / "up.jsonl", args.top_k)
+        up_full = fixed + (measured - fixed) * args.texts / n_up
+        print(f"upstream on {n_up} texts: {measured:.1f} s -> {up_full:.1f} s for {args.texts}"
+              + (" (extrapolated)" if n_up < args.texts else ""), file=sys.stderr)
+
+        ours_rows = read_rows(d / "ours_npy.jsonl")
+        up_rows = read_rows(d / "up.jsonl")
+        same_npy_jsonl = (d / "ours_npy.jsonl").read_bytes() == (d / "ours_jsonl.jsonl").read_bytes()
+        identical = sum(a == b for a, b in zip(ours_rows[:n_up], up_rows))
+        # Any disagreement must be a float near-tie (summation order), never a wrong ranking.
+        worst_gap = 0.0
+        pos = {int(i): r for r, i in enumerate(iids)}
+        for a, b in zip(ours_rows[:n_up], up_rows):
+            if a != b:
+                q = texts[a["text_id"] - 300_000].astype(np.float64)
+                sa = images[[pos[i] for i in a["image_ids"]]] @ q
+                sb = images[[pos[i] for i in b["image_ids"]]] @ q
+                worst_gap = max(worst_gap, float(np.abs(sa - sb).max()))
+
+    rows = [
+        {"what": "ours from .npy (read + rank + write)", "seconds": timings["npy"], "texts": args.texts},
+        {"what": "ours from cn_clip jsonl", "seconds": timings["jsonl"], "texts": args.texts},
+        {"what": f"upstream make_topk_predictions.py (CPU){' extrapolated' if n_up < args.texts else ''}",
+         "seconds": up_full, "texts": args.texts},
+    ]
+    for r in rows:
+        r["ratio_ours_over_upstream"] = r["seconds"] / up_full
+        r["speedup"] = up_full / r["seconds"]
+    result = {
+        "rows": rows,
+        "texts": args.texts, "images": args.images, "dim": args.dim, "top_k": args.top_k,
+        "upstream_texts_measured": n_up, "upstream_measured_s": measured, "upstream_fixed_s": fixed,
+        "ours_npy_load_s": load_npy, "identical_rows": identical, "compared_rows": n_up,
+        "max_score_gap_where_different": worst_gap, "npy_and_jsonl_identical": same_npy_jsonl,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(f"\n{'':44s} {'seconds':>9s} {'ours/upstream':>14s} {'speedup':>8s}")
+    for r in rows:
+        print(f"{r['what']:44s} {r['seconds']:9.2f} {r['ratio_ours_over_upstream']:14.4f} {r['speedup']:7.1f}x")
+    print(f"identical predictions: {identical}/{n_up} texts (max score gap where different: {worst_gap:.2e}); "
+          f"npy == jsonl: {same_npy_jsonl}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

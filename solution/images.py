@@ -1,0 +1,335 @@
+"""Sniff, check and clean one image: bytes in, RGB JPEG (or the untouched original) out, or a reason.
+
+Images in the wild are messy: a ``.jpg`` that is really a GIF, PNG, WebP, BMP or TIFF; animated
+GIFs; palette, alpha, CMYK, 16-bit and grayscale images; EXIF-rotated photos; truncated downloads;
+HTML error pages saved as ``.jpg``; decompression bombs; broken base64. :func:`clean_image` and
+:func:`clean_b64` handle each of these and **never raise**: a bad input comes back as a
+:class:`CleanResult` with ``status == "skipped"`` and a ``reason`` from :data:`REASONS`.
+
+What comes out:
+
+* a JPEG already in RGB, upright and small enough is **kept byte for byte** (``status="kept"``);
+  it is still decoded (at reduced scale, which walks the whole entropy-coded stream) so a
+  truncated or corrupt file is caught;
+* anything else is decoded by what its bytes say it is, converted to RGB (the first frame of an
+  animation; alpha composited onto white; CMYK, 16-bit, palette and grayscale converted; EXIF
+  orientation applied; optionally shrunk so its longer side is at most ``max_side``) and re-encoded
+  as JPEG at ``quality`` (``status="converted"``, ``actions`` says what was done).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageOps
+
+# Reasons an image is skipped (the report counts and lists them by these names).
+REASONS = {
+    "empty": "no bytes at all",
+    "invalid_base64": "the base64 text does not decode",
+    "not_an_image": "the bytes are not an image (e.g. an HTML error page)",
+    "truncated": "the file ends before the image does",
+    "corrupt": "the image data cannot be decoded",
+    "decompression_bomb": "the declared size exceeds the pixel limit",
+    "unsupported": "a format or pixel mode that cannot be converted to RGB",
+}
+
+DEFAULT_QUALITY = 95
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own bomb threshold
+CHECKS = ("full", "fast")
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+_ORIENTATION = 0x0112
+_EXIF_TRANSPOSES = {2, 3, 4, 5, 6, 7, 8}
+
+
+@dataclass
+class CleanResult:
+    status: str                      # "kept" | "converted" | "skipped"
+    data: bytes | None = None        # the image to store (raw bytes, or base64 from clean_b64)
+    format: str | None = None        # what the bytes really are (JPEG, PNG, GIF, WEBP, BMP, TIFF, ...)
+    size: tuple[int, int] | None = None  # (width, height) of the stored image
+    actions: list[str] = field(default_factory=list)  # conversions applied, e.g. ["first_frame", "mode_P"]
+    reason: str | None = None        # one of REASONS when skipped
+    detail: str = ""                 # a human-readable explanation when skipped
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "skipped"
+
+
+def _skip(reason: str, detail: str = "", fmt: str | None = None) -> CleanResult:
+    return CleanResult("skipped", format=fmt, reason=reason, detail=detail or REASONS[reason])
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format the bytes announce (JPEG, PNG, GIF, WEBP, BMP, TIFF), or None."""
+    head = bytes(data[:16])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def looks_like_text(data: bytes) -> str | None:
+    """'an HTML page' / 'text' / 'JSON text' when the bytes look like markup or text rather than binary, else None."""
+    head = bytes(data[:512]).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head:
+        return "text"
+    low = head[:64].lower()
+    if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or (
+            head[:1] == b"<" and b">" in head):
+        return "an HTML page"
+    if head[:1] in (b"{", b"["):
+        return "JSON text"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
+    return "text" if printable >= 0.95 * len(text) else None
+
+
+def decode_base64(b64: str | bytes) -> tuple[bytes, bytes | None]:
+    """Decode standard or URL-safe base64, tolerating whitespace and missing padding.
+
+    Returns ``(raw bytes, canonical base64 or None)``; the second item is None when the input is
+    already in a form ``base64.urlsafe_b64decode`` (cn_clip's reader) accepts unchanged.
+    Raises ``ValueError`` for text that is not base64.
+    """
+    s = b64.encode("ascii", "replace") if isinstance(b64, str) else bytes(b64)
+    try:
+        raw = base64.urlsafe_b64decode(s)
+        # urlsafe_b64decode silently drops junk characters; make sure none were there
+        if len(s) % 4 == 0 and not s.translate(None, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_="):
+            return raw, None
+    except (binascii.Error, ValueError):
+        pass
+    t = b"".join(s.split()).translate(bytes.maketrans(b"-_", b"+/")).rstrip(b"=")
+    if len(t) % 4 == 1:
+        raise ValueError("base64 text has an impossible length")
+    t += b"=" * (-len(t) % 4)
+    try:
+        raw = base64.b64decode(t, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"not base64: {e}") from None
+    return raw, base64.urlsafe_b64encode(raw)
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The orientation tag of an EXIF (TIFF) block, 1 when absent or unreadable."""
+    try:
+        order = {b"II": "little", b"MM": "big"}[bytes(tiff[:2])]
+        u16 = lambda o: int.from_bytes(tiff[o:o + 2], order)  # noqa: E731
+        ifd = int.from_bytes(tiff[4:8], order)
+        for k in range(u16(ifd)):
+            entry = ifd + 2 + 12 * k
+            if u16(entry) == _ORIENTATION:
+                return u16(entry + 8)
+    except (KeyError, IndexError, ValueError):
+        pass
+    return 1
+
+
+@dataclass
+class JpegInfo:
+    width: int
+    height: int
+    components: int
+    orientation: int
+    complete: bool  # ends with the EOI marker
+
+
+def inspect_jpeg(data: bytes) -> JpegInfo | None:
+    """Read a JPEG's markers up to the scan without decoding pixels; None if the header is not clean."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    i, n = 2, len(data)
+    size = comps = None
+    orientation = 1
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2 or i + 2 + length > n:
+            return None
+        if marker == 0xDA:  # start of scan: the entropy-coded data follows
+            if size is None:
+                return None
+            tail = bytes(data[-2:]) == b"\xff\xd9" or bytes(data[-64:]).rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+            return JpegInfo(size[0], size[1], comps, orientation, tail)
+        seg = data[i + 4:i + 2 + length]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(seg) >= 6:
+            size = (int.from_bytes(seg[3:5], "big"), int.from_bytes(seg[1:3], "big"))
+            comps = seg[5]
+        elif marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
+            orientation = _exif_orientation(bytes(seg[6:]))
+        i += 2 + length
+    return None
+
+
+def _error_reason(e: BaseException, data: bytes, fmt: str | None) -> tuple[str, str]:
+    msg = f"{type(e).__name__}: {e}"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "decompression_bomb", msg
+    if "truncated" in str(e).lower() or isinstance(e, EOFError):
+        return "truncated", msg
+    if fmt == "JPEG" and not bytes(data[-2:]) == b"\xff\xd9" and not bytes(data).rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "truncated", f"{msg} (no JPEG end marker)"
+    if fmt == "PNG" and b"IEND" not in bytes(data[-32:]):
+        return "truncated", f"{msg} (no PNG end chunk)"
+    return "corrupt", msg
+
+
+def _to_rgb(im: Image.Image, actions: list[str]) -> Image.Image:
+    """Any PIL mode -> RGB; alpha is composited onto white (as a shop page shows a transparent PNG)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    actions.append(f"mode_{mode}")
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        if im.mode == "RGB":
+            return im
+        mode = "RGBA"
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im)
+        if mode.startswith("I;16"):
+            arr = (arr.astype(np.uint32) >> 8)
+        elif arr.size and float(arr.max()) > 255:
+            arr = arr.astype(np.float64) * (255.0 / float(arr.max()))
+        elif mode == "F" and arr.size and float(arr.max()) <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, ...
+
+
+def clean_image(data: bytes, *, max_side: int | None = None, quality: int = DEFAULT_QUALITY,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, check: str = "full") -> CleanResult:
+    """Check and clean one image's raw bytes (see the module docstring). Never raises.
+
+    ``check="full"`` decodes every image. ``check="fast"`` keeps a clean RGB JPEG (3 components,
+    upright, small enough, header intact, ending with its EOI marker) after reading its markers
+    only, without decoding pixels: much faster, but damage inside the compressed data of such a
+    file goes unnoticed (``solution.data`` still drops an undecodable image at training time).
+    Everything else takes the full path.
+    """
+    fmt = None
+    try:
+        if not data:
+            return _skip("empty")
+        fmt = sniff_format(data)
+        if check == "fast" and fmt == "JPEG":
+            info = inspect_jpeg(data)
+            if (info and info.complete and info.components == 3 and info.orientation not in _EXIF_TRANSPOSES
+                    and info.width > 0 and info.height > 0
+                    and not (max_side and max(info.width, info.height) > max_side)
+                    and not (max_pixels and info.width * info.height > max_pixels)):
+                return CleanResult("kept", data=bytes(data), format=fmt, size=(info.width, info.height))
+        if fmt is None:
+            kind = looks_like_text(data)
+            if kind:
+                return _skip("not_an_image", f"the bytes are {kind}, not an image")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=[fmt] if fmt else None)
+        fmt = im.format or fmt
+        w, h = im.size
+        if max_pixels and w * h > max_pixels:
+            return _skip("decompression_bomb", f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}", fmt)
+        if w < 1 or h < 1:
+            return _skip("corrupt", f"image size {w}x{h}", fmt)
+        actions: list[str] = []
+        if getattr(im, "is_animated", False) or getattr(im, "n_frames", 1) > 1:
+            actions.append("first_frame")
+            im.seek(0)
+        orientation = im.getexif().get(_ORIENTATION, 1) if fmt in ("JPEG", "PNG", "WEBP", "TIFF") else 1
+        needs_resize = bool(max_side) and max(w, h) > max_side
+        keep = fmt == "JPEG" and im.mode == "RGB" and orientation not in _EXIF_TRANSPOSES and not needs_resize
+        if keep:
+            # verify the whole stream cheaply: decoding at 1/8 scale still entropy-decodes every block
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+            return CleanResult("kept", data=bytes(data), format=fmt, size=(w, h))
+        if needs_resize and fmt == "JPEG":
+            scale = max_side / max(w, h)
+            im.draft(None, (max(1, int(w * scale * 2)), max(1, int(h * scale * 2))))  # fast JPEG downscale
+        im.load()
+        if orientation in _EXIF_TRANSPOSES:
+            im = ImageOps.exif_transpose(im)
+            actions.append("exif_orientation")
+        im = _to_rgb(im, actions)
+        if needs_resize:
+            scale = max_side / max(im.size)
+            new = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
+            im = im.resize(new, Image.Resampling.BICUBIC, reducing_gap=2.0)
+            actions.append("resized")
+        if fmt != "JPEG":
+            actions.append(f"from_{fmt}")
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=int(quality))
+        return CleanResult("converted", data=buf.getvalue(), format=fmt, size=im.size, actions=actions)
+    except Image.DecompressionBombError as e:
+        return _skip("decompression_bomb", f"{type(e).__name__}: {e}", fmt)
+    except Image.UnidentifiedImageError as e:
+        return _skip("not_an_image" if fmt is None else "corrupt", f"{type(e).__name__}: {e}", fmt)
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+            ZeroDivisionError, Image.DecompressionBombWarning) as e:
+        if isinstance(e, ValueError) and "mode" in str(e).lower():
+            return _skip("unsupported", f"{type(e).__name__}: {e}", fmt)
+        reason, detail = _error_reason(e, data, fmt)
+        return _skip(reason, detail, fmt)
+    except MemoryError:
+        return _skip("decompression_bomb", "MemoryError while decoding", fmt)
+    except Exception as e:  # noqa: BLE001 - a worker must never die on one image
+        return _skip("corrupt", f"{type(e).__name__}: {e}", fmt)
+
+
+def clean_b64(b64: str | bytes, *, max_side: int | None = None, quality: int = DEFAULT_QUALITY,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS, check: str = "full") -> CleanResult:
+    """:func:`clean_image` on base64 text; ``data`` of the result is base64 (URL-safe, as cn_clip writes).
+
+    A kept image whose base64 was already canonical is passed through byte for byte.
+    """
+    if b64 is None or not (b64.strip() if isinstance(b64, (str, bytes)) else True):
+        return _skip("empty", "empty base64 field")
+    try:
+        raw, canonical = decode_base64(b64)
+    except ValueError as e:
+        return _skip("invalid_base64", str(e))
+    except Exception as e:  # noqa: BLE001
+        return _skip("invalid_base64", f"{type(e).__name__}: {e}")
+    res = clean_image(raw, max_side=max_side, quality=quality, max_pixels=max_pixels, check=check)
+    if res.status == "kept":
+        res.data = canonical if canonical is not None else (b64.encode("ascii") if isinstance(b64, str) else bytes(b64))
+    elif res.status == "converted":
+        res.data = base64.urlsafe_b64encode(res.data)
+    return res
+

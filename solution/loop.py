@@ -1,0 +1,211 @@
+"""The training step: contrastive loss over the global batch, accumulation, validation loss.
+
+Global batch. One optimizer step sees ``accum_freq`` micro-batches of ``batch_size x world``
+pairs each. Features are gathered across processes *with gradient*
+(``torch.distributed.nn.all_gather``) in rank order, so 2 processes with batch B train exactly
+the model one process with batch 2B trains (every rank computes the same global loss; DDP's
+gradient average then equals the single-process gradient).
+
+Same text, not a negative (``--same-text-positives``, on by default). MUGE queries have several
+gold images, so one batch may hold the same text (same ``text_id``) twice with different images.
+Plain CLIP loss would push each image away from its twin's (identical) text. Instead the
+targets are soft: image ``i``'s target distribution is uniform over all columns ``j`` whose text
+has the same ``text_id`` as text ``i`` (and symmetrically for texts). Without duplicates this is
+exactly the usual identity target, so the loss equals cn_clip's. In-batch accuracy counts an
+argmax that lands on any positive.
+
+Accumulation (``--accum-freq``) follows cn_clip: features of all micro-batches are first
+computed without gradient and cached; then each micro-batch is re-run with gradient and its fresh
+features replace its cached slice in the full-batch loss, backward each time, one optimizer step.
+(As in cn_clip, ``logit_scale`` collects one gradient per micro-batch.)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .common import SolutionError, autocast_context
+
+log = logging.getLogger(__name__)
+
+LOGIT_SCALE_MAX = math.log(100.0)  # cn_clip clamps at 4.6052
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(t: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
+    """Concatenate ``t`` from every process in rank order (identity for one process)."""
+    rank, size = world()
+    if size == 1:
+        return t
+    if with_grad:
+        import torch.distributed.nn
+
+        return torch.cat(torch.distributed.nn.all_gather(t), dim=0)
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def soft_targets(text_ids: torch.Tensor, same_text: bool) -> torch.Tensor | None:
+    """Row-normalised ``[N, N]`` targets over equal text ids; None when it is the identity."""
+    if not same_text:
+        return None
+    eq = text_ids[:, None].eq(text_ids[None, :])
+    if int(eq.sum()) == len(text_ids):
+        return None
+    eq = eq.float()
+    return eq / eq.sum(1, keepdim=True)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE (cn_clip's) with optional soft targets; returns ``(loss, logits_per_image)``."""
+    logits_per_image = logit_scale * image_features.float() @ text_features.float().t()
+    logits_per_text = logits_per_image.t()
+    if targets is None:
+        labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
+        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    else:
+        targets = targets.to(logits_per_image.device)
+        loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets.t())) / 2
+    return loss, logits_per_image
+
+
+@torch.no_grad()
+def batch_accuracy(logits_per_image: torch.Tensor, targets: torch.Tensor | None) -> tuple[float, float]:
+    """(i2t, t2i) in-batch accuracy: the argmax is a positive."""
+    n = len(logits_per_image)
+    if targets is None:
+        labels = torch.arange(n, device=logits_per_image.device)
+        return (float((logits_per_image.argmax(1) == labels).float().mean()),
+                float((logits_per_image.argmax(0) == labels).float().mean()))
+    pos = targets.to(logits_per_image.device) > 0
+    i2t = pos[torch.arange(n), logits_per_image.argmax(1)]
+    t2i = pos.t()[torch.arange(n), logits_per_image.argmax(0)]
+    return float(i2t.float().mean()), float(t2i.float().mean())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@dataclass
+class StepConfig:
+    device: torch.device
+    precision: str = "fp32"
+    accum_freq: int = 1
+    mask_ratio: float = 0.0
+    same_text: bool = True
+    aggregate: bool = True
+
+
+class Stepper:
+    """One optimizer step over ``accum_freq`` micro-batches ``(images, tokens, text_ids, image_ids)``."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, cfg: StepConfig):
+        self.model, self.optimizer, self.scaler, self.cfg = model, optimizer, scaler, cfg
+
+    def _autocast(self):
+        return autocast_context(self.cfg.device, self.cfg.precision)
+
+    def _gather(self, t: torch.Tensor, with_grad: bool) -> torch.Tensor:
+        return gather(t, with_grad) if self.cfg.aggregate else t
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _check(self, loss: torch.Tensor) -> float:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise SolutionError(f"training loss is {value}: the run diverged (try a lower --lr or --precision fp32); "
+                                "no checkpoint was written from this state")
+        return value
+
+    def __call__(self, micro_batches: list) -> dict:
+        cfg, model = self.cfg, self.model
+        dev = cfg.device
+        moved = [(im.to(dev, non_blocking=True), tok.to(dev, non_blocking=True), tid.to(dev)) for im, tok, tid, _ in micro_batches]
+        self.optimizer.zero_grad(set_to_none=True)
+        all_ids = torch.cat([self._gather(tid, False) for _, _, tid in moved])
+        targets = soft_targets(all_ids, cfg.same_text)
+        if len(moved) == 1:
+            images, tokens, _ = moved[0]
+            with self._autocast():
+                img_f, txt_f, scale = model(images, tokens, cfg.mask_ratio)
+                loss, logits = clip_loss(self._gather(img_f, True), self._gather(txt_f, True), scale.mean(), targets)
+            value = self._check(loss)
+            self._backward(loss)
+        else:
+            cached_img, cached_txt = [], []
+            with torch.no_grad(), self._autocast():
+                for images, tokens, _ in moved:
+                    img_f, txt_f, _ = model(images, tokens)
+                    cached_img.append(self._gather(img_f, False))
+                    cached_txt.append(self._gather(txt_f, False))
+            for j, (images, tokens, _) in enumerate(moved):
+                last = j == len(moved) - 1
+                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    with self._autocast():
+                        img_f, txt_f, scale = model(images, tokens, cfg.mask_ratio)
+                        img_all = torch.cat(cached_img[:j] + [self._gather(img_f, True)] + cached_img[j + 1:])
+                        txt_all = torch.cat(cached_txt[:j] + [self._gather(txt_f, True)] + cached_txt[j + 1:])
+                        loss, logits = clip_loss(img_all, txt_all, scale.mean(), targets)
+                    value = self._check(loss)
+                    self._backward(loss)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        m = unwrap(model)
+        with torch.no_grad():
+            m.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        i2t, t2i = batch_accuracy(logits.detach(), targets)
+        return {"loss": value, "acc_i2t": i2t, "acc_t2i": t2i, "logit_scale": float(m.logit_scale.detach().exp()),
+                "pairs": int(len(all_ids))}
+
+
+@torch.no_grad()
+def contrastive_eval(model: nn.Module, loader, *, device, precision: str = "fp32", same_text: bool = True) -> dict:
+    """Validation contrastive loss and in-batch accuracy (cn_clip's), averaged over pairs."""
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    total = acc_i = acc_t = 0.0
+    n = 0
+    try:
+        for batch in loader:
+            if batch is None:
+                continue
+            images, tokens, tids, _ = batch
+            with autocast_context(device, precision):
+                img_f, txt_f, scale = m(images.to(device), tokens.to(device))
+                targets = soft_targets(tids.to(device), same_text)
+                loss, logits = clip_loss(img_f, txt_f, scale, targets)
+            b = len(images)
+            i2t, t2i = batch_accuracy(logits, targets)
+            total += float(loss) * b
+            acc_i += i2t * b
+            acc_t += t2i * b
+            n += b
+    finally:
+        m.train(was_training)
+    if n == 0:
+        return {}
+    return {"val_loss": total / n, "val_acc_i2t": 100.0 * acc_i / n, "val_acc_t2i": 100.0 * acc_t / n}

@@ -1,0 +1,53 @@
+"""Training curves (PNG): loss (train and validation), mean recall per validation set, logit scale."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .common import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def plot_run(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Draw ``metrics.jsonl`` rows into a 3-panel PNG (atomically). None when there is nothing to draw."""
+    train = [r for r in rows if r.get("kind") == "train"]
+    valid = [r for r in rows if r.get("kind") == "valid"]
+    if not train and not valid:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    main = [r for r in valid if r.get("set", "valid") == "valid" and "val_loss" in r]
+    if main:
+        ax.plot([r["step"] for r in main], [r["val_loss"] for r in main], "o-", label="valid loss")
+    ax.set_xlabel("step")
+    ax.set_title("contrastive loss")
+    ax.legend()
+    ax = axes[1]
+    for name in sorted({r.get("set", "valid") for r in valid}):
+        pts = [r for r in valid if r.get("set", "valid") == name and "mean_recall" in r]
+        ax.plot([r["step"] for r in pts], [r["mean_recall"] for r in pts], "o-", label=name)
+    ax.set_xlabel("step")
+    ax.set_title("text->image mean recall (%)")
+    if valid:
+        ax.legend()
+    ax = axes[2]
+    if train:
+        ax.plot([r["step"] for r in train], [r["logit_scale"] for r in train])
+    ax.set_xlabel("step")
+    ax.set_title("logit scale (max 100)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,561 @@
+"""Optuna hyperparameter search over fine-tuning runs, pruned on validation recall.
+
+``bash scripts/search.sh --config configs/search/demo-cpu.yaml`` (= ``python -m solution.search``).
+
+Each trial is one ordinary training run (``solution.train``) whose run directory is kept under
+``{out}/{study}/trials/{number:04d}/``, so the trials are ready soup ingredients
+(:func:`top_checkpoints`, or ``model_soup.sh --from-study``). Every validation of the main set
+reports its mean recall to Optuna; the pruner (median by default, Hyperband or none) stops hopeless
+trials. A pruned trial is recorded PRUNED, a failed one (exception, bad flag, NaN loss, out of
+memory, crashed child) FAIL with ``fail_reason`` in its user attrs, and the study goes on.
+
+Config (YAML)::
+
+    name: demo                 # study name (--study-name)
+    direction: maximize
+    n_trials: 6                # target count of finished trials (complete + pruned + failed)
+    out: runs/search           # study folder = {out}/{name}/
+    storage: null              # default sqlite:///{out}/{name}/study.db; any Optuna RDB URL;
+                               # journal:PATH for a journal file (many workers, NFS)
+    pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 0}   # or hyperband / none
+    sampler: {name: tpe, seed: null, n_startup_trials: 4}            # or random
+    mode: inprocess            # or subprocess (a clean child per trial; torchrun_nproc: N)
+    report_at: step            # x axis for the pruner: step | epoch (use epoch when batch size varies)
+    enqueue: [{lr: 1.0e-4}]    # trials to run first (e.g. the default settings)
+    base:                      # any train_clip.sh flag, named without dashes
+      train-data: DIR/lmdb/train
+      resume: base.pt          # every trial fine-tunes from the same start (soups need that)
+      freeze-vision: false     # true -> --freeze-vision, false/null -> flag omitted
+    space:
+      lr: {type: float, low: 1.0e-6, high: 1.0e-4, log: true}
+      batch-size: {type: int, low: 16, high: 128, step: 16}
+      text-prompt: {type: categorical, choices: [null, "这是一张图片，里面存在商品："]}
+      lora-alpha: {type: int, low: 8, high: 64, only_if: lora-rank}    # sampled only when rank > 0
+      tuning: {type: categorical, choices: [full, frozen-image],        # a choice that sets flags
+               sets: {frozen-image: {freeze-vision: true}}}
+
+Storage and workers: re-running the same command resumes the study (``load_if_exists``) and runs
+only the trials still missing from ``n_trials``; trials left RUNNING by a killed worker on this
+host are marked FAIL (``interrupted``, not counted) and their parameters re-queued once. Several
+workers (processes or machines) share one study by pointing at the same storage: SQLite on one
+machine, PostgreSQL/MySQL or ``journal:/shared/study.log`` across machines. RDB storages keep a
+heartbeat, so trials of a worker that died elsewhere are failed after the grace period.
+
+Outputs in ``{out}/{name}/`` (rewritten after every trial, so a kill leaves them current):
+``trials.csv`` (number, state, value, run_dir, params_*, ...), ``best_command.sh`` (a ready
+``bash Chinese-CLIP/train_clip.sh ...``), ``best_config.yaml``, ``best.json`` and PNG plots
+(history, intermediate values, parameter importances, parallel coordinates). Browse a study
+live with ``pip install optuna-dashboard && optuna-dashboard sqlite:///runs/search/demo/study.db``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from .common import SolutionError, atomic_path, run_cli, write_json
+from .search_config import (SearchConfig, check_config, flag_key, flags_to_argv, load_config, parse_config,
+                            suggest_params, trial_flags)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SearchConfig", "load_config", "parse_config", "run_search", "top_checkpoints", "trials_table", "main"]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class TrialFailed(Exception):
+    """A trial that failed for a known reason (bad flag, child crash, no validation)."""
+
+
+# ---------------------------------------------------------------- storage, study
+
+
+def make_storage(cfg: SearchConfig):
+    url = cfg.storage
+    if not url:
+        cfg.study_dir.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(cfg.study_dir / 'study.db').resolve()}"
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len("journal:"):]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise SolutionError(f"storage must be an Optuna RDB URL (sqlite:///..., postgresql://...) or journal:PATH, "
+                            f"got {url!r}")
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=cfg.heartbeat,
+                                              grace_period=max(cfg.heartbeat * 5, 120))
+    except ImportError as e:
+        raise SolutionError(f"storage {url!r} needs a database driver: {e}") from None
+
+
+def make_pruner(spec: dict):
+    kw = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        if spec["name"] == "median":
+            return optuna.pruners.MedianPruner(**kw)
+        if spec["name"] == "hyperband":
+            return optuna.pruners.HyperbandPruner(**kw)
+    except TypeError as e:
+        raise SolutionError(f"pruner {spec['name']}: {e}") from None
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(spec: dict):
+    kw = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        if spec["name"] == "random":
+            return optuna.samplers.RandomSampler(**kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(**{"constant_liar": True, **kw})  # liar: parallel workers spread
+    except TypeError as e:
+        raise SolutionError(f"sampler {spec['name']}: {e}") from None
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count towards ``n_trials``: finished ones except interrupted ones, plus running ones."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+               if not t.user_attrs.get("interrupted"))
+
+
+def _process_alive(pid: int, started: float | None) -> bool:
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except Exception:  # NoSuchProcess, AccessDenied, no psutil: fall back to a signal probe
+        try:
+            os.kill(pid, 0)
+            return started is None
+        except OSError:
+            return False
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def recover_interrupted(study: optuna.Study, retry: bool) -> int:
+    """Fail trials left RUNNING by a dead worker of this host; re-queue their parameters once."""
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = t.user_attrs
+        if attrs.get("host") != host or "pid" not in attrs or _process_alive(attrs["pid"], attrs.get("pid_started")):
+            continue
+        storage = study._storage
+        try:
+            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"interrupted: worker pid {attrs['pid']} died")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        n += 1
+        log.warning("trial %d was interrupted (worker pid %s died): marked FAIL", t.number, attrs["pid"])
+        if retry and t.params and "retry_of" not in attrs:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            log.info("re-queued the parameters of trial %d", t.number)
+    return n
+
+
+# ---------------------------------------------------------------- running one trial
+
+
+class Objective:
+    """Runs one training per trial, reports each validation, prunes, returns the best metric."""
+
+    def __init__(self, cfg: SearchConfig, train_main: Callable | None = None):
+        self.cfg, self.train_main = cfg, train_main
+        self.trials_dir = cfg.study_dir / "trials"
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = self.cfg
+        pid = os.getpid()
+        for key, value in (("host", socket.gethostname()), ("pid", pid), ("pid_started", _process_started(pid))):
+            trial.set_user_attr(key, value)
+        run_dir = self.trials_dir / f"{trial.number:04d}"
+        params = suggest_params(trial, cfg.space)
+        argv = flags_to_argv(trial_flags(cfg, params)) + ["--logs", str(self.trials_dir), "--name", run_dir.name]
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("argv", argv)
+        log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()) or "(no params)")
+        self.values: list[float] = []
+        self.reported: set[int] = set()
+        try:
+            if cfg.mode == "inprocess":
+                self._run_inprocess(trial, argv)
+            else:
+                self._run_subprocess(trial, argv, run_dir)
+            if not self.values:
+                raise TrialFailed(f"the run reported no validation of set {cfg.valid_set!r} "
+                                  f"(give --val-data and a validation interval)")
+        except optuna.TrialPruned:
+            raise
+        except SystemExit as e:  # argparse inside the trainer: a bad flag in the config
+            reason = f"trainer exited with code {e.code} (bad flag value?)"
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason) from None
+        except BaseException as e:
+            trial.set_user_attr("fail_reason", _describe(e))
+            raise
+        best = max(self.values) if cfg.direction == "maximize" else min(self.values)
+        best_ckpt = run_dir / "checkpoints" / "best.pt"
+        if best_ckpt.is_file():
+            trial.set_user_attr("best_checkpoint", str(best_ckpt))
+        return best
+
+    def on_record(self, trial: optuna.Trial, record: dict) -> None:
+        """One metrics.jsonl record: report a main-set validation and prune if asked."""
+        if record.get("kind") != "valid" or record.get("set", "valid") != self.cfg.valid_set:
+            return
+        value, step = record.get(self.cfg.metric), record.get(self.cfg.report_at)
+        if value is None or step is None:
+            return
+        value, step = float(value), int(step)
+        if not math.isfinite(value):
+            raise TrialFailed(f"validation {self.cfg.metric} is {value} at {self.cfg.report_at} {step}")
+        self.values.append(value)
+        if step in self.reported:
+            return
+        self.reported.add(step)
+        trial.report(value, step)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at", step)
+            raise optuna.TrialPruned(f"{self.cfg.metric}={value:.2f} at {self.cfg.report_at} {step}")
+
+    def _run_inprocess(self, trial: optuna.Trial, argv: list[str]) -> None:
+        train_main = self.train_main
+        if train_main is None:
+            from .train import main as train_main
+        try:
+            train_main(argv, on_validation=lambda record: self.on_record(trial, record))
+        finally:
+            gc.collect()
+            _empty_cuda_cache()
+
+    def _run_subprocess(self, trial: optuna.Trial, argv: list[str], run_dir: Path) -> None:
+        cfg = self.cfg
+        if cfg.launcher:
+            cmd = [*map(str, cfg.launcher)]
+        elif cfg.torchrun_nproc > 0:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={cfg.torchrun_nproc}", "-m", "solution.train"]
+        else:
+            cmd = [sys.executable, "-m", "solution.train"]
+        cmd += argv
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.trials_dir / f"{run_dir.name}.log"
+        trial.set_user_attr("log", str(log_path))
+        tail = MetricsTail(run_dir / "metrics.jsonl")
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
+            try:
+                while True:
+                    rc = proc.poll()
+                    for record in tail.read_new():
+                        self.on_record(trial, record)
+                    if rc is not None:
+                        break
+                    time.sleep(0.5)
+            except BaseException:
+                _terminate(proc)
+                raise
+        if rc != 0:
+            raise TrialFailed(f"trainer exited with code {rc}: {_last_error(log_path)}")
+
+
+class MetricsTail:
+    """Reads the complete lines appended to a metrics.jsonl since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def read_new(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        records = []
+        for line in chunk[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: skipping a malformed line", self.path)
+        return records
+
+
+def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM it when the search dies
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux only)
+    except Exception:
+        pass
+
+
+def _terminate(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _last_error(log_path: Path) -> str:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    for line in reversed(lines):
+        if "out of memory" in line.lower():
+            return f"out of memory: {line[:300]}"
+    for line in reversed(lines):
+        if line.startswith("error:") or "Error" in line.split(":")[0]:
+            return line[:300]
+    return lines[-1][:300] if lines else "(empty log)"
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    if "out of memory" in text.lower():
+        return f"out of memory: {text}"[:500]
+    return text[:500]
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------- reports
+
+
+def trials_table(study: optuna.Study):
+    """Pandas table: number, state, value, run_dir, params_*, then timing and reasons."""
+    import pandas as pd
+
+    df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "datetime_start",
+                                       "duration"))
+    if df.empty:
+        return pd.DataFrame(columns=["number", "state", "value", "run_dir"])
+    rename = {f"user_attrs_{k}": k for k in ("run_dir", "best_checkpoint", "fail_reason", "pruned_at", "retry_of")}
+    df = df.rename(columns=rename)
+    df = df.drop(columns=[c for c in df.columns if c.startswith("user_attrs_")])
+    if "run_dir" not in df:
+        df["run_dir"] = None
+    params = sorted(c for c in df.columns if c.startswith("params_"))
+    head = ["number", "state", "value", "run_dir", *params]
+    return df[head + [c for c in df.columns if c not in head]]
+
+
+def write_reports(study: optuna.Study, cfg: SearchConfig, plots: bool = True) -> None:
+    out = cfg.study_dir
+    df = trials_table(study)
+    with atomic_path(out / "trials.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        best = study.best_trial
+        flags = trial_flags(cfg, best.params)
+        flags["logs"] = cfg.base.get("logs") or "logs"
+        flags["name"] = f"{cfg.name}-best"
+        header = (f"best trial {best.number} of study {cfg.name!r}: {cfg.metric} = {best.value:.4f}\n"
+                  f"params: {json.dumps(best.params, ensure_ascii=False)}")
+        command = " \\\n  ".join(["bash Chinese-CLIP/train_clip.sh"] + _argv_lines(flags_to_argv(flags)))
+        with atomic_path(out / "best_command.sh") as tmp:
+            tmp.write_text("#!/usr/bin/env bash\n" + "".join(f"# {ln}\n" for ln in header.splitlines())
+                           + "set -euo pipefail\n" + command + "\n", encoding="utf-8")
+            tmp.chmod(0o755)
+        with atomic_path(out / "best_config.yaml") as tmp:
+            tmp.write_text("".join(f"# {ln}\n" for ln in header.splitlines())
+                           + "# use: bash Chinese-CLIP/train_clip.sh --config best_config.yaml\n"
+                           + yaml.safe_dump({k: v for k, v in flags.items() if v is not None},
+                                            allow_unicode=True, sort_keys=False), encoding="utf-8")
+        write_json(out / "best.json", {"number": best.number, "value": best.value, "metric": cfg.metric,
+                                       "direction": cfg.direction,
+                                       "params": best.params, "run_dir": best.user_attrs.get("run_dir"),
+                                       "best_checkpoint": best.user_attrs.get("best_checkpoint")})
+    if plots:
+        write_plots(study, out, len(complete))
+
+
+def _argv_lines(argv: list[str]) -> list[str]:
+    lines: list[str] = []
+    for a in argv:
+        if a.startswith("--") or not lines:
+            lines.append(shlex.quote(a))
+        else:
+            lines[-1] += " " + shlex.quote(a)
+    return lines
+
+
+def write_plots(study: optuna.Study, out: Path, n_complete: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    plots = {"history": ovm.plot_optimization_history}
+    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        plots["intermediate"] = ovm.plot_intermediate_values
+    if n_complete >= 1 and study.best_trial.params:
+        plots["parallel_coordinate"] = ovm.plot_parallel_coordinate
+    if n_complete >= 2 and len(set(values)) > 1:
+        plots["param_importances"] = ovm.plot_param_importances
+    written = []
+    for name, fn in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            with atomic_path(out / f"{name}.png") as tmp:
+                fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+            written.append(out / f"{name}.png")
+        except Exception as e:  # a plot is never worth failing the study
+            log.warning("plot %s skipped: %s", name, e)
+        finally:
+            plt.close("all")
+    return written
+
+
+def top_checkpoints(study_dir: str | os.PathLike, n: int) -> list[Path]:
+    """Best checkpoints of the top-``n`` complete trials of a study folder, best first (soup ingredients)."""
+    path = Path(study_dir) / "trials.csv"
+    if not path.is_file():
+        raise SolutionError(f"no trials.csv in {study_dir}: not a search study folder")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("state") == "COMPLETE" and r.get("value")]
+    best_json = Path(study_dir) / "best.json"
+    direction = json.loads(best_json.read_text()).get("direction") if best_json.is_file() else "maximize"
+    rows.sort(key=lambda r: float(r["value"]), reverse=direction != "minimize")
+    found = []
+    for r in rows:
+        ckpt = Path(r.get("best_checkpoint") or Path(r["run_dir"]) / "checkpoints" / "best.pt")
+        if ckpt.is_file():
+            found.append(ckpt)
+        if len(found) == n:
+            break
+    return found
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
+    """Create or resume the study, run trials until ``n_trials`` are counted, write the reports."""
+    cfg.study_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=cfg.name, storage=make_storage(cfg), sampler=make_sampler(cfg.sampler),
+                                pruner=make_pruner(cfg.pruner), direction=cfg.direction, load_if_exists=True)
+    recover_interrupted(study, cfg.retry_interrupted)
+    if cfg.enqueue:
+        for params in cfg.enqueue:  # skipped when a trial with these values exists or waits already
+            study.enqueue_trial({flag_key(k): v for k, v in params.items()}, skip_if_exists=True)
+    objective = Objective(cfg, train_main)
+    done = counted_trials(study)
+    log.info("study %r in %s: %d of %d trials already counted", cfg.name, cfg.study_dir, done, cfg.n_trials)
+    t0 = time.time()
+    try:
+        while counted_trials(study) < cfg.n_trials:
+            if cfg.timeout is not None and time.time() - t0 >= cfg.timeout:
+                log.info("timeout of %.0f s reached", cfg.timeout)
+                break
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            write_reports(study, cfg, plots=cfg.plots == "each")
+    finally:
+        write_reports(study, cfg, plots=bool(cfg.plots))
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    summary = {"study": cfg.name, "study_dir": str(cfg.study_dir), "n_trials": len(states),
+               **{s.name.lower(): states.count(s) for s in FINISHED}}
+    if TrialState.COMPLETE in states:
+        summary.update(best_value=study.best_value, best_trial=study.best_trial.number,
+                       best_params=study.best_trial.params)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m solution.search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="search config YAML (see configs/search/)")
+    p.add_argument("--n-trials", type=int, help="target number of finished trials (overrides the config)")
+    p.add_argument("--storage", help="Optuna storage URL or journal:PATH (default sqlite in the study folder)")
+    p.add_argument("--study-name", help="study name (default: the config's name)")
+    p.add_argument("--out", help="folder holding the study folder (default: the config's out)")
+    p.add_argument("--mode", choices=["inprocess", "subprocess"])
+    p.add_argument("--torchrun-nproc", type=int, help="subprocess mode: launch each trial with torchrun on N procs")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"])
+    p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    p.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
+                   help="override a base training flag (repeatable), e.g. --set device=cpu")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    for key in ("n_trials", "storage", "out", "mode", "torchrun_nproc", "timeout"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.study_name:
+        cfg.name = args.study_name
+    if args.torchrun_nproc:
+        cfg.mode = "subprocess"
+    if args.pruner and args.pruner != cfg.pruner["name"]:
+        cfg.pruner = {"name": args.pruner}
+    if args.no_plots:
+        cfg.plots = False
+    check_config(cfg, args.config)
+    summary = run_search(cfg)
+    print(json.dumps(summary, ensure_ascii=False))
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

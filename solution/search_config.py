@@ -1,0 +1,246 @@
+"""Search config for :mod:`solution.search`: the YAML file, the parameter space, trial flags -> argv.
+
+The YAML format is described in :mod:`solution.search`. A trial's flags are the ``base`` flags
+updated by its sampled parameters; :func:`flags_to_argv` turns them into ``train_clip.sh`` flags
+(``true`` -> ``--flag``, ``false``/``null`` -> omitted, a list -> ``--flag a b``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+import yaml
+
+from .common import SolutionError
+
+log = logging.getLogger(__name__)
+
+STUDY_KEYS = {"name", "direction", "n_trials", "out", "storage", "pruner", "sampler", "mode", "torchrun_nproc",
+              "timeout", "report_at", "metric", "valid_set", "enqueue", "launcher", "heartbeat", "plots",
+              "retry_interrupted"}
+RESERVED_FLAGS = {"logs", "name"}  # set per trial by the search
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+# ---------------------------------------------------------------- config
+
+
+def flag_key(name: str) -> str:
+    """``--batch_size`` / ``batch_size`` / ``batch-size`` -> ``batch-size``."""
+    return str(name).lstrip("-").replace("_", "-")
+
+
+@dataclass
+class ParamSpec:
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list | None = None
+    only_if: str | None = None
+    sets: dict | None = None  # choice -> {flag: value}: the param is not a flag itself
+
+    @classmethod
+    def parse(cls, name: str, spec: Any) -> "ParamSpec":
+        if isinstance(spec, list):
+            spec = {"type": "categorical", "choices": spec}
+        if not isinstance(spec, dict):
+            raise SolutionError(f"search space entry {name!r} must be a mapping or a list of choices")
+        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "only_if", "sets"}
+        if unknown:
+            raise SolutionError(f"search space entry {name!r}: unknown keys {sorted(unknown)}")
+        kind = spec.get("type", "categorical" if "choices" in spec else None)
+        if kind not in PARAM_TYPES:
+            raise SolutionError(f"search space entry {name!r}: type must be one of {PARAM_TYPES}, got {kind!r}")
+        p = cls(name=name if spec.get("sets") else flag_key(name), type=kind, low=spec.get("low"),
+                high=spec.get("high"), log=bool(spec.get("log", False)), step=spec.get("step"),
+                choices=spec.get("choices"), only_if=flag_key(spec["only_if"]) if spec.get("only_if") else None,
+                sets=spec.get("sets"))
+        if kind == "categorical":
+            if not isinstance(p.choices, list) or not p.choices:
+                raise SolutionError(f"search space entry {name!r}: categorical needs a non-empty choices list")
+            bad = [c for c in p.choices if c is not None and not isinstance(c, (bool, int, float, str))]
+            if bad:
+                raise SolutionError(f"search space entry {name!r}: choices must be scalars or null, got {bad[0]!r}")
+            if p.sets is not None:
+                if not isinstance(p.sets, dict) or not all(isinstance(v, dict) for v in p.sets.values()):
+                    raise SolutionError(f"search space entry {name!r}: sets must map choices to flag mappings")
+                p.sets = {k: {flag_key(f): v for f, v in fl.items()} for k, fl in p.sets.items()}
+        else:
+            try:
+                p.low, p.high = float(p.low), float(p.high)
+            except (TypeError, ValueError):
+                raise SolutionError(f"search space entry {name!r}: {kind} needs numeric low and high") from None
+            if kind == "int":
+                p.low, p.high = int(p.low), int(p.high)
+            if not p.low < p.high:
+                raise SolutionError(f"search space entry {name!r}: low must be below high")
+            if p.log and p.low <= 0:
+                raise SolutionError(f"search space entry {name!r}: a log range needs low > 0")
+            if p.log and p.step not in (None, 1):
+                raise SolutionError(f"search space entry {name!r}: log and step cannot be combined")
+        return p
+
+    def suggest(self, trial: optuna.Trial):
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log,
+                                       step=None if self.step is None else float(self.step))
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=int(self.step or 1))
+        return trial.suggest_categorical(self.name, self.choices)
+
+
+@dataclass
+class SearchConfig:
+    base: dict
+    space: dict[str, ParamSpec]
+    name: str = "search"
+    direction: str = "maximize"
+    n_trials: int = 10
+    out: str = "runs/search"
+    storage: str | None = None
+    pruner: dict = field(default_factory=lambda: {"name": "median"})
+    sampler: dict = field(default_factory=lambda: {"name": "tpe"})
+    mode: str = "inprocess"
+    torchrun_nproc: int = 0
+    timeout: float | None = None
+    report_at: str = "step"
+    metric: str = "mean_recall"
+    valid_set: str = "valid"
+    enqueue: list = field(default_factory=list)
+    launcher: list | None = None
+    heartbeat: int = 60
+    plots: bool | str = "each"  # each (after every trial) | end | false
+    retry_interrupted: bool = True
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+
+def _named(value: Any, what: str) -> dict:
+    """``median`` or ``{name: median, ...}`` -> ``{"name": "median", ...}``."""
+    if value is None:
+        return {"name": "none"}
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and "name" in value:
+        return dict(value)
+    raise SolutionError(f"{what} must be a name or a mapping with a 'name' key")
+
+
+def parse_config(raw: dict, source: str = "config") -> SearchConfig:
+    if not isinstance(raw, dict):
+        raise SolutionError(f"{source}: expected a YAML mapping at the top level")
+    raw = dict(raw)
+    study = raw.pop("study", None) or {}
+    if not isinstance(study, dict):
+        raise SolutionError(f"{source}: 'study' must be a mapping")
+    settings = {**study, **{k: raw.pop(k) for k in list(raw) if k in STUDY_KEYS}}
+    base, space = raw.pop("base", None) or {}, raw.pop("space", None) or {}
+    if raw:
+        raise SolutionError(f"{source}: unknown keys {sorted(raw)} (allowed: base, space, study, "
+                            f"{', '.join(sorted(STUDY_KEYS))})")
+    if not isinstance(base, dict) or not isinstance(space, dict):
+        raise SolutionError(f"{source}: 'base' and 'space' must be mappings")
+    base = {flag_key(k): v for k, v in base.items()}
+    specs = {}
+    for name, spec in space.items():
+        p = ParamSpec.parse(name, spec)
+        if p.name in RESERVED_FLAGS:
+            raise SolutionError(f"{source}: --{p.name} is set by the search for each trial, it cannot be searched")
+        specs[p.name] = p
+    for p in specs.values():
+        if p.only_if and p.only_if not in specs:
+            raise SolutionError(f"{source}: {p.name}.only_if names {p.only_if!r}, which is not in the space")
+    cfg = SearchConfig(base=base, space=specs, **{k: v for k, v in settings.items()
+                                                   if k not in ("pruner", "sampler")})
+    cfg.pruner = _named(settings.get("pruner", "median"), "pruner")
+    cfg.sampler = _named(settings.get("sampler", "tpe"), "sampler")
+    check_config(cfg, source)
+    for k in RESERVED_FLAGS & set(cfg.base):
+        log.warning("base flag --%s is replaced by the search for each trial (kept for best_command.sh)", k)
+    return cfg
+
+
+def check_config(cfg: SearchConfig, source: str = "config") -> None:
+    if cfg.direction not in ("maximize", "minimize"):
+        raise SolutionError(f"{source}: direction must be maximize or minimize, got {cfg.direction!r}")
+    if cfg.mode not in ("inprocess", "subprocess"):
+        raise SolutionError(f"{source}: mode must be inprocess or subprocess, got {cfg.mode!r}")
+    if cfg.report_at not in ("step", "epoch"):
+        raise SolutionError(f"{source}: report_at must be step or epoch, got {cfg.report_at!r}")
+    if not isinstance(cfg.n_trials, int) or cfg.n_trials < 0:
+        raise SolutionError(f"{source}: n_trials must be a non-negative integer")
+    if cfg.pruner["name"] not in ("median", "hyperband", "none"):
+        raise SolutionError(f"{source}: pruner must be median, hyperband or none, got {cfg.pruner['name']!r}")
+    if cfg.sampler["name"] not in ("tpe", "random"):
+        raise SolutionError(f"{source}: sampler must be tpe or random, got {cfg.sampler['name']!r}")
+    if not isinstance(cfg.enqueue, list) or not all(isinstance(e, dict) for e in cfg.enqueue):
+        raise SolutionError(f"{source}: enqueue must be a list of parameter mappings")
+    if cfg.plots not in (True, False, "each", "end"):
+        raise SolutionError(f"{source}: plots must be each, end or false, got {cfg.plots!r}")
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SearchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise SolutionError(f"search config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SolutionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SolutionError(f"--set expects FLAG=VALUE, got {item!r}")
+        raw.setdefault("base", {})
+        if raw["base"] is None:
+            raw["base"] = {}
+        raw["base"][flag_key(key.strip())] = yaml.safe_load(value) if value else ""
+    return parse_config(raw, str(path))
+
+
+# ---------------------------------------------------------------- flags
+
+
+def suggest_params(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict:
+    params: dict = {}
+    for p in space.values():
+        if p.only_if and not params.get(p.only_if):
+            continue  # conditional parameter whose parent is off (0, null, false) in this trial
+        params[p.name] = p.suggest(trial)
+    return params
+
+
+def trial_flags(cfg: SearchConfig, params: dict) -> dict:
+    """Base flags updated by a trial's parameters (``sets`` choices expand into their flags)."""
+    flags = dict(cfg.base)
+    for name, value in params.items():
+        spec = cfg.space.get(name)
+        if spec is not None and spec.sets is not None:
+            flags.update(spec.sets.get(value, {}))
+        else:
+            flags[flag_key(name)] = value
+    return flags
+
+
+def flags_to_argv(flags: dict) -> list[str]:
+    """``{"lr": 1e-5, "freeze-vision": True, "text-prompt": None}`` -> ``["--lr", "1e-05", "--freeze-vision"]``."""
+    argv: list[str] = []
+    for key, value in flags.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv

@@ -1,0 +1,211 @@
+"""Command line of the trainer: cn_clip's own training flags (same names, meanings and defaults)
+plus this project's additions, and ``--config FILE.yaml`` whose keys are flag names.
+
+Precedence: built-in defaults < config file < command line. A config file holds only the
+differences from the defaults, e.g.::
+
+    train-data: data/lmdb/train
+    val-data: data/lmdb/valid
+    vision-model: ViT-B-16
+    text-model: RoBERTa-wwm-ext-base-chinese
+    lora-rank: 8
+    text-prompt: "这是一张图片，里面存在商品："
+
+Keys may use dashes or underscores. Unknown keys are an error naming the key.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Sequence
+
+from .common import SolutionError
+
+PRECISIONS = ("amp", "fp16", "fp32", "bf16")
+AUGMENTS = ("none", "cnclip", "gentle")
+FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m solution.train",
+                                description="Fine-tune Chinese-CLIP (full, LoRA or frozen towers) with recall validation.")
+    p.add_argument("--config", default=None, help="YAML file of flag values (keys are flag names); flags given here win.")
+    g = p.add_argument_group("data (cn_clip flags)")
+    g.add_argument("--train-data", default=None, help="LMDB directory of the training split (has imgs/ and pairs/).")
+    g.add_argument("--val-data", default=None, help="LMDB directory of the validation split; none disables validation.")
+    g.add_argument("--extra-val-data", nargs="*", default=[], metavar="NAME=LMDB",
+                   help="More validation sets, each scored and logged under NAME (e.g. general=data/general/lmdb/valid).")
+    g.add_argument("--num-workers", type=int, default=4, help="Training DataLoader workers.")
+    g.add_argument("--valid-num-workers", type=int, default=1, help="Validation DataLoader workers.")
+    g.add_argument("--use-augment", action="store_true", help="cn_clip's image augmentation (same as --augment cnclip).")
+    g.add_argument("--augment", choices=AUGMENTS, default=None,
+                   help="none | cnclip (upstream AutoAugment) | gentle (RandomResizedCrop 0.8-1, flip, mild ColorJitter).")
+    g.add_argument("--context-length", type=int, default=52, help="Max text tokens incl. [CLS]/[SEP].")
+    g.add_argument("--text-prompt", default="", help="Prepended to every text in training, validation and later inference.")
+
+    g = p.add_argument_group("output (cn_clip flags)")
+    g.add_argument("--logs", default="./logs/", help="Root of run directories.")
+    g.add_argument("--name", default="train_clip", help="Run directory name under --logs.")
+    g.add_argument("--log-interval", type=int, default=10, help="Write a train line to metrics.jsonl every N steps.")
+    g.add_argument("--report-training-batch-acc", action="store_true", help="Log the in-batch i2t/t2i accuracy.")
+    g.add_argument("--save-epoch-frequency", type=int, default=1, help="Write checkpoints/epoch_{N}.pt every N epochs.")
+    g.add_argument("--save-step-frequency", type=int, default=-1, help="Also checkpoint every N steps (epoch_{N}_{step}.pt).")
+    g.add_argument("--no-plot", action="store_true", help="Do not draw curves.png.")
+    g.add_argument("--no-progress", action="store_true", help="No tqdm bar.")
+
+    g = p.add_argument_group("model (cn_clip flags)")
+    g.add_argument("--vision-model", default=None,
+                   help="Vision architecture (cn_clip's configs or configs/models); default from --resume, else ViT-B-16.")
+    g.add_argument("--text-model", default=None,
+                   help="Text architecture; default from --resume, else RoBERTa-wwm-ext-base-chinese.")
+    g.add_argument("--resume", default=None,
+                   help="Start from a checkpoint: official Chinese-CLIP, cn_clip training, or ours. "
+                        "The run's own checkpoints/epoch_latest.pt, when present, wins (re-running resumes).")
+    g.add_argument("--no-auto-resume", action="store_true", help="Ignore the run's own epoch_latest.pt.")
+    g.add_argument("--reset-optimizer", action="store_true", help="When resuming, start with a fresh optimizer.")
+    g.add_argument("--reset-data-offset", action="store_true", help="When resuming, start at epoch 0, step 0.")
+    g.add_argument("--clip-weight-path", default=None, help="cn_clip: OpenAI CLIP weights for the image tower.")
+    g.add_argument("--bert-weight-path", default=None, help="cn_clip: BERT weights for the text tower.")
+    g.add_argument("--mask-ratio", type=float, default=0.0, help="FLIP patch masking ratio for ViT (cn_clip).")
+    g.add_argument("--grad-checkpointing", action="store_true", help="Recompute activations in backward.")
+    g.add_argument("--use-flash-attention", action="store_true", help="cn_clip flag; not supported here (refused).")
+    g.add_argument("--use-bn-sync", action="store_true", help="SyncBatchNorm under DDP (ResNet).")
+
+    g = p.add_argument_group("tuning")
+    g.add_argument("--freeze-vision", action="store_true", help="No gradient for the image tower (cn_clip).")
+    g.add_argument("--freeze-text", action="store_true", help="No gradient for the text tower (new).")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on both towers; 0 = full fine-tuning.")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank).")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default=None,
+                   help=r"Regex of module names to adapt (default ViT attention + BERT query/key/value: .*\.(attn|query|key|value)$).")
+
+    g = p.add_argument_group("optimisation (cn_clip flags)")
+    g.add_argument("--batch-size", type=int, default=64, help="Batch size per process.")
+    g.add_argument("--valid-batch-size", type=int, default=64, help="Validation batch size per process.")
+    g.add_argument("--max-steps", type=int, default=None, help="Steps to train (wins over --max-epochs).")
+    g.add_argument("--max-epochs", type=int, default=32)
+    g.add_argument("--valid-step-interval", type=int, default=None, help="Validate every N steps.")
+    g.add_argument("--valid-epoch-interval", type=int, default=1, help="Validate every N epochs (0 disables).")
+    g.add_argument("--lr", type=float, default=None, help="Learning rate (default per vision model as cn_clip).")
+    g.add_argument("--beta1", type=float, default=None)
+    g.add_argument("--beta2", type=float, default=None)
+    g.add_argument("--eps", type=float, default=None)
+    g.add_argument("--wd", type=float, default=0.2, help="Weight decay (none on biases, norms, logit_scale).")
+    g.add_argument("--warmup", type=int, default=500, help="Linear warmup steps, then cosine decay.")
+    g.add_argument("--skip-scheduler", action="store_true", help="Constant learning rate.")
+    g.add_argument("--accum-freq", type=int, default=1, help="Feature-caching gradient accumulation (cn_clip semantics).")
+    g.add_argument("--precision", choices=PRECISIONS, default="amp",
+                   help="amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16: bfloat16 autocast; fp32.")
+    g.add_argument("--same-text-positives", action=argparse.BooleanOptionalAction, default=True,
+                   help="Texts with the same text_id in a global batch are positives of each other's images "
+                        "(soft targets), not negatives. On by default.")
+    g.add_argument("--early-stop-patience", type=int, default=None,
+                   help="Stop when the main set's mean recall has not improved for N validations.")
+    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK).")
+
+    g = p.add_argument_group("accepted for compatibility with cn_clip")
+    g.add_argument("--gather-with-grad", action="store_true", help="Always on here: features are gathered with gradient.")
+    g.add_argument("--skip-aggregate", action="store_true", help="Contrast only within each process's batch.")
+    g.add_argument("--debug", action="store_true", help="Debug logging.")
+    g.add_argument("--distillation", action="store_true", help="Not supported (refused).")
+    g.add_argument("--teacher-model-name", default=None)
+    g.add_argument("--kd_loss_weight", "--kd-loss-weight", type=float, default=0.5)
+    return p
+
+
+def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SolutionError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SolutionError(f"{p} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SolutionError(f"{p} must be a mapping of flag names to values")
+    dests = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, val in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in dests or dest in ("help", "config"):
+            raise SolutionError(f"{p}: unknown key {key!r} (keys are training flag names, e.g. batch-size)")
+        action = dests[dest]
+        if action.nargs == "*" and isinstance(val, dict):
+            val = [f"{k}={v}" for k, v in val.items()]
+        elif action.nargs == "*" and isinstance(val, str):
+            val = [val]
+        elif action.type is not None and val is not None and not isinstance(val, bool):
+            try:
+                val = action.type(val)
+            except (TypeError, ValueError):
+                raise SolutionError(f"{p}: {key} = {val!r} is not a valid {action.type.__name__}") from None
+        if action.choices and val is not None and val not in action.choices:
+            raise SolutionError(f"{p}: {key} = {val!r}; choose from {', '.join(map(str, action.choices))}")
+        out[dest] = val
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_read_config(pre.config, parser))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the usage line
+        if e.code == 0:
+            raise
+        raise SolutionError("invalid command line (see the usage message above)") from None
+    return finalize(args)
+
+
+def finalize(args: argparse.Namespace) -> argparse.Namespace:
+    """Checks and derived values that do not need the data or the model."""
+    if not args.train_data:
+        raise SolutionError("--train-data is required (an LMDB directory with imgs/ and pairs/)")
+    if args.use_flash_attention:
+        raise SolutionError("--use-flash-attention is not supported by this trainer (PyTorch SDPA is used instead)")
+    if args.distillation:
+        raise SolutionError("--distillation is not supported by this trainer")
+    if args.augment is None:
+        args.augment = "cnclip" if args.use_augment else "none"
+    for name in ("batch_size", "valid_batch_size", "accum_freq", "log_interval", "context_length"):
+        if getattr(args, name) is None or getattr(args, name) < 1:
+            raise SolutionError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SolutionError("--max-steps must be a positive integer")
+    if args.max_steps is None and (args.max_epochs is None or args.max_epochs < 1):
+        raise SolutionError("--max-epochs must be a positive integer")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise SolutionError("--mask-ratio must be in [0, 1)")
+    if args.early_stop_patience is not None and args.early_stop_patience < 1:
+        raise SolutionError("--early-stop-patience must be a positive integer")
+    for attr in ("lr", "wd"):
+        v = getattr(args, attr)
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise SolutionError(f"--{attr} must be a finite non-negative number")
+    extra = {}
+    for item in args.extra_val_data or []:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name or not path:
+            raise SolutionError(f"--extra-val-data expects NAME=LMDB, got {item!r}")
+        if name == "valid" or name in extra:
+            raise SolutionError(f"--extra-val-data: duplicate set name {name!r}")
+        extra[name] = path
+    args.extra_val = extra
+    return args
+
+
+def default_optim(args: argparse.Namespace) -> None:
+    """lr/betas/eps from cn_clip's per-model defaults where not given (fallback for other models)."""
+    from cn_clip.training.params import get_default_params
+
+    defaults = {**FALLBACK_OPTIM, **get_default_params(args.vision_model)}
+    for name, val in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, val)

@@ -1,0 +1,124 @@
+"""Checkpoints, RNG state and the metrics log of one training run directory.
+
+Layout of ``{logs}/{name}/``::
+
+    checkpoints/epoch_{N}.pt        weights + config (LoRA: merged into plain cn_clip weights)
+    checkpoints/epoch_{N}_{S}.pt    with --save-step-frequency (cn_clip's naming)
+    checkpoints/epoch_latest.pt     the above + "optimizer" + "train_state" (resumable)
+    checkpoints/best.pt             weights of the best validation (main set mean recall)
+    adapters/{same stem}.pt         LoRA runs: the adapter tensors alone
+    params.json, metrics.jsonl, curves.png
+
+``train_state`` holds what an exact resume needs: data position ``{"epoch", "micro"}``
+(next epoch index and micro-batch in it), RNG states, GradScaler state, best record, early-stop
+counter and, for LoRA, the adapted (unmerged) state dict. Everything is plain tensors/containers,
+so ``torch.load(weights_only=True)`` reads it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cn_clip_patch.tuning import adapter_state_dict, has_lora, merged_state_dict
+
+from .common import atomic_path, write_jsonl
+from .loop import unwrap
+from .models import ModelConfig, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                       int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except RuntimeError as e:  # another GPU count
+            log.warning("CUDA RNG state not restored (%s)", e)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def weights_for_checkpoint(model: torch.nn.Module, config: ModelConfig) -> tuple[dict, ModelConfig]:
+    """Plain cn_clip weights (LoRA merged) and the config to store with them."""
+    m = unwrap(model)
+    if has_lora(m):
+        cfg = ModelConfig.from_dict({**config.to_dict(), "tuning": {**config.tuning, "merged": True}})
+        return merged_state_dict(m), cfg
+    return m.state_dict(), config
+
+
+class RunFiles:
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.adapter_dir = self.run_dir / "adapters"
+        self.latest = self.ckpt_dir / "epoch_latest.pt"
+        self.best = self.ckpt_dir / "best.pt"
+        self.metrics = self.run_dir / "metrics.jsonl"
+        self.params = self.run_dir / "params.json"
+        self.plot = self.run_dir / "curves.png"
+
+    def epoch_path(self, epoch: int, step: int | None = None) -> Path:
+        return self.ckpt_dir / (f"epoch_{epoch}.pt" if step is None else f"epoch_{epoch}_{step}.pt")
+
+    def save(self, path: Path, model, config: ModelConfig, *, epoch: int, step: int, name: str,
+             weights: tuple[dict, ModelConfig] | None = None, **extra) -> Path:
+        sd, cfg = weights or weights_for_checkpoint(model, config)
+        save_checkpoint(path, sd, cfg, epoch=epoch, step=step, name=name, **extra)
+        m = unwrap(model)
+        if has_lora(m):
+            adapter = {"adapter": adapter_state_dict(m), "lora": config.tuning.get("lora"), "config": cfg.to_dict(),
+                       "epoch": int(epoch), "step": int(step), "name": name}
+            with atomic_path(self.adapter_dir / path.name) as tmp:
+                torch.save(adapter, tmp)
+        return path
+
+    # -------------------------------------------------- metrics
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint we resume from."""
+        if not self.metrics.is_file():
+            return
+        keep = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if int(row.get("step", 0)) <= step:
+                keep.append(row)
+        write_jsonl(self.metrics, keep)
+
+    def read_metrics(self) -> list[dict]:
+        rows = []
+        if self.metrics.is_file():
+            for line in self.metrics.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return rows

@@ -1,0 +1,182 @@
+"""The offline evaluator against cn_clip's official evaluation.py / evaluation_tr.py, run side by side."""
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solution.common import SolutionError
+from solution.evaluate import main
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM = {"t2i": "cn_clip.eval.evaluation", "i2t": "cn_clip.eval.evaluation_tr"}
+KEYS = {"t2i": ("text_id", "image_ids"), "i2t": ("image_id", "text_ids")}
+
+
+def official(gold, pred, out, direction="t2i"):
+    saved = sys.argv
+    sys.argv = ["evaluation.py", str(gold), str(pred), str(out)]
+    try:
+        runpy.run_module(UPSTREAM[direction], run_name="__main__")
+    finally:
+        sys.argv = saved
+    return Path(out).read_bytes()
+
+
+def ours(gold, pred, out):
+    try:
+        main([str(gold), str(pred), str(out)])
+    except SolutionError as e:
+        return Path(out).read_bytes(), str(e)
+    return Path(out).read_bytes(), None
+
+
+def write_lines(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def random_case(rng, direction, n_queries, gallery=40):
+    qkey, gkey = KEYS[direction]
+    qids = rng.choice(10_000, n_queries, replace=False).tolist()
+    gids = rng.choice(10_000, gallery, replace=False).tolist()
+    gold, pred = [], []
+    for q in qids:
+        answers = [int(x) for x in rng.choice(gids, int(rng.integers(1, 4)), replace=False)]
+        ranked = [int(x) for x in rng.permutation(gids)[:10]]
+        if rng.random() < 0.6:
+            if answers[0] in ranked:
+                ranked.remove(answers[0])
+            ranked.insert(int(rng.integers(0, 10)), answers[0])
+            ranked = ranked[:10]
+        gold.append({qkey: q, gkey: answers})
+        pred.append({qkey: q, gkey: ranked})
+    order = rng.permutation(len(pred))  # submission order need not follow the gold
+    return gold, [pred[i] for i in order]
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("seed", range(4))
+def test_valid_submissions_byte_identical_to_official(tmp_path, direction, seed):
+    rng = np.random.default_rng(seed)
+    gold, pred = random_case(rng, direction, int(rng.integers(1, 80)))
+    g, p = write_lines(tmp_path / "gold.jsonl", gold), write_lines(tmp_path / "pred.jsonl", pred)
+    expected = official(g, p, tmp_path / "official.json", direction)
+    got, err = ours(g, p, tmp_path / "ours.json")
+    assert err is None
+    assert json.loads(expected)["success"] is True
+    assert got == expected  # same keys, order, and every digit
+
+
+def test_officially_tolerated_quirks_score_the_same(tmp_path, caplog):
+    rng = np.random.default_rng(7)
+    gold, pred = random_case(rng, "t2i", 12)
+    extra = [{"text_id": 999_999, "image_ids": list(range(10))},  # unknown text: ignored
+             {**pred[0], "image_ids": list(range(50, 60))}]  # a text predicted twice: the later line counts
+    g = write_lines(tmp_path / "gold.jsonl", gold)
+    p = write_lines(tmp_path / "pred.jsonl", pred + extra)
+    got, err = ours(g, p, tmp_path / "ours.json")
+    assert err is None and got == official(g, p, tmp_path / "official.json")
+    assert "already predicted on line 1" in caplog.text and "not among the queries" in caplog.text
+
+
+GOLD = [{"text_id": 1, "image_ids": [5]}, {"text_id": 2, "image_ids": [6, 7]}]
+OK2 = {"text_id": 2, "image_ids": list(range(10, 20))}
+MALFORMED = {
+    # name: (submission lines, words our message must contain)
+    "unparsable": (['{"text_id": 1, "image_ids": [1,2', OK2], ["line 1", "cannot be parsed"]),
+    "blank line": ([{"text_id": 1, "image_ids": list(range(10))}, "", OK2], ["line 2", "cannot be parsed"]),
+    "not an object": ([[1, 2, 3], OK2], ["line 1", "not an object"]),
+    "missing text_id": ([{"image_ids": list(range(10))}, OK2], ["line 1", "no text_id"]),
+    "string text_id": ([{"text_id": "1", "image_ids": list(range(10))}, OK2], ["text_id '1'", "not an integer"]),
+    "missing image_ids": ([{"text_id": 1}, OK2], ["text_id 1", "no image_ids"]),
+    "image_ids not a list": ([{"text_id": 1, "image_ids": "0123456789"}, OK2], ["text_id 1", "not a list"]),
+    "string image id": ([{"text_id": 1, "image_ids": [0, 1, "2", 3, 4, 5, 6, 7, 8, 9]}, OK2],
+                        ["text_id 1", "rank 3", "not an integer"]),
+    "float image id": ([{"text_id": 1, "image_ids": [0, 1, 2.0, 3, 4, 5, 6, 7, 8, 9]}, OK2],
+                       ["text_id 1", "rank 3", "not an integer"]),
+    "too few ids": ([{"text_id": 1, "image_ids": list(range(9))}, OK2], ["text_id 1", "9 image_ids", "exactly 10"]),
+    "too many ids": ([{"text_id": 1, "image_ids": list(range(11))}, OK2], ["text_id 1", "11 image_ids"]),
+    "duplicate ids": ([{"text_id": 1, "image_ids": [0, 1, 2, 3, 4, 5, 6, 7, 8, 3]}, OK2], ["text_id 1", "repeat 3"]),
+    "missing texts": ([OK2], ["1 text ids", "no prediction: 1"]),
+    "empty file": ([], ["2 text ids", "no prediction"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_rejected_like_official(tmp_path, kind):
+    lines, words = MALFORMED[kind]
+    g, p = write_lines(tmp_path / "gold.jsonl", GOLD), write_lines(tmp_path / "pred.jsonl", lines)
+    if kind == "empty file":
+        p.write_text("")
+    up = json.loads(official(g, p, tmp_path / "official.json"))
+    got, err = ours(g, p, tmp_path / "ours.json")
+    res = json.loads(got)
+    assert up["success"] is False and res["success"] is False
+    assert list(res) == list(up) and res["score"] == up["score"] == 0 and res["scoreJson"] == {}
+    assert err is not None
+    for w in words:
+        assert w in res["errorMsg"], (w, res["errorMsg"])
+
+
+def test_all_problems_listed_in_detail(tmp_path):
+    g = write_lines(tmp_path / "gold.jsonl", GOLD)
+    p = write_lines(tmp_path / "pred.jsonl", [{"text_id": 1, "image_ids": [1] * 10}, {"text_id": 2, "image_ids": [1]}])
+    res = json.loads(ours(g, p, tmp_path / "o.json")[0])
+    assert "and 1 more problems" in res["errorMsg"]
+    assert "text_id 1" in res["errorDetail"] and "text_id 2" in res["errorDetail"]
+
+
+def test_i2t_malformed_rejected_like_official(tmp_path):
+    gold = [{"image_id": 7, "text_ids": [1]}, {"image_id": 8, "text_ids": [2]}]
+    g = write_lines(tmp_path / "gold.jsonl", gold)
+    for lines, word in [([{"image_id": 7, "text_ids": list(range(10))}], "no prediction: 8"),
+                        ([{"image_id": 7, "text_ids": [1] * 10}, {"image_id": 8, "text_ids": list(range(10))}],
+                         "image_id 7"),
+                        ([{"image_id": "7", "text_ids": list(range(10))}, {"image_id": 8, "text_ids": list(range(10))}],
+                         "image_id '7'")]:
+        p = write_lines(tmp_path / "pred.jsonl", lines)
+        assert json.loads(official(g, p, tmp_path / "up.json", "i2t"))["success"] is False
+        res = json.loads(ours(g, p, tmp_path / "o.json")[0])
+        assert res["success"] is False and word in res["errorMsg"]
+
+
+def test_missing_files_and_bad_gold(tmp_path):
+    g = write_lines(tmp_path / "gold.jsonl", GOLD)
+    res = json.loads(ours(g, tmp_path / "nope.jsonl", tmp_path / "o.json")[0])
+    assert res["success"] is False and "not found" in res["errorMsg"]
+    bad = write_lines(tmp_path / "bad_gold.jsonl", [{"text_id": 1}])
+    p = write_lines(tmp_path / "pred.jsonl", [OK2])
+    assert json.loads(official(bad, p, tmp_path / "up.json"))["success"] is False
+    res = json.loads(ours(bad, p, tmp_path / "o.json")[0])
+    assert res["success"] is False and "gold" in res["errorMsg"] and "line 1" in res["errorMsg"]
+
+
+def test_check_without_answers(tmp_path, capsys):
+    texts = write_lines(tmp_path / "test_texts.jsonl", [{"text_id": 1, "text": "a"}, {"text_id": 2, "text": "b"}])
+    good = write_lines(tmp_path / "good.jsonl", [{"text_id": 1, "image_ids": list(range(10))}, OK2])
+    summary = main(["--check", str(good), "--texts", str(texts)])
+    assert summary["success"] is True and summary["queries"] == 2
+    assert json.loads(capsys.readouterr().out)["success"] is True
+    bad = write_lines(tmp_path / "bad.jsonl", [{"text_id": 1, "image_ids": list(range(9))}, OK2])
+    with pytest.raises(SolutionError, match="text_id 1 .*9 image_ids"):
+        main(["--check", str(bad), "--texts", str(texts)])
+    with pytest.raises(SolutionError, match="--texts"):
+        main(["--check", str(good)])
+
+
+def test_shell_wrapper_exit_codes(tmp_path):
+    rng = np.random.default_rng(3)
+    gold, pred = random_case(rng, "t2i", 5)
+    g, p = write_lines(tmp_path / "gold.jsonl", gold), write_lines(tmp_path / "pred.jsonl", pred)
+    wrapper = ROOT / "Chinese-CLIP" / "evaluate.sh"
+    r = subprocess.run(["bash", str(wrapper), str(g), str(p), str(tmp_path / "o.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o.json").read_text())["success"] is True
+    bad = write_lines(tmp_path / "bad.jsonl", pred[1:])
+    r = subprocess.run(["bash", str(wrapper), str(g), str(bad), str(tmp_path / "o2.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "error: submission rejected" in r.stderr
+    assert json.loads((tmp_path / "o2.json").read_text())["success"] is False

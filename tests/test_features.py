@@ -1,0 +1,210 @@
+"""Feature extraction CLI: stored config, prompt, formats, the image cache, and upstream's extractor as referee."""
+import base64
+import io
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import cn_clip
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import solution.features as F
+from cn_clip_patch.device import on_device
+from solution.common import SolutionError
+from solution.features import encode_images, encode_texts, load_features, main
+from solution.lmdb_io import LMDBSplit, write_split
+from solution.models import ModelConfig, build_model, save_checkpoint
+
+PROMPT = "这是一张商品图片："
+TEXTS = ["红色连衣裙", "男士运动鞋 透气 轻便 夏季新款", "苹果手机壳", "儿童玩具车", "Nike 跑步鞋 “轻便”", "保温杯500ML"]
+
+
+def _b64_image(rng, size):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return base64.urlsafe_b64encode(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("feat")
+    rng = np.random.default_rng(0)
+    images = [(100 + i, _b64_image(rng, (24 + 3 * i, 40))) for i in range(12)]
+    images.append((99, _b64_image(rng, (20, 20))))  # key "99" sorts after "111": LMDB key order is not numeric
+    write_split(d / "lmdb" / "valid", images, [(100 + i, 1000 + i, t) for i, t in enumerate(TEXTS)])
+    (d / "valid_texts.jsonl").write_text(
+        "".join(json.dumps({"text_id": 1000 + i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(TEXTS)),
+        encoding="utf-8")
+    return d
+
+
+def _checkpoint(path, seed=0, prompt=PROMPT, model_info=None, **extra):
+    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32, text_prompt=prompt, **({"model_info": model_info} if model_info else {}))
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    save_checkpoint(path, model.state_dict(), cfg, epoch=1, step=10, **extra)
+    return model, cfg
+
+
+def _run(data, ckpt, out, *extra):
+    return main(["--extract-image-feats", "--extract-text-feats", "--image-data", str(data / "lmdb/valid/imgs"),
+                 "--text-data", str(data / "valid_texts.jsonl"), "--resume", str(ckpt),
+                 "--image-feat-output-path", str(out / "img.npy"), "--text-feat-output-path", str(out / "txt.npy"),
+                 "--cache-dir", str(out / "cache"), "--num-workers", "0", "--no-progress", *extra])
+
+
+def test_prompt_checkpoint_extracts_with_its_prompt(data, tmp_path, caplog):
+    model, cfg = _checkpoint(tmp_path / "ckpt.pt")
+    _run(data, tmp_path / "ckpt.pt", tmp_path / "a")
+    txt, img = load_features(tmp_path / "a/txt.npy", "text"), load_features(tmp_path / "a/img.npy", "image")
+    assert txt.ids.tolist() == list(range(1000, 1006))
+    np.testing.assert_allclose(txt.feats, encode_texts(model, TEXTS, cfg), atol=1e-6)
+    assert txt.meta["prompt"] == PROMPT and txt.meta["config"]["context_length"] == 32
+    # Key order, as cn_clip's extractor walks the LMDB ("99" after "111").
+    assert img.ids.tolist() == LMDBSplit(data / "lmdb/valid").image_ids() and img.ids[-1] == 99
+    ids, ref = encode_images(model, data / "lmdb/valid", cfg)
+    np.testing.assert_allclose(img.feats, ref, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(img.feats, axis=1), 1, atol=1e-5)
+    # The stored prompt matters: overriding it with no prompt changes the features (with a warning).
+    _run(data, tmp_path / "ckpt.pt", tmp_path / "b", "--prompt", "")
+    plain = load_features(tmp_path / "b/txt.npy", "text").feats
+    assert "text_prompt" in caplog.text and "on the command line" in caplog.text
+    assert np.abs(plain - txt.feats).max() > 1e-3
+    np.testing.assert_allclose(plain, encode_texts(model, TEXTS, ModelConfig.from_dict({**cfg.to_dict(), "text_prompt": ""})),
+                               atol=1e-6)
+
+
+def test_jsonl_format_is_cn_clip_compatible(data, tmp_path):
+    _checkpoint(tmp_path / "ckpt.pt")
+    _run(data, tmp_path / "ckpt.pt", tmp_path / "n")
+    r = main(["--extract-image-feats", "--extract-text-feats", "--image-data", str(data / "lmdb/valid"),
+              "--text-data", str(data / "valid_texts.jsonl"), "--resume", str(tmp_path / "ckpt.pt"), "--format", "jsonl",
+              "--image-feat-output-path", str(tmp_path / "j/img.jsonl"), "--text-feat-output-path", str(tmp_path / "j/txt.jsonl"),
+              "--cache-dir", str(tmp_path / "n/cache"), "--no-progress"])
+    assert r["image"]["cache"] == "hit"
+    first = json.loads((tmp_path / "j/img.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"image_id", "feature"} and isinstance(first["image_id"], int) and len(first["feature"]) == 64
+    for kind, a, b in (("image", "img", "img"), ("text", "txt", "txt")):
+        x, y = load_features(tmp_path / f"n/{a}.npy", kind), load_features(tmp_path / f"j/{b}.jsonl", kind)
+        assert x.ids.tolist() == y.ids.tolist()
+        np.testing.assert_array_equal(x.feats, y.feats)  # float32 round-trips through JSON exactly
+    assert (tmp_path / "j/img.meta.json").is_file()
+
+
+def test_image_cache_hit_and_invalidation(data, tmp_path, monkeypatch):
+    calls = []
+    real = F.encode_images
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "encode_images", counting)
+    _checkpoint(tmp_path / "ckpt.pt")
+    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "miss"
+    first = load_features(tmp_path / "o/img.npy", "image").feats
+    r = _run(data, tmp_path / "ckpt.pt", tmp_path / "o")
+    assert r["image"]["cache"] == "hit" and len(calls) == 1
+    np.testing.assert_array_equal(load_features(tmp_path / "o/img.npy", "image").feats, first)
+    # Same architecture, different weights: the cache must not answer.
+    _checkpoint(tmp_path / "ckpt.pt", seed=1)
+    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "miss" and len(calls) == 2
+    assert np.abs(load_features(tmp_path / "o/img.npy", "image").feats - first).max() > 1e-3
+    # A checkpoint differing only in its text tower or prompt reuses the gallery.
+    model, cfg = _checkpoint(tmp_path / "ckpt2.pt", seed=1, prompt="")
+    assert _run(data, tmp_path / "ckpt2.pt", tmp_path / "o")["image"]["cache"] == "hit" and len(calls) == 2
+    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o", "--no-cache")["image"]["cache"] == "off"
+    assert len(calls) == 3
+
+
+def test_validation_score_reaches_the_manifest(data, tmp_path):
+    run = tmp_path / "logs" / "r1"
+    _checkpoint(run / "checkpoints" / "best.pt")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 5, "epoch": 0, "kind": "valid", "r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0}) + "\n"
+        + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "set": "other", "mean_recall": 9.0}) + "\n"
+        + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0}) + "\n")
+    _run(data, run / "checkpoints" / "best.pt", tmp_path / "o")
+    assert load_features(tmp_path / "o/txt.npy", "text").meta["validation"]["mean_recall"] == 5.0
+    from solution.predict import main as predict
+
+    predict(["--image-feats", str(tmp_path / "o/img.npy"), "--text-feats", str(tmp_path / "o/txt.npy"),
+             "--output", str(tmp_path / "sub/s.jsonl"), "--top-k", "5"])
+    man = json.loads((tmp_path / "sub/s.json").read_text())
+    assert man["validation"]["r1"] == 4.0 and man["prompt"] == PROMPT
+    assert man["checkpoints"][0]["path"] == str((run / "checkpoints" / "best.pt").resolve())
+    # The trainer's best.pt carries its validation record under "metrics".
+    _checkpoint(tmp_path / "best.pt", metrics={"r1": 7.0, "r5": 8.0, "r10": 9.0, "mean_recall": 8.0, "step": 10})
+    _run(data, tmp_path / "best.pt", tmp_path / "o2")
+    assert load_features(tmp_path / "o2/img.npy", "image").meta["validation"]["mean_recall"] == 8.0
+
+
+def test_errors(data, tmp_path):
+    _checkpoint(tmp_path / "ckpt.pt")
+    with pytest.raises(SolutionError, match="nothing to do"):
+        main(["--resume", str(tmp_path / "ckpt.pt")])
+    with pytest.raises(SolutionError, match="not found"):
+        main(["--extract-text-feats", "--resume", str(tmp_path / "none.pt"), "--text-data", str(data / "valid_texts.jsonl")])
+    bad = tmp_path / "bad_texts.jsonl"
+    bad.write_text('{"text_id": 1, "text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(SolutionError, match="record 2 lacks text_id"):
+        main(["--extract-text-feats", "--resume", str(tmp_path / "ckpt.pt"), "--text-data", str(bad)])
+    with pytest.raises(SolutionError, match="no room"):
+        main(["--extract-text-feats", "--resume", str(tmp_path / "ckpt.pt"), "--text-data", str(data / "valid_texts.jsonl"),
+              "--context-length", "8"])
+    with pytest.raises(SolutionError, match="not an LMDB split"):
+        main(["--extract-image-feats", "--resume", str(tmp_path / "ckpt.pt"), "--image-data", str(tmp_path),
+              "--image-feat-output-path", str(tmp_path / "x.npy")])
+
+
+def test_workers_give_the_same_features(data, tmp_path):
+    model, cfg = _checkpoint(tmp_path / "ckpt.pt")
+    main(["--extract-image-feats", "--image-data", str(data / "lmdb/valid/imgs"), "--resume", str(tmp_path / "ckpt.pt"),
+          "--image-feat-output-path", str(tmp_path / "w/img.npy"), "--num-workers", "1", "--img-batch-size", "5",
+          "--no-cache", "--no-progress"])
+    ids, ref = encode_images(model, data / "lmdb/valid", cfg)
+    got = load_features(tmp_path / "w/img.npy", "image")
+    assert got.ids.tolist() == ids.tolist()
+    np.testing.assert_allclose(got.feats, ref, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument")
+def test_equals_upstream_extract_features(data, tmp_path):
+    """cn_clip's own extract_features.py (fp32, CPU) on the same tiny checkpoint: features equal to 1e-5.
+
+    Upstream only knows its own model names and reads their JSONs beside its source file, so it is
+    run from a shadow tree of symlinks (its unmodified script + our tiny configs under its names).
+    A 224-pixel tiny ViT keeps upstream's resolution lookup (from the real ViT-B-16.json) right.
+    """
+    info = {**ModelConfig("ViT-Tiny", "RBT-Tiny").model_info, "image_resolution": 224, "vision_patch_size": 32}
+    _checkpoint(tmp_path / "ckpt.pt", prompt="", model_info=info)
+    shadow = tmp_path / "shadow"
+    (shadow / "eval").mkdir(parents=True)
+    (shadow / "clip" / "model_configs").mkdir(parents=True)
+    os.symlink(Path(cn_clip.__file__).parent / "eval" / "extract_features.py", shadow / "eval" / "extract_features.py")
+    vision = {k: v for k, v in info.items() if k.startswith("vision") or k in ("embed_dim", "image_resolution")}
+    text = {k: v for k, v in info.items() if k not in vision}
+    (shadow / "clip/model_configs/ViT-B-16.json").write_text(json.dumps(vision))
+    (shadow / "clip/model_configs/RBT3-chinese.json").write_text(json.dumps(text))
+    common = ["--extract-image-feats", "--extract-text-feats", "--image-data", str(data / "lmdb/valid/imgs"),
+              "--text-data", str(data / "valid_texts.jsonl"), "--resume", str(tmp_path / "ckpt.pt"),
+              "--context-length", "32", "--precision", "fp32", "--img-batch-size", "4", "--text-batch-size", "4"]
+    saved = sys.argv
+    sys.argv = ["extract_features.py", *common, "--vision-model", "ViT-B-16", "--text-model", "RBT3-chinese",
+                "--image-feat-output-path", str(tmp_path / "up_img.jsonl"), "--text-feat-output-path", str(tmp_path / "up_txt.jsonl")]
+    try:
+        with on_device("cpu"):
+            runpy.run_path(str(shadow / "eval" / "extract_features.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    main([*common, "--image-feat-output-path", str(tmp_path / "img.npy"), "--text-feat-output-path", str(tmp_path / "txt.npy"),
+          "--no-cache", "--no-progress"])
+    for kind, up, ours in (("image", "up_img.jsonl", "img.npy"), ("text", "up_txt.jsonl", "txt.npy")):
+        a, b = load_features(tmp_path / up, kind), load_features(tmp_path / ours, kind)
+        assert a.ids.tolist() == b.ids.tolist()
+        np.testing.assert_allclose(b.feats, a.feats, atol=1e-5, rtol=0)

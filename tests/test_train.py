@@ -1,0 +1,178 @@
+"""Trainer end to end on tiny coloured-square LMDBs: tuning modes, checkpoints, prompt, resume."""
+import json
+
+import pytest
+import torch
+
+from cn_clip_patch.tuning import apply_tuning
+from solution.common import SolutionError
+from solution.features import encode_texts, evaluate_split
+from solution.models import ModelConfig, build_model, load_model, read_checkpoint
+from solution.train import main
+from train_helpers import make_data, tiny_argv
+
+SEED = 123
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("colours"), per_colour_train=4, per_colour_valid=2)
+
+
+@pytest.fixture(scope="module")
+def initial_recall(data):
+    torch.manual_seed(SEED)  # the trainer seeds the same way before building
+    config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16)
+    model = build_model(config)
+    return evaluate_split(model, data[1], config)["mean_recall"], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _rows(run_dir, kind=None):
+    rows = [json.loads(x) for x in open(f"{run_dir}/metrics.jsonl", encoding="utf-8")]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+MODES = {
+    "full": {},
+    "lora": {"lora_rank": 8, "lr": "1e-2"},
+    "freeze_vision": {"freeze_vision": True},
+    "freeze_text": {"freeze_text": True},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_trains_and_improves_recall(data, initial_recall, tmp_path, mode):
+    train, valid = data
+    flags = {"max_steps": 16, "lr": "5e-3", **MODES[mode]}
+    out = main(tiny_argv(train, valid, tmp_path, name=mode, **flags))
+    run = out["run_dir"]
+    base_recall, init_sd = initial_recall
+    assert out["best"]["mean_recall"] > base_recall, (mode, out["best"], base_recall)
+    losses = [r["loss"] for r in _rows(run, "train")]
+    assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4])
+    valid_rows = _rows(run, "valid")
+    assert {"r1", "r5", "r10", "mean_recall", "val_loss", "val_acc_i2t"} <= set(valid_rows[-1])
+    assert all(r["logit_scale"] <= 100.0 + 1e-4 for r in _rows(run, "train"))
+    ckpts = {p.name for p in (tmp_path / mode / "checkpoints").iterdir()}
+    assert {"epoch_latest.pt", "best.pt", "epoch_1.pt"} <= ckpts
+    # every checkpoint loads into a plain cn_clip CLIP (LoRA merged) with its config
+    model, config, ckpt = load_model(out["last_checkpoint"])
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])
+    assert config.tuning["mode"] == ("lora" if mode == "lora" else "full")
+    sd = model.state_dict()
+    if mode == "freeze_vision":
+        assert all(torch.equal(sd[k], init_sd[k]) for k in sd if k.startswith("visual."))
+        assert not all(torch.equal(sd[k], init_sd[k]) for k in sd if k.startswith("bert."))
+    if mode == "freeze_text":
+        assert all(torch.equal(sd[k], init_sd[k]) for k in sd if k.startswith(("bert.", "text_projection")))
+        assert not all(torch.equal(sd[k], init_sd[k]) for k in sd if k.startswith("visual."))
+    if mode == "lora":
+        assert config.tuning["merged"] is True
+        assert (tmp_path / mode / "adapters" / "epoch_latest.pt").is_file()
+        # the adapted model (rebuilt from the resumable state) == the merged plain checkpoint
+        adapted = build_model(config)
+        apply_tuning(adapted, {**config.tuning, "merged": False})
+        adapted.load_state_dict(ckpt["train_state"]["adapted_state_dict"])
+        adapted.eval()
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(4, 3, 64, 64, generator=g)
+        tokens = torch.tensor([[101, 671, 702, 5273, 5682, 4638, 3175, 1779, 102]] * 4)
+        with torch.no_grad():
+            a, b = adapted(images, tokens), model(images, tokens)
+        torch.testing.assert_close(a[0], b[0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a[1], b[1], atol=2e-5, rtol=1e-4)
+        assert not torch.equal(sd["bert.encoder.layer.0.attention.self.query.weight"],
+                               init_sd["bert.encoder.layer.0.attention.self.query.weight"])
+
+
+def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, monkeypatch):
+    import solution.train as train_mod
+    import solution.train_data as td
+    from cn_clip_patch.prompt import tokenize
+
+    prompt = "这是一张图片："
+    seen_collates, seen_configs = [], []
+
+    class Recording(td.PairCollate):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            seen_collates.append((self.prompt, out[1]))
+            return out
+
+    real_eval = train_mod.evaluate_split
+
+    def recording_eval(model, split, config, **kw):
+        seen_configs.append(config.text_prompt)
+        return real_eval(model, split, config, **kw)
+
+    monkeypatch.setattr(td, "PairCollate", Recording)
+    monkeypatch.setattr(train_mod, "evaluate_split", recording_eval)
+    train, valid = data
+    out = main(tiny_argv(train, valid, tmp_path, max_steps=2, text_prompt=prompt))
+    prompt_ids = tokenize([""], 16, prompt)[0, :-1]  # [CLS] + prompt pieces
+    assert seen_collates and all(p == prompt for p, _ in seen_collates)
+    assert all(torch.equal(tok[:, :len(prompt_ids)], prompt_ids.expand(len(tok), -1)) for _, tok in seen_collates)
+    assert seen_configs == [prompt]
+    model, config, _ = load_model(out["last_checkpoint"])
+    assert config.text_prompt == prompt and out["params"]["text_prompt"] == prompt
+    plain = ModelConfig.from_dict({**config.to_dict(), "text_prompt": ""})
+    with_prompt = encode_texts(model, ["一个红色的方块"], config)
+    without = encode_texts(model, ["一个红色的方块"], plain)
+    assert abs(float((with_prompt * without).sum())) < 0.9999
+
+
+def test_resume_after_crash_gives_identical_weights(data, tmp_path):
+    train, valid = data
+    flags = dict(max_steps=9, save_step_frequency=3, valid_step_interval=3, valid_epoch_interval=0,
+                 augment="gentle", accum_freq=1)
+    ref = main(tiny_argv(train, valid, tmp_path, name="ref", **flags))
+
+    calls = []
+
+    def crash(record):
+        calls.append(record["step"])
+        if record["step"] == 6:
+            raise KeyboardInterrupt("simulated crash")
+
+    argv = tiny_argv(train, valid, tmp_path, name="crash", **flags)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv, on_validation=crash)
+    latest = read_checkpoint(tmp_path / "crash" / "checkpoints" / "epoch_latest.pt")
+    assert latest["step"] == 3  # the step-6 save had not happened yet
+    out = main(argv)  # the same command again: resumes from epoch_latest.pt
+    a = read_checkpoint(ref["last_checkpoint"])
+    b = read_checkpoint(out["last_checkpoint"])
+    assert a["step"] == b["step"] == 9
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    steps = [r["step"] for r in _rows(out["run_dir"], "valid")]
+    assert steps == [3, 6, 9]  # the metrics log has no duplicate from the crashed attempt
+    assert out["best"]["step"] == ref["best"]["step"]
+
+
+def test_official_checkpoint_of_full_size_architecture_loads(tmp_path):
+    from solution.train_args import parse_args
+    from solution.train_setup import build, find_start, model_config
+
+    config = ModelConfig("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")
+    torch.manual_seed(0)
+    model = build_model(config)
+    sd = {f"module.{k}": v.half() for k, v in model.state_dict().items()}
+    sd["module.bert.pooler.dense.weight"] = torch.zeros(4, 4, dtype=torch.half)  # as official files carry
+    path = tmp_path / "clip_cn_vit-b-16.pt"
+    torch.save({"epoch": 30, "step": 1000, "name": "official", "state_dict": sd}, path)
+    del model
+    args = parse_args(["--train-data", "x", "--resume", str(path), "--logs", str(tmp_path), "--lora-rank", "2"])
+    start = find_start(args, tmp_path / "none.pt")
+    cfg = model_config(args, start)  # architecture inferred from the tensors
+    assert (cfg.vision_model, cfg.text_model) == ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")
+    loaded = build(args, cfg, start)
+    key = "visual.transformer.resblocks.3.mlp.c_fc.weight"
+    assert torch.equal(loaded.state_dict()[key], sd["module." + key].float())
+    assert args.lr == 5e-4 and args.beta2 == 0.98  # cn_clip's defaults for ViT-B-16
+    # a different architecture named on the command line is refused, naming both
+    args = parse_args(["--train-data", "x", "--resume", str(path), "--vision-model", "ViT-Tiny",
+                       "--text-model", "RBT-Tiny"])
+    start = find_start(args, tmp_path / "none.pt")
+    with pytest.raises(SolutionError, match="ViT-B-16@RoBERTa-wwm-ext-base-chinese.*ViT-Tiny@RBT-Tiny"):
+        build(args, model_config(args, start), start)

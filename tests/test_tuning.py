@@ -1,0 +1,106 @@
+"""cn_clip_patch.tuning: LoRA inject/merge on both towers, adapter-only state, frozen towers."""
+import json
+
+import pytest
+import torch
+from cn_clip.clip.model import CLIP
+
+from cn_clip_patch.tuning import (adapter_state_dict, apply_tuning, has_lora, merged_state_dict, set_train_mode,
+                                  trainable_summary, tuning_recipe)
+from solution.models import ModelConfig, build_model
+
+
+def _inputs(n=3, res=64, length=10):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, res, res, generator=g)
+    tokens = torch.randint(200, 5000, (n, length), generator=g)
+    tokens[:, 0], tokens[:, -1] = 101, 102
+    return images, tokens
+
+
+def _lora_model(tiny_config, rank=4):
+    torch.manual_seed(0)
+    model = build_model(tiny_config)
+    apply_tuning(model, tuning_recipe(lora_rank=rank))
+    with torch.no_grad():  # peft starts with B = 0 (a no-op); make the adapters matter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_lora_adapts_both_towers_and_freezes_the_rest(tiny_config):
+    model = _lora_model(tiny_config)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("visual.") and "attn" in n and "lora_A" in n for n in names)
+    assert any(n.startswith("visual.") and "out_proj" in n and "lora_A" in n for n in names)
+    for qkv in ("query", "key", "value"):
+        assert any(n.startswith("bert.") and f".{qkv}." in n and "lora_B" in n for n in names)
+    assert set(names) - {"logit_scale"} == {n for n in names if "lora_" in n}
+    trainable, total = trainable_summary(model)
+    assert 0 < trainable < total / 50
+    assert has_lora(model)
+
+
+def test_merged_state_dict_loads_in_plain_clip_with_same_outputs(tiny_config):
+    model = _lora_model(tiny_config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = merged_state_dict(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the live model was not touched
+    plain = CLIP(**tiny_config.model_info).eval()  # unmodified upstream class
+    plain.load_state_dict(sd)  # strict: exactly cn_clip's keys
+    images, tokens = _inputs()
+    with torch.no_grad():
+        a_img, a_txt, _ = model(images, tokens)
+        b_img, b_txt, _ = plain(images, tokens)
+        base = build_model(tiny_config).eval()
+        c_img, _, _ = base(images, tokens)
+    torch.testing.assert_close(b_img, a_img, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(b_txt, a_txt, atol=2e-5, rtol=1e-4)
+    assert (c_img - a_img).abs().max() > 1e-3  # the adapters really changed the model
+    assert has_lora(model)
+
+
+def test_adapter_state_dict_is_only_lora(tiny_config):
+    model = _lora_model(tiny_config)
+    ad = adapter_state_dict(model)
+    assert ad and all("lora_" in k for k in ad)
+    fresh = build_model(tiny_config)
+    apply_tuning(fresh, tuning_recipe(lora_rank=4))
+    missing, unexpected = fresh.load_state_dict(ad, strict=False)
+    assert not unexpected
+    assert all("lora_" not in k for k in missing)
+
+
+def test_lora_targets_that_match_nothing_are_refused(tiny_config):
+    model = build_model(tiny_config)
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_tuning(model, tuning_recipe(lora_rank=2, lora_targets=r".*\.nothing_here$"))
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+def test_freeze_tower(tiny_config, tower):
+    torch.manual_seed(0)
+    model = build_model(tiny_config)
+    apply_tuning(model, tuning_recipe(freeze_vision=tower == "vision", freeze_text=tower == "text"))
+    frozen_prefix = ("visual.",) if tower == "vision" else ("bert.", "text_projection")
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (not n.startswith(frozen_prefix)), n
+    assert model.logit_scale.requires_grad
+
+
+def test_freeze_vision_keeps_resnet_batchnorm_in_eval(tmp_path, monkeypatch):
+    (tmp_path / "RN-Tiny.json").write_text(json.dumps({"embed_dim": 32, "image_resolution": 64,
+                                                       "vision_layers": "[1,1,1,1]", "vision_width": 16,
+                                                       "vision_patch_size": None}))
+    monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(tmp_path))
+    model = build_model(ModelConfig("RN-Tiny", "RBT-Tiny", context_length=16))
+    recipe = tuning_recipe(freeze_vision=True)
+    apply_tuning(model, recipe)
+    bns = [m for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    set_train_mode(model, recipe)
+    assert model.training and model.bert.training and all(not m.training for m in bns)
+    set_train_mode(model, tuning_recipe())
+    assert all(m.training for m in bns)
