@@ -25,6 +25,7 @@ from .common import SolutionError, run_cli, write_json
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
+SUBMISSIONS = ROOT / "submissions"
 TINY = ["--vision-model", "ViT-Tiny", "--text-model", "RBT-Tiny"]
 
 
@@ -81,12 +82,10 @@ class Demo:
         base.update({"train-data": self.lmdb("train"), "val-data": self.lmdb("valid"),
                      "resume": str(self.base_ckpt), "device": self.device})
         cfg["base"] = base
-        study = cfg.get("study") if isinstance(cfg.get("study"), dict) else None
         path = self.out / "search.yaml"
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
         search.main(["--config", str(path), "--out", str(self.out / "search"), "--study-name", "demo",
                      "--n-trials", str(self.search_trials)])
-        del study
         return self.out / "search" / "demo"
 
     def soups(self, study: Path, extra_ckpts: Sequence[str]) -> Path:
@@ -114,7 +113,7 @@ class Demo:
                        "--image-feat-output-path", str(fdir / "test_imgs"),
                        "--text-feat-output-path", str(fdir / "test_texts"), "--device", self.device,
                        "--precision", "fp32"])
-        sub = (ROOT / "submissions" / "demo_test.jsonl") if name == "final" else fdir / "test_pred.jsonl"
+        sub = (SUBMISSIONS / "demo_test.jsonl") if name == "final" else fdir / "test_pred.jsonl"
         predict.main(["--image-feats", str(fdir / "test_imgs"), "--text-feats", str(fdir / "test_texts"),
                       "--top-k", "10", "--output", str(sub), "--checkpoint", str(ckpt)])
         evaluate.main([str(self.data / "test_answers.jsonl"), str(sub), str(fdir / "test_score.json")])

@@ -1,8 +1,12 @@
 """A deterministic, procedurally drawn image-text dataset in MUGE layout, for the demo and the tests.
 
-Each image shows 1-3 shapes of one colour on a plain background; each query names all four
-attributes, e.g. ``浅蓝色背景上有两个红色的三角形``. Every query has several matching images
-(different positions, sizes, rotations, colour jitter). Output (``--out DIR``)::
+Each image shows, on a plain background, one group of 1-3 identical shapes or (in about half of
+the scenes) two groups of 1-2 that differ in colour and shape; each query names the background
+and, per group, count, colour and shape: ``浅蓝色背景上有两个红色的三角形``,
+``粉色背景上有一个蓝色的圆形和两个黄色的五角星``. Every query has several matching images
+(different positions, sizes, rotations, colour jitter); an image matches exactly one query.
+The two-group scenes (colour/shape binding) keep a tiny CLIP from saturating at once.
+Output (``--out DIR``)::
 
     DIR/{train,valid,test}_imgs.tsv        image_id<TAB>base64 (as MUGE ships it)
     DIR/{train,valid}_texts.jsonl          {"text_id", "text", "image_ids"}
@@ -75,8 +79,10 @@ class Sizes:
 PRESETS = {
     # a few dozen images, well under a second: for tests
     "tiny": Sizes(6, 3, 3, 2, 24, 8, 0.5),
+    # a scaled-down end-to-end run (the demo's smoke scale): ~400 images, about a second
+    "small": Sizes(40, 12, 12, 3, 160, 40, 0.5),
     # the demo: small enough for a < 20 min CPU demo, big enough for a tiny CLIP to learn visibly
-    "default": Sizes(240, 40, 40, 4, 2400, 240, 0.5),
+    "default": Sizes(300, 60, 60, 4, 2400, 240, 0.5),
 }
 
 
@@ -180,7 +186,7 @@ def draw_image(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     return im.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _jpeg(im: Image.Image, quality: int = 90) -> bytes:
+def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -202,7 +208,7 @@ def messy_bytes(kind: str, im: Image.Image) -> bytes:
     elif kind == "png_palette":
         im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buf, format="PNG")
     elif kind == "truncated":
-        data = _jpeg(im)
+        data = jpeg_bytes(im)
         return data[: len(data) // 2]
     elif kind == "html":
         return (b"<!DOCTYPE html><html><head><title>404 Not Found</title></head>"
@@ -263,7 +269,7 @@ class _Builder:
                 rows.append((image_id, messy_bytes(kind, im)))
                 self.mess_log.setdefault(split, []).append({"image_id": image_id, "kind": kind})
             else:
-                rows.append((image_id, _jpeg(im)))
+                rows.append((image_id, jpeg_bytes(im)))
             ids.append(image_id)
         return ids, rows
 
@@ -339,6 +345,8 @@ def generate(out_dir, *, preset: str = "default", image_size: int = 64, seed: in
         raise SolutionError("every split needs at least one query and one image per query")
     if min(sz.general_train_images, sz.general_valid_images) < 1:
         raise SolutionError("the general family needs at least one image per split")
+    if max(sz.train_queries, sz.valid_queries, sz.test_queries, sz.general_train_images, sz.general_valid_images) > 10_000:
+        raise SolutionError("at most 10,000 queries (or general images) per split: each split has its own id range")
     if not 0.0 <= sz.two_group_fraction <= 1.0:
         raise SolutionError(f"two-group fraction must lie in [0, 1], got {sz.two_group_fraction}")
     if image_size < 16:
@@ -370,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                 description="Write a procedurally drawn Chinese image-text dataset in MUGE layout.")
     p.add_argument("--out", required=True, help="output directory (MUGE layout)")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="size preset: 'tiny' (a few dozen images, for tests) or 'default' (the demo)")
+                   help="size preset: tiny (a few dozen images, for tests), small (smoke runs) or default (the demo)")
     p.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels (default 64)")
     for f in dataclasses.fields(Sizes):
         p.add_argument("--" + f.name.replace("_", "-"), type=float if f.type in (float, "float") else int,

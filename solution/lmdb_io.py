@@ -58,7 +58,8 @@ def write_split(split_dir: str | os.PathLike, images: Iterable[tuple[int, bytes]
         path.mkdir(parents=True, exist_ok=True)
         for stale in ("data.mdb", "lock.mdb"):
             (path / stale).unlink(missing_ok=True)
-        env = lmdb.open(str(path), map_size=MAP_SIZE)
+        # no fsync per commit (the split is written once, in a temp dir, then swapped in): one sync at the end
+        env = lmdb.open(str(path), map_size=MAP_SIZE, sync=False, metasync=False)
         n = 0
         txn = env.begin(write=True)
         try:
@@ -74,6 +75,7 @@ def write_split(split_dir: str | os.PathLike, images: Iterable[tuple[int, bytes]
                     txn = env.begin(write=True)
             txn.put(count_key, str(n).encode())
             txn.commit()
+            env.sync(True)
         finally:
             env.close()
         counts.append(n)

@@ -7,12 +7,14 @@ the model one process with batch 2B trains (every rank computes the same global 
 gradient average then equals the single-process gradient).
 
 Same text, not a negative (``--same-text-positives``, on by default). MUGE queries have several
-gold images, so one batch may hold the same text (same ``text_id``) twice with different images.
-Plain CLIP loss would push each image away from its twin's (identical) text. Instead the
-targets are soft: image ``i``'s target distribution is uniform over all columns ``j`` whose text
-has the same ``text_id`` as text ``i`` (and symmetrically for texts). Without duplicates this is
-exactly the usual identity target, so the loss equals cn_clip's. In-batch accuracy counts an
-argmax that lands on any positive.
+gold images, so a batch may hold one text (same ``text_id``) twice, paired with different images
+(and the padding of the last batch repeats pairs). Plain CLIP loss counts the twin's pair as a
+negative: image ``i`` is pushed away from text ``j`` although it is the same query as text ``i``.
+With the option, those twin entries (``j != i`` with ``text_id[j] == text_id[i]``) are removed
+from the softmax denominators in both directions (masked to -inf), so each pair is contrasted
+only against real negatives. Without twins this is exactly cn_clip's loss. (Soft targets spread
+over the twins would not help: with identical twin features they give exactly the plain loss.)
+In-batch accuracy counts an argmax that lands on any positive.
 
 Accumulation (``--accum-freq``) follows cn_clip: features of all micro-batches are first
 computed without gradient and cached; then each micro-batch is re-run with gradient and its fresh
@@ -24,16 +26,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
 from .common import SolutionError, autocast_context
 
 log = logging.getLogger(__name__)
+# torch.distributed.nn.all_gather is the autograd gather that also works on gloo (its backward is
+# an all-to-all); the suggested functional replacement needs reduce_scatter, which gloo lacks.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
 
 LOGIT_SCALE_MAX = math.log(100.0)  # cn_clip clamps at 4.6052
 
@@ -50,50 +58,46 @@ def gather(t: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
     if size == 1:
         return t
     if with_grad:
-        import torch.distributed.nn
-
-        return torch.cat(torch.distributed.nn.all_gather(t), dim=0)
+        return torch.cat(dist_nn.all_gather(t), dim=0)
     parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
 
 
-def soft_targets(text_ids: torch.Tensor, same_text: bool) -> torch.Tensor | None:
-    """Row-normalised ``[N, N]`` targets over equal text ids; None when it is the identity."""
+def twin_mask(text_ids: torch.Tensor, same_text: bool) -> torch.Tensor | None:
+    """``[N, N]`` True where ``j != i`` has the same text id (a positive, not a negative); None if no twins."""
     if not same_text:
         return None
     eq = text_ids[:, None].eq(text_ids[None, :])
-    if int(eq.sum()) == len(text_ids):
-        return None
-    eq = eq.float()
-    return eq / eq.sum(1, keepdim=True)
+    eq.fill_diagonal_(False)
+    return eq if bool(eq.any()) else None
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE (cn_clip's) with optional soft targets; returns ``(loss, logits_per_image)``."""
+              twins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE (cn_clip's); twins left out of the negatives. Returns ``(loss, logits_per_image)``."""
     logits_per_image = logit_scale * image_features.float() @ text_features.float().t()
-    logits_per_text = logits_per_image.t()
-    if targets is None:
-        labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
-        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
+    if twins is None:
+        lpi, lpt = logits_per_image, logits_per_image.t()
     else:
-        targets = targets.to(logits_per_image.device)
-        loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets.t())) / 2
+        twins = twins.to(logits_per_image.device)
+        lpi = logits_per_image.masked_fill(twins, float("-inf"))
+        lpt = logits_per_image.t().masked_fill(twins.t(), float("-inf"))
+    loss = (F.cross_entropy(lpi, labels) + F.cross_entropy(lpt, labels)) / 2
     return loss, logits_per_image
 
 
 @torch.no_grad()
-def batch_accuracy(logits_per_image: torch.Tensor, targets: torch.Tensor | None) -> tuple[float, float]:
-    """(i2t, t2i) in-batch accuracy: the argmax is a positive."""
+def batch_accuracy(logits_per_image: torch.Tensor, twins: torch.Tensor | None) -> tuple[float, float]:
+    """(i2t, t2i) in-batch accuracy: the argmax is the pair itself or one of its twins."""
     n = len(logits_per_image)
-    if targets is None:
-        labels = torch.arange(n, device=logits_per_image.device)
-        return (float((logits_per_image.argmax(1) == labels).float().mean()),
-                float((logits_per_image.argmax(0) == labels).float().mean()))
-    pos = targets.to(logits_per_image.device) > 0
-    i2t = pos[torch.arange(n), logits_per_image.argmax(1)]
-    t2i = pos.t()[torch.arange(n), logits_per_image.argmax(0)]
+    idx = torch.arange(n, device=logits_per_image.device)
+    pos = idx[:, None] == idx[None, :]
+    if twins is not None:
+        pos = pos | twins.to(pos.device)
+    i2t = pos[idx, logits_per_image.argmax(1)]
+    t2i = pos.t()[idx, logits_per_image.argmax(0)]
     return float(i2t.float().mean()), float(t2i.float().mean())
 
 
@@ -142,12 +146,12 @@ class Stepper:
         moved = [(im.to(dev, non_blocking=True), tok.to(dev, non_blocking=True), tid.to(dev)) for im, tok, tid, _ in micro_batches]
         self.optimizer.zero_grad(set_to_none=True)
         all_ids = torch.cat([self._gather(tid, False) for _, _, tid in moved])
-        targets = soft_targets(all_ids, cfg.same_text)
+        twins = twin_mask(all_ids, cfg.same_text)
         if len(moved) == 1:
             images, tokens, _ = moved[0]
             with self._autocast():
                 img_f, txt_f, scale = model(images, tokens, cfg.mask_ratio)
-                loss, logits = clip_loss(self._gather(img_f, True), self._gather(txt_f, True), scale.mean(), targets)
+                loss, logits = clip_loss(self._gather(img_f, True), self._gather(txt_f, True), scale.mean(), twins)
             value = self._check(loss)
             self._backward(loss)
         else:
@@ -165,7 +169,7 @@ class Stepper:
                         img_f, txt_f, scale = model(images, tokens, cfg.mask_ratio)
                         img_all = torch.cat(cached_img[:j] + [self._gather(img_f, True)] + cached_img[j + 1:])
                         txt_all = torch.cat(cached_txt[:j] + [self._gather(txt_f, True)] + cached_txt[j + 1:])
-                        loss, logits = clip_loss(img_all, txt_all, scale.mean(), targets)
+                        loss, logits = clip_loss(img_all, txt_all, scale.mean(), twins)
                     value = self._check(loss)
                     self._backward(loss)
         if self.scaler is not None:
@@ -176,7 +180,7 @@ class Stepper:
         m = unwrap(model)
         with torch.no_grad():
             m.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-        i2t, t2i = batch_accuracy(logits.detach(), targets)
+        i2t, t2i = batch_accuracy(logits.detach(), twins)
         return {"loss": value, "acc_i2t": i2t, "acc_t2i": t2i, "logit_scale": float(m.logit_scale.detach().exp()),
                 "pairs": int(len(all_ids))}
 
@@ -196,10 +200,10 @@ def contrastive_eval(model: nn.Module, loader, *, device, precision: str = "fp32
             images, tokens, tids, _ = batch
             with autocast_context(device, precision):
                 img_f, txt_f, scale = m(images.to(device), tokens.to(device))
-                targets = soft_targets(tids.to(device), same_text)
-                loss, logits = clip_loss(img_f, txt_f, scale, targets)
+                twins = twin_mask(tids.to(device), same_text)
+                loss, logits = clip_loss(img_f, txt_f, scale, twins)
             b = len(images)
-            i2t, t2i = batch_accuracy(logits, targets)
+            i2t, t2i = batch_accuracy(logits, twins)
             total += float(loss) * b
             acc_i += i2t * b
             acc_t += t2i * b

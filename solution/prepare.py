@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import csv
 import json
 import logging
 import multiprocessing as mp
@@ -34,207 +33,32 @@ import shutil
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, deque
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
 from .common import SolutionError, atomic_path, run_cli, write_json, write_jsonl
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, REASONS, clean_b64, clean_image
+from .images import CHECKS, DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, REASONS, clean_b64, clean_image, jpeg_b64_info
 from .lmdb_io import write_split
+from .prepare_inputs import SplitInput, Text, read_muge, read_table, split_off_valid
 
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = {**REASONS, "missing_file": "the image file does not exist or cannot be read",
                 "malformed_line": "the line is not image_id<TAB>base64", "bad_id": "the image id is not an integer",
                 "duplicate_id": "an image with this id was already stored (the first one wins)"}
-TEXT_REASONS = {"no_images": "none of its images survived cleaning", "duplicate_text_id": "text_id seen before",
-                "malformed": "not a valid text record", "empty_text": "the text is empty"}
 LIST_CONVERTED = 1000  # list at most this many converted images by id in a report
 MIN_PARALLEL = 256  # fewer images than this are cleaned in-process (starting a pool costs more)
-
-
-@dataclass
-class Text:
-    text_id: int
-    text: str
-    image_ids: list[int] | None  # None: unlabelled (test queries without image_ids, or [])
-
-
-@dataclass
-class SplitInput:
-    name: str
-    texts: list[Text]
-    tsv: Path | None = None                       # format 1
-    files: list[tuple[int, str]] | None = None    # formats 2/3: (image_id, path)
-    problems: list[dict] = field(default_factory=list)  # texts refused while reading
-    duplicate_text_ids: list[int] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- reading inputs
-
-
-def _as_text(obj, where: str, split: SplitInput, seen: set[int]) -> Text | None:
-    def bad(reason, detail):
-        split.problems.append({"where": where, "text_id": obj.get("text_id") if isinstance(obj, dict) else None,
-                               "reason": reason, "detail": detail})
-
-    if not isinstance(obj, dict) or "text_id" not in obj or "text" not in obj:
-        return bad("malformed", "needs text_id and text")
-    try:
-        text_id = int(obj["text_id"])
-        image_ids = [int(i) for i in obj.get("image_ids") or ()] or None  # none / []: unlabelled
-    except (TypeError, ValueError):
-        return bad("malformed", "text_id and image_ids must be integers")
-    text = str(obj["text"]).strip()
-    if not text:
-        return bad("empty_text", TEXT_REASONS["empty_text"])
-    if text_id in seen:
-        split.duplicate_text_ids.append(text_id)
-        return bad("duplicate_text_id", "text_id seen before in this split; the first one wins")
-    seen.add(text_id)
-    return Text(text_id, text, image_ids)
-
-
-def read_muge(data_dir: Path, name: str) -> SplitInput:
-    tsv, texts_path = data_dir / f"{name}_imgs.tsv", data_dir / f"{name}_texts.jsonl"
-    for p in (tsv, texts_path):
-        if not p.is_file():
-            raise SolutionError(f"{p} not found: --data-dir needs MUGE files {name}_imgs.tsv and {name}_texts.jsonl "
-                                f"(or give --csv FILE, or --images-dir DIR --captions FILE)")
-    split, seen = SplitInput(name, [], tsv=tsv), set()
-    with open(texts_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                split.problems.append({"where": f"{texts_path.name}:{lineno}", "text_id": None,
-                                       "reason": "malformed", "detail": f"not JSON ({e.msg})"})
-                continue
-            t = _as_text(obj, f"{texts_path.name}:{lineno}", split, seen)
-            if t:
-                split.texts.append(t)
-    if not split.texts and split.problems:
-        raise SolutionError(f"{texts_path}: no valid text record (first problem: {split.problems[0]['detail']})")
-    return split
-
-
-_IMAGE_KEYS = ("image_path", "image", "path", "file", "file_name", "filename", "img")
-_TEXT_KEYS = ("text", "caption", "query")
-
-
-def _pick(row: dict, keys: Sequence[str]):
-    for k in keys:
-        if row.get(k) not in (None, ""):
-            return row[k]
-    return None
-
-
-def _read_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield f"{path.name}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise SolutionError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        cols = [c.strip() for c in reader.fieldnames or []]
-        if not any(c in cols for c in _TEXT_KEYS) or not any(c in cols for c in _IMAGE_KEYS):
-            raise SolutionError(f"{path}: needs columns text and image_path (found: {', '.join(cols) or 'none'})")
-        for lineno, row in enumerate(reader, 2):
-            yield f"{path.name}:{lineno}", {k.strip(): v for k, v in row.items() if k}
-
-
-def read_table(table: str, splits: Sequence[str], base_dir: Path | None) -> dict[str, SplitInput]:
-    """Formats 2 and 3: rows of (text, image path[, ids, split]) -> one SplitInput per split.
-
-    Rows with the same ``text_id`` (or, without one, the same text) in a split form one query.
-    Missing ids are assigned above the largest given one: one id per distinct image file.
-    """
-    files = [(s, Path(table.replace("{split}", s))) for s in splits] if "{split}" in table else [(None, Path(table))]
-    out: dict[str, SplitInput] = {}
-    rows: list[tuple[str, str, str, int | None, int | None]] = []  # split, text, path, text_id, image_id
-    for fixed_split, path in files:
-        if not path.is_file():
-            raise SolutionError(f"{path} not found")
-        root = base_dir or path.parent
-        for where, row in _read_rows(path):
-            name = fixed_split or str(row.get("split") or splits[0]).strip()
-            split = out.setdefault(name, SplitInput(name, [], files=[]))
-            text, rel = _pick(row, _TEXT_KEYS), _pick(row, _IMAGE_KEYS)
-            if text is None or rel is None or not str(text).strip():
-                split.problems.append({"where": where, "text_id": row.get("text_id"), "reason": "malformed",
-                                       "detail": "needs a non-empty text and an image path"})
-                continue
-            try:
-                tid = None if row.get("text_id") in (None, "") else int(row["text_id"])
-                iid = None if row.get("image_id") in (None, "") else int(row["image_id"])
-            except (TypeError, ValueError):
-                split.problems.append({"where": where, "text_id": row.get("text_id"), "reason": "malformed",
-                                       "detail": "image_id and text_id must be integers"})
-                continue
-            rows.append((name, str(text).strip(), str((root / str(rel)).resolve()), tid, iid))
-
-    next_image = max([r[4] for r in rows if r[4] is not None], default=0) + 1
-    next_text = max([r[3] for r in rows if r[3] is not None], default=0) + 1
-    path_ids: dict[str, int] = {}
-    groups: dict[str, dict[tuple, dict]] = {}
-    seen_files: set[tuple[str, int, str]] = set()
-    for name, text, path, tid, iid in rows:
-        if iid is None:
-            if path not in path_ids:
-                path_ids[path], next_image = next_image, next_image + 1
-            iid = path_ids[path]
-        g = groups.setdefault(name, {}).setdefault(("id", tid) if tid is not None else ("text", text),
-                                                   {"text_id": tid, "text": text, "image_ids": []})
-        if iid not in g["image_ids"]:
-            g["image_ids"].append(iid)
-        if (name, iid, path) not in seen_files:
-            seen_files.add((name, iid, path))
-            out[name].files.append((iid, path))
-    for name, gs in groups.items():
-        seen: set[int] = set()
-        for g in gs.values():
-            if g["text_id"] is None:
-                g["text_id"], next_text = next_text, next_text + 1
-            t = _as_text(g, f"text {g['text']!r}", out[name], seen)
-            if t:
-                out[name].texts.append(t)
-    return out
-
-
-# ---------------------------------------------------------------- validation split
-
-
-def split_off_valid(texts: list[Text], fraction: float, seed: int) -> tuple[list[Text], list[Text]]:
-    """Split labelled texts so no query text (case/space-normalised) is in both parts."""
-    import numpy as np
-    from sklearn.model_selection import GroupShuffleSplit
-
-    if not 0.0 < fraction < 1.0:
-        raise SolutionError(f"--make-valid takes a fraction between 0 and 1, got {fraction}")
-    labelled = [t for t in texts if t.image_ids]
-    groups = ["".join(t.text.lower().split()) for t in labelled]
-    if len(set(groups)) < 2:
-        raise SolutionError("--make-valid needs at least two distinct labelled queries")
-    gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-    train_idx, valid_idx = next(gss.split(np.zeros(len(labelled)), groups=groups))
-    valid = [labelled[i] for i in sorted(valid_idx)]
-    valid_ids = {t.text_id for t in valid}
-    return [t for t in texts if t.text_id not in valid_ids], valid
+MIN_PARALLEL_BYTES = 1 << 20  # the same for a TSV smaller than this
+TSV_BLOCK = 1 << 20  # bytes of whole TSV lines per worker task
 
 
 # ---------------------------------------------------------------- cleaning workers
 
 _OPTS: dict = {}
+_FDS: dict[str, int] = {}
 
 
 def _init_worker(opts: dict) -> None:
@@ -242,23 +66,67 @@ def _init_worker(opts: dict) -> None:
     _OPTS.update(opts)
 
 
-def _clean_tsv_line(item: tuple[int, bytes]) -> tuple:
-    """(line number, raw line) -> (where, image_id, status, reason, detail, actions, format, base64)."""
-    lineno, line = item
-    where = f"line {lineno}"
+def _clean_tsv_line(lineno: int, line: bytes) -> tuple:
+    """One TSV line -> (line number, image_id, status, reason, detail, actions, format, base64 or None)."""
     try:
-        parts = line.rstrip(b"\r\n").split(b"\t")
+        parts = line.rstrip(b"\r").split(b"\t")
         if len(parts) != 2:
-            return (where, None, "skipped", "malformed_line", f"expected 2 tab-separated fields, found {len(parts)}",
+            return (lineno, None, "skipped", "malformed_line", f"expected 2 tab-separated fields, found {len(parts)}",
                     [], None, None)
         try:
             image_id = int(parts[0])
         except ValueError:
-            return (where, None, "skipped", "bad_id", f"image id {parts[0][:40]!r} is not an integer", [], None, None)
+            return (lineno, None, "skipped", "bad_id", f"image id {parts[0][:40]!r} is not an integer", [], None, None)
         r = clean_b64(parts[1], **_OPTS)
-        return (where, image_id, r.status, r.reason, r.detail, r.actions, r.format, r.data)
+        return (lineno, image_id, r.status, r.reason, r.detail, r.actions, r.format, r.data)
     except Exception as e:  # noqa: BLE001 - never let one line kill the pool
-        return (where, None, "skipped", "corrupt", f"{type(e).__name__}: {e}", [], None, None)
+        return (lineno, None, "skipped", "corrupt", f"{type(e).__name__}: {e}", [], None, None)
+
+
+def _check_tsv_block(lineno0: int, block: bytes) -> dict[int, tuple | None]:
+    """Check a block of whole TSV lines; the result lists only the lines that are *not* plain.
+
+    A plain line is ``digits<TAB>base64`` (a canonical decimal id, one tab, no CR) whose image is
+    kept exactly as it is: the parent stores it straight from its own copy of the block. Every
+    other line ``j`` of ``block.split(b"\\n")`` maps to the tuple of :func:`_clean_tsv_line`, or to
+    None when blank. On a clean TSV the result is an empty dict: almost nothing travels back.
+    """
+    structural = _OPTS.get("check", CHECKS[0]) == "structural"
+    max_side, max_pixels = _OPTS.get("max_side"), _OPTS.get("max_pixels", DEFAULT_MAX_PIXELS)
+    special: dict[int, tuple | None] = {}
+    for j, line in enumerate(block.split(b"\n")):
+        parts = line.split(b"\t")
+        if len(parts) == 2 and parts[0].isdigit() and (parts[0][0] != 0x30 or len(parts[0]) == 1):
+            key, b64 = parts
+            if structural:
+                info = jpeg_b64_info(b64)
+                if info is not None and info.keepable(max_side, max_pixels):
+                    continue
+            else:
+                try:
+                    r = clean_b64(b64, **_OPTS)
+                except Exception as e:  # noqa: BLE001 - never let one line kill the pool
+                    special[j] = (lineno0 + j, int(key), "skipped", "corrupt", f"{type(e).__name__}: {e}", [],
+                                  None, None)
+                    continue
+                if r.status != "kept" or r.data is not b64:
+                    special[j] = (lineno0 + j, int(key), r.status, r.reason, r.detail, r.actions, r.format, r.data)
+                continue
+        special[j] = _clean_tsv_line(lineno0 + j, line) if line.strip() else None
+    return special
+
+
+def _check_tsv_task(task: tuple[int, str, int, int]) -> dict[int, tuple | None]:
+    """Worker side of :func:`_check_tsv_block`: it reads the block itself, by offset (from the page
+    cache), so only ``(first line number, path, offset, length)`` goes down the pipe."""
+    lineno0, path, offset, length = task
+    fd = _FDS.get(path)
+    if fd is None:
+        fd = _FDS[path] = os.open(path, os.O_RDONLY)
+    block = os.pread(fd, length, offset)
+    if len(block) != length:
+        raise OSError(f"{path} changed while it was being read")
+    return _check_tsv_block(lineno0, block)
 
 
 def _clean_file(item: tuple[int, str]) -> tuple:
@@ -275,6 +143,10 @@ def _clean_file(item: tuple[int, str]) -> tuple:
         return (path, image_id, "skipped", "corrupt", f"{type(e).__name__}: {e}", [], None, None)
 
 
+def _clean_files(batch: list[tuple[int, str]]) -> list[tuple]:
+    return [_clean_file(item) for item in batch]
+
+
 def default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -283,45 +155,58 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def _cleaned(func, items: Iterable, workers: int, opts: dict, chunksize: int = 32):
-    """Yield an iterator of ``func(item)`` results in input order, computed on ``workers`` processes.
+def _cleaned(func, items: Iterable, workers: int, opts: dict, task=None, local=None):
+    """Yield an iterator of ``(item, result)`` in input order, ``result = func(task(item))`` computed on
+    ``workers`` processes (``local(item)`` in this process when ``workers <= 1``).
 
-    The input is consumed lazily (at most a bounded window is in flight), so a huge TSV never
-    sits in memory.
+    Items are consumed lazily, a bounded window at a time, so a huge TSV never sits in memory, and
+    the caller works on finished results (LMDB puts) while the workers check the next ones.
     """
     if workers <= 1:
         _init_worker(opts)
-        yield map(func, items)
+        yield ((b, (local or func)(b)) for b in items)
         return
-    window = threading.BoundedSemaphore(chunksize * workers * 8)
+    window = threading.BoundedSemaphore(workers * 4)
+    pending: deque = deque()
 
     def throttled():
-        for item in items:
+        for b in items:
             window.acquire()
-            yield item
+            pending.append(b)
+            yield task(b) if task else b
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
         def results():
-            for r in pool.imap(func, throttled(), chunksize):
+            for r in pool.imap(func, throttled(), 1):
                 window.release()
-                yield r
+                yield pending.popleft(), r
         yield results()
 
 
-def _tsv_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _tsv_blocks(path: Path, size: int = TSV_BLOCK) -> Iterator[tuple[int, int, bytes]]:
+    """Blocks of about ``size`` bytes of whole lines: (number of the first line, file offset, bytes)."""
+    lineno, offset, rest = 1, 0, b""
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield lineno, line
-
-
-def _count_lines(path: Path) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            n += chunk.count(b"\n")
-    return n
+        first = True
+        while True:
+            block = f.read(size)
+            if not block:
+                break
+            if first and block.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+                block, offset = block[3:], 3
+            first = False
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                rest = block
+                continue
+            chunk, rest = block[:cut], block[cut:]
+            yield lineno, offset, chunk
+            lineno += chunk.count(b"\n")
+            offset += cut
+    if rest:
+        yield lineno, offset, rest
 
 
 # ---------------------------------------------------------------- one split
@@ -345,8 +230,11 @@ class _Ledger:
             self.formats[fmt] += 1
         if status == "skipped":
             entry = {"image_id": image_id, "where": where, "reason": reason, "detail": detail}
-            (self.duplicates if reason == "duplicate_id" else self.skipped).append(entry)
-            self.by_reason[reason] += 1
+            if reason == "duplicate_id":
+                self.duplicates.append(entry)
+            else:
+                self.skipped.append(entry)
+                self.by_reason[reason] += 1
             return
         self.kept_ids.add(image_id)
         self.counts[status] += 1
@@ -389,6 +277,7 @@ def _report(ledger: _Ledger, split: SplitInput | None, skipped_texts, partial, n
                   "unlabelled": c["texts_unlabelled"], "skipped": len(skipped_texts) + len(problems),
                   "with_missing_images": len(partial)},
         "pairs": {"written": num_samples, "dropped_missing_image": c["pairs_dropped"]},
+        "reasons": {k: SKIP_REASONS.get(k, k) for k in sorted(ledger.by_reason) + ["duplicate_id"] * bool(ledger.duplicates)},
         "skipped_images": ledger.skipped,
         "duplicate_images": ledger.duplicates,
         "skipped_texts": problems + skipped_texts,
@@ -438,42 +327,84 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text]]], lmdb_dir:
             for i in t.image_ids or ():
                 owner[i] = k
     shared = {i for t in ledgers[0].texts for i in (t.image_ids or ()) if i in owner}
-    first_where: dict[int, str] = {}
-
-    if split.tsv is not None:
-        items, func, total = _tsv_lines(split.tsv), _clean_tsv_line, _count_lines(split.tsv)
-    else:
-        items, func, total = iter(split.files), _clean_file, len(split.files)
+    first_where: dict[int, int | str] = {}  # image id -> where it was stored from (a TSV line number, or a path)
+    plain = len(ledgers) == 1 and not muge_dir  # no routing, no files to write: the fast path applies
 
     with contextlib.ExitStack() as stack:
         dirs = [stack.enter_context(_building(lmdb_dir / led.name)) for led in ledgers]
         spools = [stack.enter_context(open(d / "spool.tsv", "wb")) for d in dirs[1:]]
         muge = [stack.enter_context(atomic_path(muge_dir / f"{led.name}_imgs.tsv")) for led in ledgers] if muge_dir else []
         muge_f = [stack.enter_context(open(p, "wb")) for p in muge]
-        results = stack.enter_context(_cleaned(func, items, workers if total >= MIN_PARALLEL else 1, opts))
-        bar = stack.enter_context(tqdm(total=total, desc=f"cleaning {split.name}", unit="img", disable=not progress,
-                                       mininterval=1.0))
+        if split.tsv is not None:
+            size = split.tsv.stat().st_size
+            path = str(split.tsv)
+            cleaned = stack.enter_context(_cleaned(
+                _check_tsv_task, _tsv_blocks(split.tsv), workers if size >= MIN_PARALLEL_BYTES else 1, opts,
+                task=lambda b: (b[0], path, b[1], len(b[2])), local=lambda b: _check_tsv_block(b[0], b[2])))
+            bar = stack.enter_context(tqdm(total=size, desc=f"cleaning {split.name}", unit="B", unit_scale=True,
+                                           disable=not progress, mininterval=1.0))
+        else:
+            files = split.files
+            batches = (files[i:i + 32] for i in range(0, len(files), 32))
+            cleaned = stack.enter_context(_cleaned(_clean_files, batches, workers if len(files) >= MIN_PARALLEL else 1,
+                                                   opts))
+            bar = stack.enter_context(tqdm(total=len(files), desc=f"cleaning {split.name}", unit="img",
+                                           disable=not progress, mininterval=1.0))
 
-        def first_images() -> Iterator[tuple[int, bytes]]:
-            for where, image_id, status, reason, detail, actions, fmt, data in results:
-                bar.update(1)
-                targets = [owner.get(image_id, 0)] + ([0] if image_id in shared else [])
-                if status != "skipped" and image_id in first_where:
-                    status, reason = "skipped", "duplicate_id"
-                    detail = f"image id already stored from {first_where[image_id]}; the first one wins"
-                for k in targets:
-                    ledgers[k].image(where, image_id, status, reason, detail, actions, fmt)
-                if status == "skipped":
-                    continue
-                first_where[image_id] = where
-                for k in targets:
-                    line = b"%d\t%s\n" % (image_id, data)
-                    if muge_f:
-                        muge_f[k].write(line)
-                    if k:
-                        spools[k - 1].write(line)
-                if 0 in targets:
-                    yield image_id, data
+        def one(where, image_id, status, reason, detail, actions, fmt, data) -> Iterator[tuple[int, bytes]]:
+            """Account for one image, route it, and yield it when it goes into the first output."""
+            if isinstance(where, int):
+                where = f"line {where}"
+            targets = [owner.get(image_id, 0)] + ([0] if image_id in shared else [])
+            if status != "skipped" and image_id in first_where:
+                status, reason = "skipped", "duplicate_id"
+                first = first_where[image_id]
+                detail = f"image id already stored from {f'line {first}' if isinstance(first, int) else first}; " \
+                         "the first one wins"
+            for k in targets:
+                ledgers[k].image(where, image_id, status, reason, detail, actions, fmt)
+            if status == "skipped":
+                return
+            first_where[image_id] = where
+            for k in targets:
+                line = b"%d\t%s\n" % (image_id, data)
+                if muge_f:
+                    muge_f[k].write(line)
+                if k:
+                    spools[k - 1].write(line)
+            if 0 in targets:
+                yield image_id, data
+
+        def first_images() -> Iterator[tuple[int | bytes, bytes]]:
+            if split.tsv is None:
+                for batch, results in cleaned:
+                    for r in results:
+                        yield from one(*r)
+                    bar.update(len(batch))
+                return
+            led = ledgers[0]
+            kept_add, first_set = led.kept_ids.add, first_where.__setitem__
+            for (lineno0, _, block), special in cleaned:
+                n_plain = 0
+                for j, line in enumerate(block.split(b"\n")):
+                    r = special.get(j, False)
+                    if r is False:  # a plain line, kept as it is: the common case, kept cheap
+                        key, b64 = line.split(b"\t")
+                        image_id = int(key)
+                        if plain and image_id not in first_where:
+                            first_set(image_id, lineno0 + j)
+                            kept_add(image_id)
+                            n_plain += 1
+                            yield key, b64
+                            continue
+                        r = (lineno0 + j, image_id, "kept", None, "", [], "JPEG", b64)
+                        yield from one(*r)
+                    elif r is not None:
+                        yield from one(*r)
+                if n_plain:
+                    led.counts.update(images_total=n_plain, kept=n_plain)
+                    led.formats["JPEG"] += n_plain
+                bar.update(len(block))
 
         def spooled(path: Path) -> Iterator[tuple[int, bytes]]:
             with open(path, "rb") as f:
@@ -511,7 +442,7 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
             max_side: int | None = None, quality: int = DEFAULT_QUALITY, max_pixels: int | None = DEFAULT_MAX_PIXELS,
             workers: int | None = None, make_valid: float | None = None, valid_name: str = "valid",
             csv: str | os.PathLike | None = None, images_dir=None, captions=None, seed: int = 0,
-            progress: bool = True) -> dict[str, dict]:
+            check: str = CHECKS[0], progress: bool = True) -> dict[str, dict]:
     """Build ``LMDB_DIR/{split}`` for each split; returns {split: report} (also in each report.json)."""
     data_dir = Path(data_dir)
     if isinstance(splits, str):
@@ -523,6 +454,8 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
         raise SolutionError(f"--max-side {max_side} is too small (at least 8)")
     if not 1 <= quality <= 100:
         raise SolutionError(f"--quality must lie in 1..100, got {quality}")
+    if check not in CHECKS:
+        raise SolutionError(f"--check must be one of {', '.join(CHECKS)}, got {check!r}")
     if captions and not images_dir and not csv:
         raise SolutionError("--captions needs --images-dir (the folder the image paths are relative to)")
     if images_dir and not (captions or csv):
@@ -559,7 +492,7 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
             outputs = [(name, train_t), (valid_name, valid_t)]
         plan.append((split, outputs))
 
-    opts = {"max_side": max_side, "quality": quality, "max_pixels": max_pixels}
+    opts = {"max_side": max_side, "quality": quality, "max_pixels": max_pixels, "check": check}
     workers = default_workers() if workers is None else max(0, int(workers))
     reports: dict[str, dict] = {}
     for split, outputs in plan:
@@ -569,7 +502,6 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
     log.info("prepared %s in %s: %d images, %d stored, %d skipped (details in each report.json)",
              ",".join(reports), lmdb_dir, total, sum(r["num_images"] for r in reports.values()), skipped)
     return reports
-
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -582,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of re-encoded images")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images declaring more pixels are skipped as decompression bombs")
+    p.add_argument("--check", choices=CHECKS, default=CHECKS[0],
+                   help="full: decode every image; fast: keep clean RGB JPEGs after reading their markers only "
+                        "(much faster; misses damage inside the compressed data)")
     p.add_argument("--workers", type=int, help="cleaning processes (default: all cores; 0 or 1: in-process)")
     p.add_argument("--make-valid", type=float, metavar="FRACTION",
                    help="split this fraction of the first split's queries off as a validation split")
@@ -596,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reports = prepare(a.data_dir, a.splits, lmdb_dir=a.lmdb_dir, max_side=a.max_side, quality=a.quality,
                       max_pixels=a.max_pixels, workers=a.workers, make_valid=a.make_valid, valid_name=a.valid_name,
                       csv=a.csv, images_dir=a.images_dir, captions=a.captions, seed=a.seed,
-                      progress=not a.no_progress)
+                      check=a.check, progress=not a.no_progress)
     print(json.dumps({s: {"num_images": r["num_images"], "num_samples": r["num_samples"],
                           "skipped_images": r["images"]["skipped"], "skipped_texts": r["texts"]["skipped"]}
                       for s, r in reports.items()}))

@@ -4,7 +4,7 @@
 
 Each trial is one ordinary training run (``solution.train``) whose run directory is kept under
 ``{out}/{study}/trials/{number:04d}/``, so the trials are ready soup ingredients
-(:func:`top_checkpoints`, or ``model_soup.sh --from-study``). Every validation of the main set
+(``model_soup.sh --from-study DIR --top N`` takes the best N). Every validation of the main set
 reports its mean recall to Optuna; the pruner (median by default, Hyperband or none) stops hopeless
 trials. A pruned trial is recorded PRUNED, a failed one (exception, bad flag, NaN loss, out of
 memory, crashed child) FAIL with ``fail_reason`` in its user attrs, and the study goes on.
@@ -20,8 +20,10 @@ Config (YAML)::
     pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 0}   # or hyperband / none
     sampler: {name: tpe, seed: null, n_startup_trials: 4}            # or random
     mode: inprocess            # or subprocess (a clean child per trial; torchrun_nproc: N)
-    report_at: step            # x axis for the pruner: step | epoch (use epoch when batch size varies)
-    enqueue: [{lr: 1.0e-4}]    # trials to run first (e.g. the default settings)
+    report_at: step            # x axis for the pruner: step | epoch (when batch size varies; then
+                               # validate per epoch only: a second validation in an epoch is not reported)
+    enqueue: [{lr: 1.0e-4}]    # trials to run first (e.g. the default settings); skipped once present
+    plots: each                # each (after every trial) | end | false
     base:                      # any train_clip.sh flag, named without dashes
       train-data: DIR/lmdb/train
       resume: base.pt          # every trial fine-tunes from the same start (soups need that)
@@ -34,6 +36,9 @@ Config (YAML)::
       tuning: {type: categorical, choices: [full, frozen-image],        # a choice that sets flags
                sets: {frozen-image: {freeze-vision: true}}}
 
+``--set FLAG=VALUE`` overrides a base flag from the command line (``--set resume=`` drops it).
+The value of a trial is its best validation mean recall; ``best.pt`` of its run is that model.
+
 Storage and workers: re-running the same command resumes the study (``load_if_exists``) and runs
 only the trials still missing from ``n_trials``; trials left RUNNING by a killed worker on this
 host are marked FAIL (``interrupted``, not counted) and their parameters re-queued once. Several
@@ -45,12 +50,12 @@ Outputs in ``{out}/{name}/`` (rewritten after every trial, so a kill leaves them
 ``trials.csv`` (number, state, value, run_dir, params_*, ...), ``best_command.sh`` (a ready
 ``bash Chinese-CLIP/train_clip.sh ...``), ``best_config.yaml``, ``best.json`` and PNG plots
 (history, intermediate values, parameter importances, parallel coordinates). Browse a study
-live with ``pip install optuna-dashboard && optuna-dashboard sqlite:///runs/search/demo/study.db``.
+live with ``pip install optuna-dashboard && optuna-dashboard sqlite:///runs/search/demo-cpu/study.db``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import gc
 import json
 import logging
@@ -61,6 +66,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -76,7 +82,7 @@ from .search_config import (SearchConfig, check_config, flag_key, flags_to_argv,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchConfig", "load_config", "parse_config", "run_search", "top_checkpoints", "trials_table", "main"]
+__all__ = ["SearchConfig", "load_config", "parse_config", "run_search", "trials_table", "write_reports", "main"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -136,12 +142,16 @@ def make_sampler(spec: dict):
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: finished ones except interrupted ones, plus running ones."""
+    """Trials that count towards ``n_trials``: finished ones except interrupted ones, plus running ones
+    (a RUNNING trial that never got its worker attribute was killed at birth and is not counted)."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-               if not t.user_attrs.get("interrupted"))
+               if not t.user_attrs.get("interrupted")
+               and (t.state != TrialState.RUNNING or "worker" in t.user_attrs))
 
 
-def _process_alive(pid: int, started: float | None) -> bool:
+def _process_alive(pid: int | None, started: float | None) -> bool:
+    if not pid:
+        return True  # unknown: leave it to the storage heartbeat
     try:
         import psutil
 
@@ -164,22 +174,36 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
+_WORKER: dict = {}
+
+
+def worker_info() -> dict:
+    """This process as a trial owner: host, pid and the pid's start time (pids are reused)."""
+    if _WORKER.get("pid") != os.getpid():
+        _WORKER.update(host=socket.gethostname(), pid=os.getpid(), started=_process_started(os.getpid()))
+    return dict(_WORKER)
+
+
 def recover_interrupted(study: optuna.Study, retry: bool) -> int:
     """Fail trials left RUNNING by a dead worker of this host; re-queue their parameters once."""
-    host, n = socket.gethostname(), 0
+    n, me = 0, worker_info()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = t.user_attrs
-        if attrs.get("host") != host or "pid" not in attrs or _process_alive(attrs["pid"], attrs.get("pid_started")):
+        attrs, worker = t.user_attrs, t.user_attrs.get("worker") or {}
+        if worker.get("host") != me["host"] or _process_alive(worker.get("pid"), worker.get("started")):
             continue
         storage = study._storage
         try:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"interrupted: worker pid {attrs['pid']} died")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"interrupted: worker pid {worker['pid']} died")
+            if not storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
+        except Exception as e:  # e.g. a locked database while another worker does the same
+            log.warning("could not mark interrupted trial %d as failed: %s", t.number, e)
+            continue
         n += 1
-        log.warning("trial %d was interrupted (worker pid %s died): marked FAIL", t.number, attrs["pid"])
+        log.warning("trial %d was interrupted (worker pid %s died): marked FAIL", t.number, worker["pid"])
         if retry and t.params and "retry_of" not in attrs:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             log.info("re-queued the parameters of trial %d", t.number)
@@ -198,12 +222,12 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.cfg
-        pid = os.getpid()
-        for key, value in (("host", socket.gethostname()), ("pid", pid), ("pid_started", _process_started(pid))):
-            trial.set_user_attr(key, value)
+        trial.set_user_attr("worker", worker_info())  # one write: a dead worker's trials are recognised on resume
         run_dir = self.trials_dir / f"{trial.number:04d}"
         params = suggest_params(trial, cfg.space)
-        argv = flags_to_argv(trial_flags(cfg, params)) + ["--logs", str(self.trials_dir), "--name", run_dir.name]
+        flags = {**trial_flags(cfg, params), "logs": str(self.trials_dir), "name": run_dir.name}
+        argv = flags_to_argv(flags)
+        _move_stale(run_dir)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("argv", argv)
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()) or "(no params)")
@@ -213,11 +237,17 @@ class Objective:
             if cfg.mode == "inprocess":
                 self._run_inprocess(trial, argv)
             else:
-                self._run_subprocess(trial, argv, run_dir)
+                self._run_subprocess(trial, argv, flags, run_dir)
             if not self.values:
                 raise TrialFailed(f"the run reported no validation of set {cfg.valid_set!r} "
                                   f"(give --val-data and a validation interval)")
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: not the trial's fault, so not counted and re-queued
+            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C / SIGTERM)")
+            if cfg.retry_interrupted and "retry_of" not in trial.user_attrs:
+                trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             raise
         except SystemExit as e:  # argparse inside the trainer: a bad flag in the config
             reason = f"trainer exited with code {e.code} (bad flag value?)"
@@ -261,16 +291,21 @@ class Objective:
             gc.collect()
             _empty_cuda_cache()
 
-    def _run_subprocess(self, trial: optuna.Trial, argv: list[str], run_dir: Path) -> None:
+    def _run_subprocess(self, trial: optuna.Trial, argv: list[str], flags: dict, run_dir: Path) -> None:
         cfg = self.cfg
         if cfg.launcher:
-            cmd = [*map(str, cfg.launcher)]
+            cmd = [*map(str, cfg.launcher), *argv]
         elif cfg.torchrun_nproc > 0:
+            # torchrun's own parser would take trainer flags such as --logs for its --logs-specs:
+            # the trial's flags go through the trainer's --config file instead
+            config = self.trials_dir / f"{run_dir.name}.yaml"
+            with atomic_path(config) as tmp:
+                tmp.write_text(yaml.safe_dump({k: v for k, v in flags.items() if v is not None and v is not False},
+                                              allow_unicode=True, sort_keys=False), encoding="utf-8")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={cfg.torchrun_nproc}", "-m", "solution.train"]
+                   f"--nproc_per_node={cfg.torchrun_nproc}", "-m", "solution.train", "--config", str(config)]
         else:
-            cmd = [sys.executable, "-m", "solution.train"]
-        cmd += argv
+            cmd = [sys.executable, "-m", "solution.train", *argv]
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.trials_dir / f"{run_dir.name}.log"
         trial.set_user_attr("log", str(log_path))
@@ -291,6 +326,15 @@ class Objective:
                 raise
         if rc != 0:
             raise TrialFailed(f"trainer exited with code {rc}: {_last_error(log_path)}")
+
+
+def _move_stale(run_dir: Path) -> None:
+    """A trial's directory must start empty: the trainer would resume from a stale epoch_latest.pt
+    left by an earlier study of the same name (deleted storage, other storage, same --out)."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        log.warning("%s exists from an earlier study: moved to %s", run_dir, aside.name)
+        run_dir.rename(aside)
 
 
 class MetricsTail:
@@ -457,37 +501,17 @@ def write_plots(study: optuna.Study, out: Path, n_complete: int) -> list[Path]:
     for name, fn in plots.items():
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.simplefilter("ignore")  # experimental-API notes; CJK prompt glyphs missing from the font
                 ax = fn(study)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            with atomic_path(out / f"{name}.png") as tmp:
-                fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                with atomic_path(out / f"{name}.png") as tmp:
+                    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
             written.append(out / f"{name}.png")
         except Exception as e:  # a plot is never worth failing the study
             log.warning("plot %s skipped: %s", name, e)
         finally:
             plt.close("all")
     return written
-
-
-def top_checkpoints(study_dir: str | os.PathLike, n: int) -> list[Path]:
-    """Best checkpoints of the top-``n`` complete trials of a study folder, best first (soup ingredients)."""
-    path = Path(study_dir) / "trials.csv"
-    if not path.is_file():
-        raise SolutionError(f"no trials.csv in {study_dir}: not a search study folder")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("state") == "COMPLETE" and r.get("value")]
-    best_json = Path(study_dir) / "best.json"
-    direction = json.loads(best_json.read_text()).get("direction") if best_json.is_file() else "maximize"
-    rows.sort(key=lambda r: float(r["value"]), reverse=direction != "minimize")
-    found = []
-    for r in rows:
-        ckpt = Path(r.get("best_checkpoint") or Path(r["run_dir"]) / "checkpoints" / "best.pt")
-        if ckpt.is_file():
-            found.append(ckpt)
-        if len(found) == n:
-            break
-    return found
 
 
 # ---------------------------------------------------------------- driver
@@ -517,11 +541,27 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
         write_reports(study, cfg, plots=bool(cfg.plots))
     states = [t.state for t in study.get_trials(deepcopy=False)]
     summary = {"study": cfg.name, "study_dir": str(cfg.study_dir), "n_trials": len(states),
-               **{s.name.lower(): states.count(s) for s in FINISHED}}
+               **{s.name.lower(): states.count(s) for s in TrialState if s in FINISHED or s in states}}
     if TrialState.COMPLETE in states:
         summary.update(best_value=study.best_value, best_trial=study.best_trial.number,
                        best_params=study.best_trial.params)
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler preempting the job) ends the running trial cleanly, as Ctrl-C does."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -536,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--pruner", choices=["median", "hyperband", "none"])
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
-                   help="override a base training flag (repeatable), e.g. --set device=cpu")
+                   help="override a base training flag (repeatable), e.g. --set device=cpu; FLAG= drops it")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
@@ -552,7 +592,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.no_plots:
         cfg.plots = False
     check_config(cfg, args.config)
-    summary = run_search(cfg)
+    try:
+        with _sigterm_as_interrupt():
+            summary = run_search(cfg)
+    except KeyboardInterrupt:
+        log.warning("interrupted: the running trial is recorded FAIL (interrupted) and re-queued; "
+                    "re-run the same command to resume the study")
+        raise SystemExit(130) from None
     print(json.dumps(summary, ensure_ascii=False))
     return summary
 

@@ -58,7 +58,7 @@ class ParamSpec:
         kind = spec.get("type", "categorical" if "choices" in spec else None)
         if kind not in PARAM_TYPES:
             raise SolutionError(f"search space entry {name!r}: type must be one of {PARAM_TYPES}, got {kind!r}")
-        p = cls(name=name if spec.get("sets") else flag_key(name), type=kind, low=spec.get("low"),
+        p = cls(name=flag_key(name), type=kind, low=spec.get("low"),
                 high=spec.get("high"), log=bool(spec.get("log", False)), step=spec.get("step"),
                 choices=spec.get("choices"), only_if=flag_key(spec["only_if"]) if spec.get("only_if") else None,
                 sets=spec.get("sets"))
@@ -71,6 +71,9 @@ class ParamSpec:
             if p.sets is not None:
                 if not isinstance(p.sets, dict) or not all(isinstance(v, dict) for v in p.sets.values()):
                     raise SolutionError(f"search space entry {name!r}: sets must map choices to flag mappings")
+                stray = [k for k in p.sets if k not in p.choices]
+                if stray:
+                    raise SolutionError(f"search space entry {name!r}: sets names {stray[0]!r}, which is not a choice")
                 p.sets = {k: {flag_key(f): v for f, v in fl.items()} for k, fl in p.sets.items()}
         else:
             try:
@@ -83,7 +86,7 @@ class ParamSpec:
                 raise SolutionError(f"search space entry {name!r}: low must be below high")
             if p.log and p.low <= 0:
                 raise SolutionError(f"search space entry {name!r}: a log range needs low > 0")
-            if p.log and p.step not in (None, 1):
+            if p.log and p.step is not None and not (kind == "int" and p.step == 1):
                 raise SolutionError(f"search space entry {name!r}: log and step cannot be combined")
         return p
 
@@ -176,8 +179,14 @@ def check_config(cfg: SearchConfig, source: str = "config") -> None:
         raise SolutionError(f"{source}: mode must be inprocess or subprocess, got {cfg.mode!r}")
     if cfg.report_at not in ("step", "epoch"):
         raise SolutionError(f"{source}: report_at must be step or epoch, got {cfg.report_at!r}")
-    if not isinstance(cfg.n_trials, int) or cfg.n_trials < 0:
-        raise SolutionError(f"{source}: n_trials must be a non-negative integer")
+    for key in ("n_trials", "torchrun_nproc", "heartbeat"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise SolutionError(f"{source}: {key} must be a non-negative integer, got {value!r}")
+    if cfg.timeout is not None and not isinstance(cfg.timeout, (int, float)):
+        raise SolutionError(f"{source}: timeout must be a number of seconds, got {cfg.timeout!r}")
+    if cfg.launcher is not None and (not isinstance(cfg.launcher, list) or not cfg.launcher):
+        raise SolutionError(f"{source}: launcher must be a non-empty list, e.g. [bash, Chinese-CLIP/train_clip.sh]")
     if cfg.pruner["name"] not in ("median", "hyperband", "none"):
         raise SolutionError(f"{source}: pruner must be median, hyperband or none, got {cfg.pruner['name']!r}")
     if cfg.sampler["name"] not in ("tpe", "random"):
@@ -196,14 +205,15 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Searc
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise SolutionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    for item in overrides:
+    if not isinstance(raw, dict):
+        raise SolutionError(f"{path}: expected a YAML mapping at the top level")
+    for item in overrides:  # FLAG=VALUE, the value read as YAML; FLAG= (or FLAG=null) drops a base flag
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SolutionError(f"--set expects FLAG=VALUE, got {item!r}")
-        raw.setdefault("base", {})
-        if raw["base"] is None:
+        if not isinstance(raw.get("base"), dict):
             raw["base"] = {}
-        raw["base"][flag_key(key.strip())] = yaml.safe_load(value) if value else ""
+        raw["base"][flag_key(key.strip())] = yaml.safe_load(value) if value else None
     return parse_config(raw, str(path))
 
 

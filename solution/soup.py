@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 
 from .common import SolutionError, atomic_path, read_jsonl, resolve_device, run_cli, write_json, write_jsonl
-from .models import ModelConfig, build_model, save_checkpoint
+from .models import ModelConfig, save_checkpoint
 from .soup_weights import (Ingredient, Source, State, cast_state, check_compatible, expand_checkpoints, flatten,
                            inspect_checkpoint, mix, model_template, new_state, recipe_key, study_checkpoints,
                            weights_of)
@@ -85,6 +85,10 @@ class ValData:
             self.queries = dict(self.split.queries())
             if not self.queries:
                 raise SolutionError(f"validation data {split_dir} has no texts (its pairs LMDB is empty)")
+        gallery = set(self.split.image_ids())
+        missing = sum(i not in gallery for _, gold in self.queries.values() for i in gold)
+        if missing:
+            log.warning("validation: %d gold image ids are not in %s (they count as misses)", missing, split_dir)
         tids = list(self.queries)
         if select_split:
             if not 0 < select_split < 1:
@@ -120,44 +124,54 @@ class Scorer:
         self.round_to = round_to
         self.prefix = f"{val.key}|{precision}|{torch.device(device).type}|"
         self._model = None
-        self._aliased = False  # model parameters currently share storage with one of our buffers
+        self._owned = False  # the model has storage of its own (else it reads one of our buffers, or is on meta)
 
     def cached(self, key: str) -> dict | None:
-        return self.cache["scores"].get(self.prefix + key)
+        hit = self.cache["scores"].get(self.prefix + key)
+        return None if hit is None else dict(hit, cached=True)
 
     @property
     def model(self):
+        """cn_clip's CLIP built on the meta device: no memory and no init until weights are loaded."""
         if self._model is None:
-            self._model = build_model(self.config, self.device).eval().requires_grad_(False)
+            from cn_clip.clip.model import CLIP
+
+            with torch.device("meta"):
+                self._model = CLIP(**self.config.model_info).eval().requires_grad_(False)
+            self._owned = False
         return self._model
 
+    def release(self) -> None:
+        """Drop the model (and with it any reference to our buffers)."""
+        self._model, self._owned = None, False
+
     @torch.no_grad()
-    def _load(self, source: Source, rounding: bool) -> None:
+    def _load(self, source: Source) -> None:
         model = self.model
-        if isinstance(source, dict) and self.device.type == "cpu" and (not rounding or self.round_to == torch.float32):
+        if isinstance(source, dict) and self.device.type == "cpu" and self.round_to == torch.float32:
             model.load_state_dict(source, assign=True)  # no copy: the model reads our fp32 buffer
-            self._aliased = True
+            self._owned = False
             return
-        if self._aliased:  # give the model storage of its own before copying into it
-            model.load_state_dict({k: torch.empty_like(v) for k, v in model.state_dict().items()}, assign=True)
-            self._aliased = False
+        if not self._owned:
+            model.to_empty(device=self.device)
+            self._owned = True
         sd = weights_of(source)
         for k, p in model.state_dict().items():
             x = sd[k]
-            if rounding and self.round_to != torch.float32:
+            if self.round_to != torch.float32:
                 x = x.to(self.round_to)
             p.copy_(x)
         del sd
 
-    def score(self, key: str, source: Source, *, rounding: bool = True) -> dict:
+    def score(self, key: str, source: Source) -> dict:
         """Scores of ``source`` (rounded to the soup's dtype first, as it will be saved), cached by ``key``."""
         hit = self.cached(key)
         if hit is not None:
-            return dict(hit, cached=True)
+            return hit
         from .features import encode_images, encode_texts
         from .metrics import t2i_recall
 
-        self._load(source, rounding)
+        self._load(source)
         kw = dict(batch_size=self.batch_size, device=self.device, precision=self.precision,
                   progress=sys.stderr.isatty())
         image_ids, image_feats = encode_images(self.model, self.val.split, self.config, num_workers=self.num_workers, **kw)
@@ -222,7 +236,8 @@ class Souper:
         return mix([(t.source, w) for t, w in terms], buf if buf is not None else new_state(self.template))
 
     def save(self, path: Path, soup: Soup) -> Path:
-        state = cast_state(dict(weights_of(soup.source)), self.dtype)
+        """Write ``soup`` in the soup dtype; an in-memory state is converted in place (it is done with)."""
+        state = cast_state(soup.source if isinstance(soup.source, dict) else dict(weights_of(soup.source)), self.dtype)
         recipe = {"method": soup.method, "members": list(soup.members), "weights": list(soup.members.values()),
                   **soup.extra}
         if soup.score:
@@ -327,6 +342,8 @@ def log_row(method: str, rnd: int, members: dict, score: dict | None, kept: bool
            **{k: score.get(k) for k in ("r1", "r5", "r10", "mean_recall")}, "kept": bool(kept)}
     if score.get("report"):
         row["report"] = score["report"]
+    if score.get("cached"):
+        row["cached"] = True
     row.update(extra)
     log.info("%s round %d: %d members, mean recall %s%s -> %s", method, rnd, len(members),
              _fmt(score.get("mean_recall")), " (cached)" if score.get("cached") else "", "kept" if kept else "dropped")
@@ -454,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         base = inspect_checkpoint(Path(args.interpolate_with), cache["fingerprints"])
         check_compatible(base, ings[0], template, strict=False)
     config = ings[0].config
+    if len({json.dumps(i.config.tuning, sort_keys=True) for i in ings}) > 1:
+        log.info("ingredients were tuned differently (full, LoRA merged, frozen towers): the soup is plain weights")
+        config = dataclasses.replace(config, tuning={"mode": "full"})
     if args.dtype == "auto":
         dtypes = {i.dtype for i in ings}
         dtype = dtypes.pop() if len(dtypes) == 1 and None not in dtypes else torch.float32
@@ -470,9 +490,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         round_to=dtype)
     write_json(out / CACHE_NAME, cache, indent=None)
     rows = []
+    souper_dtype = str(dtype).replace("torch.", "")
     if scorer:
         for ing in ings + ([base] if base else []):
-            ing.score = scorer.score(ing.key, ing.path, rounding=False)
+            # scored as it would be saved in the soup dtype (a no-op unless --dtype narrows it)
+            ing.score = scorer.score(recipe_key([(ing.key, 1.0)], souper_dtype), ing.path)
             rows.append(log_row("ingredient" if ing is not base else "base", 0, {ing.path: 1.0}, ing.score, True,
                                 fingerprint=ing.fingerprint,
                                 duplicates=[d for d, o in duplicates.items() if o == ing.path]))
@@ -485,13 +507,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         soup = getattr(souper, method)(ings)
         if base is not None:
             soup = souper.interpolate(soup, base, alphas)
+        if scorer:
+            scorer.release()
         soup.source = str(souper.save(mdir / "soup.pt", soup))  # frees the in-memory weights
         results[method] = soup
-        write_json(mdir / SUMMARY_NAME, _summary(mdir, {method: soup}, ings, duplicates, args, dtype))
+        write_json(mdir / SUMMARY_NAME, _summary(mdir, {method: soup}, ings, duplicates, args, dtype, val))
     if len(methods) > 1:
         best = max(results.values(), key=lambda s: s.score["mean_recall"]) if scorer else results[methods[0]]
         _link(Path(best.source), out / "soup.pt")
-        write_json(out / SUMMARY_NAME, _summary(out, results, ings, duplicates, args, dtype))
+        write_json(out / SUMMARY_NAME, _summary(out, results, ings, duplicates, args, dtype, val))
     summary = json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
     for m, s in results.items():
         log.info("%-9s mean recall %s%s with %d members -> %s", m, _fmt((s.score or {}).get("mean_recall")),
@@ -523,7 +547,8 @@ def _gather(paths: Sequence[Path], fp_cache: dict) -> tuple[list[Ingredient], di
     return list(unique.values()), duplicates, template
 
 
-def _summary(folder: Path, results: dict, ings: list[Ingredient], duplicates: dict, args, dtype) -> dict:
+def _summary(folder: Path, results: dict, ings: list[Ingredient], duplicates: dict, args, dtype,
+             val: ValData | None) -> dict:
     scored = [i for i in ings if i.score]
     best_single = max(scored, key=lambda i: i.score["mean_recall"]) if scored else None
     best = max(results, key=lambda m: (results[m].score or {}).get("mean_recall", 0.0))
@@ -533,8 +558,9 @@ def _summary(folder: Path, results: dict, ings: list[Ingredient], duplicates: di
                       **s.extra, **_scores(s.score)} for m, s in results.items()},
         "best_single": {"path": best_single.path, **_scores(best_single.score)} if best_single else None,
         "ingredients": [{"path": i.path, "fingerprint": i.fingerprint, **_scores(i.score)} for i in ings],
-        "duplicates": duplicates, "select_split": args.select_split, "seed": args.seed,
-        "dtype": str(dtype).replace("torch.", ""),
+        "duplicates": duplicates, "dtype": str(dtype).replace("torch.", ""),
+        "selection": ({"fraction": args.select_split, "seed": args.seed, "select_text_ids": val.select,
+                       "report_text_ids": val.report} if val else None),
     }
 
 

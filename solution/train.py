@@ -30,7 +30,7 @@ from .common import SolutionError, append_jsonl, run_cli, setup_logging, write_j
 from .features import evaluate_split
 from .loop import StepConfig, Stepper, contrastive_eval, unwrap
 from .plots import plot_run
-from .train_args import default_optim, parse_args
+from .train_args import parse_args
 from .train_data import num_micro_batches, open_split, train_loader, val_loader
 from .train_setup import Dist, build, find_start, init_distributed, make_optimizer, make_scaler, make_scheduler, \
     model_config, wrap
@@ -89,7 +89,6 @@ class Trainer:
 
         self.start = find_start(a, self.files.latest)
         self.config = model_config(a, self.start)
-        default_optim(a)
         model = build(a, self.config, self.start)
         self.optimizer = make_optimizer(model, a)
         self.model = wrap(model, d, a)
@@ -213,7 +212,7 @@ class Trainer:
                 if self.d.main and (self.step % a.log_interval == 0 or self.step == a.max_steps):
                     row = {"step": self.step, "epoch": epoch + 1, "kind": "train", "loss": out["loss"], "lr": lr,
                            "logit_scale": out["logit_scale"], "pairs_per_s": out["pairs"] / dt,
-                           "data_time": t0 - t_data, "batch_time": dt}
+                           "data_time": t0 - t_data, "batch_time": dt, "time": time.time()}
                     if a.report_training_batch_acc:
                         row.update(acc_i2t=100 * out["acc_i2t"], acc_t2i=100 * out["acc_t2i"])
                     append_jsonl(self.files.metrics, row)

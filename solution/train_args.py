@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=PRECISIONS, default="amp",
                    help="amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16: bfloat16 autocast; fp32.")
     g.add_argument("--same-text-positives", action=argparse.BooleanOptionalAction, default=True,
-                   help="Texts with the same text_id in a global batch are positives of each other's images "
-                        "(soft targets), not negatives. On by default.")
+                   help="Pairs whose texts share a text_id in the global batch are not each other's negatives "
+                        "(left out of the softmax denominators). On by default.")
     g.add_argument("--early-stop-patience", type=int, default=None,
                    help="Stop when the main set's mean recall has not improved for N validations.")
     g.add_argument("--seed", type=int, default=123)

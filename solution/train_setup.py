@@ -26,6 +26,7 @@ from cn_clip_patch.prompt import PromptError, check_prompt
 from cn_clip_patch.tuning import DEFAULT_LORA_TARGETS, apply_tuning, trainable_summary, tuning_recipe
 
 from .common import SolutionError, resolve_device
+from .train_args import default_optim
 from .models import ModelConfig, build_model, load_weights, read_checkpoint, resolve_config
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def model_config(args, start: Start) -> ModelConfig:
     except PromptError as e:
         raise SolutionError(f"--text-prompt: {e}") from None
     args.vision_model, args.text_model = vision, text
+    default_optim(args)
     return config
 
 
@@ -178,7 +180,14 @@ def make_scheduler(optimizer, args, total_steps: int):
     warmup = args.warmup
     if warmup >= total_steps:
         log.warning("--warmup %d >= %d training steps: the learning rate never reaches its cosine phase", warmup, total_steps)
-    return cosine_lr(optimizer, args.lr, max(warmup, 0), total_steps)
+    adjust = cosine_lr(optimizer, args.lr, max(warmup, 0), total_steps)
+
+    def cosine(step):
+        lr = float(adjust(step))  # upstream computes a numpy float: keep checkpoints plain
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+    return cosine
 
 
 def make_scaler(args, device: torch.device):

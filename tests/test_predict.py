@@ -9,7 +9,7 @@ import pytest
 from cn_clip_patch.device import on_device
 from solution.common import SolutionError, read_jsonl
 from solution.features import save_features
-from solution.predict import auto_chunk, main
+from solution.predict import auto_chunk, main, rank
 
 
 def _unit(rng, n, d):
@@ -132,3 +132,31 @@ def test_bad_inputs(feats):
 def test_auto_chunk_bounds_memory():
     assert auto_chunk(29_806, 512) * 29_806 * 4 <= 512 * 2**20
     assert auto_chunk(10**9) == 1 and auto_chunk(10) == 8192
+
+
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+def test_bf16_prefilter_is_exact(scale):
+    rng = np.random.default_rng(5)
+    q, g = _unit(rng, 300, 64) * scale, _unit(rng, 2000, 64) * np.float32(scale)
+    g[100:140] = g[7]  # 41 identical rows: more tied rows than candidates, the certificate must fail there
+    q[:5] = g[7]
+    gids = np.arange(2000) * 3 + 11
+    ref, ref_s = rank(q, g, gids, 10, method="fp32")
+    stats = {}
+    got, got_s = rank(q, g, gids, 10, method="prefilter", chunk_size=64, stats=stats)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_allclose(got_s, ref_s, rtol=1e-6, atol=1e-6)
+    assert stats["method"] == "prefilter" and stats["prefilter_candidates"] == 32
+    assert 5 <= stats["fp32_redone"] < 300  # the tied queries, and not every query
+    assert got[0].tolist() == [int(gids[i]) for i in [7, *range(100, 109)]]
+    assert [r for r in got.tolist()] == _brute(q, g, gids, 10)
+
+
+def test_prefilter_in_cli_matches_fp32(feats):
+    d = feats[0]
+    for method in ("prefilter", "fp32"):
+        r = main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output",
+                  str(d / f"{method}.jsonl"), "--method", method])
+        assert r["ranking"]["method"] == method
+    assert (d / "prefilter.jsonl").read_bytes() == (d / "fp32.jsonl").read_bytes()
+    assert json.loads((d / "prefilter.json").read_text())["ranking"]["method"] == "prefilter"

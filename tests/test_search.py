@@ -28,6 +28,7 @@ from solution import search
 from solution.common import SolutionError, append_jsonl
 from solution.lmdb_io import write_split
 from solution.search_config import flags_to_argv, load_config, parse_config, trial_flags
+from solution.soup_weights import study_checkpoints
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def fake_train(tmp_path, monkeypatch):
 
 
 def fake_config(tmp_path, **study) -> dict:
-    return {"name": "s", "out": str(tmp_path / "out"), "n_trials": 3, "plots": "end",
+    return {"name": "s", "out": str(tmp_path / "out"), "n_trials": 3, "plots": False,
             "pruner": {"name": "median", "n_startup_trials": 1}, "sampler": {"name": "random", "seed": 0},
             "base": {"max-steps": 4, "valid-step-interval": 1},
             "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -124,29 +125,49 @@ def test_flags_from_base_and_params():
     ({"space": {"wd": {"type": "int", "low": 1, "high": 3, "only_if": "lr"}}}, "not in the space"),
     ({"pruner": "sometimes"}, "pruner must be"),
     ({"bogus": 1}, "unknown keys"),
+    ({"space": {"tuning": {"choices": ["a"], "sets": {"b": {"freeze-vision": True}}}}}, "not a choice"),
 ])
 def test_bad_config_is_one_clear_error(raw, message):
     with pytest.raises(SolutionError, match=message):
         parse_config(raw)
 
 
-def test_shipped_configs_parse():
+def test_shipped_configs_parse_and_the_trainer_accepts_their_trials():
+    from solution.train_args import parse_args
+
     for name in ("demo-cpu", "vit-b-16-gpu", "vit-h-14-gpu"):
         cfg = load_config(ROOT / "configs" / "search" / f"{name}.yaml")
         assert {"lr", "wd", "warmup", "batch-size"} <= set(cfg.space), name
         assert cfg.direction == "maximize" and cfg.n_trials > 0
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for params in cfg.enqueue:
+            study.enqueue_trial(params)
+        modes = set()
+        for _ in range(12):  # every sampled trial is a valid train_clip.sh command line
+            t = study.ask()
+            args = parse_args(flags_to_argv({**trial_flags(cfg, search.suggest_params(t, cfg.space)),
+                                             "logs": "/tmp/x", "name": "t"}))
+            study.tell(t, 0.0)
+            modes.add((args.lora_rank > 0, args.freeze_vision, args.freeze_text))
+            assert args.lr == t.params["lr"] and args.batch_size == t.params["batch-size"]
+        assert len(modes) >= 3, (name, modes)  # full, LoRA and frozen towers all get tried
     big = load_config(ROOT / "configs" / "search" / "vit-b-16-gpu.yaml").space
     assert (big["lr"].low, big["lr"].high, big["lr"].log) == (1e-6, 1e-4, True)
     assert (big["batch-size"].low, big["batch-size"].high) == (16, 360)
     assert None in big["text-prompt"].choices
+    demo = load_config(ROOT / "configs" / "search" / "demo-cpu.yaml", ["device=cuda:1", "resume=", "max-steps=7"])
+    argv = flags_to_argv(trial_flags(demo, demo.enqueue[0]))  # trial 0 of the demo: the default fine-tune
+    assert "--resume" not in argv and argv[argv.index("--device") + 1] == "cuda:1"
+    assert argv[argv.index("--max-steps") + 1] == "7" and "--lora-rank" not in argv and "--freeze-vision" not in argv
 
 
 # ---------------------------------------------------------------- the machinery, stand-in trainer
 
 
+@pytest.mark.filterwarnings("ignore:Fixed parameter")
 def test_search_records_prunes_and_survives_failures(tmp_path, fake_train):
     main, _ = fake_train
-    raw = fake_config(tmp_path, n_trials=4, enqueue=[{"lr": 1e-2, "freeze-vision": True},  # learns: complete
+    raw = fake_config(tmp_path, n_trials=4, plots="end", enqueue=[{"lr": 1e-2, "freeze-vision": True},  # learns: complete
                                                       {"lr": 1e-4, "freeze-vision": False},  # slow: pruned
                                                       {"lr": 0.9, "freeze-vision": False}])  # raises "OOM"
     cfg = parse_config(raw)
@@ -171,7 +192,7 @@ def test_search_records_prunes_and_survives_failures(tmp_path, fake_train):
     assert best_cfg["lr"] == pytest.approx(best["params"]["lr"]) and best_cfg["name"] == "s-best"
     for png in ("history", "intermediate", "parallel_coordinate"):
         assert (tmp_path / "out" / "s" / f"{png}.png").stat().st_size > 1000, png
-    assert search.top_checkpoints(tmp_path / "out" / "s", 1) == [Path(best["run_dir"]) / "checkpoints" / "best.pt"]
+    assert study_checkpoints(tmp_path / "out" / "s", 1) == [Path(best["run_dir"]) / "checkpoints" / "best.pt"]
 
 
 def test_argparse_exit_and_nan_are_failures_not_crashes(tmp_path, fake_train):
@@ -200,16 +221,17 @@ def test_resume_counts_toward_total_and_recovers_dead_worker(tmp_path, fake_trai
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     t = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
-    for k, v in (("host", os.uname().nodename), ("pid", dead.pid), ("pid_started", None)):
-        t.set_user_attr(k, v)
+    t.set_user_attr("worker", {"host": search.worker_info()["host"], "pid": dead.pid, "started": None})
+    study.ask()  # a trial killed before it got its worker attribute: not counted, left alone
     cfg.n_trials = 3
     summary = search.run_search(cfg, train_main=main)
     trials = optuna.load_study(study_name="s", storage=search.make_storage(cfg)).trials
-    assert [tr.number for tr in trials] == [0, 1, 2, 3]  # grew; nothing restarted
+    assert [tr.number for tr in trials] == [0, 1, 2, 3, 4]  # grew; nothing restarted
     assert trials[2].state.name == "FAIL" and trials[2].user_attrs["interrupted"]
-    assert trials[3].user_attrs["retry_of"] == 2 and trials[3].params["lr"] == t.params["lr"]
+    assert trials[3].state.name == "RUNNING"
+    assert trials[4].user_attrs["retry_of"] == 2 and trials[4].params["lr"] == t.params["lr"]
     assert summary["complete"] == 3
-    assert search.run_search(cfg, train_main=main)["n_trials"] == 4  # target met: nothing more runs
+    assert search.run_search(cfg, train_main=main)["n_trials"] == 5  # target met: nothing more runs
 
 
 def test_subprocess_mode_tails_metrics_and_kills_pruned_child(tmp_path, fake_train):
@@ -225,3 +247,180 @@ def test_subprocess_mode_tails_metrics_and_kills_pruned_child(tmp_path, fake_tra
     pruned_lines = (Path(df.loc[1, "run_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert len(pruned_lines) < 2 * 40  # the child was stopped early
     assert time.time() - t0 < 30
+
+
+def test_two_cli_workers_share_a_journal_study(tmp_path, fake_train):
+    """Journal storage (many machines, NFS) with subprocess trials: two CLI workers, one study."""
+    _, script = fake_train
+    raw = fake_config(tmp_path, n_trials=6, mode="subprocess", launcher=[sys.executable, str(script)],
+                      pruner="none", sampler={"name": "random"}, storage=f"journal:{tmp_path / 'shared' / 'j.log'}",
+                      base={"max-steps": 3, "valid-step-interval": 1, "sleep": 0.2})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml")]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outs[0][1].decode()[-2000:]
+    storage = search.make_storage(parse_config(raw))
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.number for t in trials] == list(range(len(trials))) and 6 <= len(trials) <= 7
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
+    assert len({t.user_attrs["run_dir"] for t in trials}) == len(trials)
+
+
+def test_sigterm_stops_the_child_and_requeues_the_trial(tmp_path, fake_train):
+    _, script = fake_train
+    raw = fake_config(tmp_path, n_trials=2, mode="subprocess", launcher=[sys.executable, str(script)],
+                      pruner="none", base={"max-steps": 40, "valid-step-interval": 1, "sleep": 0.25})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    metrics = tmp_path / "out" / "s" / "trials" / "0000" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while not (metrics.is_file() and metrics.stat().st_size):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    size = metrics.stat().st_size
+    time.sleep(0.8)
+    assert metrics.stat().st_size == size  # the child was stopped with its parent
+    t0, t1 = optuna.load_study(study_name="s", storage=search.make_storage(parse_config(raw))).trials
+    assert t0.state.name == "FAIL" and t0.user_attrs["interrupted"]
+    assert t1.state.name == "WAITING" and t1.user_attrs["retry_of"] == 0
+    raw["base"]["sleep"] = 0.0
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    trials = optuna.load_study(study_name="s", storage=search.make_storage(parse_config(raw))).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == t0.params
+
+
+# ---------------------------------------------------------------- acceptance: the real trainer
+
+COLOURS = [("红色", (220, 30, 30)), ("绿色", (30, 180, 40)), ("蓝色", (30, 60, 220)), ("黄色", (240, 220, 30)),
+           ("紫色", (140, 40, 170)), ("青色", (30, 200, 200)), ("黑色", (10, 10, 10)), ("白色", (245, 245, 245))]
+TINY = {"vision-model": "ViT-Tiny", "text-model": "RBT-Tiny", "context-length": 16, "valid-batch-size": 32,
+        "num-workers": 0, "valid-num-workers": 0, "precision": "fp32", "device": "cpu", "no-progress": True,
+        "no-plot": True, "valid-epoch-interval": 0, "save-epoch-frequency": 0, "log-interval": 2}
+
+
+def _squares(split_dir: Path, per_colour: int, first_id: int, text_base: int, seed: int) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    images, pairs = [], []
+    for c, (name, rgb) in enumerate(COLOURS):
+        for _ in range(per_colour):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in rgb)).save(buf, "PNG")
+            images.append((first_id, base64.urlsafe_b64encode(buf.getvalue())))
+            pairs.append((first_id, text_base + c, f"一个{name}的方块"))
+            first_id += 1
+    rng.shuffle(pairs)
+    write_split(split_dir, images, pairs)
+    return split_dir
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    """Coloured squares with colour-name texts, and a base model trained on them (the demo's 'pretrained')."""
+    from solution import train
+
+    root = tmp_path_factory.mktemp("squares")
+    tr = _squares(root / "train", 6, 1000, 0, seed=1)
+    va = _squares(root / "valid", 3, 5000, 100, seed=2)
+    base = train.main(flags_to_argv({**TINY, "train-data": tr, "val-data": va, "logs": root / "runs", "name": "base",
+                                     "batch-size": 16, "max-steps": 16, "valid-step-interval": 16, "lr": 3e-3,
+                                     "warmup": 2}))
+    assert base["best"]["mean_recall"] > 50, base["best"]  # it learned: fine-tunes have something to keep
+    return tr, va, Path(base["best_checkpoint"]), base["best"]["mean_recall"]
+
+
+def real_config(squares, out: Path, **study) -> dict:
+    tr, va, base, _ = squares
+    return {"name": "real", "out": str(out), "n_trials": 3, "plots": "end", "sampler": {"name": "random"},
+            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+            "base": {**TINY, "train-data": str(tr), "val-data": str(va), "resume": str(base), "reset-optimizer": True,
+                     "reset-data-offset": True, "batch-size": 16, "max-steps": 4, "valid-step-interval": 2,
+                     "warmup": 0},
+            "space": {"lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                      "wd": {"type": "float", "low": 0.001, "high": 0.1, "log": True},
+                      "batch-size": [16, 4096]},
+            **study}
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter")  # the diverging lr lies outside the sampled range
+def test_real_search_completes_prunes_diverging_lr_and_survives_a_raising_trial(tmp_path, squares):
+    base_recall = squares[3]
+    raw = real_config(squares, tmp_path, enqueue=[
+        {"lr": 1e-4, "wd": 0.01, "batch-size": 16},    # a sane fine-tune: keeps the base's recall
+        {"lr": 0.05, "wd": 0.01, "batch-size": 16},    # diverges: far below the median at the first validation
+        {"lr": 1e-4, "wd": 0.01, "batch-size": 4096},  # the trainer raises: batch larger than the data
+    ])
+    summary = search.run_search(parse_config(raw))
+    assert (summary["n_trials"], summary["complete"], summary["pruned"], summary["fail"]) == (3, 1, 1, 1), summary
+    df = pd.read_csv(tmp_path / "real" / "trials.csv")
+    assert list(df["state"]) == ["COMPLETE", "PRUNED", "FAIL"]
+    assert df.loc[0, "value"] >= base_recall - 10
+    assert df.loc[1, "pruned_at"] == 2 and df.loc[1, "value"] < df.loc[0, "value"]
+    assert "larger than" in df.loc[2, "fail_reason"]
+    run0 = Path(df.loc[0, "run_dir"])
+    valid = [r for r in map(json.loads, (run0 / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "valid"]
+    assert [r["step"] for r in valid] == [2, 4] and max(r["mean_recall"] for r in valid) == df.loc[0, "value"]
+    assert (run0 / "checkpoints" / "best.pt").is_file()
+    command = (tmp_path / "real" / "best_command.sh").read_text()
+    assert f"--resume {squares[2]}" in command and "--lr 0.0001" in command and "--name real-best" in command
+    assert study_checkpoints(tmp_path / "real", 3) == [run0 / "checkpoints" / "best.pt"]  # model_soup --from-study
+    assert (tmp_path / "real" / "history.png").stat().st_size > 1000
+
+
+def _csv_states(path: Path) -> list[str]:
+    try:
+        return list(pd.read_csv(path)["state"])
+    except (FileNotFoundError, pd.errors.EmptyDataError, KeyError):
+        return []
+
+
+def test_cli_resumes_after_kill_and_two_workers_share_the_study(tmp_path, squares):
+    raw = real_config(squares, tmp_path, n_trials=3, pruner="none")
+    raw["space"]["batch-size"] = [16]
+    cfg_path = tmp_path / "search.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    cmd = [sys.executable, "-m", "solution.search", "--config", str(cfg_path), "--no-plots"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "first.log", "w"), env=env)
+    deadline = time.time() + 150
+    while "COMPLETE" not in _csv_states(tmp_path / "real" / "trials.csv"):
+        assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-2000:]
+        time.sleep(0.3)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    storage = f"sqlite:///{tmp_path / 'real' / 'study.db'}"
+    before = optuna.load_study(study_name="real", storage=storage).trials
+    assert before[0].state.name == "COMPLETE"
+
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / f"w{i}.log", "w"), env=env)
+               for i in range(2)]
+    for i, w in enumerate(workers):
+        out, _ = w.communicate(timeout=240)
+        assert w.returncode == 0, (tmp_path / f"w{i}.log").read_text()[-2000:]
+        assert json.loads(out.decode().strip().splitlines()[-1])["study"] == "real"
+
+    trials = optuna.load_study(study_name="real", storage=storage).trials
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(numbers)))  # no duplicated trial numbers
+    assert trials[0].datetime_start == before[0].datetime_start and trials[0].value == before[0].value  # kept
+    started = [t for t in trials if "worker" in t.user_attrs]  # (a kill at birth leaves a bare RUNNING trial)
+    real = [t for t in started if not t.user_attrs.get("interrupted")]
+    assert all(t.state.name == "COMPLETE" for t in real)
+    assert 3 <= len(real) <= 4  # the target; a race between two workers may add at most one
+    assert len({t.user_attrs["run_dir"] for t in started}) == len(started)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials[len(before):]}) == 2  # both workers ran trials
+    assert all(t.state.name == "FAIL" for t in trials if t.user_attrs.get("interrupted"))
+    for t in real:
+        lines = (Path(t.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "valid"] == [2, 4]
+    df = pd.read_csv(tmp_path / "real" / "trials.csv")
+    assert len(df) == len(trials)

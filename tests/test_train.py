@@ -1,5 +1,6 @@
 """Trainer end to end on tiny coloured-square LMDBs: tuning modes, checkpoints, prompt, resume."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def initial_recall(data):
     torch.manual_seed(SEED)  # the trainer seeds the same way before building
     config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16)
     model = build_model(config)
-    return evaluate_split(model, data[1], config)["mean_recall"], {k: v.clone() for k, v in model.state_dict().items()}
+    return evaluate_split(model, data[1], config)["mean_recall"], model.state_dict()
 
 
 def _rows(run_dir, kind=None):
@@ -32,8 +33,36 @@ def _rows(run_dir, kind=None):
     return [r for r in rows if kind is None or r["kind"] == kind]
 
 
+@pytest.fixture(scope="module")
+def stage1(data, initial_recall, tmp_path_factory):
+    """Full fine-tuning from random weights (stage 1); the other modes continue from it."""
+    logs = tmp_path_factory.mktemp("logs")
+    out = main(tiny_argv(*data, logs, name="full", max_steps=16, lr="3e-3", warmup=1, valid_epoch_interval=2))
+    return out
+
+
+def _check_run(out, n_steps):
+    run = out["run_dir"]
+    losses = [r["loss"] for r in _rows(run, "train")]
+    assert len(losses) == n_steps and sum(losses[-4:]) < sum(losses[:4])
+    valid_rows = _rows(run, "valid")
+    assert {"r1", "r5", "r10", "mean_recall", "val_loss", "val_acc_i2t", "set"} <= set(valid_rows[-1])
+    assert all(r["logit_scale"] <= 100.0 + 1e-4 for r in _rows(run, "train"))
+    ckpts = {p.name for p in (Path(run) / "checkpoints").iterdir()}
+    assert {"epoch_latest.pt", "best.pt", "epoch_1.pt"} <= ckpts
+    assert json.loads((Path(run) / "params.json").read_text())["max_steps"] == n_steps
+
+
+def test_full_fine_tuning_improves_recall(stage1, initial_recall):
+    _check_run(stage1, 16)
+    assert stage1["best"]["mean_recall"] > initial_recall[0]
+    model, config, ckpt = load_model(stage1["last_checkpoint"])
+    assert all(k.startswith("module.") for k in ckpt["state_dict"]) and config.tuning["mode"] == "full"
+    assert set(ckpt) >= {"epoch", "step", "name", "state_dict", "config", "optimizer", "train_state"}
+    assert "optimizer" not in read_checkpoint(Path(stage1["run_dir"]) / "checkpoints" / "epoch_1.pt")
+
+
 MODES = {
-    "full": {},
     "lora": {"lora_rank": 8, "lr": "1e-2"},
     "freeze_vision": {"freeze_vision": True},
     "freeze_text": {"freeze_text": True},
@@ -41,23 +70,18 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_each_mode_trains_and_improves_recall(data, initial_recall, tmp_path, mode):
+def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
+    """Each tuning mode, continuing from stage 1 (a progressive fine-tune), beats its starting model."""
     train, valid = data
-    flags = {"max_steps": 16, "lr": "5e-3", **MODES[mode]}
+    start_model, start_config, _ = load_model(stage1["last_checkpoint"])
+    start_recall = evaluate_split(start_model, valid, start_config)["mean_recall"]
+    init_sd = start_model.state_dict()
+    flags = {"max_steps": 12, "lr": "3e-3", "warmup": 1, "valid_epoch_interval": 2, "resume": stage1["last_checkpoint"],
+             "reset_data_offset": True, "reset_optimizer": True, **MODES[mode]}
     out = main(tiny_argv(train, valid, tmp_path, name=mode, **flags))
-    run = out["run_dir"]
-    base_recall, init_sd = initial_recall
-    assert out["best"]["mean_recall"] > base_recall, (mode, out["best"], base_recall)
-    losses = [r["loss"] for r in _rows(run, "train")]
-    assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4])
-    valid_rows = _rows(run, "valid")
-    assert {"r1", "r5", "r10", "mean_recall", "val_loss", "val_acc_i2t"} <= set(valid_rows[-1])
-    assert all(r["logit_scale"] <= 100.0 + 1e-4 for r in _rows(run, "train"))
-    ckpts = {p.name for p in (tmp_path / mode / "checkpoints").iterdir()}
-    assert {"epoch_latest.pt", "best.pt", "epoch_1.pt"} <= ckpts
-    # every checkpoint loads into a plain cn_clip CLIP (LoRA merged) with its config
+    _check_run(out, 12)
+    assert out["best"]["mean_recall"] > start_recall, (mode, out["best"], start_recall)
     model, config, ckpt = load_model(out["last_checkpoint"])
-    assert all(k.startswith("module.") for k in ckpt["state_dict"])
     assert config.tuning["mode"] == ("lora" if mode == "lora" else "full")
     sd = model.state_dict()
     if mode == "freeze_vision":
@@ -67,7 +91,7 @@ def test_each_mode_trains_and_improves_recall(data, initial_recall, tmp_path, mo
         assert all(torch.equal(sd[k], init_sd[k]) for k in sd if k.startswith(("bert.", "text_projection")))
         assert not all(torch.equal(sd[k], init_sd[k]) for k in sd if k.startswith("visual."))
     if mode == "lora":
-        assert config.tuning["merged"] is True
+        assert config.tuning["merged"] is True and config.tuning["lora"]["rank"] == 8
         assert (tmp_path / mode / "adapters" / "epoch_latest.pt").is_file()
         # the adapted model (rebuilt from the resumable state) == the merged plain checkpoint
         adapted = build_model(config)
@@ -77,13 +101,13 @@ def test_each_mode_trains_and_improves_recall(data, initial_recall, tmp_path, mo
         model.eval()
         g = torch.Generator().manual_seed(0)
         images = torch.randn(4, 3, 64, 64, generator=g)
-        tokens = torch.tensor([[101, 671, 702, 5273, 5682, 4638, 3175, 1779, 102]] * 4)
+        tokens = torch.tensor([[101, 5273, 5682, 102]] * 4)
         with torch.no_grad():
             a, b = adapted(images, tokens), model(images, tokens)
         torch.testing.assert_close(a[0], b[0], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(a[1], b[1], atol=2e-5, rtol=1e-4)
-        assert not torch.equal(sd["bert.encoder.layer.0.attention.self.query.weight"],
-                               init_sd["bert.encoder.layer.0.attention.self.query.weight"])
+        key = "bert.encoder.layer.0.attention.self.query.weight"
+        assert not torch.equal(sd[key], init_sd[key])  # the merged adapters changed the plain weights
 
 
 def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, monkeypatch):
@@ -119,7 +143,7 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
     plain = ModelConfig.from_dict({**config.to_dict(), "text_prompt": ""})
     with_prompt = encode_texts(model, ["一个红色的方块"], config)
     without = encode_texts(model, ["一个红色的方块"], plain)
-    assert abs(float((with_prompt * without).sum())) < 0.9999
+    assert abs(with_prompt - without).max() > 1e-4  # features pick the stored prompt up
 
 
 def test_resume_after_crash_gives_identical_weights(data, tmp_path):
@@ -139,7 +163,7 @@ def test_resume_after_crash_gives_identical_weights(data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         main(argv, on_validation=crash)
     latest = read_checkpoint(tmp_path / "crash" / "checkpoints" / "epoch_latest.pt")
-    assert latest["step"] == 3  # the step-6 save had not happened yet
+    assert latest["step"] < 6  # the step-6 save had not happened yet
     out = main(argv)  # the same command again: resumes from epoch_latest.pt
     a = read_checkpoint(ref["last_checkpoint"])
     b = read_checkpoint(out["last_checkpoint"])

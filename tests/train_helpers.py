@@ -31,7 +31,7 @@ def make_split(split_dir: Path, *, per_colour: int, colours: int = 8, seed: int 
     for c, (name, rgb) in enumerate(COLOURS[:colours]):
         for _ in range(per_colour):
             images.append((image_id, _png(rgb, rng)))
-            pairs.append((image_id, text_id_base + c, f"一个{name}的方块"))
+            pairs.append((image_id, text_id_base + c, name))
             image_id += 1
     rng.shuffle(pairs)
     write_split(split_dir, images, pairs)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Fine-tune Chinese-CLIP: full, LoRA (--lora-rank) or frozen towers (--freeze-vision/--freeze-text),
+# with recall validation, checkpoints and exact resume. Accepts cn_clip's training flags
+# (--train-data --val-data --batch-size --lr --max-epochs --resume ...) and --config FILE.yaml.
+# All flags: bash Chinese-CLIP/train_clip.sh --help
+#
+# One process (CPU or one GPU):
+#   bash Chinese-CLIP/train_clip.sh --config configs/train/demo_tiny.yaml
+# Many GPUs / CPU processes: run the same module under torchrun (NCCL on GPU, gloo on CPU);
+# --batch-size is per process, so the global batch is batch-size x processes:
+#   torchrun --nproc_per_node 8 -m solution.train --config my.yaml
+#   torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 -m solution.train ...
+# Re-running the same command after a crash or kill resumes from {logs}/{name}/checkpoints/epoch_latest.pt.
+set -euo pipefail
+exec python -m solution.train "$@"

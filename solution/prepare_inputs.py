@@ -1,0 +1,198 @@
+"""Reading the three input formats of ``solution.prepare`` into texts + image sources, and
+``--make-valid``'s query-disjoint split. No image is touched here.
+
+1. MUGE / Tianchi: ``DIR/{split}_imgs.tsv`` + ``DIR/{split}_texts.jsonl`` (:func:`read_muge`).
+2. A CSV/TSV with ``text,image_path[,text_id,image_id,split]`` and
+3. a folder of images + captions JSON lines ``{image, text[, text_id, image_id, split]}``
+   (both :func:`read_table`).
+
+Problems with texts (malformed, empty, duplicate ``text_id``) are collected in
+``SplitInput.problems`` for the report, never raised; a file that yields no valid text at all,
+or lacks the needed columns, is a :class:`SolutionError`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .common import SolutionError
+
+TEXT_REASONS = {"no_images": "none of its images survived cleaning", "duplicate_text_id": "text_id seen before",
+                "malformed": "not a valid text record", "empty_text": "the text is empty"}
+
+
+@dataclass
+class Text:
+    text_id: int
+    text: str
+    image_ids: list[int] | None  # None: unlabelled (test queries without image_ids, or [])
+
+
+@dataclass
+class SplitInput:
+    name: str
+    texts: list[Text]
+    tsv: Path | None = None                       # format 1
+    files: list[tuple[int, str]] | None = None    # formats 2/3: (image_id, path)
+    problems: list[dict] = field(default_factory=list)  # texts refused while reading
+
+
+# ---------------------------------------------------------------- reading inputs
+
+
+def _as_text(obj, where: str, split: SplitInput, seen: set[int]) -> Text | None:
+    def bad(reason, detail):
+        split.problems.append({"where": where, "text_id": obj.get("text_id") if isinstance(obj, dict) else None,
+                               "reason": reason, "detail": detail})
+
+    if not isinstance(obj, dict) or "text_id" not in obj or "text" not in obj:
+        return bad("malformed", "needs text_id and text")
+    try:
+        text_id = int(obj["text_id"])
+        image_ids = [int(i) for i in obj.get("image_ids") or ()] or None  # none / []: unlabelled
+    except (TypeError, ValueError):
+        return bad("malformed", "text_id and image_ids must be integers")
+    text = str(obj["text"]).strip()
+    if not text:
+        return bad("empty_text", TEXT_REASONS["empty_text"])
+    if text_id in seen:
+        return bad("duplicate_text_id", "text_id seen before in this split; the first one wins")
+    seen.add(text_id)
+    return Text(text_id, text, image_ids)
+
+
+def read_muge(data_dir: Path, name: str) -> SplitInput:
+    tsv, texts_path = data_dir / f"{name}_imgs.tsv", data_dir / f"{name}_texts.jsonl"
+    for p in (tsv, texts_path):
+        if not p.is_file():
+            raise SolutionError(f"{p} not found: --data-dir needs MUGE files {name}_imgs.tsv and {name}_texts.jsonl "
+                                f"(or give --csv FILE, or --images-dir DIR --captions FILE)")
+    split, seen = SplitInput(name, [], tsv=tsv), set()
+    with open(texts_path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                split.problems.append({"where": f"{texts_path.name}:{lineno}", "text_id": None,
+                                       "reason": "malformed", "detail": f"not JSON ({e.msg})"})
+                continue
+            t = _as_text(obj, f"{texts_path.name}:{lineno}", split, seen)
+            if t:
+                split.texts.append(t)
+    if not split.texts and split.problems:
+        raise SolutionError(f"{texts_path}: no valid text record (first problem: {split.problems[0]['detail']})")
+    return split
+
+
+_IMAGE_KEYS = ("image_path", "image", "path", "file", "file_name", "filename", "img")
+_TEXT_KEYS = ("text", "caption", "query")
+
+
+def _pick(row: dict, keys: Sequence[str]):
+    for k in keys:
+        if row.get(k) not in (None, ""):
+            return row[k]
+    return None
+
+
+def _read_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    if path.suffix.lower() in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{path.name}:{lineno}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise SolutionError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        return
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        cols = [c.strip() for c in reader.fieldnames or []]
+        if not any(c in cols for c in _TEXT_KEYS) or not any(c in cols for c in _IMAGE_KEYS):
+            raise SolutionError(f"{path}: needs columns text and image_path (found: {', '.join(cols) or 'none'})")
+        for lineno, row in enumerate(reader, 2):
+            yield f"{path.name}:{lineno}", {k.strip(): v for k, v in row.items() if k}
+
+
+def read_table(table: str, splits: Sequence[str], base_dir: Path | None) -> dict[str, SplitInput]:
+    """Formats 2 and 3: rows of (text, image path[, ids, split]) -> one SplitInput per split.
+
+    Rows with the same ``text_id`` (or, without one, the same text) in a split form one query.
+    Missing ids are assigned above the largest given one: one id per distinct image file.
+    """
+    files = [(s, Path(table.replace("{split}", s))) for s in splits] if "{split}" in table else [(None, Path(table))]
+    out: dict[str, SplitInput] = {}
+    rows: list[tuple[str, str, str, int | None, int | None]] = []  # split, text, path, text_id, image_id
+    for fixed_split, path in files:
+        if not path.is_file():
+            raise SolutionError(f"{path} not found")
+        root = base_dir or path.parent
+        for where, row in _read_rows(path):
+            name = fixed_split or str(row.get("split") or splits[0]).strip()
+            split = out.setdefault(name, SplitInput(name, [], files=[]))
+            text, rel = _pick(row, _TEXT_KEYS), _pick(row, _IMAGE_KEYS)
+            if text is None or rel is None or not str(text).strip():
+                split.problems.append({"where": where, "text_id": row.get("text_id"), "reason": "malformed",
+                                       "detail": "needs a non-empty text and an image path"})
+                continue
+            try:
+                tid = None if row.get("text_id") in (None, "") else int(row["text_id"])
+                iid = None if row.get("image_id") in (None, "") else int(row["image_id"])
+            except (TypeError, ValueError):
+                split.problems.append({"where": where, "text_id": row.get("text_id"), "reason": "malformed",
+                                       "detail": "image_id and text_id must be integers"})
+                continue
+            rows.append((name, str(text).strip(), str((root / str(rel)).resolve()), tid, iid))
+
+    next_image = max([r[4] for r in rows if r[4] is not None], default=0) + 1
+    next_text = max([r[3] for r in rows if r[3] is not None], default=0) + 1
+    path_ids: dict[str, int] = {}
+    groups: dict[str, dict[tuple, dict]] = {}
+    seen_files: set[tuple[str, int, str]] = set()
+    for name, text, path, tid, iid in rows:
+        if iid is None:
+            if path not in path_ids:
+                path_ids[path], next_image = next_image, next_image + 1
+            iid = path_ids[path]
+        g = groups.setdefault(name, {}).setdefault(("id", tid) if tid is not None else ("text", text),
+                                                   {"text_id": tid, "text": text, "image_ids": []})
+        if iid not in g["image_ids"]:
+            g["image_ids"].append(iid)
+        if (name, iid, path) not in seen_files:
+            seen_files.add((name, iid, path))
+            out[name].files.append((iid, path))
+    for name, gs in groups.items():
+        seen: set[int] = set()
+        for g in gs.values():
+            if g["text_id"] is None:
+                g["text_id"], next_text = next_text, next_text + 1
+            t = _as_text(g, f"text {g['text']!r}", out[name], seen)
+            if t:
+                out[name].texts.append(t)
+    return out
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def split_off_valid(texts: list[Text], fraction: float, seed: int) -> tuple[list[Text], list[Text]]:
+    """Split labelled texts so no query text (case/space-normalised) is in both parts."""
+    import numpy as np
+    from sklearn.model_selection import GroupShuffleSplit
+
+    if not 0.0 < fraction < 1.0:
+        raise SolutionError(f"--make-valid takes a fraction between 0 and 1, got {fraction}")
+    labelled = [t for t in texts if t.image_ids]
+    groups = ["".join(t.text.lower().split()) for t in labelled]
+    if len(set(groups)) < 2:
+        raise SolutionError("--make-valid needs at least two distinct labelled queries")
+    gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    train_idx, valid_idx = next(gss.split(np.zeros(len(labelled)), groups=groups))
+    valid = [labelled[i] for i in sorted(valid_idx)]
+    valid_ids = {t.text_id for t in valid}
+    return [t for t in texts if t.text_id not in valid_ids], valid

@@ -1,0 +1,154 @@
+"""solution.compare: one table (and a PNG) over training runs, soups and search studies."""
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from solution import compare
+from solution.common import SolutionError, write_json, write_jsonl
+
+
+def _run(path, scores, lr, extra_general=None, batch_size=32):
+    """A run dir: train lines, main-set valid lines at steps 10, 20, ... and params.json."""
+    rows = []
+    for i, mr in enumerate(scores, 1):
+        rows.append({"step": 10 * i - 5, "epoch": i, "kind": "train", "loss": 1.0 / i})
+        rows.append({"step": 10 * i, "epoch": i, "kind": "valid", "set": "valid", "r1": mr - 5, "r5": mr,
+                     "r10": mr + 5, "mean_recall": mr})
+        if extra_general is not None:
+            rows.append({"step": 10 * i, "epoch": i, "kind": "valid", "set": "general", "mean_recall": extra_general})
+    write_jsonl(path / "metrics.jsonl", rows)
+    write_json(path / "params.json", {"lr": lr, "batch_size": batch_size, "logs": str(path.parent), "name": path.name,
+                                      "model_config": {"vision_model": "ViT-Tiny"}})
+    (path / "checkpoints").mkdir()
+    return path
+
+
+def _soup(path, with_summary=True):
+    ing = [("a.pt", 40.0), ("b.pt", 38.0), ("c.pt", 30.0)]
+    rows = [{"method": "ingredient", "round": 0, "members": [p], "weights": [1.0], "r1": s, "r5": s, "r10": s,
+             "mean_recall": s, "kept": True} for p, s in ing]
+    rows += [
+        {"method": "greedy", "round": 0, "members": ["a.pt"], "weights": [1.0], "mean_recall": 40.0, "kept": True},
+        {"method": "greedy", "round": 1, "members": ["a.pt", "b.pt"], "weights": [0.5, 0.5], "r1": 40.0, "r5": 45.0,
+         "r10": 50.0, "mean_recall": 45.0, "kept": True, "report": {"mean_recall": 43.0}},
+        {"method": "greedy", "round": 2, "members": ["a.pt", "b.pt", "c.pt"], "weights": [1 / 3] * 3,
+         "mean_recall": 41.0, "kept": False},
+    ]
+    write_jsonl(path / "soup_log.jsonl", rows)
+    if with_summary:
+        write_json(path / "summary.json", {"soup": str(path / "soup.pt"), "method": "greedy", "soups": {"greedy": {
+            "members": ["a.pt", "b.pt"], "weights": [0.5, 0.5], "r1": 40.0, "r5": 45.0, "r10": 50.0,
+            "mean_recall": 45.0, "report": {"mean_recall": 43.0}}}})
+    return path
+
+
+def _study(path):
+    trial0 = _run((path / "trials" / "0000").resolve(), [20.0, 35.0], lr=1e-4)
+    (path / "trials.csv").write_text(
+        "number,state,value,run_dir,params_lr\n"
+        f"0,COMPLETE,35.0,{trial0},0.0001\n"
+        f"1,COMPLETE,33.5,{path / 'trials' / '0001'},0.001\n"
+        f"2,PRUNED,,{path / 'trials' / '0002'},0.01\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "logs" / "run_a").mkdir(parents=True)
+    (tmp_path / "logs" / "run_b").mkdir(parents=True)
+    (tmp_path / "soups" / "s1").mkdir(parents=True)
+    (tmp_path / "search" / "st").mkdir(parents=True)
+    (tmp_path / "search" / "st" / "trials" / "0000").mkdir(parents=True)
+    _run(tmp_path / "logs" / "run_a", [30.0, 42.0, 41.0], lr=1e-5, extra_general=90.0)
+    _run(tmp_path / "logs" / "run_b", [25.0, 28.0], lr=3e-5)
+    _soup(tmp_path / "soups" / "s1")
+    _study(tmp_path / "search" / "st")
+    return tmp_path
+
+
+def _csv(text):
+    return pd.read_csv(io.StringIO(text), keep_default_na=False)
+
+
+def test_table_sorted_with_best_marked(tree, monkeypatch):
+    monkeypatch.chdir(tree)
+    text = compare.main(["logs", "soups/s1", "search/st", "--csv", "--no-plot"])
+    df = _csv(text)
+    assert list(df["name"]) == ["soups/s1", "logs/run_a", "search/st/trial 0", "search/st/trial 1",
+                                "logs/run_b", "search/st/trial 2"]
+    assert list(df["best"]) == ["*", "", "", "", "", ""]
+    mr = [float(x) if x != "" else float("nan") for x in df["mean_recall"]]
+    assert mr[:5] == [45.0, 42.0, 35.0, 33.5, 28.0] and mr[5] != mr[5]  # the pruned trial has no score: last
+
+
+def test_run_best_is_the_main_set_and_its_step(tree):
+    e = compare.read_run(tree / "logs" / "run_a", "a")
+    assert e.scores == {"mean_recall": 42.0, "r1": 37.0, "r5": 42.0, "r10": 47.0}  # not the "general" set's 90
+    assert e.step == 20
+    assert e.curve == [(10, 30.0), (20, 42.0), (30, 41.0)]
+    assert "logs" not in e.settings and "name" not in e.settings and e.settings["lr"] == 1e-5
+
+
+def test_settings_that_differ_are_shown(tree):
+    entries = compare.collect([str(tree / "logs"), str(tree / "soups")])
+    df = compare.table(entries)
+    assert "lr" in df.columns and "method" in df.columns and "members" in df.columns
+    assert "batch_size" not in df.columns  # the same in every run
+    assert "model_config.vision_model" not in df.columns
+    chosen = compare.table(entries, ["batch_size"])
+    assert "batch_size" in chosen.columns and "lr" not in chosen.columns
+
+
+def test_soup_rows_from_summary_and_from_log(tree, tmp_path):
+    (e,) = compare.read_soup(tree / "soups" / "s1", "s1")
+    assert (e.kind, e.scores["mean_recall"], e.held_out, e.settings["members"]) == ("soup", 45.0, 43.0, 2)
+    assert e.extra["vs_best_single"] == pytest.approx(5.0)
+    assert [m for _, m, _ in e.curve] == [40.0, 45.0, 41.0]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    _soup(bare, with_summary=False)
+    (b,) = compare.read_soup(bare, "bare")
+    assert b.scores["mean_recall"] == 45.0 and b.held_out == 43.0  # the best kept candidate
+
+
+def test_study_rows(tree):
+    rows = {e.name: e for e in compare.read_study(tree / "search" / "st", "st")}
+    assert rows["st/trial 0"].scores["mean_recall"] == 35.0 and rows["st/trial 0"].curve  # from its run dir
+    assert rows["st/trial 1"].scores == {"mean_recall": 33.5}  # from trials.csv
+    assert rows["st/trial 2"].settings["state"] == "PRUNED" and not rows["st/trial 2"].scores
+    assert rows["st/trial 1"].settings["lr"] == 0.001
+
+
+def test_markdown_output_file_and_plot(tree, tmp_path):
+    out, png = tmp_path / "cmp.md", tmp_path / "plots" / "cmp.png"
+    text = compare.main([str(tree / "logs"), str(tree / "soups"), "--output", str(out), "--plot", str(png)])
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| best | name | kind | mean_recall")
+    assert lines[2].startswith("| * |") and "45.00" in lines[2]
+    assert out.read_text(encoding="utf-8") == text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 5000
+
+
+def test_files_given_directly(tree):
+    a = compare.collect([str(tree / "logs" / "run_a" / "metrics.jsonl"), str(tree / "soups" / "s1" / "soup_log.jsonl")])
+    assert [e.kind for e in a] == ["run", "soup"]
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(SolutionError, match="not found"):
+        compare.main([str(tmp_path / "missing"), "--no-plot"])
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(SolutionError, match="no training run"):
+        compare.main([str(tmp_path / "empty"), "--no-plot"])
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(SolutionError, match="expected a metrics.jsonl"):
+        compare.main([str(tmp_path / "x.txt"), "--no-plot"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.jsonl").write_text('{"step": 1\n')
+    with pytest.raises(SolutionError, match="not valid JSON"):
+        compare.main([str(tmp_path / "broken"), "--no-plot"])

@@ -1,0 +1,52 @@
+"""Two CPU processes (gloo) at batch 4 each train the same model as one process at batch 8."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from solution.models import ModelConfig, build_model, read_checkpoint
+from solution.train import main
+from train_helpers import make_data, tiny_argv
+
+# eps = 1 makes AdamW's update proportional to the gradient (~ SGD with momentum), so a wrongly
+# scaled gradient (e.g. x world size) would show; with the usual tiny eps Adam would hide it.
+FLAGS = dict(max_steps=4, lr="1.0", eps="1.0", warmup=1, valid_step_interval=2, valid_epoch_interval=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    main(argv)
+
+
+@pytest.mark.parametrize("accum_freq", [1, 2])
+def test_two_gloo_processes_equal_one_process(tmp_path, accum_freq):
+    train, valid = make_data(tmp_path / "data", per_colour_train=3, per_colour_valid=1)
+    flags = {**FLAGS, "accum_freq": accum_freq}
+    single = main(tiny_argv(train, valid, tmp_path / "logs", name="single", **{**flags, "batch_size": 8}))
+    argv = tiny_argv(train, valid, tmp_path / "logs", name="ddp", **{**flags, "batch_size": 4})
+    mp.spawn(_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+
+    a = read_checkpoint(single["last_checkpoint"])
+    b = read_checkpoint(tmp_path / "logs" / "ddp" / "checkpoints" / "epoch_latest.pt")
+    assert a["step"] == b["step"] == 4
+    assert b["train_state"]["position"] == a["train_state"]["position"]
+    assert len(b["train_state"]["rng"]) == 2  # one RNG state per process
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+    torch.manual_seed(123)
+    init = build_model(ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16)).state_dict()
+    assert max(float((init[k[len("module."):]] - v).abs().max()) for k, v in a["state_dict"].items()) > 1e-3
+    assert torch.equal(a["state_dict"]["module.logit_scale"], b["state_dict"]["module.logit_scale"]) or \
+        abs(float(a["state_dict"]["module.logit_scale"] - b["state_dict"]["module.logit_scale"])) < 1e-5
+    rows = (tmp_path / "logs" / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"valid"' in r for r in rows) == 2  # validation ran once per interval (rank 0 only)

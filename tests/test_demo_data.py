@@ -1,0 +1,128 @@
+import base64
+import hashlib
+import io
+import json
+import time
+
+import pytest
+from PIL import Image
+
+from solution.common import SolutionError, read_jsonl
+from solution.demo_data import BACKGROUNDS, COLORS, COUNTS, SHAPES, generate, main
+from solution.images import sniff_format
+
+FILES = ["train_imgs.tsv", "valid_imgs.tsv", "test_imgs.tsv", "train_texts.jsonl", "valid_texts.jsonl",
+         "test_texts.jsonl", "test_answers.jsonl", "general/train_imgs.tsv", "general/valid_imgs.tsv",
+         "general/train_texts.jsonl", "general/valid_texts.jsonl"]
+
+
+def _tsv(path):
+    rows = {}
+    for line in open(path, encoding="utf-8"):
+        image_id, b64 = line.rstrip("\n").split("\t")
+        rows[int(image_id)] = base64.urlsafe_b64decode(b64)
+    return rows
+
+
+def _digest(d):
+    return {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in FILES}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    t0 = time.perf_counter()
+    info = generate(d, preset="tiny")
+    return d, info, time.perf_counter() - t0
+
+
+def test_layout_and_speed(tiny):
+    d, info, seconds = tiny
+    assert seconds < 3.0  # "< 1 s" on an idle machine; this one is shared
+    for f in FILES:
+        assert (d / f).is_file(), f
+    assert json.loads((d / "demo_info.json").read_text(encoding="utf-8"))["splits"] == info["splits"]
+    n_images = sum(v["images"] for v in info["splits"].values())
+    assert 24 <= n_images <= 100  # "a few dozen"
+
+
+def test_deterministic_and_seeded(tiny, tmp_path):
+    d, _, _ = tiny
+    generate(tmp_path / "again", preset="tiny")
+    assert _digest(tmp_path / "again") == _digest(d)
+    generate(tmp_path / "other", preset="tiny", seed=1)
+    assert _digest(tmp_path / "other")["train_imgs.tsv"] != _digest(d)["train_imgs.tsv"]
+
+
+def test_queries_disjoint_ids_unique_and_gold_consistent(tiny):
+    d, _, _ = tiny
+    texts = {s: read_jsonl(d / f"{s}_texts.jsonl") for s in ("train", "valid", "test")}
+    answers = read_jsonl(d / "test_answers.jsonl")
+    assert all("image_ids" not in t for t in texts["test"])
+    assert [a["text_id"] for a in answers] == [t["text_id"] for t in texts["test"]]
+    assert all(isinstance(a["image_ids"], list) and a["image_ids"] for a in answers)
+    queries = {s: {t["text"] for t in ts} for s, ts in texts.items()}
+    assert not queries["train"] & queries["valid"] and not queries["train"] & queries["test"]
+    assert not queries["valid"] & queries["test"]
+    # several images per query, every gold id in its split's TSV
+    gold = {"train": texts["train"], "valid": texts["valid"], "test": answers}
+    image_ids, text_ids = [], []
+    for split, rows in gold.items():
+        imgs = _tsv(d / f"{split}_imgs.tsv")
+        image_ids += list(imgs)
+        for t in rows:
+            text_ids.append(t["text_id"])
+            assert len(t["image_ids"]) >= 2
+            assert set(t["image_ids"]) <= set(imgs)
+    for split in ("train", "valid"):
+        image_ids += list(_tsv(d / "general" / f"{split}_imgs.tsv"))
+        text_ids += [t["text_id"] for t in read_jsonl(d / "general" / f"{split}_texts.jsonl")]
+    assert len(image_ids) == len(set(image_ids)) and len(text_ids) == len(set(text_ids))
+    assert all(isinstance(i, int) for i in image_ids + text_ids)
+
+
+def test_texts_are_composed_chinese_queries(tiny):
+    d, _, _ = tiny
+    for t in read_jsonl(d / "train_texts.jsonl"):
+        text = t["text"]
+        assert "背景上有" in text
+        assert any(bg in text for bg in BACKGROUNDS) and any(c in text for c in COLORS)
+        assert any(s in text for s in SHAPES) and any(n in text for n in COUNTS.values())
+
+
+def test_mess_is_present_and_typed(tiny):
+    d, info, _ = tiny
+    train = _tsv(d / "train_imgs.tsv")
+    kinds = {m["kind"]: m["image_id"] for m in info["messy"]["train"]}
+    assert sniff_format(train[kinds["gif_animated"]]) == "GIF"
+    assert Image.open(io.BytesIO(train[kinds["gif_animated"]])).n_frames == 2
+    assert sniff_format(train[kinds["png_rgba"]]) == "PNG"
+    assert sniff_format(train[kinds["truncated"]]) == "JPEG"
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(train[kinds["truncated"]])).load()
+    assert info["bad_image_ids"] == sorted(m["image_id"] for ms in info["messy"].values() for m in ms
+                                           if m["kind"] in ("truncated", "html"))
+    # every other image is a decodable 64 px RGB JPEG
+    ok = [i for i in train if i not in kinds.values()]
+    im = Image.open(io.BytesIO(train[ok[0]]))
+    assert im.format == "JPEG" and im.size == (64, 64) and im.mode == "RGB"
+
+
+def test_general_valid_gold_covers_every_described_image(tiny):
+    d, _, _ = tiny
+    rows = read_jsonl(d / "general" / "valid_texts.jsonl")
+    assert sum(len(r["image_ids"]) for r in rows) >= len(_tsv(d / "general" / "valid_imgs.tsv"))
+
+
+def test_cli_sizes_and_errors(tmp_path, capsys):
+    info = main(["--out", str(tmp_path / "x"), "--preset", "tiny", "--train-queries", "4", "--images-per-query", "3",
+                 "--image-size", "32", "--no-mess"])
+    assert info["splits"]["train"] == {"queries": 4, "images": 12}
+    assert info["messy"] == {}
+    im = Image.open(io.BytesIO(next(iter(_tsv(tmp_path / "x" / "train_imgs.tsv").values()))))
+    assert im.size == (32, 32)
+    assert json.loads(capsys.readouterr().out)["splits"]["train"]["images"] == 12
+    with pytest.raises(SolutionError):
+        generate(tmp_path / "y", preset="tiny", valid_queries=0)
+    with pytest.raises(SolutionError):
+        generate(tmp_path / "y", preset="nope")

@@ -1,0 +1,261 @@
+import base64
+import csv
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import lmdb
+import pytest
+from PIL import Image
+
+import solution.prepare as prep
+from solution.common import SolutionError, read_jsonl
+from solution.demo_data import generate
+from solution.lmdb_io import LMDBSplit, restricted_loads
+from solution.prepare import main, prepare
+
+
+def _jpeg(color=(200, 40, 40), size=(40, 30), fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _b64(data):
+    return base64.urlsafe_b64encode(data).decode()
+
+
+def _write_muge(d, split, images, texts):
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{split}_imgs.tsv", "w", encoding="utf-8") as f:
+        for image_id, b64 in images:
+            f.write(f"{image_id}\t{b64}\n")
+    with open(d / f"{split}_texts.jsonl", "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    info = generate(d, preset="tiny")
+    reports = prepare(d, "train,valid,test", workers=1, progress=False)
+    return d, info, reports
+
+
+def test_cn_clip_lmdbdataset_reads_our_lmdb(demo):
+    from cn_clip.training.data import LMDBDataset
+
+    d, info, reports = demo
+    texts = read_jsonl(d / "train_texts.jsonl")
+    bad = set(info["bad_image_ids"])
+    expected_pairs = sum(1 for t in texts for i in t["image_ids"] if i not in bad)
+    n_tsv = sum(1 for _ in open(d / "train_imgs.tsv"))
+    ds = LMDBDataset(str(d / "lmdb" / "train"), split="train", max_txt_length=32, resolution=64)
+    assert ds.number_samples == expected_pairs == reports["train"]["num_samples"]
+    assert ds.number_images == n_tsv - len(bad & {int(line.split("\t")[0]) for line in open(d / "train_imgs.tsv")})
+    seen_texts = set()
+    for i in range(len(ds)):
+        image, tokens, eos = ds[i]  # upstream decodes every stored image (GIF/PNG were converted)
+        assert tuple(image.shape) == (3, 64, 64) and tokens.shape[0] == 32 and eos > 1
+        seen_texts.add(pickle.loads(ds.txn_pairs.get(str(i).encode()).tobytes())[2])
+    assert seen_texts == {t["text"] for t in texts}
+    # test split: every image stored, no pairs (queries are unlabelled)
+    test = LMDBSplit(d / "lmdb" / "test", need_pairs=True)
+    assert test.num_samples == 0 and test.num_images == sum(1 for _ in open(d / "test_imgs.tsv"))
+    assert reports["test"]["texts"]["unlabelled"] == len(read_jsonl(d / "test_texts.jsonl"))
+
+
+def test_report_lists_each_bad_file_and_converted_ones(demo):
+    d, info, reports = demo
+    rep = json.loads((d / "lmdb" / "train" / "report.json").read_text(encoding="utf-8"))
+    assert rep == json.loads(json.dumps(reports["train"]))
+    kinds = {m["image_id"]: m["kind"] for m in info["messy"]["train"]}
+    skipped = {s["image_id"]: s["reason"] for s in rep["skipped_images"]}
+    want = {"truncated": "truncated", "html": "not_an_image"}
+    assert skipped == {i: want[k] for i, k in kinds.items() if k in want}
+    converted = {c["image_id"] for c in rep["converted_images"]}
+    assert converted == {i for i, k in kinds.items() if k.startswith(("gif", "png"))}
+    assert rep["images"]["kept"] + rep["images"]["converted"] == rep["num_images"]
+    assert rep["images"]["skipped"] == 2 and rep["pairs"]["dropped_missing_image"] == 2
+    missing = {i for t in rep["texts_with_missing_images"] for i in t["missing_image_ids"]}
+    assert missing == set(skipped)
+    split = LMDBSplit(d / "lmdb" / "train")
+    for image_id in converted:
+        assert Image.open(io.BytesIO(base64.urlsafe_b64decode(split.image_b64(image_id)))).format == "JPEG"
+    assert all(split.image_b64(i) is None for i in skipped)
+
+
+def test_dirty_tsv_duplicates_and_textless_images(tmp_path, caplog):
+    good, other = _b64(_jpeg()), _b64(_jpeg((0, 0, 200)))
+    images = [(1, good), (2, _b64(b"<html>404</html>")), (3, "%%%not base64%%%"), (1, other), (4, ""),
+              ("x7", good), (5, _b64(_jpeg(fmt="PNG")))]
+    texts = [{"text_id": 10, "text": "红色的图片", "image_ids": [1, 5]},
+             {"text_id": 11, "text": "坏图片", "image_ids": [2, 3]},       # all its images are bad
+             {"text_id": 12, "text": "缺失的图片", "image_ids": [99]},      # image not in the TSV
+             {"text_id": 10, "text": "重复的编号", "image_ids": [1]},       # duplicate text id
+             {"text_id": 13, "text": "", "image_ids": [1]}]
+    _write_muge(tmp_path, "train", images, texts)
+    with open(tmp_path / "train_imgs.tsv", "a", encoding="utf-8") as f:
+        f.write("only-one-field\n")
+    rep = prepare(tmp_path, ["train"], workers=1, progress=False)["train"]
+    reasons = {(s["image_id"], s["reason"]) for s in rep["skipped_images"]}
+    assert reasons == {(2, "not_an_image"), (3, "invalid_base64"), (4, "empty"), (None, "bad_id"),
+                       (None, "malformed_line")}
+    assert [(x["image_id"], x["reason"]) for x in rep["duplicate_images"]] == [(1, "duplicate_id")]
+    split = LMDBSplit(tmp_path / "lmdb" / "train")
+    assert split.image_b64(1).decode() == good  # first one wins
+    assert split.num_images == 2 and sorted(split.image_ids()) == [1, 5]
+    skipped_texts = {(t["text_id"], t["reason"]) for t in rep["skipped_texts"]}
+    assert skipped_texts == {(11, "no_images"), (12, "no_images"), (10, "duplicate_text_id"), (13, "empty_text")}
+    assert list(split.queries()) == [10] and split.queries()[10] == ("红色的图片", [1, 5])
+    assert any("train:" in r.message and "skipped" in r.message for r in caplog.records)
+
+
+def test_our_reader_reads_cn_clip_builder_output(tmp_path):
+    images = [(100 + i, _b64(_jpeg((i * 40, 10, 10)))) for i in range(5)]
+    texts = [{"text_id": 1, "text": "第一句", "image_ids": [100, 101]},
+             {"text_id": 2, "text": "第二句", "image_ids": [102, 103, 104]}]
+    _write_muge(tmp_path, "train", images, texts)
+    subprocess.run([sys.executable, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", str(tmp_path),
+                    "--splits", "train", "--lmdb_dir", str(tmp_path / "upstream")], check=True, capture_output=True)
+    split = LMDBSplit(tmp_path / "upstream" / "train")
+    assert split.num_images == 5 and split.num_samples == 5
+    assert list(split.pairs()) == [(100, 1, "第一句"), (101, 1, "第一句"), (102, 2, "第二句"), (103, 2, "第二句"),
+                                   (104, 2, "第二句")]
+    assert {i: split.image_b64(i).decode() for i in split.image_ids()} == dict(images)
+    # ...and ours over the same input matches it pair for pair and image for image
+    prepare(tmp_path, ["train"], lmdb_dir=tmp_path / "ours", workers=1, progress=False)
+    ours = LMDBSplit(tmp_path / "ours" / "train")
+    assert list(ours.pairs()) == list(split.pairs())
+    assert {i: ours.image_b64(i) for i in ours.image_ids()} == {i: split.image_b64(i) for i in split.image_ids()}
+
+
+def test_restricted_unpickler_refuses_a_malicious_pair(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    payload = pickle.dumps(Evil())
+    with pytest.raises(SolutionError):
+        restricted_loads(payload)
+    with pytest.raises(SolutionError):
+        restricted_loads(pickle.dumps((1, 2, ["not", "a", "str"])))
+    # the same payload planted in an otherwise valid LMDB split
+    prepare_dir = tmp_path / "d"
+    _write_muge(prepare_dir, "train", [(1, _b64(_jpeg()))], [{"text_id": 1, "text": "好", "image_ids": [1]}])
+    prepare(prepare_dir, ["train"], workers=1, progress=False)
+    env = lmdb.open(str(prepare_dir / "lmdb" / "train" / "pairs"))
+    with env.begin(write=True) as txn:
+        txn.put(b"0", payload)
+    env.close()
+    split = LMDBSplit(prepare_dir / "lmdb" / "train")
+    with pytest.raises(SolutionError, match="refusing"):
+        split.pair(0)
+    assert not marker.exists()
+
+
+def _image_folder(root):
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "a.jpg").write_bytes(_jpeg((220, 20, 20)))
+    (root / "imgs" / "b.jpg").write_bytes(_jpeg((20, 20, 220), fmt="PNG"))   # a PNG named .jpg
+    (root / "imgs" / "c.jpg").write_bytes(b"<html><body>403 Forbidden</body></html>")
+    (root / "imgs" / "d.jpg").write_bytes(_jpeg((20, 220, 20), fmt="GIF"))
+    return [("红色方块", "imgs/a.jpg", "train"), ("蓝色方块", "imgs/b.jpg", "train"), ("红色方块", "imgs/d.jpg", "train"),
+            ("坏的", "imgs/c.jpg", "train"), ("不存在", "imgs/missing.jpg", "train"), ("绿色方块", "imgs/d.jpg", "valid")]
+
+
+def _check_table_output(d, reports):
+    assert reports["train"]["num_images"] == 3 and reports["valid"]["num_images"] == 1
+    reasons = sorted(s["reason"] for s in reports["train"]["skipped_images"])
+    assert reasons == ["missing_file", "not_an_image"]
+    train = read_jsonl(d / "train_texts.jsonl")
+    assert [t["text"] for t in train] == ["红色方块", "蓝色方块"]
+    assert len(train[0]["image_ids"]) == 2
+    tsv_ids = {int(line.split("\t")[0]) for line in open(d / "train_imgs.tsv")}
+    assert tsv_ids == {i for t in train for i in t["image_ids"]}
+    valid = read_jsonl(d / "valid_texts.jsonl")
+    assert valid[0]["image_ids"] == [train[0]["image_ids"][1]]  # same file, same id across splits
+    assert {t["text_id"] for t in train}.isdisjoint({t["text_id"] for t in valid})
+    split = LMDBSplit(d / "lmdb" / "train")
+    assert split.num_samples == 3 and {q[0] for q in split.queries().values()} == {"红色方块", "蓝色方块"}
+
+
+def test_csv_input(tmp_path):
+    rows = _image_folder(tmp_path / "raw")
+    with open(tmp_path / "raw" / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "image_path", "split"])
+        w.writerows(rows)
+    out = tmp_path / "muge"
+    reports = main(["--data-dir", str(out), "--splits", "train,valid", "--csv", str(tmp_path / "raw" / "pairs.csv"),
+                    "--workers", "1", "--no-progress"])
+    _check_table_output(out, reports)
+
+
+def test_folder_with_captions_input(tmp_path):
+    rows = _image_folder(tmp_path / "raw")
+    for split in ("train", "valid"):
+        with open(tmp_path / f"captions_{split}.jsonl", "w", encoding="utf-8") as f:
+            for text, path, s in rows:
+                if s == split:
+                    f.write(json.dumps({"image": path, "caption": text}, ensure_ascii=False) + "\n")
+    out = tmp_path / "muge"
+    reports = prepare(out, ["train", "valid"], images_dir=tmp_path / "raw",
+                      captions=str(tmp_path / "captions_{split}.jsonl"), workers=1, progress=False)
+    _check_table_output(out, reports)
+
+
+def test_make_valid_splits_queries_apart(tmp_path):
+    images = [(i, _b64(_jpeg((i * 9 % 255, 0, 0)))) for i in range(1, 41)]
+    texts = [{"text_id": 100 + q, "text": f"查询{q % 10}", "image_ids": [q * 2 + 1, q * 2 + 2]} for q in range(20)]
+    _write_muge(tmp_path, "train", images, texts)
+    reports = prepare(tmp_path, "train", make_valid=0.3, workers=1, progress=False)
+    train, valid = LMDBSplit(tmp_path / "lmdb" / "train"), LMDBSplit(tmp_path / "lmdb" / "valid")
+    tq = {t for t, _ in train.queries().values()}
+    vq = {t for t, _ in valid.queries().values()}
+    assert tq and vq and not tq & vq and len(tq | vq) == 10  # the same text never lands on both sides
+    assert train.num_samples + valid.num_samples == 40
+    assert set(valid.image_ids()) == {i for _, ids in valid.queries().values() for i in ids}
+    assert set(train.image_ids()).isdisjoint(valid.image_ids())
+    assert reports["valid"]["num_images"] == valid.num_images
+    with pytest.raises(SolutionError):
+        prepare(tmp_path, "train", make_valid=1.5, workers=1, progress=False)
+
+
+def test_parallel_matches_in_process_and_resizes(tmp_path, monkeypatch):
+    d = tmp_path / "demo"
+    generate(d, preset="tiny")
+    monkeypatch.setattr(prep, "MIN_PARALLEL", 0)
+    serial = prepare(d, "train", lmdb_dir=tmp_path / "a", workers=1, max_side=32, progress=False)["train"]
+    parallel = prepare(d, "train", lmdb_dir=tmp_path / "b", workers=2, max_side=32, progress=False)["train"]
+    for key in ("num_images", "num_samples", "images", "skipped_images", "texts"):
+        assert serial[key] == parallel[key]
+    a, b = LMDBSplit(tmp_path / "a" / "train"), LMDBSplit(tmp_path / "b" / "train")
+    assert list(a.pairs()) == list(b.pairs())
+    assert all(a.image_b64(i) == b.image_b64(i) for i in a.image_ids())
+    im = Image.open(io.BytesIO(base64.urlsafe_b64decode(a.image_b64(a.image_ids()[0]))))
+    assert im.size == (32, 32) and im.format == "JPEG"
+    assert serial["images"]["converted"] == serial["num_images"]  # every image shrunk and re-encoded
+
+
+def test_rebuild_replaces_old_lmdb_and_bad_inputs_are_one_line_errors(tmp_path):
+    _write_muge(tmp_path, "train", [(1, _b64(_jpeg()))], [{"text_id": 1, "text": "一", "image_ids": [1]}])
+    prepare(tmp_path, "train", workers=1, progress=False)
+    _write_muge(tmp_path, "train", [(2, _b64(_jpeg()))], [{"text_id": 2, "text": "二", "image_ids": [2]}])
+    main(["--data_dir", str(tmp_path), "--splits", "train", "--workers", "0", "--no-progress"])  # upstream's spelling
+    assert LMDBSplit(tmp_path / "lmdb" / "train").image_ids() == [2]
+    assert not list((tmp_path / "lmdb").glob(".*"))  # no temp dirs left behind
+    with pytest.raises(SolutionError, match="valid_imgs.tsv"):
+        prepare(tmp_path, "train,valid", workers=1, progress=False)
+    with pytest.raises(SolutionError, match="not a directory"):
+        prepare(tmp_path / "nope", "train")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(SolutionError, match="text and image_path"):
+        prepare(tmp_path / "out", "train", csv=tmp_path / "bad" / "x.csv")

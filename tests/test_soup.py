@@ -1,0 +1,449 @@
+"""Model soups (solution.soup): recipes, streaming, caching, refusals, and the soup as a submission.
+
+The main fixture fine-tunes two tiny runs from one shared random base on the demo data with
+``solution.train.main`` (session-scoped), and soups their checkpoints once with all three methods,
+a selection split and an interpolation; most tests read that one output. Mechanics that need no
+real scores (refusals, dedupe, memory, dtype) use synthetic ingredients: a base plus small
+random perturbations.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import weakref
+
+import pytest
+import torch
+
+from solution import soup, soup_weights
+from solution.common import SolutionError, read_jsonl
+from solution.lmdb_io import write_split
+from solution.models import ModelConfig, build_model, clean_state_dict, read_checkpoint, save_checkpoint
+
+METHODS = ("uniform", "greedy", "pairwise")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # On a loaded shared CPU two threads are several times slower than one for these tiny models.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _to_lmdb(data, split, pairs=True):
+    imgs = [line.rstrip("\n").split("\t") for line in open(data / f"{split}_imgs.tsv", encoding="utf-8")]
+    texts = read_jsonl(data / f"{split}_texts.jsonl")
+    write_split(data / "lmdb" / split, ((int(i), b.encode()) for i, b in imgs),
+                ((iid, t["text_id"], t["text"]) for t in texts for iid in t["image_ids"]) if pairs else iter(()))
+    return data / "lmdb" / split
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    from solution.demo_data import generate
+
+    data = tmp_path_factory.mktemp("soup_demo")
+    generate(data, preset="tiny", messy=False, train_queries=24, valid_queries=16, images_per_query=3)
+    _to_lmdb(data, "train")
+    _to_lmdb(data, "valid")
+    config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32)
+    torch.manual_seed(0)
+    save_checkpoint(data / "base.pt", build_model(config).state_dict(), config)
+    return data
+
+
+@pytest.fixture(scope="session")
+def trained(demo):
+    """Two short fine-tunes from the shared base (different lr and seed), 3 epochs each."""
+    import solution.train as train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, lr in enumerate(("2e-3", "7e-4")):
+            train.main(["--train-data", str(demo / "lmdb/train"), "--val-data", str(demo / "lmdb/valid"),
+                        "--resume", str(demo / "base.pt"), "--logs", str(demo / "logs"), "--name", f"run{i}",
+                        "--batch-size", "24", "--max-epochs", "3", "--lr", lr, "--warmup", "1", "--seed", str(i),
+                        "--context-length", "32", "--precision", "fp32", "--device", "cpu", "--num-workers", "0",
+                        "--valid-num-workers", "0", "--no-plot", "--no-progress"])
+    finally:
+        torch.set_num_threads(before)
+    return demo
+
+
+@pytest.fixture(scope="session")
+def souped(trained):
+    out = trained / "soups"
+    summary = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/epoch_[0-9]*.pt"),
+                         str(trained / "logs/*/checkpoints/best.pt"), "--val-data", str(trained / "lmdb/valid"),
+                         "--method", ",".join(METHODS), "--select-split", "0.5", "--seed", "3",
+                         "--interpolate-with", str(trained / "base.pt"), "--alphas", "0.5,0.9",
+                         "--output", str(out), "--device", "cpu", "--batch-size", "32"])
+    return out, summary
+
+
+def _sd(path):
+    return {k: v.float() for k, v in clean_state_dict(read_checkpoint(path)["state_dict"]).items()}
+
+
+def _weighted(members, weights):
+    total = None
+    for path, w in zip(members, weights):
+        sd = _sd(path)
+        total = {k: w * v for k, v in sd.items()} if total is None else {k: total[k] + w * sd[k] for k in total}
+    return total
+
+
+def _rows(out, method):
+    return read_jsonl(out / method / "soup_log.jsonl")
+
+
+# ---------------------------------------------------------------- acceptance on trained runs
+
+
+def test_greedy_never_below_its_first_ingredient(souped):
+    out, summary = souped
+    rows = _rows(out, "greedy")
+    singles = [r for r in rows if r["method"] == "ingredient"]
+    greedy = [r for r in rows if r["method"] == "greedy"]
+    assert len(singles) >= 4  # 2 runs x 3 epochs, best.pt deduplicated
+    best_single = max(r["mean_recall"] for r in singles)
+    assert greedy[0]["round"] == 0 and greedy[0]["mean_recall"] == best_single and greedy[0]["kept"]
+    # each kept candidate strictly improves on the soup before it; dropped ones do not
+    current = greedy[0]["mean_recall"]
+    for r in greedy[1:]:
+        assert r["kept"] == (r["mean_recall"] > current)
+        if r["kept"]:
+            current = r["mean_recall"]
+    final = summary["soups"]["greedy"]
+    assert final["mean_recall"] >= best_single
+    assert len(greedy) == len(singles)  # every ingredient was tried once
+
+
+def test_soup_weights_are_the_average_its_log_names(souped):
+    out, _ = souped
+    for method in METHODS:
+        ckpt = read_checkpoint(out / method / "soup.pt")
+        recipe = ckpt["recipe"]
+        assert recipe["method"] == method and abs(sum(recipe["weights"]) - 1) < 1e-9
+        expected = _weighted(recipe["members"], recipe["weights"])
+        got = {k: v.float() for k, v in clean_state_dict(ckpt["state_dict"]).items()}
+        assert set(got) == set(expected)
+        for k in got:
+            torch.testing.assert_close(got[k], expected[k], atol=2e-6, rtol=1e-5, msg=f"{method}: {k}")
+        # the recipe is the log's best kept candidate of that method
+        kept = [r for r in _rows(out, method) if r["method"].startswith(method) and r["kept"]]
+        best = max(kept, key=lambda r: r["mean_recall"])
+        assert best["mean_recall"] == recipe["score"]["mean_recall"]
+        if method != "pairwise" or len(recipe["members"]) > 1:
+            assert sorted(zip(best["members"], best["weights"])) == sorted(zip(recipe["members"], recipe["weights"]))
+    greedy = read_checkpoint(out / "greedy" / "soup.pt")["recipe"]
+    assert len(set(greedy["weights"])) == 1  # a running average: uniform over the kept members
+    uniform = read_checkpoint(out / "uniform" / "soup.pt")["recipe"]
+    members = [m for m in uniform["members"] if m != uniform.get("interpolate_with")]
+    assert len(members) == len([r for r in _rows(out, "uniform") if r["method"] == "ingredient"])
+
+
+def test_pairwise_follows_its_stopping_rule(souped):
+    out, _ = souped
+    rows = _rows(out, "pairwise")
+    pool = {r["members"][0]: r["mean_recall"] for r in rows if r["method"] == "ingredient"}
+    rounds = [r for r in rows if r["method"] == "pairwise"]
+    assert rounds, "pairwise tried no merge"
+    for i, r in enumerate(rounds, 1):
+        assert r["round"] == i
+        ranked = sorted(pool.items(), key=lambda kv: -kv[1])
+        assert sorted(r["pair_scores"], reverse=True) == [ranked[0][1], ranked[1][1]]  # the two best of the pool
+        assert r["kept"] == (r["mean_recall"] > min(r["pair_scores"]))  # beats the worse member
+        if not r["kept"]:
+            assert r["mean_recall"] <= min(r["pair_scores"])  # at or below both: the end
+            assert i == len(rounds)
+            break
+        merged = out / "pairwise" / f"merged_round{i}.pt"
+        assert merged.is_file()
+        worse = r["pair"][1]
+        del pool[worse]
+        pool[str(merged)] = r["mean_recall"]
+    final = read_checkpoint(out / "pairwise" / "soup.pt")["recipe"]["score"]["mean_recall"]
+    assert final == max(pool.values())
+
+
+def test_soup_scores_the_same_through_plain_cn_clip_predict_and_evaluate(souped, trained, tmp_path):
+    from cn_clip.clip.model import CLIP
+
+    from solution import evaluate, features, predict
+
+    out, summary = souped
+    path = out / "greedy" / "soup.pt"
+    ckpt = read_checkpoint(path)
+    # upstream's loader: strip "module.", strict load into an unmodified cn_clip CLIP
+    model = CLIP(**ckpt["config"]["model_info"])
+    model.load_state_dict({k[len("module."):]: v for k, v in ckpt["state_dict"].items()}, strict=True)
+    # the submission path: features CLI -> predict -> evaluate, on the selection queries
+    sel = set(summary["selection"]["select_text_ids"])
+    texts = [r for r in read_jsonl(trained / "valid_texts.jsonl") if r["text_id"] in sel]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"text_id": r["text_id"], "text": r["text"]},
+                                                         ensure_ascii=False) + "\n" for r in texts), encoding="utf-8")
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in texts),
+                                         encoding="utf-8")
+    features.main(["--extract-image-feats", "--extract-text-feats", "--image-data", str(trained / "lmdb/valid"),
+                   "--text-data", str(tmp_path / "q.jsonl"), "--resume", str(path), "--device", "cpu",
+                   "--image-feat-output-path", str(tmp_path / "img.npy"),
+                   "--text-feat-output-path", str(tmp_path / "txt.npy"), "--precision", "fp32", "--no-cache",
+                   "--no-progress"])
+    predict.main(["--image-feats", str(tmp_path / "img.npy"), "--text-feats", str(tmp_path / "txt.npy"),
+                  "--top-k", "10", "--output", str(tmp_path / "pred.jsonl"), "--device", "cpu", "--no-progress"])
+    result = evaluate.main([str(tmp_path / "gold.jsonl"), str(tmp_path / "pred.jsonl"), str(tmp_path / "score.json")])
+    logged = summary["soups"]["greedy"]
+    assert result["scoreJson"]["mean_recall"] == pytest.approx(logged["mean_recall"], abs=1e-9)
+    for k in ("r1", "r5", "r10"):
+        assert result["scoreJson"][k] == pytest.approx(logged[k], abs=1e-9)
+    # the plain upstream model and ours give the same features
+    import numpy as np
+
+    ids, feats = features.encode_images(model, trained / "lmdb/valid", ModelConfig.from_dict(ckpt["config"]))
+    ours = np.load(tmp_path / "img.npy")
+    order = np.argsort(ids)
+    ours_ids = np.load(tmp_path / "img.ids.npy")
+    np.testing.assert_allclose(feats[order], ours[np.argsort(ours_ids)], atol=1e-5)
+
+
+def test_select_split_reports_the_other_part(souped):
+    out, summary = souped
+    sel = summary["selection"]
+    assert sel["select_text_ids"] and sel["report_text_ids"]
+    assert not set(sel["select_text_ids"]) & set(sel["report_text_ids"])
+    assert len(sel["select_text_ids"]) == 8  # half of 16 queries
+    for method in METHODS:
+        assert "report" in summary["soups"][method]
+        assert all("report" in r for r in _rows(out, method) if r["mean_recall"] is not None)
+
+
+def test_interpolation_logged_and_best_soup_linked(souped):
+    out, summary = souped
+    for method in METHODS:
+        interp = [r for r in _rows(out, method) if r["method"] == f"{method}+interpolate"]
+        assert [r["alpha"] for r in interp] == [1.0, 0.5, 0.9]
+        assert interp[1]["members"][-1] == str(out.parent / "base.pt")
+        assert interp[1]["weights"][-1] == pytest.approx(0.5)
+    best = summary["method"]
+    assert (out / "soup.pt").samefile(out / best / "soup.pt")
+    assert summary["soups"][best]["mean_recall"] == max(s["mean_recall"] for s in summary["soups"].values())
+
+
+def test_rerun_uses_the_score_cache(souped, trained, monkeypatch, tmp_path):
+    out, summary = souped
+    again_dir = tmp_path / "again"
+    again_dir.mkdir()
+    shutil.copy(out / "score_cache.json", again_dir / "score_cache.json")
+
+    def boom(*a, **k):
+        raise AssertionError("re-scored a cached candidate")
+
+    monkeypatch.setattr("solution.features.encode_images", boom)
+    again = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/epoch_[0-9]*.pt"),
+                       str(trained / "logs/*/checkpoints/best.pt"), "--val-data", str(trained / "lmdb/valid"),
+                       "--method", "greedy", "--select-split", "0.5", "--seed", "3", "--interpolate-with",
+                       str(trained / "base.pt"), "--alphas", "0.5,0.9", "--output", str(again_dir), "--device", "cpu"])
+    assert again["soups"]["greedy"]["mean_recall"] == summary["soups"]["greedy"]["mean_recall"]
+    assert again["soups"]["greedy"]["members"] == summary["soups"]["greedy"]["members"]
+    assert all(r.get("cached") for r in read_jsonl(again_dir / "soup_log.jsonl") if r["mean_recall"] is not None)
+    torch.testing.assert_close(_sd(again_dir / "soup.pt"), _sd(out / "greedy" / "soup.pt"), atol=0, rtol=0)
+
+
+def test_soup_resumes_in_train(souped, trained):
+    import solution.train as train
+
+    out, _ = souped
+    result = train.main(["--train-data", str(trained / "lmdb/train"), "--resume", str(out / "greedy" / "soup.pt"),
+                         "--logs", str(trained / "logs2"), "--name", "from_soup", "--batch-size", "24",
+                         "--max-steps", "1", "--device", "cpu", "--num-workers", "0", "--no-plot", "--no-progress",
+                         "--precision", "fp32", "--warmup", "1"])
+    assert read_checkpoint(result["last_checkpoint"])["config"]["vision_model"] == "ViT-Tiny"
+
+
+def test_compare_reads_the_soup_folder(souped, trained, tmp_path):
+    from solution import compare
+
+    out, summary = souped
+    text = compare.main([str(trained / "logs"), str(out), "--plot", str(tmp_path / "c.png"), "--csv"])
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(text)))
+    soups = {r["name"].split("/")[-1]: r for r in rows if r["kind"] == "soup"}
+    assert set(soups) == set(METHODS)
+    for m in METHODS:
+        assert float(soups[m]["mean_recall"]) == pytest.approx(summary["soups"][m]["mean_recall"])
+    assert {r["kind"] for r in rows} == {"run", "soup"}
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- synthetic ingredients
+
+
+@pytest.fixture
+def synth(tmp_path, demo):
+    """A tiny base and 3 perturbed copies (fp32, context length 32), plus the demo's valid LMDB."""
+    config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32)
+    torch.manual_seed(0)
+    base = build_model(config).state_dict()
+    paths = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(100 + i)
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        paths.append(save_checkpoint(tmp_path / f"runs/r{i}/checkpoints/epoch_1.pt", sd, config))
+    return tmp_path, paths, config
+
+
+def test_uniform_no_score_streams_one_checkpoint_at_a_time(synth, monkeypatch):
+    tmp, paths, _ = synth
+    alive = []
+    real = soup_weights.read_checkpoint
+
+    def tracking(path, **kw):
+        ckpt = real(path, **kw)
+        alive[:] = [r for r in alive if r() is not None]
+        assert len(alive) == 0, "a second checkpoint was read while another was still held"
+        alive.append(weakref.ref(ckpt["state_dict"]["module.logit_scale"]))
+        return ckpt
+
+    monkeypatch.setattr(soup_weights, "read_checkpoint", tracking)
+    summary = soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "uniform", "--no-score",
+                         "--output", str(tmp / "out")])
+    got = _sd(tmp / "out" / "soup.pt")
+    expected = _weighted(paths, [1 / 3] * 3)
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-6)
+    assert summary["soups"]["uniform"]["weights"] == pytest.approx([1 / 3] * 3)
+    assert not (tmp / "out" / "score_cache.json").read_text().count('"scores": {"')
+
+
+def test_duplicates_are_used_once(synth):
+    tmp, paths, config = synth
+    ckpt = read_checkpoint(paths[0])
+    # epoch_latest.pt: the same weights plus resumable state, and other float tensors elsewhere
+    torch.save({**ckpt, "optimizer": {"state": {}, "param_groups": []}, "epoch": 2},
+               tmp / "runs/r0/checkpoints/epoch_latest.pt")
+    summary = soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "uniform", "--no-score",
+                         "--output", str(tmp / "out")])
+    assert summary["duplicates"] == {str(tmp / "runs/r0/checkpoints/epoch_latest.pt"): str(paths[0])}
+    assert len(summary["soups"]["uniform"]["members"]) == 3
+
+
+@pytest.mark.parametrize("what", ["context_length", "text_prompt", "architecture"])
+def test_mismatched_ingredients_are_refused_before_any_work(synth, what, monkeypatch):
+    tmp, paths, config = synth
+    odd = tmp / "odd" / "odd.pt"
+    if what == "architecture":
+        cfgdir = tmp / "cfgs"
+        cfgdir.mkdir()
+        info = dict(config.model_info)
+        vision = {k: info[k] for k in ("embed_dim", "image_resolution", "vision_width", "vision_patch_size",
+                                       "vision_head_width")}
+        (cfgdir / "ViT-Tiny1.json").write_text(json.dumps({**vision, "vision_layers": 1}))
+        monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(cfgdir))
+        other = ModelConfig("ViT-Tiny1", "RBT-Tiny", context_length=32)
+        save_checkpoint(odd, build_model(other).state_dict(), other)
+    else:
+        other = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24 if what == "context_length" else 32,
+                            text_prompt="一张图片：" if what == "text_prompt" else "")
+        save_checkpoint(odd, read_checkpoint(paths[1])["state_dict"], other)
+    with pytest.raises(SolutionError) as e:
+        soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), str(odd), "--method", "uniform",
+                   "--output", str(tmp / "out"), "--no-score"])
+    assert "odd.pt" in str(e.value)
+    assert ("ViT-Tiny1" in str(e.value)) if what == "architecture" else (what in str(e.value))
+    assert not (tmp / "out").exists()
+
+
+def test_bad_inputs_give_one_clear_error(synth, demo):
+    tmp, paths, _ = synth
+    run = ["--method", "uniform", "--no-score", "--output", str(tmp / "out")]
+    with pytest.raises(SolutionError, match="no checkpoint matches"):
+        soup.main(["--checkpoints", str(tmp / "nothing/*.pt"), *run])
+    trunc = tmp / "bad" / "truncated.pt"
+    trunc.parent.mkdir()
+    trunc.write_bytes(paths[0].read_bytes()[:5000])
+    with pytest.raises(SolutionError, match="truncated.pt is not a readable checkpoint"):
+        soup.main(["--checkpoints", str(paths[0]), str(trunc), *run])
+    text = tmp / "bad" / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(SolutionError, match="notes.pt"):
+        soup.main(["--checkpoints", str(text), *run])
+    torch.save({"weights": [1, 2]}, tmp / "bad" / "other.pt")
+    with pytest.raises(SolutionError, match="other.pt has no 'state_dict'"):
+        soup.main(["--checkpoints", str(tmp / "bad" / "other.pt"), *run])
+    assert not (tmp / "out").exists()
+    # validation data without texts: an image-only LMDB, or test texts without gold
+    shutil.copytree(demo / "lmdb" / "valid" / "imgs", tmp / "imgonly" / "imgs")
+    scored = ["--checkpoints", str(paths[0]), "--method", "greedy", "--output", str(tmp / "out")]
+    with pytest.raises(SolutionError, match="has no texts"):
+        soup.main([*scored, "--val-data", str(tmp / "imgonly")])
+    with pytest.raises(SolutionError, match="no gold image_ids"):
+        soup.main([*scored, "--val-data", str(tmp / "imgonly"), "--val-texts", str(demo / "test_texts.jsonl")])
+    with pytest.raises(SolutionError, match="--val-data is required"):
+        soup.main(scored)
+    assert not (tmp / "out").exists()
+
+
+def test_val_texts_give_the_same_scores_as_pairs(synth, demo):
+    tmp, paths, _ = synth
+    args = ["--checkpoints", str(paths[0]), "--method", "greedy", "--device", "cpu"]
+    a = soup.main([*args, "--val-data", str(demo / "lmdb/valid"), "--output", str(tmp / "a")])
+    shutil.copytree(demo / "lmdb" / "valid" / "imgs", tmp / "imgonly" / "imgs")
+    b = soup.main([*args, "--val-data", str(tmp / "imgonly"), "--val-texts", str(demo / "valid_texts.jsonl"),
+                   "--output", str(tmp / "b")])
+    assert a["best_single"]["mean_recall"] == b["best_single"]["mean_recall"]
+    assert a["best_single"]["r10"] == b["best_single"]["r10"]
+
+
+def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(synth, demo):
+    tmp, paths, config = synth
+    halves = []
+    for i, p in enumerate(paths):
+        sd = {k: v.half() for k, v in read_checkpoint(p)["state_dict"].items()}
+        halves.append(save_checkpoint(tmp / f"half/h{i}.pt", sd, config))
+    summary = soup.main(["--checkpoints", str(tmp / "half/*.pt"), "--method", "uniform", "--val-data",
+                         str(demo / "lmdb/valid"), "--output", str(tmp / "out"), "--device", "cpu"])
+    ckpt = read_checkpoint(tmp / "out" / "soup.pt")
+    assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float16}
+    expected = _weighted(halves, [1 / 3] * 3)
+    for k, v in clean_state_dict(ckpt["state_dict"]).items():
+        torch.testing.assert_close(v.float(), expected[k], atol=1e-3, rtol=1e-3)
+    # the logged score is the saved fp16 soup's
+    from solution.features import evaluate_split
+    from solution.models import load_model
+
+    model, cfg, _ = load_model(tmp / "out" / "soup.pt")
+    assert evaluate_split(model, demo / "lmdb/valid", cfg)["mean_recall"] == summary["soups"]["uniform"]["mean_recall"]
+
+
+def test_from_study_takes_the_top_complete_trials(synth):
+    tmp, paths, config = synth
+    study = tmp / "study"
+    rows = [(0, "COMPLETE", 30.0), (1, "PRUNED", 99.0), (2, "COMPLETE", 50.0), (3, "COMPLETE", 40.0), (4, "FAIL", "")]
+    for number, _, _ in rows:
+        ckpt_dir = study / "trials" / f"{number:04d}" / "checkpoints"
+        ckpt_dir.mkdir(parents=True)
+        shutil.copy(paths[number % 3], ckpt_dir / "best.pt")
+    (study / "trials.csv").write_text("number,state,value,run_dir,params_lr\n" + "".join(
+        f"{n},{s},{v},{study / 'trials' / f'{n:04d}'},0.1\n" for n, s, v in rows))
+    got = soup_weights.study_checkpoints(study, 2)
+    assert [p.parent.parent.name for p in got] == ["0002", "0003"]
+    with pytest.raises(SolutionError, match="no complete trial"):
+        (tmp / "empty").mkdir()
+        (tmp / "empty" / "trials.csv").write_text("number,state,value,run_dir\n0,FAIL,,x\n")
+        soup_weights.study_checkpoints(tmp / "empty", 2)
+
+
+def test_unmerged_lora_is_refused(synth):
+    tmp, paths, config = synth
+    sd = dict(read_checkpoint(paths[0])["state_dict"])
+    sd["module.visual.transformer.resblocks.0.attn.lora_A.default.weight"] = torch.zeros(4, 64)
+    save_checkpoint(tmp / "lora.pt", sd, config)
+    with pytest.raises(SolutionError, match="unmerged LoRA"):
+        soup.main(["--checkpoints", str(tmp / "lora.pt"), "--method", "uniform", "--no-score",
+                   "--output", str(tmp / "out")])

@@ -1,0 +1,97 @@
+"""The training step against upstream cn_clip: loss, same-text targets, accumulation; validation extras."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from cn_clip_patch.device import on_device
+from solution.loop import StepConfig, Stepper, batch_accuracy, clip_loss, twin_mask
+from solution.train import main
+from train_helpers import make_data, make_split, tiny_argv
+
+
+def _batch(n, seed=0, res=64):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, res, res, generator=g)
+    tokens = torch.randint(200, 5000, (n, 7), generator=g)
+    tokens[:, 0], tokens[:, -1] = 101, 102
+    return images, tokens
+
+
+def test_twin_mask():
+    assert twin_mask(torch.tensor([3, 1, 2]), True) is None  # no twins: plain CLIP loss
+    assert twin_mask(torch.tensor([3, 3, 2]), False) is None
+    m = twin_mask(torch.tensor([3, 1, 3, 3]), True)
+    assert m.tolist() == [[False, False, True, True], [False] * 4, [True, False, False, True], [True, False, True, False]]
+
+
+def test_twin_texts_are_not_negatives():
+    torch.manual_seed(0)
+    f = nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    img = nn.functional.normalize(f + 0.3 * torch.randn(4, 8), dim=-1).requires_grad_()
+    txt = torch.stack([f[0], f[1], f[0], f[3]])  # texts 0 and 2 are the same query
+    scale = torch.tensor(20.0)
+    plain, _ = clip_loss(img, txt, scale, None)
+    twins = twin_mask(torch.tensor([7, 8, 7, 9]), True)
+    ours, _ = clip_loss(img, txt, scale, twins)
+    assert ours < plain
+    # image 0 is no longer pushed away from text 2 (its twin): no gradient through that logit
+    g_plain, = torch.autograd.grad(plain, img)
+    g_ours, = torch.autograd.grad(clip_loss(img, txt, scale, twins)[0], img)
+    assert not torch.allclose(g_plain[0], g_ours[0])
+    acc = batch_accuracy(scale * img.detach() @ txt.t(), twins)
+    assert acc[0] >= batch_accuracy(scale * img.detach() @ txt.t(), None)[0]
+
+
+def test_loss_equals_upstream_get_loss(tiny_model):
+    """No duplicates: our loss is cn_clip's ``get_loss`` on the same model and batch."""
+    from cn_clip.training.train import get_loss
+
+    images, tokens = _batch(6)
+    args = SimpleNamespace(accum_freq=1, distillation=False, aggregate=False, mask_ratio=0.0, local_device_rank=0,
+                           report_training_batch_acc=False)
+    with on_device("cpu"):
+        ref, _ = get_loss(tiny_model, images, tokens, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(), args)
+    img, txt, scale = tiny_model(images, tokens)
+    ours, _ = clip_loss(img, txt, scale, twin_mask(torch.arange(6), True))
+    torch.testing.assert_close(ours, ref)
+
+
+def _grads(model, micro_batches, accum):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    Stepper(model, opt, None, StepConfig(torch.device("cpu"), accum_freq=accum))(micro_batches)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accum_freq_gives_the_full_batch_gradient(tiny_model):
+    images, tokens = _batch(8, seed=3)
+    ids = torch.arange(8)
+    whole = _grads(tiny_model, [(images, tokens, ids, ids)], 1)
+    halves = [(images[:4], tokens[:4], ids[:4], ids[:4]), (images[4:], tokens[4:], ids[4:], ids[4:])]
+    accum = _grads(tiny_model, halves, 2)
+    for n, g in whole.items():
+        expected = g * 2 if n == "logit_scale" else g  # cn_clip: logit_scale gets one gradient per micro-batch
+        torch.testing.assert_close(accum[n], expected, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_extra_validation_sets_early_stop_and_plot(tmp_path):
+    train, valid = make_data(tmp_path / "data", per_colour_train=2, per_colour_valid=1, colours=4)
+    general = make_split(tmp_path / "data" / "general", per_colour=1, colours=4, seed=5, first_image_id=9000,
+                         text_id_base=500)
+    calls = []
+    argv = tiny_argv(train, valid, tmp_path, max_steps=8, valid_step_interval=1, early_stop_patience=2,
+                     extra_val_data=[f"general={general}"], lr="0", skip_scheduler=True)
+    argv.remove("--no-plot")
+    out = main(argv, on_validation=calls.append)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    valid_rows = [r for r in rows if r["kind"] == "valid"]
+    # lr 0: no improvement after the first validation -> stop after 1 + 2 validations
+    assert [r["step"] for r in valid_rows if r["set"] == "valid"] == [1, 2, 3]
+    assert [r["step"] for r in valid_rows if r["set"] == "general"] == [1, 2, 3]
+    assert [c["step"] for c in calls] == [1, 2, 3] and all(c["set"] == "valid" for c in calls)
+    assert out["best"]["step"] == 1 and out["best_checkpoint"].endswith("best.pt")
+    png = tmp_path / "run" / "curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "run" / "params.json").read_text())["extra_val_data"] == [f"general={general}"]
