@@ -1,14 +1,18 @@
 """Preparation throughput: ours (``python -m solution.prepare``) vs cn_clip's ``build_lmdb_dataset.py``.
 
-Both run as subprocesses on the same base64 TSV (drawn demo images, JPEG, with the demo's share
-of PNG/GIF mess), in one run. Reported per tool: wall seconds, images/s, the ratio ours/upstream,
-the CPU the tool's processes used (user+sys of the process tree / wall, in cores) and the mean
-busy % of each core over the run (psutil; the machine may be shared, so that includes others).
+Both run as subprocesses on the same base64 TSV (drawn demo images, JPEG, with 1% PNG/GIF mess
+that ours converts), in one run, interleaved ``--repeat`` times (medians reported: the machine may
+be shared). Reported per tool: wall seconds, images/s, the ratio ours/upstream (>= 1: ours is
+not slower), the CPU its process tree used (user+sys seconds, and / wall = cores busy) and the
+mean busy % of each core over the run (psutil; that includes other users of the machine).
 
-Note that upstream only copies base64 strings into LMDB; ours decodes and checks every image
-(``--check full``) or reads JPEG markers only (``--check fast``).
+Upstream only copies base64 strings into LMDB. Ours checks every image: ``--check structural``
+(the default: JPEG marker structure on the base64 itself, no pixel decoded) or ``--check full``
+(decode every image too), and converts the non-JPEGs.
 
-    python scripts/bench_prepare.py [--quick] [--images N] [--image-size PX] [--out bench.json]
+    python scripts/bench_prepare.py [--quick] [--images N] [--repeat R] [--out bench.json]
+
+``--out`` JSON: ``{"rows": [{"metric", "ours", "upstream", "ratio", "unit"}, ...], <meta>}``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from solution.demo_data import draw_image, jpeg_bytes, messy_bytes, random_scene
+from solution.images import CHECKS
 
 
 def make_tsv(d: Path, n: int, size: int, unique: int = 200, seed: int = 0) -> None:
@@ -50,7 +56,7 @@ def make_tsv(d: Path, n: int, size: int, unique: int = 200, seed: int = 0) -> No
 
 
 def run(cmd: list[str]) -> dict:
-    """Run ``cmd``; wall time, CPU of its process tree (cores) and mean per-core busy %."""
+    """Run ``cmd``; wall time, CPU of its process tree and mean per-core busy %."""
     samples: list[list[float]] = []
     stop = threading.Event()
 
@@ -59,7 +65,7 @@ def run(cmd: list[str]) -> dict:
         while not stop.wait(0.1):
             samples.append(psutil.cpu_percent(percpu=True))
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes grandchildren (pool workers) once reaped
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     t0 = time.perf_counter()
@@ -72,50 +78,80 @@ def run(cmd: list[str]) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     per_core = [round(sum(c) / len(samples), 1) for c in zip(*samples)] if samples else []
-    return {"seconds": round(wall, 3), "cpu_cores_used": round(cpu / wall, 2), "core_busy_percent": per_core}
+    return {"seconds": wall, "cpu_seconds": cpu, "core_busy_percent": per_core}
+
+
+def _median_run(runs: list[dict], n: int) -> dict:
+    walls = sorted(r["seconds"] for r in runs)
+    mid = min(runs, key=lambda r: abs(r["seconds"] - statistics.median(walls)))
+    cpu = statistics.median(r["cpu_seconds"] for r in runs)
+    wall = statistics.median(walls)
+    return {"seconds": round(wall, 3), "seconds_all": [round(w, 3) for w in walls], "images_per_second": round(n / wall, 1),
+            "cpu_seconds": round(cpu, 3), "cpu_cores_used": round(cpu / wall, 2),
+            "core_busy_percent": mid["core_busy_percent"]}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small smoke run (2,000 images)")
+    p.add_argument("--quick", action="store_true", help="small smoke run (2,000 images, 1 repeat)")
     p.add_argument("--images", type=int, help="images in the TSV (default 20,000; --quick 2,000)")
     p.add_argument("--image-size", type=int, default=224, help="side of the drawn images (default 224)")
+    p.add_argument("--repeat", type=int, help="interleaved runs of each tool, medians reported (default 3; --quick 1)")
     p.add_argument("--workers", type=int, help="our cleaning processes (default: all cores)")
+    p.add_argument("--checks", default=",".join(CHECKS), help=f"our --check modes to run (default {','.join(CHECKS)})")
     p.add_argument("--out", help="also write the results as JSON here")
     a = p.parse_args(argv)
     n = a.images or (2_000 if a.quick else 20_000)
+    repeat = max(1, a.repeat or (1 if a.quick else 3))
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    load_before = os.getloadavg()
     try:
         make_tsv(tmp / "data", n, a.image_size)
         mb = (tmp / "data" / "train_imgs.tsv").stat().st_size / 1e6
         py = sys.executable
         workers = ["--workers", str(a.workers)] if a.workers is not None else []
-        runs = {
-            "upstream build_lmdb_dataset": [py, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir",
-                                            str(tmp / "data"), "--splits", "train", "--lmdb_dir", str(tmp / "up")],
-            "ours --check full": [py, "-m", "solution.prepare", "--data-dir", str(tmp / "data"), "--splits", "train",
-                                  "--lmdb-dir", str(tmp / "full"), "--no-progress", *workers],
-            "ours --check fast": [py, "-m", "solution.prepare", "--data-dir", str(tmp / "data"), "--splits", "train",
-                                  "--lmdb-dir", str(tmp / "fast"), "--check", "fast", "--no-progress", *workers],
-        }
-        results = {}
-        for name, cmd in runs.items():
-            r = run(cmd)
-            r["images_per_second"] = round(n / r["seconds"], 1)
-            results[name] = r
-        up = results["upstream build_lmdb_dataset"]["images_per_second"]
-        for r in results.values():
-            r["ratio_ours_over_upstream"] = round(r["images_per_second"] / up, 3)
-        load = os.getloadavg()[0]
+        runs = {"upstream": [py, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", str(tmp / "data"),
+                             "--splits", "train", "--lmdb_dir", str(tmp / "up")]}
+        checks = [c for c in a.checks.split(",") if c]
+        if not checks or set(checks) - set(CHECKS):
+            raise SystemExit(f"--checks takes some of {','.join(CHECKS)}")
+        for check in checks:
+            runs[check] = [py, "-m", "solution.prepare", "--data-dir", str(tmp / "data"), "--splits", "train",
+                           "--lmdb-dir", str(tmp / check), "--check", check, "--no-progress", *workers]
+        raw: dict[str, list[dict]] = {name: [] for name in runs}
+        for _ in range(repeat):
+            for name, cmd in runs.items():
+                raw[name].append(run(cmd))
+                shutil.rmtree(tmp / {"upstream": "up"}.get(name, name), ignore_errors=True)
+        results = {name: _median_run(r, n) for name, r in raw.items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    load_after = os.getloadavg()
 
-    print(f"{n} images of {a.image_size} px ({mb:.1f} MB of base64), {psutil.cpu_count()} cores, load {load:.1f}")
-    print(f"{'tool':30s} {'seconds':>8s} {'images/s':>10s} {'ratio':>6s} {'cores':>6s}  per-core busy %")
+    up = results["upstream"]
+    rows = []
+    for check in checks:
+        ours = results[check]
+        rows += [
+            {"metric": f"images/s, --check {check}", "ours": ours["images_per_second"],
+             "upstream": up["images_per_second"], "ratio": round(ours["images_per_second"] / up["images_per_second"], 3),
+             "unit": "images/s"},
+            {"metric": f"CPU cores busy, --check {check}", "ours": ours["cpu_cores_used"],
+             "upstream": up["cpu_cores_used"], "ratio": round(ours["cpu_cores_used"] / max(up["cpu_cores_used"], 1e-9), 3),
+             "unit": "cores"},
+            {"metric": f"CPU seconds, --check {check}", "ours": ours["cpu_seconds"], "upstream": up["cpu_seconds"],
+             "ratio": round(ours["cpu_seconds"] / max(up["cpu_seconds"], 1e-9), 3), "unit": "s"},
+        ]
+    print(f"{n} images of {a.image_size} px ({mb:.1f} MB of base64), {psutil.cpu_count()} cores, median of {repeat}, "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(f"{'metric':34s} {'ours':>9s} {'upstream':>9s} {'ratio':>6s}  unit")
+    for r in rows:
+        print(f"{r['metric']:34s} {r['ours']:9.2f} {r['upstream']:9.2f} {r['ratio']:6.2f}  {r['unit']}")
     for name, r in results.items():
-        print(f"{name:30s} {r['seconds']:8.2f} {r['images_per_second']:10.1f} {r['ratio_ours_over_upstream']:6.2f} "
-              f"{r['cpu_cores_used']:6.2f}  {r['core_busy_percent']}")
-    out = {"images": n, "image_size": a.image_size, "tsv_mb": round(mb, 1), "load_average": load, "results": results}
+        print(f"  {name:10s} wall {r['seconds_all']} s, per-core busy % {r['core_busy_percent']}")
+    out = {"rows": rows, "images": n, "image_size": a.image_size, "tsv_mb": round(mb, 1), "repeat": repeat,
+           "cores": psutil.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
+           "load_average_after": [round(x, 2) for x in load_after], "results": results}
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return out

@@ -173,7 +173,9 @@ def main(argv=None) -> dict:
         ckpt = save_checkpoint(tmp / "start.pt", sd, config)
         t = {}
         t["upstream"] = run_upstream(model, sd, config.image_resolution, split, a, device)
+        print(f"upstream: {t['upstream']:.3f} s/step", file=sys.stderr, flush=True)
         t["bare"] = run_bare(model, sd, config, split, a, device)
+        print(f"bare: {t['bare']:.3f} s/step", file=sys.stderr, flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

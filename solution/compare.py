@@ -10,10 +10,11 @@
 - any other folder: searched (a few levels deep) for the above.
 
 One row per run / soup / trial: best validation mean recall and R@1/5/10 (runs: the best
-validation of the main set; soups: the chosen soup, scored on the selection part of the queries,
-with the held-out part's score in ``held_out_mr`` when ``--select-split`` was used; trials: their
-run's best, else the study's value), the step, and the settings that differ between rows
-(``--params`` to choose them). Sorted by mean recall, the best marked ``*``. The PNG shows mean
+validation of the main set; trials: their run's best, else the study's value; soups: the chosen
+soup over all the validation queries, and with ``--select-split`` the score it was chosen on in
+``select_mr`` and the other part's in ``held_out_mr``, the honest one; ``vs_best_single`` is the
+soup minus its best ingredient on the selection part), the step, and the settings that differ
+between rows (``--params`` to choose them). Sorted by mean recall, the best marked ``*``. The PNG shows mean
 recall per run over steps and per soup over rounds (candidates as dots, the kept path as a line).
 """
 from __future__ import annotations
@@ -116,12 +117,16 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
             kept = [r for r in lines if r.get("kept") and r.get("mean_recall") is not None]
             final = max(kept, key=lambda r: r["mean_recall"]) if kept else (lines[-1] if lines else {})
         report = final.get("report") or {}
+        # With --select-split: the table's scores are over all the validation queries (comparable with
+        # runs); the score the soup was chosen on and the held-out part's go in their own columns.
+        scores = final.get("all") or final
         mr = final.get("mean_recall")
         curve = [(i, r.get("mean_recall"), bool(r.get("kept"))) for i, r in enumerate(lines)]
         settings = {"method": m, "members": len(final.get("members") or []),
                     "alpha": final.get("alpha", 1.0) if any("alpha" in r for r in lines) else None}
-        extra = {"vs_best_single": (mr - best_single) if mr is not None and best_single is not None else None}
-        out.append(Entry(name if len(methods) == 1 else f"{name}:{m}", "soup", {k: final.get(k) for k in SCORES},
+        extra = {"vs_best_single": (mr - best_single) if mr is not None and best_single is not None else None,
+                 "select_mr": mr if final.get("all") else None}
+        out.append(Entry(name if len(methods) == 1 else f"{name}:{m}", "soup", {k: scores.get(k) for k in SCORES},
                          None, report.get("mean_recall"), {k: v for k, v in settings.items() if v is not None},
                          curve, extra))
     return out
@@ -221,17 +226,19 @@ def table(entries: Sequence[Entry], params: Sequence[str] | None = None) -> pd.D
         params = varying[:MAX_AUTO_PARAMS]
     rows = []
     for e in entries:
-        row = {"name": e.name, "kind": e.kind, **{k: e.scores.get(k) for k in SCORES}, "held_out_mr": e.held_out,
-               "step": e.step, "vs_best_single": e.extra.get("vs_best_single")}
+        row = {"name": e.name, "kind": e.kind, **{k: e.scores.get(k) for k in SCORES},
+               "select_mr": e.extra.get("select_mr"), "held_out_mr": e.held_out, "step": e.step,
+               "vs_best_single": e.extra.get("vs_best_single")}
         row.update({k: e.settings.get(k) for k in params})
         rows.append(row)
-    df = pd.DataFrame(rows, columns=["name", "kind", *SCORES, "held_out_mr", "step", "vs_best_single", *params])
-    for col in ("held_out_mr", "step", "vs_best_single"):
+    df = pd.DataFrame(rows, columns=["name", "kind", *SCORES, "select_mr", "held_out_mr", "step", "vs_best_single",
+                                     *params])
+    for col in ("select_mr", "held_out_mr", "step", "vs_best_single"):
         if col in df and df[col].isna().all():
             df = df.drop(columns=col)
     for col in df.columns:  # whole numbers stay whole (pandas would make them floats beside a gap)
         vals = df[col].dropna()
-        if col not in (*SCORES, "held_out_mr", "vs_best_single") and len(vals) and all(
+        if col not in (*SCORES, "select_mr", "held_out_mr", "vs_best_single") and len(vals) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in vals):
             df[col] = df[col].astype("Int64")
     df = df.sort_values("mean_recall", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
@@ -240,10 +247,10 @@ def table(entries: Sequence[Entry], params: Sequence[str] | None = None) -> pd.D
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    percent = {*SCORES, "held_out_mr", "vs_best_single"}
+    percent = {*SCORES, "select_mr", "held_out_mr", "vs_best_single"}
 
     def cell(v, col: str) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
             return ""
         if isinstance(v, float):
             if col in percent:

@@ -24,7 +24,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 from .common import SolutionError, atomic_path, run_cli

@@ -513,14 +513,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result: dict = {}
     if args.extract_text_feats:
         ids, texts = _read_texts(args.text_data)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         feats = encode_texts(model, texts, config, batch_size=args.text_batch_size, device=device,
                              precision=precision, progress=progress)
         paths = save_features(text_out, "text", ids, feats, fmt=args.format,
                               meta={**provenance, "data": str(Path(args.text_data).resolve())})
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         log.info("%d text features in %.1f s (%.1f texts/s) -> %s", len(ids), secs, len(ids) / max(secs, 1e-9), paths[0])
-        result["text"] = {"path": str(paths[0]), "count": len(ids), "seconds": secs}
+        result["text"] = {"path": str(paths[0]), "count": len(ids), "seconds": secs, "cpu_seconds": cpu}
     if args.extract_image_feats:
         split = LMDBSplit(args.image_data, need_pairs=False)
         cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())

@@ -66,7 +66,7 @@ def write_split(split_dir: str | os.PathLike, images: Iterable[tuple[int, bytes]
             for row in rows:
                 if sub == "imgs":
                     image_id, b64 = row
-                    txn.put(str(int(image_id)).encode(), b64 if isinstance(b64, bytes) else b64.encode())
+                    txn.put(str(int(image_id)).encode(), b64.encode() if isinstance(b64, str) else b64)  # any bytes-like
                 else:
                     txn.put(str(n).encode(), dumps_pair(*row))
                 n += 1

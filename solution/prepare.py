@@ -19,6 +19,12 @@ Output: ``LMDB_DIR/{split}/imgs`` and ``LMDB_DIR/{split}/pairs`` (``LMDB_DIR`` d
 ``DIR/lmdb``), exactly as cn_clip's builder writes them, plus ``LMDB_DIR/{split}/report.json``.
 Images are cleaned in parallel (``solution.images``); bad images, duplicate ids and texts
 whose images are all missing are skipped and listed in the report, never a crash.
+
+Speed (a MUGE TSV): the TSV is memory-mapped; worker processes get ``(offset, length)`` of 1 MiB
+blocks of lines, read them from the page cache, check every image (``--check``, see
+``solution.images``) and send back only the lines that are not plain (an image to convert or
+skip, a bad id, ...). Meanwhile this process stores each plain line's base64 straight from the
+mapping into LMDB (no decode, no copy, no per-commit fsync): the same work cn_clip's builder does.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import base64
 import contextlib
 import json
 import logging
+import mmap
 import multiprocessing as mp
 import os
 import shutil
@@ -40,7 +47,8 @@ from typing import Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from .common import SolutionError, atomic_path, run_cli, write_json, write_jsonl
-from .images import CHECKS, DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, REASONS, clean_b64, clean_image, jpeg_b64_info
+from .images import (B64_ALPHABET, CHECKS, DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, REASONS, clean_b64, clean_image,
+                     jpeg_b64_span)
 from .lmdb_io import write_split
 from .prepare_inputs import SplitInput, Text, read_muge, read_table, split_off_valid
 
@@ -83,50 +91,69 @@ def _clean_tsv_line(lineno: int, line: bytes) -> tuple:
         return (lineno, None, "skipped", "corrupt", f"{type(e).__name__}: {e}", [], None, None)
 
 
-def _check_tsv_block(lineno0: int, block: bytes) -> dict[int, tuple | None]:
+# What a plain line leaves outside the base64 alphabet -> (padding, a CR before the LF)
+_PLAIN_LEFT = {b"\t": (0, 0), b"\t=": (1, 0), b"\t==": (2, 0), b"\t\r": (0, 1), b"\t=\r": (1, 1), b"\t==\r": (2, 1)}
+
+
+def _check_tsv_block(block: bytes) -> dict[int, tuple | None]:
     """Check a block of whole TSV lines; the result lists only the lines that are *not* plain.
 
-    A plain line is ``digits<TAB>base64`` (a canonical decimal id, one tab, no CR) whose image is
-    kept exactly as it is: the parent stores it straight from its own copy of the block. Every
-    other line ``j`` of ``block.split(b"\\n")`` maps to the tuple of :func:`_clean_tsv_line`, or to
-    None when blank. On a clean TSV the result is an empty dict: almost nothing travels back.
+    A plain line is ``digits<TAB>base64[CR]`` (a canonical decimal id, one tab, strict base64) whose
+    image is kept exactly as it is: the parent stores it straight from its own view of the
+    file. Every other line ``j`` (counted in the block, from 0) maps to the tuple of
+    :func:`_clean_tsv_line` (with ``j`` as its line number), or to None when blank. On a clean TSV
+    the result is an empty dict: almost nothing travels back from the workers.
+
+    With ``check="structural"`` the base64 alphabet of the whole block is checked in one C pass and
+    each line costs a header walk (:func:`solution.images.jpeg_b64_span`); nothing is decoded but
+    the JPEG headers and tails.
     """
     structural = _OPTS.get("check", CHECKS[0]) == "structural"
     max_side, max_pixels = _OPTS.get("max_side"), _OPTS.get("max_pixels", DEFAULT_MAX_PIXELS)
     special: dict[int, tuple | None] = {}
-    for j, line in enumerate(block.split(b"\n")):
-        parts = line.split(b"\t")
-        if len(parts) == 2 and parts[0].isdigit() and (parts[0][0] != 0x30 or len(parts[0]) == 1):
-            key, b64 = parts
+    lefts = block.translate(None, B64_ALPHABET).split(b"\n") if structural else None
+    s, end, j = 0, len(block), 0
+    while s < end:
+        e = block.find(b"\n", s)
+        if e < 0:
+            e = end
+        t = block.find(b"\t", s, e)
+        if t > s and block[s:t].isdigit() and (block[s] != 0x30 or t == s + 1):
             if structural:
-                info = jpeg_b64_info(b64)
-                if info is not None and info.keepable(max_side, max_pixels):
-                    continue
+                plain = _PLAIN_LEFT.get(lefts[j])
+                if plain is not None:
+                    info = jpeg_b64_span(block, t + 1, e - plain[1], plain[0])
+                    if info is not None and info.keepable(max_side, max_pixels):
+                        s, j = e + 1, j + 1
+                        continue
             else:
+                b64 = block[t + 1:e]
                 try:
                     r = clean_b64(b64, **_OPTS)
-                except Exception as e:  # noqa: BLE001 - never let one line kill the pool
-                    special[j] = (lineno0 + j, int(key), "skipped", "corrupt", f"{type(e).__name__}: {e}", [],
-                                  None, None)
-                    continue
-                if r.status != "kept" or r.data is not b64:
-                    special[j] = (lineno0 + j, int(key), r.status, r.reason, r.detail, r.actions, r.format, r.data)
+                    if r.status != "kept" or r.data is not b64:
+                        special[j] = (j, int(block[s:t]), r.status, r.reason, r.detail, r.actions, r.format, r.data)
+                except Exception as ex:  # noqa: BLE001 - never let one line kill the pool
+                    special[j] = (j, int(block[s:t]), "skipped", "corrupt", f"{type(ex).__name__}: {ex}", [], None,
+                                  None)
+                s, j = e + 1, j + 1
                 continue
-        special[j] = _clean_tsv_line(lineno0 + j, line) if line.strip() else None
+        line = block[s:e]
+        special[j] = _clean_tsv_line(j, line) if line.strip() else None
+        s, j = e + 1, j + 1
     return special
 
 
-def _check_tsv_task(task: tuple[int, str, int, int]) -> dict[int, tuple | None]:
+def _check_tsv_task(task: tuple[str, int, int]) -> dict[int, tuple | None]:
     """Worker side of :func:`_check_tsv_block`: it reads the block itself, by offset (from the page
-    cache), so only ``(first line number, path, offset, length)`` goes down the pipe."""
-    lineno0, path, offset, length = task
+    cache), so only ``(path, offset, length)`` goes down the pipe."""
+    path, offset, length = task
     fd = _FDS.get(path)
     if fd is None:
         fd = _FDS[path] = os.open(path, os.O_RDONLY)
     block = os.pread(fd, length, offset)
     if len(block) != length:
         raise OSError(f"{path} changed while it was being read")
-    return _check_tsv_block(lineno0, block)
+    return _check_tsv_block(block)
 
 
 def _clean_file(item: tuple[int, str]) -> tuple:
@@ -184,29 +211,37 @@ def _cleaned(func, items: Iterable, workers: int, opts: dict, task=None, local=N
         yield results()
 
 
-def _tsv_blocks(path: Path, size: int = TSV_BLOCK) -> Iterator[tuple[int, int, bytes]]:
-    """Blocks of about ``size`` bytes of whole lines: (number of the first line, file offset, bytes)."""
-    lineno, offset, rest = 1, 0, b""
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[mmap.mmap]:
+    """The file, memory-mapped read-only (the page cache, shared with the workers, no copy)."""
     with open(path, "rb") as f:
-        first = True
-        while True:
-            block = f.read(size)
-            if not block:
-                break
-            if first and block.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
-                block, offset = block[3:], 3
-            first = False
-            block = rest + block
-            cut = block.rfind(b"\n") + 1
-            if cut == 0:
-                rest = block
-                continue
-            chunk, rest = block[:cut], block[cut:]
-            yield lineno, offset, chunk
-            lineno += chunk.count(b"\n")
-            offset += cut
-    if rest:
-        yield lineno, offset, rest
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_SEQUENTIAL"):
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+    try:
+        yield mm
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a view still alive (e.g. in a traceback): the mapping goes with it
+            pass
+
+
+def _tsv_blocks(mm, size: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of blocks of about ``size`` (default :data:`TSV_BLOCK`) bytes of whole
+    lines of a mapped TSV."""
+    size = size or TSV_BLOCK
+    n = len(mm)
+    offset = 3 if mm[:3] == b"\xef\xbb\xbf" else 0  # a UTF-8 byte order mark
+    while offset < n:
+        stop = offset + size
+        if stop < n:
+            cut = mm.find(b"\n", stop)
+            stop = n if cut < 0 else cut + 1
+        else:
+            stop = n
+        yield offset, stop - offset
+        offset = stop
 
 
 # ---------------------------------------------------------------- one split
@@ -338,9 +373,10 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text]]], lmdb_dir:
         if split.tsv is not None:
             size = split.tsv.stat().st_size
             path = str(split.tsv)
+            mm = stack.enter_context(_mapped(split.tsv)) if size else b""
             cleaned = stack.enter_context(_cleaned(
-                _check_tsv_task, _tsv_blocks(split.tsv), workers if size >= MIN_PARALLEL_BYTES else 1, opts,
-                task=lambda b: (b[0], path, b[1], len(b[2])), local=lambda b: _check_tsv_block(b[0], b[2])))
+                _check_tsv_task, _tsv_blocks(mm), workers if size >= MIN_PARALLEL_BYTES else 1, opts,
+                task=lambda b: (path, b[0], b[1]), local=lambda b: _check_tsv_block(mm[b[0]:b[0] + b[1]])))
             bar = stack.enter_context(tqdm(total=size, desc=f"cleaning {split.name}", unit="B", unit_scale=True,
                                            disable=not progress, mininterval=1.0))
         else:
@@ -383,28 +419,39 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text]]], lmdb_dir:
                     bar.update(len(batch))
                 return
             led = ledgers[0]
-            kept_add, first_set = led.kept_ids.add, first_where.__setitem__
-            for (lineno0, _, block), special in cleaned:
-                n_plain = 0
-                for j, line in enumerate(block.split(b"\n")):
-                    r = special.get(j, False)
-                    if r is False:  # a plain line, kept as it is: the common case, kept cheap
-                        key, b64 = line.split(b"\t")
-                        image_id = int(key)
-                        if plain and image_id not in first_where:
-                            first_set(image_id, lineno0 + j)
-                            kept_add(image_id)
-                            n_plain += 1
-                            yield key, b64
-                            continue
-                        r = (lineno0 + j, image_id, "kept", None, "", [], "JPEG", b64)
-                        yield from one(*r)
-                    elif r is not None:
-                        yield from one(*r)
-                if n_plain:
-                    led.counts.update(images_total=n_plain, kept=n_plain)
-                    led.formats["JPEG"] += n_plain
-                bar.update(len(block))
+            kept_add, first_set, find = led.kept_ids.add, first_where.__setitem__, mm.find
+            view = memoryview(mm)
+            lineno0 = 1
+            try:
+                for (s, length), special in cleaned:
+                    end, j, n_plain = s + length, 0, 0
+                    while s < end:
+                        e = find(b"\n", s, end)
+                        if e < 0:
+                            e = end
+                        r = special.get(j, False)
+                        if r is False:  # a plain line, kept as it is: the common case, kept cheap
+                            t = find(b"\t", s, e)
+                            key = mm[s:t]
+                            image_id = int(key)
+                            stop = e - 1 if mm[e - 1] == 13 else e  # CR LF
+                            if plain and image_id not in first_where:
+                                first_set(image_id, lineno0 + j)
+                                kept_add(image_id)
+                                n_plain += 1
+                                yield key, view[t + 1:stop]  # straight from the mapped file into LMDB
+                            else:
+                                yield from one(lineno0 + j, image_id, "kept", None, "", [], "JPEG", mm[t + 1:stop])
+                        elif r is not None:
+                            yield from one(lineno0 + j, *r[1:])
+                        s, j = e + 1, j + 1
+                    lineno0 += j
+                    if n_plain:
+                        led.counts.update(images_total=n_plain, kept=n_plain)
+                        led.formats["JPEG"] += n_plain
+                    bar.update(length)
+            finally:
+                view.release()
 
         def spooled(path: Path) -> Iterator[tuple[int, bytes]]:
             with open(path, "rb") as f:
@@ -515,8 +562,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images declaring more pixels are skipped as decompression bombs")
     p.add_argument("--check", choices=CHECKS, default=CHECKS[0],
-                   help="full: decode every image; fast: keep clean RGB JPEGs after reading their markers only "
-                        "(much faster; misses damage inside the compressed data)")
+                   help="how a JPEG is checked before it is kept byte for byte. structural (default): its marker "
+                        "structure only, no pixel decoded (header, plain RGB frame, no EXIF rotation, a scan, the "
+                        "end marker): about as fast as cn_clip's builder, but damage inside the compressed data of "
+                        "an otherwise intact file goes unnoticed (solution.data decodes defensively: such an image "
+                        "trains with artefacts or is dropped, never a crash). full: decode every image as well; "
+                        "catches that too, several times slower")
     p.add_argument("--workers", type=int, help="cleaning processes (default: all cores; 0 or 1: in-process)")
     p.add_argument("--make-valid", type=float, metavar="FRACTION",
                    help="split this fraction of the first split's queries off as a validation split")

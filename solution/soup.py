@@ -122,7 +122,7 @@ class Scorer:
         self.val, self.config, self.cache, self.cache_path = val, config, cache, cache_path
         self.device, self.batch_size, self.num_workers, self.precision = device, batch_size, num_workers, precision
         self.round_to = round_to
-        self.prefix = f"{val.key}|{precision}|{torch.device(device).type}|"
+        self.prefix = f"v2|{val.key}|{precision}|{torch.device(device).type}|"
         self._model = None
         self._owned = False  # the model has storage of its own (else it reads one of our buffers, or is on meta)
 
@@ -185,6 +185,7 @@ class Scorer:
 
         result = recall(self.val.select, feats[:n])
         result["report"] = recall(self.val.report, feats[n:]) if self.val.report else None
+        result["all"] = recall(tids, feats) if self.val.report else None  # all queries, comparable with runs
         self.cache["scores"][self.prefix + key] = result
         write_json(self.cache_path, self.cache, indent=None)
         return dict(result)
@@ -243,6 +244,7 @@ class Souper:
         if soup.score:
             recipe["score"] = {k: soup.score.get(k) for k in ("r1", "r5", "r10", "mean_recall")}
             recipe["report"] = soup.score.get("report")
+            recipe["all"] = soup.score.get("all")
         tuning = dict(self.config.tuning or {})
         if tuning.get("mode") == "lora":
             tuning["merged"] = True
@@ -340,8 +342,9 @@ def log_row(method: str, rnd: int, members: dict, score: dict | None, kept: bool
     score = score or {}
     row = {"method": method, "round": rnd, "members": list(members), "weights": [float(w) for w in members.values()],
            **{k: score.get(k) for k in ("r1", "r5", "r10", "mean_recall")}, "kept": bool(kept)}
-    if score.get("report"):
-        row["report"] = score["report"]
+    for part in ("report", "all"):
+        if score.get(part):
+            row[part] = score[part]
     if score.get("cached"):
         row["cached"] = True
     row.update(extra)
@@ -568,8 +571,9 @@ def _scores(score: dict | None) -> dict:
     if not score:
         return {}
     out = {k: score.get(k) for k in ("r1", "r5", "r10", "mean_recall")}
-    if score.get("report"):
-        out["report"] = score["report"]
+    for part in ("report", "all"):
+        if score.get(part):
+            out[part] = score[part]
     return out
 
 

@@ -2,7 +2,9 @@
 
 ``bash Chinese-CLIP/train_clip.sh [flags]`` = ``python -m solution.train [flags]``; cn_clip's own
 training flags keep their names, meanings and defaults (see :mod:`solution.train_args`).
-Multi-process: ``torchrun --nproc_per_node N -m solution.train ...`` (NCCL on GPU, gloo on CPU).
+Multi-process: ``torchrun --nproc_per_node N -m solution.train ...`` (NCCL on GPU, gloo on CPU);
+``--batch-size`` is per process. Rank 0 writes every file and runs validation (the same
+``solution.features.evaluate_split`` the offline evaluator uses) while the other ranks wait.
 
 Outputs under ``{logs}/{name}/`` (see :mod:`solution.train_state`): checkpoints, ``params.json``,
 ``metrics.jsonl`` (``{"step", "epoch", "kind": "train"|"valid", ...}``), ``curves.png``.
@@ -20,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 

@@ -13,6 +13,7 @@ Where a run starts from (first match wins):
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from cn_clip_patch.prompt import PromptError, check_prompt
-from cn_clip_patch.tuning import DEFAULT_LORA_TARGETS, apply_tuning, trainable_summary, tuning_recipe
+from cn_clip_patch.tuning import (DEFAULT_LORA_TARGETS, apply_tuning, set_grad_checkpointing, trainable_summary,
+                                  tuning_recipe)
 
 from .common import SolutionError, resolve_device
 from .train_args import default_optim
@@ -59,7 +61,9 @@ def init_distributed(device_flag: str) -> Dist:
         torch.cuda.set_device(device)
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # validation runs on rank 0 while the others wait: allow long validations (default 2 h)
+        timeout = datetime.timedelta(minutes=float(os.environ.get("SOLUTION_DIST_TIMEOUT_MIN", "120")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         owns = True
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 
@@ -134,7 +138,7 @@ def build(args, config: ModelConfig, start: Start) -> nn.Module:
             raise SolutionError(f"{start.source}: its LoRA state does not fit --lora-* flags of this command "
                                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
     if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        set_grad_checkpointing(model, True)
     trainable, total = trainable_summary(model)
     if trainable == 0:
         raise SolutionError("nothing to train: every parameter is frozen (check --freeze-vision/--freeze-text)")
@@ -204,6 +208,4 @@ def wrap(model: nn.Module, d: Dist, args) -> nn.Module:
         if args.use_bn_sync:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        if args.grad_checkpointing:
-            model._set_static_graph()
     return model

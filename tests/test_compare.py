@@ -34,7 +34,8 @@ def _soup(path, with_summary=True):
     rows += [
         {"method": "greedy", "round": 0, "members": ["a.pt"], "weights": [1.0], "mean_recall": 40.0, "kept": True},
         {"method": "greedy", "round": 1, "members": ["a.pt", "b.pt"], "weights": [0.5, 0.5], "r1": 40.0, "r5": 45.0,
-         "r10": 50.0, "mean_recall": 45.0, "kept": True, "report": {"mean_recall": 43.0}},
+         "r10": 50.0, "mean_recall": 45.0, "kept": True, "report": {"mean_recall": 43.0},
+         "all": {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0}},
         {"method": "greedy", "round": 2, "members": ["a.pt", "b.pt", "c.pt"], "weights": [1 / 3] * 3,
          "mean_recall": 41.0, "kept": False},
     ]
@@ -42,7 +43,8 @@ def _soup(path, with_summary=True):
     if with_summary:
         write_json(path / "summary.json", {"soup": str(path / "soup.pt"), "method": "greedy", "soups": {"greedy": {
             "members": ["a.pt", "b.pt"], "weights": [0.5, 0.5], "r1": 40.0, "r5": 45.0, "r10": 50.0,
-            "mean_recall": 45.0, "report": {"mean_recall": 43.0}}}})
+            "mean_recall": 45.0, "report": {"mean_recall": 43.0},
+            "all": {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0}}}})
     return path
 
 
@@ -82,7 +84,9 @@ def test_table_sorted_with_best_marked(tree, monkeypatch):
                                 "logs/run_b", "search/st/trial 2"]
     assert list(df["best"]) == ["*", "", "", "", "", ""]
     mr = [float(x) if x != "" else float("nan") for x in df["mean_recall"]]
-    assert mr[:5] == [45.0, 42.0, 35.0, 33.5, 28.0] and mr[5] != mr[5]  # the pruned trial has no score: last
+    assert mr[:5] == [44.0, 42.0, 35.0, 33.5, 28.0] and mr[5] != mr[5]  # the pruned trial has no score: last
+    # the soup's row: all queries in mean_recall, the selection and held-out parts beside it
+    assert float(df.loc[0, "select_mr"]) == 45.0 and float(df.loc[0, "held_out_mr"]) == 43.0
 
 
 def test_run_best_is_the_main_set_and_its_step(tree):
@@ -105,14 +109,16 @@ def test_settings_that_differ_are_shown(tree):
 
 def test_soup_rows_from_summary_and_from_log(tree, tmp_path):
     (e,) = compare.read_soup(tree / "soups" / "s1", "s1")
-    assert (e.kind, e.scores["mean_recall"], e.held_out, e.settings["members"]) == ("soup", 45.0, 43.0, 2)
+    assert (e.kind, e.scores["mean_recall"], e.held_out, e.settings["members"]) == ("soup", 44.0, 43.0, 2)
+    assert e.scores["r1"] == 39.0 and e.extra["select_mr"] == 45.0
     assert e.extra["vs_best_single"] == pytest.approx(5.0)
     assert [m for _, m, _ in e.curve] == [40.0, 45.0, 41.0]
     bare = tmp_path / "bare"
     bare.mkdir()
     _soup(bare, with_summary=False)
     (b,) = compare.read_soup(bare, "bare")
-    assert b.scores["mean_recall"] == 45.0 and b.held_out == 43.0  # the best kept candidate
+    assert b.scores["mean_recall"] == 44.0 and b.held_out == 43.0  # the best kept candidate
+    assert b.extra["select_mr"] == 45.0
 
 
 def test_study_rows(tree):
@@ -128,7 +134,7 @@ def test_markdown_output_file_and_plot(tree, tmp_path):
     text = compare.main([str(tree / "logs"), str(tree / "soups"), "--output", str(out), "--plot", str(png)])
     lines = text.strip().splitlines()
     assert lines[0].startswith("| best | name | kind | mean_recall")
-    assert lines[2].startswith("| * |") and "45.00" in lines[2]
+    assert lines[2].startswith("| * |") and "44.00" in lines[2] and "<NA>" not in text
     assert out.read_text(encoding="utf-8") == text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 5000

@@ -13,6 +13,10 @@ from solution.evaluate import main
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = {"t2i": "cn_clip.eval.evaluation", "i2t": "cn_clip.eval.evaluation_tr"}
+
+# runpy warns when another test file already imported the module it runs as __main__: harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+
 KEYS = {"t2i": ("text_id", "image_ids"), "i2t": ("image_id", "text_ids")}
 
 

@@ -43,8 +43,12 @@ def data(tmp_path_factory):
     return d
 
 
+LORA_MERGED = {"mode": "lora", "lora": {"r": 4, "alpha": 8}, "merged": True}  # what the trainer stores
+
+
 def _checkpoint(path, seed=0, prompt=PROMPT, model_info=None, **extra):
-    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32, text_prompt=prompt, **({"model_info": model_info} if model_info else {}))
+    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32, text_prompt=prompt, tuning=LORA_MERGED,
+                      **({"model_info": model_info} if model_info else {}))
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     save_checkpoint(path, model.state_dict(), cfg, epoch=1, step=10, **extra)
@@ -65,6 +69,7 @@ def test_prompt_checkpoint_extracts_with_its_prompt(data, tmp_path, caplog):
     assert txt.ids.tolist() == list(range(1000, 1006))
     np.testing.assert_allclose(txt.feats, encode_texts(model, TEXTS, cfg), atol=1e-6)
     assert txt.meta["prompt"] == PROMPT and txt.meta["config"]["context_length"] == 32
+    assert txt.meta["config"]["tuning"]["mode"] == "lora"  # a LoRA-and-prompt checkpoint needs no flags
     # Key order, as cn_clip's extractor walks the LMDB ("99" after "111").
     assert img.ids.tolist() == LMDBSplit(data / "lmdb/valid").image_ids() and img.ids[-1] == 99
     ids, ref = encode_images(model, data / "lmdb/valid", cfg)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from solution.images import clean_b64, clean_image, decode_base64, inspect_jpeg, sniff_format
+from solution.images import CHECKS, clean_b64, clean_image, decode_base64, inspect_jpeg, jpeg_b64_info, sniff_format
 
 
 def _picture(w=48, h=32):
@@ -45,7 +45,7 @@ def test_a_jpg_that_is_really_something_else_is_decoded_by_its_bytes(fmt):
 
 def test_clean_rgb_jpeg_is_kept_byte_for_byte():
     data = _save(_picture(), "JPEG", quality=90)
-    for check in ("full", "fast"):
+    for check in CHECKS:
         res = clean_image(data, check=check)
         assert res.status == "kept" and res.data == data and res.size == (48, 32)
 
@@ -101,7 +101,7 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     data = _save(_picture(48, 32), "JPEG", exif=exif.tobytes())
     assert inspect_jpeg(data).orientation == 6
-    for check in ("full", "fast"):
+    for check in CHECKS:
         res = clean_image(data, check=check)
         assert "exif_orientation" in res.actions
         im = _decoded(res)
@@ -148,7 +148,9 @@ def test_failures_are_classified_never_raised():
     assert clean_image(png[:40] + b"\x00" * 40 + png[80:]).reason in ("corrupt", "truncated")
     assert clean_image(png[: len(png) - 30]).reason == "truncated"
     assert clean_image(jpeg, max_pixels=1000).reason == "decompression_bomb"
-    assert clean_image(jpeg[: len(jpeg) // 2], check="fast").reason == "truncated"  # fast still catches it
+    assert clean_image(jpeg[: len(jpeg) // 2], check="structural").reason == "truncated"  # no EOI: caught unread
+    with pytest.raises(ValueError):
+        clean_image(jpeg, check="fast")  # a typo is not silently a slower or weaker check
 
 
 def test_base64_variants():
@@ -166,3 +168,73 @@ def test_base64_variants():
     converted = clean_b64(base64.b64encode(_save(_picture(), "PNG")))
     assert converted.status == "converted"
     assert Image.open(io.BytesIO(base64.urlsafe_b64decode(converted.data))).format == "JPEG"
+
+
+def _exif(orientation, description_len=0):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if description_len:
+        exif[0x010E] = "x" * description_len  # makes the APP1 segment run far past the decoded prefix
+    return exif.tobytes()
+
+
+def test_structural_check_reads_the_header_on_the_base64_itself():
+    pic = _picture(64, 48)
+    kinds = {
+        "baseline": _save(pic, "JPEG", quality=90),
+        "progressive": _save(pic, "JPEG", progressive=True),
+        "long_icc_header": _save(pic, "JPEG", icc_profile=bytes(range(256)) * 20),  # SOF 5 kB in
+        "exif_upright": _save(pic, "JPEG", exif=_exif(1, 3000)),
+    }
+    for name, data in kinds.items():
+        info = inspect_jpeg(data)
+        assert info is not None and info.keepable() and (info.width, info.height) == (64, 48), name
+        for enc in (base64.b64encode, base64.urlsafe_b64encode):
+            b64 = enc(data)
+            assert jpeg_b64_info(b64) == info, name
+            res = clean_b64(b64)
+            assert res.status == "kept" and res.data is b64 and res.size == (64, 48), name  # passed through
+    assert inspect_jpeg(kinds["progressive"]).sof == 0xC2
+    assert not inspect_jpeg(kinds["baseline"]).keepable(max_side=32)
+    assert not inspect_jpeg(kinds["baseline"]).keepable(max_pixels=1000)
+    rotated = _save(pic, "JPEG", exif=_exif(6, 3000))  # orientation read from a segment beyond the prefix
+    assert jpeg_b64_info(base64.b64encode(rotated)).orientation == 6
+
+
+def test_structural_check_sends_each_messy_jpeg_down_the_right_path():
+    good = _save(_picture(64, 64), "JPEG")
+    sos = good.index(b"\xff\xda")
+    cases = {  # bytes -> (what the header walk says, status, reason or action of the full path)
+        "tail_cut": (good[: (sos + len(good)) // 2], "incomplete", "skipped", "truncated"),  # cut inside the scan
+        "eoi_without_scan": (good[:sos] + b"\xff\xd9", None, "skipped", "corrupt"),
+        "cmyk": (_save(_picture().convert("CMYK"), "JPEG"), "adobe", "converted", "mode_CMYK"),
+        "grayscale": (_save(_picture().convert("L"), "JPEG"), "1 component", "converted", "mode_L"),
+        "exif_rotated": (_save(_picture(), "JPEG", exif=_exif(6)), "orientation 6", "converted", "exif_orientation"),
+    }
+    for name, (data, header, status, why) in cases.items():
+        info = inspect_jpeg(data)
+        if header is None:
+            assert info is None, name
+        else:
+            assert info is not None and not info.keepable(), name
+            assert {"incomplete": not info.complete, "adobe": info.adobe and info.components == 4,
+                    "1 component": info.components == 1, "orientation 6": info.orientation == 6}[header], name
+        b64 = base64.urlsafe_b64encode(data)
+        assert (jpeg_b64_info(b64) is None) == (info is None), name
+        for res in (clean_image(data), clean_b64(b64)):
+            assert res.status == status, (name, res)
+            assert res.reason == why if status == "skipped" else why in res.actions, (name, res)
+    bomb = clean_image(good, max_pixels=1000)
+    assert bomb.reason == "decompression_bomb"
+
+
+def test_structural_check_insists_on_strict_base64():
+    data = _save(_picture(), "JPEG")
+    url = base64.urlsafe_b64encode(data)
+    assert clean_b64(url[:100] + b"*" + url[101:]).reason == "invalid_base64"
+    assert clean_b64(url[:100] + b"=" + url[101:]).reason == "invalid_base64"  # padding in the middle
+    assert not jpeg_b64_info(url[:-4]).complete  # whole groups, but the end marker is gone
+    wrapped = b"\n".join(url[i:i + 76] for i in range(0, len(url), 76))  # MIME line breaks
+    assert jpeg_b64_info(wrapped) is None
+    res = clean_b64(wrapped)  # not strict: decoded the tolerant way and stored canonical
+    assert res.status == "kept" and res.data == url

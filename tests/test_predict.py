@@ -12,6 +12,10 @@ from solution.features import save_features
 from solution.predict import auto_chunk, main, rank
 
 
+# runpy warns when another test file already imported the module it runs as __main__: harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+
+
 def _unit(rng, n, d):
     x = rng.standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -232,6 +232,7 @@ def test_parallel_matches_in_process_and_resizes(tmp_path, monkeypatch):
     d = tmp_path / "demo"
     generate(d, preset="tiny")
     monkeypatch.setattr(prep, "MIN_PARALLEL", 0)
+    monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)
     serial = prepare(d, "train", lmdb_dir=tmp_path / "a", workers=1, max_side=32, progress=False)["train"]
     parallel = prepare(d, "train", lmdb_dir=tmp_path / "b", workers=2, max_side=32, progress=False)["train"]
     for key in ("num_images", "num_samples", "images", "skipped_images", "texts"):
@@ -259,3 +260,54 @@ def test_rebuild_replaces_old_lmdb_and_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "bad" / "x.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(SolutionError, match="text and image_path"):
         prepare(tmp_path / "out", "train", csv=tmp_path / "bad" / "x.csv")
+
+
+def _noisy_jpeg(seed, size=(48, 40), **kw):
+    import numpy as np
+
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_plain_lines_stream_through_and_every_check_agrees(tmp_path, monkeypatch):
+    """Small blocks over two workers: plain lines (standard or URL-safe base64, CRLF) go straight to
+    LMDB, everything else through the full path; both checks and the in-process path agree."""
+    good = [_noisy_jpeg(i) for i in range(6)]
+    cut = good[5][: len(good[5]) - 200]
+    rows = [b"1\t" + base64.urlsafe_b64encode(good[0]),
+            b"2\t" + base64.b64encode(good[1]),
+            b"3\t" + base64.urlsafe_b64encode(good[2]) + b"\r",                      # CRLF
+            b"004\t" + base64.urlsafe_b64encode(good[3]),                             # id not canonical
+            b"",                                                                       # blank
+            b"5\t" + base64.urlsafe_b64encode(_noisy_jpeg(9, progressive=True)),
+            b"6\t" + base64.urlsafe_b64encode(cut),                                   # truncated
+            b"7\t" + base64.urlsafe_b64encode(_jpeg(fmt="PNG")),                      # converted
+            b"8\t" + base64.urlsafe_b64encode(good[4])[:50] + b"*" + base64.urlsafe_b64encode(good[4])[51:],
+            b"2\t" + base64.urlsafe_b64encode(good[0])]                               # duplicate id
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "train_imgs.tsv").write_bytes(b"\n".join(rows) + b"\n")
+    (d / "train_texts.jsonl").write_text("".join(json.dumps({"text_id": i, "text": f"t{i}", "image_ids": [i]}) + "\n"
+                                                 for i in range(1, 9)), encoding="utf-8")
+    prep._init_worker({"check": "structural"})
+    special = prep._check_tsv_block(b"\n".join(rows) + b"\n")
+    assert sorted(special) == [3, 4, 6, 7, 8]  # only these travel back from a worker (line j of the block)
+    assert special[4] is None and special[3][1] == 4 and special[6][3] == "truncated"
+    monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)
+    monkeypatch.setattr(prep, "TSV_BLOCK", 1500)  # about one line per block
+    runs = {name: prepare(d, "train", lmdb_dir=tmp_path / name, workers=w, check=c, progress=False)["train"]
+            for name, w, c in [("structural", 2, "structural"), ("full", 2, "full"), ("serial", 1, "structural")]}
+    for name, rep in runs.items():
+        assert {(s["image_id"], s["reason"]) for s in rep["skipped_images"]} == {(6, "truncated"),
+                                                                                 (8, "invalid_base64")}, name
+        assert [(x["image_id"], x["where"]) for x in rep["duplicate_images"]] == [(2, "line 10")], name
+        assert rep["images"]["kept"] == 5 and rep["images"]["converted"] == 1, name
+        split = LMDBSplit(tmp_path / name / "train")
+        assert sorted(split.image_ids()) == [1, 2, 3, 4, 5, 7], name
+        assert split.image_b64(1) == base64.urlsafe_b64encode(good[0])  # byte for byte
+        assert split.image_b64(2) == base64.b64encode(good[1])  # standard alphabet: cn_clip reads it as is
+        assert split.image_b64(3) == base64.urlsafe_b64encode(good[2])  # no CR
+        assert base64.urlsafe_b64decode(split.image_b64(4)) == good[3]
+        assert split.num_samples == 6

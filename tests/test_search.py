@@ -212,6 +212,7 @@ def test_argparse_exit_and_nan_are_failures_not_crashes(tmp_path, fake_train):
     assert "nan" in pd.read_csv(tmp_path / "out" / "nan" / "trials.csv")["fail_reason"][0]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test plays a dead worker with study.ask()
 def test_resume_counts_toward_total_and_recovers_dead_worker(tmp_path, fake_train):
     main, _ = fake_train
     cfg = parse_config(fake_config(tmp_path, n_trials=2, pruner="none"))
@@ -371,6 +372,10 @@ def test_real_search_completes_prunes_diverging_lr_and_survives_a_raising_trial(
     assert (run0 / "checkpoints" / "best.pt").is_file()
     command = (tmp_path / "real" / "best_command.sh").read_text()
     assert f"--resume {squares[2]}" in command and "--lr 0.0001" in command and "--name real-best" in command
+    from solution.train_args import parse_args
+
+    again = parse_args(["--config", str(tmp_path / "real" / "best_config.yaml")])  # train_clip.sh --config
+    assert (again.lr, again.resume, again.name, again.max_steps) == (1e-4, str(squares[2]), "real-best", 4)
     assert study_checkpoints(tmp_path / "real", 3) == [run0 / "checkpoints" / "best.pt"]  # model_soup --from-study
     assert (tmp_path / "real" / "history.png").stat().st_size > 1000
 

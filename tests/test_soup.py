@@ -76,8 +76,7 @@ def trained(demo):
 @pytest.fixture(scope="session")
 def souped(trained):
     out = trained / "soups"
-    summary = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/epoch_[0-9]*.pt"),
-                         str(trained / "logs/*/checkpoints/best.pt"), "--val-data", str(trained / "lmdb/valid"),
+    summary = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/*.pt"), "--val-data", str(trained / "lmdb/valid"),
                          "--method", ",".join(METHODS), "--select-split", "0.5", "--seed", "3",
                          "--interpolate-with", str(trained / "base.pt"), "--alphas", "0.5,0.9",
                          "--output", str(out), "--device", "cpu", "--batch-size", "32"])
@@ -108,7 +107,9 @@ def test_greedy_never_below_its_first_ingredient(souped):
     rows = _rows(out, "greedy")
     singles = [r for r in rows if r["method"] == "ingredient"]
     greedy = [r for r in rows if r["method"] == "greedy"]
-    assert len(singles) >= 4  # 2 runs x 3 epochs, best.pt deduplicated
+    assert len(singles) == 6  # 2 runs x 3 epochs: best.pt and epoch_latest.pt are copies, used once
+    assert len(summary["duplicates"]) == 4
+    assert all(p.endswith(("best.pt", "epoch_latest.pt")) for p in summary["duplicates"])
     best_single = max(r["mean_recall"] for r in singles)
     assert greedy[0]["round"] == 0 and greedy[0]["mean_recall"] == best_single and greedy[0]["kept"]
     # each kept candidate strictly improves on the soup before it; dropped ones do not
@@ -216,9 +217,14 @@ def test_select_split_reports_the_other_part(souped):
     assert sel["select_text_ids"] and sel["report_text_ids"]
     assert not set(sel["select_text_ids"]) & set(sel["report_text_ids"])
     assert len(sel["select_text_ids"]) == 8  # half of 16 queries
+    n_sel, n_rep = len(sel["select_text_ids"]), len(sel["report_text_ids"])
     for method in METHODS:
-        assert "report" in summary["soups"][method]
-        assert all("report" in r for r in _rows(out, method) if r["mean_recall"] is not None)
+        s = summary["soups"][method]
+        assert "report" in s
+        # all queries = the query-weighted mean of the two parts (recall is a per-query average)
+        for k in ("r1", "r5", "r10", "mean_recall"):
+            assert s["all"][k] == pytest.approx((n_sel * s[k] + n_rep * s["report"][k]) / (n_sel + n_rep))
+        assert all("report" in r and "all" in r for r in _rows(out, method) if r["mean_recall"] is not None)
 
 
 def test_interpolation_logged_and_best_soup_linked(souped):
@@ -243,8 +249,7 @@ def test_rerun_uses_the_score_cache(souped, trained, monkeypatch, tmp_path):
         raise AssertionError("re-scored a cached candidate")
 
     monkeypatch.setattr("solution.features.encode_images", boom)
-    again = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/epoch_[0-9]*.pt"),
-                       str(trained / "logs/*/checkpoints/best.pt"), "--val-data", str(trained / "lmdb/valid"),
+    again = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/*.pt"), "--val-data", str(trained / "lmdb/valid"),
                        "--method", "greedy", "--select-split", "0.5", "--seed", "3", "--interpolate-with",
                        str(trained / "base.pt"), "--alphas", "0.5,0.9", "--output", str(again_dir), "--device", "cpu"])
     assert again["soups"]["greedy"]["mean_recall"] == summary["soups"]["greedy"]["mean_recall"]
@@ -276,7 +281,9 @@ def test_compare_reads_the_soup_folder(souped, trained, tmp_path):
     soups = {r["name"].split("/")[-1]: r for r in rows if r["kind"] == "soup"}
     assert set(soups) == set(METHODS)
     for m in METHODS:
-        assert float(soups[m]["mean_recall"]) == pytest.approx(summary["soups"][m]["mean_recall"])
+        assert float(soups[m]["mean_recall"]) == pytest.approx(summary["soups"][m]["all"]["mean_recall"])
+        assert float(soups[m]["select_mr"]) == pytest.approx(summary["soups"][m]["mean_recall"])
+        assert float(soups[m]["held_out_mr"]) == pytest.approx(summary["soups"][m]["report"]["mean_recall"])
     assert {r["kind"] for r in rows} == {"run", "soup"}
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -2,7 +2,6 @@
 import json
 from types import SimpleNamespace
 
-import pytest
 import torch
 from torch import nn
 

@@ -104,3 +104,25 @@ def test_freeze_vision_keeps_resnet_batchnorm_in_eval(tmp_path, monkeypatch):
     assert model.training and model.bert.training and all(not m.training for m in bns)
     set_train_mode(model, tuning_recipe())
     assert all(m.training for m in bns)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_grad_checkpointing_keeps_every_gradient(tiny_config, lora):
+    """Upstream's reentrant checkpoints would drop the adapters' gradients; ours keeps them all."""
+    from cn_clip_patch.tuning import set_grad_checkpointing
+
+    images, tokens = _inputs(4)
+
+    def grads(gc):
+        torch.manual_seed(0)
+        model = _lora_model(tiny_config) if lora else build_model(tiny_config)
+        set_grad_checkpointing(model, gc)
+        img, txt, scale = model(images, tokens)
+        (scale * img @ txt.t()).logsumexp(1).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for n, g in plain.items():
+        assert ckpt[n] is not None, n
+        torch.testing.assert_close(ckpt[n], g, atol=1e-6, rtol=1e-4, msg=n)

@@ -127,6 +127,29 @@ def apply_tuning(model: nn.Module, tuning: Mapping | None) -> nn.Module:
     return model
 
 
+def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
+    """cn_clip's ``set_grad_checkpointing`` with non-reentrant checkpoints.
+
+    Upstream calls ``torch.utils.checkpoint.checkpoint(block, x)`` with the reentrant default,
+    which drops the gradients of parameters inside a block whose input does not require grad
+    (LoRA adapters and frozen-tower runs) and warns on recent PyTorch. The module-level
+    ``checkpoint`` names of ``cn_clip.clip.model`` and ``cn_clip.clip.modeling_bert`` are
+    rebound (once) to ``checkpoint(..., use_reentrant=False)``.
+    """
+    import functools
+
+    import cn_clip.clip.model as upstream_model
+    import cn_clip.clip.modeling_bert as upstream_bert
+    from torch.utils.checkpoint import checkpoint
+
+    patched = functools.partial(checkpoint, use_reentrant=False)
+    patched._cn_clip_patch = True  # type: ignore[attr-defined]
+    for mod in (upstream_model, upstream_bert):
+        if not getattr(mod.checkpoint, "_cn_clip_patch", False):
+            mod.checkpoint = patched
+    _unwrap(model).set_grad_checkpointing(enable)
+
+
 def has_lora(model: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 
