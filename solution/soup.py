@@ -14,19 +14,24 @@
   start), chosen by held-out score; ``alpha = 1`` (the soup itself) wins ties.
 
 Ingredients must share architecture, prompt and context length: anything else is refused before
-any work. Identical ingredients (``epoch_latest.pt`` is often the last ``epoch_N.pt``) are found by
-a fingerprint of their weights and used once. Weights are streamed: checkpoints are memory-mapped
-and read one at a time into at most two fp32 buffers (plus the scoring model), whatever their number.
+any work, naming the odd checkpoint. Identical ingredients (``best.pt`` and ``epoch_latest.pt`` copy
+an ``epoch_N.pt``) are found by a fingerprint of their weights and used once. Weights are streamed:
+checkpoints are memory-mapped and read one at a time into fp32 buffers (at most three: soup,
+candidate, best interpolation; the scoring model reads them without a copy on CPU), whatever
+their number.
 
 Scores are text->image R@1/5/10 and mean recall through :mod:`solution.features` (the path a
-submission takes), cached in ``OUT/score_cache.json`` under the weights' fingerprint (or recipe)
-+ validation data + selection, so a re-run or a second method does not re-score. With
-``--select-split F`` the soup is chosen on a random fraction ``F`` of the queries and the other
-part is reported beside it (``"report"``).
+submission takes), of the weights exactly as they are saved (rounded to the soup's dtype), cached
+in ``OUT/score_cache.json`` under the weights' fingerprint (or recipe) + validation data +
+selection, so a re-run or a second method does not re-score. With ``--select-split F`` the soup is
+chosen on a random fraction ``F`` of the queries (``r1``..``mean_recall``); the other part is
+reported beside it (``"report"``), and all queries together (``"all"``).
 
-Output folder: ``soup.pt`` (cn_clip checkpoint + ``config`` + ``recipe`` {method, members, weights}),
-``soup_log.jsonl`` (one line per candidate), ``summary.json``, ``score_cache.json``; with several
-methods also ``soup_{method}.pt`` each (``soup.pt`` is the best of them).
+Output folder (one method): ``soup.pt`` (cn_clip checkpoint + ``config`` + ``recipe`` {method,
+members, weights, score}), ``soup_log.jsonl`` (the ingredients, then one line per candidate),
+``summary.json``, ``score_cache.json``, and for pairwise ``merged_round{N}.pt``. With several
+methods each gets such a folder ``OUT/{method}/``, sharing ``OUT/score_cache.json``; ``OUT/soup.pt``
+(a hard link) and ``OUT/summary.json`` name the best of them.
 """
 from __future__ import annotations
 
@@ -541,12 +546,20 @@ def _gather(paths: Sequence[Path], fp_cache: dict) -> tuple[list[Ingredient], di
         ings.append(ing)
     unique: dict[str, Ingredient] = {}
     duplicates: dict[str, str] = {}
+    aliases = ("best.pt", "epoch_latest.pt")  # copies the trainer makes: keep the epoch_N.pt they copy
     for ing in ings:
-        if ing.fingerprint in unique:
-            duplicates[ing.path] = unique[ing.fingerprint].path
-            log.info("%s has the same weights as %s: used once", ing.path, unique[ing.fingerprint].path)
-        else:
+        kept = unique.get(ing.fingerprint)
+        if kept is None:
             unique[ing.fingerprint] = ing
+            continue
+        if Path(kept.path).name in aliases and Path(ing.path).name not in aliases:
+            unique[ing.fingerprint] = ing  # the epoch file takes the alias's place
+            for d, o in duplicates.items():
+                if o == kept.path:
+                    duplicates[d] = ing.path
+            kept, ing = ing, kept
+        duplicates[ing.path] = kept.path
+        log.info("%s has the same weights as %s: used once", ing.path, kept.path)
     return list(unique.values()), duplicates, template
 
 

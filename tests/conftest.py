@@ -5,7 +5,7 @@ import torch
 
 from solution.models import ModelConfig, build_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is faster and leaves a core for DataLoader/subprocesses
 
 
 @pytest.fixture
