@@ -84,6 +84,18 @@ def encode_images(model, split: LMDBSplit | str, config: ModelConfig, *, image_i
     return np.concatenate(ids).astype(np.int64), np.concatenate(feats).astype(np.float32)
 
 
+def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Split ``order`` (texts by ascending length) into batches of at most ``budget`` padded tokens."""
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        end = start + 1
+        while end < n and (end + 1 - start) * int(sorted_lengths[end]) <= budget:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 @torch.inference_mode()
 def encode_texts(model, texts: Sequence[str], config: ModelConfig, *, batch_size: int = 64, device="cpu",
                  precision: str = "fp32", progress: bool = False) -> np.ndarray:
@@ -91,17 +103,20 @@ def encode_texts(model, texts: Sequence[str], config: ModelConfig, *, batch_size
 
     Texts are sorted by token length and each batch is cut to its longest text: the same
     features as upstream's padding to ``context_length``, for a fraction of the compute.
+    A batch holds as many texts as fit in upstream's batch of ``batch_size`` x ``context_length``
+    tokens (so never more memory than upstream's batch, and larger, more efficient products).
     """
     texts = list(texts)
     if not texts:
         return np.zeros((0, config.model_info["embed_dim"]), np.float32)
-    order = np.argsort(token_lengths(texts, config.context_length, config.text_prompt), kind="stable")
+    lengths = np.asarray(token_lengths(texts, config.context_length, config.text_prompt))
+    order = np.argsort(lengths, kind="stable")
     out = np.zeros((len(texts), config.model_info["embed_dim"]), np.float32)
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="texts", unit="batch", disable=not progress):
-            idx = order[start:start + batch_size]
+        for idx in tqdm(token_batches(lengths[order], order, batch_size * config.context_length), desc="texts",
+                        unit="batch", disable=not progress):
             tokens = tokenize([texts[i] for i in idx], config.context_length, config.text_prompt)
             with autocast_context(device, precision):
                 f = model.encode_text(tokens.to(device, non_blocking=True))

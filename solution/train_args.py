@@ -41,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-augment", action="store_true", help="cn_clip's image augmentation (same as --augment cnclip).")
     g.add_argument("--augment", choices=AUGMENTS, default=None,
                    help="none | cnclip (upstream AutoAugment) | gentle (RandomResizedCrop 0.8-1, flip, mild ColorJitter).")
-    g.add_argument("--context-length", type=int, default=52, help="Max text tokens incl. [CLS]/[SEP].")
-    g.add_argument("--text-prompt", default="", help="Prepended to every text in training, validation and later inference.")
+    g.add_argument("--context-length", type=int, default=None,
+                   help="Max text tokens incl. [CLS]/[SEP]; default: the starting checkpoint's, else 52.")
+    g.add_argument("--text-prompt", default=None,
+                   help="Prepended to every text in training, validation and later inference; default: the starting "
+                        "checkpoint's prompt, else none (--text-prompt '' removes an inherited one).")
 
     g = p.add_argument_group("output (cn_clip flags)")
     g.add_argument("--logs", default="./logs/", help="Root of run directories.")
@@ -175,6 +178,8 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     if args.augment is None:
         args.augment = "cnclip" if args.use_augment else "none"
     for name in ("batch_size", "valid_batch_size", "accum_freq", "log_interval", "context_length"):
+        if name == "context_length" and args.context_length is None:
+            continue  # inherited from the starting checkpoint (train_setup.model_config)
         if getattr(args, name) is None or getattr(args, name) < 1:
             raise SolutionError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.max_steps is not None and args.max_steps < 1:

@@ -98,7 +98,13 @@ def model_config(args, start: Start) -> ModelConfig:
         vision, text = cfg.vision_model, cfg.text_model
     else:
         vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
-    config = ModelConfig(vision, text, context_length=args.context_length, text_prompt=args.text_prompt or "",
+    # Prompt and context length follow the starting checkpoint unless given: stages never disagree.
+    stored = (start.ckpt or {}).get("config") or {}
+    if args.context_length is None:
+        args.context_length = int(stored.get("context_length", 52))
+    if args.text_prompt is None:
+        args.text_prompt = str(stored.get("text_prompt", ""))
+    config = ModelConfig(vision, text, context_length=args.context_length, text_prompt=args.text_prompt,
                          tuning=recipe)
     if args.context_length > int(config.model_info.get("text_max_position_embeddings", 512)):
         raise SolutionError(f"--context-length {args.context_length} exceeds the text model's "

@@ -213,3 +213,24 @@ def test_equals_upstream_extract_features(data, tmp_path):
         a, b = load_features(tmp_path / up, kind), load_features(tmp_path / ours, kind)
         assert a.ids.tolist() == b.ids.tolist()
         np.testing.assert_allclose(b.feats, a.feats, atol=1e-5, rtol=0)
+
+
+def test_token_batches_respect_the_budget():
+    lengths = np.array([3, 3, 4, 5, 5, 5, 9, 20, 52, 52])
+    batches = F.token_batches(lengths, np.arange(10), 20)
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5], [6], [7], [8], [9]]
+    for budget in (1, 20, 104, 10_000):  # every text exactly once; padded tokens within budget (or one text)
+        batches = F.token_batches(lengths, np.arange(10), budget)
+        assert np.concatenate(batches).tolist() == list(range(10))
+        assert all(len(b) == 1 or len(b) * lengths[b].max() <= budget for b in batches)
+
+
+def test_text_batching_does_not_change_features(tiny_model, tiny_config):
+    from cn_clip_patch.prompt import tokenize
+
+    texts = TEXTS * 3 + ["一" * 40]
+    with torch.inference_mode():
+        padded = tiny_model.eval().encode_text(tokenize(texts, tiny_config.context_length, trim=False))
+    padded = (padded / padded.norm(dim=-1, keepdim=True)).numpy()
+    for bs in (1, 4, 64):
+        np.testing.assert_allclose(encode_texts(tiny_model, texts, tiny_config, batch_size=bs), padded, atol=1e-5)

@@ -21,7 +21,8 @@ def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
     args = parse_args(["--config", str(cfg), "--batch-size", "9"])
     assert (args.train_data, args.batch_size, args.lora_rank, args.freeze_text, args.lr) == ("a/train", 9, 4, True, 1e-4)
     assert args.extra_val == {"general": "g/valid"}
-    assert (args.max_epochs, args.wd, args.warmup, args.context_length, args.name) == (32, 0.2, 500, 52, "train_clip")
+    assert (args.max_epochs, args.wd, args.warmup, args.name) == (32, 0.2, 500, "train_clip")
+    assert args.context_length is None  # inherited from the starting checkpoint, else 52
     cfg.write_text("train-data: a\nbatch-sise: 3\n", encoding="utf-8")
     with pytest.raises(SolutionError, match="unknown key 'batch-sise'"):
         parse_args(["--config", str(cfg)])
@@ -114,3 +115,20 @@ def test_cn_clip_training_checkpoint_is_accepted_with_its_offset(tmp_path, data,
     assert out["params"]["resumed_from"] == str(path)
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2  # resumed at step 4 of 6 (data offset kept, as cn_clip does)
+
+
+def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data):
+    """Fine-tuning from our checkpoint keeps its prompt and context length unless flags change them."""
+    from solution.models import ModelConfig, build_model, read_checkpoint, save_checkpoint
+
+    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24, text_prompt="图片：")
+    start = save_checkpoint(tmp_path / "start.pt", build_model(cfg).state_dict(), cfg)
+    argv = tiny_argv(data[0], None, tmp_path, resume=start, max_steps=2, valid_epoch_interval=0)
+    i = argv.index("--context-length")
+    del argv[i:i + 2]
+    out = main(argv)
+    stored = read_checkpoint(out["last_checkpoint"])["config"]
+    assert (stored["context_length"], stored["text_prompt"]) == (24, "图片：")
+    out = main(argv + ["--name", "other", "--text-prompt", "", "--context-length", "20"])
+    stored = read_checkpoint(out["last_checkpoint"])["config"]
+    assert (stored["context_length"], stored["text_prompt"]) == (20, "")
