@@ -80,8 +80,13 @@ class Demo:
         cfg = yaml.safe_load((ROOT / "configs" / "search" / "demo-cpu.yaml").read_text(encoding="utf-8"))
         base = dict(cfg.get("base") or {})
         base.update({"train-data": self.lmdb("train"), "val-data": self.lmdb("valid"),
-                     "resume": str(self.base_ckpt), "device": self.device})
+                     "resume": str(self.base_ckpt), "device": self.device, **self.s["trial"]})
         cfg["base"] = base
+        # Soups average runs that share architecture, prompt and context length: the demo's trials
+        # all use the base's (empty) prompt, so any of them can be souped with the others.
+        cfg.get("space", {}).pop("text-prompt", None)
+        for trial in cfg.get("enqueue") or []:
+            trial.pop("text-prompt", None)
         path = self.out / "search.yaml"
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
         search.main(["--config", str(path), "--out", str(self.out / "search"), "--study-name", "demo",
@@ -110,12 +115,12 @@ class Demo:
         fdir = self.out / "feats" / name
         features.main(["--extract-image-feats", "--extract-text-feats", "--image-data", self.lmdb("test"),
                        "--text-data", str(self.data / "test_texts.jsonl"), "--resume", str(ckpt),
-                       "--image-feat-output-path", str(fdir / "test_imgs"),
-                       "--text-feat-output-path", str(fdir / "test_texts"), "--device", self.device,
+                       "--image-feat-output-path", str(fdir / "test_imgs.npy"),
+                       "--text-feat-output-path", str(fdir / "test_texts.npy"), "--device", self.device,
                        "--precision", "fp32"])
         sub = (SUBMISSIONS / "demo_test.jsonl") if name == "final" else fdir / "test_pred.jsonl"
-        predict.main(["--image-feats", str(fdir / "test_imgs"), "--text-feats", str(fdir / "test_texts"),
-                      "--top-k", "10", "--output", str(sub), "--checkpoint", str(ckpt)])
+        predict.main(["--image-feats", str(fdir / "test_imgs.npy"), "--text-feats", str(fdir / "test_texts.npy"),
+                      "--top-k", "10", "--output", str(sub), "--valid-score", json.dumps(valid), "--no-progress"])
         evaluate.main([str(self.data / "test_answers.jsonl"), str(sub), str(fdir / "test_score.json")])
         test = json.loads((fdir / "test_score.json").read_text())
         if not test.get("success"):
@@ -173,12 +178,13 @@ def _best_trial_checkpoint(study: Path) -> Path | None:
 
 SCALES = {
     # full demo: < 20 min on 2 cores
-    "full": {"data": {}, "base_steps": 600, "soup_top": 4,
+    "full": {"data": {}, "base_steps": 600, "soup_top": 4, "trial": {"max-steps": 60, "valid-step-interval": 20},
              "train": ["--batch-size", "64", "--valid-batch-size", "128", "--lr", "2e-3", "--warmup", "50",
                        "--wd", "0.05", "--valid-step-interval", "100", "--log-interval", "20"],
              "finetune": ["--max-steps", "150", "--lr", "5e-4", "--warmup", "10", "--valid-step-interval", "50"]},
     # a scaled-down end-to-end run for the test suite
     "smoke": {"data": {"preset": "small"}, "base_steps": 30, "soup_top": 2,
+              "trial": {"max-steps": 8, "valid-step-interval": 4, "batch-size": 16},
               "train": ["--batch-size", "16", "--valid-batch-size", "64", "--lr", "2e-3", "--warmup", "5",
                         "--valid-step-interval", "15", "--log-interval", "5"],
               "finetune": ["--max-steps", "10", "--lr", "5e-4", "--warmup", "2", "--valid-step-interval", "5"]},
