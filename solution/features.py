@@ -84,15 +84,38 @@ def encode_images(model, split: LMDBSplit | str, config: ModelConfig, *, image_i
     return np.concatenate(ids).astype(np.int64), np.concatenate(feats).astype(np.float32)
 
 
-def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Split ``order`` (texts by ascending length) into batches of at most ``budget`` padded tokens."""
-    batches, start, n = [], 0, len(order)
-    while start < n:
-        end = start + 1
-        while end < n and (end + 1 - start) * int(sorted_lengths[end]) <= budget:
-            end += 1
-        batches.append(order[start:end])
-        start = end
+def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int, overhead: int = 256) -> list[np.ndarray]:
+    """Split ``order`` (texts by ascending token length) into batches of at most ``budget`` padded tokens.
+
+    Minimises padded tokens + ``overhead`` per batch (small batches run less efficiently) by dynamic
+    programming over the runs of equal length (at most ``context_length`` of them).
+    """
+    if len(order) == 0:
+        return []
+    lengths, starts, counts = np.unique(np.asarray(sorted_lengths), return_index=True, return_counts=True)
+    batches, groups = [], []  # groups: (length, start, count); a run over the budget gives full batches first
+    for length, start, count in zip(lengths.tolist(), starts.tolist(), counts.tolist()):
+        cap = max(1, budget // length)
+        while count > cap:
+            batches.append(order[start:start + cap])
+            start, count = start + cap, count - cap
+        groups.append((length, start, count))
+    best, first = [0.0] + [float("inf")] * len(groups), [0] * (len(groups) + 1)
+    for j in range(1, len(groups) + 1):  # best[j]: cost of groups[:j]; a batch = groups[i-1:j]
+        texts = 0
+        for i in range(j, 0, -1):
+            texts += groups[i - 1][2]
+            if texts * groups[j - 1][0] > budget and i < j:
+                break
+            cost = best[i - 1] + texts * groups[j - 1][0] + overhead
+            if cost < best[j]:
+                best[j], first[j] = cost, i
+    spans, j = [], len(groups)
+    while j > 0:
+        spans.append((first[j], j))
+        j = first[j] - 1
+    for i, j in reversed(spans):
+        batches.append(np.concatenate([order[st:st + c] for _, st, c in groups[i - 1:j]]))
     return batches
 
 

@@ -223,13 +223,13 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.cfg
-        trial.set_user_attr("worker", worker_info())  # one write: a dead worker's trials are recognised on resume
         run_dir = self.trials_dir / f"{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", worker_info())  # one write: a dead worker's trials are recognised on resume
         params = suggest_params(trial, cfg.space)
         flags = {**trial_flags(cfg, params), "logs": str(self.trials_dir), "name": run_dir.name}
         argv = flags_to_argv(flags)
         _move_stale(run_dir)
-        trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("argv", argv)
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()) or "(no params)")
         self.values: list[float] = []
@@ -472,7 +472,8 @@ def _sigterm_as_interrupt():
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m solution.search", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m solution.search", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 3)[3], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="search config YAML (see configs/search/)")
     p.add_argument("--n-trials", type=int, help="target number of finished trials (overrides the config)")
     p.add_argument("--storage", help="Optuna storage URL or journal:PATH (default sqlite in the study folder)")

@@ -122,6 +122,9 @@ def test_image_cache_hit_and_invalidation(data, tmp_path, monkeypatch):
     assert np.abs(load_features(tmp_path / "o/img.npy", "image").feats - first).max() > 1e-3
     # A checkpoint differing only in its text tower or prompt reuses the gallery.
     model, cfg = _checkpoint(tmp_path / "ckpt2.pt", seed=1, prompt="")
+    sd = model.state_dict()
+    sd["bert.embeddings.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"] + 0.1
+    save_checkpoint(tmp_path / "ckpt2.pt", sd, cfg)
     assert _run(data, tmp_path / "ckpt2.pt", tmp_path / "o")["image"]["cache"] == "hit" and len(calls) == 2
     assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o", "--no-cache")["image"]["cache"] == "off"
     assert len(calls) == 3
@@ -217,12 +220,21 @@ def test_equals_upstream_extract_features(data, tmp_path):
 
 def test_token_batches_respect_the_budget():
     lengths = np.array([3, 3, 4, 5, 5, 5, 9, 20, 52, 52])
-    batches = F.token_batches(lengths, np.arange(10), 20)
-    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5], [6], [7], [8], [9]]
-    for budget in (1, 20, 104, 10_000):  # every text exactly once; padded tokens within budget (or one text)
-        batches = F.token_batches(lengths, np.arange(10), budget)
-        assert np.concatenate(batches).tolist() == list(range(10))
-        assert all(len(b) == 1 or len(b) * lengths[b].max() <= budget for b in batches)
+    # Without per-batch overhead every run of equal length is its own batch (no padding at all) ...
+    assert [b.tolist() for b in F.token_batches(lengths, np.arange(10), 10_000, overhead=0)] == \
+        [[0, 1], [2], [3, 4, 5], [6], [7], [8, 9]]
+    # ... with a large one, as few batches as the budget allows.
+    assert [b.tolist() for b in F.token_batches(lengths, np.arange(10), 10_000, overhead=10_000)] == [list(range(10))]
+    rng = np.random.default_rng(0)
+    for budget in (1, 20, 104, 3328, 10_000):  # every text exactly once; padded tokens within budget (or one text)
+        for lengths in (np.array([3, 3, 4, 5, 5, 5, 9, 20, 52, 52]), np.sort(rng.integers(3, 53, 500))):
+            order = rng.permutation(len(lengths))
+            batches = F.token_batches(lengths, order, budget)
+            assert sorted(np.concatenate(batches).tolist()) == sorted(order.tolist())
+            pos = {int(t): i for i, t in enumerate(order)}  # text -> its sorted length
+            for b in batches:
+                longest = max(int(lengths[pos[int(t)]]) for t in b)
+                assert len(b) == 1 or len(b) * longest <= budget
 
 
 def test_text_batching_does_not_change_features(tiny_model, tiny_config):

@@ -332,8 +332,8 @@ def squares(tmp_path_factory):
     tr = _squares(root / "train", 6, 1000, 0, seed=1)
     va = _squares(root / "valid", 3, 5000, 100, seed=2)
     base = train.main(flags_to_argv({**TINY, "train-data": tr, "val-data": va, "logs": root / "runs", "name": "base",
-                                     "batch-size": 16, "max-steps": 16, "valid-step-interval": 16, "lr": 3e-3,
-                                     "warmup": 2}))
+                                     "batch-size": 16, "max-steps": 20, "valid-step-interval": 20, "lr": 4e-3,
+                                     "warmup": 2, "wd": 0.01}))
     assert base["best"]["mean_recall"] > 50, base["best"]  # it learned: fine-tunes have something to keep
     return tr, va, Path(base["best_checkpoint"]), base["best"]["mean_recall"]
 
