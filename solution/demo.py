@@ -117,6 +117,7 @@ class Demo:
                        "--text-data", str(self.data / "test_texts.jsonl"), "--resume", str(ckpt),
                        "--image-feat-output-path", str(fdir / "test_imgs.npy"),
                        "--text-feat-output-path", str(fdir / "test_texts.npy"), "--device", self.device,
+                       "--cache-dir", str(self.out / "feature_cache"), "--no-progress",
                        "--precision", "fp32"])
         sub = (SUBMISSIONS / "demo_test.jsonl") if name == "final" else fdir / "test_pred.jsonl"
         predict.main(["--image-feats", str(fdir / "test_imgs.npy"), "--text-feats", str(fdir / "test_texts.npy"),
@@ -198,7 +199,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--device", default="cpu")
     p.add_argument("--search-trials", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads: 1 is fastest for the tiny demo models (two fight each other under load)")
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     trials = args.search_trials or (6 if args.scale == "full" else 2)
     return Demo(Path(args.out), args.scale, args.device, trials).run()
 

@@ -84,11 +84,12 @@ def encode_images(model, split: LMDBSplit | str, config: ModelConfig, *, image_i
     return np.concatenate(ids).astype(np.int64), np.concatenate(feats).astype(np.float32)
 
 
-def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int, overhead: int = 256) -> list[np.ndarray]:
+def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int, overhead: int = 1024) -> list[np.ndarray]:
     """Split ``order`` (texts by ascending token length) into batches of at most ``budget`` padded tokens.
 
-    Minimises padded tokens + ``overhead`` per batch (small batches run less efficiently) by dynamic
-    programming over the runs of equal length (at most ``context_length`` of them).
+    Minimises padded tokens + ``overhead`` per batch by dynamic programming over the runs of equal
+    length (at most ``context_length`` of them). Measured on CPU (RoBERTa-base), a batch costs about
+    as much as a thousand padded tokens more: few large batches beat many exact-length ones.
     """
     if len(order) == 0:
         return []

@@ -21,6 +21,7 @@ The tuning recipe travels as a plain dict (stored in checkpoints as ``config["tu
 from __future__ import annotations
 
 import re
+import sys
 from typing import Iterator, Mapping
 
 import torch
@@ -151,6 +152,8 @@ def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
 
 
 def has_lora(model: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # nothing can have injected an adapter; importing peft costs seconds
+        return False
     from peft.tuners.lora import LoraLayer
 
     return any(isinstance(mod, LoraLayer) for mod in _unwrap(model).modules())
