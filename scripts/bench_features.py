@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import io
 import json
 import logging
-import runpy
 import sys
 import tempfile
 import time
@@ -30,7 +28,8 @@ import torch
 import tqdm as tqdm_pkg
 from PIL import Image
 
-from cn_clip_patch.device import on_device
+from cn_clip_patch.device import run_upstream_main
+from solution.common import write_json
 from solution.data import decode_image, eval_transform
 from solution.features import load_features, main as features_main
 from solution.lmdb_io import LMDBSplit, write_split
@@ -72,16 +71,13 @@ class TimedLoops:
 
 
 def run_upstream(argv: list[str]) -> tuple[float, list[tuple[float, float]]]:
-    saved_argv, saved_tqdm = sys.argv, tqdm_pkg.tqdm
-    sys.argv, tqdm_pkg.tqdm = ["extract_features.py", *argv], TimedLoops
+    saved_tqdm, tqdm_pkg.tqdm = tqdm_pkg.tqdm, TimedLoops
     TimedLoops.loops = []
-    sink = io.StringIO()
     t0 = time.perf_counter()
     try:
-        with on_device("cpu"), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            runpy.run_module("cn_clip.eval.extract_features", run_name="__main__")
+        run_upstream_main("cn_clip.eval.extract_features", argv)
     finally:
-        sys.argv, tqdm_pkg.tqdm = saved_argv, saved_tqdm
+        tqdm_pkg.tqdm = saved_tqdm
     return time.perf_counter() - t0, list(TimedLoops.loops)
 
 
@@ -186,8 +182,7 @@ def main(argv=None) -> dict:
         print(f"{row['what']:36s} {row['ours']:9.2f} {row['upstream']:9.2f} {bare_s} {row['ours_over_upstream']:13.2f}x {diff}")
     print(f"ours image path / bare forward (throughput): {rows[2]['ours_over_bare']:.3f} (1.0 = no overhead)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -16,11 +16,8 @@ Predictions are compared on the texts both ranked.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
-import runpy
 import sys
 import tempfile
 import time
@@ -29,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cn_clip_patch.device import on_device
+from cn_clip_patch.device import run_upstream_main
+from solution.common import write_json
 from solution.features import load_features, save_features
 from solution.predict import main as predict_main
 
@@ -40,17 +38,9 @@ def unit(rng, n, d):
 
 
 def run_upstream(image_feats: Path, text_feats: Path, out: Path, k: int) -> float:
-    argv = ["make_topk_predictions.py", "--image-feats", str(image_feats), "--text-feats", str(text_feats),
-            "--top-k", str(k), "--output", str(out)]
-    saved = sys.argv
-    sys.argv = argv
-    sink = io.StringIO()
     t0 = time.perf_counter()
-    try:
-        with on_device("cpu"), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            runpy.run_module("cn_clip.eval.make_topk_predictions", run_name="__main__")
-    finally:
-        sys.argv = saved
+    run_upstream_main("cn_clip.eval.make_topk_predictions",
+                      ["--image-feats", image_feats, "--text-feats", text_feats, "--top-k", k, "--output", out])
     return time.perf_counter() - t0
 
 
@@ -155,8 +145,7 @@ def main(argv=None) -> dict:
     print(f"identical predictions: {identical}/{n_up} texts (max score gap where different: {worst_gap:.2e}); "
           f"npy == jsonl: {same_npy_jsonl}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return result
 
 

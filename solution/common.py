@@ -108,6 +108,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping; one clear error for a missing or malformed file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SolutionError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SolutionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SolutionError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
 # ---------------------------------------------------------------- devices
 
 

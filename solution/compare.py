@@ -33,6 +33,7 @@ from typing import Sequence
 import pandas as pd
 
 from .common import SolutionError, atomic_path, read_jsonl, run_cli
+from .plots import save_png
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +298,7 @@ def plot(entries: Sequence[Entry], path: str | os.PathLike, max_lines: int = 20)
         ax.set_title(f"{kind}: validation mean recall")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=90)
 
 
 # ---------------------------------------------------------------- CLI

@@ -45,9 +45,16 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> Path | None
     ax.set_title("logit scale (max 100)")
     if title:
         fig.suptitle(title)
+    return save_png(fig, path, dpi=80)
+
+
+def save_png(fig, path, dpi: int = 90, **kwargs) -> Path:
+    """Lay out, write atomically as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+        fig.savefig(tmp, format="png", dpi=dpi, **kwargs)
     plt.close(fig)
     return path

@@ -13,6 +13,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .plots import save_png
+
 log = logging.getLogger(__name__)
 
 
@@ -64,11 +66,7 @@ def embedding_map(checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Pat
         ax.set_title(f"{title}: images (dots) and queries (stars)")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png, dpi=90)
 
 
 def _collect_pngs(src: Path, dst: Path, prefix: str) -> list[Path]:

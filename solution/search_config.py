@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import optuna
 import yaml
 
-from .common import SolutionError
+from .common import SolutionError, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +199,7 @@ def check_config(cfg: SearchConfig, source: str = "config") -> None:
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SearchConfig:
     path = Path(path)
-    if not path.is_file():
-        raise SolutionError(f"search config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise SolutionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise SolutionError(f"{path}: expected a YAML mapping at the top level")
+    raw = read_yaml_mapping(path, "search config")
     for item in overrides:  # FLAG=VALUE, the value read as YAML; FLAG= (or FLAG=null) drops a base flag
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .common import SolutionError
+from .common import SolutionError, read_yaml_mapping
 
 PRECISIONS = ("amp", "fp16", "fp32", "bf16")
 AUGMENTS = ("none", "cnclip", "gentle")
@@ -120,17 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
-        raise SolutionError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise SolutionError(f"{p} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SolutionError(f"{p} must be a mapping of flag names to values")
+    data = read_yaml_mapping(p, "config file")
     dests = {a.dest: a for a in parser._actions}
     out = {}
     for key, val in data.items():

@@ -19,7 +19,7 @@ def test_scaled_down_demo_end_to_end(tmp_path, monkeypatch):
     assert {"initial (base, no fine-tune)", "LoRA", "frozen image tower", "greedy soup", "uniform soup"} <= set(results)
 
     # the greedy soup is never worse than its best ingredient on the selection split (its own log)
-    log = [json.loads(l) for l in (out / "soups" / "soup_log.jsonl").read_text().splitlines()]
+    log = [json.loads(l) for l in (out / "soups" / "greedy" / "soup_log.jsonl").read_text().splitlines()]
     greedy = [r for r in log if r["method"] == "greedy"]
     kept = [r for r in greedy if r["kept"]]
     assert kept and kept[-1]["mean_recall"] >= kept[0]["mean_recall"]

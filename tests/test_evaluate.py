@@ -1,13 +1,12 @@
 """The offline evaluator against cn_clip's official evaluation.py / evaluation_tr.py, run side by side."""
 import json
-import runpy
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cn_clip_patch.device import run_upstream_main
 from solution.common import SolutionError
 from solution.evaluate import main
 
@@ -21,12 +20,7 @@ KEYS = {"t2i": ("text_id", "image_ids"), "i2t": ("image_id", "text_ids")}
 
 
 def official(gold, pred, out, direction="t2i"):
-    saved = sys.argv
-    sys.argv = ["evaluation.py", str(gold), str(pred), str(out)]
-    try:
-        runpy.run_module(UPSTREAM[direction], run_name="__main__")
-    finally:
-        sys.argv = saved
+    run_upstream_main(UPSTREAM[direction], [gold, pred, out])
     return Path(out).read_bytes()
 
 

@@ -1,12 +1,10 @@
 """Top-k predictions: brute force, cn_clip's make_topk_predictions.py as referee, npy == jsonl, manifest."""
 import json
-import runpy
-import sys
 
 import numpy as np
 import pytest
 
-from cn_clip_patch.device import on_device
+from cn_clip_patch.device import run_upstream_main
 from solution.common import SolutionError, read_jsonl
 from solution.features import save_features
 from solution.predict import auto_chunk, main, rank
@@ -74,14 +72,8 @@ def test_identical_to_upstream_make_topk_predictions(feats, direction):
     main(["--image-feats", str(d / "img.jsonl"), "--text-feats", str(d / "text.jsonl"), "--output", str(ours),
           "--direction", direction, "--top-k", "10"])
     module = "cn_clip.eval.make_topk_predictions" + ("" if direction == "t2i" else "_tr")
-    saved = sys.argv
-    sys.argv = ["x", "--image-feats", str(d / "img.jsonl"), "--text-feats", str(d / "text.jsonl"), "--top-k", "10",
-                "--eval-batch-size", "16", "--output", str(d / "up.jsonl")]
-    try:
-        with on_device("cpu"):
-            runpy.run_module(module, run_name="__main__")
-    finally:
-        sys.argv = saved
+    run_upstream_main(module, ["--image-feats", d / "img.jsonl", "--text-feats", d / "text.jsonl", "--top-k", "10",
+                               "--eval-batch-size", "16", "--output", d / "up.jsonl"])
     assert read_jsonl(ours) == read_jsonl(d / "up.jsonl")
     assert ours.read_bytes() == (d / "up.jsonl").read_bytes()
 

@@ -6,7 +6,6 @@ trainer (tiny ViT-Tiny + RBT-Tiny, a few steps) on an LMDB of coloured squares.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -25,7 +24,7 @@ import yaml
 from PIL import Image
 
 from solution import search
-from solution.common import SolutionError, append_jsonl
+from solution.common import SolutionError
 from solution.lmdb_io import write_split
 from solution.search_config import flags_to_argv, load_config, parse_config, trial_flags
 from solution.soup_weights import study_checkpoints
