@@ -37,8 +37,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     try:
         main(argv)
     except SolutionError as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # one line, no traceback: the input is wrong, not the code
         return 2
     return 0
 
