@@ -4,6 +4,6 @@
   for training, validation and inference.
 - :mod:`cn_clip_patch.tuning`: LoRA (peft) on both towers, merge back to plain cn_clip weights,
   frozen vision (cn_clip's flag) and frozen text tower (new).
-- :mod:`cn_clip_patch.device`: the CPU path: runs upstream code that calls ``.cuda()`` inline
+- :mod:`cn_clip_patch.device`: the CPU path: runs upstream code that calls ``Tensor.cuda`` inline
   on any device (used to measure and referee upstream side by side).
 """

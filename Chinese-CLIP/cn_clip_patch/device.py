@@ -1,4 +1,4 @@
-"""The CPU path: run upstream cn_clip code, which calls ``.cuda()`` inline, on any device.
+"""The CPU path: run upstream cn_clip code, which calls ``Tensor.cuda`` inline, on any device.
 
 ``with on_device("cpu"): ...`` redirects ``Tensor.cuda``/``Module.cuda`` and
 ``torch.cuda.set_device`` to the given device for the duration of the block, and
