@@ -64,7 +64,7 @@ def _sync(device):
 
 
 def run_upstream(model, sd, res: int, split: Path, a, device) -> float:
-    """Seconds per step of cn_clip's train() (after a 1-step warm-up call)."""
+    """Seconds per step of cn_clip's train() (after a warm-up call of ``a.warmup_steps`` steps)."""
     from cn_clip.training.data import get_data
     from cn_clip.training.scheduler import cosine_lr
     from cn_clip.training.train import train
@@ -76,7 +76,7 @@ def run_upstream(model, sd, res: int, split: Path, a, device) -> float:
         distillation=False, aggregate=True, gather_with_grad=False, mask_ratio=0.0, local_device_rank=device.index or 0,
         report_training_batch_acc=False, precision="amp" if a.precision == "amp" else "fp32", freeze_vision=False,
         log_interval=10 ** 6, rank=0, world_size=1, valid_step_interval=None, should_save=False,
-        save_step_frequency=-1, use_flash_attention=False, max_steps=1, logs=None, name="bench")
+        save_step_frequency=-1, use_flash_attention=False, max_steps=a.warmup_steps, logs=None, name="bench")
     redirect = on_device(device) if device.type == "cpu" else contextlib.nullcontext()
     # upstream reads the image size from its own config folder; ViT-Tiny lives in ours
     resolution = mock.patch("cn_clip.training.data.fetch_resolution", lambda name: res)
@@ -102,13 +102,14 @@ def run_ours(ckpt: Path, split: Path, a, device, logs: Path) -> float:
     from solution.train import main
 
     argv = ["--train-data", str(split), "--resume", str(ckpt), "--reset-data-offset", "--reset-optimizer",
-            "--logs", str(logs), "--name", "ours", "--batch-size", str(a.batch_size), "--max-steps", str(a.steps + 1),
+            "--logs", str(logs), "--name", "ours", "--batch-size", str(a.batch_size),
+            "--max-steps", str(a.steps + a.warmup_steps),
             "--lr", "1e-5", "--warmup", "1", "--num-workers", "0", "--precision", a.precision, "--device", str(device),
             "--log-interval", "1", "--no-progress", "--no-plot", "--save-epoch-frequency", "0", "--valid-epoch-interval", "0"]
     main(argv)
     rows = [json.loads(x) for x in open(logs / "ours" / "metrics.jsonl", encoding="utf-8")]
     stamps = [r["time"] for r in rows if r["kind"] == "train"]
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return (stamps[-1] - stamps[a.warmup_steps - 1]) / a.steps  # after the same warm-up as the others
 
 
 def run_bare(model, sd, config, split: Path, a, device) -> float:
@@ -118,7 +119,7 @@ def run_bare(model, sd, config, split: Path, a, device) -> float:
     model.train()
     loader = train_loader(open_split(str(split), "bench"), resolution=config.image_resolution, augment="none",
                           context_length=52, prompt="", batch_size=a.batch_size, rank=0, world=1, seed=123, epoch=0,
-                          start=0, stop=a.steps + 1, num_workers=0)
+                          start=0, stop=a.steps + a.warmup_steps, num_workers=0)
     batches = [(im.to(device), tok.to(device)) for im, tok, _, _ in loader]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
     scaler = torch.amp.GradScaler("cuda") if a.precision == "amp" and device.type == "cuda" else None
@@ -136,13 +137,14 @@ def run_bare(model, sd, config, split: Path, a, device) -> float:
             loss.backward()
             opt.step()
 
-    step(*batches[0])  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    for images, tokens in batches[1:]:
+    for images, tokens in batches[:a.warmup_steps]:  # warm-up
         step(images, tokens)
     _sync(device)
-    return (time.perf_counter() - t0) / (len(batches) - 1)
+    t0 = time.perf_counter()
+    for images, tokens in batches[a.warmup_steps:]:
+        step(images, tokens)
+    _sync(device)
+    return (time.perf_counter() - t0) / (len(batches) - a.warmup_steps)
 
 
 def main(argv=None) -> dict:
@@ -150,6 +152,8 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="ViT-Tiny + RBT-Tiny (seconds) instead of ViT-B-16 + RoBERTa base")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; 5 with --quick)")
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="untimed steps first, the same for all three (allocator, optimizer state, caches)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", choices=["fp32", "amp"], default=None, help="default fp32 on CPU, amp on CUDA")
     p.add_argument("--threads", type=int, default=None)
@@ -169,7 +173,7 @@ def main(argv=None) -> dict:
     model.to(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        split = make_lmdb(tmp / "lmdb", a.batch_size * (a.steps + 2), np.random.default_rng(0))
+        split = make_lmdb(tmp / "lmdb", a.batch_size * (a.steps + a.warmup_steps + 1), np.random.default_rng(0))
         ckpt = save_checkpoint(tmp / "start.pt", sd, config)
         t = {}
         t["upstream"] = run_upstream(model, sd, config.image_resolution, split, a, device)
@@ -181,7 +185,7 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
         t["ours"] = run_ours(ckpt, split, a, device, tmp / "logs")
     res = {"model": config.arch, "device": str(device), "precision": a.precision, "batch_size": a.batch_size,
-           "steps": a.steps, "threads": torch.get_num_threads(),
+           "steps": a.steps, "warmup_steps": a.warmup_steps, "threads": torch.get_num_threads(),
            **{f"{k}_s_per_step": v for k, v in t.items()},
            **{f"{k}_pairs_per_s": a.batch_size / v for k, v in t.items()},
            "speedup_vs_upstream": t["upstream"] / t["ours"], "ours_overhead_vs_bare": t["ours"] / t["bare"] - 1}
