@@ -31,7 +31,8 @@ from PIL import Image
 from cn_clip_patch.device import run_upstream_main
 from solution.common import write_json
 from solution.data import decode_image, eval_transform
-from solution.features import load_features, main as features_main
+from solution.feature_files import load_features
+from solution.features import main as features_main
 from solution.lmdb_io import LMDBSplit, write_split
 from solution.models import ModelConfig, build_model, load_model, save_checkpoint
 

@@ -28,7 +28,7 @@ import torch
 
 from cn_clip_patch.device import run_upstream_main
 from solution.common import write_json
-from solution.features import load_features, save_features
+from solution.feature_files import load_features, save_features
 from solution.predict import main as predict_main
 
 

@@ -21,6 +21,7 @@ from typing import Sequence
 import yaml
 
 from .common import SolutionError, run_cli, write_json
+from .soup_weights import study_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class Demo:
         return out
 
     # ------------------------------------------------------------ scoring
-    def score(self, name: str, ckpt: Path) -> dict:
+    def score(self, name: str, ckpt: Path, submission: Path | None = None) -> dict:
         """Valid score (evaluate_split) and test score (features -> predict -> evaluate, as a submission)."""
         from . import evaluate, features, predict
         from .models import load_model
@@ -119,7 +120,7 @@ class Demo:
                        "--text-feat-output-path", str(fdir / "test_texts.npy"), "--device", self.device,
                        "--cache-dir", str(self.out / "feature_cache"), "--no-progress",
                        "--precision", "fp32"])
-        sub = (SUBMISSIONS / "demo_test.jsonl") if name == "final" else fdir / "test_pred.jsonl"
+        sub = submission or fdir / "test_pred.jsonl"
         predict.main(["--image-feats", str(fdir / "test_imgs.npy"), "--text-feats", str(fdir / "test_texts.npy"),
                       "--top-k", "10", "--output", str(sub), "--valid-score", json.dumps(valid), "--no-progress"])
         evaluate.main([str(self.data / "test_answers.jsonl"), str(sub), str(fdir / "test_score.json")])
@@ -141,40 +142,25 @@ class Demo:
 
         rows = {"initial (base, no fine-tune)": self.base_ckpt, "default fine-tune": Path(default["best_checkpoint"]),
                 "LoRA": Path(lora["best_checkpoint"]), "frozen image tower": Path(frozen["best_checkpoint"])}
-        best_trial = _best_trial_checkpoint(study)
-        if best_trial:
-            rows["best search trial"] = best_trial
+        if (study / "trials.csv").is_file():
+            rows["best search trial"] = study_checkpoints(study, top=1)[0]
         for method in ("uniform", "greedy", "pairwise"):
             p = soups / method / "soup.pt"
             if p.is_file():
                 rows[f"{method} soup"] = p
-        results = {name: self.score(name.split(" ")[0] if "soup" not in name else name.replace(" ", "_"), ckpt)
+        # The submission is the greedy soup (the default fine-tune if there is none): scored once, as a row.
+        final_row = "greedy soup" if "greedy soup" in rows else "default fine-tune"
+        results = {name: self.score(name.replace(" ", "_").split("(")[0].strip("_"), ckpt,
+                                    SUBMISSIONS / "demo_test.jsonl" if name == final_row else None)
                    for name, ckpt in rows.items()}
-        final = soups / "greedy" / "soup.pt"
-        results["final"] = self.score("final", final if final.is_file() else rows["default fine-tune"])
+        results["final"] = results[final_row]
         write_json(self.out / "results.json", results)
         from .report import write_report
 
-        write_report(self.out, results, study=study, soups=soups, base=self.base_ckpt,
-                     final=final if final.is_file() else rows["default fine-tune"], lmdb_valid=self.lmdb("valid"),
-                     device=self.device, elapsed=time.time() - self.t0)
+        write_report(self.out, results, study=study, soups=soups, base=self.base_ckpt, final=rows[final_row],
+                     lmdb_valid=self.lmdb("valid"), device=self.device, elapsed=time.time() - self.t0)
         self.stage(f"done: {self.out / 'REPORT.md'}")
         return results
-
-
-def _best_trial_checkpoint(study: Path) -> Path | None:
-    import pandas as pd
-
-    csv = study / "trials.csv"
-    if not csv.is_file():
-        return None
-    df = pd.read_csv(csv)
-    df = df[df["state"] == "COMPLETE"].sort_values("value", ascending=False)
-    for run_dir in df["run_dir"]:
-        p = Path(run_dir) / "checkpoints" / "best.pt"
-        if p.is_file():
-            return p
-    return None
 
 
 SCALES = {

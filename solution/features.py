@@ -8,14 +8,8 @@ CLI (``bash Chinese-CLIP/feature_extract.sh``, ``python -m solution.features``):
 ``eval/extract_features.py`` flags on CPU or GPU. Architecture, prompt and context length come
 from the checkpoint's stored config (flags override with a warning).
 
-Feature files (see :func:`feature_paths`), for ``PATH`` = ``BASE.npy`` (``--format npy``, default)::
-
-    BASE.npy          float32 [N, D], L2-normalised rows
-    BASE.ids.npy      int64 [N], the image_id / text_id of each row
-    BASE.meta.json    provenance: kind, checkpoint (+ sha256), config, prompt, precision, data, validation
-
-and for ``PATH`` = ``BASE.jsonl`` (``--format jsonl``): cn_clip's lines
-``{"image_id"|"text_id": int, "feature": [D floats]}`` plus the same ``BASE.meta.json``.
+Feature files (``BASE.npy`` + ``BASE.ids.npy`` + ``BASE.meta.json``, or cn_clip JSONL) are
+written and read by :mod:`solution.feature_files`.
 
 Image features are cached in ``--cache-dir`` (default ``$SOLUTION_CACHE_DIR`` or
 ``~/.cache/cnclip-solution/image_feats``) under a key made of the vision tower's weights (all an
@@ -32,7 +26,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -43,11 +36,12 @@ from tqdm import tqdm
 
 from cn_clip_patch.prompt import PromptError, check_prompt, token_lengths, tokenize
 
-from .common import SolutionError, atomic_path, autocast_context, read_jsonl, resolve_device, run_cli, write_json
+from .common import SolutionError, autocast_context, read_jsonl, resolve_device, run_cli
 from .data import ImageDataset, eval_transform, image_collate
+from .feature_files import FORMATS, feature_paths, is_int, save_features
 from .lmdb_io import LMDBSplit
 from .metrics import t2i_recall
-from .models import ModelConfig, load_model
+from .models import ModelConfig, load_model, state_dict_digest
 
 log = logging.getLogger(__name__)
 
@@ -179,153 +173,6 @@ def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, device
     return t2i_recall(text_feats, image_feats, tids, image_ids, gold, device=device)
 
 
-# ---------------------------------------------------------------- feature files
-
-FORMATS = ("npy", "jsonl")
-KINDS = ("image", "text")
-
-
-def _base(path: str | os.PathLike) -> str:
-    p = str(path)
-    for ext in (".npy", ".jsonl"):
-        if p.endswith(ext):
-            return p[: -len(ext)]
-    return p
-
-
-def feature_format(path: str | os.PathLike) -> str:
-    """``npy`` for ``*.npy`` paths, else ``jsonl`` (cn_clip's feature lines)."""
-    return "npy" if str(path).endswith(".npy") else "jsonl"
-
-
-def feature_paths(path: str | os.PathLike, fmt: str | None = None) -> tuple[Path, Path | None, Path]:
-    """``(features, ids or None, meta)`` of a feature output.
-
-    npy: ``BASE.npy``, ``BASE.ids.npy``, ``BASE.meta.json`` (``.npy`` is appended when missing);
-    jsonl: the path itself, no ids file, ``BASE.meta.json``.
-    """
-    fmt = fmt or feature_format(path)
-    base = _base(path)
-    if fmt == "npy":
-        return Path(base + ".npy"), Path(base + ".ids.npy"), Path(base + ".meta.json")
-    if fmt == "jsonl":
-        if str(path).endswith(".npy"):
-            raise SolutionError(f"{path}: a .npy path cannot hold jsonl features; name it .jsonl")
-        return Path(path), None, Path(base + ".meta.json")
-    raise SolutionError(f"unknown feature format {fmt!r}; choose from {', '.join(FORMATS)}")
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-
-
-def save_features(path: str | os.PathLike, kind: str, ids, feats, *, fmt: str | None = None,
-                  meta: dict | None = None) -> list[Path]:
-    """Write features (each file atomically); returns the paths written (features first)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    feats = np.ascontiguousarray(feats, dtype=np.float32)
-    if feats.ndim != 2 or len(ids) != len(feats):
-        raise ValueError(f"{len(ids)} ids for features of shape {feats.shape}")
-    fpath, ipath, mpath = feature_paths(path, fmt)
-    key = f"{kind}_id"
-    if ipath is not None:
-        _save_npy(ipath, ids)
-        _save_npy(fpath, feats)
-    else:
-        with atomic_path(fpath) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for i, row in zip(ids.tolist(), feats.tolist()):
-                f.write(json.dumps({key: i, "feature": row}) + "\n")
-    meta = {"kind": kind, "format": "npy" if ipath is not None else "jsonl", "count": int(len(ids)),
-            "dim": int(feats.shape[1]), "features": str(fpath.resolve()), **(meta or {})}
-    write_json(mpath, meta)
-    return [p for p in (fpath, ipath, mpath) if p is not None]
-
-
-@dataclass
-class FeatureSet:
-    """Features read back from a file: ``ids`` int64 [N], ``feats`` float32 [N, D], its meta (or {})."""
-
-    path: Path
-    kind: str
-    format: str
-    ids: np.ndarray
-    feats: np.ndarray
-    meta: dict = field(default_factory=dict)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
-    """Read our ``.npy`` features (+ ``.ids.npy``) or cn_clip's JSONL lines; checks shapes and ids."""
-    if kind not in KINDS:
-        raise ValueError(kind)
-    fmt = feature_format(path)
-    fpath, ipath, mpath = feature_paths(path, fmt)
-    key = f"{kind}_id"
-    if not fpath.is_file():
-        raise SolutionError(f"{kind} features not found: {fpath}")
-    if fmt == "npy":
-        if not ipath.is_file():
-            raise SolutionError(f"{fpath}: its ids file {ipath} is missing")
-        try:
-            feats, ids = np.load(fpath, allow_pickle=False), np.load(ipath, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise SolutionError(f"{fpath}: not a readable .npy feature file ({e})") from None
-        if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
-            raise SolutionError(f"{fpath}: expected a 2-D float array, got {feats.dtype} {feats.shape}")
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise SolutionError(f"{ipath}: expected a 1-D integer array, got {ids.dtype} {ids.shape}")
-        if len(ids) != len(feats):
-            raise SolutionError(f"{fpath} has {len(feats)} rows but {ipath} has {len(ids)} ids")
-    else:
-        id_list, rows = [], []
-        with open(fpath, encoding="utf-8") as f:
-            for lineno, line in enumerate(tqdm(f, desc=f"read {fpath.name}", unit="line", leave=False,
-                                               disable=not sys.stderr.isatty()), 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SolutionError(f"{fpath}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or key not in obj or "feature" not in obj:
-                    raise SolutionError(f"{fpath}:{lineno}: expected {{\"{key}\": int, \"feature\": [...]}}")
-                if not _is_int(obj[key]):
-                    raise SolutionError(f"{fpath}:{lineno}: {key} {obj[key]!r} is not an integer")
-                id_list.append(obj[key])
-                rows.append(obj["feature"])
-        if not rows:
-            raise SolutionError(f"{fpath} holds no {kind} features")
-        try:
-            feats = np.asarray(rows, dtype=np.float32)
-        except ValueError:
-            raise SolutionError(f"{fpath}: features have different lengths or non-numbers") from None
-        if feats.ndim != 2:
-            raise SolutionError(f"{fpath}: features have different lengths")
-        ids = np.asarray(id_list, dtype=np.int64)
-    feats = np.ascontiguousarray(feats, dtype=np.float32)
-    if len(ids) == 0:
-        raise SolutionError(f"{fpath} holds no {kind} features")
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
-        dup = uniq[counts > 1]
-        raise SolutionError(f"{fpath}: {len(dup)} {key}s occur more than once (e.g. {int(dup[0])})")
-    if not np.isfinite(feats).all():
-        bad = int(ids[~np.isfinite(feats).all(1)][0])
-        raise SolutionError(f"{fpath}: the feature of {key} {bad} is not finite")
-    meta = {}
-    if mpath.is_file():
-        try:
-            meta = json.loads(mpath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            log.warning("%s is not valid JSON; ignoring it", mpath)
-    return FeatureSet(fpath, kind, fmt, ids, feats, meta)
-
-
 # ---------------------------------------------------------------- provenance and the image cache
 
 CACHE_VERSION = 1
@@ -344,35 +191,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def module_sha256(module: torch.nn.Module) -> str:
-    """Digest of a module's state (names, dtypes, shapes, values)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def lmdb_images_sha256(split: LMDBSplit) -> str:
-    """Digest of every key and value of a split's ``imgs`` LMDB, in key order."""
-    import lmdb
-
-    h = hashlib.sha256()
-    env = lmdb.open(str(split.split_dir / "imgs"), readonly=True, create=False, lock=False, readahead=False,
-                    meminit=False)
-    try:
-        with env.begin(buffers=True) as txn:
-            for key, value in txn.cursor():
-                h.update(len(key).to_bytes(8, "little"))
-                h.update(key)
-                h.update(len(value).to_bytes(8, "little"))
-                h.update(value)
-    finally:
-        env.close()
-    return h.hexdigest()
-
-
 def effective_precision(device, precision: str) -> str:
     """What a precision flag computes in on a device: CPU runs fp32 unless bf16 is asked for."""
     device = torch.device(device)
@@ -384,9 +202,9 @@ def effective_precision(device, precision: str) -> str:
 def image_cache_key(model, config: ModelConfig, split: LMDBSplit, device, precision: str) -> tuple[str, dict]:
     parts = {
         "version": CACHE_VERSION,
-        "visual_sha256": module_sha256(model.visual),
+        "visual_sha256": state_dict_digest(model.visual.state_dict()),
         "vision_info": {k: v for k, v in config.model_info.items() if not k.startswith("text_") and k != "vocab_size"},
-        "images_sha256": lmdb_images_sha256(split),
+        "images_sha256": split.images_digest(),
         "precision": effective_precision(device, precision),
         "device_type": torch.device(device).type,
     }
@@ -457,7 +275,7 @@ def _read_texts(path: str) -> tuple[list[int], list[str]]:
     for n, row in enumerate(read_jsonl(path), 1):
         if not isinstance(row, dict) or "text_id" not in row or "text" not in row:
             raise SolutionError(f"{path}: record {n} lacks text_id or text")
-        if not _is_int(row["text_id"]):
+        if not is_int(row["text_id"]):
             raise SolutionError(f"{path}: record {n}: text_id {row['text_id']!r} is not an integer")
         ids.append(row["text_id"])
         texts.append(str(row["text"]))

@@ -153,6 +153,18 @@ class LMDBSplit:
                 ids.append(int(key.decode()))
         return ids
 
+    def images_digest(self) -> str:
+        """sha256 of every key and value of ``imgs``, in key order: identifies the gallery by content."""
+        import hashlib
+
+        self._check_pid()
+        h = hashlib.sha256()
+        for key, value in self._img.cursor():
+            for part in (bytes(key), bytes(value)):
+                h.update(len(part).to_bytes(8, "little"))
+                h.update(part)
+        return h.hexdigest()
+
     def queries(self) -> "OrderedDict[int, tuple[str, list[int]]]":
         """text_id -> (text, [image_ids]) gathered from the pairs, in first-seen order."""
         out: "OrderedDict[int, tuple[str, list[int]]]" = OrderedDict()

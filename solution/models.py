@@ -263,6 +263,19 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", *
     return model.to(device), config, ckpt
 
 
+def state_dict_digest(sd: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, bytes): the cache key of feature and soup caches."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: ModelConfig, *,
                     epoch: int = 0, step: int = 0, name: str = "", **extra) -> Path:
     """Write a checkpoint atomically in cn_clip's layout (``module.`` keys) plus our ``config``."""

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .common import SolutionError, resolve_device, run_cli, write_json, write_jsonl
-from .features import FeatureSet, load_features
+from .feature_files import FeatureSet, load_features
 from .metrics import topk
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Sequence, Union
 import torch
 
 from .common import SolutionError
-from .models import ModelConfig, clean_state_dict, read_checkpoint, resolve_config
+from .models import ModelConfig, clean_state_dict, read_checkpoint, resolve_config, state_dict_digest
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,19 @@ def expand_checkpoints(patterns: Sequence[str], exclude: Path | None = None) -> 
     return unique
 
 
+def _soupable_key(path: Path) -> tuple:
+    """What ingredients must share: architecture, prompt and context length."""
+    cfg = resolve_config(read_checkpoint(path, mmap=True), source=str(path))
+    return cfg.arch, cfg.text_prompt, cfg.context_length
+
+
 def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
-    """``checkpoints/best.pt`` of the ``top`` best complete trials of a search study folder."""
+    """``checkpoints/best.pt`` of the ``top`` best complete trials of a search study folder.
+
+    A search may vary the prompt or context length, and runs that differ in those cannot be
+    averaged: the best trial sets what the others must share, and a trial that differs is
+    passed over (logged) in favour of the next compatible one.
+    """
     study_dir = Path(study_dir)
     table = study_dir / "trials.csv"
     if not table.is_file():
@@ -65,26 +76,28 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
     if not rows:
         raise SolutionError(f"{table} lists no complete trial")
     rows.sort(key=lambda r: (-float(r["value"]), int(r.get("number") or 0)))
-    paths = []
-    for r in rows[:top]:
+    paths, want = [], None
+    for r in rows:
+        if len(paths) == top:
+            break
         candidates = [Path(r["run_dir"])] if r.get("run_dir") else []
         candidates += [study_dir / r.get("run_dir", ""), study_dir / "trials" / f"{int(r['number']):04d}"]
         run_dir = next((c for c in candidates if (c / "checkpoints" / "best.pt").is_file()), None)
         if run_dir is None:
             raise SolutionError(f"{table}: trial {r.get('number')} has no checkpoints/best.pt")
-        paths.append(run_dir / "checkpoints" / "best.pt")
+        path = run_dir / "checkpoints" / "best.pt"
+        if not paths:  # the best trial: nothing to compare with yet
+            paths.append(path)
+            continue
+        want = want or _soupable_key(paths[0])
+        key = _soupable_key(path)
+        if key != want:
+            log.info("study %s: passing over trial %s (%s, prompt %r, context %d): the best trial has %s, prompt %r, "
+                     "context %d", study_dir, r.get("number"), *key, *want)
+            continue
+        paths.append(path)
     log.info("study %s: top %d complete trials -> %s", study_dir, len(paths), ", ".join(map(str, paths)))
     return paths
-
-
-def fingerprint(sd: dict) -> str:
-    """A content hash of a (cleaned) state dict: names, dtypes, shapes and bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(sd):
-        t = sd[k].detach()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)};".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -113,7 +126,7 @@ def inspect_checkpoint(path: Path, fp_cache: dict) -> Ingredient:
                             "soup the merged checkpoint the trainer saves")
     st = path.stat()
     ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    fp = fp_cache.get(ident) or fingerprint(sd)
+    fp = fp_cache.get(ident) or state_dict_digest(sd)
     fp_cache[ident] = fp
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
     ing = Ingredient(str(path), fp, config, {k: tuple(t.shape) for k, t in sd.items()},

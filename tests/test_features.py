@@ -16,7 +16,8 @@ from PIL import Image
 import solution.features as F
 from cn_clip_patch.device import on_device
 from solution.common import SolutionError
-from solution.features import encode_images, encode_texts, load_features, main
+from solution.feature_files import load_features
+from solution.features import encode_images, encode_texts, main
 from solution.lmdb_io import LMDBSplit, write_split
 from solution.models import ModelConfig, build_model, save_checkpoint
 

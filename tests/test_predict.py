@@ -6,7 +6,7 @@ import pytest
 
 from cn_clip_patch.device import run_upstream_main
 from solution.common import SolutionError, read_jsonl
-from solution.features import save_features
+from solution.feature_files import save_features
 from solution.predict import auto_chunk, main, rank
 
 

@@ -6,8 +6,6 @@ trainer (tiny ViT-Tiny + RBT-Tiny, a few steps) on an LMDB of coloured squares.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import signal
@@ -21,13 +19,12 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
 
 from solution import search
 from solution.common import SolutionError
-from solution.lmdb_io import write_split
 from solution.search_config import flags_to_argv, load_config, parse_config, trial_flags
 from solution.soup_weights import study_checkpoints
+from train_helpers import make_data
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,28 +295,9 @@ def test_sigterm_stops_the_child_and_requeues_the_trial(tmp_path, fake_train):
 
 # ---------------------------------------------------------------- acceptance: the real trainer
 
-COLOURS = [("红色", (220, 30, 30)), ("绿色", (30, 180, 40)), ("蓝色", (30, 60, 220)), ("黄色", (240, 220, 30)),
-           ("紫色", (140, 40, 170)), ("青色", (30, 200, 200)), ("黑色", (10, 10, 10)), ("白色", (245, 245, 245))]
 TINY = {"vision-model": "ViT-Tiny", "text-model": "RBT-Tiny", "context-length": 16, "valid-batch-size": 32,
         "num-workers": 0, "valid-num-workers": 0, "precision": "fp32", "device": "cpu", "no-progress": True,
         "no-plot": True, "valid-epoch-interval": 0, "save-epoch-frequency": 0, "log-interval": 2}
-
-
-def _squares(split_dir: Path, per_colour: int, first_id: int, text_base: int, seed: int) -> Path:
-    import random
-
-    rng = random.Random(seed)
-    images, pairs = [], []
-    for c, (name, rgb) in enumerate(COLOURS):
-        for _ in range(per_colour):
-            buf = io.BytesIO()
-            Image.new("RGB", (16, 16), tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in rgb)).save(buf, "PNG")
-            images.append((first_id, base64.urlsafe_b64encode(buf.getvalue())))
-            pairs.append((first_id, text_base + c, f"一个{name}的方块"))
-            first_id += 1
-    rng.shuffle(pairs)
-    write_split(split_dir, images, pairs)
-    return split_dir
 
 
 @pytest.fixture(scope="module")
@@ -328,8 +306,7 @@ def squares(tmp_path_factory):
     from solution import train
 
     root = tmp_path_factory.mktemp("squares")
-    tr = _squares(root / "train", 6, 1000, 0, seed=1)
-    va = _squares(root / "valid", 3, 5000, 100, seed=2)
+    tr, va = make_data(root)  # the trainer tests' coloured squares: 6 train / 3 valid images per colour
     base = train.main(flags_to_argv({**TINY, "train-data": tr, "val-data": va, "logs": root / "runs", "name": "base",
                                      "batch-size": 16, "max-steps": 20, "valid-step-interval": 20, "lr": 4e-3,
                                      "warmup": 2, "wd": 0.01}))

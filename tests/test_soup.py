@@ -17,7 +17,7 @@ import torch
 
 from solution import soup, soup_weights
 from solution.common import SolutionError, read_jsonl
-from solution.lmdb_io import write_split
+from solution.prepare import prepare
 from solution.models import ModelConfig, build_model, clean_state_dict, read_checkpoint, save_checkpoint
 
 METHODS = ("uniform", "greedy", "pairwise")
@@ -32,22 +32,13 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _to_lmdb(data, split, pairs=True):
-    imgs = [line.rstrip("\n").split("\t") for line in open(data / f"{split}_imgs.tsv", encoding="utf-8")]
-    texts = read_jsonl(data / f"{split}_texts.jsonl")
-    write_split(data / "lmdb" / split, ((int(i), b.encode()) for i, b in imgs),
-                ((iid, t["text_id"], t["text"]) for t in texts for iid in t["image_ids"]) if pairs else iter(()))
-    return data / "lmdb" / split
-
-
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     from solution.demo_data import generate
 
     data = tmp_path_factory.mktemp("soup_demo")
     generate(data, preset="tiny", messy=False, train_queries=24, valid_queries=16, images_per_query=3)
-    _to_lmdb(data, "train")
-    _to_lmdb(data, "valid")
+    prepare(data, ["train", "valid"], workers=1, progress=False)
     config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32)
     torch.manual_seed(0)
     save_checkpoint(data / "base.pt", build_model(config).state_dict(), config)
@@ -454,3 +445,20 @@ def test_unmerged_lora_is_refused(synth):
     with pytest.raises(SolutionError, match="unmerged LoRA"):
         soup.main(["--checkpoints", str(tmp / "lora.pt"), "--method", "uniform", "--no-score",
                    "--output", str(tmp / "out")])
+
+
+def test_from_study_passes_over_trials_the_best_cannot_be_souped_with(synth, caplog):
+    """A search that varied the prompt: the second-best trial has another prompt and is skipped."""
+    tmp, paths, config = synth
+    study = tmp / "study_prompts"
+    other = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32, text_prompt="图片：")
+    scores = {0: 50.0, 1: 45.0, 2: 40.0}
+    for number in scores:
+        ckpt_dir = study / "trials" / f"{number:04d}" / "checkpoints"
+        sd = read_checkpoint(paths[number])["state_dict"]
+        save_checkpoint(ckpt_dir / "best.pt", sd, other if number == 1 else config)
+    (study / "trials.csv").write_text("number,state,value,run_dir\n" + "".join(
+        f"{n},COMPLETE,{v},{study / 'trials' / f'{n:04d}'}\n" for n, v in scores.items()))
+    got = soup_weights.study_checkpoints(study, 2)
+    assert [p.parent.parent.name for p in got] == ["0000", "0002"]
+    assert "passing over trial 1" in caplog.text
