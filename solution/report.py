@@ -105,7 +105,8 @@ def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, 
     final_row = results.get("final", {})
     lines = ["# Demo report", "",
              "Everything below was produced by `bash scripts/demo.sh` on this machine"
-             + (f" in {elapsed / 60:.1f} minutes." if elapsed else "."),
+             + (f"; this invocation took {elapsed / 60:.1f} minutes (a re-run reuses finished stages, so only a "
+                "first run's time is the cost of the whole flow)." if elapsed else "."),
              "Scores are text->image recall in percent (MUGE metric: MR = mean of R@1, R@5, R@10). "
              "`valid` is the demo's validation split (the soups were chosen on half of its queries); "
              "`test` is scored by the offline evaluator against `test_answers.jsonl`, as a submission.", "",
