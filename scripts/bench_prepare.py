@@ -1,16 +1,19 @@
 """Preparation throughput: ours (``python -m solution.prepare``) vs cn_clip's ``build_lmdb_dataset.py``.
 
-Both run as subprocesses on the same base64 TSV (drawn demo images, JPEG, with 1% PNG/GIF mess
-that ours converts), in one run, interleaved ``--repeat`` times (medians reported: the machine may
-be shared). Reported per tool: wall seconds, images/s, the ratio ours/upstream (>= 1: ours is
-not slower), the CPU its process tree used (user+sys seconds, and / wall = cores busy) and the
-mean busy % of each core over the run (psutil; that includes other users of the machine).
+Both run as subprocesses, with their default flags, on the same base64 TSV (drawn demo images,
+JPEG), in one run, interleaved ``--repeat`` times (medians reported: the machine may be shared).
+Each TSV of ``--mess`` is measured on its own: 0 is a clean TSV, where both tools produce the same
+LMDB; 0.01 has 1% PNG/GIF named like the JPEGs, which ours converts to RGB JPEG (about a
+millisecond each) and upstream stores as they are. Reported per tool: wall seconds, images/s,
+the ratio ours/upstream (>= 1: ours is not slower), the CPU its process tree used (user+sys
+seconds, and / wall = cores busy) and the mean busy % of each core over the run (psutil; that
+includes other users of the machine).
 
 Upstream only copies base64 strings into LMDB. Ours checks every image: ``--check structural``
 (the default: JPEG marker structure on the base64 itself, no pixel decoded) or ``--check full``
 (decode every image too), and converts the non-JPEGs.
 
-    python scripts/bench_prepare.py [--quick] [--images N] [--repeat R] [--out bench.json]
+    python scripts/bench_prepare.py [--quick] [--images N] [--mess 0,0.01] [--repeat R] [--out bench.json]
 
 ``--out`` JSON: ``{"rows": [{"metric", "ours", "upstream", "ratio", "unit"}, ...], <meta>}``.
 """
@@ -37,13 +40,15 @@ from solution.demo_data import draw_image, jpeg_bytes, messy_bytes, random_scene
 from solution.images import CHECKS
 
 
-def make_tsv(d: Path, n: int, size: int, unique: int = 200, seed: int = 0) -> None:
-    """``n`` images (``unique`` distinct drawings repeated under distinct ids), 1% PNG/GIF mess."""
+def make_tsv(d: Path, n: int, size: int, mess: float = 0.01, unique: int = 200, seed: int = 0) -> None:
+    """``n`` images (``unique`` distinct drawings repeated under distinct ids), a fraction ``mess`` of
+    them PNG/GIF (every ``1 / mess``-th drawing)."""
     rng = random.Random(seed)
+    every = round(1 / mess) if mess > 0 else 0
     pics = []
     for k in range(unique):
         im = draw_image(random_scene(rng, 0.5), random.Random(k), size)
-        kind = ("png_rgba", "gif", "png_palette")[k % 3] if k % 100 == 0 else None
+        kind = ("png_rgba", "gif", "png_palette")[(k // every) % 3] if every and k % every == 0 else None
         pics.append(base64.urlsafe_b64encode(messy_bytes(kind, im) if kind else jpeg_bytes(im)).decode())
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "train_imgs.tsv", "w", encoding="utf-8") as f:
@@ -94,8 +99,9 @@ def _median_run(runs: list[dict], n: int) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small smoke run (2,000 images, 1 repeat)")
-    p.add_argument("--images", type=int, help="images in the TSV (default 20,000; --quick 2,000)")
+    p.add_argument("--images", type=int, help="images in each TSV (default 20,000; --quick 2,000)")
     p.add_argument("--image-size", type=int, default=224, help="side of the drawn images (default 224)")
+    p.add_argument("--mess", default="0,0.01", help="fractions of PNG/GIF, one TSV each (default 0,0.01)")
     p.add_argument("--repeat", type=int, help="interleaved runs of each tool, medians reported (default 3; --quick 1)")
     p.add_argument("--workers", type=int, help="our cleaning processes (default: all cores)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"our --check modes to run (default {','.join(CHECKS)})")
@@ -103,53 +109,62 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     n = a.images or (2_000 if a.quick else 20_000)
     repeat = max(1, a.repeat or (1 if a.quick else 3))
+    checks = [c for c in a.checks.split(",") if c]
+    if not checks or set(checks) - set(CHECKS):
+        raise SystemExit(f"--checks takes some of {','.join(CHECKS)}")
+    messes = [float(m) for m in a.mess.split(",") if m.strip()]
+    if not messes or any(not 0 <= m < 1 for m in messes):
+        raise SystemExit("--mess takes fractions in [0, 1), e.g. 0,0.01")
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     load_before = os.getloadavg()
+    py = sys.executable
+    workers = ["--workers", str(a.workers)] if a.workers is not None else []
+    rows, results, sizes = [], {}, {}
     try:
-        make_tsv(tmp / "data", n, a.image_size)
-        mb = (tmp / "data" / "train_imgs.tsv").stat().st_size / 1e6
-        py = sys.executable
-        workers = ["--workers", str(a.workers)] if a.workers is not None else []
-        runs = {"upstream": [py, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", str(tmp / "data"),
-                             "--splits", "train", "--lmdb_dir", str(tmp / "up")]}
-        checks = [c for c in a.checks.split(",") if c]
-        if not checks or set(checks) - set(CHECKS):
-            raise SystemExit(f"--checks takes some of {','.join(CHECKS)}")
-        for check in checks:
-            runs[check] = [py, "-m", "solution.prepare", "--data-dir", str(tmp / "data"), "--splits", "train",
-                           "--lmdb-dir", str(tmp / check), "--check", check, "--no-progress", *workers]
-        raw: dict[str, list[dict]] = {name: [] for name in runs}
-        for _ in range(repeat):
-            for name, cmd in runs.items():
-                raw[name].append(run(cmd))
-                shutil.rmtree(tmp / {"upstream": "up"}.get(name, name), ignore_errors=True)
-        results = {name: _median_run(r, n) for name, r in raw.items()}
+        for mess in messes:
+            data = tmp / f"data_{mess:g}"
+            make_tsv(data, n, a.image_size, mess)
+            sizes[f"{mess:g}"] = round((data / "train_imgs.tsv").stat().st_size / 1e6, 1)
+            runs = {"upstream": [py, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", str(data),
+                                 "--splits", "train", "--lmdb_dir", str(tmp / "out")]}
+            for check in checks:
+                runs[check] = [py, "-m", "solution.prepare", "--data-dir", str(data), "--splits", "train",
+                               "--lmdb-dir", str(tmp / "out"), "--check", check, *workers]
+            raw: dict[str, list[dict]] = {name: [] for name in runs}
+            for _ in range(repeat):
+                for name, cmd in runs.items():
+                    raw[name].append(run(cmd))
+                    shutil.rmtree(tmp / "out", ignore_errors=True)
+            res = results[f"{mess:g}"] = {name: _median_run(r, n) for name, r in raw.items()}
+            shutil.rmtree(data, ignore_errors=True)
+            up = res["upstream"]
+            tsv = f"{mess:.0%} PNG/GIF"
+            for check in checks:
+                ours = res[check]
+                rows += [
+                    {"metric": f"images/s, {tsv}, --check {check}", "ours": ours["images_per_second"],
+                     "upstream": up["images_per_second"],
+                     "ratio": round(ours["images_per_second"] / up["images_per_second"], 3), "unit": "images/s"},
+                    {"metric": f"CPU cores busy, {tsv}, --check {check}", "ours": ours["cpu_cores_used"],
+                     "upstream": up["cpu_cores_used"],
+                     "ratio": round(ours["cpu_cores_used"] / max(up["cpu_cores_used"], 1e-9), 3), "unit": "cores"},
+                    {"metric": f"CPU seconds, {tsv}, --check {check}", "ours": ours["cpu_seconds"],
+                     "upstream": up["cpu_seconds"], "ratio": round(ours["cpu_seconds"] / max(up["cpu_seconds"], 1e-9), 3),
+                     "unit": "s"},
+                ]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
-    up = results["upstream"]
-    rows = []
-    for check in checks:
-        ours = results[check]
-        rows += [
-            {"metric": f"images/s, --check {check}", "ours": ours["images_per_second"],
-             "upstream": up["images_per_second"], "ratio": round(ours["images_per_second"] / up["images_per_second"], 3),
-             "unit": "images/s"},
-            {"metric": f"CPU cores busy, --check {check}", "ours": ours["cpu_cores_used"],
-             "upstream": up["cpu_cores_used"], "ratio": round(ours["cpu_cores_used"] / max(up["cpu_cores_used"], 1e-9), 3),
-             "unit": "cores"},
-            {"metric": f"CPU seconds, --check {check}", "ours": ours["cpu_seconds"], "upstream": up["cpu_seconds"],
-             "ratio": round(ours["cpu_seconds"] / max(up["cpu_seconds"], 1e-9), 3), "unit": "s"},
-        ]
-    print(f"{n} images of {a.image_size} px ({mb:.1f} MB of base64), {psutil.cpu_count()} cores, median of {repeat}, "
-          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
-    print(f"{'metric':34s} {'ours':>9s} {'upstream':>9s} {'ratio':>6s}  unit")
+    print(f"{n} images of {a.image_size} px per TSV (MB of base64: {sizes}), {psutil.cpu_count()} cores, "
+          f"median of {repeat}, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(f"{'metric':48s} {'ours':>9s} {'upstream':>9s} {'ratio':>6s}  unit")
     for r in rows:
-        print(f"{r['metric']:34s} {r['ours']:9.2f} {r['upstream']:9.2f} {r['ratio']:6.2f}  {r['unit']}")
-    for name, r in results.items():
-        print(f"  {name:10s} wall {r['seconds_all']} s, per-core busy % {r['core_busy_percent']}")
-    out = {"rows": rows, "images": n, "image_size": a.image_size, "tsv_mb": round(mb, 1), "repeat": repeat,
+        print(f"{r['metric']:48s} {r['ours']:9.2f} {r['upstream']:9.2f} {r['ratio']:6.2f}  {r['unit']}")
+    for mess, res in results.items():
+        for name, r in res.items():
+            print(f"  mess {mess:5s} {name:10s} wall {r['seconds_all']} s, per-core busy % {r['core_busy_percent']}")
+    out = {"rows": rows, "images": n, "image_size": a.image_size, "tsv_mb": sizes, "repeat": repeat,
            "cores": psutil.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
            "load_average_after": [round(x, 2) for x in load_after], "results": results}
     if a.out:

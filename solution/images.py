@@ -41,7 +41,6 @@ import io
 import warnings
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageOps
 
 # Reasons an image is skipped (the report counts and lists them by these names).
 REASONS = {
@@ -55,7 +54,8 @@ REASONS = {
 }
 
 DEFAULT_QUALITY = 95
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own bomb threshold
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb threshold (Image.MAX_IMAGE_PIXELS); PIL is imported
+# only when an image is decoded, so checking a clean TSV never loads it
 CHECKS = ("structural", "full")  # how a JPEG is checked before it is kept (module docstring); the first is the default
 
 _MAGIC = (
@@ -302,6 +302,8 @@ def jpeg_b64_span(buf: bytes, start: int, stop: int, pad: int) -> JpegInfo | Non
 
 
 def _error_reason(e: BaseException, data: bytes, fmt: str | None) -> tuple[str, str]:
+    from PIL import Image
+
     msg = f"{type(e).__name__}: {e}"
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return "decompression_bomb", msg
@@ -314,8 +316,10 @@ def _error_reason(e: BaseException, data: bytes, fmt: str | None) -> tuple[str, 
     return "corrupt", msg
 
 
-def _to_rgb(im: Image.Image, actions: list[str]) -> Image.Image:
+def _to_rgb(im, actions: list[str]):
     """Any PIL mode -> RGB; alpha is composited onto white (as a shop page shows a transparent PNG)."""
+    from PIL import Image
+
     mode = im.mode
     if mode == "RGB":
         return im
@@ -355,6 +359,8 @@ def clean_image(data: bytes, *, max_side: int | None = None, quality: int = DEFA
     """
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+    from PIL import Image, ImageOps
+
     fmt = None
     try:
         if not data:

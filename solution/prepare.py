@@ -21,10 +21,15 @@ Images are cleaned in parallel (``solution.images``); bad images, duplicate ids 
 whose images are all missing are skipped and listed in the report, never a crash.
 
 Speed (a MUGE TSV): the TSV is memory-mapped; worker processes get ``(offset, length)`` of 1 MiB
-blocks of lines, read them from the page cache, check every image (``--check``, see
-``solution.images``) and send back only the lines that are not plain (an image to convert or
-skip, a bad id, ...). Meanwhile this process stores each plain line's base64 straight from the
-mapping into LMDB (no decode, no copy, no per-commit fsync): the same work cn_clip's builder does.
+blocks of lines, read them from the page cache and check every image (``--check``, see
+``solution.images``); of a plain line (a JPEG kept as it is) only its id and where its base64
+lies travel back, the other lines (an image to convert or skip, a bad id, ...) come back whole.
+One worker first reads the texts and writes the pairs LMDB, as if every image survives (they are
+written again in the rare case one did not). This process only stores the images: a clean block
+goes from the mapping into LMDB in one C-level ``putmulti`` (no decode, no copy through a pipe,
+no per-commit fsync; the pages go to disk from a background thread). That is the same work
+cn_clip's builder does, so on 2 cores a clean TSV prepares at least as fast as with it
+(``scripts/bench_prepare.py``).
 """
 from __future__ import annotations
 
@@ -40,17 +45,18 @@ import shutil
 import sys
 import threading
 import time
+from array import array
 from collections import Counter, deque
+from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
-from tqdm import tqdm
 
 from .common import SolutionError, atomic_path, run_cli, write_json, write_jsonl
 from .images import (B64_ALPHABET, CHECKS, DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, REASONS, clean_b64, clean_image,
                      jpeg_b64_span)
-from .lmdb_io import write_split
-from .prepare_inputs import SplitInput, Text, read_muge, read_table, split_off_valid
+from .lmdb_io import write_images, write_pairs
+from .prepare_inputs import SplitInput, Text, load_muge_texts, read_muge, read_table, split_off_valid
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ LIST_CONVERTED = 1000  # list at most this many converted images by id in a repo
 MIN_PARALLEL = 256  # fewer images than this are cleaned in-process (starting a pool costs more)
 MIN_PARALLEL_BYTES = 1 << 20  # the same for a TSV smaller than this
 TSV_BLOCK = 1 << 20  # bytes of whole TSV lines per worker task
+TSV_AHEAD = 32  # blocks per worker checked ahead of the LMDB writer (the texts are read meanwhile)
 
 
 # ---------------------------------------------------------------- cleaning workers
@@ -95,14 +102,24 @@ def _clean_tsv_line(lineno: int, line: bytes) -> tuple:
 _PLAIN_LEFT = {b"\t": (0, 0), b"\t=": (1, 0), b"\t==": (2, 0), b"\t\r": (0, 1), b"\t=\r": (1, 1), b"\t==\r": (2, 1)}
 
 
-def _check_tsv_block(block: bytes) -> dict[int, tuple | None]:
-    """Check a block of whole TSV lines; the result lists only the lines that are *not* plain.
+class _Block(NamedTuple):
+    """What a worker says about one block of TSV lines (see :func:`_check_tsv_block`)."""
+    lines: int                        # lines in the block
+    special: dict[int, tuple | None]  # line j (from 0) -> _clean_tsv_line's tuple, or None when blank
+    ids: array                        # the plain lines: image id,
+    starts: array                     # where its base64 starts and stops in the file (CR excluded),
+    stops: array
+    js: array                         # and its line j
+
+
+def _check_tsv_block(block: bytes, offset: int = 0) -> _Block:
+    """Check a block of whole TSV lines that starts at byte ``offset`` of the file.
 
     A plain line is ``digits<TAB>base64[CR]`` (a canonical decimal id, one tab, strict base64) whose
-    image is kept exactly as it is: the parent stores it straight from its own view of the
-    file. Every other line ``j`` (counted in the block, from 0) maps to the tuple of
-    :func:`_clean_tsv_line` (with ``j`` as its line number), or to None when blank. On a clean TSV
-    the result is an empty dict: almost nothing travels back from the workers.
+    image is kept exactly as it is: only its id and where its base64 lies in the file travel back,
+    and the parent stores it straight from its own view of the file (no copy through the pipe).
+    Every other line ``j`` (counted in the block, from 0) is *special*: it maps to the tuple of
+    :func:`_clean_tsv_line` (with ``j`` as its line number), or to None when blank.
 
     With ``check="structural"`` the base64 alphabet of the whole block is checked in one C pass and
     each line costs a header walk (:func:`solution.images.jpeg_b64_span`); nothing is decoded but
@@ -111,6 +128,7 @@ def _check_tsv_block(block: bytes) -> dict[int, tuple | None]:
     structural = _OPTS.get("check", CHECKS[0]) == "structural"
     max_side, max_pixels = _OPTS.get("max_side"), _OPTS.get("max_pixels", DEFAULT_MAX_PIXELS)
     special: dict[int, tuple | None] = {}
+    ids, starts, stops, js = array("q"), array("q"), array("q"), array("q")
     lefts = block.translate(None, B64_ALPHABET).split(b"\n") if structural else None
     s, end, j = 0, len(block), 0
     while s < end:
@@ -124,13 +142,23 @@ def _check_tsv_block(block: bytes) -> dict[int, tuple | None]:
                 if plain is not None:
                     info = jpeg_b64_span(block, t + 1, e - plain[1], plain[0])
                     if info is not None and info.keepable(max_side, max_pixels):
+                        ids.append(int(block[s:t]))
+                        starts.append(offset + t + 1)
+                        stops.append(offset + e - plain[1])
+                        js.append(j)
                         s, j = e + 1, j + 1
                         continue
             else:
-                b64 = block[t + 1:e]
+                stop = e - 1 if e > t + 1 and block[e - 1] == 13 else e  # CR LF
+                b64 = block[t + 1:stop]
                 try:
                     r = clean_b64(b64, **_OPTS)
-                    if r.status != "kept" or r.data is not b64:
+                    if r.status == "kept" and r.data is b64:
+                        ids.append(int(block[s:t]))
+                        starts.append(offset + t + 1)
+                        stops.append(offset + stop)
+                        js.append(j)
+                    else:
                         special[j] = (j, int(block[s:t]), r.status, r.reason, r.detail, r.actions, r.format, r.data)
                 except Exception as ex:  # noqa: BLE001 - never let one line kill the pool
                     special[j] = (j, int(block[s:t]), "skipped", "corrupt", f"{type(ex).__name__}: {ex}", [], None,
@@ -140,10 +168,10 @@ def _check_tsv_block(block: bytes) -> dict[int, tuple | None]:
         line = block[s:e]
         special[j] = _clean_tsv_line(j, line) if line.strip() else None
         s, j = e + 1, j + 1
-    return special
+    return _Block(j, special, ids, starts, stops, js)
 
 
-def _check_tsv_task(task: tuple[str, int, int]) -> dict[int, tuple | None]:
+def _check_tsv_task(task: tuple[str, int, int]) -> _Block:
     """Worker side of :func:`_check_tsv_block`: it reads the block itself, by offset (from the page
     cache), so only ``(path, offset, length)`` goes down the pipe."""
     path, offset, length = task
@@ -153,7 +181,17 @@ def _check_tsv_task(task: tuple[str, int, int]) -> dict[int, tuple | None]:
     block = os.pread(fd, length, offset)
     if len(block) != length:
         raise OSError(f"{path} changed while it was being read")
-    return _check_tsv_block(block)
+    return _check_tsv_block(block, offset)
+
+
+def _texts_task(texts_path: str, split_dir: str) -> tuple[int, dict, list[dict], array]:
+    """Worker side of a MUGE split's texts: read them and write the pairs LMDB as if every image
+    survives; back come the pair count, the ledger's text counts, the problems, and every image id
+    the texts refer to (the parent checks those against the images it kept)."""
+    split = load_muge_texts(SplitInput("", None, texts_path=Path(texts_path)))
+    led = _Ledger("", split.texts)
+    n = write_pairs(split_dir, led.pairs([], [], optimistic=True))
+    return n, dict(led.counts), split.problems, array("q", led.referenced())
 
 
 def _clean_file(item: tuple[int, str]) -> tuple:
@@ -182,33 +220,46 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def _cleaned(func, items: Iterable, workers: int, opts: dict, task=None, local=None):
-    """Yield an iterator of ``(item, result)`` in input order, ``result = func(task(item))`` computed on
-    ``workers`` processes (``local(item)`` in this process when ``workers <= 1``).
+def _cleaned(func, items: Iterable, workers: int, opts: dict, task=None, local=None, ahead: int = 4, side=None):
+    """Yield ``(results, side_result)``: ``results`` iterates ``(item, func(task(item)))`` in input order,
+    computed on ``workers`` processes (``local(item)`` in this process when ``workers <= 1``);
+    ``side = (fn, args)`` is one more task handed to the workers first, ``side_result`` its
+    ``AsyncResult`` (None in-process: the caller runs it itself).
 
-    Items are consumed lazily, a bounded window at a time, so a huge TSV never sits in memory, and
-    the caller works on finished results (LMDB puts) while the workers check the next ones.
+    The workers start on entry, so the caller can do other work before it asks for the first
+    result. Items are consumed lazily, at most ``ahead`` per worker before their results are
+    taken, so a huge TSV never sits in memory, and the caller works on finished results (LMDB
+    puts) while the workers check the next ones.
     """
     if workers <= 1:
         _init_worker(opts)
-        yield ((b, (local or func)(b)) for b in items)
+        yield ((b, (local or func)(b)) for b in items), None
         return
-    window = threading.BoundedSemaphore(workers * 4)
+    window, stop = threading.Semaphore(workers * ahead), threading.Event()
     pending: deque = deque()
 
     def throttled():
         for b in items:
             window.acquire()
+            if stop.is_set():  # the caller has left (an error): let the pool's thread end
+                return
             pending.append(b)
             yield task(b) if task else b
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
+        side_result = pool.apply_async(*side) if side else None
+        started = pool.imap(func, throttled(), 1)  # a pool thread starts handing out tasks now
+
         def results():
-            for r in pool.imap(func, throttled(), 1):
+            for r in started:
                 window.release()
                 yield pending.popleft(), r
-        yield results()
+        try:
+            yield results(), side_result
+        finally:
+            stop.set()
+            window.release()  # wake the pool's thread if it waits for room, or the pool never closes
 
 
 @contextlib.contextmanager
@@ -278,23 +329,41 @@ class _Ledger:
             if len(self.converted) < LIST_CONVERTED:
                 self.converted.append({"image_id": image_id, "format": fmt, "actions": actions})
 
-    def pairs(self, skipped_texts: list[dict], partial: list[dict]) -> Iterator[tuple[int, int, str]]:
+    def pairs(self, skipped_texts: list[dict], partial: list[dict], *,
+              optimistic: bool = False) -> Iterator[tuple[int, int, str]]:
+        """The pairs of the texts with their kept images (``optimistic``: as if every image were kept,
+        to be written before the images are known; check :meth:`referenced` against the kept ones)."""
+        kept = self.kept_ids
+        all_kept = (lambda ids: True) if optimistic else kept.issuperset
+        unlabelled = texts_kept = dropped = 0
         for t in self.texts:
-            if t.image_ids is None:
-                self.counts["texts_unlabelled"] += 1
+            ids = t.image_ids
+            if ids is None:
+                unlabelled += 1
                 continue
-            present = [i for i in t.image_ids if i in self.kept_ids]
-            missing = [i for i in t.image_ids if i not in self.kept_ids]
+            if all_kept(ids):  # the common case
+                texts_kept += 1
+                for image_id in ids:
+                    yield image_id, t.text_id, t.text
+                continue
+            present = [i for i in ids if i in kept]
+            missing = [i for i in ids if i not in kept]
             if not present:
                 skipped_texts.append({"text_id": t.text_id, "reason": "no_images",
-                                      "detail": f"none of its images survived: {missing}" if missing else "no image_ids"})
+                                      "detail": f"none of its images survived: {missing}"})
                 continue
-            if missing:
-                partial.append({"text_id": t.text_id, "missing_image_ids": missing})
-                self.counts["pairs_dropped"] += len(missing)
-            self.counts["texts_kept"] += 1
+            partial.append({"text_id": t.text_id, "missing_image_ids": missing})
+            dropped += len(missing)
+            texts_kept += 1
             for image_id in present:
                 yield image_id, t.text_id, t.text
+        c = self.counts  # set, not added: a second pass replaces an optimistic one
+        c["texts_total"], c["texts_unlabelled"], c["texts_kept"], c["pairs_dropped"] = (
+            len(self.texts), unlabelled, texts_kept, dropped)
+
+    def referenced(self) -> Iterator[int]:
+        """Every image id the texts refer to."""
+        return chain.from_iterable(t.image_ids or () for t in self.texts)
 
 
 def _report(ledger: _Ledger, split: SplitInput | None, skipped_texts, partial, num_images, num_samples,
@@ -308,7 +377,7 @@ def _report(ledger: _Ledger, split: SplitInput | None, skipped_texts, partial, n
                    "skipped": len(ledger.skipped), "duplicates": len(ledger.duplicates),
                    "skipped_by_reason": dict(ledger.by_reason), "converted_by_action": dict(ledger.by_action),
                    "formats": dict(ledger.formats)},
-        "texts": {"total": len(ledger.texts) + len(problems), "kept": c["texts_kept"],
+        "texts": {"total": c["texts_total"] + len(problems), "kept": c["texts_kept"],
                   "unlabelled": c["texts_unlabelled"], "skipped": len(skipped_texts) + len(problems),
                   "with_missing_images": len(partial)},
         "pairs": {"written": num_samples, "dropped_missing_image": c["pairs_dropped"]},
@@ -351,41 +420,48 @@ def _building(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _process(split: SplitInput, outputs: list[tuple[str, list[Text]]], lmdb_dir: Path, muge_dir: Path | None,
-             opts: dict, workers: int, progress: bool, source: str) -> dict[str, dict]:
-    """Clean ``split``'s images once and write one LMDB per output (name, texts), routing images by text."""
-    t0 = time.perf_counter()
-    ledgers = [_Ledger(name, texts) for name, texts in outputs]
-    owner: dict[int, int] = {}  # image id -> index of the output that gets it (others: the first output)
-    for k, led in enumerate(ledgers[1:], 1):
-        for t in led.texts:
-            for i in t.image_ids or ():
-                owner[i] = k
-    shared = {i for t in ledgers[0].texts for i in (t.image_ids or ()) if i in owner}
-    first_where: dict[int, int | str] = {}  # image id -> where it was stored from (a TSV line number, or a path)
-    plain = len(ledgers) == 1 and not muge_dir  # no routing, no files to write: the fast path applies
+def _process(split: SplitInput, outputs: list[tuple[str, list[Text] | None]], lmdb_dir: Path,
+             muge_dir: Path | None, opts: dict, workers: int, progress: bool, source: str) -> dict[str, dict]:
+    """Clean ``split``'s images once and write one LMDB per output (name, texts), routing images by text.
 
+    Texts None: the split's own (format 1), read while the workers check the images: by one of the
+    workers, which also writes the pairs, when there is one output and no MUGE file to write."""
+    t0 = time.perf_counter()
+    first_where: dict[int, int | str] = {}  # image id -> where it was stored from (a TSV line number, or a path)
+    plain = len(outputs) == 1 and not muge_dir  # no routing, no files to write: the fast path applies
     with contextlib.ExitStack() as stack:
-        dirs = [stack.enter_context(_building(lmdb_dir / led.name)) for led in ledgers]
-        spools = [stack.enter_context(open(d / "spool.tsv", "wb")) for d in dirs[1:]]
-        muge = [stack.enter_context(atomic_path(muge_dir / f"{led.name}_imgs.tsv")) for led in ledgers] if muge_dir else []
-        muge_f = [stack.enter_context(open(p, "wb")) for p in muge]
-        if split.tsv is not None:
+        dirs = [stack.enter_context(_building(lmdb_dir / name)) for name, _ in outputs]
+        side = texts_done = None
+        if split.tsv is not None:  # the workers start first
             size = split.tsv.stat().st_size
             path = str(split.tsv)
+            n_workers = workers if size >= MIN_PARALLEL_BYTES else 1
+            if plain and split.texts is None and n_workers > 1:
+                side = (_texts_task, (str(split.texts_path), str(dirs[0])))
             mm = stack.enter_context(_mapped(split.tsv)) if size else b""
-            cleaned = stack.enter_context(_cleaned(
-                _check_tsv_task, _tsv_blocks(mm), workers if size >= MIN_PARALLEL_BYTES else 1, opts,
-                task=lambda b: (path, b[0], b[1]), local=lambda b: _check_tsv_block(mm[b[0]:b[0] + b[1]])))
-            bar = stack.enter_context(tqdm(total=size, desc=f"cleaning {split.name}", unit="B", unit_scale=True,
-                                           disable=not progress, mininterval=1.0))
+            cleaned, texts_done = stack.enter_context(_cleaned(
+                _check_tsv_task, _tsv_blocks(mm), n_workers, opts,
+                task=lambda b: (path, b[0], b[1]), local=lambda b: _check_tsv_block(mm[b[0]:b[0] + b[1]], b[0]),
+                ahead=TSV_AHEAD, side=side))
         else:
             files = split.files
             batches = (files[i:i + 32] for i in range(0, len(files), 32))
-            cleaned = stack.enter_context(_cleaned(_clean_files, batches, workers if len(files) >= MIN_PARALLEL else 1,
-                                                   opts))
-            bar = stack.enter_context(tqdm(total=len(files), desc=f"cleaning {split.name}", unit="img",
-                                           disable=not progress, mininterval=1.0))
+            cleaned, _ = stack.enter_context(_cleaned(
+                _clean_files, batches, workers if len(files) >= MIN_PARALLEL else 1, opts))
+        if split.texts is None and side is None:
+            load_muge_texts(split)
+        ledgers = [_Ledger(name, split.texts if texts is None else texts) for name, texts in outputs]
+        owner: dict[int, int] = {}  # image id -> index of the output that gets it (others: the first output)
+        for k, led in enumerate(ledgers[1:], 1):
+            for t in led.texts:
+                for i in t.image_ids or ():
+                    owner[i] = k
+        shared = {i for t in ledgers[0].texts or () for i in (t.image_ids or ()) if i in owner}
+
+        spools = [stack.enter_context(open(d / "spool.tsv", "wb")) for d in dirs[1:]]
+        muge = [stack.enter_context(atomic_path(muge_dir / f"{led.name}_imgs.tsv")) for led in ledgers] if muge_dir else []
+        muge_f = [stack.enter_context(open(p, "wb")) for p in muge]
+        bar = stack.enter_context(_progress(progress, split, size if split.tsv is not None else None))
 
         def one(where, image_id, status, reason, detail, actions, fmt, data) -> Iterator[tuple[int, bytes]]:
             """Account for one image, route it, and yield it when it goes into the first output."""
@@ -411,45 +487,45 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text]]], lmdb_dir:
             if 0 in targets:
                 yield image_id, data
 
-        def first_images() -> Iterator[tuple[int | bytes, bytes]]:
+        def first_images() -> Iterator[Iterable[tuple[int | bytes, bytes]]]:
+            """The first output's images, in chunks: a clean TSV block is one C-level iterator."""
             if split.tsv is None:
                 for batch, results in cleaned:
-                    for r in results:
-                        yield from one(*r)
+                    yield [row for r in results for row in one(*r)]
                     bar.update(len(batch))
                 return
             led = ledgers[0]
-            kept_add, first_set, find = led.kept_ids.add, first_where.__setitem__, mm.find
             view = memoryview(mm)
             lineno0 = 1
             try:
-                for (s, length), special in cleaned:
-                    end, j, n_plain = s + length, 0, 0
-                    while s < end:
-                        e = find(b"\n", s, end)
-                        if e < 0:
-                            e = end
-                        r = special.get(j, False)
-                        if r is False:  # a plain line, kept as it is: the common case, kept cheap
-                            t = find(b"\t", s, e)
-                            key = mm[s:t]
-                            image_id = int(key)
-                            stop = e - 1 if mm[e - 1] == 13 else e  # CR LF
-                            if plain and image_id not in first_where:
-                                first_set(image_id, lineno0 + j)
-                                kept_add(image_id)
-                                n_plain += 1
-                                yield key, view[t + 1:stop]  # straight from the mapped file into LMDB
-                            else:
-                                yield from one(lineno0 + j, image_id, "kept", None, "", [], "JPEG", mm[t + 1:stop])
-                        elif r is not None:
-                            yield from one(lineno0 + j, *r[1:])
-                        s, j = e + 1, j + 1
-                    lineno0 += j
-                    if n_plain:
-                        led.counts.update(images_total=n_plain, kept=n_plain)
-                        led.formats["JPEG"] += n_plain
+                for (_, length), blk in cleaned:
+                    special, n = blk.special, len(blk.ids)
+                    clash = True
+                    if plain and n:  # are the plain lines' ids new and distinct? (then their order is moot)
+                        new = dict(zip(blk.ids, map(lineno0.__add__, blk.js)))
+                        clash = (len(new) < n or not first_where.keys().isdisjoint(new)
+                                 or any(r is not None and r[2] != "skipped" and r[1] in new for r in special.values()))
+                    if not clash:  # the common case: stored straight from the mapped file, no Python per line
+                        first_where.update(new)
+                        led.kept_ids.update(blk.ids)
+                        led.counts.update(images_total=n, kept=n)
+                        led.formats["JPEG"] += n
+                        yield zip(map(b"%d".__mod__, blk.ids), map(view.__getitem__, map(slice, blk.starts, blk.stops)))
+                        for j in sorted(special):
+                            if special[j] is not None:
+                                yield list(one(lineno0 + j, *special[j][1:]))
+                    else:  # line by line, in file order (routing, MUGE files to write, or a repeated id)
+                        at = dict(zip(blk.js, zip(blk.ids, blk.starts, blk.stops)))
+                        for j in sorted(chain(at, special)):
+                            if j in at:
+                                i, start, stop = at[j]
+                                yield list(one(lineno0 + j, i, "kept", None, "", [], "JPEG", mm[start:stop]))
+                            elif special[j] is not None:
+                                yield list(one(lineno0 + j, *special[j][1:]))
+                    lineno0 += blk.lines
                     bar.update(length)
+                    if texts_done is not None and texts_done.ready() and not texts_done.successful():
+                        texts_done.get()  # the texts are unusable: say so now, not after every image
             finally:
                 view.release()
 
@@ -462,10 +538,28 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text]]], lmdb_dir:
         reports = {}
         for k, (led, d) in enumerate(zip(ledgers, dirs)):
             skipped_texts, partial = [], []
-            if k:
+            if k == 0:
+                # the pairs are written first (by a worker, or here while the workers check), as if every
+                # image survives; in the rare case one did not, they are written again
+                if side is None:
+                    n_pairs = write_pairs(d, led.pairs(skipped_texts, partial, optimistic=True))
+                    n_img = write_images(d, chain.from_iterable(first_images()))
+                    optimistic_held = led.kept_ids.issuperset(led.referenced())
+                else:
+                    n_img = write_images(d, chain.from_iterable(first_images()))
+                    n_pairs, counts, problems, referenced = texts_done.get()
+                    optimistic_held = led.kept_ids.issuperset(referenced)
+                    if optimistic_held:
+                        led.counts.update(counts)
+                        split.problems.extend(problems)
+                    else:
+                        led.texts = load_muge_texts(split).texts
+                if not optimistic_held:
+                    n_pairs = write_pairs(d, led.pairs(skipped_texts, partial))
+            else:
                 spools[k - 1].close()
-            n_img, n_pairs = write_split(d, first_images() if k == 0 else spooled(d / "spool.tsv"),
-                                         led.pairs(skipped_texts, partial))
+                n_img = write_images(d, spooled(d / "spool.tsv"))
+                n_pairs = write_pairs(d, led.pairs(skipped_texts, partial))
             (d / "spool.tsv").unlink(missing_ok=True)
             if muge_dir:
                 kept = [{"text_id": t.text_id, "text": t.text, "image_ids": [i for i in t.image_ids if i in led.kept_ids]}
@@ -480,6 +574,25 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text]]], lmdb_dir:
     for rep in reports.values():
         log.info("%s", _summary_line(rep))
     return reports
+
+
+def _progress(enabled: bool, split: SplitInput, tsv_bytes: int | None):
+    """The cleaning progress bar (bytes of a TSV, or files); tqdm is imported only when it shows."""
+    if not enabled:
+        return contextlib.nullcontext(_NoBar())
+    from tqdm import tqdm
+
+    if tsv_bytes is not None:
+        return tqdm(total=tsv_bytes, desc=f"cleaning {split.name}", unit="B", unit_scale=True, mininterval=1.0)
+    return tqdm(total=len(split.files), desc=f"cleaning {split.name}", unit="img", mininterval=1.0)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- API + CLI
@@ -522,7 +635,7 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
             raise SolutionError(f"--data-dir {data_dir} is not a directory")
         source, muge_dir = "muge", None
         wanted = [s for s in splits if not (make_valid and s == valid_name)]
-        inputs = {s: read_muge(data_dir, s) for s in wanted}
+        inputs = {s: read_muge(data_dir, s, texts=False) for s in wanted}  # texts: read while workers start
 
     plan: list[tuple[SplitInput, list[tuple[str, list[Text]]]]] = []
     for name in splits:
@@ -531,10 +644,12 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
         if name not in inputs:
             raise SolutionError(f"no rows for split {name!r} in {csv or captions} (splits found: {', '.join(inputs)})")
         split = inputs[name]
-        outputs = [(name, split.texts)]
+        outputs: list[tuple[str, list[Text] | None]] = [(name, None)]  # None: the split's own texts
         if make_valid and name == splits[0]:
             if valid_name in inputs and inputs[valid_name].texts:
                 raise SolutionError(f"the input already has a {valid_name!r} split; drop --make-valid")
+            if split.texts is None:
+                load_muge_texts(split)
             train_t, valid_t = split_off_valid(split.texts, make_valid, seed)
             outputs = [(name, train_t), (valid_name, valid_t)]
         plan.append((split, outputs))

@@ -1,7 +1,8 @@
 """Reading the three input formats of ``solution.prepare`` into texts + image sources, and
 ``--make-valid``'s query-disjoint split. No image is touched here.
 
-1. MUGE / Tianchi: ``DIR/{split}_imgs.tsv`` + ``DIR/{split}_texts.jsonl`` (:func:`read_muge`).
+1. MUGE / Tianchi: ``DIR/{split}_imgs.tsv`` + ``DIR/{split}_texts.jsonl`` (:func:`read_muge`,
+   :func:`load_muge_texts`).
 2. A CSV/TSV with ``text,image_path[,text_id,image_id,split]`` and
 3. a folder of images + captions JSON lines ``{image, text[, text_id, image_id, split]}``
    (both :func:`read_table`).
@@ -34,8 +35,9 @@ class Text:
 @dataclass
 class SplitInput:
     name: str
-    texts: list[Text]
+    texts: list[Text] | None                      # None: not read yet (format 1, see load_muge_texts)
     tsv: Path | None = None                       # format 1
+    texts_path: Path | None = None                # format 1: {split}_texts.jsonl
     files: list[tuple[int, str]] | None = None    # formats 2/3: (image_id, path)
     problems: list[dict] = field(default_factory=list)  # texts refused while reading
 
@@ -43,9 +45,22 @@ class SplitInput:
 # ---------------------------------------------------------------- reading inputs
 
 
-def _as_text(obj, where: str, split: SplitInput, seen: set[int]) -> Text | None:
+def _as_text(obj, where, split: SplitInput, seen: set[int]) -> Text | None:
+    """One text record -> :class:`Text`, or None with the problem noted in ``split.problems``.
+
+    ``where`` (a string, or ``(file name, line number)``) says where the record came from in a problem."""
+    if type(obj) is dict:  # the common, well-formed case, checked cheaply (a MUGE file has ~10^5 lines)
+        text_id, text, image_ids = obj.get("text_id"), obj.get("text"), obj.get("image_ids")
+        if (type(text_id) is int and type(text) is str and text_id not in seen
+                and (image_ids is None or (type(image_ids) is list and all(type(i) is int for i in image_ids)))):
+            text = text.strip()
+            if text:
+                seen.add(text_id)
+                return Text(text_id, text, image_ids or None)
+
     def bad(reason, detail):
-        split.problems.append({"where": where, "text_id": obj.get("text_id") if isinstance(obj, dict) else None,
+        split.problems.append({"where": f"{where[0]}:{where[1]}" if isinstance(where, tuple) else where,
+                               "text_id": obj.get("text_id") if isinstance(obj, dict) else None,
                                "reason": reason, "detail": detail})
 
     if not isinstance(obj, dict) or "text_id" not in obj or "text" not in obj:
@@ -64,27 +79,49 @@ def _as_text(obj, where: str, split: SplitInput, seen: set[int]) -> Text | None:
     return Text(text_id, text, image_ids)
 
 
-def read_muge(data_dir: Path, name: str) -> SplitInput:
+def read_muge(data_dir: Path, name: str, *, texts: bool = True) -> SplitInput:
+    """Format 1. With ``texts=False`` only the files are checked; :func:`load_muge_texts` reads the
+    texts later (``solution.prepare`` reads them while its workers already check the images)."""
     tsv, texts_path = data_dir / f"{name}_imgs.tsv", data_dir / f"{name}_texts.jsonl"
     for p in (tsv, texts_path):
         if not p.is_file():
             raise SolutionError(f"{p} not found: --data-dir needs MUGE files {name}_imgs.tsv and {name}_texts.jsonl "
                                 f"(or give --csv FILE, or --images-dir DIR --captions FILE)")
-    split, seen = SplitInput(name, [], tsv=tsv), set()
+    split = SplitInput(name, None, tsv=tsv, texts_path=texts_path)
+    return load_muge_texts(split) if texts else split
+
+
+_NOT_JSON = object()
+
+
+def load_muge_texts(split: SplitInput) -> SplitInput:
+    """Read ``split.texts_path`` (MUGE ``{split}_texts.jsonl``) into ``split.texts``, once."""
+    if split.texts is not None:
+        return split
+    texts_path, seen, texts = split.texts_path, set(), []
     with open(texts_path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        numbered = [(lineno, line) for lineno, line in enumerate(f, 1) if not line.isspace()]
+    try:  # one parse for the whole file when every line is one JSON value (the common case)
+        objs = json.loads("[" + ",".join(line for _, line in numbered) + "]")
+        if len(objs) != len(numbered):  # a line holding two values ("1, 2"): read line by line
+            raise ValueError
+    except ValueError:  # JSONDecodeError is one
+        objs = []
+        for lineno, line in numbered:
             try:
-                obj = json.loads(line)
+                objs.append(json.loads(line))
             except json.JSONDecodeError as e:
+                objs.append(_NOT_JSON)
                 split.problems.append({"where": f"{texts_path.name}:{lineno}", "text_id": None,
                                        "reason": "malformed", "detail": f"not JSON ({e.msg})"})
-                continue
-            t = _as_text(obj, f"{texts_path.name}:{lineno}", split, seen)
+    name = texts_path.name
+    for (lineno, _), obj in zip(numbered, objs):
+        if obj is not _NOT_JSON:
+            t = _as_text(obj, (name, lineno), split, seen)
             if t:
-                split.texts.append(t)
-    if not split.texts and split.problems:
+                texts.append(t)
+    split.texts = texts
+    if not texts and split.problems:
         raise SolutionError(f"{texts_path}: no valid text record (first problem: {split.problems[0]['detail']})")
     return split
 

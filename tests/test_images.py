@@ -1,6 +1,8 @@
 import base64
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -238,3 +240,14 @@ def test_structural_check_insists_on_strict_base64():
     assert jpeg_b64_info(wrapped) is None
     res = clean_b64(wrapped)  # not strict: decoded the tolerant way and stored canonical
     assert res.status == "kept" and res.data == url
+
+
+def test_default_pixel_limit_is_pils_and_checking_needs_no_pil():
+    """The bomb limit mirrors PIL's (PIL is imported lazily: a clean TSV is checked without it)."""
+    from PIL import Image
+
+    import solution.images as images
+
+    assert images.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+    code = "import sys, solution.prepare; assert 'PIL' not in sys.modules, 'PIL imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -89,7 +89,9 @@ def test_report_lists_each_bad_file_and_converted_ones(demo):
     assert all(split.image_b64(i) is None for i in skipped)
 
 
-def test_dirty_tsv_duplicates_and_textless_images(tmp_path, caplog):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dirty_tsv_duplicates_and_textless_images(tmp_path, caplog, monkeypatch, workers):
+    monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)  # workers=2: texts read by a worker, pairs written again
     good, other = _b64(_jpeg()), _b64(_jpeg((0, 0, 200)))
     images = [(1, good), (2, _b64(b"<html>404</html>")), (3, "%%%not base64%%%"), (1, other), (4, ""),
               ("x7", good), (5, _b64(_jpeg(fmt="PNG")))]
@@ -101,7 +103,7 @@ def test_dirty_tsv_duplicates_and_textless_images(tmp_path, caplog):
     _write_muge(tmp_path, "train", images, texts)
     with open(tmp_path / "train_imgs.tsv", "a", encoding="utf-8") as f:
         f.write("only-one-field\n")
-    rep = prepare(tmp_path, ["train"], workers=1, progress=False)["train"]
+    rep = prepare(tmp_path, ["train"], workers=workers, progress=False)["train"]
     reasons = {(s["image_id"], s["reason"]) for s in rep["skipped_images"]}
     assert reasons == {(2, "not_an_image"), (3, "invalid_base64"), (4, "empty"), (None, "bad_id"),
                        (None, "malformed_line")}
@@ -115,7 +117,9 @@ def test_dirty_tsv_duplicates_and_textless_images(tmp_path, caplog):
     assert any("train:" in r.message and "skipped" in r.message for r in caplog.records)
 
 
-def test_our_reader_reads_cn_clip_builder_output(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_our_reader_reads_cn_clip_builder_output(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)  # workers=2: the pairs are written by a worker
     images = [(100 + i, _b64(_jpeg((i * 40, 10, 10)))) for i in range(5)]
     texts = [{"text_id": 1, "text": "第一句", "image_ids": [100, 101]},
              {"text_id": 2, "text": "第二句", "image_ids": [102, 103, 104]}]
@@ -128,7 +132,7 @@ def test_our_reader_reads_cn_clip_builder_output(tmp_path):
                                    (104, 2, "第二句")]
     assert {i: split.image_b64(i).decode() for i in split.image_ids()} == dict(images)
     # ...and ours over the same input matches it pair for pair and image for image
-    prepare(tmp_path, ["train"], lmdb_dir=tmp_path / "ours", workers=1, progress=False)
+    prepare(tmp_path, ["train"], lmdb_dir=tmp_path / "ours", workers=workers, progress=False)
     ours = LMDBSplit(tmp_path / "ours" / "train")
     assert list(ours.pairs()) == list(split.pairs())
     assert {i: ours.image_b64(i) for i in ours.image_ids()} == {i: split.image_b64(i) for i in split.image_ids()}
@@ -228,6 +232,29 @@ def test_make_valid_splits_queries_apart(tmp_path):
         prepare(tmp_path, "train", make_valid=1.5, workers=1, progress=False)
 
 
+def test_texts_read_by_a_worker_report_the_same(tmp_path, monkeypatch):
+    """All images survive, so the pairs a worker wrote before the images were known stand; the
+    texts' problems it found reach the report as they do in-process."""
+    images = [(100 + i, _b64(_jpeg((i * 40, 10, 10)))) for i in range(4)]
+    texts = [{"text_id": 1, "text": "第一句", "image_ids": [100, 101]}, {"text_id": 1, "text": "重复", "image_ids": [102]},
+             {"text_id": 2, "text": "无标注"}, {"text_id": 3, "text": "  ", "image_ids": [103]},
+             {"text_id": 4, "text": "第四句", "image_ids": [103, 102]}]
+    _write_muge(tmp_path, "train", images, texts)
+    with open(tmp_path / "train_texts.jsonl", "a", encoding="utf-8") as f:
+        f.write("{not json\n\n")
+    monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)
+    reps = [prepare(tmp_path, ["train"], lmdb_dir=tmp_path / str(w), workers=w, progress=False)["train"] for w in (1, 2)]
+    for key in ("num_images", "num_samples", "texts", "skipped_texts", "pairs"):
+        assert reps[0][key] == reps[1][key], key
+    assert reps[1]["texts"] == {"total": 6, "kept": 2, "unlabelled": 1, "skipped": 3, "with_missing_images": 0}
+    assert {(t["reason"], t["where"]) for t in reps[1]["skipped_texts"]} == {
+        ("duplicate_text_id", "train_texts.jsonl:2"), ("empty_text", "train_texts.jsonl:4"),
+        ("malformed", "train_texts.jsonl:6")}
+    a, b = LMDBSplit(tmp_path / "1" / "train"), LMDBSplit(tmp_path / "2" / "train")
+    assert list(a.pairs()) == list(b.pairs()) == [(100, 1, "第一句"), (101, 1, "第一句"), (103, 4, "第四句"),
+                                                  (102, 4, "第四句")]
+
+
 def test_parallel_matches_in_process_and_resizes(tmp_path, monkeypatch):
     d = tmp_path / "demo"
     generate(d, preset="tiny")
@@ -292,9 +319,15 @@ def test_plain_lines_stream_through_and_every_check_agrees(tmp_path, monkeypatch
     (d / "train_texts.jsonl").write_text("".join(json.dumps({"text_id": i, "text": f"t{i}", "image_ids": [i]}) + "\n"
                                                  for i in range(1, 9)), encoding="utf-8")
     prep._init_worker({"check": "structural"})
-    special = prep._check_tsv_block(b"\n".join(rows) + b"\n")
+    block = b"\n".join(rows) + b"\n"
+    blk = prep._check_tsv_block(block, offset=7)
+    special = blk.special
     assert sorted(special) == [3, 4, 6, 7, 8]  # only these travel back from a worker (line j of the block)
     assert special[4] is None and special[3][1] == 4 and special[6][3] == "truncated"
+    # of the plain lines only the id and where the base64 lies (CR excluded) travel back
+    assert blk.lines == 10 and list(blk.ids) == [1, 2, 3, 5, 2] and list(blk.js) == [0, 1, 2, 5, 9]
+    assert [block[a - 7:b - 7] for a, b in zip(blk.starts, blk.stops)] == [rows[j].split(b"\t")[1].rstrip(b"\r")
+                                                                          for j in blk.js]
     monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)
     monkeypatch.setattr(prep, "TSV_BLOCK", 1500)  # about one line per block
     runs = {name: prepare(d, "train", lmdb_dir=tmp_path / name, workers=w, check=c, progress=False)["train"]

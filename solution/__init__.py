@@ -1,0 +1,1 @@
+"""Chinese-CLIP competition toolkit: prepare -> train -> features -> predict -> evaluate -> soup (see docs/DESIGN.md)."""
