@@ -34,27 +34,23 @@ cn_clip's builder does, so on 2 cores a clean TSV prepares at least as fast as w
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import logging
-import mmap
-import multiprocessing as mp
 import os
 import shutil
 import sys
-import threading
 import time
 from array import array
-from collections import Counter, deque
+from collections import Counter
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
-
+from typing import Iterable, Iterator, Sequence
 
 from .common import SolutionError, atomic_path, run_cli, write_json, write_jsonl
-from .images import (B64_ALPHABET, CHECKS, DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, REASONS, clean_b64, clean_image,
-                     jpeg_b64_span)
+from .images import CHECKS, DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, REASONS
+from .prepare_workers import (check_tsv_block, check_tsv_task, clean_files, cleaning, default_workers, mapped,
+                              tsv_blocks)
 from .lmdb_io import write_images, write_pairs
 from .prepare_inputs import SplitInput, Text, load_muge_texts, read_muge, read_table, split_off_valid
 
@@ -66,233 +62,7 @@ SKIP_REASONS = {**REASONS, "missing_file": "the image file does not exist or can
 LIST_CONVERTED = 1000  # list at most this many converted images by id in a report
 MIN_PARALLEL = 256  # fewer images than this are cleaned in-process (starting a pool costs more)
 MIN_PARALLEL_BYTES = 1 << 20  # the same for a TSV smaller than this
-TSV_BLOCK = 1 << 20  # bytes of whole TSV lines per worker task
 TSV_AHEAD = 32  # blocks per worker checked ahead of the LMDB writer (the texts are read meanwhile)
-
-
-# ---------------------------------------------------------------- cleaning workers
-
-_OPTS: dict = {}
-_FDS: dict[str, int] = {}
-
-
-def _init_worker(opts: dict) -> None:
-    _OPTS.clear()
-    _OPTS.update(opts)
-
-
-def _clean_tsv_line(lineno: int, line: bytes) -> tuple:
-    """One TSV line -> (line number, image_id, status, reason, detail, actions, format, base64 or None)."""
-    try:
-        parts = line.rstrip(b"\r").split(b"\t")
-        if len(parts) != 2:
-            return (lineno, None, "skipped", "malformed_line", f"expected 2 tab-separated fields, found {len(parts)}",
-                    [], None, None)
-        try:
-            image_id = int(parts[0])
-        except ValueError:
-            return (lineno, None, "skipped", "bad_id", f"image id {parts[0][:40]!r} is not an integer", [], None, None)
-        r = clean_b64(parts[1], **_OPTS)
-        return (lineno, image_id, r.status, r.reason, r.detail, r.actions, r.format, r.data)
-    except Exception as e:  # noqa: BLE001 - never let one line kill the pool
-        return (lineno, None, "skipped", "corrupt", f"{type(e).__name__}: {e}", [], None, None)
-
-
-# What a plain line leaves outside the base64 alphabet -> (padding, a CR before the LF)
-_PLAIN_LEFT = {b"\t": (0, 0), b"\t=": (1, 0), b"\t==": (2, 0), b"\t\r": (0, 1), b"\t=\r": (1, 1), b"\t==\r": (2, 1)}
-
-
-class _Block(NamedTuple):
-    """What a worker says about one block of TSV lines (see :func:`_check_tsv_block`)."""
-    lines: int                        # lines in the block
-    special: dict[int, tuple | None]  # line j (from 0) -> _clean_tsv_line's tuple, or None when blank
-    ids: array                        # the plain lines: image id,
-    starts: array                     # where its base64 starts and stops in the file (CR excluded),
-    stops: array
-    js: array                         # and its line j
-
-
-def _check_tsv_block(block: bytes, offset: int = 0) -> _Block:
-    """Check a block of whole TSV lines that starts at byte ``offset`` of the file.
-
-    A plain line is ``digits<TAB>base64[CR]`` (a canonical decimal id, one tab, strict base64) whose
-    image is kept exactly as it is: only its id and where its base64 lies in the file travel back,
-    and the parent stores it straight from its own view of the file (no copy through the pipe).
-    Every other line ``j`` (counted in the block, from 0) is *special*: it maps to the tuple of
-    :func:`_clean_tsv_line` (with ``j`` as its line number), or to None when blank.
-
-    With ``check="structural"`` the base64 alphabet of the whole block is checked in one C pass and
-    each line costs a header walk (:func:`solution.images.jpeg_b64_span`); nothing is decoded but
-    the JPEG headers and tails.
-    """
-    structural = _OPTS.get("check", CHECKS[0]) == "structural"
-    max_side, max_pixels = _OPTS.get("max_side"), _OPTS.get("max_pixels", DEFAULT_MAX_PIXELS)
-    special: dict[int, tuple | None] = {}
-    ids, starts, stops, js = array("q"), array("q"), array("q"), array("q")
-    lefts = block.translate(None, B64_ALPHABET).split(b"\n") if structural else None
-    s, end, j = 0, len(block), 0
-    while s < end:
-        e = block.find(b"\n", s)
-        if e < 0:
-            e = end
-        t = block.find(b"\t", s, e)
-        if t > s and block[s:t].isdigit() and (block[s] != 0x30 or t == s + 1):
-            if structural:
-                plain = _PLAIN_LEFT.get(lefts[j])
-                if plain is not None:
-                    info = jpeg_b64_span(block, t + 1, e - plain[1], plain[0])
-                    if info is not None and info.keepable(max_side, max_pixels):
-                        ids.append(int(block[s:t]))
-                        starts.append(offset + t + 1)
-                        stops.append(offset + e - plain[1])
-                        js.append(j)
-                        s, j = e + 1, j + 1
-                        continue
-            else:
-                stop = e - 1 if e > t + 1 and block[e - 1] == 13 else e  # CR LF
-                b64 = block[t + 1:stop]
-                try:
-                    r = clean_b64(b64, **_OPTS)
-                    if r.status == "kept" and r.data is b64:
-                        ids.append(int(block[s:t]))
-                        starts.append(offset + t + 1)
-                        stops.append(offset + stop)
-                        js.append(j)
-                    else:
-                        special[j] = (j, int(block[s:t]), r.status, r.reason, r.detail, r.actions, r.format, r.data)
-                except Exception as ex:  # noqa: BLE001 - never let one line kill the pool
-                    special[j] = (j, int(block[s:t]), "skipped", "corrupt", f"{type(ex).__name__}: {ex}", [], None,
-                                  None)
-                s, j = e + 1, j + 1
-                continue
-        line = block[s:e]
-        special[j] = _clean_tsv_line(j, line) if line.strip() else None
-        s, j = e + 1, j + 1
-    return _Block(j, special, ids, starts, stops, js)
-
-
-def _check_tsv_task(task: tuple[str, int, int]) -> _Block:
-    """Worker side of :func:`_check_tsv_block`: it reads the block itself, by offset (from the page
-    cache), so only ``(path, offset, length)`` goes down the pipe."""
-    path, offset, length = task
-    fd = _FDS.get(path)
-    if fd is None:
-        fd = _FDS[path] = os.open(path, os.O_RDONLY)
-    block = os.pread(fd, length, offset)
-    if len(block) != length:
-        raise OSError(f"{path} changed while it was being read")
-    return _check_tsv_block(block, offset)
-
-
-def _texts_task(texts_path: str, split_dir: str) -> tuple[int, dict, list[dict], array]:
-    """Worker side of a MUGE split's texts: read them and write the pairs LMDB as if every image
-    survives; back come the pair count, the ledger's text counts, the problems, and every image id
-    the texts refer to (the parent checks those against the images it kept)."""
-    split = load_muge_texts(SplitInput("", None, texts_path=Path(texts_path)))
-    led = _Ledger("", split.texts)
-    n = write_pairs(split_dir, led.pairs([], [], optimistic=True))
-    return n, dict(led.counts), split.problems, array("q", led.referenced())
-
-
-def _clean_file(item: tuple[int, str]) -> tuple:
-    image_id, path = item
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return (path, image_id, "skipped", "missing_file", f"{type(e).__name__}: {e.strerror or e}", [], None, None)
-    try:
-        r = clean_image(data, **_OPTS)
-        out = base64.urlsafe_b64encode(r.data) if r.ok else None
-        return (path, image_id, r.status, r.reason, r.detail, r.actions, r.format, out)
-    except Exception as e:  # noqa: BLE001
-        return (path, image_id, "skipped", "corrupt", f"{type(e).__name__}: {e}", [], None, None)
-
-
-def _clean_files(batch: list[tuple[int, str]]) -> list[tuple]:
-    return [_clean_file(item) for item in batch]
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _cleaned(func, items: Iterable, workers: int, opts: dict, task=None, local=None, ahead: int = 4, side=None):
-    """Yield ``(results, side_result)``: ``results`` iterates ``(item, func(task(item)))`` in input order,
-    computed on ``workers`` processes (``local(item)`` in this process when ``workers <= 1``);
-    ``side = (fn, args)`` is one more task handed to the workers first, ``side_result`` its
-    ``AsyncResult`` (None in-process: the caller runs it itself).
-
-    The workers start on entry, so the caller can do other work before it asks for the first
-    result. Items are consumed lazily, at most ``ahead`` per worker before their results are
-    taken, so a huge TSV never sits in memory, and the caller works on finished results (LMDB
-    puts) while the workers check the next ones.
-    """
-    if workers <= 1:
-        _init_worker(opts)
-        yield ((b, (local or func)(b)) for b in items), None
-        return
-    window, stop = threading.Semaphore(workers * ahead), threading.Event()
-    pending: deque = deque()
-
-    def throttled():
-        for b in items:
-            window.acquire()
-            if stop.is_set():  # the caller has left (an error): let the pool's thread end
-                return
-            pending.append(b)
-            yield task(b) if task else b
-
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,)) as pool:
-        side_result = pool.apply_async(*side) if side else None
-        started = pool.imap(func, throttled(), 1)  # a pool thread starts handing out tasks now
-
-        def results():
-            for r in started:
-                window.release()
-                yield pending.popleft(), r
-        try:
-            yield results(), side_result
-        finally:
-            stop.set()
-            window.release()  # wake the pool's thread if it waits for room, or the pool never closes
-
-
-@contextlib.contextmanager
-def _mapped(path: Path) -> Iterator[mmap.mmap]:
-    """The file, memory-mapped read-only (the page cache, shared with the workers, no copy)."""
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mmap, "MADV_SEQUENTIAL"):
-        mm.madvise(mmap.MADV_SEQUENTIAL)
-    try:
-        yield mm
-    finally:
-        try:
-            mm.close()
-        except BufferError:  # a view still alive (e.g. in a traceback): the mapping goes with it
-            pass
-
-
-def _tsv_blocks(mm, size: int | None = None) -> Iterator[tuple[int, int]]:
-    """``(offset, length)`` of blocks of about ``size`` (default :data:`TSV_BLOCK`) bytes of whole
-    lines of a mapped TSV."""
-    size = size or TSV_BLOCK
-    n = len(mm)
-    offset = 3 if mm[:3] == b"\xef\xbb\xbf" else 0  # a UTF-8 byte order mark
-    while offset < n:
-        stop = offset + size
-        if stop < n:
-            cut = mm.find(b"\n", stop)
-            stop = n if cut < 0 else cut + 1
-        else:
-            stop = n
-        yield offset, stop - offset
-        offset = stop
 
 
 # ---------------------------------------------------------------- one split
@@ -364,6 +134,16 @@ class _Ledger:
     def referenced(self) -> Iterator[int]:
         """Every image id the texts refer to."""
         return chain.from_iterable(t.image_ids or () for t in self.texts)
+
+
+def _texts_task(texts_path: str, split_dir: str) -> tuple[int, dict, list[dict], array]:
+    """Worker side of a MUGE split's texts: read them and write the pairs LMDB as if every image
+    survives; back come the pair count, the ledger's text counts, the problems, and every image id
+    the texts refer to (the parent checks those against the images it kept)."""
+    split = load_muge_texts(SplitInput("", None, texts_path=Path(texts_path)))
+    led = _Ledger("", split.texts)
+    n = write_pairs(split_dir, led.pairs([], [], optimistic=True))
+    return n, dict(led.counts), split.problems, array("q", led.referenced())
 
 
 def _report(ledger: _Ledger, split: SplitInput | None, skipped_texts, partial, num_images, num_samples,
@@ -438,16 +218,16 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text] | None]], lm
             n_workers = workers if size >= MIN_PARALLEL_BYTES else 1
             if plain and split.texts is None and n_workers > 1:
                 side = (_texts_task, (str(split.texts_path), str(dirs[0])))
-            mm = stack.enter_context(_mapped(split.tsv)) if size else b""
-            cleaned, texts_done = stack.enter_context(_cleaned(
-                _check_tsv_task, _tsv_blocks(mm), n_workers, opts,
-                task=lambda b: (path, b[0], b[1]), local=lambda b: _check_tsv_block(mm[b[0]:b[0] + b[1]], b[0]),
+            mm = stack.enter_context(mapped(split.tsv)) if size else b""
+            cleaned, texts_done = stack.enter_context(cleaning(
+                check_tsv_task, tsv_blocks(mm), n_workers, opts,
+                task=lambda b: (path, b[0], b[1]), local=lambda b: check_tsv_block(mm[b[0]:b[0] + b[1]], b[0]),
                 ahead=TSV_AHEAD, side=side))
         else:
             files = split.files
             batches = (files[i:i + 32] for i in range(0, len(files), 32))
-            cleaned, _ = stack.enter_context(_cleaned(
-                _clean_files, batches, workers if len(files) >= MIN_PARALLEL else 1, opts))
+            cleaned, _ = stack.enter_context(cleaning(
+                clean_files, batches, workers if len(files) >= MIN_PARALLEL else 1, opts))
         if split.texts is None and side is None:
             load_muge_texts(split)
         ledgers = [_Ledger(name, split.texts if texts is None else texts) for name, texts in outputs]

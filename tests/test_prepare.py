@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import solution.prepare as prep
+import solution.prepare_workers as prep_workers
 from solution.common import SolutionError, read_jsonl
 from solution.demo_data import generate
 from solution.lmdb_io import LMDBSplit, restricted_loads
@@ -318,9 +319,9 @@ def test_plain_lines_stream_through_and_every_check_agrees(tmp_path, monkeypatch
     (d / "train_imgs.tsv").write_bytes(b"\n".join(rows) + b"\n")
     (d / "train_texts.jsonl").write_text("".join(json.dumps({"text_id": i, "text": f"t{i}", "image_ids": [i]}) + "\n"
                                                  for i in range(1, 9)), encoding="utf-8")
-    prep._init_worker({"check": "structural"})
+    prep_workers.init_worker({"check": "structural"})
     block = b"\n".join(rows) + b"\n"
-    blk = prep._check_tsv_block(block, offset=7)
+    blk = prep_workers.check_tsv_block(block, offset=7)
     special = blk.special
     assert sorted(special) == [3, 4, 6, 7, 8]  # only these travel back from a worker (line j of the block)
     assert special[4] is None and special[3][1] == 4 and special[6][3] == "truncated"
@@ -329,7 +330,7 @@ def test_plain_lines_stream_through_and_every_check_agrees(tmp_path, monkeypatch
     assert [block[a - 7:b - 7] for a, b in zip(blk.starts, blk.stops)] == [rows[j].split(b"\t")[1].rstrip(b"\r")
                                                                           for j in blk.js]
     monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)
-    monkeypatch.setattr(prep, "TSV_BLOCK", 1500)  # about one line per block
+    monkeypatch.setattr(prep_workers, "TSV_BLOCK", 1500)  # about one line per block
     runs = {name: prepare(d, "train", lmdb_dir=tmp_path / name, workers=w, check=c, progress=False)["train"]
             for name, w, c in [("structural", 2, "structural"), ("full", 2, "full"), ("serial", 1, "structural")]}
     for name, rep in runs.items():
