@@ -28,8 +28,8 @@ One worker first reads the texts and writes the pairs LMDB, as if every image su
 written again in the rare case one did not). This process only stores the images: a clean block
 goes from the mapping into LMDB in one C-level ``putmulti`` (no decode, no copy through a pipe,
 no per-commit fsync; the pages go to disk from a background thread). That is the same work
-cn_clip's builder does, so on 2 cores a clean TSV prepares at least as fast as with it
-(``scripts/bench_prepare.py``).
+cn_clip's builder does, so on 2 cores a clean TSV prepares about as fast as with it or faster
+(1.00-1.16x in ``scripts/bench_prepare.py``); converting PNG/GIF costs extra CPU that it skips.
 """
 from __future__ import annotations
 
