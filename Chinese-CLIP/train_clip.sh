@@ -10,6 +10,9 @@
 # --batch-size is per process, so the global batch is batch-size x processes:
 #   torchrun --nproc_per_node 8 -m solution.train --config my.yaml
 #   torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 -m solution.train ...
-# Re-running the same command after a crash or kill resumes from {logs}/{name}/checkpoints/epoch_latest.pt.
+# Re-running the same command after a crash or kill resumes from {logs}/{name}/checkpoints/epoch_latest.pt
+# (and first writes any checkpoint the killed run still owed). A re-run whose training flags (lr, batch size,
+# steps, model, prompt, LoRA/freeze, ...) differ from {logs}/{name}/params.json is refused, listing them,
+# unless --allow-changed-flags; one training at a time writes a run folder (a second is refused).
 set -euo pipefail
 exec python -m solution.train "$@"

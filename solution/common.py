@@ -6,11 +6,15 @@ Every CLI in the package goes through :func:`run_cli`, so a bad input ends as on
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -21,10 +25,22 @@ class SolutionError(Exception):
     """An error caused by the user's input (bad file, unknown name, ...): shown as one line."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be swapped, e.g. by tests)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_solution", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._solution = True  # type: ignore[attr-defined]
         root.addHandler(handler)
@@ -45,14 +61,94 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 # ---------------------------------------------------------------- files
 
 
+def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                 what: str = "output", is_dir: bool = False) -> Path:
+    """Refuse an output path that cannot be written as asked, with one clear line.
+
+    A file output that is an existing directory, a directory output that is an existing file, an
+    output under a path component that is a file, and an output that is one of ``inputs`` (the same
+    file through any spelling or link) are :class:`SolutionError`. Returns ``Path(path)``.
+    """
+    p = Path(path)
+    if is_dir and p.exists() and not p.is_dir():
+        raise SolutionError(f"{what} {p} is a file, expected a folder")
+    if not is_dir and p.is_dir():
+        raise SolutionError(f"{what} {p} is a folder, expected a file path")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SolutionError(f"{what} {p} sits under {parent}, which is a file")
+            break
+    target = p.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        src = Path(src)
+        same = target == src.resolve()
+        if not same and p.exists() and src.exists():
+            with contextlib.suppress(OSError):
+                same = os.path.samefile(p, src)
+        if same:
+            raise SolutionError(f"{what} {p} is one of the inputs ({src}); refusing to overwrite it")
+    return p
+
+
+_NO_SPACE = ("no space left", "disk full", "quota exceeded")
+
+
+def _existing(path: Path) -> Path:
+    for p in (path, *path.absolute().parents):
+        if p.exists():
+            return p
+    return Path("/")
+
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike) -> bool:
+    """Whether ``exc`` (raised while writing under ``path``) means the disk is full.
+
+    ENOSPC/EDQUOT, or the words libraries wrap them in; LMDB reports a full disk as an I/O error
+    and ``torch.save`` as ``unexpected pos``, so those count when the filesystem has (almost) no
+    free space left. Call it before the partial output is removed.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    msg = str(exc).lower()
+    if any(w in msg for w in _NO_SPACE):
+        return True
+    if any(w in msg for w in ("input/output error", "unexpected pos", "write failed", "file write failed")):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(_existing(Path(path))).free < (1 << 20)
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one ``disk full at PATH`` :class:`SolutionError`."""
+    try:
+        yield
+    except SolutionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - lmdb.Error and RuntimeError wrap ENOSPC too
+        if is_disk_full(e, path):
+            raise SolutionError(f"disk full at {path}; the previous file, if any, is kept") from None
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    A crash (or ``kill -9``) at any moment leaves either the old file or the new one, never half.
+    A crash (or ``kill -9``) at any moment leaves either the old file or the new one, never half;
+    the temporary file is named ``.NAME.*.tmp`` (see :func:`remove_stale_temps`). A full disk
+    becomes ``disk full at PATH`` and the old file stays.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SolutionError(f"cannot write {path}: a part of its folder is a file") from None
+    if path.is_dir():
+        raise SolutionError(f"cannot write {path}: it is a folder")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
@@ -60,13 +156,67 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        with disk_full_as_error(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove ``.NAME.*.tmp`` files :func:`atomic_path` left behind when its writer was killed.
+
+    Call it only while holding the folder's lock (:func:`folder_lock`): then no live writer owns them.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    removed = []
+    for p in found:
+        if p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by a killed writer in %s", len(removed), folder)
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``lock_file`` for the block; a second holder fails with one line.
+
+    The lock is an ``flock`` on the file, so the kernel drops it when its process dies (no stale
+    locks after ``kill -9``); the file records who holds it, which the refusal quotes.
+    """
+    import fcntl
+
+    lock_file = Path(lock_file)
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SolutionError(f"cannot create {lock_file.parent}: a part of it is a file") from None
+    f = open(lock_file, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SolutionError(f"{what} is in use by {holder} (lock {lock_file}); wait for it or choose another") \
+                from None
+        f.seek(0)
+        f.truncate()
+        argv = " ".join(sys.argv)[:200]
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({argv})")
+        f.flush()
+        yield lock_file
+    finally:
+        f.close()  # closing releases the flock
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
@@ -95,9 +245,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise SolutionError(f"file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise SolutionError(f"{path}:{lineno}: not UTF-8 text (byte {e.start})") from None
             if not line:
                 continue
             try:

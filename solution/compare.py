@@ -16,11 +16,15 @@ soup over all the validation queries, and with ``--select-split`` the score it w
 soup minus its best ingredient on the selection part), the step, and the settings that differ
 between rows (``--params`` to choose them). Sorted by mean recall, the best marked ``*``. The PNG shows mean
 recall per run over steps and per soup over rounds (candidates as dots, the kept path as a line).
+``--output`` and ``--plot`` that are folders, sit under a file or are one of the files read are
+refused before anything is written; so are malformed inputs (non-UTF-8 or non-JSON lines, a broken
+``trials.csv``), naming file and line.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -32,7 +36,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .common import SolutionError, atomic_path, read_jsonl, run_cli
+from .common import SolutionError, atomic_path, check_output, read_jsonl, run_cli
 from .plots import save_png
 
 log = logging.getLogger(__name__)
@@ -56,9 +60,62 @@ class Entry:
     settings: dict = field(default_factory=dict)
     curve: list = field(default_factory=list)  # run/trial: [(step, mr)]; soup: [(round, mr, kept)]
     extra: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)  # the files it was read from (never an output)
 
 
 # ---------------------------------------------------------------- readers
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """The rows of a CSV file with a header line (``trials.csv``) as dicts.
+
+    Non-UTF-8 bytes, malformed CSV (an unterminated quote swallowing the rest of the file, a
+    stray quote) and a row with more fields than the header are one :class:`SolutionError`
+    naming the file and line.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SolutionError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    rows, line = [], 1
+    try:
+        if reader.fieldnames is None:
+            return []
+        line = reader.line_num + 1  # where the next row starts (an unterminated quote runs on from there)
+        for row in reader:
+            if None in row:
+                raise SolutionError(f"{path}:{line}: more fields than the header names")
+            rows.append(row)
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise SolutionError(f"{path}:{line}: malformed CSV ({e}; an unterminated quote?)") from None
+    return rows
+
+
+def _records(path: Path) -> list[dict]:
+    """A JSON-lines file whose lines are all JSON objects (one clear error otherwise)."""
+    rows = read_jsonl(path)
+    odd = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+    if odd is not None:
+        raise SolutionError(f"{path}: record {odd} is a {type(rows[odd - 1]).__name__}, not a JSON object")
+    return rows
+
+
+def _json_object(path: Path, what: str) -> dict:
+    """A JSON object file that is optional to the table: unreadable means a warning and ``{}``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("%s is not valid UTF-8 JSON (%s): %s", path, type(e).__name__, what)
+        return {}
+    if not isinstance(data, dict):
+        log.warning("%s holds a %s, not a JSON object: %s", path, type(data).__name__, what)
+        return {}
+    return data
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -73,36 +130,27 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _main_valid(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("kind") == "valid" and r.get("set", "valid") == "valid"
-            and r.get("mean_recall") is not None]
+            and isinstance(r.get("mean_recall"), (int, float))]
 
 
 def read_run(run_dir: Path, name: str, kind: str = "run", settings: dict | None = None) -> Entry:
-    metrics = run_dir / "metrics.jsonl"
-    rows = read_jsonl(metrics) if metrics.is_file() else []
+    metrics, params = run_dir / "metrics.jsonl", run_dir / "params.json"
+    rows = _records(metrics) if metrics.is_file() else []
     valid = _main_valid(rows)
     best = max(valid, key=lambda r: r["mean_recall"]) if valid else None
     if settings is None:
-        params = run_dir / "params.json"
-        settings = {}
-        if params.is_file():
-            try:
-                settings = _flat(json.loads(params.read_text(encoding="utf-8")))
-            except json.JSONDecodeError:
-                log.warning("%s is not valid JSON: settings left out", params)
+        settings = _flat(_json_object(params, "settings left out")) if params.is_file() else {}
         settings = {k: v for k, v in settings.items() if k.split(".")[0] not in IGNORED_PARAMS}
     return Entry(name, kind, {k: best.get(k) for k in SCORES} if best else {}, best.get("step") if best else None,
                  settings=settings, curve=[(r.get("step"), r["mean_recall"]) for r in valid],
-                 extra={"validations": len(valid)})
+                 extra={"validations": len(valid)}, files=[f for f in (metrics, params) if f.is_file()])
 
 
 def read_soup(folder: Path, name: str) -> list[Entry]:
-    rows = read_jsonl(folder / "soup_log.jsonl")
-    summary = {}
-    if (folder / "summary.json").is_file():
-        try:
-            summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            log.warning("%s is not valid JSON: soups taken from the log", folder / "summary.json")
+    log_file, summary_file = folder / "soup_log.jsonl", folder / "summary.json"
+    rows = _records(log_file)
+    summary = _json_object(summary_file, "soups taken from the log") if summary_file.is_file() else {}
+    files = [log_file, *([summary_file] if summary_file.is_file() else [])]
     singles = [r for r in rows if r.get("method") == "ingredient" and r.get("mean_recall") is not None]
     best_single = max((r["mean_recall"] for r in singles), default=None)
     methods = []
@@ -129,21 +177,21 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
                  "select_mr": mr if final.get("all") else None}
         out.append(Entry(name if len(methods) == 1 else f"{name}:{m}", "soup", {k: scores.get(k) for k in SCORES},
                          None, report.get("mean_recall"), {k: v for k, v in settings.items() if v is not None},
-                         curve, extra))
+                         curve, extra, files))
     return out
 
 
 def read_study(study_dir: Path, name: str) -> list[Entry]:
     table = study_dir / "trials.csv"
-    with open(table, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
     out = []
-    for r in rows:
-        number = r.get("number", "?")
+    for r in read_csv(table):
+        number = r.get("number") or "?"
         settings = {k[len("params_"):]: _num(v) for k, v in r.items() if k.startswith("params_") and v not in ("", None)}
         settings["state"] = str(r.get("state", "")).replace("TrialState.", "")
         run_dir = None
-        for c in ([Path(r["run_dir"])] if r.get("run_dir") else []) + [study_dir / "trials" / f"{int(_num(number) or 0):04d}"]:
+        n = _num(number)
+        own = [study_dir / "trials" / f"{int(n):04d}"] if isinstance(n, (int, float)) and float(n).is_integer() else []
+        for c in ([Path(r["run_dir"])] if r.get("run_dir") else []) + own:
             if (c / "metrics.jsonl").is_file():
                 run_dir = c
                 break
@@ -152,8 +200,9 @@ def read_study(study_dir: Path, name: str) -> list[Entry]:
             e = read_run(run_dir, tname, "trial", settings)
         else:
             e = Entry(tname, "trial", {}, settings=settings)
-        if not e.scores and _num(r.get("value")) is not None:
+        if not e.scores and isinstance(_num(r.get("value")), (int, float)):
             e.scores = {"mean_recall": _num(r.get("value"))}
+        e.files.append(table)
         out.append(e)
     return out
 
@@ -315,6 +364,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = p.parse_args(argv)
 
     entries = collect(args.paths)
+    inputs = [f for e in entries for f in e.files]
+    if args.output:  # before anything is written: never over an input, nor a folder
+        check_output(args.output, inputs=inputs, what="--output")
+    if not args.no_plot:
+        check_output(args.plot, inputs=[*inputs, args.output], what="--plot")
     df = table(entries, [k.strip() for k in args.params.split(",") if k.strip()] if args.params else None)
     text = df.to_csv(index=False) if args.csv else to_markdown(df)
     if args.output:

@@ -1,14 +1,15 @@
 """Offline MUGE evaluator: scores like the official ``evaluation.py`` shipped in cn_clip, to the digit.
 
-``python -m solution.evaluate GOLD PRED OUT`` takes the official script's positional arguments
-and writes the same JSON to ``OUT``: on success ``{"success": true, "score", "scoreJson": {"score",
-"mean_recall", "r1", "r5", "r10"}}`` (percent); on a rejected submission ``{"errorDetail",
-"errorMsg", "score": 0, "scoreJson": {}, "success": false}``, then exits with status 2 and one
-``error:`` line. A submission is rejected exactly when the official script rejects it (a line that
-is not JSON, a missing ``text_id`` or ``image_ids``, non-integer ids, not exactly 10 ids, repeated
-ids, texts without a prediction), and the message names the line, the text id and the problem
-(all problems are listed in ``errorDetail``). As officially, a later line for the same text
-replaces an earlier one and predictions for unknown texts are ignored (both with a warning).
+``python -m solution.evaluate GOLD PRED OUT`` takes the official script's positional arguments and
+writes the same JSON to ``OUT`` (never ``GOLD`` or ``PRED`` themselves: refused): on success
+``{"success": true, "score", "scoreJson": {"score", "mean_recall", "r1", "r5", "r10"}}`` (percent);
+on a rejected submission ``{"errorDetail", "errorMsg", "score": 0, "scoreJson": {}, "success":
+false}``, then exits with status 2 and one ``error:`` line. A submission is rejected exactly when
+the official script rejects it (a line that is not JSON, a missing ``text_id`` or ``image_ids``,
+non-integer ids, not exactly 10 ids, repeated ids, texts without a prediction), and the message
+names the line, the text id and the problem (all problems are listed in ``errorDetail``). As
+officially, a later line for the same text replaces an earlier one and predictions for unknown
+texts are ignored (both with a warning).
 
 Image->text (``evaluation_tr.py``'s format: ``{"image_id", "text_ids"}``) is scored the same way;
 the direction is read from the gold file (``--direction`` to force it).
@@ -26,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .common import SolutionError, atomic_path, run_cli
+from .common import SolutionError, atomic_path, check_output, run_cli
 from .metrics import recall_at_k
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if len(args.paths) != 3:
         raise SolutionError("expected GOLD PRED OUT (or --check PRED --texts QUERIES)")
     gold, pred, out = args.paths
+    check_output(out, inputs=(gold, pred), what="OUT")  # never replace the answers or the submission
     result = score_files(gold, pred, direction=args.direction)
     write_result(out, result)
     if not result["success"]:

@@ -8,11 +8,19 @@ For ``PATH`` = ``BASE.npy`` (``--format npy``, the default)::
 
 and for ``PATH`` = ``BASE.jsonl`` (``--format jsonl``): cn_clip's lines
 ``{"image_id"|"text_id": int, "feature": [D floats]}`` plus the same ``BASE.meta.json``.
-:func:`load_features` reads both (and cn_clip's own JSONL files), refusing duplicate ids and
-non-finite values with one clear error.
+:func:`load_features` reads both (and cn_clip's own JSONL files), refusing duplicate ids,
+non-finite values and features of the other kind (text given as image or back) with one clear error.
+
+A path without ``.npy``/``.jsonl`` names what extraction wrote under it: ``BASE.npy`` for npy
+(``.npy`` is appended on writing), the path itself for jsonl. Reading it takes ``BASE.npy`` when
+that exists, else the JSON lines at the path (when both exist, ``BASE.meta.json`` says which was
+written last). :func:`check_outputs` refuses, before any work, outputs that would replace an input,
+collide with each other, be a folder or sit under a file. The provenance helpers
+(:func:`file_sha256`, :func:`checkpoint_validation`) fill ``BASE.meta.json``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .common import SolutionError, atomic_path, write_json
+from .common import SolutionError, atomic_path, check_output, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,62 @@ def feature_paths(path: str | os.PathLike, fmt: str | None = None) -> tuple[Path
             raise SolutionError(f"{path}: a .npy path cannot hold jsonl features; name it .jsonl")
         return Path(path), None, Path(base + ".meta.json")
     raise SolutionError(f"unknown feature format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def resolve_features(path: str | os.PathLike, kind: str = "") -> tuple[str, Path, Path | None, Path]:
+    """``(format, features, ids or None, meta)`` of existing features named ``path``.
+
+    ``*.npy`` is ours, ``*.jsonl`` cn_clip's lines; any other ``BASE`` is ``BASE.npy`` when that
+    exists, else JSON lines at ``BASE`` (what extraction writes under that name in either format).
+    Refuses a name that matches neither with one line.
+    """
+    what = f"{kind} features" if kind else "features"
+    p = str(path)
+    if p.endswith(".npy") or p.endswith(".jsonl"):
+        fmt = feature_format(p)
+        fpath, ipath, mpath = feature_paths(p, fmt)
+        if not fpath.is_file():
+            raise SolutionError(f"{what} not found: {fpath}")
+        return fmt, fpath, ipath, mpath
+    npy, ids, meta = feature_paths(p, "npy")
+    plain = Path(p)
+    has_npy, has_jsonl = npy.is_file(), plain.is_file()
+    if has_npy and has_jsonl:
+        fmt = None
+        if meta.is_file():
+            try:
+                fmt = json.loads(meta.read_text(encoding="utf-8")).get("format")
+            except (ValueError, OSError, AttributeError):
+                fmt = None
+        if fmt not in FORMATS:
+            raise SolutionError(f"{what} {p} is ambiguous: both {npy} and JSON lines at {plain} exist and "
+                                f"{meta.name} does not say which was written last; give {npy} or a .jsonl name")
+        has_npy = fmt == "npy"
+    if has_npy:
+        return "npy", npy, ids, meta
+    if has_jsonl:
+        return "jsonl", plain, None, meta
+    if plain.is_dir():
+        raise SolutionError(f"{what} {p} is a folder, not a feature file (expected {npy} or JSON lines at {p})")
+    raise SolutionError(f"{what} not found: neither {npy} nor {plain} exists")
+
+
+def output_paths(path: str | os.PathLike, fmt: str) -> list[Path]:
+    """Every file :func:`save_features` writes for ``path`` in ``fmt`` (features, ids, meta)."""
+    return [x for x in feature_paths(path, fmt) if x is not None]
+
+
+def check_outputs(outputs: dict, fmt: str, inputs=()) -> None:
+    """Refuse feature outputs ``{flag: path}`` before anything is computed, with one line: a file
+    that would be a folder, sit under a file, replace one of ``inputs``, or be written twice."""
+    seen: dict[Path, str] = {}
+    for flag, out in outputs.items():
+        for path in output_paths(out, fmt):
+            check_output(path, inputs=inputs, what=f"{flag} output")
+            key = path.resolve()
+            if key in seen and seen[key] != flag:
+                raise SolutionError(f"{seen[key]} and {flag} both write {path}; give them different names")
+            seen[key] = flag
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -108,11 +172,14 @@ def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
     """Read our ``.npy`` features (+ ``.ids.npy``) or cn_clip's JSONL lines; checks shapes and ids."""
     if kind not in KINDS:
         raise ValueError(kind)
-    fmt = feature_format(path)
-    fpath, ipath, mpath = feature_paths(path, fmt)
+    fmt, fpath, ipath, mpath = resolve_features(path, kind)
     key = f"{kind}_id"
-    if not fpath.is_file():
-        raise SolutionError(f"{kind} features not found: {fpath}")
+    other = next(k for k in KINDS if k != kind)
+    meta = _read_meta(mpath)
+    recorded = meta.get("kind")
+    if recorded is not None and recorded != kind:
+        raise SolutionError(f"{fpath} holds {recorded} features (kind {recorded!r} in {mpath.name}), "
+                            f"not {kind} features: are the image and text feature files swapped?")
     if fmt == "npy":
         if not ipath.is_file():
             raise SolutionError(f"{fpath}: its ids file {ipath} is missing")
@@ -128,16 +195,22 @@ def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
             raise SolutionError(f"{fpath} has {len(feats)} rows but {ipath} has {len(ids)} ids")
     else:
         id_list, rows = [], []
-        with open(fpath, encoding="utf-8") as f:
-            for lineno, line in enumerate(tqdm(f, desc=f"read {fpath.name}", unit="line", leave=False,
-                                               disable=not sys.stderr.isatty()), 1):
-                line = line.strip()
+        with open(fpath, "rb") as f:
+            for lineno, raw in enumerate(tqdm(f, desc=f"read {fpath.name}", unit="line", leave=False,
+                                              disable=not sys.stderr.isatty()), 1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    raise SolutionError(f"{fpath}:{lineno}: not UTF-8 text (byte {e.start})") from None
                 if not line:
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SolutionError(f"{fpath}:{lineno}: not valid JSON ({e.msg})") from None
+                if isinstance(obj, dict) and key not in obj and f"{other}_id" in obj:
+                    raise SolutionError(f"{fpath}:{lineno}: holds {other} features ({other}_id), not {kind} "
+                                        f"features: are the image and text feature files swapped?")
                 if not isinstance(obj, dict) or key not in obj or "feature" not in obj:
                     raise SolutionError(f"{fpath}:{lineno}: expected {{\"{key}\": int, \"feature\": [...]}}")
                 if not is_int(obj[key]):
@@ -163,10 +236,58 @@ def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
     if not np.isfinite(feats).all():
         bad = int(ids[~np.isfinite(feats).all(1)][0])
         raise SolutionError(f"{fpath}: the feature of {key} {bad} is not finite")
-    meta = {}
-    if mpath.is_file():
-        try:
-            meta = json.loads(mpath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            log.warning("%s is not valid JSON; ignoring it", mpath)
     return FeatureSet(fpath, kind, fmt, ids, feats, meta)
+
+
+def _read_meta(mpath: Path) -> dict:
+    if not mpath.is_file():
+        return {}
+    try:
+        meta = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        log.warning("%s is not valid JSON; ignoring it", mpath)
+        return {}
+    if not isinstance(meta, dict):
+        log.warning("%s is not a JSON object; ignoring it", mpath)
+        return {}
+    return meta
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
+    """The validation score of a checkpoint when it can be known, else None.
+
+    Looked for in the checkpoint (a dict holding ``mean_recall`` under a few usual keys), then in
+    its run directory's ``metrics.jsonl`` (the main-set ``valid`` record at the checkpoint's step).
+    """
+    keys = ("r1", "r5", "r10", "mean_recall")
+    for name in ("metrics", "valid", "validation", "val_metrics"):  # not "best": a resumable checkpoint's best-so-far
+        v = ckpt.get(name)
+        if isinstance(v, dict) and "mean_recall" in v:
+            return {**{k: v[k] for k in keys if k in v}, "source": f"checkpoint[{name!r}]"}
+    ckpt_dir = Path(path).resolve().parent
+    metrics = ckpt_dir.parent / "metrics.jsonl"
+    if ckpt_dir.name != "checkpoints" or not metrics.is_file() or "step" not in ckpt:
+        return None
+    found = None
+    try:
+        for row in read_jsonl(metrics):
+            if row.get("kind") == "valid" and row.get("set", "valid") == "valid" and row.get("step") == ckpt["step"] \
+                    and "mean_recall" in row:
+                found = row
+    except SolutionError:
+        return None
+    if found is None:
+        return None
+    return {**{k: found[k] for k in keys if k in found}, "step": found.get("step"), "epoch": found.get("epoch"),
+            "source": str(metrics)}

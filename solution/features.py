@@ -9,7 +9,9 @@ CLI (``bash Chinese-CLIP/feature_extract.sh``, ``python -m solution.features``):
 from the checkpoint's stored config (flags override with a warning).
 
 Feature files (``BASE.npy`` + ``BASE.ids.npy`` + ``BASE.meta.json``, or cn_clip JSONL) are
-written and read by :mod:`solution.feature_files`.
+written and read by :mod:`solution.feature_files`. Every input is read and every output checked
+before the model loads (an output that is an input, a folder, under a file, or both the image and
+the text output is refused with one line), so a bad command writes nothing.
 
 Image features are cached in ``--cache-dir`` (default ``$SOLUTION_CACHE_DIR`` or
 ``~/.cache/cnclip-solution/image_feats``) under a key made of the vision tower's weights (all an
@@ -38,9 +40,10 @@ from cn_clip_patch.prompt import PromptError, check_prompt, token_lengths, token
 
 from .common import SolutionError, autocast_context, read_jsonl, resolve_device, run_cli
 from .data import ImageDataset, eval_transform, image_collate
-from .feature_files import FORMATS, feature_paths, is_int, save_features
+from .feature_files import (FORMATS, check_outputs, checkpoint_validation, feature_paths, file_sha256, is_int,
+                            save_features)
 from .lmdb_io import LMDBSplit
-from .metrics import t2i_recall
+from .metrics import present_gold, t2i_recall
 from .models import ModelConfig, load_model, state_dict_digest
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,9 @@ def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, device
     """Text->image R@1/5/10 and mean recall (percent) of ``model`` on a split's queries vs all its images.
 
     ``text_ids`` restricts the queries (e.g. the soup's selection half); the gallery stays whole.
+    Scored as the official evaluator would see the gallery that decodes: gold images that could
+    not be decoded are left out of the gold sets and a query left without any is not scored
+    (never counted as a miss); ``undecodable_images`` and ``queries_scored`` say how many.
     """
     split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
     tids, texts, gold = split_queries(split)
@@ -166,11 +172,21 @@ def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, device
         sel = [i for i, t in enumerate(tids) if t in keep]
         tids, texts = [tids[i] for i in sel], [texts[i] for i in sel]
         gold = {t: gold[t] for t in tids}
+    stored = len(split.image_ids())
     image_ids, image_feats = encode_images(model, split, config, batch_size=batch_size, num_workers=num_workers,
                                            device=device, precision=precision, progress=progress)
+    scored = present_gold(gold, image_ids.tolist())
+    undecodable, dropped = stored - len(image_ids), len(gold) - len(scored)
+    if undecodable or dropped:
+        lost = sum(len(v) for v in gold.values()) - sum(len(v) for v in scored.values())
+        log.warning("%s: %d of %d images could not be decoded; %d gold ids left out, %d of %d queries without a "
+                    "decodable gold image not scored", split.split_dir, undecodable, stored, lost, dropped, len(gold))
+    if not scored:
+        raise SolutionError(f"{split.split_dir}: no query has a decodable gold image; nothing to score")
     text_feats = encode_texts(model, texts, config, batch_size=batch_size, device=device, precision=precision,
                               progress=progress)
-    return t2i_recall(text_feats, image_feats, tids, image_ids, gold, device=device)
+    return {**t2i_recall(text_feats, image_feats, tids, image_ids, scored, device=device),
+            "undecodable_images": undecodable, "queries_scored": len(scored)}
 
 
 # ---------------------------------------------------------------- provenance and the image cache
@@ -181,14 +197,6 @@ CACHE_VERSION = 1
 def default_cache_dir() -> Path:
     env = os.environ.get("SOLUTION_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "cnclip-solution" / "image_feats"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def effective_precision(device, precision: str) -> str:
@@ -236,35 +244,6 @@ def cached_image_features(model, split: LMDBSplit, config: ModelConfig, *, cache
     save_features(str(stem) + ".npy", "image", ids, feats, fmt="npy",
                   meta={"cache_key_parts": parts, "split_dir": str(split.split_dir)})
     return ids, feats, info
-
-
-def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
-    """The validation score of a checkpoint when it can be known, else None.
-
-    Looked for in the checkpoint (a dict holding ``mean_recall`` under a few usual keys), then in
-    its run directory's ``metrics.jsonl`` (the main-set ``valid`` record at the checkpoint's step).
-    """
-    keys = ("r1", "r5", "r10", "mean_recall")
-    for name in ("metrics", "valid", "validation", "val_metrics"):  # not "best": a resumable checkpoint's best-so-far
-        v = ckpt.get(name)
-        if isinstance(v, dict) and "mean_recall" in v:
-            return {**{k: v[k] for k in keys if k in v}, "source": f"checkpoint[{name!r}]"}
-    ckpt_dir = Path(path).resolve().parent
-    metrics = ckpt_dir.parent / "metrics.jsonl"
-    if ckpt_dir.name != "checkpoints" or not metrics.is_file() or "step" not in ckpt:
-        return None
-    found = None
-    try:
-        for row in read_jsonl(metrics):
-            if row.get("kind") == "valid" and row.get("set", "valid") == "valid" and row.get("step") == ckpt["step"] \
-                    and "mean_recall" in row:
-                found = row
-    except SolutionError:
-        return None
-    if found is None:
-        return None
-    return {**{k: found[k] for k in keys if k in found}, "step": found.get("step"), "epoch": found.get("epoch"),
-            "source": str(metrics)}
 
 
 # ---------------------------------------------------------------- CLI
@@ -344,6 +323,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     progress = not args.no_progress
     text_out, image_out = default_outputs(args)
+    # Every input read and every output checked before the model loads: a bad one writes nothing.
+    ids, texts = _read_texts(args.text_data) if args.extract_text_feats else (None, None)
+    split = LMDBSplit(args.image_data, need_pairs=False) if args.extract_image_feats else None
+    inputs = [args.resume, args.text_data if texts else None,
+              *((split.split_dir / "imgs" / f for f in ("data.mdb", "lock.mdb")) if split else ())]
+    check_outputs({**({"--text-feat-output-path": text_out} if texts else {}),
+                   **({"--image-feat-output-path": image_out} if split else {})}, args.format, inputs)
 
     t0 = time.perf_counter()
     model, config, ckpt = load_model(args.resume, device=device, vision_model=args.vision_model,
@@ -369,7 +355,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     result: dict = {}
     if args.extract_text_feats:
-        ids, texts = _read_texts(args.text_data)
         t0, c0 = time.perf_counter(), time.process_time()
         feats = encode_texts(model, texts, config, batch_size=args.text_batch_size, device=device,
                              precision=precision, progress=progress)
@@ -378,8 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         log.info("%d text features in %.1f s (%.1f texts/s) -> %s", len(ids), secs, len(ids) / max(secs, 1e-9), paths[0])
         result["text"] = {"path": str(paths[0]), "count": len(ids), "seconds": secs, "cpu_seconds": cpu}
-    if args.extract_image_feats:
-        split = LMDBSplit(args.image_data, need_pairs=False)
+    if split is not None:
         cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
         t0 = time.perf_counter()
         ids, feats, info = cached_image_features(model, split, config, cache_dir=cache_dir, device=device,

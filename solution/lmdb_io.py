@@ -60,6 +60,7 @@ class _Flusher:
     def __init__(self, path: Path):
         self.fd = os.open(path, os.O_RDONLY)
         self.poked, self.done = threading.Event(), False
+        self.error: OSError | None = None  # a failed sync (e.g. a full disk), raised by the writer
         self.thread = threading.Thread(target=self._run, name="lmdb-flush", daemon=True)
         self.thread.start()
 
@@ -69,18 +70,25 @@ class _Flusher:
             self.poked.clear()
             if self.done:
                 return
-            os.fdatasync(self.fd)  # releases the GIL
+            try:
+                os.fdatasync(self.fd)  # releases the GIL
+            except OSError as e:  # not a traceback from a thread: the writer raises it (close)
+                self.error = e
+                return
 
     def poke(self) -> None:
         self.poked.set()
 
     def close(self) -> None:
+        """Stop the thread; a sync that failed is raised here (once)."""
         if self.fd >= 0:
             self.done = True
             self.poked.set()
             self.thread.join()
             os.close(self.fd)
             self.fd = -1
+            if self.error is not None:
+                raise self.error
 
 
 def _put_all(path: Path, items: Iterator[tuple[bytes, bytes]], count_key: bytes) -> int:
@@ -105,7 +113,10 @@ def _put_all(path: Path, items: Iterator[tuple[bytes, bytes]], count_key: bytes)
         flusher.close()
         env.sync(True)
     finally:
-        flusher.close()
+        try:
+            flusher.close()  # already closed unless an error is on its way out: that one is raised
+        except OSError:
+            pass
         env.close()
     return n
 

@@ -73,10 +73,30 @@ def topk(queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torc
     return torch.cat(all_s).numpy(), torch.cat(all_i).numpy()
 
 
+def present_gold(gold: Mapping[int, Collection[int]], image_ids: Collection[int]) -> dict[int, list[int]]:
+    """``gold`` as the official evaluator would see a gallery of ``image_ids``: answers that are not
+    in the gallery (e.g. images that could not be decoded) removed, queries left without any dropped."""
+    have = {int(i) for i in image_ids}
+    out = {}
+    for qid, answers in gold.items():
+        kept = [a for a in answers if int(a) in have]
+        if kept:
+            out[qid] = kept
+    return out
+
+
 def t2i_recall(text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequence[int],
                gold: Mapping[int, Collection[int]], *, device="cpu") -> dict[str, float]:
-    """Text->image retrieval recall from L2-normalised features (validation and soup use this)."""
-    _, idx = topk(text_feats, image_feats, max(KS), device=device)
+    """Text->image retrieval recall from L2-normalised features (validation and soup use this).
+
+    Scored over the gallery that exists: gold ids missing from ``image_ids`` are left out and a
+    query with no gold image in the gallery is not counted (see :func:`present_gold`), so an
+    undecodable image is never a miss. Raises ``ValueError`` when no query is left.
+    """
     image_ids = np.asarray(image_ids)
+    gold = present_gold(gold, image_ids.tolist())
+    if not gold:
+        raise ValueError("no query has a gold image among the gallery's images")
+    _, idx = topk(text_feats, image_feats, max(KS), device=device)
     preds = {int(t): image_ids[row].tolist() for t, row in zip(text_ids, idx)}
     return recall_at_k(preds, gold)

@@ -13,10 +13,17 @@ Checkpoint contract (``*.pt``, loadable with ``torch.load(weights_only=True)``):
 
 Official Chinese-CLIP files (``clip_cn_vit-b-16.pt``) and cn_clip training checkpoints carry no
 ``config``: their architecture is inferred from the tensor shapes, or given by flags.
+
+Every consumer (training, features, soup) checks a checkpoint the same way, each failure one
+:class:`SolutionError` line naming the file: :func:`resolve_config` (architecture names in the
+registry, of the right kind; a complete ``model_info``), :func:`check_shapes` (every tensor of the
+model built from that config, in its shape; :func:`load_weights` runs it) and :func:`check_finite`
+(no NaN/Inf).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -124,6 +131,20 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> torc
     return model.to(device)
 
 
+def model_template(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of ``config``'s model (built on the meta device: no memory)."""
+    return dict(_template(json.dumps(config.model_info, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _template(info: str) -> tuple:
+    from cn_clip.clip.model import CLIP
+
+    with torch.device("meta"):
+        model = CLIP(**json.loads(info))
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -186,10 +207,10 @@ def _count_layers(sd: Mapping[str, Any], prefix: str) -> int:
 
 def _vision_matches(info: dict, sd: Mapping[str, torch.Tensor]) -> bool:
     if isinstance(info["vision_layers"], (list, tuple)):  # ResNet
-        w = sd.get("visual.conv1.weight")
-        return w is not None and "visual.layer1.0.conv1.weight" in sd and w.shape[0] == info["vision_width"] // 2 \
-            and [_count_layers(sd, f"visual.layer{i}.") for i in range(1, 5)] == list(info["vision_layers"]) \
-            and sd["visual.attnpool.c_proj.weight"].shape[0] == info["embed_dim"]
+        w, proj = sd.get("visual.conv1.weight"), sd.get("visual.attnpool.c_proj.weight")
+        return w is not None and proj is not None and "visual.layer1.0.conv1.weight" in sd \
+            and w.shape[0] == info["vision_width"] // 2 and proj.shape[0] == info["embed_dim"] \
+            and [_count_layers(sd, f"visual.layer{i}.") for i in range(1, 5)] == list(info["vision_layers"])
     w, pos, proj = sd.get("visual.conv1.weight"), sd.get("visual.positional_embedding"), sd.get("visual.proj")
     if w is None or pos is None or proj is None or w.ndim != 4:
         return False
@@ -210,8 +231,17 @@ def _text_matches(info: dict, sd: Mapping[str, torch.Tensor]) -> bool:
 
 def resolve_config(ckpt: Mapping[str, Any] | None, *, vision_model: str | None = None, text_model: str | None = None,
                    context_length: int | None = None, text_prompt: str | None = None, source: str = "checkpoint") -> ModelConfig:
-    """The config a checkpoint was trained with; flags fill gaps and override with a warning."""
-    stored = dict(ckpt.get("config") or {}) if ckpt else {}
+    """The config a checkpoint was trained with; flags fill gaps and override with a warning.
+
+    The architecture names must be in the registry (vision and text configs respectively), and a
+    stored ``model_info`` must hold every key of the registry's; one that differs from the registry's
+    values is used as stored (it is what the weights were trained as), with a warning naming the keys.
+    """
+    stored = (ckpt.get("config") or {}) if ckpt else {}
+    if not isinstance(stored, Mapping):
+        raise SolutionError(f"{source}: its 'config' is a {type(stored).__name__}, not a mapping: "
+                            "not one of our checkpoints")
+    stored = dict(stored)
     if ckpt and not stored:
         v, t = infer_architecture(ckpt["state_dict"])
         stored = {k: x for k, x in (("vision_model", v), ("text_model", t)) if x}
@@ -230,24 +260,113 @@ def resolve_config(ckpt: Mapping[str, Any] | None, *, vision_model: str | None =
     if missing:
         raise SolutionError(f"{source}: cannot tell the architecture ({', '.join(missing)}); "
                             "pass --vision-model and --text-model")
+    _check_names(stored, source, {k for k in ("vision_model", "text_model") if flags[k] is not None})
     return ModelConfig.from_dict(stored)
 
 
+def _check_names(stored: dict, source: str, flagged: set) -> None:
+    """Architecture names known to the registry, of the right kind; ``model_info`` complete."""
+    reg = _registry()
+    for key, kind, marker, flag in (("vision_model", "vision", "vision_width", "--vision-model"),
+                                    ("text_model", "text", "text_hidden_size", "--text-model")):
+        name = stored[key]
+        if not isinstance(name, str) or name.replace("/", "-") not in reg:
+            known = ", ".join(vision_models() if kind == "vision" else text_models())
+            if key in flagged:
+                raise SolutionError(f"{flag}: unknown model name {name!r}; known {kind} models: {known}")
+            raise SolutionError(f"{source}: its config names an unknown {kind} architecture {name!r} (known: {known}); "
+                                f"add its JSON to $SOLUTION_MODEL_CONFIGS or pass {flag}")
+        if marker not in _read_config(name):
+            raise SolutionError(f"{flag}: {name!r} is not a {kind} model config" if key in flagged else
+                                f"{source}: its config names {name!r} as the {kind} architecture, but it is not a "
+                                f"{kind} model config")
+    info = stored.get("model_info")
+    if not info:
+        return
+    if not isinstance(info, Mapping):
+        raise SolutionError(f"{source}: its config's model_info is a {type(info).__name__}, not a mapping")
+    ref = model_info(stored["vision_model"], stored["text_model"])
+    lacking = [k for k in ref if k not in info]
+    if lacking:
+        raise SolutionError(f"{source}: its config's model_info lacks {', '.join(lacking[:5])}"
+                            f"{f' (+{len(lacking) - 5} more)' if len(lacking) > 5 else ''}")
+    differ = [k for k in ref if info[k] != ref[k]]
+    if differ:
+        log.warning("%s: its %s@%s differs from the registry's in %s; building it as the checkpoint records",
+                    source, stored["vision_model"], stored["text_model"],
+                    ", ".join(f"{k} ({info[k]!r}, registry {ref[k]!r})" for k in differ[:5]))
+
+
+def _count(names) -> str:
+    return f"{len(names)} tensor{'' if len(names) == 1 else 's'}"
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def check_shapes(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], config: ModelConfig, source: str,
+                 original: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Refuse a (clean) state dict whose tensors are missing from or differ in shape with ``expected``.
+
+    One line naming the file, the architecture its config names, the one its shapes look like
+    (from ``original``, the weights as stored, when given) and the first mismatching tensors.
+    """
+    bad = [k for k, shape in expected.items() if k in sd and tuple(sd[k].shape) != tuple(shape)]
+    missing = [k for k in expected if k not in sd]
+    if not bad and not missing:
+        return
+    v, t = infer_architecture(original if original is not None else sd)
+    theirs = f"{v or '?'}@{t or '?'}"
+    parts = []
+    if bad:
+        shown = ", ".join(f"{k} {_shape(sd[k].shape)} vs {_shape(expected[k])}" for k in bad[:3])
+        verb = "differs" if len(bad) == 1 else "differ"
+        parts.append(f"{_count(bad)} {verb} in shape ({shown}{', ...' if len(bad) > 3 else ''})")
+    if missing:
+        parts.append(f"{_count(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    head = f"{source} holds a {theirs} model, not {config.arch}" if theirs != config.arch \
+        else f"{source} does not fit {config.arch}"
+    raise SolutionError(f"{head}: {'; '.join(parts)}")
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf: one line naming the file and the first such tensors."""
+    bad = [k for k, t in sd.items() if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise SolutionError(f"{source} has non-finite weights (NaN or Inf) in {_count(bad)}: "
+                            f"{', '.join(bad[:3])}{more}; a diverged run? use an earlier checkpoint")
+
+
+def _resizable_positions(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple]) -> bool:
+    """Whether upstream's ``resize_pos_embed`` can adapt the ViT position grid (a square grid of our width)."""
+    key = "visual.positional_embedding"
+    pos, want = sd.get(key), expected.get(key)
+    if pos is None or want is None or pos.ndim != 2 or len(want) != 2 or pos.shape[1] != want[1] \
+            or pos.shape[0] == want[0]:
+        return False
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    return pos.shape[0] > 1 and side * side == pos.shape[0] - 1
+
+
 def load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """Load a (possibly ``module.``-prefixed) state dict; refuse another architecture by name."""
+    """Load a (possibly ``module.``-prefixed) state dict into ``model`` (built from ``config``).
+
+    Refuses (:class:`SolutionError`, one line naming ``source``) tensors missing or of other shapes
+    than the model's (:func:`check_shapes`; a ViT position grid of another resolution is resized
+    as upstream does) and NaN/Inf weights (:func:`check_finite`).
+    """
     from cn_clip.clip.model import resize_pos_embed
 
     sd = clean_state_dict(sd)
     original = dict(sd)
     own = model.state_dict()
-    resize_pos_embed(sd, model)  # upstream's helper: adapts a different image resolution
-    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in sd]
-    if bad or missing:
-        v, t = infer_architecture(original)
-        theirs = f"{v or '?'}@{t or '?'}"
-        detail = f"{len(bad)} tensors differ in shape (e.g. {bad[0]})" if bad else f"{len(missing)} tensors missing (e.g. {missing[0]})"
-        raise SolutionError(f"{source} holds a {theirs} model, not {config.arch}: {detail}")
+    expected = {k: tuple(v.shape) for k, v in own.items()}
+    if _resizable_positions(sd, expected):
+        resize_pos_embed(sd, model)  # upstream's helper: adapts a different image resolution
+    check_shapes(sd, expected, config, source, original)
+    check_finite({k: v for k, v in original.items() if k in own}, source)
     unexpected = [k for k in sd if k not in own]
     if unexpected:
         log.warning("%s: ignoring %d unexpected tensors (e.g. %s)", source, len(unexpected), unexpected[0])
@@ -255,7 +374,11 @@ def load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], config:
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", **overrides) -> tuple[torch.nn.Module, ModelConfig, dict]:
-    """Build the model a checkpoint describes and load its weights: ``(model, config, checkpoint)``."""
+    """Build the model a checkpoint describes and load its weights: ``(model, config, checkpoint)``.
+
+    Every check of :func:`resolve_config` (names against the registry) and :func:`load_weights`
+    (shapes against the built model, finite weights) applies.
+    """
     ckpt = read_checkpoint(path)
     config = resolve_config(ckpt, source=str(path), **overrides)
     model = build_model(config)

@@ -2,9 +2,10 @@
 
 ``python -m solution.predict --image-feats F --text-feats F --top-k 10 --output submissions/NAME.jsonl``
 (``bash Chinese-CLIP/predict.sh``) reads our ``.npy`` features (+ ``.ids.npy``) or cn_clip's
-JSONL feature lines, scores every query against the whole gallery by inner product in chunks
-(bounded memory, CPU or GPU; ties go to the gallery row that comes first, as in cn_clip's
-``make_topk_predictions.py``) and writes, atomically:
+JSONL feature lines (a name without extension: whatever extraction wrote under it), refuses a
+file whose recorded kind is the other one (image and text swapped), scores every query against
+the whole gallery by inner product in chunks (bounded memory, CPU or GPU; ties go to the gallery
+row that comes first, as in cn_clip's ``make_topk_predictions.py``) and writes, atomically:
 
 - ``NAME.jsonl``: ``{"text_id": int, "image_ids": [k ints]}`` per text, best first
   (``--direction i2t``: ``{"image_id": int, "text_ids": [k ints]}`` per image);
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import SolutionError, resolve_device, run_cli, write_json, write_jsonl
-from .feature_files import FeatureSet, load_features
+from .common import SolutionError, check_output, resolve_device, run_cli, write_json, write_jsonl
+from .feature_files import FeatureSet, load_features, resolve_features
 from .metrics import topk
 
 log = logging.getLogger(__name__)
@@ -217,8 +218,10 @@ def build_manifest(args, direction: str, texts: FeatureSet, images: FeatureSet, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m solution.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--image-feats", required=True, help="image features: .npy (ours) or cn_clip .jsonl")
-    p.add_argument("--text-feats", required=True, help="text features: .npy (ours) or cn_clip .jsonl")
+    p.add_argument("--image-feats", required=True,
+                   help="image features: .npy (ours), cn_clip .jsonl, or the base name given to extraction")
+    p.add_argument("--text-feats", required=True,
+                   help="text features: .npy (ours), cn_clip .jsonl, or the base name given to extraction")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--output", required=True, help="submission jsonl; the manifest goes beside it as .json")
     p.add_argument("--direction", choices=sorted(DIRECTIONS), default="t2i",
@@ -249,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SolutionError("--chunk-size must be at least 1")
     output = Path(args.output)
     mpath = manifest_path(output)
+    inputs = [p for path, kind in ((args.text_feats, "text"), (args.image_feats, "image"))
+              for p in resolve_features(path, kind)[1:] if p is not None]
+    check_output(output, inputs=inputs, what="--output")
+    check_output(mpath, inputs=inputs, what="manifest (beside --output)")
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     texts, images = load_features(args.text_feats, "text"), load_features(args.image_feats, "image")

@@ -18,7 +18,9 @@ split form one query. For 2 and 3 the MUGE files (``DIR/{split}_imgs.tsv`` of th
 Output: ``LMDB_DIR/{split}/imgs`` and ``LMDB_DIR/{split}/pairs`` (``LMDB_DIR`` defaults to
 ``DIR/lmdb``), exactly as cn_clip's builder writes them, plus ``LMDB_DIR/{split}/report.json``.
 Images are cleaned in parallel (``solution.images``); bad images, duplicate ids and texts
-whose images are all missing are skipped and listed in the report, never a crash.
+whose images are all missing are skipped and listed in the report, never a crash. A run locks the
+splits it writes and swaps them in whole at its end; it never overwrites a file it did not write
+(``solution.prepare_output``).
 
 Speed (a MUGE TSV): the TSV is memory-mapped; worker processes get ``(offset, length)`` of 1 MiB
 blocks of lines, read them from the page cache and check every image (``--check``, see
@@ -38,7 +40,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from array import array
@@ -47,12 +48,13 @@ from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from .common import SolutionError, atomic_path, run_cli, write_json, write_jsonl
+from .common import SolutionError, atomic_path, check_output, run_cli
 from .images import CHECKS, DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, REASONS
 from .prepare_workers import (check_tsv_block, check_tsv_task, clean_files, cleaning, default_workers, mapped,
                               tsv_blocks)
 from .lmdb_io import write_images, write_pairs
 from .prepare_inputs import SplitInput, Text, load_muge_texts, read_muge, read_table, split_off_valid
+from .prepare_output import building, check_split_name, muge_output, write_report
 
 log = logging.getLogger(__name__)
 
@@ -182,27 +184,10 @@ def _summary_line(r: dict) -> str:
             f"{r['num_samples']} pairs in {r['lmdb']} ({r['images_per_second']} images/s)")
 
 
-@contextlib.contextmanager
-def _building(final: Path) -> Iterator[Path]:
-    """Build a split in a sibling temp dir and swap it in on success: never a half-written LMDB."""
-    tmp = final.parent / f".{final.name}.building"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _process(split: SplitInput, outputs: list[tuple[str, list[Text] | None]], lmdb_dir: Path,
+def _process(split: SplitInput, outputs: list[tuple[str, list[Text] | None]], lmdb_dir: Path, tmps: dict[str, Path],
              muge_dir: Path | None, opts: dict, workers: int, progress: bool, source: str) -> dict[str, dict]:
-    """Clean ``split``'s images once and write one LMDB per output (name, texts), routing images by text.
+    """Clean ``split``'s images once and write one LMDB per output (name, texts) into ``tmps[name]`` (its
+    temp folder, swapped into ``lmdb_dir`` by the caller), routing images by text.
 
     Texts None: the split's own (format 1), read while the workers check the images: by one of the
     workers, which also writes the pairs, when there is one output and no MUGE file to write."""
@@ -210,7 +195,7 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text] | None]], lm
     first_where: dict[int, int | str] = {}  # image id -> where it was stored from (a TSV line number, or a path)
     plain = len(outputs) == 1 and not muge_dir  # no routing, no files to write: the fast path applies
     with contextlib.ExitStack() as stack:
-        dirs = [stack.enter_context(_building(lmdb_dir / name)) for name, _ in outputs]
+        dirs = [tmps[name] for name, _ in outputs]
         side = texts_done = None
         if split.tsv is not None:  # the workers start first
             size = split.tsv.stat().st_size
@@ -239,8 +224,10 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text] | None]], lm
         shared = {i for t in ledgers[0].texts or () for i in (t.image_ids or ()) if i in owner}
 
         spools = [stack.enter_context(open(d / "spool.tsv", "wb")) for d in dirs[1:]]
-        muge = [stack.enter_context(atomic_path(muge_dir / f"{led.name}_imgs.tsv")) for led in ledgers] if muge_dir else []
-        muge_f = [stack.enter_context(open(p, "wb")) for p in muge]
+        # the MUGE files (formats 2/3) replace the previous ones only when every output of the split is done
+        muge = [stack.enter_context(atomic_path(muge_dir / f"{led.name}_{kind}")) for led in ledgers
+                for kind in ("imgs.tsv", "texts.jsonl")] if muge_dir else []
+        muge_f = [stack.enter_context(open(p, "wb")) for p in muge[::2]]
         bar = stack.enter_context(_progress(progress, split, size if split.tsv is not None else None))
 
         def one(where, image_id, status, reason, detail, actions, fmt, data) -> Iterator[tuple[int, bytes]]:
@@ -344,12 +331,17 @@ def _process(split: SplitInput, outputs: list[tuple[str, list[Text] | None]], lm
             if muge_dir:
                 kept = [{"text_id": t.text_id, "text": t.text, "image_ids": [i for i in t.image_ids if i in led.kept_ids]}
                         for t in led.texts if t.image_ids and any(i in led.kept_ids for i in t.image_ids)]
-                write_jsonl(muge_dir / f"{led.name}_texts.jsonl", kept)
+                muge[2 * k + 1].write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in kept),
+                                           encoding="utf-8")
             rep = _report(led, split if k == 0 else None, skipped_texts, partial, n_img, n_pairs,
                           time.perf_counter() - t0, source if k == 0 else f"{source}, --make-valid from {split.name}",
                           lmdb_dir / led.name)
-            write_json(d / "report.json", rep)
+            write_report(d / "report.json", rep)
             reports[led.name] = rep
+        if len(outputs) > 1 and not all(r["num_samples"] for r in reports.values()):
+            empty = next(n for n, r in reports.items() if not r["num_samples"])
+            raise SolutionError(f"--make-valid would leave split {empty!r} without a single pair (the images of its "
+                                f"queries were all skipped): nothing written; give a larger fraction or clean the data")
         bar.close()
     for rep in reports.values():
         log.info("%s", _summary_line(rep))
@@ -387,9 +379,11 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
     data_dir = Path(data_dir)
     if isinstance(splits, str):
         splits = [s.strip() for s in splits.split(",")]
-    splits = list(dict.fromkeys(s for s in splits if s))
+    splits = [check_split_name(s) for s in dict.fromkeys(s for s in splits if s)]
     if not splits:
         raise SolutionError("no split given (e.g. --splits train,valid,test)")
+    if make_valid and check_split_name(valid_name) == splits[0]:
+        raise SolutionError(f"--valid-name {valid_name!r} is the split --make-valid splits off from; choose another")
     if max_side is not None and max_side < 8:
         raise SolutionError(f"--max-side {max_side} is too small (at least 8)")
     if not 1 <= quality <= 100:
@@ -400,22 +394,21 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
         raise SolutionError("--captions needs --images-dir (the folder the image paths are relative to)")
     if images_dir and not (captions or csv):
         raise SolutionError("--images-dir needs --captions FILE (or --csv FILE)")
-    lmdb_dir = Path(lmdb_dir) if lmdb_dir else data_dir / "lmdb"
-
     if csv or captions:
         source = "csv" if csv else "folder"
         base = Path(images_dir) if images_dir else None
         if base is not None and not base.is_dir():
             raise SolutionError(f"--images-dir {base} is not a directory")
+        check_output(data_dir, is_dir=True, what="--data-dir")
         inputs = read_table(str(csv or captions), splits, base)
         muge_dir = data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
     else:
         if not data_dir.is_dir():
             raise SolutionError(f"--data-dir {data_dir} is not a directory")
         source, muge_dir = "muge", None
         wanted = [s for s in splits if not (make_valid and s == valid_name)]
         inputs = {s: read_muge(data_dir, s, texts=False) for s in wanted}  # texts: read while workers start
+    lmdb_dir = check_output(lmdb_dir or data_dir / "lmdb", is_dir=True, what="--lmdb-dir")
 
     plan: list[tuple[SplitInput, list[tuple[str, list[Text]]]]] = []
     for name in splits:
@@ -430,15 +423,22 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
                 raise SolutionError(f"the input already has a {valid_name!r} split; drop --make-valid")
             if split.texts is None:
                 load_muge_texts(split)
-            train_t, valid_t = split_off_valid(split.texts, make_valid, seed)
+            train_t, valid_t = split_off_valid(split.texts, make_valid, seed, where=split.texts_path or csv or captions)
             outputs = [(name, train_t), (valid_name, valid_t)]
         plan.append((split, outputs))
 
     opts = {"max_side": max_side, "quality": quality, "max_pixels": max_pixels, "check": check}
     workers = default_workers() if workers is None else max(0, int(workers))
     reports: dict[str, dict] = {}
-    for split, outputs in plan:
-        reports.update(_process(split, outputs, lmdb_dir, muge_dir, opts, workers, progress, source))
+    names = [name for _, outputs in plan for name, _ in outputs]
+    tables = {Path(str(csv or captions).replace("{split}", s)) for s in splits} if muge_dir else ()
+    with contextlib.ExitStack() as stack:  # every check first: a refusal leaves nothing written
+        record = stack.enter_context(muge_output(muge_dir, names, tables)) if muge_dir else None
+        tmps = stack.enter_context(building(lmdb_dir, names))
+        for split, outputs in plan:
+            reports.update(_process(split, outputs, lmdb_dir, tmps, muge_dir, opts, workers, progress, source))
+            if record:
+                record([name for name, _ in outputs])
     total = sum(r["images"]["total"] for r in reports.values())
     skipped = sum(r["images"]["skipped"] + r["images"]["duplicates"] for r in reports.values())
     log.info("prepared %s in %s: %d images, %d stored, %d skipped (details in each report.json)",

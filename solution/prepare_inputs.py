@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -99,8 +100,18 @@ def load_muge_texts(split: SplitInput) -> SplitInput:
     if split.texts is not None:
         return split
     texts_path, seen, texts = split.texts_path, set(), []
-    with open(texts_path, encoding="utf-8-sig") as f:
-        numbered = [(lineno, line) for lineno, line in enumerate(f, 1) if not line.isspace()]
+    try:
+        with open(texts_path, encoding="utf-8-sig") as f:
+            numbered = [(lineno, line) for lineno, line in enumerate(f, 1) if not line.isspace()]
+    except UnicodeDecodeError:  # read again, as bytes, to say where
+        with open(texts_path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise SolutionError(f"{texts_path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") \
+                        from None
+        raise
     try:  # one parse for the whole file when every line is one JSON value (the common case)
         objs = json.loads("[" + ",".join(line for _, line in numbered) + "]")
         if len(objs) != len(numbered):  # a line holding two values ("1, 2"): read line by line
@@ -128,6 +139,7 @@ def load_muge_texts(split: SplitInput) -> SplitInput:
 
 _IMAGE_KEYS = ("image_path", "image", "path", "file", "file_name", "filename", "img")
 _TEXT_KEYS = ("text", "caption", "query")
+_ONE_LINE_KEYS = (*_IMAGE_KEYS, "text_id", "image_id", "split")  # a line break in one of these: a quote left open
 
 
 def _pick(row: dict, keys: Sequence[str]):
@@ -137,23 +149,72 @@ def _pick(row: dict, keys: Sequence[str]):
     return None
 
 
+_BARE_CR = re.compile(r"(?<=\r)(?!\n)")  # after a CR that ends a line on its own (old Mac files)
+
+
+def _utf8_lines(path: Path, f, split_cr: bool = False) -> Iterator[str]:
+    """The lines of binary file ``f``, decoded, with their ends (``split_cr``: a lone CR ends one too,
+    as with ``newline=""``); a line that is not UTF-8 is an error naming it."""
+    lineno = 0
+    for raw in f:
+        lineno += 1
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise SolutionError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
+        if split_cr and "\r" in line:
+            *first, line = [p for p in _BARE_CR.split(line) if p]
+            for part in first:
+                yield part
+                lineno += 1
+        yield line
+
+
 def _read_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        if path.suffix.lower() in (".jsonl", ".json"):
+            for lineno, line in enumerate(_utf8_lines(path, f), 1):
                 if line.strip():
                     try:
                         yield f"{path.name}:{lineno}", json.loads(line)
                     except json.JSONDecodeError as e:
                         raise SolutionError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            return
+        yield from _read_csv(path, _utf8_lines(path, f, split_cr=True))
+
+
+def _read_csv(path: Path, lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
+    """Rows of a CSV/TSV, each with the line it starts on. ``strict``: a quote left open to the end of
+    the file, or stray text after a closing one, is an error naming the line, not rows swallowed."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(lines, delimiter=delimiter, strict=True)
+    end = 0  # the line the previous record ended on
+    try:
         cols = [c.strip() for c in reader.fieldnames or []]
         if not any(c in cols for c in _TEXT_KEYS) or not any(c in cols for c in _IMAGE_KEYS):
             raise SolutionError(f"{path}: needs columns text and image_path (found: {', '.join(cols) or 'none'})")
-        for lineno, row in enumerate(reader, 2):
-            yield f"{path.name}:{lineno}", {k.strip(): v for k, v in row.items() if k}
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            row = {k.strip(): v for k, v in row.items() if k}
+            if end > start:
+                _check_multiline(path, start, end, row, delimiter)
+            yield f"{path.name}:{start}", row
+    except csv.Error as e:
+        what = ("a quote opened here is never closed (it runs to the end of the file)"
+                if "unexpected end of data" in str(e) else f"malformed CSV ({e})")
+        raise SolutionError(f"{path}:{end + 1}: {what}") from None
+
+
+def _check_multiline(path: Path, start: int, end: int, row: dict, delimiter: str) -> None:
+    """A record over several lines: a quoted caption may hold a line break, but a line break in an
+    image path or id, or caption lines that look like rows, mean a quote left open."""
+    for k, v in row.items():
+        if not isinstance(v, str) or "\n" not in v:
+            continue
+        if k in _ONE_LINE_KEYS or (k in _TEXT_KEYS and any(delimiter in part for part in v.split("\n")[1:])):
+            raise SolutionError(f"{path}:{start}: a quote opened here runs over lines {start}-{end} and swallows "
+                                f"what look like rows (column {k!r}); close the quote")
 
 
 def read_table(table: str, splits: Sequence[str], base_dir: Path | None) -> dict[str, SplitInput]:
@@ -217,8 +278,11 @@ def read_table(table: str, splits: Sequence[str], base_dir: Path | None) -> dict
 # ---------------------------------------------------------------- validation split
 
 
-def split_off_valid(texts: list[Text], fraction: float, seed: int) -> tuple[list[Text], list[Text]]:
-    """Split labelled texts so no query text (case/space-normalised) is in both parts."""
+def split_off_valid(texts: list[Text], fraction: float, seed: int, where=None) -> tuple[list[Text], list[Text]]:
+    """Split labelled texts so no query text (case/space-normalised) is in both parts; either part
+    left empty is an error (``where``: the input, for the message)."""
+    import math
+
     import numpy as np
     from sklearn.model_selection import GroupShuffleSplit
 
@@ -226,8 +290,15 @@ def split_off_valid(texts: list[Text], fraction: float, seed: int) -> tuple[list
         raise SolutionError(f"--make-valid takes a fraction between 0 and 1, got {fraction}")
     labelled = [t for t in texts if t.image_ids]
     groups = ["".join(t.text.lower().split()) for t in labelled]
-    if len(set(groups)) < 2:
-        raise SolutionError("--make-valid needs at least two distinct labelled queries")
+    n = len(set(groups))
+    src = f"{where}: " if where else ""
+    if n < 2:
+        raise SolutionError(f"{src}--make-valid needs at least two distinct labelled queries, found {n}")
+    n_valid = math.ceil(fraction * n)  # as GroupShuffleSplit counts
+    if not 0 < n_valid < n:
+        raise SolutionError(f"{src}--make-valid {fraction} of {n} distinct labelled queries leaves "
+                            f"{'no validation' if n_valid < 1 else 'no training'} query; choose a fraction "
+                            f"that leaves both splits at least one")
     gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     train_idx, valid_idx = next(gss.split(np.zeros(len(labelled)), groups=groups))
     valid = [labelled[i] for i in sorted(valid_idx)]

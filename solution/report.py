@@ -13,6 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .common import atomic_path
 from .plots import save_png
 
 log = logging.getLogger(__name__)
@@ -119,5 +120,6 @@ def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, 
     for p in pngs:
         lines += [f"### {p.stem}", f"![{p.stem}](plots/{p.name})", ""]
     report = out / "REPORT.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
+    with atomic_path(report) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
     return report

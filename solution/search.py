@@ -14,9 +14,11 @@ Config (YAML)::
     name: demo                 # study name (--study-name)
     direction: maximize
     n_trials: 6                # target count of finished trials (complete + pruned + failed)
-    out: runs/search           # study folder = {out}/{name}/
+    out: runs/search           # study folder = {out}/{name}/ (the default when out: is missing)
     storage: null              # default sqlite:///{out}/{name}/study.db; any Optuna RDB URL;
                                # journal:PATH for a journal file (many workers, NFS)
+    heartbeat: 60              # RDB storages: a running trial beats every N s (0: off); one silent for
+    grace_period: null         # grace_period s (default 3 x heartbeat) is failed and re-run elsewhere
     pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 0}   # or hyperband / none
     sampler: {name: tpe, seed: null, n_startup_trials: 4}            # or random
     mode: inprocess            # or subprocess (a clean child per trial; torchrun_nproc: N)
@@ -37,14 +39,17 @@ Config (YAML)::
                sets: {frozen-image: {freeze-vision: true}}}
 
 ``--set FLAG=VALUE`` overrides a base flag from the command line (``--set resume=`` drops it).
+A flag the trainer does not know, or a value its parser refuses, stops the search before the first
+trial; a search in which no trial completes exits with an error.
 The value of a trial is its best validation mean recall; ``best.pt`` of its run is that model.
 
 Storage and workers: re-running the same command resumes the study (``load_if_exists``) and runs
-only the trials still missing from ``n_trials``; trials left RUNNING by a killed worker on this
-host are marked FAIL (``interrupted``, not counted) and their parameters re-queued once. Several
-workers (processes or machines) share one study by pointing at the same storage: SQLite on one
-machine, PostgreSQL/MySQL or ``journal:/shared/study.log`` across machines. RDB storages keep a
-heartbeat, so trials of a worker that died elsewhere are failed after the grace period.
+only the trials still missing from ``n_trials``. Several workers (processes or machines) share one
+study by pointing at the same storage: SQLite on one machine, PostgreSQL/MySQL or
+``journal:/shared/study.log`` across machines. A trial whose worker died (``kill -9``) is marked
+FAIL, not counted, and its parameters re-queued once (solution.search_storage): by heartbeat on an
+RDB, after the grace period, from any machine; by process check on this host for a journal. A
+worker that reaches ``n_trials`` waits for the running trials of the others before it exits.
 
 Outputs in ``{out}/{name}/`` (rewritten after every trial, so a kill leaves them current):
 ``trials.csv`` (number, state, value, run_dir, params_*, ...), ``best_command.sh`` (a ready
@@ -62,7 +67,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -75,47 +79,24 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from .common import SolutionError, atomic_path, run_cli
-from .search_config import (SearchConfig, check_config, flag_key, flags_to_argv, load_config, parse_config,
-                            suggest_params, trial_flags)
+from .common import SolutionError, atomic_path, check_output, run_cli
+from .search_config import (SearchConfig, check_config, check_trial_flags, flag_key, flags_to_argv, load_config,
+                            parse_config, suggest_params, trial_flags)
 from .search_report import trials_table, write_plots, write_reports
+from .search_storage import (DIED, FINISHED, counted_trials, fail_dead_trials, grace_period, heartbeat_enabled,
+                             make_storage, requeue, running_trials, safe_url, storage_url, worker_info)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SearchConfig", "load_config", "parse_config", "run_search", "trials_table", "write_plots", "write_reports",
            "main"]
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 class TrialFailed(Exception):
     """A trial that failed for a known reason (bad flag, child crash, no validation)."""
 
 
-# ---------------------------------------------------------------- storage, study
-
-
-def make_storage(cfg: SearchConfig):
-    url = cfg.storage
-    if not url:
-        cfg.study_dir.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{(cfg.study_dir / 'study.db').resolve()}"
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url[len("journal:"):]).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    if "://" not in url:
-        raise SolutionError(f"storage must be an Optuna RDB URL (sqlite:///..., postgresql://...) or journal:PATH, "
-                            f"got {url!r}")
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=cfg.heartbeat,
-                                              grace_period=max(cfg.heartbeat * 5, 120))
-    except ImportError as e:
-        raise SolutionError(f"storage {url!r} needs a database driver: {e}") from None
+# ---------------------------------------------------------------- study
 
 
 def make_pruner(spec: dict):
@@ -142,75 +123,6 @@ def make_sampler(spec: dict):
         raise SolutionError(f"sampler {spec['name']}: {e}") from None
 
 
-def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: finished ones except interrupted ones, plus running ones
-    (a RUNNING trial that never got its worker attribute was killed at birth and is not counted)."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-               if not t.user_attrs.get("interrupted")
-               and (t.state != TrialState.RUNNING or "worker" in t.user_attrs))
-
-
-def _process_alive(pid: int | None, started: float | None) -> bool:
-    if not pid:
-        return True  # unknown: leave it to the storage heartbeat
-    try:
-        import psutil
-
-        proc = psutil.Process(pid)
-        return started is None or abs(proc.create_time() - started) < 1.0
-    except Exception:  # NoSuchProcess, AccessDenied, no psutil: fall back to a signal probe
-        try:
-            os.kill(pid, 0)
-            return started is None
-        except OSError:
-            return False
-
-
-def _process_started(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:
-        return None
-
-
-_WORKER: dict = {}
-
-
-def worker_info() -> dict:
-    """This process as a trial owner: host, pid and the pid's start time (pids are reused)."""
-    if _WORKER.get("pid") != os.getpid():
-        _WORKER.update(host=socket.gethostname(), pid=os.getpid(), started=_process_started(os.getpid()))
-    return dict(_WORKER)
-
-
-def recover_interrupted(study: optuna.Study, retry: bool) -> int:
-    """Fail trials left RUNNING by a dead worker of this host; re-queue their parameters once."""
-    n, me = 0, worker_info()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs, worker = t.user_attrs, t.user_attrs.get("worker") or {}
-        if worker.get("host") != me["host"] or _process_alive(worker.get("pid"), worker.get("started")):
-            continue
-        storage = study._storage
-        try:
-            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"interrupted: worker pid {worker['pid']} died")
-            if not storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker got there first
-        except Exception as e:  # e.g. a locked database while another worker does the same
-            log.warning("could not mark interrupted trial %d as failed: %s", t.number, e)
-            continue
-        n += 1
-        log.warning("trial %d was interrupted (worker pid %s died): marked FAIL", t.number, worker["pid"])
-        if retry and t.params and "retry_of" not in attrs:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            log.info("re-queued the parameters of trial %d", t.number)
-    return n
-
-
 # ---------------------------------------------------------------- running one trial
 
 
@@ -225,16 +137,16 @@ class Objective:
         cfg = self.cfg
         run_dir = self.trials_dir / f"{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("worker", worker_info())  # one write: a dead worker's trials are recognised on resume
-        params = suggest_params(trial, cfg.space)
-        flags = {**trial_flags(cfg, params), "logs": str(self.trials_dir), "name": run_dir.name}
-        argv = flags_to_argv(flags)
-        _move_stale(run_dir)
-        trial.set_user_attr("argv", argv)
-        log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()) or "(no params)")
+        trial.set_user_attr("worker", worker_info())  # one write: a dead worker's trials are recognised
         self.values: list[float] = []
         self.reported: set[int] = set()
-        try:
+        try:  # every failure in a live worker records fail_reason (a FAIL without one is a dead worker's)
+            params = suggest_params(trial, cfg.space)
+            flags = {**trial_flags(cfg, params), "logs": str(self.trials_dir), "name": run_dir.name}
+            argv = flags_to_argv(flags)
+            _move_stale(run_dir)
+            trial.set_user_attr("argv", argv)
+            log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()) or "(no params)")
             if cfg.mode == "inprocess":
                 self._run_inprocess(trial, argv)
             else:
@@ -247,8 +159,8 @@ class Objective:
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: not the trial's fault, so not counted and re-queued
             trial.set_user_attr("interrupted", True)
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C / SIGTERM)")
-            if cfg.retry_interrupted and "retry_of" not in trial.user_attrs:
-                trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            if cfg.retry_interrupted:
+                requeue(trial.study, trial.number, trial.params, trial.user_attrs)
             raise
         except SystemExit as e:  # argparse inside the trainer: a bad flag in the config
             reason = f"trainer exited with code {e.code} (bad flag value?)"
@@ -426,32 +338,61 @@ def _empty_cuda_cache() -> None:
 
 def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
     """Create or resume the study, run trials until ``n_trials`` are counted, write the reports."""
+    if train_main is None and cfg.launcher is None:
+        check_trial_flags(cfg)  # a config that cannot start one trial is refused before the first
+    if not cfg.out:
+        log.info("%s gives no out: the study folder is %s", cfg.source, cfg.study_dir)
+    check_output(cfg.study_dir, what="study folder", is_dir=True)
+    storage = make_storage(cfg)
     cfg.study_dir.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=cfg.name, storage=make_storage(cfg), sampler=make_sampler(cfg.sampler),
+    study = optuna.create_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg.sampler),
                                 pruner=make_pruner(cfg.pruner), direction=cfg.direction, load_if_exists=True)
-    recover_interrupted(study, cfg.retry_interrupted)
+    fail_dead_trials(study, cfg.retry_interrupted)
     if cfg.enqueue:
         for params in cfg.enqueue:  # skipped when a trial with these values exists or waits already
             study.enqueue_trial({flag_key(k): v for k, v in params.items()}, skip_if_exists=True)
     objective = Objective(cfg, train_main)
-    done = counted_trials(study)
-    log.info("study %r in %s: %d of %d trials already counted", cfg.name, cfg.study_dir, done, cfg.n_trials)
-    t0 = time.time()
+    log.info("study %r in %s (storage %s): %d of %d trials already counted", cfg.name, cfg.study_dir,
+             safe_url(storage_url(cfg)), counted_trials(study), cfg.n_trials)
+    t0, waiting = time.time(), False
     try:
-        while counted_trials(study) < cfg.n_trials:
+        while True:
             if cfg.timeout is not None and time.time() - t0 >= cfg.timeout:
                 log.info("timeout of %.0f s reached", cfg.timeout)
                 break
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-            write_reports(study, cfg, plots=cfg.plots == "each")
+            if counted_trials(study) < cfg.n_trials:
+                try:  # (Optuna fails the trials of dead workers first, by heartbeat)
+                    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+                except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
+                    if isinstance(e, ValueError) and "Cannot tell a" not in str(e):
+                        raise
+                    log.warning("another worker failed this worker's trial for want of heartbeat (grace period "
+                                "%d s; is this machine overloaded?): %s", grace_period(cfg), e)
+                write_reports(study, cfg, plots=cfg.plots == "each")
+                continue
+            running = running_trials(study)  # budget met: wait for the others, re-run a dead worker's trial
+            if not running or not heartbeat_enabled(study):
+                break
+            if not waiting:
+                log.info("%d trials counted; waiting for trial(s) %s of other workers (one whose worker died is "
+                         "failed after %d s without heartbeat and re-run here)", counted_trials(study),
+                         ", ".join(str(t.number) for t in running), grace_period(cfg))
+            waiting = True
+            time.sleep(min(cfg.heartbeat, 5))
+            fail_dead_trials(study, cfg.retry_interrupted)
     finally:
         write_reports(study, cfg, plots=bool(cfg.plots))
-    states = [t.state for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
     summary = {"study": cfg.name, "study_dir": str(cfg.study_dir), "n_trials": len(states),
                **{s.name.lower(): states.count(s) for s in TrialState if s in FINISHED or s in states}}
     if TrialState.COMPLETE in states:
         summary.update(best_value=study.best_value, best_trial=study.best_trial.number,
                        best_params=study.best_trial.params)
+    else:
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        summary["first_failure"] = (f"trial {failed[0].number}: {failed[0].user_attrs.get('fail_reason', DIED)}"
+                                    if failed else None)
     return summary
 
 
@@ -478,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--n-trials", type=int, help="target number of finished trials (overrides the config)")
     p.add_argument("--storage", help="Optuna storage URL or journal:PATH (default sqlite in the study folder)")
     p.add_argument("--study-name", help="study name (default: the config's name)")
-    p.add_argument("--out", help="folder holding the study folder (default: the config's out)")
+    p.add_argument("--out", help="folder holding the study folder (default: the config's out, else runs/search)")
     p.add_argument("--mode", choices=["inprocess", "subprocess"])
     p.add_argument("--torchrun-nproc", type=int, help="subprocess mode: launch each trial with torchrun on N procs")
     p.add_argument("--pruner", choices=["median", "hyperband", "none"])
@@ -508,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "re-run the same command to resume the study")
         raise SystemExit(130) from None
     print(json.dumps(summary, ensure_ascii=False))
+    if cfg.n_trials and not summary.get("complete"):
+        first = f"; first failure: {summary['first_failure']}" if summary["first_failure"] else ""
+        raise SolutionError(f"study {cfg.name!r} completed no trial ({summary.get('fail', 0)} failed, "
+                            f"{summary.get('pruned', 0)} pruned{first}); see {cfg.study_dir / 'trials.csv'}")
     return summary
 
 

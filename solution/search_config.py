@@ -6,6 +6,9 @@ updated by its sampled parameters; :func:`flags_to_argv` turns them into ``train
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,8 +23,9 @@ from .common import SolutionError, read_yaml_mapping
 log = logging.getLogger(__name__)
 
 STUDY_KEYS = {"name", "direction", "n_trials", "out", "storage", "pruner", "sampler", "mode", "torchrun_nproc",
-              "timeout", "report_at", "metric", "valid_set", "enqueue", "launcher", "heartbeat", "plots",
-              "retry_interrupted"}
+              "timeout", "report_at", "metric", "valid_set", "enqueue", "launcher", "heartbeat", "grace_period",
+              "plots", "retry_interrupted"}
+DEFAULT_OUT = "runs/search"  # a config without out: keeps its study in runs/search/NAME
 RESERVED_FLAGS = {"logs", "name"}  # set per trial by the search
 PARAM_TYPES = ("float", "int", "categorical")
 
@@ -106,7 +110,7 @@ class SearchConfig:
     name: str = "search"
     direction: str = "maximize"
     n_trials: int = 10
-    out: str = "runs/search"
+    out: str | None = None  # None: DEFAULT_OUT
     storage: str | None = None
     pruner: dict = field(default_factory=lambda: {"name": "median"})
     sampler: dict = field(default_factory=lambda: {"name": "tpe"})
@@ -118,13 +122,16 @@ class SearchConfig:
     valid_set: str = "valid"
     enqueue: list = field(default_factory=list)
     launcher: list | None = None
-    heartbeat: int = 60
+    heartbeat: int = 60  # seconds between a running trial's heartbeats in an RDB storage; 0: none
+    grace_period: int | None = None  # seconds without heartbeat before a trial is dead; None: 3 x heartbeat
     plots: bool | str = "each"  # each (after every trial) | end | false
     retry_interrupted: bool = True
+    source: str = "config"  # the file it came from, for messages
+    overrides: dict = field(default_factory=dict)  # base flag -> its --set FLAG=VALUE
 
     @property
     def study_dir(self) -> Path:
-        return Path(self.out) / self.name
+        return Path(self.out or DEFAULT_OUT) / self.name
 
 
 def _named(value: Any, what: str) -> dict:
@@ -166,9 +173,12 @@ def parse_config(raw: dict, source: str = "config") -> SearchConfig:
                                                    if k not in ("pruner", "sampler")})
     cfg.pruner = _named(settings.get("pruner", "median"), "pruner")
     cfg.sampler = _named(settings.get("sampler", "tpe"), "sampler")
+    cfg.source = source
     check_config(cfg, source)
     for k in RESERVED_FLAGS & set(cfg.base):
         log.warning("base flag --%s is replaced by the search for each trial (kept for best_command.sh)", k)
+    for k in set(cfg.base) & {p.name for p in specs.values() if p.sets is None}:
+        log.warning("base flag --%s is searched: each trial's value replaces %r", k, cfg.base[k])
     return cfg
 
 
@@ -179,10 +189,19 @@ def check_config(cfg: SearchConfig, source: str = "config") -> None:
         raise SolutionError(f"{source}: mode must be inprocess or subprocess, got {cfg.mode!r}")
     if cfg.report_at not in ("step", "epoch"):
         raise SolutionError(f"{source}: report_at must be step or epoch, got {cfg.report_at!r}")
-    for key in ("n_trials", "torchrun_nproc", "heartbeat"):
+    if not isinstance(cfg.name, str) or cfg.name in ("", ".", "..") or "/" in cfg.name:
+        raise SolutionError(f"{source}: name must be a plain folder name, got {cfg.name!r}")
+    if cfg.out is not None and not isinstance(cfg.out, (str, os.PathLike)):
+        raise SolutionError(f"{source}: out must be a folder path, got {cfg.out!r}")
+    for key in ("n_trials", "torchrun_nproc", "heartbeat", "grace_period"):
         value = getattr(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise SolutionError(f"{source}: {key} must be a non-negative integer, got {value!r}")
+        if key == "grace_period" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < (key == "grace_period"):
+            raise SolutionError(f"{source}: {key} must be a {'positive' if key == 'grace_period' else 'non-negative'}"
+                                f" integer, got {value!r}")
+    if cfg.grace_period is not None and cfg.grace_period <= cfg.heartbeat:
+        raise SolutionError(f"{source}: grace_period ({cfg.grace_period} s) must exceed heartbeat ({cfg.heartbeat} s)")
     if cfg.timeout is not None and not isinstance(cfg.timeout, (int, float)):
         raise SolutionError(f"{source}: timeout must be a number of seconds, got {cfg.timeout!r}")
     if cfg.launcher is not None and (not isinstance(cfg.launcher, list) or not cfg.launcher):
@@ -193,6 +212,11 @@ def check_config(cfg: SearchConfig, source: str = "config") -> None:
         raise SolutionError(f"{source}: sampler must be tpe or random, got {cfg.sampler['name']!r}")
     if not isinstance(cfg.enqueue, list) or not all(isinstance(e, dict) for e in cfg.enqueue):
         raise SolutionError(f"{source}: enqueue must be a list of parameter mappings")
+    for i, params in enumerate(cfg.enqueue):
+        stray = [k for k in params if flag_key(k) not in cfg.space]
+        if stray:
+            raise SolutionError(f"{source}: enqueue[{i}] names {stray[0]!r}, which is not in the space "
+                                f"({', '.join(cfg.space) or 'empty'})")
     if cfg.plots not in (True, False, "each", "end"):
         raise SolutionError(f"{source}: plots must be each, end or false, got {cfg.plots!r}")
 
@@ -200,14 +224,21 @@ def check_config(cfg: SearchConfig, source: str = "config") -> None:
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SearchConfig:
     path = Path(path)
     raw = read_yaml_mapping(path, "search config")
+    keys = {}
     for item in overrides:  # FLAG=VALUE, the value read as YAML; FLAG= (or FLAG=null) drops a base flag
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SolutionError(f"--set expects FLAG=VALUE, got {item!r}")
         if not isinstance(raw.get("base"), dict):
             raw["base"] = {}
-        raw["base"][flag_key(key.strip())] = yaml.safe_load(value) if value else None
-    return parse_config(raw, str(path))
+        keys[flag_key(key.strip())] = item
+        try:
+            raw["base"][flag_key(key.strip())] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            raise SolutionError(f"--set {item}: the value is not valid YAML") from None
+    cfg = parse_config(raw, str(path))
+    cfg.overrides = keys
+    return cfg
 
 
 # ---------------------------------------------------------------- flags
@@ -247,3 +278,72 @@ def flags_to_argv(flags: dict) -> list[str]:
         else:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+# ---------------------------------------------------------------- trials the trainer would refuse
+
+
+def check_trial_flags(cfg: SearchConfig) -> None:
+    """Refuse, before the first trial, a config whose trials ``solution.train`` would not start.
+
+    Every flag name (base, ``--set``, space, ``sets``) must be a trainer flag, and the command line of
+    the first trial, of each enqueued trial and of each choice and range end of the space must pass the
+    trainer's own parser (without training). A failure is one line naming the file, key and problem.
+    """
+    from .train_args import build_parser
+
+    known = {s[2:] for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    names = [(k, f"--set {cfg.overrides[k]}" if k in cfg.overrides else f"base key {k!r}") for k in cfg.base]
+    for p in cfg.space.values():
+        if p.sets is None:
+            names.append((p.name, f"space entry {p.name!r}"))
+        names += [(k, f"space entry {p.name!r}, sets.{c}") for c, fl in (p.sets or {}).items() for k in fl]
+    for key, where in names:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise SolutionError(f"{cfg.source}: {where}: --{key} is not a flag of solution.train{hint}")
+    for label, params in _probe_trials(cfg):
+        error = _trainer_refusal(flags_to_argv({**trial_flags(cfg, params), "logs": "logs", "name": "trial"}))
+        if error:
+            raise SolutionError(f"{cfg.source}: {label} cannot start: {error}")
+
+
+def _fill(cfg: SearchConfig, fixed: dict) -> dict:
+    """A trial's parameters: ``fixed`` where given, else each range's low end or first choice."""
+    params: dict = {}
+    for p in cfg.space.values():
+        if p.only_if and not params.get(p.only_if):
+            continue
+        params[p.name] = fixed[p.name] if p.name in fixed else (p.choices[0] if p.type == "categorical" else p.low)
+    return params
+
+
+def _probe_trials(cfg: SearchConfig):
+    yield "the first trial", _fill(cfg, {flag_key(k): v for k, v in (cfg.enqueue[:1] or [{}])[0].items()})
+    for i, params in enumerate(cfg.enqueue[1:], 1):
+        yield f"enqueue[{i}]", _fill(cfg, {flag_key(k): v for k, v in params.items()})
+    for p in cfg.space.values():
+        parents, q = {}, p
+        while q.only_if:  # switch the parents on with their first truthy value
+            q = cfg.space[q.only_if]
+            parents[q.name] = next((c for c in q.choices if c), None) if q.type == "categorical" else q.high
+        for value in p.choices if p.type == "categorical" else (p.low, p.high):
+            yield f"space entry {p.name!r} = {value!r}", _fill(cfg, {**parents, p.name: value})
+
+
+def _trainer_refusal(argv: list[str]) -> str | None:
+    """The trainer parser's one-line complaint about ``argv``, or None when it accepts it."""
+    from .train_args import parse_args
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parse_args(argv)
+    except SolutionError as e:
+        lines = [ln.split(" error: ", 1)[-1] for ln in err.getvalue().splitlines() if " error: " in ln]
+        return lines[-1] if lines else str(e)
+    except SystemExit:  # argparse: --help or a usage error
+        lines = [ln.split(" error: ", 1)[-1] for ln in err.getvalue().splitlines() if " error: " in ln]
+        return lines[-1] if lines else "invalid command line"
+    return None

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from .common import atomic_path, write_json
 from .search_config import SearchConfig, flags_to_argv, trial_flags
+from .search_storage import DIED
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ def trials_table(study: optuna.Study):
     df = df.drop(columns=[c for c in df.columns if c.startswith("user_attrs_")])
     if "run_dir" not in df:
         df["run_dir"] = None
+    if "fail_reason" not in df:
+        df["fail_reason"] = None
+    died = (df["state"] == "FAIL") & df["fail_reason"].isna()  # failed by another worker: no heartbeat
+    df["fail_reason"] = df["fail_reason"].astype(object).where(~died, DIED)
     params = sorted(c for c in df.columns if c.startswith("params_"))
     head = ["number", "state", "value", "run_dir", *params]
     return df[head + [c for c in df.columns if c not in head]]

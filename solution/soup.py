@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,9 +51,9 @@ import torch
 
 from .common import SolutionError, atomic_path, read_jsonl, resolve_device, run_cli, write_json, write_jsonl
 from .models import ModelConfig, save_checkpoint
-from .soup_weights import (Ingredient, Source, State, cast_state, check_compatible, expand_checkpoints, flatten,
-                           inspect_checkpoint, mix, model_template, new_state, recipe_key, study_checkpoints,
-                           weights_of)
+from .soup_weights import (Ingredient, Source, State, cast_state, check_compatible, check_output_folder,
+                           expand_checkpoints, flatten, inspect_checkpoint, mix, model_template, new_state,
+                           recipe_key, study_checkpoints, weights_of)
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +410,6 @@ def _load_cache(path: Path) -> dict:
 
 def _link(src: Path, dst: Path) -> None:
     """``dst`` becomes the same file as ``src``, atomically (hard link, else a copy)."""
-    import shutil
-
     with atomic_path(dst) as tmp:
         tmp.unlink()
         try:
@@ -469,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.from_study:
         seen = {q.resolve() for q in paths}
         paths += [p for p in study_checkpoints(args.from_study, args.top) if p.resolve() not in seen]
+    check_output_folder(out, methods, [*paths, args.interpolate_with], (LOG_NAME, CACHE_NAME, SUMMARY_NAME))
     val = None if args.no_score else ValData(args.val_data, args.val_texts, args.select_split, args.seed)
     cache = _load_cache(out / CACHE_NAME)
 

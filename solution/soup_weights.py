@@ -7,20 +7,21 @@ stays bounded whatever the number of ingredients. Used by :mod:`solution.soup`.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import glob
 import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Sequence, Union
 
 import torch
 
-from .common import SolutionError
-from .models import ModelConfig, clean_state_dict, read_checkpoint, resolve_config, state_dict_digest
+from .common import SolutionError, check_output
+from .models import (ModelConfig, check_finite, check_shapes, clean_state_dict, model_template, read_checkpoint,
+                     resolve_config, state_dict_digest)
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,53 @@ Source = Union[str, State]  # a checkpoint path (streamed) or weights in memory
 
 
 def expand_checkpoints(patterns: Sequence[str], exclude: Path | None = None) -> list[Path]:
+    """The files the patterns name; a glob's matches inside ``exclude`` (the output folder) are left out."""
     out: list[Path] = []
+    ignored = 0
+    ex = exclude.resolve() if exclude is not None else None
     for pat in patterns:
         hits = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
-        hits = [h for h in hits if Path(h).is_file()]
+        hits = [Path(h) for h in hits if Path(h).is_file()]
         if not hits:
             raise SolutionError(f"no checkpoint matches {pat!r}")
-        out.extend(Path(h) for h in hits)
-    if exclude is not None:
-        ex = exclude.resolve()
-        kept = [p for p in out if ex not in p.resolve().parents]
-        if len(kept) < len(out):
-            log.warning("ignoring %d matches inside the output folder %s", len(out) - len(kept), exclude)
-        out = kept
+        if ex is not None and glob.has_magic(pat):
+            kept = [h for h in hits if ex not in h.resolve().parents]
+            ignored += len(hits) - len(kept)
+            hits = kept
+        out.extend(hits)
+    if ignored:
+        log.warning("ignoring %d matches inside the output folder %s", ignored, exclude)
+        if not out:
+            raise SolutionError(f"every checkpoint matched lies inside the output folder {exclude}: "
+                                "choose another --output or name the checkpoints")
     seen, unique = set(), []
     for p in out:
         if p.resolve() not in seen:
             seen.add(p.resolve())
             unique.append(p)
     return unique
+
+
+def check_output_folder(out: Path, methods: Sequence[str], inputs: Sequence[str | Path | None],
+                        names: Sequence[str]) -> None:
+    """Refuse an ``--output`` folder the soup cannot write, or whose files would replace one of its inputs.
+
+    ``out`` must be (or become) a folder, not under a file; with several methods each gets a
+    sub-folder; ``names`` (and ``soup.pt``, ``merged_round{N}.pt``) in them must not be folders nor
+    one of ``inputs``. Nothing is written.
+    """
+    check_output(out, inputs=inputs, what="--output", is_dir=True)
+    folders = [out, *(out / m for m in methods)] if len(methods) > 1 else [out]
+    for d in folders[1:]:
+        check_output(d, what="--output's method folder", is_dir=True)
+    for d in folders:
+        for name in ("soup.pt", *names):
+            check_output(d / name, inputs=inputs, what="--output's file")
+    merged = (out if len(methods) == 1 else out / "pairwise").resolve() if "pairwise" in methods else None
+    for src in (Path(x) for x in inputs if x is not None):
+        if src.resolve().parent == merged and re.fullmatch(r"merged_round\d+\.pt", src.name):
+            raise SolutionError(f"{src} is one of the inputs but a pairwise soup in {out} rewrites it; "
+                                "choose another --output")
 
 
 def _soupable_key(path: Path) -> tuple:
@@ -70,18 +99,25 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
     table = study_dir / "trials.csv"
     if not table.is_file():
         raise SolutionError(f"{study_dir} is not a search study folder (no trials.csv)")
-    with open(table, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if str(r.get("state", "")).upper().endswith("COMPLETE")
-                and str(r.get("value", "")).strip() not in ("", "nan", "None")]
+    from .compare import read_csv
+
+    rows = [r for r in read_csv(table) if str(r.get("state", "")).upper().endswith("COMPLETE")
+            and str(r.get("value", "")).strip() not in ("", "nan", "None")]
     if not rows:
         raise SolutionError(f"{table} lists no complete trial")
-    rows.sort(key=lambda r: (-float(r["value"]), int(r.get("number") or 0)))
+    for r in rows:
+        try:
+            r["value"], r["number"] = float(r["value"]), int(float(r.get("number") or 0))
+        except ValueError:
+            raise SolutionError(f"{table}: trial {r.get('number')!r} with value {r['value']!r}: "
+                                "number and value must be numbers") from None
+    rows.sort(key=lambda r: (-r["value"], r["number"]))
     paths, want = [], None
     for r in rows:
         if len(paths) == top:
             break
         candidates = [Path(r["run_dir"])] if r.get("run_dir") else []
-        candidates += [study_dir / r.get("run_dir", ""), study_dir / "trials" / f"{int(r['number']):04d}"]
+        candidates += [study_dir / (r.get("run_dir") or ""), study_dir / "trials" / f"{int(r['number']):04d}"]
         run_dir = next((c for c in candidates if (c / "checkpoints" / "best.pt").is_file()), None)
         if run_dir is None:
             raise SolutionError(f"{table}: trial {r.get('number')} has no checkpoints/best.pt")
@@ -115,7 +151,13 @@ class Ingredient:
 
 
 def inspect_checkpoint(path: Path, fp_cache: dict) -> Ingredient:
-    """Config, shapes and fingerprint of one checkpoint (memory-mapped; hashed once per file version)."""
+    """Config, shapes and fingerprint of one checkpoint (memory-mapped; hashed once per file version).
+
+    The checks of :func:`solution.models.load_model` apply: architecture names in the registry,
+    every tensor of that model present in its shape (no position grid resizing: weights are
+    averaged as stored), and finite weights (checked when the file is hashed: a cached
+    fingerprint stands for a checked file version).
+    """
     ckpt = read_checkpoint(path, mmap=True)
     config = resolve_config(ckpt, source=str(path))
     sd = clean_state_dict(ckpt["state_dict"])
@@ -124,9 +166,13 @@ def inspect_checkpoint(path: Path, fp_cache: dict) -> Ingredient:
     if lora or (tuning.get("mode") == "lora" and tuning.get("merged") is False):
         raise SolutionError(f"{path} holds unmerged LoRA weights ({lora[0] if lora else 'tuning.merged=false'}): "
                             "soup the merged checkpoint the trainer saves")
+    check_shapes(sd, model_template(config), config, str(path))
     st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    fp = fp_cache.get(ident) or state_dict_digest(sd)
+    ident = f"finite|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    fp = fp_cache.get(ident)
+    if fp is None:
+        check_finite(sd, str(path))
+        fp = state_dict_digest(sd)
     fp_cache[ident] = fp
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
     ing = Ingredient(str(path), fp, config, {k: tuple(t.shape) for k, t in sd.items()},
@@ -136,7 +182,11 @@ def inspect_checkpoint(path: Path, fp_cache: dict) -> Ingredient:
 
 
 def check_compatible(ing: Ingredient, ref: Ingredient, template: dict, *, strict: bool = True) -> None:
-    """Refuse an ingredient whose architecture (or, when ``strict``, prompt/context length) differs."""
+    """Refuse an ingredient whose architecture (or, when ``strict``, prompt/context length) differs.
+
+    Each ingredient's shapes were checked against its own config by :func:`inspect_checkpoint`;
+    ``template`` (the soup's tensors) guards what the soup itself will hold.
+    """
     what = "ingredients must share architecture, prompt and context length"
     if ing.config.arch != ref.config.arch or ing.config.model_info != ref.config.model_info:
         raise SolutionError(f"{ing.path} is a {ing.config.arch} model but {ref.path} is {ref.config.arch}: {what}")
@@ -150,15 +200,6 @@ def check_compatible(ing: Ingredient, ref: Ingredient, template: dict, *, strict
         if ing.shapes.get(k) != shape:
             got = "missing" if k not in ing.shapes else f"shape {ing.shapes[k]}"
             raise SolutionError(f"{ing.path}: tensor {k} is {got}, expected {shape} as in {ref.path}: {what}")
-
-
-def model_template(config: ModelConfig) -> dict:
-    """Names and shapes of the tensors of ``config``'s model (built on the meta device: no memory)."""
-    from cn_clip.clip.model import CLIP
-
-    with torch.device("meta"):
-        model = CLIP(**config.model_info)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 # ---------------------------------------------------------------- streaming weights

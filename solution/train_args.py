@@ -11,12 +11,16 @@ differences from the defaults, e.g.::
     lora-rank: 8
     text-prompt: "这是一张图片，里面存在商品："
 
-Keys may use dashes or underscores. Unknown keys are an error naming the key.
+Keys may use dashes or underscores; ``null`` means the flag's default. Unknown keys are an error
+naming the key. Numbers out of range (a negative LoRA rank, a dropout of 1, ...) are refused.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -49,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output (cn_clip flags)")
     g.add_argument("--logs", default="./logs/", help="Root of run directories.")
-    g.add_argument("--name", default="train_clip", help="Run directory name under --logs.")
+    g.add_argument("--name", default="train_clip",
+                   help="Run directory name under --logs (may hold subfolders, never leave --logs). One training "
+                        "writes a run directory at a time (a second one is refused, naming the first).")
     g.add_argument("--log-interval", type=int, default=10, help="Write a train line to metrics.jsonl every N steps.")
     g.add_argument("--report-training-batch-acc", action="store_true", help="Log the in-batch i2t/t2i accuracy.")
     g.add_argument("--save-epoch-frequency", type=int, default=1, help="Write checkpoints/epoch_{N}.pt every N epochs.")
@@ -66,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Start from a checkpoint: official Chinese-CLIP, cn_clip training, or ours. "
                         "The run's own checkpoints/epoch_latest.pt, when present, wins (re-running resumes).")
     g.add_argument("--no-auto-resume", action="store_true", help="Ignore the run's own epoch_latest.pt.")
+    g.add_argument("--allow-changed-flags", action="store_true",
+                   help="Resume the run's own epoch_latest.pt even where flags that change training (lr, batch size, "
+                        "steps, model, prompt, tuning, ...) differ from its params.json; without it such a re-run is "
+                        "refused, listing the differences.")
     g.add_argument("--reset-optimizer", action="store_true", help="When resuming, start with a fresh optimizer.")
     g.add_argument("--reset-data-offset", action="store_true", help="When resuming, start at epoch 0, step 0.")
     g.add_argument("--clip-weight-path", default=None, help="cn_clip: OpenAI CLIP weights for the image tower.")
@@ -79,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-vision", action="store_true", help="No gradient for the image tower (cn_clip).")
     g.add_argument("--freeze-text", action="store_true", help="No gradient for the text tower (new).")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on both towers; 0 = full fine-tuning.")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank).")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, > 0 (default 2 x rank).")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout, in [0, 1).")
     g.add_argument("--lora-targets", default=None,
                    help=r"Regex of module names to adapt (default ViT attention + BERT query/key/value: .*\.(attn|query|key|value)$).")
 
@@ -129,6 +139,9 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
         if dest not in dests or dest in ("help", "config"):
             raise SolutionError(f"{p}: unknown key {key!r} (keys are training flag names, e.g. batch-size)")
         action = dests[dest]
+        if val is None:  # null: the flag's default
+            out[dest] = action.default
+            continue
         if action.nargs == "*" and isinstance(val, dict):
             val = [f"{k}={v}" for k, v in val.items()]
         elif action.nargs == "*" and isinstance(val, str):
@@ -147,15 +160,24 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    from_config = {}
     if pre.config:
-        parser.set_defaults(**_read_config(pre.config, parser))
+        from_config = _read_config(pre.config, parser)
+        parser.set_defaults(**from_config)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed the usage line
         if e.code == 0:
             raise
         raise SolutionError("invalid command line (see the usage message above)") from None
-    return finalize(args)
+    try:
+        return finalize(args)
+    except SolutionError as e:  # a value the config file gave: name the file
+        flag = str(e).split(" ", 1)[0]
+        dest = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if dest in from_config and not any(a.startswith(flag) for a in (argv if argv is not None else sys.argv[1:])):
+            raise SolutionError(f"{pre.config}: {e}") from None
+        raise
 
 
 def finalize(args: argparse.Namespace) -> argparse.Namespace:
@@ -168,23 +190,8 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
         raise SolutionError("--distillation is not supported by this trainer")
     if args.augment is None:
         args.augment = "cnclip" if args.use_augment else "none"
-    for name in ("batch_size", "valid_batch_size", "accum_freq", "log_interval", "context_length"):
-        if name == "context_length" and args.context_length is None:
-            continue  # inherited from the starting checkpoint (train_setup.model_config)
-        if getattr(args, name) is None or getattr(args, name) < 1:
-            raise SolutionError(f"--{name.replace('_', '-')} must be a positive integer")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise SolutionError("--max-steps must be a positive integer")
-    if args.max_steps is None and (args.max_epochs is None or args.max_epochs < 1):
-        raise SolutionError("--max-epochs must be a positive integer")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise SolutionError("--mask-ratio must be in [0, 1)")
-    if args.early_stop_patience is not None and args.early_stop_patience < 1:
-        raise SolutionError("--early-stop-patience must be a positive integer")
-    for attr in ("lr", "wd"):
-        v = getattr(args, attr)
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise SolutionError(f"--{attr} must be a finite non-negative number")
+    _check_ranges(args)
+    check_name(args.name)
     extra = {}
     for item in args.extra_val_data or []:
         name, sep, path = str(item).partition("=")
@@ -195,6 +202,59 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
         extra[name] = path
     args.extra_val = extra
     return args
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Every number in its range (one line naming the flag): nothing silently reinterpreted."""
+    def bad(flag: str, what: str) -> None:
+        raise SolutionError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range: {what}")
+
+    def number(flag: str) -> float | None:
+        v = getattr(args, flag)
+        if v is not None and not math.isfinite(v):
+            bad(flag, "must be a finite number")
+        return v
+
+    for flag in ("batch_size", "valid_batch_size", "accum_freq", "log_interval", "max_epochs", "context_length",
+                 "max_steps", "valid_step_interval", "early_stop_patience"):
+        v = getattr(args, flag)
+        if v is None and flag in ("context_length", "max_steps", "valid_step_interval", "early_stop_patience"):
+            continue  # not given: inherited, derived or off
+        if v is None or v < 1:
+            bad(flag, "must be a positive integer")
+    for flag in ("num_workers", "valid_num_workers", "warmup", "valid_epoch_interval", "lora_rank"):
+        if getattr(args, flag) < 0:
+            bad(flag, "must be 0 or more" + (" (0 = full fine-tuning)" if flag == "lora_rank" else ""))
+    if not 0 <= args.seed < 2 ** 31:
+        bad("seed", "must be in [0, 2^31)")
+    for flag in ("lr", "wd"):
+        v = number(flag)
+        if v is not None and v < 0:
+            bad(flag, "must be 0 or more")
+    for flag in ("beta1", "beta2"):
+        v = number(flag)
+        if v is not None and not 0 <= v < 1:
+            bad(flag, "must be in [0, 1)")
+    for flag in ("eps", "lora_alpha"):
+        v = number(flag)
+        if v is not None and v <= 0:
+            bad(flag, "must be greater than 0")
+    for flag in ("lora_dropout", "mask_ratio"):
+        if not 0.0 <= number(flag) < 1.0:
+            bad(flag, "must be in [0, 1)")
+    if args.lora_targets is not None:
+        try:
+            re.compile(args.lora_targets)
+        except re.error as e:
+            raise SolutionError(f"--lora-targets {args.lora_targets!r} is not a valid regular expression ({e})") from None
+
+
+def check_name(name: str) -> None:
+    """``--name`` is a relative path that stays inside ``--logs`` (subfolders allowed)."""
+    norm = os.path.normpath(name) if name else ""
+    if not name or "\0" in name or os.path.isabs(name) or norm in (".", "..") or norm.startswith(".." + os.sep):
+        raise SolutionError(f"--name {name!r} leaves --logs: give a run folder name inside it (e.g. exp1 or "
+                            "exp/run1), no absolute path and no '..' that climbs out")
 
 
 def default_optim(args: argparse.Namespace) -> None:

@@ -139,10 +139,16 @@ def build(args, config: ModelConfig, start: Start) -> nn.Module:
         load_weights(model, start.ckpt["state_dict"], config, start.source)
     apply_tuning(model, config.tuning)
     if adapted:
-        missing, unexpected = model.load_state_dict(adapted, strict=False)
-        if missing or unexpected:
-            raise SolutionError(f"{start.source}: its LoRA state does not fit --lora-* flags of this command "
-                                f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+        own = model.state_dict()
+        missing = [k for k in own if k not in adapted]
+        unexpected = [k for k in adapted if k not in own]
+        shapes = [k for k in own if k in adapted and tuple(adapted[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            example = (shapes or missing or unexpected)[0]
+            raise SolutionError(f"{start.source}: its LoRA state does not fit this command's model {config.arch} and "
+                                f"--lora-* flags ({len(shapes)} tensors of another shape, {len(missing)} missing, "
+                                f"{len(unexpected)} unexpected; e.g. {example})")
+        model.load_state_dict(adapted)
     if args.grad_checkpointing:
         set_grad_checkpointing(model, True)
     trainable, total = trainable_summary(model)
@@ -175,6 +181,27 @@ def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
             (plain if n in no_decay else decay).append(p)
     return torch.optim.AdamW([{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": args.wd}],
                              lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str | None:
+    """Load a saved optimizer state; on a mismatch, leave the optimizer fresh and say why (else None).
+
+    ``Optimizer.load_state_dict`` checks the parameter counts only: the shapes of the moments are
+    checked here, so a state of another model fails now rather than at the first step.
+    """
+    fresh = optimizer.state_dict()
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        optimizer.load_state_dict(fresh)
+        return str(e)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.ndim > 0 and tuple(v.shape) != tuple(p.shape):
+                    optimizer.load_state_dict(fresh)
+                    return f"its {name} of shape {tuple(v.shape)} belongs to a parameter of another shape {tuple(p.shape)}"
+    return None
 
 
 def make_scheduler(optimizer, args, total_steps: int):

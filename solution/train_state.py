@@ -13,6 +13,12 @@ Layout of ``{logs}/{name}/``::
 (next epoch index and micro-batch in it), RNG states, GradScaler state, best record, early-stop
 counter and, for LoRA, the adapted (unmerged) state dict. Everything is plain tensors/containers,
 so ``torch.load(weights_only=True)`` reads it.
+
+Saving order: ``epoch_latest.pt`` first, recording in ``train_state["owed"]`` the checkpoint names
+written right after it from the same weights (``epoch_{N}.pt`` ...), and in ``"closed"`` whether
+the end-of-epoch/final work (validation, epoch checkpoint) is done. A run killed between the two
+writes is resumed with those files still owed, and writes them before anything else; a run killed
+before ``"closed"`` was recorded at an epoch end or at its last step redoes that work.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import torch
 
 from cn_clip_patch.tuning import adapter_state_dict, has_lora, merged_state_dict
 
-from .common import atomic_path, write_jsonl
+from .common import append_jsonl, atomic_path, disk_full_as_error, write_jsonl
 from .loop import unwrap
 from .models import ModelConfig, save_checkpoint
 
@@ -97,26 +103,51 @@ class RunFiles:
                 torch.save(adapter, tmp)
         return path
 
+    def complete(self, path: Path, model) -> bool:
+        """Whether checkpoint ``path`` (and, for a LoRA model, its adapter file) is on disk."""
+        return path.is_file() and (not has_lora(unwrap(model)) or (self.adapter_dir / path.name).is_file())
+
+    def pay_owed(self, owed: list[str], model, config: ModelConfig, *, epoch: int, step: int, name: str,
+                 best: dict | None) -> None:
+        """On resume: write the checkpoints the resumed ``epoch_latest.pt`` owes (its run was killed right
+        after writing it), and ``best.pt`` if it is missing while the best record is this very step."""
+        for fname in owed:
+            path = self.ckpt_dir / fname
+            if not self.complete(path, model):
+                self.save(path, model, config, epoch=epoch, step=step, name=name)
+                log.info("wrote %s, owed by the interrupted run at step %d", path, step)
+        if best and best.get("step") == step and not self.best.is_file():
+            self.save(self.best, model, config, epoch=epoch, step=step, name=name, metrics=dict(best))
+            log.info("wrote %s, owed by the interrupted run at step %d", self.best, step)
+
     # -------------------------------------------------- metrics
 
-    def truncate_metrics(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint we resume from."""
+    def log_row(self, row: dict) -> None:
+        with disk_full_as_error(self.metrics):
+            append_jsonl(self.metrics, row)
+
+    def truncate_metrics(self, step: int, drop_valid_at_step: bool = False) -> None:
+        """On resume: drop lines logged after the checkpoint we resume from (and its step's validation
+        rows where that validation is to be redone)."""
         if not self.metrics.is_file():
             return
         keep = []
-        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+        for line in self.metrics.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if int(row.get("step", 0)) <= step:
+            if not isinstance(row, dict):
+                continue
+            s = int(row.get("step", 0))
+            if s < step or (s == step and not (drop_valid_at_step and row.get("kind") == "valid")):
                 keep.append(row)
         write_jsonl(self.metrics, keep)
 
     def read_metrics(self) -> list[dict]:
         rows = []
         if self.metrics.is_file():
-            for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            for line in self.metrics.read_bytes().decode("utf-8", errors="replace").splitlines():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:

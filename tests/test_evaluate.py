@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cn_clip_patch.device import run_upstream_main
+from cli_helpers import one_error_line
 from solution.common import SolutionError
 from solution.evaluate import main
 
@@ -178,3 +179,39 @@ def test_shell_wrapper_exit_codes(tmp_path):
     r = subprocess.run(["bash", str(wrapper), str(g), str(bad), str(tmp_path / "o2.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "error: submission rejected" in r.stderr
     assert json.loads((tmp_path / "o2.json").read_text())["success"] is False
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+
+
+
+BAD_OUT = {
+    # name: (OUT relative to the folder holding gold.jsonl and pred.jsonl, words the error must contain)
+    "OUT is PRED": ("pred.jsonl", ["pred.jsonl", "one of the inputs"]),
+    "OUT is GOLD": ("gold.jsonl", ["gold.jsonl", "one of the inputs"]),
+    "OUT is PRED by another spelling": ("sub/../pred.jsonl", ["pred.jsonl", "one of the inputs"]),
+    "OUT is a link to GOLD": ("link.json", ["link.json", "one of the inputs"]),
+    "OUT is a folder": ("sub", ["sub", "is a folder"]),
+    "OUT under a file": ("pred.jsonl/score.json", ["pred.jsonl/score.json", "sits under", "which is a file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OUT))
+def test_output_that_cannot_be_written_is_refused_and_inputs_survive(tmp_path, capsys, monkeypatch, case):
+    rng = np.random.default_rng(11)
+    gold, pred = random_case(rng, "t2i", 6)
+    write_lines(tmp_path / "gold.jsonl", gold)
+    write_lines(tmp_path / "pred.jsonl", pred)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.json").symlink_to(tmp_path / "gold.jsonl")
+    before = _files(tmp_path)
+    out, words = BAD_OUT[case]
+    code, line = one_error_line(capsys, monkeypatch, main, [str(tmp_path / "gold.jsonl"), str(tmp_path / "pred.jsonl"),
+                                          str(tmp_path / out)])
+    assert code == 2
+    for w in words:
+        assert w in line, (w, line)
+    assert _files(tmp_path) == before  # nothing written, GOLD and PRED byte for byte

@@ -247,3 +247,73 @@ def test_text_batching_does_not_change_features(tiny_model, tiny_config):
     padded = (padded / padded.norm(dim=-1, keepdim=True)).numpy()
     for bs in (1, 4, 64):
         np.testing.assert_allclose(encode_texts(tiny_model, texts, tiny_config, batch_size=bs), padded, atol=1e-5)
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+BAD = {
+    # name: (flags replacing the defaults, words the one error line must contain); "T" is the folder of the test
+    "text output is the text data": (["--format", "jsonl", "--text-feat-output-path", "T/texts.jsonl"],
+                                     ["texts.jsonl", "one of the inputs"]),
+    "text output is the checkpoint": (["--format", "jsonl", "--text-feat-output-path", "T/ckpt.pt"],
+                                      ["ckpt.pt", "one of the inputs"]),
+    "image output is the LMDB": (["--format", "jsonl", "--image-feat-output-path", "T/lmdb/imgs/data.mdb"],
+                                 ["data.mdb", "one of the inputs"]),
+    "image and text output the same": (["--image-feat-output-path", "T/o/x", "--text-feat-output-path", "T/o/x.npy"],
+                                       ["--image-feat-output-path", "--text-feat-output-path", "x.npy", "both write"]),
+    "output is a folder": (["--text-feat-output-path", "T/folder.npy"], ["folder.npy", "is a folder"]),
+    "output under a file": (["--image-feat-output-path", "T/texts.jsonl/img.npy"], ["texts.jsonl", "which is a file"]),
+    "texts not UTF-8": (["--text-data", "T/latin1.jsonl"], ["latin1.jsonl:2", "not UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_and_outputs_one_line_nothing_written(data, tmp_path, capsys, monkeypatch, case):
+    import shutil
+
+    from solution import common
+    from solution.common import run_cli
+
+    _checkpoint(tmp_path / "ckpt.pt")
+    shutil.copytree(data / "lmdb" / "valid", tmp_path / "lmdb")
+    shutil.copy(data / "valid_texts.jsonl", tmp_path / "texts.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text_id": 1, "text": "a"}\n{"text_id": 2, "text": "caf\u00e9"}\n'
+                                            .encode("latin-1"))
+    (tmp_path / "folder.npy").mkdir()
+    flags, words = BAD[case]
+    given = dict(zip(flags[::2], [f.replace("T/", f"{tmp_path}/") for f in flags[1::2]]))
+    ext = given.get("--format", "npy")
+    argv = {"--image-data": f"{tmp_path}/lmdb/imgs", "--text-data": f"{tmp_path}/texts.jsonl",
+            "--resume": f"{tmp_path}/ckpt.pt", "--image-feat-output-path": f"{tmp_path}/o/img.{ext}",
+            "--text-feat-output-path": f"{tmp_path}/o/txt.{ext}", "--cache-dir": f"{tmp_path}/cache", **given}
+    before = _files(tmp_path)
+    monkeypatch.setattr(common, "setup_logging", lambda *a: None)  # caplog has the log; stderr: the error alone
+    capsys.readouterr()
+    code = run_cli(main, ["--extract-image-feats", "--extract-text-feats", "--num-workers", "0", "--no-progress",
+                          *[x for kv in argv.items() for x in kv]])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert _files(tmp_path) == before  # no feature, ids, meta or cache file written; every input byte for byte
+
+
+def test_validation_scores_only_decodable_gold_images(tmp_path, tiny_model, tiny_config, caplog):
+    """An image that cannot be decoded is no miss: its query is scored on the gold images that exist,
+    and a query whose every gold image is undecodable is not scored (as the official evaluator sees it)."""
+    rng = np.random.default_rng(1)
+    good = [(i, _b64_image(rng, (20, 20))) for i in (1, 2, 3, 4)]
+    corrupt = (5, base64.urlsafe_b64encode(b"\xff\xd8\xff\xe0 not really a JPEG"))
+    pairs = [(1, 10, "红色"), (5, 10, "红色"), (5, 11, "蓝色"), (2, 12, "绿色"), (3, 13, "黄色"), (4, 13, "黄色")]
+    write_split(tmp_path / "valid", [*good, corrupt], pairs)
+    r = F.evaluate_split(tiny_model, tmp_path / "valid", tiny_config, batch_size=2)
+    assert r["undecodable_images"] == 1 and r["queries_scored"] == 3  # text 11 (only image 5) is not scored
+    # Four images decode: every scored query finds a gold image in its top 5 whatever the model ranks.
+    assert r["r5"] == r["r10"] == 100.0 and r["r1"] in {(k / 3) * 100 for k in range(4)}
+    assert "1 of 5 images could not be decoded" in caplog.text and "1 of 4 queries" in caplog.text
+    write_split(tmp_path / "bad", [corrupt], [(5, 11, "蓝色")])
+    with pytest.raises(SolutionError, match="no decodable images"):
+        F.evaluate_split(tiny_model, tmp_path / "bad", tiny_config)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cn_clip.eval.evaluation import compute_score  # the official arithmetic, as referee
-from solution.metrics import recall_at_k, t2i_recall, topk
+from solution.metrics import present_gold, recall_at_k, t2i_recall, topk
 
 
 def _official(tmp_path, preds, gold):
@@ -85,11 +85,16 @@ def test_topk_all_equal_scores_take_lowest_indices():
     assert idx.tolist() == [list(range(10))] * 3
 
 
+def _dyadic_floats(rng, shape):
+    """Gaussian-looking floats rounded to multiples of 1/64: float32 products of 32 of them are exact,
+    so the float64 oracle and any float32 kernel (chunked, matrix-vector, BLAS of any CPU) agree."""
+    return (np.round(rng.standard_normal(shape) * 64) / 64).astype(np.float32)
+
+
 def test_topk_random_floats_and_tensors():
     rng = np.random.default_rng(1)
-    q, g = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((500, 32)).astype(np.float32)
-    s_full = torch.from_numpy(q) @ torch.from_numpy(g).T
-    ref = torch.sort(s_full, dim=1, descending=True, stable=True).indices[:, :10].numpy()
+    q, g = _dyadic_floats(rng, (64, 32)), _dyadic_floats(rng, (500, 32))
+    _, ref = _brute_topk(q, g, 10)
     for chunk in (1, 13, 64):
         _, idx = topk(q, g, 10, chunk_size=chunk)
         np.testing.assert_array_equal(idx, ref)
@@ -107,11 +112,26 @@ def test_topk_edges():
 
 def test_t2i_recall_brute_force():
     rng = np.random.default_rng(3)
-    tf = rng.standard_normal((20, 8)).astype(np.float32)
-    img = rng.standard_normal((30, 8)).astype(np.float32)
+    tf, img = _dyadic_floats(rng, (20, 8)), _dyadic_floats(rng, (30, 8))
     image_ids = np.arange(500, 530)
     text_ids = list(range(20))
     gold = {t: [int(image_ids[rng.integers(0, 30)])] for t in text_ids}
-    s = tf @ img.T
-    ranks = {t: image_ids[np.argsort(-s[i], kind="stable")][:10].tolist() for i, t in enumerate(text_ids)}
+    _, idx = _brute_topk(tf, img, 10)
+    ranks = {t: image_ids[idx[i]].tolist() for i, t in enumerate(text_ids)}
     assert t2i_recall(tf, img, text_ids, image_ids, gold) == recall_at_k(ranks, gold)
+
+
+def test_t2i_recall_scores_only_gold_in_the_gallery():
+    """Gold ids absent from the gallery (undecodable images) are no misses: as the official evaluator sees it."""
+    img = np.eye(4, dtype=np.float32)
+    image_ids = [10, 11, 12, 13]
+    texts = np.eye(4, dtype=np.float32)[[0, 1, 2]]  # text q matches image 10 + q exactly
+    # text 0: its gold 99 is gone, 10 stays (a hit at 1); text 1: all of its gold is gone (not scored);
+    # text 2: gold 13 is in the gallery but ranked below 12 (a miss at 1, a hit at 5).
+    gold = {0: [99, 10], 1: [98, 97], 2: [13]}
+    r = t2i_recall(texts, img, [0, 1, 2], image_ids, gold)
+    assert r == recall_at_k({0: [10, 11, 12, 13], 2: [12, 10, 11, 13]}, {0: [10], 2: [13]})
+    assert (r["r1"], r["r5"]) == (50.0, 100.0)
+    assert present_gold(gold, image_ids) == {0: [10], 2: [13]}
+    with pytest.raises(ValueError, match="no query"):
+        t2i_recall(texts, img, [0, 1, 2], image_ids, {1: [98]})

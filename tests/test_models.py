@@ -76,3 +76,30 @@ def test_flags_override_stored_config_with_warning(tiny_model, caplog):
     cfg = resolve_config(ckpt, text_prompt="b", source="x.pt")
     assert cfg.text_prompt == "b" and "text_prompt is 'a' in the checkpoint" in caplog.text
     assert infer_architecture(tiny_model.state_dict()) == ("ViT-Tiny", "RBT-Tiny")
+
+
+def test_unknown_name_on_the_command_line_is_attributed_to_the_flag(tmp_path, tiny_model):
+    save_checkpoint(tmp_path / "t.pt", tiny_model.state_dict(), ModelConfig("ViT-Tiny", "RBT-Tiny"))
+    with pytest.raises(SolutionError, match=r"^--vision-model: unknown model name 'ViT-Nope'; known vision models: "):
+        load_model(tmp_path / "t.pt", vision_model="ViT-Nope")
+    with pytest.raises(SolutionError, match=r"^--text-model: 'ViT-Tiny' is not a text model config"):
+        load_model(tmp_path / "t.pt", text_model="ViT-Tiny")
+
+
+def test_shape_errors_name_the_tensors_and_their_shapes(tmp_path, tiny_model):
+    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny")
+    sd = dict(tiny_model.state_dict())
+    sd["visual.positional_embedding"] = sd["visual.positional_embedding"][:, 0].clone()  # 1-D: not resizable
+    del sd["logit_scale"]
+    save_checkpoint(tmp_path / "p.pt", sd, cfg)
+    with pytest.raises(SolutionError) as e:
+        load_model(tmp_path / "p.pt")
+    assert str(e.value) == (f"{tmp_path / 'p.pt'} does not fit ViT-Tiny@RBT-Tiny: 1 tensor differs in shape "
+                            "(visual.positional_embedding 65 vs 65x64); 1 tensor missing (logit_scale)")
+
+
+def test_infer_architecture_survives_a_partial_resnet_state_dict():
+    sd = {"visual.conv1.weight": torch.zeros(32, 3, 3, 3)}
+    for layer, blocks in enumerate((3, 4, 6, 3), 1):  # RN50's blocks, but no attention pool: no KeyError
+        sd.update({f"visual.layer{layer}.{b}.conv1.weight": torch.zeros(1) for b in range(blocks)})
+    assert infer_architecture(sd) == (None, None)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from cn_clip_patch.device import run_upstream_main
+from cli_helpers import one_error_line
 from solution.common import SolutionError, read_jsonl
-from solution.feature_files import save_features
+from solution.feature_files import load_features, save_features
 from solution.predict import auto_chunk, main, rank
 
 
@@ -14,16 +15,21 @@ from solution.predict import auto_chunk, main, rank
 pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 
 
-def _unit(rng, n, d):
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def _dyadic(rng, n, d, top=20, denom=16):
+    """Features k/denom with |k| <= top: every product and partial sum is exact in float32 (while
+    d * top**2 < 2**24), so any BLAS kernel, chunking or accumulation order gives the same scores
+    and ties are ties everywhere; with top <= 256, bf16 holds every value too."""
+    return (rng.integers(-top, top + 1, (n, d)) / denom).astype(np.float32)
 
 
 @pytest.fixture
 def feats(tmp_path):
     rng = np.random.default_rng(0)
-    texts, images = _unit(rng, 23, 16), _unit(rng, 57, 16)
-    images[30:33] = images[5]  # exact duplicates: ties resolved toward the earlier row
+    texts, images = _dyadic(rng, 23, 16), _dyadic(rng, 57, 16)
+    # image 5, its exact duplicates 30-32 and text 7 are one vector of entries +-20/16: no other image can
+    # score as high for text 7 (|x.y| <= sum |x_i| |y_i|), so its top four are a 4-way tie, broken by row.
+    images[5] = rng.choice([-1.25, 1.25], 16)
+    images[30:33] = images[5]
     texts[7] = images[5]
     text_ids = rng.choice(100_000, 23, replace=False) + 1
     image_ids = rng.choice(100_000, 57, replace=False) + 1
@@ -36,8 +42,9 @@ def feats(tmp_path):
 
 
 def _brute(q, g, gids, k):
-    s = q @ g.T
-    return [gids[np.argsort(-row, kind="stable")[:k]].tolist() for row in s]
+    """The exact ranking: float64 scores (exact on these features), score descending, then row ascending."""
+    s = q.astype(np.float64) @ g.astype(np.float64).T
+    return [gids[np.lexsort((np.arange(len(row)), -row))[:k]].tolist() for row in s]
 
 
 def test_t2i_matches_brute_force_and_manifest(feats):
@@ -130,22 +137,26 @@ def test_auto_chunk_bounds_memory():
     assert auto_chunk(10**9) == 1 and auto_chunk(10) == 8192
 
 
-@pytest.mark.parametrize("scale", [1.0, 7.5])
-def test_bf16_prefilter_is_exact(scale):
+@pytest.mark.parametrize("q_top,g_top", [(400, 400), (64, 4000)])
+def test_bf16_prefilter_is_exact(q_top, g_top):
+    # Integer features beyond bf16's 8-bit significand (so the prefilter really rounds) whose float32
+    # products are exact (64 * q_top * g_top < 2**24): the oracle is exact on any CPU.
     rng = np.random.default_rng(5)
-    q, g = _unit(rng, 300, 64) * scale, _unit(rng, 2000, 64) * np.float32(scale)
-    g[100:140] = g[7]  # 41 identical rows: more tied rows than candidates, the certificate must fail there
-    q[:5] = g[7]
+    q, g = _dyadic(rng, 300, 64, q_top, 1), _dyadic(rng, 2000, 64, g_top, 1)
+    signs = rng.choice([-1.0, 1.0], 64).astype(np.float32)
+    g[7] = signs * g_top  # the best possible row for the queries below, with 40 exact copies:
+    g[100:140] = g[7]  # 41 tied rows, more than the candidates: the certificate must fail there
+    q[:5] = signs * q_top
     gids = np.arange(2000) * 3 + 11
     ref, ref_s = rank(q, g, gids, 10, method="fp32")
     stats = {}
     got, got_s = rank(q, g, gids, 10, method="prefilter", chunk_size=64, stats=stats)
     np.testing.assert_array_equal(got, ref)
-    np.testing.assert_allclose(got_s, ref_s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_s, ref_s)
     assert stats["method"] == "prefilter" and stats["prefilter_candidates"] == 32
     assert 5 <= stats["fp32_redone"] < 300  # the tied queries, and not every query
     assert got[0].tolist() == [int(gids[i]) for i in [7, *range(100, 109)]]
-    assert [r for r in got.tolist()] == _brute(q, g, gids, 10)
+    assert got.tolist() == _brute(q, g, gids, 10)
 
 
 def test_prefilter_in_cli_matches_fp32(feats):
@@ -156,3 +167,68 @@ def test_prefilter_in_cli_matches_fp32(feats):
         assert r["ranking"]["method"] == method
     assert (d / "prefilter.jsonl").read_bytes() == (d / "fp32.jsonl").read_bytes()
     assert json.loads((d / "prefilter.json").read_text())["ranking"]["method"] == "prefilter"
+
+
+def test_base_names_read_what_extraction_wrote(feats):
+    """README: extraction given ``feats/test_imgs`` writes ``feats/test_imgs.npy``; predict reads that name back."""
+    d, tids, t, iids, im = feats
+    save_features(d / "b" / "test_imgs", "image", iids, im, fmt="npy")  # --image-feat-output-path feats/test_imgs
+    save_features(d / "b" / "test_texts", "text", tids, t, fmt="jsonl")  # --format jsonl: JSON lines at the name
+    assert (d / "b" / "test_imgs.npy").is_file() and (d / "b" / "test_texts").is_file()
+    main(["--image-feats", str(d / "b" / "test_imgs"), "--text-feats", str(d / "b" / "test_texts"),
+          "--output", str(d / "base.jsonl")])
+    main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "full.jsonl")])
+    assert (d / "base.jsonl").read_bytes() == (d / "full.jsonl").read_bytes()
+    man = json.loads((d / "base.json").read_text())
+    assert man["features"]["image"]["path"] == str((d / "b" / "test_imgs.npy").resolve())
+    assert man["features"]["text"]["format"] == "jsonl"
+    # Both a BASE.npy and JSON lines at BASE: the meta beside them says which was written last.
+    save_features(d / "b" / "test_texts", "text", tids, t, fmt="npy")
+    assert load_features(d / "b" / "test_texts", "text").format == "npy"
+    save_features(d / "b" / "test_texts", "text", tids, t, fmt="jsonl")
+    assert load_features(d / "b" / "test_texts", "text").format == "jsonl"
+    (d / "b" / "test_texts.meta.json").unlink()
+    with pytest.raises(SolutionError, match="ambiguous"):
+        load_features(d / "b" / "test_texts", "text")
+    with pytest.raises(SolutionError, match=r"neither .*nope\.npy nor .*nope exists"):
+        load_features(d / "b" / "nope", "image")
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+
+
+
+BAD = {
+    # name: (flags, words the one error line must contain); paths are relative to the feature folder
+    "swapped npy": (["--image-feats", "text.npy", "--text-feats", "img.npy"],
+                    ["img.npy", "holds image features", "swapped"]),
+    "swapped jsonl": (["--image-feats", "text.jsonl", "--text-feats", "img.jsonl"],
+                      ["img.jsonl", "holds image features", "swapped"]),
+    "swapped cn_clip jsonl without meta": (["--image-feats", "up_img.jsonl", "--text-feats", "up_img.jsonl"],
+                                           ["up_img.jsonl:1", "holds image features", "swapped"]),
+    "output is the text features": (["--output", "text.jsonl"], ["text.jsonl", "one of the inputs"]),
+    "output is the image ids": (["--image-feats", "img.npy", "--output", "img.ids.npy"],
+                                ["img.ids.npy", "one of the inputs"]),
+    "manifest is the features' meta": (["--output", "text.meta.jsonl"], ["text.meta.json", "one of the inputs"]),
+    "output is a folder": (["--output", "sub"], ["sub", "is a folder"]),
+    "output under a file": (["--output", "img.npy/sub.jsonl"], ["img.npy/sub.jsonl", "which is a file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_and_outputs_one_line_nothing_written(feats, capsys, monkeypatch, case):
+    d = feats[0]
+    (d / "sub").mkdir()
+    (d / "up_img.jsonl").write_bytes((d / "img.jsonl").read_bytes())  # cn_clip's own file: no meta beside it
+    flags, words = BAD[case]
+    given = dict(zip(flags[::2], flags[1::2]))
+    argv = {"--image-feats": "img.jsonl", "--text-feats": "text.jsonl", "--output": "out.jsonl", **given}
+    before = _files(d)
+    code, line = one_error_line(capsys, monkeypatch, main, [x for k, v in argv.items() for x in (k, str(d / v))])
+    assert code == 2
+    for w in words:
+        assert w in line, (w, line)
+    assert _files(d) == before  # no submission or manifest written, every input byte for byte

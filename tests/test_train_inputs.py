@@ -91,7 +91,7 @@ def test_nan_loss_stops_without_overwriting_checkpoints(tmp_path, capsys, data, 
         return loss * float("nan"), logits
 
     monkeypatch.setattr(loop, "clip_loss", nan_loss)
-    line = _error_line(capsys, tiny_argv(*data, tmp_path, max_steps=3))
+    line = _error_line(capsys, tiny_argv(*data, tmp_path, max_steps=3, allow_changed_flags=True))
     assert "loss is nan" in line
     assert latest.read_bytes() == before
     assert sorted(p.name for p in latest.parent.iterdir()) == ["best.pt", "epoch_1.pt", "epoch_latest.pt"]

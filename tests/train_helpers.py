@@ -64,3 +64,43 @@ def tiny_argv(train: Path, valid: Path | None, logs: Path, name: str = "run", **
         else:
             argv += [flag, str(v)]
     return argv
+
+
+# A trainer process with a fault injected into ``torch.save``: after the HOOK_NTH write of a temporary
+# file of HOOK_FILE (``.NAME.*.tmp``, i.e. inside atomic_path, before the rename) it is killed with -9
+# (HOOK_ACTION=kill) or signals HOOK_READY and sleeps (HOOK_ACTION=pause), holding whatever it holds.
+HOOKED_TRAIN = """\
+import os, signal, sys, time
+import torch
+name, nth, action = os.environ["HOOK_FILE"], int(os.environ.get("HOOK_NTH", "1")), os.environ["HOOK_ACTION"]
+real, seen = torch.save, [0]
+def save(obj, f, *a, **k):
+    real(obj, f, *a, **k)
+    if os.path.basename(str(f)).startswith("." + name + ".") and str(f).endswith(".tmp"):
+        seen[0] += 1
+        if seen[0] == nth:
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            open(os.environ["HOOK_READY"], "w").close()
+            time.sleep(300)
+torch.save = save
+from solution.common import run_cli
+from solution.train import main
+sys.exit(run_cli(main, sys.argv[1:]))
+"""
+
+
+def hooked_train(tmp_path: Path, argv: list[str], *, file: str, action: str, nth: int = 1):
+    """Start ``python -m solution.train ARGV`` as a subprocess with the fault hook above; returns (proc, ready)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "hooked_train.py"
+    script.write_text(HOOKED_TRAIN, encoding="utf-8")
+    ready = tmp_path / f"ready-{file}-{nth}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_FILE": file, "HOOK_NTH": str(nth), "HOOK_ACTION": action,
+           "HOOK_READY": str(ready)}
+    proc = subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, ready
