@@ -36,8 +36,8 @@ from pathlib import Path
 
 import psutil
 
-from solution.demo_data import draw_image, jpeg_bytes, messy_bytes, random_scene
-from solution.images import CHECKS
+from solution.data.synthetic import draw_image, jpeg_bytes, messy_bytes, random_scene
+from solution.data.images import CHECKS
 
 
 def make_tsv(d: Path, n: int, size: int, mess: float = 0.01, unique: int = 200, seed: int = 0) -> None:

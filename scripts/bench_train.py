@@ -36,9 +36,9 @@ from PIL import Image
 
 from cn_clip_patch.device import on_device, single_process_group
 from solution.common import autocast_context, resolve_device, write_json
-from solution.lmdb_io import write_split
-from solution.loop import clip_loss
-from solution.models import ModelConfig, build_model, save_checkpoint
+from solution.data.lmdb_io import write_split
+from solution.training.step import clip_loss
+from solution.model.models import ModelConfig, build_model, save_checkpoint
 
 CHARS = ("连衣裙男士运动鞋透气轻便夏季新款苹果手机壳儿童玩具车保温杯红色白色黑色纯棉短袖长袖女装"
          "家用厨房收纳盒办公椅实木书桌蓝牙耳机无线充电宝大容量防水户外登山背包")
@@ -99,7 +99,7 @@ def run_upstream(model, sd, res: int, split: Path, a, device) -> float:
 
 
 def run_ours(ckpt: Path, split: Path, a, device, logs: Path) -> float:
-    from solution.train import main
+    from solution.training.trainer import main
 
     argv = ["--train-data", str(split), "--resume", str(ckpt), "--reset-data-offset", "--reset-optimizer",
             "--logs", str(logs), "--name", "ours", "--batch-size", str(a.batch_size),
@@ -113,7 +113,7 @@ def run_ours(ckpt: Path, split: Path, a, device, logs: Path) -> float:
 
 
 def run_bare(model, sd, config, split: Path, a, device) -> float:
-    from solution.train_data import open_split, train_loader
+    from solution.training.loaders import open_split, train_loader
 
     model.load_state_dict(sd)
     model.train()

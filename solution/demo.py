@@ -20,8 +20,8 @@ from typing import Sequence
 
 import yaml
 
-from .common import SolutionError, run_cli, write_json
-from .soup_weights import study_checkpoints
+from solution.common import SolutionError, run_cli, write_json
+from solution.soups.ingredients import study_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class Demo:
 
     # ------------------------------------------------------------ data
     def make_data(self) -> None:
-        from . import demo_data, prepare
+        from solution.data import synthetic as demo_data
+        from solution.data import build as prepare
 
         self.stage("demo data")
         if not (self.data / "test_answers.jsonl").is_file():
@@ -60,7 +61,7 @@ class Demo:
 
     # ------------------------------------------------------------ training
     def train(self, name: str, extra: Sequence[str], general: bool = False) -> dict:
-        from . import train
+        from solution.training import trainer as train
 
         self.stage(f"train {name}")
         argv = [*TINY, "--train-data", self.lmdb("train", general), "--val-data", self.lmdb("valid", general),
@@ -75,7 +76,7 @@ class Demo:
                                  *self.s["finetune"], *extra])
 
     def search(self) -> Path:
-        from . import search
+        from solution.studies import runner as search
 
         self.stage(f"search ({self.search_trials} trials, each fine-tuning from the base)")
         cfg = yaml.safe_load((ROOT / "configs" / "search" / "demo-cpu.yaml").read_text(encoding="utf-8"))
@@ -95,7 +96,7 @@ class Demo:
         return self.out / "search" / "demo"
 
     def soups(self, study: Path, extra_ckpts: Sequence[str]) -> Path:
-        from . import soup
+        from solution.soups import soup as soup
 
         self.stage("soups (uniform, greedy, pairwise) from the search's trials and the fine-tuned runs")
         out = self.out / "soups"
@@ -107,8 +108,10 @@ class Demo:
     # ------------------------------------------------------------ scoring
     def score(self, name: str, ckpt: Path, submission: Path | None = None) -> dict:
         """Valid score (evaluate_split) and test score (features -> predict -> evaluate, as a submission)."""
-        from . import evaluate, features, predict
-        from .models import load_model
+        from solution.retrieval import evaluate as evaluate
+        from solution.retrieval import encode as features
+        from solution.retrieval import rank as predict
+        from solution.model.models import load_model
 
         self.stage(f"score {name}")
         model, config, _ = load_model(ckpt, device=self.device)
@@ -155,7 +158,7 @@ class Demo:
                    for name, ckpt in rows.items()}
         results["final"] = results[final_row]
         write_json(self.out / "results.json", results)
-        from .report import write_report
+        from solution.report.demo_report import write_report
 
         write_report(self.out, results, study=study, soups=soups, base=self.base_ckpt, final=rows[final_row],
                      lmdb_valid=self.lmdb("valid"), device=self.device, elapsed=time.time() - self.t0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .common import atomic_path
+from solution.common import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import io
 import pandas as pd
 import pytest
 
-from solution import compare
+from solution.report import compare as compare
 from solution.common import SolutionError, write_json, write_jsonl
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from solution.models import ModelConfig, build_model, read_checkpoint
-from solution.train import main
+from solution.model.models import ModelConfig, build_model, read_checkpoint
+from solution.training.trainer import main
 from train_helpers import make_data, tiny_argv
 
 # eps = 1 makes AdamW's update proportional to the gradient (~ SGD with momentum), so a wrongly

@@ -3,7 +3,7 @@ submission -> offline score -> REPORT.md. One run, a few minutes at most on 2 co
 import json
 
 from solution import demo
-from solution.evaluate import main as evaluate_main
+from solution.retrieval.evaluate import main as evaluate_main
 
 
 def test_scaled_down_demo_end_to_end(tmp_path, monkeypatch):

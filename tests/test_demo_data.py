@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from solution.common import SolutionError, read_jsonl
-from solution.demo_data import BACKGROUNDS, COLORS, COUNTS, SHAPES, generate, main
-from solution.images import sniff_format
+from solution.data.synthetic import BACKGROUNDS, COLORS, COUNTS, SHAPES, generate, main
+from solution.data.images import sniff_format
 
 FILES = ["train_imgs.tsv", "valid_imgs.tsv", "test_imgs.tsv", "train_texts.jsonl", "valid_texts.jsonl",
          "test_texts.jsonl", "test_answers.jsonl", "general/train_imgs.tsv", "general/valid_imgs.tsv",

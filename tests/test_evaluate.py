@@ -9,7 +9,7 @@ import pytest
 from cn_clip_patch.device import run_upstream_main
 from cli_helpers import one_error_line
 from solution.common import SolutionError
-from solution.evaluate import main
+from solution.retrieval.evaluate import main
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = {"t2i": "cn_clip.eval.evaluation", "i2t": "cn_clip.eval.evaluation_tr"}

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-import solution.features as F
+import solution.retrieval.encode as F
 from cn_clip_patch.device import on_device
 from solution.common import SolutionError
-from solution.feature_files import load_features
-from solution.features import encode_images, encode_texts, main
-from solution.lmdb_io import LMDBSplit, write_split
-from solution.models import ModelConfig, build_model, save_checkpoint
+from solution.formats.features import load_features
+from solution.retrieval.encode import encode_images, encode_texts, main
+from solution.data.lmdb_io import LMDBSplit, write_split
+from solution.model.models import ModelConfig, build_model, save_checkpoint
 
 PROMPT = "这是一张商品图片："
 TEXTS = ["红色连衣裙", "男士运动鞋 透气 轻便 夏季新款", "苹果手机壳", "儿童玩具车", "Nike 跑步鞋 “轻便”", "保温杯500ML"]
@@ -140,7 +140,7 @@ def test_validation_score_reaches_the_manifest(data, tmp_path):
         + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0}) + "\n")
     _run(data, run / "checkpoints" / "best.pt", tmp_path / "o")
     assert load_features(tmp_path / "o/txt.npy", "text").meta["validation"]["mean_recall"] == 5.0
-    from solution.predict import main as predict
+    from solution.retrieval.rank import main as predict
 
     predict(["--image-feats", str(tmp_path / "o/img.npy"), "--text-feats", str(tmp_path / "o/txt.npy"),
              "--output", str(tmp_path / "sub/s.jsonl"), "--top-k", "5"])

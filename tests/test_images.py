@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from solution.images import CHECKS, clean_b64, clean_image, decode_base64, inspect_jpeg, jpeg_b64_info, sniff_format
+from solution.data.images import CHECKS, clean_b64, clean_image, decode_base64, inspect_jpeg, jpeg_b64_info, sniff_format
 
 
 def _picture(w=48, h=32):
@@ -246,7 +246,7 @@ def test_default_pixel_limit_is_pils_and_checking_needs_no_pil():
     """The bomb limit mirrors PIL's (PIL is imported lazily: a clean TSV is checked without it)."""
     from PIL import Image
 
-    import solution.images as images
+    import solution.data.images as images
 
     assert images.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
     code = "import sys, solution.prepare; assert 'PIL' not in sys.modules, 'PIL imported'"

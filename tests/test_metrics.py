@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cn_clip.eval.evaluation import compute_score  # the official arithmetic, as referee
-from solution.metrics import present_gold, recall_at_k, t2i_recall, topk
+from solution.retrieval.metrics import present_gold, recall_at_k, t2i_recall, topk
 
 
 def _official(tmp_path, preds, gold):

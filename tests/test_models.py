@@ -3,7 +3,7 @@ import torch
 
 from cn_clip.clip.model import CLIP
 from solution.common import SolutionError
-from solution.models import (ModelConfig, infer_architecture, load_model, read_checkpoint,
+from solution.model.models import (ModelConfig, infer_architecture, load_model, read_checkpoint,
                              resolve_config, save_checkpoint, text_models, vision_models)
 
 

@@ -7,8 +7,8 @@ import pytest
 from cn_clip_patch.device import run_upstream_main
 from cli_helpers import one_error_line
 from solution.common import SolutionError, read_jsonl
-from solution.feature_files import load_features, save_features
-from solution.predict import auto_chunk, main, rank
+from solution.formats.features import load_features, save_features
+from solution.retrieval.rank import auto_chunk, main, rank
 
 
 # runpy warns when another test file already imported the module it runs as __main__: harmless here.

@@ -11,12 +11,12 @@ import lmdb
 import pytest
 from PIL import Image
 
-import solution.prepare as prep
-import solution.prepare_workers as prep_workers
+import solution.data.build as prep
+import solution.data.workers as prep_workers
 from solution.common import SolutionError, read_jsonl
-from solution.demo_data import generate
-from solution.lmdb_io import LMDBSplit, restricted_loads
-from solution.prepare import main, prepare
+from solution.data.synthetic import generate
+from solution.data.lmdb_io import LMDBSplit, restricted_loads
+from solution.data.build import main, prepare
 
 
 def _jpeg(color=(200, 40, 40), size=(40, 30), fmt="JPEG"):

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import solution.prepare as prep
+import solution.data.build as prep
 from solution.common import run_cli
-from solution.lmdb_io import LMDBSplit
-from solution.prepare import main
-from solution.prepare_inputs import Text, split_off_valid
+from solution.data.lmdb_io import LMDBSplit
+from solution.data.build import main
+from solution.data.inputs import Text, split_off_valid
 
 
 def _jpeg(color=(200, 40, 40), size=(40, 30)) -> bytes:
@@ -374,7 +374,7 @@ def test_disk_full_found_by_the_background_sync_is_one_line_too(old, tmp_path, c
     import errno
     import threading
 
-    import solution.lmdb_io as lmdb_io
+    import solution.data.lmdb_io as lmdb_io
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

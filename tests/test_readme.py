@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from solution.demo_data import generate
-from solution.models import ModelConfig, build_model
+from solution.data.synthetic import generate
+from solution.model.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

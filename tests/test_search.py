@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from solution import search
+from solution.studies import runner as search
 from solution.common import SolutionError
-from solution.search_config import check_trial_flags, flags_to_argv, load_config, parse_config, trial_flags
-from solution.search_storage import ACCEPTED, not_counted
-from solution.soup_weights import study_checkpoints
+from solution.studies.config import check_trial_flags, flags_to_argv, load_config, parse_config, trial_flags
+from solution.studies.storage import ACCEPTED, not_counted
+from solution.soups.ingredients import study_checkpoints
 from train_helpers import make_data
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -159,7 +159,7 @@ def test_bad_config_is_one_clear_error(raw, message):
 
 
 def test_shipped_configs_parse_and_the_trainer_accepts_their_trials():
-    from solution.train_args import parse_args
+    from solution.training.config import parse_args
 
     for name in ("demo-cpu", "vit-b-16-gpu", "vit-h-14-gpu"):
         cfg = load_config(ROOT / "configs" / "search" / f"{name}.yaml")
@@ -443,7 +443,7 @@ TINY = {"vision-model": "ViT-Tiny", "text-model": "RBT-Tiny", "context-length": 
 @pytest.fixture(scope="module")
 def squares(tmp_path_factory):
     """Coloured squares with colour-name texts, and a base model trained on them (the demo's 'pretrained')."""
-    from solution import train
+    from solution.training import trainer as train
 
     root = tmp_path_factory.mktemp("squares")
     tr, va = make_data(root)  # the trainer tests' coloured squares: 6 train / 3 valid images per colour
@@ -488,7 +488,7 @@ def test_real_search_completes_prunes_diverging_lr_and_survives_a_raising_trial(
     assert (run0 / "checkpoints" / "best.pt").is_file()
     command = (tmp_path / "real" / "best_command.sh").read_text()
     assert f"--resume {squares[2]}" in command and "--lr 0.0001" in command and "--name real-best" in command
-    from solution.train_args import parse_args
+    from solution.training.config import parse_args
 
     again = parse_args(["--config", str(tmp_path / "real" / "best_config.yaml")])  # train_clip.sh --config
     assert (again.lr, again.resume, again.name, again.max_steps) == (1e-4, str(squares[2]), "real-best", 4)

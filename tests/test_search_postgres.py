@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from solution.search_storage import DIED, not_counted
-from solution.soup_weights import study_checkpoints
+from solution.studies.storage import DIED, not_counted
+from solution.soups.ingredients import study_checkpoints
 from test_search import fake_config, fake_train, finish, wait_for  # noqa: F401 (fake_train is a fixture)
 
 log = logging.getLogger(__name__)

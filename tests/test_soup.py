@@ -15,10 +15,12 @@ import weakref
 import pytest
 import torch
 
-from solution import soup, soup_weights
+from solution.soups import soup as soup
+
+from solution.soups import ingredients as soup_weights
 from solution.common import SolutionError, read_jsonl
-from solution.prepare import prepare
-from solution.models import ModelConfig, build_model, clean_state_dict, read_checkpoint, save_checkpoint
+from solution.data.build import prepare
+from solution.model.models import ModelConfig, build_model, clean_state_dict, read_checkpoint, save_checkpoint
 
 METHODS = ("uniform", "greedy", "pairwise")
 
@@ -34,7 +36,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    from solution.demo_data import generate
+    from solution.data.synthetic import generate
 
     data = tmp_path_factory.mktemp("soup_demo")
     generate(data, preset="tiny", messy=False, train_queries=24, valid_queries=16, images_per_query=3)
@@ -48,7 +50,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(demo):
     """Two short fine-tunes from the shared base (different lr and seed), 3 epochs each."""
-    import solution.train as train
+    import solution.training.trainer as train
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -165,7 +167,11 @@ def test_pairwise_follows_its_stopping_rule(souped):
 def test_soup_scores_the_same_through_plain_cn_clip_predict_and_evaluate(souped, trained, tmp_path):
     from cn_clip.clip.model import CLIP
 
-    from solution import evaluate, features, predict
+    from solution.retrieval import evaluate as evaluate
+
+    from solution.retrieval import encode as features
+
+    from solution.retrieval import rank as predict
 
     out, summary = souped
     path = out / "greedy" / "soup.pt"
@@ -239,7 +245,7 @@ def test_rerun_uses_the_score_cache(souped, trained, monkeypatch, tmp_path):
     def boom(*a, **k):
         raise AssertionError("re-scored a cached candidate")
 
-    monkeypatch.setattr("solution.features.encode_images", boom)
+    monkeypatch.setattr("solution.retrieval.encode.encode_images", boom)
     again = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/*.pt"), "--val-data", str(trained / "lmdb/valid"),
                        "--method", "greedy", "--select-split", "0.5", "--seed", "3", "--interpolate-with",
                        str(trained / "base.pt"), "--alphas", "0.5,0.9", "--output", str(again_dir), "--device", "cpu"])
@@ -250,7 +256,7 @@ def test_rerun_uses_the_score_cache(souped, trained, monkeypatch, tmp_path):
 
 
 def test_soup_resumes_in_train(souped, trained):
-    import solution.train as train
+    import solution.training.trainer as train
 
     out, _ = souped
     result = train.main(["--train-data", str(trained / "lmdb/train"), "--resume", str(out / "greedy" / "soup.pt"),
@@ -261,7 +267,7 @@ def test_soup_resumes_in_train(souped, trained):
 
 
 def test_compare_reads_the_soup_folder(souped, trained, tmp_path):
-    from solution import compare
+    from solution.report import compare as compare
 
     out, summary = souped
     text = compare.main([str(trained / "logs"), str(out), "--plot", str(tmp_path / "c.png"), "--csv"])
@@ -412,8 +418,8 @@ def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(synth, demo):
     for k, v in clean_state_dict(ckpt["state_dict"]).items():
         torch.testing.assert_close(v.float(), expected[k], atol=1e-3, rtol=1e-3)
     # the logged score is the saved fp16 soup's
-    from solution.features import evaluate_split
-    from solution.models import load_model
+    from solution.retrieval.encode import evaluate_split
+    from solution.model.models import load_model
 
     model, cfg, _ = load_model(tmp / "out" / "soup.pt")
     assert evaluate_split(model, demo / "lmdb/valid", cfg)["mean_recall"] == summary["soups"]["uniform"]["mean_recall"]

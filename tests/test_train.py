@@ -7,9 +7,9 @@ import torch
 
 from cn_clip_patch.tuning import apply_tuning
 from solution.common import SolutionError
-from solution.features import encode_texts, evaluate_split
-from solution.models import ModelConfig, build_model, load_model, read_checkpoint
-from solution.train import main
+from solution.retrieval.encode import encode_texts, evaluate_split
+from solution.model.models import ModelConfig, build_model, load_model, read_checkpoint
+from solution.training.trainer import main
 from train_helpers import make_data, tiny_argv
 
 SEED = 123
@@ -111,8 +111,8 @@ def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
 
 
 def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, monkeypatch):
-    import solution.train as train_mod
-    import solution.train_data as td
+    import solution.training.trainer as train_mod
+    import solution.training.loaders as td
     from cn_clip_patch.prompt import tokenize
 
     prompt = "这是一张图片："
@@ -175,8 +175,8 @@ def test_resume_after_crash_gives_identical_weights(data, tmp_path):
 
 
 def test_official_checkpoint_of_full_size_architecture_loads(tmp_path):
-    from solution.train_args import parse_args
-    from solution.train_setup import build, find_start, model_config
+    from solution.training.config import parse_args
+    from solution.training.setup import build, find_start, model_config
 
     config = ModelConfig("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from solution.common import run_cli
-from solution.models import ModelConfig, build_model, read_checkpoint, save_checkpoint
-from solution.train import main
-from solution.train_args import parse_args
+from solution.model.models import ModelConfig, build_model, read_checkpoint, save_checkpoint
+from solution.training.trainer import main
+from solution.training.config import parse_args
 from train_helpers import hooked_train, make_data, tiny_argv
 
 
@@ -261,8 +261,8 @@ def test_own_lora_state_of_another_architecture_is_one_line(tmp_path, capsys, da
 
 def test_optimizer_state_of_other_shapes(tmp_path, capsys, data, tiny_config):
     """A cn_clip checkpoint whose optimizer state has the right count but wrong shapes: a fresh optimizer."""
-    from solution.train_args import default_optim
-    from solution.train_setup import make_optimizer
+    from solution.training.config import default_optim
+    from solution.training.setup import make_optimizer
 
     torch.manual_seed(0)
     model = build_model(ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16))

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from solution.common import SolutionError, run_cli
-from solution.lmdb_io import write_split
-from solution.train import main
-from solution.train_args import parse_args
+from solution.data.lmdb_io import write_split
+from solution.training.trainer import main
+from solution.training.config import parse_args
 from train_helpers import make_data, tiny_argv
 
 
@@ -79,7 +79,7 @@ def test_prompt_longer_than_context(tmp_path, capsys, data):
 
 
 def test_nan_loss_stops_without_overwriting_checkpoints(tmp_path, capsys, data, monkeypatch):
-    import solution.loop as loop
+    import solution.training.step as loop
 
     main(tiny_argv(*data, tmp_path, max_steps=1))
     latest = tmp_path / "run" / "checkpoints" / "epoch_latest.pt"
@@ -103,7 +103,7 @@ def test_resume_of_missing_checkpoint(tmp_path, capsys, data):
 
 def test_cn_clip_training_checkpoint_is_accepted_with_its_offset(tmp_path, data, tiny_config):
     """A checkpoint as cn_clip's trainer writes it (module. keys + optimizer, no config) is accepted."""
-    from solution.models import build_model
+    from solution.model.models import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny_config)
@@ -119,7 +119,7 @@ def test_cn_clip_training_checkpoint_is_accepted_with_its_offset(tmp_path, data,
 
 def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data):
     """Fine-tuning from our checkpoint keeps its prompt and context length unless flags change them."""
-    from solution.models import ModelConfig, build_model, read_checkpoint, save_checkpoint
+    from solution.model.models import ModelConfig, build_model, read_checkpoint, save_checkpoint
 
     cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24, text_prompt="图片：")
     start = save_checkpoint(tmp_path / "start.pt", build_model(cfg).state_dict(), cfg)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from cn_clip_patch.device import on_device
-from solution.loop import StepConfig, Stepper, batch_accuracy, clip_loss, twin_mask
-from solution.train import main
+from solution.training.step import StepConfig, Stepper, batch_accuracy, clip_loss, twin_mask
+from solution.training.trainer import main
 from train_helpers import make_data, make_split, tiny_argv
 
 

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from solution.models import read_checkpoint
-from solution.train import main
+from solution.model.models import read_checkpoint
+from solution.training.trainer import main
 from train_helpers import make_data, tiny_argv
 
 

@@ -7,7 +7,7 @@ from cn_clip.clip.model import CLIP
 
 from cn_clip_patch.tuning import (adapter_state_dict, apply_tuning, has_lora, merged_state_dict, set_train_mode,
                                   trainable_summary, tuning_recipe)
-from solution.models import ModelConfig, build_model
+from solution.model.models import ModelConfig, build_model
 
 
 def _inputs(n=3, res=64, length=10):

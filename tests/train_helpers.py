@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from solution.lmdb_io import write_split
+from solution.data.lmdb_io import write_split
 
 COLOURS = [("红色", (220, 30, 30)), ("绿色", (30, 180, 40)), ("蓝色", (30, 60, 220)), ("黄色", (240, 220, 30)),
            ("紫色", (140, 40, 170)), ("青色", (30, 200, 200)), ("黑色", (10, 10, 10)), ("白色", (245, 245, 245))]
@@ -85,7 +85,7 @@ def save(obj, f, *a, **k):
             time.sleep(300)
 torch.save = save
 from solution.common import run_cli
-from solution.train import main
+from solution.training.trainer import main
 sys.exit(run_cli(main, sys.argv[1:]))
 """
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .common import SolutionError, atomic_path, check_output, read_jsonl, write_json
+from solution.common import SolutionError, atomic_path, check_output, read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 

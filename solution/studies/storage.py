@@ -30,7 +30,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .common import SolutionError
+from solution.common import SolutionError
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from .common import atomic_path, write_json
-from .search_config import SearchConfig, flags_to_argv, trial_flags
-from .search_storage import DIED
+from solution.common import atomic_path, write_json
+from .config import SearchConfig, flags_to_argv, trial_flags
+from .storage import DIED
 
 log = logging.getLogger(__name__)
 

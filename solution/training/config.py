@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .common import SolutionError, read_yaml_mapping
+from solution.common import SolutionError, read_yaml_mapping
 
 PRECISIONS = ("amp", "fp16", "fp32", "bf16")
 AUGMENTS = ("none", "cnclip", "gentle")

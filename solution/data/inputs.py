@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .common import SolutionError
+from solution.common import SolutionError
 
 TEXT_REASONS = {"no_images": "none of its images survived cleaning", "duplicate_text_id": "text_id seen before",
                 "malformed": "not a valid text record", "empty_text": "the text is empty"}

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import optuna
 import yaml
 
-from .common import SolutionError, read_yaml_mapping
+from solution.common import SolutionError, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def check_trial_flags(cfg: SearchConfig) -> None:
     the first trial, of each enqueued trial and of each choice and range end of the space must pass the
     trainer's own parser (without training). A failure is one line naming the file, key and problem.
     """
-    from .train_args import build_parser
+    from solution.training.config import build_parser
 
     known = {s[2:] for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
     names = [(k, f"--set {cfg.overrides[k]}" if k in cfg.overrides else f"base key {k!r}") for k in cfg.base]
@@ -334,7 +334,7 @@ def _probe_trials(cfg: SearchConfig):
 
 def _trainer_refusal(argv: list[str]) -> str | None:
     """The trainer parser's one-line complaint about ``argv``, or None when it accepts it."""
-    from .train_args import parse_args
+    from solution.training.config import parse_args
 
     err = io.StringIO()
     try:

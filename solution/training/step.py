@@ -35,7 +35,7 @@ import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
-from .common import SolutionError, autocast_context
+from solution.common import SolutionError, autocast_context
 
 log = logging.getLogger(__name__)
 # torch.distributed.nn.all_gather is the autograd gather that also works on gloo (its backward is

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 
 import torch.distributed as dist
 
-from .common import SolutionError, check_output, disk_full_as_error, folder_lock, remove_stale_temps
+from solution.common import SolutionError, check_output, disk_full_as_error, folder_lock, remove_stale_temps
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from cn_clip_patch.prompt import PromptError, check_prompt
 from cn_clip_patch.tuning import (DEFAULT_LORA_TARGETS, apply_tuning, set_grad_checkpointing, trainable_summary,
                                   tuning_recipe)
 
-from .common import SolutionError, resolve_device
-from .train_args import default_optim
-from .models import ModelConfig, build_model, load_weights, read_checkpoint, resolve_config
+from solution.common import SolutionError, resolve_device
+from .config import default_optim
+from solution.model.models import ModelConfig, build_model, load_weights, read_checkpoint, resolve_config
 
 log = logging.getLogger(__name__)
 

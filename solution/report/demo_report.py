@@ -13,8 +13,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .common import atomic_path
-from .plots import save_png
+from solution.common import atomic_path
+from solution.plots import save_png
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def embedding_map(checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Pat
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    from .features import encode_images, encode_texts
-    from .lmdb_io import LMDBSplit
-    from .models import load_model
+    from solution.retrieval.encode import encode_images, encode_texts
+    from solution.data.lmdb_io import LMDBSplit
+    from solution.model.models import load_model
 
     split = LMDBSplit(lmdb_valid)
     queries = list(split.queries().items())[:n_queries]
@@ -82,7 +82,7 @@ def _collect_pngs(src: Path, dst: Path, prefix: str) -> list[Path]:
 
 def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, soups: Path | None, base: Path,
                  final: Path, lmdb_valid: str, device: str = "cpu", elapsed: float | None = None) -> Path:
-    from . import compare
+    from solution.report import compare as compare
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)

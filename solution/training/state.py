@@ -32,9 +32,9 @@ import torch
 
 from cn_clip_patch.tuning import adapter_state_dict, has_lora, merged_state_dict
 
-from .common import append_jsonl, atomic_path, disk_full_as_error, write_jsonl
-from .loop import unwrap
-from .models import ModelConfig, save_checkpoint
+from solution.common import append_jsonl, atomic_path, disk_full_as_error, write_jsonl
+from .step import unwrap
+from solution.model.models import ModelConfig, save_checkpoint
 
 log = logging.getLogger(__name__)
 

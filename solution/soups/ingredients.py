@@ -19,8 +19,8 @@ from typing import Sequence, Union
 
 import torch
 
-from .common import SolutionError, check_output
-from .models import (ModelConfig, check_finite, check_shapes, clean_state_dict, model_template, read_checkpoint,
+from solution.common import SolutionError, check_output
+from solution.model.models import (ModelConfig, check_finite, check_shapes, clean_state_dict, model_template, read_checkpoint,
                      resolve_config, state_dict_digest)
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
     table = study_dir / "trials.csv"
     if not table.is_file():
         raise SolutionError(f"{study_dir} is not a search study folder (no trials.csv)")
-    from .compare import read_csv
+    from solution.report.compare import read_csv
 
     rows = [r for r in read_csv(table) if str(r.get("state", "")).upper().endswith("COMPLETE")
             and str(r.get("value", "")).strip() not in ("", "nan", "None")]

@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .common import SolutionError
-from .data import PairCollate, PairDataset, eval_transform, train_transform
-from .lmdb_io import LMDBSplit
+from solution.common import SolutionError
+from solution.data.datasets import PairCollate, PairDataset, eval_transform, train_transform
+from solution.data.lmdb_io import LMDBSplit
 
 
 def open_split(path: str | None, what: str) -> LMDBSplit:

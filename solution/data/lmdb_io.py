@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import lmdb
 
-from .common import SolutionError
+from solution.common import SolutionError
 
 MAP_SIZE = 1 << 40  # sparse on Linux; the same 1 TiB cn_clip asks for
 COMMIT_EVERY = 1000

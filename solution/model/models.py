@@ -33,11 +33,11 @@ from typing import Any, Mapping
 
 import torch
 
-from .common import SolutionError, atomic_path
+from solution.common import SolutionError, atomic_path
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_dirs() -> list[Path]:

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .common import SolutionError, check_output, folder_lock, is_disk_full, write_json
+from solution.common import SolutionError, check_output, folder_lock, is_disk_full, write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,396 @@
+"""A deterministic, procedurally drawn image-text dataset in MUGE layout, for the demo and the tests.
+
+Each image shows, on a plain background, one group of 1-3 identical shapes or (in about half of
+the scenes) two groups of 1-2 that differ in colour and shape; each query names the background
+and, per group, count, colour and shape: ``浅蓝色背景上有两个红色的三角形``,
+``粉色背景上有一个蓝色的圆形和两个黄色的五角星``. Every query has several matching images
+(different positions, sizes, rotations, colour jitter); an image matches exactly one query.
+The two-group scenes (colour/shape binding) keep a tiny CLIP from saturating at once.
+Output (``--out DIR``)::
+
+    DIR/{train,valid,test}_imgs.tsv        image_id<TAB>base64 (as MUGE ships it)
+    DIR/{train,valid}_texts.jsonl          {"text_id", "text", "image_ids"}
+    DIR/test_texts.jsonl                   {"text_id", "text"}       (answers held out)
+    DIR/test_answers.jsonl                 {"text_id", "text", "image_ids"}  (official gold format)
+    DIR/general/{train,valid}_imgs.tsv     a larger "general" family standing in for pretraining data:
+    DIR/general/{train,valid}_texts.jsonl  other phrasings, captions that name only some attributes
+    DIR/demo_info.json                     sizes, seed, and the ids of the deliberately messy images
+
+The ``train``/``valid``/``test`` queries are disjoint (as in MUGE). Ids are globally unique
+ints with a distinct range per split and family. A few images are deliberately messy so the
+cleaning path of ``solution.prepare`` runs in every demo: GIFs (one animated) and PNGs
+(RGBA, palette) stored as if they were JPEGs, a truncated JPEG and an HTML error page.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import io
+import json
+import logging
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageDraw
+
+from solution.common import SolutionError, atomic_path, run_cli, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+COLORS = {  # shape colours
+    "红色": (215, 40, 40), "绿色": (40, 160, 60), "蓝色": (40, 80, 215), "黄色": (240, 200, 30),
+    "紫色": (140, 60, 180), "橙色": (245, 130, 25), "黑色": (25, 25, 25), "白色": (250, 250, 250),
+}
+BACKGROUNDS = {
+    "浅蓝色": (195, 222, 250), "浅绿色": (205, 240, 205), "浅灰色": (212, 212, 212),
+    "米黄色": (245, 234, 195), "粉色": (250, 210, 222), "深灰色": (75, 75, 75),
+}
+SHAPES = ("圆形", "三角形", "正方形", "五角星", "十字形")
+COUNTS = {1: "一个", 2: "两个", 3: "三个"}
+
+# The general family phrases things differently, and often names only one group, or leaves out
+# the count or the background, as web captions do.
+GENERAL_TEMPLATES = ("一张{bg}底色的图片，画着{groups}", "{groups}，背景是{bg}", "图中有{groups}，底色{bg}")
+GENERAL_PARTIAL = ("图中有{count}{color}的{shape}", "{color}的{shape}", "{bg}底色上的{color}{shape}")
+
+# id ranges: (image id base, text id base) per split / family
+ID_BASES = {
+    "train": (1_000_000, 10_000), "valid": (2_000_000, 20_000), "test": (3_000_000, 30_000),
+    "general/train": (4_000_000, 40_000), "general/valid": (5_000_000, 50_000),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    train_queries: int
+    valid_queries: int
+    test_queries: int
+    images_per_query: int
+    general_train_images: int
+    general_valid_images: int
+    two_group_fraction: float  # share of scenes with a second group ("...和一个蓝色的圆形")
+
+
+PRESETS = {
+    # a few dozen images, well under a second: for tests
+    "tiny": Sizes(6, 3, 3, 2, 24, 8, 0.5),
+    # a scaled-down end-to-end run (the demo's smoke scale): ~400 images, about a second
+    "small": Sizes(40, 12, 12, 3, 160, 40, 0.5),
+    # the demo: small enough for a < 20 min CPU demo, big enough for a tiny CLIP to learn visibly
+    "default": Sizes(300, 60, 60, 4, 2400, 240, 0.5),
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    count: int
+    color: str
+    shape: str
+
+    def phrase(self) -> str:
+        return f"{COUNTS[self.count]}{self.color}的{self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A background and one or two groups of identical shapes (groups differ in colour and shape)."""
+
+    bg: str
+    groups: tuple[Group, ...]
+
+    def query(self) -> str:
+        return f"{self.bg}背景上有" + "和".join(g.phrase() for g in self.groups)
+
+    def matches(self, named: dict) -> bool:
+        """Does this scene satisfy a (partial) description {"bg"?, "count"?, "color"?, "shape"?}?"""
+        if "bg" in named and named["bg"] != self.bg:
+            return False
+        return any(all(getattr(g, k) == v for k, v in named.items() if k != "bg") for g in self.groups)
+
+
+def random_scene(rng: random.Random, p_two: float) -> Scene:
+    bg = rng.choice(list(BACKGROUNDS))
+    if rng.random() >= p_two:
+        return Scene(bg, (Group(rng.choice(list(COUNTS)), rng.choice(list(COLORS)), rng.choice(SHAPES)),))
+    c1, c2 = rng.sample(list(COLORS), 2)
+    s1, s2 = rng.sample(SHAPES, 2)
+    groups = sorted([Group(rng.randint(1, 2), c1, s1), Group(rng.randint(1, 2), c2, s2)],
+                    key=lambda g: (SHAPES.index(g.shape), list(COLORS).index(g.color)))  # one text per scene
+    return Scene(bg, tuple(groups))
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    def rot(pts):
+        ca, sa = math.cos(angle), math.sin(angle)
+        return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
+
+    if shape == "三角形":
+        return rot([(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
+    if shape == "正方形":
+        h = r * 0.78
+        return rot([(-h, -h), (h, -h), (h, h), (-h, h)])
+    if shape == "五角星":
+        pts = []
+        for i in range(10):
+            rr = r if i % 2 == 0 else r * 0.42
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((rr * math.cos(a), rr * math.sin(a)))
+        return rot(pts)
+    if shape == "十字形":
+        w, h = r * 0.33, r
+        return rot([(-w, -h), (w, -h), (w, -w), (h, -w), (h, w), (w, w), (w, h), (-w, h), (-w, w),
+                    (-h, w), (-h, -w), (-w, -w)])
+    raise ValueError(shape)
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, v + rng.randint(-amount, amount))) for v in rgb)  # type: ignore[return-value]
+
+
+# radius range (fraction of the side) by the total number of shapes in the image
+_RADIUS = {1: (0.20, 0.32), 2: (0.14, 0.22), 3: (0.11, 0.17), 4: (0.10, 0.15), 5: (0.09, 0.13)}
+
+
+def draw_image(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
+    """Draw one RGB image of ``scene``: positions, sizes, rotations and colour jitter come from ``rng``."""
+    ss = 2  # supersample for anti-aliased edges
+    S = size * ss
+    im = Image.new("RGB", (S, S), _jitter(BACKGROUNDS[scene.bg], rng, 8))
+    draw = ImageDraw.Draw(im)
+    n_total = sum(g.count for g in scene.groups)
+    lo, hi = _RADIUS[min(n_total, 5)]
+    placed: list[tuple[float, float, float]] = []
+    for g in scene.groups:
+        color = _jitter(COLORS[g.color], rng, 14)
+        for _ in range(g.count):
+            for attempt in range(200):
+                shrink = 1.0 - min(attempt, 150) / 300  # crowded: make shapes smaller
+                r = rng.uniform(lo, hi) * S * shrink
+                cx, cy = rng.uniform(r + 1, S - r - 1), rng.uniform(r + 1, S - r - 1)
+                if all(math.hypot(cx - x, cy - y) > r + rr + 0.04 * S for x, y, rr in placed):
+                    break
+            placed.append((cx, cy, r))
+            if g.shape == "圆形":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+            else:
+                angle = rng.uniform(-0.35, 0.35) if g.shape == "正方形" else rng.uniform(0, 2 * math.pi)
+                draw.polygon(_shape_points(g.shape, cx, cy, r, angle), fill=color)
+    return im.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def messy_bytes(kind: str, im: Image.Image) -> bytes:
+    """Encode ``im`` the way scraped data arrives; all kinds except truncated/html stay decodable."""
+    buf = io.BytesIO()
+    if kind == "gif":
+        im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buf, format="GIF")
+    elif kind == "gif_animated":  # the first frame is the real picture, then a black frame
+        frames = [im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+                  Image.new("RGB", im.size, (0, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE)]
+        frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    elif kind == "png_rgba":
+        rgba = im.convert("RGBA")
+        rgba.putalpha(255)
+        rgba.save(buf, format="PNG")
+    elif kind == "png_palette":
+        im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buf, format="PNG")
+    elif kind == "truncated":
+        data = jpeg_bytes(im)
+        return data[: len(data) // 2]
+    elif kind == "html":
+        return (b"<!DOCTYPE html><html><head><title>404 Not Found</title></head>"
+                b"<body><h1>404 Not Found</h1></body></html>\n")
+    else:
+        raise ValueError(kind)
+    return buf.getvalue()
+
+
+# deliberately messy images per split, in order, each the first image of a different query
+MESS = {
+    "train": ("gif_animated", "png_rgba", "truncated", "html", "gif", "png_palette"),
+    "valid": ("gif", "png_rgba"),
+    "test": ("png_palette", "gif_animated"),
+    "general/train": ("gif", "png_rgba", "truncated", "gif_animated"),
+    "general/valid": ("png_palette",),
+}
+BAD_KINDS = ("truncated", "html")  # the ones prepare must drop
+
+
+# ---------------------------------------------------------------- splits
+
+
+def _write_imgs(path: Path, rows: Sequence[tuple[int, bytes]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for image_id, data in rows:
+            f.write(f"{image_id}\t{base64.urlsafe_b64encode(data).decode('ascii')}\n")
+
+
+def _general_caption(scene: Scene, rng: random.Random) -> tuple[str, dict | None]:
+    """A caption in the general family's style; returns (text, named attributes or None if complete)."""
+    if rng.random() < 0.5:
+        groups = "和".join(f"{COUNTS[g.count]}{g.color}{g.shape}" for g in scene.groups)
+        return rng.choice(GENERAL_TEMPLATES).format(bg=scene.bg, groups=groups), None
+    g = rng.choice(scene.groups)
+    tpl = rng.choice(GENERAL_PARTIAL)
+    fields = {"bg": scene.bg, "count": COUNTS[g.count], "color": g.color, "shape": g.shape}
+    named = {"bg": scene.bg, "count": g.count, "color": g.color, "shape": g.shape}
+    return tpl.format(**fields), {k: v for k, v in named.items() if "{" + k + "}" in tpl}
+
+
+class _Builder:
+    def __init__(self, out: Path, size: int, seed: int, messy: bool):
+        self.out, self.size, self.seed, self.messy = out, size, seed, messy
+        self.mess_log: dict[str, list[dict]] = {}
+
+    def rng(self, *key) -> random.Random:
+        return random.Random(f"{self.seed}/" + "/".join(map(str, key)))
+
+    def render(self, split: str, scenes: Sequence[Scene], mess_at: dict[int, str]) -> tuple[list[int], list[tuple[int, bytes]]]:
+        image_base, _ = ID_BASES[split]
+        ids, rows = [], []
+        for i, scene in enumerate(scenes):
+            image_id = image_base + i
+            im = draw_image(scene, self.rng(split, "img", i), self.size)
+            kind = mess_at.get(i)
+            if kind:
+                rows.append((image_id, messy_bytes(kind, im)))
+                self.mess_log.setdefault(split, []).append({"image_id": image_id, "kind": kind})
+            else:
+                rows.append((image_id, jpeg_bytes(im)))
+            ids.append(image_id)
+        return ids, rows
+
+    def muge_split(self, split: str, queries: Sequence[Scene], per_query: int) -> dict:
+        scenes = [q for q in queries for _ in range(per_query)]
+        kinds = MESS[split] if self.messy else ()
+        mess_at = {q * per_query: kind for q, kind in zip(range(len(queries)), kinds)}
+        ids, rows = self.render(split, scenes, mess_at)
+        order = list(range(len(rows)))
+        self.rng(split, "order").shuffle(order)  # a query's images are not adjacent in the TSV
+        _write_imgs(self.out / f"{split}_imgs.tsv", [rows[i] for i in order])
+        _, text_base = ID_BASES[split]
+        texts = [{"text_id": text_base + q, "text": s.query(), "image_ids": ids[q * per_query:(q + 1) * per_query]}
+                 for q, s in enumerate(queries)]
+        if split == "test":
+            write_jsonl(self.out / "test_texts.jsonl", ({"text_id": t["text_id"], "text": t["text"]} for t in texts))
+            write_jsonl(self.out / "test_answers.jsonl", texts)
+        else:
+            write_jsonl(self.out / f"{split}_texts.jsonl", texts)
+        return {"queries": len(texts), "images": len(rows)}
+
+    def general_split(self, split: str, n_images: int, p_two: float) -> dict:
+        rng = self.rng(split, "scenes")
+        scenes = [random_scene(rng, p_two) for _ in range(n_images)]
+        kinds = (MESS[split] if self.messy else ())[:n_images]
+        step = max(1, n_images // max(1, len(kinds)))
+        mess_at = {i * step: k for i, k in enumerate(kinds)}
+        ids, rows = self.render(split, scenes, mess_at)
+        _write_imgs(self.out / f"{split}_imgs.tsv", rows)
+        captions: dict[str, tuple[Scene, dict | None, list[int]]] = {}
+        crng = self.rng(split, "captions")
+        for image_id, scene in zip(ids, scenes):
+            text, named = _general_caption(scene, crng)
+            captions.setdefault(text, (scene, named, []))[2].append(image_id)
+        _, text_base = ID_BASES[split]
+        texts = []
+        for q, (text, (scene, named, own)) in enumerate(captions.items()):
+            if split.endswith("valid"):  # gold: every image the caption describes, not just its own
+                own = [i for i, s in zip(ids, scenes) if (s == scene if named is None else s.matches(named))]
+            texts.append({"text_id": text_base + q, "text": text, "image_ids": own})
+        write_jsonl(self.out / f"{split}_texts.jsonl", texts)
+        return {"queries": len(texts), "images": len(rows)}
+
+
+def _distinct_queries(n: int, rng: random.Random, p_two: float) -> list[Scene]:
+    seen: dict[str, Scene] = {}
+    for _ in range(200 * n + 1000):
+        if len(seen) == n:
+            break
+        s = random_scene(rng, p_two)
+        seen.setdefault(s.query(), s)
+    if len(seen) < n:
+        raise SolutionError(f"could not draw {n} distinct queries (try a larger --two-group-fraction)")
+    return list(seen.values())
+
+
+def generate(out_dir, *, preset: str = "default", image_size: int = 64, seed: int = 0, messy: bool = True,
+             **sizes) -> dict:
+    """Write the demo dataset under ``out_dir``; returns (and writes to ``demo_info.json``) its summary.
+
+    Sizes (``train_queries``, ``valid_queries``, ``test_queries``, ``images_per_query``,
+    ``general_train_images``, ``general_valid_images``, ``two_group_fraction``) default to
+    ``PRESETS[preset]``; one given (not None) overrides its preset value. The same arguments always
+    give byte-identical files.
+    """
+    if preset not in PRESETS:
+        raise SolutionError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    unknown = set(sizes) - set(Sizes.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown size argument(s): {', '.join(sorted(unknown))}")
+    sz = dataclasses.replace(PRESETS[preset], **{k: v for k, v in sizes.items() if v is not None})
+    if min(sz.train_queries, sz.valid_queries, sz.test_queries, sz.images_per_query) < 1:
+        raise SolutionError("every split needs at least one query and one image per query")
+    if min(sz.general_train_images, sz.general_valid_images) < 1:
+        raise SolutionError("the general family needs at least one image per split")
+    if max(sz.train_queries, sz.valid_queries, sz.test_queries, sz.general_train_images, sz.general_valid_images) > 10_000:
+        raise SolutionError("at most 10,000 queries (or general images) per split: each split has its own id range")
+    if not 0.0 <= sz.two_group_fraction <= 1.0:
+        raise SolutionError(f"two-group fraction must lie in [0, 1], got {sz.two_group_fraction}")
+    if image_size < 16:
+        raise SolutionError(f"image size {image_size} is too small (at least 16 px)")
+
+    out = Path(out_dir)
+    (out / "general").mkdir(parents=True, exist_ok=True)
+    b = _Builder(out, image_size, seed, messy)
+    n_test, n_valid = sz.test_queries, sz.valid_queries
+    pool = _distinct_queries(n_test + n_valid + sz.train_queries, b.rng("queries"), sz.two_group_fraction)
+    splits = {  # disjoint query sets: consecutive slices of one list of distinct queries
+        "train": b.muge_split("train", pool[n_test + n_valid:], sz.images_per_query),
+        "valid": b.muge_split("valid", pool[n_test:n_test + n_valid], sz.images_per_query),
+        "test": b.muge_split("test", pool[:n_test], sz.images_per_query),
+        "general/train": b.general_split("general/train", sz.general_train_images, sz.two_group_fraction),
+        "general/valid": b.general_split("general/valid", sz.general_valid_images, sz.two_group_fraction),
+    }
+    info = {"out_dir": str(out), "seed": seed, "preset": preset, "image_size": image_size,
+            "sizes": dataclasses.asdict(sz), "splits": splits, "messy": b.mess_log,
+            "bad_image_ids": sorted(m["image_id"] for ms in b.mess_log.values() for m in ms if m["kind"] in BAD_KINDS)}
+    write_json(out / "demo_info.json", info)
+    log.info("demo data in %s: %s", out, ", ".join(f"{k} {v['queries']} queries / {v['images']} images"
+                                                     for k, v in splits.items()))
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m solution.demo_data",
+                                description="Write a procedurally drawn Chinese image-text dataset in MUGE layout.")
+    p.add_argument("--out", required=True, help="output directory (MUGE layout)")
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="size preset: tiny (a few dozen images, for tests), small (smoke runs) or default (the demo)")
+    p.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels (default 64)")
+    for f in dataclasses.fields(Sizes):
+        p.add_argument("--" + f.name.replace("_", "-"), type=float if f.type in (float, "float") else int,
+                       help=f"override the preset's {f.name}")
+    p.add_argument("--no-mess", action="store_true", help="leave out the deliberately messy images")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    sizes = {f.name: getattr(a, f.name) for f in dataclasses.fields(Sizes)}
+    info = generate(a.out, preset=a.preset, image_size=a.image_size, seed=a.seed, messy=not a.no_mess, **sizes)
+    print(json.dumps({k: info[k] for k in ("out_dir", "splits")}, ensure_ascii=False))
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,1 @@
+"""File formats shared by several stages: one reader and one writer each."""

@@ -1,0 +1,1 @@
+"""Model registry, building, and the checkpoint contract."""

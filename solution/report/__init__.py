@@ -1,0 +1,1 @@
+"""Reading runs, soups and studies; comparison tables, plots and the demo report."""

@@ -1,0 +1,1 @@
+"""Encoding, ranking, recall metrics, the official evaluator; fusion and significance."""

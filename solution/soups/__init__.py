@@ -1,0 +1,1 @@
+"""Checkpoint soups: ingredients, weight averaging, greedy/pairwise/uniform."""

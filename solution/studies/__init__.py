@@ -1,0 +1,1 @@
+"""Optuna studies over fine-tuning runs: config, storage, runner, report."""

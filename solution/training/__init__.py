@@ -1,0 +1,1 @@
+"""Fine-tuning: config, setup, the step, the trainer, run-folder state and safety."""

@@ -1,0 +1,129 @@
+"""Exact oracles for solution.stats: the official recall arithmetic, bootstrap identities, fold partitions."""
+import numpy as np
+import pytest
+
+from solution.retrieval.metrics import recall_at_k
+from solution.retrieval.stats import (crossfit, kfold_crossfit, mean_recall, paired_bootstrap, per_query_recall, query_hits,
+                            t_quantile_975)
+
+
+def _random_case(rng, n, gallery=40):
+    gold, preds = {}, {}
+    for q in range(n):
+        gold[q + 1000] = rng.choice(gallery, size=int(rng.integers(1, 4)), replace=False).tolist()
+        ranked = rng.permutation(gallery)[:10].tolist()
+        if rng.random() < 0.6:  # plant a hit at a random rank
+            hit = gold[q + 1000][0]
+            if hit in ranked:
+                ranked.remove(hit)
+            ranked.insert(int(rng.integers(0, 10)), hit)
+        preds[q + 1000] = ranked[:10]
+    return preds, gold
+
+
+def test_query_hits_by_definition():
+    preds = [[5, 1, 2, 3, 4, 6, 7, 8, 9, 10], [0, 1, 2, 3, 4, 6, 7, 8, 9, 5], list(range(20, 30))]
+    gold = [{5}, {5, 99}, {5}]
+    assert query_hits(preds, gold).tolist() == [[True, True, True], [False, False, True], [False, False, False]]
+    assert per_query_recall(query_hits(preds, gold)).tolist() == [1.0, 1 / 3, 0.0]
+    by_id = query_hits({7: preds[1], 3: preds[0]}, {3: gold[0], 7: gold[1]})  # rows in gold's order
+    assert by_id.tolist() == [[True, True, True], [False, False, True]]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mean_recall_equals_metrics_exactly(seed):
+    rng = np.random.default_rng(seed)
+    preds, gold = _random_case(rng, int(rng.integers(1, 80)))
+    hits = query_hits(preds, gold)
+    assert mean_recall(hits) == recall_at_k(preds, gold)["mean_recall"]  # exact float equality
+    assert abs(100 * per_query_recall(hits).mean() - mean_recall(hits)) < 1e-9
+
+
+def test_bootstrap_of_a_system_against_itself_is_exactly_zero():
+    rng = np.random.default_rng(0)
+    hits = rng.random((57, 3)) < 0.5
+    res = paired_bootstrap(hits, hits, n_resamples=300)
+    assert (res.diff, res.low, res.high, res.significant) == (0.0, 0.0, 0.0, False)
+    v = per_query_recall(hits)
+    res = paired_bootstrap(v, v.copy())
+    assert (res.diff, res.low, res.high) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_constant_difference_and_sign():
+    a, b = np.ones(20), np.zeros(20)
+    res = paired_bootstrap(a, b, n_resamples=50)
+    assert (res.diff, res.low, res.high, res.significant) == (100.0, 100.0, 100.0, True)
+    res = paired_bootstrap(b, a, n_resamples=50)
+    assert (res.diff, res.low, res.high, res.significant) == (-100.0, -100.0, -100.0, True)
+
+
+def test_bootstrap_is_paired_and_seeded():
+    rng = np.random.default_rng(1)
+    a = rng.random(40) < 0.5
+    b = a.copy()
+    b[:4] = ~b[:4]  # a and b differ on 4 queries only
+    r1 = paired_bootstrap(a.astype(float), b.astype(float), n_resamples=200, seed=3)
+    r2 = paired_bootstrap(a.astype(float), b.astype(float), n_resamples=200, seed=3, batch=7)
+    assert r1 == r2  # same seed, any batching: the same resamples
+    d = a.astype(float) - b.astype(float)
+    idx = np.random.default_rng(3).integers(0, 40, size=(200, 40))
+    want = np.quantile(100 * d[idx].mean(axis=1), [0.025, 0.975])
+    assert (r1.low, r1.high) == tuple(want.tolist()) and r1.diff == 100 * d.mean()  # same indices for a and b
+
+
+def test_bootstrap_rejects_bad_input():
+    with pytest.raises(ValueError, match="equal length"):
+        paired_bootstrap(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="ci"):
+        paired_bootstrap(np.ones(3), np.ones(3), ci=1.0)
+
+
+@pytest.mark.parametrize("n, k", [(10, 2), (11, 3), (5, 5), (103, 7)])
+def test_kfold_folds_partition_the_queries(n, k):
+    folds = kfold_crossfit(n, k, seed=4)
+    assert len(folds) == k
+    assert np.array_equal(np.sort(np.concatenate(folds)), np.arange(n))  # disjoint and covering
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1 and all(np.all(np.diff(f) > 0) for f in folds)
+    assert all(np.array_equal(x, y) for x, y in zip(folds, kfold_crossfit(n, k, seed=4)))
+
+
+def test_kfold_rejects_bad_k():
+    for n, k in ((5, 1), (5, 6)):
+        with pytest.raises(ValueError, match="k"):
+            kfold_crossfit(n, k)
+
+
+def test_crossfit_selects_on_train_scores_on_held_out_and_refits():
+    rng = np.random.default_rng(2)
+    values = (rng.random((30, 3)) < [0.2, 0.5, 0.8]).astype(float)  # per-query values of 3 systems
+    seen = []
+
+    def select(train):
+        seen.append(len(train["v"]))
+        return int(np.argmax(train["v"].mean(axis=0)))
+
+    def score(choice, test):
+        return 100 * float(test["v"][:, choice].mean())
+
+    res = crossfit(select, score, {"v": values}, k=5, seed=1)
+    folds = kfold_crossfit(30, 5, seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(res.folds, folds))
+    assert seen == [24] * 5 + [30]
+    want = [score(select({"v": np.delete(values, f, axis=0)}), {"v": values[f]}) for f in folds]
+    assert res.fold_scores == want and res.mean == np.mean(want)
+    half = t_quantile_975(4) * np.std(want, ddof=1) / np.sqrt(5)
+    assert (res.low, res.high) == (res.mean - half, res.mean + half)
+    assert res.choice == int(np.argmax(values.mean(axis=0)))
+
+
+def test_crossfit_constant_fold_scores_give_a_point_interval():
+    res = crossfit(lambda train: 0, lambda c, test: 50.0, np.zeros((12, 2)), k=3)
+    assert (res.mean, res.low, res.high) == (50.0, 50.0, 50.0)
+
+
+def test_t_quantiles():
+    assert t_quantile_975(1) == 12.7062 and t_quantile_975(4) == 2.7764
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 200):
+        assert abs(t_quantile_975(df) - scipy_stats.t.ppf(0.975, df)) < 1e-4
