@@ -4,8 +4,10 @@
 # (--train-data --val-data --batch-size --lr --max-epochs --resume ...) and --config FILE.yaml.
 # All flags: bash Chinese-CLIP/train_clip.sh --help
 #
-# One process (CPU or one GPU):
-#   bash Chinese-CLIP/train_clip.sh --config configs/train/demo_tiny.yaml
+# One process (CPU or one GPU), e.g. stage 1 of the progressive fine-tune on the demo data
+# (its comments say how to make that data) or a LoRA run on MUGE:
+#   bash Chinese-CLIP/train_clip.sh --config configs/train/stage1_general.yaml
+#   bash Chinese-CLIP/train_clip.sh --config configs/train/lora_vit-b-16.yaml
 # Many GPUs / CPU processes: run the same module under torchrun (NCCL on GPU, gloo on CPU);
 # --batch-size is per process, so the global batch is batch-size x processes:
 #   torchrun --nproc_per_node 8 -m solution.train --config my.yaml

@@ -32,9 +32,9 @@ from cn_clip_patch.device import run_upstream_main
 from solution.common import write_json
 from solution.data.datasets import decode_image, eval_transform
 from solution.formats.features import load_features
-from solution.retrieval.encode import main as features_main
+from solution.features import main as features_main
 from solution.data.lmdb_io import LMDBSplit, write_split
-from solution.model.models import ModelConfig, build_model, load_model, save_checkpoint
+from solution.model import ModelConfig, build_model, load_model, save_checkpoint
 
 CHARS = ("连衣裙男士运动鞋透气轻便夏季新款苹果手机壳儿童玩具车保温杯红色白色黑色纯棉短袖长袖女装"
          "家用厨房收纳盒办公椅实木书桌蓝牙耳机无线充电宝大容量防水户外登山背包")

@@ -29,7 +29,7 @@ import torch
 from cn_clip_patch.device import run_upstream_main
 from solution.common import write_json
 from solution.formats.features import load_features, save_features
-from solution.retrieval.rank import main as predict_main
+from solution.predict import main as predict_main
 
 
 def unit(rng, n, d):

@@ -41,7 +41,7 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 OURS = r"""
 import resource, sys
-from solution.soups.soup import main
+from solution.soup import main
 main(sys.argv[1:])
 print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -51,7 +51,7 @@ def make_checkpoints(folder: Path, vision: str, text: str, n: int) -> tuple[list
     """``n`` fp16 checkpoints of one random model, each shifted by a different constant (distinct weights)."""
     from cn_clip.clip.model import CLIP
 
-    from solution.model.models import ModelConfig, save_checkpoint
+    from solution.model import ModelConfig, save_checkpoint
 
     config = ModelConfig(vision, text)
     with torch.device("meta"):
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
 
     from cn_clip.clip.model import CLIP
 
-    from solution.model.models import ModelConfig
+    from solution.model import ModelConfig
 
     with torch.device("meta"):
         params = sum(v.numel() for v in CLIP(**ModelConfig(vision, text).model_info).state_dict().values())

@@ -33,7 +33,7 @@ import torch
 
 from cn_clip_patch.attention import use_sdpa
 from cn_clip_patch.prompt import PAD_ID, tokenize
-from solution.model.models import ModelConfig, build_model
+from solution.model import ModelConfig, build_model
 
 log = logging.getLogger("bench_text_tower")
 

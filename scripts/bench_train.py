@@ -38,7 +38,7 @@ from cn_clip_patch.device import on_device, single_process_group
 from solution.common import autocast_context, resolve_device, write_json
 from solution.data.lmdb_io import write_split
 from solution.training.step import clip_loss
-from solution.model.models import ModelConfig, build_model, save_checkpoint
+from solution.model import ModelConfig, build_model, save_checkpoint
 
 CHARS = ("连衣裙男士运动鞋透气轻便夏季新款苹果手机壳儿童玩具车保温杯红色白色黑色纯棉短袖长袖女装"
          "家用厨房收纳盒办公椅实木书桌蓝牙耳机无线充电宝大容量防水户外登山背包")

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e '.[test]'
+lint-imports --no-cache   # the layering declared in pyproject.toml
 python -m pytest -q "$@"

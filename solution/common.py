@@ -239,25 +239,28 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file; a malformed line is a :class:`SolutionError` naming file and line."""
+def json_line(path: str | os.PathLike, lineno: int, raw: bytes, last: bool = False):
+    """Line ``lineno`` of a JSON-lines file as its JSON value; None for a blank line, and for a
+    ``last`` line torn by a kill (with a warning). Anything else malformed is one error naming the line."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+        return json.loads(line) if line else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        if last:
+            log.warning("%s:%d: skipping a last line torn by a kill", path, lineno)
+            return None
+        what = f"not UTF-8 text (byte {e.start})" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})"
+        raise SolutionError(f"{path}:{lineno}: {what}") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """Read a JSON-lines file of the user's; a malformed line is a :class:`SolutionError` naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise SolutionError(f"file not found: {path}")
-    rows = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise SolutionError(f"{path}:{lineno}: not UTF-8 text (byte {e.start})") from None
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SolutionError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return rows
+        rows = [json_line(path, lineno, raw) for lineno, raw in enumerate(f, 1)]
+    return [r for r in rows if r is not None]
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:

@@ -1,8 +1,47 @@
-"""``python -m solution.evaluate``: the command line of :mod:`solution.retrieval.evaluate`."""
-import sys
+"""Score a MUGE submission like the official ``evaluation.py`` (to the digit), or check one before upload.
 
-from solution.common import run_cli
-from solution.retrieval.evaluate import main
+``python -m solution.evaluate GOLD PRED OUT`` (``bash Chinese-CLIP/evaluate.sh``) takes the official
+script's arguments and writes its JSON to ``OUT``; a rejected submission exits with status 2 and
+one ``error:`` line. ``python -m solution.evaluate --check PRED --texts test_texts.jsonl`` checks a
+submission against the queries when no answers exist. The work: :mod:`solution.retrieval.evaluate`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from solution.common import SolutionError, run_cli
+from solution.retrieval.evaluate import check_files, evaluate_files
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m solution.evaluate", description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s GOLD PRED OUT [--direction D]\n       %(prog)s --check PRED --texts TEXTS")
+    p.add_argument("paths", nargs="*", metavar="GOLD PRED OUT", help="answers, submission, output JSON (as the official script)")
+    p.add_argument("--direction", choices=["auto", "t2i", "i2t"], default="auto",
+                   help="t2i: {text_id, image_ids}; i2t: {image_id, text_ids}; auto: from the gold file (t2i for --check)")
+    p.add_argument("--check", metavar="PRED", help="validate a submission without answers")
+    p.add_argument("--texts", "--queries", dest="texts", metavar="JSONL",
+                   help="with --check: the queries (text_id per line; image_id for i2t), e.g. test_texts.jsonl")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.check:
+        if args.paths or not args.texts:
+            raise SolutionError("--check PRED takes --texts QUERIES.jsonl and no positional arguments")
+        summary = check_files(args.check, args.texts, direction="t2i" if args.direction == "auto" else args.direction)
+        print(json.dumps(summary))
+        return summary
+    if len(args.paths) != 3:
+        raise SolutionError("expected GOLD PRED OUT (or --check PRED --texts QUERIES)")
+    result = evaluate_files(*args.paths, direction=args.direction)
+    print(json.dumps(result["scoreJson"]))
+    return result
+
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from solution.common import atomic_path
+from solution.formats.runs import MAIN_SET, main_valid
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +25,15 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> Path | None
     ax = axes[0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    main = [r for r in valid if r.get("set", "valid") == "valid" and "val_loss" in r]
+    main = main_valid(rows, key="val_loss")
     if main:
         ax.plot([r["step"] for r in main], [r["val_loss"] for r in main], "o-", label="valid loss")
     ax.set_xlabel("step")
     ax.set_title("contrastive loss")
     ax.legend()
     ax = axes[1]
-    for name in sorted({r.get("set", "valid") for r in valid}):
-        pts = [r for r in valid if r.get("set", "valid") == name and "mean_recall" in r]
+    for name in sorted({r.get("set", MAIN_SET) for r in valid}):
+        pts = main_valid(rows, set_name=name)
         ax.plot([r["step"] for r in pts], [r["mean_recall"] for r in pts], "o-", label=name)
     ax.set_xlabel("step")
     ax.set_title("text->image mean recall (%)")

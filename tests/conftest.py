@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from solution.model.models import ModelConfig, build_model
+from solution.model import ModelConfig, build_model
 
 torch.set_num_threads(1)  # tiny models: one thread is faster and leaves a core for DataLoader/subprocesses
 

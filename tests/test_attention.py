@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from cn_clip_patch.attention import SdpaBertSelfAttention, sdpa_attention, sdpa_enabled, use_sdpa, vision_reaches_sdpa
 from cn_clip_patch.tuning import inject_lora
-from solution.model.models import ModelConfig, build_model
+from solution.model import ModelConfig, build_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SDPA_OP = "aten::scaled_dot_product_attention"

@@ -15,15 +15,9 @@ import json
 import pytest
 import torch
 
-from solution.report import compare as compare
-
-from solution.retrieval import encode as features
-
-from solution.soups import soup as soup
-
-from solution.training import trainer as train
+from solution import compare, features, soup, train
 from solution.common import SolutionError, run_cli, write_json, write_jsonl
-from solution.model.models import ModelConfig, build_model, load_model, save_checkpoint
+from solution.model import ModelConfig, build_model, load_model, save_checkpoint
 from train_helpers import make_data, tiny_argv
 
 

@@ -1,4 +1,5 @@
-"""solution.compare: one table (and a PNG) over training runs, soups and search studies."""
+"""solution.compare: one table (and a PNG) over training runs, soups and search studies
+(read by solution.report.runs, tabled and drawn by solution.report.compare)."""
 from __future__ import annotations
 
 import io
@@ -6,7 +7,8 @@ import io
 import pandas as pd
 import pytest
 
-from solution.report import compare as compare
+from solution import compare as compare_cli
+from solution.report import compare, runs
 from solution.common import SolutionError, write_json, write_jsonl
 
 
@@ -77,7 +79,7 @@ def _csv(text):
 
 def test_table_sorted_with_best_marked(tree, monkeypatch):
     monkeypatch.chdir(tree)
-    text = compare.main(["logs", "soups/s1", "search/st", "--csv", "--no-plot"])
+    text = compare_cli.main(["logs", "soups/s1", "search/st", "--csv", "--no-plot"])
     df = _csv(text)
     assert list(df["name"]) == ["soups/s1", "logs/run_a", "search/st/trial 0", "search/st/trial 1",
                                 "logs/run_b", "search/st/trial 2"]
@@ -89,7 +91,7 @@ def test_table_sorted_with_best_marked(tree, monkeypatch):
 
 
 def test_run_best_is_the_main_set_and_its_step(tree):
-    e = compare.read_run(tree / "logs" / "run_a", "a")
+    e = runs.read_run(tree / "logs" / "run_a", "a")
     assert e.scores == {"mean_recall": 42.0, "r1": 37.0, "r5": 42.0, "r10": 47.0}  # not the "general" set's 90
     assert e.step == 20
     assert e.curve == [(10, 30.0), (20, 42.0), (30, 41.0)]
@@ -97,7 +99,7 @@ def test_run_best_is_the_main_set_and_its_step(tree):
 
 
 def test_settings_that_differ_are_shown(tree):
-    entries = compare.collect([str(tree / "logs"), str(tree / "soups")])
+    entries = runs.collect([str(tree / "logs"), str(tree / "soups")])
     df = compare.table(entries)
     assert "lr" in df.columns and "method" in df.columns and "members" in df.columns
     assert "batch_size" not in df.columns  # the same in every run
@@ -107,7 +109,7 @@ def test_settings_that_differ_are_shown(tree):
 
 
 def test_soup_rows_from_summary_and_from_log(tree, tmp_path):
-    (e,) = compare.read_soup(tree / "soups" / "s1", "s1")
+    (e,) = runs.read_soup(tree / "soups" / "s1", "s1")
     assert (e.kind, e.scores["mean_recall"], e.held_out, e.settings["members"]) == ("soup", 44.0, 43.0, 2)
     assert e.scores["r1"] == 39.0 and e.extra["select_mr"] == 45.0
     assert e.extra["vs_best_single"] == pytest.approx(5.0)
@@ -115,13 +117,13 @@ def test_soup_rows_from_summary_and_from_log(tree, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     _soup(bare, with_summary=False)
-    (b,) = compare.read_soup(bare, "bare")
+    (b,) = runs.read_soup(bare, "bare")
     assert b.scores["mean_recall"] == 44.0 and b.held_out == 43.0  # the best kept candidate
     assert b.extra["select_mr"] == 45.0
 
 
 def test_study_rows(tree):
-    rows = {e.name: e for e in compare.read_study(tree / "search" / "st", "st")}
+    rows = {e.name: e for e in runs.read_study(tree / "search" / "st", "st")}
     assert rows["st/trial 0"].scores["mean_recall"] == 35.0 and rows["st/trial 0"].curve  # from its run dir
     assert rows["st/trial 1"].scores == {"mean_recall": 33.5}  # from trials.csv
     assert rows["st/trial 2"].settings["state"] == "PRUNED" and not rows["st/trial 2"].scores
@@ -130,7 +132,7 @@ def test_study_rows(tree):
 
 def test_markdown_output_file_and_plot(tree, tmp_path):
     out, png = tmp_path / "cmp.md", tmp_path / "plots" / "cmp.png"
-    text = compare.main([str(tree / "logs"), str(tree / "soups"), "--output", str(out), "--plot", str(png)])
+    text = compare_cli.main([str(tree / "logs"), str(tree / "soups"), "--output", str(out), "--plot", str(png)])
     lines = text.strip().splitlines()
     assert lines[0].startswith("| best | name | kind | mean_recall")
     assert lines[2].startswith("| * |") and "44.00" in lines[2] and "<NA>" not in text
@@ -140,20 +142,32 @@ def test_markdown_output_file_and_plot(tree, tmp_path):
 
 
 def test_files_given_directly(tree):
-    a = compare.collect([str(tree / "logs" / "run_a" / "metrics.jsonl"), str(tree / "soups" / "s1" / "soup_log.jsonl")])
+    a = runs.collect([str(tree / "logs" / "run_a" / "metrics.jsonl"), str(tree / "soups" / "s1" / "soup_log.jsonl")])
     assert [e.kind for e in a] == ["run", "soup"]
 
 
 def test_bad_paths(tmp_path):
     with pytest.raises(SolutionError, match="not found"):
-        compare.main([str(tmp_path / "missing"), "--no-plot"])
+        compare_cli.main([str(tmp_path / "missing"), "--no-plot"])
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(SolutionError, match="no training run"):
-        compare.main([str(tmp_path / "empty"), "--no-plot"])
+        compare_cli.main([str(tmp_path / "empty"), "--no-plot"])
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(SolutionError, match="expected a metrics.jsonl"):
-        compare.main([str(tmp_path / "x.txt"), "--no-plot"])
+        compare_cli.main([str(tmp_path / "x.txt"), "--no-plot"])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "metrics.jsonl").write_text('{"step": 1\n')
     with pytest.raises(SolutionError, match="not valid JSON"):
-        compare.main([str(tmp_path / "broken"), "--no-plot"])
+        compare_cli.main([str(tmp_path / "broken"), "--no-plot"])
+
+
+def test_a_last_line_torn_by_a_kill_is_skipped_with_a_warning(tree, caplog):
+    metrics = tree / "logs" / "run_b" / "metrics.jsonl"
+    with open(metrics, "a", encoding="utf-8") as f:
+        f.write('{"step": 30, "epoch": 3, "kind": "valid", "set": "valid", "mean_recall": 9')  # no newline: torn
+    e = runs.read_run(metrics.parent, "b")
+    assert e.scores["mean_recall"] == 28.0 and e.curve == [(10, 25.0), (20, 28.0)]
+    assert "metrics.jsonl:5: skipping a last line torn by a kill" in caplog.text
+    metrics.write_text(metrics.read_text() + "\n")  # the same line, now complete and malformed: an error
+    with pytest.raises(SolutionError, match="metrics.jsonl:5: not valid JSON"):
+        runs.read_run(metrics.parent, "b")

@@ -1,4 +1,6 @@
-"""Two CPU processes (gloo) at batch 4 each train the same model as one process at batch 8."""
+"""Two CPU processes (gloo) at batch 4 each train the same model as one process at batch 8, with and
+without gradient accumulation (``--accum-freq 2``: DDP's ``no_sync`` on the first micro-batch)."""
+import json
 import os
 import socket
 
@@ -6,12 +8,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from solution.model.models import ModelConfig, build_model, read_checkpoint
+from solution.model import ModelConfig, build_model, read_checkpoint
 from solution.training.trainer import main
 from train_helpers import make_data, tiny_argv
 
 # eps = 1 makes AdamW's update proportional to the gradient (~ SGD with momentum), so a wrongly
-# scaled gradient (e.g. x world size) would show; with the usual tiny eps Adam would hide it.
+# scaled gradient (e.g. x world size, or a micro-batch's gradient lost or counted twice) would show;
+# with the usual tiny eps Adam would hide it.
 FLAGS = dict(max_steps=4, lr="1.0", eps="1.0", warmup=1, valid_step_interval=2, valid_epoch_interval=0)
 
 
@@ -28,25 +31,40 @@ def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
     main(argv)
 
 
-@pytest.mark.parametrize("accum_freq", [1])
-def test_two_gloo_processes_equal_one_process(tmp_path, accum_freq):
-    train, valid = make_data(tmp_path / "data", per_colour_train=3, per_colour_valid=1)
+def _rows(run_dir, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl", encoding="utf-8")) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("colours"), per_colour_train=3, per_colour_valid=1)
+
+
+@pytest.mark.parametrize("accum_freq", [1, 2])
+def test_two_gloo_processes_equal_one_process(tmp_path, data, accum_freq):
+    train, valid = data
     flags = {**FLAGS, "accum_freq": accum_freq}
     single = main(tiny_argv(train, valid, tmp_path / "logs", name="single", **{**flags, "batch_size": 8}))
     argv = tiny_argv(train, valid, tmp_path / "logs", name="ddp", **{**flags, "batch_size": 4})
     mp.spawn(_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
 
+    ddp_dir = tmp_path / "logs" / "ddp"
     a = read_checkpoint(single["last_checkpoint"])
-    b = read_checkpoint(tmp_path / "logs" / "ddp" / "checkpoints" / "epoch_latest.pt")
+    b = read_checkpoint(ddp_dir / "checkpoints" / "epoch_latest.pt")
     assert a["step"] == b["step"] == 4
     assert b["train_state"]["position"] == a["train_state"]["position"]
     assert len(b["train_state"]["rng"]) == 2  # one RNG state per process
+    params = json.loads((ddp_dir / "params.json").read_text())
+    assert (params["world_size"], params["global_batch_size"]) == (2, 8 * accum_freq) == \
+        (1 * 2, single["params"]["global_batch_size"])
+    # the oracle: the one-process run at the same global batch; the model moved away from its start
+    assert a["state_dict"].keys() == b["state_dict"].keys()
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, atol=1e-5, rtol=1e-4, msg=k)
     torch.manual_seed(123)
     init = build_model(ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16)).state_dict()
     assert max(float((init[k[len("module."):]] - v).abs().max()) for k, v in a["state_dict"].items()) > 1e-3
-    assert torch.equal(a["state_dict"]["module.logit_scale"], b["state_dict"]["module.logit_scale"]) or \
-        abs(float(a["state_dict"]["module.logit_scale"] - b["state_dict"]["module.logit_scale"])) < 1e-5
-    rows = (tmp_path / "logs" / "ddp" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"valid"' in r for r in rows) == 2  # validation ran once per interval (rank 0 only)
+    # every step saw the same global loss, and validation ran once per interval (main process only)
+    losses = [[r["loss"] for r in _rows(run, "train")] for run in (tmp_path / "logs" / "single", ddp_dir)]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
+    assert [r["step"] for r in _rows(ddp_dir, "valid")] == [2, 4]

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from solution.common import SolutionError, read_jsonl
-from solution.data.synthetic import BACKGROUNDS, COLORS, COUNTS, SHAPES, generate, main
+from solution.data.synthetic import BACKGROUNDS, COLORS, COUNTS, SHAPES, generate
+from solution.demo_data import main
 from solution.data.images import sniff_format
 
 FILES = ["train_imgs.tsv", "valid_imgs.tsv", "test_imgs.tsv", "train_texts.jsonl", "valid_texts.jsonl",

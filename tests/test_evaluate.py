@@ -9,7 +9,7 @@ import pytest
 from cn_clip_patch.device import run_upstream_main
 from cli_helpers import one_error_line
 from solution.common import SolutionError
-from solution.retrieval.evaluate import main
+from solution.evaluate import main
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = {"t2i": "cn_clip.eval.evaluation", "i2t": "cn_clip.eval.evaluation_tr"}
@@ -165,6 +165,15 @@ def test_check_without_answers(tmp_path, capsys):
         main(["--check", str(bad), "--texts", str(texts)])
     with pytest.raises(SolutionError, match="--texts"):
         main(["--check", str(good)])
+
+
+def test_check_reads_query_ids_as_the_official_script_reads_gold(tmp_path):
+    """--texts may be the answers themselves: no text field, a repeated text_id (the official reader keeps the
+    later line). The submission the official script accepts against that gold passes --check too."""
+    gold = write_lines(tmp_path / "gold.jsonl", [*GOLD, {"text_id": 2, "image_ids": [8]}])
+    good = write_lines(tmp_path / "good.jsonl", [{"text_id": 1, "image_ids": list(range(10))}, OK2])
+    assert json.loads(official(gold, good, tmp_path / "up.json"))["success"] is True
+    assert main(["--check", str(good), "--texts", str(gold)])["queries"] == 2
 
 
 def test_shell_wrapper_exit_codes(tmp_path):

@@ -13,13 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
+import solution.retrieval.cache as cache
 import solution.retrieval.encode as F
 from cn_clip_patch.device import on_device
 from solution.common import SolutionError
-from solution.formats.features import load_features
-from solution.retrieval.encode import encode_images, encode_texts, main
 from solution.data.lmdb_io import LMDBSplit, write_split
-from solution.model.models import ModelConfig, build_model, save_checkpoint
+from solution.features import main
+from solution.formats.features import load_features
+from solution.model import ModelConfig, build_model, save_checkpoint
+from solution.retrieval.encode import encode_images, encode_texts
+from solution.retrieval.manifest import checkpoint_validation
+from solution.retrieval.precision import effective_precision
 
 PROMPT = "这是一张商品图片："
 TEXTS = ["红色连衣裙", "男士运动鞋 透气 轻便 夏季新款", "苹果手机壳", "儿童玩具车", "Nike 跑步鞋 “轻便”", "保温杯500ML"]
@@ -104,13 +108,13 @@ def test_jsonl_format_is_cn_clip_compatible(data, tmp_path):
 
 def test_image_cache_hit_and_invalidation(data, tmp_path, monkeypatch):
     calls = []
-    real = F.encode_images
+    real = cache.encode_images
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(F, "encode_images", counting)
+    monkeypatch.setattr(cache, "encode_images", counting)
     _checkpoint(tmp_path / "ckpt.pt")
     assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "miss"
     first = load_features(tmp_path / "o/img.npy", "image").feats
@@ -140,7 +144,7 @@ def test_validation_score_reaches_the_manifest(data, tmp_path):
         + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0}) + "\n")
     _run(data, run / "checkpoints" / "best.pt", tmp_path / "o")
     assert load_features(tmp_path / "o/txt.npy", "text").meta["validation"]["mean_recall"] == 5.0
-    from solution.retrieval.rank import main as predict
+    from solution.predict import main as predict
 
     predict(["--image-feats", str(tmp_path / "o/img.npy"), "--text-feats", str(tmp_path / "o/txt.npy"),
              "--output", str(tmp_path / "sub/s.jsonl"), "--top-k", "5"])
@@ -312,8 +316,42 @@ def test_validation_scores_only_decodable_gold_images(tmp_path, tiny_model, tiny
     r = F.evaluate_split(tiny_model, tmp_path / "valid", tiny_config, batch_size=2)
     assert r["undecodable_images"] == 1 and r["queries_scored"] == 3  # text 11 (only image 5) is not scored
     # Four images decode: every scored query finds a gold image in its top 5 whatever the model ranks.
-    assert r["r5"] == r["r10"] == 100.0 and r["r1"] in {(k / 3) * 100 for k in range(4)}
+    assert r["r5"] == r["r10"] == 100.0
+    # R@1 by hand: each scored query's best decodable image (ties to the first in key order) among its gold
+    ids, img = encode_images(tiny_model, tmp_path / "valid", tiny_config)
+    txt = encode_texts(tiny_model, ["红色", "绿色", "黄色"], tiny_config)
+    gold = ({1}, {2}, {3, 4})  # text 10 keeps only image 1: image 5 does not decode
+    hits = sum(int(ids[np.argmax(img @ t)]) in g for t, g in zip(txt, gold))
+    assert r["r1"] == (hits * 1.0 / 3) * 100
     assert "1 of 5 images could not be decoded" in caplog.text and "1 of 4 queries" in caplog.text
     write_split(tmp_path / "bad", [corrupt], [(5, 11, "蓝色")])
     with pytest.raises(SolutionError, match="no decodable images"):
         F.evaluate_split(tiny_model, tmp_path / "bad", tiny_config)
+
+
+def test_checkpoint_validation_reads_metrics_as_the_run_reader_does(tmp_path, caplog):
+    """metrics.jsonl beside checkpoints/: a last line torn by a kill is skipped with a warning; any other
+    malformed line is one error naming file and line (it was silently dropped from the provenance)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "epoch_1.pt"
+    good = json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0})
+    (run / "metrics.jsonl").write_text(good + "\n" + '{"step": 11, "kind": "tr')  # torn: no newline, cut JSON
+    got = checkpoint_validation(ckpt, {"step": 10})
+    assert got == {"r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0, "step": 10, "epoch": 1,
+                   "source": str(run / "metrics.jsonl")}
+    assert "torn by a kill" in caplog.text
+    assert checkpoint_validation(ckpt, {"step": 12}) is None  # no record at that step
+    (run / "metrics.jsonl").write_text('{"step": 5, "kind": "tr\n' + good + "\n")
+    with pytest.raises(SolutionError, match=r"metrics.jsonl:1: not valid JSON"):
+        checkpoint_validation(ckpt, {"step": 10})
+    # a score stored in the checkpoint wins, and a checkpoint outside a run's checkpoints/ has no run to read
+    assert checkpoint_validation(ckpt, {"step": 10, "metrics": {"mean_recall": 1.0}})["mean_recall"] == 1.0
+    assert checkpoint_validation(tmp_path / "loose.pt", {"step": 10}) is None
+
+
+def test_effective_precision():
+    table = {("cpu", "amp"): "fp32", ("cpu", "fp16"): "fp32", ("cpu", "fp32"): "fp32", ("cpu", "bf16"): "bf16",
+             ("cuda", "amp"): "fp16", ("cuda", "fp16"): "fp16", ("cuda", "fp32"): "fp32", ("cuda", "bf16"): "bf16"}
+    for (device, precision), want in table.items():
+        assert effective_precision(device, precision) == want, (device, precision)

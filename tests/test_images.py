@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from solution.data.images import CHECKS, clean_b64, clean_image, decode_base64, inspect_jpeg, jpeg_b64_info, sniff_format
+from solution.data.images import CHECKS, clean_b64, clean_image, decode_base64, sniff_format
+from solution.data.jpeg import inspect_jpeg, jpeg_b64_info
 
 
 def _picture(w=48, h=32):

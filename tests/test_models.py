@@ -3,8 +3,8 @@ import torch
 
 from cn_clip.clip.model import CLIP
 from solution.common import SolutionError
-from solution.model.models import (ModelConfig, infer_architecture, load_model, read_checkpoint,
-                             resolve_config, save_checkpoint, text_models, vision_models)
+from solution.model import (ModelConfig, infer_architecture, load_model, meta_model, model_template, read_checkpoint,
+                            resolve_config, save_checkpoint, text_models, vision_models)
 
 
 def test_registry_has_upstream_and_tiny_models():
@@ -103,3 +103,16 @@ def test_infer_architecture_survives_a_partial_resnet_state_dict():
     for layer, blocks in enumerate((3, 4, 6, 3), 1):  # RN50's blocks, but no attention pool: no KeyError
         sd.update({f"visual.layer{layer}.{b}.conv1.weight": torch.zeros(1) for b in range(blocks)})
     assert infer_architecture(sd) == (None, None)
+
+
+def test_meta_model_and_template_match_the_built_model(tiny_config, tiny_model):
+    """The meta-device model has the built model's tensors; given storage and weights it computes the same."""
+    meta = meta_model(tiny_config)
+    assert all(t.is_meta for t in meta.state_dict().values())
+    built = {k: tuple(v.shape) for k, v in tiny_model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == built == model_template(tiny_config)
+    meta.to_empty(device="cpu").load_state_dict(tiny_model.state_dict())
+    images = torch.randn(2, 3, tiny_config.image_resolution, tiny_config.image_resolution)
+    with torch.no_grad():
+        assert torch.equal(meta.eval().encode_image(images), tiny_model.eval().encode_image(images))
+

@@ -8,7 +8,8 @@ from cn_clip_patch.device import run_upstream_main
 from cli_helpers import one_error_line
 from solution.common import SolutionError, read_jsonl
 from solution.formats.features import load_features, save_features
-from solution.retrieval.rank import auto_chunk, main, rank
+from solution.predict import main
+from solution.retrieval.rank import auto_chunk, rank
 
 
 # runpy warns when another test file already imported the module it runs as __main__: harmless here.

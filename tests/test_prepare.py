@@ -16,7 +16,8 @@ import solution.data.workers as prep_workers
 from solution.common import SolutionError, read_jsonl
 from solution.data.synthetic import generate
 from solution.data.lmdb_io import LMDBSplit, restricted_loads
-from solution.data.build import main, prepare
+from solution.data.build import prepare
+from solution.prepare import main
 
 
 def _jpeg(color=(200, 40, 40), size=(40, 30), fmt="JPEG"):

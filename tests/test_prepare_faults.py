@@ -20,7 +20,7 @@ from PIL import Image
 import solution.data.build as prep
 from solution.common import run_cli
 from solution.data.lmdb_io import LMDBSplit
-from solution.data.build import main
+from solution.prepare import main
 from solution.data.inputs import Text, split_off_valid
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from solution.data.synthetic import generate
-from solution.model.models import ModelConfig, build_model
+from solution.model import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -21,10 +21,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from solution.studies import runner as search
+from solution import search as search_cli
 from solution.common import SolutionError
-from solution.studies.config import check_trial_flags, flags_to_argv, load_config, parse_config, trial_flags
-from solution.studies.storage import ACCEPTED, not_counted
+from solution.formats.runs import MetricsTail
+from solution.studies.config import (check_trial_flags, flags_to_argv, load_config, parse_config, suggest_params,
+                                     trial_flags)
+from solution.studies.storage import ACCEPTED, make_storage, not_counted, worker_info
+from solution.studies.study import run_search
 from solution.soups.ingredients import study_checkpoints
 from train_helpers import make_data
 
@@ -134,7 +137,7 @@ def test_flags_from_base_and_params():
     study = optuna.create_study()
     for _ in range(6):  # lora-alpha exists exactly when lora-rank is on
         t = study.ask()
-        params = search.suggest_params(t, cfg.space)
+        params = suggest_params(t, cfg.space)
         assert ("lora-alpha" in params) == bool(params["lora-rank"])
         study.tell(t, 0.0)
 
@@ -172,7 +175,7 @@ def test_shipped_configs_parse_and_the_trainer_accepts_their_trials():
         modes = set()
         for _ in range(12):  # every sampled trial is a valid train_clip.sh command line
             t = study.ask()
-            args = parse_args(flags_to_argv({**trial_flags(cfg, search.suggest_params(t, cfg.space)),
+            args = parse_args(flags_to_argv({**trial_flags(cfg, suggest_params(t, cfg.space)),
                                              "logs": "/tmp/x", "name": "t"}))
             study.tell(t, 0.0)
             modes.add((args.lora_rank > 0, args.freeze_vision, args.freeze_text))
@@ -198,9 +201,9 @@ def test_search_records_prunes_and_survives_failures(tmp_path, fake_train):
                                                       {"lr": 1e-4, "freeze-vision": False},  # slow: pruned
                                                       {"lr": 0.9, "freeze-vision": False}])  # raises "OOM"
     cfg = parse_config(raw)
-    summary = search.run_search(cfg, train_main=main)
-    assert summary["n_trials"] == 4 and summary["complete"] >= 1
+    summary = run_search(cfg, train_main=main)
     df = pd.read_csv(tmp_path / "out" / "s" / "trials.csv")
+    assert summary["n_trials"] == 4 and summary["complete"] == (df["state"] == "COMPLETE").sum() >= 1
     assert list(df.columns[:4]) == ["number", "state", "value", "run_dir"]
     assert {"params_lr", "params_freeze-vision"} <= set(df.columns)
     states = dict(zip(df["number"], df["state"]))
@@ -210,8 +213,15 @@ def test_search_records_prunes_and_survives_failures(tmp_path, fake_train):
     for row in df.itertuples():
         assert Path(row.run_dir) == tmp_path / "out" / "s" / "trials" / f"{row.number:04d}"
         assert Path(row.run_dir, "metrics.jsonl").is_file() or row.state == "FAIL"
+    for row in df[df["state"] == "COMPLETE"].itertuples():  # a trial's value: its best main-set validation
+        records = [json.loads(x) for x in Path(row.run_dir, "metrics.jsonl").read_text().splitlines()]
+        assert row.value == max(r["mean_recall"] for r in records if r["kind"] == "valid" and "set" not in r)
+    complete = df[df["state"] == "COMPLETE"]
+    top = complete.loc[complete["value"].idxmax()]  # best.json names the top row of trials.csv
     best = json.loads((tmp_path / "out" / "s" / "best.json").read_text())
-    assert best["number"] == 0 or best["value"] >= df.loc[0, "value"]
+    assert (best["number"], best["run_dir"]) == (top["number"], top["run_dir"])
+    assert best["value"] == pytest.approx(top["value"]) == summary["best_value"]
+    assert best["best_checkpoint"] == str(Path(top["run_dir"]) / "checkpoints" / "best.pt")
     command = (tmp_path / "out" / "s" / "best_command.sh").read_text()
     assert "bash Chinese-CLIP/train_clip.sh" in command and "--lr" in command and "--max-steps 4" in command
     assert os.access(tmp_path / "out" / "s" / "best_command.sh", os.X_OK)
@@ -222,11 +232,26 @@ def test_search_records_prunes_and_survives_failures(tmp_path, fake_train):
     assert study_checkpoints(tmp_path / "out" / "s", 1) == [Path(best["run_dir"]) / "checkpoints" / "best.pt"]
 
 
+def test_metrics_tail_reads_whole_lines_and_skips_a_torn_last_one(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert tail.read_new() == []  # not written yet
+    path.write_text('{"step": 1}\n{"step": 2')
+    assert tail.read_new() == [{"step": 1}]  # the second line is still being written
+    with open(path, "a") as f:
+        f.write('}\n{"step": 3}\n{"step": ')
+    assert tail.read_new() == [{"step": 2}, {"step": 3}]
+    assert tail.read_new(final=True) == [] and "metrics.jsonl:4: skipping a last line torn by a kill" in caplog.text
+    path.write_text('{"step": 1}\n[2]\n{"step": 3}\n')
+    with pytest.raises(SolutionError, match="metrics.jsonl:2: record 2 is a list, not a JSON object"):
+        MetricsTail(path).read_new()
+
+
 def test_argparse_exit_and_nan_are_failures_not_crashes(tmp_path, fake_train):
     main, _ = fake_train
     raw = fake_config(tmp_path, n_trials=2, pruner="none", enqueue=[{"lr": 1e-3}],
                       base={"max-steps": 2, "not-a-flag": 3})
-    summary = search.run_search(parse_config(raw), train_main=main)
+    summary = run_search(parse_config(raw), train_main=main)
     assert summary["fail"] == 2 and summary["complete"] == 0
     reasons = pd.read_csv(tmp_path / "out" / "s" / "trials.csv")["fail_reason"]
     assert all("exited with code 2" in r for r in reasons)
@@ -234,7 +259,7 @@ def test_argparse_exit_and_nan_are_failures_not_crashes(tmp_path, fake_train):
     def nan_train(argv, on_validation=None):
         on_validation({"step": 1, "epoch": 0, "kind": "valid", "mean_recall": float("nan")})
 
-    summary = search.run_search(parse_config({**raw, "name": "nan", "n_trials": 1}), train_main=nan_train)
+    summary = run_search(parse_config({**raw, "name": "nan", "n_trials": 1}), train_main=nan_train)
     assert summary["fail"] == 1
     assert "nan" in pd.read_csv(tmp_path / "out" / "nan" / "trials.csv")["fail_reason"][0]
 
@@ -245,25 +270,25 @@ def test_resume_counts_toward_total_and_recovers_dead_worker(tmp_path, fake_trai
     main, _ = fake_train
     journal = {"storage": f"journal:{tmp_path / 'j.log'}"} if storage == "journal" else {}
     cfg = parse_config(fake_config(tmp_path, n_trials=2, pruner="none", heartbeat=1, grace_period=2, **journal))
-    search.run_search(cfg, train_main=main)
+    run_search(cfg, train_main=main)
     # a worker that died mid-trial: RUNNING in storage, owned by a pid that no longer exists
-    study = optuna.load_study(study_name="s", storage=search.make_storage(cfg))
+    study = optuna.load_study(study_name="s", storage=make_storage(cfg))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     t = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
-    t.set_user_attr("worker", {"host": search.worker_info()["host"], "pid": dead.pid, "started": None})
+    t.set_user_attr("worker", {"host": worker_info()["host"], "pid": dead.pid, "started": None})
     if storage == "sqlite":
         study._storage.record_heartbeat(t._trial_id)  # its last heartbeat; the search fails it 2 s later
     study.ask()  # a trial killed before it got its worker attribute (and heartbeat): not counted, left alone
     cfg.n_trials = 3
-    summary = search.run_search(cfg, train_main=main)
-    trials = optuna.load_study(study_name="s", storage=search.make_storage(cfg)).trials
+    summary = run_search(cfg, train_main=main)
+    trials = optuna.load_study(study_name="s", storage=make_storage(cfg)).trials
     assert [tr.number for tr in trials] == [0, 1, 2, 3, 4]  # grew; nothing restarted
     assert trials[2].state.name == "FAIL" and not_counted(trials[2])
     assert trials[3].state.name == "RUNNING"
     assert trials[4].user_attrs["retry_of"] == 2 and trials[4].params["lr"] == t.params["lr"]
     assert summary["complete"] == 3
-    assert search.run_search(cfg, train_main=main)["n_trials"] == 5  # target met: nothing more runs
+    assert run_search(cfg, train_main=main)["n_trials"] == 5  # target met: nothing more runs
 
 
 def test_subprocess_mode_tails_metrics_and_kills_pruned_child(tmp_path, fake_train):
@@ -271,7 +296,7 @@ def test_subprocess_mode_tails_metrics_and_kills_pruned_child(tmp_path, fake_tra
     raw = fake_config(tmp_path, n_trials=2, mode="subprocess", launcher=[sys.executable, str(script)],
                       base={"max-steps": 40, "valid-step-interval": 1, "sleep": 0.05},
                       enqueue=[{"lr": 1e-2, "freeze-vision": True}, {"lr": 1e-4, "freeze-vision": True}])
-    summary = search.run_search(parse_config(raw), train_main=None)
+    summary = run_search(parse_config(raw), train_main=None)
     df = pd.read_csv(tmp_path / "out" / "s" / "trials.csv")
     assert list(df["state"]) == ["COMPLETE", "PRUNED"], summary
     assert df.loc[0, "value"] == pytest.approx(100 * (1 - 2.718281828 ** -40), rel=1e-3)
@@ -290,7 +315,7 @@ def test_two_cli_workers_share_a_journal_study(tmp_path, fake_train):
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [finish(w) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outs[0][1].decode()[-2000:]
-    storage = search.make_storage(parse_config(raw))
+    storage = make_storage(parse_config(raw))
     trials = optuna.load_study(study_name="s", storage=storage).trials
     assert [t.number for t in trials] == list(range(len(trials))) and 6 <= len(trials) <= 7
     assert all(t.state.name == "COMPLETE" for t in trials)
@@ -313,7 +338,7 @@ def test_sigterm_stops_the_child_and_requeues_the_trial(tmp_path, fake_train):
     size = metrics.stat().st_size
     time.sleep(0.8)
     assert metrics.stat().st_size == size  # the child was stopped with its parent
-    t0, t1 = optuna.load_study(study_name="s", storage=search.make_storage(parse_config(raw))).trials
+    t0, t1 = optuna.load_study(study_name="s", storage=make_storage(parse_config(raw))).trials
     assert t0.state.name == "FAIL" and t0.user_attrs["interrupted"]
     assert t1.state.name == "WAITING" and t1.user_attrs["retry_of"] == 0
     raw["base"]["sleep"] = 0.0
@@ -321,7 +346,7 @@ def test_sigterm_stops_the_child_and_requeues_the_trial(tmp_path, fake_train):
     again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     finish(again)
     assert again.returncode == 0
-    trials = optuna.load_study(study_name="s", storage=search.make_storage(parse_config(raw))).trials
+    trials = optuna.load_study(study_name="s", storage=make_storage(parse_config(raw))).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert trials[1].params == t0.params
 
@@ -402,7 +427,7 @@ def test_a_config_without_out_keeps_its_study_under_runs_search(tmp_path, fake_t
     else:
         raw["out"] = out
     monkeypatch.chdir(tmp_path)
-    search.run_search(parse_config(raw, "s.yaml"), train_main=main)
+    run_search(parse_config(raw, "s.yaml"), train_main=main)
     assert (tmp_path / "runs" / "search" / "s" / "trials.csv").is_file()
     assert (tmp_path / "runs" / "search" / "s" / "trials" / "0000" / "metrics.jsonl").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake_trainer.py", "runs"]  # nothing else in the cwd
@@ -419,7 +444,7 @@ def test_a_config_without_out_keeps_its_study_under_runs_search(tmp_path, fake_t
 def test_storage_url_errors_are_one_line(tmp_path, url, message):
     config = real_trainer_config(tmp_path)
     with pytest.raises(SolutionError, match=message) as e:
-        search.main(["--config", str(config), "--storage", url])
+        search_cli.main(["--config", str(config), "--storage", url])
     text = str(e.value)
     assert "\n" not in text and "secret" not in text
     if "cannot open" not in message:
@@ -475,7 +500,7 @@ def test_real_search_completes_prunes_diverging_lr_and_survives_a_raising_trial(
         {"lr": 0.05, "wd": 0.01, "batch-size": 16},    # diverges: far below the median at the first validation
         {"lr": 1e-4, "wd": 0.01, "batch-size": 4096},  # the trainer raises: batch larger than the data
     ])
-    summary = search.run_search(parse_config(raw))
+    summary = run_search(parse_config(raw))
     assert (summary["n_trials"], summary["complete"], summary["pruned"], summary["fail"]) == (3, 1, 1, 1), summary
     df = pd.read_csv(tmp_path / "real" / "trials.csv")
     assert list(df["state"]) == ["COMPLETE", "PRUNED", "FAIL"]

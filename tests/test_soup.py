@@ -9,18 +9,20 @@ random perturbations.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import weakref
 
 import pytest
 import torch
 
-from solution.soups import soup as soup
-
-from solution.soups import ingredients as soup_weights
+from solution import soup
 from solution.common import SolutionError, read_jsonl
 from solution.data.build import prepare
-from solution.model.models import ModelConfig, build_model, clean_state_dict, read_checkpoint, save_checkpoint
+from solution.data.lmdb_io import LMDBSplit, write_images
+from solution.model import ModelConfig, build_model, clean_state_dict, read_checkpoint, save_checkpoint
+from solution.retrieval import encode
+from solution.soups import ingredients, weights
 
 METHODS = ("uniform", "greedy", "pairwise")
 
@@ -111,9 +113,12 @@ def test_greedy_never_below_its_first_ingredient(souped):
         assert r["kept"] == (r["mean_recall"] > current)
         if r["kept"]:
             current = r["mean_recall"]
-    final = summary["soups"]["greedy"]
-    assert final["mean_recall"] >= best_single
     assert len(greedy) == len(singles)  # every ingredient was tried once
+    # the soup is the last kept candidate, then interpolation (alpha 1 = that soup) keeps only strict gains
+    interp = [r for r in rows if r["method"] == "greedy+interpolate"]
+    assert interp[0]["alpha"] == 1.0 and interp[0]["mean_recall"] == current
+    final = summary["soups"]["greedy"]
+    assert final["mean_recall"] == [r for r in interp if r["kept"]][-1]["mean_recall"]
 
 
 def test_soup_weights_are_the_average_its_log_names(souped):
@@ -167,11 +172,8 @@ def test_pairwise_follows_its_stopping_rule(souped):
 def test_soup_scores_the_same_through_plain_cn_clip_predict_and_evaluate(souped, trained, tmp_path):
     from cn_clip.clip.model import CLIP
 
-    from solution.retrieval import evaluate as evaluate
-
-    from solution.retrieval import encode as features
-
-    from solution.retrieval import rank as predict
+    from solution import evaluate, features, predict
+    from solution.retrieval.encode import encode_images
 
     out, summary = souped
     path = out / "greedy" / "soup.pt"
@@ -201,7 +203,7 @@ def test_soup_scores_the_same_through_plain_cn_clip_predict_and_evaluate(souped,
     # the plain upstream model and ours give the same features
     import numpy as np
 
-    ids, feats = features.encode_images(model, trained / "lmdb/valid", ModelConfig.from_dict(ckpt["config"]))
+    ids, feats = encode_images(model, trained / "lmdb/valid", ModelConfig.from_dict(ckpt["config"]))
     ours = np.load(tmp_path / "img.npy")
     order = np.argsort(ids)
     ours_ids = np.load(tmp_path / "img.ids.npy")
@@ -255,6 +257,42 @@ def test_rerun_uses_the_score_cache(souped, trained, monkeypatch, tmp_path):
     torch.testing.assert_close(_sd(again_dir / "soup.pt"), _sd(out / "greedy" / "soup.pt"), atol=0, rtol=0)
 
 
+def test_score_cache_knows_the_validation_lmdb_by_its_content(souped, trained, monkeypatch, tmp_path):
+    """The same LMDB elsewhere (another path and modification time) is the same validation data: cached
+    scores answer; an LMDB with other images is not (its scores are computed again)."""
+    out, summary = souped
+    moved = tmp_path / "moved"
+    shutil.copytree(trained / "lmdb" / "valid", moved)
+    for f in moved.rglob("*.mdb"):
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(out / "score_cache.json", tmp_path / name / "score_cache.json")
+    args = ["--checkpoints", str(trained / "logs/run0/checkpoints/epoch_1.pt"), "--method", "uniform",
+            "--select-split", "0.5", "--seed", "3", "--device", "cpu"]
+    real = encode.encode_images
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(encode, "encode_images", counting)
+    again = soup.main([*args, "--val-data", str(moved), "--output", str(tmp_path / "a")])
+    assert calls == [] and again["best_single"] == _single(summary, "run0/checkpoints/epoch_1.pt")
+    split = LMDBSplit(moved)
+    images = [(i, split.image_b64(i)) for i in split.image_ids()]
+    split.close()
+    write_images(moved, [(i, images[-1][1] if n == 0 else b) for n, (i, b) in enumerate(images)])  # one image changed
+    soup.main([*args, "--val-data", str(moved), "--output", str(tmp_path / "b")])
+    assert calls  # re-scored
+
+
+def _single(summary, suffix):
+    ing = next(i for i in summary["ingredients"] if i["path"].endswith(suffix))
+    return {"path": ing["path"], **{k: v for k, v in ing.items() if k not in ("path", "fingerprint")}}
+
+
 def test_soup_resumes_in_train(souped, trained):
     import solution.training.trainer as train
 
@@ -267,7 +305,7 @@ def test_soup_resumes_in_train(souped, trained):
 
 
 def test_compare_reads_the_soup_folder(souped, trained, tmp_path):
-    from solution.report import compare as compare
+    from solution import compare
 
     out, summary = souped
     text = compare.main([str(trained / "logs"), str(out), "--plot", str(tmp_path / "c.png"), "--csv"])
@@ -305,7 +343,7 @@ def synth(tmp_path, demo):
 def test_uniform_no_score_streams_one_checkpoint_at_a_time(synth, monkeypatch):
     tmp, paths, _ = synth
     alive = []
-    real = soup_weights.read_checkpoint
+    real = ingredients.read_checkpoint
 
     def tracking(path, **kw):
         ckpt = real(path, **kw)
@@ -314,7 +352,8 @@ def test_uniform_no_score_streams_one_checkpoint_at_a_time(synth, monkeypatch):
         alive.append(weakref.ref(ckpt["state_dict"]["module.logit_scale"]))
         return ckpt
 
-    monkeypatch.setattr(soup_weights, "read_checkpoint", tracking)
+    monkeypatch.setattr(ingredients, "read_checkpoint", tracking)  # inspecting
+    monkeypatch.setattr(weights, "read_checkpoint", tracking)  # averaging
     summary = soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "uniform", "--no-score",
                          "--output", str(tmp / "out")])
     got = _sd(tmp / "out" / "soup.pt")
@@ -418,8 +457,8 @@ def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(synth, demo):
     for k, v in clean_state_dict(ckpt["state_dict"]).items():
         torch.testing.assert_close(v.float(), expected[k], atol=1e-3, rtol=1e-3)
     # the logged score is the saved fp16 soup's
+    from solution.model import load_model
     from solution.retrieval.encode import evaluate_split
-    from solution.model.models import load_model
 
     model, cfg, _ = load_model(tmp / "out" / "soup.pt")
     assert evaluate_split(model, demo / "lmdb/valid", cfg)["mean_recall"] == summary["soups"]["uniform"]["mean_recall"]
@@ -435,12 +474,12 @@ def test_from_study_takes_the_top_complete_trials(synth):
         shutil.copy(paths[number % 3], ckpt_dir / "best.pt")
     (study / "trials.csv").write_text("number,state,value,run_dir,params_lr\n" + "".join(
         f"{n},{s},{v},{study / 'trials' / f'{n:04d}'},0.1\n" for n, s, v in rows))
-    got = soup_weights.study_checkpoints(study, 2)
+    got = ingredients.study_checkpoints(study, 2)
     assert [p.parent.parent.name for p in got] == ["0002", "0003"]
     with pytest.raises(SolutionError, match="no complete trial"):
         (tmp / "empty").mkdir()
         (tmp / "empty" / "trials.csv").write_text("number,state,value,run_dir\n0,FAIL,,x\n")
-        soup_weights.study_checkpoints(tmp / "empty", 2)
+        ingredients.study_checkpoints(tmp / "empty", 2)
 
 
 def test_unmerged_lora_is_refused(synth):
@@ -465,6 +504,6 @@ def test_from_study_passes_over_trials_the_best_cannot_be_souped_with(synth, cap
         save_checkpoint(ckpt_dir / "best.pt", sd, other if number == 1 else config)
     (study / "trials.csv").write_text("number,state,value,run_dir\n" + "".join(
         f"{n},COMPLETE,{v},{study / 'trials' / f'{n:04d}'}\n" for n, v in scores.items()))
-    got = soup_weights.study_checkpoints(study, 2)
+    got = ingredients.study_checkpoints(study, 2)
     assert [p.parent.parent.name for p in got] == ["0000", "0002"]
     assert "passing over trial 1" in caplog.text

@@ -8,7 +8,7 @@ import torch
 from cn_clip_patch.tuning import apply_tuning
 from solution.common import SolutionError
 from solution.retrieval.encode import encode_texts, evaluate_split
-from solution.model.models import ModelConfig, build_model, load_model, read_checkpoint
+from solution.model import ModelConfig, build_model, load_model, read_checkpoint
 from solution.training.trainer import main
 from train_helpers import make_data, tiny_argv
 
@@ -111,7 +111,7 @@ def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
 
 
 def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, monkeypatch):
-    import solution.training.trainer as train_mod
+    import solution.training.validation as validation
     import solution.training.loaders as td
     from cn_clip_patch.prompt import tokenize
 
@@ -124,14 +124,14 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
             seen_collates.append((self.prompt, out[1]))
             return out
 
-    real_eval = train_mod.evaluate_split
+    real_eval = validation.evaluate_split
 
     def recording_eval(model, split, config, **kw):
         seen_configs.append(config.text_prompt)
         return real_eval(model, split, config, **kw)
 
     monkeypatch.setattr(td, "PairCollate", Recording)
-    monkeypatch.setattr(train_mod, "evaluate_split", recording_eval)
+    monkeypatch.setattr(validation, "evaluate_split", recording_eval)
     train, valid = data
     out = main(tiny_argv(train, valid, tmp_path, max_steps=2, text_prompt=prompt))
     prompt_ids = tokenize([""], 16, prompt)[0, :-1]  # [CLS] + prompt pieces
@@ -139,7 +139,7 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
     assert all(torch.equal(tok[:, :len(prompt_ids)], prompt_ids.expand(len(tok), -1)) for _, tok in seen_collates)
     assert seen_configs == [prompt]
     model, config, _ = load_model(out["last_checkpoint"])
-    assert config.text_prompt == prompt and out["params"]["text_prompt"] == prompt
+    assert config.text_prompt == prompt and out["params"]["text_prompt"] == out["config"].text_prompt == prompt
     plain = ModelConfig.from_dict({**config.to_dict(), "text_prompt": ""})
     with_prompt = encode_texts(model, ["一个红色的方块"], config)
     without = encode_texts(model, ["一个红色的方块"], plain)
@@ -176,7 +176,8 @@ def test_resume_after_crash_gives_identical_weights(data, tmp_path):
 
 def test_official_checkpoint_of_full_size_architecture_loads(tmp_path):
     from solution.training.config import parse_args
-    from solution.training.setup import build, find_start, model_config
+    from solution.training.run_config import resolve
+    from solution.training.setup import build, find_start
 
     config = ModelConfig("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")
     torch.manual_seed(0)
@@ -187,16 +188,19 @@ def test_official_checkpoint_of_full_size_architecture_loads(tmp_path):
     torch.save({"epoch": 30, "step": 1000, "name": "official", "state_dict": sd}, path)
     del model
     args = parse_args(["--train-data", "x", "--resume", str(path), "--logs", str(tmp_path), "--lora-rank", "2"])
-    start = find_start(args, tmp_path / "none.pt")
-    cfg = model_config(args, start)  # architecture inferred from the tensors
+    start = find_start(tmp_path / "none.pt", args.resume)
+    cfg = resolve(args, start, world=1, train_pairs=640, device="cpu")  # architecture inferred from the tensors
     assert (cfg.vision_model, cfg.text_model) == ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")
-    loaded = build(args, cfg, start)
+    assert (cfg.model_config.vision_model, cfg.model_config.text_model) == (cfg.vision_model, cfg.text_model)
+    loaded = build(cfg.model_config, start, seed=cfg.seed)
     key = "visual.transformer.resblocks.3.mlp.c_fc.weight"
     assert torch.equal(loaded.state_dict()[key], sd["module." + key].float())
-    assert args.lr == 5e-4 and args.beta2 == 0.98  # cn_clip's defaults for ViT-B-16
+    assert cfg.lr == 5e-4 and cfg.beta2 == 0.98  # cn_clip's defaults for ViT-B-16
+    assert args.lr is None and args.vision_model is None  # the typed flags are left as typed
     # a different architecture named on the command line is refused, naming both
     args = parse_args(["--train-data", "x", "--resume", str(path), "--vision-model", "ViT-Tiny",
                        "--text-model", "RBT-Tiny"])
-    start = find_start(args, tmp_path / "none.pt")
+    start = find_start(tmp_path / "none.pt", args.resume)
     with pytest.raises(SolutionError, match="ViT-B-16@RoBERTa-wwm-ext-base-chinese.*ViT-Tiny@RBT-Tiny"):
-        build(args, model_config(args, start), start)
+        cfg = resolve(args, start, world=1, train_pairs=640, device="cpu")
+        build(cfg.model_config, start, seed=cfg.seed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from solution.common import run_cli
-from solution.model.models import ModelConfig, build_model, read_checkpoint, save_checkpoint
+from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
 from solution.training.trainer import main
 from solution.training.config import parse_args
 from train_helpers import hooked_train, make_data, tiny_argv
@@ -120,6 +120,37 @@ def test_harmless_flag_changes_resume_and_consent_applies_the_new_flags(finished
     assert params["flag_changes"] == [{"step": 2, "changes": {"--lr": [0.002, 0.001],
                                                                "max steps (--max-steps/--max-epochs)": [2, 4]}}]
     assert read_checkpoint(logs / "run" / "checkpoints" / "epoch_latest.pt")["step"] == 4
+    assert params["typed"]["lr"] == 1e-3 and params["typed"]["allow_changed_flags"] is True
+
+
+def _old_style(params: dict) -> dict:
+    """``params.json`` as the trainer wrote it before it recorded the typed flags: the parsed namespace
+    after setup had rewritten it in place (device and LoRA flags as typed), plus the run's facts."""
+    typed = params.pop("typed")
+    return {**params, "device": typed["device"], "lora_alpha": typed["lora_alpha"],
+            "lora_targets": typed["lora_targets"]}
+
+
+def test_a_params_json_of_the_old_layout_still_guards_the_resume(finished_run, tmp_path, capsys, data):
+    logs = _copy(finished_run, tmp_path)
+    path = logs / "run" / "params.json"
+    new = json.loads(path.read_text())
+    assert new["typed"]["max_steps"] == 2 and new["typed"]["lr"] == 2e-3 and new["typed"]["beta1"] is None
+    assert new["max_steps"] == 2 and new["max_epochs"] == 1 and new["beta1"] == 0.9 and new["augment"] == "none"
+    old = _old_style(new)
+    old["flag_changes"] = [{"step": 1, "changes": {"--lr": [0.004, 0.002]}}]
+    path.write_text(json.dumps(old))
+    line = _error_line(capsys, tiny_argv(*data, logs, max_steps=2, valid_epoch_interval=0, lr="1e-3"))
+    assert "--lr 0.002 -> 0.001" in line and "--allow-changed-flags" in line
+    line = _error_line(capsys, tiny_argv(*data, logs, max_steps=2, valid_epoch_interval=0, lora_rank=2))
+    assert "--lora-rank 0 -> 2" in line
+    assert json.loads(path.read_text()) == old  # refused: untouched
+    argv = tiny_argv(*data, logs, max_steps=3, valid_epoch_interval=0)
+    assert run_cli(main, argv + ["--allow-changed-flags"]) == 0
+    params = json.loads(path.read_text())
+    assert params["max_steps"] == 3 and params["typed"]["max_steps"] == 3
+    assert params["flag_changes"] == [old["flag_changes"][0],
+                                      {"step": 2, "changes": {"max steps (--max-steps/--max-epochs)": [2, 3]}}]
 
 
 # ---------------------------------------------------------------- kill -9 in the last saves
@@ -261,14 +292,11 @@ def test_own_lora_state_of_another_architecture_is_one_line(tmp_path, capsys, da
 
 def test_optimizer_state_of_other_shapes(tmp_path, capsys, data, tiny_config):
     """A cn_clip checkpoint whose optimizer state has the right count but wrong shapes: a fresh optimizer."""
-    from solution.training.config import default_optim
     from solution.training.setup import make_optimizer
 
     torch.manual_seed(0)
     model = build_model(ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16))
-    args = parse_args(tiny_argv(*data, tmp_path))
-    default_optim(args)
-    opt = make_optimizer(model, args)
+    opt = make_optimizer(model, lr=2e-3, betas=(0.9, 0.98), eps=1e-6, wd=0.01)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()

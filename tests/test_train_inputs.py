@@ -1,11 +1,15 @@
-"""Trainer command line: config files, and one clear error line for each kind of bad input."""
+"""Trainer command line: config files, the resolved config, and one clear error line for each kind of bad input."""
+import json
+
 import pytest
 import torch
 
 from solution.common import SolutionError, run_cli
 from solution.data.lmdb_io import write_split
+from solution.training.config import build_parser, extra_val_sets, parse_args
+from solution.training.run_config import TrainConfig, resolve
+from solution.training.setup import Start
 from solution.training.trainer import main
-from solution.training.config import parse_args
 from train_helpers import make_data, tiny_argv
 
 
@@ -20,7 +24,7 @@ def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
                    "extra-val-data:\n  general: g/valid\n", encoding="utf-8")
     args = parse_args(["--config", str(cfg), "--batch-size", "9"])
     assert (args.train_data, args.batch_size, args.lora_rank, args.freeze_text, args.lr) == ("a/train", 9, 4, True, 1e-4)
-    assert args.extra_val == {"general": "g/valid"}
+    assert extra_val_sets(args.extra_val_data) == {"general": "g/valid"}
     assert (args.max_epochs, args.wd, args.warmup, args.name) == (32, 0.2, 500, "train_clip")
     assert args.context_length is None  # inherited from the starting checkpoint, else 52
     cfg.write_text("train-data: a\nbatch-sise: 3\n", encoding="utf-8")
@@ -36,7 +40,34 @@ def test_cn_clip_command_line_is_accepted():
             "--valid-epoch-interval 1 --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese --use-augment "
             "--grad-checkpointing --accum-freq 2 --freeze-vision --precision amp --seed 1 --mask-ratio 0.5").split()
     args = parse_args(argv)
-    assert args.augment == "cnclip" and args.accum_freq == 2 and args.mask_ratio == 0.5 and args.freeze_vision
+    assert args.use_augment and args.accum_freq == 2 and args.mask_ratio == 0.5 and args.freeze_vision
+    typed = dict(vars(args))
+    cfg = resolve(args, Start(), world=2, train_pairs=1000, device="cpu")
+    assert vars(args) == typed  # resolving leaves the typed flags alone
+    assert cfg.augment == "cnclip" and args.augment is None
+    # 1000 pairs in global micro-batches of 128 x 2 processes: 4 micro-batches, 2 steps (accumulating 2) an epoch
+    assert (cfg.steps_per_epoch, cfg.max_steps, cfg.max_epochs, cfg.global_batch_size) == (2, 6, 3, 512)
+    assert (cfg.lr, cfg.beta1, cfg.beta2, cfg.eps) == (5e-5, 0.9, 0.98, 1e-6)  # typed lr, cn_clip's others
+    assert cfg.model_config.tuning["freeze_vision"] and cfg.resumed_from is None and cfg.world_size == 2
+    with pytest.raises(Exception):
+        cfg.lr = 1.0  # frozen
+
+
+def test_the_resolved_config_has_every_flag_and_params_json_records_both(tmp_path, data):
+    dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert dests <= fields, dests - fields
+    out = main(tiny_argv(data[0], None, tmp_path, max_steps=3, valid_epoch_interval=0) + ["--lora-rank", "2"])
+    params = json.loads((tmp_path / "run" / "params.json").read_text())
+    assert params == json.loads(json.dumps(out["params"]))
+    typed = params.pop("typed")
+    assert set(typed) == dests and set(params) == fields
+    assert (typed["max_epochs"], params["max_epochs"]) == (32, 3)  # 8 pairs at batch 8: one step an epoch
+    assert (typed["max_steps"], params["max_steps"], params["steps_per_epoch"]) == (3, 3, 1)
+    assert (typed["beta1"], params["beta1"]) == (None, 0.9) and (typed["augment"], params["augment"]) == (None, "none")
+    assert (typed["lora_alpha"], params["lora_alpha"]) == (None, 4.0)
+    assert (typed["device"], params["device"]) == ("cpu", "cpu")
+    assert params["model_config"]["tuning"]["lora"]["alpha"] == 4.0 and params["train_pairs"] == 8
 
 
 def _error_line(capsys, argv):
@@ -103,7 +134,7 @@ def test_resume_of_missing_checkpoint(tmp_path, capsys, data):
 
 def test_cn_clip_training_checkpoint_is_accepted_with_its_offset(tmp_path, data, tiny_config):
     """A checkpoint as cn_clip's trainer writes it (module. keys + optimizer, no config) is accepted."""
-    from solution.model.models import build_model
+    from solution.model import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny_config)
@@ -119,7 +150,7 @@ def test_cn_clip_training_checkpoint_is_accepted_with_its_offset(tmp_path, data,
 
 def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data):
     """Fine-tuning from our checkpoint keeps its prompt and context length unless flags change them."""
-    from solution.model.models import ModelConfig, build_model, read_checkpoint, save_checkpoint
+    from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
 
     cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24, text_prompt="图片：")
     start = save_checkpoint(tmp_path / "start.pt", build_model(cfg).state_dict(), cfg)

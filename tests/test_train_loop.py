@@ -94,3 +94,42 @@ def test_extra_validation_sets_early_stop_and_plot(tmp_path):
     png = tmp_path / "run" / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "run" / "params.json").read_text())["extra_val_data"] == [f"general={general}"]
+
+
+def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
+    """--grad-checkpointing trains the same LoRA weights as without it (every adapter gradient kept), and
+    upstream's ``checkpoint`` names are patched during the run only: restored when the trainer returns
+    or raises (an in-process search trial after it must not inherit the patch)."""
+    import cn_clip.clip.model as upstream_model
+    import cn_clip.clip.modeling_bert as upstream_bert
+    from torch.utils.checkpoint import checkpoint
+
+    from solution.model import read_checkpoint
+
+    def names():
+        return upstream_model.checkpoint, upstream_bert.checkpoint
+
+    train, valid = make_data(tmp_path / "data", per_colour_train=2, per_colour_valid=1, colours=4)
+    flags = dict(max_steps=2, valid_step_interval=1, valid_epoch_interval=0, lora_rank=2, lr="1e-2")
+    seen = []
+    ref = main(tiny_argv(train, valid, tmp_path, name="plain", **flags), on_validation=lambda r: seen.append(names()))
+    assert seen and all(s == (checkpoint, checkpoint) for s in seen)
+    seen.clear()
+    out = main(tiny_argv(train, valid, tmp_path, name="gc", grad_checkpointing=True, **flags),
+               on_validation=lambda r: seen.append(names()))
+    assert len(seen) == 2 and all(a is not checkpoint and b is not checkpoint for a, b in seen)
+    assert names() == (checkpoint, checkpoint)
+    a, b = read_checkpoint(ref["last_checkpoint"])["state_dict"], read_checkpoint(out["last_checkpoint"])["state_dict"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+
+    def crash(record):
+        raise KeyboardInterrupt("a pruned trial")
+
+    try:
+        main(tiny_argv(train, valid, tmp_path, name="crash", grad_checkpointing=True, **flags), on_validation=crash)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the callback's exception did not propagate")
+    assert names() == (checkpoint, checkpoint)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from solution.model.models import read_checkpoint
+from solution.model import read_checkpoint
 from solution.training.trainer import main
 from train_helpers import make_data, tiny_argv
 

@@ -7,7 +7,7 @@ from cn_clip.clip.model import CLIP
 
 from cn_clip_patch.tuning import (adapter_state_dict, apply_tuning, has_lora, merged_state_dict, set_train_mode,
                                   trainable_summary, tuning_recipe)
-from solution.model.models import ModelConfig, build_model
+from solution.model import ModelConfig, build_model
 
 
 def _inputs(n=3, res=64, length=10):
@@ -109,16 +109,17 @@ def test_freeze_vision_keeps_resnet_batchnorm_in_eval(tmp_path, monkeypatch):
 @pytest.mark.parametrize("lora", [False, True])
 def test_grad_checkpointing_keeps_every_gradient(tiny_config, lora):
     """Upstream's reentrant checkpoints would drop the adapters' gradients; ours keeps them all."""
-    from cn_clip_patch.tuning import set_grad_checkpointing
+    from cn_clip_patch.tuning import grad_checkpointing
 
     images, tokens = _inputs(4)
 
     def grads(gc):
         torch.manual_seed(0)
         model = _lora_model(tiny_config) if lora else build_model(tiny_config)
-        set_grad_checkpointing(model, gc)
-        img, txt, scale = model(images, tokens)
-        (scale * img @ txt.t()).logsumexp(1).mean().backward()
+        with grad_checkpointing(model, gc):
+            assert model.visual.transformer.grad_checkpointing is gc and model.bert.encoder.grad_checkpointing is gc
+            img, txt, scale = model(images, tokens)
+            (scale * img @ txt.t()).logsumexp(1).mean().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     plain, ckpt = grads(False), grads(True)
@@ -126,3 +127,22 @@ def test_grad_checkpointing_keeps_every_gradient(tiny_config, lora):
     for n, g in plain.items():
         assert ckpt[n] is not None, n
         torch.testing.assert_close(ckpt[n], g, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_grad_checkpointing_patch_lasts_only_for_its_block(tiny_model):
+    """Upstream's module-level ``checkpoint`` names are patched inside the block only, error or not."""
+    import cn_clip.clip.model as upstream_model
+    import cn_clip.clip.modeling_bert as upstream_bert
+    from torch.utils.checkpoint import checkpoint
+
+    from cn_clip_patch.tuning import grad_checkpointing
+
+    originals = (upstream_model.checkpoint, upstream_bert.checkpoint)
+    assert originals == (checkpoint, checkpoint)
+    with pytest.raises(RuntimeError, match="inside"):
+        with grad_checkpointing(tiny_model):
+            assert upstream_model.checkpoint is not checkpoint and upstream_bert.checkpoint is not checkpoint
+            assert upstream_model.checkpoint.keywords == {"use_reentrant": False}
+            raise RuntimeError("inside")
+    assert (upstream_model.checkpoint, upstream_bert.checkpoint) == originals
+    assert not tiny_model.visual.transformer.grad_checkpointing and not tiny_model.bert.encoder.grad_checkpointing

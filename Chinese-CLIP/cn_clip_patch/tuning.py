@@ -12,6 +12,8 @@
   does the same for the BERT tower (and the text projection), which upstream lacks.
 - :func:`set_train_mode` is ``model.train()`` that keeps frozen BatchNorms in eval mode: call it
   wherever upstream calls ``model.train()`` + ``freeze_vision_bn``.
+- :func:`grad_checkpointing` is a context manager: gradient checkpointing with non-reentrant
+  checkpoints while its ``with`` block runs (upstream's ``checkpoint`` names restored on exit).
 
 The tuning recipe travels as a plain dict (stored in checkpoints as ``config["tuning"]``)::
 
@@ -20,6 +22,8 @@ The tuning recipe travels as a plain dict (stored in checkpoints as ``config["tu
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 import sys
 from typing import Iterator, Mapping
@@ -128,27 +132,35 @@ def apply_tuning(model: nn.Module, tuning: Mapping | None) -> nn.Module:
     return model
 
 
-def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
-    """cn_clip's ``set_grad_checkpointing`` with non-reentrant checkpoints.
+@contextlib.contextmanager
+def grad_checkpointing(model: nn.Module, enable: bool = True) -> Iterator[nn.Module]:
+    """cn_clip's ``set_grad_checkpointing`` with non-reentrant checkpoints, for the ``with`` block.
 
     Upstream calls ``torch.utils.checkpoint.checkpoint(block, x)`` with the reentrant default,
     which drops the gradients of parameters inside a block whose input does not require grad
-    (LoRA adapters and frozen-tower runs) and warns on recent PyTorch. The module-level
-    ``checkpoint`` names of ``cn_clip.clip.model`` and ``cn_clip.clip.modeling_bert`` are
-    rebound (once) to ``checkpoint(..., use_reentrant=False)``.
+    (LoRA adapters and frozen-tower runs) and warns on recent PyTorch. Inside the block, the
+    module-level ``checkpoint`` names of ``cn_clip.clip.model`` and ``cn_clip.clip.modeling_bert``
+    are ``checkpoint(..., use_reentrant=False)`` and the model's towers checkpoint their blocks;
+    on exit (error included) both names are upstream's again and the model's switch is off.
+    Yields the model.
     """
-    import functools
-
     import cn_clip.clip.model as upstream_model
     import cn_clip.clip.modeling_bert as upstream_bert
     from torch.utils.checkpoint import checkpoint
 
     patched = functools.partial(checkpoint, use_reentrant=False)
-    patched._cn_clip_patch = True  # type: ignore[attr-defined]
-    for mod in (upstream_model, upstream_bert):
-        if not getattr(mod.checkpoint, "_cn_clip_patch", False):
-            mod.checkpoint = patched
-    _unwrap(model).set_grad_checkpointing(enable)
+    saved = [(mod, mod.checkpoint) for mod in (upstream_model, upstream_bert)]
+    m = _unwrap(model)
+    try:
+        if enable:
+            for mod, _ in saved:
+                mod.checkpoint = patched
+        m.set_grad_checkpointing(enable)
+        yield model
+    finally:
+        m.set_grad_checkpointing(False)
+        for mod, original in saved:
+            mod.checkpoint = original
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -1,8 +1,14 @@
 """Datasets over cn_clip LMDB splits, image transforms, and the text collate.
 
 Images are decoded defensively: a sample whose image cannot be decoded is dropped from its
-batch with a warning (counted), never a crash mid-training. ``prepare`` should have removed
-such images already; this is the last line of defence.
+batch with a warning (counted in the log), never a crash mid-training. ``prepare`` should have
+removed such images already; this is the last line of defence.
+
+The ``cnclip`` augmentation is built the way upstream's ``LMDBDataset._build_transform`` builds
+its training transform (cn_clip 1.6.0): timm's public ``create_transform`` with upstream's
+arguments, and a conversion to RGB inserted before its last three steps. Nothing private of
+upstream is called; ``tests/test_datasets.py`` checks on a fixed image and seeds that the result
+equals what ``_build_transform`` returns, so an upstream change that makes them differ fails there.
 """
 from __future__ import annotations
 
@@ -10,7 +16,6 @@ import base64
 import binascii
 import io
 import logging
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -41,10 +46,7 @@ def train_transform(resolution: int, augment: str = "none") -> Callable:
     if augment == "none":
         return eval_transform(resolution)
     if augment == "cnclip":
-        from cn_clip.training.data import LMDBDataset
-
-        # Upstream builds it in a method that only reads these two attributes.
-        return LMDBDataset._build_transform(SimpleNamespace(split="train", use_augment=True), resolution)
+        return cnclip_augment(resolution)
     if augment == "gentle":
         from torchvision import transforms as T
 
@@ -57,6 +59,21 @@ def train_transform(resolution: int, augment: str = "none") -> Callable:
             T.Normalize(MEAN, STD),
         ])
     raise ValueError(f"unknown augment {augment!r}; choose from {AUGMENTS}")
+
+
+def cnclip_augment(resolution: int) -> Callable:
+    """Upstream's ``--use-augment`` training transform: timm's RandomResizedCrop (scale 0.9-1, bicubic),
+    horizontal flip, RGB conversion, AutoAugment ``original``, to tensor, CLIP normalisation."""
+    from timm.data import create_transform
+    from torchvision.transforms import Compose
+
+    t = create_transform(input_size=resolution, scale=(0.9, 1.0), is_training=True, color_jitter=None,
+                         auto_augment="original", interpolation="bicubic", mean=MEAN, std=STD)
+    return Compose(t.transforms[:-3] + [_to_rgb] + t.transforms[-3:])  # where upstream puts its conversion
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    return im.convert("RGB")
 
 
 def decode_image(b64: bytes | None) -> Image.Image | None:

@@ -6,7 +6,7 @@ and, per group, count, colour and shape: ``浅蓝色背景上有两个红色的�
 ``粉色背景上有一个蓝色的圆形和两个黄色的五角星``. Every query has several matching images
 (different positions, sizes, rotations, colour jitter); an image matches exactly one query.
 The two-group scenes (colour/shape binding) keep a tiny CLIP from saturating at once.
-Output (``--out DIR``)::
+Output (``DIR``: :func:`generate`'s ``out_dir``, ``--out`` of ``python -m solution.demo_data``)::
 
     DIR/{train,valid,test}_imgs.tsv        image_id<TAB>base64 (as MUGE ships it)
     DIR/{train,valid}_texts.jsonl          {"text_id", "text", "image_ids"}
@@ -18,27 +18,24 @@ Output (``--out DIR``)::
 
 The ``train``/``valid``/``test`` queries are disjoint (as in MUGE). Ids are globally unique
 ints with a distinct range per split and family. A few images are deliberately messy so the
-cleaning path of ``solution.prepare`` runs in every demo: GIFs (one animated) and PNGs
+cleaning path of :mod:`solution.data.build` runs in every demo: GIFs (one animated) and PNGs
 (RGBA, palette) stored as if they were JPEGs, a truncated JPEG and an HTML error page.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import io
-import json
 import logging
 import math
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from solution.common import SolutionError, atomic_path, run_cli, write_json, write_jsonl
+from solution.common import SolutionError, atomic_path, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +78,7 @@ PRESETS = {
     "tiny": Sizes(6, 3, 3, 2, 24, 8, 0.5),
     # a scaled-down end-to-end run (the demo's smoke scale): ~400 images, about a second
     "small": Sizes(40, 12, 12, 3, 160, 40, 0.5),
-    # the demo: small enough for a < 20 min CPU demo, big enough for a tiny CLIP to learn visibly
+    # the demo: big enough for a tiny CLIP to learn visibly
     "default": Sizes(300, 60, 60, 4, 2400, 240, 0.5),
 }
 
@@ -371,26 +368,3 @@ def generate(out_dir, *, preset: str = "default", image_size: int = 64, seed: in
     log.info("demo data in %s: %s", out, ", ".join(f"{k} {v['queries']} queries / {v['images']} images"
                                                      for k, v in splits.items()))
     return info
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m solution.demo_data",
-                                description="Write a procedurally drawn Chinese image-text dataset in MUGE layout.")
-    p.add_argument("--out", required=True, help="output directory (MUGE layout)")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="size preset: tiny (a few dozen images, for tests), small (smoke runs) or default (the demo)")
-    p.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels (default 64)")
-    for f in dataclasses.fields(Sizes):
-        p.add_argument("--" + f.name.replace("_", "-"), type=float if f.type in (float, "float") else int,
-                       help=f"override the preset's {f.name}")
-    p.add_argument("--no-mess", action="store_true", help="leave out the deliberately messy images")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    sizes = {f.name: getattr(a, f.name) for f in dataclasses.fields(Sizes)}
-    info = generate(a.out, preset=a.preset, image_size=a.image_size, seed=a.seed, messy=not a.no_mess, **sizes)
-    print(json.dumps({k: info[k] for k in ("out_dir", "splits")}, ensure_ascii=False))
-    return info
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

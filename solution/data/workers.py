@@ -2,7 +2,8 @@
 
 A MUGE TSV is memory-mapped and cut into blocks of whole lines (:func:`tsv_blocks`); a worker
 reads its block by offset and checks every line (:func:`check_tsv_block`); files of formats 2/3
-are cleaned in batches (:func:`clean_files`). :func:`cleaning` runs either on a process pool (or
+are cleaned in batches (:func:`clean_files`); one worker may first read a MUGE split's texts and
+write its pairs (:func:`texts_task`). :func:`cleaning` runs either on a process pool (or
 in-process for small inputs) and hands the results back in input order.
 """
 from __future__ import annotations
@@ -18,7 +19,11 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
-from .images import B64_ALPHABET, CHECKS, DEFAULT_MAX_PIXELS, clean_b64, clean_image, jpeg_b64_span
+from .images import CHECKS, clean_b64, clean_image
+from .inputs import SplitInput, load_muge_texts
+from .jpeg import B64_ALPHABET, DEFAULT_MAX_PIXELS, jpeg_b64_span
+from .ledger import Ledger
+from .lmdb_io import write_pairs
 
 TSV_BLOCK = 1 << 20  # bytes of whole TSV lines per worker task
 
@@ -72,7 +77,7 @@ def check_tsv_block(block: bytes, offset: int = 0) -> Block:
     :func:`clean_tsv_line` (with ``j`` as its line number), or to None when blank.
 
     With ``check="structural"`` the base64 alphabet of the whole block is checked in one C pass and
-    each line costs a header walk (:func:`solution.images.jpeg_b64_span`); nothing is decoded but
+    each line costs a header walk (:func:`solution.data.jpeg.jpeg_b64_span`); nothing is decoded but
     the JPEG headers and tails.
     """
     structural = _OPTS.get("check", CHECKS[0]) == "structural"
@@ -150,6 +155,16 @@ def clean_file(item: tuple[int, str]) -> tuple:
 
 def clean_files(batch: list[tuple[int, str]]) -> list[tuple]:
     return [clean_file(item) for item in batch]
+
+
+def texts_task(texts_path: str, split_dir: str) -> tuple[int, dict, list[dict], array]:
+    """Worker side of a MUGE split's texts: read them and write the pairs LMDB as if every image
+    survives; back come the pair count, the ledger's text counts, the problems, and every image id
+    the texts refer to (the parent checks those against the images it kept)."""
+    split = load_muge_texts(SplitInput("", None, texts_path=Path(texts_path)))
+    led = Ledger("", split.texts)
+    n = write_pairs(split_dir, led.pairs([], [], optimistic=True))
+    return n, dict(led.counts), split.problems, array("q", led.referenced())
 
 
 def default_workers() -> int:

@@ -1,1 +1,7 @@
-"""File formats shared by several stages: one reader and one writer each."""
+"""File formats shared by several stages: one reader and one writer each.
+
+- :mod:`.features`: feature files (``BASE.npy`` + ids + meta, or cn_clip JSONL).
+- :mod:`.runs`: a run folder's ``metrics.jsonl`` and ``params.json``.
+- :mod:`.trials`: a study's ``trials.csv``.
+- :mod:`.muge`: MUGE texts JSONL.
+"""

@@ -15,12 +15,11 @@ A path without ``.npy``/``.jsonl`` names what extraction wrote under it: ``BASE.
 (``.npy`` is appended on writing), the path itself for jsonl. Reading it takes ``BASE.npy`` when
 that exists, else the JSON lines at the path (when both exist, ``BASE.meta.json`` says which was
 written last). :func:`check_outputs` refuses, before any work, outputs that would replace an input,
-collide with each other, be a folder or sit under a file. The provenance helpers
-(:func:`file_sha256`, :func:`checkpoint_validation`) fill ``BASE.meta.json``.
+collide with each other, be a folder or sit under a file. What ``BASE.meta.json`` records about
+the model is built by :mod:`solution.retrieval.manifest`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from solution.common import SolutionError, atomic_path, check_output, read_jsonl, write_json
+from solution.common import atomic_path, check_output, json_line, SolutionError, write_json
+
+from .muge import is_int
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,56 @@ class FeatureSet:
     meta: dict = field(default_factory=dict)
 
 
-def is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _read_npy(fpath: Path, ipath: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not ipath.is_file():
+        raise SolutionError(f"{fpath}: its ids file {ipath} is missing")
+    try:
+        feats, ids = np.load(fpath, allow_pickle=False), np.load(ipath, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise SolutionError(f"{fpath}: not a readable .npy feature file ({e})") from None
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+        raise SolutionError(f"{fpath}: expected a 2-D float array, got {feats.dtype} {feats.shape}")
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise SolutionError(f"{ipath}: expected a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if len(ids) != len(feats):
+        raise SolutionError(f"{fpath} has {len(feats)} rows but {ipath} has {len(ids)} ids")
+    return ids, feats
+
+
+def _jsonl_record(fpath: Path, lineno: int, raw: bytes, kind: str) -> dict | None:
+    """One cn_clip feature line (None when blank); anything else is an error naming the line."""
+    key, other = f"{kind}_id", next(k for k in KINDS if k != kind)
+    obj = json_line(fpath, lineno, raw)
+    if obj is None:
+        return None
+    if isinstance(obj, dict) and key not in obj and f"{other}_id" in obj:
+        raise SolutionError(f"{fpath}:{lineno}: holds {other} features ({other}_id), not {kind} "
+                            f"features: are the image and text feature files swapped?")
+    if not isinstance(obj, dict) or key not in obj or "feature" not in obj:
+        raise SolutionError(f"{fpath}:{lineno}: expected {{\"{key}\": int, \"feature\": [...]}}")
+    if not is_int(obj[key]):
+        raise SolutionError(f"{fpath}:{lineno}: {key} {obj[key]!r} is not an integer")
+    return obj
+
+
+def _read_jsonl(fpath: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    id_list, rows = [], []
+    with open(fpath, "rb") as f:
+        for lineno, raw in enumerate(tqdm(f, desc=f"read {fpath.name}", unit="line", leave=False,
+                                          disable=not sys.stderr.isatty()), 1):
+            obj = _jsonl_record(fpath, lineno, raw, kind)
+            if obj is not None:
+                id_list.append(obj[f"{kind}_id"])
+                rows.append(obj["feature"])
+    if not rows:
+        raise SolutionError(f"{fpath} holds no {kind} features")
+    try:
+        feats = np.asarray(rows, dtype=np.float32)
+    except ValueError:
+        raise SolutionError(f"{fpath}: features have different lengths or non-numbers") from None
+    if feats.ndim != 2:
+        raise SolutionError(f"{fpath}: features have different lengths")
+    return np.asarray(id_list, dtype=np.int64), feats
 
 
 def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
@@ -174,58 +223,12 @@ def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
         raise ValueError(kind)
     fmt, fpath, ipath, mpath = resolve_features(path, kind)
     key = f"{kind}_id"
-    other = next(k for k in KINDS if k != kind)
     meta = _read_meta(mpath)
     recorded = meta.get("kind")
     if recorded is not None and recorded != kind:
         raise SolutionError(f"{fpath} holds {recorded} features (kind {recorded!r} in {mpath.name}), "
                             f"not {kind} features: are the image and text feature files swapped?")
-    if fmt == "npy":
-        if not ipath.is_file():
-            raise SolutionError(f"{fpath}: its ids file {ipath} is missing")
-        try:
-            feats, ids = np.load(fpath, allow_pickle=False), np.load(ipath, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise SolutionError(f"{fpath}: not a readable .npy feature file ({e})") from None
-        if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
-            raise SolutionError(f"{fpath}: expected a 2-D float array, got {feats.dtype} {feats.shape}")
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise SolutionError(f"{ipath}: expected a 1-D integer array, got {ids.dtype} {ids.shape}")
-        if len(ids) != len(feats):
-            raise SolutionError(f"{fpath} has {len(feats)} rows but {ipath} has {len(ids)} ids")
-    else:
-        id_list, rows = [], []
-        with open(fpath, "rb") as f:
-            for lineno, raw in enumerate(tqdm(f, desc=f"read {fpath.name}", unit="line", leave=False,
-                                              disable=not sys.stderr.isatty()), 1):
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError as e:
-                    raise SolutionError(f"{fpath}:{lineno}: not UTF-8 text (byte {e.start})") from None
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SolutionError(f"{fpath}:{lineno}: not valid JSON ({e.msg})") from None
-                if isinstance(obj, dict) and key not in obj and f"{other}_id" in obj:
-                    raise SolutionError(f"{fpath}:{lineno}: holds {other} features ({other}_id), not {kind} "
-                                        f"features: are the image and text feature files swapped?")
-                if not isinstance(obj, dict) or key not in obj or "feature" not in obj:
-                    raise SolutionError(f"{fpath}:{lineno}: expected {{\"{key}\": int, \"feature\": [...]}}")
-                if not is_int(obj[key]):
-                    raise SolutionError(f"{fpath}:{lineno}: {key} {obj[key]!r} is not an integer")
-                id_list.append(obj[key])
-                rows.append(obj["feature"])
-        if not rows:
-            raise SolutionError(f"{fpath} holds no {kind} features")
-        try:
-            feats = np.asarray(rows, dtype=np.float32)
-        except ValueError:
-            raise SolutionError(f"{fpath}: features have different lengths or non-numbers") from None
-        if feats.ndim != 2:
-            raise SolutionError(f"{fpath}: features have different lengths")
-        ids = np.asarray(id_list, dtype=np.int64)
+    ids, feats = _read_npy(fpath, ipath) if fmt == "npy" else _read_jsonl(fpath, kind)
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     if len(ids) == 0:
         raise SolutionError(f"{fpath} holds no {kind} features")
@@ -251,43 +254,3 @@ def _read_meta(mpath: Path) -> dict:
         log.warning("%s is not a JSON object; ignoring it", mpath)
         return {}
     return meta
-
-
-# ---------------------------------------------------------------- provenance
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
-    """The validation score of a checkpoint when it can be known, else None.
-
-    Looked for in the checkpoint (a dict holding ``mean_recall`` under a few usual keys), then in
-    its run directory's ``metrics.jsonl`` (the main-set ``valid`` record at the checkpoint's step).
-    """
-    keys = ("r1", "r5", "r10", "mean_recall")
-    for name in ("metrics", "valid", "validation", "val_metrics"):  # not "best": a resumable checkpoint's best-so-far
-        v = ckpt.get(name)
-        if isinstance(v, dict) and "mean_recall" in v:
-            return {**{k: v[k] for k in keys if k in v}, "source": f"checkpoint[{name!r}]"}
-    ckpt_dir = Path(path).resolve().parent
-    metrics = ckpt_dir.parent / "metrics.jsonl"
-    if ckpt_dir.name != "checkpoints" or not metrics.is_file() or "step" not in ckpt:
-        return None
-    found = None
-    try:
-        for row in read_jsonl(metrics):
-            if row.get("kind") == "valid" and row.get("set", "valid") == "valid" and row.get("step") == ckpt["step"] \
-                    and "mean_recall" in row:
-                found = row
-    except SolutionError:
-        return None
-    if found is None:
-        return None
-    return {**{k: found[k] for k in keys if k in found}, "step": found.get("step"), "epoch": found.get("epoch"),
-            "source": str(metrics)}

@@ -1,1 +1,2 @@
-"""Reading runs, soups and studies; comparison tables, plots and the demo report."""
+"""Results read and shown: runs (the one reader of run, soup and study folders), compare (the table,
+its markdown and the curves PNG), demo_report (``REPORT.md``)."""

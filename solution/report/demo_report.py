@@ -1,4 +1,6 @@
-"""``REPORT.md`` for a demo (or any) run: the score table, the plots, and an embedding map.
+"""``REPORT.md`` for a demo (or any) run: the score table, the comparison table of the runs, soups
+and study (:func:`solution.report.compare.compare`, also written to ``compare.md``), the plots, and
+an embedding map.
 
 The embedding map is a PCA of image and text features of a few validation queries, coloured
 by query, for the starting model and the final one: fine-tuning should pull each query's texts
@@ -14,7 +16,9 @@ from typing import Mapping
 import numpy as np
 
 from solution.common import atomic_path
+from solution.formats.runs import METRICS
 from solution.plots import save_png
+from .compare import compare
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def embedding_map(checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Pat
 
     from solution.retrieval.encode import encode_images, encode_texts
     from solution.data.lmdb_io import LMDBSplit
-    from solution.model.models import load_model
+    from solution.model import load_model
 
     split = LMDBSplit(lmdb_valid)
     queries = list(split.queries().items())[:n_queries]
@@ -82,17 +86,13 @@ def _collect_pngs(src: Path, dst: Path, prefix: str) -> list[Path]:
 
 def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, soups: Path | None, base: Path,
                  final: Path, lmdb_valid: str, device: str = "cpu", elapsed: float | None = None) -> Path:
-    from solution.report import compare as compare
-
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    runs = sorted(p for p in (out / "runs").glob("*") if (p / "metrics.jsonl").is_file())
+    runs = sorted(p for p in (out / "runs").glob("*") if (p / METRICS).is_file())
     sources = [str(p) for p in runs] + ([str(soups)] if soups else []) + ([str(study)] if study else [])
     table_md = ""
     try:
-        table_md = compare.main([*sources, "--plot", str(plots / "compare.png"), "--output", str(out / "compare.md")]) or ""
-        if (out / "compare.md").is_file():
-            table_md = (out / "compare.md").read_text(encoding="utf-8")
+        table_md = compare(sources, plot_path=plots / "compare.png", output=out / "compare.md")
     except Exception as e:  # the report still gets written; say what is missing
         log.warning("compare failed: %s", e)
     pngs = [plots / "compare.png"] if (plots / "compare.png").is_file() else []

@@ -1,10 +1,11 @@
 """Offline MUGE evaluator: scores like the official ``evaluation.py`` shipped in cn_clip, to the digit.
 
-``python -m solution.evaluate GOLD PRED OUT`` takes the official script's positional arguments and
-writes the same JSON to ``OUT`` (never ``GOLD`` or ``PRED`` themselves: refused): on success
+:func:`evaluate_files` (``python -m solution.evaluate GOLD PRED OUT``, the official script's
+positional arguments) writes the same JSON to ``OUT`` (never ``GOLD`` or ``PRED`` themselves:
+refused): on success
 ``{"success": true, "score", "scoreJson": {"score", "mean_recall", "r1", "r5", "r10"}}`` (percent);
 on a rejected submission ``{"errorDetail", "errorMsg", "score": 0, "scoreJson": {}, "success":
-false}``, then exits with status 2 and one ``error:`` line. A submission is rejected exactly when
+false}``, then raises (the command exits with status 2 and one ``error:`` line). A submission is rejected exactly when
 the official script rejects it (a line that is not JSON, a missing ``text_id`` or ``image_ids``,
 non-integer ids, not exactly 10 ids, repeated ids, texts without a prediction), and the message
 names the line, the text id and the problem (all problems are listed in ``errorDetail``). As
@@ -14,20 +15,22 @@ texts are ignored (both with a warning).
 Image->text (``evaluation_tr.py``'s format: ``{"image_id", "text_ids"}``) is scored the same way;
 the direction is read from the gold file (``--direction`` to force it).
 
-``python -m solution.evaluate --check PRED --texts test_texts.jsonl`` validates a submission
-before upload, when no answers exist: the same checks against the query ids of ``--texts``.
+:func:`check_files` (``python -m solution.evaluate --check PRED --texts test_texts.jsonl``)
+validates a submission before upload, when no answers exist: the same checks against the query
+ids of the texts. Those ids are read with the official reader's tolerance for the gold file
+(:func:`query_ids`), not the strict MUGE texts reader: the file given may be the answers
+themselves, and the official script accepts a repeated query id there (the later line counts)
+and needs no ``text`` field; for ``i2t`` the queries are images.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from solution.common import SolutionError, atomic_path, check_output, run_cli
+from solution.common import SolutionError, atomic_path, check_output
 from .metrics import recall_at_k
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,39 @@ def _lines(path: str | os.PathLike, what: str):
         raise ValueError(f"{what} file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _check_line(n: int, line: str, qkey: str, gkey: str, k: int) -> tuple[object, list | None, str | None]:
+    """``(query id or None, ids or None, problem or None)`` of one submission line, by the official rules."""
+    where = f"line {n}"
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None, None, f"{where}: cannot be parsed as JSON: {line[:120]!r}"
+    if not isinstance(obj, dict):
+        return None, None, f"{where}: a JSON {_name(obj)}, not an object with {qkey} and {gkey}"
+    if qkey not in obj:
+        return None, None, f"{where}: no {qkey}"
+    qid = obj[qkey]
+    if not isinstance(qid, int):  # as officially: bool passes isinstance(int)
+        return None, None, f"{where}: {qkey} {qid!r} is a {_name(qid)}, not an integer"
+    where = f"{qkey} {qid} (line {n})"
+    if gkey not in obj:
+        return qid, None, f"{where}: no {gkey}"
+    ids = obj[gkey]
+    if not isinstance(ids, list):
+        return qid, None, f"{where}: {gkey} is a {_name(ids)}, not a list"
+    if len(ids) != k:
+        return qid, None, f"{where}: {len(ids)} {gkey}, exactly {k} are required"
+    bad = [(r, x) for r, x in enumerate(ids, 1) if not isinstance(x, int)]
+    if bad:
+        r, x = bad[0]
+        return qid, None, (f"{where}: {gkey} at rank {r} is {x!r}, a {_name(x)}, not an integer"
+                           + (f" ({len(bad) - 1} more)" if len(bad) > 1 else ""))
+    if len(set(ids)) != k:
+        dups = sorted({x for x in ids if ids.count(x) > 1})
+        return qid, None, f"{where}: {gkey} repeat {', '.join(map(str, dups))}; {k} distinct are required"
+    return qid, ids, None
+
+
 def check_submission(path: str | os.PathLike, query_ids, *, direction: str = "t2i", k: int = K) -> Checked:
     """Check every line of a submission against the official rules; collect all problems."""
     qkey, gkey = KEYS[direction]
@@ -72,46 +108,14 @@ def check_submission(path: str | os.PathLike, query_ids, *, direction: str = "t2
     flawed = set()  # queries whose line has a problem: reported there, not again as missing
     for n, line in _lines(path, "submission"):
         out.lines += 1
-        where = f"line {n}"
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            out.problems.append(f"{where}: cannot be parsed as JSON: {line[:120]!r}")
-            continue
-        if not isinstance(obj, dict):
-            out.problems.append(f"{where}: a JSON {_name(obj)}, not an object with {qkey} and {gkey}")
-            continue
-        if qkey not in obj:
-            out.problems.append(f"{where}: no {qkey}")
-            continue
-        qid = obj[qkey]
-        if not isinstance(qid, int):  # as officially: bool passes isinstance(int)
-            out.problems.append(f"{where}: {qkey} {qid!r} is a {_name(qid)}, not an integer")
-            continue
-        where = f"{qkey} {qid} (line {n})"
-        flawed.add(qid)
-        if gkey not in obj:
-            out.problems.append(f"{where}: no {gkey}")
-            continue
-        ids = obj[gkey]
-        if not isinstance(ids, list):
-            out.problems.append(f"{where}: {gkey} is a {_name(ids)}, not a list")
-            continue
-        if len(ids) != k:
-            out.problems.append(f"{where}: {len(ids)} {gkey}, exactly {k} are required")
-            continue
-        bad = [(r, x) for r, x in enumerate(ids, 1) if not isinstance(x, int)]
-        if bad:
-            r, x = bad[0]
-            out.problems.append(f"{where}: {gkey} at rank {r} is {x!r}, a {_name(x)}, not an integer"
-                                + (f" ({len(bad) - 1} more)" if len(bad) > 1 else ""))
-            continue
-        if len(set(ids)) != k:
-            dups = sorted({x for x in ids if ids.count(x) > 1})
-            out.problems.append(f"{where}: {gkey} repeat {', '.join(map(str, dups))}; {k} distinct are required")
+        qid, ids, problem = _check_line(n, line, qkey, gkey, k)
+        if problem is not None:
+            out.problems.append(problem)
+            if qid is not None:
+                flawed.add(qid)
             continue
         if qid in seen_lines:
-            out.warnings.append(f"{where}: {qkey} {qid} already predicted on line {seen_lines[qid]}; "
+            out.warnings.append(f"{qkey} {qid} (line {n}): {qkey} {qid} already predicted on line {seen_lines[qid]}; "
                                 "the later line counts (as officially)")
         seen_lines[qid] = n
         flawed.discard(qid)
@@ -182,7 +186,9 @@ def write_result(path, result: dict) -> None:
         tmp.write_text(json.dumps(result), encoding="utf-8")
 
 
-def _query_ids(path: str, direction: str) -> list:
+def query_ids(path: str | os.PathLike, direction: str = "t2i") -> list:
+    """The query ids of a queries (or gold) file, as the official script reads the gold: the value of
+    ``text_id`` (``image_id`` for i2t) of every non-blank line, repeats allowed."""
     qkey = KEYS[direction][0]
     ids = []
     try:
@@ -203,52 +209,33 @@ def _query_ids(path: str, direction: str) -> list:
     return ids
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m solution.evaluate", description=__doc__.split("\n\n")[0],
-                                usage="%(prog)s GOLD PRED OUT [--direction D]\n       %(prog)s --check PRED --texts TEXTS")
-    p.add_argument("paths", nargs="*", metavar="GOLD PRED OUT", help="answers, submission, output JSON (as the official script)")
-    p.add_argument("--direction", choices=["auto", "t2i", "i2t"], default="auto",
-                   help="t2i: {text_id, image_ids}; i2t: {image_id, text_ids}; auto: from the gold file (t2i for --check)")
-    p.add_argument("--check", metavar="PRED", help="validate a submission without answers")
-    p.add_argument("--texts", "--queries", dest="texts", metavar="JSONL",
-                   help="with --check: the queries (text_id per line; image_id for i2t), e.g. test_texts.jsonl")
-    return p
+def check_files(pred_path: str | os.PathLike, queries_path: str | os.PathLike, *, direction: str = "t2i") -> dict:
+    """Check a submission against the query ids of ``queries_path`` (no answers needed): a summary, or
+    one :class:`SolutionError` with the first problem (the others logged)."""
+    qids = query_ids(queries_path, direction)
+    try:
+        checked = check_submission(pred_path, qids, direction=direction)
+    except (OSError, ValueError) as e:
+        raise SolutionError(str(e)) from None
+    for w in checked.warnings:
+        log.warning("%s", w)
+    if checked.problems:
+        for p in checked.problems[1:MAX_DETAIL]:
+            log.error("%s", p)
+        raise SolutionError(error_json(checked.problems)["errorMsg"])
+    return {"success": True, "submission": str(pred_path), "queries": len(set(qids)), "lines": checked.lines,
+            "warnings": len(checked.warnings)}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.check:
-        if args.paths or not args.texts:
-            raise SolutionError("--check PRED takes --texts QUERIES.jsonl and no positional arguments")
-        direction = "t2i" if args.direction == "auto" else args.direction
-        qids = _query_ids(args.texts, direction)
-        try:
-            checked = check_submission(args.check, qids, direction=direction)
-        except (OSError, ValueError) as e:
-            raise SolutionError(str(e)) from None
-        for w in checked.warnings:
-            log.warning("%s", w)
-        if checked.problems:
-            for p in checked.problems[1:MAX_DETAIL]:
-                log.error("%s", p)
-            raise SolutionError(error_json(checked.problems)["errorMsg"])
-        summary = {"success": True, "submission": args.check, "queries": len(set(qids)), "lines": checked.lines,
-                   "warnings": len(checked.warnings)}
-        print(json.dumps(summary))
-        return summary
-    if len(args.paths) != 3:
-        raise SolutionError("expected GOLD PRED OUT (or --check PRED --texts QUERIES)")
-    gold, pred, out = args.paths
+def evaluate_files(gold: str | os.PathLike, pred: str | os.PathLike, out: str | os.PathLike, *,
+                   direction: str = "auto") -> dict:
+    """Score ``pred`` against ``gold`` and write the official result object to ``out``; a rejected
+    submission is written too, then raised as a :class:`SolutionError`."""
     check_output(out, inputs=(gold, pred), what="OUT")  # never replace the answers or the submission
-    result = score_files(gold, pred, direction=args.direction)
+    result = score_files(gold, pred, direction=direction)
     write_result(out, result)
     if not result["success"]:
         raise SolutionError(f"submission rejected: {result['errorMsg']} (written to {out})")
     log.info("score %.4f (R@1 %.2f, R@5 %.2f, R@10 %.2f) -> %s", result["score"], result["scoreJson"]["r1"],
              result["scoreJson"]["r5"], result["scoreJson"]["r10"], out)
-    print(json.dumps(result["scoreJson"]))
     return result
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

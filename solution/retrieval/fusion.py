@@ -28,7 +28,7 @@ from typing import Callable, Collection, Sequence, Union
 import numpy as np
 import torch
 
-from solution.retrieval.metrics import KS, recall_at_k
+from solution.retrieval.metrics import KS, recall_at_k, topk_rows
 
 log = logging.getLogger(__name__)
 
@@ -160,27 +160,6 @@ def fuse(members_scores: Sequence[Member], weights=None, norm: str = "none", *, 
     ms = as_members(members_scores, dtype=torch.float64)
     w = check_weights(np.ones(len(ms)) if weights is None else weights, len(ms))
     return fused_rows(ms, w, 0, ms[0].shape[0], norm, norm_temperature).cpu().numpy()
-
-
-def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best-first top-``k`` of each row of ``s``, ties to the lower column (a stable descending sort's order).
-
-    The same procedure as :func:`solution.metrics.topk`: ``torch.topk`` of ``k + 1``, reordered by
-    (score desc, index asc); rows whose tie straddles the k-th place are redone with a full stable sort.
-    """
-    n = s.shape[1]
-    k = min(k, n)
-    kk = min(k + 1, n)
-    vals, idx = torch.topk(s, kk, dim=1)
-    order = torch.argsort(idx, dim=1)
-    vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
-    if kk > k:
-        for r in (vals[:, k - 1] == vals[:, k]).nonzero().flatten().tolist():
-            full = torch.sort(s[r], descending=True, stable=True)
-            vals[r], idx[r] = full.values[:kk], full.indices[:kk]
-    return vals[:, :k], idx[:, :k]
 
 
 def fused_topk(members: Sequence[Member], k: int, weights=None, *, norm: str = "none", norm_temperature: float = 1.0,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 KS = (1, 5, 10)
+RECALL_KEYS = (*(f"r{k}" for k in KS), "mean_recall")
 
 
 def recall_at_k(predictions: Mapping[int, Sequence[int]], gold: Mapping[int, Collection[int]],
@@ -38,6 +39,27 @@ def recall_at_k(predictions: Mapping[int, Sequence[int]], gold: Mapping[int, Col
     return out
 
 
+def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-first top-``k`` of each row of ``s``, ties to the lower column (a stable descending sort's order).
+
+    ``torch.topk`` of ``k + 1``, reordered by (score desc, index asc); rows whose tie straddles the
+    k-th place are redone with a full stable sort, which picks the lowest indices like upstream does.
+    """
+    n = s.shape[1]
+    k = min(k, n)
+    kk = min(k + 1, n)
+    vals, idx = torch.topk(s, kk, dim=1)
+    order = torch.argsort(idx, dim=1)
+    vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+    if kk > k:
+        for r in (vals[:, k - 1] == vals[:, k]).nonzero().flatten().tolist():
+            full = torch.sort(s[r], descending=True, stable=True)
+            vals[r], idx[r] = full.values[:kk], full.indices[:kk]
+    return vals[:, :k], idx[:, :k]
+
+
 def topk(queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torch.device = "cpu"
          ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery rows for every query by inner product: ``(scores [Q,k], indices [Q,k])``.
@@ -52,22 +74,9 @@ def topk(queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torc
     all_s, all_i = [], []
     for start in range(0, q.shape[0], chunk_size):
         s = q[start:start + chunk_size].to(device) @ g.T
-        kk = min(k + 1, n)
-        vals, idx = torch.topk(s, kk, dim=1)
-        # Order within the top-k by (score desc, index asc): a stable sort of the candidates by index.
-        order = torch.argsort(idx, dim=1)
-        vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
-        order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-        vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
-        if kk > k:
-            # A tie straddling the k-th place: topk may have picked any of the tied rows. Redo those rows
-            # with a full stable sort, which picks the lowest indices like upstream does.
-            tied = (vals[:, k - 1] == vals[:, k]).nonzero().flatten()
-            for r in tied.tolist():
-                full = torch.sort(s[r], descending=True, stable=True)
-                vals[r], idx[r] = full.values[:kk], full.indices[:kk]
-        all_s.append(vals[:, :k].cpu())
-        all_i.append(idx[:, :k].cpu())
+        vals, idx = topk_rows(s, k)
+        all_s.append(vals.cpu())
+        all_i.append(idx.cpu())
     if not all_s:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     return torch.cat(all_s).numpy(), torch.cat(all_i).numpy()
@@ -85,18 +94,23 @@ def present_gold(gold: Mapping[int, Collection[int]], image_ids: Collection[int]
     return out
 
 
+def t2i_rankings(text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequence[int], *, k: int = max(KS),
+                 device="cpu") -> dict[int, list[int]]:
+    """``{text id: its top-k image ids}`` by inner product of L2-normalised features (:func:`topk`)."""
+    image_ids = np.asarray(image_ids)
+    _, idx = topk(text_feats, image_feats, k, device=device)
+    return {int(t): image_ids[row].tolist() for t, row in zip(text_ids, idx)}
+
+
 def t2i_recall(text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequence[int],
                gold: Mapping[int, Collection[int]], *, device="cpu") -> dict[str, float]:
-    """Text->image retrieval recall from L2-normalised features (validation and soup use this).
+    """Text->image retrieval recall from L2-normalised features.
 
     Scored over the gallery that exists: gold ids missing from ``image_ids`` are left out and a
     query with no gold image in the gallery is not counted (see :func:`present_gold`), so an
     undecodable image is never a miss. Raises ``ValueError`` when no query is left.
     """
-    image_ids = np.asarray(image_ids)
-    gold = present_gold(gold, image_ids.tolist())
+    gold = present_gold(gold, np.asarray(image_ids).tolist())
     if not gold:
         raise ValueError("no query has a gold image among the gallery's images")
-    _, idx = topk(text_feats, image_feats, max(KS), device=device)
-    preds = {int(t): image_ids[row].tolist() for t, row in zip(text_ids, idx)}
-    return recall_at_k(preds, gold)
+    return recall_at_k(t2i_rankings(text_feats, image_feats, text_ids, image_ids, device=device), gold)

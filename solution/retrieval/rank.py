@@ -1,34 +1,34 @@
-"""Top-k retrieval from features: the MUGE submission file and the manifest beside it.
+"""Top-k retrieval from features, and the MUGE submission file with the manifest beside it.
 
-``python -m solution.predict --image-feats F --text-feats F --top-k 10 --output submissions/NAME.jsonl``
-(``bash Chinese-CLIP/predict.sh``) reads our ``.npy`` features (+ ``.ids.npy``) or cn_clip's
-JSONL feature lines (a name without extension: whatever extraction wrote under it), refuses a
-file whose recorded kind is the other one (image and text swapped), scores every query against
-the whole gallery by inner product in chunks (bounded memory, CPU or GPU; ties go to the gallery
-row that comes first, as in cn_clip's ``make_topk_predictions.py``) and writes, atomically:
+:func:`rank` scores every query against the whole gallery by inner product in chunks (bounded
+memory, CPU or GPU; ties go to the gallery row that comes first, as in cn_clip's
+``make_topk_predictions.py``), in fp32 or through a certified bf16 prefilter (:class:`Prefilter`).
+:func:`predict` is the work behind ``python -m solution.predict`` (``bash Chinese-CLIP/predict.sh``):
+it reads our ``.npy`` features (+ ``.ids.npy``) or cn_clip's JSONL feature lines (a name without
+extension: whatever extraction wrote under it), refuses a file whose recorded kind is the other
+one (image and text swapped), and writes, atomically:
 
 - ``NAME.jsonl``: ``{"text_id": int, "image_ids": [k ints]}`` per text, best first
-  (``--direction i2t``: ``{"image_id": int, "text_ids": [k ints]}`` per image);
-- ``NAME.json``: the manifest: checkpoint(s), config, prompt, feature files, validation score
-  when known (``--valid-score``, else read from the features' provenance), counts, command.
+  (``direction="i2t"``: ``{"image_id": int, "text_ids": [k ints]}`` per image);
+- ``NAME.json``: the manifest (:func:`.manifest.build_manifest`): checkpoint(s), config, prompt,
+  feature files, validation score when known (given, else read from the features' provenance),
+  counts, command.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import logging
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from solution.common import SolutionError, check_output, resolve_device, run_cli, write_json, write_jsonl
+from solution.common import SolutionError, check_output, write_json, write_jsonl
 from solution.formats.features import FeatureSet, load_features, resolve_features
+
+from .manifest import build_manifest, manifest_path
 from .metrics import topk
 
 log = logging.getLogger(__name__)
@@ -154,111 +154,26 @@ def prediction_rows(direction: str, query_ids, ranked) -> list[dict]:
     return [{qkey: q, gkey: r} for q, r in zip(np.asarray(query_ids).tolist(), np.asarray(ranked).tolist())]
 
 
-def manifest_path(output: str | Path) -> Path:
-    output = Path(output)
-    if output.suffix == ".json":
-        raise SolutionError(f"--output {output} ends in .json, the manifest's name; use .jsonl")
-    return output.with_suffix(".json")
+@dataclass(frozen=True)
+class Prediction:
+    """A submission to write: feature files in, ``output`` (+ its manifest) out, and how to rank."""
+
+    image_feats: str
+    text_feats: str
+    output: str
+    top_k: int = 10
+    direction: str = "t2i"
+    device: str | torch.device = "cpu"
+    chunk_size: int | None = None
+    method: str = "auto"
+    valid_score: dict | None = None  # for the manifest (else the features' provenance)
+    checkpoints: tuple = ()  # named in the manifest when the features carry no provenance
+    command: tuple = ()  # recorded in the manifest
+    progress: bool = False
 
 
-def _parse_score(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise SolutionError(f"--valid-score {text!r}: give a number (mean recall) or a JSON object") from None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return {"mean_recall": float(value), "source": "--valid-score"}
-    if isinstance(value, dict):
-        return {**value, "source": "--valid-score"}
-    raise SolutionError(f"--valid-score {text!r}: give a number (mean recall) or a JSON object")
-
-
-def _feature_entry(fs: FeatureSet) -> dict:
-    m = fs.meta
-    return {"path": str(fs.path.resolve()), "format": fs.format, "count": int(len(fs.ids)), "dim": int(fs.feats.shape[1]),
-            **{k: m[k] for k in ("checkpoint", "checkpoint_sha256", "precision", "data", "cache", "created") if k in m}}
-
-
-def build_manifest(args, direction: str, texts: FeatureSet, images: FeatureSet, output: Path, seconds: float) -> dict:
-    checkpoints, seen = [], set()
-    for fs in (texts, images):
-        c = fs.meta.get("checkpoint")
-        sha = fs.meta.get("checkpoint_sha256")
-        if c and (c, sha) not in seen:
-            seen.add((c, sha))
-            checkpoints.append({"path": c, "sha256": sha, "used_for": [fs.kind]})
-        elif c:
-            next(x for x in checkpoints if (x["path"], x["sha256"]) == (c, sha))["used_for"].append(fs.kind)
-    for c in args.checkpoint or []:
-        checkpoints.append({"path": str(Path(c).resolve()), "sha256": None, "used_for": ["--checkpoint"]})
-    shas = {fs.meta.get("checkpoint_sha256") for fs in (texts, images) if fs.meta.get("checkpoint_sha256")}
-    if len(shas) > 1:
-        log.warning("text and image features come from different checkpoints: %s",
-                    " vs ".join(f"{fs.kind}: {fs.meta.get('checkpoint')}" for fs in (texts, images)))
-    validation = _parse_score(args.valid_score) or texts.meta.get("validation") or images.meta.get("validation")
-    config = texts.meta.get("config") or images.meta.get("config")
-    return {
-        "submission": str(output.resolve()),
-        "direction": direction,
-        "top_k": args.top_k,
-        "num_queries": int(len(texts.ids) if direction == "t2i" else len(images.ids)),
-        "gallery_size": int(len(images.ids) if direction == "t2i" else len(texts.ids)),
-        "checkpoints": checkpoints,
-        "config": config,
-        "prompt": texts.meta.get("prompt", config.get("text_prompt") if config else None),
-        "features": {"text": _feature_entry(texts), "image": _feature_entry(images)},
-        "validation": validation,
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-        "command": ["python", "-m", "solution.predict", *args.argv],
-    }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m solution.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--image-feats", required=True,
-                   help="image features: .npy (ours), cn_clip .jsonl, or the base name given to extraction")
-    p.add_argument("--text-feats", required=True,
-                   help="text features: .npy (ours), cn_clip .jsonl, or the base name given to extraction")
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--output", required=True, help="submission jsonl; the manifest goes beside it as .json")
-    p.add_argument("--direction", choices=sorted(DIRECTIONS), default="t2i",
-                   help="t2i: a line per text ranking images (MUGE); i2t: a line per image ranking texts")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--chunk-size", type=int, default=None,
-                   help=f"queries per matrix product (default: what fits in {DEFAULT_MEMORY_MB} MiB of scores)")
-    p.add_argument("--eval-batch-size", type=int, default=None,
-                   help="cn_clip's flag, accepted for compatibility; the chunking here is over queries (--chunk-size)")
-    p.add_argument("--valid-score", default=None,
-                   help="validation score for the manifest: a mean recall, or a JSON object of r1/r5/r10/mean_recall")
-    p.add_argument("--checkpoint", action="append", default=None,
-                   help="checkpoint(s) to name in the manifest when the features carry no provenance")
-    p.add_argument("--method", choices=["auto", "prefilter", "fp32"], default="auto",
-                   help="prefilter: bf16 candidates + exact fp32 rescoring (certified, same result); "
-                        "fp32: one fp32 product; auto: prefilter on CPUs with fast bf16 and large galleries")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    if args.top_k < 1:
-        raise SolutionError("--top-k must be at least 1")
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise SolutionError("--chunk-size must be at least 1")
-    output = Path(args.output)
-    mpath = manifest_path(output)
-    inputs = [p for path, kind in ((args.text_feats, "text"), (args.image_feats, "image"))
-              for p in resolve_features(path, kind)[1:] if p is not None]
-    check_output(output, inputs=inputs, what="--output")
-    check_output(mpath, inputs=inputs, what="manifest (beside --output)")
-    device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    texts, images = load_features(args.text_feats, "text"), load_features(args.image_feats, "image")
+def _load_pair(job: Prediction) -> tuple[FeatureSet, FeatureSet]:
+    texts, images = load_features(job.text_feats, "text"), load_features(job.image_feats, "image")
     if texts.feats.shape[1] != images.feats.shape[1]:
         raise SolutionError(f"text features are {texts.feats.shape[1]}-d but image features "
                             f"{images.feats.shape[1]}-d: not from the same model")
@@ -267,22 +182,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if np.abs(norms - 1).max() > 1e-3:
             log.warning("%s: features are not L2-normalised (norms %.3g..%.3g); ranking by raw inner product",
                         fs.path, norms.min(), norms.max())
-    query, gallery = (texts, images) if args.direction == "t2i" else (images, texts)
+    return texts, images
+
+
+def predict(job: Prediction) -> dict:
+    """Write ``job``'s submission and manifest; ``{output, manifest, count, seconds, ranking}``."""
+    if job.top_k < 1:
+        raise SolutionError("--top-k must be at least 1")
+    if job.chunk_size is not None and job.chunk_size < 1:
+        raise SolutionError("--chunk-size must be at least 1")
+    output = Path(job.output)
+    mpath = manifest_path(output)
+    inputs = [p for path, kind in ((job.text_feats, "text"), (job.image_feats, "image"))
+              for p in resolve_features(path, kind)[1:] if p is not None]
+    check_output(output, inputs=inputs, what="--output")
+    check_output(mpath, inputs=inputs, what="manifest (beside --output)")
+    t0 = time.perf_counter()
+    texts, images = _load_pair(job)
+    query, gallery = (texts, images) if job.direction == "t2i" else (images, texts)
     log.info("%d %s queries against %d %ss, top-%d on %s (loaded in %.1f s)", len(query.ids), query.kind,
-             len(gallery.ids), gallery.kind, args.top_k, device, time.perf_counter() - t0)
+             len(gallery.ids), gallery.kind, job.top_k, job.device, time.perf_counter() - t0)
     t1 = time.perf_counter()
     stats: dict = {}
-    ranked, _ = rank(query.feats, gallery.feats, gallery.ids, args.top_k, device=device, chunk_size=args.chunk_size,
-                     progress=not args.no_progress, method=args.method, stats=stats)
-    n = write_jsonl(output, prediction_rows(args.direction, query.ids, ranked))
+    ranked, _ = rank(query.feats, gallery.feats, gallery.ids, job.top_k, device=job.device, chunk_size=job.chunk_size,
+                     progress=job.progress, method=job.method, stats=stats)
+    n = write_jsonl(output, prediction_rows(job.direction, query.ids, ranked))
     seconds = time.perf_counter() - t0
-    manifest = build_manifest(args, args.direction, texts, images, output, seconds)
+    manifest = build_manifest(texts, images, output, direction=job.direction, top_k=job.top_k,
+                              valid_score=job.valid_score, checkpoints=job.checkpoints, command=job.command,
+                              seconds=seconds)
     manifest["ranking"] = stats
     write_json(mpath, manifest)
     log.info("%d predictions in %.1f s (ranking %.1f s, %s) -> %s (+ %s)", n, seconds, time.perf_counter() - t1,
              ", ".join(f"{k} {v}" for k, v in stats.items()), output, mpath.name)
     return {"output": str(output), "manifest": str(mpath), "count": n, "seconds": seconds, "ranking": stats}
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

@@ -1,1 +1,2 @@
-"""Checkpoint soups: ingredients, weight averaging, greedy/pairwise/uniform."""
+"""Checkpoint soups: ingredients, streamed weight averaging, scoring through retrieval, the
+greedy/pairwise/uniform methods and a soup run."""

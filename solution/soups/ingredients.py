@@ -1,32 +1,28 @@
-"""Soup ingredients: find checkpoints, check they belong together, fingerprint them, and stream
-weighted sums of their weights.
+"""Soup ingredients: find checkpoints (globs, or a search study's top trials), check they belong
+together, fingerprint them and use identical ones once.
 
 Checkpoints are memory-mapped (``read_checkpoint(mmap=True)``): reading a config or the shapes
-costs nothing, and a weighted sum reads one checkpoint at a time into one fp32 buffer, so memory
-stays bounded whatever the number of ingredients. Used by :mod:`solution.soup`.
+costs nothing. A fingerprint is the digest of a checkpoint's weights, memoised in the score cache
+under the file's path, size and modification time.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
-import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 
 from solution.common import SolutionError, check_output
-from solution.model.models import (ModelConfig, check_finite, check_shapes, clean_state_dict, model_template, read_checkpoint,
-                     resolve_config, state_dict_digest)
+from solution.formats.trials import NAME as TRIALS, completed, read_trials
+from solution.model import (ModelConfig, check_finite, check_shapes, clean_state_dict, model_template, read_checkpoint,
+                            resolve_config, state_dict_digest)
 
 log = logging.getLogger(__name__)
-
-State = dict  # name -> fp32 tensor
-Source = Union[str, State]  # a checkpoint path (streamed) or weights in memory
 
 
 # ---------------------------------------------------------------- finding ingredients
@@ -96,13 +92,10 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
     passed over (logged) in favour of the next compatible one.
     """
     study_dir = Path(study_dir)
-    table = study_dir / "trials.csv"
+    table = study_dir / TRIALS
     if not table.is_file():
-        raise SolutionError(f"{study_dir} is not a search study folder (no trials.csv)")
-    from solution.report.compare import read_csv
-
-    rows = [r for r in read_csv(table) if str(r.get("state", "")).upper().endswith("COMPLETE")
-            and str(r.get("value", "")).strip() not in ("", "nan", "None")]
+        raise SolutionError(f"{study_dir} is not a search study folder (no {TRIALS})")
+    rows = [r for r in completed(read_trials(table)) if str(r.get("value") or "").strip() not in ("", "nan", "None")]
     if not rows:
         raise SolutionError(f"{table} lists no complete trial")
     for r in rows:
@@ -153,7 +146,7 @@ class Ingredient:
 def inspect_checkpoint(path: Path, fp_cache: dict) -> Ingredient:
     """Config, shapes and fingerprint of one checkpoint (memory-mapped; hashed once per file version).
 
-    The checks of :func:`solution.models.load_model` apply: architecture names in the registry,
+    The checks of :func:`solution.model.load_model` apply: architecture names in the registry,
     every tensor of that model present in its shape (no position grid resizing: weights are
     averaged as stored), and finite weights (checked when the file is hashed: a cached
     fingerprint stands for a checked file version).
@@ -202,52 +195,39 @@ def check_compatible(ing: Ingredient, ref: Ingredient, template: dict, *, strict
             raise SolutionError(f"{ing.path}: tensor {k} is {got}, expected {shape} as in {ref.path}: {what}")
 
 
-# ---------------------------------------------------------------- streaming weights
+ALIASES = ("best.pt", "epoch_latest.pt")  # copies the trainer makes: keep the epoch_N.pt they copy
 
 
-def weights_of(source: Source) -> dict:
-    if isinstance(source, dict):
-        return source
-    return clean_state_dict(read_checkpoint(source, mmap=True)["state_dict"])
+def _dedupe(ings: Sequence[Ingredient]) -> tuple[list[Ingredient], dict[str, str]]:
+    """Ingredients with distinct weights, and ``{duplicate path: the path used}``."""
+    unique: dict[str, Ingredient] = {}
+    duplicates: dict[str, str] = {}
+    for ing in ings:
+        kept = unique.get(ing.fingerprint)
+        if kept is None:
+            unique[ing.fingerprint] = ing
+            continue
+        if Path(kept.path).name in ALIASES and Path(ing.path).name not in ALIASES:
+            unique[ing.fingerprint] = ing  # the epoch file takes the alias's place
+            for d, o in duplicates.items():
+                if o == kept.path:
+                    duplicates[d] = ing.path
+            kept, ing = ing, kept
+        duplicates[ing.path] = kept.path
+        log.info("%s has the same weights as %s: used once", ing.path, kept.path)
+    return list(unique.values()), duplicates
 
 
-def new_state(template: dict) -> State:
-    return {k: torch.empty(shape, dtype=torch.float32) for k, shape in template.items()}
-
-
-@torch.no_grad()
-def mix(terms: Sequence[tuple[Source, float]], out: State) -> State:
-    """``out = sum(w * source)`` in fp32, one checkpoint in memory at a time (paths are memory-mapped)."""
-    for i, (source, w) in enumerate(terms):
-        sd = weights_of(source)
-        for k, t in out.items():
-            x = sd[k].to(torch.float32)
-            if i == 0:
-                torch.mul(x, w, out=t)
-            else:
-                t.add_(x, alpha=w)
-        del sd
-    return out
-
-
-def cast_state(state: dict, dtype: torch.dtype) -> dict:
-    """``state`` in ``dtype``, converted tensor by tensor in place so two full copies never coexist."""
-    for k in list(state):
-        if state[k].is_floating_point() and state[k].dtype != dtype:
-            state[k] = state[k].to(dtype)
-    return state
-
-
-def recipe_key(terms: Sequence[tuple[str, float]], dtype: str) -> str:
-    """Identity of a candidate: the keys of its sources and their weights, in order, and its dtype."""
-    blob = json.dumps({"terms": [[k, round(float(w), 12)] for k, w in terms], "dtype": dtype})
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
-
-
-def flatten(parts: Sequence[tuple[dict, float]]) -> dict:
-    """Weights over original checkpoints of a weighted sum of soups ``{path: weight}``."""
-    out: dict = {}
-    for members, w in parts:
-        for p, v in members.items():
-            out[p] = out.get(p, 0.0) + w * v
-    return out
+def gather(paths: Sequence[Path], fp_cache: dict) -> tuple[list[Ingredient], dict[str, str], dict]:
+    """Inspect every checkpoint (one at a time), refuse misfits, use duplicates once:
+    ``(ingredients, {duplicate: kept}, the soup's tensor template)``."""
+    ings: list[Ingredient] = []
+    template: dict = {}
+    for p in paths:
+        ing = inspect_checkpoint(p, fp_cache)
+        if not ings:
+            template = model_template(ing.config)
+        check_compatible(ing, ings[0] if ings else ing, template)
+        ings.append(ing)
+    unique, duplicates = _dedupe(ings)
+    return unique, duplicates, template

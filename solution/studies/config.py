@@ -1,8 +1,10 @@
-"""Search config for :mod:`solution.search`: the YAML file, the parameter space, trial flags -> argv.
+"""Search config: the YAML file, command-line overrides, the parameter space, trial flags -> argv.
 
-The YAML format is described in :mod:`solution.search`. A trial's flags are the ``base`` flags
-updated by its sampled parameters; :func:`flags_to_argv` turns them into ``train_clip.sh`` flags
-(``true`` -> ``--flag``, ``false``/``null`` -> omitted, a list -> ``--flag a b``).
+The YAML format is described in :mod:`solution.search` (the command line). A trial's flags are the
+``base`` flags updated by its sampled parameters; :func:`flags_to_argv` turns them into
+``train_clip.sh`` flags (``true`` -> ``--flag``, ``false``/``null`` -> omitted, a list -> ``--flag a b``).
+:func:`check_trial_flags` refuses, before the first trial, a config whose trials the trainer's
+parser would refuse.
 """
 from __future__ import annotations
 
@@ -238,6 +240,28 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Searc
             raise SolutionError(f"--set {item}: the value is not valid YAML") from None
     cfg = parse_config(raw, str(path))
     cfg.overrides = keys
+    return cfg
+
+
+def override(cfg: SearchConfig, source: str, *, study_name: str | None = None, pruner: str | None = None,
+             no_plots: bool = False, **values) -> SearchConfig:
+    """The command line's study settings over the config's: ``values`` (n_trials, storage, out, mode,
+    torchrun_nproc, timeout) where not None; torchrun implies subprocess mode; a pruner named other
+    than the config's replaces it with its defaults. Checked again as a whole."""
+    for key, value in values.items():
+        if key not in STUDY_KEYS:
+            raise SolutionError(f"{source}: {key} is not a study setting")
+        if value is not None:
+            setattr(cfg, key, value)
+    if study_name:
+        cfg.name = study_name
+    if values.get("torchrun_nproc"):
+        cfg.mode = "subprocess"
+    if pruner and pruner != cfg.pruner["name"]:
+        cfg.pruner = {"name": pruner}
+    if no_plots:
+        cfg.plots = False
+    check_config(cfg, source)
     return cfg
 
 

@@ -1,5 +1,6 @@
-"""Outputs of a search study folder, rewritten after every trial: ``trials.csv`` (pandas),
-``best_command.sh``, ``best_config.yaml``, ``best.json`` and Optuna's matplotlib plots as PNGs.
+"""Outputs of a search study folder, rewritten after every trial: ``trials.csv`` (through
+:func:`solution.formats.trials.write_trials`), ``best_command.sh``, ``best_config.yaml``, ``best.json``
+and Optuna's matplotlib plots as PNGs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import yaml
 from optuna.trial import TrialState
 
 from solution.common import atomic_path, write_json
+from solution.formats.trials import NAME as TRIALS_CSV, write_trials
 from .config import SearchConfig, flags_to_argv, trial_flags
 from .storage import DIED
 
@@ -43,10 +45,9 @@ def trials_table(study: optuna.Study):
 
 
 def write_reports(study: optuna.Study, cfg: SearchConfig, plots: bool = True) -> None:
+    """Every output of the study folder, each written atomically."""
     out = cfg.study_dir
-    df = trials_table(study)
-    with atomic_path(out / "trials.csv") as tmp:
-        df.to_csv(tmp, index=False)
+    write_trials(out / TRIALS_CSV, trials_table(study))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
         best = study.best_trial
@@ -84,6 +85,8 @@ def _argv_lines(argv: list[str]) -> list[str]:
 
 
 def write_plots(study: optuna.Study, out: Path, n_complete: int) -> list[Path]:
+    """Optuna's history, intermediate values, parallel coordinates and importances, where they apply;
+    a plot that fails is a warning."""
     import matplotlib
 
     matplotlib.use("Agg")

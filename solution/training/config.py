@@ -13,6 +13,10 @@ differences from the defaults, e.g.::
 
 Keys may use dashes or underscores; ``null`` means the flag's default. Unknown keys are an error
 naming the key. Numbers out of range (a negative LoRA rank, a dropout of 1, ...) are refused.
+
+:func:`parse_args` returns the flags as typed (checked, never rewritten): a flag left to be
+inherited or derived stays ``None``. What a run resolves them to (model, prompt, learning rate,
+steps, ...) is :class:`solution.training.run_config.TrainConfig`.
 """
 from __future__ import annotations
 
@@ -25,10 +29,9 @@ from pathlib import Path
 from typing import Sequence
 
 from solution.common import SolutionError, read_yaml_mapping
-
-PRECISIONS = ("amp", "fp16", "fp32", "bf16")
-AUGMENTS = ("none", "cnclip", "gentle")
-FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+from solution.data.datasets import AUGMENTS
+from solution.formats.runs import MAIN_SET
+from solution.retrieval.precision import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +161,7 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags as typed (command line over config file over defaults), checked; nothing derived."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     from_config = {}
@@ -171,7 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise
         raise SolutionError("invalid command line (see the usage message above)") from None
     try:
-        return finalize(args)
+        check_flags(args)
+        return args
     except SolutionError as e:  # a value the config file gave: name the file
         flag = str(e).split(" ", 1)[0]
         dest = flag[2:].replace("-", "_") if flag.startswith("--") else None
@@ -180,28 +185,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise
 
 
-def finalize(args: argparse.Namespace) -> argparse.Namespace:
-    """Checks and derived values that do not need the data or the model."""
+def check_flags(args: argparse.Namespace) -> None:
+    """Checks that need neither the data nor the model (``args`` is left as typed)."""
     if not args.train_data:
         raise SolutionError("--train-data is required (an LMDB directory with imgs/ and pairs/)")
     if args.use_flash_attention:
         raise SolutionError("--use-flash-attention is not supported by this trainer (PyTorch SDPA is used instead)")
     if args.distillation:
         raise SolutionError("--distillation is not supported by this trainer")
-    if args.augment is None:
-        args.augment = "cnclip" if args.use_augment else "none"
     _check_ranges(args)
     check_name(args.name)
-    extra = {}
-    for item in args.extra_val_data or []:
+    extra_val_sets(args.extra_val_data)
+
+
+def extra_val_sets(items: Sequence[str] | None) -> dict[str, str]:
+    """``--extra-val-data NAME=LMDB ...`` as ``{name: path}`` (one clear error for a malformed item)."""
+    extra: dict[str, str] = {}
+    for item in items or []:
         name, sep, path = str(item).partition("=")
         if not sep or not name or not path:
             raise SolutionError(f"--extra-val-data expects NAME=LMDB, got {item!r}")
-        if name == "valid" or name in extra:
+        if name == MAIN_SET or name in extra:
             raise SolutionError(f"--extra-val-data: duplicate set name {name!r}")
         extra[name] = path
-    args.extra_val = extra
-    return args
+    return extra
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
@@ -255,13 +262,3 @@ def check_name(name: str) -> None:
     if not name or "\0" in name or os.path.isabs(name) or norm in (".", "..") or norm.startswith(".." + os.sep):
         raise SolutionError(f"--name {name!r} leaves --logs: give a run folder name inside it (e.g. exp1 or "
                             "exp/run1), no absolute path and no '..' that climbs out")
-
-
-def default_optim(args: argparse.Namespace) -> None:
-    """lr/betas/eps from cn_clip's per-model defaults where not given (fallback for other models)."""
-    from cn_clip.training.params import get_default_params
-
-    defaults = {**FALLBACK_OPTIM, **get_default_params(args.vision_model)}
-    for name, val in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, val)

@@ -1,7 +1,7 @@
 """Run-folder safety for the trainer: where a run writes, one writer at a time, what a re-run may resume.
 
 * ``--logs`` must be (or become) a folder, and ``{logs}/{name}`` a folder inside it (``--name`` is
-  checked in :mod:`solution.train_args`);
+  checked in :mod:`solution.training.config`);
 * the main process holds ``{run}/.train.lock`` for the whole run (an ``flock``: the kernel drops it
   when its holder dies, even by ``kill -9``); a second writer of the same run folder fails with one
   line naming the holder. Once the lock is taken, temporary files (``.NAME.*.tmp``) a killed writer
@@ -11,12 +11,13 @@
   processes, accumulation, steps, optimiser and schedule, precision, loss options, seed, early
   stop), the re-run is refused, listing each ``flag old -> new``, unless ``--allow-changed-flags``
   (then the change is logged and kept in ``params.json["flag_changes"]``). Flags that only change
-  logging, workers, device, the validation/save schedule or speed may change freely.
+  logging, workers, device, the validation/save schedule or speed may change freely. The resolved
+  values are compared (:func:`solution.training.run_config.resolved_params`), so a ``params.json``
+  written before it recorded the typed flags is read the same way.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Callable, Mapping
 import torch.distributed as dist
 
 from solution.common import SolutionError, check_output, disk_full_as_error, folder_lock, remove_stale_temps
+from solution.formats.runs import PARAMS, read_params
+
+from .run_config import resolved_params
 
 log = logging.getLogger(__name__)
 
@@ -116,39 +120,41 @@ def _show(v) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
-def check_resume_flags(params_path: Path, params: dict, step: int, allow: bool) -> None:
-    """Compare this command's ``params`` with the run's ``params.json`` before resuming at ``step``.
-
-    Refuses changed training flags unless ``allow``; with it, records them in ``params["flag_changes"]``.
-    """
-    if not params_path.is_file():
-        log.warning("%s is missing: cannot check that this command's flags match the run's", params_path)
-        return
+def _saved_params(run_dir: Path) -> dict | None:
     try:
-        saved = json.loads(params_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SolutionError(f"{params_path} is not valid JSON ({e}); restore or remove it to resume this run, "
-                            "or pass --no-auto-resume to start it over") from None
-    if not isinstance(saved, dict):
-        raise SolutionError(f"{params_path} does not hold the run's flags (expected a JSON object)")
+        saved = read_params(run_dir)
+    except SolutionError as e:
+        raise SolutionError(f"{e}; restore or remove it to resume this run, or pass --no-auto-resume to start it "
+                            "over") from None
+    return None if saved is None else resolved_params(saved)
+
+
+def check_resume_flags(run_dir: Path, params: Mapping, step: int, allow: bool) -> list[dict]:
+    """Compare this command's resolved ``params`` with the run's ``params.json`` before resuming at ``step``.
+
+    Refuses changed training flags unless ``allow``; returns the run's flag-change history, with
+    this re-run's consented changes appended (``[]`` when there are none).
+    """
+    saved = _saved_params(run_dir)
+    if saved is None:
+        log.warning("%s is missing: cannot check that this command's flags match the run's", run_dir / PARAMS)
+        return []
     old, new = training_flags(saved), training_flags(params)
     changed = {k: (old[k], new[k]) for k in old if k in new and not _equal(k, old[k], new[k])}
     free = [f"--{k.replace('_', '-')} {_show(saved[k])} -> {_show(params[k])}" for k in HARMLESS
             if k in saved and k in params and saved[k] != params[k]]
     if free:
         log.info("resuming under other logging/worker/device/schedule flags than %s (they do not change the "
-                 "training): %s", params_path, "; ".join(free))
+                 "training): %s", run_dir / PARAMS, "; ".join(free))
     history = list(saved.get("flag_changes") or [])
     if changed:
         text = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items())
         if not allow:
             raise SolutionError(
-                f"run folder {params_path.parent} was trained with other flags than this command's (its params.json): "
+                f"run folder {run_dir} was trained with other flags than this command's (its params.json): "
                 f"{text}. Re-run with the run's flags, pass --allow-changed-flags to continue it from step {step} "
                 "under the new ones, or use another --name (or --no-auto-resume to start it over); logging, "
                 "worker, device, validation- and save-schedule flags may change freely")
-        log.warning("resuming %s at step %d under changed flags (--allow-changed-flags): %s",
-                    params_path.parent, step, text)
+        log.warning("resuming %s at step %d under changed flags (--allow-changed-flags): %s", run_dir, step, text)
         history.append({"step": int(step), "changes": {k: [a, b] for k, (a, b) in changed.items()}})
-    if history:
-        params["flag_changes"] = history
+    return history

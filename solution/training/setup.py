@@ -23,17 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cn_clip_patch.prompt import PromptError, check_prompt
-from cn_clip_patch.tuning import (DEFAULT_LORA_TARGETS, apply_tuning, set_grad_checkpointing, trainable_summary,
-                                  tuning_recipe)
+from cn_clip_patch.tuning import apply_tuning, trainable_summary
 
 from solution.common import SolutionError, resolve_device
-from .config import default_optim
-from solution.model.models import ModelConfig, build_model, load_weights, read_checkpoint, resolve_config
+from solution.model import ModelConfig, build_model, load_weights, read_checkpoint
 
 log = logging.getLogger(__name__)
-
-DEFAULT_VISION, DEFAULT_TEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese"
 
 
 @dataclass
@@ -77,62 +72,32 @@ class Start:
     own: bool = False  # the run's own epoch_latest.pt: exact resume
 
 
-def find_start(args, latest: Path) -> Start:
-    if latest.is_file() and not args.no_auto_resume:
+def find_start(latest: Path, resume: str | None, auto_resume: bool = True) -> Start:
+    """The run's own ``latest`` checkpoint (when ``auto_resume``), else ``--resume``, else nothing."""
+    if latest.is_file() and auto_resume:
         log.info("resuming this run from %s", latest)
         return Start(read_checkpoint(latest), str(latest), True)
-    if args.resume:
-        if not Path(args.resume).is_file():
-            raise SolutionError(f"--resume: checkpoint not found: {args.resume}")
-        log.info("starting from %s", args.resume)
-        return Start(read_checkpoint(args.resume), str(args.resume), False)
+    if resume:
+        if not Path(resume).is_file():
+            raise SolutionError(f"--resume: checkpoint not found: {resume}")
+        log.info("starting from %s", resume)
+        return Start(read_checkpoint(resume), str(resume), False)
     return Start()
 
 
-def model_config(args, start: Start) -> ModelConfig:
-    recipe = tuning_recipe(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                           lora_targets=args.lora_targets or DEFAULT_LORA_TARGETS, freeze_vision=args.freeze_vision,
-                           freeze_text=args.freeze_text)
-    if start.ckpt is not None:
-        cfg = resolve_config(start.ckpt, vision_model=args.vision_model, text_model=args.text_model, source=start.source)
-        vision, text = cfg.vision_model, cfg.text_model
-    else:
-        vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
-    # Prompt and context length follow the starting checkpoint unless given: stages never disagree.
-    stored = (start.ckpt or {}).get("config") or {}
-    if args.context_length is None:
-        args.context_length = int(stored.get("context_length", 52))
-    if args.text_prompt is None:
-        args.text_prompt = str(stored.get("text_prompt", ""))
-    config = ModelConfig(vision, text, context_length=args.context_length, text_prompt=args.text_prompt,
-                         tuning=recipe)
-    if args.context_length > int(config.model_info.get("text_max_position_embeddings", 512)):
-        raise SolutionError(f"--context-length {args.context_length} exceeds the text model's "
-                            f"{config.model_info['text_max_position_embeddings']} positions")
-    try:
-        check_prompt(config.text_prompt, config.context_length)
-    except PromptError as e:
-        raise SolutionError(f"--text-prompt: {e}") from None
-    args.vision_model, args.text_model = vision, text
-    default_optim(args)
-    return config
+def _tower_weights(path: str | None) -> dict | None:
+    return read_checkpoint(path)["state_dict"] if path else None
 
 
-def _tower_weights(path: str | None, what: str) -> dict | None:
-    if not path:
-        return None
-    return read_checkpoint(path)["state_dict"]
-
-
-def build(args, config: ModelConfig, start: Start) -> nn.Module:
+def build(config: ModelConfig, start: Start, *, seed: int, clip_weight_path: str | None = None,
+          bert_weight_path: str | None = None) -> nn.Module:
     """The model on the CPU: weights loaded, tuning applied (LoRA injected, towers frozen)."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = build_model(config, "cpu")
-    if args.clip_weight_path or args.bert_weight_path:
+    if clip_weight_path or bert_weight_path:
         from cn_clip.clip.model import restore_model
 
-        restore_model(model, _tower_weights(args.clip_weight_path, "--clip-weight-path"),
-                      _tower_weights(args.bert_weight_path, "--bert-weight-path"), False)
+        restore_model(model, _tower_weights(clip_weight_path), _tower_weights(bert_weight_path), False)
         model.float()
     adapted = start.own and start.ckpt.get("train_state", {}).get("adapted_state_dict")
     if start.ckpt is not None and not adapted:
@@ -149,8 +114,6 @@ def build(args, config: ModelConfig, start: Start) -> nn.Module:
                                 f"--lora-* flags ({len(shapes)} tensors of another shape, {len(missing)} missing, "
                                 f"{len(unexpected)} unexpected; e.g. {example})")
         model.load_state_dict(adapted)
-    if args.grad_checkpointing:
-        set_grad_checkpointing(model, True)
     trainable, total = trainable_summary(model)
     if trainable == 0:
         raise SolutionError("nothing to train: every parameter is frozen (check --freeze-vision/--freeze-text)")
@@ -172,15 +135,16 @@ def _no_decay(model: nn.Module) -> set[str]:
     return out
 
 
-def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float,
+                   wd: float) -> torch.optim.Optimizer:
     """AdamW, cn_clip's two groups: no weight decay on biases, norms and logit_scale."""
     no_decay = _no_decay(model)
     plain, decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (plain if n in no_decay else decay).append(p)
-    return torch.optim.AdamW([{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": args.wd}],
-                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    return torch.optim.AdamW([{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}],
+                             lr=lr, betas=betas, eps=eps)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str | None:
@@ -204,20 +168,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str |
     return None
 
 
-def make_scheduler(optimizer, args, total_steps: int):
-    """cn_clip's warmup + cosine (its own function), or a constant rate with --skip-scheduler."""
-    if args.skip_scheduler:
-        def constant(step):
+def make_scheduler(optimizer, *, lr: float, warmup: int, total_steps: int, constant: bool = False):
+    """cn_clip's warmup + cosine (its own function), or a constant rate (``--skip-scheduler``)."""
+    if constant:
+        def fixed(step):
             for g in optimizer.param_groups:
-                g["lr"] = args.lr
-            return args.lr
-        return constant
+                g["lr"] = lr
+            return lr
+        return fixed
     from cn_clip.training.scheduler import cosine_lr
 
-    warmup = args.warmup
     if warmup >= total_steps:
         log.warning("--warmup %d >= %d training steps: the learning rate never reaches its cosine phase", warmup, total_steps)
-    adjust = cosine_lr(optimizer, args.lr, max(warmup, 0), total_steps)
+    adjust = cosine_lr(optimizer, lr, max(warmup, 0), total_steps)
 
     def cosine(step):
         lr = float(adjust(step))  # upstream computes a numpy float: keep checkpoints plain
@@ -227,18 +190,20 @@ def make_scheduler(optimizer, args, total_steps: int):
     return cosine
 
 
-def make_scaler(args, device: torch.device):
-    if args.precision in ("amp", "fp16") and device.type == "cuda":
+def make_scaler(precision: str, device: torch.device):
+    """A GradScaler for float16 autocast on CUDA, else None."""
+    if precision in ("amp", "fp16") and device.type == "cuda":
         return torch.amp.GradScaler("cuda")
-    if args.precision in ("amp", "fp16"):
-        log.info("precision %s on %s: no float16 autocast there, training in fp32", args.precision, device.type)
+    if precision in ("amp", "fp16"):
+        log.info("precision %s on %s: no float16 autocast there, training in fp32", precision, device.type)
     return None
 
 
-def wrap(model: nn.Module, d: Dist, args) -> nn.Module:
+def wrap(model: nn.Module, d: Dist, use_bn_sync: bool = False) -> nn.Module:
+    """The model on this process's device; under DDP when there are several processes."""
     model = model.to(d.device)
     if d.world > 1:
-        if args.use_bn_sync:
+        if use_bn_sync:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return model

@@ -1,4 +1,4 @@
-"""Checkpoints, RNG state and the metrics log of one training run directory.
+"""The files of one training run directory: checkpoints, RNG state, params, the metrics log, the plot.
 
 Layout of ``{logs}/{name}/``::
 
@@ -7,7 +7,9 @@ Layout of ``{logs}/{name}/``::
     checkpoints/epoch_latest.pt     the above + "optimizer" + "train_state" (resumable)
     checkpoints/best.pt             weights of the best validation (main set mean recall)
     adapters/{same stem}.pt         LoRA runs: the adapter tensors alone
-    params.json, metrics.jsonl, curves.png
+    params.json                     the run's configuration (see :mod:`.run_config`)
+    metrics.jsonl                   read and written through :mod:`solution.formats.runs`
+    curves.png
 
 ``train_state`` holds what an exact resume needs: data position ``{"epoch", "micro"}``
 (next epoch index and micro-batch in it), RNG states, GradScaler state, best record, early-stop
@@ -22,7 +24,6 @@ before ``"closed"`` was recorded at an epoch end or at its last step redoes that
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -32,9 +33,12 @@ import torch
 
 from cn_clip_patch.tuning import adapter_state_dict, has_lora, merged_state_dict
 
-from solution.common import append_jsonl, atomic_path, disk_full_as_error, write_jsonl
+from solution.common import atomic_path
+from solution.formats.runs import METRICS, PARAMS, append_metric, read_metrics, rewrite_metrics, write_params
+from solution.model import ModelConfig, save_checkpoint
+from solution.plots import plot_run
+
 from .step import unwrap
-from solution.model.models import ModelConfig, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,8 @@ class RunFiles:
         self.adapter_dir = self.run_dir / "adapters"
         self.latest = self.ckpt_dir / "epoch_latest.pt"
         self.best = self.ckpt_dir / "best.pt"
-        self.metrics = self.run_dir / "metrics.jsonl"
-        self.params = self.run_dir / "params.json"
+        self.metrics = self.run_dir / METRICS
+        self.params = self.run_dir / PARAMS
         self.plot = self.run_dir / "curves.png"
 
     def epoch_path(self, epoch: int, step: int | None = None) -> Path:
@@ -120,36 +124,27 @@ class RunFiles:
             self.save(self.best, model, config, epoch=epoch, step=step, name=name, metrics=dict(best))
             log.info("wrote %s, owed by the interrupted run at step %d", self.best, step)
 
-    # -------------------------------------------------- metrics
+    # -------------------------------------------------- params.json, metrics.jsonl, curves.png
+
+    def write_params(self, record: dict) -> None:
+        write_params(self.run_dir, record)
 
     def log_row(self, row: dict) -> None:
-        with disk_full_as_error(self.metrics):
-            append_jsonl(self.metrics, row)
+        append_metric(self.metrics, row)
 
     def truncate_metrics(self, step: int, drop_valid_at_step: bool = False) -> None:
         """On resume: drop lines logged after the checkpoint we resume from (and its step's validation
-        rows where that validation is to be redone)."""
+        rows where that validation is to be redone); a last line torn by the kill goes too."""
         if not self.metrics.is_file():
             return
-        keep = []
-        for line in self.metrics.read_bytes().decode("utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if not isinstance(row, dict):
-                continue
-            s = int(row.get("step", 0))
-            if s < step or (s == step and not (drop_valid_at_step and row.get("kind") == "valid")):
-                keep.append(row)
-        write_jsonl(self.metrics, keep)
+        keep = [row for row in read_metrics(self.metrics)
+                if int(row.get("step", 0)) < step or (int(row.get("step", 0)) == step
+                                                      and not (drop_valid_at_step and row.get("kind") == "valid"))]
+        rewrite_metrics(self.metrics, keep)
 
-    def read_metrics(self) -> list[dict]:
-        rows = []
-        if self.metrics.is_file():
-            for line in self.metrics.read_bytes().decode("utf-8", errors="replace").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-        return rows
+    def draw_curves(self, title: str) -> None:
+        """``curves.png`` from ``metrics.jsonl``; a failure is a warning (a plot never ends a run)."""
+        try:
+            plot_run(read_metrics(self.metrics), self.plot, title=title)
+        except Exception as e:  # noqa: BLE001 - a plot must never kill a training run
+            log.warning("could not draw %s: %s", self.plot, e)

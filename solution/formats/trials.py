@@ -1,0 +1,54 @@
+"""A search study's ``trials.csv``: one row per Optuna trial (number, state, value, params_*, user attrs).
+
+Written by :mod:`solution.studies.report` after every trial, read by soups (``--from-study``) and
+the report (:mod:`solution.report.runs`). Malformed files (non-UTF-8, an unterminated quote, a row
+with more fields than the header) are one :class:`SolutionError` naming the file and line.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+from solution.common import SolutionError, atomic_path
+
+NAME = "trials.csv"
+
+
+def write_trials(path: str | os.PathLike, table) -> None:
+    """Write a pandas DataFrame of trials atomically."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def read_trials(path: str | os.PathLike) -> list[dict]:
+    """The rows of a CSV file with a header line as dicts (strings, as written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SolutionError(f"file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise SolutionError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    rows, line = [], 1
+    try:
+        if reader.fieldnames is None:
+            return []
+        line = reader.line_num + 1  # where the next row starts (an unterminated quote runs on from there)
+        for row in reader:
+            if None in row:
+                raise SolutionError(f"{path}:{line}: more fields than the header names")
+            rows.append(row)
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise SolutionError(f"{path}:{line}: malformed CSV ({e}; an unterminated quote?)") from None
+    return rows
+
+
+def completed(rows: list[dict]) -> list[dict]:
+    """The rows of trials that completed."""
+    return [r for r in rows if str(r.get("state", "")).upper().endswith("COMPLETE")]

@@ -1,0 +1,84 @@
+"""The image-feature cache: a gallery encoded once per vision tower, image LMDB and precision.
+
+Entries live in a cache folder (default ``$SOLUTION_CACHE_DIR`` or
+``~/.cache/cnclip-solution/image_feats``) as feature files (``img_KEY.npy`` + ``.ids.npy`` +
+``.meta.json``, written by :func:`solution.formats.features.save_features`). The key is made of
+the vision tower's weights (all an image feature depends on), the image LMDB's content digest
+(:meth:`solution.data.lmdb_io.LMDBSplit.images_digest`, every key and value: the one identity of an
+LMDB), the resolution and the effective precision and device type. An unreadable entry is
+re-encoded (with a warning).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from solution.data.lmdb_io import LMDBSplit
+from solution.formats.features import feature_paths, save_features
+from solution.model import ModelConfig, state_dict_digest
+
+from .encode import encode_images
+from .precision import effective_precision
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SOLUTION_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "cnclip-solution" / "image_feats"
+
+
+def image_cache_key(model, config: ModelConfig, split: LMDBSplit, device, precision: str) -> tuple[str, dict]:
+    """``(key, the parts it hashes)`` of a gallery encoded by ``model``'s vision tower."""
+    parts = {
+        "version": CACHE_VERSION,
+        "visual_sha256": state_dict_digest(model.visual.state_dict()),
+        "vision_info": {k: v for k, v in config.model_info.items() if not k.startswith("text_") and k != "vocab_size"},
+        "images_sha256": split.images_digest(),
+        "precision": effective_precision(device, precision),
+        "device_type": torch.device(device).type,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40], parts
+
+
+def _read_entry(fpath: Path, ipath: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        ids, feats = np.load(ipath, allow_pickle=False), np.load(fpath, allow_pickle=False)
+    except (ValueError, OSError):
+        return None
+    if ids.ndim == 1 and feats.ndim == 2 and len(ids) == len(feats):
+        return ids.astype(np.int64), feats.astype(np.float32)
+    return None
+
+
+def cached_image_features(model, split: LMDBSplit, config: ModelConfig, *, cache_dir: str | os.PathLike | None,
+                          device, precision: str, **encode_kw) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``encode_images`` through the cache: ``(ids, feats, info)`` with ``info["cache"]`` hit|miss|off."""
+    if cache_dir is None:
+        ids, feats = encode_images(model, split, config, device=device, precision=precision, **encode_kw)
+        return ids, feats, {"cache": "off"}
+    t0 = time.perf_counter()
+    key, parts = image_cache_key(model, config, split, device, precision)
+    log.info("image cache key %s (%.1f s to hash weights and images)", key[:12], time.perf_counter() - t0)
+    stem = Path(cache_dir) / f"img_{key}"
+    fpath, ipath, _ = feature_paths(str(stem) + ".npy")
+    info = {"cache": "miss", "cache_key": key, "images_sha256": parts["images_sha256"], "cache_file": str(fpath)}
+    if fpath.is_file() and ipath.is_file():
+        entry = _read_entry(fpath, ipath)
+        if entry is not None:
+            log.info("image features from the cache (%d images): %s", len(entry[0]), fpath)
+            return *entry, {**info, "cache": "hit"}
+        log.warning("unreadable cache entry %s; re-encoding", fpath)
+    ids, feats = encode_images(model, split, config, device=device, precision=precision, **encode_kw)
+    save_features(str(stem) + ".npy", "image", ids, feats, fmt="npy",
+                  meta={"cache_key_parts": parts, "split_dir": str(split.split_dir)})
+    return ids, feats, info

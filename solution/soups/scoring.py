@@ -1,0 +1,180 @@
+"""Scoring soup candidates on validation data, through retrieval, with a score cache.
+
+:class:`ValData` holds the validation queries (``--val-texts`` read by
+:func:`solution.formats.muge.read_texts` with their gold, or the LMDB's pairs) and the
+selection/report draw of ``--select-split``. :class:`Scorer` loads weights into one reused model
+and scores them with :func:`solution.retrieval.encode.score_parts` (the path validation takes):
+text->image R@1/5/10 and mean recall of the selection part, the report part (``"report"``) and
+all queries (``"all"``), as the weights are saved (rounded to the soup's dtype). Scores are cached
+in ``OUT/score_cache.json`` (:class:`ScoreCache`) under the candidate's key, the validation data's
+identity (the image LMDB's content digest, the queries and the draw), the effective precision
+and the device type.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from solution.common import SolutionError, write_json
+from solution.data.lmdb_io import LMDBSplit
+from solution.formats.muge import read_texts
+from solution.model import ModelConfig, meta_model
+from solution.retrieval.encode import Queries, score_parts, split_queries, text_queries
+from solution.retrieval.metrics import RECALL_KEYS
+from solution.retrieval.precision import effective_precision
+
+from .weights import Source, weights_of
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "v3"  # v2 keyed the LMDB by path, size and modification time
+
+
+def draw_selection(text_ids: Sequence[int], fraction: float | None, seed: int) -> tuple[list[int], list[int]]:
+    """``(select, report)``: a random ``fraction`` of the queries and the rest (all and none without one)."""
+    tids = list(text_ids)
+    if not fraction:
+        return tids, []
+    if not 0 < fraction < 1:
+        raise SolutionError(f"--select-split must be a fraction in (0, 1), got {fraction}")
+    if len(tids) < 2:
+        raise SolutionError("--select-split needs at least 2 validation queries")
+    perm = tids[:]
+    random.Random(seed).shuffle(perm)
+    n = min(max(1, round(fraction * len(tids))), len(tids) - 1)
+    chosen = set(perm[:n])
+    return [t for t in tids if t in chosen], [t for t in tids if t not in chosen]
+
+
+def _read_queries(split_dir: Path, texts_path: str | None) -> tuple[LMDBSplit, Queries]:
+    if texts_path:
+        split = LMDBSplit(split_dir, need_pairs=False)
+        return split, text_queries(read_texts(texts_path, need_gold=True, what="validation texts"))
+    if not (split_dir / "pairs" / "data.mdb").is_file():
+        raise SolutionError(f"validation data {split_dir} has no texts (no pairs LMDB): "
+                            "pass --val-texts with its *_texts.jsonl")
+    split = LMDBSplit(split_dir)
+    return split, split_queries(split)
+
+
+class ValData:
+    """Validation queries (from ``--val-texts`` or the LMDB pairs) and the selection/report split."""
+
+    def __init__(self, split_dir: str, texts_path: str | None, select_split: float | None, seed: int):
+        split_dir = Path(split_dir)
+        if not split_dir.exists():
+            raise SolutionError(f"validation data not found: {split_dir}")
+        self.split, self.queries = _read_queries(split_dir, texts_path)
+        gallery = set(self.split.image_ids())
+        missing = sum(i not in gallery for gold in self.queries.gold.values() for i in gold)
+        if missing:
+            log.warning("validation: %d gold image ids are not in %s (left out of the gold sets; a query without "
+                        "any is not scored)", missing, split_dir)
+        self.select, self.report = draw_selection(self.queries.text_ids, select_split, seed)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.split.images_digest().encode())
+        q = self.queries
+        h.update(json.dumps([self.select, self.report, [(q.texts[i], q.gold[t]) for i, t in enumerate(q.text_ids)]],
+                            ensure_ascii=False).encode())
+        self.key = h.hexdigest()
+        log.info("validation: %d queries (%d select, %d report), %d images", len(q.text_ids), len(self.select),
+                 len(self.report), self.split.num_images)
+
+    def parts(self) -> dict[str, list[int]]:
+        """The query parts scored: the selection, and with a draw also the report part and all queries."""
+        if not self.report:
+            return {"select": self.select}
+        return {"select": self.select, "report": self.report, "all": self.select + self.report}
+
+
+class ScoreCache:
+    """``score_cache.json``: ``{"fingerprints": {file identity: digest}, "scores": {key: score}}``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fingerprints: dict = {}
+        self.scores: dict = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.fingerprints.update(data.get("fingerprints", {}))
+                self.scores.update(data.get("scores", {}))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                log.warning("ignoring unreadable score cache %s", path)
+
+    def save(self) -> None:
+        write_json(self.path, {"fingerprints": self.fingerprints, "scores": self.scores}, indent=None)
+
+
+def _recall(part: dict) -> dict:
+    return {k: part[k] for k in RECALL_KEYS}
+
+
+class Scorer:
+    """Scores weights on the validation data with one reused model; results cached in a :class:`ScoreCache`."""
+
+    def __init__(self, val: ValData, config: ModelConfig, cache: ScoreCache, *, device, batch_size: int,
+                 num_workers: int, precision: str, round_to: torch.dtype):
+        self.val, self.config, self.cache = val, config, cache
+        self.device, self.round_to = torch.device(device), round_to
+        self.encode_kw = dict(device=self.device, batch_size=batch_size, num_workers=num_workers, precision=precision,
+                              progress=sys.stderr.isatty())
+        self.prefix = f"{CACHE_VERSION}|{val.key}|{effective_precision(device, precision)}|{self.device.type}|"
+        self._model = None
+        self._owned = False  # the model has storage of its own (else it reads one of our buffers, or is on meta)
+
+    def cached(self, key: str) -> dict | None:
+        hit = self.cache.scores.get(self.prefix + key)
+        return None if hit is None else dict(hit, cached=True)
+
+    @property
+    def model(self):
+        """cn_clip's CLIP built on the meta device: no memory and no init until weights are loaded."""
+        if self._model is None:
+            self._model = meta_model(self.config).eval().requires_grad_(False)
+            self._owned = False
+        return self._model
+
+    def release(self) -> None:
+        """Drop the model (and with it any reference to our buffers)."""
+        self._model, self._owned = None, False
+
+    @torch.no_grad()
+    def _load(self, source: Source) -> None:
+        model = self.model
+        if isinstance(source, dict) and self.device.type == "cpu" and self.round_to == torch.float32:
+            model.load_state_dict(source, assign=True)  # no copy: the model reads our fp32 buffer
+            self._owned = False
+            return
+        if not self._owned:
+            model.to_empty(device=self.device)
+            self._owned = True
+        sd = weights_of(source)
+        for k, p in model.state_dict().items():
+            x = sd[k]
+            if self.round_to != torch.float32:
+                x = x.to(self.round_to)
+            p.copy_(x)
+        del sd
+
+    def score(self, key: str, source: Source) -> dict:
+        """Scores of ``source`` (rounded to the soup's dtype first, as it will be saved), cached by ``key``."""
+        hit = self.cached(key)
+        if hit is not None:
+            return hit
+        self._load(source)
+        parts = score_parts(self.model, self.val.split, self.config, self.val.queries, self.val.parts(),
+                            **self.encode_kw)
+        result = _recall(parts["select"])
+        result["report"] = _recall(parts["report"]) if "report" in parts else None
+        result["all"] = _recall(parts["all"]) if "all" in parts else None  # all queries, comparable with runs
+        self.cache.scores[self.prefix + key] = result
+        self.cache.save()
+        return dict(result)
