@@ -10,7 +10,9 @@
 - any other folder: searched (a few levels deep) for the above.
 
 The table (markdown, or CSV with ``--csv``) goes to stdout and to ``--output``; the rows and columns
-are described in :mod:`solution.report.compare`. ``--output`` and ``--plot`` that are folders, sit
+are described in :mod:`solution.report.compare`; rows with stored per-query hits (soups) also get their
+mean-recall difference to the best single model with a 95% paired-bootstrap interval (``vs_ref``,
+``ci_low``, ``ci_high``, ``significant``), the others an empty interval and a ``note`` saying why. ``--output`` and ``--plot`` that are folders, sit
 under a file or are one of the files read are refused before anything is written; so are malformed
 inputs (non-UTF-8 or non-JSON lines, a broken ``trials.csv``), naming file and line.
 """

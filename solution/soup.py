@@ -13,7 +13,9 @@ any work, naming the odd checkpoint); identical ones are used once; weights are 
 checkpoint at a time. Scores are text->image R@1/5/10 and mean recall through
 :mod:`solution.retrieval` (the path validation takes), cached in ``OUT/score_cache.json``; with
 ``--select-split F`` the soup is chosen on a random fraction ``F`` of the queries and the rest is
-reported beside it. The output folder is described in :mod:`solution.soups.run`.
+reported beside it; with ``--folds K`` each method is cross-fitted over the queries (chosen on K-1
+folds, scored on the one left out) and the soup chosen on all queries is shipped. The output folder
+is described in :mod:`solution.soups.run`.
 """
 from __future__ import annotations
 
@@ -66,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "default: the LMDB's pairs")
     val.add_argument("--select-split", type=float, metavar="FRACTION",
                      help="choose on this fraction of the queries, report the rest")
-    val.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw")
+    val.add_argument("--folds", type=int, metavar="K", help="k-fold cross-fitting over the queries: choose on K-1 "
+                     "folds, score the one left out, rotate; report the mean with its interval, ship the soup "
+                     "chosen on all queries (not with --select-split)")
+    val.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw (and of the --folds folds)")
     val.add_argument("--no-score", action="store_true", help="only average (uniform), score nothing")
     val.add_argument("--batch-size", type=int, default=64)
     val.add_argument("--num-workers", type=int, default=0)
@@ -93,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         seed=args.seed, no_score=args.no_score, batch_size=args.batch_size, num_workers=args.num_workers,
         precision=args.precision, device=args.device, interpolate_with=args.interpolate_with,
         alphas=tuple(parse_alphas(args.alphas)) if args.interpolate_with else (), max_rounds=args.max_rounds,
-        dtype=args.dtype))
+        dtype=args.dtype, folds=args.folds))
     print(json.dumps({"soup": summary["soup"], "method": summary["method"],
                       **summary["soups"][summary["method"]]}, ensure_ascii=False))
     return summary

@@ -279,7 +279,8 @@ def test_score_cache_knows_the_validation_lmdb_by_its_content(souped, trained, m
 
     monkeypatch.setattr(encode, "encode_images", counting)
     again = soup.main([*args, "--val-data", str(moved), "--output", str(tmp_path / "a")])
-    assert calls == [] and again["best_single"] == _single(summary, "run0/checkpoints/epoch_1.pt")
+    assert calls == [] and again["best_single"] == {  # the hits files stay in the first folder: none named here
+        k: v for k, v in _single(summary, "run0/checkpoints/epoch_1.pt").items() if k != "hits"}
     split = LMDBSplit(moved)
     images = [(i, split.image_b64(i)) for i in split.image_ids()]
     split.close()
@@ -321,6 +322,47 @@ def test_compare_reads_the_soup_folder(souped, trained, tmp_path):
         assert float(soups[m]["held_out_mr"]) == pytest.approx(summary["soups"][m]["report"]["mean_recall"])
     assert {r["kind"] for r in rows} == {"run", "soup"}
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_soup_stores_per_query_hits_and_its_significance(souped, trained, tmp_path):
+    """Every scored candidate's hits over all the validation queries are stored (the official mean recall
+    of each file equals its score, digit for digit); each summary holds the paired bootstrap against the
+    best single ingredient (a soup that is that ingredient: exactly 0 in [0, 0]); compare shows it."""
+    from solution import compare
+    from solution.formats.hits import read_hits
+    from solution.retrieval.stats import mean_recall, paired_bootstrap
+
+    out, summary = souped
+    split = LMDBSplit(trained / "lmdb" / "valid")
+    n_queries = len(split.queries())
+    split.close()
+    ref = summary["best_single"]
+    ref_ids, ref_hits = read_hits(out / ref["hits"])
+    assert ref_hits.shape == (n_queries, 3) and mean_recall(ref_hits) == ref["all"]["mean_recall"]
+    sig = summary["significance"]
+    assert sig["reference"] == ref["path"] and sig["n_resamples"] >= 1000 and set(sig["soups"]) == set(METHODS)
+    for m in METHODS:
+        s = summary["soups"][m]
+        ids, hits = read_hits(out / s["hits"])
+        assert ids.tolist() == ref_ids.tolist() and mean_recall(hits) == s["all"]["mean_recall"]
+        b = paired_bootstrap(hits, ref_hits, n_resamples=sig["n_resamples"], seed=sig["seed"])
+        assert sig["soups"][m] == {"diff": b.diff, "low": b.low, "high": b.high, "significant": b.significant}
+        if hits.tolist() == ref_hits.tolist():
+            assert (b.diff, b.low, b.high, b.significant) == (0.0, 0.0, 0.0, False)
+        method_summary = json.loads((out / m / "summary.json").read_text(encoding="utf-8"))
+        assert method_summary["significance"]["soups"][m] == sig["soups"][m]
+    for row in _rows(out, "greedy"):
+        if row["mean_recall"] is not None:
+            assert (out / row["hits"]).is_file()
+    text = compare.main([str(out), "--no-plot", "--csv"])
+    import csv
+    import io
+
+    rows = {r["name"].split("/")[-1]: r for r in csv.DictReader(io.StringIO(text))}
+    for m in METHODS:
+        assert float(rows[m]["vs_ref"]) == pytest.approx(sig["soups"][m]["diff"])
+        assert float(rows[m]["ci_low"]) == pytest.approx(sig["soups"][m]["low"])
+        assert rows[m]["note"].startswith("vs best ingredient ") and os.path.basename(ref["path"]) in rows[m]["note"]
 
 
 # ---------------------------------------------------------------- synthetic ingredients
@@ -507,3 +549,81 @@ def test_from_study_passes_over_trials_the_best_cannot_be_souped_with(synth, cap
     got = ingredients.study_checkpoints(study, 2)
     assert [p.parent.parent.name for p in got] == ["0000", "0002"]
     assert "passing over trial 1" in caplog.text
+
+
+# ---------------------------------------------------------------- --folds cross-fitting
+
+
+def _fold_score(demo, config, members, weights_, text_ids):
+    """A fold's held-out mean recall, recomputed from its chosen soup's weights through plain validation."""
+    from solution.retrieval.encode import evaluate_split
+
+    model = build_model(config)
+    model.load_state_dict(_weighted(members, weights_))
+    return evaluate_split(model.eval(), demo / "lmdb/valid", config, text_ids=text_ids)["mean_recall"]
+
+
+def test_folds_cross_fit_each_query_once_and_ship_the_refit(synth, demo, monkeypatch):
+    tmp, paths, config = synth
+    args = ["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "greedy,pairwise,uniform",
+            "--val-data", str(demo / "lmdb/valid"), "--device", "cpu", "--seed", "5"]
+    calls = []
+    real = encode.score_parts
+    monkeypatch.setattr("solution.soups.scoring.score_parts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    crossed = soup.main([*args, "--folds", "4", "--output", str(tmp / "cf")])
+    n_cf = len(calls)
+    plain = soup.main([*args, "--output", str(tmp / "plain")])
+    all_ids = sorted(r["text_id"] for r in read_jsonl(demo / "valid_texts.jsonl"))
+    for m in ("greedy", "pairwise", "uniform"):
+        cf = crossed["soups"][m]["crossfit"]
+        assert cf["k"] == 4 and len(cf["fold_scores"]) == 4 and len(cf["folds"]) == 4
+        # the folds partition the queries: each held out exactly once
+        assert sorted(t for f in cf["folds"] for t in f) == all_ids
+        assert cf["low"] <= cf["mean"] <= cf["high"]
+        # each held-out score recomputed from the fold's chosen soup; the mean is theirs
+        again = [_fold_score(demo, config, fm["members"], fm["weights"], fold)
+                 for fm, fold in zip(cf["fold_members"], cf["folds"])]
+        assert cf["fold_scores"] == pytest.approx(again, abs=1e-9)
+        assert cf["mean"] == pytest.approx(sum(again) / 4, abs=1e-9)
+        # the refit is the soup chosen without --folds
+        assert crossed["soups"][m]["members"] == plain["soups"][m]["members"]
+        assert crossed["soups"][m]["weights"] == plain["soups"][m]["weights"]
+        assert crossed["soups"][m]["mean_recall"] == plain["soups"][m]["mean_recall"]
+        torch.testing.assert_close(_sd(tmp / "cf" / m / "soup.pt"), _sd(tmp / "plain" / m / "soup.pt"), atol=0, rtol=0)
+        assert "crossfit" not in plain["soups"][m]
+        assert (tmp / "cf" / m / "crossfit" / "fold4" / "soup_log.jsonl").is_file()
+    saved = json.loads((tmp / "cf" / "greedy" / "summary.json").read_text())
+    assert saved["soups"]["greedy"]["crossfit"] == crossed["soups"]["greedy"]["crossfit"]
+    # compare's held-out column: the cross-fit mean (none without --folds or --select-split)
+    from solution.report.runs import read_soup
+
+    [entry] = read_soup(tmp / "cf" / "greedy", "cf")
+    assert entry.held_out == saved["soups"]["greedy"]["crossfit"]["mean"]
+    assert entry.extra["crossfit"]["low"] == saved["soups"]["greedy"]["crossfit"]["low"]
+    assert read_soup(tmp / "plain" / "greedy", "plain")[0].held_out is None
+    # the folds reuse each candidate's per-query hits: every distinct candidate is encoded once
+    keys = {tuple(zip(r["members"], r["weights"])) for m in ("greedy", "pairwise", "uniform")
+            for d in [tmp / "cf" / m, *sorted((tmp / "cf" / m / "crossfit").iterdir())]
+            for r in read_jsonl(d / "soup_log.jsonl") if r["mean_recall"] is not None}
+    assert n_cf == len(keys)
+    # a rerun of the cross-fit with the cache (and its hits files) encodes nothing
+    calls.clear()
+    (tmp / "cf2").mkdir()
+    shutil.copy(tmp / "cf" / "score_cache.json", tmp / "cf2" / "score_cache.json")
+    shutil.copytree(tmp / "cf" / "hits", tmp / "cf2" / "hits")
+    rerun = soup.main([*args, "--folds", "4", "--output", str(tmp / "cf2")])
+    assert not calls
+    assert rerun["soups"]["greedy"]["crossfit"]["fold_scores"] == crossed["soups"]["greedy"]["crossfit"]["fold_scores"]
+
+
+def test_bad_folds_give_one_error_line(synth, demo):
+    tmp, paths, _ = synth
+    args = ["--checkpoints", str(paths[0]), str(paths[1]), "--method", "greedy", "--val-data", str(demo / "lmdb/valid"),
+            "--device", "cpu", "--output", str(tmp / "out")]
+    with pytest.raises(SolutionError, match="--folds must be at least 2"):
+        soup.main([*args, "--folds", "1"])
+    with pytest.raises(SolutionError, match=r"--folds 17: need 2 <= K <= 16"):
+        soup.main([*args, "--folds", "17"])
+    with pytest.raises(SolutionError, match="--folds and --select-split"):
+        soup.main([*args, "--folds", "4", "--select-split", "0.5"])
+    assert not (tmp / "out").exists()

@@ -1,7 +1,8 @@
 """Datasets over cn_clip LMDB splits, image transforms, and the text collate.
 
 Images are decoded defensively: a sample whose image cannot be decoded is dropped from its
-batch with a warning (counted in the log), never a crash mid-training. ``prepare`` should have
+batch with a warning (counted in the log), never a crash mid-training (in training it is replaced
+by another pair of its batch, see :class:`PairCollate`). ``prepare`` should have
 removed such images already; this is the last line of defence.
 
 The ``cnclip`` augmentation is built the way upstream's ``LMDBDataset._build_transform`` builds
@@ -129,16 +130,23 @@ class ImageDataset(Dataset):
 
 
 class PairCollate:
-    """Batch pairs and tokenise their texts (with the prompt), cut to the batch's longest text."""
+    """Batch pairs and tokenise their texts (with the prompt), cut to the batch's longest text.
 
-    def __init__(self, context_length: int, prompt: str = ""):
-        self.context_length, self.prompt = context_length, prompt
+    With ``keep_size`` (training), each undecodable sample is replaced by a decodable one of the same
+    batch (the first ones, in order), so every process of a multi-process run gathers batches of the
+    same size; a batch with no decodable sample is still None (the trainer skips that step on every
+    process together)."""
+
+    def __init__(self, context_length: int, prompt: str = "", keep_size: bool = False):
+        self.context_length, self.prompt, self.keep_size = context_length, prompt, keep_size
 
     def __call__(self, batch):
-        batch = [b for b in batch if b is not None]
-        if not batch:
+        good = [b for b in batch if b is not None]
+        if not good:
             return None
-        images, texts, text_ids, image_ids = zip(*batch)
+        if self.keep_size and len(good) < len(batch):
+            good = good + [good[i % len(good)] for i in range(len(batch) - len(good))]
+        images, texts, text_ids, image_ids = zip(*good)
         return (torch.stack(images), tokenize(texts, self.context_length, self.prompt),
                 torch.tensor(text_ids), torch.tensor(image_ids))
 

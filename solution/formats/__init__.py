@@ -4,4 +4,5 @@
 - :mod:`.runs`: a run folder's ``metrics.jsonl`` and ``params.json``.
 - :mod:`.trials`: a study's ``trials.csv``.
 - :mod:`.muge`: MUGE texts JSONL.
+- :mod:`.hits`: per-query hits (``BASE.hits.npy`` + query ids).
 """

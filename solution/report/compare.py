@@ -6,7 +6,10 @@ the main set; trials: their run's best, else the study's value; soups: the chose
 validation queries, and with ``--select-split`` the score it was chosen on in ``select_mr`` and the
 other part's in ``held_out_mr``, the honest one; ``vs_best_single`` is the soup minus its best
 ingredient on the selection part), the step, and the settings that differ between rows (or those
-asked for). Sorted by mean recall, the best marked ``*``. The PNG shows mean recall per run over
+asked for). Sorted by mean recall, the best marked ``*``. ``vs_ref``, ``ci_low``, ``ci_high``,
+``significant`` and ``note``: each row's difference to the best single model with its 95%
+paired-bootstrap interval over queries (:mod:`.significance`; empty cells and a note where a row has
+no stored per-query hits). The PNG shows mean recall per run over
 steps and per soup over rounds (candidates as dots, the kept path as a line). :func:`compare`
 refuses an output or plot path that is a folder, sits under a file or is one of the files read,
 before anything is written.
@@ -24,11 +27,13 @@ import pandas as pd
 
 from solution.common import atomic_path, check_output
 from solution.plots import save_png
+from . import significance
 from .runs import SCORES, Entry, collect
 
 log = logging.getLogger(__name__)
 
 MAX_AUTO_PARAMS = 8
+PERCENT = ("select_mr", "held_out_mr", "vs_best_single", "vs_ref", "ci_low", "ci_high")  # points of percent
 
 
 # ---------------------------------------------------------------- table
@@ -45,20 +50,20 @@ def table(entries: Sequence[Entry], params: Sequence[str] | None = None) -> pd.D
                    if k in always or len({json.dumps(e.settings[k], default=str) for e in entries if k in e.settings}) > 1]
         params = varying[:MAX_AUTO_PARAMS]
     rows = []
-    for e in entries:
+    for e, sig in zip(entries, significance.columns(entries)):
         row = {"name": e.name, "kind": e.kind, **{k: e.scores.get(k) for k in SCORES},
                "select_mr": e.extra.get("select_mr"), "held_out_mr": e.held_out, "step": e.step,
-               "vs_best_single": e.extra.get("vs_best_single")}
+               "vs_best_single": e.extra.get("vs_best_single"), **sig}
         row.update({k: e.settings.get(k) for k in params})
         rows.append(row)
     df = pd.DataFrame(rows, columns=["name", "kind", *SCORES, "select_mr", "held_out_mr", "step", "vs_best_single",
-                                     *params])
+                                     *significance.COLUMNS, *params])
     for col in ("select_mr", "held_out_mr", "step", "vs_best_single"):
         if col in df and df[col].isna().all():
             df = df.drop(columns=col)
     for col in df.columns:  # whole numbers stay whole (pandas would make them floats beside a gap)
         vals = df[col].dropna()
-        if col not in (*SCORES, "select_mr", "held_out_mr", "vs_best_single") and len(vals) and all(
+        if col not in (*SCORES, *PERCENT) and len(vals) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in vals):
             df[col] = df[col].astype("Int64")
     df = df.sort_values("mean_recall", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
@@ -67,7 +72,7 @@ def table(entries: Sequence[Entry], params: Sequence[str] | None = None) -> pd.D
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    percent = {*SCORES, "select_mr", "held_out_mr", "vs_best_single"}
+    percent = {*SCORES, *PERCENT}
 
     def cell(v, col: str) -> str:
         if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):

@@ -18,7 +18,9 @@ import numpy as np
 from solution.common import atomic_path
 from solution.formats.runs import METRICS
 from solution.plots import save_png
-from .compare import compare
+from .compare import compare, table
+from .runs import collect
+from .significance import in_words
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,10 @@ def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, 
     plots.mkdir(parents=True, exist_ok=True)
     runs = sorted(p for p in (out / "runs").glob("*") if (p / METRICS).is_file())
     sources = [str(p) for p in runs] + ([str(soups)] if soups else []) + ([str(study)] if study else [])
-    table_md = ""
+    table_md = words = ""
     try:
         table_md = compare(sources, plot_path=plots / "compare.png", output=out / "compare.md")
+        words = in_words(table(collect(sources)))
     except Exception as e:  # the report still gets written; say what is missing
         log.warning("compare failed: %s", e)
     pngs = [plots / "compare.png"] if (plots / "compare.png").is_file() else []
@@ -115,7 +118,10 @@ def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, 
              f"Submission: `submissions/demo_test.jsonl` from `{final_row.get('checkpoint', final)}` "
              f"(test MR {final_row.get('test', {}).get('mean_recall', float('nan')):.2f}).", ""]
     if table_md:
-        lines += ["## Runs, soups and search (python -m solution.compare)", "", table_md.strip(), ""]
+        lines += ["## Runs, soups and search (python -m solution.compare)", "", table_md.strip(), "",
+                  "`vs_ref`: mean-recall difference to the best single model, `ci_low`/`ci_high` its 95% "
+                  "paired-bootstrap interval over queries, `significant` = no where it contains 0.", ""]
+        lines += [words, ""] if words else []
     lines += ["## Plots", ""]
     for p in pngs:
         lines += [f"### {p.stem}", f"![{p.stem}](plots/{p.name})", ""]

@@ -5,7 +5,8 @@
   (:func:`solution.formats.runs.read_params`; unreadable means a warning and no settings);
 - a soup folder: ``soup_log.jsonl`` (the ingredients, then one line per candidate) and, when
   present, ``summary.json`` (the chosen soup per method; unreadable means a warning and the soups
-  are taken from the log);
+  are taken from the log); the per-query hits files they name (:mod:`solution.formats.hits`,
+  relative to the soup folder or the folder above it), each soup's and the best ingredient's;
 - a search study folder: ``trials.csv`` (:func:`solution.formats.trials.read_trials`) and the
   trials' run directories (``run_dir``, else ``trials/NNNN/``).
 
@@ -23,12 +24,14 @@ from pathlib import Path
 from typing import Sequence
 
 from solution.common import SolutionError
+from solution.formats.hits import read_hits
 from solution.formats.runs import METRICS, PARAMS, main_valid, parse_lines, read_metrics, read_params
 from solution.formats.trials import NAME as TRIALS_CSV, read_trials
 
 log = logging.getLogger(__name__)
 
 SOUP_LOG, SOUP_SUMMARY = "soup_log.jsonl", "summary.json"
+ENSEMBLE = "ensemble.json"
 SCORES = ("mean_recall", "r1", "r5", "r10")
 # Settings that name places or switch logging: never "the difference" between two runs.
 IGNORED_PARAMS = {"typed", "flag_changes", "config", "logs", "name", "no_plot", "no_progress", "log_interval", "num_workers",
@@ -40,7 +43,7 @@ MAX_DEPTH = 4
 @dataclass
 class Entry:
     name: str
-    kind: str  # run | trial | soup
+    kind: str  # run | trial | soup | ensemble | member (of an ensemble)
     scores: dict  # mean_recall, r1, r5, r10 (may be missing)
     step: int | None = None
     held_out: float | None = None
@@ -48,6 +51,26 @@ class Entry:
     curve: list = field(default_factory=list)  # run/trial: [(step, mr)]; soup: [(round, mr, kept)]
     extra: dict = field(default_factory=dict)
     files: list = field(default_factory=list)  # the files it was read from (never an output)
+    hits: tuple | None = None  # (query ids [Q], hits [Q, 3] bool) of the scores, when stored
+    hits_note: str = "no per-query hits stored"  # why there are none
+
+
+def _hits(folder: Path, rel, files: list) -> tuple[tuple | None, str]:
+    """The hits file ``rel`` names (beside ``folder``'s soup, or the one above it): ``(hits, note)``."""
+    if not rel:
+        return None, "no per-query hits stored"
+    for base in (folder, folder.parent):
+        path = base / str(rel)
+        if path.is_file():
+            try:
+                hits = read_hits(path)
+            except SolutionError as e:
+                log.warning("%s: no interval for this row", e)
+                return None, "per-query hits unreadable"
+            files.append(path)
+            return hits, ""
+    log.warning("%s: per-query hits %s not found: no interval for this row", folder, rel)
+    return None, "per-query hits file missing"
 
 
 def _json_object(path: Path, what: str) -> dict:
@@ -113,6 +136,14 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
     files = [log_file, *([summary_file] if summary_file.is_file() else [])]
     singles = [r for r in rows if r.get("method") == "ingredient" and r.get("mean_recall") is not None]
     best_single = max((r["mean_recall"] for r in singles), default=None)
+    best_row = max(singles, key=lambda r: r["mean_recall"], default=None)
+    ref_hits, _ = _hits(folder, (summary.get("best_single") or best_row or {}).get("hits"), files)
+    reference = None
+    if ref_hits is not None:  # the best ingredient, over all queries: a reference when no single model is a row
+        single = summary.get("best_single") or best_row
+        path = Path(str(single.get("path") or (single.get("members") or ["?"])[0]))
+        reference = {"name": f"best ingredient {_display(path)} of {name}",
+                     "mean_recall": (single.get("all") or single).get("mean_recall"), "hits": ref_hits}
     methods = _soup_methods(rows)
     out = []
     for m in methods:
@@ -130,10 +161,38 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
         settings = {"method": m, "members": len(final.get("members") or []),
                     "alpha": final.get("alpha", 1.0) if any("alpha" in r for r in lines) else None}
         extra = {"vs_best_single": (mr - best_single) if mr is not None and best_single is not None else None,
-                 "select_mr": mr if final.get("all") else None}
+                 "select_mr": mr if final.get("all") else None, "reference": reference}
+        cross = final.get("crossfit")
+        if cross:  # --folds: the held-out estimate is the cross-fit mean (the interval beside it)
+            extra["crossfit"] = {k: cross.get(k) for k in ("k", "mean", "low", "high")}
+        hits, note = _hits(folder, final.get("hits"), files)
+        held_out = report.get("mean_recall") if report or not cross else cross.get("mean")
         out.append(Entry(name if len(methods) == 1 else f"{name}:{m}", "soup", {k: scores.get(k) for k in SCORES},
-                         None, report.get("mean_recall"), {k: v for k, v in settings.items() if v is not None},
-                         curve, extra, files))
+                         None, held_out, {k: v for k, v in settings.items() if v is not None},
+                         curve, extra, files, hits, note))
+    return out
+
+
+def read_ensemble_folder(folder: Path, name: str) -> list[Entry]:
+    """The ensemble (scores over all validation queries, the held-out part's, its hits) and each of its
+    members alone (single models: what a significance reference is made of)."""
+    from solution.ensembles.spec import read_ensemble
+
+    spec_file = folder / ENSEMBLE
+    spec, files = read_ensemble(spec_file), [spec_file]
+    scores, hits_files = spec.get("scores") or {}, spec.get("hits") or {}
+    hits, note = _hits(folder, hits_files.get("ensemble"), files)
+    settings = {"members": len(spec["members"]), "norm": spec.get("norm"),
+                "rerank": (spec.get("rerank") or {}).get("method")}
+    out = [Entry(name, "ensemble", {k: (scores.get("all") or {}).get(k) for k in SCORES}, None,
+                 (scores.get("report") or {}).get("mean_recall"), settings, [],
+                 {"select_mr": (scores.get("select") or {}).get("mean_recall")}, files, hits, note)]
+    for i, (member, alone) in enumerate(zip(spec["members"], scores.get("members") or [])):
+        h, n = _hits(folder, hits_files.get(f"member{i}"), files)
+        out.append(Entry(f"{name}/member {i} {_display(Path(str(member['path'])))}", "member",
+                         {k: (alone.get("all") or {}).get(k) for k in SCORES},
+                         settings={"weight": spec["weights"][i], "arch": member.get("arch")},
+                         files=files, hits=h, hits_note=n))
     return out
 
 
@@ -190,7 +249,8 @@ def collect(paths: Sequence[str | os.PathLike]) -> list[Entry]:
             raise SolutionError(f"not found: {p}")
         found = _walk(p, 0)
         if not found:
-            raise SolutionError(f"{p}: no training run ({METRICS}), soup ({SOUP_LOG}) or study ({TRIALS_CSV})")
+            raise SolutionError(f"{p}: no training run ({METRICS}), soup ({SOUP_LOG}), study ({TRIALS_CSV}) "
+                               f"or ensemble ({ENSEMBLE})")
         entries.extend(found)
     return entries
 
@@ -208,9 +268,13 @@ def _walk(p: Path, depth: int) -> list[Entry]:
             return read_soup(p.parent, _display(p.parent))
         if p.name == TRIALS_CSV:
             return read_study(p.parent, _display(p.parent))
-        raise SolutionError(f"{p}: expected a {METRICS}, {SOUP_LOG} or {TRIALS_CSV} (or a folder)")
+        if p.name == ENSEMBLE:
+            return read_ensemble_folder(p.parent, _display(p.parent))
+        raise SolutionError(f"{p}: expected a {METRICS}, {SOUP_LOG}, {TRIALS_CSV} or {ENSEMBLE} (or a folder)")
     if (p / TRIALS_CSV).is_file():
         return read_study(p, _display(p))
+    if (p / ENSEMBLE).is_file():
+        return read_ensemble_folder(p, _display(p))
     if (p / SOUP_LOG).is_file():
         return read_soup(p, _display(p))
     if (p / METRICS).is_file():

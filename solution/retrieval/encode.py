@@ -26,6 +26,7 @@ from solution.formats.muge import MugeText
 from solution.model import ModelConfig
 
 from .metrics import present_gold, recall_at_k, t2i_rankings
+from .stats import query_hits
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,8 @@ def _warn_undecodable(split: LMDBSplit, gold: Mapping[int, list[int]], scored: M
 
 def score_parts(model, split: LMDBSplit | str, config: ModelConfig, queries: Queries | None = None,
                 parts: Mapping[str, Sequence[int]] | None = None, *, device="cpu", batch_size: int = 64,
-                num_workers: int = 0, precision: str = "fp32", progress: bool = False) -> dict[str, dict]:
+                num_workers: int = 0, precision: str = "fp32", progress: bool = False,
+                with_hits: bool = False) -> dict[str, dict]:
     """Text->image R@1/5/10 and mean recall (percent) of ``model`` on ``parts`` of the queries vs all images.
 
     ``queries`` default to the split's pairs; ``parts`` (name -> text ids, default ``{"all": every
@@ -177,7 +179,8 @@ def score_parts(model, split: LMDBSplit | str, config: ModelConfig, queries: Que
     encoded once. Scored as the official evaluator would see the gallery that decodes: gold images
     that could not be decoded are left out of the gold sets and a query left without any is not
     scored (never counted as a miss); each part's ``queries_scored`` and ``undecodable_images`` say
-    how many.
+    how many. ``with_hits``: each part also carries ``text_ids`` (the queries scored, in order) and
+    ``hits`` (``[Q, 3]`` bool, :func:`solution.retrieval.stats.query_hits` of the same rankings).
     """
     split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
     queries = queries if queries is not None else split_queries(split)
@@ -198,12 +201,14 @@ def score_parts(model, split: LMDBSplit | str, config: ModelConfig, queries: Que
         if not gold:
             raise SolutionError(f"{split.split_dir}: no query of the {name} part has a decodable gold image")
         out[name] = {**recall_at_k(ranked, gold), "undecodable_images": undecodable, "queries_scored": len(gold)}
+        if with_hits:
+            out[name].update(text_ids=list(gold), hits=query_hits(ranked, gold))
     return out
 
 
 def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, device="cpu", batch_size: int = 64,
                    num_workers: int = 0, precision: str = "fp32", progress: bool = False,
-                   text_ids: Sequence[int] | None = None) -> dict[str, float]:
+                   text_ids: Sequence[int] | None = None, with_hits: bool = False) -> dict[str, float]:
     """:func:`score_parts` of the split's own queries (only ``text_ids`` when given) as one part:
     ``r1``/``r5``/``r10``/``mean_recall`` (percent), ``undecodable_images`` and ``queries_scored``."""
     split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
@@ -211,5 +216,5 @@ def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, device
     if text_ids is not None:
         queries = queries.subset(text_ids)
     return score_parts(model, split, config, queries, device=device, batch_size=batch_size, num_workers=num_workers,
-                       precision=precision, progress=progress)["all"]
+                       precision=precision, progress=progress, with_hits=with_hits)["all"]
 

@@ -43,12 +43,12 @@ DEFAULT_CHUNK = 1024
 
 
 def _zscore_t(s: torch.Tensor) -> torch.Tensor:
-    mean = s.mean(dim=1, keepdim=True)
-    centred = s - mean
-    std = centred.square().mean(dim=1, keepdim=True).sqrt()
+    centred = s - s.mean(dim=1, keepdim=True)  # the one full-size allocation; the rest works in place
+    std = torch.linalg.vector_norm(centred, dim=1, keepdim=True) / math.sqrt(s.shape[1])
     # Constant rows by their range, not their std: the computed mean of a constant row need not be exact.
-    varies = (s.amax(dim=1, keepdim=True) > s.amin(dim=1, keepdim=True)) & (std > 0)
-    return torch.where(varies, centred / torch.where(varies, std, torch.ones_like(std)), torch.zeros_like(s))
+    low, high = torch.aminmax(s, dim=1, keepdim=True)
+    varies = (high > low) & (std > 0)
+    return centred.div_(torch.where(varies, std, torch.full_like(std, math.inf)))  # constant rows -> 0
 
 
 def _normalise_t(s: torch.Tensor, norm: str, temperature: float) -> torch.Tensor:
@@ -149,8 +149,11 @@ def fused_rows(members: Sequence[Scores], weights: np.ndarray, start: int, stop:
     for member, w in zip(members, weights):
         if w == 0:
             continue
-        s = _normalise_t(member.rows(start, stop), norm, norm_temperature) * float(w)
-        out = s if out is None else out + s
+        s = _normalise_t(member.rows(start, stop), norm, norm_temperature)
+        if out is None:
+            out = s * float(w)
+        else:
+            out.add_(s, alpha=float(w))
     return out
 
 

@@ -16,6 +16,7 @@ one (image and text swapped), and writes, atomically:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -53,6 +54,19 @@ BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand)
 F32_U = 2.0 ** -24
 
 
+@contextlib.contextmanager
+def exact_matmul():
+    """Full-precision CUDA matrix products for the certificate: no bf16 reductions inside a bf16
+    product (the bound assumes fp32 accumulation) and no TF32 in the fp32 ones; restored after."""
+    m = torch.backends.cuda.matmul
+    saved = m.allow_bf16_reduced_precision_reduction, m.allow_tf32
+    m.allow_bf16_reduced_precision_reduction, m.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction, m.allow_tf32 = saved
+
+
 class Prefilter:
     """Exact top-k through a bf16 prefilter: bf16 scores pick ``m`` candidates, fp32 rescoring ranks them.
 
@@ -63,7 +77,8 @@ class Prefilter:
     rescoring), and rounding the product to bf16 hides at most ``u |T| / (1 - u)`` above ``T``.
     So no row outside the candidates scores above ``T + eps``; when the exact k-th best candidate
     scores more than that, the candidates hold the true top-k, ties included. Rows where the
-    certificate fails (flat score profiles) are redone with the full fp32 product.
+    certificate fails (flat score profiles) are redone with the full fp32 product. On CUDA the
+    products run under :func:`exact_matmul`, which the bounds assume.
     """
 
     def __init__(self, g: torch.Tensor, k: int):
@@ -76,6 +91,10 @@ class Prefilter:
         self.gamma = 3 * d * F32_U / (1 - d * F32_U)
 
     def __call__(self, q: torch.Tensor, chunk: int, device, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with exact_matmul():
+            return self._rank(q, chunk, device, stats)
+
+    def _rank(self, q: torch.Tensor, chunk: int, device, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
         g, k, m = self.g, self.k, self.m
         n = g.shape[0]
         out_s = torch.empty((len(q), k), dtype=torch.float32)

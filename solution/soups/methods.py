@@ -71,6 +71,8 @@ def log_row(method: str, rnd: int, members: dict, score: dict | None, kept: bool
             row[part] = score[part]
     if score.get("cached"):
         row["cached"] = True
+    if score.get("hits"):  # per-query hits file, relative to the soup folder
+        row["hits"] = score["hits"]
     row.update(extra)
     log.info("%s round %d: %d members, mean recall %s%s -> %s", method, rnd, len(members),
              fmt_recall(score.get("mean_recall")), " (cached)" if score.get("cached") else "", "kept" if kept else "dropped")

@@ -7,9 +7,19 @@ interpolation with a base checkpoint.
 
 Output folder (one method): ``soup.pt`` (cn_clip checkpoint + ``config`` + ``recipe`` {method,
 members, weights, score}), ``soup_log.jsonl`` (the ingredients, then one line per candidate),
-``summary.json``, ``score_cache.json``, and for pairwise ``merged_round{N}.pt``. With several
+``summary.json``, ``score_cache.json``, ``hits/`` (every scored candidate's per-query hits, named in
+its log line and summary entry relative to ``OUT``), and for pairwise ``merged_round{N}.pt``. With several
 methods each gets such a folder ``OUT/{method}/``, sharing ``OUT/score_cache.json``; ``OUT/soup.pt``
-(a hard link) and ``OUT/summary.json`` name the best of them.
+(a hard link) and ``OUT/summary.json`` name the best of them. Every summary's ``significance`` holds
+each soup's mean-recall difference to the best single ingredient over all the validation queries with
+its 95% paired-bootstrap interval (:func:`solution.retrieval.stats.paired_bootstrap`, 1000 resamples,
+seed 0), also logged.
+
+With ``--folds K`` each method is first cross-fitted over the validation queries
+(:func:`solution.retrieval.stats.crossfit`, folds drawn with ``--seed``): for each fold it chooses on the
+other K-1 folds (ingredients rescored there, log in ``{method folder}/crossfit/fold{N}/``) and its soup
+is scored on the fold left out; the summary entry's ``crossfit`` holds the held-out scores, their mean
+and 95% interval. The soup shipped is the method run on all queries, as without ``--folds``.
 """
 from __future__ import annotations
 
@@ -21,11 +31,14 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from solution.common import SolutionError, atomic_path, resolve_device, write_json
+from solution.common import SolutionError, atomic_path, check_output, resolve_device, write_json
+from solution.formats.hits import align, read_hits
 from solution.retrieval.metrics import RECALL_KEYS
 from solution.retrieval.precision import DTYPES, dtype_name
+from solution.retrieval.stats import crossfit, paired_bootstrap
 
 from . import methods as recipes
 from .ingredients import (Ingredient, check_compatible, check_output_folder, expand_checkpoints, gather,
@@ -36,7 +49,8 @@ from .weights import recipe_key
 
 log = logging.getLogger(__name__)
 
-CACHE_NAME, SUMMARY_NAME = "score_cache.json", "summary.json"
+CACHE_NAME, SUMMARY_NAME, HITS_DIR = "score_cache.json", "summary.json", "hits"
+N_RESAMPLES, BOOTSTRAP_SEED = 1000, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +75,7 @@ class SoupOptions:
     alphas: tuple = (0.25, 0.5, 0.75)
     max_rounds: int = 20
     dtype: str = "auto"  # or a key of DTYPES
+    folds: int | None = None  # k-fold cross-fitting over the validation queries
 
     def check(self) -> None:
         if not self.methods or any(m not in METHODS for m in self.methods):
@@ -75,6 +90,13 @@ class SoupOptions:
             raise SolutionError(f"--alphas must be numbers in [0, 1], got {list(self.alphas)}")
         if self.max_rounds < 1:
             raise SolutionError("--max-rounds must be at least 1")
+        if self.folds is not None:
+            if self.select_split:
+                raise SolutionError("--folds and --select-split exclude each other (cross-fitting holds out every query once)")
+            if self.no_score:
+                raise SolutionError("--folds needs scores (not --no-score)")
+            if self.folds < 2:
+                raise SolutionError(f"--folds must be at least 2, got {self.folds}")
 
 
 def _paths(opts: SoupOptions, out: Path) -> list[Path]:
@@ -118,22 +140,46 @@ def _scores(score: dict | None) -> dict:
     if not score:
         return {}
     out = {k: score.get(k) for k in RECALL_KEYS}
-    for part in ("report", "all"):
+    for part in ("report", "all", "hits"):
         if score.get(part):
             out[part] = score[part]
     return out
 
 
+def significance(root: Path, soups: dict, best_single: dict | None) -> dict | None:
+    """Each soup (``{method: summary entry}``) minus ``best_single`` over all the validation queries,
+    paired bootstrap; entries without hits are left out. None without the reference's hits."""
+    if not best_single or not best_single.get("hits"):
+        return None
+    ref = read_hits(root / best_single["hits"])
+    rows = {}
+    for m, s in soups.items():
+        if not s.get("hits"):
+            continue
+        mine = read_hits(root / s["hits"])
+        other = align(mine, ref)
+        if other is None:
+            continue
+        b = paired_bootstrap(mine[1], other, n_resamples=N_RESAMPLES, seed=BOOTSTRAP_SEED)
+        rows[m] = {"diff": b.diff, "low": b.low, "high": b.high, "significant": b.significant}
+    return {"reference": best_single["path"], "queries": "all", "n_resamples": N_RESAMPLES, "seed": BOOTSTRAP_SEED,
+            "ci": 0.95, "soups": rows}
+
+
 def _summary(folder: Path, results: dict, ings: list[Ingredient], duplicates: dict, opts: SoupOptions,
-             dtype: torch.dtype, val: ValData | None) -> dict:
+             dtype: torch.dtype, val: ValData | None, root: Path, crossfits: dict) -> dict:
     scored = [i for i in ings if i.score]
     best_single = max(scored, key=lambda i: i.score["mean_recall"]) if scored else None
     best = max(results, key=lambda m: (results[m].score or {}).get("mean_recall", 0.0))
+    soups = {m: {"checkpoint": s.source, "members": list(s.members), "weights": list(s.members.values()),
+                 **s.extra, **_scores(s.score)} for m, s in results.items()}
+    for m in soups:
+        if crossfits.get(m):
+            soups[m]["crossfit"] = crossfits[m]
+    single = {"path": best_single.path, **_scores(best_single.score)} if best_single else None
     return {
-        "soup": str(folder / "soup.pt"), "method": best,
-        "soups": {m: {"checkpoint": s.source, "members": list(s.members), "weights": list(s.members.values()),
-                      **s.extra, **_scores(s.score)} for m, s in results.items()},
-        "best_single": {"path": best_single.path, **_scores(best_single.score)} if best_single else None,
+        "soup": str(folder / "soup.pt"), "method": best, "soups": soups, "best_single": single,
+        "significance": significance(root, soups, single),
         "ingredients": [{"path": i.path, "fingerprint": i.fingerprint, **_scores(i.score)} for i in ings],
         "duplicates": duplicates, "dtype": dtype_name(dtype),
         "selection": ({"fraction": opts.select_split, "seed": opts.seed, "select_text_ids": val.select,
@@ -149,11 +195,52 @@ def _cook(method: str, pot: Pot, ings: list[Ingredient], base: Ingredient | None
     return recipes.interpolate(soup, base, opts.alphas, pot) if base is not None else soup
 
 
+def _crossfit(method: str, pot: Pot, ings: list[Ingredient], base: Ingredient | None, opts: SoupOptions,
+              mdir: Path, dtype: torch.dtype) -> dict:
+    """``--folds``: the method chosen without each fold, scored on it; the summary's ``crossfit`` entry."""
+    scorer, ids = pot.scorer, list(pot.scorer.val.select)
+    fold_no = [0]
+
+    def select_fn(rows: np.ndarray) -> dict | None:
+        if len(rows) == len(ids):
+            return None  # the refit on all queries: the soup run that follows
+        chosen = set(rows.tolist())
+        view = scorer.view([ids[i] for i in rows], [t for i, t in enumerate(ids) if i not in chosen])
+        fold_no[0] += 1
+        fold_ings = [dataclasses.replace(i, score=view.score(recipe_key([(i.key, 1.0)], dtype_name(dtype)), i.path))
+                     for i in ings]
+        rows0 = [log_row("ingredient", 0, {i.path: 1.0}, i.score, True) for i in fold_ings]
+        pot.scorer = view
+        try:
+            pot.start(mdir / "crossfit" / f"fold{fold_no[0]}", rows0)
+            soup = _cook(method, pot, fold_ings, base, opts)
+        finally:
+            pot.scorer = scorer
+            scorer.release()
+        return {"members": soup.members, "held_out": view.report, "score": soup.score}
+
+    def score_fn(choice: dict, rows: np.ndarray) -> float:  # the fold left out is the choice's report part
+        return choice["score"]["report"]["mean_recall"]
+
+    result = crossfit(select_fn, score_fn, np.arange(len(ids)), k=opts.folds, seed=opts.seed)
+    return {"k": opts.folds, "seed": opts.seed, "fold_scores": result.fold_scores, "mean": result.mean,
+            "low": result.low, "high": result.high, "interval": result.interval,
+            "folds": [c["held_out"] for c in result.choices],
+            "fold_members": [{"members": list(c["members"]), "weights": [float(w) for w in c["members"].values()]}
+                             for c in result.choices]}
+
+
 def _prepare(opts: SoupOptions, out: Path):
     """Every check before any work; ``(ingredients, duplicates, template, base, val, cache, config, dtype)``."""
     paths = _paths(opts, out)
     check_output_folder(out, opts.methods, [*paths, opts.interpolate_with], (LOG_NAME, CACHE_NAME, SUMMARY_NAME))
+    check_output(out / HITS_DIR, what="--output's hits folder", is_dir=True)
     val = None if opts.no_score else ValData(opts.val_data, opts.val_texts, opts.select_split, opts.seed)
+    if opts.folds and not opts.folds <= len(val.select):
+        raise SolutionError(f"--folds {opts.folds}: need 2 <= K <= {len(val.select)} (the validation queries)")
+    for m in (opts.methods if opts.folds else ()):
+        check_output(out / m / "crossfit" if len(opts.methods) > 1 else out / "crossfit",
+                     what="--output's crossfit folder", is_dir=True)
     cache = ScoreCache(out / CACHE_NAME)
     ings, duplicates, template = gather(paths, cache.fingerprints)
     base = None
@@ -179,26 +266,37 @@ def make_soups(opts: SoupOptions) -> dict:
     scorer = None
     if val is not None:
         scorer = Scorer(val, config, cache, device=resolve_device(opts.device), batch_size=opts.batch_size,
-                        num_workers=opts.num_workers, precision=opts.precision, round_to=dtype)
+                        num_workers=opts.num_workers, precision=opts.precision, round_to=dtype, hits_dir=out / HITS_DIR)
     cache.save()
     rows = _score_ingredients(scorer, ings, base, duplicates, dtype) if scorer else []
     pot = Pot(config, template, dtype, scorer)
     results: dict[str, Soup] = {}
+    crossfits: dict[str, dict] = {}
     for method in opts.methods:
         mdir = out if len(opts.methods) == 1 else out / method
+        if opts.folds:
+            crossfits[method] = _crossfit(method, pot, ings, base, opts, mdir, dtype)
         pot.start(mdir, rows)
         soup = _cook(method, pot, ings, base, opts)
         if scorer:
             scorer.release()
         soup.source = str(pot.save(mdir / "soup.pt", soup))  # frees the in-memory weights
         results[method] = soup
-        write_json(mdir / SUMMARY_NAME, _summary(mdir, {method: soup}, ings, duplicates, opts, dtype, val))
+        write_json(mdir / SUMMARY_NAME, _summary(mdir, {method: soup}, ings, duplicates, opts, dtype, val, out, crossfits))
     if len(opts.methods) > 1:
         best = max(results.values(), key=lambda s: s.score["mean_recall"]) if scorer else results[opts.methods[0]]
         _link(Path(best.source), out / "soup.pt")
-        write_json(out / SUMMARY_NAME, _summary(out, results, ings, duplicates, opts, dtype, val))
+        write_json(out / SUMMARY_NAME, _summary(out, results, ings, duplicates, opts, dtype, val, out, crossfits))
     for m, s in results.items():
         log.info("%-9s mean recall %s%s with %d members -> %s", m, recipes.fmt_recall((s.score or {}).get("mean_recall")),
                  f" (report {recipes.fmt_recall(s.score['report']['mean_recall'])})" if s.score and s.score.get("report")
                  else "", len(s.members), s.source)
-    return json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
+    for m, c in crossfits.items():
+        log.info("%-9s cross-fit over %d folds (held-out mean recall): %.3f, 95%% interval [%.3f, %.3f]", m, c["k"],
+                 c["mean"], c["low"], c["high"])
+    summary = json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
+    sig = summary.get("significance") or {"soups": {}}
+    for m, b in sig["soups"].items():
+        log.info("%-9s vs best single %s (all queries): %+.2f points, 95%% interval [%.2f, %.2f]%s", m,
+                 sig["reference"], b["diff"], b["low"], b["high"], "" if b["significant"] else " (contains 0: not significant)")
+    return summary

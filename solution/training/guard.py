@@ -43,8 +43,9 @@ HARMLESS = ("log_interval", "num_workers", "valid_num_workers", "device", "valid
             "grad_checkpointing", "no_plot", "no_progress", "debug")
 
 
-def agree(d, fn: Callable[[], object]):
-    """Run ``fn`` on the main process only; a :class:`SolutionError` it raises is raised on every process."""
+def agree(d, fn: Callable[[], object], share: bool = False):
+    """Run ``fn`` on the main process only; a :class:`SolutionError` it raises is raised on every process.
+    With ``share``, its result is sent to every process and returned there too (else only on the main)."""
     err = out = None
     if d.main:
         try:
@@ -53,12 +54,14 @@ def agree(d, fn: Callable[[], object]):
             err = str(e)
         except BaseException:
             if d.world > 1:  # the other processes must not wait for an answer that never comes
-                dist.broadcast_object_list(["the main process failed (see its traceback)"], src=0)
+                dist.broadcast_object_list(["the main process failed (see its traceback)", None], src=0)
             raise
     if d.world > 1:
-        box = [err]
+        box = [err, out if share else None]
         dist.broadcast_object_list(box, src=0)
         err = box[0]
+        if share:
+            out = box[1]
     if err is not None:
         raise SolutionError(err)
     return out

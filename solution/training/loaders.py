@@ -93,7 +93,7 @@ class SeededPairs(Dataset):
         s = (int(self.seed) * 1_000_003 + int(self.epoch)) * 10_000_019 + int(position)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)  # the CPU one only: torch.manual_seed would reseed CUDA too
             random.seed(s)
             try:
                 return self.pairs[index]
@@ -103,11 +103,12 @@ class SeededPairs(Dataset):
 
 def train_loader(split: LMDBSplit, *, resolution: int, augment: str, context_length: int, prompt: str,
                  batch_size: int, rank: int, world: int, seed: int, epoch: int, start: int,
-                 stop: int | None, num_workers: int) -> DataLoader:
+                 stop: int | None, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """This rank's micro-batches of epoch ``epoch`` (``pin_memory``: for copies to a GPU)."""
     ds = SeededPairs(split, train_transform(resolution, augment), seed, epoch, augment != "none")
     sampler = EpochBatchSampler(split.num_samples, batch_size, rank, world, seed, epoch, start, stop)
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=PairCollate(context_length, prompt),
-                      num_workers=num_workers, persistent_workers=False,
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=PairCollate(context_length, prompt, keep_size=True),
+                      num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(int(seed) + int(epoch)))
 
 

@@ -38,6 +38,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False
+    cpu_group: object = None  # a gloo group for small CPU-side agreements (None: the default group is gloo)
 
     @property
     def main(self) -> bool:
@@ -52,7 +53,7 @@ def init_distributed(device_flag: str) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_flag)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        device = rank_device(device, local_rank, torch.cuda.device_count())
         torch.cuda.set_device(device)
     owns = False
     if not dist.is_initialized():
@@ -60,7 +61,26 @@ def init_distributed(device_flag: str) -> Dist:
         timeout = datetime.timedelta(minutes=float(os.environ.get("SOLUTION_DIST_TIMEOUT_MIN", "120")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         owns = True
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, owns, cpu_group)
+
+
+def rank_device(device: torch.device, local_rank: int, cuda_count: int) -> torch.device:
+    """This process's GPU under torchrun: the one of its ``LOCAL_RANK`` (an index in ``--device cuda:N``
+    is not used there: it would put every process on GPU N; choose GPUs with ``CUDA_VISIBLE_DEVICES``)."""
+    if device.index is not None and device.index != local_rank:
+        log.warning("--device %s under torchrun: process %d uses cuda:%d (its LOCAL_RANK); choose the GPUs with "
+                    "CUDA_VISIBLE_DEVICES", device, local_rank, local_rank)
+    if local_rank >= cuda_count:
+        raise SolutionError(f"LOCAL_RANK {local_rank} but only {cuda_count} CUDA devices are visible: start at most "
+                            f"{cuda_count} processes per node")
+    return torch.device("cuda", local_rank)
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Seed this process's generators for dropout and ``--mask-ratio`` masks: ``seed + rank``, so the
+    processes of one run draw different masks (the weights are built from ``seed`` alone, before)."""
+    torch.manual_seed(int(seed) + int(rank))
 
 
 @dataclass
@@ -72,9 +92,12 @@ class Start:
     own: bool = False  # the run's own epoch_latest.pt: exact resume
 
 
-def find_start(latest: Path, resume: str | None, auto_resume: bool = True) -> Start:
-    """The run's own ``latest`` checkpoint (when ``auto_resume``), else ``--resume``, else nothing."""
-    if latest.is_file() and auto_resume:
+def find_start(latest: Path, resume: str | None, auto_resume: bool = True, own: bool | None = None) -> Start:
+    """The run's own ``latest`` checkpoint (when ``auto_resume``), else ``--resume``, else nothing.
+    ``own``: whether to resume ``latest``, decided already (by the main process, for all of them)."""
+    if own is None:
+        own = latest.is_file() and auto_resume
+    if own:
         log.info("resuming this run from %s", latest)
         return Start(read_checkpoint(latest), str(latest), True)
     if resume:
@@ -137,14 +160,16 @@ def _no_decay(model: nn.Module) -> set[str]:
 
 def make_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float,
                    wd: float) -> torch.optim.Optimizer:
-    """AdamW, cn_clip's two groups: no weight decay on biases, norms and logit_scale."""
+    """AdamW, cn_clip's two groups: no weight decay on biases, norms and logit_scale; the fused
+    kernel when the parameters are on a GPU (the same update, one launch), the usual one elsewhere."""
     no_decay = _no_decay(model)
     plain, decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (plain if n in no_decay else decay).append(p)
+    fused = {"fused": True} if all(p.is_cuda for p in plain + decay) and plain + decay else {}
     return torch.optim.AdamW([{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}],
-                             lr=lr, betas=betas, eps=eps)
+                             lr=lr, betas=betas, eps=eps, **fused)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str | None:

@@ -46,6 +46,19 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- RNG
 
 
+def to_cpu(obj):
+    """``obj`` with every tensor in it (nested dicts, lists, tuples) detached and on the CPU, so a
+    checkpoint written on a GPU loads with ``torch.load(weights_only=True)`` on a CPU-only machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        out = [to_cpu(v) for v in obj]
+        return out if isinstance(obj, list) else tuple(out)
+    return obj
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -101,7 +114,7 @@ class RunFiles:
         save_checkpoint(path, sd, cfg, epoch=epoch, step=step, name=name, **extra)
         m = unwrap(model)
         if has_lora(m):
-            adapter = {"adapter": adapter_state_dict(m), "lora": config.tuning.get("lora"), "config": cfg.to_dict(),
+            adapter = {"adapter": to_cpu(adapter_state_dict(m)), "lora": config.tuning.get("lora"), "config": cfg.to_dict(),
                        "epoch": int(epoch), "step": int(step), "name": name}
             with atomic_path(self.adapter_dir / path.name) as tmp:
                 torch.save(adapter, tmp)

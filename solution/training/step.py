@@ -75,8 +75,14 @@ def twin_mask(text_ids: torch.Tensor, same_text: bool) -> torch.Tensor | None:
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
               twins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE (cn_clip's); twins left out of the negatives. Returns ``(loss, logits_per_image)``."""
-    logits_per_image = logit_scale * image_features.float() @ text_features.float().t()
+    """Symmetric InfoNCE (cn_clip's); twins left out of the negatives. Returns ``(loss, logits_per_image)``.
+    Computed in float32 with autocast off (under autocast the matmul would run in fp16/bf16)."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        return _clip_loss(image_features.float(), text_features.float(), logit_scale.float(), twins)
+
+
+def _clip_loss(image_features, text_features, logit_scale, twins):
+    logits_per_image = logit_scale * image_features @ text_features.t()
     labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
     if twins is None:
         lpi, lpt = logits_per_image, logits_per_image.t()
@@ -116,10 +122,12 @@ class StepConfig:
 
 
 class Stepper:
-    """One optimizer step over ``accum_freq`` micro-batches ``(images, tokens, text_ids, image_ids)``."""
+    """One optimizer step over ``accum_freq`` micro-batches ``(images, tokens, text_ids, image_ids)``;
+    returns the step's loss, logits and twins as tensors (:meth:`read` turns them into numbers)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, cfg: StepConfig):
         self.model, self.optimizer, self.scaler, self.cfg = model, optimizer, scaler, cfg
+        self.bad_loss: torch.Tensor | None = None  # the last non-finite loss since the last check (0: none)
 
     def _autocast(self):
         return autocast_context(self.cfg.device, self.cfg.precision)
@@ -133,12 +141,28 @@ class Stepper:
         else:
             loss.backward()
 
-    def _check(self, loss: torch.Tensor) -> float:
-        value = float(loss.detach())
+    def _note(self, loss: torch.Tensor) -> None:
+        """Remember a non-finite loss on the device (no host sync); :meth:`check` reads it."""
+        loss = loss.detach().float()
+        if self.bad_loss is None:
+            self.bad_loss = torch.zeros((), device=loss.device)
+        self.bad_loss = torch.where(torch.isfinite(loss), self.bad_loss, loss)
+
+    def check(self) -> None:
+        """Raise if a step since the last check had a non-finite loss. The trainer calls it at its log
+        steps and before each validation and save, so no checkpoint is written from a diverged state."""
+        if self.bad_loss is None:
+            return
+        value = float(self.bad_loss)
         if not math.isfinite(value):
             raise SolutionError(f"training loss is {value}: the run diverged (try a lower --lr or --precision fp32); "
                                 "no checkpoint was written from this state")
-        return value
+
+    def read(self, out: dict) -> dict:
+        """The step's numbers as floats (host syncs: read them only where they are logged)."""
+        i2t, t2i = batch_accuracy(out["logits"], out["twins"])
+        return {"loss": float(out["loss"]), "acc_i2t": i2t, "acc_t2i": t2i,
+                "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()), "pairs": out["pairs"]}
 
     def __call__(self, micro_batches: list) -> dict:
         cfg, model = self.cfg, self.model
@@ -152,7 +176,7 @@ class Stepper:
             with self._autocast():
                 img_f, txt_f, scale = model(images, tokens, cfg.mask_ratio)
                 loss, logits = clip_loss(self._gather(img_f, True), self._gather(txt_f, True), scale.mean(), twins)
-            value = self._check(loss)
+            self._note(loss)
             self._backward(loss)
         else:
             cached_img, cached_txt = [], []
@@ -170,7 +194,7 @@ class Stepper:
                         img_all = torch.cat(cached_img[:j] + [self._gather(img_f, True)] + cached_img[j + 1:])
                         txt_all = torch.cat(cached_txt[:j] + [self._gather(txt_f, True)] + cached_txt[j + 1:])
                         loss, logits = clip_loss(img_all, txt_all, scale.mean(), twins)
-                    value = self._check(loss)
+                    self._note(loss)
                     self._backward(loss)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -180,9 +204,8 @@ class Stepper:
         m = unwrap(model)
         with torch.no_grad():
             m.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-        i2t, t2i = batch_accuracy(logits.detach(), twins)
-        return {"loss": value, "acc_i2t": i2t, "acc_t2i": t2i, "logit_scale": float(m.logit_scale.detach().exp()),
-                "pairs": int(len(all_ids))}
+        # tensors, not floats: reading them waits for the device (see read)
+        return {"loss": loss.detach(), "logits": logits.detach(), "twins": twins, "pairs": int(len(all_ids))}
 
 
 @torch.no_grad()

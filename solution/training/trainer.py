@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -44,8 +45,8 @@ from .guard import agree, check_resume_flags, claim_run_folder
 from .loaders import open_split, train_loader
 from .run_config import TrainConfig, params_record, resolve, steps_per_epoch
 from .setup import Dist, build, find_start, init_distributed, load_optimizer_state, make_optimizer, make_scaler, \
-    make_scheduler, wrap
-from .state import RunFiles, rng_state, set_rng_state, weights_for_checkpoint
+    make_scheduler, seed_process, wrap
+from .state import RunFiles, rng_state, set_rng_state, to_cpu, weights_for_checkpoint
 from .step import StepConfig, Stepper, unwrap
 from .validation import BestTracker, Validation
 
@@ -87,7 +88,8 @@ class Trainer:
 
     def _setup(self) -> None:
         a, d = self.typed, self.d
-        self.start = find_start(self.files.latest, a.resume, not a.no_auto_resume)
+        own = agree(d, lambda: self.files.latest.is_file() and not a.no_auto_resume, share=True)  # one decision
+        self.start = find_start(self.files.latest, a.resume, own=own)
         cfg = self.cfg = resolve(a, self.start, world=d.world, train_pairs=self.train_split.num_samples,
                                  device=str(d.device))
         history = None
@@ -98,8 +100,10 @@ class Trainer:
         self.params = params_record(a, cfg, history)
         model = build(cfg.model_config, self.start, seed=cfg.seed, clip_weight_path=cfg.clip_weight_path,
                       bert_weight_path=cfg.bert_weight_path)
+        self.model = wrap(model, d, cfg.use_bn_sync)  # first on the device: a fused AdamW where it has one
         self.optimizer = make_optimizer(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, wd=cfg.wd)
-        self.model = wrap(model, d, cfg.use_bn_sync)
+        if d.world > 1:
+            seed_process(cfg.seed, d.rank)
         self.scheduler = make_scheduler(self.optimizer, lr=cfg.lr, warmup=cfg.warmup, total_steps=cfg.max_steps,
                                         constant=cfg.skip_scheduler)
         self.scaler = make_scaler(cfg.precision, d.device)
@@ -108,6 +112,8 @@ class Trainer:
                                           cfg.same_text_positives, not cfg.skip_aggregate))
         self.tracker = BestTracker(cfg.early_stop_patience)
         self._restore()
+        self.start_epoch = int(self.start.ckpt.get("epoch", 0)) if self.start.own else 0
+        self.start.ckpt = None  # restored: do not hold its tensors (and optimizer state) for the whole run
         self.validation = Validation(self.val_sets, cfg, self.files, self.tracker, self.on_validation)
 
     def _restore(self) -> None:
@@ -185,7 +191,7 @@ class Trainer:
         if self.d.main:
             files.write_params(self.params)
             if self.start.own:
-                files.pay_owed(self.owed, self.model, cfg.model_config, epoch=int(self.start.ckpt.get("epoch", 0)),
+                files.pay_owed(self.owed, self.model, cfg.model_config, epoch=self.start_epoch,
                                step=self.step, name=cfg.name, best=self.tracker.best)
                 # a validation of the resumed step that is to be redone (the kill came before its
                 # checkpoint) must not leave its first rows behind
@@ -226,7 +232,7 @@ class Trainer:
             self._save(self.files.epoch_path(epoch + 1) if due else None, epoch, advance=epoch_done, closed=True)
             if epoch_done:
                 self.epoch, self.micro = epoch + 1, 0
-        if self.tracker.stop:
+        if self.tracker.stop and self.tracker.best is not None:
             log.info("early stop: mean recall did not improve for %d validations (best %.2f at step %d)",
                      self.tracker.bad, self.tracker.best["mean_recall"], self.tracker.best["step"])
 
@@ -237,24 +243,26 @@ class Trainer:
         loader = train_loader(self.train_split, resolution=mc.image_resolution, augment=cfg.augment,
                               context_length=mc.context_length, prompt=mc.text_prompt, batch_size=cfg.batch_size,
                               rank=self.d.rank, world=self.d.world, seed=cfg.seed, epoch=epoch, start=self.micro,
-                              stop=stop, num_workers=cfg.num_workers)
+                              stop=stop, num_workers=cfg.num_workers, pin_memory=self.d.device.type == "cuda")
         it = iter(loader)
         t_data = time.perf_counter()
         while self.micro < stop and self.step < cfg.max_steps:
             batches = [next(it) for _ in range(cfg.accum_freq)]
             self.micro += cfg.accum_freq
-            if any(b is None for b in batches):
-                log.warning("step %d: a batch had no decodable image; skipped", self.step + 1)
+            if self._skip(batches):
                 continue
             t0 = time.perf_counter()
             lr = self.scheduler(self.step)
             out = self.stepper(batches)
-            dt = time.perf_counter() - t0
             self.step += 1
+            logged = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
+            if logged:
+                self.stepper.check()  # waits for the device: the step's time below is its real one
+            dt = time.perf_counter() - t0
             self.closed = False
             bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.4f}", scale=f"{out['logit_scale']:.2f}", lr=f"{lr:.2e}", refresh=False)
-            self._log_step(out, lr, epoch, t0 - t_data, dt)
+            if logged and self.d.main:
+                self._log_step(self.stepper.read(out), lr, epoch, t0 - t_data, dt, bar)
             if cfg.valid_step_interval and self.step % cfg.valid_step_interval == 0:
                 self._validate(epoch)
                 validated_at = self.step
@@ -265,11 +273,22 @@ class Trainer:
             t_data = time.perf_counter()
         return validated_at
 
-    def _log_step(self, out: dict, lr: float, epoch: int, data_time: float, dt: float) -> None:
-        """The step's ``train`` line (main process, every ``--log-interval`` steps and the last)."""
+    def _skip(self, batches: list) -> bool:
+        """Whether to skip this step: a micro-batch of any process had no decodable image (agreed by all)."""
+        bad = any(b is None for b in batches)
+        if self.d.world > 1:
+            flag = torch.tensor([int(bad)])  # on the CPU (gloo): no wait for the device
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.d.cpu_group)
+            bad = bool(flag.item())
+        if bad:
+            log.warning("step %d: a batch had no decodable image; skipped on every process", self.step + 1)
+        return bad
+
+    def _log_step(self, out: dict, lr: float, epoch: int, data_time: float, dt: float, bar) -> None:
+        """The step's ``train`` line (main process, every ``--log-interval`` steps and the last; the
+        divergence check and these reads are the only host syncs of a step)."""
         cfg = self.cfg
-        if not self.d.main or not (self.step % cfg.log_interval == 0 or self.step == cfg.max_steps):
-            return
+        bar.set_postfix(loss=f"{out['loss']:.4f}", scale=f"{out['logit_scale']:.2f}", lr=f"{lr:.2e}", refresh=False)
         row = {"step": self.step, "epoch": epoch + 1, "kind": "train", "loss": out["loss"], "lr": lr,
                "logit_scale": out["logit_scale"], "pairs_per_s": out["pairs"] / dt, "data_time": data_time,
                "batch_time": dt, "time": time.time()}
@@ -279,6 +298,7 @@ class Trainer:
         log.debug("step %d loss %.4f logit_scale %.2f lr %.3g", self.step, out["loss"], out["logit_scale"], lr)
 
     def _validate(self, epoch: int) -> None:
+        self.stepper.check()
         self.validation(self.model, self.d, step=self.step, epoch=epoch)
 
     # ------------------------------------------------------------ checkpoints
@@ -286,6 +306,7 @@ class Trainer:
     def _save(self, path: Path | None, epoch: int, advance: bool = False, closed: bool = False) -> None:
         """Write ``epoch_latest.pt``, then ``path`` (if any) from the same weights; ``advance`` = this epoch
         is complete, ``closed`` = its end-of-epoch/final work is done."""
+        self.stepper.check()
         rngs = self._gather_rng()
         self.closed = closed
         if not self.d.main:
@@ -298,9 +319,9 @@ class Trainer:
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "closed": closed, "owed": [path.name] if path is not None else []}
         if mc.tuning.get("lora"):
-            state["adapted_state_dict"] = {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
+            state["adapted_state_dict"] = unwrap(self.model).state_dict()
         self.files.save(self.files.latest, self.model, mc, epoch=epoch + 1, step=self.step, name=name,
-                        weights=weights, optimizer=self.optimizer.state_dict(), train_state=state)
+                        weights=weights, optimizer=to_cpu(self.optimizer.state_dict()), train_state=to_cpu(state))
         if path is not None:
             self.files.save(path, self.model, mc, epoch=epoch + 1, step=self.step, name=name, weights=weights)
         log.info("saved %s%s (epoch %d, step %d) in %.1fs", self.files.latest.name, f" and {path.name}" if path else "",

@@ -7,8 +7,9 @@ validation loss and in-batch accuracy (:func:`.step.contrastive_eval`); one ``me
 line per set. The main set's record goes
 to :class:`BestTracker` (a new best writes ``checkpoints/best.pt``; ``--early-stop-patience``
 validations without improvement stop the run) and to the ``on_validation`` callback. The other
-processes wait; the stop decision and whether the callback raised are then broadcast, so every
-process stops together.
+processes wait; the early-stop state (stop flag, best record, count) and whether the validation or
+its callback raised are then always broadcast, so every process stops together and none waits for
+an answer that never comes.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class StopRequested(Exception):
-    """Raised on the other processes when the main process's validation callback raised."""
+    """Raised on the other processes when the main process's validation (or its callback) raised."""
 
 
 class BestTracker:
@@ -80,23 +81,26 @@ class Validation:
             return
         err = None
         if d.main:
-            rows = [self.score(model, name, split, d, step=step, epoch=epoch) for name, split in self.sets.items()]
-            set_train_mode(model, self.model_config.tuning)
-            record = next((r for r in rows if r["set"] == MAIN_SET), None)
-            if record is not None and self.tracker.update(record):
-                self.files.save(self.files.best, model, self.model_config, epoch=epoch + 1, step=step,
-                                name=self.cfg.name, metrics=dict(record))
-                log.info("new best mean recall %.2f at step %d -> %s", record["mean_recall"], step, self.files.best)
-            if not self.cfg.no_plot:
-                self.files.draw_curves(self.cfg.name)
-            if record is not None and self.on_validation is not None:
-                try:
-                    self.on_validation(dict(record))
-                except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other processes
-                    err = e
+            try:
+                self._run_main(model, d, step=step, epoch=epoch)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other processes
+                err = e
         self._share(d, err)
         if err is not None:
             raise err
+
+    def _run_main(self, model: nn.Module, d: Dist, *, step: int, epoch: int) -> None:
+        rows = [self.score(model, name, split, d, step=step, epoch=epoch) for name, split in self.sets.items()]
+        set_train_mode(model, self.model_config.tuning)
+        record = next((r for r in rows if r["set"] == MAIN_SET), None)
+        if record is not None and self.tracker.update(record):
+            self.files.save(self.files.best, model, self.model_config, epoch=epoch + 1, step=step,
+                            name=self.cfg.name, metrics=dict(record))
+            log.info("new best mean recall %.2f at step %d -> %s", record["mean_recall"], step, self.files.best)
+        if not self.cfg.no_plot:
+            self.files.draw_curves(self.cfg.name)
+        if record is not None and self.on_validation is not None:
+            self.on_validation(dict(record))
 
     def score(self, model: nn.Module, name: str, split: LMDBSplit, d: Dist, *, step: int, epoch: int) -> dict:
         """Score one set, append its ``metrics.jsonl`` line and return it."""
@@ -116,11 +120,13 @@ class Validation:
         return row
 
     def _share(self, d: Dist, err: BaseException | None) -> None:
-        """Tell every process whether to stop early and whether the main process's callback raised."""
+        """Tell every process the early-stop state (stop flag, best record, count) and whether the main
+        process's validation or callback raised; always sent, so no process waits for it in vain."""
         if d.world == 1:
             return
-        flags = [err is not None, self.tracker.stop]
-        dist.broadcast_object_list(flags, src=0)
-        self.tracker.stop = flags[1]
-        if flags[0] and not d.main:
-            raise StopRequested("stopped: the main process's validation callback raised")
+        t = self.tracker
+        box = [None if err is None else f"{type(err).__name__}: {err}", t.stop, t.best, t.bad]
+        dist.broadcast_object_list(box, src=0)
+        t.stop, t.best, t.bad = box[1], box[2], box[3]
+        if box[0] is not None and not d.main:
+            raise StopRequested(f"stopped: the main process's validation raised ({box[0]})")

@@ -1,0 +1,57 @@
+"""``ensemble.json``: the one reader and writer of an ensemble's description.
+
+``{"version": 1, "members": [{path, fingerprint, arch, vision_model, text_model, context_length,
+text_prompt, image_resolution, embed_dim}], "weights": [floats summing to 1], "norm":
+"none"|"zscore"|"softmax", "norm_temperature": float|null, "rerank": {"method", "temperature",
+"bank": texts JSONL|null, "bank_topk": int|null}, "scores": {"select"|"report"|"all": {r1, r5, r10,
+mean_recall, queries_scored}|null, "members": [{"select", "report", "all"} per member]}, "crossfit":
+{folds, seed, fold_scores, mean, low, high, interval, choices}|null, "hits": {"ensemble"|"memberI":
+path of a per-query hits file (:mod:`solution.formats.hits`) relative to the folder, every scored
+validation query}, "val_data", "select_split", "seed", "created", "command"}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from solution.common import SolutionError, write_json
+from solution.retrieval.fusion import NORMS, RERANKERS, check_weights
+
+NAME, LOG_NAME, PLOT_NAME = "ensemble.json", "ensemble_log.jsonl", "selection.png"
+VERSION = 1
+
+
+def write_ensemble(path: str | os.PathLike, spec: dict) -> None:
+    write_json(path, {"version": VERSION, **spec})
+
+
+def read_ensemble(path: str | os.PathLike) -> dict:
+    """A checked ``ensemble.json`` (members, weights, normalisation, re-ranker); one error line otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise SolutionError(f"ensemble file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SolutionError(f"{path} is not a readable ensemble.json: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("members"), list) or not spec["members"]:
+        raise SolutionError(f"{path}: no members")
+    for m in spec["members"]:
+        if not isinstance(m, dict) or not {"path", "fingerprint"} <= set(m):
+            raise SolutionError(f"{path}: every member needs a path and a fingerprint")
+    try:
+        spec["weights"] = check_weights(spec.get("weights"), len(spec["members"])).tolist()
+    except (ValueError, TypeError) as e:
+        raise SolutionError(f"{path}: {e}") from None
+    rerank = spec.get("rerank") or {}
+    if spec.get("norm") not in NORMS or rerank.get("method", "none") not in RERANKERS:
+        raise SolutionError(f"{path}: unknown normalisation {spec.get('norm')!r} or re-ranker {rerank.get('method')!r}")
+    spec["rerank"] = {"method": "none", "temperature": 0.0, "bank": None, "bank_topk": None, **rerank}
+    return spec
+
+
+def active(spec: dict) -> list[int]:
+    """Indices of the members with a non-zero weight."""
+    return [i for i, w in enumerate(np.asarray(spec["weights"]).tolist()) if w > 0]

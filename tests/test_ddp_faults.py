@@ -1,0 +1,278 @@
+"""Multi-process hazards, on CPU with 2 gloo processes (each run under a timeout, so a hang fails the
+test instead of blocking it), and the device/seed/save helpers of the GPU path.
+
+* early stop on every process (the best record reaches them all);
+* an exception in the main process's validation ends every process promptly, naming the error;
+* an undecodable image on one process only: same batch shapes and the same steps on both;
+* the auto-resume decision and other ``agree(share=True)`` answers come from the main process;
+* ``cuda:N`` under torchrun: each process on the GPU of its LOCAL_RANK; saved state on the CPU;
+* the loss in float32 under autocast; per-process dropout/mask seeds; per-sample augmentation seeds
+  that leave the CUDA generators alone."""
+import base64
+import datetime
+import json
+import multiprocessing
+import os
+import random
+import socket
+import time
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from solution.common import SolutionError
+from solution.data.datasets import train_transform
+from solution.data.lmdb_io import LMDBSplit, write_split
+from solution.model import read_checkpoint
+from solution.training.guard import agree
+from solution.training.loaders import SeededPairs, epoch_order
+from solution.training.setup import Dist, rank_device, seed_process
+from solution.training.state import to_cpu
+from solution.training.step import clip_loss
+from train_helpers import COLOURS, _png, make_data, make_split, tiny_argv
+
+TIMEOUT_S = 150  # a hang fails here; the process group's own timeout is set far beyond it (10 min)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), SOLUTION_DIST_TIMEOUT_MIN="10")
+
+
+def _train_worker(rank: int, world: int, port: int, argv: list, out_dir: str, fault: str) -> None:
+    _env(rank, world, port)
+    from solution.training import trainer, validation
+
+    steps, real = [0], trainer.Stepper.__call__
+
+    def counted(self, batches):
+        steps[0] += 1
+        assert len({len(b[0]) for b in batches}) == 1
+        return real(self, batches)
+
+    trainer.Stepper.__call__ = counted
+    if fault == "validation" and rank == 0:
+        def boom(*a, **k):
+            raise RuntimeError("injected validation failure")
+        validation.Validation.score = boom
+    result = {"ok": False}
+    try:
+        out = trainer.main(argv)
+        result = {"ok": True, "best": out["best"]}
+    except BaseException as e:
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        raise
+    finally:
+        result["steps"] = steps[0]
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f)
+
+
+def _spawn(target, args_of_rank, world: int = 2) -> list[int]:
+    """Start ``world`` spawned processes; their exit codes (a process still alive at the deadline: fail)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args_of_rank(r)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [i for i, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"processes {hung} hung"
+    return [p.exitcode for p in procs]
+
+
+def _train(tmp_path, argv, fault: str = "") -> tuple[list[int], list[dict]]:
+    port = _free_port()
+    codes = _spawn(_train_worker, lambda r: (r, 2, port, argv, str(tmp_path), fault))
+    return codes, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("colours"), per_colour_train=3, per_colour_valid=1)
+
+
+def test_early_stop_ends_every_process_cleanly(tmp_path, data):
+    argv = tiny_argv(*data, tmp_path / "logs", batch_size=4, max_steps=8, valid_step_interval=1,
+                     valid_epoch_interval=0, early_stop_patience=2, lr="0")
+    codes, results = _train(tmp_path, argv)
+    assert codes == [0, 0], results
+    assert [r["steps"] for r in results] == [3, 3]  # lr 0: the best is step 1's; 2 more without improvement
+    assert results[0]["best"]["step"] == 1 and results[1]["best"] == results[0]["best"]
+    ckpt = read_checkpoint(tmp_path / "logs" / "run" / "checkpoints" / "epoch_latest.pt")
+    assert ckpt["step"] == 3 and ckpt["train_state"]["bad_validations"] == 2
+    assert ckpt["train_state"]["best"] == results[0]["best"]
+    assert (tmp_path / "logs" / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_an_error_in_the_main_process_validation_ends_every_process(tmp_path, data):
+    argv = tiny_argv(*data, tmp_path / "logs", batch_size=4, max_steps=4, valid_step_interval=2,
+                     valid_epoch_interval=0)
+    codes, results = _train(tmp_path, argv, fault="validation")
+    assert all(c != 0 for c in codes), (codes, results)
+    assert results[0]["error"] == "RuntimeError: injected validation failure"
+    assert results[1]["error"].startswith("StopRequested") and "injected validation failure" in results[1]["error"]
+    assert [r["steps"] for r in results] == [2, 2]
+
+
+def _split_with_bad_images(split_dir, seed: int):
+    """24 pairs (3 per colour); in epoch 1 at batch 4 x 2 processes, rank 0's first micro-batch holds
+    one undecodable image and rank 1's second micro-batch holds nothing but undecodable images."""
+    rng, images, pairs, image_id = random.Random(1), [], [], 1000
+    for c, (name, rgb) in enumerate(COLOURS):
+        for _ in range(3):
+            images.append((image_id, _png(rgb, rng)))
+            pairs.append((image_id, c, name))
+            image_id += 1
+    rng.shuffle(pairs)
+    order = epoch_order(len(pairs), 8, seed, 0)
+    bad = {pairs[int(order[k])][0] for k in (0, 12, 13, 14, 15)}
+    junk = base64.urlsafe_b64encode(b"not an image")
+    write_split(split_dir, [(i, junk if i in bad else b) for i, b in images], pairs)
+    return split_dir
+
+
+def test_an_undecodable_image_on_one_process_keeps_batches_and_steps_equal(tmp_path, data):
+    train = _split_with_bad_images(tmp_path / "train", seed=7)
+    argv = tiny_argv(train, data[1], tmp_path / "logs", batch_size=4, max_epochs=1, seed=7)
+    codes, results = _train(tmp_path, argv)
+    assert codes == [0, 0], results
+    # 3 micro-batches: rank 0's first is completed from its own pairs, rank 1's second is empty: skipped by both
+    assert [r["steps"] for r in results] == [2, 2]
+    assert read_checkpoint(tmp_path / "logs" / "run" / "checkpoints" / "epoch_latest.pt")["step"] == 2
+
+
+def _agree_worker(rank: int, port: int, out_dir: str) -> None:
+    _env(rank, 2, port)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    try:
+        d = Dist(rank, 2, rank)
+        got = {"shared": agree(d, lambda: {"own": rank == 0, "rank": rank}, share=True),
+               "main_only": agree(d, lambda: rank)}
+        with open(os.path.join(out_dir, f"agree{rank}.json"), "w", encoding="utf-8") as f:
+            json.dump(got, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_agree_with_share_gives_every_process_the_main_process_answer(tmp_path):
+    port = _free_port()
+    assert _spawn(_agree_worker, lambda r: (r, port, str(tmp_path))) == [0, 0]
+    got = [json.loads((tmp_path / f"agree{r}.json").read_text()) for r in range(2)]
+    assert got[0]["shared"] == got[1]["shared"] == {"own": True, "rank": 0}
+    assert (got[0]["main_only"], got[1]["main_only"]) == (0, None)
+
+
+def test_each_torchrun_process_takes_the_gpu_of_its_local_rank():
+    assert rank_device(torch.device("cuda", 3), 1, 4) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cuda"), 0, 2) == torch.device("cuda", 0)
+    assert rank_device(torch.device("cuda"), 1, 2) == torch.device("cuda", 1)
+    with pytest.raises(SolutionError, match="LOCAL_RANK 2 but only 2 CUDA devices"):
+        rank_device(torch.device("cuda"), 2, 2)
+
+
+def test_to_cpu_moves_every_tensor_of_nested_state():
+    fake = mock.MagicMock(spec=torch.Tensor)  # a tensor that reports being elsewhere: only .cpu() brings it home
+    real = torch.arange(3.0, requires_grad=True)
+    out = to_cpu({"a": [fake, (1, fake)], "b": {"c": fake, "r": real}, "n": 3, "s": "x"})
+    moved = fake.detach.return_value.cpu.return_value
+    assert out["a"][0] is moved and out["a"][1] == (1, moved) and out["b"]["c"] is moved
+    assert fake.detach.return_value.cpu.call_count == 3
+    assert isinstance(out["a"][1], tuple) and (out["n"], out["s"]) == (3, "x")
+    assert not out["b"]["r"].requires_grad and out["b"]["r"].device.type == "cpu"
+    assert torch.equal(out["b"]["r"], torch.tensor([0.0, 1.0, 2.0]))
+
+
+def test_the_resumable_checkpoint_is_saved_through_to_cpu(tmp_path, data, monkeypatch):
+    """Optimizer state and train_state (RNG, LoRA adapted weights) go through :func:`to_cpu` before
+    ``torch.save``, so a GPU run's checkpoint loads on a CPU-only machine."""
+    from solution.training import state as state_module, trainer
+
+    seen = []
+
+    def spy(obj):
+        seen.append(obj)
+        return to_cpu(obj)
+
+    monkeypatch.setattr(trainer, "to_cpu", spy)
+    monkeypatch.setattr(state_module, "to_cpu", spy)
+    trainer.main(tiny_argv(*data, tmp_path, max_steps=1, lora_rank=2))
+    kinds = [set(o) for o in seen if isinstance(o, dict)]
+    assert {"state", "param_groups"} in kinds  # the optimizer's state dict
+    assert any({"rng", "adapted_state_dict", "position"} <= k for k in kinds)  # train_state
+    assert any(all(isinstance(v, torch.Tensor) for v in o.values()) and o for o in seen if isinstance(o, dict)
+               and not {"state", "rng"} & set(o))  # the adapter tensors
+
+
+def test_clip_loss_is_float32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(8, 32, generator=g), torch.randn(8, 32, generator=g)
+    scale = torch.tensor(10.0)
+    ref_loss, ref_logits = clip_loss(img, txt, scale, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = clip_loss(img, txt, scale, None)
+    assert logits.dtype == loss.dtype == torch.float32
+    assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
+
+
+def test_processes_draw_different_dropout_and_mask_seeds():
+    draws = []
+    for rank in (0, 1, 0):
+        seed_process(5, rank)
+        draws.append(torch.rand(16))
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[0], draws[2])
+
+
+def test_per_sample_augmentation_seeds_leave_the_cuda_generators_alone(tmp_path, monkeypatch):
+    split = LMDBSplit(make_split(tmp_path / "s", per_colour=1, colours=2))
+    ds = SeededPairs(split, train_transform(16, "gentle"), seed=3, epoch=0, random_transform=True)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(s))
+    a, b = ds[(5, 0)], ds[(5, 0)]
+    assert calls == []
+    assert torch.equal(a[0], b[0])  # still reproducible per (seed, epoch, position)
+    c = ds[(6, 0)]
+    assert not torch.equal(a[0], c[0])
+
+
+def test_prefilter_products_run_without_reduced_precision_cuda_math(monkeypatch):
+    """The bf16 prefilter's certificate assumes fp32 accumulation: on CUDA its products must run with
+    bf16 reduced-precision reductions and TF32 off (flags read during the products, restored after)."""
+    import numpy as np
+
+    from solution.retrieval.rank import rank
+
+    m = torch.backends.cuda.matmul
+    monkeypatch.setattr(m, "allow_bf16_reduced_precision_reduction", True)
+    monkeypatch.setattr(m, "allow_tf32", True)
+    seen, real_bmm = [], torch.bmm
+
+    def bmm(*a, **k):
+        seen.append((m.allow_bf16_reduced_precision_reduction, m.allow_tf32))
+        return real_bmm(*a, **k)
+
+    monkeypatch.setattr(torch, "bmm", bmm)
+    gallery = np.arange(64 * 4, dtype=np.float32).reshape(64, 4) % 7 - 3  # small integers: exact products
+    queries = np.eye(4, dtype=np.float32)[:3]
+    ids, scores = rank(queries, gallery, np.arange(64) + 100, 2, method="prefilter")
+    assert seen and set(seen) == {(False, False)}
+    assert (m.allow_bf16_reduced_precision_reduction, m.allow_tf32) == (True, True)
+    exact = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    best = np.argsort(-exact, axis=1, kind="stable")[:, :2] + 100
+    assert (ids == best).all()

@@ -1,0 +1,203 @@
+"""Significance in comparisons: per-query hits files (solution.formats.hits) and the paired-bootstrap
+columns of the comparison table (solution.report.significance through solution.compare)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from solution import compare as compare_cli
+from solution.common import SolutionError, write_json, write_jsonl
+from solution.formats.hits import align, read_hits, write_hits
+from solution.report import compare, runs, significance
+from solution.retrieval.stats import mean_recall
+
+IDS = list(range(100, 108))  # 8 queries
+# The best ingredient: a hit at 1/5/10 on queries 0-3, at 10 only on 4-5, none on 6-7.
+REF = np.array([[1, 1, 1]] * 4 + [[0, 0, 1]] * 2 + [[0, 0, 0]] * 2, dtype=bool)
+
+
+def _better(ref: np.ndarray, queries) -> np.ndarray:
+    """``ref`` with a hit at 1/5/10 on ``queries``: equal elsewhere, strictly better there."""
+    out = ref.copy()
+    out[list(queries)] = True
+    return out
+
+
+def _soup(folder, soup_hits, ids=IDS, ref_hits=REF):
+    """A soup folder as the soup run writes it: log, summary, and hits/ files named relative to it."""
+    folder.mkdir(parents=True)
+    write_hits(folder / "hits" / "ref", ids, ref_hits)
+    write_hits(folder / "hits" / "soup", ids, soup_hits)
+    ref_mr, soup_mr = mean_recall(ref_hits), mean_recall(soup_hits)
+    rows = [{"method": "ingredient", "round": 0, "members": ["a.pt"], "weights": [1.0], "mean_recall": ref_mr,
+             "kept": True, "hits": "hits/ref.hits.npy"},
+            {"method": "ingredient", "round": 0, "members": ["b.pt"], "weights": [1.0], "mean_recall": 1.0,
+             "kept": True},
+            {"method": "greedy", "round": 1, "members": ["a.pt", "b.pt"], "weights": [0.5, 0.5],
+             "mean_recall": soup_mr, "kept": True, "hits": "hits/soup.hits.npy"}]
+    write_jsonl(folder / "soup_log.jsonl", rows)
+    write_json(folder / "summary.json", {
+        "method": "greedy", "soups": {"greedy": {"members": ["a.pt", "b.pt"], "mean_recall": soup_mr,
+                                                 "hits": "hits/soup.hits.npy"}},
+        "best_single": {"path": "a.pt", "mean_recall": ref_mr, "hits": "hits/ref.hits.npy"}})
+    return folder
+
+
+def _run(folder, mr):
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "metrics.jsonl", [{"step": 10, "epoch": 1, "kind": "valid", "set": "valid", "r1": mr,
+                                            "r5": mr, "r10": mr, "mean_recall": mr}])
+    write_json(folder / "params.json", {"lr": 1e-5})
+    return folder
+
+
+def _csv(text):
+    return pd.read_csv(io.StringIO(text), keep_default_na=False)
+
+
+def test_hits_round_trip_align_and_bad_files(tmp_path):
+    path = write_hits(tmp_path / "x", IDS, REF)
+    assert path.name == "x.hits.npy" and (tmp_path / "x.hits.ids.npy").is_file()
+    ids, hits = read_hits(path)
+    assert ids.tolist() == IDS and hits.dtype == bool and np.array_equal(hits, REF)
+    perm = [3, 0, 7, 1, 6, 2, 5, 4]
+    shuffled = (np.asarray(IDS)[perm], REF[perm])
+    assert np.array_equal(align((np.asarray(IDS), REF), shuffled), REF)  # reordered to a's queries
+    assert align((np.asarray(IDS), REF), (np.asarray(IDS[:7] + [999]), REF)) is None  # other queries
+    assert align((np.asarray(IDS), REF), (np.asarray(IDS[:7]), REF[:7])) is None
+    np.save(tmp_path / "x.hits.ids.npy", np.arange(3))  # 3 ids for 8 rows
+    with pytest.raises(SolutionError, match="x.hits.npy"):
+        read_hits(tmp_path / "x")
+    with pytest.raises(SolutionError, match="cannot read"):
+        read_hits(tmp_path / "missing")
+    with pytest.raises(ValueError):
+        write_hits(tmp_path / "y", IDS[:3], REF)
+
+
+@pytest.fixture(autouse=True)
+def _here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # rows are named by their relative paths
+
+
+def test_system_against_itself_is_zero_through_the_table(tmp_path):
+    _soup(tmp_path / "s", REF.copy())
+    df = _csv(compare_cli.main([str(tmp_path / "s"), "--csv", "--no-plot"]))
+    row = df[df["name"] == "s"].iloc[0]
+    assert (row["vs_ref"], row["ci_low"], row["ci_high"]) == (0.0, 0.0, 0.0)
+    assert row["significant"] == "no" and row["note"] == "vs best ingredient a.pt of s"
+
+
+def test_strictly_better_on_some_queries_is_positive(tmp_path):
+    _soup(tmp_path / "s", _better(REF, [6, 7]))
+    df = compare.table(compare.collect([tmp_path / "s"]))
+    row = df.iloc[0]
+    assert row["vs_ref"] == 25.0  # per-query values +1 on 2 of 8 queries, equal on the rest: 100 * 2 / 8
+    assert row["vs_ref"] > 0 and row["ci_low"] >= 0 and row["ci_high"] >= row["vs_ref"]
+    assert row["significant"] == ("yes" if row["ci_low"] > 0 else "no")
+
+
+def test_worse_system_has_negative_interval(tmp_path):
+    worse = REF.copy()
+    worse[:4] = False  # loses every hit of queries 0-3
+    _soup(tmp_path / "s", worse)
+    row = compare.table(compare.collect([tmp_path / "s"])).iloc[0]
+    assert row["vs_ref"] == -50.0 and row["ci_high"] <= 0 and row["ci_low"] <= row["ci_high"]
+
+
+def test_markdown_and_csv_carry_the_columns_rows_without_hits_get_a_note(tmp_path):
+    _soup(tmp_path / "s", _better(REF, [6, 7]))
+    _run(tmp_path / "r", 10.0)
+    text = compare_cli.main([str(tmp_path / "s"), str(tmp_path / "r"), "--csv", "--no-plot"])
+    df = _csv(text)
+    assert set(significance.COLUMNS) <= set(df.columns)
+    run = df[df["name"].str.endswith("r")].iloc[0]
+    assert (run["vs_ref"], run["ci_low"], run["ci_high"], run["significant"]) == ("", "", "", "")
+    assert run["note"] == "no per-query hits stored"
+    md = compare_cli.main([str(tmp_path / "s"), str(tmp_path / "r"), "--no-plot"])
+    head = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert head[head.index("vs_ref"):head.index("vs_ref") + 5] == list(significance.COLUMNS)
+    run_line = next(ln for ln in md.splitlines() if "no per-query hits stored" in ln)
+    cells = dict(zip(head, (c.strip() for c in run_line.strip("|").split("|"))))
+    assert cells["vs_ref"] == cells["ci_low"] == cells["ci_high"] == cells["significant"] == ""
+    soup_line = next(ln for ln in md.splitlines() if "| soup |" in ln)
+    cells = dict(zip(head, (c.strip() for c in soup_line.strip("|").split("|"))))
+    assert cells["vs_ref"] == "25.00" and cells["note"] == "vs best ingredient a.pt of s"  # +1 on 2 of 8 queries
+
+
+def test_reference_is_the_best_single_row_with_hits():
+    ids = np.asarray(IDS)
+    best = runs.Entry("best", "run", {"mean_recall": mean_recall(REF)}, hits=(ids, REF))
+    twin = runs.Entry("twin", "trial", {"mean_recall": mean_recall(REF)}, hits=(ids, REF.copy()))
+    weak = runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF)))
+    bare = runs.Entry("bare", "run", {"mean_recall": 99.0})  # no hits: never the reference
+    cols = significance.columns([weak, best, twin, bare])
+    assert cols[1] == {"vs_ref": 0.0, "ci_low": 0.0, "ci_high": 0.0, "significant": "no",
+                       "note": "reference (best single model)"}
+    assert cols[2] == {**cols[1], "note": "vs best"}  # a system equal to the reference: [0, 0]
+    assert cols[0]["vs_ref"] == -100 * float(np.mean(REF.mean(axis=1))) and cols[0]["significant"] == "yes"
+    assert cols[3] == {**dict.fromkeys(significance.COLUMNS), "note": "no per-query hits stored"}
+
+
+def test_rows_on_other_queries_get_no_interval(tmp_path):
+    _soup(tmp_path / "s", REF.copy())
+    _soup(tmp_path / "t", REF.copy(), ids=[i + 1000 for i in IDS], ref_hits=np.zeros_like(REF))
+    df = compare.table(compare.collect([tmp_path / "s", tmp_path / "t"]))
+    other = df[df["name"].str.endswith("t")].iloc[0]
+    assert pd.isna(other["vs_ref"]) and other["note"] == "hits on other queries than best ingredient a.pt of s"
+
+
+def test_missing_hits_file_is_a_note_not_an_error(tmp_path):
+    _soup(tmp_path / "s", REF.copy())
+    (tmp_path / "s" / "hits" / "soup.hits.npy").unlink()
+    row = compare.table(compare.collect([tmp_path / "s"])).iloc[0]
+    assert pd.isna(row["vs_ref"]) and row["note"] == "per-query hits file missing"
+
+
+def test_report_says_in_words_which_differences_are_real():
+    ids = np.asarray(IDS)
+    entries = [runs.Entry("best", "run", {"mean_recall": mean_recall(REF)}, hits=(ids, REF)),
+               runs.Entry("twin", "soup", {"mean_recall": mean_recall(REF)}, hits=(ids, REF.copy())),
+               runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF))),
+               runs.Entry("bare", "run", {"mean_recall": 1.0})]
+    words = significance.in_words(compare.table(entries))
+    assert words.startswith("Against the best single model (best), paired bootstrap over the validation queries "
+                            "(1000 resamples): real differences: weak (-58.33 points, 95% interval [")
+    assert words.endswith("]). Not distinguishable from it (interval contains 0): twin.")
+    assert significance.in_words(compare.table(entries[3:])) == ""  # no intervals: nothing said
+    same = significance.in_words(compare.table(entries[:2]))
+    assert same.endswith("no difference is real (every interval contains 0).")
+
+
+def test_compare_reads_an_ensemble_folder_with_its_members_as_references(tmp_path):
+    """An ensemble folder gives its own row and one per member; the ensemble is compared with its best member."""
+    import json
+
+    from solution.retrieval.stats import paired_bootstrap
+
+    ens = tmp_path / "ens"
+    ids = list(range(8))
+    member_hits = [np.array([[q < 4] * 3 for q in ids]), np.array([[q < 2] * 3 for q in ids])]  # member 0 is best
+    fused = np.array([[q < 6] * 3 for q in ids])  # right on two more queries than member 0
+    rel = {"ensemble": write_hits(ens / "hits" / "ensemble", ids, fused)}
+    for i, h in enumerate(member_hits):
+        rel[f"member{i}"] = write_hits(ens / "hits" / f"member{i}", ids, h)
+
+    def score(h):
+        return {"mean_recall": mean_recall(h)}
+    spec = {"members": [{"path": f"m{i}.pt", "fingerprint": f"f{i}", "arch": "ViT-Tiny@RBT-Tiny"} for i in range(2)],
+            "weights": [0.5, 0.5], "norm": "zscore", "rerank": {"method": "none"},
+            "scores": {"all": score(fused), "select": score(fused), "report": None,
+                       "members": [{"all": score(h)} for h in member_hits]},
+            "hits": {k: str(v.relative_to(ens)) for k, v in rel.items()}}
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+
+    entries = runs.collect([ens])
+    assert [e.kind for e in entries] == ["ensemble", "member", "member"]
+    assert entries[0].scores["mean_recall"] == 75.0 and entries[1].scores["mean_recall"] == 50.0
+    cells = significance.columns(entries)[0]
+    expected = paired_bootstrap(fused, member_hits[0])
+    assert cells["vs_ref"] == 25.0 == expected.diff
+    assert (cells["ci_low"], cells["ci_high"]) == (expected.low, expected.high) and cells["ci_low"] >= 0
