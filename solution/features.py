@@ -17,6 +17,7 @@ from typing import Sequence
 
 from solution.common import resolve_device, run_cli
 from solution.formats.features import FORMATS
+from solution.model import ATTN_IMPLS
 from solution.retrieval.cache import default_cache_dir
 from solution.retrieval.extract import Extraction, extract
 from solution.retrieval.precision import PRECISIONS
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--num-workers", type=int, default=None,
                       help="image decoding workers (default min(4, CPUs - 1))")
     ours.add_argument("--no-progress", action="store_true")
+    ours.add_argument("--attn-impl", choices=ATTN_IMPLS, default="sdpa",
+                      help="text-tower attention: sdpa (fused, default) or upstream (cn_clip's own, to compare)")
     return p
 
 
@@ -80,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         text_batch_size=args.text_batch_size, img_batch_size=args.img_batch_size,
         num_workers=args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1)),
         cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()),
-        progress=not args.no_progress))
+        progress=not args.no_progress, attn_impl=args.attn_impl))
 
 
 if __name__ == "__main__":

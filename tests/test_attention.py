@@ -1,7 +1,9 @@
 """cn_clip_patch.attention: SDPA text tower == upstream's BERT attention; the ViT already reaches SDPA.
 
 Oracles are upstream's own forward on the same model object (the patch switched off), compared in
-float32 to ~1e-5, and torch's profiler for which attention op actually runs.
+float32 to ~1e-5, and torch's profiler for which attention op actually runs. The patch's own tests
+start from upstream's attention (``attn_impl="upstream"``: models are built on SDPA by default);
+the tests at the end check that default and the ``--attn-impl`` switch of the tools.
 """
 import copy
 import os
@@ -18,6 +20,14 @@ from solution.model import ModelConfig, build_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SDPA_OP = "aten::scaled_dot_product_attention"
+UP = "upstream"
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    """conftest's tiny model, on upstream's attention: the patch's referee starts from upstream."""
+    torch.manual_seed(0)
+    return build_model(tiny_config, attn_impl=UP)
 
 
 def _tokens(lengths=(5, 12, 3, 9), width=None, seed=1):
@@ -122,7 +132,7 @@ def test_attention_dropout_is_applied_with_upstream_semantics():
     """Train mode, p > 0: outputs are random and differ from eval; samples have upstream's mean and spread."""
     torch.manual_seed(0)
     cfg = ModelConfig("ViT-Tiny", "RBT-Tiny")
-    mod = build_model(cfg).bert.encoder.layer[0].attention.self
+    mod = build_model(cfg, attn_impl=UP).bert.encoder.layer[0].attention.self
     mod.dropout.p = 0.3
     x = torch.randn(2, 8, cfg.model_info["text_hidden_size"], generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(2, 1, 1, 8)
@@ -193,7 +203,7 @@ def test_vision_tower_already_reaches_sdpa_and_is_untouched(tiny_model, train):
 
 def test_undo_restores_upstream_exactly_and_nothing_global_changes(tiny_config):
     torch.manual_seed(0)
-    model, other = build_model(tiny_config).eval(), build_model(tiny_config).eval()
+    model, other = build_model(tiny_config, attn_impl=UP).eval(), build_model(tiny_config, attn_impl=UP).eval()
     upstream_forward = BertSelfAttention.forward
     tokens = _tokens()
     keys = list(model.state_dict())
@@ -228,7 +238,7 @@ def test_context_manager_restores_even_on_error_and_keeps_prior_state(tiny_model
 @pytest.mark.parametrize("order", ["lora-then-sdpa", "sdpa-then-lora"])
 def test_lora_wrapped_towers_still_equal(tiny_config, order):
     torch.manual_seed(0)
-    model = build_model(tiny_config)
+    model = build_model(tiny_config, attn_impl=UP)
     if order == "sdpa-then-lora":
         use_sdpa(model)
     inject_lora(model, {"rank": 4, "alpha": 8.0, "dropout": 0.0})
@@ -249,7 +259,7 @@ def test_lora_wrapped_towers_still_equal(tiny_config, order):
 
 def test_real_roberta_base_text_config_equals_upstream():
     torch.manual_seed(0)
-    model = build_model(ModelConfig("ViT-Tiny", "RoBERTa-wwm-ext-base-chinese")).eval()
+    model = build_model(ModelConfig("ViT-Tiny", "RoBERTa-wwm-ext-base-chinese"), attn_impl=UP).eval()
     tokens = _tokens((14, 7), seed=5)
     ref = _text_run(model, tokens)
     with sdpa_attention(model):
@@ -280,3 +290,80 @@ def test_deepcopy_keeps_the_switch(tiny_model):
     assert sdpa_enabled(clone)
     use_sdpa(clone, False)
     assert sdpa_enabled(tiny_model) and not sdpa_enabled(clone)
+
+
+# --- The switch in the toolkit: SDPA by default everywhere a model is built, --attn-impl to compare ---------------
+
+
+def test_tools_default_to_sdpa_and_refuse_an_unknown_impl(tiny_config, capsys):
+    from solution.features import main as features_main
+    from solution.model import ATTN_IMPLS, meta_model, set_attn_impl
+    from solution.training.config import parse_args
+
+    assert ATTN_IMPLS == ("sdpa", "upstream")
+    assert sdpa_enabled(build_model(tiny_config)) and not sdpa_enabled(build_model(tiny_config, attn_impl=UP))
+    assert sdpa_enabled(meta_model(tiny_config)) and not sdpa_enabled(meta_model(tiny_config, attn_impl=UP))
+    with pytest.raises(Exception, match="unknown attention implementation 'flash'"):
+        set_attn_impl(build_model(tiny_config), "flash")
+    assert parse_args(["--train-data", "x"]).attn_impl == "sdpa"
+    assert parse_args(["--train-data", "x", "--attn-impl", "upstream"]).attn_impl == "upstream"
+    for argv in (["--train-data", "x", "--attn-impl", "flash"], ["--resume", "x.pt", "--attn-impl", "flash"]):
+        parse = parse_args if argv[0] == "--train-data" else features_main
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        assert e.value.code == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error") or ": error:" in line]
+        assert len(err) == 1 and "--attn-impl" in err[0] and "invalid choice: 'flash'" in err[0], err
+
+
+def test_features_with_both_impls_are_equal(tmp_path, tiny_config):
+    import numpy as np
+
+    from solution.features import main as features_main
+    from solution.model import save_checkpoint
+
+    texts = ["红色连衣裙", "一只白色的猫在沙发上睡觉", "鞋", "蓝色 牛仔裤 男款 修身 直筒"]
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(f'{{"text_id": {i}, "text": "{t}"}}\n' for i, t in enumerate(texts)), encoding="utf-8")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model(tiny_config).state_dict(), tiny_config, epoch=1, step=1)
+    feats = {}
+    for impl in ("sdpa", UP):
+        out = tmp_path / impl / "txt.npy"
+        features_main(["--extract-text-feats", "--text-data", str(data), "--resume", str(ckpt),
+                       "--text-feat-output-path", str(out), "--precision", "fp32", "--device", "cpu",
+                       "--num-workers", "0", "--no-progress", "--no-cache", "--attn-impl", impl])
+        feats[impl] = np.load(out)
+    assert feats["sdpa"].shape == (len(texts), tiny_config.model_info["embed_dim"])
+    np.testing.assert_allclose(feats["sdpa"], feats[UP], atol=1e-5, rtol=0)
+    assert not np.array_equal(feats["sdpa"], np.zeros_like(feats["sdpa"]))
+
+
+def test_training_with_both_impls_ends_at_the_same_weights(tmp_path, monkeypatch):
+    import solution.training.setup as setup
+    from solution.model import read_checkpoint
+    from solution.training.trainer import main as train_main
+    from train_helpers import make_data, tiny_argv
+
+    built = []  # the model the trainer builds, per run: its attention must be the one asked for
+    real = setup.build_model
+    monkeypatch.setattr(setup, "build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    train, _ = make_data(tmp_path / "data", per_colour_train=2, per_colour_valid=1, colours=4)
+    final = {}
+    for impl in ("sdpa", UP):
+        train_main(tiny_argv(train, None, tmp_path / "logs", name=impl, max_steps=2, seed=3, attn_impl=impl))
+        ckpt = read_checkpoint(tmp_path / "logs" / impl / "checkpoints" / "epoch_latest.pt")
+        assert ckpt["step"] == 2
+        final[impl] = ckpt["state_dict"]
+    assert [sdpa_enabled(m) for m in built] == [True, False]
+    assert final["sdpa"].keys() == final[UP].keys()
+    for k, v in final["sdpa"].items():
+        torch.testing.assert_close(v, final[UP][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_attn_impl_is_a_harmless_flag_on_resume():
+    from solution.training.guard import HARMLESS, training_flags
+
+    assert "attn_impl" in HARMLESS  # a resume under the other impl is logged, not refused
+    base = {"lr": 1e-3, "attn_impl": "sdpa"}
+    assert training_flags(base) == training_flags({**base, "attn_impl": "upstream"})

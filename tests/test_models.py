@@ -116,3 +116,19 @@ def test_meta_model_and_template_match_the_built_model(tiny_config, tiny_model):
     with torch.no_grad():
         assert torch.equal(meta.eval().encode_image(images), tiny_model.eval().encode_image(images))
 
+
+
+def test_models_are_built_and_loaded_on_sdpa_attention_by_default(tmp_path, tiny_config, tiny_model):
+    from cn_clip_patch.attention import sdpa_enabled
+    from solution.model import ATTN_IMPLS, build_model
+
+    assert ATTN_IMPLS == ("sdpa", "upstream")
+    assert sdpa_enabled(tiny_model) and not sdpa_enabled(build_model(tiny_config, attn_impl="upstream"))
+    assert sdpa_enabled(meta_model(tiny_config)) and not sdpa_enabled(meta_model(tiny_config, attn_impl="upstream"))
+    path = save_checkpoint(tmp_path / "a.pt", tiny_model.state_dict(), tiny_config, epoch=1, step=1)
+    sdpa, _, _ = load_model(path)
+    upstream, _, _ = load_model(path, attn_impl="upstream")
+    assert sdpa_enabled(sdpa) and not sdpa_enabled(upstream)
+    assert sdpa.state_dict().keys() == upstream.state_dict().keys() == tiny_model.state_dict().keys()
+    with pytest.raises(SolutionError, match="unknown attention implementation 'flash': use one of sdpa, upstream"):
+        load_model(path, attn_impl="flash")

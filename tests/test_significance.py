@@ -201,3 +201,48 @@ def test_compare_reads_an_ensemble_folder_with_its_members_as_references(tmp_pat
     expected = paired_bootstrap(fused, member_hits[0])
     assert cells["vs_ref"] == 25.0 == expected.diff
     assert (cells["ci_low"], cells["ci_high"]) == (expected.low, expected.high) and cells["ci_low"] >= 0
+
+
+def _trained_run(folder, rows_hits, ids=IDS):
+    """A run folder as the trainer writes it: one main-set valid row per hits array, the new bests
+    naming ``hits/best.hits.npy`` (holding the last of them), the others without the key."""
+    folder.mkdir(parents=True)
+    rows, best = [], None
+    for i, h in enumerate(rows_hits):
+        mr = mean_recall(h)
+        row = {"step": 10 * (i + 1), "epoch": i + 1, "kind": "valid", "set": "valid", "r1": mr, "r5": mr, "r10": mr,
+               "mean_recall": mr}
+        if best is None or mr > best:
+            best = mr
+            write_hits(folder / "hits" / "best", ids, h)
+            row["hits"] = "hits/best.hits.npy"
+        rows.append(row)
+    write_jsonl(folder / "metrics.jsonl", rows)
+    write_json(folder / "params.json", {"lr": 1e-5})
+    return folder
+
+
+def test_compare_gives_runs_intervals_the_best_run_is_the_reference(tmp_path):
+    worse = REF.copy()
+    worse[:4] = False
+    _trained_run(tmp_path / "a", [worse, REF, worse])  # best at its second validation
+    _trained_run(tmp_path / "b", [np.zeros_like(REF), worse])
+    _run(tmp_path / "old", 10.0)  # a run folder from before hits were stored
+    text = compare_cli.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "old"), "--csv", "--no-plot"])
+    df = pd.read_csv(io.StringIO(text))
+    rows = {n.rstrip("/").split("/")[-1]: r for n, r in zip(df["name"], df.to_dict("records"))}
+    assert (rows["a"]["vs_ref"], rows["a"]["ci_low"], rows["a"]["ci_high"]) == (0.0, 0.0, 0.0)
+    assert rows["a"]["note"] == "reference (best single model)" and rows["a"]["mean_recall"] == mean_recall(REF)
+    assert rows["b"]["vs_ref"] == -50.0 and rows["b"]["ci_high"] <= 0 and rows["b"]["ci_low"] <= rows["b"]["ci_high"]
+    assert rows["b"]["note"].startswith("vs ") and rows["b"]["note"].endswith("a")
+    assert pd.isna(rows["old"]["vs_ref"]) and rows["old"]["note"] == "no per-query hits stored"
+
+
+def test_run_hits_that_do_not_match_the_best_row_are_left_out(tmp_path, caplog):
+    run = _trained_run(tmp_path / "a", [REF])
+    write_hits(run / "hits" / "best", IDS, np.zeros_like(REF))  # left by a validation a resume dropped
+    entry = runs.read_run(run, "a")
+    assert entry.hits is None and entry.hits_note == "per-query hits do not match the row"
+    (run / "hits" / "best.hits.npy").unlink()
+    assert runs.read_run(run, "a").hits_note == "per-query hits file missing"
+    assert "per-query hits" in caplog.text

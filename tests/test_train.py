@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,31 @@ def test_official_checkpoint_of_full_size_architecture_loads(tmp_path):
     with pytest.raises(SolutionError, match="ViT-B-16@RoBERTa-wwm-ext-base-chinese.*ViT-Tiny@RBT-Tiny"):
         cfg = resolve(args, start, world=1, train_pairs=640, device="cpu")
         build(cfg.model_config, start, seed=cfg.seed)
+
+
+def test_best_validation_stores_its_per_query_hits(stage1, data):
+    """Each new best main-set row names ``hits/best.hits.npy``; the file holds the best row's queries
+    and hits, whose mean recall is that row's exactly; the comparison reads them for the run."""
+    from solution.data.lmdb_io import LMDBSplit
+    from solution.formats.hits import read_hits
+    from solution.report.runs import read_run
+    from solution.retrieval.encode import split_queries
+    from solution.retrieval.stats import mean_recall
+
+    run = Path(stage1["run_dir"])
+    valid = [r for r in _rows(run, "valid") if r["set"] == "valid"]
+    assert len(valid) >= 2
+    running, named = None, []
+    for r in valid:  # exactly the rows that beat every earlier one name the file; the others are unchanged
+        new_best = running is None or r["mean_recall"] > running
+        running = r["mean_recall"] if new_best else running
+        assert ("hits" in r) == new_best and r.get("hits", "hits/best.hits.npy") == "hits/best.hits.npy"
+        named += [r] if new_best else []
+    best = max(valid, key=lambda r: r["mean_recall"])
+    assert named[-1] is best
+    ids, hits = read_hits(run / "hits" / "best.hits.npy")
+    assert hits.shape == (len(ids), 3) and sorted(ids.tolist()) == sorted(split_queries(LMDBSplit(data[1])).text_ids)
+    assert mean_recall(hits) == best["mean_recall"] == stage1["best"]["mean_recall"]
+    assert "hits" not in stage1["best"]  # the best record (best.pt, train state) keeps its keys
+    entry = read_run(run, "full")
+    assert entry.hits_note == "" and np.array_equal(entry.hits[1], hits) and entry.scores["mean_recall"] == running

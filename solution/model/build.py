@@ -7,6 +7,11 @@ Every consumer (training, features, soup) checks weights the same way, each fail
 :func:`load_weights` runs it) and :func:`check_finite` (no NaN/Inf). :func:`load_model` does all
 of it for one checkpoint file. :func:`meta_model` is the one place a model is built on the meta
 device (no memory); :func:`model_template` holds its names and shapes.
+
+Attention: every model built here runs its text tower's self-attention through
+``scaled_dot_product_attention`` (:mod:`cn_clip_patch.attention`, equal to upstream within float
+rounding) unless ``attn_impl="upstream"`` (upstream's hand-written attention) is asked for; see
+:data:`ATTN_IMPLS` and :func:`set_attn_impl`. The vision tower reaches SDPA either way.
 """
 from __future__ import annotations
 
@@ -24,21 +29,37 @@ from .registry import ModelConfig
 
 log = logging.getLogger(__name__)
 
+ATTN_IMPLS = ("sdpa", "upstream")  # the text tower's attention: fused SDPA (default) or upstream's own
 
-def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A randomly initialised fp32 cn_clip ``CLIP`` (upstream class, unmodified)."""
+
+def set_attn_impl(model: torch.nn.Module, attn_impl: str = "sdpa") -> torch.nn.Module:
+    """Switch ``model``'s text-tower attention to ``attn_impl`` (one of :data:`ATTN_IMPLS`) in place.
+
+    Per model instance (:func:`cn_clip_patch.attention.use_sdpa`): parameters, state-dict keys
+    and other models are unchanged. Returns the model."""
+    if attn_impl not in ATTN_IMPLS:
+        raise SolutionError(f"unknown attention implementation {attn_impl!r}: use one of {', '.join(ATTN_IMPLS)}")
+    from cn_clip_patch.attention import use_sdpa
+
+    use_sdpa(model, attn_impl == "sdpa")
+    return model
+
+
+def build_model(config: ModelConfig, device: str | torch.device = "cpu", attn_impl: str = "sdpa") -> torch.nn.Module:
+    """A randomly initialised fp32 cn_clip ``CLIP`` (upstream class), its text attention on ``attn_impl``."""
     from cn_clip.clip.model import CLIP
 
-    model = CLIP(**config.model_info)
+    model = set_attn_impl(CLIP(**config.model_info), attn_impl)
     return model.to(device)
 
 
-def meta_model(config: ModelConfig) -> torch.nn.Module:
-    """``config``'s ``CLIP`` on the meta device: every tensor's name and shape, no memory, no init.
+def meta_model(config: ModelConfig, attn_impl: str = "sdpa") -> torch.nn.Module:
+    """``config``'s ``CLIP`` on the meta device: every tensor's name and shape, no memory, no init;
+    its text attention on ``attn_impl``.
 
     Give it storage with ``to_empty(device=...)`` and then load weights, or load them with
     ``load_state_dict(..., assign=True)``."""
-    return _meta_clip(config.model_info)
+    return set_attn_impl(_meta_clip(config.model_info), attn_impl)
 
 
 def _meta_clip(info: Mapping) -> torch.nn.Module:
@@ -135,14 +156,16 @@ def load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], config:
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k in own})
 
 
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", **overrides) -> tuple[torch.nn.Module, ModelConfig, dict]:
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", attn_impl: str = "sdpa",
+               **overrides) -> tuple[torch.nn.Module, ModelConfig, dict]:
     """Build the model a checkpoint describes and load its weights: ``(model, config, checkpoint)``.
 
-    Every check of :func:`~solution.model.checkpoint.resolve_config` (names against the registry)
-    and :func:`load_weights` (shapes against the built model, finite weights) applies.
+    The text tower's attention runs on ``attn_impl`` (:data:`ATTN_IMPLS`). Every check of
+    :func:`~solution.model.checkpoint.resolve_config` (names against the registry) and
+    :func:`load_weights` (shapes against the built model, finite weights) applies.
     """
     ckpt = read_checkpoint(path)
     config = resolve_config(ckpt, source=str(path), **overrides)
-    model = build_model(config)
+    model = build_model(config, attn_impl=attn_impl)
     load_weights(model, ckpt["state_dict"], config, str(path))
     return model.to(device), config, ckpt

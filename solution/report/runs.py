@@ -1,8 +1,10 @@
 """The one reader of result folders: training runs, soups and search studies, as table entries.
 
 - a training run directory: ``metrics.jsonl`` (:func:`solution.formats.runs.read_metrics`: a last
-  line torn by a kill is skipped with a warning) and ``params.json``
-  (:func:`solution.formats.runs.read_params`; unreadable means a warning and no settings);
+  line torn by a kill is skipped with a warning), ``params.json``
+  (:func:`solution.formats.runs.read_params`; unreadable means a warning and no settings) and the
+  per-query hits file its best main-set validation row names (``"hits"``, relative to the run;
+  kept only when their mean recall is that row's);
 - a soup folder: ``soup_log.jsonl`` (the ingredients, then one line per candidate) and, when
   present, ``summary.json`` (the chosen soup per method; unreadable means a warning and the soups
   are taken from the log); the per-query hits files they name (:mod:`solution.formats.hits`,
@@ -27,6 +29,7 @@ from solution.common import SolutionError
 from solution.formats.hits import read_hits
 from solution.formats.runs import METRICS, PARAMS, main_valid, parse_lines, read_metrics, read_params
 from solution.formats.trials import NAME as TRIALS_CSV, read_trials
+from solution.retrieval.stats import mean_recall
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +109,41 @@ def run_settings(run_dir: Path) -> dict:
     return {k: v for k, v in _flat(params).items() if k.split(".")[0] not in IGNORED_PARAMS}
 
 
+def _run_hits(run_dir: Path, best: dict | None, files: list) -> tuple[tuple | None, str]:
+    """The hits file the run's best row names (relative to the run): ``(hits, note)``; hits whose mean
+    recall is not the row's (a file left by a validation the resumed run dropped) are left out."""
+    rel = best.get("hits") if best else None
+    if not isinstance(rel, str) or not rel:
+        return None, "no per-query hits stored"
+    path = run_dir / rel
+    if not path.is_file():
+        log.warning("%s: per-query hits %s not found: no interval for this row", run_dir, rel)
+        return None, "per-query hits file missing"
+    try:
+        hits = read_hits(path)
+    except SolutionError as e:
+        log.warning("%s: no interval for this row", e)
+        return None, "per-query hits unreadable"
+    if len(hits[0]) == 0 or mean_recall(hits[1]) != best["mean_recall"]:
+        log.warning("%s: per-query hits do not give the row's mean recall: no interval for this row", path)
+        return None, "per-query hits do not match the row"
+    files.append(path)
+    return hits, ""
+
+
 def read_run(run_dir: Path, name: str, kind: str = "run", settings: dict | None = None) -> Entry:
-    """A run's best validation of the main set (scores and step), its curve and its settings."""
+    """A run's best validation of the main set (scores, step and per-query hits when that row names
+    them), its curve and its settings."""
     metrics, params = run_dir / METRICS, run_dir / PARAMS
     valid = [r for r in main_valid(read_metrics(metrics)) if isinstance(r["mean_recall"], (int, float))]
     best = max(valid, key=lambda r: r["mean_recall"]) if valid else None
     if settings is None:
         settings = run_settings(run_dir)
+    files = [f for f in (metrics, params) if f.is_file()]
+    hits, note = _run_hits(run_dir, best, files)
     return Entry(name, kind, {k: best.get(k) for k in SCORES} if best else {}, best.get("step") if best else None,
                  settings=settings, curve=[(r.get("step"), r["mean_recall"]) for r in valid],
-                 extra={"validations": len(valid)}, files=[f for f in (metrics, params) if f.is_file()])
+                 extra={"validations": len(valid)}, files=files, hits=hits, hits_note=note)
 
 
 def _soup_methods(rows: list[dict]) -> list[str]:

@@ -54,6 +54,7 @@ class Extraction:
     num_workers: int = 0
     cache_dir: str | None = None  # None: no image cache
     progress: bool = False
+    attn_impl: str = "sdpa"  # text-tower attention (solution.model.ATTN_IMPLS)
 
 
 def _inputs(job: Extraction) -> tuple[list[int] | None, list[str] | None, LMDBSplit | None]:
@@ -75,7 +76,7 @@ def _load(job: Extraction, precision: str):
     t0 = time.perf_counter()
     model, config, ckpt = load_model(job.resume, device=job.device, vision_model=job.vision_model,
                                      text_model=job.text_model, context_length=job.context_length,
-                                     text_prompt=job.prompt)
+                                     text_prompt=job.prompt, attn_impl=job.attn_impl)
     try:
         check_prompt(config.text_prompt, config.context_length)
     except PromptError as e:

@@ -31,6 +31,7 @@ from typing import Sequence
 from solution.common import SolutionError, read_yaml_mapping
 from solution.data.datasets import AUGMENTS
 from solution.formats.runs import MAIN_SET
+from solution.model import ATTN_IMPLS
 from solution.retrieval.precision import PRECISIONS
 
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-ratio", type=float, default=0.0, help="FLIP patch masking ratio for ViT (cn_clip).")
     g.add_argument("--grad-checkpointing", action="store_true", help="Recompute activations in backward.")
     g.add_argument("--use-flash-attention", action="store_true", help="cn_clip flag; not supported here (refused).")
+    g.add_argument("--attn-impl", choices=ATTN_IMPLS, default="sdpa",
+                   help="text-tower attention: sdpa (fused scaled_dot_product_attention, the default) or upstream "
+                        "(cn_clip's own; equal within float rounding, to compare)")
     g.add_argument("--use-bn-sync", action="store_true", help="SyncBatchNorm under DDP (ResNet).")
 
     g = p.add_argument_group("tuning")

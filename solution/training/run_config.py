@@ -79,6 +79,7 @@ class TrainConfig:
     mask_ratio: float
     grad_checkpointing: bool
     use_flash_attention: bool
+    attn_impl: str
     use_bn_sync: bool
     # tuning
     freeze_vision: bool

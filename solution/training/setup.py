@@ -113,10 +113,11 @@ def _tower_weights(path: str | None) -> dict | None:
 
 
 def build(config: ModelConfig, start: Start, *, seed: int, clip_weight_path: str | None = None,
-          bert_weight_path: str | None = None) -> nn.Module:
-    """The model on the CPU: weights loaded, tuning applied (LoRA injected, towers frozen)."""
+          bert_weight_path: str | None = None, attn_impl: str = "sdpa") -> nn.Module:
+    """The model on the CPU: weights loaded, tuning applied (LoRA injected, towers frozen), text
+    attention on ``attn_impl``."""
     torch.manual_seed(seed)
-    model = build_model(config, "cpu")
+    model = build_model(config, "cpu", attn_impl=attn_impl)
     if clip_weight_path or bert_weight_path:
         from cn_clip.clip.model import restore_model
 

@@ -7,6 +7,7 @@ Layout of ``{logs}/{name}/``::
     checkpoints/epoch_latest.pt     the above + "optimizer" + "train_state" (resumable)
     checkpoints/best.pt             weights of the best validation (main set mean recall)
     adapters/{same stem}.pt         LoRA runs: the adapter tensors alone
+    hits/best.hits.npy (+ .ids.npy) per-query hits of the best validation (:mod:`solution.formats.hits`)
     params.json                     the run's configuration (see :mod:`.run_config`)
     metrics.jsonl                   read and written through :mod:`solution.formats.runs`
     curves.png
@@ -101,6 +102,7 @@ class RunFiles:
         self.adapter_dir = self.run_dir / "adapters"
         self.latest = self.ckpt_dir / "epoch_latest.pt"
         self.best = self.ckpt_dir / "best.pt"
+        self.best_hits = self.run_dir / "hits" / "best.hits.npy"
         self.metrics = self.run_dir / METRICS
         self.params = self.run_dir / PARAMS
         self.plot = self.run_dir / "curves.png"

@@ -99,7 +99,7 @@ class Trainer:
                                                           cfg.allow_changed_flags))
         self.params = params_record(a, cfg, history)
         model = build(cfg.model_config, self.start, seed=cfg.seed, clip_weight_path=cfg.clip_weight_path,
-                      bert_weight_path=cfg.bert_weight_path)
+                      bert_weight_path=cfg.bert_weight_path, attn_impl=cfg.attn_impl)
         self.model = wrap(model, d, cfg.use_bn_sync)  # first on the device: a fused AdamW where it has one
         self.optimizer = make_optimizer(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, wd=cfg.wd)
         if d.world > 1:
