@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw and the folds")
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="amp",
+                   help="as features.py and predict --ensemble use, so selection scores the features the submission uses")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="image-feature cache ('' = off)")
     return p
