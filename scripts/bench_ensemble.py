@@ -7,7 +7,8 @@ features from ``.npy``, then times only the ranking and reports its own peak RSS
 and its RSS before ranking (modules + features loaded), so "extra" is the memory the ranking adds:
 
 - ours: ``solution.retrieval.fusion.fused_topk(norm="zscore")`` with the chunk size
-  ``predict --ensemble`` uses (:mod:`solution.ensembles.submit`);
+  ``predict --ensemble`` uses (:mod:`solution.ensembles.submit`: ``fusion_chunk`` for the
+  ``FUSION_MEMORY_MB`` budget, which bounds fusion's working set, so its "extra" should track it);
 - 3 x predict: ``solution.retrieval.rank.rank`` once per member (what one does before fusing);
 - numpy fusion: the straightforward way, a full ``[Q, G]`` float32 score matrix per member,
   z-score per row, weighted sum, ``argpartition`` + a stable ``argsort`` for the top-10.
@@ -76,15 +77,16 @@ def child(variant: str, workdir: Path, k: int) -> None:
     """Run one variant on the features in ``workdir``; print one JSON line; save its top-k indices."""
     import torch  # noqa: F401  (imported before the baseline RSS, like the variants need)
 
-    from solution.retrieval.fusion import fused_topk
-    from solution.retrieval.rank import DEFAULT_MEMORY_MB, auto_chunk, rank
+    from solution.retrieval.fusion import FUSION_MEMORY_MB, fused_topk, fusion_chunk
+    from solution.retrieval.rank import rank
 
     members = load(workdir)
     n_gallery = members[0][1].shape[0]
     before = rss_mb()
     t0 = time.perf_counter()
+    chunk = None
     if variant == "ours":
-        chunk = auto_chunk(n_gallery, DEFAULT_MEMORY_MB / (2 + len(members)))  # as predict --ensemble
+        chunk = fusion_chunk(n_gallery, FUSION_MEMORY_MB, "zscore")  # as predict --ensemble
         _, idx = fused_topk(members, k, np.asarray(WEIGHTS), norm="zscore", chunk_size=chunk)
     elif variant == "separate":
         ids = np.arange(n_gallery, dtype=np.int64)
@@ -94,7 +96,8 @@ def child(variant: str, workdir: Path, k: int) -> None:
     seconds = time.perf_counter() - t0
     np.save(workdir / f"top_{variant}.npy", idx)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": peak, "before_mb": before, "threads": torch.get_num_threads()}))
+    print(json.dumps({"seconds": seconds, "peak_mb": peak, "before_mb": before, "threads": torch.get_num_threads(),
+                      "chunk": chunk, "budget_mb": FUSION_MEMORY_MB}))
 
 
 def run_child(variant: str, workdir: Path, k: int) -> dict:
@@ -181,9 +184,11 @@ def main(argv=None) -> dict:
                      "extra_mem_ratio_over_numpy": extra / (base["peak_mb"] - base["before_mb"])})
     result = {"rows": rows, "texts": args.texts, "images": args.images, "dims": list(DIMS), "weights": list(WEIGHTS),
               "top_k": args.top_k, "repeats": args.repeats, "torch_threads": runs["ours"][0]["threads"],
+              "ours_chunk": runs["ours"][0]["chunk"], "ours_budget_mb": runs["ours"][0]["budget_mb"],
               "top10_check_vs_float64": check}
     print(f"{args.texts} texts x {args.images} images, members {'/'.join(map(str, DIMS))}-d, weights "
-          f"{'/'.join(map(str, WEIGHTS))}, z-score, top-{args.top_k}; median of {args.repeats} interleaved runs\n")
+          f"{'/'.join(map(str, WEIGHTS))}, z-score, top-{args.top_k}; median of {args.repeats} interleaved runs; "
+          f"ours: chunks of {result['ours_chunk']} queries for a {result['ours_budget_mb']} MB fusion budget\n")
     print("| variant | seconds | peak RSS MB | extra MB | time / numpy | extra mem / numpy |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -12,18 +12,24 @@ run the same weights. Measured, in interleaved rounds (order alternating), media
 - feature extraction: ``model.eval()`` + ``torch.no_grad()`` + ``encode_text``;
 - the self-attention modules alone (fwd+bwd, once per layer): the only code the switch changes.
 
+With ``--torchcompile``, a third variant: a copy of the model (same weights) on SDPA with its towers
+compiled by ``solution.retrieval.compiled.compile_towers`` (what ``--torchcompile`` runs: inductor),
+on the train step (configured dropout) and extraction; its first call (the compile) is printed
+apart and left out of the table, and its features' difference from upstream's is printed.
+
 Medians and best times are both printed: on a shared machine the best is the steadier figure.
 
 The max abs difference of the eval features (and of the last hidden state over real tokens)
 between the two is printed. No assertion on speed.
 
-    python scripts/bench_text_tower.py [--quick] [--batch 64] [--rounds 5] [--threads N]
+    python scripts/bench_text_tower.py [--quick] [--batch 64] [--rounds 5] [--threads N] [--torchcompile]
 
 (upstream/SDPA > 1 means SDPA is faster)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import random
 import statistics
@@ -122,6 +128,55 @@ def output_difference(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[flo
     return feat, hidden
 
 
+VARIANTS = ("upstream", "SDPA", "SDPA+compile")
+
+
+def _switch(models: dict, variant: str):
+    """The model object of ``variant`` with its attention set (upstream and SDPA share one object)."""
+    if variant == "SDPA+compile":
+        return models["compiled"]
+    use_sdpa(models["eager"], variant == "SDPA")
+    return models["eager"]
+
+
+def _compiled_copy(model: torch.nn.Module, device) -> torch.nn.Module:
+    """A copy of ``model`` (same weights) on SDPA with its towers compiled by ``--torchcompile``'s code (inductor)."""
+    from solution.retrieval.compiled import compile_towers
+
+    clone = copy.deepcopy(model)
+    use_sdpa(clone, True)
+    return compile_towers(clone, device)
+
+
+def _time_rounds(models, cases, variants, rounds) -> tuple[dict, dict]:
+    """Interleaved rounds (order rotating); round 0 warms up (and compiles) and is reported apart."""
+    times = {(c[0], v): [] for c in cases for v in variants}
+    warm = {}
+    for rnd in range(rounds + 1):
+        for what, fn, p, compiled_too in cases:
+            vs = [v for v in variants if compiled_too or v != "SDPA+compile"]
+            order = vs[rnd % len(vs):] + vs[:rnd % len(vs)]
+            for variant in order:
+                model = _switch(models, variant)
+                saved = set_dropout(model, p)
+                seconds = fn(model, tokens_of(models))
+                restore_dropout(model, saved)
+                if rnd:
+                    times[(what, variant)].append(seconds)
+                else:
+                    warm[(what, variant)] = seconds
+        if rnd:
+            log.info("round %d/%d: %s", rnd, rounds, ", ".join(
+                f"{w.split(',')[0].split(' (')[0]}{' d0' if p == 0.0 else ''} "
+                + "/".join(f"{times[(w, v)][-1]:.3f}" for v in variants if times[(w, v)]) + "s"
+                for w, _, p, _ in cases))
+    return times, warm
+
+
+def tokens_of(models):
+    return models["tokens"]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: RBT3-chinese, batch 8, 1 round")
@@ -129,6 +184,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=None, help="texts per batch (default 64, 8 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, 1 with --quick)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--torchcompile", action="store_true",
+                    help="also time our SDPA tower compiled (inductor) on the train step and extraction")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -148,42 +205,46 @@ def main(argv=None) -> None:
     log.info("%s, %d texts of %d-%d chars -> tokens %s (real tokens %d-%d), %d torch threads",
              text_model, batch, min(map(len, texts)), max(map(len, texts)), tuple(tokens.shape),
              int(lengths.min()), int(lengths.max()), torch.get_num_threads())
+    models = {"eager": model, "tokens": tokens}
+    variants = VARIANTS if args.torchcompile else VARIANTS[:2]
+    if args.torchcompile:
+        models["compiled"] = _compiled_copy(model, args.device)
 
     attn_p = model.bert_config.attention_probs_dropout_prob
-    cases = [(f"train step (fwd+bwd), dropout {attn_p:g}", train_step, None),
-             ("train step (fwd+bwd), dropout 0", train_step, 0.0),
-             ("feature extraction (no_grad fwd)", extract, None),
-             ("self-attention modules only, fwd+bwd x layers, dropout 0", attention_only, None)]
-    times: dict[tuple[str, bool], list[float]] = {(c[0], s): [] for c in cases for s in (False, True)}
-    for rnd in range(rounds + 1):  # round 0 warms up both paths and is discarded
-        for what, fn, p in cases:
-            saved = set_dropout(model, p)
-            order = (False, True) if rnd % 2 == 0 else (True, False)
-            for sdpa in order:
-                use_sdpa(model, sdpa)
-                seconds = fn(model, tokens)
-                if rnd:
-                    times[(what, sdpa)].append(seconds)
-            restore_dropout(model, saved)
-        use_sdpa(model, False)
-        if rnd:
-            log.info("round %d/%d: %s", rnd, rounds, ", ".join(
-                f"{w.split(',')[0].split(' (')[0]}{' d0' if p == 0.0 else ''} "
-                f"{times[(w, False)][-1]:.3f}/{times[(w, True)][-1]:.3f}s"
-                for w, _, p in cases))
+    cases = [(f"train step (fwd+bwd), dropout {attn_p:g}", train_step, None, True),
+             ("train step (fwd+bwd), dropout 0", train_step, 0.0, False),
+             ("feature extraction (no_grad fwd)", extract, None, True),
+             ("self-attention modules only, fwd+bwd x layers, dropout 0", attention_only, None, False)]
+    times, warm = _time_rounds(models, cases, variants, rounds)
     model.zero_grad(set_to_none=True)
     feat_diff, hidden_diff = output_difference(model, tokens)
-
     print(f"\n{text_model} text tower, random weights, {args.device} fp32, batch {batch} x {tokens.shape[1]} tokens, "
           f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds\n")
-    print("| case | upstream s (median / best) | SDPA s (median / best) | upstream/SDPA median | best |")
-    print("|---|---:|---:|---:|---:|")
-    for what, _, _ in cases:
-        up, ours = times[(what, False)], times[(what, True)]
-        mu, mo = statistics.median(up), statistics.median(ours)
-        print(f"| {what} | {mu:.3f} / {min(up):.3f} | {mo:.3f} / {min(ours):.3f} | {mu / mo:.2f}x "
-              f"| {min(up) / min(ours):.2f}x |")
-    print(f"\nmax |diff| eval features {feat_diff:.2e}, last hidden state (real tokens) {hidden_diff:.2e}")
+    print("| case | " + " | ".join(f"{v} s (median / best)" for v in variants) + " | "
+          + " | ".join(f"upstream/{v} median / best" for v in variants[1:]) + " |")
+    print("|---|" + "---:|" * (2 * len(variants) - 1))
+    for what, _, _, _ in cases:
+        cols, ratios = [], []
+        mu, bu = statistics.median(times[(what, "upstream")]), min(times[(what, "upstream")])
+        for v in variants:
+            t = times[(what, v)]
+            if not t:
+                cols.append("-")
+                ratios.append("-")
+                continue
+            cols.append(f"{statistics.median(t):.3f} / {min(t):.3f}")
+            if v != "upstream":
+                ratios.append(f"{mu / statistics.median(t):.2f}x / {bu / min(t):.2f}x")
+        print(f"| {what} | " + " | ".join(cols) + " | " + " | ".join(ratios) + " |")
+    print(f"\nmax |diff| eval features {feat_diff:.2e}, last hidden state (real tokens) {hidden_diff:.2e} (SDPA vs upstream)")
+    if args.torchcompile:
+        comp = models["compiled"]
+        comp.eval()
+        with torch.no_grad():
+            diff = (comp.encode_text(tokens) - model.eval().encode_text(tokens)).abs().max().item()
+        print(f"max |diff| eval features, SDPA+compile vs upstream: {diff:.2e}")
+        print("first call (compile included, not in the table): " + ", ".join(
+            f"{w.split(' (')[0]} {warm[(w, 'SDPA+compile')]:.1f} s" for w, _, _, c in cases if c))
 
 
 if __name__ == "__main__":

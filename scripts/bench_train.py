@@ -12,8 +12,14 @@ size, precision and AdamW settings, each starting from the same weights:
   ``time`` stamps of its metrics lines, the first (warm-up) step left out.
 - ``bare``: the same model, a plain forward + CLIP loss + backward + AdamW step on batches already
   in memory (our tokenisation): the floor any loop can reach. ``overhead`` = ours/bare - 1.
+- with ``--torchcompile``: ``ours+compile`` (the trainer with ``--torchcompile``; the seconds it logs as
+  ``compile_s`` inside the timed window are subtracted, the warm-up steps hold the first compile) and
+  ``bare+compile`` (the bare step with the towers compiled by the same code, warm-up = compile).
 
-    python scripts/bench_train.py [--quick] [--device cpu|cuda] [--steps 3] [--batch-size 8] [--out FILE]
+The variants run one after the other (upstream first), each once: on a shared machine run it
+twice or more and compare, and note the load.
+
+    python scripts/bench_train.py [--quick] [--device cpu|cuda] [--steps 3] [--batch-size 8] [--torchcompile] [--out FILE]
 """
 from __future__ import annotations
 
@@ -98,25 +104,35 @@ def run_upstream(model, sd, res: int, split: Path, a, device) -> float:
     return dt / a.steps
 
 
-def run_ours(ckpt: Path, split: Path, a, device, logs: Path) -> float:
+def run_ours(ckpt: Path, split: Path, a, device, logs: Path, extra: tuple = (), name: str = "ours") -> float:
     from solution.training.trainer import main
 
     argv = ["--train-data", str(split), "--resume", str(ckpt), "--reset-data-offset", "--reset-optimizer",
-            "--logs", str(logs), "--name", "ours", "--batch-size", str(a.batch_size),
+            "--logs", str(logs), "--name", name, "--batch-size", str(a.batch_size), *extra,
             "--max-steps", str(a.steps + a.warmup_steps),
             "--lr", "1e-5", "--warmup", "1", "--num-workers", "0", "--precision", a.precision, "--device", str(device),
             "--log-interval", "1", "--no-progress", "--no-plot", "--save-epoch-frequency", "0", "--valid-epoch-interval", "0"]
     main(argv)
-    rows = [json.loads(x) for x in open(logs / "ours" / "metrics.jsonl", encoding="utf-8")]
-    stamps = [r["time"] for r in rows if r["kind"] == "train"]
-    return (stamps[-1] - stamps[a.warmup_steps - 1]) / a.steps  # after the same warm-up as the others
+    rows = [json.loads(x) for x in open(logs / name / "metrics.jsonl", encoding="utf-8")]
+    train = [r for r in rows if r["kind"] == "train"]
+    stamps = [r["time"] for r in train]
+    compiling = sum(r.get("compile_s", 0.0) for r in train[a.warmup_steps:])  # a recompile in the timed steps
+    # after the same warm-up as the others
+    return (stamps[-1] - stamps[a.warmup_steps - 1] - compiling) / a.steps
 
 
-def run_bare(model, sd, config, split: Path, a, device) -> float:
+def run_bare(model, sd, config, split: Path, a, device, compile_model: bool = False) -> float:
     from solution.training.loaders import open_split, train_loader
 
     model.load_state_dict(sd)
     model.train()
+    if compile_model:
+        import copy
+
+        from solution.retrieval.compiled import CompileClock, compile_towers
+
+        model = compile_towers(copy.deepcopy(model), device)
+        clock = CompileClock()
     loader = train_loader(open_split(str(split), "bench"), resolution=config.image_resolution, augment="none",
                           context_length=52, prompt="", batch_size=a.batch_size, rank=0, world=1, seed=123, epoch=0,
                           start=0, stop=a.steps + a.warmup_steps, num_workers=0)
@@ -140,11 +156,14 @@ def run_bare(model, sd, config, split: Path, a, device) -> float:
     for images, tokens in batches[:a.warmup_steps]:  # warm-up
         step(images, tokens)
     _sync(device)
+    if compile_model:
+        print(f"bare+compile: warm-up compile {clock.lap():.1f} s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     for images, tokens in batches[a.warmup_steps:]:
         step(images, tokens)
     _sync(device)
-    return (time.perf_counter() - t0) / (len(batches) - a.warmup_steps)
+    spent = clock.lap() if compile_model else 0.0  # a recompile in the timed steps (a new text length)
+    return (time.perf_counter() - t0 - spent) / (len(batches) - a.warmup_steps)
 
 
 def main(argv=None) -> dict:
@@ -157,6 +176,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", choices=["fp32", "amp"], default=None, help="default fp32 on CPU, amp on CUDA")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--torchcompile", action="store_true", help="also ours and bare with the towers compiled (inductor)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -180,21 +200,31 @@ def main(argv=None) -> dict:
         print(f"upstream: {t['upstream']:.3f} s/step", file=sys.stderr, flush=True)
         t["bare"] = run_bare(model, sd, config, split, a, device)
         print(f"bare: {t['bare']:.3f} s/step", file=sys.stderr, flush=True)
+        if a.torchcompile:
+            t["bare+compile"] = run_bare(model, sd, config, split, a, device, compile_model=True)
+            print(f"bare+compile: {t['bare+compile']:.3f} s/step", file=sys.stderr, flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
         t["ours"] = run_ours(ckpt, split, a, device, tmp / "logs")
+        print(f"ours: {t['ours']:.3f} s/step", file=sys.stderr, flush=True)
+        if a.torchcompile:
+            t["ours+compile"] = run_ours(ckpt, split, a, device, tmp / "logs", ("--torchcompile",), "ours_compile")
     res = {"model": config.arch, "device": str(device), "precision": a.precision, "batch_size": a.batch_size,
            "steps": a.steps, "warmup_steps": a.warmup_steps, "threads": torch.get_num_threads(),
            **{f"{k}_s_per_step": v for k, v in t.items()},
            **{f"{k}_pairs_per_s": a.batch_size / v for k, v in t.items()},
-           "speedup_vs_upstream": t["upstream"] / t["ours"], "ours_overhead_vs_bare": t["ours"] / t["bare"] - 1}
+           "speedup_vs_upstream": t["upstream"] / t["ours"], "ours_overhead_vs_bare": t["ours"] / t["bare"] - 1,
+           **({"compiled_speedup_vs_upstream": t["upstream"] / t["ours+compile"]} if a.torchcompile else {})}
     print(f"training step, {config.arch}, {device} {a.precision}, batch {a.batch_size}, {a.steps} timed steps")
     print(f"{'':10s} {'s/step':>9s} {'pairs/s':>9s}")
-    for k in ("upstream", "ours", "bare"):
-        print(f"{k:10s} {t[k]:9.3f} {a.batch_size / t[k]:9.2f}")
+    for k in t:
+        print(f"{k:12s} {t[k]:9.3f} {a.batch_size / t[k]:9.2f}   {t['upstream'] / t[k]:.2f}x upstream")
     print(f"ours/upstream throughput ratio: {res['speedup_vs_upstream']:.2f}x; "
           f"our loop's overhead over a bare step: {100 * res['ours_overhead_vs_bare']:+.1f}%")
+    if a.torchcompile:
+        print(f"ours+compile/upstream throughput ratio: {res['compiled_speedup_vs_upstream']:.2f}x (compile time "
+              "left out: it is logged by the trainer)")
     if a.out:
         write_json(a.out, res)
     return res

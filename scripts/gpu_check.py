@@ -9,10 +9,12 @@ tiny sizes, well under a minute on a CPU):
   bare steps on batches in memory: upstream's step (hand-written BERT attention, texts padded to
   52, plain AdamW) beside ours with fp16 AMP (SDPA text tower, texts cut to the longest, fused
   AdamW on CUDA), bf16, LoRA, gradient checkpointing (upstream: its own ``set_grad_checkpointing``)
-  and ``torch.compile`` (compile time logged, kept out of the step time);
+  and ``--torchcompile``'s ``compile_towers`` (compile time logged, kept out of the step time; on a CPU
+  with the ``eager`` backend: graph capture only);
 - 2-process DDP of our trainer when two GPUs exist (a ``skipped`` line otherwise);
 - feature extraction images/s and texts/s: ``solution.features`` beside cn_clip's
-  ``extract_features.py`` (run through ``cn_clip_patch.device.on_device``);
+  ``extract_features.py`` (run through ``cn_clip_patch.device.on_device``), and again with
+  ``--torchcompile`` (its compile seconds left out of the rate, shown in the note);
 - predict at MUGE scale (5,008 x 29,806 random features): ``solution.predict`` beside a plain torch
   matmul + topk;
 - a soup of two ViT-H-14 checkpoints (random weights): ``solution.soup`` beside loading both and
@@ -54,6 +56,7 @@ from cn_clip_patch.device import on_device, run_upstream_main  # noqa: E402
 from cn_clip_patch.tuning import apply_tuning, grad_checkpointing, tuning_recipe  # noqa: E402
 from solution.common import autocast_context, resolve_device, write_json  # noqa: E402
 from solution.model import ModelConfig, build_model  # noqa: E402
+from solution.retrieval.compiled import compile_towers  # noqa: E402
 from solution.training.step import clip_loss  # noqa: E402
 
 log = logging.getLogger("gpu_check")
@@ -113,6 +116,11 @@ class Report:
             note = f" ({r['note']})" if r["note"] else ""
             lines.append(f"| {r['case']}{note} | {r['ours']:.4g} {r['unit']} | {up} | {ratio} | {peak} |")
         (out / "GPU.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def compile_backend(device) -> str:
+    """inductor on a GPU (what --torchcompile runs); on a CPU eager (graph capture only: seconds, not minutes)."""
+    return "inductor" if device.type == "cuda" else "eager"
 
 
 def sync(device):
@@ -226,7 +234,7 @@ def train_case(report, arch, config, sd, device, a, batch):
     up = report.case(f"train {arch} upstream step", lambda r: step_time(variant(config, sd, device, "upstream"),
                                                                           up_data, device, amp, a.warmup))
     up_ck = report.case(f"train {arch} upstream grad checkpointing", _upstream_ckpt, config, sd, device, a, up_data, amp)
-    backend = "inductor" if device.type == "cuda" else "eager"  # eager on CPU: graph capture only, in seconds
+    backend = compile_backend(device)
     cases = [("amp", "ours", amp, up), ("bf16", "ours", "bf16", up), ("LoRA", "lora", amp, up),
              ("grad checkpointing", "ckpt", amp, up_ck), ("torch.compile", "compile", amp, up)]
     fixed = batches(config, batch, n, device, pad_to=18)  # one text length: no recompiles inside the timed steps
@@ -246,8 +254,8 @@ def _our_step(report, case, config, sd, device, a, data, kind, precision, ref, n
     if ref is None:
         raise RuntimeError("upstream's step failed; nothing to compare with")
     model = variant(config, sd, device, kind)
-    if kind == "compile":
-        model = torch.compile(model, backend="inductor" if device.type == "cuda" else "eager")  # time: warm-up log
+    if kind == "compile":  # --torchcompile's own code (both towers in place); its time: the warm-up log line
+        compile_towers(model, device, compile_backend(device))
     with grad_checkpointing(model) if kind == "ckpt" else contextlib.nullcontext():
         s, peak = step_time(model, data, device, precision, a.warmup, fused=True)
     batch = len(data[0][1])
@@ -386,6 +394,15 @@ def features_case(report, device, a, tmp: Path):
     peak, note = (to.peak_gib, tu.peak_gib), f"{config.arch}, {precision}"
     report.add("features images/s", a.images / r["image"]["seconds"], a.images / up_image, "images/s", peak, note)
     report.add("features texts/s", a.texts / r["text"]["seconds"], a.texts / up_text, "texts/s", peak, note)
+    with timed(device) as tc:  # --torchcompile: its compile seconds logged and left out of the rates
+        c = features_main([*common, "--device", str(device), "--no-progress", "--no-cache", "--torchcompile",
+                           "--torchcompile-backend", compile_backend(device), "--text-feat-output-path",
+                           str(d / "txt_c.npy"), "--image-feat-output-path", str(d / "img_c.npy")])
+    for kind, n, up in (("image", a.images, up_image), ("text", a.texts, up_text)):
+        spent = c[kind]["compile_seconds"]
+        report.add(f"features {kind}s/s, torch.compile", n / max(c[kind]["seconds"] - spent, 1e-9), n / up,
+                   f"{kind}s/s", (tc.peak_gib, tu.peak_gib),
+                   f"{note}, {compile_backend(device)}, compile {spent:.1f} s left out")
 
 
 def predict_case(report, device, a, tmp: Path):

@@ -5,7 +5,8 @@
 queries with its own config (gallery features through the image cache); scores are normalised per
 query (``--norm``) and summed with weights chosen by greedy forward selection with replacement
 (Caruana et al. 2004) or fixed by ``--weights``; each ``--rerank`` method is kept only when it
-strictly improves the selection score. ``--select-split F`` chooses on a fraction of the queries
+strictly improves the selection score (``--rerank flip``: flip test-time augmentation of the image
+features, kept the same way). ``--select-split F`` chooses on a fraction of the queries
 and reports the rest; ``--folds K`` cross-fits the choice. The folder is described in
 :mod:`solution.ensembles.run`; submit with ``predict.sh --ensemble OUT/ensemble.json``.
 """
@@ -21,7 +22,7 @@ from solution.ensembles.members import Encoding
 from solution.ensembles.run import EnsembleOptions, make_ensemble
 from solution.retrieval.cache import default_cache_dir
 from solution.retrieval.fusion import NORMS, RERANKERS
-from solution.retrieval.precision import PRECISIONS
+from solution.retrieval.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="fixed member weights (no selection)")
     p.add_argument("--norm", choices=NORMS, default="zscore", help="per-query normalisation of each member's scores")
-    p.add_argument("--rerank", default="none", help=f"comma-separated re-rankers to try: {', '.join(RERANKERS)}")
+    p.add_argument("--rerank", default="none",
+                   help=f"comma-separated re-rankers to try: {', '.join(RERANKERS)}, and flip (test-time "
+                        "augmentation: each gallery averaged with its horizontally flipped images' features)")
     p.add_argument("--bank", metavar="JSONL", help="texts JSONL for qb_norm's query bank (e.g. training texts)")
     p.add_argument("--bank-topk", type=int, default=None, help="qb_norm: dynamic inverted softmax's top-k")
     p.add_argument("--select-split", type=float, metavar="FRACTION",
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw and the folds")
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="amp",
+    p.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="amp", metavar=PRECISION_METAVAR,
                    help="as features.py and predict --ensemble use, so selection scores the features the submission uses")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="image-feature cache ('' = off)")
@@ -58,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         select_split=a.select_split, folds=a.folds, seed=a.seed, max_rounds=a.max_rounds,
         encoding=Encoding(a.device, a.precision, a.batch_size, a.cache_dir or None),
         command=("python", "-m", "solution.ensemble", *argv)))
-    print(json.dumps({"output": a.output, "weights": spec["weights"], "rerank": spec["rerank"]["method"],
+    print(json.dumps({"output": a.output, "weights": spec["weights"], "tta": spec["tta"],
+                      "rerank": spec["rerank"]["method"],
                       "scores": {k: (v or {}).get("mean_recall") for k, v in spec["scores"].items() if k != "members"}}))
     return spec
 

@@ -6,8 +6,9 @@
 feature files, validation score, command). The work: :func:`solution.retrieval.rank.predict`.
 
 ``--ensemble ensembles/NAME/ensemble.json --image-data DIR/lmdb/test/imgs --text-data test_texts.jsonl``
-replaces the two feature files: every member encodes the data (images through the cache) and the
-scores are fused in query chunks (:func:`solution.ensembles.submit.predict_ensemble`).
+replaces the two feature files: every member encodes the data (images through the cache; with the
+ensemble's flip TTA, the flipped images too) and the scores are fused in query chunks
+(:func:`solution.ensembles.submit.predict_ensemble`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from solution.common import SolutionError, resolve_device, run_cli
 from solution.ensembles.members import Encoding
 from solution.ensembles.submit import EnsemblePrediction, predict_ensemble
 from solution.retrieval.cache import default_cache_dir
+from solution.retrieval.fusion import FUSION_MEMORY_MB
 from solution.retrieval.manifest import parse_score
 from solution.retrieval.rank import DEFAULT_MEMORY_MB, DIRECTIONS, Prediction, predict
 
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="t2i: a line per text ranking images (MUGE); i2t: a line per image ranking texts")
     p.add_argument("--device", default="auto")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help=f"queries per matrix product (default: what fits in {DEFAULT_MEMORY_MB} MiB of scores)")
+                   help=f"queries per matrix product (default: what fits in {DEFAULT_MEMORY_MB} MiB of scores; "
+                        f"--ensemble: fusion's working set in {FUSION_MEMORY_MB} MiB)")
     p.add_argument("--eval-batch-size", type=int, default=None,
                    help="cn_clip's flag, accepted for compatibility; the chunking here is over queries (--chunk-size)")
     p.add_argument("--valid-score", default=None,

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "'{split}' in the name = one file per split")
     p.add_argument("--images-dir", help="format 3: folder of images (paths in --captions/--csv are relative to it)")
     p.add_argument("--captions", help="format 3: JSON lines {image, text[, text_id, image_id, split]}")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is one only when stderr is a terminal)")
     return p
 
 

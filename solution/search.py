@@ -22,6 +22,9 @@ Config (YAML)::
     pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 0}   # or hyperband / none
     sampler: {name: tpe, seed: null, n_startup_trials: 4}            # or random
     mode: inprocess            # or subprocess (a clean child per trial; torchrun_nproc: N)
+    gpus_per_trial: 0          # N > 0: each running trial leases N GPUs of its own (see below)
+    gpus: null                 # the GPUs to lease from, e.g. "0,1,2,3" (null: CUDA_VISIBLE_DEVICES or all)
+    gpu_lease_dir: null        # lease folder of the node (null: {tmp}/solution-gpu-leases-UID)
     report_at: step            # x axis for the pruner: step | epoch (when batch size varies; then
                                # validate per epoch only: a second validation in an epoch is not reported)
     enqueue: [{lr: 1.0e-4}]    # trials to run first (e.g. the default settings); skipped once present
@@ -51,6 +54,14 @@ FAIL, not counted, and its parameters re-queued once (solution.studies.storage):
 RDB, after the grace period, from any machine; by process check on this host for a journal. A
 worker that reaches ``n_trials`` waits for the running trials of the others before it exits.
 
+GPUs: with ``gpus_per_trial: N`` each trial leases N GPUs for as long as it runs (an ``flock`` per
+GPU in the node's lease folder: released when the trial ends, fails or its worker is killed) and
+runs with ``CUDA_VISIBLE_DEVICES`` set to them in its own process (in-process: ``--device cuda:K``);
+the workers of one node (one study or several) take disjoint GPUs and wait for free ones. The log
+names each trial's GPUs; ``trials.csv`` has them in its ``gpus`` column. Four GPUs, torchrun trials
+on two each, two workers: ``python -m solution.search --config C --torchrun-nproc 2 --gpus-per-trial 2 &``
+twice.
+
 Outputs in ``{out}/{name}/`` (rewritten after every trial, so a kill leaves them current):
 ``trials.csv`` (number, state, value, run_dir, params_*, ...), ``best_command.sh`` (a ready
 ``bash Chinese-CLIP/train_clip.sh ...``), ``best_config.yaml``, ``best.json`` and PNG plots
@@ -78,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder holding the study folder (default: the config's out, else runs/search)")
     p.add_argument("--mode", choices=["inprocess", "subprocess"])
     p.add_argument("--torchrun-nproc", type=int, help="subprocess mode: launch each trial with torchrun on N procs")
+    p.add_argument("--gpus-per-trial", type=int, metavar="N",
+                   help="each running trial leases N GPUs of its own (CUDA_VISIBLE_DEVICES of its process; "
+                        "in-process: --device cuda:K); the workers of a node take disjoint GPUs; 0: off")
+    p.add_argument("--gpus", help="the GPUs this worker may lease, e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES, "
+                                  "else every GPU torch sees)")
+    p.add_argument("--gpu-lease-dir", help="the node's GPU lease folder shared by its workers "
+                                           "(default {tmp}/solution-gpu-leases-UID)")
     p.add_argument("--pruner", choices=["median", "hyperband", "none"])
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
@@ -91,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
     cfg = override(load_config(a.config, a.set), a.config, study_name=a.study_name, pruner=a.pruner,
                    no_plots=a.no_plots, n_trials=a.n_trials, storage=a.storage, out=a.out, mode=a.mode,
-                   torchrun_nproc=a.torchrun_nproc, timeout=a.timeout)
+                   torchrun_nproc=a.torchrun_nproc, timeout=a.timeout, gpus_per_trial=a.gpus_per_trial,
+                   gpus=a.gpus, gpu_lease_dir=a.gpu_lease_dir)
     return search(cfg, stream=sys.stdout)
 
 

@@ -25,7 +25,7 @@ import sys
 from typing import Sequence
 
 from solution.common import SolutionError, run_cli
-from solution.retrieval.precision import DTYPES, PRECISIONS
+from solution.retrieval.precision import DTYPES, PRECISION_METAVAR, PRECISIONS, precision_flag
 from solution.soups.methods import METHODS
 from solution.soups.run import SoupOptions, make_soups
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--no-score", action="store_true", help="only average (uniform), score nothing")
     val.add_argument("--batch-size", type=int, default=64)
     val.add_argument("--num-workers", type=int, default=0)
-    val.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    val.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="fp32", metavar=PRECISION_METAVAR)
     val.add_argument("--device", default="auto")
     how = p.add_argument_group("soup")
     how.add_argument("--method", nargs="+", default=["greedy"], help=f"one or more of {', '.join(METHODS)} "

@@ -9,6 +9,7 @@ compare refuses malformed inputs; a full disk (a real small tmpfs) leaves the pr
 from __future__ import annotations
 
 import dataclasses
+import os
 import hashlib
 import json
 
@@ -305,3 +306,78 @@ def test_soup_on_a_full_disk_keeps_the_previous_soup(tiny, small_disk, capsys):
     assert not list(out.glob(".*.tmp"))
     recipe = torch.load(out / "soup.pt", weights_only=True)["recipe"]
     assert json.loads((out / "summary.json").read_text())["soups"]["uniform"]["members"] == recipe["members"]
+
+
+# ---------------------------------------------------------------- memory: mapped, then let go
+
+
+def _mapped(path) -> bool:
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        return any(str(path) in line for line in f)
+
+
+def test_read_checkpoint_maps_a_zip_file_and_reads_a_legacy_one_whole(tiny, tmp_path, monkeypatch):
+    root, cfg, sd, _ = tiny
+    calls, real = [], torch.load
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    from solution.model import read_checkpoint
+
+    ckpt = read_checkpoint(root / "good.pt")
+    assert calls[-1]["mmap"] is True and calls[-1]["weights_only"] is True and calls[-1]["map_location"] == "cpu"
+    if os.path.exists("/proc/self/maps"):
+        assert _mapped((root / "good.pt").resolve())  # file-backed pages, not a copy in the process
+    key = "module.logit_scale"
+    assert torch.equal(ckpt["state_dict"][key], sd["logit_scale"])
+    before = _digest(root / "good.pt")
+    ckpt["state_dict"][key].add_(1.0)  # a private mapping: the file never changes
+    del ckpt
+    assert _digest(root / "good.pt") == before
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, legacy, _use_new_zipfile_serialization=False)
+    got = read_checkpoint(legacy)
+    assert calls[-1]["mmap"] is False
+    assert all(torch.equal(got["state_dict"][f"module.{k}"], v) for k, v in sd.items())
+    assert read_checkpoint(root / "good.pt", mmap=False)["state_dict"].keys() == got["state_dict"].keys()
+
+
+def test_trainer_lets_go_of_the_start_checkpoint_once_restored(tiny, tmp_path, monkeypatch):
+    """The start checkpoint (weights + optimizer state) is not held for the run: no reference to the
+    loaded dict or its state dict is left when the first step runs."""
+    import gc
+    import weakref
+
+    from solution.training import setup, trainer
+
+    root, cfg, sd, train_split = tiny
+    trainer.main(tiny_argv(train_split, None, tmp_path / "logs", name="a", max_steps=1, batch_size=2))
+    start = tmp_path / "logs" / "a" / "checkpoints" / "epoch_latest.pt"
+
+    class Box(dict):  # a dict that takes weak references
+        pass
+
+    refs, real_read = [], setup.read_checkpoint
+
+    def read(path, **kw):
+        ckpt = Box(real_read(path, **kw))
+        ckpt["state_dict"] = Box(ckpt["state_dict"])
+        refs.extend([weakref.ref(ckpt), weakref.ref(ckpt["state_dict"])])
+        return ckpt
+
+    alive, real_train = [], trainer.Trainer._train
+
+    def train_loop(self, bar):
+        gc.collect()
+        alive.append([r() is not None for r in refs])
+        return real_train(self, bar)
+
+    monkeypatch.setattr(setup, "read_checkpoint", read)
+    monkeypatch.setattr(trainer.Trainer, "_train", train_loop)
+    trainer.main(tiny_argv(train_split, None, tmp_path / "logs", name="b", max_steps=2, batch_size=2,
+                           resume=start, reset_data_offset=True))
+    assert alive == [[False, False]]

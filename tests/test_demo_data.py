@@ -2,12 +2,16 @@ import base64
 import hashlib
 import io
 import json
+import random
+
+import numpy as np
 
 import pytest
 from PIL import Image
 
 from solution.common import SolutionError, read_jsonl
-from solution.data.synthetic import BACKGROUNDS, COLORS, COUNTS, SHAPES, generate
+from solution.data.synthetic import (BACKGROUNDS, COLORS, COUNTS, PRESETS, REGIONS, SHAPES, draw_image,
+                                      generate, random_scene)
 from solution.demo_data import main
 from solution.data.images import sniff_format
 
@@ -124,3 +128,46 @@ def test_cli_sizes_and_errors(tmp_path, capsys):
         generate(tmp_path / "y", preset="tiny", valid_queries=0)
     with pytest.raises(SolutionError):
         generate(tmp_path / "y", preset="nope")
+
+
+def test_the_demo_preset_is_big_and_fine_grained():
+    d = PRESETS["default"]
+    assert d.valid_queries >= 300 and d.test_queries >= 300 and d.fine == 1
+    assert PRESETS["tiny"].fine == PRESETS["small"].fine == 0  # the tests' presets keep their data
+
+
+@pytest.fixture(scope="module")
+def fine(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fine")
+    generate(d, preset="default", train_queries=30, valid_queries=20, test_queries=20, images_per_query=2,
+             general_train_images=30, general_valid_images=10)
+    return d
+
+
+def test_fine_queries_name_size_and_place_and_stay_disjoint(fine):
+    texts = {s: [t["text"] for t in read_jsonl(fine / f"{s}_texts.jsonl")] for s in ("train", "valid", "test")}
+    assert [len(v) for v in texts.values()] == [30, 20, 20]
+    sets = [set(v) for v in texts.values()]
+    assert all(len(s) == len(v) for s, v in zip(sets, texts.values()))  # distinct within a split
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])  # disjoint across splits
+    for text in sum(texts.values(), []):
+        assert text.split("背景")[0] in BACKGROUNDS
+        assert any(w in text for w in REGIONS) and any(f"的{z}{sh}" in text for z in "大小" for sh in SHAPES)
+        assert any(c in text for c in COLORS) and any(n in text for n in COUNTS.values())
+        if "，" in text:  # two groups: opposite halves
+            assert ("左边是" in text and "右边是" in text) or ("上方是" in text and "下方是" in text)
+
+
+def test_a_group_is_drawn_in_the_half_its_query_names():
+    # oracle: the other half of a one-group image is exactly the background colour (no shape pixel
+    # reaches past the middle, anti-aliasing included), and it is not for the group's own half
+    rng = random.Random(0)
+    scenes = [s for s in (random_scene(rng, 0.0, fine=True) for _ in range(40))]
+    for i, scene in enumerate(scenes):
+        im = np.asarray(draw_image(scene, random.Random(i), 64)).astype(int)
+        where = scene.groups[0].where
+        other = {"左边": im[:, 36:], "右边": im[:, :28], "上方": im[36:, :], "下方": im[:28, :]}[where]
+        own = {"左边": im[:, :32], "右边": im[:, 32:], "上方": im[:32, :], "下方": im[32:, :]}[where]
+        flat = other.reshape(-1, 3)
+        assert (flat == flat[0]).all(), (scene.query(), where)
+        assert not (own.reshape(-1, 3) == flat[0]).all(), scene.query()

@@ -6,6 +6,7 @@ resolution and embedding size); the selection oracles use exactly representable 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from solution import ensemble, features, predict
-from solution.common import read_jsonl, run_cli
+from solution.common import SolutionError, read_jsonl, run_cli
 from solution.data.build import prepare
 from solution.ensembles import members as members_mod
 from solution.ensembles.selection import Choice, Plan, Problem, choose
@@ -107,6 +108,93 @@ def test_dual_softmax_kept_only_when_it_strictly_helps():
     assert choice.rerank == "none"  # already 100: nothing can strictly improve
     assert any(r["stage"] == "rerank" for r in records) and not any(r["accepted"] for r in records
                                                                      if r["stage"] == "rerank")
+
+
+def test_flip_tta_kept_only_when_it_strictly_helps():
+    """Flip TTA that scrambles the gallery is dropped; one that restores it is kept (and scored as chosen)."""
+    a, b = _halves_problem().queries
+    eye = np.eye(4, dtype=np.float32)
+    shuffled = eye[[1, 2, 3, 0]]  # item i scores as item i+1 would: the gold moves
+    rows = np.arange(4)
+    for galleries, flipped, kept in (([eye, eye], [shuffled, shuffled], False),
+                                     ([shuffled, shuffled], [eye, eye], True)):
+        problem = Problem([a, b], galleries, [{0}, {1}, {2}, {3}], flipped=flipped)
+        records: list = []
+        choice, score, _ = choose(problem, rows, Plan("zscore", tta=("flip",)), None, 0, records)
+        (tried,) = [r for r in records if r["stage"] == "tta"]
+        plain = problem.score(dataclasses.replace(choice, tta="none"), rows)
+        assert tried["accepted"] is kept and (tried["score"] > plain) is kept
+        assert choice.tta == ("flip" if kept else "none") and choice.record()["tta"] == choice.tta
+        assert score == problem.score(choice, rows) == max(plain, tried["score"])
+    with pytest.raises(SolutionError, match="no flipped gallery"):
+        Problem([a], [eye], [{0}] * 4).score(Choice((1.0,), tta="flip"), rows)
+
+
+def _mirror_invariant(monkeypatch):
+    """Members whose image tower sees ``(x + flip(x)) / 2``: exactly the same tensor for an image and its mirror."""
+    real = members_mod.load_model
+
+    def load(*a, **k):
+        model, config, ckpt = real(*a, **k)
+        inner = model.encode_image
+        model.encode_image = lambda x: inner((x + torch.flip(x, dims=[-1])) * 0.5)
+        return model, config, ckpt
+
+    monkeypatch.setattr(members_mod, "load_model", load)
+
+
+def test_flip_tta_of_a_mirror_invariant_model_equals_no_tta(data, tmp_path, monkeypatch):
+    from solution.data.lmdb_io import LMDBSplit
+
+    root, ckpts = data
+    _mirror_invariant(monkeypatch)
+    cache = tmp_path / "cache"  # its own: these features are not the plain model's
+    enc = members_mod.Encoding(precision="amp", cache_dir=str(cache))
+    m = members_mod.encode_member(str(ckpts["a"]), LMDBSplit(root / "lmdb/valid"), ["一件衣服"], enc, flip=True)
+    assert np.array_equal(m.flipped, m.gallery) and (m.cache, m.flip_cache) == ("miss", "miss")
+    np.testing.assert_allclose(m.gallery_for("flip"), m.gallery, rtol=0, atol=2e-7)
+    spec = ensemble.main(_ens(data, tmp_path / "ens", "a", "b",
+                              extra=("--weights", "1", "1", "--rerank", "flip", "--cache-dir", str(cache))))
+    (tried,) = [r for r in read_jsonl(tmp_path / "ens/ensemble_log.jsonl") if r["stage"] == "tta"]
+    assert tried["score"] == spec["selection_score"] and not tried["accepted"] and spec["tta"] == "none"
+    path = tmp_path / "ens/ensemble.json"
+    predict.main(_predict_ens(data, path, tmp_path / "plain.jsonl", ("--cache-dir", str(cache))))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tta": "flip"}))
+    predict.main(_predict_ens(data, path, tmp_path / "flip.jsonl", ("--cache-dir", str(cache))))
+    assert (tmp_path / "flip.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
+
+
+def test_predict_ensemble_with_flip_reuses_the_selections_features(data, tmp_path, capsys):
+    """Plain and flipped galleries under distinct cache keys; the submission with flip TTA, on the validation
+    queries, scores exactly what selection logged for the flip candidate."""
+    from solution.data.lmdb_io import LMDBSplit
+    from solution.retrieval.encode import split_queries
+    from solution.retrieval.metrics import recall_at_k
+
+    root, _ = data
+    cache = tmp_path / "cache"
+    spec = ensemble.main(_ens(data, tmp_path / "ens", "a", "b",
+                              extra=("--weights", "1", "3", "--rerank", "flip", "--cache-dir", str(cache))))
+    (tried,) = [r for r in read_jsonl(tmp_path / "ens/ensemble_log.jsonl") if r["stage"] == "tta"]
+    assert spec["tta"] == ("flip" if tried["accepted"] else "none")
+    parts = [json.loads(p.read_text())["cache_key_parts"] for p in cache.glob("*.meta.json")]
+    assert len(parts) == 4 and sorted(p.get("flip", False) for p in parts) == [False, False, True, True]
+    path = tmp_path / "ens/ensemble.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tta": "flip"}))
+    q = split_queries(LMDBSplit(root / "lmdb/valid"))
+    texts = tmp_path / "valid_texts.jsonl"
+    texts.write_text("".join(json.dumps({"text_id": t, "text": x}) + "\n" for t, x in zip(q.text_ids, q.texts)))
+    predict.main(["--ensemble", str(path), "--image-data", str(root / "lmdb/valid/imgs"), "--text-data", str(texts),
+                  "--top-k", "10", "--output", str(tmp_path / "sub.jsonl"), "--device", "cpu", "--cache-dir",
+                  str(cache), "--no-progress"])
+    manifest = json.loads((tmp_path / "sub.json").read_text())
+    assert manifest["ensemble"]["tta"] == "flip"
+    assert manifest["features"]["image"]["cache"] == manifest["features"]["image"]["flip_cache"] == ["hit", "hit"]
+    preds = {r["text_id"]: r["image_ids"] for r in read_jsonl(tmp_path / "sub.jsonl")}
+    assert recall_at_k(preds, q.gold)["mean_recall"] == tried["score"]
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tta": "rotate"}))
+    assert "test-time augmentation" in _error(capsys, predict.main, _predict_ens(data, path, tmp_path / "x.jsonl"))
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 # ---------------------------------------------------------------- the CLI on tiny checkpoints

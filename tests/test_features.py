@@ -355,3 +355,64 @@ def test_effective_precision():
              ("cuda", "amp"): "fp16", ("cuda", "fp16"): "fp16", ("cuda", "fp32"): "fp32", ("cuda", "bf16"): "bf16"}
     for (device, precision), want in table.items():
         assert effective_precision(device, precision) == want, (device, precision)
+
+
+# --- precision names and the TF32 policy ------------------------------------------------------------------------
+
+
+def test_amp_bf16_is_resolved_to_bf16_where_flags_are_parsed():
+    from solution.features import build_parser
+    from solution.retrieval.precision import PRECISIONS, precision_flag
+
+    assert precision_flag("amp_bf16") == "bf16" and effective_precision("cuda", "amp_bf16") == "bf16"
+    assert [precision_flag(p) for p in PRECISIONS] == list(PRECISIONS)
+    args = build_parser().parse_args(["--resume", "x.pt", "--precision", "amp_bf16"])
+    assert args.precision == "bf16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--resume", "x.pt", "--precision", "bf17"])
+
+
+def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
+    """The caller asked for 'high' (TF32 on CUDA, oneDNN TF32 on the CPU): every exact ranking product runs
+    at 'highest' (and no bf16 reduced-precision reductions), and the caller's setting is back afterwards."""
+    from solution.retrieval.metrics import topk
+    from solution.retrieval.rank import rank
+
+    cuda, mkl = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    seen, real_topk = [], torch.topk
+
+    def spy(*a, **k):
+        seen.append((cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction, mkl.fp32_precision))
+        return real_topk(*a, **k)
+
+    gallery = np.arange(64 * 4, dtype=np.float32).reshape(64, 4) % 7 - 3  # small integers: exact products
+    queries = np.eye(4, dtype=np.float32)[:3]
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        monkeypatch.setattr(torch, "topk", spy)
+        got = [rank(queries, gallery, np.arange(64), 2, method=m)[0] for m in ("fp32", "prefilter")]
+        topk(queries, gallery, 2)  # validation's recall path
+        monkeypatch.undo()
+        assert len(seen) >= 3 and set(seen) == {(False, False, "ieee")}
+        assert torch.get_float32_matmul_precision() == "high" and cuda.allow_tf32 and mkl.fp32_precision == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    best = np.argsort(-(queries.astype(np.float64) @ gallery.astype(np.float64).T), axis=1, kind="stable")[:, :2]
+    assert all((g == best).all() for g in got)
+
+
+def test_model_math_allows_tf32_on_cuda_only_and_restores():
+    from solution.retrieval.precision import exact_math, model_math
+
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (cuda.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    assert not cuda.allow_tf32
+    with model_math("cpu"):
+        assert (cuda.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision()) == before
+    with model_math(torch.device("cuda", 0)):
+        assert cuda.allow_tf32 and cudnn.allow_tf32
+        with exact_math():  # ranking inside a training run: exact again
+            assert not cuda.allow_tf32
+        assert cuda.allow_tf32
+    assert (cuda.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision()) == before

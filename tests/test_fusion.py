@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from solution.retrieval.fusion import (Scores, check_weights, dual_softmax, fit_temperature, forward_select, fuse, fused_topk,
-                             gold_rows, held_out_recall, inverted_softmax, rerank_topk, softmax, zscore)
+                             fusion_chunk, gold_rows, held_out_recall, inverted_softmax, rerank_topk, softmax, zscore)
 from solution.retrieval.metrics import topk
 
 
@@ -251,3 +251,38 @@ def test_scores_rejects_mismatched_members():
         fused_topk([np.zeros((2, 3)), np.zeros((2, 4))], 1)
     with pytest.raises(ValueError, match=r"\[Q, D\]"):
         Scores((np.zeros((2, 3)), np.zeros((4, 2))))
+
+
+@pytest.mark.parametrize("norm", ["zscore", "softmax", "none"])
+@pytest.mark.parametrize("method, temperature", [("none", 0.0), ("dual_softmax", 0.5), ("qb_norm", 0.5)])
+def test_in_place_fusion_leaves_its_inputs_alone(norm, method, temperature):
+    """Fusion normalises and re-ranks in its own blocks: stored matrices and features given (arrays or tensors,
+    already in the working dtype, which could be shared) come back untouched, chunked or not."""
+    rng = np.random.default_rng(5)
+    mats = [rng.integers(-3, 4, (9, 12)).astype(np.float64) for _ in range(2)]
+    feats = _int_members(rng, 9, 12)
+    bank = [rng.integers(-3, 4, (5, 12)).astype(np.float64) for _ in range(2)]
+    inputs = [mats, [torch.tensor(m) for m in mats], feats, bank]
+    before = [[x.copy() if isinstance(x, np.ndarray) else (x.clone() if torch.is_tensor(x) else tuple(y.copy() for y in x))
+               for x in group] for group in inputs]
+    results = [rerank_topk(members, 4, [1, 2], method=method, temperature=temperature, norm=norm, norm_temperature=0.5,
+                           bank=bank, chunk_size=chunk, dtype=torch.float64)
+               for members in inputs[:2] for chunk in (2, 100)]
+    results += [rerank_topk(feats, 4, [1, 2], method=method, temperature=temperature, norm=norm, bank=feats,
+                            chunk_size=3, dtype=torch.float32)]
+    for group, saved in zip(inputs, before):
+        for x, y in zip(group, saved):
+            for a, b in (zip(x, y) if isinstance(x, tuple) else [(x, y)]):
+                assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert all(np.array_equal(r[1], results[0][1]) for r in results[1:4])  # chunking changes nothing
+    t = torch.tensor(mats[0])
+    zscore(t), softmax(t, 0.5), zscore(mats[0]), dual_softmax(mats[0], 0.5), inverted_softmax(mats[0], bank[0], 0.5)
+    assert np.array_equal(t.numpy(), before[0][0]) and np.array_equal(mats[0], before[0][0])
+
+
+def test_fusion_chunk_keeps_the_working_set_within_the_budget():
+    for gallery, budget in ((29_806, 128), (10, 1), (10**9, 128)):
+        for norm, blocks in (("zscore", 2), ("none", 2), ("softmax", 3)):
+            chunk = fusion_chunk(gallery, budget, norm)
+            assert chunk >= 1 and (chunk == 1 or chunk * gallery * 4 * blocks <= budget * 2**20)
+    assert fusion_chunk(29_806, 128) == 128 * 2**20 // (2 * 4 * 29_806)

@@ -274,6 +274,33 @@ def test_parallel_matches_in_process_and_resizes(tmp_path, monkeypatch):
     assert serial["images"]["converted"] == serial["num_images"]  # every image shrunk and re-encoded
 
 
+def test_many_blocks_in_parallel_write_the_same_bytes_as_in_process(tmp_path, monkeypatch):
+    """The first block is checked by the parent (which imports PIL for its conversions before the workers
+    fork), the rest by the workers: the LMDB files are the very bytes an in-process run writes."""
+    d = tmp_path / "demo"
+    generate(d, preset="tiny")  # messy images included: some lines are converted
+    monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)
+    monkeypatch.setattr(prep_workers, "TSV_BLOCK", 4096)  # many blocks
+    serial = prepare(d, "train", lmdb_dir=tmp_path / "a", workers=1, progress=False)["train"]
+    parallel = prepare(d, "train", lmdb_dir=tmp_path / "b", workers=2, progress=False)["train"]
+    assert serial["images"]["converted"] > 0 and serial["images"] == parallel["images"]
+    for name in ("imgs", "pairs"):
+        assert (tmp_path / "a" / "train" / name / "data.mdb").read_bytes() == \
+            (tmp_path / "b" / "train" / name / "data.mdb").read_bytes(), name
+
+
+def test_keyed_images_and_exact_pairs_write_the_same_bytes(tmp_path):
+    from solution.data.lmdb_io import write_images, write_pairs
+
+    images = [(7, b"aGVsbG8="), (12, "d29ybGQ="), (3, bytearray(b"eA=="))]
+    pairs = [(7, 1, "一"), (12, 2, "二"), (3, 2, "二")]
+    assert write_images(tmp_path / "a", images) == write_images(
+        tmp_path / "b", [(b"%d" % i, d.encode() if isinstance(d, str) else d) for i, d in images], keyed=True) == 3
+    assert write_pairs(tmp_path / "a", pairs) == write_pairs(tmp_path / "b", iter(pairs), exact=True) == 3
+    for name in ("imgs", "pairs"):
+        assert (tmp_path / "a" / name / "data.mdb").read_bytes() == (tmp_path / "b" / name / "data.mdb").read_bytes()
+
+
 def test_rebuild_replaces_old_lmdb_and_bad_inputs_are_one_line_errors(tmp_path):
     _write_muge(tmp_path, "train", [(1, _b64(_jpeg()))], [{"text_id": 1, "text": "一", "image_ids": [1]}])
     prepare(tmp_path, "train", workers=1, progress=False)

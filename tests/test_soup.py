@@ -485,6 +485,35 @@ def test_val_texts_give_the_same_scores_as_pairs(synth, demo):
     assert a["best_single"]["r10"] == b["best_single"]["r10"]
 
 
+def test_gallery_decoded_and_queries_tokenised_once_per_soup_run(synth, demo, monkeypatch):
+    """Every candidate is scored from one decoding of the validation gallery and one tokenisation of the
+    queries, with the scores plain validation (decoding for each model) gives each candidate."""
+    from solution.data import datasets
+    from solution.retrieval.encode import evaluate_split
+
+    tmp, paths, config = synth
+    decoded, tokenised = [], []
+    real_decode, real_tokenize = datasets.decode_image, encode.tokenize
+    monkeypatch.setattr(datasets, "decode_image", lambda b64: decoded.append(1) or real_decode(b64))
+    monkeypatch.setattr(encode, "tokenize", lambda *a, **k: tokenised.append(1) or real_tokenize(*a, **k))
+    soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "uniform", "--device", "cpu",
+               "--val-data", str(demo / "lmdb/valid"), "--output", str(tmp / "out"), "--batch-size", "16"])
+    rows = [r for r in read_jsonl(tmp / "out" / "soup_log.jsonl") if "mean_recall" in r]
+    assert len(rows) >= 4  # three ingredients and the soup
+    images = LMDBSplit(demo / "lmdb/valid").num_images
+    assert len(decoded) == images
+    monkeypatch.setattr(datasets, "decode_image", real_decode)
+    monkeypatch.setattr(encode, "tokenize", real_tokenize)
+    batches = len(encode.text_batches(encode.split_queries(LMDBSplit(demo / "lmdb/valid")).texts, config, 16))
+    assert len(tokenised) == batches
+    for row in rows:
+        model = build_model(config)
+        model.load_state_dict(_weighted(row["members"], row["weights"]))
+        plain = evaluate_split(model.eval(), demo / "lmdb/valid", config, batch_size=16)
+        assert {k: row[k] for k in ("r1", "r5", "r10", "mean_recall")} == \
+            {k: plain[k] for k in ("r1", "r5", "r10", "mean_recall")}, row["members"]
+
+
 def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(synth, demo):
     tmp, paths, config = synth
     halves = []

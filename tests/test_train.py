@@ -125,14 +125,14 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
             seen_collates.append((self.prompt, out[1]))
             return out
 
-    real_eval = validation.evaluate_split
+    real_encode = validation.encode_split
 
-    def recording_eval(model, split, config, **kw):
+    def recording_encode(model, split, config, *a, **kw):
         seen_configs.append(config.text_prompt)
-        return real_eval(model, split, config, **kw)
+        return real_encode(model, split, config, *a, **kw)
 
     monkeypatch.setattr(td, "PairCollate", Recording)
-    monkeypatch.setattr(validation, "evaluate_split", recording_eval)
+    monkeypatch.setattr(validation, "encode_split", recording_encode)
     train, valid = data
     out = main(tiny_argv(train, valid, tmp_path, max_steps=2, text_prompt=prompt))
     prompt_ids = tokenize([""], 16, prompt)[0, :-1]  # [CLS] + prompt pieces

@@ -133,3 +133,69 @@ def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
     else:
         raise AssertionError("the callback's exception did not propagate")
     assert names() == (checkpoint, checkpoint)
+
+
+def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monkeypatch):
+    """Three epochs from one training DataLoader (persistent workers with --num-workers > 0): built once
+    per run, and the run with a worker trains exactly the weights of the run without (same batches and
+    augmentations; tests/test_loaders.py compares the batches with a loader rebuilt per epoch)."""
+    from torch.utils.data import DataLoader
+
+    from solution.model import read_checkpoint
+    from solution.training import loaders
+
+    built = []
+
+    class Counting(DataLoader):
+        def __init__(self, *a, **k):
+            if isinstance(k.get("batch_sampler"), loaders.EpochBatchSampler):
+                built.append(k["persistent_workers"])
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(loaders, "DataLoader", Counting)
+    train, _ = make_data(tmp_path / "data", per_colour_train=2, colours=4)
+    out = {}
+    for workers in (0, 1):
+        argv = tiny_argv(train, None, tmp_path, name=f"w{workers}", max_epochs=3, augment="gentle",
+                         save_epoch_frequency=0)
+        argv[argv.index("--num-workers") + 1] = str(workers)
+        out[workers] = read_checkpoint(main(argv)["last_checkpoint"])
+    assert built == [False, True]
+    assert out[0]["epoch"] == out[1]["epoch"] == 3
+    for k, v in out[0]["state_dict"].items():
+        assert torch.equal(out[1]["state_dict"][k], v), k
+
+
+def test_grad_scaler_only_for_fp16_autocast_on_cuda():
+    """bf16 (and open_clip's amp_bf16, resolved to bf16 by the parser) trains without a GradScaler; fp16 AMP
+    on CUDA keeps one; nothing on the CPU. (A CUDA device object needs no GPU to ask.)"""
+    import warnings
+
+    from solution.training.config import parse_args
+    from solution.training.setup import make_scaler
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert parse_args(["--train-data", "x", "--precision", "amp_bf16"]).precision == "bf16"
+    for precision in ("bf16", "fp32"):
+        assert make_scaler(precision, cuda) is None
+    for precision in ("amp", "fp16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "CUDA is not available": the decision is what is tested
+            assert isinstance(make_scaler(precision, cuda), torch.amp.GradScaler)
+    assert all(make_scaler(p, cpu) is None for p in ("amp", "fp16", "bf16", "fp32"))
+
+
+def test_amp_bf16_resumes_a_bf16_run_as_the_same_flag(tmp_path):
+    """A run trained with --precision bf16, re-run with amp_bf16: the same flag (resolved where parsed), so
+    the re-run resumes it (a changed training flag would be refused) and params.json says bf16."""
+    train, _ = make_data(tmp_path / "data", per_colour_train=2)
+    argv = tiny_argv(train, None, tmp_path / "logs", "bf", max_steps=2, valid_epoch_interval=0)
+    argv[argv.index("--precision") + 1] = "bf16"
+    main(argv)
+    argv[argv.index("--precision") + 1] = "amp_bf16"
+    out = main(argv)
+    params = json.loads((tmp_path / "logs" / "bf" / "params.json").read_text())
+    assert params["precision"] == "bf16" and params["typed"]["precision"] == "bf16" and "flag_changes" not in params
+    assert out["config"].precision == "bf16"
+    rows = [json.loads(x) for x in (tmp_path / "logs" / "bf" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]

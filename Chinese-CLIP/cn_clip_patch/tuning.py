@@ -23,6 +23,7 @@ The tuning recipe travels as a plain dict (stored in checkpoints as ``config["tu
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 import sys
@@ -175,22 +176,43 @@ def _plain_key(key: str) -> str:
     return key.replace(".base_layer", "")
 
 
+def _copy_to(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are copies on ``device``, made tensor by
+    tensor from the originals (never a second copy on the module's own device).
+
+    The tensors are read from the modules' ``_parameters``/``_buffers`` themselves: peft's LoRA
+    ``MultiheadAttention`` re-registers its base weights as new ``Parameter`` objects whenever its
+    ``parameters()``/``state_dict()`` are called, so those would name objects the copy no longer holds."""
+    memo: dict = {}
+    stack, seen = [module], set()
+    while stack:
+        mod = stack.pop()
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        for t in [*mod._parameters.values(), *mod._buffers.values()]:
+            if t is not None and id(t) not in memo:
+                c = t.detach().to(device, copy=True)
+                memo[id(t)] = nn.Parameter(c, requires_grad=False) if isinstance(t, nn.Parameter) else c
+        stack.extend(c for c in mod._modules.values() if c is not None)
+    return copy.deepcopy(module, memo)
+
+
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain cn_clip state dict of a (possibly LoRA-adapted) model, adapters folded in.
+def merged_state_dict(model: nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The plain cn_clip state dict of a (possibly LoRA-adapted) model, adapters folded in, on ``device``.
 
-    Each top-level LoRA layer is deep-copied on its own and merged there with peft's ``merge()``
-    (the same code peft's forward uses), so the result reproduces the adapted model's outputs
-    whatever peft's merge arithmetic is; the live model is never modified. Keys carry no
-    ``module.`` prefix; tensors are detached clones.
+    Each top-level LoRA layer is copied on its own to ``device`` (the CPU by default: a checkpoint
+    save never allocates a second model, nor even a layer, on the accelerator) and merged there with
+    peft's ``merge()`` (the same code peft's forward uses), so the result reproduces the adapted
+    model's outputs whatever peft's merge arithmetic is; the live model is never modified. Keys carry
+    no ``module.`` prefix; tensors are detached copies on ``device``.
     """
-    import copy
-
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
 
     m = _unwrap(model)
-    out = {_plain_key(k): v.detach().clone() for k, v in m.state_dict().items() if "lora_" not in k}
+    out = {_plain_key(k): v.detach().to(device, copy=True) for k, v in m.state_dict().items() if "lora_" not in k}
     lora_names = [n for n, mod in m.named_modules() if isinstance(mod, LoraLayer)]
     top = [n for n in lora_names if not any(n.startswith(o + ".") for o in lora_names if o != n)]
     modules = dict(m.named_modules())
@@ -198,7 +220,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         mod = modules[name]
         if getattr(mod, "merged", False):
             raise ValueError(f"LoRA layer {name} is already merged; cannot fold it twice")
-        work = copy.deepcopy(mod)
+        work = _copy_to(mod, device)
         work.merge()
         base = work.get_base_layer()
         plain = _plain_key(name)
@@ -210,14 +232,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             key = f"{plain}.{suffix}"
             if key not in out:
                 raise KeyError(f"cannot merge LoRA layer {name}: no base weight {key}")
-            out[key] = t.detach().clone().to(out[key].dtype)
+            out[key] = t.detach().to(out[key].dtype)
         del work
     return out
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors (peft key names), detached clones."""
-    return {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items() if "lora_" in k}
+def adapter_state_dict(model: nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors (peft key names), detached copies on ``device`` (the CPU by default)."""
+    return {k: v.detach().to(device, copy=True) for k, v in _unwrap(model).state_dict().items() if "lora_" in k}
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:

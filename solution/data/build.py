@@ -31,7 +31,11 @@ written again in the rare case one did not). This process only stores the images
 goes from the mapping into LMDB in one C-level ``putmulti`` (no decode, no copy through a pipe,
 no per-commit fsync; the pages go to disk from a background thread). That is the same work
 cn_clip's builder does, so on 2 cores a clean TSV prepares about as fast as with it or faster
-(1.00-1.16x in ``scripts/bench_prepare.py``); converting PNG/GIF costs extra CPU that it skips.
+(1.1-1.2x in ``scripts/bench_prepare.py``). Converting PNG/GIF (about 1-2 ms of CPU each, decode and
+re-encode) is work cn_clip's builder skips: PIL is imported once, by this process (it checks the first
+block itself before the workers fork, and imports PIL only when that block needs it), the workers'
+garbage collector skips what they inherit, and tqdm is imported only for a bar on a terminal. On a busy
+machine, where every CPU-second counts, a TSV with conversions can still take longer than cn_clip's copy.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from itertools import chain
 from pathlib import Path
@@ -94,10 +99,14 @@ class _SplitRun:
         if self.plain and split.texts is None and n_workers > 1:
             self.side = (texts_task, (str(split.texts_path), str(self.dirs[0])))
         mm = self.mm = stack.enter_context(mapped(split.tsv)) if size else b""
+        blocks, first = tsv_blocks(mm), None
+        if n_workers > 1:  # the first block is checked here, before the workers fork: when it holds an image to
+            b = next(blocks, None)  # convert, PIL is imported once, here, for all of them (not once in each)
+            first = (b, check_tsv_block(mm[b[0]:b[0] + b[1]], b[0], opts)) if b else None
         self.cleaned, self.texts_done = stack.enter_context(cleaning(
-            check_tsv_task, tsv_blocks(mm), n_workers, opts,
+            check_tsv_task, blocks, n_workers, opts,
             task=lambda b: (path, b[0], b[1]), local=lambda b: check_tsv_block(mm[b[0]:b[0] + b[1]], b[0]),
-            ahead=TSV_AHEAD, side=self.side))
+            ahead=TSV_AHEAD, side=self.side, first=first))
 
     def route(self, stack: contextlib.ExitStack, progress: bool) -> None:
         """The texts (unless a worker reads them), one ledger per output, where each image goes; the spools
@@ -120,7 +129,7 @@ class _SplitRun:
         self.muge_f = [stack.enter_context(open(p, "wb")) for p in self.muge[::2]]
         self.bar = stack.enter_context(_progress(progress, split, self.size))
 
-    def one(self, where, image_id, status, reason, detail, actions, fmt, data) -> Iterator[tuple[int, bytes]]:
+    def one(self, where, image_id, status, reason, detail, actions, fmt, data) -> Iterator[tuple[bytes, bytes]]:
         """Account for one image, route it, and yield it when it goes into the first output."""
         if isinstance(where, int):
             where = f"line {where}"
@@ -143,9 +152,9 @@ class _SplitRun:
             if k:
                 self.spools[k - 1].write(line)
         if 0 in targets:
-            yield image_id, data
+            yield b"%d" % image_id, data
 
-    def first_images(self) -> Iterator[Iterable[tuple[int | bytes, bytes]]]:
+    def first_images(self) -> Iterator[Iterable[tuple[bytes, bytes]]]:
         """The first output's images, in chunks: a clean TSV block is one C-level iterator."""
         if self.split.tsv is None:
             for batch, results in self.cleaned:
@@ -165,7 +174,7 @@ class _SplitRun:
         finally:
             view.release()
 
-    def _block(self, blk, lineno0: int, view: memoryview) -> Iterator[Iterable[tuple[int | bytes, bytes]]]:
+    def _block(self, blk, lineno0: int, view: memoryview) -> Iterator[Iterable[tuple[bytes, bytes]]]:
         """One checked TSV block's images (its first line is line ``lineno0`` of the file)."""
         special, n = blk.special, len(blk.ids)
         first_where = self.first_where
@@ -203,8 +212,8 @@ class _SplitRun:
             n_img, n_pairs = self._write_first(led, d, skipped_texts, partial)
         else:
             self.spools[k - 1].close()
-            n_img = write_images(d, _spooled(d / "spool.tsv"))
-            n_pairs = write_pairs(d, led.pairs(skipped_texts, partial))
+            n_img = write_images(d, _spooled(d / "spool.tsv"), keyed=True)
+            n_pairs = write_pairs(d, led.pairs(skipped_texts, partial), exact=True)
         (d / "spool.tsv").unlink(missing_ok=True)
         if self.muge_dir:
             self.muge[2 * k + 1].write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in led.kept_texts()),
@@ -219,11 +228,11 @@ class _SplitRun:
         """The first output's images and pairs. The pairs are written first (by a worker, or here while
         the workers check), as if every image survives; in the rare case one did not, they are written again."""
         if self.side is None:
-            n_pairs = write_pairs(d, led.pairs(skipped_texts, partial, optimistic=True))
-            n_img = write_images(d, chain.from_iterable(self.first_images()))
+            n_pairs = write_pairs(d, led.pairs(skipped_texts, partial, optimistic=True), exact=True)
+            n_img = write_images(d, chain.from_iterable(self.first_images()), keyed=True)
             held = led.kept_ids.issuperset(led.referenced())
         else:
-            n_img = write_images(d, chain.from_iterable(self.first_images()))
+            n_img = write_images(d, chain.from_iterable(self.first_images()), keyed=True)
             n_pairs, counts, problems, referenced = self.texts_done.get()
             held = led.kept_ids.issuperset(referenced)
             if held:
@@ -232,15 +241,16 @@ class _SplitRun:
             else:
                 led.texts = load_muge_texts(self.split).texts
         if not held:
-            n_pairs = write_pairs(d, led.pairs(skipped_texts, partial))
+            n_pairs = write_pairs(d, led.pairs(skipped_texts, partial), exact=True)
         return n_img, n_pairs
 
 
-def _spooled(path: Path) -> Iterator[tuple[int, bytes]]:
+def _spooled(path: Path) -> Iterator[tuple[bytes, bytes]]:
+    """The spooled rows, ``(decimal id, base64)`` as :meth:`_SplitRun.one` wrote them."""
     with open(path, "rb") as f:
         for line in f:
             i, d = line.rstrip(b"\n").split(b"\t")
-            yield int(i), d
+            yield i, d
 
 
 def _process(split: SplitInput, outputs: Outputs, lmdb_dir: Path, tmps: dict[str, Path], muge_dir: Path | None,
@@ -267,8 +277,10 @@ def _process(split: SplitInput, outputs: Outputs, lmdb_dir: Path, tmps: dict[str
 
 
 def _progress(enabled: bool, split: SplitInput, tsv_bytes: int | None):
-    """The cleaning progress bar (bytes of a TSV, or files); tqdm is imported only when it shows."""
-    if not enabled:
+    """The cleaning progress bar (bytes of a TSV, or files) on a terminal; tqdm is imported only when it
+    shows (a log file gets the summary line instead: a bar there is noise, and importing tqdm costs
+    about 0.1 s)."""
+    if not enabled or not sys.stderr.isatty():
         return contextlib.nullcontext(_NoBar())
     from tqdm import tqdm
 

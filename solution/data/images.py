@@ -39,7 +39,6 @@ import base64
 import binascii
 import io
 import warnings
-from dataclasses import dataclass, field
 
 from .jpeg import DEFAULT_MAX_PIXELS, EXIF_TRANSPOSES, ORIENTATION, URL_TO_STD, inspect_jpeg, jpeg_b64_info
 
@@ -69,15 +68,25 @@ _MAGIC = (
 )
 
 
-@dataclass
 class CleanResult:
-    status: str                      # "kept" | "converted" | "skipped"
-    data: bytes | None = None        # the image to store (raw bytes, or base64 from clean_b64)
-    format: str | None = None        # what the bytes really are (JPEG, PNG, GIF, WEBP, BMP, TIFF, ...)
-    size: tuple[int, int] | None = None  # (width, height) of the stored image
-    actions: list[str] = field(default_factory=list)  # conversions applied, e.g. ["first_frame", "mode_P"]
-    reason: str | None = None        # one of REASONS when skipped
-    detail: str = ""                 # a human-readable explanation when skipped
+    """What :func:`clean_image` / :func:`clean_b64` say about one image."""
+
+    __slots__ = ("status", "data", "format", "size", "actions", "reason", "detail")
+
+    def __init__(self, status: str, data: bytes | None = None, format: str | None = None,  # noqa: A002
+                 size: tuple[int, int] | None = None, actions: list[str] | None = None, reason: str | None = None,
+                 detail: str = ""):
+        self.status = status    # "kept" | "converted" | "skipped"
+        self.data = data        # the image to store (raw bytes, or base64 from clean_b64)
+        self.format = format    # what the bytes really are (JPEG, PNG, GIF, WEBP, BMP, TIFF, ...)
+        self.size = size        # (width, height) of the stored image
+        self.actions = [] if actions is None else actions  # conversions applied, e.g. ["first_frame", "mode_P"]
+        self.reason = reason    # one of REASONS when skipped
+        self.detail = detail    # a human-readable explanation when skipped
+
+    def __repr__(self) -> str:
+        return (f"CleanResult(status={self.status!r}, format={self.format!r}, size={self.size!r}, "
+                f"actions={self.actions!r}, reason={self.reason!r}, detail={self.detail!r})")
 
     @property
     def ok(self) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -26,21 +25,39 @@ TEXT_REASONS = {"no_images": "none of its images survived cleaning", "duplicate_
                 "malformed": "not a valid text record", "empty_text": "the text is empty"}
 
 
-@dataclass
 class Text:
-    text_id: int
-    text: str
-    image_ids: list[int] | None  # None: unlabelled (test queries without image_ids, or [])
+    """One query text (plain slotted classes here, not dataclasses: importing ``dataclasses`` costs
+    ``solution.prepare`` ~20 ms of start-up before its workers can fork)."""
+
+    __slots__ = ("text_id", "text", "image_ids")
+
+    def __init__(self, text_id: int, text: str, image_ids: list[int] | None):
+        self.text_id, self.text = text_id, text
+        self.image_ids = image_ids  # None: unlabelled (test queries without image_ids, or [])
+
+    def __eq__(self, other):
+        return type(other) is Text and (self.text_id, self.text, self.image_ids) == (
+            other.text_id, other.text, other.image_ids)
+
+    __hash__ = None  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        return f"Text(text_id={self.text_id!r}, text={self.text!r}, image_ids={self.image_ids!r})"
 
 
-@dataclass
 class SplitInput:
-    name: str
-    texts: list[Text] | None                      # None: not read yet (format 1, see load_muge_texts)
-    tsv: Path | None = None                       # format 1
-    texts_path: Path | None = None                # format 1: {split}_texts.jsonl
-    files: list[tuple[int, str]] | None = None    # formats 2/3: (image_id, path)
-    problems: list[dict] = field(default_factory=list)  # texts refused while reading
+    """One input split: its texts (None: not read yet, format 1, see :func:`load_muge_texts`), its TSV and
+    texts file (format 1) or image files (formats 2/3: ``(image_id, path)``), the texts refused while reading."""
+
+    __slots__ = ("name", "texts", "tsv", "texts_path", "files", "problems")
+
+    def __init__(self, name: str, texts: list[Text] | None, tsv: Path | None = None, texts_path: Path | None = None,
+                 files: list[tuple[int, str]] | None = None, problems: list[dict] | None = None):
+        self.name, self.texts, self.tsv, self.texts_path, self.files = name, texts, tsv, texts_path, files
+        self.problems = [] if problems is None else problems
+
+    def __repr__(self) -> str:
+        return f"SplitInput(name={self.name!r}, tsv={self.tsv!r}, texts_path={self.texts_path!r})"
 
 
 # ---------------------------------------------------------------- reading inputs

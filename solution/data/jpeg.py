@@ -11,7 +11,6 @@ upright RGB image within the limits as is. The trade-off of checking no more tha
 from __future__ import annotations
 
 import binascii
-from dataclasses import dataclass
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own bomb threshold (Image.MAX_IMAGE_PIXELS); PIL is imported
 # only when an image is decoded, so checking a clean TSV never loads it
@@ -35,16 +34,29 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-@dataclass
 class JpegInfo:
-    width: int
-    height: int
-    components: int
-    orientation: int
-    complete: bool          # ends with the EOI marker
-    sof: int = 0xC0         # the frame marker: C0 baseline, C1 extended, C2 progressive, others rare
-    precision: int = 8      # bits per sample
-    adobe: bool = False     # an Adobe APP14 segment (colour transform of CMYK/YCCK/RGB files)
+    """What a JPEG's frame header and marker segments declare (a slotted class: one is made per image)."""
+
+    __slots__ = ("width", "height", "components", "orientation", "complete", "sof", "precision", "adobe")
+
+    def __init__(self, width: int, height: int, components: int, orientation: int, complete: bool, sof: int = 0xC0,
+                 precision: int = 8, adobe: bool = False):
+        self.width, self.height, self.components, self.orientation = width, height, components, orientation
+        self.complete = complete    # ends with the EOI marker
+        self.sof = sof              # the frame marker: C0 baseline, C1 extended, C2 progressive, others rare
+        self.precision = precision  # bits per sample
+        self.adobe = adobe          # an Adobe APP14 segment (colour transform of CMYK/YCCK/RGB files)
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __eq__(self, other):
+        return type(other) is JpegInfo and self._fields() == other._fields()
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return "JpegInfo(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
     def keepable(self, max_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> bool:
         """True when the structure says a decoder yields an upright RGB image within the limits as is."""

@@ -121,16 +121,19 @@ def _put_all(path: Path, items: Iterator[tuple[bytes, bytes]], count_key: bytes)
     return n
 
 
-def write_images(split_dir: str | os.PathLike, images: Iterable[tuple[int | bytes, bytes]]) -> int:
+def write_images(split_dir: str | os.PathLike, images: Iterable[tuple[int | bytes, bytes]], *,
+                 keyed: bool = False) -> int:
     """Write ``split_dir/imgs`` (replacing it) from ``(image_id, base64)`` rows, the id an int or its
-    decimal digits as bytes, the base64 any bytes-like (or str); returns ``num_images``."""
-    return _put_all(Path(split_dir) / "imgs", map(_image_item, images), b"num_images")
+    decimal digits as bytes, the base64 any bytes-like (or str); returns ``num_images``. ``keyed``: every
+    row is already ``(decimal digits as bytes, bytes-like)`` and goes to LMDB as it is (no Python per row)."""
+    return _put_all(Path(split_dir) / "imgs", iter(images) if keyed else map(_image_item, images), b"num_images")
 
 
-def write_pairs(split_dir: str | os.PathLike, pairs: Iterable[tuple[int, int, str]]) -> int:
-    """Write ``split_dir/pairs`` (replacing it) from ``(image_id, text_id, text)`` rows; returns ``num_samples``."""
-    return _put_all(Path(split_dir) / "pairs", zip(map(b"%d".__mod__, count()), starmap(dumps_pair, pairs)),
-                    b"num_samples")
+def write_pairs(split_dir: str | os.PathLike, pairs: Iterable[tuple[int, int, str]], *, exact: bool = False) -> int:
+    """Write ``split_dir/pairs`` (replacing it) from ``(image_id, text_id, text)`` rows; returns ``num_samples``.
+    ``exact``: every row is a tuple of exactly ``(int, int, str)``, pickled as it is (the same bytes)."""
+    values = map(pickle.dumps, pairs) if exact else starmap(dumps_pair, pairs)
+    return _put_all(Path(split_dir) / "pairs", zip(map(b"%d".__mod__, count()), values), b"num_samples")
 
 
 def write_split(split_dir: str | os.PathLike, images: Iterable[tuple[int | bytes, bytes]],

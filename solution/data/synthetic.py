@@ -5,7 +5,8 @@ the scenes) two groups of 1-2 that differ in colour and shape; each query names 
 and, per group, count, colour and shape: ``浅蓝色背景上有两个红色的三角形``,
 ``粉色背景上有一个蓝色的圆形和两个黄色的五角星``. Every query has several matching images
 (different positions, sizes, rotations, colour jitter); an image matches exactly one query.
-The two-group scenes (colour/shape binding) keep a tiny CLIP from saturating at once.
+The two-group scenes (colour/shape binding) keep a tiny CLIP from saturating at once; ``fine``
+data (the demo's) also names sizes and places: ``米黄色背景的左边有两个青色的小圆形``, ``浅灰色背景上，上方是一个红色的大三角形，下方是两个蓝色的小圆形``.
 Output (``DIR``: :func:`generate`'s ``out_dir``, ``--out`` of ``python -m solution.demo_data``)::
 
     DIR/{train,valid,test}_imgs.tsv        image_id<TAB>base64 (as MUGE ships it)
@@ -48,12 +49,20 @@ BACKGROUNDS = {
     "米黄色": (245, 234, 195), "粉色": (250, 210, 222), "深灰色": (75, 75, 75),
 }
 SHAPES = ("圆形", "三角形", "正方形", "五角星", "十字形")
+SIZES, SIDES = ("大", "小"), ("左边", "右边", "上方", "下方")  # SIDES: one group's half of the image
+PAIRS = (("左边", "右边"), ("上方", "下方"))  # two groups: where each one is
+# the half of the image (x0, x1, y0, y1 as fractions of the side) each place puts a group in
+REGIONS = {"左边": (0.0, 0.5, 0.0, 1.0), "右边": (0.5, 1.0, 0.0, 1.0), "上方": (0.0, 1.0, 0.0, 0.5),
+           "下方": (0.0, 1.0, 0.5, 1.0)}
+FINE_RADIUS = {"大": (0.14, 0.17), "小": (0.085, 0.10)}  # radius (fraction of the side) by size
 COUNTS = {1: "一个", 2: "两个", 3: "三个"}
 
 # The general family phrases things differently, and often names only one group, or leaves out
 # the count or the background, as web captions do.
 GENERAL_TEMPLATES = ("一张{bg}底色的图片，画着{groups}", "{groups}，背景是{bg}", "图中有{groups}，底色{bg}")
 GENERAL_PARTIAL = ("图中有{count}{color}的{shape}", "{color}的{shape}", "{bg}底色上的{color}{shape}")
+FINE_PARTIAL = ("图中有{count}{color}的{size}{shape}", "{where}有{color}的{shape}", "{color}的{size}{shape}",
+                "{bg}底色上的{color}{shape}")
 
 # id ranges: (image id base, text id base) per split / family
 ID_BASES = {
@@ -71,6 +80,7 @@ class Sizes:
     general_train_images: int
     general_valid_images: int
     two_group_fraction: float  # share of scenes with a second group ("...和一个蓝色的圆形")
+    fine: int = 0  # 1: every group also has a size (大/小) and a place (左边/右边/上方/下方)
 
 
 PRESETS = {
@@ -78,8 +88,8 @@ PRESETS = {
     "tiny": Sizes(6, 3, 3, 2, 24, 8, 0.5),
     # a scaled-down end-to-end run (the demo's smoke scale): ~400 images, about a second
     "small": Sizes(40, 12, 12, 3, 160, 40, 0.5),
-    # the demo: big enough for a tiny CLIP to learn visibly
-    "default": Sizes(300, 60, 60, 4, 2400, 240, 0.5),
+    # the demo: fine-grained queries, 300 valid and 300 test ones, so a tiny CLIP stays well below 100
+    "default": Sizes(1200, 300, 300, 3, 4000, 400, 0.5, 1),
 }
 
 
@@ -88,9 +98,11 @@ class Group:
     count: int
     color: str
     shape: str
+    size: str = ""  # fine scenes: 大 | 小
+    where: str = ""  # fine scenes: a key of REGIONS
 
     def phrase(self) -> str:
-        return f"{COUNTS[self.count]}{self.color}的{self.shape}"
+        return f"{COUNTS[self.count]}{self.color}的{self.size}{self.shape}"
 
 
 @dataclass(frozen=True)
@@ -101,7 +113,11 @@ class Scene:
     groups: tuple[Group, ...]
 
     def query(self) -> str:
-        return f"{self.bg}背景上有" + "和".join(g.phrase() for g in self.groups)
+        if not self.groups[0].where:
+            return f"{self.bg}背景上有" + "和".join(g.phrase() for g in self.groups)
+        if len(self.groups) == 1:
+            return f"{self.bg}背景的{self.groups[0].where}有{self.groups[0].phrase()}"
+        return f"{self.bg}背景上，" + "，".join(f"{g.where}是{g.phrase()}" for g in self.groups)
 
     def matches(self, named: dict) -> bool:
         """Does this scene satisfy a (partial) description {"bg"?, "count"?, "color"?, "shape"?}?"""
@@ -110,7 +126,9 @@ class Scene:
         return any(all(getattr(g, k) == v for k, v in named.items() if k != "bg") for g in self.groups)
 
 
-def random_scene(rng: random.Random, p_two: float) -> Scene:
+def random_scene(rng: random.Random, p_two: float, fine: bool = False) -> Scene:
+    if fine:
+        return _fine_scene(rng, p_two)
     bg = rng.choice(list(BACKGROUNDS))
     if rng.random() >= p_two:
         return Scene(bg, (Group(rng.choice(list(COUNTS)), rng.choice(list(COLORS)), rng.choice(SHAPES)),))
@@ -119,6 +137,17 @@ def random_scene(rng: random.Random, p_two: float) -> Scene:
     groups = sorted([Group(rng.randint(1, 2), c1, s1), Group(rng.randint(1, 2), c2, s2)],
                     key=lambda g: (SHAPES.index(g.shape), list(COLORS).index(g.color)))  # one text per scene
     return Scene(bg, tuple(groups))
+
+
+def _fine_scene(rng: random.Random, p_two: float) -> Scene:
+    """Every group with a size and a place; two groups sit in opposite halves and differ in colour."""
+    bg, colors = rng.choice(list(BACKGROUNDS)), list(COLORS)
+    if rng.random() >= p_two:
+        return Scene(bg, (Group(rng.choice(list(COUNTS)), rng.choice(colors), rng.choice(SHAPES),
+                                rng.choice(SIZES), rng.choice(SIDES)),))
+    pair = rng.choice(PAIRS)
+    return Scene(bg, tuple(Group(rng.randint(1, 2), c, rng.choice(SHAPES), rng.choice(SIZES), where)
+                           for c, where in zip(rng.sample(colors, 2), pair)))
 
 
 # ---------------------------------------------------------------- drawing
@@ -163,15 +192,16 @@ def draw_image(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     im = Image.new("RGB", (S, S), _jitter(BACKGROUNDS[scene.bg], rng, 8))
     draw = ImageDraw.Draw(im)
     n_total = sum(g.count for g in scene.groups)
-    lo, hi = _RADIUS[min(n_total, 5)]
     placed: list[tuple[float, float, float]] = []
     for g in scene.groups:
         color = _jitter(COLORS[g.color], rng, 14)
+        lo, hi = FINE_RADIUS[g.size] if g.size else _RADIUS[min(n_total, 5)]
+        x0, x1, y0, y1 = (v * S for v in REGIONS.get(g.where, (0.0, 1.0, 0.0, 1.0)))
         for _ in range(g.count):
             for attempt in range(200):
-                shrink = 1.0 - min(attempt, 150) / 300  # crowded: make shapes smaller
+                shrink = 1.0 - min(attempt, 150) / (300 if not g.size else 1000)  # crowded: make shapes smaller
                 r = rng.uniform(lo, hi) * S * shrink
-                cx, cy = rng.uniform(r + 1, S - r - 1), rng.uniform(r + 1, S - r - 1)
+                cx, cy = rng.uniform(x0 + r + 1, x1 - r - 1), rng.uniform(y0 + r + 1, y1 - r - 1)
                 if all(math.hypot(cx - x, cy - y) > r + rr + 0.04 * S for x, y, rr in placed):
                     break
             placed.append((cx, cy, r))
@@ -238,18 +268,18 @@ def _write_imgs(path: Path, rows: Sequence[tuple[int, bytes]]) -> None:
 def _general_caption(scene: Scene, rng: random.Random) -> tuple[str, dict | None]:
     """A caption in the general family's style; returns (text, named attributes or None if complete)."""
     if rng.random() < 0.5:
-        groups = "和".join(f"{COUNTS[g.count]}{g.color}{g.shape}" for g in scene.groups)
+        groups = "和".join(f"{g.where}{COUNTS[g.count]}{g.color}{g.size}{g.shape}" for g in scene.groups)
         return rng.choice(GENERAL_TEMPLATES).format(bg=scene.bg, groups=groups), None
     g = rng.choice(scene.groups)
-    tpl = rng.choice(GENERAL_PARTIAL)
-    fields = {"bg": scene.bg, "count": COUNTS[g.count], "color": g.color, "shape": g.shape}
-    named = {"bg": scene.bg, "count": g.count, "color": g.color, "shape": g.shape}
+    tpl = rng.choice(FINE_PARTIAL if g.where else GENERAL_PARTIAL)
+    named = {"bg": scene.bg, "count": g.count, "color": g.color, "shape": g.shape, "size": g.size, "where": g.where}
+    fields = {**named, "count": COUNTS[g.count]}
     return tpl.format(**fields), {k: v for k, v in named.items() if "{" + k + "}" in tpl}
 
 
 class _Builder:
-    def __init__(self, out: Path, size: int, seed: int, messy: bool):
-        self.out, self.size, self.seed, self.messy = out, size, seed, messy
+    def __init__(self, out: Path, size: int, seed: int, messy: bool, fine: bool = False):
+        self.out, self.size, self.seed, self.messy, self.fine = out, size, seed, messy, fine
         self.mess_log: dict[str, list[dict]] = {}
 
     def rng(self, *key) -> random.Random:
@@ -290,7 +320,7 @@ class _Builder:
 
     def general_split(self, split: str, n_images: int, p_two: float) -> dict:
         rng = self.rng(split, "scenes")
-        scenes = [random_scene(rng, p_two) for _ in range(n_images)]
+        scenes = [random_scene(rng, p_two, self.fine) for _ in range(n_images)]
         kinds = (MESS[split] if self.messy else ())[:n_images]
         step = max(1, n_images // max(1, len(kinds)))
         mess_at = {i * step: k for i, k in enumerate(kinds)}
@@ -311,12 +341,12 @@ class _Builder:
         return {"queries": len(texts), "images": len(rows)}
 
 
-def _distinct_queries(n: int, rng: random.Random, p_two: float) -> list[Scene]:
+def _distinct_queries(n: int, rng: random.Random, p_two: float, fine: bool = False) -> list[Scene]:
     seen: dict[str, Scene] = {}
     for _ in range(200 * n + 1000):
         if len(seen) == n:
             break
-        s = random_scene(rng, p_two)
+        s = random_scene(rng, p_two, fine)
         seen.setdefault(s.query(), s)
     if len(seen) < n:
         raise SolutionError(f"could not draw {n} distinct queries (try a larger --two-group-fraction)")
@@ -328,7 +358,7 @@ def generate(out_dir, *, preset: str = "default", image_size: int = 64, seed: in
     """Write the demo dataset under ``out_dir``; returns (and writes to ``demo_info.json``) its summary.
 
     Sizes (``train_queries``, ``valid_queries``, ``test_queries``, ``images_per_query``,
-    ``general_train_images``, ``general_valid_images``, ``two_group_fraction``) default to
+    ``general_train_images``, ``general_valid_images``, ``two_group_fraction``, ``fine``) default to
     ``PRESETS[preset]``; one given (not None) overrides its preset value. The same arguments always
     give byte-identical files.
     """
@@ -344,16 +374,15 @@ def generate(out_dir, *, preset: str = "default", image_size: int = 64, seed: in
         raise SolutionError("the general family needs at least one image per split")
     if max(sz.train_queries, sz.valid_queries, sz.test_queries, sz.general_train_images, sz.general_valid_images) > 10_000:
         raise SolutionError("at most 10,000 queries (or general images) per split: each split has its own id range")
-    if not 0.0 <= sz.two_group_fraction <= 1.0:
-        raise SolutionError(f"two-group fraction must lie in [0, 1], got {sz.two_group_fraction}")
+    if not 0.0 <= sz.two_group_fraction <= 1.0 or sz.fine not in (0, 1):
+        raise SolutionError(f"two-group fraction must lie in [0, 1] and fine be 0 or 1, got {sz.two_group_fraction}"
+                            f" and {sz.fine}")
     if image_size < 16:
         raise SolutionError(f"image size {image_size} is too small (at least 16 px)")
-
     out = Path(out_dir)
     (out / "general").mkdir(parents=True, exist_ok=True)
-    b = _Builder(out, image_size, seed, messy)
-    n_test, n_valid = sz.test_queries, sz.valid_queries
-    pool = _distinct_queries(n_test + n_valid + sz.train_queries, b.rng("queries"), sz.two_group_fraction)
+    b, n_test, n_valid = _Builder(out, image_size, seed, messy, bool(sz.fine)), sz.test_queries, sz.valid_queries
+    pool = _distinct_queries(n_test + n_valid + sz.train_queries, b.rng("queries"), sz.two_group_fraction, b.fine)
     splits = {  # disjoint query sets: consecutive slices of one list of distinct queries
         "train": b.muge_split("train", pool[n_test + n_valid:], sz.images_per_query),
         "valid": b.muge_split("valid", pool[n_test:n_test + n_valid], sz.images_per_query),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import mmap
 import multiprocessing as mp
 import os
 import threading
 from array import array
 from collections import deque
+from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -36,8 +38,9 @@ def init_worker(opts: dict) -> None:
     _OPTS.update(opts)
 
 
-def clean_tsv_line(lineno: int, line: bytes) -> tuple:
-    """One TSV line -> (line number, image_id, status, reason, detail, actions, format, base64 or None)."""
+def clean_tsv_line(lineno: int, line: bytes, opts: dict | None = None) -> tuple:
+    """One TSV line -> (line number, image_id, status, reason, detail, actions, format, base64 or None);
+    ``opts`` (default: the worker's) are :func:`~.images.clean_b64`'s keywords."""
     try:
         parts = line.rstrip(b"\r").split(b"\t")
         if len(parts) != 2:
@@ -47,7 +50,7 @@ def clean_tsv_line(lineno: int, line: bytes) -> tuple:
             image_id = int(parts[0])
         except ValueError:
             return (lineno, None, "skipped", "bad_id", f"image id {parts[0][:40]!r} is not an integer", [], None, None)
-        r = clean_b64(parts[1], **_OPTS)
+        r = clean_b64(parts[1], **(_OPTS if opts is None else opts))
         return (lineno, image_id, r.status, r.reason, r.detail, r.actions, r.format, r.data)
     except Exception as e:  # noqa: BLE001 - never let one line kill the pool
         return (lineno, None, "skipped", "corrupt", f"{type(e).__name__}: {e}", [], None, None)
@@ -67,8 +70,9 @@ class Block(NamedTuple):
     js: array                         # and its line j
 
 
-def check_tsv_block(block: bytes, offset: int = 0) -> Block:
-    """Check a block of whole TSV lines that starts at byte ``offset`` of the file.
+def check_tsv_block(block: bytes, offset: int = 0, opts: dict | None = None) -> Block:
+    """Check a block of whole TSV lines that starts at byte ``offset`` of the file (``opts``: the
+    cleaning options, default the worker's).
 
     A plain line is ``digits<TAB>base64[CR]`` (a canonical decimal id, one tab, strict base64) whose
     image is kept exactly as it is: only its id and where its base64 lies in the file travel back,
@@ -80,8 +84,9 @@ def check_tsv_block(block: bytes, offset: int = 0) -> Block:
     each line costs a header walk (:func:`solution.data.jpeg.jpeg_b64_span`); nothing is decoded but
     the JPEG headers and tails.
     """
-    structural = _OPTS.get("check", CHECKS[0]) == "structural"
-    max_side, max_pixels = _OPTS.get("max_side"), _OPTS.get("max_pixels", DEFAULT_MAX_PIXELS)
+    opts = _OPTS if opts is None else opts
+    structural = opts.get("check", CHECKS[0]) == "structural"
+    max_side, max_pixels = opts.get("max_side"), opts.get("max_pixels", DEFAULT_MAX_PIXELS)
     special: dict[int, tuple | None] = {}
     ids, starts, stops, js = array("q"), array("q"), array("q"), array("q")
     lefts = block.translate(None, B64_ALPHABET).split(b"\n") if structural else None
@@ -107,7 +112,7 @@ def check_tsv_block(block: bytes, offset: int = 0) -> Block:
                 stop = e - 1 if e > t + 1 and block[e - 1] == 13 else e  # CR LF
                 b64 = block[t + 1:stop]
                 try:
-                    r = clean_b64(b64, **_OPTS)
+                    r = clean_b64(b64, **opts)
                     if r.status == "kept" and r.data is b64:
                         ids.append(int(block[s:t]))
                         starts.append(offset + t + 1)
@@ -121,7 +126,7 @@ def check_tsv_block(block: bytes, offset: int = 0) -> Block:
                 s, j = e + 1, j + 1
                 continue
         line = block[s:e]
-        special[j] = clean_tsv_line(j, line) if line.strip() else None
+        special[j] = clean_tsv_line(j, line, opts) if line.strip() else None
         s, j = e + 1, j + 1
     return Block(j, special, ids, starts, stops, js)
 
@@ -163,7 +168,7 @@ def texts_task(texts_path: str, split_dir: str) -> tuple[int, dict, list[dict], 
     the texts refer to (the parent checks those against the images it kept)."""
     split = load_muge_texts(SplitInput("", None, texts_path=Path(texts_path)))
     led = Ledger("", split.texts)
-    n = write_pairs(split_dir, led.pairs([], [], optimistic=True))
+    n = write_pairs(split_dir, led.pairs([], [], optimistic=True), exact=True)
     return n, dict(led.counts), split.problems, array("q", led.referenced())
 
 
@@ -175,9 +180,11 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def cleaning(func, items: Iterable, workers: int, opts: dict, task=None, local=None, ahead: int = 4, side=None):
+def cleaning(func, items: Iterable, workers: int, opts: dict, task=None, local=None, ahead: int = 4, side=None,
+             first: tuple | None = None):
     """Yield ``(results, side_result)``: ``results`` iterates ``(item, func(task(item)))`` in input order,
-    computed on ``workers`` processes (``local(item)`` in this process when ``workers <= 1``);
+    computed on ``workers`` processes (``local(item)`` in this process when ``workers <= 1``), after
+    ``first``, an ``(item, result)`` the caller computed already;
     ``side = (fn, args)`` is one more task handed to the workers first, ``side_result`` its
     ``AsyncResult`` (None in-process: the caller runs it itself).
 
@@ -188,7 +195,7 @@ def cleaning(func, items: Iterable, workers: int, opts: dict, task=None, local=N
     """
     if workers <= 1:
         init_worker(opts)
-        yield ((b, (local or func)(b)) for b in items), None
+        yield chain([first] if first else [], ((b, (local or func)(b)) for b in items)), None
         return
     window, stop = threading.Semaphore(workers * ahead), threading.Event()
     pending: deque = deque()
@@ -202,11 +209,21 @@ def cleaning(func, items: Iterable, workers: int, opts: dict, task=None, local=N
             yield task(b) if task else b
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=init_worker, initargs=(opts,)) as pool:
+    freeze = gc.get_freeze_count() == 0  # (a caller that froze objects itself is left as it is)
+    if freeze:
+        gc.freeze()  # the forked workers' collections skip what they inherit (no copy-on-write of its pages)
+    try:
+        pool = ctx.Pool(workers, initializer=init_worker, initargs=(opts,))
+    finally:
+        if freeze:
+            gc.unfreeze()  # this process: as before
+    with pool:
         side_result = pool.apply_async(*side) if side else None
         started = pool.imap(func, throttled(), 1)  # a pool thread starts handing out tasks now
 
         def results():
+            if first:
+                yield first
             for r in started:
                 window.release()
                 yield pending.popleft(), r

@@ -4,7 +4,9 @@ A member is fingerprinted as a soup ingredient is (:func:`solution.soups.ingredi
 the digest of its weights), loaded with :func:`solution.model.load_model` and encoded with its own
 prompt, context length and resolution (:mod:`solution.retrieval.encode`); its gallery features come
 from the image-feature cache (:mod:`solution.retrieval.cache`). Members may differ in architecture
-and embedding width: fusion works on scores, never on features.
+and embedding width: fusion works on scores, never on features. Flip test-time augmentation
+(``tta = "flip"``) ranks against each member's gallery averaged with the features of the horizontally
+flipped images (cached under their own key), L2-normalised again (:func:`flip_average`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from solution.soups.ingredients import inspect_checkpoint
 
 log = logging.getLogger(__name__)
 
+TTAS = ("none", "flip")
+
 
 @dataclasses.dataclass
 class Member:
@@ -39,6 +43,16 @@ class Member:
     queries: np.ndarray
     bank: np.ndarray | None = None
     cache: str = "off"
+    flipped: np.ndarray | None = None  # features of the flipped gallery images (flip TTA), same ids
+    flip_cache: str | None = None
+
+    def gallery_for(self, tta: str) -> np.ndarray:
+        """The gallery features ranked under test-time augmentation ``tta`` (``none`` or ``flip``)."""
+        if tta == "none":
+            return self.gallery
+        if tta != "flip" or self.flipped is None:
+            raise SolutionError(f"member {self.path}: no {tta!r} gallery features encoded")
+        return flip_average(self.gallery, self.flipped)
 
     def record(self) -> dict:
         """What ``ensemble.json`` says about the member (its weights by fingerprint, and how it encodes)."""
@@ -57,6 +71,12 @@ class Encoding:
     precision: str = "fp32"
     batch_size: int = 64
     cache_dir: str | None = None
+
+
+def flip_average(plain: np.ndarray, flipped: np.ndarray) -> np.ndarray:
+    """Flip TTA of L2-normalised image features: ``plain + flipped``, L2-normalised again (float32)."""
+    s = np.asarray(plain, dtype=np.float32) + np.asarray(flipped, dtype=np.float32)
+    return s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), np.float32(1e-12))
 
 
 def fingerprint(path: str) -> str:
@@ -81,10 +101,12 @@ def verify_fingerprint(record: dict) -> None:
 
 
 def encode_member(path: str, split: LMDBSplit, texts: Sequence[str], enc: Encoding, *,
-                  bank_texts: Sequence[str] | None = None, known_fingerprint: str | None = None) -> Member:
+                  bank_texts: Sequence[str] | None = None, known_fingerprint: str | None = None,
+                  flip: bool = False) -> Member:
     """Load ``path`` and encode the split's gallery (cached), the query ``texts`` and the ``bank_texts``.
 
     ``known_fingerprint``: the digest already checked by :func:`verify_fingerprint` (not hashed again).
+    ``flip``: also the gallery's flipped images (cached under their own key), for flip TTA.
     """
     fp = known_fingerprint or fingerprint(path)
     try:
@@ -94,11 +116,15 @@ def encode_member(path: str, split: LMDBSplit, texts: Sequence[str], enc: Encodi
         ids, gallery, info = cached_image_features(model, split, config, cache_dir=enc.cache_dir, **kw)
         queries = encode_texts(model, texts, config, **kw)
         bank = encode_texts(model, bank_texts, config, **kw) if bank_texts is not None else None
+        fids, flipped, finfo = (cached_image_features(model, split, config, cache_dir=enc.cache_dir, flip=True, **kw)
+                                if flip else (ids, None, {"cache": None}))
+        if not np.array_equal(fids, ids):
+            raise SolutionError(f"its flipped images decode as {len(fids)} images, not {len(ids)}")
     except (SolutionError, PromptError, OSError, RuntimeError, ValueError, KeyError) as e:
         raise SolutionError(f"member {path} cannot encode {split.split_dir}: {e}") from None
-    log.info("member %s (%s, %d-d): %d queries, %d images (cache %s)", path, config.arch, gallery.shape[1],
-             len(queries), len(ids), info["cache"])
-    return Member(str(path), fp, config, ids, gallery, queries, bank, info["cache"])
+    log.info("member %s (%s, %d-d): %d queries, %d images (cache %s%s)", path, config.arch, gallery.shape[1],
+             len(queries), len(ids), info["cache"], f", flipped: {finfo['cache']}" if flip else "")
+    return Member(str(path), fp, config, ids, gallery, queries, bank, info["cache"], flipped, finfo["cache"])
 
 
 def check_galleries(members: Sequence[Member]) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Every flag and the output folder are checked before any model loads; then each member is encoded
 (:mod:`.members`), the galleries compared, the choice made on the selection queries
-(:mod:`.selection`: ``--select-split F`` draws them as the soup does, ``--folds K`` cross-fits) and
+(:mod:`.selection`: ``--select-split F`` draws them as the soup does, ``--folds K`` cross-fits;
+``flip`` among ``--rerank`` also encodes each member's flipped gallery and tries flip TTA) and
 every member and the ensemble scored on the selection, report and all queries. Written last, each
 atomically: ``ensemble_log.jsonl`` (one line per candidate tried), ``selection.png`` and
 ``ensemble.json`` (:mod:`.spec`).
@@ -23,7 +24,7 @@ from solution.retrieval.manifest import now
 from solution.retrieval.stats import query_hits
 from solution.soups.scoring import ValData
 
-from .members import Encoding, check_galleries, encode_member
+from .members import TTAS, Encoding, check_galleries, encode_member
 from .selection import Choice, Plan, Problem, choose
 from .spec import LOG_NAME, NAME, PLOT_NAME, write_ensemble
 
@@ -50,8 +51,8 @@ class EnsembleOptions:
     command: tuple = ()
 
 
-def check_options(o: EnsembleOptions) -> tuple[str, ...]:
-    """Refuse bad flags before any work; the re-rankers to try."""
+def check_options(o: EnsembleOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Refuse bad flags before any work; the re-rankers and the test-time augmentations to try."""
     if not o.members:
         raise SolutionError("--members is empty")
     if o.weights is not None:
@@ -62,16 +63,18 @@ def check_options(o: EnsembleOptions) -> tuple[str, ...]:
     if o.norm not in NORMS:
         raise SolutionError(f"unknown --norm {o.norm!r}; choose from {', '.join(NORMS)}")
     rerank = tuple(dict.fromkeys(r for r in o.rerank if r != "none"))
+    tta = tuple(r for r in rerank if r in TTAS)
+    rerank = tuple(r for r in rerank if r not in TTAS)
     bad = [r for r in rerank if r not in RERANKERS]
     if bad:
-        raise SolutionError(f"unknown --rerank {bad[0]!r}; choose from {', '.join(RERANKERS)}")
+        raise SolutionError(f"unknown --rerank {bad[0]!r}; choose from {', '.join((*RERANKERS, *TTAS[1:]))}")
     if "qb_norm" in rerank and not o.bank:
         raise SolutionError("--rerank qb_norm needs --bank (a texts JSONL, e.g. the training texts)")
     if o.folds is not None and o.folds < 2:
         raise SolutionError(f"--folds must be at least 2, got {o.folds}")
     if o.max_rounds < 0 or o.encoding.batch_size < 1:
         raise SolutionError("--max-rounds must be >= 0 and --batch-size >= 1")
-    return rerank
+    return rerank, tta
 
 
 def _check_split(fraction: float | None, n: int) -> None:
@@ -136,7 +139,7 @@ def _write_hits(out: Path, problem: Problem, choice: Choice, text_ids: list[int]
 
 def make_ensemble(o: EnsembleOptions) -> dict:
     """Select an ensemble and write its folder; returns the ``ensemble.json`` content."""
-    rerankers = check_options(o)
+    rerankers, tta = check_options(o)
     out = check_output(o.output, inputs=o.members, what="--output", is_dir=True)
     for name in (NAME, LOG_NAME, PLOT_NAME):
         check_output(out / name, inputs=o.members, what="--output's file")
@@ -147,14 +150,16 @@ def make_ensemble(o: EnsembleOptions) -> dict:
     if o.select_split:
         val = ValData(o.val_data, None, o.select_split, o.seed)
     bank = [r.text for r in read_texts(o.bank)] if o.bank else None
-    members = [encode_member(p, val.split, val.queries.texts, enc, bank_texts=bank) for p in o.members]
+    members = [encode_member(p, val.split, val.queries.texts, enc, bank_texts=bank, flip="flip" in tta)
+               for p in o.members]
     gallery_ids = check_galleries(members)
     q = val.queries
     problem = Problem([m.queries for m in members], [m.gallery for m in members],
                       gold_rows(q.text_ids, gallery_ids, q.gold), [m.bank for m in members] if bank else None,
-                      device=enc.device, bank_topk=o.bank_topk)
+                      device=enc.device, bank_topk=o.bank_topk,
+                      flipped=[m.gallery_for("flip") for m in members] if tta else None)
     parts = _parts(val, q.text_ids)
-    plan = Plan(o.norm, o.weights, rerankers, o.max_rounds, o.bank_topk)
+    plan = Plan(o.norm, o.weights, rerankers, o.max_rounds, o.bank_topk, tta)
     records: list = []
     choice, select_score, cross = choose(problem, parts["select"], plan, o.folds, o.seed, records)
     scores = _score_all(problem, choice, parts)
@@ -169,7 +174,7 @@ def make_ensemble(o: EnsembleOptions) -> dict:
     write_jsonl(out / LOG_NAME, records)
     _plot(out / PLOT_NAME, members, scores, [p for p in ("select", "report") if scores.get(p)])
     write_ensemble(out / NAME, spec)
-    log.info("ensemble %s: weights %s, %s, re-ranker %s; select %.2f%s", out, spec["weights"], o.norm,
-             spec["rerank"]["method"], scores["select"]["mean_recall"],
+    log.info("ensemble %s: weights %s, %s, tta %s, re-ranker %s; select %.2f%s", out, spec["weights"], o.norm,
+             spec["tta"], spec["rerank"]["method"], scores["select"]["mean_recall"],
              f", report {scores['report']['mean_recall']:.2f}" if scores.get("report") else "")
     return spec

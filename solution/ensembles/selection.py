@@ -3,7 +3,8 @@
 Each member contributes a ``[Q, G]`` score matrix (its query features against its own gallery
 features). :func:`select` makes the choice on a set of query rows with :mod:`solution.retrieval.fusion`:
 the softmax normalisation's temperature (fitted with uniform weights), the weights by Caruana's forward
-selection with replacement (or fixed by hand), then each re-ranker's temperature on its grid (0 = off
+selection with replacement (or fixed by hand), flip test-time augmentation of the image features (kept
+only when it strictly beats the score without it), then each re-ranker's temperature on its grid (0 = off
 first); a re-ranker is kept only when it strictly beats the fused score without it. :func:`choose`
 adds the ``--folds K`` cross-fitting (:func:`solution.retrieval.stats.crossfit`) and the refit on all
 selection queries. Every candidate tried becomes one log record.
@@ -36,10 +37,11 @@ class Choice:
     norm_temperature: float = 1.0
     rerank: str = "none"
     temperature: float = 0.0
+    tta: str = "none"  # test-time augmentation of the image features: none | flip
 
     def record(self) -> dict:
         return {"weights": [float(w) for w in self.weights], "norm": self.norm,
-                "norm_temperature": self.norm_temperature if self.norm == "softmax" else None,
+                "norm_temperature": self.norm_temperature if self.norm == "softmax" else None, "tta": self.tta,
                 "rerank": {"method": self.rerank if self.temperature > 0 else "none",
                            "temperature": self.temperature}}
 
@@ -53,15 +55,19 @@ class Plan:
     rerankers: tuple = ()
     max_rounds: int = 20
     bank_topk: int | None = None
+    tta: tuple = ()  # test-time augmentations to try ("flip")
 
 
 class Problem:
-    """Members' query and gallery (and bank) features with the gold gallery indices of each query row."""
+    """Members' query and gallery (and bank) features with the gold gallery indices of each query row;
+    ``flipped``: each member's flip-TTA gallery (:func:`solution.ensembles.members.flip_average`)."""
 
     def __init__(self, queries: Sequence[np.ndarray], galleries: Sequence[np.ndarray], gold: Sequence[set],
-                 banks: Sequence[np.ndarray] | None = None, *, device="cpu", bank_topk: int | None = None):
+                 banks: Sequence[np.ndarray] | None = None, *, device="cpu", bank_topk: int | None = None,
+                 flipped: Sequence[np.ndarray] | None = None):
         self.queries, self.galleries, self.gold = list(queries), list(galleries), list(gold)
         self.banks = list(banks) if banks is not None else None
+        self.flipped = list(flipped) if flipped is not None else None
         self.device, self.bank_topk = device, bank_topk
         self.k = min(max(KS), self.galleries[0].shape[0])
 
@@ -71,10 +77,13 @@ class Problem:
 
     def ranked(self, choice: Choice, rows: np.ndarray) -> np.ndarray:
         """Top-k gallery indices of ``rows`` under ``choice`` (dual softmax's bank: these rows themselves)."""
-        members = [(q[rows], g) for q, g in zip(self.queries, self.galleries)]
+        if choice.tta == "flip" and self.flipped is None:
+            raise SolutionError("flip TTA asked but no flipped gallery features were encoded")
+        galleries = self.flipped if choice.tta == "flip" else self.galleries
+        members = [(q[rows], g) for q, g in zip(self.queries, galleries)]
         bank = None
         if choice.rerank == "qb_norm" and choice.temperature > 0:
-            bank = [(b, g) for b, g in zip(self.banks, self.galleries)]
+            bank = [(b, g) for b, g in zip(self.banks, galleries)]
         _, idx = rerank_topk(members, self.k, np.asarray(choice.weights), method=choice.rerank,
                              temperature=choice.temperature, bank=bank, bank_topk=self.bank_topk,
                              norm=choice.norm, norm_temperature=choice.norm_temperature, device=self.device)
@@ -117,6 +126,12 @@ def select(problem: Problem, rows: np.ndarray, plan: Plan, records: list, tag: d
         records.extend({**tag, "stage": "weights", **r, "weights": (np.asarray(r["counts"]) / sum(r["counts"])).tolist()}
                        for r in sel.trajectory)
         choice, score = dataclasses.replace(choice, weights=tuple(sel.weights.tolist())), sel.score
+    for tta in plan.tta:
+        trial = dataclasses.replace(choice, tta=tta)
+        s = problem.score(trial, rows)
+        records.append({**tag, "stage": "tta", "method": tta, "score": s, "accepted": s > score})
+        if s > score:  # strictly better only
+            choice, score = trial, s
     best = (choice, score)
     for method in plan.rerankers:
         t, recs = fit_temperature(lambda t: problem.score(dataclasses.replace(choice, rerank=method, temperature=t),

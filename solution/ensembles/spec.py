@@ -2,7 +2,8 @@
 
 ``{"version": 1, "members": [{path, fingerprint, arch, vision_model, text_model, context_length,
 text_prompt, image_resolution, embed_dim}], "weights": [floats summing to 1], "norm":
-"none"|"zscore"|"softmax", "norm_temperature": float|null, "rerank": {"method", "temperature",
+"none"|"zscore"|"softmax", "norm_temperature": float|null, "tta": "none"|"flip" (flip test-time
+augmentation of the image features; absent: none), "rerank": {"method", "temperature",
 "bank": texts JSONL|null, "bank_topk": int|null}, "scores": {"select"|"report"|"all": {r1, r5, r10,
 mean_recall, queries_scored}|null, "members": [{"select", "report", "all"} per member]}, "crossfit":
 {folds, seed, fold_scores, mean, low, high, interval, choices}|null, "hits": {"ensemble"|"memberI":
@@ -18,6 +19,8 @@ import numpy as np
 
 from solution.common import SolutionError, write_json
 from solution.retrieval.fusion import NORMS, RERANKERS, check_weights
+
+from .members import TTAS
 
 NAME, LOG_NAME, PLOT_NAME = "ensemble.json", "ensemble_log.jsonl", "selection.png"
 VERSION = 1
@@ -49,6 +52,9 @@ def read_ensemble(path: str | os.PathLike) -> dict:
     if spec.get("norm") not in NORMS or rerank.get("method", "none") not in RERANKERS:
         raise SolutionError(f"{path}: unknown normalisation {spec.get('norm')!r} or re-ranker {rerank.get('method')!r}")
     spec["rerank"] = {"method": "none", "temperature": 0.0, "bank": None, "bank_topk": None, **rerank}
+    spec["tta"] = spec.get("tta") or "none"
+    if spec["tta"] not in TTAS:
+        raise SolutionError(f"{path}: unknown test-time augmentation {spec['tta']!r}; choose from {', '.join(TTAS)}")
     return spec
 
 

@@ -28,11 +28,15 @@ from .registry import ModelConfig, known_configs, model_info, read_config, text_
 log = logging.getLogger(__name__)
 
 
-def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict:
-    """Load a checkpoint as data (``weights_only=True``); one clear error for anything else.
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict:
+    """Load a checkpoint as data (``weights_only=True``, on the CPU); one clear error for anything else.
 
-    ``mmap=True`` maps the tensors from the file instead of reading them all (pages are read on
-    use): the soup reads configs and streams weights of many large files without holding them.
+    ``mmap`` (the default) maps the tensors of a zip-format file (every ``torch.save`` since 1.6)
+    instead of reading them all: pages are read on use and belong to the page cache, so a start
+    checkpoint copied into a model (or onto a GPU) and then dropped never holds a second copy in
+    the process, and the soup streams the weights of many large files. The mapping is private
+    (copy-on-write): writing to a loaded tensor never changes the file. A legacy (pre-zip) file
+    cannot be mapped and is read whole.
     """
     path = Path(path)
     if not path.is_file():
@@ -40,12 +44,7 @@ def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict:
     if path.stat().st_size == 0:
         raise SolutionError(f"checkpoint {path} is empty")
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
     except Exception as e:  # truncated zip, not a torch file, or code inside
         raise SolutionError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if isinstance(ckpt, dict) and "state_dict" not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -53,6 +52,12 @@ def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise SolutionError(f"{path} has no 'state_dict': not a CLIP checkpoint")
     return ckpt
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether ``path`` is a zip-format torch file (what ``torch.load(mmap=True)`` can map)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: ModelConfig, *,

@@ -1,6 +1,6 @@
-"""``REPORT.md`` for a demo (or any) run: the score table, the comparison table of the runs, soups
-and study (:func:`solution.report.compare.compare`, also written to ``compare.md``), the plots, and
-an embedding map.
+"""``REPORT.md`` for a demo (or any) run: the score table with paired-bootstrap intervals and a
+paragraph on them (:mod:`.demo_scores`), the comparison table of the runs, soups, study and ensembles
+(:func:`solution.report.compare.compare`, also written to ``compare.md``), the plots, and an embedding map.
 
 The embedding map is a PCA of image and text features of a few validation queries, coloured
 by query, for the starting model and the final one: fine-tuning should pull each query's texts
@@ -19,24 +19,11 @@ from solution.common import atomic_path
 from solution.formats.runs import METRICS
 from solution.plots import save_png
 from .compare import compare, table
+from .demo_scores import in_words as scores_in_words, intervals, reference, score_table
 from .runs import collect
 from .significance import in_words
 
 log = logging.getLogger(__name__)
-
-
-def score_table(results: Mapping[str, dict]) -> str:
-    head = "| model | valid R@1 | valid R@5 | valid R@10 | valid MR | test R@1 | test R@5 | test R@10 | test MR |"
-    lines = [head, "|" + "---|" * 9]
-    best_valid = max((r["valid"]["mean_recall"] for k, r in results.items() if k != "final"), default=None)
-    for name, r in results.items():
-        if name == "final":
-            continue
-        v, t = r["valid"], r["test"]
-        mark = " **(best valid)**" if v["mean_recall"] == best_valid else ""
-        lines.append(f"| {name}{mark} | {v['r1']:.2f} | {v['r5']:.2f} | {v['r10']:.2f} | {v['mean_recall']:.2f} "
-                     f"| {t['r1']:.2f} | {t['r5']:.2f} | {t['r10']:.2f} | {t['mean_recall']:.2f} |")
-    return "\n".join(lines)
 
 
 def embedding_map(checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Path, *, n_queries: int = 10,
@@ -86,12 +73,25 @@ def _collect_pngs(src: Path, dst: Path, prefix: str) -> list[Path]:
     return found
 
 
+def _scores_section(results: Mapping[str, dict], final_name: str | None) -> list[str]:
+    rows = {k: r for k, r in results.items() if k != "final"}
+    ref = reference(rows)
+    ivs = intervals(rows, ref) if ref else {}
+    return [score_table(rows, ivs, ref), "",
+            "`vs best single`: the row's mean recall minus the reference's (points of percent) with its 95% "
+            "paired-bootstrap interval over the same queries; `*`: the interval excludes 0 (a real difference).", "",
+            scores_in_words(rows, ivs, ref, final_name), ""]
+
+
 def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, soups: Path | None, base: Path,
-                 final: Path, lmdb_valid: str, device: str = "cpu", elapsed: float | None = None) -> Path:
+                 final: Path, lmdb_valid: str, device: str = "cpu", elapsed: float | None = None,
+                 ensembles: Path | None = None) -> Path:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     runs = sorted(p for p in (out / "runs").glob("*") if (p / METRICS).is_file())
     sources = [str(p) for p in runs] + ([str(soups)] if soups else []) + ([str(study)] if study else [])
+    ens = sorted(p for p in ensembles.glob("*") if (p / "ensemble.json").is_file()) if ensembles else []
+    sources += [str(p) for p in ens]
     table_md = words = ""
     try:
         table_md = compare(sources, plot_path=plots / "compare.png", output=out / "compare.md")
@@ -100,6 +100,8 @@ def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, 
         log.warning("compare failed: %s", e)
     pngs = [plots / "compare.png"] if (plots / "compare.png").is_file() else []
     pngs += _collect_pngs(study, plots, "search") if study else []
+    for e in ens:
+        pngs += _collect_pngs(e, plots, f"ensemble-{e.name}")
     for run in runs:
         pngs += _collect_pngs(run, plots, f"run-{run.name}")
     emb = embedding_map({"base (before fine-tuning)": base, "final (greedy soup)": final}, lmdb_valid,
@@ -107,18 +109,20 @@ def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, 
     pngs.append(emb)
 
     final_row = results.get("final", {})
+    final_name = next((k for k, r in results.items() if k != "final" and r == final_row), None)
     lines = ["# Demo report", "",
              "Everything below was produced by `bash scripts/demo.sh` on this machine"
              + (f"; this invocation took {elapsed / 60:.1f} minutes (a re-run reuses finished stages, so only a "
                 "first run's time is the cost of the whole flow)." if elapsed else "."),
              "Scores are text->image recall in percent (MUGE metric: MR = mean of R@1, R@5, R@10). "
-             "`valid` is the demo's validation split (the soups were chosen on half of its queries); "
-             "`test` is scored by the offline evaluator against `test_answers.jsonl`, as a submission.", "",
-             score_table(results), "",
+             "`valid` is the demo's validation split (the soups and ensembles were chosen on it, cross-fitted); "
+             "`test` is scored by the offline evaluator against `test_answers.jsonl`, as a submission "
+             "(ensembles: `predict --ensemble`).", "",
+             *_scores_section(results, final_name),
              f"Submission: `submissions/demo_test.jsonl` from `{final_row.get('checkpoint', final)}` "
              f"(test MR {final_row.get('test', {}).get('mean_recall', float('nan')):.2f}).", ""]
     if table_md:
-        lines += ["## Runs, soups and search (python -m solution.compare)", "", table_md.strip(), "",
+        lines += ["## Runs, soups, search and ensembles (python -m solution.compare)", "", table_md.strip(), "",
                   "`vs_ref`: mean-recall difference to the best single model, `ci_low`/`ci_high` its 95% "
                   "paired-bootstrap interval over queries, `significant` = no where it contains 0.", ""]
         lines += [words, ""] if words else []

@@ -5,7 +5,9 @@ Entries live in a cache folder (default ``$SOLUTION_CACHE_DIR`` or
 ``.meta.json``, written by :func:`solution.formats.features.save_features`). The key is made of
 the vision tower's weights (all an image feature depends on), the image LMDB's content digest
 (:meth:`solution.data.lmdb_io.LMDBSplit.images_digest`, every key and value: the one identity of an
-LMDB), the resolution and the effective precision and device type. An unreadable entry is
+LMDB), the resolution and the effective precision and device type, and for the features of the
+horizontally flipped images (``flip=True``, flip test-time augmentation) a ``flip`` part, so plain
+and flipped features never share an entry (plain keys are unchanged). An unreadable entry is
 re-encoded (with a warning).
 """
 from __future__ import annotations
@@ -37,8 +39,9 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cnclip-solution" / "image_feats"
 
 
-def image_cache_key(model, config: ModelConfig, split: LMDBSplit, device, precision: str) -> tuple[str, dict]:
-    """``(key, the parts it hashes)`` of a gallery encoded by ``model``'s vision tower."""
+def image_cache_key(model, config: ModelConfig, split: LMDBSplit, device, precision: str, flip: bool = False
+                    ) -> tuple[str, dict]:
+    """``(key, the parts it hashes)`` of a gallery encoded by ``model``'s vision tower (``flip``: mirrored)."""
     parts = {
         "version": CACHE_VERSION,
         "visual_sha256": state_dict_digest(model.visual.state_dict()),
@@ -46,6 +49,7 @@ def image_cache_key(model, config: ModelConfig, split: LMDBSplit, device, precis
         "images_sha256": split.images_digest(),
         "precision": effective_precision(device, precision),
         "device_type": torch.device(device).type,
+        **({"flip": True} if flip else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40], parts
 
@@ -61,13 +65,17 @@ def _read_entry(fpath: Path, ipath: Path) -> tuple[np.ndarray, np.ndarray] | Non
 
 
 def cached_image_features(model, split: LMDBSplit, config: ModelConfig, *, cache_dir: str | os.PathLike | None,
-                          device, precision: str, **encode_kw) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``encode_images`` through the cache: ``(ids, feats, info)`` with ``info["cache"]`` hit|miss|off."""
+                          device, precision: str, flip: bool = False, **encode_kw
+                          ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``encode_images`` through the cache: ``(ids, feats, info)`` with ``info["cache"]`` hit|miss|off.
+
+    ``flip``: the features of the horizontally flipped images, under their own key."""
+    encode_kw.update(device=device, precision=precision, **({"flip": True} if flip else {}))
     if cache_dir is None:
-        ids, feats = encode_images(model, split, config, device=device, precision=precision, **encode_kw)
+        ids, feats = encode_images(model, split, config, **encode_kw)
         return ids, feats, {"cache": "off"}
     t0 = time.perf_counter()
-    key, parts = image_cache_key(model, config, split, device, precision)
+    key, parts = image_cache_key(model, config, split, device, precision, flip)
     log.info("image cache key %s (%.1f s to hash weights and images)", key[:12], time.perf_counter() - t0)
     stem = Path(cache_dir) / f"img_{key}"
     fpath, ipath, _ = feature_paths(str(stem) + ".npy")
@@ -78,7 +86,7 @@ def cached_image_features(model, split: LMDBSplit, config: ModelConfig, *, cache
             log.info("image features from the cache (%d images): %s", len(entry[0]), fpath)
             return *entry, {**info, "cache": "hit"}
         log.warning("unreadable cache entry %s; re-encoding", fpath)
-    ids, feats = encode_images(model, split, config, device=device, precision=precision, **encode_kw)
+    ids, feats = encode_images(model, split, config, **encode_kw)
     save_features(str(stem) + ".npy", "image", ids, feats, fmt="npy",
                   meta={"cache_key_parts": parts, "split_dir": str(split.split_dir)})
     return ids, feats, info

@@ -6,7 +6,10 @@ with a warning). Every input is read (texts by :func:`solution.formats.muge.read
 output checked before the model loads (an output that is an input, a folder, under a file, or
 both the image and the text output is refused with one line), so a bad command writes nothing.
 Image features go through the cache of :mod:`.cache`; each feature file records its provenance
-(:func:`.manifest.feature_provenance`).
+(:func:`.manifest.feature_provenance`). The model math runs under :func:`.precision.model_math` (TF32
+on CUDA). With ``torchcompile`` both towers are compiled (:mod:`.compiled`; refused before anything
+loads where that cannot work); the compile seconds are logged and left out of the texts/s and
+images/s rates (``seconds`` stays the wall time, ``compile_seconds`` beside it).
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ from solution.formats.muge import read_texts
 from solution.model import load_model
 
 from .cache import cached_image_features
+from .compiled import CompileClock, check_compile, compile_towers
 from .encode import encode_texts
 from .manifest import feature_provenance
-from .precision import effective_precision
+from .precision import effective_precision, model_math
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ class Extraction:
     cache_dir: str | None = None  # None: no image cache
     progress: bool = False
     attn_impl: str = "sdpa"  # text-tower attention (solution.model.ATTN_IMPLS)
+    torchcompile: bool = False  # torch.compile both towers (compile time logged, kept out of the rates)
+    torchcompile_backend: str = "inductor"  # tests: aot_eager / eager
 
 
 def _inputs(job: Extraction) -> tuple[list[int] | None, list[str] | None, LMDBSplit | None]:
@@ -82,23 +88,35 @@ def _load(job: Extraction, precision: str):
     except PromptError as e:
         raise SolutionError(str(e)) from None
     model.eval()
+    if job.torchcompile:
+        compile_towers(model, job.device, job.torchcompile_backend)
     log.info("loaded %s (%s, context %d, prompt %r) on %s, %s, in %.1f s", job.resume, config.arch,
              config.context_length, config.text_prompt, job.device, precision, time.perf_counter() - t0)
     return model, config, ckpt
 
 
+def _rate(n: int, seconds: float, clock: CompileClock) -> tuple[float, float, str]:
+    """``(items/s without compile, compile seconds, a note for the log line)`` of a part that took ``seconds``."""
+    spent = clock.lap()
+    note = f", torch.compile {spent:.1f} s left out" if spent > 0 else ""
+    return n / max(seconds - spent, 1e-9), spent, note
+
+
 def _texts(job: Extraction, model, config, ids, texts, precision: str, provenance: dict) -> dict:
+    clock = CompileClock()
     t0, c0 = time.perf_counter(), time.process_time()
     feats = encode_texts(model, texts, config, batch_size=job.text_batch_size, device=job.device,
                          precision=precision, progress=job.progress)
     paths = save_features(job.text_out, "text", ids, feats, fmt=job.fmt,
                           meta={**provenance, "data": str(Path(job.text_data).resolve())})
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-    log.info("%d text features in %.1f s (%.1f texts/s) -> %s", len(ids), secs, len(ids) / max(secs, 1e-9), paths[0])
-    return {"path": str(paths[0]), "count": len(ids), "seconds": secs, "cpu_seconds": cpu}
+    rate, spent, note = _rate(len(ids), secs, clock)
+    log.info("%d text features in %.1f s (%.1f texts/s%s) -> %s", len(ids), secs, rate, note, paths[0])
+    return {"path": str(paths[0]), "count": len(ids), "seconds": secs, "cpu_seconds": cpu, "compile_seconds": spent}
 
 
 def _images(job: Extraction, model, config, split: LMDBSplit, precision: str, provenance: dict) -> dict:
+    clock = CompileClock()
     t0 = time.perf_counter()
     ids, feats, info = cached_image_features(model, split, config, cache_dir=job.cache_dir, device=job.device,
                                              precision=precision, batch_size=job.img_batch_size,
@@ -109,8 +127,11 @@ def _images(job: Extraction, model, config, split: LMDBSplit, precision: str, pr
     paths = save_features(job.image_out, "image", ids, feats, fmt=job.fmt,
                           meta={**provenance, "data": str(split.split_dir.resolve() / "imgs"), **info})
     secs = time.perf_counter() - t0
-    log.info("%d image features in %.1f s (%s) -> %s", len(ids), secs, info["cache"], paths[0])
-    return {"path": str(paths[0]), "count": int(len(ids)), "seconds": secs, "cache": info["cache"]}
+    rate, spent, note = _rate(len(ids), secs, clock)
+    log.info("%d image features in %.1f s (%.1f images/s, %s%s) -> %s", len(ids), secs, rate, info["cache"], note,
+             paths[0])
+    return {"path": str(paths[0]), "count": int(len(ids)), "seconds": secs, "cache": info["cache"],
+            "compile_seconds": spent}
 
 
 def extract(job: Extraction) -> dict:
@@ -121,7 +142,14 @@ def extract(job: Extraction) -> dict:
         if getattr(job, name) < 1:
             raise SolutionError(f"--{name.replace('_', '-')} must be at least 1")
     precision = effective_precision(job.device, job.precision)
+    if job.torchcompile:
+        check_compile(job.device, job.torchcompile_backend)
     ids, texts, split = _inputs(job)  # before the model loads: a bad input or output writes nothing
+    with model_math(job.device):
+        return _extract(job, precision, ids, texts, split)
+
+
+def _extract(job: Extraction, precision: str, ids, texts, split) -> dict:
     model, config, ckpt = _load(job, precision)
     provenance = feature_provenance(job.resume, ckpt, config, precision=precision, device=job.device)
     result: dict = {}

@@ -15,8 +15,10 @@ first with ties going to the lower gallery index; recall is MUGE's mean of R@1/5
 - Selection: Caruana et al. (2004) greedy forward selection with replacement (:func:`forward_select`)
   and a grid search for the re-ranking temperature (:func:`fit_temperature`).
 
-Everything that touches the full ``[Q, G]`` matrix goes in chunks of query rows, so memory stays
-``chunk_size x G`` whatever ``Q`` (and the bank size) are.
+Everything that touches the full ``[Q, G]`` matrix goes in chunks of query rows through one
+:func:`workspace` of two ``chunk_size x G`` blocks (a member's scores are computed, normalised and
+re-ranked in place), so memory stays two blocks (three with softmax) whatever ``Q``, the bank size
+and the number of members are; :func:`fusion_chunk` sizes the chunk for a memory budget.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from solution.retrieval.metrics import KS, recall_at_k, topk_rows
+from solution.retrieval.precision import exact_math
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +40,32 @@ RERANKERS = ("none", "dual_softmax", "qb_norm")
 # 0 = off first, so a re-ranker that never helps stays off (ties go to the earliest grid value).
 TEMPERATURE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 DEFAULT_CHUNK = 1024
+FUSION_MEMORY_MB = 128  # predict --ensemble's fusion working set (see fusion_chunk)
 
 
 # ---------------------------------------------------------------- per-query normalisation
 
 
-def _zscore_t(s: torch.Tensor) -> torch.Tensor:
-    centred = s - s.mean(dim=1, keepdim=True)  # the one full-size allocation; the rest works in place
-    std = torch.linalg.vector_norm(centred, dim=1, keepdim=True) / math.sqrt(s.shape[1])
+def _zscore_(s: torch.Tensor) -> torch.Tensor:
+    """Per-row z-score of ``s``, in place (no full-size temporary)."""
     # Constant rows by their range, not their std: the computed mean of a constant row need not be exact.
     low, high = torch.aminmax(s, dim=1, keepdim=True)
+    centred = s.sub_(s.mean(dim=1, keepdim=True))
+    std = torch.linalg.vector_norm(centred, dim=1, keepdim=True) / math.sqrt(s.shape[1])
     varies = (high > low) & (std > 0)
     return centred.div_(torch.where(varies, std, torch.full_like(std, math.inf)))  # constant rows -> 0
 
 
-def _normalise_t(s: torch.Tensor, norm: str, temperature: float) -> torch.Tensor:
+def _normalise_(s: torch.Tensor, norm: str, temperature: float) -> torch.Tensor:
+    """``N(s)``, overwriting ``s`` (softmax returns a new block: ``s`` holds ``s / T`` after)."""
     if norm == "none":
         return s
     if norm == "zscore":
-        return _zscore_t(s)
+        return _zscore_(s)
     if norm == "softmax":
         if not temperature > 0:
             raise ValueError(f"softmax normalisation needs a temperature > 0, got {temperature}")
-        return torch.softmax(s / temperature, dim=1)
+        return torch.softmax(s.div_(temperature), dim=1)
     raise ValueError(f"unknown normalisation {norm!r}; choose from {', '.join(NORMS)}")
 
 
@@ -72,12 +78,12 @@ def _apply(fn: Callable[[torch.Tensor], torch.Tensor], scores):
 
 def zscore(scores):
     """Per-row z-score ``(s - mean) / std`` (population std) of a ``[Q, G]`` matrix; constant rows -> 0."""
-    return _apply(_zscore_t, scores)
+    return _apply(lambda s: _normalise_(s.clone(), "zscore", 1.0), scores)
 
 
 def softmax(scores, temperature: float = 1.0):
     """Per-row ``exp(s / T) / sum_g exp(s_g / T)`` of a ``[Q, G]`` matrix (``T > 0``)."""
-    return _apply(lambda s: _normalise_t(s, "softmax", temperature), scores)
+    return _apply(lambda s: _normalise_(s.clone(), "softmax", temperature), scores)
 
 
 def check_weights(weights, n_members: int) -> np.ndarray:
@@ -123,9 +129,10 @@ class Scores:
     def _tensor(self, x) -> torch.Tensor:
         return x.to(self.dtype) if torch.is_tensor(x) else torch.as_tensor(np.asarray(x), dtype=self.dtype)
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
+    def rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Scores of queries ``[start, stop)`` written into ``out`` (``[stop - start, G]``)."""
         block = self.queries[start:stop].to(self.device)
-        return block if self.gallery is None else block @ self.gallery.T
+        return out.copy_(block) if self.gallery is None else torch.matmul(block, self.gallery.T, out=out)
 
 
 Member = Union[Scores, tuple, np.ndarray, torch.Tensor]
@@ -142,18 +149,31 @@ def as_members(members: Sequence[Member], *, device="cpu", dtype=torch.float32) 
     return out
 
 
-def fused_rows(members: Sequence[Scores], weights: np.ndarray, start: int, stop: int,
-               norm: str = "none", norm_temperature: float = 1.0) -> torch.Tensor:
-    """Rows ``[start, stop)`` of ``F = sum_m w_m N(S_m)`` (weights already checked; zero weights skipped)."""
-    out = None
+def workspace(members: Sequence[Scores], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two ``[rows, G]`` blocks fusion works in, reused chunk after chunk: fused rows, one member's scores."""
+    m = members[0]
+    return tuple(torch.empty((rows, m.shape[1]), dtype=m.dtype, device=m.device) for _ in range(2))
+
+
+def fusion_chunk(gallery_size: int, memory_mb: float, norm: str = "zscore") -> int:
+    """Query rows per chunk so fusion's blocks (:func:`workspace`, + softmax's output) fit in ``memory_mb``."""
+    blocks = 3 if norm == "softmax" else 2
+    return int(max(1, min(8192, memory_mb * 2**20 // (blocks * 4 * max(1, gallery_size)))))
+
+
+def fused_rows(members: Sequence[Scores], weights: np.ndarray, start: int, stop: int, norm: str = "none",
+               norm_temperature: float = 1.0, work: tuple | None = None) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``F = sum_m w_m N(S_m)`` (weights already checked; zero weights skipped): a
+    view of ``work[0]``, valid until its next use; each member is scored and normalised in ``work[1]``."""
+    n = stop - start
+    out, scratch = (b[:n] for b in (work or workspace(members, n)))
+    started = False
     for member, w in zip(members, weights):
         if w == 0:
             continue
-        s = _normalise_t(member.rows(start, stop), norm, norm_temperature)
-        if out is None:
-            out = s * float(w)
-        else:
-            out.add_(s, alpha=float(w))
+        s = _normalise_(member.rows(start, stop, out=scratch), norm, norm_temperature)
+        out.add_(s, alpha=float(w)) if started else torch.mul(s, float(w), out=out)
+        started = True
     return out
 
 
@@ -182,23 +202,28 @@ def _bank_stats(bank: Sequence[Scores], w: np.ndarray, temperature: float, bank_
     n_bank, n_gallery = bank[0].shape
     lse = torch.full((n_gallery,), -math.inf, dtype=bank[0].dtype, device=bank[0].device)
     active = torch.zeros(n_gallery, dtype=torch.bool, device=bank[0].device) if bank_topk else None
+    work = workspace(bank, min(chunk_size, n_bank))
     for start in range(0, n_bank, chunk_size):
-        f = fused_rows(bank, w, start, min(start + chunk_size, n_bank), norm, norm_temperature)
-        lse = torch.logaddexp(lse, torch.logsumexp(f / temperature, dim=0))
+        f = fused_rows(bank, w, start, min(start + chunk_size, n_bank), norm, norm_temperature, work)
         if active is not None:
             active[topk_rows(f, bank_topk)[1].flatten()] = True
+        f.div_(temperature)  # column log-sum-exp of F / T, its exponentials in the scratch block
+        top = f.amax(dim=0)
+        e = torch.sub(f, top, out=work[1][:len(f)]).exp_()
+        lse = torch.logaddexp(lse, e.sum(dim=0).log_().add_(top))
     return lse, active
 
 
 def _rerank_block(f: torch.Tensor, method: str, temperature: float, lse: torch.Tensor,
-                  active: torch.Tensor | None) -> torch.Tensor:
+                  active: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """The re-ranked block, written into ``out`` (same shape as ``f``; ``f`` is left as it is)."""
+    out = torch.div(f, temperature, out=out).sub_(lse)
     if method == "dual_softmax":
-        return f * torch.exp(f / temperature - lse)
-    out = f / temperature - lse
+        return out.exp_().mul_(f)
     if active is None:
         return out
     gate = active[topk_rows(f, 1)[1][:, 0]]  # the row's top-1 (ties to the lower index) is in the active set
-    return torch.where(gate[:, None], out, f)
+    return torch.where(gate[:, None], out, f, out=out)
 
 
 def _check_rerank(method: str, temperature: float, bank, bank_topk: int | None) -> None:
@@ -212,6 +237,7 @@ def _check_rerank(method: str, temperature: float, bank, bank_topk: int | None) 
         raise ValueError(f"bank_topk must be >= 1 or None, got {bank_topk}")
 
 
+@exact_math()  # ranking in full float32 whatever the caller set (TF32 off)
 def rerank_topk(members: Sequence[Member], k: int, weights=None, *, method: str = "none", temperature: float = 0.0,
                 bank: Sequence[Member] | None = None, bank_topk: int | None = None, norm: str = "none",
                 norm_temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK, device="cpu",
@@ -240,10 +266,11 @@ def rerank_topk(members: Sequence[Member], k: int, weights=None, *, method: str 
                             norm, norm_temperature)
     n_queries = ms[0].shape[0]
     all_s, all_i = [], []
+    work = workspace(ms, min(chunk_size, n_queries))
     for start in range(0, n_queries, chunk_size):
-        f = fused_rows(ms, w, start, min(start + chunk_size, n_queries), norm, norm_temperature)
+        f = fused_rows(ms, w, start, min(start + chunk_size, n_queries), norm, norm_temperature, work)
         if stats is not None:
-            f = _rerank_block(f, method, temperature, *stats)
+            f = _rerank_block(f, method, temperature, *stats, out=work[1][:len(f)])
         s, i = topk_rows(f, k)
         all_s.append(s.cpu())
         all_i.append(i.cpu())
@@ -254,18 +281,14 @@ def rerank_topk(members: Sequence[Member], k: int, weights=None, *, method: str 
 
 
 def dual_softmax(scores, temperature: float, bank_scores=None) -> np.ndarray:
-    """Dual softmax ``S * exp(S/T - L)``, ``L_g = log sum_b exp(B_bg / T)`` over ``bank_scores`` (default ``S``).
-
-    ``T = 0``: ``S`` unchanged. Float64, whole matrices; :func:`rerank_topk` is the chunked version.
-    """
+    """Dual softmax ``S * exp(S/T - L)``, ``L_g = log sum_b exp(B_bg / T)`` over ``bank_scores`` (default ``S``);
+    ``T = 0``: ``S`` unchanged. Float64, whole matrices; :func:`rerank_topk` is the chunked version."""
     return _rerank_matrix(scores, "dual_softmax", temperature, bank_scores, None)
 
 
 def inverted_softmax(scores, bank_scores, temperature: float, bank_topk: int | None = None) -> np.ndarray:
-    """QB-Norm's log inverted softmax ``S/T - L``, dynamic with ``bank_topk`` (see :func:`rerank_topk`).
-
-    ``T = 0``: ``S`` unchanged. Float64, whole matrices; :func:`rerank_topk` is the chunked version.
-    """
+    """QB-Norm's log inverted softmax ``S/T - L``, dynamic with ``bank_topk`` (see :func:`rerank_topk`);
+    ``T = 0``: ``S`` unchanged. Float64, whole matrices; :func:`rerank_topk` is the chunked version."""
     return _rerank_matrix(scores, "qb_norm", temperature, bank_scores, bank_topk)
 
 
@@ -275,10 +298,9 @@ def _rerank_matrix(scores, method: str, temperature: float, bank_scores, bank_to
     if temperature == 0:
         return s.queries.numpy().copy()
     bank = s if bank_scores is None else Scores(bank_scores, dtype=torch.float64)
-    one = np.ones(1)
-    lse, active = _bank_stats([bank], one, temperature, bank_topk if method == "qb_norm" else None,
+    lse, active = _bank_stats([bank], np.ones(1), temperature, bank_topk if method == "qb_norm" else None,
                               max(1, bank.shape[0]), "none", 1.0)
-    return _rerank_block(s.queries, method, temperature, lse, active).numpy()
+    return _rerank_block(s.queries, method, temperature, lse, active, torch.empty_like(s.queries)).numpy()
 
 
 # ---------------------------------------------------------------- scoring and selection

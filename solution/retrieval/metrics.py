@@ -11,6 +11,8 @@ from typing import Collection, Mapping, Sequence
 import numpy as np
 import torch
 
+from .precision import exact_math
+
 KS = (1, 5, 10)
 RECALL_KEYS = (*(f"r{k}" for k in KS), "mean_recall")
 
@@ -72,11 +74,12 @@ def topk(queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torc
     n = g.shape[0]
     k = min(k, n)
     all_s, all_i = [], []
-    for start in range(0, q.shape[0], chunk_size):
-        s = q[start:start + chunk_size].to(device) @ g.T
-        vals, idx = topk_rows(s, k)
-        all_s.append(vals.cpu())
-        all_i.append(idx.cpu())
+    with exact_math():  # exact ranking: float32 'highest' (no TF32) whatever the caller set
+        for start in range(0, q.shape[0], chunk_size):
+            s = q[start:start + chunk_size].to(device) @ g.T
+            vals, idx = topk_rows(s, k)
+            all_s.append(vals.cpu())
+            all_i.append(idx.cpu())
     if not all_s:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     return torch.cat(all_s).numpy(), torch.cat(all_i).numpy()

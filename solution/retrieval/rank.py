@@ -16,7 +16,6 @@ one (image and text swapped), and writes, atomically:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from solution.formats.features import FeatureSet, load_features, resolve_feature
 
 from .manifest import build_manifest, manifest_path
 from .metrics import topk
+from .precision import exact_math
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +54,6 @@ BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand)
 F32_U = 2.0 ** -24
 
 
-@contextlib.contextmanager
-def exact_matmul():
-    """Full-precision CUDA matrix products for the certificate: no bf16 reductions inside a bf16
-    product (the bound assumes fp32 accumulation) and no TF32 in the fp32 ones; restored after."""
-    m = torch.backends.cuda.matmul
-    saved = m.allow_bf16_reduced_precision_reduction, m.allow_tf32
-    m.allow_bf16_reduced_precision_reduction, m.allow_tf32 = False, False
-    try:
-        yield
-    finally:
-        m.allow_bf16_reduced_precision_reduction, m.allow_tf32 = saved
-
-
 class Prefilter:
     """Exact top-k through a bf16 prefilter: bf16 scores pick ``m`` candidates, fp32 rescoring ranks them.
 
@@ -77,8 +64,9 @@ class Prefilter:
     rescoring), and rounding the product to bf16 hides at most ``u |T| / (1 - u)`` above ``T``.
     So no row outside the candidates scores above ``T + eps``; when the exact k-th best candidate
     scores more than that, the candidates hold the true top-k, ties included. Rows where the
-    certificate fails (flat score profiles) are redone with the full fp32 product. On CUDA the
-    products run under :func:`exact_matmul`, which the bounds assume.
+    certificate fails (flat score profiles) are redone with the full fp32 product. The products run
+    under :func:`.precision.exact_math` (no TF32, no bf16 reduced-precision reductions), which the
+    bounds assume.
     """
 
     def __init__(self, g: torch.Tensor, k: int):
@@ -91,7 +79,7 @@ class Prefilter:
         self.gamma = 3 * d * F32_U / (1 - d * F32_U)
 
     def __call__(self, q: torch.Tensor, chunk: int, device, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        with exact_matmul():
+        with exact_math():
             return self._rank(q, chunk, device, stats)
 
     def _rank(self, q: torch.Tensor, chunk: int, device, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +123,15 @@ def rank(query_feats, gallery_feats, gallery_ids, k: int, *, device="cpu", chunk
 
     ``method``: ``fp32`` (one fp32 product per chunk, :func:`solution.metrics.topk`), ``prefilter``
     (bf16 candidates + fp32 rescoring with an exactness certificate, same result), or ``auto``
-    (prefilter where bf16 is fast and the gallery is large).
+    (prefilter where bf16 is fast and the gallery is large). Runs under
+    :func:`.precision.exact_math` (float32 ``highest``) whatever the caller set.
     """
+    with exact_math():
+        return _rank(query_feats, gallery_feats, gallery_ids, k, device=device, chunk_size=chunk_size,
+                     progress=progress, method=method, stats=stats)
+
+
+def _rank(query_feats, gallery_feats, gallery_ids, k: int, *, device, chunk_size, progress, method, stats):
     gallery_ids = np.asarray(gallery_ids)
     n = len(gallery_ids)
     if k > n:

@@ -3,7 +3,9 @@
 :class:`ValData` holds the validation queries (``--val-texts`` read by
 :func:`solution.formats.muge.read_texts` with their gold, or the LMDB's pairs) and the
 selection/report draw of ``--select-split``. :class:`Scorer` loads weights into one reused model
-and scores them with :func:`solution.retrieval.encode.score_parts` (the path validation takes):
+and scores them with :func:`solution.retrieval.encode.score_parts` (the path validation takes;
+the gallery decoded and the queries tokenised once for every candidate of the run,
+:func:`~solution.retrieval.encode.prepare_inputs`, the decoded pixels up to ``image_cache_bytes``):
 text->image R@1/5/10 and mean recall of the selection part, the report part (``"report"``) and
 all queries (``"all"``), as the weights are saved (rounded to the soup's dtype). Scores are cached
 in ``OUT/score_cache.json`` (:class:`ScoreCache`) under the candidate's key, the validation data's
@@ -32,9 +34,10 @@ from solution.data.lmdb_io import LMDBSplit
 from solution.formats.hits import read_hits, write_hits
 from solution.formats.muge import read_texts
 from solution.model import ModelConfig, meta_model
-from solution.retrieval.encode import Queries, score_parts, split_queries, text_queries
+from solution.retrieval.encode import Queries, prepare_inputs, score_parts, split_queries, text_queries
 from solution.retrieval.metrics import KS, RECALL_KEYS
 from solution.retrieval.precision import effective_precision
+from solution.retrieval.prepared import IMAGE_CACHE_BYTES
 from solution.retrieval.stats import mean_recall
 
 from .weights import Source, weights_of
@@ -128,7 +131,8 @@ class Scorer:
     """Scores weights on the validation data with one reused model; results cached in a :class:`ScoreCache`."""
 
     def __init__(self, val: ValData, config: ModelConfig, cache: ScoreCache, *, device, batch_size: int,
-                 num_workers: int, precision: str, round_to: torch.dtype, hits_dir: Path | None = None):
+                 num_workers: int, precision: str, round_to: torch.dtype, hits_dir: Path | None = None,
+                 image_cache_bytes: int = IMAGE_CACHE_BYTES):
         self.val, self.config, self.cache = val, config, cache
         self.hits_dir = None if hits_dir is None else Path(hits_dir)
         self.device, self.round_to = torch.device(device), round_to
@@ -138,6 +142,8 @@ class Scorer:
         self._model = None
         self._owned = False  # the model has storage of its own (else it reads one of our buffers, or is on meta)
         self._hits: dict[str, tuple[list, object]] = {}  # key -> (text ids, [Q, 3] hits) over every query
+        self.image_cache_bytes = image_cache_bytes
+        self._inputs = None  # the decoded gallery and tokenised queries, made at the first candidate scored
 
     def cached(self, key: str) -> dict | None:
         hit = self.cache.scores.get(self.prefix + key)
@@ -192,8 +198,13 @@ class Scorer:
         if hit is not None:
             return hit
         self._load(source)
+        if self._inputs is None:
+            kw = self.encode_kw
+            self._inputs = prepare_inputs(self.val.split, self.config, self.val.queries, batch_size=kw["batch_size"],
+                                          num_workers=kw["num_workers"], max_bytes=self.image_cache_bytes,
+                                          progress=kw["progress"])
         parts = score_parts(self.model, self.val.split, self.config, self.val.queries, self.val.parts(),
-                            with_hits=True, **self.encode_kw)
+                            with_hits=True, inputs=self._inputs, **self.encode_kw)
         result = _recall(parts["select"])
         result["report"] = _recall(parts["report"]) if "report" in parts else None
         result["all"] = _recall(parts["all"]) if "all" in parts else None  # all queries, comparable with runs

@@ -21,12 +21,13 @@ import optuna
 import yaml
 
 from solution.common import SolutionError, read_yaml_mapping
+from .gpus import check_gpu_settings
 
 log = logging.getLogger(__name__)
 
 STUDY_KEYS = {"name", "direction", "n_trials", "out", "storage", "pruner", "sampler", "mode", "torchrun_nproc",
               "timeout", "report_at", "metric", "valid_set", "enqueue", "launcher", "heartbeat", "grace_period",
-              "plots", "retry_interrupted"}
+              "plots", "retry_interrupted", "gpus_per_trial", "gpus", "gpu_lease_dir"}
 DEFAULT_OUT = "runs/search"  # a config without out: keeps its study in runs/search/NAME
 RESERVED_FLAGS = {"logs", "name"}  # set per trial by the search
 PARAM_TYPES = ("float", "int", "categorical")
@@ -128,6 +129,9 @@ class SearchConfig:
     grace_period: int | None = None  # seconds without heartbeat before a trial is dead; None: 3 x heartbeat
     plots: bool | str = "each"  # each (after every trial) | end | false
     retry_interrupted: bool = True
+    gpus_per_trial: int = 0  # >0: each trial leases its own GPUs (studies/gpus.py)
+    gpus: Any = None  # the GPUs a worker may lease ("0,1,2,3" or a list); None: CUDA_VISIBLE_DEVICES / all
+    gpu_lease_dir: str | None = None  # the node's lease folder; None: {tmp}/solution-gpu-leases-{uid}
     source: str = "config"  # the file it came from, for messages
     overrides: dict = field(default_factory=dict)  # base flag -> its --set FLAG=VALUE
 
@@ -221,6 +225,7 @@ def check_config(cfg: SearchConfig, source: str = "config") -> None:
                                 f"({', '.join(cfg.space) or 'empty'})")
     if cfg.plots not in (True, False, "each", "end"):
         raise SolutionError(f"{source}: plots must be each, end or false, got {cfg.plots!r}")
+    check_gpu_settings(cfg, source)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SearchConfig:
@@ -246,8 +251,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Searc
 def override(cfg: SearchConfig, source: str, *, study_name: str | None = None, pruner: str | None = None,
              no_plots: bool = False, **values) -> SearchConfig:
     """The command line's study settings over the config's: ``values`` (n_trials, storage, out, mode,
-    torchrun_nproc, timeout) where not None; torchrun implies subprocess mode; a pruner named other
-    than the config's replaces it with its defaults. Checked again as a whole."""
+    torchrun_nproc, timeout, gpus_per_trial, gpus, gpu_lease_dir) where not None; torchrun implies
+    subprocess mode; a pruner named other than the config's replaces it with its defaults. Checked again
+    as a whole."""
     for key, value in values.items():
         if key not in STUDY_KEYS:
             raise SolutionError(f"{source}: {key} is not a study setting")

@@ -30,7 +30,8 @@ def trials_table(study: optuna.Study):
                                        "duration"))
     if df.empty:
         return pd.DataFrame(columns=["number", "state", "value", "run_dir"])
-    rename = {f"user_attrs_{k}": k for k in ("run_dir", "best_checkpoint", "fail_reason", "pruned_at", "retry_of")}
+    kept = ("run_dir", "best_checkpoint", "fail_reason", "pruned_at", "retry_of", "gpus")
+    rename = {f"user_attrs_{k}": k for k in kept}
     df = df.rename(columns=rename)
     df = df.drop(columns=[c for c in df.columns if c.startswith("user_attrs_")])
     if "run_dir" not in df:

@@ -29,6 +29,7 @@ import yaml
 from solution.common import atomic_path
 from solution.formats.runs import METRICS, MetricsTail, is_main_valid
 from .config import SearchConfig, flags_to_argv, suggest_params, trial_flags
+from .gpus import GpuPool, Lease
 from .storage import requeue, worker_info
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ class TrialFailed(Exception):
 class Objective:
     """Runs one training per trial, reports each validation, prunes, returns the best metric."""
 
-    def __init__(self, cfg: SearchConfig, train_main: Callable | None = None):
-        self.cfg, self.train_main = cfg, train_main
+    def __init__(self, cfg: SearchConfig, train_main: Callable | None = None, pool: GpuPool | None = None):
+        self.cfg, self.train_main, self.pool = cfg, train_main, pool
         self.trials_dir = cfg.study_dir / "trials"
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -79,14 +80,23 @@ class Objective:
         cfg = self.cfg
         params = suggest_params(trial, cfg.space)
         flags = {**trial_flags(cfg, params), "logs": str(self.trials_dir), "name": run_dir.name}
-        argv = flags_to_argv(flags)
-        _move_stale(run_dir)
-        trial.set_user_attr("argv", argv)
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()) or "(no params)")
-        if cfg.mode == "inprocess":
-            self._run_inprocess(trial, argv)
-        else:
-            self._run_subprocess(trial, self._command(argv, flags, run_dir), run_dir)
+        leased = self.pool.lease(f"study {cfg.name} trial {trial.number}") if self.pool else contextlib.nullcontext()
+        with leased as lease:  # given back however the trial ends (a dead worker's: by the kernel)
+            if lease is not None:
+                if cfg.mode == "inprocess":
+                    flags["device"] = lease.device
+                trial.set_user_attr("gpus", ",".join(lease.gpus))
+                log.info("trial %d: GPU(s) %s (%s)", trial.number, ",".join(lease.gpus),
+                         f"--device {flags['device']}" if cfg.mode == "inprocess"
+                         else f"CUDA_VISIBLE_DEVICES={','.join(lease.gpus)}")
+            argv = flags_to_argv(flags)
+            _move_stale(run_dir)
+            trial.set_user_attr("argv", argv)
+            if cfg.mode == "inprocess":
+                self._run_inprocess(trial, argv)
+            else:
+                self._run_subprocess(trial, self._command(argv, flags, run_dir), run_dir, lease)
         if not self.values:
             raise TrialFailed(f"the run reported no validation of set {cfg.valid_set!r} "
                               f"(give --val-data and a validation interval)")
@@ -136,15 +146,18 @@ class Objective:
                     f"--nproc_per_node={cfg.torchrun_nproc}", "-m", "solution.train", "--config", str(config)]
         return [sys.executable, "-m", "solution.train", *argv]
 
-    def _run_subprocess(self, trial: optuna.Trial, cmd: list[str], run_dir: Path) -> None:
-        """Run ``cmd`` with its output in ``trials/NNNN.log``, reporting its metrics as they appear."""
+    def _run_subprocess(self, trial: optuna.Trial, cmd: list[str], run_dir: Path, lease: Lease | None = None) -> None:
+        """Run ``cmd`` with its output in ``trials/NNNN.log``, reporting its metrics as they appear; a
+        ``lease``'s GPUs are the child's ``CUDA_VISIBLE_DEVICES`` and its locks are inherited."""
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.trials_dir / f"{run_dir.name}.log"
         trial.set_user_attr("log", str(log_path))
         tail = MetricsTail(run_dir / METRICS)
         with open(log_path, "ab") as logf:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
+                                    env=lease.env(env) if lease else env, pass_fds=tuple(lease.fds) if lease else (),
+                                    preexec_fn=_die_with_parent)
             try:
                 while True:
                     rc = proc.poll()

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from solution.common import SolutionError, check_output
 from solution.formats.trials import NAME as TRIALS_CSV
 from .config import SearchConfig, check_trial_flags, flag_key
+from .gpus import gpu_pool
 from .report import write_reports
 from .runner import Objective, sigterm_as_interrupt
 from .storage import (DIED, FINISHED, counted_trials, fail_dead_trials, grace_period, heartbeat_enabled,
@@ -75,8 +76,9 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
     """Create or resume the study, run trials until ``n_trials`` are counted, write the reports."""
     if train_main is None and cfg.launcher is None:
         check_trial_flags(cfg)  # a config that cannot start one trial is refused before the first
+    pool = gpu_pool(cfg)  # before the study: a worker without the GPUs it needs is refused first
     study = open_study(cfg)
-    objective = Objective(cfg, train_main)
+    objective = Objective(cfg, train_main, pool)
     log.info("study %r in %s (storage %s): %d of %d trials already counted", cfg.name, cfg.study_dir,
              safe_url(storage_url(cfg)), counted_trials(study), cfg.n_trials)
     t0, waiting = time.time(), False

@@ -32,7 +32,8 @@ from solution.common import SolutionError, read_yaml_mapping
 from solution.data.datasets import AUGMENTS
 from solution.formats.runs import MAIN_SET
 from solution.model import ATTN_IMPLS
-from solution.retrieval.precision import PRECISIONS
+from solution.retrieval.compiled import BACKENDS as COMPILE_BACKENDS
+from solution.retrieval.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text-tower attention: sdpa (fused scaled_dot_product_attention, the default) or upstream "
                         "(cn_clip's own; equal within float rounding, to compare)")
     g.add_argument("--use-bn-sync", action="store_true", help="SyncBatchNorm under DDP (ResNet).")
+    g.add_argument("--torchcompile", action="store_true",
+                   help="torch.compile the towers' blocks (open_clip's flag; inductor: a C++ compiler on CPU, triton on CUDA); "
+                        "compile time is logged (compile_s in metrics.jsonl) and left out of step times. Refused "
+                        "with LoRA on the ViT's attention (nn.MultiheadAttention)")
+    g.add_argument("--torchcompile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                   help=argparse.SUPPRESS)  # tests: aot_eager/eager capture graphs without building kernels
 
     g = p.add_argument_group("tuning")
     g.add_argument("--freeze-vision", action="store_true", help="No gradient for the image tower (cn_clip).")
@@ -116,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=500, help="Linear warmup steps, then cosine decay.")
     g.add_argument("--skip-scheduler", action="store_true", help="Constant learning rate.")
     g.add_argument("--accum-freq", type=int, default=1, help="Feature-caching gradient accumulation (cn_clip semantics).")
-    g.add_argument("--precision", choices=PRECISIONS, default="amp",
-                   help="amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16: bfloat16 autocast; fp32.")
+    g.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="amp", metavar=PRECISION_METAVAR,
+                   help="amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16 (or open_clip's amp_bf16): "
+                        "bfloat16 autocast, no GradScaler; fp32.")
     g.add_argument("--same-text-positives", action=argparse.BooleanOptionalAction, default=True,
                    help="Pairs whose texts share a text_id in the global batch are not each other's negatives "
                         "(left out of the softmax denominators). On by default.")

@@ -40,7 +40,7 @@ _PLAIN = ("train_data", "val_data", "extra_val_data", "augment", "vision_model",
           "same_text_positives", "skip_aggregate", "mask_ratio", "seed", "early_stop_patience", "use_bn_sync")
 HARMLESS = ("log_interval", "num_workers", "valid_num_workers", "device", "valid_batch_size", "valid_step_interval",
             "valid_epoch_interval", "save_epoch_frequency", "save_step_frequency", "report_training_batch_acc",
-            "grad_checkpointing", "attn_impl", "no_plot", "no_progress", "debug")
+            "grad_checkpointing", "attn_impl", "torchcompile", "torchcompile_backend", "no_plot", "no_progress", "debug")
 
 
 def agree(d, fn: Callable[[], object], share: bool = False):

@@ -8,6 +8,10 @@ number of processes at the same global batch, sees exactly the same global batch
 
 Augmentations are made reproducible per sample: each sample's transform runs under an RNG seeded
 from ``(seed, epoch, position)``, so neither DataLoader workers nor resuming change them.
+
+A run's training loader is built once (:class:`TrainBatches`, persistent workers when
+``--num-workers`` > 0) and moved from epoch to epoch through its sampler's ``set_epoch``: the
+same batches as a loader built for each epoch, without restarting the workers every epoch.
 """
 from __future__ import annotations
 
@@ -55,13 +59,23 @@ def num_micro_batches(num_samples: int, global_batch: int) -> int:
 
 
 class EpochBatchSampler(Sampler):
-    """This rank's micro-batches of one epoch, from micro-batch ``start`` on."""
+    """This rank's micro-batches of one epoch, from micro-batch ``start`` on; :meth:`set_epoch` moves it to
+    another epoch (so one DataLoader, with persistent workers, serves the whole run).
+
+    Each sample key is ``(epoch, position in epoch, sample index)``: the dataset reads the epoch from
+    the key, not from its own state, because persistent workers hold copies of the dataset made when
+    they started."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int, epoch: int,
                  start: int = 0, stop: int | None = None):
+        self.num_samples, self.seed = num_samples, seed
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.global_batch = batch_size * world
-        self.order = epoch_order(num_samples, self.global_batch, seed, epoch)
+        self.set_epoch(epoch, start, stop)
+
+    def set_epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> None:
+        """Serve epoch ``epoch``'s micro-batches ``start`` .. ``stop`` (default: to the epoch's end)."""
+        self.order = epoch_order(self.num_samples, self.global_batch, self.seed, epoch)
         self.epoch = epoch
         total = len(self.order) // self.global_batch
         self.start, self.stop = start, total if stop is None else min(stop, total)
@@ -70,14 +84,16 @@ class EpochBatchSampler(Sampler):
         return max(0, self.stop - self.start)
 
     def __iter__(self):
+        epoch = self.epoch
         for b in range(self.start, self.stop):
             lo = b * self.global_batch + self.rank * self.batch_size
-            # (position in epoch, sample index): the position seeds the sample's augmentation
-            yield [(lo + k, int(self.order[lo + k])) for k in range(self.batch_size)]
+            # (epoch, position in epoch, sample index): epoch and position seed the sample's augmentation
+            yield [(epoch, lo + k, int(self.order[lo + k])) for k in range(self.batch_size)]
 
 
 class SeededPairs(Dataset):
-    """``PairDataset`` whose random transform is seeded per (seed, epoch, position)."""
+    """``PairDataset`` whose random transform is seeded per (seed, epoch, position); keys are
+    ``(epoch, position, index)`` (:class:`EpochBatchSampler`'s) or ``(position, index)`` (epoch ``epoch``)."""
 
     def __init__(self, split: LMDBSplit, transform: Callable, seed: int, epoch: int, random_transform: bool):
         self.pairs = PairDataset(split, transform)
@@ -87,10 +103,10 @@ class SeededPairs(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, key):
-        position, index = key
+        epoch, position, index = key if len(key) == 3 else (self.epoch, *key)
         if not self.random_transform:
             return self.pairs[index]
-        s = (int(self.seed) * 1_000_003 + int(self.epoch)) * 10_000_019 + int(position)
+        s = (int(self.seed) * 1_000_003 + int(epoch)) * 10_000_019 + int(position)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(s)  # the CPU one only: torch.manual_seed would reseed CUDA too
@@ -104,12 +120,42 @@ class SeededPairs(Dataset):
 def train_loader(split: LMDBSplit, *, resolution: int, augment: str, context_length: int, prompt: str,
                  batch_size: int, rank: int, world: int, seed: int, epoch: int, start: int,
                  stop: int | None, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """This rank's micro-batches of epoch ``epoch`` (``pin_memory``: for copies to a GPU)."""
+    """This rank's micro-batches of epoch ``epoch`` (``pin_memory``: for copies to a GPU).
+
+    Its workers persist (``num_workers > 0``): move it to another epoch with
+    ``loader.batch_sampler.set_epoch(epoch, start, stop)`` (or use :class:`TrainBatches`) rather than
+    building another. The batches do not depend on the workers' seeds: every random transform runs
+    under the RNG seeded per sample, and the order is the sampler's."""
     ds = SeededPairs(split, train_transform(resolution, augment), seed, epoch, augment != "none")
     sampler = EpochBatchSampler(split.num_samples, batch_size, rank, world, seed, epoch, start, stop)
     return DataLoader(ds, batch_sampler=sampler, collate_fn=PairCollate(context_length, prompt, keep_size=True),
-                      num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(int(seed) + int(epoch)))
+                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(int(seed)))
+
+
+class TrainBatches:
+    """One training DataLoader for a whole run (its workers started once, ``persistent_workers``);
+    :meth:`epoch` moves its sampler to an epoch and returns an iterator over that epoch's micro-batches,
+    the same batches a loader built for that epoch alone would give. :meth:`close` (or the ``with``
+    block's end) stops the workers."""
+
+    def __init__(self, split: LMDBSplit, **kw):
+        self.loader: DataLoader | None = train_loader(split, epoch=0, start=0, stop=0, **kw)
+
+    def epoch(self, epoch: int, start: int = 0, stop: int | None = None):
+        if self.loader is None:
+            raise RuntimeError("TrainBatches used after close()")
+        self.loader.batch_sampler.set_epoch(epoch, start, stop)
+        return iter(self.loader)
+
+    def close(self) -> None:
+        self.loader = None  # the iterator (and with it the workers) goes with the last reference
+
+    def __enter__(self) -> "TrainBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def val_loader(split: LMDBSplit, *, resolution: int, context_length: int, prompt: str, batch_size: int,

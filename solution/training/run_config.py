@@ -81,6 +81,8 @@ class TrainConfig:
     use_flash_attention: bool
     attn_impl: str
     use_bn_sync: bool
+    torchcompile: bool
+    torchcompile_backend: str
     # tuning
     freeze_vision: bool
     freeze_text: bool

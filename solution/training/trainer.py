@@ -13,7 +13,11 @@ Outputs under ``{logs}/{name}/`` (see :mod:`solution.training.state`): checkpoin
 process locks the run folder for the whole run, and a re-run resumes only under the flags the run
 was trained with (see :mod:`solution.training.guard`); it first writes the checkpoints a killed run
 still owed. With ``--grad-checkpointing`` the patch of :func:`cn_clip_patch.tuning.grad_checkpointing`
-is held for the run and undone when it returns.
+is held for the run and undone when it returns; the run's model math allows TF32 on CUDA
+(:func:`solution.retrieval.precision.model_math`, undone when it returns; validation's ranking stays
+exact). ``--torchcompile`` compiles the towers' blocks (:mod:`solution.retrieval.compiled`); the compile
+seconds are logged, written as ``compile_s`` on the next train line and left out of its
+``batch_time`` and ``pairs_per_s``.
 
 This module is the loop: epochs and steps, train lines, when to validate and to save, checkpoints.
 
@@ -39,10 +43,12 @@ from cn_clip_patch.tuning import grad_checkpointing, set_train_mode
 
 from solution.common import SolutionError, setup_logging
 from solution.formats.runs import MAIN_SET
+from solution.retrieval.compiled import CompileClock, compile_towers
+from solution.retrieval.precision import model_math
 
 from .config import extra_val_sets, parse_args
 from .guard import agree, check_resume_flags, claim_run_folder
-from .loaders import open_split, train_loader
+from .loaders import TrainBatches, open_split
 from .run_config import TrainConfig, params_record, resolve, steps_per_epoch
 from .setup import Dist, build, find_start, init_distributed, load_optimizer_state, make_optimizer, make_scaler, \
     make_scheduler, seed_process, wrap
@@ -72,6 +78,9 @@ class Trainer:
         self.files = RunFiles(Path(args.logs) / args.name)
         self.epoch, self.micro, self.step = 0, 0, 0
         self.closed, self.owed = True, []  # end-of-epoch work done; checkpoints the resumed state still owes
+        self.batches: TrainBatches | None = None  # the training loader, built once: its workers persist
+        self.clock: CompileClock | None = None  # --torchcompile: compile seconds, kept out of step times
+        self.compile_s = 0.0  # compile seconds since the last train line
 
     # ------------------------------------------------------------ setup
 
@@ -100,6 +109,9 @@ class Trainer:
         self.params = params_record(a, cfg, history)
         model = build(cfg.model_config, self.start, seed=cfg.seed, clip_weight_path=cfg.clip_weight_path,
                       bert_weight_path=cfg.bert_weight_path, attn_impl=cfg.attn_impl)
+        if cfg.torchcompile:  # in place, inside DDP's wrapper; compiled at the first step (timed apart)
+            compile_towers(model, d.device, cfg.torchcompile_backend)
+            self.clock = CompileClock()
         self.model = wrap(model, d, cfg.use_bn_sync)  # first on the device: a fused AdamW where it has one
         self.optimizer = make_optimizer(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, wd=cfg.wd)
         if d.world > 1:
@@ -182,6 +194,7 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             agree(self.d, lambda: claim_run_folder(stack, self.files.run_dir, self.typed.logs))
             self._setup()
+            stack.enter_context(model_math(self.d.device))  # TF32 for model math on CUDA; ranking stays exact
             if self.cfg.grad_checkpointing:
                 stack.enter_context(grad_checkpointing(self.model))
             return self._run()
@@ -205,6 +218,8 @@ class Trainer:
             self._train(bar)
         finally:
             bar.close()
+            if self.batches is not None:
+                self.batches.close()
         if self.d.main and not cfg.no_plot:
             files.draw_curves(cfg.name)
         best = self.tracker.best
@@ -240,17 +255,19 @@ class Trainer:
         """Train epoch ``epoch`` from the current micro-batch to ``stop`` (or the last step, or an early
         stop); returns the step of the last validation."""
         cfg, mc = self.cfg, self.cfg.model_config
-        loader = train_loader(self.train_split, resolution=mc.image_resolution, augment=cfg.augment,
-                              context_length=mc.context_length, prompt=mc.text_prompt, batch_size=cfg.batch_size,
-                              rank=self.d.rank, world=self.d.world, seed=cfg.seed, epoch=epoch, start=self.micro,
-                              stop=stop, num_workers=cfg.num_workers, pin_memory=self.d.device.type == "cuda")
-        it = iter(loader)
+        if self.batches is None:
+            self.batches = TrainBatches(self.train_split, resolution=mc.image_resolution, augment=cfg.augment,
+                                        context_length=mc.context_length, prompt=mc.text_prompt,
+                                        batch_size=cfg.batch_size, rank=self.d.rank, world=self.d.world, seed=cfg.seed,
+                                        num_workers=cfg.num_workers, pin_memory=self.d.device.type == "cuda")
+        it = self.batches.epoch(epoch, self.micro, stop)
         t_data = time.perf_counter()
         while self.micro < stop and self.step < cfg.max_steps:
             batches = [next(it) for _ in range(cfg.accum_freq)]
             self.micro += cfg.accum_freq
             if self._skip(batches):
                 continue
+            self._compile_time()  # compiles outside steps (validation's eval mode) go to the next line
             t0 = time.perf_counter()
             lr = self.scheduler(self.step)
             out = self.stepper(batches)
@@ -258,7 +275,7 @@ class Trainer:
             logged = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
             if logged:
                 self.stepper.check()  # waits for the device: the step's time below is its real one
-            dt = time.perf_counter() - t0
+            dt = max(time.perf_counter() - t0 - self._compile_time(), 1e-9)  # torch.compile left out
             self.closed = False
             bar.update(1)
             if logged and self.d.main:
@@ -284,9 +301,19 @@ class Trainer:
             log.warning("step %d: a batch had no decodable image; skipped on every process", self.step + 1)
         return bad
 
+    def _compile_time(self) -> float:
+        """``--torchcompile``: the compile seconds since the last call (logged; added to the next train line)."""
+        spent = self.clock.lap() if self.clock is not None else 0.0
+        if spent > 0:
+            self.compile_s += spent
+            log.info("torch.compile: %.1f s compiling at step %d (left out of the step time)", spent, self.step)
+        return spent
+
     def _log_step(self, out: dict, lr: float, epoch: int, data_time: float, dt: float, bar) -> None:
         """The step's ``train`` line (main process, every ``--log-interval`` steps and the last; the
-        divergence check and these reads are the only host syncs of a step)."""
+        divergence check and these reads are the only host syncs of a step). ``batch_time`` and
+        ``pairs_per_s`` leave torch.compile out; ``compile_s`` (with ``--torchcompile``) holds the compile
+        seconds since the previous line."""
         cfg = self.cfg
         bar.set_postfix(loss=f"{out['loss']:.4f}", scale=f"{out['logit_scale']:.2f}", lr=f"{lr:.2e}", refresh=False)
         row = {"step": self.step, "epoch": epoch + 1, "kind": "train", "loss": out["loss"], "lr": lr,
@@ -294,6 +321,8 @@ class Trainer:
                "batch_time": dt, "time": time.time()}
         if cfg.report_training_batch_acc:
             row.update(acc_i2t=100 * out["acc_i2t"], acc_t2i=100 * out["acc_t2i"])
+        if self.clock is not None:
+            row["compile_s"], self.compile_s = self.compile_s, 0.0
         self.files.log_row(row)
         log.debug("step %d loss %.4f logit_scale %.2f lr %.3g", self.step, out["loss"], out["logit_scale"], lr)
 

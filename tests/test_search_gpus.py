@@ -1,0 +1,215 @@
+"""GPUs per trial in the search (solution.studies.gpus), with fake GPU lists: no GPU is touched.
+
+Leases are flocks on files in a lease folder: disjoint across concurrent trials and workers, given back
+when a trial ends, raises or its process is killed; a trial's child gets them as its own
+CUDA_VISIBLE_DEVICES (the search's environment is left alone); the log and trials.csv name them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from solution.common import SolutionError
+from solution.studies.config import parse_config
+from solution.studies.gpus import GpuPool, gpu_pool
+from solution.studies.storage import make_storage
+from solution.studies.study import run_search
+from test_search import FAKE_TRAINER, fake_config, finish, run_cli_search, wait_for
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class Waited(Exception):
+    pass
+
+
+def _no_wait(seconds):  # the pool's sleep while it waits for GPUs: here, the end of the test's patience
+    raise Waited
+
+
+def test_leases_are_disjoint_wait_and_come_back_on_exit_and_on_error(tmp_path, caplog):
+    a = GpuPool(["0", "1", "2", "3"], 2, tmp_path)  # two workers of one node: two pools, one folder
+    b = GpuPool(["0", "1", "2", "3"], 2, tmp_path)
+    with a.lease("trial 0") as l0, b.lease("trial 1") as l1:
+        assert (l0.gpus, l1.gpus) == (["0", "1"], ["2", "3"])
+        with caplog.at_level(logging.INFO), pytest.raises(Waited):
+            with b.lease("trial 2", sleep=_no_wait):
+                pass
+        assert "trial 2: waiting for 2 free GPU(s) of 0,1,2,3" in caplog.text
+        assert "GPU 0: " in caplog.text and f"pid {os.getpid()}: trial 0" in caplog.text
+        assert l1.env({"PATH": "/bin"}) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "2,3"}
+    with pytest.raises(RuntimeError), a.lease("trial 3") as l3:  # a trial that raises gives its GPUs back
+        assert l3.gpus == ["0", "1"]
+        raise RuntimeError("trial failed")
+    with a.lease("trial 4") as l4, b.lease("trial 5") as l5:
+        assert (l4.gpus, l5.gpus) == (["0", "1"], ["2", "3"])
+    one = GpuPool(["0", "1", "2"], 2, tmp_path)  # 3 GPUs, 2 a trial: one trial at a time
+    with one.lease("trial 6"), pytest.raises(Waited):
+        with one.lease("trial 7", sleep=_no_wait):
+            pass
+
+
+def test_a_killed_worker_s_gpus_are_free_again(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from solution.studies.gpus import GpuPool
+        with GpuPool(["0", "1"], 1, {str(tmp_path)!r}).lease("trial 0") as lease:
+            print(",".join(lease.gpus), flush=True)
+            time.sleep(300)
+    """)], stdout=subprocess.PIPE)
+    assert holder.stdout.readline().decode().strip() == "0"
+    pool = GpuPool(["0", "1"], 1, tmp_path)
+    with pool.lease("trial 1") as lease:
+        assert lease.gpus == ["1"]  # GPU 0 is the other worker's
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with pool.lease("trial 2") as a, pool.lease("trial 3") as b:
+        assert (a.gpus, b.gpus) == (["0"], ["1"])  # the kernel dropped the dead worker's lock
+
+
+@pytest.mark.parametrize("study, env, message", [
+    ({"gpus_per_trial": 3, "gpus": "0,1"}, None, r"gpus_per_trial 3 exceeds the 2 GPU\(s\) this worker may use "
+                                                  r"\(0,1, from --gpus\)"),
+    ({"gpus_per_trial": 2}, "0", r"gpus_per_trial 2 exceeds the 1 GPU\(s\) .*\(0, from CUDA_VISIBLE_DEVICES\)"),
+    ({"gpus_per_trial": 1}, "", r"exceeds the 0 GPU\(s\) .*\(none, from CUDA_VISIBLE_DEVICES\)"),
+    ({"gpus_per_trial": 1, "gpus": "2,7"}, "2,3", "GPU 7 is not among this worker's CUDA_VISIBLE_DEVICES=2,3"),
+])
+def test_a_worker_without_the_gpus_it_needs_is_one_error(tmp_path, study, env, message):
+    cfg = parse_config(fake_config(tmp_path, mode="subprocess", launcher=["x"], **study))
+    with pytest.raises(SolutionError, match=message):
+        gpu_pool(cfg, env={} if env is None else {"CUDA_VISIBLE_DEVICES": env})
+
+
+@pytest.mark.parametrize("study, message", [
+    ({"gpus_per_trial": 2}, "gpus_per_trial 2 needs mode: subprocess"),
+    ({"gpus_per_trial": -1}, "gpus_per_trial must be a non-negative integer"),
+    ({"gpus_per_trial": 1, "gpus": "0,0"}, "GPU 0 is named twice"),
+    ({"gpus_per_trial": 1, "gpus": "0,a b"}, "'a b' is not a GPU id"),
+    ({"gpus_per_trial": 1, "base": {"device": "cpu"}}, "gpus_per_trial 1 with device cpu"),
+    ({"gpus_per_trial": 1, "mode": "subprocess", "base": {"device": "cuda:1"}}, "device cuda:1 names one GPU"),
+])
+def test_bad_gpu_settings_are_one_clear_error(tmp_path, study, message):
+    with pytest.raises(SolutionError, match=message):
+        parse_config(fake_config(tmp_path, **study))
+
+
+def test_cli_refuses_more_gpus_per_trial_than_given_in_one_line(tmp_path):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(fake_config(tmp_path, mode="subprocess", launcher=["x"])))
+    rc, _, errors = run_cli_search("--config", tmp_path / "s.yaml", "--gpus-per-trial", "4", "--gpus", "0,1")
+    assert rc == 2 and errors == ["error: gpus_per_trial 4 exceeds the 2 GPU(s) this worker may use (0,1, from --gpus)"]
+    assert not (tmp_path / "out").exists()  # refused before the study was created
+
+
+def test_inprocess_trial_gets_its_gpu_as_a_device_and_the_environment_stays(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # this worker sees GPUs 3 and 5 as cuda:0 and cuda:1
+    seen = []
+
+    def train(argv, on_validation=None):
+        seen.append((argv[argv.index("--device") + 1], os.environ["CUDA_VISIBLE_DEVICES"]))
+        on_validation({"step": 1, "epoch": 0, "kind": "valid", "mean_recall": 50.0})
+
+    raw = fake_config(tmp_path, n_trials=2, gpus_per_trial=1, gpus=[5], gpu_lease_dir=str(tmp_path / "leases"))
+    with caplog.at_level(logging.INFO):
+        summary = run_search(parse_config(raw), train_main=train)
+    assert summary["complete"] == 2 and seen == [("cuda:1", "3,5")] * 2
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
+    assert "trial 0: GPU(s) 5 (--device cuda:1)" in caplog.text and "trial 1: GPU(s) 5" in caplog.text
+    df = pd.read_csv(tmp_path / "out" / "s" / "trials.csv")
+    assert list(df["gpus"]) == [5, 5]
+
+
+SPY = textwrap.dedent('''
+    import json, os, sys, time
+    sys.path.insert(0, os.path.dirname(__file__))
+    from fake_trainer import main
+    argv = sys.argv[1:]
+    run = os.path.join(argv[argv.index("--logs") + 1], argv[argv.index("--name") + 1])
+    os.makedirs(run, exist_ok=True)
+    start = time.time()
+    main(argv)
+    with open(os.path.join(run, "spy.json"), "w") as f:
+        json.dump({"cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start, "end": time.time()}, f)
+''')
+
+
+def test_two_workers_trials_get_disjoint_gpus_through_their_child_s_environment(tmp_path):
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    (tmp_path / "spy.py").write_text(SPY)
+    raw = fake_config(tmp_path, n_trials=4, mode="subprocess", launcher=[sys.executable, str(tmp_path / "spy.py")],
+                      pruner="none", storage=f"journal:{tmp_path / 'j.log'}",
+                      base={"max-steps": 3, "valid-step-interval": 1, "sleep": 0.3})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml"), "--gpus-per-trial", "2",
+           "--gpus", "0,1,2,3", "--gpu-lease-dir", str(tmp_path / "leases")]
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(2)]
+    outs = [finish(w) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outs[0][1].decode()[-2000:]
+    trials = optuna.load_study(study_name="s", storage=make_storage(parse_config(raw))).trials
+    assert all(t.state.name == "COMPLETE" for t in trials) and len(trials) >= 4
+    spies = []
+    for t in trials:
+        spy = json.loads((Path(t.user_attrs["run_dir"]) / "spy.json").read_text())
+        assert spy["cvd"] == t.user_attrs["gpus"] and spy["cvd"] in ("0,1", "2,3")
+        spies.append((spy["start"], spy["end"], set(spy["cvd"].split(",")), t.number))
+    for s0, e0, g0, n0 in spies:  # trials that ran at the same time had no GPU in common
+        for s1, e1, g1, n1 in spies:
+            if n0 < n1 and s0 < e1 and s1 < e0:
+                assert not g0 & g1, (n0, n1)
+    logs = outs[0][1].decode() + outs[1][1].decode()
+    for t in trials:
+        assert f"trial {t.number}: GPU(s) {t.user_attrs['gpus']} (CUDA_VISIBLE_DEVICES={t.user_attrs['gpus']})" in logs
+    df = pd.read_csv(tmp_path / "out" / "s" / "trials.csv", dtype={"gpus": str})
+    assert set(df["gpus"]) <= {"0,1", "2,3"}
+    assert not [p for p in (tmp_path / "leases").iterdir() if not p.name.startswith("gpu-")]
+    pool = GpuPool(["0", "1", "2", "3"], 4, tmp_path / "leases")  # all given back at the end
+    with pool.lease("after", sleep=_no_wait) as lease:
+        assert lease.gpus == ["0", "1", "2", "3"]
+
+
+def test_a_child_that_outlives_its_killed_worker_keeps_its_gpus(tmp_path):
+    """The trial's child inherits the lock: GPUs in use by an orphan are not handed out."""
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    raw = fake_config(tmp_path, n_trials=1, mode="subprocess", pruner="none",
+                      launcher=[sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGTERM, "
+                                "signal.SIG_IGN); open('started', 'w').write(str(os.getpid())); time.sleep(300)"],
+                      gpus_per_trial=1, gpus="0", gpu_lease_dir=str(tmp_path / "leases"))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    worker = subprocess.Popen([sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml")],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = tmp_path / "started"
+    wait_for(lambda: started.exists() and started.read_text(), worker, 120, "the trial's child")
+    orphan = int(started.read_text())
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    pool = GpuPool(["0"], 1, tmp_path / "leases")
+    try:
+        with pytest.raises(Waited):  # the orphan (which ignores SIGTERM) still runs on GPU 0
+            with pool.lease("next", sleep=_no_wait):
+                pass
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # a hang guard: the killed orphan's lock goes with it
+    while not _lease_free(pool):
+        assert time.monotonic() < deadline, "GPU 0 still leased 30 s after the orphan was killed"
+        time.sleep(0.1)
+
+
+def _lease_free(pool: GpuPool) -> bool:
+    try:
+        with pool.lease("probe", sleep=_no_wait):
+            return True
+    except Waited:
+        return False
