@@ -20,6 +20,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from cli_helpers import one_error_line
 
 from solution import search as search_cli
 from solution.common import SolutionError
@@ -394,11 +395,13 @@ def real_trainer_config(tmp_path, **changes) -> Path:
     ({"space": {"tune": {"choices": ["a", "b"], "sets": {"b": {"freeze-visoin": True}}}}}, [],
      r"space entry 'tune', sets.b: --freeze-visoin is not a flag"),
 ])
-def test_a_config_that_cannot_start_a_trial_is_refused_before_the_first(tmp_path, changes, sets, message):
-    config = real_trainer_config(tmp_path, **changes)
-    rc, _, errors = run_cli_search("--config", config, *[a for kv in sets for a in ("--set", kv)])
-    assert rc == 2 and len(errors) == 1, errors
-    assert errors[0].startswith(f"error: {config}: ") and re.search(message, errors[0]), errors[0]
+def test_a_config_that_cannot_start_a_trial_is_refused_before_the_first(tmp_path, capsys, monkeypatch, changes,
+                                                                       sets, message):
+    config = real_trainer_config(tmp_path, **changes)  # in-process (run_cli, as the shell wrapper): one error line
+    rc, error = one_error_line(capsys, monkeypatch, search_cli.main,
+                               ["--config", str(config), *[a for kv in sets for a in ("--set", kv)]])
+    assert rc == 2
+    assert error.startswith(f"error: {config}: ") and re.search(message, error), error
     assert not (tmp_path / "out").exists()  # refused before the study was created
 
 
@@ -452,10 +455,10 @@ def test_storage_url_errors_are_one_line(tmp_path, url, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_storage_scheme_exits_2_with_one_line(tmp_path):
-    rc, _, errors = run_cli_search("--config", real_trainer_config(tmp_path), "--storage", "foo://bar")
-    assert rc == 2 and errors == [f"error: storage 'foo://bar': unknown scheme 'foo'; accepted: "
-                                  f"{ACCEPTED}"]
+def test_unknown_storage_scheme_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    rc, error = one_error_line(capsys, monkeypatch, search_cli.main,
+                               ["--config", str(real_trainer_config(tmp_path)), "--storage", "foo://bar"])
+    assert rc == 2 and error == f"error: storage 'foo://bar': unknown scheme 'foo'; accepted: {ACCEPTED}"
 
 
 # ---------------------------------------------------------------- acceptance: the real trainer
