@@ -6,7 +6,7 @@ validation sizes) for 3 members of 512, 768 and 1024 dims, top-10 of the weighte
 features from ``.npy``, then times only the ranking and reports its own peak RSS (``ru_maxrss``)
 and its RSS before ranking (modules + features loaded), so "extra" is the memory the ranking adds:
 
-- ours: ``solution.retrieval.fusion.fused_topk(norm="zscore")`` with the chunk size
+- ours: ``solution.ensembles.fusion.fused_topk(norm="zscore")`` with the chunk size
   ``predict --ensemble`` uses (:mod:`solution.ensembles.submit`: ``fusion_chunk`` for the
   ``FUSION_MEMORY_MB`` budget, which bounds fusion's working set, so its "extra" should track it);
 - 3 x predict: ``solution.retrieval.rank.rank`` once per member (what one does before fusing);
@@ -20,6 +20,7 @@ fused-score gap between the two lists (a float32 near-tie, when tiny).
 
     python scripts/bench_ensemble.py [--quick] [--repeats 3] [--out runs/bench/ensemble.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,11 @@ log = logging.getLogger("bench_ensemble")
 
 DIMS = (512, 768, 1024)
 WEIGHTS = (0.5, 0.3, 0.2)
-VARIANTS = {"ours": "ours: fused_topk (z-score, chunked)",
-            "separate": "3 x predict ranking (rank per member, no fusion)",
-            "numpy": "numpy fusion (full [Q, G] float32 per member)"}
+VARIANTS = {
+    "ours": "ours: fused_topk (z-score, chunked)",
+    "separate": "3 x predict ranking (rank per member, no fusion)",
+    "numpy": "numpy fusion (full [Q, G] float32 per member)",
+}
 
 
 def unit(rng, n, d):
@@ -51,6 +54,7 @@ def unit(rng, n, d):
 
 def rss_mb() -> float:
     import psutil
+
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -75,9 +79,9 @@ def numpy_fusion(members, weights, k: int) -> np.ndarray:
 
 def child(variant: str, workdir: Path, k: int) -> None:
     """Run one variant on the features in ``workdir``; print one JSON line; save its top-k indices."""
-    import torch  # noqa: F401  (imported before the baseline RSS, like the variants need)
+    import torch
 
-    from solution.retrieval.fusion import FUSION_MEMORY_MB, fused_topk, fusion_chunk
+    from solution.ensembles.fusion import FUSION_MEMORY_MB, fused_topk, fusion_chunk
     from solution.retrieval.rank import rank
 
     members = load(workdir)
@@ -96,13 +100,28 @@ def child(variant: str, workdir: Path, k: int) -> None:
     seconds = time.perf_counter() - t0
     np.save(workdir / f"top_{variant}.npy", idx)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": peak, "before_mb": before, "threads": torch.get_num_threads(),
-                      "chunk": chunk, "budget_mb": FUSION_MEMORY_MB}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_mb": peak,
+                "before_mb": before,
+                "threads": torch.get_num_threads(),
+                "chunk": chunk,
+                "budget_mb": FUSION_MEMORY_MB,
+            }
+        )
+    )
 
 
 def run_child(variant: str, workdir: Path, k: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", variant, "--workdir", str(workdir), "--top-k", str(k)],
-                         check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", variant, "--workdir", str(workdir), "--top-k", str(k)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -114,8 +133,9 @@ def reference_check(members, weights, k: int, tops: dict, chunk: int = 256) -> d
     out = {name: {"rows_differing": 0, "max_f64_gap": 0.0} for name in tops}
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        fused = sum(wm * zscore_np(q[rows].astype(np.float64) @ g.astype(np.float64).T)
-                    for (q, g), wm in zip(members, w))
+        fused = sum(
+            wm * zscore_np(q[rows].astype(np.float64) @ g.astype(np.float64).T) for (q, g), wm in zip(members, w)
+        )
         ref = np.argsort(-fused, axis=1, kind="stable")[:, :k]
         ref_s = np.take_along_axis(fused, ref, 1)
         for name, top in tops.items():
@@ -154,8 +174,7 @@ def measure(args, d: Path) -> tuple[dict, list, dict]:
     for r in range(args.repeats):  # interleaved: drift hits every variant alike
         for v in VARIANTS:
             runs[v].append(run_child(v, d, args.top_k))
-            log.warning("repeat %d %s: %.2f s, peak %.0f MB", r + 1, v, runs[v][-1]["seconds"],
-                        runs[v][-1]["peak_mb"])
+            log.warning("repeat %d %s: %.2f s, peak %.0f MB", r + 1, v, runs[v][-1]["seconds"], runs[v][-1]["peak_mb"])
     tops = {v: np.load(d / f"top_{v}.npy") for v in ("ours", "numpy")}
     check = reference_check(members, WEIGHTS, args.top_k, tops)
     check["ours_vs_numpy_rows_differing"] = int((tops["ours"] != tops["numpy"]).any(axis=1).sum())
@@ -172,34 +191,62 @@ def main(argv=None) -> dict:
         d = Path(args.workdir or tmp)
         d.mkdir(parents=True, exist_ok=True)
         runs, _, check = measure(args, d)
-    med = {v: {key: statistics.median(r[key] for r in runs[v]) for key in ("seconds", "peak_mb", "before_mb")}
-           for v in VARIANTS}
+    med = {
+        v: {key: statistics.median(r[key] for r in runs[v]) for key in ("seconds", "peak_mb", "before_mb")}
+        for v in VARIANTS
+    }
     base = med["numpy"]
     rows = []
     for v, what in VARIANTS.items():
         m = med[v]
         extra = m["peak_mb"] - m["before_mb"]
-        rows.append({"what": what, "seconds": m["seconds"], "peak_rss_mb": m["peak_mb"], "extra_mb": extra,
-                     "time_ratio_over_numpy": m["seconds"] / base["seconds"],
-                     "extra_mem_ratio_over_numpy": extra / (base["peak_mb"] - base["before_mb"])})
-    result = {"rows": rows, "texts": args.texts, "images": args.images, "dims": list(DIMS), "weights": list(WEIGHTS),
-              "top_k": args.top_k, "repeats": args.repeats, "torch_threads": runs["ours"][0]["threads"],
-              "ours_chunk": runs["ours"][0]["chunk"], "ours_budget_mb": runs["ours"][0]["budget_mb"],
-              "top10_check_vs_float64": check}
-    print(f"{args.texts} texts x {args.images} images, members {'/'.join(map(str, DIMS))}-d, weights "
-          f"{'/'.join(map(str, WEIGHTS))}, z-score, top-{args.top_k}; median of {args.repeats} interleaved runs; "
-          f"ours: chunks of {result['ours_chunk']} queries for a {result['ours_budget_mb']} MB fusion budget\n")
+        rows.append(
+            {
+                "what": what,
+                "seconds": m["seconds"],
+                "peak_rss_mb": m["peak_mb"],
+                "extra_mb": extra,
+                "time_ratio_over_numpy": m["seconds"] / base["seconds"],
+                "extra_mem_ratio_over_numpy": extra / (base["peak_mb"] - base["before_mb"]),
+            }
+        )
+    result = {
+        "rows": rows,
+        "texts": args.texts,
+        "images": args.images,
+        "dims": list(DIMS),
+        "weights": list(WEIGHTS),
+        "top_k": args.top_k,
+        "repeats": args.repeats,
+        "torch_threads": runs["ours"][0]["threads"],
+        "ours_chunk": runs["ours"][0]["chunk"],
+        "ours_budget_mb": runs["ours"][0]["budget_mb"],
+        "top10_check_vs_float64": check,
+    }
+    print(
+        f"{args.texts} texts x {args.images} images, members {'/'.join(map(str, DIMS))}-d, weights "
+        f"{'/'.join(map(str, WEIGHTS))}, z-score, top-{args.top_k}; median of {args.repeats} interleaved runs; "
+        f"ours: chunks of {result['ours_chunk']} queries for a {result['ours_budget_mb']} MB fusion budget\n"
+    )
     print("| variant | seconds | peak RSS MB | extra MB | time / numpy | extra mem / numpy |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['what']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['extra_mb']:.0f} | "
-              f"{r['time_ratio_over_numpy']:.3f} | {r['extra_mem_ratio_over_numpy']:.3f} |")
-    print(f"\ntop-{args.top_k} vs the float64 fusion: " + "; ".join(
-        f"{n}: {c['rows_differing']}/{args.texts} rows differ (max float64 score gap {c['max_f64_gap']:.2e})"
-        for n, c in check.items() if n != "ours_vs_numpy_rows_differing")
-        + f"; ours vs numpy float32: {check['ours_vs_numpy_rows_differing']} rows differ")
+        print(
+            f"| {r['what']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['extra_mb']:.0f} | "
+            f"{r['time_ratio_over_numpy']:.3f} | {r['extra_mem_ratio_over_numpy']:.3f} |"
+        )
+    print(
+        f"\ntop-{args.top_k} vs the float64 fusion: "
+        + "; ".join(
+            f"{n}: {c['rows_differing']}/{args.texts} rows differ (max float64 score gap {c['max_f64_gap']:.2e})"
+            for n, c in check.items()
+            if n != "ours_vs_numpy_rows_differing"
+        )
+        + f"; ours vs numpy float32: {check['ours_vs_numpy_rows_differing']} rows differ"
+    )
     if args.out:
         from solution.common import write_json
+
         write_json(args.out, result)
     return result
 

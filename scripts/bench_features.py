@@ -11,6 +11,7 @@ Features must agree to 1e-5.
 
     python scripts/bench_features.py [--quick] [--device cpu] [--out runs/bench/features.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,15 @@ from PIL import Image
 from cn_clip_patch.device import run_upstream_main
 from solution.common import write_json
 from solution.data.datasets import decode_image, eval_transform
-from solution.formats.features import load_features
-from solution.features import main as features_main
 from solution.data.lmdb_io import LMDBSplit, write_split
+from solution.features import main as features_main
+from solution.formats.feature_files import load_features
 from solution.model import ModelConfig, build_model, load_model, save_checkpoint
 
-CHARS = ("连衣裙男士运动鞋透气轻便夏季新款苹果手机壳儿童玩具车保温杯红色白色黑色纯棉短袖长袖女装"
-         "家用厨房收纳盒办公椅实木书桌蓝牙耳机无线充电宝大容量防水户外登山背包")
+CHARS = (
+    "连衣裙男士运动鞋透气轻便夏季新款苹果手机壳儿童玩具车保温杯红色白色黑色纯棉短袖长袖女装"
+    "家用厨房收纳盒办公椅实木书桌蓝牙耳机无线充电宝大容量防水户外登山背包"
+)
 
 
 def make_data(d: Path, n_images: int, n_texts: int, rng) -> None:
@@ -92,7 +95,7 @@ def bare_forward(ckpt: Path, split_dir: Path, batch_size: int) -> float:
     images = torch.stack([tf(decode_image(split.image_b64(i))) for i in split.image_ids()])
     t0 = time.perf_counter()
     for s in range(0, len(images), batch_size):
-        f = model.encode_image(images[s:s + batch_size])
+        f = model.encode_image(images[s : s + batch_size])
         f = f / f.norm(dim=-1, keepdim=True)
     return time.perf_counter() - t0
 
@@ -123,28 +126,73 @@ def main(argv=None) -> dict:
         torch.manual_seed(0)
         config = ModelConfig(args.vision_model, args.text_model)
         save_checkpoint(d / "random.pt", build_model(config).state_dict(), config, epoch=0, step=0)
-        print(f"{config.arch} random weights, {args.images} images, {args.texts} texts, torch threads "
-              f"{torch.get_num_threads()}", file=sys.stderr)
-        common = ["--image-data", str(d / "lmdb/bench/imgs"), "--text-data", str(d / "bench_texts.jsonl"),
-                  "--resume", str(d / "random.pt"), "--precision", "fp32", "--img-batch-size", str(args.img_batch_size),
-                  "--text-batch-size", str(args.text_batch_size), "--context-length", "52"]
+        print(
+            f"{config.arch} random weights, {args.images} images, {args.texts} texts, torch threads "
+            f"{torch.get_num_threads()}",
+            file=sys.stderr,
+        )
+        common = [
+            "--image-data",
+            str(d / "lmdb/bench/imgs"),
+            "--text-data",
+            str(d / "bench_texts.jsonl"),
+            "--resume",
+            str(d / "random.pt"),
+            "--precision",
+            "fp32",
+            "--img-batch-size",
+            str(args.img_batch_size),
+            "--text-batch-size",
+            str(args.text_batch_size),
+            "--context-length",
+            "52",
+        ]
 
-        ours_argv = ["--extract-text-feats", "--extract-image-feats", *common, "--device", "cpu", "--no-progress",
-                     "--text-feat-output-path", str(d / "txt.npy"), "--image-feat-output-path", str(d / "img.npy")]
+        ours_argv = [
+            "--extract-text-feats",
+            "--extract-image-feats",
+            *common,
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--text-feat-output-path",
+            str(d / "txt.npy"),
+            "--image-feat-output-path",
+            str(d / "img.npy"),
+        ]
         if args.num_workers is not None:
             ours_argv += ["--num-workers", str(args.num_workers)]
         runs = []
         for rnd in range(args.rounds):  # interleaved rounds; the best of each is reported (least interference)
-            _, loops = run_upstream(["--extract-text-feats", "--extract-image-feats", *common,
-                                     "--vision-model", args.vision_model, "--text-model", args.text_model,
-                                     "--text-feat-output-path", str(d / "up_txt.jsonl"),
-                                     "--image-feat-output-path", str(d / "up_img.jsonl")])
+            _, loops = run_upstream(
+                [
+                    "--extract-text-feats",
+                    "--extract-image-feats",
+                    *common,
+                    "--vision-model",
+                    args.vision_model,
+                    "--text-model",
+                    args.text_model,
+                    "--text-feat-output-path",
+                    str(d / "up_txt.jsonl"),
+                    "--image-feat-output-path",
+                    str(d / "up_img.jsonl"),
+                ]
+            )
             (up_text, up_text_cpu), (up_image, _) = loops  # upstream does texts first, then images
             r = features_main([*ours_argv, "--no-cache"])
             bare = bare_forward(d / "random.pt", d / "lmdb/bench", args.img_batch_size)
-            runs.append({"upstream_text_s": up_text, "upstream_text_cpu_s": up_text_cpu, "upstream_image_s": up_image,
-                         "ours_text_s": r["text"]["seconds"], "ours_text_cpu_s": r["text"]["cpu_seconds"],
-                         "ours_image_s": r["image"]["seconds"], "bare_image_s": bare})
+            runs.append(
+                {
+                    "upstream_text_s": up_text,
+                    "upstream_text_cpu_s": up_text_cpu,
+                    "upstream_image_s": up_image,
+                    "ours_text_s": r["text"]["seconds"],
+                    "ours_text_cpu_s": r["text"]["cpu_seconds"],
+                    "ours_image_s": r["image"]["seconds"],
+                    "bare_image_s": bare,
+                }
+            )
             print(f"round {rnd + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[-1].items()), file=sys.stderr)
         best = {k: min(run[k] for run in runs) for k in runs[0]}
         cache = ["--cache-dir", str(d / "cache")]
@@ -160,27 +208,62 @@ def main(argv=None) -> dict:
 
     n_t, n_i = args.texts, args.images
     rows = [
-        {"what": "texts/s", "ours": n_t / best["ours_text_s"], "upstream": n_t / best["upstream_text_s"],
-         "ours_over_upstream": best["upstream_text_s"] / best["ours_text_s"], "max_abs_diff": diffs["text"]},
-        {"what": "texts per CPU-second", "ours": n_t / best["ours_text_cpu_s"], "upstream": n_t / best["upstream_text_cpu_s"],
-         "ours_over_upstream": best["upstream_text_cpu_s"] / best["ours_text_cpu_s"]},
-        {"what": "images/s", "ours": n_i / best["ours_image_s"], "upstream": n_i / best["upstream_image_s"],
-         "bare_forward": n_i / best["bare_image_s"], "ours_over_upstream": best["upstream_image_s"] / best["ours_image_s"],
-         "ours_over_bare": best["bare_image_s"] / best["ours_image_s"], "max_abs_diff": diffs["image"]},
-        {"what": "images/s, first run with the cache", "ours": n_i / miss["seconds"], "upstream": n_i / best["upstream_image_s"],
-         "ours_over_upstream": best["upstream_image_s"] / miss["seconds"]},
-        {"what": "images/s, cache hit", "ours": n_i / hit["seconds"], "upstream": n_i / best["upstream_image_s"],
-         "ours_over_upstream": best["upstream_image_s"] / hit["seconds"]},
+        {
+            "what": "texts/s",
+            "ours": n_t / best["ours_text_s"],
+            "upstream": n_t / best["upstream_text_s"],
+            "ours_over_upstream": best["upstream_text_s"] / best["ours_text_s"],
+            "max_abs_diff": diffs["text"],
+        },
+        {
+            "what": "texts per CPU-second",
+            "ours": n_t / best["ours_text_cpu_s"],
+            "upstream": n_t / best["upstream_text_cpu_s"],
+            "ours_over_upstream": best["upstream_text_cpu_s"] / best["ours_text_cpu_s"],
+        },
+        {
+            "what": "images/s",
+            "ours": n_i / best["ours_image_s"],
+            "upstream": n_i / best["upstream_image_s"],
+            "bare_forward": n_i / best["bare_image_s"],
+            "ours_over_upstream": best["upstream_image_s"] / best["ours_image_s"],
+            "ours_over_bare": best["bare_image_s"] / best["ours_image_s"],
+            "max_abs_diff": diffs["image"],
+        },
+        {
+            "what": "images/s, first run with the cache",
+            "ours": n_i / miss["seconds"],
+            "upstream": n_i / best["upstream_image_s"],
+            "ours_over_upstream": best["upstream_image_s"] / miss["seconds"],
+        },
+        {
+            "what": "images/s, cache hit",
+            "ours": n_i / hit["seconds"],
+            "upstream": n_i / best["upstream_image_s"],
+            "ours_over_upstream": best["upstream_image_s"] / hit["seconds"],
+        },
     ]
-    result = {"rows": rows, "model": config.arch, "images": n_i, "texts": n_t, "device": "cpu", "precision": "fp32",
-              "img_batch_size": args.img_batch_size, "text_batch_size": args.text_batch_size,
-              "torch_threads": torch.get_num_threads(), "rounds": runs, "reported": "best of the rounds"}
+    result = {
+        "rows": rows,
+        "model": config.arch,
+        "images": n_i,
+        "texts": n_t,
+        "device": "cpu",
+        "precision": "fp32",
+        "img_batch_size": args.img_batch_size,
+        "text_batch_size": args.text_batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "rounds": runs,
+        "reported": "best of the rounds",
+    }
     print(f"\n{config.arch}, CPU fp32, {n_i} images / {n_t} texts, best of {args.rounds} interleaved rounds")
     print(f"{'':36s} {'ours':>9s} {'upstream':>9s} {'bare':>9s} {'ours/upstream':>14s} {'max|diff|':>10s}")
     for row in rows:
         bare_s = f"{row['bare_forward']:9.2f}" if row.get("bare_forward") else f"{'':9s}"
         diff = f"{row['max_abs_diff']:10.1e}" if "max_abs_diff" in row else ""
-        print(f"{row['what']:36s} {row['ours']:9.2f} {row['upstream']:9.2f} {bare_s} {row['ours_over_upstream']:13.2f}x {diff}")
+        print(
+            f"{row['what']:36s} {row['ours']:9.2f} {row['upstream']:9.2f} {bare_s} {row['ours_over_upstream']:13.2f}x {diff}"
+        )
     print(f"ours image path / bare forward (throughput): {rows[2]['ours_over_bare']:.3f} (1.0 = no overhead)")
     if args.out:
         write_json(args.out, result)

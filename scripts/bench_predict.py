@@ -13,6 +13,7 @@ Predictions are compared on the texts both ranked.
 
     python scripts/bench_predict.py [--quick] [--out runs/bench/predict.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ import torch
 
 from cn_clip_patch.device import run_upstream_main
 from solution.common import write_json
-from solution.formats.features import load_features, save_features
+from solution.formats.feature_files import load_features, save_features
 from solution.predict import main as predict_main
 
 
@@ -39,8 +40,10 @@ def unit(rng, n, d):
 
 def run_upstream(image_feats: Path, text_feats: Path, out: Path, k: int) -> float:
     t0 = time.perf_counter()
-    run_upstream_main("cn_clip.eval.make_topk_predictions",
-                      ["--image-feats", image_feats, "--text-feats", text_feats, "--top-k", k, "--output", out])
+    run_upstream_main(
+        "cn_clip.eval.make_topk_predictions",
+        ["--image-feats", image_feats, "--text-feats", text_feats, "--top-k", k, "--output", out],
+    )
     return time.perf_counter() - t0
 
 
@@ -54,8 +57,12 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=29806)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--upstream-texts", type=int, default=None,
-                   help="texts upstream ranks (0 = all; default 1000 at full scale, all with --quick)")
+    p.add_argument(
+        "--upstream-texts",
+        type=int,
+        default=None,
+        help="texts upstream ranks (0 = all; default 1000 at full scale, all with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="500 texts x 3,000 images")
     p.add_argument("--workdir", default=None, help="keep the feature files here (default: a temporary folder)")
     p.add_argument("--out", default=None, help="also write the table as JSON here")
@@ -81,18 +88,32 @@ def main(argv=None) -> dict:
         write_s = time.perf_counter() - t0
         sub = d / "text_sub.jsonl"
         with open(d / "text.jsonl") as f, open(sub, "w") as g:
-            for _ in range(n_up):
-                g.write(f.readline())
+            g.writelines(f.readline() for _ in range(n_up))
         (d / "text_none.jsonl").write_text("")
-        print(f"{args.texts} texts x {args.images} images x {args.dim}-d, top-{args.top_k}; torch threads "
-              f"{torch.get_num_threads()}; feature files written in {write_s:.1f} s", file=sys.stderr)
+        print(
+            f"{args.texts} texts x {args.images} images x {args.dim}-d, top-{args.top_k}; torch threads "
+            f"{torch.get_num_threads()}; feature files written in {write_s:.1f} s",
+            file=sys.stderr,
+        )
 
         timings = {}
         for fmt in ("npy", "jsonl"):
             t0 = time.perf_counter()
-            predict_main(["--image-feats", str(d / f"img.{fmt}"), "--text-feats", str(d / f"text.{fmt}"),
-                          "--top-k", str(args.top_k), "--output", str(d / f"ours_{fmt}.jsonl"), "--device", "cpu",
-                          "--no-progress"])
+            predict_main(
+                [
+                    "--image-feats",
+                    str(d / f"img.{fmt}"),
+                    "--text-feats",
+                    str(d / f"text.{fmt}"),
+                    "--top-k",
+                    str(args.top_k),
+                    "--output",
+                    str(d / f"ours_{fmt}.jsonl"),
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
             timings[fmt] = time.perf_counter() - t0
             print(f"ours from {fmt}: {timings[fmt]:.2f} s", file=sys.stderr)
         t0 = time.perf_counter()
@@ -105,8 +126,11 @@ def main(argv=None) -> dict:
             print(f"upstream, reading the image features only: {fixed:.1f} s", file=sys.stderr)
         measured = run_upstream(d / "img.jsonl", sub, d / "up.jsonl", args.top_k)
         up_full = measured if fixed is None else fixed + (measured - fixed) * args.texts / n_up
-        print(f"upstream on {n_up} texts: {measured:.1f} s -> {up_full:.1f} s for {args.texts}"
-              + (" (extrapolated)" if n_up < args.texts else ""), file=sys.stderr)
+        print(
+            f"upstream on {n_up} texts: {measured:.1f} s -> {up_full:.1f} s for {args.texts}"
+            + (" (extrapolated)" if n_up < args.texts else ""),
+            file=sys.stderr,
+        )
 
         ours_rows = read_rows(d / "ours_npy.jsonl")
         up_rows = read_rows(d / "up.jsonl")
@@ -125,25 +149,38 @@ def main(argv=None) -> dict:
     rows = [
         {"what": "ours from .npy (read + rank + write)", "seconds": timings["npy"], "texts": args.texts},
         {"what": "ours from cn_clip jsonl", "seconds": timings["jsonl"], "texts": args.texts},
-        {"what": f"upstream make_topk_predictions.py (CPU){' extrapolated' if n_up < args.texts else ''}",
-         "seconds": up_full, "texts": args.texts},
+        {
+            "what": f"upstream make_topk_predictions.py (CPU){' extrapolated' if n_up < args.texts else ''}",
+            "seconds": up_full,
+            "texts": args.texts,
+        },
     ]
     for r in rows:
         r["ratio_ours_over_upstream"] = r["seconds"] / up_full
         r["speedup"] = up_full / r["seconds"]
     result = {
         "rows": rows,
-        "texts": args.texts, "images": args.images, "dim": args.dim, "top_k": args.top_k,
-        "upstream_texts_measured": n_up, "upstream_measured_s": measured, "upstream_fixed_s": fixed,
-        "ours_npy_load_s": load_npy, "identical_rows": identical, "compared_rows": n_up,
-        "max_score_gap_where_different": worst_gap, "npy_and_jsonl_identical": same_npy_jsonl,
+        "texts": args.texts,
+        "images": args.images,
+        "dim": args.dim,
+        "top_k": args.top_k,
+        "upstream_texts_measured": n_up,
+        "upstream_measured_s": measured,
+        "upstream_fixed_s": fixed,
+        "ours_npy_load_s": load_npy,
+        "identical_rows": identical,
+        "compared_rows": n_up,
+        "max_score_gap_where_different": worst_gap,
+        "npy_and_jsonl_identical": same_npy_jsonl,
         "torch_threads": torch.get_num_threads(),
     }
     print(f"\n{'':56s} {'seconds':>9s} {'ours/upstream':>14s} {'speedup':>8s}")
     for r in rows:
         print(f"{r['what']:56s} {r['seconds']:9.2f} {r['ratio_ours_over_upstream']:14.4f} {r['speedup']:7.1f}x")
-    print(f"identical predictions: {identical}/{n_up} texts (max score gap where different: {worst_gap:.2e}); "
-          f"npy == jsonl: {same_npy_jsonl}")
+    print(
+        f"identical predictions: {identical}/{n_up} texts (max score gap where different: {worst_gap:.2e}); "
+        f"npy == jsonl: {same_npy_jsonl}"
+    )
     if args.out:
         write_json(args.out, result)
     return result

@@ -21,6 +21,7 @@ Upstream only copies base64 strings into LMDB. Ours checks every image: ``--chec
 
 ``--out`` JSON: ``{"rows": [{"metric", "ours", "upstream", "ratio", "unit"}, ...], <meta>}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,8 @@ from pathlib import Path
 
 import psutil
 
-from solution.data.synthetic import draw_image, jpeg_bytes, messy_bytes, random_scene
 from solution.data.images import CHECKS
+from solution.data.synthetic import draw_image, jpeg_bytes, messy_bytes, random_scene
 
 
 def make_tsv(d: Path, n: int, size: int, mess: float = 0.01, unique: int = 200, seed: int = 0) -> None:
@@ -56,12 +57,13 @@ def make_tsv(d: Path, n: int, size: int, mess: float = 0.01, unique: int = 200, 
         pics.append(base64.urlsafe_b64encode(messy_bytes(kind, im) if kind else jpeg_bytes(im)).decode())
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "train_imgs.tsv", "w", encoding="utf-8") as f:
-        for i in range(n):
-            f.write(f"{1_000_000 + i}\t{pics[i % unique]}\n")
+        f.writelines(f"{1_000_000 + i}\t{pics[i % unique]}\n" for i in range(n))
     with open(d / "train_texts.jsonl", "w", encoding="utf-8") as f:
-        for i in range(n):
-            f.write(json.dumps({"text_id": i, "text": f"图片{i % 997}", "image_ids": [1_000_000 + i]},
-                               ensure_ascii=False) + "\n")
+        f.writelines(
+            json.dumps({"text_id": i, "text": f"图片{i % 997}", "image_ids": [1_000_000 + i]}, ensure_ascii=False)
+            + "\n"
+            for i in range(n)
+        )
 
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
@@ -95,9 +97,14 @@ def _median_run(runs: list[dict], n: int) -> dict:
     mid = min(runs, key=lambda r: abs(r["seconds"] - statistics.median(walls)))
     cpu = statistics.median(r["cpu_seconds"] for r in runs)
     wall = statistics.median(walls)
-    return {"seconds": round(wall, 3), "seconds_all": [round(w, 3) for w in walls], "images_per_second": round(n / wall, 1),
-            "cpu_seconds": round(cpu, 3), "cpu_cores_used": round(cpu / wall, 2),
-            "core_busy_percent": mid["core_busy_percent"]}
+    return {
+        "seconds": round(wall, 3),
+        "seconds_all": [round(w, 3) for w in walls],
+        "images_per_second": round(n / wall, 1),
+        "cpu_seconds": round(cpu, 3),
+        "cpu_cores_used": round(cpu / wall, 2),
+        "core_busy_percent": mid["core_busy_percent"],
+    }
 
 
 def main(argv=None) -> dict:
@@ -132,11 +139,34 @@ def main(argv=None) -> dict:
             data = tmp / f"data_{mess:g}"
             make_tsv(data, n, a.image_size, mess)
             sizes[f"{mess:g}"] = round((data / "train_imgs.tsv").stat().st_size / 1e6, 1)
-            runs = {"upstream": [py, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", str(data),
-                                 "--splits", "train", "--lmdb_dir", str(tmp / "out")]}
+            runs = {
+                "upstream": [
+                    py,
+                    "-m",
+                    "cn_clip.preprocess.build_lmdb_dataset",
+                    "--data_dir",
+                    str(data),
+                    "--splits",
+                    "train",
+                    "--lmdb_dir",
+                    str(tmp / "out"),
+                ]
+            }
             for check in checks:
-                runs[check] = [py, "-m", "solution.prepare", "--data-dir", str(data), "--splits", "train",
-                               "--lmdb-dir", str(tmp / "out"), "--check", check, *workers]
+                runs[check] = [
+                    py,
+                    "-m",
+                    "solution.prepare",
+                    "--data-dir",
+                    str(data),
+                    "--splits",
+                    "train",
+                    "--lmdb-dir",
+                    str(tmp / "out"),
+                    "--check",
+                    check,
+                    *workers,
+                ]
             raw: dict[str, list[dict]] = {name: [] for name in runs}
             for name, cmd in runs.items() if warm else ():  # untimed: compiles each tool's modules once
                 run(cmd, env)
@@ -153,32 +183,54 @@ def main(argv=None) -> dict:
             for check in checks:
                 ours = res[check]
                 rows += [
-                    {"metric": f"images/s, {tsv}, --check {check}", "ours": ours["images_per_second"],
-                     "upstream": up["images_per_second"],
-                     "ratio": round(ours["images_per_second"] / up["images_per_second"], 3), "unit": "images/s"},
-                    {"metric": f"CPU cores busy, {tsv}, --check {check}", "ours": ours["cpu_cores_used"],
-                     "upstream": up["cpu_cores_used"],
-                     "ratio": round(ours["cpu_cores_used"] / max(up["cpu_cores_used"], 1e-9), 3), "unit": "cores"},
-                    {"metric": f"CPU seconds, {tsv}, --check {check}", "ours": ours["cpu_seconds"],
-                     "upstream": up["cpu_seconds"], "ratio": round(ours["cpu_seconds"] / max(up["cpu_seconds"], 1e-9), 3),
-                     "unit": "s"},
+                    {
+                        "metric": f"images/s, {tsv}, --check {check}",
+                        "ours": ours["images_per_second"],
+                        "upstream": up["images_per_second"],
+                        "ratio": round(ours["images_per_second"] / up["images_per_second"], 3),
+                        "unit": "images/s",
+                    },
+                    {
+                        "metric": f"CPU cores busy, {tsv}, --check {check}",
+                        "ours": ours["cpu_cores_used"],
+                        "upstream": up["cpu_cores_used"],
+                        "ratio": round(ours["cpu_cores_used"] / max(up["cpu_cores_used"], 1e-9), 3),
+                        "unit": "cores",
+                    },
+                    {
+                        "metric": f"CPU seconds, {tsv}, --check {check}",
+                        "ours": ours["cpu_seconds"],
+                        "upstream": up["cpu_seconds"],
+                        "ratio": round(ours["cpu_seconds"] / max(up["cpu_seconds"], 1e-9), 3),
+                        "unit": "s",
+                    },
                 ]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
-    print(f"{n} images of {a.image_size} px per TSV (MB of base64: {sizes}), {psutil.cpu_count()} cores, "
-          f"median of {repeat} (after an untimed warm-up run of each, bytecode cached), load average "
-          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print(
+        f"{n} images of {a.image_size} px per TSV (MB of base64: {sizes}), {psutil.cpu_count()} cores, "
+        f"median of {repeat} (after an untimed warm-up run of each, bytecode cached), load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
     print(f"{'metric':48s} {'ours':>9s} {'upstream':>9s} {'ratio':>6s}  unit")
     for r in rows:
         print(f"{r['metric']:48s} {r['ours']:9.2f} {r['upstream']:9.2f} {r['ratio']:6.2f}  {r['unit']}")
     for mess, res in results.items():
         for name, r in res.items():
             print(f"  mess {mess:5s} {name:10s} wall {r['seconds_all']} s, per-core busy % {r['core_busy_percent']}")
-    out = {"rows": rows, "images": n, "image_size": a.image_size, "tsv_mb": sizes, "repeat": repeat,
-           "cores": psutil.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
-           "load_average_after": [round(x, 2) for x in load_after], "results": results}
+    out = {
+        "rows": rows,
+        "images": n,
+        "image_size": a.image_size,
+        "tsv_mb": sizes,
+        "repeat": repeat,
+        "cores": psutil.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "results": results,
+    }
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return out

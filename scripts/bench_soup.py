@@ -15,6 +15,7 @@ ViT-B-16 + RoBERTa-wwm-ext-base (~0.4 GB per checkpoint).
 
     python scripts/bench_soup.py [--quick] [--counts 2,8] [--dir /tmp] [--out bench_soup.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from pathlib import Path
 import psutil
 import torch
 
-GB = 1024 ** 3
+GB = 1024**3
 
 NAIVE = r"""
 import resource, sys, torch
@@ -65,7 +66,9 @@ def make_checkpoints(folder: Path, vision: str, text: str, n: int) -> tuple[list
         sd = {k: v + i * 1e-3 for k, v in base.items()} if i else base
         paths.append(save_checkpoint(folder / f"ckpt_{i}.pt", sd, config, name=f"random-{i}"))
         del sd
-        print(f"  wrote {paths[-1].name} ({paths[-1].stat().st_size / GB:.2f} GB) in {time.time() - t:.1f}s", flush=True)
+        print(
+            f"  wrote {paths[-1].name} ({paths[-1].stat().st_size / GB:.2f} GB) in {time.time() - t:.1f}s", flush=True
+        )
     del base
     return paths, params
 
@@ -88,8 +91,13 @@ def measure(cmd: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {err[-2000:]}")
     maxrss = next((int(line.split()[1]) * 1024 for line in out.splitlines() if line.startswith("MAXRSS_KB")), 0)
-    return {"peak_rss_gb": max(peak, maxrss) / GB, "polled_gb": peak / GB, "ru_maxrss_gb": maxrss / GB,
-            "peak_anon_gb": anon / GB, "seconds": time.time() - t}
+    return {
+        "peak_rss_gb": max(peak, maxrss) / GB,
+        "polled_gb": peak / GB,
+        "ru_maxrss_gb": maxrss / GB,
+        "peak_anon_gb": anon / GB,
+        "seconds": time.time() - t,
+    }
 
 
 def main(argv=None) -> dict:
@@ -100,8 +108,9 @@ def main(argv=None) -> dict:
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
-    vision, text = (("ViT-B-16", "RoBERTa-wwm-ext-base-chinese") if args.quick
-                    else ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese"))
+    vision, text = (
+        ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese") if args.quick else ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese")
+    )
     counts = sorted({int(c) for c in args.counts.split(",")})
     n_max = max(counts)
 
@@ -114,8 +123,11 @@ def main(argv=None) -> dict:
     size = params * 2  # fp16
     need = size * (n_max + 2) * 1.05
     free = shutil.disk_usage(args.dir).free
-    print(f"{vision} + {text}: {params / 1e6:.0f}M parameters, {size / GB:.2f} GB per fp16 checkpoint; "
-          f"need ~{need / GB:.1f} GB in {args.dir}, {free / GB:.1f} GB free", flush=True)
+    print(
+        f"{vision} + {text}: {params / 1e6:.0f}M parameters, {size / GB:.2f} GB per fp16 checkpoint; "
+        f"need ~{need / GB:.1f} GB in {args.dir}, {free / GB:.1f} GB free",
+        flush=True,
+    )
     if free < need:
         raise SystemExit(f"not enough disk space in {args.dir}: need ~{need / GB:.1f} GB, have {free / GB:.1f} GB")
 
@@ -125,8 +137,20 @@ def main(argv=None) -> dict:
         paths, _ = make_checkpoints(work, vision, text, n_max)
         for n in counts:
             subset = [str(x) for x in paths[:n]]
-            ours = measure([sys.executable, "-c", OURS, "--checkpoints", *subset, "--method", "uniform", "--no-score",
-                            "--output", str(work / f"soup_{n}")])
+            ours = measure(
+                [
+                    sys.executable,
+                    "-c",
+                    OURS,
+                    "--checkpoints",
+                    *subset,
+                    "--method",
+                    "uniform",
+                    "--no-score",
+                    "--output",
+                    str(work / f"soup_{n}"),
+                ]
+            )
             shutil.rmtree(work / f"soup_{n}", ignore_errors=True)
             naive_est = (n * size + params * 4 + size) / GB  # all fp16 copies + fp32 sum + fp16 output
             avail = psutil.virtual_memory().available / GB
@@ -134,28 +158,41 @@ def main(argv=None) -> dict:
                 naive = measure([sys.executable, "-c", NAIVE, *subset, str(work / f"naive_{n}.pt")])
                 (work / f"naive_{n}.pt").unlink(missing_ok=True)
             else:
-                naive = {"peak_rss_gb": None, "seconds": None,
-                         "skipped": f"estimated {naive_est:.1f} GB > 60% of {avail:.1f} GB available"}
-            rows.append({"n": n, "ours": ours, "naive": naive, "naive_estimate_gb": naive_est,
-                         "checkpoint_gb": size / GB})
-            print(f"  n={n}: ours {ours['peak_rss_gb']:.2f} GB in {ours['seconds']:.0f}s; naive "
-                  + (f"{naive['peak_rss_gb']:.2f} GB in {naive['seconds']:.0f}s" if naive["peak_rss_gb"]
-                     else f"skipped ({naive['skipped']})"), flush=True)
+                naive = {
+                    "peak_rss_gb": None,
+                    "seconds": None,
+                    "skipped": f"estimated {naive_est:.1f} GB > 60% of {avail:.1f} GB available",
+                }
+            rows.append(
+                {"n": n, "ours": ours, "naive": naive, "naive_estimate_gb": naive_est, "checkpoint_gb": size / GB}
+            )
+            print(
+                f"  n={n}: ours {ours['peak_rss_gb']:.2f} GB in {ours['seconds']:.0f}s; naive "
+                + (
+                    f"{naive['peak_rss_gb']:.2f} GB in {naive['seconds']:.0f}s"
+                    if naive["peak_rss_gb"]
+                    else f"skipped ({naive['skipped']})"
+                ),
+                flush=True,
+            )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"\npeak RSS averaging N fp16 checkpoints of {vision} + {text} ({size / GB:.2f} GB each)")
-    print(f"{'N':>3} | {'ours GB':>8} | {'(anon)':>6} | {'naive GB':>9} | {'ours/naive':>10} | {'ours s':>7} | {'naive s':>7}")
+    print(
+        f"{'N':>3} | {'ours GB':>8} | {'(anon)':>6} | {'naive GB':>9} | {'ours/naive':>10} | {'ours s':>7} | {'naive s':>7}"
+    )
     for r in rows:
         o, nv = r["ours"], r["naive"]
         nv_gb = nv["peak_rss_gb"]
         naive_txt = f"{nv_gb:9.2f}" if nv_gb else f"~{r['naive_estimate_gb']:7.1f}*"
         ratio = o["peak_rss_gb"] / (nv_gb or r["naive_estimate_gb"])
-        print(f"{r['n']:>3} | {o['peak_rss_gb']:8.2f} | {o['peak_anon_gb']:6.2f} | {naive_txt} | {ratio:10.2f} | {o['seconds']:7.0f} | "
-              f"{(nv['seconds'] or float('nan')):7.0f}")
-    print("peak RSS includes the memory-mapped checkpoint being read (file-backed, reclaimable); "
-          "(anon) leaves it out")
+        print(
+            f"{r['n']:>3} | {o['peak_rss_gb']:8.2f} | {o['peak_anon_gb']:6.2f} | {naive_txt} | {ratio:10.2f} | {o['seconds']:7.0f} | "
+            f"{(nv['seconds'] or float('nan')):7.0f}"
+        )
+    print("peak RSS includes the memory-mapped checkpoint being read (file-backed, reclaimable); (anon) leaves it out")
     if any(not r["naive"]["peak_rss_gb"] for r in rows):
         print("* naive not run (would not fit); its estimate: N x checkpoint + fp32 sum + output")
     result = {"vision": vision, "text": text, "params": params, "rows": rows}

@@ -1,4 +1,5 @@
 """Collect runs/bench/*.json (written by scripts/bench_*.py) into runs/bench/BENCH.md."""
+
 import json
 import sys
 from pathlib import Path
@@ -6,9 +7,14 @@ from pathlib import Path
 
 def table(rows):
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-                     + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return "\n".join(
+        ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    )
 
 
 def main(folder: str) -> None:
@@ -24,8 +30,15 @@ def main(folder: str) -> None:
         else:
             meta = data
         if meta:
-            parts += ["", table([{"key": k, "value": json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v}
-                                 for k, v in meta.items()])]
+            parts += [
+                "",
+                table(
+                    [
+                        {"key": k, "value": json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v}
+                        for k, v in meta.items()
+                    ]
+                ),
+            ]
     (folder / "BENCH.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
     print((folder / "BENCH.md").read_text())
 

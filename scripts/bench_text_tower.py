@@ -13,7 +13,7 @@ run the same weights. Measured, in interleaved rounds (order alternating), media
 - the self-attention modules alone (fwd+bwd, once per layer): the only code the switch changes.
 
 With ``--torchcompile``, a third variant: a copy of the model (same weights) on SDPA with its towers
-compiled by ``solution.retrieval.compiled.compile_towers`` (what ``--torchcompile`` runs: inductor),
+compiled by ``solution.model.compiled.compile_towers`` (what ``--torchcompile`` runs: inductor),
 on the train step (configured dropout) and extraction; its first call (the compile) is printed
 apart and left out of the table, and its features' difference from upstream's is printed.
 
@@ -26,6 +26,7 @@ between the two is printed. No assertion on speed.
 
 (upstream/SDPA > 1 means SDPA is faster)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,68 @@ from solution.model import ModelConfig, build_model
 
 log = logging.getLogger("bench_text_tower")
 
-WORDS = ("连衣裙", "男士", "运动鞋", "透气", "轻便", "夏季", "新款", "苹果", "手机壳", "儿童", "玩具车", "保温杯",
-         "红色", "白色", "黑色", "纯棉", "短袖", "长袖", "女装", "家用", "厨房", "收纳盒", "办公椅", "实木", "书桌",
-         "蓝牙耳机", "无线", "充电宝", "大容量", "防水", "户外", "登山", "背包", "宽松", "显瘦", "碎花", "半身裙",
-         "牛仔裤", "羽绒服", "加厚", "保暖", "卫衣", "休闲", "小白鞋", "婴儿", "奶瓶", "零食", "礼盒", "坚果",
-         "口红", "面膜", "补水", "洗面奶", "不锈钢", "炒锅", "电饭煲", "智能", "手表", "跑步机", "瑜伽垫")
+WORDS = (
+    "连衣裙",
+    "男士",
+    "运动鞋",
+    "透气",
+    "轻便",
+    "夏季",
+    "新款",
+    "苹果",
+    "手机壳",
+    "儿童",
+    "玩具车",
+    "保温杯",
+    "红色",
+    "白色",
+    "黑色",
+    "纯棉",
+    "短袖",
+    "长袖",
+    "女装",
+    "家用",
+    "厨房",
+    "收纳盒",
+    "办公椅",
+    "实木",
+    "书桌",
+    "蓝牙耳机",
+    "无线",
+    "充电宝",
+    "大容量",
+    "防水",
+    "户外",
+    "登山",
+    "背包",
+    "宽松",
+    "显瘦",
+    "碎花",
+    "半身裙",
+    "牛仔裤",
+    "羽绒服",
+    "加厚",
+    "保暖",
+    "卫衣",
+    "休闲",
+    "小白鞋",
+    "婴儿",
+    "奶瓶",
+    "零食",
+    "礼盒",
+    "坚果",
+    "口红",
+    "面膜",
+    "补水",
+    "洗面奶",
+    "不锈钢",
+    "炒锅",
+    "电饭煲",
+    "智能",
+    "手表",
+    "跑步机",
+    "瑜伽垫",
+)
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:
@@ -141,7 +199,7 @@ def _switch(models: dict, variant: str):
 
 def _compiled_copy(model: torch.nn.Module, device) -> torch.nn.Module:
     """A copy of ``model`` (same weights) on SDPA with its towers compiled by ``--torchcompile``'s code (inductor)."""
-    from solution.retrieval.compiled import compile_towers
+    from solution.model.compiled import compile_towers
 
     clone = copy.deepcopy(model)
     use_sdpa(clone, True)
@@ -155,7 +213,7 @@ def _time_rounds(models, cases, variants, rounds) -> tuple[dict, dict]:
     for rnd in range(rounds + 1):
         for what, fn, p, compiled_too in cases:
             vs = [v for v in variants if compiled_too or v != "SDPA+compile"]
-            order = vs[rnd % len(vs):] + vs[:rnd % len(vs)]
+            order = vs[rnd % len(vs) :] + vs[: rnd % len(vs)]
             for variant in order:
                 model = _switch(models, variant)
                 saved = set_dropout(model, p)
@@ -166,10 +224,17 @@ def _time_rounds(models, cases, variants, rounds) -> tuple[dict, dict]:
                 else:
                     warm[(what, variant)] = seconds
         if rnd:
-            log.info("round %d/%d: %s", rnd, rounds, ", ".join(
-                f"{w.split(',')[0].split(' (')[0]}{' d0' if p == 0.0 else ''} "
-                + "/".join(f"{times[(w, v)][-1]:.3f}" for v in variants if times[(w, v)]) + "s"
-                for w, _, p, _ in cases))
+            log.info(
+                "round %d/%d: %s",
+                rnd,
+                rounds,
+                ", ".join(
+                    f"{w.split(',')[0].split(' (')[0]}{' d0' if p == 0.0 else ''} "
+                    + "/".join(f"{times[(w, v)][-1]:.3f}" for v in variants if times[(w, v)])
+                    + "s"
+                    for w, _, p, _ in cases
+                ),
+            )
     return times, warm
 
 
@@ -180,12 +245,17 @@ def tokens_of(models):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: RBT3-chinese, batch 8, 1 round")
-    ap.add_argument("--text-model", default=None, help="default RoBERTa-wwm-ext-base-chinese (RBT3-chinese with --quick)")
+    ap.add_argument(
+        "--text-model", default=None, help="default RoBERTa-wwm-ext-base-chinese (RBT3-chinese with --quick)"
+    )
     ap.add_argument("--batch", type=int, default=None, help="texts per batch (default 64, 8 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, 1 with --quick)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--torchcompile", action="store_true",
-                    help="also time our SDPA tower compiled (inductor) on the train step and extraction")
+    ap.add_argument(
+        "--torchcompile",
+        action="store_true",
+        help="also time our SDPA tower compiled (inductor) on the train step and extraction",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -202,26 +272,43 @@ def main(argv=None) -> None:
     texts = make_texts(batch, args.seed)
     tokens = tokenize(texts, context_length=config.context_length).to(args.device)
     lengths = tokens.ne(PAD_ID).sum(1)
-    log.info("%s, %d texts of %d-%d chars -> tokens %s (real tokens %d-%d), %d torch threads",
-             text_model, batch, min(map(len, texts)), max(map(len, texts)), tuple(tokens.shape),
-             int(lengths.min()), int(lengths.max()), torch.get_num_threads())
+    log.info(
+        "%s, %d texts of %d-%d chars -> tokens %s (real tokens %d-%d), %d torch threads",
+        text_model,
+        batch,
+        min(map(len, texts)),
+        max(map(len, texts)),
+        tuple(tokens.shape),
+        int(lengths.min()),
+        int(lengths.max()),
+        torch.get_num_threads(),
+    )
     models = {"eager": model, "tokens": tokens}
     variants = VARIANTS if args.torchcompile else VARIANTS[:2]
     if args.torchcompile:
         models["compiled"] = _compiled_copy(model, args.device)
 
     attn_p = model.bert_config.attention_probs_dropout_prob
-    cases = [(f"train step (fwd+bwd), dropout {attn_p:g}", train_step, None, True),
-             ("train step (fwd+bwd), dropout 0", train_step, 0.0, False),
-             ("feature extraction (no_grad fwd)", extract, None, True),
-             ("self-attention modules only, fwd+bwd x layers, dropout 0", attention_only, None, False)]
+    cases = [
+        (f"train step (fwd+bwd), dropout {attn_p:g}", train_step, None, True),
+        ("train step (fwd+bwd), dropout 0", train_step, 0.0, False),
+        ("feature extraction (no_grad fwd)", extract, None, True),
+        ("self-attention modules only, fwd+bwd x layers, dropout 0", attention_only, None, False),
+    ]
     times, warm = _time_rounds(models, cases, variants, rounds)
     model.zero_grad(set_to_none=True)
     feat_diff, hidden_diff = output_difference(model, tokens)
-    print(f"\n{text_model} text tower, random weights, {args.device} fp32, batch {batch} x {tokens.shape[1]} tokens, "
-          f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds\n")
-    print("| case | " + " | ".join(f"{v} s (median / best)" for v in variants) + " | "
-          + " | ".join(f"upstream/{v} median / best" for v in variants[1:]) + " |")
+    print(
+        f"\n{text_model} text tower, random weights, {args.device} fp32, batch {batch} x {tokens.shape[1]} tokens, "
+        f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds\n"
+    )
+    print(
+        "| case | "
+        + " | ".join(f"{v} s (median / best)" for v in variants)
+        + " | "
+        + " | ".join(f"upstream/{v} median / best" for v in variants[1:])
+        + " |"
+    )
     print("|---|" + "---:|" * (2 * len(variants) - 1))
     for what, _, _, _ in cases:
         cols, ratios = [], []
@@ -236,15 +323,19 @@ def main(argv=None) -> None:
             if v != "upstream":
                 ratios.append(f"{mu / statistics.median(t):.2f}x / {bu / min(t):.2f}x")
         print(f"| {what} | " + " | ".join(cols) + " | " + " | ".join(ratios) + " |")
-    print(f"\nmax |diff| eval features {feat_diff:.2e}, last hidden state (real tokens) {hidden_diff:.2e} (SDPA vs upstream)")
+    print(
+        f"\nmax |diff| eval features {feat_diff:.2e}, last hidden state (real tokens) {hidden_diff:.2e} (SDPA vs upstream)"
+    )
     if args.torchcompile:
         comp = models["compiled"]
         comp.eval()
         with torch.no_grad():
             diff = (comp.encode_text(tokens) - model.eval().encode_text(tokens)).abs().max().item()
         print(f"max |diff| eval features, SDPA+compile vs upstream: {diff:.2e}")
-        print("first call (compile included, not in the table): " + ", ".join(
-            f"{w.split(' (')[0]} {warm[(w, 'SDPA+compile')]:.1f} s" for w, _, _, c in cases if c))
+        print(
+            "first call (compile included, not in the table): "
+            + ", ".join(f"{w.split(' (')[0]} {warm[(w, 'SDPA+compile')]:.1f} s" for w, _, _, c in cases if c)
+        )
 
 
 if __name__ == "__main__":

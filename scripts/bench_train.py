@@ -21,6 +21,7 @@ twice or more and compare, and note the load.
 
     python scripts/bench_train.py [--quick] [--device cpu|cuda] [--steps 3] [--batch-size 8] [--torchcompile] [--out FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,13 @@ from PIL import Image
 from cn_clip_patch.device import on_device, single_process_group
 from solution.common import autocast_context, resolve_device, write_json
 from solution.data.lmdb_io import write_split
-from solution.training.step import clip_loss
 from solution.model import ModelConfig, build_model, save_checkpoint
+from solution.training.step import clip_loss
 
-CHARS = ("连衣裙男士运动鞋透气轻便夏季新款苹果手机壳儿童玩具车保温杯红色白色黑色纯棉短袖长袖女装"
-         "家用厨房收纳盒办公椅实木书桌蓝牙耳机无线充电宝大容量防水户外登山背包")
+CHARS = (
+    "连衣裙男士运动鞋透气轻便夏季新款苹果手机壳儿童玩具车保温杯红色白色黑色纯棉短袖长袖女装"
+    "家用厨房收纳盒办公椅实木书桌蓝牙耳机无线充电宝大容量防水户外登山背包"
+)
 
 
 def make_lmdb(d: Path, n: int, rng) -> Path:
@@ -77,17 +80,43 @@ def run_upstream(model, sd, res: int, split: Path, a, device) -> float:
 
     model.load_state_dict(sd)
     args = SimpleNamespace(
-        train_data=str(split), val_data=None, batch_size=a.batch_size, valid_batch_size=a.batch_size, num_workers=0,
-        valid_num_workers=0, use_augment=False, vision_model=a.vision, seed=123, context_length=52, accum_freq=1,
-        distillation=False, aggregate=True, gather_with_grad=False, mask_ratio=0.0, local_device_rank=device.index or 0,
-        report_training_batch_acc=False, precision="amp" if a.precision == "amp" else "fp32", freeze_vision=False,
-        log_interval=10 ** 6, rank=0, world_size=1, valid_step_interval=None, should_save=False,
-        save_step_frequency=-1, use_flash_attention=False, max_steps=a.warmup_steps, logs=None, name="bench")
+        train_data=str(split),
+        val_data=None,
+        batch_size=a.batch_size,
+        valid_batch_size=a.batch_size,
+        num_workers=0,
+        valid_num_workers=0,
+        use_augment=False,
+        vision_model=a.vision,
+        seed=123,
+        context_length=52,
+        accum_freq=1,
+        distillation=False,
+        aggregate=True,
+        gather_with_grad=False,
+        mask_ratio=0.0,
+        local_device_rank=device.index or 0,
+        report_training_batch_acc=False,
+        precision="amp" if a.precision == "amp" else "fp32",
+        freeze_vision=False,
+        log_interval=10**6,
+        rank=0,
+        world_size=1,
+        valid_step_interval=None,
+        should_save=False,
+        save_step_frequency=-1,
+        use_flash_attention=False,
+        max_steps=a.warmup_steps,
+        logs=None,
+        name="bench",
+    )
     redirect = on_device(device) if device.type == "cpu" else contextlib.nullcontext()
     # upstream reads the image size from its own config folder; ViT-Tiny lives in ours
     resolution = mock.patch("cn_clip.training.data.fetch_resolution", lambda name: res)
     with redirect, resolution, single_process_group("gloo" if device.type == "cpu" else "nccl"):
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index or 0])
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if device.type == "cpu" else [device.index or 0]
+        )
         data = get_data(args, epoch_id=0, max_txt_length=52)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
         sched = cosine_lr(opt, 1e-5, 1, 100)
@@ -107,16 +136,46 @@ def run_upstream(model, sd, res: int, split: Path, a, device) -> float:
 def run_ours(ckpt: Path, split: Path, a, device, logs: Path, extra: tuple = (), name: str = "ours") -> float:
     from solution.training.trainer import main
 
-    argv = ["--train-data", str(split), "--resume", str(ckpt), "--reset-data-offset", "--reset-optimizer",
-            "--logs", str(logs), "--name", name, "--batch-size", str(a.batch_size), *extra,
-            "--max-steps", str(a.steps + a.warmup_steps),
-            "--lr", "1e-5", "--warmup", "1", "--num-workers", "0", "--precision", a.precision, "--device", str(device),
-            "--log-interval", "1", "--no-progress", "--no-plot", "--save-epoch-frequency", "0", "--valid-epoch-interval", "0"]
+    argv = [
+        "--train-data",
+        str(split),
+        "--resume",
+        str(ckpt),
+        "--reset-data-offset",
+        "--reset-optimizer",
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--batch-size",
+        str(a.batch_size),
+        *extra,
+        "--max-steps",
+        str(a.steps + a.warmup_steps),
+        "--lr",
+        "1e-5",
+        "--warmup",
+        "1",
+        "--num-workers",
+        "0",
+        "--precision",
+        a.precision,
+        "--device",
+        str(device),
+        "--log-interval",
+        "1",
+        "--no-progress",
+        "--no-plot",
+        "--save-epoch-frequency",
+        "0",
+        "--valid-epoch-interval",
+        "0",
+    ]
     main(argv)
     rows = [json.loads(x) for x in open(logs / name / "metrics.jsonl", encoding="utf-8")]
     train = [r for r in rows if r["kind"] == "train"]
     stamps = [r["time"] for r in train]
-    compiling = sum(r.get("compile_s", 0.0) for r in train[a.warmup_steps:])  # a recompile in the timed steps
+    compiling = sum(r.get("compile_s", 0.0) for r in train[a.warmup_steps :])  # a recompile in the timed steps
     # after the same warm-up as the others
     return (stamps[-1] - stamps[a.warmup_steps - 1] - compiling) / a.steps
 
@@ -129,13 +188,25 @@ def run_bare(model, sd, config, split: Path, a, device, compile_model: bool = Fa
     if compile_model:
         import copy
 
-        from solution.retrieval.compiled import CompileClock, compile_towers
+        from solution.model.compiled import CompileClock, compile_towers
 
         model = compile_towers(copy.deepcopy(model), device)
         clock = CompileClock()
-    loader = train_loader(open_split(str(split), "bench"), resolution=config.image_resolution, augment="none",
-                          context_length=52, prompt="", batch_size=a.batch_size, rank=0, world=1, seed=123, epoch=0,
-                          start=0, stop=a.steps + a.warmup_steps, num_workers=0)
+    loader = train_loader(
+        open_split(str(split), "bench"),
+        resolution=config.image_resolution,
+        augment="none",
+        context_length=52,
+        prompt="",
+        batch_size=a.batch_size,
+        rank=0,
+        world=1,
+        seed=123,
+        epoch=0,
+        start=0,
+        stop=a.steps + a.warmup_steps,
+        num_workers=0,
+    )
     batches = [(im.to(device), tok.to(device)) for im, tok, _, _ in loader]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
     scaler = torch.amp.GradScaler("cuda") if a.precision == "amp" and device.type == "cuda" else None
@@ -153,13 +224,13 @@ def run_bare(model, sd, config, split: Path, a, device, compile_model: bool = Fa
             loss.backward()
             opt.step()
 
-    for images, tokens in batches[:a.warmup_steps]:  # warm-up
+    for images, tokens in batches[: a.warmup_steps]:  # warm-up
         step(images, tokens)
     _sync(device)
     if compile_model:
         print(f"bare+compile: warm-up compile {clock.lap():.1f} s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    for images, tokens in batches[a.warmup_steps:]:
+    for images, tokens in batches[a.warmup_steps :]:
         step(images, tokens)
     _sync(device)
     spent = clock.lap() if compile_model else 0.0  # a recompile in the timed steps (a new text length)
@@ -168,11 +239,17 @@ def run_bare(model, sd, config, split: Path, a, device, compile_model: bool = Fa
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="ViT-Tiny + RBT-Tiny (seconds) instead of ViT-B-16 + RoBERTa base")
+    p.add_argument(
+        "--quick", action="store_true", help="ViT-Tiny + RBT-Tiny (seconds) instead of ViT-B-16 + RoBERTa base"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; 5 with --quick)")
-    p.add_argument("--warmup-steps", type=int, default=2,
-                   help="untimed steps first, the same for all three (allocator, optimizer state, caches)")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=2,
+        help="untimed steps first, the same for all three (allocator, optimizer state, caches)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", choices=["fp32", "amp"], default=None, help="default fp32 on CPU, amp on CUDA")
     p.add_argument("--threads", type=int, default=None)
@@ -210,21 +287,33 @@ def main(argv=None) -> dict:
         print(f"ours: {t['ours']:.3f} s/step", file=sys.stderr, flush=True)
         if a.torchcompile:
             t["ours+compile"] = run_ours(ckpt, split, a, device, tmp / "logs", ("--torchcompile",), "ours_compile")
-    res = {"model": config.arch, "device": str(device), "precision": a.precision, "batch_size": a.batch_size,
-           "steps": a.steps, "warmup_steps": a.warmup_steps, "threads": torch.get_num_threads(),
-           **{f"{k}_s_per_step": v for k, v in t.items()},
-           **{f"{k}_pairs_per_s": a.batch_size / v for k, v in t.items()},
-           "speedup_vs_upstream": t["upstream"] / t["ours"], "ours_overhead_vs_bare": t["ours"] / t["bare"] - 1,
-           **({"compiled_speedup_vs_upstream": t["upstream"] / t["ours+compile"]} if a.torchcompile else {})}
+    res = {
+        "model": config.arch,
+        "device": str(device),
+        "precision": a.precision,
+        "batch_size": a.batch_size,
+        "steps": a.steps,
+        "warmup_steps": a.warmup_steps,
+        "threads": torch.get_num_threads(),
+        **{f"{k}_s_per_step": v for k, v in t.items()},
+        **{f"{k}_pairs_per_s": a.batch_size / v for k, v in t.items()},
+        "speedup_vs_upstream": t["upstream"] / t["ours"],
+        "ours_overhead_vs_bare": t["ours"] / t["bare"] - 1,
+        **({"compiled_speedup_vs_upstream": t["upstream"] / t["ours+compile"]} if a.torchcompile else {}),
+    }
     print(f"training step, {config.arch}, {device} {a.precision}, batch {a.batch_size}, {a.steps} timed steps")
     print(f"{'':10s} {'s/step':>9s} {'pairs/s':>9s}")
     for k in t:
         print(f"{k:12s} {t[k]:9.3f} {a.batch_size / t[k]:9.2f}   {t['upstream'] / t[k]:.2f}x upstream")
-    print(f"ours/upstream throughput ratio: {res['speedup_vs_upstream']:.2f}x; "
-          f"our loop's overhead over a bare step: {100 * res['ours_overhead_vs_bare']:+.1f}%")
+    print(
+        f"ours/upstream throughput ratio: {res['speedup_vs_upstream']:.2f}x; "
+        f"our loop's overhead over a bare step: {100 * res['ours_overhead_vs_bare']:+.1f}%"
+    )
     if a.torchcompile:
-        print(f"ours+compile/upstream throughput ratio: {res['compiled_speedup_vs_upstream']:.2f}x (compile time "
-              "left out: it is logged by the trainer)")
+        print(
+            f"ours+compile/upstream throughput ratio: {res['compiled_speedup_vs_upstream']:.2f}x (compile time "
+            "left out: it is logged by the trainer)"
+        )
     if a.out:
         write_json(a.out, res)
     return res

@@ -27,6 +27,7 @@ CUDA regions are timed between ``torch.cuda.synchronize`` calls and their
 
     bash scripts/gpu_check.sh [--quick] [--device cuda] [--out runs/bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,20 +48,21 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_features  # noqa: E402
-import bench_predict  # noqa: E402
-import bench_soup  # noqa: E402
-import bench_train  # noqa: E402
-from cn_clip_patch.attention import use_sdpa  # noqa: E402
-from cn_clip_patch.device import on_device, run_upstream_main  # noqa: E402
-from cn_clip_patch.tuning import apply_tuning, grad_checkpointing, tuning_recipe  # noqa: E402
-from solution.common import autocast_context, resolve_device, write_json  # noqa: E402
-from solution.model import ModelConfig, build_model  # noqa: E402
-from solution.retrieval.compiled import compile_towers  # noqa: E402
-from solution.training.step import clip_loss  # noqa: E402
+import bench_features
+import bench_predict
+import bench_soup
+import bench_train
+
+from cn_clip_patch.attention import use_sdpa
+from cn_clip_patch.device import on_device, run_upstream_main
+from cn_clip_patch.tuning import apply_tuning, grad_checkpointing, tuning_recipe
+from solution.common import autocast_context, resolve_device, write_json
+from solution.model import ModelConfig, build_model
+from solution.model.compiled import compile_towers
+from solution.training.step import clip_loss
 
 log = logging.getLogger("gpu_check")
-GIB = 1024 ** 3
+GIB = 1024**3
 DDP = "train DDP, 2 processes"
 GROUPS = ["train", "ddp", "features", "predict", "soup"]
 TEXT = {"ViT-B-16": "RoBERTa-wwm-ext-base-chinese", "ViT-H-14": "RoBERTa-wwm-ext-large-chinese"}
@@ -74,8 +76,18 @@ class Report:
 
     def add(self, case, ours, upstream=None, unit="", peak=(None, None), note=""):
         ratio = None if not upstream else upstream / ours if unit == "s" else ours / upstream  # > 1: ours better
-        self.rows.append({"case": case, "ours": ours, "upstream": upstream, "unit": unit, "ratio": ratio,
-                          "peak_ours_gib": peak[0], "peak_upstream_gib": peak[1], "note": note})
+        self.rows.append(
+            {
+                "case": case,
+                "ours": ours,
+                "upstream": upstream,
+                "unit": unit,
+                "ratio": ratio,
+                "peak_ours_gib": peak[0],
+                "peak_upstream_gib": peak[1],
+                "note": note,
+            }
+        )
         log.info("%s: ours %.4g, upstream %s %s", case, ours, "-" if upstream is None else f"{upstream:.4g}", unit)
 
     def skip(self, case, why):
@@ -101,10 +113,15 @@ class Report:
     def write(self, out: Path, meta: dict):
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "GPU.json", {**meta, "rows": self.rows})
-        lines = [f"# Accelerator check: {meta['device_name']}", "",
-                 f"{meta['device']}, torch {meta['torch']}, {'quick' if meta['quick'] else 'full'} run, "
-                 f"{meta['seconds']:.0f} s. Ratio > 1: ours better (rates: ours / upstream; seconds: upstream / ours).",
-                 "", "| case | ours | upstream | ratio | peak memory (ours / upstream) |", "|---|---|---|---|---|"]
+        lines = [
+            f"# Accelerator check: {meta['device_name']}",
+            "",
+            f"{meta['device']}, torch {meta['torch']}, {'quick' if meta['quick'] else 'full'} run, "
+            f"{meta['seconds']:.0f} s. Ratio > 1: ours better (rates: ours / upstream; seconds: upstream / ours).",
+            "",
+            "| case | ours | upstream | ratio | peak memory (ours / upstream) |",
+            "|---|---|---|---|---|",
+        ]
         for r in self.rows:
             if "failed" in r or "skipped" in r:
                 what = f"failed: {r['failed']}" if "failed" in r else f"skipped: {r['skipped']}"
@@ -112,7 +129,9 @@ class Report:
                 continue
             up = "-" if r["upstream"] is None else f"{r['upstream']:.4g} {r['unit']}"
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-            peak = " / ".join("-" if p is None else f"{p:.2f} GiB" for p in (r["peak_ours_gib"], r["peak_upstream_gib"]))
+            peak = " / ".join(
+                "-" if p is None else f"{p:.2f} GiB" for p in (r["peak_ours_gib"], r["peak_upstream_gib"])
+            )
             note = f" ({r['note']})" if r["note"] else ""
             lines.append(f"| {r['case']}{note} | {r['ours']:.4g} {r['unit']} | {up} | {ratio} | {peak} |")
         (out / "GPU.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -170,8 +189,14 @@ def batches(config, batch, n, device, pad_to=None, seed=0):
 def step_time(model, data, device, precision, warmup, fused=False):
     """Seconds per step of forward + CLIP loss + backward + AdamW over ``data``, after ``warmup`` steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
-                            **({"fused": True} if fused and device.type == "cuda" else {}))
+    opt = torch.optim.AdamW(
+        params,
+        lr=1e-5,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        weight_decay=0.2,
+        **({"fused": True} if fused and device.type == "cuda" else {}),
+    )
     scaler = torch.amp.GradScaler("cuda") if precision == "amp" and device.type == "cuda" else None
 
     def step(images, tokens):
@@ -231,17 +256,38 @@ def train_case(report, arch, config, sd, device, a, batch):
     n = a.warmup + a.steps
     up_data, our_data = batches(config, batch, n, device, pad_to=52), batches(config, batch, n, device)
     amp = "amp" if device.type == "cuda" else "fp32"
-    up = report.case(f"train {arch} upstream step", lambda r: step_time(variant(config, sd, device, "upstream"),
-                                                                          up_data, device, amp, a.warmup))
-    up_ck = report.case(f"train {arch} upstream grad checkpointing", _upstream_ckpt, config, sd, device, a, up_data, amp)
+    up = report.case(
+        f"train {arch} upstream step",
+        lambda r: step_time(variant(config, sd, device, "upstream"), up_data, device, amp, a.warmup),
+    )
+    up_ck = report.case(
+        f"train {arch} upstream grad checkpointing", _upstream_ckpt, config, sd, device, a, up_data, amp
+    )
     backend = compile_backend(device)
-    cases = [("amp", "ours", amp, up), ("bf16", "ours", "bf16", up), ("LoRA", "lora", amp, up),
-             ("grad checkpointing", "ckpt", amp, up_ck), ("torch.compile", "compile", amp, up)]
+    cases = [
+        ("amp", "ours", amp, up),
+        ("bf16", "ours", "bf16", up),
+        ("LoRA", "lora", amp, up),
+        ("grad checkpointing", "ckpt", amp, up_ck),
+        ("torch.compile", "compile", amp, up),
+    ]
     fixed = batches(config, batch, n, device, pad_to=18)  # one text length: no recompiles inside the timed steps
     for label, kind, precision, ref in cases:
         note = f"batch {batch}, {precision}" + (f", {backend}, texts padded to 18" if kind == "compile" else "")
-        report.case(f"train {arch} step: {label}", _our_step, f"train {arch} step: {label}", config, sd, device, a,
-                    fixed if kind == "compile" else our_data, kind, precision, ref, note)
+        report.case(
+            f"train {arch} step: {label}",
+            _our_step,
+            f"train {arch} step: {label}",
+            config,
+            sd,
+            device,
+            a,
+            fixed if kind == "compile" else our_data,
+            kind,
+            precision,
+            ref,
+            note,
+        )
 
 
 def _upstream_ckpt(report, config, sd, device, a, data, precision):
@@ -268,8 +314,13 @@ def trainer_case(report, arch, config, sd, device, a, batch, tmp: Path):
 
     split = make_lmdb(tmp / f"lmdb_{arch}", batch * (a.steps + a.warmup + 1))
     ckpt = save_checkpoint(tmp / f"start_{arch}.pt", {k: v.cpu() for k, v in sd.items()}, config)
-    ba = SimpleNamespace(batch_size=batch, vision=config.vision_model, precision="amp" if device.type == "cuda" else "fp32",
-                         warmup_steps=a.warmup, steps=a.steps)
+    ba = SimpleNamespace(
+        batch_size=batch,
+        vision=config.vision_model,
+        precision="amp" if device.type == "cuda" else "fp32",
+        warmup_steps=a.warmup,
+        steps=a.steps,
+    )
     model = fresh(config, sd, device)
     with timed(device) as tu:
         up = bench_train.run_upstream(model, sd, config.image_resolution, split, ba, device)
@@ -277,8 +328,14 @@ def trainer_case(report, arch, config, sd, device, a, batch, tmp: Path):
     gc.collect()
     with timed(device) as to:
         ours = bench_train.run_ours(ckpt, split, ba, device, tmp / f"logs_{arch}")
-    report.add(f"train {arch}: our trainer vs cn_clip train()", batch / ours, batch / up, "pairs/s",
-               (to.peak_gib, tu.peak_gib), note=f"batch {batch}, {ba.precision}")
+    report.add(
+        f"train {arch}: our trainer vs cn_clip train()",
+        batch / ours,
+        batch / up,
+        "pairs/s",
+        (to.peak_gib, tu.peak_gib),
+        note=f"batch {batch}, {ba.precision}",
+    )
 
 
 def make_lmdb(d: Path, n: int) -> Path:
@@ -309,11 +366,39 @@ def ddp_case(report, device, a, tmp: Path):
 
     ckpt = save_checkpoint(tmp / "ddp.pt", build_model(config).state_dict(), config)
     split, batch, steps = make_lmdb(tmp / "lmdb_ddp", 64 * 2 * 8), 64, 6
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "solution.train",
-           "--train-data", str(split), "--resume", str(ckpt), "--reset-data-offset", "--reset-optimizer",
-           "--logs", str(tmp / "ddp_logs"), "--name", "ddp", "--batch-size", str(batch), "--max-steps", str(steps),
-           "--num-workers", "2", "--log-interval", "1", "--no-progress", "--no-plot", "--save-epoch-frequency", "0",
-           "--valid-epoch-interval", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "solution.train",
+        "--train-data",
+        str(split),
+        "--resume",
+        str(ckpt),
+        "--reset-data-offset",
+        "--reset-optimizer",
+        "--logs",
+        str(tmp / "ddp_logs"),
+        "--name",
+        "ddp",
+        "--batch-size",
+        str(batch),
+        "--max-steps",
+        str(steps),
+        "--num-workers",
+        "2",
+        "--log-interval",
+        "1",
+        "--no-progress",
+        "--no-plot",
+        "--save-epoch-frequency",
+        "0",
+        "--valid-epoch-interval",
+        "0",
+    ]
     proc = subprocess.run(cmd, timeout=240, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"torchrun exited {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1])
@@ -340,7 +425,9 @@ def tiny_shadow(d: Path) -> tuple[ModelConfig, list[str]]:
     os.symlink(Path(cn_clip.__file__).parent / "eval/extract_features.py", d / "shadow/eval/extract_features.py")
     vision = {k: v for k, v in info.items() if k.startswith("vision") or k in ("embed_dim", "image_resolution")}
     (d / "shadow/clip/model_configs/ViT-B-16.json").write_text(json.dumps(vision))
-    (d / "shadow/clip/model_configs/RBT3-chinese.json").write_text(json.dumps({k: v for k, v in info.items() if k not in vision}))
+    (d / "shadow/clip/model_configs/RBT3-chinese.json").write_text(
+        json.dumps({k: v for k, v in info.items() if k not in vision})
+    )
     return ModelConfig("ViT-Tiny", "RBT-Tiny", model_info=info), ["ViT-B-16", "RBT3-chinese"]
 
 
@@ -379,54 +466,129 @@ def features_case(report, device, a, tmp: Path):
     torch.manual_seed(0)
     save_checkpoint(d / "random.pt", build_model(config).state_dict(), config)
     precision = "fp16" if device.type == "cuda" else "fp32"
-    common = ["--image-data", str(d / "lmdb/bench/imgs"), "--text-data", str(d / "bench_texts.jsonl"),
-              "--resume", str(d / "random.pt"), "--precision", precision, "--img-batch-size", str(a.feat_batch),
-              "--text-batch-size", str(a.feat_batch), "--context-length", "52", "--extract-text-feats",
-              "--extract-image-feats"]
+    common = [
+        "--image-data",
+        str(d / "lmdb/bench/imgs"),
+        "--text-data",
+        str(d / "bench_texts.jsonl"),
+        "--resume",
+        str(d / "random.pt"),
+        "--precision",
+        precision,
+        "--img-batch-size",
+        str(a.feat_batch),
+        "--text-batch-size",
+        str(a.feat_batch),
+        "--context-length",
+        "52",
+        "--extract-text-feats",
+        "--extract-image-feats",
+    ]
     with timed(device) as tu:
-        up_text, up_image = upstream_features([*common, "--vision-model", names[0], "--text-model", names[1],
-                                               "--text-feat-output-path", str(d / "up_txt.jsonl"),
-                                               "--image-feat-output-path", str(d / "up_img.jsonl")],
-                                              device, d / "shadow" if a.quick else None)
+        up_text, up_image = upstream_features(
+            [
+                *common,
+                "--vision-model",
+                names[0],
+                "--text-model",
+                names[1],
+                "--text-feat-output-path",
+                str(d / "up_txt.jsonl"),
+                "--image-feat-output-path",
+                str(d / "up_img.jsonl"),
+            ],
+            device,
+            d / "shadow" if a.quick else None,
+        )
     with timed(device) as to:
-        r = features_main([*common, "--device", str(device), "--no-progress", "--no-cache",
-                           "--text-feat-output-path", str(d / "txt.npy"), "--image-feat-output-path", str(d / "img.npy")])
+        r = features_main(
+            [
+                *common,
+                "--device",
+                str(device),
+                "--no-progress",
+                "--no-cache",
+                "--text-feat-output-path",
+                str(d / "txt.npy"),
+                "--image-feat-output-path",
+                str(d / "img.npy"),
+            ]
+        )
     peak, note = (to.peak_gib, tu.peak_gib), f"{config.arch}, {precision}"
     report.add("features images/s", a.images / r["image"]["seconds"], a.images / up_image, "images/s", peak, note)
     report.add("features texts/s", a.texts / r["text"]["seconds"], a.texts / up_text, "texts/s", peak, note)
     with timed(device) as tc:  # --torchcompile: its compile seconds logged and left out of the rates
-        c = features_main([*common, "--device", str(device), "--no-progress", "--no-cache", "--torchcompile",
-                           "--torchcompile-backend", compile_backend(device), "--text-feat-output-path",
-                           str(d / "txt_c.npy"), "--image-feat-output-path", str(d / "img_c.npy")])
+        c = features_main(
+            [
+                *common,
+                "--device",
+                str(device),
+                "--no-progress",
+                "--no-cache",
+                "--torchcompile",
+                "--torchcompile-backend",
+                compile_backend(device),
+                "--text-feat-output-path",
+                str(d / "txt_c.npy"),
+                "--image-feat-output-path",
+                str(d / "img_c.npy"),
+            ]
+        )
     for kind, n, up in (("image", a.images, up_image), ("text", a.texts, up_text)):
         spent = c[kind]["compile_seconds"]
-        report.add(f"features {kind}s/s, torch.compile", n / max(c[kind]["seconds"] - spent, 1e-9), n / up,
-                   f"{kind}s/s", (tc.peak_gib, tu.peak_gib),
-                   f"{note}, {compile_backend(device)}, compile {spent:.1f} s left out")
+        report.add(
+            f"features {kind}s/s, torch.compile",
+            n / max(c[kind]["seconds"] - spent, 1e-9),
+            n / up,
+            f"{kind}s/s",
+            (tc.peak_gib, tu.peak_gib),
+            f"{note}, {compile_backend(device)}, compile {spent:.1f} s left out",
+        )
 
 
 def predict_case(report, device, a, tmp: Path):
     """``solution.predict`` (read, rank, write) beside a plain torch matmul + topk on the same features."""
-    from solution.formats.features import save_features
+    from solution.formats.feature_files import save_features
     from solution.predict import main as predict_main
 
     rng = np.random.default_rng(0)
     texts, images = (bench_predict.unit(rng, n, 512) for n in (a.queries, a.gallery))
-    tids, iids = np.arange(a.queries, dtype=np.int64), np.arange(a.gallery, dtype=np.int64) + 10 ** 6
+    tids, iids = np.arange(a.queries, dtype=np.int64), np.arange(a.gallery, dtype=np.int64) + 10**6
     save_features(tmp / "t.npy", "text", tids, texts)
     save_features(tmp / "i.npy", "image", iids, images)
     with timed(device) as to:
-        predict_main(["--image-feats", str(tmp / "i.npy"), "--text-feats", str(tmp / "t.npy"), "--top-k", "10",
-                      "--output", str(tmp / "sub.jsonl"), "--device", str(device), "--no-progress"])
+        predict_main(
+            [
+                "--image-feats",
+                str(tmp / "i.npy"),
+                "--text-feats",
+                str(tmp / "t.npy"),
+                "--top-k",
+                "10",
+                "--output",
+                str(tmp / "sub.jsonl"),
+                "--device",
+                str(device),
+                "--no-progress",
+            ]
+        )
     with timed(device) as tb:
         t, i = torch.from_numpy(np.load(tmp / "t.npy")).to(device), torch.from_numpy(np.load(tmp / "i.npy")).to(device)
         with open(tmp / "base.jsonl", "w", encoding="utf-8") as f:
             for s in range(0, len(t), 1024):
-                top = (t[s:s + 1024] @ i.T).topk(10, dim=1).indices.cpu().numpy()
-                for q, row in zip(tids[s:s + 1024], top):
-                    f.write(json.dumps({"text_id": int(q), "image_ids": iids[row].tolist()}) + "\n")
-    report.add("predict top-10", to.seconds, tb.seconds, "s", (to.peak_gib, tb.peak_gib),
-               note=f"{a.queries} x {a.gallery}; baseline: plain torch matmul + topk")
+                top = (t[s : s + 1024] @ i.T).topk(10, dim=1).indices.cpu().numpy()
+                f.writelines(
+                    json.dumps({"text_id": int(q), "image_ids": iids[row].tolist()}) + "\n"
+                    for q, row in zip(tids[s : s + 1024], top)
+                )
+    report.add(
+        "predict top-10",
+        to.seconds,
+        tb.seconds,
+        "s",
+        (to.peak_gib, tb.peak_gib),
+        note=f"{a.queries} x {a.gallery}; baseline: plain torch matmul + topk",
+    )
 
 
 def soup_case(report, device, a, tmp: Path):
@@ -436,11 +598,29 @@ def soup_case(report, device, a, tmp: Path):
     d.mkdir()
     paths, _ = bench_soup.make_checkpoints(d, vision, text, 2)
     paths = [str(p) for p in paths]
-    ours = bench_soup.measure([sys.executable, "-c", bench_soup.OURS, "--checkpoints", *paths, "--method", "uniform",
-                               "--no-score", "--output", str(d / "out")])
+    ours = bench_soup.measure(
+        [
+            sys.executable,
+            "-c",
+            bench_soup.OURS,
+            "--checkpoints",
+            *paths,
+            "--method",
+            "uniform",
+            "--no-score",
+            "--output",
+            str(d / "out"),
+        ]
+    )
     naive = bench_soup.measure([sys.executable, "-c", bench_soup.NAIVE, *paths, str(d / "naive.pt")])
-    report.add("soup of 2 checkpoints", ours["seconds"], naive["seconds"], "s", (ours["peak_rss_gb"], naive["peak_rss_gb"]),
-               note=f"{vision}; baseline: load both + average; peak: process RSS")
+    report.add(
+        "soup of 2 checkpoints",
+        ours["seconds"],
+        naive["seconds"],
+        "s",
+        (ours["peak_rss_gb"], naive["peak_rss_gb"]),
+        note=f"{vision}; baseline: load both + average; peak: process RSS",
+    )
 
 
 # ---------------------------------------------------------------- main
@@ -454,8 +634,7 @@ def train_arch(report, device, a, vision, text, tmp):
     precision = "amp" if device.type == "cuda" else "fp32"
     batch = largest_batch(config, sd, device, a.batch_start, a.batch_cap, precision)
     log.info("%s: largest batch that fits (cap %d): %d", arch, a.batch_cap, batch)
-    report.case(f"train {arch}: our trainer vs cn_clip train()", trainer_case, arch, config, sd, device, a,
-                batch, tmp)
+    report.case(f"train {arch}: our trainer vs cn_clip train()", trainer_case, arch, config, sd, device, a, batch, tmp)
     train_case(report, arch, config, sd, device, a, batch)
 
 
@@ -465,7 +644,9 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     p.add_argument("--out", default="runs/bench", help="folder for GPU.md and GPU.json")
     p.add_argument("--steps", type=int, default=None, help="timed steps per training case (default 3; 2 with --quick)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, compile included (default 2; 1 with --quick)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first, compile included (default 2; 1 with --quick)"
+    )
     p.add_argument("--only", nargs="+", choices=GROUPS, default=GROUPS, help="run these groups of cases only")
     p.add_argument("--archs", nargs="+", choices=list(TEXT), default=None, help="training: these vision towers only")
     p.add_argument("--batch-cap", type=int, default=None, help="largest batch tried (default 256; 4 with --quick)")
@@ -497,16 +678,31 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         for vision, text in a.archs if "train" in a.only else []:
             report.case(f"train {vision} batch search", train_arch, device, a, vision, text, tmp)
-        for group, fn in (("ddp", ddp_case), ("features", features_case), ("predict", predict_case), ("soup", soup_case)):
+        for group, fn in (
+            ("ddp", ddp_case),
+            ("features", features_case),
+            ("predict", predict_case),
+            ("soup", soup_case),
+        ):
             if group in a.only:
                 report.case(DDP if group == "ddp" else group, fn, device, a, tmp)
-    meta = {"device": str(device), "quick": a.quick, "torch": torch.__version__, "seconds": time.perf_counter() - t0,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"}
+    meta = {
+        "device": str(device),
+        "quick": a.quick,
+        "torch": torch.__version__,
+        "seconds": time.perf_counter() - t0,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+    }
     report.write(Path(a.out), meta)
     for r in report.failed:
         log.error("%s: %s", r["case"], r["failed"])
-    log.info("wrote %s (%d rows, %d failed) in %.0f s", Path(a.out) / "GPU.md", len(report.rows), len(report.failed),
-             meta["seconds"])
+    log.info(
+        "wrote %s (%d rows, %d failed) in %.0f s",
+        Path(a.out) / "GPU.md",
+        len(report.rows),
+        len(report.failed),
+        meta["seconds"],
+    )
     return 1 if report.failed else 0
 
 

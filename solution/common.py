@@ -3,6 +3,7 @@
 Every CLI in the package goes through :func:`run_cli`, so a bad input ends as one clear
 ``error: ...`` line and exit code 2 instead of a traceback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 log = logging.getLogger("solution")
 
@@ -61,8 +62,13 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 # ---------------------------------------------------------------- files
 
 
-def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
-                 what: str = "output", is_dir: bool = False) -> Path:
+def check_output(
+    path: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    what: str = "output",
+    is_dir: bool = False,
+) -> Path:
     """Refuse an output path that cannot be written as asked, with one clear line.
 
     A file output that is an existing directory, a directory output that is an existing file, an
@@ -128,7 +134,7 @@ def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
         yield
     except SolutionError:
         raise
-    except Exception as e:  # noqa: BLE001 - lmdb.Error and RuntimeError wrap ENOSPC too
+    except Exception as e:
         if is_disk_full(e, path):
             raise SolutionError(f"disk full at {path}; the previous file, if any, is kept") from None
         raise
@@ -207,8 +213,9 @@ def folder_lock(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise SolutionError(f"{what} is in use by {holder} (lock {lock_file}); wait for it or choose another") \
-                from None
+            raise SolutionError(
+                f"{what} is in use by {holder} (lock {lock_file}); wait for it or choose another"
+            ) from None
         f.seek(0)
         f.truncate()
         argv = " ".join(sys.argv)[:200]

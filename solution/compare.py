@@ -10,20 +10,21 @@
 - any other folder: searched (a few levels deep) for the above.
 
 The table (markdown, or CSV with ``--csv``) goes to stdout and to ``--output``; the rows and columns
-are described in :mod:`solution.report.compare`; rows with stored per-query hits (soups) also get their
+are described in :mod:`solution.report.table`; rows with stored per-query hits (soups) also get their
 mean-recall difference to the best single model with a 95% paired-bootstrap interval (``vs_ref``,
 ``ci_low``, ``ci_high``, ``significant``), the others an empty interval and a ``note`` saying why. ``--output`` and ``--plot`` that are folders, sit
 under a file or are one of the files read are refused before anything is written; so are malformed
 inputs (non-UTF-8 or non-JSON lines, a broken ``trials.csv``), naming file and line.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from solution.common import run_cli
-from solution.report.compare import compare
+from solution.report.table import compare
 
 
 def build_parser() -> argparse.ArgumentParser:

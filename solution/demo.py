@@ -11,6 +11,7 @@ resumed when its output already exists, so a re-run reuses what is done:
     (cross-fitted; their test scores from ``predict --ensemble`` submissions) -> REPORT.md with
     paired-bootstrap intervals and plots.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -47,8 +48,8 @@ class Demo:
 
     # ------------------------------------------------------------ data
     def make_data(self) -> None:
+        from solution.data import make_lmdb as prepare
         from solution.data import synthetic as demo_data
-        from solution.data import build as prepare
 
         self.stage("demo data")
         if not (self.data / "test_answers.jsonl").is_file():
@@ -67,17 +68,46 @@ class Demo:
         from solution import train
 
         self.stage(f"train {name}")
-        argv = [*arch, "--train-data", self.lmdb("train", general), "--val-data", self.lmdb("valid", general),
-                "--logs", str(self.runs), "--name", name, "--device", self.device, "--context-length", "32",
-                "--num-workers", "0", "--valid-num-workers", "0", *self.s["train"], *extra]
+        argv = [
+            *arch,
+            "--train-data",
+            self.lmdb("train", general),
+            "--val-data",
+            self.lmdb("valid", general),
+            "--logs",
+            str(self.runs),
+            "--name",
+            name,
+            "--device",
+            self.device,
+            "--context-length",
+            "32",
+            "--num-workers",
+            "0",
+            "--valid-num-workers",
+            "0",
+            *self.s["train"],
+            *extra,
+        ]
         if not general:
             argv += ["--extra-val-data", f"general={self.lmdb('valid', True)}"]
         return train.main(argv)
 
-    def finetune(self, name: str, extra: Sequence[str] = (), base: Path | None = None,
-                 arch: Sequence[str] = TINY) -> dict:
-        return self.train(name, ["--resume", str(base or self.base_ckpt), "--reset-optimizer", "--reset-data-offset",
-                                 *self.s["finetune"], *extra], arch=arch)
+    def finetune(
+        self, name: str, extra: Sequence[str] = (), base: Path | None = None, arch: Sequence[str] = TINY
+    ) -> dict:
+        return self.train(
+            name,
+            [
+                "--resume",
+                str(base or self.base_ckpt),
+                "--reset-optimizer",
+                "--reset-data-offset",
+                *self.s["finetune"],
+                *extra,
+            ],
+            arch=arch,
+        )
 
     def other_members(self) -> dict[str, Path]:
         """Two models a soup cannot combine with the others: another architecture (its own base on the
@@ -89,8 +119,10 @@ class Demo:
         else:
             w96 = self.train("w96", ["--seed", "11", *self.s["scratch"]], arch=W96)
         scratch = self.train("scratch", ["--seed", "7", *self.s["scratch"]])
-        return {"ViT-Tiny-W96 (other architecture)": Path(w96["best_checkpoint"]),
-                "from scratch (other start)": Path(scratch["best_checkpoint"])}
+        return {
+            "ViT-Tiny-W96 (other architecture)": Path(w96["best_checkpoint"]),
+            "from scratch (other start)": Path(scratch["best_checkpoint"]),
+        }
 
     def search(self) -> Path:
         from solution import search
@@ -98,8 +130,15 @@ class Demo:
         self.stage(f"search ({self.search_trials} trials, each fine-tuning from the base)")
         cfg = yaml.safe_load((ROOT / "configs" / "search" / "demo-cpu.yaml").read_text(encoding="utf-8"))
         base = dict(cfg.get("base") or {})
-        base.update({"train-data": self.lmdb("train"), "val-data": self.lmdb("valid"),
-                     "resume": str(self.base_ckpt), "device": self.device, **self.s["trial"]})
+        base.update(
+            {
+                "train-data": self.lmdb("train"),
+                "val-data": self.lmdb("valid"),
+                "resume": str(self.base_ckpt),
+                "device": self.device,
+                **self.s["trial"],
+            }
+        )
         cfg["base"] = base
         # Soups average runs that share architecture, prompt and context length: the demo's trials
         # all use the base's (empty) prompt, so any of them can be souped with the others.
@@ -108,8 +147,18 @@ class Demo:
             trial.pop("text-prompt", None)
         path = self.out / "search.yaml"
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        search.main(["--config", str(path), "--out", str(self.out / "search"), "--study-name", "demo",
-                     "--n-trials", str(self.search_trials)])
+        search.main(
+            [
+                "--config",
+                str(path),
+                "--out",
+                str(self.out / "search"),
+                "--study-name",
+                "demo",
+                "--n-trials",
+                str(self.search_trials),
+            ]
+        )
         return self.out / "search" / "demo"
 
     def soups(self, study: Path, extra_ckpts: Sequence[str]) -> Path:
@@ -117,9 +166,26 @@ class Demo:
 
         self.stage("soups (uniform, greedy, pairwise) from the search's trials and the fine-tuned runs")
         out = self.out / "soups"
-        soup.main(["--from-study", str(study), "--top", str(self.s["soup_top"]), "--checkpoints", *extra_ckpts,
-                   "--val-data", self.lmdb("valid"), "--method", "uniform,greedy,pairwise",
-                   "--folds", str(self.s["soup_folds"]), "--output", str(out), "--device", self.device])
+        soup.main(
+            [
+                "--from-study",
+                str(study),
+                "--top",
+                str(self.s["soup_top"]),
+                "--checkpoints",
+                *extra_ckpts,
+                "--val-data",
+                self.lmdb("valid"),
+                "--method",
+                "uniform,greedy,pairwise",
+                "--folds",
+                str(self.s["soup_folds"]),
+                "--output",
+                str(out),
+                "--device",
+                self.device,
+            ]
+        )
         return out
 
     # ------------------------------------------------------------ scoring
@@ -136,15 +202,45 @@ class Demo:
         valid = evaluate_split(model, self.lmdb("valid"), config, device=self.device, with_hits=True)
         hits = {"valid": str(write_hits(self.out / "hits" / name / "valid", valid.pop("text_ids"), valid.pop("hits")))}
         fdir = self.out / "feats" / name
-        features.main(["--extract-image-feats", "--extract-text-feats", "--image-data", self.lmdb("test"),
-                       "--text-data", str(self.data / "test_texts.jsonl"), "--resume", str(ckpt),
-                       "--image-feat-output-path", str(fdir / "test_imgs.npy"),
-                       "--text-feat-output-path", str(fdir / "test_texts.npy"), "--device", self.device,
-                       "--cache-dir", str(self.out / "feature_cache"), "--no-progress",
-                       "--precision", "fp32"])
+        features.main(
+            [
+                "--extract-image-feats",
+                "--extract-text-feats",
+                "--image-data",
+                self.lmdb("test"),
+                "--text-data",
+                str(self.data / "test_texts.jsonl"),
+                "--resume",
+                str(ckpt),
+                "--image-feat-output-path",
+                str(fdir / "test_imgs.npy"),
+                "--text-feat-output-path",
+                str(fdir / "test_texts.npy"),
+                "--device",
+                self.device,
+                "--cache-dir",
+                str(self.out / "feature_cache"),
+                "--no-progress",
+                "--precision",
+                "fp32",
+            ]
+        )
         sub = submission or fdir / "test_pred.jsonl"
-        predict.main(["--image-feats", str(fdir / "test_imgs.npy"), "--text-feats", str(fdir / "test_texts.npy"),
-                      "--top-k", "10", "--output", str(sub), "--valid-score", json.dumps(valid), "--no-progress"])
+        predict.main(
+            [
+                "--image-feats",
+                str(fdir / "test_imgs.npy"),
+                "--text-feats",
+                str(fdir / "test_texts.npy"),
+                "--top-k",
+                "10",
+                "--output",
+                str(sub),
+                "--valid-score",
+                json.dumps(valid),
+                "--no-progress",
+            ]
+        )
         test, hits["test"] = self.test_score(name, sub)
         return {"valid": valid, "test": test, "checkpoint": str(ckpt), "hits": hits}
 
@@ -172,19 +268,56 @@ class Demo:
         self.stage(f"ensemble {name}")
         folder = self.out / "ensembles" / name
         if not (folder / "ensemble.json").is_file():
-            ensemble.main(["--members", *map(str, members), "--val-data", self.lmdb("valid"), "--output", str(folder),
-                           "--folds", str(self.s["folds"]), "--device", self.device,
-                           "--cache-dir", str(self.out / "feature_cache"), *extra])
+            ensemble.main(
+                [
+                    "--members",
+                    *map(str, members),
+                    "--val-data",
+                    self.lmdb("valid"),
+                    "--output",
+                    str(folder),
+                    "--folds",
+                    str(self.s["folds"]),
+                    "--device",
+                    self.device,
+                    "--cache-dir",
+                    str(self.out / "feature_cache"),
+                    *extra,
+                ]
+            )
         spec = read_ensemble(folder / "ensemble.json")
         sub = self.out / "feats" / name / "test_pred.jsonl"
-        predict.main(["--ensemble", str(folder / "ensemble.json"), "--image-data", self.lmdb("test"),
-                      "--text-data", str(self.data / "test_texts.jsonl"), "--top-k", "10", "--output", str(sub),
-                      "--device", self.device, "--cache-dir", str(self.out / "feature_cache"), "--no-progress"])
+        predict.main(
+            [
+                "--ensemble",
+                str(folder / "ensemble.json"),
+                "--image-data",
+                self.lmdb("test"),
+                "--text-data",
+                str(self.data / "test_texts.jsonl"),
+                "--top-k",
+                "10",
+                "--output",
+                str(sub),
+                "--device",
+                self.device,
+                "--cache-dir",
+                str(self.out / "feature_cache"),
+                "--no-progress",
+            ]
+        )
         test, test_hits = self.test_score(name, sub)
         valid = {k: spec["scores"]["all"][k] for k in ("r1", "r5", "r10", "mean_recall")}
-        return {"valid": valid, "test": test, "checkpoint": str(folder / "ensemble.json"), "kind": "ensemble",
-                "hits": {"valid": str(folder / spec["hits"]["ensemble"]), "test": test_hits},
-                "weights": spec["weights"], "rerank": spec["rerank"]["method"], "crossfit": spec.get("crossfit")}
+        return {
+            "valid": valid,
+            "test": test,
+            "checkpoint": str(folder / "ensemble.json"),
+            "kind": "ensemble",
+            "hits": {"valid": str(folder / spec["hits"]["ensemble"]), "test": test_hits},
+            "weights": spec["weights"],
+            "rerank": spec["rerank"]["method"],
+            "crossfit": spec.get("crossfit"),
+        }
 
     def ensembles(self, results: dict, final: Path, others: Sequence[Path]) -> dict:
         """The best single model with re-ranking, and the soup + the other members fused, without and with
@@ -213,8 +346,12 @@ class Demo:
         soups = self.soups(study, [default["best_checkpoint"], frozen["best_checkpoint"]])
         others = self.other_members()
 
-        rows = {"initial (base, no fine-tune)": self.base_ckpt, "default fine-tune": Path(default["best_checkpoint"]),
-                "LoRA": Path(lora["best_checkpoint"]), "frozen image tower": Path(frozen["best_checkpoint"])}
+        rows = {
+            "initial (base, no fine-tune)": self.base_ckpt,
+            "default fine-tune": Path(default["best_checkpoint"]),
+            "LoRA": Path(lora["best_checkpoint"]),
+            "frozen image tower": Path(frozen["best_checkpoint"]),
+        }
         if (study / "trials.csv").is_file():
             rows["best search trial"] = study_checkpoints(study, top=1)[0]
         rows.update(others)
@@ -228,17 +365,31 @@ class Demo:
                 crossfits[f"{method} soup"] = summary["soups"][method].get("crossfit")
         # The submission is the greedy soup (the default fine-tune if there is none): scored once, as a row.
         final_row = "greedy soup" if "greedy soup" in rows else "default fine-tune"
-        results = {name: {**self.score(slug(name), ckpt, SUBMISSIONS / "demo_test.jsonl" if name == final_row else None),
-                          "kind": kinds[name], **({"crossfit": crossfits[name]} if name in crossfits else {})}
-                   for name, ckpt in rows.items()}
+        results = {
+            name: {
+                **self.score(slug(name), ckpt, SUBMISSIONS / "demo_test.jsonl" if name == final_row else None),
+                "kind": kinds[name],
+                **({"crossfit": crossfits[name]} if name in crossfits else {}),
+            }
+            for name, ckpt in rows.items()
+        }
         results.update(self.ensembles(results, rows[final_row], list(others.values())))
         results["final"] = results[final_row]
         write_json(self.out / "results.json", results)
         from solution.report.demo_report import write_report
 
-        write_report(self.out, results, study=study, soups=soups, base=self.base_ckpt, final=rows[final_row],
-                     lmdb_valid=self.lmdb("valid"), device=self.device, elapsed=time.time() - self.t0,
-                     ensembles=self.out / "ensembles")
+        write_report(
+            self.out,
+            results,
+            study=study,
+            soups=soups,
+            base=self.base_ckpt,
+            final=rows[final_row],
+            lmdb_valid=self.lmdb("valid"),
+            device=self.device,
+            elapsed=time.time() - self.t0,
+            ensembles=self.out / "ensembles",
+        )
         self.stage(f"done: {self.out / 'REPORT.md'}")
         return results
 
@@ -251,32 +402,78 @@ def slug(row: str) -> str:
 SCALES = {
     # full demo (the last measurement): 12.1 CPU-minutes (user + sys, one torch thread), 23 min wall on
     # 2 cores shared with other jobs; the default fine-tune scores valid MR 68.7
-    "full": {"data": {}, "base_steps": 600, "w96_base_steps": 0, "soup_top": 4, "soup_folds": 3, "folds": 5,
-             "trial": {"max-steps": 60, "valid-step-interval": 20},
-             "train": ["--batch-size", "64", "--valid-batch-size", "128", "--lr", "2e-3", "--warmup", "50",
-                       "--wd", "0.05", "--valid-step-interval", "100", "--valid-epoch-interval", "0",
-                       "--log-interval", "20"],
-             "finetune": ["--max-steps", "150", "--lr", "1e-3", "--warmup", "10", "--valid-step-interval", "50"],
-             "scratch": ["--max-steps", "300", "--valid-step-interval", "100"]},
+    "full": {
+        "data": {},
+        "base_steps": 600,
+        "w96_base_steps": 0,
+        "soup_top": 4,
+        "soup_folds": 3,
+        "folds": 5,
+        "trial": {"max-steps": 60, "valid-step-interval": 20},
+        "train": [
+            "--batch-size",
+            "64",
+            "--valid-batch-size",
+            "128",
+            "--lr",
+            "2e-3",
+            "--warmup",
+            "50",
+            "--wd",
+            "0.05",
+            "--valid-step-interval",
+            "100",
+            "--valid-epoch-interval",
+            "0",
+            "--log-interval",
+            "20",
+        ],
+        "finetune": ["--max-steps", "150", "--lr", "1e-3", "--warmup", "10", "--valid-step-interval", "50"],
+        "scratch": ["--max-steps", "300", "--valid-step-interval", "100"],
+    },
     # a scaled-down end-to-end run for the test suite
-    "smoke": {"data": {"preset": "small"}, "base_steps": 30, "w96_base_steps": 0, "soup_top": 2, "soup_folds": 2, "folds": 2,
-              "trial": {"max-steps": 8, "valid-step-interval": 4, "batch-size": 16},
-              "train": ["--batch-size", "16", "--valid-batch-size", "64", "--lr", "2e-3", "--warmup", "5",
-                        "--valid-step-interval", "15", "--log-interval", "5"],
-              "finetune": ["--max-steps", "10", "--lr", "5e-4", "--warmup", "2", "--valid-step-interval", "5"],
-              "scratch": ["--max-steps", "6", "--valid-step-interval", "6"]},
+    "smoke": {
+        "data": {"preset": "small"},
+        "base_steps": 30,
+        "w96_base_steps": 0,
+        "soup_top": 2,
+        "soup_folds": 2,
+        "folds": 2,
+        "trial": {"max-steps": 8, "valid-step-interval": 4, "batch-size": 16},
+        "train": [
+            "--batch-size",
+            "16",
+            "--valid-batch-size",
+            "64",
+            "--lr",
+            "2e-3",
+            "--warmup",
+            "5",
+            "--valid-step-interval",
+            "15",
+            "--log-interval",
+            "5",
+        ],
+        "finetune": ["--max-steps", "10", "--lr", "5e-4", "--warmup", "2", "--valid-step-interval", "5"],
+        "scratch": ["--max-steps", "6", "--valid-step-interval", "6"],
+    },
 }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m solution.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m solution.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/demo", help="working folder (re-running resumes)")
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--device", default="cpu")
     p.add_argument("--search-trials", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads: 1 is fastest for the tiny demo models (two fight each other under load)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads: 1 is fastest for the tiny demo models (two fight each other under load)",
+    )
     args = p.parse_args(argv)
     import torch
 

@@ -2,28 +2,38 @@
 
 Prints one JSON line: the output folder and the queries/images of each split.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from solution.common import run_cli
 from solution.data.synthetic import PRESETS, Sizes, generate
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m solution.demo_data",
-                                description="Write a procedurally drawn Chinese image-text dataset in MUGE layout.")
+    p = argparse.ArgumentParser(
+        prog="python -m solution.demo_data",
+        description="Write a procedurally drawn Chinese image-text dataset in MUGE layout.",
+    )
     p.add_argument("--out", required=True, help="output directory (MUGE layout)")
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="size preset: tiny (a few dozen images, for tests), small (smoke runs) or default (the demo)")
+    p.add_argument(
+        "--preset",
+        default="default",
+        choices=sorted(PRESETS),
+        help="size preset: tiny (a few dozen images, for tests), small (smoke runs) or default (the demo)",
+    )
     p.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels (default 64)")
     for f in dataclasses.fields(Sizes):
-        p.add_argument("--" + f.name.replace("_", "-"), type=float if f.type in (float, "float") else int,
-                       help=f"override the preset's {f.name}")
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=float if f.type in (float, "float") else int,
+            help=f"override the preset's {f.name}",
+        )
     p.add_argument("--no-mess", action="store_true", help="leave out the deliberately messy images")
     p.add_argument("--seed", type=int, default=0)
     return p

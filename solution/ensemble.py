@@ -8,44 +8,58 @@ query (``--norm``) and summed with weights chosen by greedy forward selection wi
 strictly improves the selection score (``--rerank flip``: flip test-time augmentation of the image
 features, kept the same way). ``--select-split F`` chooses on a fraction of the queries
 and reports the rest; ``--folds K`` cross-fits the choice. The folder is described in
-:mod:`solution.ensembles.run`; submit with ``predict.sh --ensemble OUT/ensemble.json``.
+:mod:`solution.ensembles.make_ensemble`; submit with ``predict.sh --ensemble OUT/ensemble.json``.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from solution.common import run_cli
+from solution.ensembles.fusion import NORMS, RERANKERS
+from solution.ensembles.make_ensemble import EnsembleOptions, make_ensemble
 from solution.ensembles.members import Encoding
-from solution.ensembles.run import EnsembleOptions, make_ensemble
+from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
 from solution.retrieval.cache import default_cache_dir
-from solution.retrieval.fusion import NORMS, RERANKERS
-from solution.retrieval.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m solution.ensemble", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m solution.ensemble",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--members", nargs="+", required=True, metavar="CKPT", help="member checkpoints (any architecture)")
     p.add_argument("--val-data", required=True, metavar="LMDB_SPLIT", help="validation LMDB split (with pairs)")
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="fixed member weights (no selection)")
     p.add_argument("--norm", choices=NORMS, default="zscore", help="per-query normalisation of each member's scores")
-    p.add_argument("--rerank", default="none",
-                   help=f"comma-separated re-rankers to try: {', '.join(RERANKERS)}, and flip (test-time "
-                        "augmentation: each gallery averaged with its horizontally flipped images' features)")
+    p.add_argument(
+        "--rerank",
+        default="none",
+        help=f"comma-separated re-rankers to try: {', '.join(RERANKERS)}, and flip (test-time "
+        "augmentation: each gallery averaged with its horizontally flipped images' features)",
+    )
     p.add_argument("--bank", metavar="JSONL", help="texts JSONL for qb_norm's query bank (e.g. training texts)")
     p.add_argument("--bank-topk", type=int, default=None, help="qb_norm: dynamic inverted softmax's top-k")
-    p.add_argument("--select-split", type=float, metavar="FRACTION",
-                   help="choose on this fraction of the queries, report the rest")
+    p.add_argument(
+        "--select-split", type=float, metavar="FRACTION", help="choose on this fraction of the queries, report the rest"
+    )
     p.add_argument("--folds", type=int, default=None, help="k-fold cross-fitting of the choice over queries")
     p.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw and the folds")
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="amp", metavar=PRECISION_METAVAR,
-                   help="as features.py and predict --ensemble use, so selection scores the features the submission uses")
+    p.add_argument(
+        "--precision",
+        type=precision_flag,
+        choices=PRECISIONS,
+        default="amp",
+        metavar=PRECISION_METAVAR,
+        help="as features.py and predict --ensemble use, so selection scores the features the submission uses",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="image-feature cache ('' = off)")
     return p
@@ -54,16 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
-    spec = make_ensemble(EnsembleOptions(
-        members=tuple(a.members), val_data=a.val_data, output=a.output,
-        weights=tuple(a.weights) if a.weights else None, norm=a.norm,
-        rerank=tuple(r.strip() for r in a.rerank.split(",") if r.strip()), bank=a.bank, bank_topk=a.bank_topk,
-        select_split=a.select_split, folds=a.folds, seed=a.seed, max_rounds=a.max_rounds,
-        encoding=Encoding(a.device, a.precision, a.batch_size, a.cache_dir or None),
-        command=("python", "-m", "solution.ensemble", *argv)))
-    print(json.dumps({"output": a.output, "weights": spec["weights"], "tta": spec["tta"],
-                      "rerank": spec["rerank"]["method"],
-                      "scores": {k: (v or {}).get("mean_recall") for k, v in spec["scores"].items() if k != "members"}}))
+    spec = make_ensemble(
+        EnsembleOptions(
+            members=tuple(a.members),
+            val_data=a.val_data,
+            output=a.output,
+            weights=tuple(a.weights) if a.weights else None,
+            norm=a.norm,
+            rerank=tuple(r.strip() for r in a.rerank.split(",") if r.strip()),
+            bank=a.bank,
+            bank_topk=a.bank_topk,
+            select_split=a.select_split,
+            folds=a.folds,
+            seed=a.seed,
+            max_rounds=a.max_rounds,
+            encoding=Encoding(a.device, a.precision, a.batch_size, a.cache_dir or None),
+            command=("python", "-m", "solution.ensemble", *argv),
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "output": a.output,
+                "weights": spec["weights"],
+                "tta": spec["tta"],
+                "rerank": spec["rerank"]["method"],
+                "scores": {k: (v or {}).get("mean_recall") for k, v in spec["scores"].items() if k != "members"},
+            }
+        )
+    )
     return spec
 
 

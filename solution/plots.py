@@ -1,11 +1,12 @@
 """Training curves (PNG): loss (train and validation), mean recall per validation set, logit scale."""
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 from solution.common import atomic_path
-from solution.formats.runs import MAIN_SET, main_valid
+from solution.formats.run_files import MAIN_SET, main_valid
 
 log = logging.getLogger(__name__)
 

@@ -68,20 +68,25 @@ Outputs in ``{out}/{name}/`` (rewritten after every trial, so a kill leaves them
 (history, intermediate values, parameter importances, parallel coordinates). Browse a study
 live with ``pip install optuna-dashboard && optuna-dashboard sqlite:///runs/search/demo-cpu/study.db``.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from solution.common import run_cli
-from solution.studies.config import load_config, override
+from solution.studies.search_config import load_config, override
 from solution.studies.study import search
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m solution.search", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 3)[3], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m solution.search",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 3)[3],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="search config YAML (see configs/search/)")
     p.add_argument("--n-trials", type=int, help="target number of finished trials (overrides the config)")
     p.add_argument("--storage", help="Optuna storage URL or journal:PATH (default sqlite in the study folder)")
@@ -89,17 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder holding the study folder (default: the config's out, else runs/search)")
     p.add_argument("--mode", choices=["inprocess", "subprocess"])
     p.add_argument("--torchrun-nproc", type=int, help="subprocess mode: launch each trial with torchrun on N procs")
-    p.add_argument("--gpus-per-trial", type=int, metavar="N",
-                   help="each running trial leases N GPUs of its own (CUDA_VISIBLE_DEVICES of its process; "
-                        "in-process: --device cuda:K); the workers of a node take disjoint GPUs; 0: off")
-    p.add_argument("--gpus", help="the GPUs this worker may lease, e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES, "
-                                  "else every GPU torch sees)")
-    p.add_argument("--gpu-lease-dir", help="the node's GPU lease folder shared by its workers "
-                                           "(default {tmp}/solution-gpu-leases-UID)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=int,
+        metavar="N",
+        help="each running trial leases N GPUs of its own (CUDA_VISIBLE_DEVICES of its process; "
+        "in-process: --device cuda:K); the workers of a node take disjoint GPUs; 0: off",
+    )
+    p.add_argument(
+        "--gpus",
+        help="the GPUs this worker may lease, e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES, else every GPU torch sees)",
+    )
+    p.add_argument(
+        "--gpu-lease-dir",
+        help="the node's GPU lease folder shared by its workers (default {tmp}/solution-gpu-leases-UID)",
+    )
     p.add_argument("--pruner", choices=["median", "hyperband", "none"])
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
-    p.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
-                   help="override a base training flag (repeatable), e.g. --set device=cpu; FLAG= drops it")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FLAG=VALUE",
+        help="override a base training flag (repeatable), e.g. --set device=cpu; FLAG= drops it",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p
 
@@ -107,10 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run (or resume) the study; its summary is the last line of stdout."""
     a = build_parser().parse_args(argv)
-    cfg = override(load_config(a.config, a.set), a.config, study_name=a.study_name, pruner=a.pruner,
-                   no_plots=a.no_plots, n_trials=a.n_trials, storage=a.storage, out=a.out, mode=a.mode,
-                   torchrun_nproc=a.torchrun_nproc, timeout=a.timeout, gpus_per_trial=a.gpus_per_trial,
-                   gpus=a.gpus, gpu_lease_dir=a.gpu_lease_dir)
+    cfg = override(
+        load_config(a.config, a.set),
+        a.config,
+        study_name=a.study_name,
+        pruner=a.pruner,
+        no_plots=a.no_plots,
+        n_trials=a.n_trials,
+        storage=a.storage,
+        out=a.out,
+        mode=a.mode,
+        torchrun_nproc=a.torchrun_nproc,
+        timeout=a.timeout,
+        gpus_per_trial=a.gpus_per_trial,
+        gpus=a.gpus,
+        gpu_lease_dir=a.gpu_lease_dir,
+    )
     return search(cfg, stream=sys.stdout)
 
 

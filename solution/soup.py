@@ -15,19 +15,20 @@ checkpoint at a time. Scores are text->image R@1/5/10 and mean recall through
 ``--select-split F`` the soup is chosen on a random fraction ``F`` of the queries and the rest is
 reported beside it; with ``--folds K`` each method is cross-fitted over the queries (chosen on K-1
 folds, scored on the one left out) and the soup chosen on all queries is shipped. The output folder
-is described in :mod:`solution.soups.run`.
+is described in :mod:`solution.soups.make_soups`.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from solution.common import SolutionError, run_cli
-from solution.retrieval.precision import DTYPES, PRECISION_METAVAR, PRECISIONS, precision_flag
+from solution.model.precision import DTYPES, PRECISION_METAVAR, PRECISIONS, precision_flag
+from solution.soups.make_soups import SoupOptions, make_soups
 from solution.soups.methods import METHODS
-from solution.soups.run import SoupOptions, make_soups
 
 
 def parse_methods(values: Sequence[str]) -> list[str]:
@@ -55,22 +56,37 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m solution.soup", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m solution.soup",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     src = p.add_argument_group("ingredients")
-    src.add_argument("--checkpoints", nargs="+", default=[], metavar="GLOB",
-                     help="checkpoint files or quoted glob patterns (** allowed)")
+    src.add_argument(
+        "--checkpoints",
+        nargs="+",
+        default=[],
+        metavar="GLOB",
+        help="checkpoint files or quoted glob patterns (** allowed)",
+    )
     src.add_argument("--from-study", metavar="DIR", help="a search study folder: use its top trials' best.pt")
     src.add_argument("--top", type=int, default=5, help="how many complete trials --from-study takes")
     val = p.add_argument_group("scoring")
     val.add_argument("--val-data", metavar="LMDB_SPLIT", help="validation LMDB split (e.g. DIR/lmdb/valid)")
-    val.add_argument("--val-texts", metavar="JSONL", help="queries + gold image_ids (MUGE *_texts.jsonl); "
-                     "default: the LMDB's pairs")
-    val.add_argument("--select-split", type=float, metavar="FRACTION",
-                     help="choose on this fraction of the queries, report the rest")
-    val.add_argument("--folds", type=int, metavar="K", help="k-fold cross-fitting over the queries: choose on K-1 "
-                     "folds, score the one left out, rotate; report the mean with its interval, ship the soup "
-                     "chosen on all queries (not with --select-split)")
+    val.add_argument(
+        "--val-texts", metavar="JSONL", help="queries + gold image_ids (MUGE *_texts.jsonl); default: the LMDB's pairs"
+    )
+    val.add_argument(
+        "--select-split", type=float, metavar="FRACTION", help="choose on this fraction of the queries, report the rest"
+    )
+    val.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="k-fold cross-fitting over the queries: choose on K-1 "
+        "folds, score the one left out, rotate; report the mean with its interval, ship the soup "
+        "chosen on all queries (not with --select-split)",
+    )
     val.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw (and of the --folds folds)")
     val.add_argument("--no-score", action="store_true", help="only average (uniform), score nothing")
     val.add_argument("--batch-size", type=int, default=64)
@@ -78,13 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="fp32", metavar=PRECISION_METAVAR)
     val.add_argument("--device", default="auto")
     how = p.add_argument_group("soup")
-    how.add_argument("--method", nargs="+", default=["greedy"], help=f"one or more of {', '.join(METHODS)} "
-                     "(space- or comma-separated; they share the score cache)")
+    how.add_argument(
+        "--method",
+        nargs="+",
+        default=["greedy"],
+        help=f"one or more of {', '.join(METHODS)} (space- or comma-separated; they share the score cache)",
+    )
     how.add_argument("--interpolate-with", metavar="CKPT", help="interpolate each soup with this checkpoint")
     how.add_argument("--alphas", default="0.25,0.5,0.75", help="soup weights tried with --interpolate-with")
     how.add_argument("--max-rounds", type=int, default=20, help="pairwise: most merge rounds")
-    how.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                     help="dtype of the saved soup (auto: the ingredients' own when they share one)")
+    how.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="dtype of the saved soup (auto: the ingredients' own when they share one)",
+    )
     p.add_argument("--output", required=True, metavar="DIR")
     return p
 
@@ -92,15 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     methods = parse_methods(args.method)
-    summary = make_soups(SoupOptions(
-        output=args.output, methods=tuple(methods), checkpoints=tuple(args.checkpoints), from_study=args.from_study,
-        top=args.top, val_data=args.val_data, val_texts=args.val_texts, select_split=args.select_split,
-        seed=args.seed, no_score=args.no_score, batch_size=args.batch_size, num_workers=args.num_workers,
-        precision=args.precision, device=args.device, interpolate_with=args.interpolate_with,
-        alphas=tuple(parse_alphas(args.alphas)) if args.interpolate_with else (), max_rounds=args.max_rounds,
-        dtype=args.dtype, folds=args.folds))
-    print(json.dumps({"soup": summary["soup"], "method": summary["method"],
-                      **summary["soups"][summary["method"]]}, ensure_ascii=False))
+    summary = make_soups(
+        SoupOptions(
+            output=args.output,
+            methods=tuple(methods),
+            checkpoints=tuple(args.checkpoints),
+            from_study=args.from_study,
+            top=args.top,
+            val_data=args.val_data,
+            val_texts=args.val_texts,
+            select_split=args.select_split,
+            seed=args.seed,
+            no_score=args.no_score,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            precision=args.precision,
+            device=args.device,
+            interpolate_with=args.interpolate_with,
+            alphas=tuple(parse_alphas(args.alphas)) if args.interpolate_with else (),
+            max_rounds=args.max_rounds,
+            dtype=args.dtype,
+            folds=args.folds,
+        )
+    )
+    print(
+        json.dumps(
+            {"soup": summary["soup"], "method": summary["method"], **summary["soups"][summary["method"]]},
+            ensure_ascii=False,
+        )
+    )
     return summary
 
 

@@ -1,4 +1,5 @@
 """``python -m solution.train``: the command line of :mod:`solution.training.trainer`."""
+
 import sys
 
 from solution.common import run_cli

@@ -1,4 +1,5 @@
 """Helpers shared by the CLI tests."""
+
 from solution import common
 
 

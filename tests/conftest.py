@@ -43,8 +43,12 @@ def small_disk(tmp_path):
         d = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
         d.mkdir()
         try:
-            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}M", "tmpfs", str(d)], capture_output=True,
-                               text=True, timeout=30)
+            r = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={mib}M", "tmpfs", str(d)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             pytest.skip(f"cannot mount a tmpfs here: {e}")
         if r.returncode != 0:
@@ -56,4 +60,3 @@ def small_disk(tmp_path):
     for d in mounted:
         if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(d)], capture_output=True)
-

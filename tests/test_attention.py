@@ -5,6 +5,7 @@ float32 to ~1e-5, and torch's profiler for which attention op actually runs. The
 start from upstream's attention (``attn_impl="upstream"``: models are built on SDPA by default);
 the tests at the end check that default and the ``--attn-impl`` switch of the tools.
 """
+
 import copy
 import os
 import shutil
@@ -88,8 +89,9 @@ def _assert_same_run(a, b, tol=TOL):
         assert a[3].keys() == b[3].keys() and a[3]
         for k in a[3]:  # atol scaled by the tensor's largest grad (sums over every token reach ~1e3)
             atol = tol["atol"] * max(1.0, a[3][k].abs().max().item())
-            torch.testing.assert_close(b[3][k], a[3][k], atol=atol, rtol=tol["rtol"],
-                                       msg=lambda m, k=k: f"grad of {k}: {m}")
+            torch.testing.assert_close(
+                b[3][k], a[3][k], atol=atol, rtol=tol["rtol"], msg=lambda m, k=k: f"grad of {k}: {m}"
+            )
 
 
 def _ops(fn):
@@ -224,10 +226,9 @@ def test_undo_restores_upstream_exactly_and_nothing_global_changes(tiny_config):
 
 def test_context_manager_restores_even_on_error_and_keeps_prior_state(tiny_model):
     model = tiny_model.eval()
-    with pytest.raises(RuntimeError):
-        with sdpa_attention(model) as m:
-            assert m is model and sdpa_enabled(model)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), sdpa_attention(model) as m:
+        assert m is model and sdpa_enabled(model)
+        raise RuntimeError("boom")
     assert not any(isinstance(m, SdpaBertSelfAttention) for m in model.modules())
     use_sdpa(model)
     with sdpa_attention(model):
@@ -268,8 +269,10 @@ def test_real_roberta_base_text_config_equals_upstream():
     _assert_same_run(ref, ours, tol=dict(atol=2e-5, rtol=1e-4))
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None,
-                    reason="torch.compile (inductor) on CPU needs a C compiler")
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None,
+    reason="torch.compile (inductor) on CPU needs a C compiler",
+)
 @pytest.mark.skipif(os.environ.get("SKIP_COMPILE_TESTS") == "1", reason="SKIP_COMPILE_TESTS=1")
 def test_torch_compile_of_sdpa_text_tower_matches_eager(tiny_model):
     model = tiny_model.eval()
@@ -298,7 +301,7 @@ def test_deepcopy_keeps_the_switch(tiny_model):
 def test_tools_default_to_sdpa_and_refuse_an_unknown_impl(tiny_config, capsys):
     from solution.features import main as features_main
     from solution.model import ATTN_IMPLS, meta_model, set_attn_impl
-    from solution.training.config import parse_args
+    from solution.training.flags import parse_args
 
     assert ATTN_IMPLS == ("sdpa", "upstream")
     assert sdpa_enabled(build_model(tiny_config)) and not sdpa_enabled(build_model(tiny_config, attn_impl=UP))
@@ -330,9 +333,27 @@ def test_features_with_both_impls_are_equal(tmp_path, tiny_config):
     feats = {}
     for impl in ("sdpa", UP):
         out = tmp_path / impl / "txt.npy"
-        features_main(["--extract-text-feats", "--text-data", str(data), "--resume", str(ckpt),
-                       "--text-feat-output-path", str(out), "--precision", "fp32", "--device", "cpu",
-                       "--num-workers", "0", "--no-progress", "--no-cache", "--attn-impl", impl])
+        features_main(
+            [
+                "--extract-text-feats",
+                "--text-data",
+                str(data),
+                "--resume",
+                str(ckpt),
+                "--text-feat-output-path",
+                str(out),
+                "--precision",
+                "fp32",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+                "--no-progress",
+                "--no-cache",
+                "--attn-impl",
+                impl,
+            ]
+        )
         feats[impl] = np.load(out)
     assert feats["sdpa"].shape == (len(texts), tiny_config.model_info["embed_dim"])
     np.testing.assert_allclose(feats["sdpa"], feats[UP], atol=1e-5, rtol=0)
@@ -340,10 +361,11 @@ def test_features_with_both_impls_are_equal(tmp_path, tiny_config):
 
 
 def test_training_with_both_impls_ends_at_the_same_weights(tmp_path, monkeypatch):
-    import solution.training.setup as setup
-    from solution.model import read_checkpoint
-    from solution.training.trainer import main as train_main
     from train_helpers import make_data, tiny_argv
+
+    from solution.model import read_checkpoint
+    from solution.training import setup
+    from solution.training.trainer import main as train_main
 
     built = []  # the model the trainer builds, per run: its attention must be the one asked for
     real = setup.build_model

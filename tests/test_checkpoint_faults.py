@@ -6,20 +6,21 @@ extraction and the soup (``solution.models``: ``resolve_config``, ``load_weights
 ``check_finite``). Soup and compare refuse outputs that are folders, sit under files or are inputs;
 compare refuses malformed inputs; a full disk (a real small tmpfs) leaves the previous files.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import os
 import hashlib
 import json
+import os
 
 import pytest
 import torch
+from train_helpers import make_data, tiny_argv
 
 from solution import compare, features, soup, train
 from solution.common import SolutionError, run_cli, write_json, write_jsonl
 from solution.model import ModelConfig, build_model, load_model, save_checkpoint
-from train_helpers import make_data, tiny_argv
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,9 @@ def _bad_checkpoint(kind: str, path, cfg: ModelConfig, sd: dict) -> str:
         return "non-finite weights (NaN or Inf) in 2 tensors: visual.proj, bert.encoder.layer.1.output.dense.weight"
     if kind == "unknown_arch":  # weights that fit, a name nothing knows: it would be mislabelled
         config = {**cfg.to_dict(), "vision_model": "ViT-Nope"}
-        torch.save({"epoch": 1, "step": 1, "state_dict": {f"module.{k}": v for k, v in sd.items()}, "config": config},
-                   path)
+        torch.save(
+            {"epoch": 1, "step": 1, "state_dict": {f"module.{k}": v for k, v in sd.items()}, "config": config}, path
+        )
         return "unknown vision architecture 'ViT-Nope'"
     if kind == "other_shape":  # a wider vision tower under the config of the tiny one
         wide = dataclasses.replace(cfg, model_info={**cfg.model_info, "vision_width": 128})
@@ -88,22 +90,38 @@ def test_bad_checkpoint_is_one_line_in_every_consumer(tiny, tmp_path, capsys, ki
     before = _digest(bad)
     if consumer == "features":
         out = tmp_path / "txt.npy"
-        line = _error_line(capsys, features.main, ["--resume", bad, "--extract-text-feats", "--text-data",
-                                                    root / "texts.jsonl", "--text-feat-output-path", out,
-                                                    "--device", "cpu", "--no-progress"])
+        line = _error_line(
+            capsys,
+            features.main,
+            [
+                "--resume",
+                bad,
+                "--extract-text-feats",
+                "--text-data",
+                root / "texts.jsonl",
+                "--text-feat-output-path",
+                out,
+                "--device",
+                "cpu",
+                "--no-progress",
+            ],
+        )
         assert not out.exists() and not list(tmp_path.glob("txt*"))
     elif consumer == "train":
         argv = tiny_argv(train_split, None, tmp_path / "logs", resume=bad, max_epochs=1, batch_size=2)
         if kind == "unknown_arch":  # the names come from the checkpoint, not from flags
             for flag in ("--vision-model", "--text-model"):
                 i = argv.index(flag)
-                del argv[i:i + 2]
+                del argv[i : i + 2]
         line = _error_line(capsys, train.main, argv)
         assert not list((tmp_path / "logs").rglob("*.pt"))
     else:
         out = tmp_path / "soup"
-        line = _error_line(capsys, soup.main, ["--checkpoints", root / "good.pt", bad, "--method", "uniform",
-                                                "--no-score", "--output", out])
+        line = _error_line(
+            capsys,
+            soup.main,
+            ["--checkpoints", root / "good.pt", bad, "--method", "uniform", "--no-score", "--output", out],
+        )
         assert not out.exists()
     assert str(bad) in line and expect in line, line
     assert _digest(bad) == before  # the input is untouched
@@ -130,7 +148,10 @@ def test_config_that_is_not_a_mapping_or_lacks_sizes_is_refused(tiny, tmp_path):
     with pytest.raises(SolutionError, match=r"m\.pt: its config's model_info lacks vision_width"):
         load_model(tmp_path / "m.pt")
     torch.save({"state_dict": module_sd, "config": {**cfg.to_dict(), "text_model": "ViT-Tiny"}}, tmp_path / "k.pt")
-    with pytest.raises(SolutionError, match=r"k\.pt: its config names 'ViT-Tiny' as the text architecture, but it is not a text model config"):
+    with pytest.raises(
+        SolutionError,
+        match=r"k\.pt: its config names 'ViT-Tiny' as the text architecture, but it is not a text model config",
+    ):
         load_model(tmp_path / "k.pt")
 
 
@@ -157,11 +178,17 @@ def test_soup_output_that_cannot_be_written_is_refused_before_any_work(tiny, tmp
     # the soup.pt it would write is one of the ingredients (named, not globbed: before, it was silently replaced)
     out = tmp_path / "s"
     out.mkdir()
-    save_checkpoint(out / "soup.pt", torch.load(other, weights_only=True)["state_dict"],
-                    ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16))
+    save_checkpoint(
+        out / "soup.pt",
+        torch.load(other, weights_only=True)["state_dict"],
+        ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16),
+    )
     kept = _digest(out / "soup.pt")
-    line = _error_line(capsys, soup.main, ["--method", "uniform", "--no-score", "--checkpoints", good,
-                                           out / "soup.pt", "--output", out])
+    line = _error_line(
+        capsys,
+        soup.main,
+        ["--method", "uniform", "--no-score", "--checkpoints", good, out / "soup.pt", "--output", out],
+    )
     assert "is one of the inputs" in line and "soup.pt" in line and _digest(out / "soup.pt") == kept
     # its soup.pt (or a method's folder) is a folder
     out2 = tmp_path / "s2"
@@ -171,8 +198,21 @@ def test_soup_output_that_cannot_be_written_is_refused_before_any_work(tiny, tmp
     out3 = tmp_path / "s3"
     out3.mkdir()
     (out3 / "greedy").write_text("a file")
-    line = _error_line(capsys, soup.main, ["--method", "uniform,greedy", "--val-data", tmp_path / "nowhere",
-                                           "--checkpoints", good, other, "--output", out3])
+    line = _error_line(
+        capsys,
+        soup.main,
+        [
+            "--method",
+            "uniform,greedy",
+            "--val-data",
+            tmp_path / "nowhere",
+            "--checkpoints",
+            good,
+            other,
+            "--output",
+            out3,
+        ],
+    )
     assert "greedy" in line and "is a file, expected a folder" in line
     assert sorted(p.name for p in out3.iterdir()) == ["greedy"]
     assert all(_digest(p) == s for p, s in sums.items())
@@ -181,24 +221,42 @@ def test_soup_output_that_cannot_be_written_is_refused_before_any_work(tiny, tmp
 def test_soup_glob_matching_only_its_own_output_is_one_line(tiny, tmp_path, capsys):
     root, _, _, _ = tiny
     out = tmp_path / "s"
-    assert run_cli(soup.main, ["--checkpoints", str(root / "good.pt"), str(root / "other.pt"), "--method", "uniform",
-                               "--no-score", "--output", str(out)]) == 0
-    line = _error_line(capsys, soup.main, ["--checkpoints", str(out / "*.pt"), "--method", "uniform", "--no-score",
-                                           "--output", out])
+    assert (
+        run_cli(
+            soup.main,
+            [
+                "--checkpoints",
+                str(root / "good.pt"),
+                str(root / "other.pt"),
+                "--method",
+                "uniform",
+                "--no-score",
+                "--output",
+                str(out),
+            ],
+        )
+        == 0
+    )
+    line = _error_line(
+        capsys, soup.main, ["--checkpoints", str(out / "*.pt"), "--method", "uniform", "--no-score", "--output", out]
+    )
     assert "every checkpoint matched lies inside the output folder" in line
 
 
 def test_soup_from_study_with_a_malformed_trials_csv(tmp_path, capsys):
     study = tmp_path / "study"
     study.mkdir()
-    (study / "trials.csv").write_text('number,state,value,run_dir\n0,COMPLETE,"35.0,x\n1,COMPLETE,30,y\n',
-                                      encoding="utf-8")
-    line = _error_line(capsys, soup.main, ["--from-study", study, "--method", "uniform", "--no-score",
-                                           "--output", tmp_path / "out"])
+    (study / "trials.csv").write_text(
+        'number,state,value,run_dir\n0,COMPLETE,"35.0,x\n1,COMPLETE,30,y\n', encoding="utf-8"
+    )
+    line = _error_line(
+        capsys, soup.main, ["--from-study", study, "--method", "uniform", "--no-score", "--output", tmp_path / "out"]
+    )
     assert "trials.csv:2: malformed CSV" in line
     (study / "trials.csv").write_text("number,state,value,run_dir\n0,COMPLETE,high,x\n", encoding="utf-8")
     assert "number and value must be numbers" in _error_line(
-        capsys, soup.main, ["--from-study", study, "--method", "uniform", "--no-score", "--output", tmp_path / "out"])
+        capsys, soup.main, ["--from-study", study, "--method", "uniform", "--no-score", "--output", tmp_path / "out"]
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -208,22 +266,27 @@ def test_soup_from_study_with_a_malformed_trials_csv(tmp_path, capsys):
 @pytest.fixture
 def runs(tmp_path):
     run = tmp_path / "logs" / "a"
-    write_jsonl(run / "metrics.jsonl", [{"step": 10, "kind": "valid", "set": "valid", "r1": 1.0, "r5": 2.0,
-                                         "r10": 3.0, "mean_recall": 2.0}])
+    write_jsonl(
+        run / "metrics.jsonl",
+        [{"step": 10, "kind": "valid", "set": "valid", "r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0}],
+    )
     write_json(run / "params.json", {"lr": 1e-5})
     return run
 
 
-@pytest.mark.parametrize("flag,target,expect", [
-    ("--output", "metrics.jsonl", "is one of the inputs"),
-    ("--plot", "metrics.jsonl", "is one of the inputs"),
-    ("--output", "params.json", "is one of the inputs"),
-    ("--plot", "params.json", "is one of the inputs"),
-    ("--output", "", "is a folder, expected a file path"),
-    ("--plot", "", "is a folder, expected a file path"),
-    ("--output", "params.json/x.md", "sits under"),
-    ("--plot", "params.json/x.png", "sits under"),
-])
+@pytest.mark.parametrize(
+    "flag,target,expect",
+    [
+        ("--output", "metrics.jsonl", "is one of the inputs"),
+        ("--plot", "metrics.jsonl", "is one of the inputs"),
+        ("--output", "params.json", "is one of the inputs"),
+        ("--plot", "params.json", "is one of the inputs"),
+        ("--output", "", "is a folder, expected a file path"),
+        ("--plot", "", "is a folder, expected a file path"),
+        ("--output", "params.json/x.md", "sits under"),
+        ("--plot", "params.json/x.png", "sits under"),
+    ],
+)
 def test_compare_outputs_that_are_inputs_folders_or_under_files(runs, tmp_path, capsys, flag, target, expect):
     inputs = {p: _digest(p) for p in runs.iterdir()}
     other = ["--plot", tmp_path / "c.png"] if flag == "--output" else ["--output", tmp_path / "c.md"]
@@ -239,15 +302,19 @@ def test_compare_plot_and_output_on_one_path_is_refused(runs, tmp_path, capsys):
     assert "--plot" in line and "is one of the inputs" in line and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("case", ["metrics_bytes", "soup_log_bytes", "trials_bytes", "trials_quote",
-                                  "trials_extra_field", "metrics_not_object"])
+@pytest.mark.parametrize(
+    "case",
+    ["metrics_bytes", "soup_log_bytes", "trials_bytes", "trials_quote", "trials_extra_field", "metrics_not_object"],
+)
 def test_compare_malformed_inputs_are_one_line_naming_file_and_line(tmp_path, capsys, case):
     d = tmp_path / "x"
     d.mkdir()
     if case.startswith("metrics"):
         f = d / "metrics.jsonl"
-        f.write_bytes(b'{"kind": "train", "step": 1}\n' + (b'{"kind": "valid", "text": "\xff\xfe"}\n'
-                                                           if case == "metrics_bytes" else b"[1, 2]\n"))
+        f.write_bytes(
+            b'{"kind": "train", "step": 1}\n'
+            + (b'{"kind": "valid", "text": "\xff\xfe"}\n' if case == "metrics_bytes" else b"[1, 2]\n")
+        )
         expect = "metrics.jsonl:2: not UTF-8" if case == "metrics_bytes" else "record 2 is a list, not a JSON object"
     elif case == "soup_log_bytes":
         f = d / "soup_log.jsonl"
@@ -255,12 +322,17 @@ def test_compare_malformed_inputs_are_one_line_naming_file_and_line(tmp_path, ca
         expect = "soup_log.jsonl:2: not UTF-8"
     else:
         f = d / "trials.csv"
-        body = {"trials_bytes": b"0,COMPLETE,1.0,r\n1,COMPLETE,2.0,\xe9t\xe9\n",
-                "trials_quote": b'0,COMPLETE,1.0,"r\n1,COMPLETE,2.0,s\n2,COMPLETE,3.0,t\n',
-                "trials_extra_field": b"0,COMPLETE,1.0,r,extra\n"}[case]
+        body = {
+            "trials_bytes": b"0,COMPLETE,1.0,r\n1,COMPLETE,2.0,\xe9t\xe9\n",
+            "trials_quote": b'0,COMPLETE,1.0,"r\n1,COMPLETE,2.0,s\n2,COMPLETE,3.0,t\n',
+            "trials_extra_field": b"0,COMPLETE,1.0,r,extra\n",
+        }[case]
         f.write_bytes(b"number,state,value,run_dir\n" + body)
-        expect = {"trials_bytes": "trials.csv:3: not UTF-8", "trials_quote": "trials.csv:2: malformed CSV",
-                  "trials_extra_field": "trials.csv:2: more fields than the header"}[case]
+        expect = {
+            "trials_bytes": "trials.csv:3: not UTF-8",
+            "trials_quote": "trials.csv:2: malformed CSV",
+            "trials_extra_field": "trials.csv:2: more fields than the header",
+        }[case]
     before = _digest(f)
     line = _error_line(capsys, compare.main, [d, "--output", tmp_path / "c.md", "--plot", tmp_path / "c.png"])
     assert expect in line and str(f) in line, line
@@ -271,8 +343,9 @@ def test_compare_malformed_inputs_are_one_line_naming_file_and_line(tmp_path, ca
 def test_compare_unreadable_params_or_summary_warns_and_goes_on(runs, tmp_path, caplog, content):
     (runs / "params.json").write_bytes(content)
     s = tmp_path / "soup"
-    write_jsonl(s / "soup_log.jsonl", [{"method": "uniform", "round": 1, "members": ["a"], "mean_recall": 3.0,
-                                        "kept": True}])
+    write_jsonl(
+        s / "soup_log.jsonl", [{"method": "uniform", "round": 1, "members": ["a"], "mean_recall": 3.0, "kept": True}]
+    )
     (s / "summary.json").write_bytes(content)
     text = compare.main([str(runs), str(s), "--no-plot", "--csv"])
     assert "soup,3.0" in text.replace('"', "") and "params.json" in caplog.text and "summary.json" in caplog.text
@@ -378,6 +451,16 @@ def test_trainer_lets_go_of_the_start_checkpoint_once_restored(tiny, tmp_path, m
 
     monkeypatch.setattr(setup, "read_checkpoint", read)
     monkeypatch.setattr(trainer.Trainer, "_train", train_loop)
-    trainer.main(tiny_argv(train_split, None, tmp_path / "logs", name="b", max_steps=2, batch_size=2,
-                           resume=start, reset_data_offset=True))
+    trainer.main(
+        tiny_argv(
+            train_split,
+            None,
+            tmp_path / "logs",
+            name="b",
+            max_steps=2,
+            batch_size=2,
+            resume=start,
+            reset_data_offset=True,
+        )
+    )
     assert alive == [[False, False]]

@@ -1,5 +1,6 @@
 """solution.compare: one table (and a PNG) over training runs, soups and search studies
-(read by solution.report.runs, tabled and drawn by solution.report.compare)."""
+(read by solution.report.folders, tabled and drawn by solution.report.table)."""
+
 from __future__ import annotations
 
 import io
@@ -8,8 +9,9 @@ import pandas as pd
 import pytest
 
 from solution import compare as compare_cli
-from solution.report import compare, runs
 from solution.common import SolutionError, write_json, write_jsonl
+from solution.report import folders as runs
+from solution.report import table as compare
 
 
 def _run(path, scores, lr, extra_general=None, batch_size=32):
@@ -17,35 +19,96 @@ def _run(path, scores, lr, extra_general=None, batch_size=32):
     rows = []
     for i, mr in enumerate(scores, 1):
         rows.append({"step": 10 * i - 5, "epoch": i, "kind": "train", "loss": 1.0 / i})
-        rows.append({"step": 10 * i, "epoch": i, "kind": "valid", "set": "valid", "r1": mr - 5, "r5": mr,
-                     "r10": mr + 5, "mean_recall": mr})
+        rows.append(
+            {
+                "step": 10 * i,
+                "epoch": i,
+                "kind": "valid",
+                "set": "valid",
+                "r1": mr - 5,
+                "r5": mr,
+                "r10": mr + 5,
+                "mean_recall": mr,
+            }
+        )
         if extra_general is not None:
             rows.append({"step": 10 * i, "epoch": i, "kind": "valid", "set": "general", "mean_recall": extra_general})
     write_jsonl(path / "metrics.jsonl", rows)
-    write_json(path / "params.json", {"lr": lr, "batch_size": batch_size, "logs": str(path.parent), "name": path.name,
-                                      "model_config": {"vision_model": "ViT-Tiny"}})
+    write_json(
+        path / "params.json",
+        {
+            "lr": lr,
+            "batch_size": batch_size,
+            "logs": str(path.parent),
+            "name": path.name,
+            "model_config": {"vision_model": "ViT-Tiny"},
+        },
+    )
     (path / "checkpoints").mkdir()
     return path
 
 
 def _soup(path, with_summary=True):
     ing = [("a.pt", 40.0), ("b.pt", 38.0), ("c.pt", 30.0)]
-    rows = [{"method": "ingredient", "round": 0, "members": [p], "weights": [1.0], "r1": s, "r5": s, "r10": s,
-             "mean_recall": s, "kept": True} for p, s in ing]
+    rows = [
+        {
+            "method": "ingredient",
+            "round": 0,
+            "members": [p],
+            "weights": [1.0],
+            "r1": s,
+            "r5": s,
+            "r10": s,
+            "mean_recall": s,
+            "kept": True,
+        }
+        for p, s in ing
+    ]
     rows += [
         {"method": "greedy", "round": 0, "members": ["a.pt"], "weights": [1.0], "mean_recall": 40.0, "kept": True},
-        {"method": "greedy", "round": 1, "members": ["a.pt", "b.pt"], "weights": [0.5, 0.5], "r1": 40.0, "r5": 45.0,
-         "r10": 50.0, "mean_recall": 45.0, "kept": True, "report": {"mean_recall": 43.0},
-         "all": {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0}},
-        {"method": "greedy", "round": 2, "members": ["a.pt", "b.pt", "c.pt"], "weights": [1 / 3] * 3,
-         "mean_recall": 41.0, "kept": False},
+        {
+            "method": "greedy",
+            "round": 1,
+            "members": ["a.pt", "b.pt"],
+            "weights": [0.5, 0.5],
+            "r1": 40.0,
+            "r5": 45.0,
+            "r10": 50.0,
+            "mean_recall": 45.0,
+            "kept": True,
+            "report": {"mean_recall": 43.0},
+            "all": {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0},
+        },
+        {
+            "method": "greedy",
+            "round": 2,
+            "members": ["a.pt", "b.pt", "c.pt"],
+            "weights": [1 / 3] * 3,
+            "mean_recall": 41.0,
+            "kept": False,
+        },
     ]
     write_jsonl(path / "soup_log.jsonl", rows)
     if with_summary:
-        write_json(path / "summary.json", {"soup": str(path / "soup.pt"), "method": "greedy", "soups": {"greedy": {
-            "members": ["a.pt", "b.pt"], "weights": [0.5, 0.5], "r1": 40.0, "r5": 45.0, "r10": 50.0,
-            "mean_recall": 45.0, "report": {"mean_recall": 43.0},
-            "all": {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0}}}})
+        write_json(
+            path / "summary.json",
+            {
+                "soup": str(path / "soup.pt"),
+                "method": "greedy",
+                "soups": {
+                    "greedy": {
+                        "members": ["a.pt", "b.pt"],
+                        "weights": [0.5, 0.5],
+                        "r1": 40.0,
+                        "r5": 45.0,
+                        "r10": 50.0,
+                        "mean_recall": 45.0,
+                        "report": {"mean_recall": 43.0},
+                        "all": {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0},
+                    }
+                },
+            },
+        )
     return path
 
 
@@ -55,7 +118,9 @@ def _study(path):
         "number,state,value,run_dir,params_lr\n"
         f"0,COMPLETE,35.0,{trial0},0.0001\n"
         f"1,COMPLETE,33.5,{path / 'trials' / '0001'},0.001\n"
-        f"2,PRUNED,,{path / 'trials' / '0002'},0.01\n", encoding="utf-8")
+        f"2,PRUNED,,{path / 'trials' / '0002'},0.01\n",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -81,8 +146,14 @@ def test_table_sorted_with_best_marked(tree, monkeypatch):
     monkeypatch.chdir(tree)
     text = compare_cli.main(["logs", "soups/s1", "search/st", "--csv", "--no-plot"])
     df = _csv(text)
-    assert list(df["name"]) == ["soups/s1", "logs/run_a", "search/st/trial 0", "search/st/trial 1",
-                                "logs/run_b", "search/st/trial 2"]
+    assert list(df["name"]) == [
+        "soups/s1",
+        "logs/run_a",
+        "search/st/trial 0",
+        "search/st/trial 1",
+        "logs/run_b",
+        "search/st/trial 2",
+    ]
     assert list(df["best"]) == ["*", "", "", "", "", ""]
     mr = [float(x) if x != "" else float("nan") for x in df["mean_recall"]]
     assert mr[:5] == [44.0, 42.0, 35.0, 33.5, 28.0] and mr[5] != mr[5]  # the pruned trial has no score: last

@@ -6,6 +6,7 @@ refused LoRA case fails; no C++ build). The default inductor path (generated C++
 extraction (about 16 s on 2 cores with a cold kernel cache: one block is compiled; skipped without g++ or
 with ``SKIP_COMPILE_TESTS=1``).
 """
+
 import json
 import os
 import shutil
@@ -13,16 +14,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from train_helpers import make_data, make_split, tiny_argv
 
-import solution.retrieval.compiled as compiled
 from cn_clip_patch.tuning import apply_tuning, tuning_recipe
 from solution.common import SolutionError
 from solution.features import main as features_main
-from solution.formats.features import load_features
-from solution.model import save_checkpoint
-from solution.retrieval.compiled import check_compile, compile_towers
+from solution.formats.feature_files import load_features
+from solution.model import compiled, save_checkpoint
+from solution.model.compiled import check_compile, compile_towers
 from solution.training.trainer import main as train_main
-from train_helpers import make_data, make_split, tiny_argv
 
 AOT = ["--torchcompile", "--torchcompile-backend", "aot_eager"]
 TEXTS = ["红色连衣裙", "男士运动鞋 透气 轻便 夏季新款", "苹果手机壳", "儿童玩具车", "保温杯500ML"]
@@ -65,16 +65,19 @@ def test_compiled_training_equals_eager_and_logs_compile_time_apart(tmp_path, ca
     first = comp[0]
     assert first["compile_s"] > 0 and first["batch_time"] < first["compile_s"]
     assert first["pairs_per_s"] == pytest.approx(8 / first["batch_time"])
-    assert any("torch.compile: " in r.getMessage() and "left out of the step time" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "torch.compile: " in r.getMessage() and "left out of the step time" in r.getMessage() for r in caplog.records
+    )
     params = json.loads((runs["compiled"] / "params.json").read_text())
     assert params["torchcompile"] is True and params["torchcompile_backend"] == "aot_eager"
 
 
 def _feature_data(tmp_path, tiny_config):
     texts = tmp_path / "texts.jsonl"
-    texts.write_text("".join(json.dumps({"text_id": i, "text": t}, ensure_ascii=False) + "\n"
-                             for i, t in enumerate(TEXTS)), encoding="utf-8")
+    texts.write_text(
+        "".join(json.dumps({"text_id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(TEXTS)),
+        encoding="utf-8",
+    )
     split = make_split(tmp_path / "lmdb" / "valid", per_colour=2, colours=3)
     torch.manual_seed(0)
     from solution.model import build_model
@@ -84,12 +87,36 @@ def _feature_data(tmp_path, tiny_config):
 
 
 def _extract(tmp_path, texts, split, ckpt, name, extra, images=True):
-    argv = ["--resume", str(ckpt), "--extract-text-feats", "--text-data", str(texts), "--device", "cpu",
-            "--precision", "fp32", "--no-progress", "--no-cache", "--num-workers", "0", "--text-batch-size", "8",
-            "--text-feat-output-path", str(tmp_path / f"{name}_txt.npy"), *extra]
+    argv = [
+        "--resume",
+        str(ckpt),
+        "--extract-text-feats",
+        "--text-data",
+        str(texts),
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--no-cache",
+        "--num-workers",
+        "0",
+        "--text-batch-size",
+        "8",
+        "--text-feat-output-path",
+        str(tmp_path / f"{name}_txt.npy"),
+        *extra,
+    ]
     if images:
-        argv += ["--extract-image-feats", "--image-data", str(split / "imgs"), "--img-batch-size", "8",
-                 "--image-feat-output-path", str(tmp_path / f"{name}_img.npy")]
+        argv += [
+            "--extract-image-feats",
+            "--image-data",
+            str(split / "imgs"),
+            "--img-batch-size",
+            "8",
+            "--image-feat-output-path",
+            str(tmp_path / f"{name}_img.npy"),
+        ]
     return features_main(argv)
 
 
@@ -144,7 +171,9 @@ def test_text_only_lora_compiles_and_matches_eager(tiny_config):
         eager = model.encode_text(tokens)
         compile_towers(model, "cpu", "aot_eager")
         assert compiled.compiled(model)  # regional: every repeated block, in place
-        assert all(b._compiled_call_impl is not None for b in compiled.blocks(model.bert) + compiled.blocks(model.visual))
+        assert all(
+            b._compiled_call_impl is not None for b in compiled.blocks(model.bert) + compiled.blocks(model.visual)
+        )
         assert len(compiled.blocks(model.bert)) == model.bert_config.num_hidden_layers
         got = model.encode_text(tokens)
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-6)

@@ -1,4 +1,5 @@
 """The image transforms of :mod:`solution.data.datasets` against upstream's."""
+
 import random
 
 import pytest

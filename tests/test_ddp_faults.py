@@ -8,6 +8,7 @@ test instead of blocking it), and the device/seed/save helpers of the GPU path.
 * ``cuda:N`` under torchrun: each process on the GPU of its LOCAL_RANK; saved state on the CPU;
 * the loss in float32 under autocast; per-process dropout/mask seeds; per-sample augmentation seeds
   that leave the CUDA generators alone."""
+
 import base64
 import datetime
 import json
@@ -21,6 +22,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+from train_helpers import COLOURS, _png, make_data, make_split, tiny_argv
 
 from solution.common import SolutionError
 from solution.data.datasets import train_transform
@@ -31,7 +33,6 @@ from solution.training.loaders import SeededPairs, epoch_order
 from solution.training.setup import Dist, rank_device, seed_process
 from solution.training.state import to_cpu
 from solution.training.step import clip_loss
-from train_helpers import COLOURS, _png, make_data, make_split, tiny_argv
 
 TIMEOUT_S = 150  # a hang fails here; the process group's own timeout is set far beyond it (10 min)
 
@@ -44,8 +45,14 @@ def _free_port() -> int:
 
 def _env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), SOLUTION_DIST_TIMEOUT_MIN="10")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        SOLUTION_DIST_TIMEOUT_MIN="10",
+    )
 
 
 def _train_worker(rank: int, world: int, port: int, argv: list, out_dir: str, fault: str) -> None:
@@ -61,8 +68,10 @@ def _train_worker(rank: int, world: int, port: int, argv: list, out_dir: str, fa
 
     trainer.Stepper.__call__ = counted
     if fault == "validation" and rank == 0:
+
         def boom(*a, **k):
             raise RuntimeError("injected validation failure")
+
         validation.Validation.score = boom
     result = {"ok": False}
     try:
@@ -107,8 +116,16 @@ def data(tmp_path_factory):
 
 
 def test_early_stop_ends_every_process_cleanly(tmp_path, data):
-    argv = tiny_argv(*data, tmp_path / "logs", batch_size=4, max_steps=8, valid_step_interval=1,
-                     valid_epoch_interval=0, early_stop_patience=2, lr="0")
+    argv = tiny_argv(
+        *data,
+        tmp_path / "logs",
+        batch_size=4,
+        max_steps=8,
+        valid_step_interval=1,
+        valid_epoch_interval=0,
+        early_stop_patience=2,
+        lr="0",
+    )
     codes, results = _train(tmp_path, argv)
     assert codes == [0, 0], results
     assert [r["steps"] for r in results] == [3, 3]  # lr 0: the best is step 1's; 2 more without improvement
@@ -120,8 +137,7 @@ def test_early_stop_ends_every_process_cleanly(tmp_path, data):
 
 
 def test_an_error_in_the_main_process_validation_ends_every_process(tmp_path, data):
-    argv = tiny_argv(*data, tmp_path / "logs", batch_size=4, max_steps=4, valid_step_interval=2,
-                     valid_epoch_interval=0)
+    argv = tiny_argv(*data, tmp_path / "logs", batch_size=4, max_steps=4, valid_step_interval=2, valid_epoch_interval=0)
     codes, results = _train(tmp_path, argv, fault="validation")
     assert all(c != 0 for c in codes), (codes, results)
     assert results[0]["error"] == "RuntimeError: injected validation failure"
@@ -161,8 +177,10 @@ def _agree_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
     try:
         d = Dist(rank, 2, rank)
-        got = {"shared": agree(d, lambda: {"own": rank == 0, "rank": rank}, share=True),
-               "main_only": agree(d, lambda: rank)}
+        got = {
+            "shared": agree(d, lambda: {"own": rank == 0, "rank": rank}, share=True),
+            "main_only": agree(d, lambda: rank),
+        }
         with open(os.path.join(out_dir, f"agree{rank}.json"), "w", encoding="utf-8") as f:
             json.dump(got, f)
     finally:
@@ -200,7 +218,8 @@ def test_to_cpu_moves_every_tensor_of_nested_state():
 def test_the_resumable_checkpoint_is_saved_through_to_cpu(tmp_path, data, monkeypatch):
     """Optimizer state and train_state (RNG, LoRA adapted weights) go through :func:`to_cpu` before
     ``torch.save``, so a GPU run's checkpoint loads on a CPU-only machine."""
-    from solution.training import state as state_module, trainer
+    from solution.training import state as state_module
+    from solution.training import trainer
 
     seen = []
 
@@ -214,8 +233,11 @@ def test_the_resumable_checkpoint_is_saved_through_to_cpu(tmp_path, data, monkey
     kinds = [set(o) for o in seen if isinstance(o, dict)]
     assert {"state", "param_groups"} in kinds  # the optimizer's state dict
     assert any({"rng", "adapted_state_dict", "position"} <= k for k in kinds)  # train_state
-    assert any(all(isinstance(v, torch.Tensor) for v in o.values()) and o for o in seen if isinstance(o, dict)
-               and not {"state", "rng"} & set(o))  # the adapter tensors
+    assert any(
+        all(isinstance(v, torch.Tensor) for v in o.values()) and o
+        for o in seen
+        if isinstance(o, dict) and not {"state", "rng"} & set(o)
+    )  # the adapter tensors
 
 
 def test_clip_loss_is_float32_under_autocast():

@@ -8,6 +8,7 @@ stored per-query hits, whose mean recall is the printed score; each soup's weigh
 weighted sum of the members its log names; the soup rows of the comparison table against the soup
 logs; the submission against the offline evaluator; a re-run against the modification times of what
 it would otherwise redo."""
+
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,8 @@ from solution.evaluate import main as evaluate_main
 from solution.formats.hits import align, read_hits
 from solution.model import clean_state_dict, load_model, read_checkpoint, state_dict_digest
 from solution.retrieval.encode import evaluate_split
-from solution.retrieval.stats import mean_recall, paired_bootstrap
+from solution.retrieval.metrics import mean_recall
+from solution.stats import paired_bootstrap
 
 SCORES = ("r1", "r5", "r10", "mean_recall")
 
@@ -32,7 +34,7 @@ def _markdown_rows(text: str, header_start: str) -> list[dict]:
     start = next(i for i, ln in enumerate(lines) if ln.startswith(header_start))
     head = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = []
-    for ln in lines[start + 2:]:
+    for ln in lines[start + 2 :]:
         if not ln.startswith("|"):
             break
         rows.append(dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))))
@@ -90,9 +92,19 @@ def test_report_scores_are_the_scores_the_stages_wrote(ran):
     _, out, _, results = ran
     table = _score_table((out / "REPORT.md").read_text(encoding="utf-8"))
     assert set(table) == set(results) - {"final"}
-    assert {"initial (base, no fine-tune)", "default fine-tune", "LoRA", "frozen image tower", "best search trial",
-            "ViT-Tiny-W96 (other architecture)", "from scratch (other start)", "uniform soup", "greedy soup",
-            "pairwise soup", "ensemble (soup + W96 + scratch)"} <= set(table)
+    assert {
+        "initial (base, no fine-tune)",
+        "default fine-tune",
+        "LoRA",
+        "frozen image tower",
+        "best search trial",
+        "ViT-Tiny-W96 (other architecture)",
+        "from scratch (other start)",
+        "uniform soup",
+        "greedy soup",
+        "pairwise soup",
+        "ensemble (soup + W96 + scratch)",
+    } <= set(table)
     reranked = sorted(n for n in table if "re-ranking" in n)
     assert [n.split(" (")[0] for n in reranked] == ["best single + re-ranking", "ensemble + re-ranking"]
     for name, row in table.items():  # test: the offline evaluator's file for that model (ensembles: their submission)
@@ -131,7 +143,9 @@ def test_the_ensemble_fuses_what_a_soup_cannot(ran):
     _, out, _, results = ran
     spec = read_ensemble(out / "ensembles" / "ensemble" / "ensemble.json")
     assert len(spec["members"]) == 3 and spec["crossfit"]["folds"] == 2
-    archs = {json.dumps(read_checkpoint(m["path"])["config"].get("vision_model"), sort_keys=True) for m in spec["members"]}
+    archs = {
+        json.dumps(read_checkpoint(m["path"])["config"].get("vision_model"), sort_keys=True) for m in spec["members"]
+    }
     assert len(archs) == 2  # ViT-Tiny (soup, scratch) and ViT-Tiny-W96
     row = results["ensemble (soup + W96 + scratch)"]
     assert row["kind"] == "ensemble" and row["weights"] == spec["weights"]
@@ -142,8 +156,11 @@ def test_the_ensemble_fuses_what_a_soup_cannot(ran):
 
 def test_soups_are_what_their_logs_say(ran):
     out = ran[1]
-    compare = {Path(r["name"]).name: r for r in _markdown_rows((out / "compare.md").read_text(encoding="utf-8"),
-                                                                "| best |") if r["kind"] == "soup"}
+    compare = {
+        Path(r["name"]).name: r
+        for r in _markdown_rows((out / "compare.md").read_text(encoding="utf-8"), "| best |")
+        if r["kind"] == "soup"
+    }
     assert set(compare) == {"uniform", "greedy", "pairwise"}
     chosen = {}
     for method, row in compare.items():  # the comparison table shows the soup each summary names
@@ -152,15 +169,18 @@ def test_soups_are_what_their_logs_say(ran):
         c = chosen[method]
         # --folds: chosen on all the valid queries, the held-out estimate is the mean of the folds left out
         assert (float(row["mean_recall"]), float(row["held_out_mr"])) == (
-            round(c["mean_recall"], 2), round(c["crossfit"]["mean"], 2))
+            round(c["mean_recall"], 2),
+            round(c["crossfit"]["mean"], 2),
+        )
         assert c["crossfit"]["k"] == 2 and len(c["crossfit"]["fold_scores"]) == 2
         assert abs(sum(c["crossfit"]["fold_scores"]) / 2 - c["crossfit"]["mean"]) < 1e-9
         _check_soup_weights(folder, c)
     for method in ("uniform", "greedy"):  # ... which is the last candidate its log kept
         log = [json.loads(x) for x in (out / "soups" / method / "soup_log.jsonl").read_text().splitlines()]
         final = [r for r in log if r["method"] == method and r["kept"]][-1]
-        assert {k: final[k] for k in ("members", "weights", "mean_recall")} == \
-               {k: chosen[method][k] for k in ("members", "weights", "mean_recall")}, method
+        assert {k: final[k] for k in ("members", "weights", "mean_recall")} == {
+            k: chosen[method][k] for k in ("members", "weights", "mean_recall")
+        }, method
         if method == "greedy":  # greedy starts from the best single ingredient
             first = next(r for r in log if r["method"] == "greedy")
             assert first["mean_recall"] == max(r["mean_recall"] for r in log if r["method"] == "ingredient")
@@ -182,8 +202,13 @@ def test_submission_scores_what_the_results_say(ran):
 
 def test_a_rerun_reuses_every_stage(ran):
     _, out, _, results = ran
-    reused = sorted([*(out / "runs").glob("*/checkpoints/*.pt"), *(out / "search").glob("demo/trials/*/checkpoints/*.pt"),
-                     out / "data" / "lmdb" / "test" / "imgs" / "data.mdb"])
+    reused = sorted(
+        [
+            *(out / "runs").glob("*/checkpoints/*.pt"),
+            *(out / "search").glob("demo/trials/*/checkpoints/*.pt"),
+            out / "data" / "lmdb" / "test" / "imgs" / "data.mdb",
+        ]
+    )
     assert len(reused) > 10
     before = {p: p.stat().st_mtime_ns for p in reused}
     soups = {p: _weights_digest(p) for p in (out / "soups").glob("*/soup.pt")}

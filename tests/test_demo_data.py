@@ -5,19 +5,37 @@ import json
 import random
 
 import numpy as np
-
 import pytest
 from PIL import Image
 
 from solution.common import SolutionError, read_jsonl
-from solution.data.synthetic import (BACKGROUNDS, COLORS, COUNTS, PRESETS, REGIONS, SHAPES, draw_image,
-                                      generate, random_scene)
-from solution.demo_data import main
 from solution.data.images import sniff_format
+from solution.data.synthetic import (
+    BACKGROUNDS,
+    COLORS,
+    COUNTS,
+    PRESETS,
+    REGIONS,
+    SHAPES,
+    draw_image,
+    generate,
+    random_scene,
+)
+from solution.demo_data import main
 
-FILES = ["train_imgs.tsv", "valid_imgs.tsv", "test_imgs.tsv", "train_texts.jsonl", "valid_texts.jsonl",
-         "test_texts.jsonl", "test_answers.jsonl", "general/train_imgs.tsv", "general/valid_imgs.tsv",
-         "general/train_texts.jsonl", "general/valid_texts.jsonl"]
+FILES = [
+    "train_imgs.tsv",
+    "valid_imgs.tsv",
+    "test_imgs.tsv",
+    "train_texts.jsonl",
+    "valid_texts.jsonl",
+    "test_texts.jsonl",
+    "test_answers.jsonl",
+    "general/train_imgs.tsv",
+    "general/valid_imgs.tsv",
+    "general/train_texts.jsonl",
+    "general/valid_texts.jsonl",
+]
 
 
 def _tsv(path):
@@ -102,8 +120,9 @@ def test_mess_is_present_and_typed(tiny):
     assert sniff_format(train[kinds["truncated"]]) == "JPEG"
     with pytest.raises(OSError):
         Image.open(io.BytesIO(train[kinds["truncated"]])).load()
-    assert info["bad_image_ids"] == sorted(m["image_id"] for ms in info["messy"].values() for m in ms
-                                           if m["kind"] in ("truncated", "html"))
+    assert info["bad_image_ids"] == sorted(
+        m["image_id"] for ms in info["messy"].values() for m in ms if m["kind"] in ("truncated", "html")
+    )
     # every other image is a decodable 64 px RGB JPEG
     ok = [i for i in train if i not in kinds.values()]
     im = Image.open(io.BytesIO(train[ok[0]]))
@@ -117,8 +136,21 @@ def test_general_valid_gold_covers_every_described_image(tiny):
 
 
 def test_cli_sizes_and_errors(tmp_path, capsys):
-    info = main(["--out", str(tmp_path / "x"), "--preset", "tiny", "--train-queries", "4", "--images-per-query", "3",
-                 "--image-size", "32", "--no-mess"])
+    info = main(
+        [
+            "--out",
+            str(tmp_path / "x"),
+            "--preset",
+            "tiny",
+            "--train-queries",
+            "4",
+            "--images-per-query",
+            "3",
+            "--image-size",
+            "32",
+            "--no-mess",
+        ]
+    )
     assert info["splits"]["train"] == {"queries": 4, "images": 12}
     assert info["messy"] == {}
     im = Image.open(io.BytesIO(next(iter(_tsv(tmp_path / "x" / "train_imgs.tsv").values()))))
@@ -139,8 +171,16 @@ def test_the_demo_preset_is_big_and_fine_grained():
 @pytest.fixture(scope="module")
 def fine(tmp_path_factory):
     d = tmp_path_factory.mktemp("fine")
-    generate(d, preset="default", train_queries=30, valid_queries=20, test_queries=20, images_per_query=2,
-             general_train_images=30, general_valid_images=10)
+    generate(
+        d,
+        preset="default",
+        train_queries=30,
+        valid_queries=20,
+        test_queries=20,
+        images_per_query=2,
+        general_train_images=30,
+        general_valid_images=10,
+    )
     return d
 
 

@@ -4,6 +4,7 @@ checkpoints of two architectures, submissions, and one error line per bad input 
 Members are random tiny models (ViT-Tiny@RBT-Tiny and ViT-Tiny-W96@RBT-Tiny, another width,
 resolution and embedding size); the selection oracles use exactly representable score matrices.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,7 @@ import torch
 
 from solution import ensemble, features, predict
 from solution.common import SolutionError, read_jsonl, run_cli
-from solution.data.build import prepare
+from solution.data.make_lmdb import prepare
 from solution.ensembles import members as members_mod
 from solution.ensembles.selection import Choice, Plan, Problem, choose
 from solution.model import ModelConfig, build_model, save_checkpoint
@@ -31,8 +32,7 @@ def data(tmp_path_factory):
     from solution.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("ens_demo")
-    generate(root, preset="tiny", messy=False, train_queries=8, valid_queries=12, test_queries=6,
-             images_per_query=2)
+    generate(root, preset="tiny", messy=False, train_queries=8, valid_queries=12, test_queries=6, images_per_query=2)
     prepare(root, ["valid", "test"], workers=1, progress=False)
     ckpts = {}
     for name, vision, seed in (("a", "ViT-Tiny", 0), ("b", "ViT-Tiny-W96", 1), ("c", "ViT-Tiny", 2)):
@@ -49,8 +49,19 @@ def _cache(tmp_path_factory, monkeypatch):
 
 def _ens(data, out, *members, extra=()):
     root, ckpts = data
-    return ["--members", *(str(ckpts[m]) for m in members), "--val-data", str(root / "lmdb/valid"),
-            "--output", str(out), "--device", "cpu", "--cache-dir", str(root / "cache"), *extra]
+    return [
+        "--members",
+        *(str(ckpts[m]) for m in members),
+        "--val-data",
+        str(root / "lmdb/valid"),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(root / "cache"),
+        *extra,
+    ]
 
 
 def _error(capsys, main, argv) -> str:
@@ -106,8 +117,9 @@ def test_dual_softmax_kept_only_when_it_strictly_helps():
     records: list = []
     choice, _, _ = choose(problem, np.arange(4), Plan("zscore", rerankers=("dual_softmax",)), None, 0, records)
     assert choice.rerank == "none"  # already 100: nothing can strictly improve
-    assert any(r["stage"] == "rerank" for r in records) and not any(r["accepted"] for r in records
-                                                                     if r["stage"] == "rerank")
+    assert any(r["stage"] == "rerank" for r in records) and not any(
+        r["accepted"] for r in records if r["stage"] == "rerank"
+    )
 
 
 def test_flip_tta_kept_only_when_it_strictly_helps():
@@ -116,8 +128,10 @@ def test_flip_tta_kept_only_when_it_strictly_helps():
     eye = np.eye(4, dtype=np.float32)
     shuffled = eye[[1, 2, 3, 0]]  # item i scores as item i+1 would: the gold moves
     rows = np.arange(4)
-    for galleries, flipped, kept in (([eye, eye], [shuffled, shuffled], False),
-                                     ([shuffled, shuffled], [eye, eye], True)):
+    for galleries, flipped, kept in (
+        ([eye, eye], [shuffled, shuffled], False),
+        ([shuffled, shuffled], [eye, eye], True),
+    ):
         problem = Problem([a, b], galleries, [{0}, {1}, {2}, {3}], flipped=flipped)
         records: list = []
         choice, score, _ = choose(problem, rows, Plan("zscore", tta=("flip",)), None, 0, records)
@@ -153,8 +167,15 @@ def test_flip_tta_of_a_mirror_invariant_model_equals_no_tta(data, tmp_path, monk
     m = members_mod.encode_member(str(ckpts["a"]), LMDBSplit(root / "lmdb/valid"), ["一件衣服"], enc, flip=True)
     assert np.array_equal(m.flipped, m.gallery) and (m.cache, m.flip_cache) == ("miss", "miss")
     np.testing.assert_allclose(m.gallery_for("flip"), m.gallery, rtol=0, atol=2e-7)
-    spec = ensemble.main(_ens(data, tmp_path / "ens", "a", "b",
-                              extra=("--weights", "1", "1", "--rerank", "flip", "--cache-dir", str(cache))))
+    spec = ensemble.main(
+        _ens(
+            data,
+            tmp_path / "ens",
+            "a",
+            "b",
+            extra=("--weights", "1", "1", "--rerank", "flip", "--cache-dir", str(cache)),
+        )
+    )
     (tried,) = [r for r in read_jsonl(tmp_path / "ens/ensemble_log.jsonl") if r["stage"] == "tta"]
     assert tried["score"] == spec["selection_score"] and not tried["accepted"] and spec["tta"] == "none"
     path = tmp_path / "ens/ensemble.json"
@@ -173,8 +194,15 @@ def test_predict_ensemble_with_flip_reuses_the_selections_features(data, tmp_pat
 
     root, _ = data
     cache = tmp_path / "cache"
-    spec = ensemble.main(_ens(data, tmp_path / "ens", "a", "b",
-                              extra=("--weights", "1", "3", "--rerank", "flip", "--cache-dir", str(cache))))
+    spec = ensemble.main(
+        _ens(
+            data,
+            tmp_path / "ens",
+            "a",
+            "b",
+            extra=("--weights", "1", "3", "--rerank", "flip", "--cache-dir", str(cache)),
+        )
+    )
     (tried,) = [r for r in read_jsonl(tmp_path / "ens/ensemble_log.jsonl") if r["stage"] == "tta"]
     assert spec["tta"] == ("flip" if tried["accepted"] else "none")
     parts = [json.loads(p.read_text())["cache_key_parts"] for p in cache.glob("*.meta.json")]
@@ -184,9 +212,25 @@ def test_predict_ensemble_with_flip_reuses_the_selections_features(data, tmp_pat
     q = split_queries(LMDBSplit(root / "lmdb/valid"))
     texts = tmp_path / "valid_texts.jsonl"
     texts.write_text("".join(json.dumps({"text_id": t, "text": x}) + "\n" for t, x in zip(q.text_ids, q.texts)))
-    predict.main(["--ensemble", str(path), "--image-data", str(root / "lmdb/valid/imgs"), "--text-data", str(texts),
-                  "--top-k", "10", "--output", str(tmp_path / "sub.jsonl"), "--device", "cpu", "--cache-dir",
-                  str(cache), "--no-progress"])
+    predict.main(
+        [
+            "--ensemble",
+            str(path),
+            "--image-data",
+            str(root / "lmdb/valid/imgs"),
+            "--text-data",
+            str(texts),
+            "--top-k",
+            "10",
+            "--output",
+            str(tmp_path / "sub.jsonl"),
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(cache),
+            "--no-progress",
+        ]
+    )
     manifest = json.loads((tmp_path / "sub.json").read_text())
     assert manifest["ensemble"]["tta"] == "flip"
     assert manifest["features"]["image"]["cache"] == manifest["features"]["image"]["flip_cache"] == ["hit", "hit"]
@@ -204,9 +248,17 @@ def test_members_of_two_architectures_ensemble_while_the_soup_refuses(data, tmp_
     root, ckpts = data
     out = tmp_path / "ens"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "Chinese-CLIP/ensemble.sh"),
-                           *_ens(data, out, "a", "b", extra=("--select-split", "0.5", "--rerank", "none,dual_softmax"))],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "Chinese-CLIP/ensemble.sh"),
+            *_ens(data, out, "a", "b", extra=("--select-split", "0.5", "--rerank", "none,dual_softmax")),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     spec = json.loads((out / "ensemble.json").read_text())
     assert [m["arch"] for m in spec["members"]] == ["ViT-Tiny@RBT-Tiny", "ViT-Tiny-W96@RBT-Tiny"]
@@ -217,17 +269,34 @@ def test_members_of_two_architectures_ensemble_while_the_soup_refuses(data, tmp_
     n_sel, n_rep = spec["scores"]["select"]["queries_scored"], spec["scores"]["report"]["queries_scored"]
     assert n_sel + n_rep == spec["scores"]["all"]["queries_scored"] == 12
     from solution.formats.hits import read_hits
-    from solution.retrieval.stats import mean_recall
+    from solution.retrieval.metrics import mean_recall
 
-    for name, scores in [("ensemble", spec["scores"]), *((f"member{i}", s) for i, s in
-                                                         enumerate(spec["scores"]["members"]))]:
+    for name, scores in [
+        ("ensemble", spec["scores"]),
+        *((f"member{i}", s) for i, s in enumerate(spec["scores"]["members"])),
+    ]:
         hits = read_hits(out / spec["hits"][name])
         assert len(hits[0]) == 12 and mean_recall(hits[1]) == scores["all"]["mean_recall"]
     log = read_jsonl(out / "ensemble_log.jsonl")
     assert {r["stage"] for r in log} == {"weights", "rerank"} and (out / "selection.png").stat().st_size > 0
-    proc = subprocess.run(["bash", str(ROOT / "Chinese-CLIP/model_soup.sh"), "--checkpoints", str(ckpts["a"]),
-                           str(ckpts["b"]), "--method", "uniform", "--no-score", "--output", str(tmp_path / "soup")],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "Chinese-CLIP/model_soup.sh"),
+            "--checkpoints",
+            str(ckpts["a"]),
+            str(ckpts["b"]),
+            "--method",
+            "uniform",
+            "--no-score",
+            "--output",
+            str(tmp_path / "soup"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "ViT-Tiny-W96" in errors[0], proc.stderr
     assert not (tmp_path / "soup").exists()
@@ -245,24 +314,69 @@ def test_folds_cross_fit_then_refit_on_all(data, tmp_path):
 
 def _features(data, member, out):
     root, ckpts = data
-    features.main(["--extract-image-feats", "--extract-text-feats", "--image-data", str(root / "lmdb/test/imgs"),
-                   "--text-data", str(root / "test_texts.jsonl"), "--resume", str(ckpts[member]), "--device", "cpu",
-                   "--image-feat-output-path", str(out / "img.npy"), "--text-feat-output-path", str(out / "txt.npy"),
-                   "--cache-dir", str(root / "cache"), "--no-progress"])
+    features.main(
+        [
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--image-data",
+            str(root / "lmdb/test/imgs"),
+            "--text-data",
+            str(root / "test_texts.jsonl"),
+            "--resume",
+            str(ckpts[member]),
+            "--device",
+            "cpu",
+            "--image-feat-output-path",
+            str(out / "img.npy"),
+            "--text-feat-output-path",
+            str(out / "txt.npy"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--no-progress",
+        ]
+    )
 
 
 def _predict_ens(data, spec_path, output, extra=()):
     root, _ = data
-    return ["--ensemble", str(spec_path), "--image-data", str(root / "lmdb/test/imgs"), "--text-data",
-            str(root / "test_texts.jsonl"), "--top-k", "5", "--output", str(output), "--device", "cpu",
-            "--cache-dir", str(root / "cache"), "--no-progress", *extra]
+    return [
+        "--ensemble",
+        str(spec_path),
+        "--image-data",
+        str(root / "lmdb/test/imgs"),
+        "--text-data",
+        str(root / "test_texts.jsonl"),
+        "--top-k",
+        "5",
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(root / "cache"),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_predict_ensemble_of_one_member_equals_plain_predict(data, tmp_path):
     ensemble.main(_ens(data, tmp_path / "ens", "b", extra=("--weights", "1")))
     _features(data, "b", tmp_path)
-    predict.main(["--image-feats", str(tmp_path / "img.npy"), "--text-feats", str(tmp_path / "txt.npy"),
-                  "--top-k", "5", "--output", str(tmp_path / "plain.jsonl"), "--device", "cpu", "--no-progress"])
+    predict.main(
+        [
+            "--image-feats",
+            str(tmp_path / "img.npy"),
+            "--text-feats",
+            str(tmp_path / "txt.npy"),
+            "--top-k",
+            "5",
+            "--output",
+            str(tmp_path / "plain.jsonl"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     predict.main(_predict_ens(data, tmp_path / "ens/ensemble.json", tmp_path / "ens.jsonl"))
     assert (tmp_path / "ens.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
     manifest = json.loads((tmp_path / "ens.json").read_text())
@@ -271,8 +385,8 @@ def test_predict_ensemble_of_one_member_equals_plain_predict(data, tmp_path):
 
 
 def test_predict_ensemble_fuses_as_the_float64_oracle(data, tmp_path):
-    from solution.formats.features import load_features
-    from solution.retrieval.fusion import fuse
+    from solution.ensembles.fusion import fuse
+    from solution.formats.feature_files import load_features
 
     ensemble.main(_ens(data, tmp_path / "ens", "a", "b", extra=("--weights", "1", "3")))
     predict.main(_predict_ens(data, tmp_path / "ens/ensemble.json", tmp_path / "ens.jsonl"))
@@ -298,8 +412,9 @@ def test_bad_weights_and_empty_selection_half(data, tmp_path, capsys):
     out = tmp_path / "ens"
     assert "must be >= 0" in _error(capsys, ensemble.main, _ens(data, out, "a", "b", extra=("--weights", "-1", "2")))
     assert "positive sum" in _error(capsys, ensemble.main, _ens(data, out, "a", "b", extra=("--weights", "0", "0")))
-    assert "empty selection half" in _error(capsys, ensemble.main, _ens(data, out, "a", "b",
-                                                                       extra=("--select-split", "0.01")))
+    assert "empty selection half" in _error(
+        capsys, ensemble.main, _ens(data, out, "a", "b", extra=("--select-split", "0.01"))
+    )
     assert not out.exists()
 
 
@@ -309,7 +424,7 @@ def test_member_that_cannot_encode_the_split(data, tmp_path, capsys):
     config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=8, text_prompt="这是一张很长很长很长的图片")
     save_checkpoint(bad, torch.load(ckpts["a"], weights_only=True)["state_dict"], config)
     argv = _ens(data, tmp_path / "ens", "a")
-    argv[argv.index("--members") + 1:argv.index("--members") + 1] = [str(bad)]
+    argv[argv.index("--members") + 1 : argv.index("--members") + 1] = [str(bad)]
     line = _error(capsys, ensemble.main, argv)
     assert "bad.pt cannot encode" in line
     assert not (tmp_path / "ens").exists()
@@ -346,14 +461,21 @@ def test_member_changed_since_selection(data, tmp_path, capsys):
 
 def test_qb_norm_with_a_bank_of_training_texts(data, tmp_path):
     """The submission's QB-Norm equals the float64 inverted softmax of the fused scores over the fused bank."""
-    from solution.formats.features import load_features
+    from solution.ensembles.fusion import fuse, inverted_softmax
+    from solution.formats.feature_files import load_features
     from solution.formats.muge import read_texts
-    from solution.retrieval.fusion import fuse, inverted_softmax
 
     root, ckpts = data
     bank_file = root / "train_texts.jsonl"
-    ensemble.main(_ens(data, tmp_path / "ens", "a", "c", extra=("--weights", "1", "1", "--rerank", "qb_norm",
-                                                               "--bank", str(bank_file))))
+    ensemble.main(
+        _ens(
+            data,
+            tmp_path / "ens",
+            "a",
+            "c",
+            extra=("--weights", "1", "1", "--rerank", "qb_norm", "--bank", str(bank_file)),
+        )
+    )
     path = tmp_path / "ens/ensemble.json"
     spec = json.loads(path.read_text())
     assert spec["rerank"]["bank"] == str(bank_file.resolve())
@@ -365,8 +487,20 @@ def test_qb_norm_with_a_bank_of_training_texts(data, tmp_path):
     mats, banks = [], []
     for m in ("a", "c"):
         _features(data, m, tmp_path / m)
-        features.main(["--extract-text-feats", "--text-data", str(bank), "--resume", str(ckpts[m]), "--device", "cpu",
-                       "--text-feat-output-path", str(tmp_path / m / "bank.npy"), "--no-progress"])
+        features.main(
+            [
+                "--extract-text-feats",
+                "--text-data",
+                str(bank),
+                "--resume",
+                str(ckpts[m]),
+                "--device",
+                "cpu",
+                "--text-feat-output-path",
+                str(tmp_path / m / "bank.npy"),
+                "--no-progress",
+            ]
+        )
         i = load_features(tmp_path / m / "img.npy", "image")
         g = i.feats.astype(np.float64).T
         mats.append(load_features(tmp_path / m / "txt.npy", "text").feats.astype(np.float64) @ g)

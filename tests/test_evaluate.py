@@ -1,13 +1,14 @@
 """The offline evaluator against cn_clip's official evaluation.py / evaluation_tr.py, run side by side."""
+
 import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_error_line
 
 from cn_clip_patch.device import run_upstream_main
-from cli_helpers import one_error_line
 from solution.common import SolutionError
 from solution.evaluate import main
 
@@ -73,8 +74,10 @@ def test_valid_submissions_byte_identical_to_official(tmp_path, direction, seed)
 def test_officially_tolerated_quirks_score_the_same(tmp_path, caplog):
     rng = np.random.default_rng(7)
     gold, pred = random_case(rng, "t2i", 12)
-    extra = [{"text_id": 999_999, "image_ids": list(range(10))},  # unknown text: ignored
-             {**pred[0], "image_ids": list(range(50, 60))}]  # a text predicted twice: the later line counts
+    extra = [
+        {"text_id": 999_999, "image_ids": list(range(10))},  # unknown text: ignored
+        {**pred[0], "image_ids": list(range(50, 60))},
+    ]  # a text predicted twice: the later line counts
     g = write_lines(tmp_path / "gold.jsonl", gold)
     p = write_lines(tmp_path / "pred.jsonl", pred + extra)
     got, err = ours(g, p, tmp_path / "ours.json")
@@ -93,10 +96,14 @@ MALFORMED = {
     "string text_id": ([{"text_id": "1", "image_ids": list(range(10))}, OK2], ["text_id '1'", "not an integer"]),
     "missing image_ids": ([{"text_id": 1}, OK2], ["text_id 1", "no image_ids"]),
     "image_ids not a list": ([{"text_id": 1, "image_ids": "0123456789"}, OK2], ["text_id 1", "not a list"]),
-    "string image id": ([{"text_id": 1, "image_ids": [0, 1, "2", 3, 4, 5, 6, 7, 8, 9]}, OK2],
-                        ["text_id 1", "rank 3", "not an integer"]),
-    "float image id": ([{"text_id": 1, "image_ids": [0, 1, 2.0, 3, 4, 5, 6, 7, 8, 9]}, OK2],
-                       ["text_id 1", "rank 3", "not an integer"]),
+    "string image id": (
+        [{"text_id": 1, "image_ids": [0, 1, "2", 3, 4, 5, 6, 7, 8, 9]}, OK2],
+        ["text_id 1", "rank 3", "not an integer"],
+    ),
+    "float image id": (
+        [{"text_id": 1, "image_ids": [0, 1, 2.0, 3, 4, 5, 6, 7, 8, 9]}, OK2],
+        ["text_id 1", "rank 3", "not an integer"],
+    ),
     "too few ids": ([{"text_id": 1, "image_ids": list(range(9))}, OK2], ["text_id 1", "9 image_ids", "exactly 10"]),
     "too many ids": ([{"text_id": 1, "image_ids": list(range(11))}, OK2], ["text_id 1", "11 image_ids"]),
     "duplicate ids": ([{"text_id": 1, "image_ids": [0, 1, 2, 3, 4, 5, 6, 7, 8, 3]}, OK2], ["text_id 1", "repeat 3"]),
@@ -132,11 +139,14 @@ def test_all_problems_listed_in_detail(tmp_path):
 def test_i2t_malformed_rejected_like_official(tmp_path):
     gold = [{"image_id": 7, "text_ids": [1]}, {"image_id": 8, "text_ids": [2]}]
     g = write_lines(tmp_path / "gold.jsonl", gold)
-    for lines, word in [([{"image_id": 7, "text_ids": list(range(10))}], "no prediction: 8"),
-                        ([{"image_id": 7, "text_ids": [1] * 10}, {"image_id": 8, "text_ids": list(range(10))}],
-                         "image_id 7"),
-                        ([{"image_id": "7", "text_ids": list(range(10))}, {"image_id": 8, "text_ids": list(range(10))}],
-                         "image_id '7'")]:
+    for lines, word in [
+        ([{"image_id": 7, "text_ids": list(range(10))}], "no prediction: 8"),
+        ([{"image_id": 7, "text_ids": [1] * 10}, {"image_id": 8, "text_ids": list(range(10))}], "image_id 7"),
+        (
+            [{"image_id": "7", "text_ids": list(range(10))}, {"image_id": 8, "text_ids": list(range(10))}],
+            "image_id '7'",
+        ),
+    ]:
         p = write_lines(tmp_path / "pred.jsonl", lines)
         assert json.loads(official(g, p, tmp_path / "up.json", "i2t"))["success"] is False
         res = json.loads(ours(g, p, tmp_path / "o.json")[0])
@@ -185,16 +195,15 @@ def test_shell_wrapper_exit_codes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o.json").read_text())["success"] is True
     bad = write_lines(tmp_path / "bad.jsonl", pred[1:])
-    r = subprocess.run(["bash", str(wrapper), str(g), str(bad), str(tmp_path / "o2.json")], capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", str(wrapper), str(g), str(bad), str(tmp_path / "o2.json")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "error: submission rejected" in r.stderr
     assert json.loads((tmp_path / "o2.json").read_text())["success"] is False
 
 
 def _files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
-
-
-
 
 
 BAD_OUT = {
@@ -218,8 +227,9 @@ def test_output_that_cannot_be_written_is_refused_and_inputs_survive(tmp_path, c
     (tmp_path / "link.json").symlink_to(tmp_path / "gold.jsonl")
     before = _files(tmp_path)
     out, words = BAD_OUT[case]
-    code, line = one_error_line(capsys, monkeypatch, main, [str(tmp_path / "gold.jsonl"), str(tmp_path / "pred.jsonl"),
-                                          str(tmp_path / out)])
+    code, line = one_error_line(
+        capsys, monkeypatch, main, [str(tmp_path / "gold.jsonl"), str(tmp_path / "pred.jsonl"), str(tmp_path / out)]
+    )
     assert code == 2
     for w in words:
         assert w in line, (w, line)

@@ -1,4 +1,5 @@
 """Feature extraction CLI: stored config, prompt, formats, the image cache, and upstream's extractor as referee."""
+
 import base64
 import io
 import json
@@ -13,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-import solution.retrieval.cache as cache
 import solution.retrieval.encode as F
 from cn_clip_patch.device import on_device
 from solution.common import SolutionError
 from solution.data.lmdb_io import LMDBSplit, write_split
 from solution.features import main
-from solution.formats.features import load_features
+from solution.formats.feature_files import load_features
 from solution.model import ModelConfig, build_model, save_checkpoint
+from solution.model.precision import effective_precision
+from solution.retrieval import cache
 from solution.retrieval.encode import encode_images, encode_texts
 from solution.retrieval.manifest import checkpoint_validation
-from solution.retrieval.precision import effective_precision
 
 PROMPT = "这是一张商品图片："
 TEXTS = ["红色连衣裙", "男士运动鞋 透气 轻便 夏季新款", "苹果手机壳", "儿童玩具车", "Nike 跑步鞋 “轻便”", "保温杯500ML"]
@@ -44,7 +45,8 @@ def data(tmp_path_factory):
     write_split(d / "lmdb" / "valid", images, [(100 + i, 1000 + i, t) for i, t in enumerate(TEXTS)])
     (d / "valid_texts.jsonl").write_text(
         "".join(json.dumps({"text_id": 1000 + i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(TEXTS)),
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return d
 
 
@@ -52,8 +54,14 @@ LORA_MERGED = {"mode": "lora", "lora": {"r": 4, "alpha": 8}, "merged": True}  # 
 
 
 def _checkpoint(path, seed=0, prompt=PROMPT, model_info=None, **extra):
-    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32, text_prompt=prompt, tuning=LORA_MERGED,
-                      **({"model_info": model_info} if model_info else {}))
+    cfg = ModelConfig(
+        "ViT-Tiny",
+        "RBT-Tiny",
+        context_length=32,
+        text_prompt=prompt,
+        tuning=LORA_MERGED,
+        **({"model_info": model_info} if model_info else {}),
+    )
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     save_checkpoint(path, model.state_dict(), cfg, epoch=1, step=10, **extra)
@@ -61,10 +69,28 @@ def _checkpoint(path, seed=0, prompt=PROMPT, model_info=None, **extra):
 
 
 def _run(data, ckpt, out, *extra):
-    return main(["--extract-image-feats", "--extract-text-feats", "--image-data", str(data / "lmdb/valid/imgs"),
-                 "--text-data", str(data / "valid_texts.jsonl"), "--resume", str(ckpt),
-                 "--image-feat-output-path", str(out / "img.npy"), "--text-feat-output-path", str(out / "txt.npy"),
-                 "--cache-dir", str(out / "cache"), "--num-workers", "0", "--no-progress", *extra])
+    return main(
+        [
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--image-data",
+            str(data / "lmdb/valid/imgs"),
+            "--text-data",
+            str(data / "valid_texts.jsonl"),
+            "--resume",
+            str(ckpt),
+            "--image-feat-output-path",
+            str(out / "img.npy"),
+            "--text-feat-output-path",
+            str(out / "txt.npy"),
+            "--cache-dir",
+            str(out / "cache"),
+            "--num-workers",
+            "0",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_prompt_checkpoint_extracts_with_its_prompt(data, tmp_path, caplog):
@@ -85,17 +111,35 @@ def test_prompt_checkpoint_extracts_with_its_prompt(data, tmp_path, caplog):
     plain = load_features(tmp_path / "b/txt.npy", "text").feats
     assert "text_prompt" in caplog.text and "on the command line" in caplog.text
     assert np.abs(plain - txt.feats).max() > 1e-3
-    np.testing.assert_allclose(plain, encode_texts(model, TEXTS, ModelConfig.from_dict({**cfg.to_dict(), "text_prompt": ""})),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        plain, encode_texts(model, TEXTS, ModelConfig.from_dict({**cfg.to_dict(), "text_prompt": ""})), atol=1e-6
+    )
 
 
 def test_jsonl_format_is_cn_clip_compatible(data, tmp_path):
     _checkpoint(tmp_path / "ckpt.pt")
     _run(data, tmp_path / "ckpt.pt", tmp_path / "n")
-    r = main(["--extract-image-feats", "--extract-text-feats", "--image-data", str(data / "lmdb/valid"),
-              "--text-data", str(data / "valid_texts.jsonl"), "--resume", str(tmp_path / "ckpt.pt"), "--format", "jsonl",
-              "--image-feat-output-path", str(tmp_path / "j/img.jsonl"), "--text-feat-output-path", str(tmp_path / "j/txt.jsonl"),
-              "--cache-dir", str(tmp_path / "n/cache"), "--no-progress"])
+    r = main(
+        [
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--image-data",
+            str(data / "lmdb/valid"),
+            "--text-data",
+            str(data / "valid_texts.jsonl"),
+            "--resume",
+            str(tmp_path / "ckpt.pt"),
+            "--format",
+            "jsonl",
+            "--image-feat-output-path",
+            str(tmp_path / "j/img.jsonl"),
+            "--text-feat-output-path",
+            str(tmp_path / "j/txt.jsonl"),
+            "--cache-dir",
+            str(tmp_path / "n/cache"),
+            "--no-progress",
+        ]
+    )
     assert r["image"]["cache"] == "hit"
     first = json.loads((tmp_path / "j/img.jsonl").read_text().splitlines()[0])
     assert set(first) == {"image_id", "feature"} and isinstance(first["image_id"], int) and len(first["feature"]) == 64
@@ -139,15 +183,29 @@ def test_validation_score_reaches_the_manifest(data, tmp_path):
     run = tmp_path / "logs" / "r1"
     _checkpoint(run / "checkpoints" / "best.pt")
     (run / "metrics.jsonl").write_text(
-        json.dumps({"step": 5, "epoch": 0, "kind": "valid", "r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0}) + "\n"
-        + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "set": "other", "mean_recall": 9.0}) + "\n"
-        + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0}) + "\n")
+        json.dumps({"step": 5, "epoch": 0, "kind": "valid", "r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0})
+        + "\n"
+        + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "set": "other", "mean_recall": 9.0})
+        + "\n"
+        + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0})
+        + "\n"
+    )
     _run(data, run / "checkpoints" / "best.pt", tmp_path / "o")
     assert load_features(tmp_path / "o/txt.npy", "text").meta["validation"]["mean_recall"] == 5.0
     from solution.predict import main as predict
 
-    predict(["--image-feats", str(tmp_path / "o/img.npy"), "--text-feats", str(tmp_path / "o/txt.npy"),
-             "--output", str(tmp_path / "sub/s.jsonl"), "--top-k", "5"])
+    predict(
+        [
+            "--image-feats",
+            str(tmp_path / "o/img.npy"),
+            "--text-feats",
+            str(tmp_path / "o/txt.npy"),
+            "--output",
+            str(tmp_path / "sub/s.jsonl"),
+            "--top-k",
+            "5",
+        ]
+    )
     man = json.loads((tmp_path / "sub/s.json").read_text())
     assert man["validation"]["r1"] == 4.0 and man["prompt"] == PROMPT
     assert man["checkpoints"][0]["path"] == str((run / "checkpoints" / "best.pt").resolve())
@@ -162,24 +220,64 @@ def test_errors(data, tmp_path):
     with pytest.raises(SolutionError, match="nothing to do"):
         main(["--resume", str(tmp_path / "ckpt.pt")])
     with pytest.raises(SolutionError, match="not found"):
-        main(["--extract-text-feats", "--resume", str(tmp_path / "none.pt"), "--text-data", str(data / "valid_texts.jsonl")])
+        main(
+            [
+                "--extract-text-feats",
+                "--resume",
+                str(tmp_path / "none.pt"),
+                "--text-data",
+                str(data / "valid_texts.jsonl"),
+            ]
+        )
     bad = tmp_path / "bad_texts.jsonl"
     bad.write_text('{"text_id": 1, "text": "a"}\n{"text": "b"}\n', encoding="utf-8")
     with pytest.raises(SolutionError, match="record 2 lacks text_id"):
         main(["--extract-text-feats", "--resume", str(tmp_path / "ckpt.pt"), "--text-data", str(bad)])
     with pytest.raises(SolutionError, match="no room"):
-        main(["--extract-text-feats", "--resume", str(tmp_path / "ckpt.pt"), "--text-data", str(data / "valid_texts.jsonl"),
-              "--context-length", "8"])
+        main(
+            [
+                "--extract-text-feats",
+                "--resume",
+                str(tmp_path / "ckpt.pt"),
+                "--text-data",
+                str(data / "valid_texts.jsonl"),
+                "--context-length",
+                "8",
+            ]
+        )
     with pytest.raises(SolutionError, match="not an LMDB split"):
-        main(["--extract-image-feats", "--resume", str(tmp_path / "ckpt.pt"), "--image-data", str(tmp_path),
-              "--image-feat-output-path", str(tmp_path / "x.npy")])
+        main(
+            [
+                "--extract-image-feats",
+                "--resume",
+                str(tmp_path / "ckpt.pt"),
+                "--image-data",
+                str(tmp_path),
+                "--image-feat-output-path",
+                str(tmp_path / "x.npy"),
+            ]
+        )
 
 
 def test_workers_give_the_same_features(data, tmp_path):
     model, cfg = _checkpoint(tmp_path / "ckpt.pt")
-    main(["--extract-image-feats", "--image-data", str(data / "lmdb/valid/imgs"), "--resume", str(tmp_path / "ckpt.pt"),
-          "--image-feat-output-path", str(tmp_path / "w/img.npy"), "--num-workers", "1", "--img-batch-size", "5",
-          "--no-cache", "--no-progress"])
+    main(
+        [
+            "--extract-image-feats",
+            "--image-data",
+            str(data / "lmdb/valid/imgs"),
+            "--resume",
+            str(tmp_path / "ckpt.pt"),
+            "--image-feat-output-path",
+            str(tmp_path / "w/img.npy"),
+            "--num-workers",
+            "1",
+            "--img-batch-size",
+            "5",
+            "--no-cache",
+            "--no-progress",
+        ]
+    )
     ids, ref = encode_images(model, data / "lmdb/valid", cfg)
     got = load_features(tmp_path / "w/img.npy", "image")
     assert got.ids.tolist() == ids.tolist()
@@ -204,19 +302,53 @@ def test_equals_upstream_extract_features(data, tmp_path):
     text = {k: v for k, v in info.items() if k not in vision}
     (shadow / "clip/model_configs/ViT-B-16.json").write_text(json.dumps(vision))
     (shadow / "clip/model_configs/RBT3-chinese.json").write_text(json.dumps(text))
-    common = ["--extract-image-feats", "--extract-text-feats", "--image-data", str(data / "lmdb/valid/imgs"),
-              "--text-data", str(data / "valid_texts.jsonl"), "--resume", str(tmp_path / "ckpt.pt"),
-              "--context-length", "32", "--precision", "fp32", "--img-batch-size", "4", "--text-batch-size", "4"]
+    common = [
+        "--extract-image-feats",
+        "--extract-text-feats",
+        "--image-data",
+        str(data / "lmdb/valid/imgs"),
+        "--text-data",
+        str(data / "valid_texts.jsonl"),
+        "--resume",
+        str(tmp_path / "ckpt.pt"),
+        "--context-length",
+        "32",
+        "--precision",
+        "fp32",
+        "--img-batch-size",
+        "4",
+        "--text-batch-size",
+        "4",
+    ]
     saved = sys.argv
-    sys.argv = ["extract_features.py", *common, "--vision-model", "ViT-B-16", "--text-model", "RBT3-chinese",
-                "--image-feat-output-path", str(tmp_path / "up_img.jsonl"), "--text-feat-output-path", str(tmp_path / "up_txt.jsonl")]
+    sys.argv = [
+        "extract_features.py",
+        *common,
+        "--vision-model",
+        "ViT-B-16",
+        "--text-model",
+        "RBT3-chinese",
+        "--image-feat-output-path",
+        str(tmp_path / "up_img.jsonl"),
+        "--text-feat-output-path",
+        str(tmp_path / "up_txt.jsonl"),
+    ]
     try:
         with on_device("cpu"):
             runpy.run_path(str(shadow / "eval" / "extract_features.py"), run_name="__main__")
     finally:
         sys.argv = saved
-    main([*common, "--image-feat-output-path", str(tmp_path / "img.npy"), "--text-feat-output-path", str(tmp_path / "txt.npy"),
-          "--no-cache", "--no-progress"])
+    main(
+        [
+            *common,
+            "--image-feat-output-path",
+            str(tmp_path / "img.npy"),
+            "--text-feat-output-path",
+            str(tmp_path / "txt.npy"),
+            "--no-cache",
+            "--no-progress",
+        ]
+    )
     for kind, up, ours in (("image", "up_img.jsonl", "img.npy"), ("text", "up_txt.jsonl", "txt.npy")):
         a, b = load_features(tmp_path / up, kind), load_features(tmp_path / ours, kind)
         assert a.ids.tolist() == b.ids.tolist()
@@ -226,8 +358,14 @@ def test_equals_upstream_extract_features(data, tmp_path):
 def test_token_batches_respect_the_budget():
     lengths = np.array([3, 3, 4, 5, 5, 5, 9, 20, 52, 52])
     # Without per-batch overhead every run of equal length is its own batch (no padding at all) ...
-    assert [b.tolist() for b in F.token_batches(lengths, np.arange(10), 10_000, overhead=0)] == \
-        [[0, 1], [2], [3, 4, 5], [6], [7], [8, 9]]
+    assert [b.tolist() for b in F.token_batches(lengths, np.arange(10), 10_000, overhead=0)] == [
+        [0, 1],
+        [2],
+        [3, 4, 5],
+        [6],
+        [7],
+        [8, 9],
+    ]
     # ... with a large one, as few batches as the budget allows.
     assert [b.tolist() for b in F.token_batches(lengths, np.arange(10), 10_000, overhead=10_000)] == [list(range(10))]
     rng = np.random.default_rng(0)
@@ -259,14 +397,22 @@ def _files(root):
 
 BAD = {
     # name: (flags replacing the defaults, words the one error line must contain); "T" is the folder of the test
-    "text output is the text data": (["--format", "jsonl", "--text-feat-output-path", "T/texts.jsonl"],
-                                     ["texts.jsonl", "one of the inputs"]),
-    "text output is the checkpoint": (["--format", "jsonl", "--text-feat-output-path", "T/ckpt.pt"],
-                                      ["ckpt.pt", "one of the inputs"]),
-    "image output is the LMDB": (["--format", "jsonl", "--image-feat-output-path", "T/lmdb/imgs/data.mdb"],
-                                 ["data.mdb", "one of the inputs"]),
-    "image and text output the same": (["--image-feat-output-path", "T/o/x", "--text-feat-output-path", "T/o/x.npy"],
-                                       ["--image-feat-output-path", "--text-feat-output-path", "x.npy", "both write"]),
+    "text output is the text data": (
+        ["--format", "jsonl", "--text-feat-output-path", "T/texts.jsonl"],
+        ["texts.jsonl", "one of the inputs"],
+    ),
+    "text output is the checkpoint": (
+        ["--format", "jsonl", "--text-feat-output-path", "T/ckpt.pt"],
+        ["ckpt.pt", "one of the inputs"],
+    ),
+    "image output is the LMDB": (
+        ["--format", "jsonl", "--image-feat-output-path", "T/lmdb/imgs/data.mdb"],
+        ["data.mdb", "one of the inputs"],
+    ),
+    "image and text output the same": (
+        ["--image-feat-output-path", "T/o/x", "--text-feat-output-path", "T/o/x.npy"],
+        ["--image-feat-output-path", "--text-feat-output-path", "x.npy", "both write"],
+    ),
     "output is a folder": (["--text-feat-output-path", "T/folder.npy"], ["folder.npy", "is a folder"]),
     "output under a file": (["--image-feat-output-path", "T/texts.jsonl/img.npy"], ["texts.jsonl", "which is a file"]),
     "texts not UTF-8": (["--text-data", "T/latin1.jsonl"], ["latin1.jsonl:2", "not UTF-8"]),
@@ -283,20 +429,36 @@ def test_bad_inputs_and_outputs_one_line_nothing_written(data, tmp_path, capsys,
     _checkpoint(tmp_path / "ckpt.pt")
     shutil.copytree(data / "lmdb" / "valid", tmp_path / "lmdb")
     shutil.copy(data / "valid_texts.jsonl", tmp_path / "texts.jsonl")
-    (tmp_path / "latin1.jsonl").write_bytes('{"text_id": 1, "text": "a"}\n{"text_id": 2, "text": "caf\u00e9"}\n'
-                                            .encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes(
+        '{"text_id": 1, "text": "a"}\n{"text_id": 2, "text": "caf\u00e9"}\n'.encode("latin-1")
+    )
     (tmp_path / "folder.npy").mkdir()
     flags, words = BAD[case]
     given = dict(zip(flags[::2], [f.replace("T/", f"{tmp_path}/") for f in flags[1::2]]))
     ext = given.get("--format", "npy")
-    argv = {"--image-data": f"{tmp_path}/lmdb/imgs", "--text-data": f"{tmp_path}/texts.jsonl",
-            "--resume": f"{tmp_path}/ckpt.pt", "--image-feat-output-path": f"{tmp_path}/o/img.{ext}",
-            "--text-feat-output-path": f"{tmp_path}/o/txt.{ext}", "--cache-dir": f"{tmp_path}/cache", **given}
+    argv = {
+        "--image-data": f"{tmp_path}/lmdb/imgs",
+        "--text-data": f"{tmp_path}/texts.jsonl",
+        "--resume": f"{tmp_path}/ckpt.pt",
+        "--image-feat-output-path": f"{tmp_path}/o/img.{ext}",
+        "--text-feat-output-path": f"{tmp_path}/o/txt.{ext}",
+        "--cache-dir": f"{tmp_path}/cache",
+        **given,
+    }
     before = _files(tmp_path)
     monkeypatch.setattr(common, "setup_logging", lambda *a: None)  # caplog has the log; stderr: the error alone
     capsys.readouterr()
-    code = run_cli(main, ["--extract-image-feats", "--extract-text-feats", "--num-workers", "0", "--no-progress",
-                          *[x for kv in argv.items() for x in kv]])
+    code = run_cli(
+        main,
+        [
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--num-workers",
+            "0",
+            "--no-progress",
+            *[x for kv in argv.items() for x in kv],
+        ],
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
@@ -338,8 +500,15 @@ def test_checkpoint_validation_reads_metrics_as_the_run_reader_does(tmp_path, ca
     good = json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0})
     (run / "metrics.jsonl").write_text(good + "\n" + '{"step": 11, "kind": "tr')  # torn: no newline, cut JSON
     got = checkpoint_validation(ckpt, {"step": 10})
-    assert got == {"r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0, "step": 10, "epoch": 1,
-                   "source": str(run / "metrics.jsonl")}
+    assert got == {
+        "r1": 4.0,
+        "r5": 5.0,
+        "r10": 6.0,
+        "mean_recall": 5.0,
+        "step": 10,
+        "epoch": 1,
+        "source": str(run / "metrics.jsonl"),
+    }
     assert "torn by a kill" in caplog.text
     assert checkpoint_validation(ckpt, {"step": 12}) is None  # no record at that step
     (run / "metrics.jsonl").write_text('{"step": 5, "kind": "tr\n' + good + "\n")
@@ -351,8 +520,16 @@ def test_checkpoint_validation_reads_metrics_as_the_run_reader_does(tmp_path, ca
 
 
 def test_effective_precision():
-    table = {("cpu", "amp"): "fp32", ("cpu", "fp16"): "fp32", ("cpu", "fp32"): "fp32", ("cpu", "bf16"): "bf16",
-             ("cuda", "amp"): "fp16", ("cuda", "fp16"): "fp16", ("cuda", "fp32"): "fp32", ("cuda", "bf16"): "bf16"}
+    table = {
+        ("cpu", "amp"): "fp32",
+        ("cpu", "fp16"): "fp32",
+        ("cpu", "fp32"): "fp32",
+        ("cpu", "bf16"): "bf16",
+        ("cuda", "amp"): "fp16",
+        ("cuda", "fp16"): "fp16",
+        ("cuda", "fp32"): "fp32",
+        ("cuda", "bf16"): "bf16",
+    }
     for (device, precision), want in table.items():
         assert effective_precision(device, precision) == want, (device, precision)
 
@@ -362,7 +539,7 @@ def test_effective_precision():
 
 def test_amp_bf16_is_resolved_to_bf16_where_flags_are_parsed():
     from solution.features import build_parser
-    from solution.retrieval.precision import PRECISIONS, precision_flag
+    from solution.model.precision import PRECISIONS, precision_flag
 
     assert precision_flag("amp_bf16") == "bf16" and effective_precision("cuda", "amp_bf16") == "bf16"
     assert [precision_flag(p) for p in PRECISIONS] == list(PRECISIONS)
@@ -403,7 +580,7 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
 
 
 def test_model_math_allows_tf32_on_cuda_only_and_restores():
-    from solution.retrieval.precision import exact_math, model_math
+    from solution.model.precision import exact_math, model_math
 
     cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     before = (cuda.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision())

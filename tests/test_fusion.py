@@ -1,10 +1,25 @@
 """Exact oracles for solution.fusion: float64 brute force on integer (or dyadic) scores, definitions."""
+
 import numpy as np
 import pytest
 import torch
 
-from solution.retrieval.fusion import (Scores, check_weights, dual_softmax, fit_temperature, forward_select, fuse, fused_topk,
-                             fusion_chunk, gold_rows, held_out_recall, inverted_softmax, rerank_topk, softmax, zscore)
+from solution.ensembles.fusion import (
+    Scores,
+    check_weights,
+    dual_softmax,
+    fit_temperature,
+    forward_select,
+    fuse,
+    fused_topk,
+    fusion_chunk,
+    gold_rows,
+    held_out_recall,
+    inverted_softmax,
+    rerank_topk,
+    softmax,
+    zscore,
+)
 from solution.retrieval.metrics import topk
 
 
@@ -60,9 +75,17 @@ def test_softmax_definition():
         softmax(s, 0.0)
 
 
-@pytest.mark.parametrize("weights, match", [
-    ([1, -1], ">= 0"), ([0, 0], "positive sum"), ([-1, 1], ">= 0"), ([np.nan, 1], "finite"), ([np.inf, 1], "finite"),
-    ([1, 1, 1], "one weight")])
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        ([1, -1], ">= 0"),
+        ([0, 0], "positive sum"),
+        ([-1, 1], ">= 0"),
+        ([np.nan, 1], "finite"),
+        ([np.inf, 1], "finite"),
+        ([1, 1, 1], "one weight"),
+    ],
+)
 def test_bad_weights_raise(weights, match):
     s = np.zeros((2, 3))
     with pytest.raises(ValueError, match=match):
@@ -107,7 +130,7 @@ def test_chunked_fused_topk_equals_bruteforce_with_ties(chunk, k):
 
 def test_single_member_fused_topk_matches_metrics_topk():
     rng = np.random.default_rng(7)
-    (q, g), = _int_members(rng, 20, 30, dims=(4,))
+    ((q, g),) = _int_members(rng, 20, 30, dims=(4,))
     want_s, want_i = topk(q, g, 10, chunk_size=7)
     got_s, got_i = fused_topk([(q, g)], 10, chunk_size=5)
     assert np.array_equal(got_i, want_i) and np.array_equal(got_s, want_s)
@@ -115,7 +138,7 @@ def test_single_member_fused_topk_matches_metrics_topk():
 
 def test_zscore_fusion_keeps_the_raw_order_of_one_member_and_matches_definition():
     rng = np.random.default_rng(3)
-    (q, g), = _int_members(rng, 11, 15, dims=(3,))
+    ((q, g),) = _int_members(rng, 11, 15, dims=(3,))
     raw = q.astype(np.float64) @ g.T.astype(np.float64)
     _, want_i = _stable_topk(raw, 6)
     mean, std = raw.mean(1, keepdims=True), raw.std(1, keepdims=True)
@@ -150,8 +173,9 @@ def test_dual_softmax_matches_definition(chunk):
     np.testing.assert_allclose(dual_softmax(s, temp), want_self, rtol=1e-12)
     np.testing.assert_allclose(dual_softmax(s, temp, b), want_bank, rtol=1e-12)
     for want, bank_arg in ((want_self, None), (want_bank, [(bank, g)])):
-        got_s, got_i = rerank_topk([(q, g)], 5, method="dual_softmax", temperature=temp, bank=bank_arg,
-                                   chunk_size=chunk, dtype=torch.float64)
+        got_s, got_i = rerank_topk(
+            [(q, g)], 5, method="dual_softmax", temperature=temp, bank=bank_arg, chunk_size=chunk, dtype=torch.float64
+        )
         want_s, want_i = _stable_topk(want, 5)
         assert np.array_equal(got_i, want_i)
         np.testing.assert_allclose(got_s, want_s, rtol=1e-12)
@@ -178,8 +202,16 @@ def test_qb_norm_matches_reference_procedure(bank_topk, chunk):
     if bank_topk is not None:
         assert gate.any() and not gate.all()
     np.testing.assert_allclose(inverted_softmax(s, b, temp, bank_topk), want, rtol=1e-12, atol=1e-12)
-    got_s, got_i = rerank_topk([(q, g)], 6, method="qb_norm", temperature=temp, bank=[(bank, g)],
-                               bank_topk=bank_topk, chunk_size=chunk, dtype=torch.float64)
+    got_s, got_i = rerank_topk(
+        [(q, g)],
+        6,
+        method="qb_norm",
+        temperature=temp,
+        bank=[(bank, g)],
+        bank_topk=bank_topk,
+        chunk_size=chunk,
+        dtype=torch.float64,
+    )
     want_s, want_i = _stable_topk(want, 6)
     assert np.array_equal(got_i, want_i)
     np.testing.assert_allclose(got_s, want_s, rtol=1e-12, atol=1e-12)
@@ -201,7 +233,10 @@ def test_forward_selection_never_below_its_best_member(seed):
     n_members, n_q, n_g = 4, 30, 25
     members = [rng.normal(size=(n_q, n_g)) for _ in range(n_members)]
     gold = [set(rng.choice(n_g, size=int(rng.integers(1, 3)), replace=False).tolist()) for _ in range(n_q)]
-    evaluate = lambda w: held_out_recall(members, gold, w, norm="zscore", dtype=torch.float64)  # noqa: E731
+
+    def evaluate(w):
+        return held_out_recall(members, gold, w, norm="zscore", dtype=torch.float64)
+
     singles = [evaluate(np.eye(n_members)[m]) for m in range(n_members)]
     sel = forward_select(evaluate, n_members, max_rounds=4)
     assert sel.score >= max(singles)
@@ -223,7 +258,7 @@ def test_forward_selection_with_replacement_reaches_repeated_member():
 
 
 def test_fit_temperature_picks_the_argmax_and_the_earliest_tie():
-    assert fit_temperature(lambda t: -(t - 0.1) ** 2, (0.0, 0.05, 0.1, 0.5))[0] == 0.1
+    assert fit_temperature(lambda t: -((t - 0.1) ** 2), (0.0, 0.05, 0.1, 0.5))[0] == 0.1
     best, records = fit_temperature(lambda t: 1.0, (0.0, 0.5))
     assert best == 0.0 and [r["temperature"] for r in records] == [0.0, 0.5]
 
@@ -263,16 +298,45 @@ def test_in_place_fusion_leaves_its_inputs_alone(norm, method, temperature):
     feats = _int_members(rng, 9, 12)
     bank = [rng.integers(-3, 4, (5, 12)).astype(np.float64) for _ in range(2)]
     inputs = [mats, [torch.tensor(m) for m in mats], feats, bank]
-    before = [[x.copy() if isinstance(x, np.ndarray) else (x.clone() if torch.is_tensor(x) else tuple(y.copy() for y in x))
-               for x in group] for group in inputs]
-    results = [rerank_topk(members, 4, [1, 2], method=method, temperature=temperature, norm=norm, norm_temperature=0.5,
-                           bank=bank, chunk_size=chunk, dtype=torch.float64)
-               for members in inputs[:2] for chunk in (2, 100)]
-    results += [rerank_topk(feats, 4, [1, 2], method=method, temperature=temperature, norm=norm, bank=feats,
-                            chunk_size=3, dtype=torch.float32)]
+    before = [
+        [
+            x.copy() if isinstance(x, np.ndarray) else (x.clone() if torch.is_tensor(x) else tuple(y.copy() for y in x))
+            for x in group
+        ]
+        for group in inputs
+    ]
+    results = [
+        rerank_topk(
+            members,
+            4,
+            [1, 2],
+            method=method,
+            temperature=temperature,
+            norm=norm,
+            norm_temperature=0.5,
+            bank=bank,
+            chunk_size=chunk,
+            dtype=torch.float64,
+        )
+        for members in inputs[:2]
+        for chunk in (2, 100)
+    ]
+    results += [
+        rerank_topk(
+            feats,
+            4,
+            [1, 2],
+            method=method,
+            temperature=temperature,
+            norm=norm,
+            bank=feats,
+            chunk_size=3,
+            dtype=torch.float32,
+        )
+    ]
     for group, saved in zip(inputs, before):
         for x, y in zip(group, saved):
-            for a, b in (zip(x, y) if isinstance(x, tuple) else [(x, y)]):
+            for a, b in zip(x, y) if isinstance(x, tuple) else [(x, y)]:
                 assert np.array_equal(np.asarray(a), np.asarray(b))
     assert all(np.array_equal(r[1], results[0][1]) for r in results[1:4])  # chunking changes nothing
     t = torch.tensor(mats[0])

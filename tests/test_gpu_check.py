@@ -1,22 +1,43 @@
 """``scripts/gpu_check.sh --quick --device cpu``: the accelerator check's code paths on tiny configs, so the
 script cannot rot before a GPU is at hand. Oracles: its exit code, and the report it writes (every case a row,
 none failed, each figure finite and positive, the markdown table the JSON's rows)."""
+
 import json
 import math
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [f"train ViT-Tiny{c}" for c in (": our trainer vs cn_clip train()", " step: amp", " step: bf16", " step: LoRA",
-                                       " step: grad checkpointing", " step: torch.compile")] + \
-    ["train DDP, 2 processes", "features images/s", "features texts/s", "features images/s, torch.compile",
-     "features texts/s, torch.compile", "predict top-10", "soup of 2 checkpoints"]
+CASES = [
+    f"train ViT-Tiny{c}"
+    for c in (
+        ": our trainer vs cn_clip train()",
+        " step: amp",
+        " step: bf16",
+        " step: LoRA",
+        " step: grad checkpointing",
+        " step: torch.compile",
+    )
+] + [
+    "train DDP, 2 processes",
+    "features images/s",
+    "features texts/s",
+    "features images/s, torch.compile",
+    "features texts/s, torch.compile",
+    "predict top-10",
+    "soup of 2 checkpoints",
+]
 
 
 def test_gpu_check_quick_on_cpu(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--quick", "--device", "cpu", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # a hang guard (shared CI CPUs)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts/gpu_check.sh"), "--quick", "--device", "cpu", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # a hang guard (shared CI CPUs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "GPU.json").read_text())
     rows = {r["case"]: r for r in report["rows"]}

@@ -17,7 +17,7 @@ def _picture(w=48, h=32):
     """Left half red, right half blue: orientation and colour survive or not, visibly."""
     arr = np.zeros((h, w, 3), np.uint8)
     arr[:, : w // 2] = (220, 30, 30)
-    arr[:, w // 2:] = (30, 30, 220)
+    arr[:, w // 2 :] = (30, 30, 220)
     return Image.fromarray(arr)
 
 
@@ -76,8 +76,10 @@ def test_alpha_is_composited_onto_white():
     assert im.getpixel((20, 20))[0] > 150
 
 
-@pytest.mark.parametrize("mode,fmt", [("P", "PNG"), ("L", "PNG"), ("L", "JPEG"), ("LA", "PNG"), ("1", "BMP"),
-                                      ("CMYK", "JPEG"), ("CMYK", "TIFF")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [("P", "PNG"), ("L", "PNG"), ("L", "JPEG"), ("LA", "PNG"), ("1", "BMP"), ("CMYK", "JPEG"), ("CMYK", "TIFF")],
+)
 def test_modes_become_rgb(mode, fmt):
     res = clean_image(_save(_picture().convert(mode), fmt))
     assert res.status == "converted" and f"mode_{mode}" in res.actions
@@ -220,8 +222,12 @@ def test_structural_check_sends_each_messy_jpeg_down_the_right_path():
             assert info is None, name
         else:
             assert info is not None and not info.keepable(), name
-            assert {"incomplete": not info.complete, "adobe": info.adobe and info.components == 4,
-                    "1 component": info.components == 1, "orientation 6": info.orientation == 6}[header], name
+            assert {
+                "incomplete": not info.complete,
+                "adobe": info.adobe and info.components == 4,
+                "1 component": info.components == 1,
+                "orientation 6": info.orientation == 6,
+            }[header], name
         b64 = base64.urlsafe_b64encode(data)
         assert (jpeg_b64_info(b64) is None) == (info is None), name
         for res in (clean_image(data), clean_b64(b64)):
@@ -237,7 +243,7 @@ def test_structural_check_insists_on_strict_base64():
     assert clean_b64(url[:100] + b"*" + url[101:]).reason == "invalid_base64"
     assert clean_b64(url[:100] + b"=" + url[101:]).reason == "invalid_base64"  # padding in the middle
     assert not jpeg_b64_info(url[:-4]).complete  # whole groups, but the end marker is gone
-    wrapped = b"\n".join(url[i:i + 76] for i in range(0, len(url), 76))  # MIME line breaks
+    wrapped = b"\n".join(url[i : i + 76] for i in range(0, len(url), 76))  # MIME line breaks
     assert jpeg_b64_info(wrapped) is None
     res = clean_b64(wrapped)  # not strict: decoded the tolerant way and stored canonical
     assert res.status == "kept" and res.data == url
@@ -247,7 +253,7 @@ def test_default_pixel_limit_is_pils_and_checking_needs_no_pil():
     """The bomb limit mirrors PIL's (PIL is imported lazily: a clean TSV is checked without it)."""
     from PIL import Image
 
-    import solution.data.images as images
+    from solution.data import images
 
     assert images.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
     code = "import sys, solution.prepare; assert 'PIL' not in sys.modules, 'PIL imported'"

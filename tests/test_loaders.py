@@ -1,15 +1,16 @@
 """The training loader built once for a run (persistent workers) gives exactly the batches of one
 loader rebuilt per epoch, as the trainer built it before."""
+
 import random
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from train_helpers import make_split
 
 from solution.data.datasets import PairCollate, PairDataset, train_transform
 from solution.training import loaders
 from solution.training.loaders import TrainBatches, epoch_order, open_split
-from train_helpers import make_split
 
 
 class _OldSampler(Sampler):
@@ -55,8 +56,15 @@ class _OldPairs(Dataset):
 def _old_epoch(split, *, epoch, start, stop, seed, batch_size, rank, world, augment):
     ds = _OldPairs(split, train_transform(16, augment), seed, epoch)
     sampler = _OldSampler(split.num_samples, batch_size, rank, world, seed, epoch, start, stop)
-    return list(DataLoader(ds, batch_sampler=sampler, collate_fn=PairCollate(16, "", keep_size=True), num_workers=0,
-                           generator=torch.Generator().manual_seed(seed + epoch)))
+    return list(
+        DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=PairCollate(16, "", keep_size=True),
+            num_workers=0,
+            generator=torch.Generator().manual_seed(seed + epoch),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +105,18 @@ def test_persistent_loader_gives_the_rebuilt_batches(split, num_workers, monkeyp
 
 
 def test_closed_batches_refuse(split):
-    batches = TrainBatches(split, resolution=16, context_length=16, prompt="", num_workers=0, seed=0, batch_size=2,
-                           rank=0, world=1, augment="none")
+    batches = TrainBatches(
+        split,
+        resolution=16,
+        context_length=16,
+        prompt="",
+        num_workers=0,
+        seed=0,
+        batch_size=2,
+        rank=0,
+        world=1,
+        augment="none",
+    )
     batches.close()
     with pytest.raises(RuntimeError):
         batches.epoch(0)

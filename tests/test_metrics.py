@@ -1,11 +1,12 @@
 """Oracle tests of solution.metrics: recall against the official script, top-k against brute force."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from cn_clip.eval.evaluation import compute_score  # the official arithmetic, as referee
+
 from solution.retrieval.metrics import present_gold, recall_at_k, t2i_recall, topk
 
 
@@ -50,10 +51,12 @@ def test_recall_thirds_are_exact(tmp_path):
 
 def test_recall_brute_force_semantics():
     gold = {1: [5, 6], 2: [7], 3: [8]}
-    preds = {1: [0, 1, 2, 3, 4, 6, 9, 10, 11, 12],  # hit at rank 6: R@10 only
-             2: [7, 0, 1, 2, 3, 4, 5, 6, 9, 10],  # rank 1
-             3: [0, 1, 2, 3, 8, 4, 5, 6, 9, 10],  # rank 5
-             4: [8] * 10}  # not a gold query: ignored
+    preds = {
+        1: [0, 1, 2, 3, 4, 6, 9, 10, 11, 12],  # hit at rank 6: R@10 only
+        2: [7, 0, 1, 2, 3, 4, 5, 6, 9, 10],  # rank 1
+        3: [0, 1, 2, 3, 8, 4, 5, 6, 9, 10],  # rank 5
+        4: [8] * 10,
+    }  # not a gold query: ignored
     r = recall_at_k(preds, gold)
     assert (r["r1"], r["r5"], r["r10"]) == ((1 / 3) * 100, (2 / 3) * 100, 100.0)
     assert r["mean_recall"] == ((1 / 3 + 2 / 3 + 1.0) / 3) * 100

@@ -1,10 +1,20 @@
 import pytest
 import torch
-
 from cn_clip.clip.model import CLIP
+
 from solution.common import SolutionError
-from solution.model import (ModelConfig, infer_architecture, load_model, meta_model, model_template, read_checkpoint,
-                            resolve_config, save_checkpoint, text_models, vision_models)
+from solution.model import (
+    ModelConfig,
+    infer_architecture,
+    load_model,
+    meta_model,
+    model_template,
+    read_checkpoint,
+    resolve_config,
+    save_checkpoint,
+    text_models,
+    vision_models,
+)
 
 
 def test_registry_has_upstream_and_tiny_models():
@@ -72,7 +82,10 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 
 
 def test_flags_override_stored_config_with_warning(tiny_model, caplog):
-    ckpt = {"state_dict": tiny_model.state_dict(), "config": ModelConfig("ViT-Tiny", "RBT-Tiny", text_prompt="a").to_dict()}
+    ckpt = {
+        "state_dict": tiny_model.state_dict(),
+        "config": ModelConfig("ViT-Tiny", "RBT-Tiny", text_prompt="a").to_dict(),
+    }
     cfg = resolve_config(ckpt, text_prompt="b", source="x.pt")
     assert cfg.text_prompt == "b" and "text_prompt is 'a' in the checkpoint" in caplog.text
     assert infer_architecture(tiny_model.state_dict()) == ("ViT-Tiny", "RBT-Tiny")
@@ -94,8 +107,10 @@ def test_shape_errors_name_the_tensors_and_their_shapes(tmp_path, tiny_model):
     save_checkpoint(tmp_path / "p.pt", sd, cfg)
     with pytest.raises(SolutionError) as e:
         load_model(tmp_path / "p.pt")
-    assert str(e.value) == (f"{tmp_path / 'p.pt'} does not fit ViT-Tiny@RBT-Tiny: 1 tensor differs in shape "
-                            "(visual.positional_embedding 65 vs 65x64); 1 tensor missing (logit_scale)")
+    assert str(e.value) == (
+        f"{tmp_path / 'p.pt'} does not fit ViT-Tiny@RBT-Tiny: 1 tensor differs in shape "
+        "(visual.positional_embedding 65 vs 65x64); 1 tensor missing (logit_scale)"
+    )
 
 
 def test_infer_architecture_survives_a_partial_resnet_state_dict():
@@ -115,7 +130,6 @@ def test_meta_model_and_template_match_the_built_model(tiny_config, tiny_model):
     images = torch.randn(2, 3, tiny_config.image_resolution, tiny_config.image_resolution)
     with torch.no_grad():
         assert torch.equal(meta.eval().encode_image(images), tiny_model.eval().encode_image(images))
-
 
 
 def test_models_are_built_and_loaded_on_sdpa_attention_by_default(tmp_path, tiny_config, tiny_model):

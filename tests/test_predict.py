@@ -1,16 +1,16 @@
 """Top-k predictions: brute force, cn_clip's make_topk_predictions.py as referee, npy == jsonl, manifest."""
+
 import json
 
 import numpy as np
 import pytest
+from cli_helpers import one_error_line
 
 from cn_clip_patch.device import run_upstream_main
-from cli_helpers import one_error_line
 from solution.common import SolutionError, read_jsonl
-from solution.formats.features import load_features, save_features
+from solution.formats.feature_files import load_features, save_features
 from solution.predict import main
 from solution.retrieval.rank import auto_chunk, rank
-
 
 # runpy warns when another test file already imported the module it runs as __main__: harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
@@ -34,8 +34,13 @@ def feats(tmp_path):
     texts[7] = images[5]
     text_ids = rng.choice(100_000, 23, replace=False) + 1
     image_ids = rng.choice(100_000, 57, replace=False) + 1
-    meta = {"checkpoint": "/x/best.pt", "checkpoint_sha256": "abc", "config": {"text_prompt": "p"}, "prompt": "p",
-            "validation": {"mean_recall": 42.0, "source": "test"}}
+    meta = {
+        "checkpoint": "/x/best.pt",
+        "checkpoint_sha256": "abc",
+        "config": {"text_prompt": "p"},
+        "prompt": "p",
+        "validation": {"mean_recall": 42.0, "source": "test"},
+    }
     for fmt in ("npy", "jsonl"):
         save_features(tmp_path / f"text.{fmt}", "text", text_ids, texts, meta=meta)
         save_features(tmp_path / f"img.{fmt}", "image", image_ids, images, meta=meta)
@@ -51,8 +56,19 @@ def _brute(q, g, gids, k):
 def test_t2i_matches_brute_force_and_manifest(feats):
     d, tids, t, iids, im = feats
     out = d / "sub" / "run1.jsonl"
-    main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output", str(out),
-          "--chunk-size", "5", "--no-progress"])
+    main(
+        [
+            "--image-feats",
+            str(d / "img.npy"),
+            "--text-feats",
+            str(d / "text.npy"),
+            "--output",
+            str(out),
+            "--chunk-size",
+            "5",
+            "--no-progress",
+        ]
+    )
     rows = read_jsonl(out)
     assert [r["text_id"] for r in rows] == tids.tolist()
     assert [r["image_ids"] for r in rows] == _brute(t, im, iids, 10)
@@ -67,8 +83,18 @@ def test_t2i_matches_brute_force_and_manifest(feats):
 def test_npy_and_jsonl_features_give_identical_predictions(feats):
     d = feats[0]
     main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "a.jsonl")])
-    main(["--image-feats", str(d / "img.jsonl"), "--text-feats", str(d / "text.jsonl"), "--output", str(d / "b.jsonl"),
-          "--valid-score", "55.5"])
+    main(
+        [
+            "--image-feats",
+            str(d / "img.jsonl"),
+            "--text-feats",
+            str(d / "text.jsonl"),
+            "--output",
+            str(d / "b.jsonl"),
+            "--valid-score",
+            "55.5",
+        ]
+    )
     assert (d / "a.jsonl").read_bytes() == (d / "b.jsonl").read_bytes()
     assert json.loads((d / "b.json").read_text())["validation"]["mean_recall"] == 55.5
 
@@ -77,11 +103,36 @@ def test_npy_and_jsonl_features_give_identical_predictions(feats):
 def test_identical_to_upstream_make_topk_predictions(feats, direction):
     d = feats[0]
     ours = d / f"ours_{direction}.jsonl"
-    main(["--image-feats", str(d / "img.jsonl"), "--text-feats", str(d / "text.jsonl"), "--output", str(ours),
-          "--direction", direction, "--top-k", "10"])
+    main(
+        [
+            "--image-feats",
+            str(d / "img.jsonl"),
+            "--text-feats",
+            str(d / "text.jsonl"),
+            "--output",
+            str(ours),
+            "--direction",
+            direction,
+            "--top-k",
+            "10",
+        ]
+    )
     module = "cn_clip.eval.make_topk_predictions" + ("" if direction == "t2i" else "_tr")
-    run_upstream_main(module, ["--image-feats", d / "img.jsonl", "--text-feats", d / "text.jsonl", "--top-k", "10",
-                               "--eval-batch-size", "16", "--output", d / "up.jsonl"])
+    run_upstream_main(
+        module,
+        [
+            "--image-feats",
+            d / "img.jsonl",
+            "--text-feats",
+            d / "text.jsonl",
+            "--top-k",
+            "10",
+            "--eval-batch-size",
+            "16",
+            "--output",
+            d / "up.jsonl",
+        ],
+    )
     assert read_jsonl(ours) == read_jsonl(d / "up.jsonl")
     assert ours.read_bytes() == (d / "up.jsonl").read_bytes()
 
@@ -91,8 +142,22 @@ def test_i2t_schema_and_chunk_independence(feats):
     outs = []
     for chunk in ("1", "7", "1000"):
         out = d / f"i2t_{chunk}.jsonl"
-        main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output", str(out),
-              "--direction", "i2t", "--top-k", "5", "--chunk-size", chunk])
+        main(
+            [
+                "--image-feats",
+                str(d / "img.npy"),
+                "--text-feats",
+                str(d / "text.npy"),
+                "--output",
+                str(out),
+                "--direction",
+                "i2t",
+                "--top-k",
+                "5",
+                "--chunk-size",
+                chunk,
+            ]
+        )
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] == outs[2]
     rows = read_jsonl(d / "i2t_1.jsonl")
@@ -120,13 +185,32 @@ def test_bad_inputs(feats):
     with pytest.raises(SolutionError, match=f"e.g. {dup[4]}"):
         main(["--image-feats", str(d / "dup.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "x.jsonl")])
     with pytest.raises(SolutionError, match="only 57"):
-        main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "x.jsonl"),
-              "--top-k", "58"])
+        main(
+            [
+                "--image-feats",
+                str(d / "img.npy"),
+                "--text-feats",
+                str(d / "text.npy"),
+                "--output",
+                str(d / "x.jsonl"),
+                "--top-k",
+                "58",
+            ]
+        )
     with pytest.raises(SolutionError, match="manifest"):
         main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "x.json")])
     (d / "broken.jsonl").write_text('{"text_id": 1, "feature": [0.1]}\n{"text_id": "2", "feature": [0.2]}\n')
     with pytest.raises(SolutionError, match="broken.jsonl:2"):
-        main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "broken.jsonl"), "--output", str(d / "x.jsonl")])
+        main(
+            [
+                "--image-feats",
+                str(d / "img.npy"),
+                "--text-feats",
+                str(d / "broken.jsonl"),
+                "--output",
+                str(d / "x.jsonl"),
+            ]
+        )
     (d / "img.ids.npy").unlink()
     with pytest.raises(SolutionError, match="ids file"):
         main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "x.jsonl")])
@@ -163,8 +247,18 @@ def test_bf16_prefilter_is_exact(q_top, g_top):
 def test_prefilter_in_cli_matches_fp32(feats):
     d = feats[0]
     for method in ("prefilter", "fp32"):
-        r = main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output",
-                  str(d / f"{method}.jsonl"), "--method", method])
+        r = main(
+            [
+                "--image-feats",
+                str(d / "img.npy"),
+                "--text-feats",
+                str(d / "text.npy"),
+                "--output",
+                str(d / f"{method}.jsonl"),
+                "--method",
+                method,
+            ]
+        )
         assert r["ranking"]["method"] == method
     assert (d / "prefilter.jsonl").read_bytes() == (d / "fp32.jsonl").read_bytes()
     assert json.loads((d / "prefilter.json").read_text())["ranking"]["method"] == "prefilter"
@@ -176,8 +270,16 @@ def test_base_names_read_what_extraction_wrote(feats):
     save_features(d / "b" / "test_imgs", "image", iids, im, fmt="npy")  # --image-feat-output-path feats/test_imgs
     save_features(d / "b" / "test_texts", "text", tids, t, fmt="jsonl")  # --format jsonl: JSON lines at the name
     assert (d / "b" / "test_imgs.npy").is_file() and (d / "b" / "test_texts").is_file()
-    main(["--image-feats", str(d / "b" / "test_imgs"), "--text-feats", str(d / "b" / "test_texts"),
-          "--output", str(d / "base.jsonl")])
+    main(
+        [
+            "--image-feats",
+            str(d / "b" / "test_imgs"),
+            "--text-feats",
+            str(d / "b" / "test_texts"),
+            "--output",
+            str(d / "base.jsonl"),
+        ]
+    )
     main(["--image-feats", str(d / "img.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "full.jsonl")])
     assert (d / "base.jsonl").read_bytes() == (d / "full.jsonl").read_bytes()
     man = json.loads((d / "base.json").read_text())
@@ -199,20 +301,25 @@ def _files(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-
-
-
 BAD = {
     # name: (flags, words the one error line must contain); paths are relative to the feature folder
-    "swapped npy": (["--image-feats", "text.npy", "--text-feats", "img.npy"],
-                    ["img.npy", "holds image features", "swapped"]),
-    "swapped jsonl": (["--image-feats", "text.jsonl", "--text-feats", "img.jsonl"],
-                      ["img.jsonl", "holds image features", "swapped"]),
-    "swapped cn_clip jsonl without meta": (["--image-feats", "up_img.jsonl", "--text-feats", "up_img.jsonl"],
-                                           ["up_img.jsonl:1", "holds image features", "swapped"]),
+    "swapped npy": (
+        ["--image-feats", "text.npy", "--text-feats", "img.npy"],
+        ["img.npy", "holds image features", "swapped"],
+    ),
+    "swapped jsonl": (
+        ["--image-feats", "text.jsonl", "--text-feats", "img.jsonl"],
+        ["img.jsonl", "holds image features", "swapped"],
+    ),
+    "swapped cn_clip jsonl without meta": (
+        ["--image-feats", "up_img.jsonl", "--text-feats", "up_img.jsonl"],
+        ["up_img.jsonl:1", "holds image features", "swapped"],
+    ),
     "output is the text features": (["--output", "text.jsonl"], ["text.jsonl", "one of the inputs"]),
-    "output is the image ids": (["--image-feats", "img.npy", "--output", "img.ids.npy"],
-                                ["img.ids.npy", "one of the inputs"]),
+    "output is the image ids": (
+        ["--image-feats", "img.npy", "--output", "img.ids.npy"],
+        ["img.ids.npy", "one of the inputs"],
+    ),
     "manifest is the features' meta": (["--output", "text.meta.jsonl"], ["text.meta.json", "one of the inputs"]),
     "output is a folder": (["--output", "sub"], ["sub", "is a folder"]),
     "output under a file": (["--output", "img.npy/sub.jsonl"], ["img.npy/sub.jsonl", "which is a file"]),

@@ -11,12 +11,12 @@ import lmdb
 import pytest
 from PIL import Image
 
-import solution.data.build as prep
+import solution.data.make_lmdb as prep
 import solution.data.workers as prep_workers
 from solution.common import SolutionError, read_jsonl
-from solution.data.synthetic import generate
 from solution.data.lmdb_io import LMDBSplit, restricted_loads
-from solution.data.build import prepare
+from solution.data.make_lmdb import prepare
+from solution.data.synthetic import generate
 from solution.prepare import main
 
 
@@ -33,11 +33,9 @@ def _b64(data):
 def _write_muge(d, split, images, texts):
     d.mkdir(parents=True, exist_ok=True)
     with open(d / f"{split}_imgs.tsv", "w", encoding="utf-8") as f:
-        for image_id, b64 in images:
-            f.write(f"{image_id}\t{b64}\n")
+        f.writelines(f"{image_id}\t{b64}\n" for image_id, b64 in images)
     with open(d / f"{split}_texts.jsonl", "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +93,34 @@ def test_report_lists_each_bad_file_and_converted_ones(demo):
 def test_dirty_tsv_duplicates_and_textless_images(tmp_path, caplog, monkeypatch, workers):
     monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)  # workers=2: texts read by a worker, pairs written again
     good, other = _b64(_jpeg()), _b64(_jpeg((0, 0, 200)))
-    images = [(1, good), (2, _b64(b"<html>404</html>")), (3, "%%%not base64%%%"), (1, other), (4, ""),
-              ("x7", good), (5, _b64(_jpeg(fmt="PNG")))]
-    texts = [{"text_id": 10, "text": "红色的图片", "image_ids": [1, 5]},
-             {"text_id": 11, "text": "坏图片", "image_ids": [2, 3]},       # all its images are bad
-             {"text_id": 12, "text": "缺失的图片", "image_ids": [99]},      # image not in the TSV
-             {"text_id": 10, "text": "重复的编号", "image_ids": [1]},       # duplicate text id
-             {"text_id": 13, "text": "", "image_ids": [1]}]
+    images = [
+        (1, good),
+        (2, _b64(b"<html>404</html>")),
+        (3, "%%%not base64%%%"),
+        (1, other),
+        (4, ""),
+        ("x7", good),
+        (5, _b64(_jpeg(fmt="PNG"))),
+    ]
+    texts = [
+        {"text_id": 10, "text": "红色的图片", "image_ids": [1, 5]},
+        {"text_id": 11, "text": "坏图片", "image_ids": [2, 3]},  # all its images are bad
+        {"text_id": 12, "text": "缺失的图片", "image_ids": [99]},  # image not in the TSV
+        {"text_id": 10, "text": "重复的编号", "image_ids": [1]},  # duplicate text id
+        {"text_id": 13, "text": "", "image_ids": [1]},
+    ]
     _write_muge(tmp_path, "train", images, texts)
     with open(tmp_path / "train_imgs.tsv", "a", encoding="utf-8") as f:
         f.write("only-one-field\n")
     rep = prepare(tmp_path, ["train"], workers=workers, progress=False)["train"]
     reasons = {(s["image_id"], s["reason"]) for s in rep["skipped_images"]}
-    assert reasons == {(2, "not_an_image"), (3, "invalid_base64"), (4, "empty"), (None, "bad_id"),
-                       (None, "malformed_line")}
+    assert reasons == {
+        (2, "not_an_image"),
+        (3, "invalid_base64"),
+        (4, "empty"),
+        (None, "bad_id"),
+        (None, "malformed_line"),
+    }
     assert [(x["image_id"], x["reason"]) for x in rep["duplicate_images"]] == [(1, "duplicate_id")]
     split = LMDBSplit(tmp_path / "lmdb" / "train")
     assert split.image_b64(1).decode() == good  # first one wins
@@ -123,15 +135,35 @@ def test_dirty_tsv_duplicates_and_textless_images(tmp_path, caplog, monkeypatch,
 def test_our_reader_reads_cn_clip_builder_output(tmp_path, monkeypatch, workers):
     monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)  # workers=2: the pairs are written by a worker
     images = [(100 + i, _b64(_jpeg((i * 40, 10, 10)))) for i in range(5)]
-    texts = [{"text_id": 1, "text": "第一句", "image_ids": [100, 101]},
-             {"text_id": 2, "text": "第二句", "image_ids": [102, 103, 104]}]
+    texts = [
+        {"text_id": 1, "text": "第一句", "image_ids": [100, 101]},
+        {"text_id": 2, "text": "第二句", "image_ids": [102, 103, 104]},
+    ]
     _write_muge(tmp_path, "train", images, texts)
-    subprocess.run([sys.executable, "-m", "cn_clip.preprocess.build_lmdb_dataset", "--data_dir", str(tmp_path),
-                    "--splits", "train", "--lmdb_dir", str(tmp_path / "upstream")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cn_clip.preprocess.build_lmdb_dataset",
+            "--data_dir",
+            str(tmp_path),
+            "--splits",
+            "train",
+            "--lmdb_dir",
+            str(tmp_path / "upstream"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     split = LMDBSplit(tmp_path / "upstream" / "train")
     assert split.num_images == 5 and split.num_samples == 5
-    assert list(split.pairs()) == [(100, 1, "第一句"), (101, 1, "第一句"), (102, 2, "第二句"), (103, 2, "第二句"),
-                                   (104, 2, "第二句")]
+    assert list(split.pairs()) == [
+        (100, 1, "第一句"),
+        (101, 1, "第一句"),
+        (102, 2, "第二句"),
+        (103, 2, "第二句"),
+        (104, 2, "第二句"),
+    ]
     assert {i: split.image_b64(i).decode() for i in split.image_ids()} == dict(images)
     # ...and ours over the same input matches it pair for pair and image for image
     prepare(tmp_path, ["train"], lmdb_dir=tmp_path / "ours", workers=workers, progress=False)
@@ -169,11 +201,17 @@ def test_restricted_unpickler_refuses_a_malicious_pair(tmp_path):
 def _image_folder(root):
     (root / "imgs").mkdir(parents=True)
     (root / "imgs" / "a.jpg").write_bytes(_jpeg((220, 20, 20)))
-    (root / "imgs" / "b.jpg").write_bytes(_jpeg((20, 20, 220), fmt="PNG"))   # a PNG named .jpg
+    (root / "imgs" / "b.jpg").write_bytes(_jpeg((20, 20, 220), fmt="PNG"))  # a PNG named .jpg
     (root / "imgs" / "c.jpg").write_bytes(b"<html><body>403 Forbidden</body></html>")
     (root / "imgs" / "d.jpg").write_bytes(_jpeg((20, 220, 20), fmt="GIF"))
-    return [("红色方块", "imgs/a.jpg", "train"), ("蓝色方块", "imgs/b.jpg", "train"), ("红色方块", "imgs/d.jpg", "train"),
-            ("坏的", "imgs/c.jpg", "train"), ("不存在", "imgs/missing.jpg", "train"), ("绿色方块", "imgs/d.jpg", "valid")]
+    return [
+        ("红色方块", "imgs/a.jpg", "train"),
+        ("蓝色方块", "imgs/b.jpg", "train"),
+        ("红色方块", "imgs/d.jpg", "train"),
+        ("坏的", "imgs/c.jpg", "train"),
+        ("不存在", "imgs/missing.jpg", "train"),
+        ("绿色方块", "imgs/d.jpg", "valid"),
+    ]
 
 
 def _check_table_output(d, reports):
@@ -199,8 +237,19 @@ def test_csv_input(tmp_path):
         w.writerow(["text", "image_path", "split"])
         w.writerows(rows)
     out = tmp_path / "muge"
-    reports = main(["--data-dir", str(out), "--splits", "train,valid", "--csv", str(tmp_path / "raw" / "pairs.csv"),
-                    "--workers", "1", "--no-progress"])
+    reports = main(
+        [
+            "--data-dir",
+            str(out),
+            "--splits",
+            "train,valid",
+            "--csv",
+            str(tmp_path / "raw" / "pairs.csv"),
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     _check_table_output(out, reports)
 
 
@@ -212,8 +261,14 @@ def test_folder_with_captions_input(tmp_path):
                 if s == split:
                     f.write(json.dumps({"image": path, "caption": text}, ensure_ascii=False) + "\n")
     out = tmp_path / "muge"
-    reports = prepare(out, ["train", "valid"], images_dir=tmp_path / "raw",
-                      captions=str(tmp_path / "captions_{split}.jsonl"), workers=1, progress=False)
+    reports = prepare(
+        out,
+        ["train", "valid"],
+        images_dir=tmp_path / "raw",
+        captions=str(tmp_path / "captions_{split}.jsonl"),
+        workers=1,
+        progress=False,
+    )
     _check_table_output(out, reports)
 
 
@@ -238,23 +293,34 @@ def test_texts_read_by_a_worker_report_the_same(tmp_path, monkeypatch):
     """All images survive, so the pairs a worker wrote before the images were known stand; the
     texts' problems it found reach the report as they do in-process."""
     images = [(100 + i, _b64(_jpeg((i * 40, 10, 10)))) for i in range(4)]
-    texts = [{"text_id": 1, "text": "第一句", "image_ids": [100, 101]}, {"text_id": 1, "text": "重复", "image_ids": [102]},
-             {"text_id": 2, "text": "无标注"}, {"text_id": 3, "text": "  ", "image_ids": [103]},
-             {"text_id": 4, "text": "第四句", "image_ids": [103, 102]}]
+    texts = [
+        {"text_id": 1, "text": "第一句", "image_ids": [100, 101]},
+        {"text_id": 1, "text": "重复", "image_ids": [102]},
+        {"text_id": 2, "text": "无标注"},
+        {"text_id": 3, "text": "  ", "image_ids": [103]},
+        {"text_id": 4, "text": "第四句", "image_ids": [103, 102]},
+    ]
     _write_muge(tmp_path, "train", images, texts)
     with open(tmp_path / "train_texts.jsonl", "a", encoding="utf-8") as f:
         f.write("{not json\n\n")
     monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)
-    reps = [prepare(tmp_path, ["train"], lmdb_dir=tmp_path / str(w), workers=w, progress=False)["train"] for w in (1, 2)]
+    reps = [
+        prepare(tmp_path, ["train"], lmdb_dir=tmp_path / str(w), workers=w, progress=False)["train"] for w in (1, 2)
+    ]
     for key in ("num_images", "num_samples", "texts", "skipped_texts", "pairs"):
         assert reps[0][key] == reps[1][key], key
     assert reps[1]["texts"] == {"total": 6, "kept": 2, "unlabelled": 1, "skipped": 3, "with_missing_images": 0}
     assert {(t["reason"], t["where"]) for t in reps[1]["skipped_texts"]} == {
-        ("duplicate_text_id", "train_texts.jsonl:2"), ("empty_text", "train_texts.jsonl:4"),
-        ("malformed", "train_texts.jsonl:6")}
+        ("duplicate_text_id", "train_texts.jsonl:2"),
+        ("empty_text", "train_texts.jsonl:4"),
+        ("malformed", "train_texts.jsonl:6"),
+    }
     a, b = LMDBSplit(tmp_path / "1" / "train"), LMDBSplit(tmp_path / "2" / "train")
-    assert list(a.pairs()) == list(b.pairs()) == [(100, 1, "第一句"), (101, 1, "第一句"), (103, 4, "第四句"),
-                                                  (102, 4, "第四句")]
+    assert (
+        list(a.pairs())
+        == list(b.pairs())
+        == [(100, 1, "第一句"), (101, 1, "第一句"), (103, 4, "第四句"), (102, 4, "第四句")]
+    )
 
 
 def test_parallel_matches_in_process_and_resizes(tmp_path, monkeypatch):
@@ -285,8 +351,9 @@ def test_many_blocks_in_parallel_write_the_same_bytes_as_in_process(tmp_path, mo
     parallel = prepare(d, "train", lmdb_dir=tmp_path / "b", workers=2, progress=False)["train"]
     assert serial["images"]["converted"] > 0 and serial["images"] == parallel["images"]
     for name in ("imgs", "pairs"):
-        assert (tmp_path / "a" / "train" / name / "data.mdb").read_bytes() == \
-            (tmp_path / "b" / "train" / name / "data.mdb").read_bytes(), name
+        assert (tmp_path / "a" / "train" / name / "data.mdb").read_bytes() == (
+            tmp_path / "b" / "train" / name / "data.mdb"
+        ).read_bytes(), name
 
 
 def test_keyed_images_and_exact_pairs_write_the_same_bytes(tmp_path):
@@ -294,8 +361,13 @@ def test_keyed_images_and_exact_pairs_write_the_same_bytes(tmp_path):
 
     images = [(7, b"aGVsbG8="), (12, "d29ybGQ="), (3, bytearray(b"eA=="))]
     pairs = [(7, 1, "一"), (12, 2, "二"), (3, 2, "二")]
-    assert write_images(tmp_path / "a", images) == write_images(
-        tmp_path / "b", [(b"%d" % i, d.encode() if isinstance(d, str) else d) for i, d in images], keyed=True) == 3
+    assert (
+        write_images(tmp_path / "a", images)
+        == write_images(
+            tmp_path / "b", [(b"%d" % i, d.encode() if isinstance(d, str) else d) for i, d in images], keyed=True
+        )
+        == 3
+    )
     assert write_pairs(tmp_path / "a", pairs) == write_pairs(tmp_path / "b", iter(pairs), exact=True) == 3
     for name in ("imgs", "pairs"):
         assert (tmp_path / "a" / name / "data.mdb").read_bytes() == (tmp_path / "b" / name / "data.mdb").read_bytes()
@@ -332,21 +404,25 @@ def test_plain_lines_stream_through_and_every_check_agrees(tmp_path, monkeypatch
     LMDB, everything else through the full path; both checks and the in-process path agree."""
     good = [_noisy_jpeg(i) for i in range(6)]
     cut = good[5][: len(good[5]) - 200]
-    rows = [b"1\t" + base64.urlsafe_b64encode(good[0]),
-            b"2\t" + base64.b64encode(good[1]),
-            b"3\t" + base64.urlsafe_b64encode(good[2]) + b"\r",                      # CRLF
-            b"004\t" + base64.urlsafe_b64encode(good[3]),                             # id not canonical
-            b"",                                                                       # blank
-            b"5\t" + base64.urlsafe_b64encode(_noisy_jpeg(9, progressive=True)),
-            b"6\t" + base64.urlsafe_b64encode(cut),                                   # truncated
-            b"7\t" + base64.urlsafe_b64encode(_jpeg(fmt="PNG")),                      # converted
-            b"8\t" + base64.urlsafe_b64encode(good[4])[:50] + b"*" + base64.urlsafe_b64encode(good[4])[51:],
-            b"2\t" + base64.urlsafe_b64encode(good[0])]                               # duplicate id
+    rows = [
+        b"1\t" + base64.urlsafe_b64encode(good[0]),
+        b"2\t" + base64.b64encode(good[1]),
+        b"3\t" + base64.urlsafe_b64encode(good[2]) + b"\r",  # CRLF
+        b"004\t" + base64.urlsafe_b64encode(good[3]),  # id not canonical
+        b"",  # blank
+        b"5\t" + base64.urlsafe_b64encode(_noisy_jpeg(9, progressive=True)),
+        b"6\t" + base64.urlsafe_b64encode(cut),  # truncated
+        b"7\t" + base64.urlsafe_b64encode(_jpeg(fmt="PNG")),  # converted
+        b"8\t" + base64.urlsafe_b64encode(good[4])[:50] + b"*" + base64.urlsafe_b64encode(good[4])[51:],
+        b"2\t" + base64.urlsafe_b64encode(good[0]),
+    ]  # duplicate id
     d = tmp_path / "d"
     d.mkdir()
     (d / "train_imgs.tsv").write_bytes(b"\n".join(rows) + b"\n")
-    (d / "train_texts.jsonl").write_text("".join(json.dumps({"text_id": i, "text": f"t{i}", "image_ids": [i]}) + "\n"
-                                                 for i in range(1, 9)), encoding="utf-8")
+    (d / "train_texts.jsonl").write_text(
+        "".join(json.dumps({"text_id": i, "text": f"t{i}", "image_ids": [i]}) + "\n" for i in range(1, 9)),
+        encoding="utf-8",
+    )
     prep_workers.init_worker({"check": "structural"})
     block = b"\n".join(rows) + b"\n"
     blk = prep_workers.check_tsv_block(block, offset=7)
@@ -355,15 +431,20 @@ def test_plain_lines_stream_through_and_every_check_agrees(tmp_path, monkeypatch
     assert special[4] is None and special[3][1] == 4 and special[6][3] == "truncated"
     # of the plain lines only the id and where the base64 lies (CR excluded) travel back
     assert blk.lines == 10 and list(blk.ids) == [1, 2, 3, 5, 2] and list(blk.js) == [0, 1, 2, 5, 9]
-    assert [block[a - 7:b - 7] for a, b in zip(blk.starts, blk.stops)] == [rows[j].split(b"\t")[1].rstrip(b"\r")
-                                                                          for j in blk.js]
+    assert [block[a - 7 : b - 7] for a, b in zip(blk.starts, blk.stops)] == [
+        rows[j].split(b"\t")[1].rstrip(b"\r") for j in blk.js
+    ]
     monkeypatch.setattr(prep, "MIN_PARALLEL_BYTES", 0)
     monkeypatch.setattr(prep_workers, "TSV_BLOCK", 1500)  # about one line per block
-    runs = {name: prepare(d, "train", lmdb_dir=tmp_path / name, workers=w, check=c, progress=False)["train"]
-            for name, w, c in [("structural", 2, "structural"), ("full", 2, "full"), ("serial", 1, "structural")]}
+    runs = {
+        name: prepare(d, "train", lmdb_dir=tmp_path / name, workers=w, check=c, progress=False)["train"]
+        for name, w, c in [("structural", 2, "structural"), ("full", 2, "full"), ("serial", 1, "structural")]
+    }
     for name, rep in runs.items():
-        assert {(s["image_id"], s["reason"]) for s in rep["skipped_images"]} == {(6, "truncated"),
-                                                                                 (8, "invalid_base64")}, name
+        assert {(s["image_id"], s["reason"]) for s in rep["skipped_images"]} == {
+            (6, "truncated"),
+            (8, "invalid_base64"),
+        }, name
         assert [(x["image_id"], x["where"]) for x in rep["duplicate_images"]] == [(2, "line 10")], name
         assert rep["images"]["kept"] == 5 and rep["images"]["converted"] == 1, name
         split = LMDBSplit(tmp_path / name / "train")

@@ -4,6 +4,7 @@ outputs that cannot be written, --make-valid leaving an empty split, a full disk
 
 Each case: exit code 2, one ``error:`` line naming the file and what is wrong, nothing written
 half-way, the inputs and the previous LMDB untouched."""
+
 import base64
 import io
 import json
@@ -17,11 +18,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import solution.data.build as prep
+import solution.data.make_lmdb as prep
 from solution.common import run_cli
+from solution.data.inputs import Text, split_off_valid
 from solution.data.lmdb_io import LMDBSplit
 from solution.prepare import main
-from solution.data.inputs import Text, split_off_valid
 
 
 def _jpeg(color=(200, 40, 40), size=(40, 30)) -> bytes:
@@ -37,8 +38,9 @@ def _b64(data: bytes) -> str:
 def _muge(d: Path, images, texts, split="train") -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{split}_imgs.tsv").write_text("".join(f"{i}\t{b}\n" for i, b in images), encoding="utf-8")
-    (d / f"{split}_texts.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts),
-                                            encoding="utf-8")
+    (d / f"{split}_texts.jsonl").write_text(
+        "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
     return d
 
 
@@ -58,8 +60,13 @@ def _error_line(capsys, argv) -> str:
 def _snapshot(*folders: Path) -> dict:
     """Every file under ``folders`` (hidden ones too) -> its bytes (a lock file: only that it is there,
     as its content says who took it last, and when)."""
-    return {p: b"" if p.name.endswith(".lock") else p.read_bytes()
-            for d in folders if d.exists() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        p: b"" if p.name.endswith(".lock") else p.read_bytes()
+        for d in folders
+        if d.exists()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _queries(split_dir: Path) -> dict:
@@ -78,8 +85,11 @@ def _leftovers(lmdb_dir: Path) -> list[str]:
 @pytest.fixture
 def old(tmp_path):
     """A MUGE folder and the LMDB a first prepare built from it (the "previous LMDB")."""
-    d = _muge(tmp_path / "muge", [(1, _b64(_jpeg())), (2, _b64(_jpeg((0, 0, 200))))],
-              [{"text_id": 1, "text": "红色", "image_ids": [1]}, {"text_id": 2, "text": "蓝色", "image_ids": [2]}])
+    d = _muge(
+        tmp_path / "muge",
+        [(1, _b64(_jpeg())), (2, _b64(_jpeg((0, 0, 200))))],
+        [{"text_id": 1, "text": "红色", "image_ids": [1]}, {"text_id": 2, "text": "蓝色", "image_ids": [2]}],
+    )
     assert run_cli(main, _argv(d)) == 0
     assert _queries(d / "lmdb" / "train") == {"红色": [1], "蓝色": [2]}
     return d
@@ -94,11 +104,26 @@ def _blocked_run(tmp_path: Path, lmdb_dir: Path):
     raw = tmp_path / "raw"
     raw.mkdir()
     os.mkfifo(raw / "new.jpg")
-    (raw / "caps.jsonl").write_text(json.dumps({"image": "new.jpg", "text": "新的"}, ensure_ascii=False) + "\n",
-                                    encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "solution.prepare", *_argv(tmp_path / "a"), "--lmdb-dir", lmdb_dir,
-                             "--images-dir", raw, "--captions", raw / "caps.jsonl"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (raw / "caps.jsonl").write_text(
+        json.dumps({"image": "new.jpg", "text": "新的"}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "solution.prepare",
+            *_argv(tmp_path / "a"),
+            "--lmdb-dir",
+            lmdb_dir,
+            "--images-dir",
+            raw,
+            "--captions",
+            raw / "caps.jsonl",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not list(lmdb_dir.glob(".train.building*")):  # it has started building: the first output it makes
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -198,13 +223,16 @@ def test_csv_replaces_its_own_muge_files_but_not_once_the_user_changed_them(tmp_
 # ---------------------------------------------------------------- malformed CSV
 
 
-@pytest.mark.parametrize("name, body, line, what", [
-    ("pairs.csv", '红色,imgs/a.jpg\n"蓝色,imgs/b.jpg\n红色,imgs/b.jpg\n', 3, "never closed"),
-    ("pairs.csv", '红色,imgs/a.jpg\n"蓝色,imgs/b.jpg\n红色,imgs/b.jpg\n又",imgs/a.jpg\n', 3, "swallows"),
-    ("pairs.csv", '红色,imgs/a.jpg\n蓝色,"imgs/b.jpg\n红色,imgs/b.jpg\n",x\n', 3, "swallows"),
-    ("pairs.csv", '红色,imgs/a.jpg\n"蓝"色,imgs/b.jpg\n', 3, "malformed CSV"),
-    ("pairs.tsv", '红色\timgs/a.jpg\n"蓝色\timgs/b.jpg\n红色\timgs/b.jpg\n', 3, "never closed"),
-])
+@pytest.mark.parametrize(
+    "name, body, line, what",
+    [
+        ("pairs.csv", '红色,imgs/a.jpg\n"蓝色,imgs/b.jpg\n红色,imgs/b.jpg\n', 3, "never closed"),
+        ("pairs.csv", '红色,imgs/a.jpg\n"蓝色,imgs/b.jpg\n红色,imgs/b.jpg\n又",imgs/a.jpg\n', 3, "swallows"),
+        ("pairs.csv", '红色,imgs/a.jpg\n蓝色,"imgs/b.jpg\n红色,imgs/b.jpg\n",x\n', 3, "swallows"),
+        ("pairs.csv", '红色,imgs/a.jpg\n"蓝"色,imgs/b.jpg\n', 3, "malformed CSV"),
+        ("pairs.tsv", '红色\timgs/a.jpg\n"蓝色\timgs/b.jpg\n红色\timgs/b.jpg\n', 3, "never closed"),
+    ],
+)
 def test_csv_quote_left_open_is_an_error_naming_the_line(tmp_path, capsys, name, body, line, what):
     _csv_input(tmp_path / "raw")
     table = tmp_path / "raw" / name
@@ -251,8 +279,13 @@ def test_non_utf8_table_names_file_and_line(tmp_path, capsys, kind):
         table.write_bytes("text,image_path\n红色,imgs/a.jpg\n".encode() + "蓝色".encode("gbk") + b",imgs/b.jpg\n")
     else:
         table = tmp_path / "raw" / "caps.jsonl"
-        table.write_bytes(json.dumps({"image": "imgs/a.jpg", "text": "红"}).encode() + b"\n"
-                          + '{"image": "imgs/b.jpg", "text": "'.encode() + "蓝色".encode("gbk") + b'"}\n')
+        table.write_bytes(
+            json.dumps({"image": "imgs/a.jpg", "text": "红"}).encode()
+            + b"\n"
+            + b'{"image": "imgs/b.jpg", "text": "'
+            + "蓝色".encode("gbk")
+            + b'"}\n'
+        )
         extra = ["--images-dir", tmp_path / "raw", "--captions", table]
     line = _error_line(capsys, _argv(tmp_path / "out", *extra))
     assert f"{table}:{3 if kind == 'csv' else 2}: not UTF-8" in line
@@ -262,8 +295,16 @@ def test_non_utf8_table_names_file_and_line(tmp_path, capsys, kind):
 # ---------------------------------------------------------------- outputs that cannot be written
 
 
-@pytest.mark.parametrize("case", ["lmdb_dir_is_a_file", "lmdb_dir_under_a_file", "split_is_a_file",
-                                  "split_is_the_users_folder", "csv_data_dir_is_a_file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lmdb_dir_is_a_file",
+        "lmdb_dir_under_a_file",
+        "split_is_a_file",
+        "split_is_the_users_folder",
+        "csv_data_dir_is_a_file",
+    ],
+)
 def test_output_that_cannot_be_written_is_one_line_and_nothing_is_written(old, tmp_path, capsys, case):
     blocker = tmp_path / "blocker"
     blocker.write_text("mine\n", encoding="utf-8")
@@ -298,8 +339,11 @@ def test_output_that_cannot_be_written_is_one_line_and_nothing_is_written(old, t
 
 def _queries_tsv(d: Path, n: int, bad=()):
     good = _b64(_jpeg())
-    return _muge(d, [(i, "not base64!" if i in bad else good) for i in range(1, n + 1)],
-                 [{"text_id": 100 + i, "text": f"查询{i}", "image_ids": [i]} for i in range(1, n + 1)])
+    return _muge(
+        d,
+        [(i, "not base64!" if i in bad else good) for i in range(1, n + 1)],
+        [{"text_id": 100 + i, "text": f"查询{i}", "image_ids": [i]} for i in range(1, n + 1)],
+    )
 
 
 def _valid_image_ids(text_ids) -> list[int]:
@@ -312,8 +356,9 @@ def _no_locks(snapshot: dict) -> dict:
     return {p: b for p, b in snapshot.items() if not p.name.endswith(".lock")}
 
 
-@pytest.mark.parametrize("case", ["everything", "one_query", "valid_name_is_the_split", "valid_images_all_bad",
-                                  "csv_valid_images_all_bad"])
+@pytest.mark.parametrize(
+    "case", ["everything", "one_query", "valid_name_is_the_split", "valid_images_all_bad", "csv_valid_images_all_bad"]
+)
 def test_make_valid_that_leaves_an_empty_split_is_refused(tmp_path, capsys, case):
     fraction, extra, d = "0.5", [], tmp_path / "d"
     if case == "everything":
@@ -374,7 +419,7 @@ def test_disk_full_found_by_the_background_sync_is_one_line_too(old, tmp_path, c
     import errno
     import threading
 
-    import solution.data.lmdb_io as lmdb_io
+    from solution.data import lmdb_io
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -383,8 +428,11 @@ def test_disk_full_found_by_the_background_sync_is_one_line_too(old, tmp_path, c
     crashed = []
     monkeypatch.setattr(threading, "excepthook", crashed.append)
     before = _snapshot(old / "lmdb")
-    d = _muge(tmp_path / "big", [(i, _b64(_jpeg())) for i in range(2 * lmdb_io.COMMIT_EVERY + 1)],
-              [{"text_id": 1, "text": "很多", "image_ids": [0]}])
+    d = _muge(
+        tmp_path / "big",
+        [(i, _b64(_jpeg())) for i in range(2 * lmdb_io.COMMIT_EVERY + 1)],
+        [{"text_id": 1, "text": "很多", "image_ids": [0]}],
+    )
     line = _error_line(capsys, _argv(d, "--lmdb-dir", old / "lmdb"))
     assert f"disk full at {old / 'lmdb'}" in line and not crashed
     assert _snapshot(old / "lmdb") == before and _leftovers(old / "lmdb") == []

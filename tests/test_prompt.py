@@ -13,7 +13,7 @@ def test_tokens_equal_upstream_after_prompt_and_cut_to_longest():
     ours = tokenize(texts, 52, PROMPT)
     ref = upstream_tokenize([(PROMPT + t).lower().replace("“", '"').replace("”", '"') for t in texts], 52)
     assert ours.shape[1] < 52
-    assert torch.equal(ours, ref[:, : ours.shape[1]]) and not ref[:, ours.shape[1]:].any()
+    assert torch.equal(ours, ref[:, : ours.shape[1]]) and not ref[:, ours.shape[1] :].any()
 
 
 def test_cut_padding_gives_the_same_text_features(tiny_model):

@@ -5,6 +5,7 @@ working folder (with ``Chinese-CLIP/``, ``scripts/`` and ``configs/`` linked in,
 root), each as one ``bash -e`` script that must exit 0. Only README's placeholders and sizes are
 replaced, by the explicit table below, so a changed command in README is a changed command here.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,7 +46,7 @@ SUBSTITUTIONS = [
 # split the later steps use is not replaced by the CSV's.
 CSV_COMMAND = "--csv"
 # Blocks that need a server (the multi-machine search recipe) are skipped, not run.
-NEEDS_SERVER = re.compile(r"postgres|optuna-dashboard|pg_ctl|mysql://", re.I)
+NEEDS_SERVER = re.compile(r"postgres|optuna-dashboard|pg_ctl|mysql://", re.IGNORECASE)
 # Blocks README gets right but that fail today for a reason in another area: {text in the block: reason}.
 KNOWN_FAILURES: dict[str, str] = {}
 
@@ -54,8 +55,11 @@ def flow_blocks(text: str) -> list[str]:
     """The ```bash blocks of README's "The flow" section, dedented, in order."""
     start = text.index(SECTION)
     nxt = text.find("\n## ", start + len(SECTION))
-    section = text[start:nxt if nxt >= 0 else len(text)]
-    return [textwrap.dedent(m.group(2)) for m in re.finditer(r"^([ \t]*)```bash\n(.*?)^\1```", section, re.S | re.M)]
+    section = text[start : nxt if nxt >= 0 else len(text)]
+    return [
+        textwrap.dedent(m.group(2))
+        for m in re.finditer(r"^([ \t]*)```bash\n(.*?)^\1```", section, re.DOTALL | re.MULTILINE)
+    ]
 
 
 def commands(block: str) -> list[str]:
@@ -105,8 +109,15 @@ def workdir(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelConfig("ViT-Tiny", "RBT-Tiny"))
     checkpoint = w / "clip_cn_tiny.pt"  # as upstream ships them: module.-prefixed weights, no config
-    torch.save({"epoch": 0, "step": 0, "name": "clip_cn_tiny",
-                "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    torch.save(
+        {
+            "epoch": 0,
+            "step": 0,
+            "name": "clip_cn_tiny",
+            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+        },
+        checkpoint,
+    )
     images = w / "csv_images"
     images.mkdir()
     rows = ["text,image_path"]
@@ -115,10 +126,18 @@ def workdir(tmp_path_factory):
             (images / f"{q}_{j}.png").write_bytes(_png((25 * q, 120 + 60 * j, 200 - 20 * q)))
             rows.append(f"第{q}种颜色的方块,csv_images/{q}_{j}.png")
     (w / "pairs.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "SOLUTION_CACHE_DIR": str(w / "cache"), "PYTHONUNBUFFERED": "1"}
-    paths = {"data_dir": str(data), "csv_dir": str(w / "csv_data"), "checkpoint": str(checkpoint),
-             "csv": str(w / "pairs.csv")}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "SOLUTION_CACHE_DIR": str(w / "cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    paths = {
+        "data_dir": str(data),
+        "csv_dir": str(w / "csv_data"),
+        "checkpoint": str(checkpoint),
+        "csv": str(w / "pairs.csv"),
+    }
     return w, paths, env, {}
 
 

@@ -4,6 +4,7 @@ Two layers: fast tests of the search machinery against a stand-in trainer that f
 ``solution.train.main(argv, on_validation=...)`` contract, and acceptance tests that run the real
 trainer (tiny ViT-Tiny + RBT-Tiny, a few steps) on an LMDB of coloured squares.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,22 @@ import pandas as pd
 import pytest
 import yaml
 from cli_helpers import one_error_line
+from train_helpers import make_data
 
 from solution import search as search_cli
 from solution.common import SolutionError
-from solution.formats.runs import MetricsTail
-from solution.studies.config import (check_trial_flags, flags_to_argv, load_config, parse_config, suggest_params,
-                                     trial_flags)
+from solution.formats.run_files import MetricsTail
+from solution.soups.ingredients import study_checkpoints
+from solution.studies.search_config import (
+    check_trial_flags,
+    flags_to_argv,
+    load_config,
+    parse_config,
+    suggest_params,
+    trial_flags,
+)
 from solution.studies.storage import ACCEPTED, make_storage, not_counted, worker_info
 from solution.studies.study import run_search
-from solution.soups.ingredients import study_checkpoints
-from train_helpers import make_data
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- a stand-in trainer (the contract)
 
-FAKE_TRAINER = textwrap.dedent('''
+FAKE_TRAINER = textwrap.dedent("""
     import argparse, json, math, os, sys
     from pathlib import Path
 
@@ -78,7 +85,7 @@ FAKE_TRAINER = textwrap.dedent('''
 
     if __name__ == "__main__":
         main()
-''')
+""")
 
 
 @pytest.fixture
@@ -115,24 +122,35 @@ def finish(proc: subprocess.Popen, seconds: float = 300) -> tuple[bytes, bytes]:
 
 
 def fake_config(tmp_path, **study) -> dict:
-    return {"name": "s", "out": str(tmp_path / "out"), "n_trials": 3, "plots": False,
-            "pruner": {"name": "median", "n_startup_trials": 1}, "sampler": {"name": "random", "seed": 0},
-            "base": {"max-steps": 4, "valid-step-interval": 1},
-            "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-                      "freeze-vision": [True, False]},
-            **study}
+    return {
+        "name": "s",
+        "out": str(tmp_path / "out"),
+        "n_trials": 3,
+        "plots": False,
+        "pruner": {"name": "median", "n_startup_trials": 1},
+        "sampler": {"name": "random", "seed": 0},
+        "base": {"max-steps": 4, "valid-step-interval": 1},
+        "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}, "freeze-vision": [True, False]},
+        **study,
+    }
 
 
 # ---------------------------------------------------------------- config and flags
 
 
 def test_flags_from_base_and_params():
-    cfg = parse_config({"base": {"batch_size": 8, "--text-prompt": "商品：", "freeze-vision": False},
-                        "space": {"lr": {"type": "float", "low": 1e-6, "high": 1e-4, "log": True},
-                                  "text-prompt": [None, "图片："],
-                                  "lora-rank": {"type": "categorical", "choices": [0, 8]},
-                                  "lora-alpha": {"type": "int", "low": 8, "high": 32, "only_if": "lora-rank"},
-                                  "tuning": {"choices": ["full", "frozen"], "sets": {"frozen": {"freeze_vision": True}}}}})
+    cfg = parse_config(
+        {
+            "base": {"batch_size": 8, "--text-prompt": "商品：", "freeze-vision": False},
+            "space": {
+                "lr": {"type": "float", "low": 1e-6, "high": 1e-4, "log": True},
+                "text-prompt": [None, "图片："],
+                "lora-rank": {"type": "categorical", "choices": [0, 8]},
+                "lora-alpha": {"type": "int", "low": 8, "high": 32, "only_if": "lora-rank"},
+                "tuning": {"choices": ["full", "frozen"], "sets": {"frozen": {"freeze_vision": True}}},
+            },
+        }
+    )
     flags = trial_flags(cfg, {"lr": 1e-5, "text-prompt": None, "lora-rank": 0, "tuning": "frozen"})
     assert flags_to_argv(flags) == ["--batch-size", "8", "--freeze-vision", "--lr", "1e-05", "--lora-rank", "0"]
     study = optuna.create_study()
@@ -143,27 +161,30 @@ def test_flags_from_base_and_params():
         study.tell(t, 0.0)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"space": {"lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, "log range needs low > 0"),
-    ({"space": {"lr": {"type": "float", "low": 1, "high": 1}}}, "low must be below high"),
-    ({"space": {"lr": {"type": "gaussian"}}}, "type must be one of"),
-    ({"space": {"name": ["a", "b"]}}, "set by the search"),
-    ({"space": {"wd": {"type": "int", "low": 1, "high": 3, "only_if": "lr"}}}, "not in the space"),
-    ({"pruner": "sometimes"}, "pruner must be"),
-    ({"bogus": 1}, "unknown keys"),
-    ({"space": {"tuning": {"choices": ["a"], "sets": {"b": {"freeze-vision": True}}}}}, "not a choice"),
-    ({"space": {"lr": [1e-4]}, "enqueue": [{"lrr": 1e-3}]}, r"enqueue\[0\] names 'lrr', which is not in the space"),
-    ({"heartbeat": 10, "grace_period": 5}, "grace_period .* must exceed heartbeat"),
-    ({"heartbeat": -1}, "heartbeat must be a non-negative integer"),
-    ({"name": "../x"}, "name must be a plain folder name"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"space": {"lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, "log range needs low > 0"),
+        ({"space": {"lr": {"type": "float", "low": 1, "high": 1}}}, "low must be below high"),
+        ({"space": {"lr": {"type": "gaussian"}}}, "type must be one of"),
+        ({"space": {"name": ["a", "b"]}}, "set by the search"),
+        ({"space": {"wd": {"type": "int", "low": 1, "high": 3, "only_if": "lr"}}}, "not in the space"),
+        ({"pruner": "sometimes"}, "pruner must be"),
+        ({"bogus": 1}, "unknown keys"),
+        ({"space": {"tuning": {"choices": ["a"], "sets": {"b": {"freeze-vision": True}}}}}, "not a choice"),
+        ({"space": {"lr": [1e-4]}, "enqueue": [{"lrr": 1e-3}]}, r"enqueue\[0\] names 'lrr', which is not in the space"),
+        ({"heartbeat": 10, "grace_period": 5}, "grace_period .* must exceed heartbeat"),
+        ({"heartbeat": -1}, "heartbeat must be a non-negative integer"),
+        ({"name": "../x"}, "name must be a plain folder name"),
+    ],
+)
 def test_bad_config_is_one_clear_error(raw, message):
     with pytest.raises(SolutionError, match=message):
         parse_config(raw)
 
 
 def test_shipped_configs_parse_and_the_trainer_accepts_their_trials():
-    from solution.training.config import parse_args
+    from solution.training.flags import parse_args
 
     for name in ("demo-cpu", "vit-b-16-gpu", "vit-h-14-gpu"):
         cfg = load_config(ROOT / "configs" / "search" / f"{name}.yaml")
@@ -176,8 +197,9 @@ def test_shipped_configs_parse_and_the_trainer_accepts_their_trials():
         modes = set()
         for _ in range(12):  # every sampled trial is a valid train_clip.sh command line
             t = study.ask()
-            args = parse_args(flags_to_argv({**trial_flags(cfg, suggest_params(t, cfg.space)),
-                                             "logs": "/tmp/x", "name": "t"}))
+            args = parse_args(
+                flags_to_argv({**trial_flags(cfg, suggest_params(t, cfg.space)), "logs": "/tmp/x", "name": "t"})
+            )
             study.tell(t, 0.0)
             modes.add((args.lora_rank > 0, args.freeze_vision, args.freeze_text))
             assert args.lr == t.params["lr"] and args.batch_size == t.params["batch-size"]
@@ -198,9 +220,16 @@ def test_shipped_configs_parse_and_the_trainer_accepts_their_trials():
 @pytest.mark.filterwarnings("ignore:Fixed parameter")
 def test_search_records_prunes_and_survives_failures(tmp_path, fake_train):
     main, _ = fake_train
-    raw = fake_config(tmp_path, n_trials=4, plots="end", enqueue=[{"lr": 1e-2, "freeze-vision": True},  # learns: complete
-                                                      {"lr": 1e-4, "freeze-vision": False},  # slow: pruned
-                                                      {"lr": 0.9, "freeze-vision": False}])  # raises "OOM"
+    raw = fake_config(
+        tmp_path,
+        n_trials=4,
+        plots="end",
+        enqueue=[
+            {"lr": 1e-2, "freeze-vision": True},  # learns: complete
+            {"lr": 1e-4, "freeze-vision": False},  # slow: pruned
+            {"lr": 0.9, "freeze-vision": False},
+        ],
+    )  # raises "OOM"
     cfg = parse_config(raw)
     summary = run_search(cfg, train_main=main)
     df = pd.read_csv(tmp_path / "out" / "s" / "trials.csv")
@@ -208,7 +237,7 @@ def test_search_records_prunes_and_survives_failures(tmp_path, fake_train):
     assert list(df.columns[:4]) == ["number", "state", "value", "run_dir"]
     assert {"params_lr", "params_freeze-vision"} <= set(df.columns)
     states = dict(zip(df["number"], df["state"]))
-    assert states[0] == "COMPLETE" and df.loc[0, "value"] == pytest.approx(100 * (1 - 2.718281828 ** -4), rel=1e-3)
+    assert states[0] == "COMPLETE" and df.loc[0, "value"] == pytest.approx(100 * (1 - 2.718281828**-4), rel=1e-3)
     assert states[1] == "PRUNED" and df.loc[1, "pruned_at"] == 1
     assert states[2] == "FAIL" and df.loc[2, "fail_reason"].startswith("out of memory")
     for row in df.itertuples():
@@ -250,8 +279,9 @@ def test_metrics_tail_reads_whole_lines_and_skips_a_torn_last_one(tmp_path, capl
 
 def test_argparse_exit_and_nan_are_failures_not_crashes(tmp_path, fake_train):
     main, _ = fake_train
-    raw = fake_config(tmp_path, n_trials=2, pruner="none", enqueue=[{"lr": 1e-3}],
-                      base={"max-steps": 2, "not-a-flag": 3})
+    raw = fake_config(
+        tmp_path, n_trials=2, pruner="none", enqueue=[{"lr": 1e-3}], base={"max-steps": 2, "not-a-flag": 3}
+    )
     summary = run_search(parse_config(raw), train_main=main)
     assert summary["fail"] == 2 and summary["complete"] == 0
     reasons = pd.read_csv(tmp_path / "out" / "s" / "trials.csv")["fail_reason"]
@@ -294,13 +324,18 @@ def test_resume_counts_toward_total_and_recovers_dead_worker(tmp_path, fake_trai
 
 def test_subprocess_mode_tails_metrics_and_kills_pruned_child(tmp_path, fake_train):
     _, script = fake_train
-    raw = fake_config(tmp_path, n_trials=2, mode="subprocess", launcher=[sys.executable, str(script)],
-                      base={"max-steps": 40, "valid-step-interval": 1, "sleep": 0.05},
-                      enqueue=[{"lr": 1e-2, "freeze-vision": True}, {"lr": 1e-4, "freeze-vision": True}])
+    raw = fake_config(
+        tmp_path,
+        n_trials=2,
+        mode="subprocess",
+        launcher=[sys.executable, str(script)],
+        base={"max-steps": 40, "valid-step-interval": 1, "sleep": 0.05},
+        enqueue=[{"lr": 1e-2, "freeze-vision": True}, {"lr": 1e-4, "freeze-vision": True}],
+    )
     summary = run_search(parse_config(raw), train_main=None)
     df = pd.read_csv(tmp_path / "out" / "s" / "trials.csv")
     assert list(df["state"]) == ["COMPLETE", "PRUNED"], summary
-    assert df.loc[0, "value"] == pytest.approx(100 * (1 - 2.718281828 ** -40), rel=1e-3)
+    assert df.loc[0, "value"] == pytest.approx(100 * (1 - 2.718281828**-40), rel=1e-3)
     pruned_lines = (Path(df.loc[1, "run_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert len(pruned_lines) < 2 * 40  # the child was stopped early
 
@@ -308,9 +343,16 @@ def test_subprocess_mode_tails_metrics_and_kills_pruned_child(tmp_path, fake_tra
 def test_two_cli_workers_share_a_journal_study(tmp_path, fake_train):
     """Journal storage (many machines, NFS) with subprocess trials: two CLI workers, one study."""
     _, script = fake_train
-    raw = fake_config(tmp_path, n_trials=6, mode="subprocess", launcher=[sys.executable, str(script)],
-                      pruner="none", sampler={"name": "random"}, storage=f"journal:{tmp_path / 'shared' / 'j.log'}",
-                      base={"max-steps": 3, "valid-step-interval": 1, "sleep": 0.2})
+    raw = fake_config(
+        tmp_path,
+        n_trials=6,
+        mode="subprocess",
+        launcher=[sys.executable, str(script)],
+        pruner="none",
+        sampler={"name": "random"},
+        storage=f"journal:{tmp_path / 'shared' / 'j.log'}",
+        base={"max-steps": 3, "valid-step-interval": 1, "sleep": 0.2},
+    )
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml")]
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
@@ -326,8 +368,14 @@ def test_two_cli_workers_share_a_journal_study(tmp_path, fake_train):
 
 def test_sigterm_stops_the_child_and_requeues_the_trial(tmp_path, fake_train):
     _, script = fake_train
-    raw = fake_config(tmp_path, n_trials=2, mode="subprocess", launcher=[sys.executable, str(script)],
-                      pruner="none", base={"max-steps": 40, "valid-step-interval": 1, "sleep": 0.25})
+    raw = fake_config(
+        tmp_path,
+        n_trials=2,
+        mode="subprocess",
+        launcher=[sys.executable, str(script)],
+        pruner="none",
+        base={"max-steps": 40, "valid-step-interval": 1, "sleep": 0.25},
+    )
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
@@ -358,8 +406,9 @@ def test_sigterm_stops_the_child_and_requeues_the_trial(tmp_path, fake_train):
 def run_cli_search(*args, trials_run: bool = False) -> tuple[int, str, list[str]]:
     """``python -m solution.search ARGS``: exit code, stdout, and the ``error:`` lines of stderr, the
     last of which ends it (Optuna logs the traceback of a failed trial; nothing else may)."""
-    proc = subprocess.Popen([sys.executable, "-m", "solution.search", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "solution.search", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     out, err = finish(proc)
     lines = err.decode().splitlines()
     errors = [ln for ln in lines if ln.startswith("error:")]
@@ -370,10 +419,15 @@ def run_cli_search(*args, trials_run: bool = False) -> tuple[int, str, list[str]
 
 def real_trainer_config(tmp_path, **changes) -> Path:
     """A search of the real trainer (no launcher) whose trials would fail at once: no LMDB there."""
-    raw = {"name": "s", "out": str(tmp_path / "out"), "n_trials": 2, "plots": False, "sampler": "random",
-           "base": {"train-data": str(tmp_path / "no-lmdb"), "device": "cpu", "max-steps": 2},
-           "space": {"lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
-                     "augment": ["none", "gentle"]}}
+    raw = {
+        "name": "s",
+        "out": str(tmp_path / "out"),
+        "n_trials": 2,
+        "plots": False,
+        "sampler": "random",
+        "base": {"train-data": str(tmp_path / "no-lmdb"), "device": "cpu", "max-steps": 2},
+        "space": {"lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}, "augment": ["none", "gentle"]},
+    }
     for key, value in changes.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
     path = tmp_path / "search.yaml"
@@ -381,25 +435,43 @@ def real_trainer_config(tmp_path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("changes, sets, message", [
-    ({}, ["lrr=1e-4"], r"--set lrr=1e-4: --lrr is not a flag of solution.train \(did you mean --lr\?\)"),
-    ({"base": {"batch_sise": 8}}, [], r"base key 'batch-sise': --batch-sise is not a flag .*--batch-size"),
-    ({"space": {"augment": ["none", "strong"]}}, [], r"space entry 'augment' = 'strong' cannot start: "
-                                                     r"argument --augment: invalid choice: 'strong'"),
-    ({}, ["lora-rank=true"], r"the first trial cannot start: argument --lora-rank: expected one argument"),
-    ({}, ["max-steps=many"], r"argument --max-steps: invalid int value: 'many'"),
-    ({"space": {"warmup": {"type": "int", "low": -5, "high": 10}}}, [],
-     r"the first trial cannot start: .*--warmup -5"),  # the trainer's own range check, at the range's low end
-    ({"space": {"lora-dropout": {"type": "float", "low": 0.0, "high": 1.5}}}, [],
-     r"space entry 'lora-dropout' = 1.5 cannot start: .*--lora-dropout 1.5"),  # ... and at its high end
-    ({"space": {"tune": {"choices": ["a", "b"], "sets": {"b": {"freeze-visoin": True}}}}}, [],
-     r"space entry 'tune', sets.b: --freeze-visoin is not a flag"),
-])
-def test_a_config_that_cannot_start_a_trial_is_refused_before_the_first(tmp_path, capsys, monkeypatch, changes,
-                                                                       sets, message):
+@pytest.mark.parametrize(
+    "changes, sets, message",
+    [
+        ({}, ["lrr=1e-4"], r"--set lrr=1e-4: --lrr is not a flag of solution.train \(did you mean --lr\?\)"),
+        ({"base": {"batch_sise": 8}}, [], r"base key 'batch-sise': --batch-sise is not a flag .*--batch-size"),
+        (
+            {"space": {"augment": ["none", "strong"]}},
+            [],
+            r"space entry 'augment' = 'strong' cannot start: "
+            r"argument --augment: invalid choice: 'strong'",
+        ),
+        ({}, ["lora-rank=true"], r"the first trial cannot start: argument --lora-rank: expected one argument"),
+        ({}, ["max-steps=many"], r"argument --max-steps: invalid int value: 'many'"),
+        (
+            {"space": {"warmup": {"type": "int", "low": -5, "high": 10}}},
+            [],
+            r"the first trial cannot start: .*--warmup -5",
+        ),  # the trainer's own range check, at the range's low end
+        (
+            {"space": {"lora-dropout": {"type": "float", "low": 0.0, "high": 1.5}}},
+            [],
+            r"space entry 'lora-dropout' = 1.5 cannot start: .*--lora-dropout 1.5",
+        ),  # ... and at its high end
+        (
+            {"space": {"tune": {"choices": ["a", "b"], "sets": {"b": {"freeze-visoin": True}}}}},
+            [],
+            r"space entry 'tune', sets.b: --freeze-visoin is not a flag",
+        ),
+    ],
+)
+def test_a_config_that_cannot_start_a_trial_is_refused_before_the_first(
+    tmp_path, capsys, monkeypatch, changes, sets, message
+):
     config = real_trainer_config(tmp_path, **changes)  # in-process (run_cli, as the shell wrapper): one error line
-    rc, error = one_error_line(capsys, monkeypatch, search_cli.main,
-                               ["--config", str(config), *[a for kv in sets for a in ("--set", kv)]])
+    rc, error = one_error_line(
+        capsys, monkeypatch, search_cli.main, ["--config", str(config), *[a for kv in sets for a in ("--set", kv)]]
+    )
     assert rc == 2
     assert error.startswith(f"error: {config}: ") and re.search(message, error), error
     assert not (tmp_path / "out").exists()  # refused before the study was created
@@ -407,8 +479,13 @@ def test_a_config_that_cannot_start_a_trial_is_refused_before_the_first(tmp_path
 
 def test_a_search_in_which_no_trial_completes_exits_non_zero(tmp_path, fake_train):
     _, script = fake_train
-    raw = fake_config(tmp_path, n_trials=2, mode="subprocess", launcher=[sys.executable, str(script)],
-                      space={"lr": {"type": "float", "low": 0.5, "high": 0.9}})  # the stand-in runs out of memory
+    raw = fake_config(
+        tmp_path,
+        n_trials=2,
+        mode="subprocess",
+        launcher=[sys.executable, str(script)],
+        space={"lr": {"type": "float", "low": 0.5, "high": 0.9}},
+    )  # the stand-in runs out of memory
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     rc, out, errors = run_cli_search("--config", tmp_path / "s.yaml", trials_run=True)
     assert rc == 2 and len(errors) == 1, errors
@@ -437,13 +514,18 @@ def test_a_config_without_out_keeps_its_study_under_runs_search(tmp_path, fake_t
     assert "s.yaml gives no out: the study folder is runs/search/s" in caplog.text
 
 
-@pytest.mark.parametrize("url, message", [
-    ("foo://bar", "unknown scheme 'foo'"),
-    ("postgres://me@localhost/optuna", "unknown scheme 'postgres'"),  # postgresql:// is the name
-    ("study.db", "not a URL"),
-    ("postgresql://me:secret@127.0.0.1:1/optuna",  # nothing listens on port 1
-     r"cannot open storage 'postgresql://me:\*\*\*@127.0.0.1:1/optuna': .*refused"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("foo://bar", "unknown scheme 'foo'"),
+        ("postgres://me@localhost/optuna", "unknown scheme 'postgres'"),  # postgresql:// is the name
+        ("study.db", "not a URL"),
+        (
+            "postgresql://me:secret@127.0.0.1:1/optuna",  # nothing listens on port 1
+            r"cannot open storage 'postgresql://me:\*\*\*@127.0.0.1:1/optuna': .*refused",
+        ),
+    ],
+)
 def test_storage_url_errors_are_one_line(tmp_path, url, message):
     config = real_trainer_config(tmp_path)
     with pytest.raises(SolutionError, match=message) as e:
@@ -456,16 +538,29 @@ def test_storage_url_errors_are_one_line(tmp_path, url, message):
 
 
 def test_unknown_storage_scheme_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
-    rc, error = one_error_line(capsys, monkeypatch, search_cli.main,
-                               ["--config", str(real_trainer_config(tmp_path)), "--storage", "foo://bar"])
+    rc, error = one_error_line(
+        capsys, monkeypatch, search_cli.main, ["--config", str(real_trainer_config(tmp_path)), "--storage", "foo://bar"]
+    )
     assert rc == 2 and error == f"error: storage 'foo://bar': unknown scheme 'foo'; accepted: {ACCEPTED}"
 
 
 # ---------------------------------------------------------------- acceptance: the real trainer
 
-TINY = {"vision-model": "ViT-Tiny", "text-model": "RBT-Tiny", "context-length": 16, "valid-batch-size": 32,
-        "num-workers": 0, "valid-num-workers": 0, "precision": "fp32", "device": "cpu", "no-progress": True,
-        "no-plot": True, "valid-epoch-interval": 0, "save-epoch-frequency": 0, "log-interval": 2}
+TINY = {
+    "vision-model": "ViT-Tiny",
+    "text-model": "RBT-Tiny",
+    "context-length": 16,
+    "valid-batch-size": 32,
+    "num-workers": 0,
+    "valid-num-workers": 0,
+    "precision": "fp32",
+    "device": "cpu",
+    "no-progress": True,
+    "no-plot": True,
+    "valid-epoch-interval": 0,
+    "save-epoch-frequency": 0,
+    "log-interval": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -475,34 +570,69 @@ def squares(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("squares")
     tr, va = make_data(root)  # the trainer tests' coloured squares: 6 train / 3 valid images per colour
-    base = train.main(flags_to_argv({**TINY, "train-data": tr, "val-data": va, "logs": root / "runs", "name": "base",
-                                     "batch-size": 16, "max-steps": 20, "valid-step-interval": 20, "lr": 4e-3,
-                                     "warmup": 2, "wd": 0.01}))
+    base = train.main(
+        flags_to_argv(
+            {
+                **TINY,
+                "train-data": tr,
+                "val-data": va,
+                "logs": root / "runs",
+                "name": "base",
+                "batch-size": 16,
+                "max-steps": 20,
+                "valid-step-interval": 20,
+                "lr": 4e-3,
+                "warmup": 2,
+                "wd": 0.01,
+            }
+        )
+    )
     assert base["best"]["mean_recall"] > 50, base["best"]  # it learned: fine-tunes have something to keep
     return tr, va, Path(base["best_checkpoint"]), base["best"]["mean_recall"]
 
 
 def real_config(squares, out: Path, **study) -> dict:
     tr, va, base, _ = squares
-    return {"name": "real", "out": str(out), "n_trials": 3, "plots": "end", "sampler": {"name": "random"},
-            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
-            "base": {**TINY, "train-data": str(tr), "val-data": str(va), "resume": str(base), "reset-optimizer": True,
-                     "reset-data-offset": True, "batch-size": 16, "max-steps": 4, "valid-step-interval": 2,
-                     "warmup": 0},
-            "space": {"lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
-                      "wd": {"type": "float", "low": 0.001, "high": 0.1, "log": True},
-                      "batch-size": [16, 4096]},
-            **study}
+    return {
+        "name": "real",
+        "out": str(out),
+        "n_trials": 3,
+        "plots": "end",
+        "sampler": {"name": "random"},
+        "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        "base": {
+            **TINY,
+            "train-data": str(tr),
+            "val-data": str(va),
+            "resume": str(base),
+            "reset-optimizer": True,
+            "reset-data-offset": True,
+            "batch-size": 16,
+            "max-steps": 4,
+            "valid-step-interval": 2,
+            "warmup": 0,
+        },
+        "space": {
+            "lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+            "wd": {"type": "float", "low": 0.001, "high": 0.1, "log": True},
+            "batch-size": [16, 4096],
+        },
+        **study,
+    }
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter")  # the diverging lr lies outside the sampled range
 def test_real_search_completes_prunes_diverging_lr_and_survives_a_raising_trial(tmp_path, squares):
     base_recall = squares[3]
-    raw = real_config(squares, tmp_path, enqueue=[
-        {"lr": 1e-4, "wd": 0.01, "batch-size": 16},    # a sane fine-tune: keeps the base's recall
-        {"lr": 0.05, "wd": 0.01, "batch-size": 16},    # diverges: far below the median at the first validation
-        {"lr": 1e-4, "wd": 0.01, "batch-size": 4096},  # the trainer raises: batch larger than the data
-    ])
+    raw = real_config(
+        squares,
+        tmp_path,
+        enqueue=[
+            {"lr": 1e-4, "wd": 0.01, "batch-size": 16},  # a sane fine-tune: keeps the base's recall
+            {"lr": 0.05, "wd": 0.01, "batch-size": 16},  # diverges: far below the median at the first validation
+            {"lr": 1e-4, "wd": 0.01, "batch-size": 4096},  # the trainer raises: batch larger than the data
+        ],
+    )
     summary = run_search(parse_config(raw))
     assert (summary["n_trials"], summary["complete"], summary["pruned"], summary["fail"]) == (3, 1, 1, 1), summary
     df = pd.read_csv(tmp_path / "real" / "trials.csv")
@@ -516,7 +646,7 @@ def test_real_search_completes_prunes_diverging_lr_and_survives_a_raising_trial(
     assert (run0 / "checkpoints" / "best.pt").is_file()
     command = (tmp_path / "real" / "best_command.sh").read_text()
     assert f"--resume {squares[2]}" in command and "--lr 0.0001" in command and "--name real-best" in command
-    from solution.training.config import parse_args
+    from solution.training.flags import parse_args
 
     again = parse_args(["--config", str(tmp_path / "real" / "best_config.yaml")])  # train_clip.sh --config
     assert (again.lr, again.resume, again.name, again.max_steps) == (1e-4, str(squares[2]), "real-best", 4)
@@ -548,8 +678,10 @@ def test_cli_resumes_after_kill_and_two_workers_share_the_study(tmp_path, square
     before = optuna.load_study(study_name="real", storage=storage).trials
     assert before[0].state.name == "COMPLETE"
 
-    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / f"w{i}.log", "w"), env=env)
-               for i in range(2)]
+    workers = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / f"w{i}.log", "w"), env=env)
+        for i in range(2)
+    ]
     for i, w in enumerate(workers):
         out, _ = finish(w)
         assert w.returncode == 0, (tmp_path / f"w{i}.log").read_text()[-2000:]
@@ -565,7 +697,7 @@ def test_cli_resumes_after_kill_and_two_workers_share_the_study(tmp_path, square
     assert not [t.number for t in started if t.state.name == "RUNNING"]  # the killed one was failed and re-run
     assert 6 <= len(real) <= 7  # the target; a race between two workers may add at most one
     assert len({t.user_attrs["run_dir"] for t in started}) == len(started)
-    assert len({t.user_attrs["worker"]["pid"] for t in trials[len(before):]}) == 2  # both workers ran trials
+    assert len({t.user_attrs["worker"]["pid"] for t in trials[len(before) :]}) == 2  # both workers ran trials
     assert all(t.state.name == "FAIL" for t in trials if not_counted(t))
     for t in real:
         lines = (Path(t.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()

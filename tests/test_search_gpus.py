@@ -4,6 +4,7 @@ Leases are flocks on files in a lease folder: disjoint across concurrent trials 
 when a trial ends, raises or its process is killed; a trial's child gets them as its own
 CUDA_VISIBLE_DEVICES (the search's environment is left alone); the log and trials.csv name them.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,13 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from test_search import FAKE_TRAINER, fake_config, finish, run_cli_search, wait_for
 
 from solution.common import SolutionError
-from solution.studies.config import parse_config
 from solution.studies.gpus import GpuPool, gpu_pool
+from solution.studies.search_config import parse_config
 from solution.studies.storage import make_storage
 from solution.studies.study import run_search
-from test_search import FAKE_TRAINER, fake_config, finish, run_cli_search, wait_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,9 +45,8 @@ def test_leases_are_disjoint_wait_and_come_back_on_exit_and_on_error(tmp_path, c
     b = GpuPool(["0", "1", "2", "3"], 2, tmp_path)
     with a.lease("trial 0") as l0, b.lease("trial 1") as l1:
         assert (l0.gpus, l1.gpus) == (["0", "1"], ["2", "3"])
-        with caplog.at_level(logging.INFO), pytest.raises(Waited):
-            with b.lease("trial 2", sleep=_no_wait):
-                pass
+        with caplog.at_level(logging.INFO), pytest.raises(Waited), b.lease("trial 2", sleep=_no_wait):
+            pass
         assert "trial 2: waiting for 2 free GPU(s) of 0,1,2,3" in caplog.text
         assert "GPU 0: " in caplog.text and f"pid {os.getpid()}: trial 0" in caplog.text
         assert l1.env({"PATH": "/bin"}) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "2,3"}
@@ -56,19 +56,25 @@ def test_leases_are_disjoint_wait_and_come_back_on_exit_and_on_error(tmp_path, c
     with a.lease("trial 4") as l4, b.lease("trial 5") as l5:
         assert (l4.gpus, l5.gpus) == (["0", "1"], ["2", "3"])
     one = GpuPool(["0", "1", "2"], 2, tmp_path)  # 3 GPUs, 2 a trial: one trial at a time
-    with one.lease("trial 6"), pytest.raises(Waited):
-        with one.lease("trial 7", sleep=_no_wait):
-            pass
+    with one.lease("trial 6"), pytest.raises(Waited), one.lease("trial 7", sleep=_no_wait):
+        pass
 
 
 def test_a_killed_worker_s_gpus_are_free_again(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from solution.studies.gpus import GpuPool
         with GpuPool(["0", "1"], 1, {str(tmp_path)!r}).lease("trial 0") as lease:
             print(",".join(lease.gpus), flush=True)
             time.sleep(300)
-    """)], stdout=subprocess.PIPE)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+    )
     assert holder.stdout.readline().decode().strip() == "0"
     pool = GpuPool(["0", "1"], 1, tmp_path)
     with pool.lease("trial 1") as lease:
@@ -79,27 +85,37 @@ def test_a_killed_worker_s_gpus_are_free_again(tmp_path):
         assert (a.gpus, b.gpus) == (["0"], ["1"])  # the kernel dropped the dead worker's lock
 
 
-@pytest.mark.parametrize("study, env, message", [
-    ({"gpus_per_trial": 3, "gpus": "0,1"}, None, r"gpus_per_trial 3 exceeds the 2 GPU\(s\) this worker may use "
-                                                  r"\(0,1, from --gpus\)"),
-    ({"gpus_per_trial": 2}, "0", r"gpus_per_trial 2 exceeds the 1 GPU\(s\) .*\(0, from CUDA_VISIBLE_DEVICES\)"),
-    ({"gpus_per_trial": 1}, "", r"exceeds the 0 GPU\(s\) .*\(none, from CUDA_VISIBLE_DEVICES\)"),
-    ({"gpus_per_trial": 1, "gpus": "2,7"}, "2,3", "GPU 7 is not among this worker's CUDA_VISIBLE_DEVICES=2,3"),
-])
+@pytest.mark.parametrize(
+    "study, env, message",
+    [
+        (
+            {"gpus_per_trial": 3, "gpus": "0,1"},
+            None,
+            r"gpus_per_trial 3 exceeds the 2 GPU\(s\) this worker may use "
+            r"\(0,1, from --gpus\)",
+        ),
+        ({"gpus_per_trial": 2}, "0", r"gpus_per_trial 2 exceeds the 1 GPU\(s\) .*\(0, from CUDA_VISIBLE_DEVICES\)"),
+        ({"gpus_per_trial": 1}, "", r"exceeds the 0 GPU\(s\) .*\(none, from CUDA_VISIBLE_DEVICES\)"),
+        ({"gpus_per_trial": 1, "gpus": "2,7"}, "2,3", "GPU 7 is not among this worker's CUDA_VISIBLE_DEVICES=2,3"),
+    ],
+)
 def test_a_worker_without_the_gpus_it_needs_is_one_error(tmp_path, study, env, message):
     cfg = parse_config(fake_config(tmp_path, mode="subprocess", launcher=["x"], **study))
     with pytest.raises(SolutionError, match=message):
         gpu_pool(cfg, env={} if env is None else {"CUDA_VISIBLE_DEVICES": env})
 
 
-@pytest.mark.parametrize("study, message", [
-    ({"gpus_per_trial": 2}, "gpus_per_trial 2 needs mode: subprocess"),
-    ({"gpus_per_trial": -1}, "gpus_per_trial must be a non-negative integer"),
-    ({"gpus_per_trial": 1, "gpus": "0,0"}, "GPU 0 is named twice"),
-    ({"gpus_per_trial": 1, "gpus": "0,a b"}, "'a b' is not a GPU id"),
-    ({"gpus_per_trial": 1, "base": {"device": "cpu"}}, "gpus_per_trial 1 with device cpu"),
-    ({"gpus_per_trial": 1, "mode": "subprocess", "base": {"device": "cuda:1"}}, "device cuda:1 names one GPU"),
-])
+@pytest.mark.parametrize(
+    "study, message",
+    [
+        ({"gpus_per_trial": 2}, "gpus_per_trial 2 needs mode: subprocess"),
+        ({"gpus_per_trial": -1}, "gpus_per_trial must be a non-negative integer"),
+        ({"gpus_per_trial": 1, "gpus": "0,0"}, "GPU 0 is named twice"),
+        ({"gpus_per_trial": 1, "gpus": "0,a b"}, "'a b' is not a GPU id"),
+        ({"gpus_per_trial": 1, "base": {"device": "cpu"}}, "gpus_per_trial 1 with device cpu"),
+        ({"gpus_per_trial": 1, "mode": "subprocess", "base": {"device": "cuda:1"}}, "device cuda:1 names one GPU"),
+    ],
+)
 def test_bad_gpu_settings_are_one_clear_error(tmp_path, study, message):
     with pytest.raises(SolutionError, match=message):
         parse_config(fake_config(tmp_path, **study))
@@ -130,7 +146,7 @@ def test_inprocess_trial_gets_its_gpu_as_a_device_and_the_environment_stays(tmp_
     assert list(df["gpus"]) == [5, 5]
 
 
-SPY = textwrap.dedent('''
+SPY = textwrap.dedent("""
     import json, os, sys, time
     sys.path.insert(0, os.path.dirname(__file__))
     from fake_trainer import main
@@ -141,18 +157,35 @@ SPY = textwrap.dedent('''
     main(argv)
     with open(os.path.join(run, "spy.json"), "w") as f:
         json.dump({"cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start, "end": time.time()}, f)
-''')
+""")
 
 
 def test_two_workers_trials_get_disjoint_gpus_through_their_child_s_environment(tmp_path):
     (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
     (tmp_path / "spy.py").write_text(SPY)
-    raw = fake_config(tmp_path, n_trials=4, mode="subprocess", launcher=[sys.executable, str(tmp_path / "spy.py")],
-                      pruner="none", storage=f"journal:{tmp_path / 'j.log'}",
-                      base={"max-steps": 3, "valid-step-interval": 1, "sleep": 0.3})
+    raw = fake_config(
+        tmp_path,
+        n_trials=4,
+        mode="subprocess",
+        launcher=[sys.executable, str(tmp_path / "spy.py")],
+        pruner="none",
+        storage=f"journal:{tmp_path / 'j.log'}",
+        base={"max-steps": 3, "valid-step-interval": 1, "sleep": 0.3},
+    )
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml"), "--gpus-per-trial", "2",
-           "--gpus", "0,1,2,3", "--gpu-lease-dir", str(tmp_path / "leases")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "solution.search",
+        "--config",
+        str(tmp_path / "s.yaml"),
+        "--gpus-per-trial",
+        "2",
+        "--gpus",
+        "0,1,2,3",
+        "--gpu-lease-dir",
+        str(tmp_path / "leases"),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(2)]
     outs = [finish(w) for w in workers]
@@ -182,13 +215,28 @@ def test_two_workers_trials_get_disjoint_gpus_through_their_child_s_environment(
 def test_a_child_that_outlives_its_killed_worker_keeps_its_gpus(tmp_path):
     """The trial's child inherits the lock: GPUs in use by an orphan are not handed out."""
     (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
-    raw = fake_config(tmp_path, n_trials=1, mode="subprocess", pruner="none",
-                      launcher=[sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGTERM, "
-                                "signal.SIG_IGN); open('started', 'w').write(str(os.getpid())); time.sleep(300)"],
-                      gpus_per_trial=1, gpus="0", gpu_lease_dir=str(tmp_path / "leases"))
+    raw = fake_config(
+        tmp_path,
+        n_trials=1,
+        mode="subprocess",
+        pruner="none",
+        launcher=[
+            sys.executable,
+            "-c",
+            "import os, signal, time; signal.signal(signal.SIGTERM, "
+            "signal.SIG_IGN); open('started', 'w').write(str(os.getpid())); time.sleep(300)",
+        ],
+        gpus_per_trial=1,
+        gpus="0",
+        gpu_lease_dir=str(tmp_path / "leases"),
+    )
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
-    worker = subprocess.Popen([sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml")],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml")],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     started = tmp_path / "started"
     wait_for(lambda: started.exists() and started.read_text(), worker, 120, "the trial's child")
     orphan = int(started.read_text())

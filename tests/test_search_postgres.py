@@ -5,6 +5,7 @@ for this module in a temporary folder on a free localhost port and stopped at th
 run as root, so as root it runs as the ``postgres`` user. The test is skipped only where the server
 binaries are absent.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,19 +22,19 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-
-from solution.studies.storage import DIED, not_counted
-from solution.soups.ingredients import study_checkpoints
 from test_search import fake_config, fake_train, finish, wait_for  # noqa: F401 (fake_train is a fixture)
+
+from solution.soups.ingredients import study_checkpoints
+from solution.studies.storage import DIED, not_counted
 
 log = logging.getLogger(__name__)
 
 
 def _pg_bindir() -> Path | None:
-    found = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "pg_ctl").is_file()
-             and (p / "initdb").is_file()]
-    return max(found, key=lambda p: tuple(int(x) for x in p.parent.name.split(".") if x.isdigit())) \
-        if found else None
+    found = [
+        p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "pg_ctl").is_file() and (p / "initdb").is_file()
+    ]
+    return max(found, key=lambda p: tuple(int(x) for x in p.parent.name.split(".") if x.isdigit())) if found else None
 
 
 def _free_port() -> int:
@@ -47,8 +48,10 @@ def postgres_url():
     """``postgresql://postgres@127.0.0.1:PORT/postgres`` of a throwaway server (trust auth, no fsync)."""
     bindir = _pg_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin; "
-                    "apt-get install postgresql")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin; "
+            "apt-get install postgresql"
+        )
     root = Path(tempfile.mkdtemp(prefix="search-pg-"))  # under /tmp: the postgres user must reach it
     as_pg: list[str] = []
     if os.geteuid() == 0:  # the server refuses to run as root
@@ -60,13 +63,44 @@ def postgres_url():
     data, logfile = root / "data", root / "server.log"
     started = False
     try:
-        subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                        "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                *as_pg,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         for _ in range(3):  # a free port may be taken between the probe and the start
             port = _free_port()
             opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-            r = subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", "60",
-                                "-o", opts, "start"], capture_output=True, timeout=120)
+            r = subprocess.run(
+                [
+                    *as_pg,
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(logfile),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    opts,
+                    "start",
+                ],
+                capture_output=True,
+                timeout=120,
+            )
             if r.returncode == 0:
                 started = True
                 break
@@ -74,8 +108,11 @@ def postgres_url():
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         if started:
-            subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                timeout=120,
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -84,9 +121,19 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, fake_train, po
     older than the grace period, re-runs its parameters, and the study ends with its full budget."""
     _, script = fake_train
     n_trials = 8  # enough that worker 0 completes one and is killed in its next, even if it starts late
-    raw = fake_config(tmp_path, name="pg", n_trials=n_trials, mode="subprocess", pruner="none",
-                      launcher=[sys.executable, str(script)], sampler={"name": "random"}, plots="end",
-                      heartbeat=1, grace_period=4, base={"max-steps": 8, "valid-step-interval": 1, "sleep": 0.25})
+    raw = fake_config(
+        tmp_path,
+        name="pg",
+        n_trials=n_trials,
+        mode="subprocess",
+        pruner="none",
+        launcher=[sys.executable, str(script)],
+        sampler={"name": "random"},
+        plots="end",
+        heartbeat=1,
+        grace_period=4,
+        base={"max-steps": 8, "valid-step-interval": 1, "sleep": 0.25},
+    )
     (tmp_path / "pg.yaml").write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "pg.yaml"), "--storage", postgres_url]
     storage = optuna.storages.RDBStorage(postgres_url)
@@ -100,8 +147,9 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, fake_train, po
             study = optuna.load_study(study_name="pg", storage=storage)
         except KeyError:  # not created yet
             return False
-        mine = [t for t in study.get_trials(deepcopy=False)
-                if (t.user_attrs.get("worker") or {}).get("pid") == victim.pid]
+        mine = [
+            t for t in study.get_trials(deepcopy=False) if (t.user_attrs.get("worker") or {}).get("pid") == victim.pid
+        ]
         if not any(t.state.name == "COMPLETE" for t in mine):
             return False
         for t in mine:
@@ -148,8 +196,16 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, fake_train, po
     summary = yaml.safe_load(out.decode().strip().splitlines()[-1])
     assert summary["complete"] == len(counted) and summary["fail"] == 1
     by_worker = {w.pid: sum(1 for t in counted if t.user_attrs["worker"]["pid"] == w.pid) for w in workers}
-    log.info("PostgreSQL run: %d trials (%d complete, %d failed = killed trial %d of worker 0, retried as trial %d "
-             "by worker 1); complete by worker 0/1: %d/%d; killed at %.1f s; wall %.1f s",
-             len(trials), len(counted), states.count("FAIL"), dead.number, retries[0].number,
-             by_worker[victim.pid], by_worker[workers[1].pid], t_kill, wall)
-
+    log.info(
+        "PostgreSQL run: %d trials (%d complete, %d failed = killed trial %d of worker 0, retried as trial %d "
+        "by worker 1); complete by worker 0/1: %d/%d; killed at %.1f s; wall %.1f s",
+        len(trials),
+        len(counted),
+        states.count("FAIL"),
+        dead.number,
+        retries[0].number,
+        by_worker[victim.pid],
+        by_worker[workers[1].pid],
+        t_kill,
+        wall,
+    )

@@ -1,5 +1,6 @@
 """Significance in comparisons: per-query hits files (solution.formats.hits) and the paired-bootstrap
 columns of the comparison table (solution.report.significance through solution.compare)."""
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,10 @@ import pytest
 from solution import compare as compare_cli
 from solution.common import SolutionError, write_json, write_jsonl
 from solution.formats.hits import align, read_hits, write_hits
-from solution.report import compare, runs, significance
-from solution.retrieval.stats import mean_recall
+from solution.report import folders as runs
+from solution.report import significance
+from solution.report import table as compare
+from solution.retrieval.metrics import mean_recall
 
 IDS = list(range(100, 108))  # 8 queries
 # The best ingredient: a hit at 1/5/10 on queries 0-3, at 10 only on 4-5, none on 6-7.
@@ -32,24 +35,45 @@ def _soup(folder, soup_hits, ids=IDS, ref_hits=REF):
     write_hits(folder / "hits" / "ref", ids, ref_hits)
     write_hits(folder / "hits" / "soup", ids, soup_hits)
     ref_mr, soup_mr = mean_recall(ref_hits), mean_recall(soup_hits)
-    rows = [{"method": "ingredient", "round": 0, "members": ["a.pt"], "weights": [1.0], "mean_recall": ref_mr,
-             "kept": True, "hits": "hits/ref.hits.npy"},
-            {"method": "ingredient", "round": 0, "members": ["b.pt"], "weights": [1.0], "mean_recall": 1.0,
-             "kept": True},
-            {"method": "greedy", "round": 1, "members": ["a.pt", "b.pt"], "weights": [0.5, 0.5],
-             "mean_recall": soup_mr, "kept": True, "hits": "hits/soup.hits.npy"}]
+    rows = [
+        {
+            "method": "ingredient",
+            "round": 0,
+            "members": ["a.pt"],
+            "weights": [1.0],
+            "mean_recall": ref_mr,
+            "kept": True,
+            "hits": "hits/ref.hits.npy",
+        },
+        {"method": "ingredient", "round": 0, "members": ["b.pt"], "weights": [1.0], "mean_recall": 1.0, "kept": True},
+        {
+            "method": "greedy",
+            "round": 1,
+            "members": ["a.pt", "b.pt"],
+            "weights": [0.5, 0.5],
+            "mean_recall": soup_mr,
+            "kept": True,
+            "hits": "hits/soup.hits.npy",
+        },
+    ]
     write_jsonl(folder / "soup_log.jsonl", rows)
-    write_json(folder / "summary.json", {
-        "method": "greedy", "soups": {"greedy": {"members": ["a.pt", "b.pt"], "mean_recall": soup_mr,
-                                                 "hits": "hits/soup.hits.npy"}},
-        "best_single": {"path": "a.pt", "mean_recall": ref_mr, "hits": "hits/ref.hits.npy"}})
+    write_json(
+        folder / "summary.json",
+        {
+            "method": "greedy",
+            "soups": {"greedy": {"members": ["a.pt", "b.pt"], "mean_recall": soup_mr, "hits": "hits/soup.hits.npy"}},
+            "best_single": {"path": "a.pt", "mean_recall": ref_mr, "hits": "hits/ref.hits.npy"},
+        },
+    )
     return folder
 
 
 def _run(folder, mr):
     folder.mkdir(parents=True)
-    write_jsonl(folder / "metrics.jsonl", [{"step": 10, "epoch": 1, "kind": "valid", "set": "valid", "r1": mr,
-                                            "r5": mr, "r10": mr, "mean_recall": mr}])
+    write_jsonl(
+        folder / "metrics.jsonl",
+        [{"step": 10, "epoch": 1, "kind": "valid", "set": "valid", "r1": mr, "r5": mr, "r10": mr, "mean_recall": mr}],
+    )
     write_json(folder / "params.json", {"lr": 1e-5})
     return folder
 
@@ -118,7 +142,7 @@ def test_markdown_and_csv_carry_the_columns_rows_without_hits_get_a_note(tmp_pat
     assert run["note"] == "no per-query hits stored"
     md = compare_cli.main([str(tmp_path / "s"), str(tmp_path / "r"), "--no-plot"])
     head = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
-    assert head[head.index("vs_ref"):head.index("vs_ref") + 5] == list(significance.COLUMNS)
+    assert head[head.index("vs_ref") : head.index("vs_ref") + 5] == list(significance.COLUMNS)
     run_line = next(ln for ln in md.splitlines() if "no per-query hits stored" in ln)
     cells = dict(zip(head, (c.strip() for c in run_line.strip("|").split("|"))))
     assert cells["vs_ref"] == cells["ci_low"] == cells["ci_high"] == cells["significant"] == ""
@@ -134,8 +158,13 @@ def test_reference_is_the_best_single_row_with_hits():
     weak = runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF)))
     bare = runs.Entry("bare", "run", {"mean_recall": 99.0})  # no hits: never the reference
     cols = significance.columns([weak, best, twin, bare])
-    assert cols[1] == {"vs_ref": 0.0, "ci_low": 0.0, "ci_high": 0.0, "significant": "no",
-                       "note": "reference (best single model)"}
+    assert cols[1] == {
+        "vs_ref": 0.0,
+        "ci_low": 0.0,
+        "ci_high": 0.0,
+        "significant": "no",
+        "note": "reference (best single model)",
+    }
     assert cols[2] == {**cols[1], "note": "vs best"}  # a system equal to the reference: [0, 0]
     assert cols[0]["vs_ref"] == -100 * float(np.mean(REF.mean(axis=1))) and cols[0]["significant"] == "yes"
     assert cols[3] == {**dict.fromkeys(significance.COLUMNS), "note": "no per-query hits stored"}
@@ -158,13 +187,17 @@ def test_missing_hits_file_is_a_note_not_an_error(tmp_path):
 
 def test_report_says_in_words_which_differences_are_real():
     ids = np.asarray(IDS)
-    entries = [runs.Entry("best", "run", {"mean_recall": mean_recall(REF)}, hits=(ids, REF)),
-               runs.Entry("twin", "soup", {"mean_recall": mean_recall(REF)}, hits=(ids, REF.copy())),
-               runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF))),
-               runs.Entry("bare", "run", {"mean_recall": 1.0})]
+    entries = [
+        runs.Entry("best", "run", {"mean_recall": mean_recall(REF)}, hits=(ids, REF)),
+        runs.Entry("twin", "soup", {"mean_recall": mean_recall(REF)}, hits=(ids, REF.copy())),
+        runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF))),
+        runs.Entry("bare", "run", {"mean_recall": 1.0}),
+    ]
     words = significance.in_words(compare.table(entries))
-    assert words.startswith("Against the best single model (best), paired bootstrap over the validation queries "
-                            "(1000 resamples): real differences: weak (-58.33 points, 95% interval [")
+    assert words.startswith(
+        "Against the best single model (best), paired bootstrap over the validation queries "
+        "(1000 resamples): real differences: weak (-58.33 points, 95% interval ["
+    )
     assert words.endswith("]). Not distinguishable from it (interval contains 0): twin.")
     assert significance.in_words(compare.table(entries[3:])) == ""  # no intervals: nothing said
     same = significance.in_words(compare.table(entries[:2]))
@@ -175,7 +208,7 @@ def test_compare_reads_an_ensemble_folder_with_its_members_as_references(tmp_pat
     """An ensemble folder gives its own row and one per member; the ensemble is compared with its best member."""
     import json
 
-    from solution.retrieval.stats import paired_bootstrap
+    from solution.stats import paired_bootstrap
 
     ens = tmp_path / "ens"
     ids = list(range(8))
@@ -187,11 +220,20 @@ def test_compare_reads_an_ensemble_folder_with_its_members_as_references(tmp_pat
 
     def score(h):
         return {"mean_recall": mean_recall(h)}
-    spec = {"members": [{"path": f"m{i}.pt", "fingerprint": f"f{i}", "arch": "ViT-Tiny@RBT-Tiny"} for i in range(2)],
-            "weights": [0.5, 0.5], "norm": "zscore", "rerank": {"method": "none"},
-            "scores": {"all": score(fused), "select": score(fused), "report": None,
-                       "members": [{"all": score(h)} for h in member_hits]},
-            "hits": {k: str(v.relative_to(ens)) for k, v in rel.items()}}
+
+    spec = {
+        "members": [{"path": f"m{i}.pt", "fingerprint": f"f{i}", "arch": "ViT-Tiny@RBT-Tiny"} for i in range(2)],
+        "weights": [0.5, 0.5],
+        "norm": "zscore",
+        "rerank": {"method": "none"},
+        "scores": {
+            "all": score(fused),
+            "select": score(fused),
+            "report": None,
+            "members": [{"all": score(h)} for h in member_hits],
+        },
+        "hits": {k: str(v.relative_to(ens)) for k, v in rel.items()},
+    }
     (ens / "ensemble.json").write_text(json.dumps(spec))
 
     entries = runs.collect([ens])
@@ -210,8 +252,16 @@ def _trained_run(folder, rows_hits, ids=IDS):
     rows, best = [], None
     for i, h in enumerate(rows_hits):
         mr = mean_recall(h)
-        row = {"step": 10 * (i + 1), "epoch": i + 1, "kind": "valid", "set": "valid", "r1": mr, "r5": mr, "r10": mr,
-               "mean_recall": mr}
+        row = {
+            "step": 10 * (i + 1),
+            "epoch": i + 1,
+            "kind": "valid",
+            "set": "valid",
+            "r1": mr,
+            "r5": mr,
+            "r10": mr,
+            "mean_recall": mr,
+        }
         if best is None or mr > best:
             best = mr
             write_hits(folder / "hits" / "best", ids, h)

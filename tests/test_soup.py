@@ -6,6 +6,7 @@ a selection split and an interpolation; most tests read that one output. Mechani
 real scores (refusals, dedupe, memory, dtype) use synthetic ingredients: a base plus small
 random perturbations.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ import torch
 
 from solution import soup
 from solution.common import SolutionError, read_jsonl
-from solution.data.build import prepare
 from solution.data.lmdb_io import LMDBSplit, write_images
+from solution.data.make_lmdb import prepare
 from solution.model import ModelConfig, build_model, clean_state_dict, read_checkpoint, save_checkpoint
 from solution.retrieval import encode
 from solution.soups import ingredients, weights
@@ -58,11 +59,42 @@ def trained(demo):
     torch.set_num_threads(1)
     try:
         for i, lr in enumerate(("2e-3", "7e-4")):
-            train.main(["--train-data", str(demo / "lmdb/train"), "--val-data", str(demo / "lmdb/valid"),
-                        "--resume", str(demo / "base.pt"), "--logs", str(demo / "logs"), "--name", f"run{i}",
-                        "--batch-size", "24", "--max-epochs", "3", "--lr", lr, "--warmup", "1", "--seed", str(i),
-                        "--context-length", "32", "--precision", "fp32", "--device", "cpu", "--num-workers", "0",
-                        "--valid-num-workers", "0", "--no-plot", "--no-progress"])
+            train.main(
+                [
+                    "--train-data",
+                    str(demo / "lmdb/train"),
+                    "--val-data",
+                    str(demo / "lmdb/valid"),
+                    "--resume",
+                    str(demo / "base.pt"),
+                    "--logs",
+                    str(demo / "logs"),
+                    "--name",
+                    f"run{i}",
+                    "--batch-size",
+                    "24",
+                    "--max-epochs",
+                    "3",
+                    "--lr",
+                    lr,
+                    "--warmup",
+                    "1",
+                    "--seed",
+                    str(i),
+                    "--context-length",
+                    "32",
+                    "--precision",
+                    "fp32",
+                    "--device",
+                    "cpu",
+                    "--num-workers",
+                    "0",
+                    "--valid-num-workers",
+                    "0",
+                    "--no-plot",
+                    "--no-progress",
+                ]
+            )
     finally:
         torch.set_num_threads(before)
     return demo
@@ -71,10 +103,30 @@ def trained(demo):
 @pytest.fixture(scope="session")
 def souped(trained):
     out = trained / "soups"
-    summary = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/*.pt"), "--val-data", str(trained / "lmdb/valid"),
-                         "--method", ",".join(METHODS), "--select-split", "0.5", "--seed", "3",
-                         "--interpolate-with", str(trained / "base.pt"), "--alphas", "0.5,0.9",
-                         "--output", str(out), "--device", "cpu", "--batch-size", "32"])
+    summary = soup.main(
+        [
+            "--checkpoints",
+            str(trained / "logs/*/checkpoints/*.pt"),
+            "--val-data",
+            str(trained / "lmdb/valid"),
+            "--method",
+            ",".join(METHODS),
+            "--select-split",
+            "0.5",
+            "--seed",
+            "3",
+            "--interpolate-with",
+            str(trained / "base.pt"),
+            "--alphas",
+            "0.5,0.9",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "32",
+        ]
+    )
     return out, summary
 
 
@@ -180,21 +232,54 @@ def test_soup_scores_the_same_through_plain_cn_clip_predict_and_evaluate(souped,
     ckpt = read_checkpoint(path)
     # upstream's loader: strip "module.", strict load into an unmodified cn_clip CLIP
     model = CLIP(**ckpt["config"]["model_info"])
-    model.load_state_dict({k[len("module."):]: v for k, v in ckpt["state_dict"].items()}, strict=True)
+    model.load_state_dict({k[len("module.") :]: v for k, v in ckpt["state_dict"].items()}, strict=True)
     # the submission path: features CLI -> predict -> evaluate, on the selection queries
     sel = set(summary["selection"]["select_text_ids"])
     texts = [r for r in read_jsonl(trained / "valid_texts.jsonl") if r["text_id"] in sel]
-    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"text_id": r["text_id"], "text": r["text"]},
-                                                         ensure_ascii=False) + "\n" for r in texts), encoding="utf-8")
-    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in texts),
-                                         encoding="utf-8")
-    features.main(["--extract-image-feats", "--extract-text-feats", "--image-data", str(trained / "lmdb/valid"),
-                   "--text-data", str(tmp_path / "q.jsonl"), "--resume", str(path), "--device", "cpu",
-                   "--image-feat-output-path", str(tmp_path / "img.npy"),
-                   "--text-feat-output-path", str(tmp_path / "txt.npy"), "--precision", "fp32", "--no-cache",
-                   "--no-progress"])
-    predict.main(["--image-feats", str(tmp_path / "img.npy"), "--text-feats", str(tmp_path / "txt.npy"),
-                  "--top-k", "10", "--output", str(tmp_path / "pred.jsonl"), "--device", "cpu", "--no-progress"])
+    (tmp_path / "q.jsonl").write_text(
+        "".join(json.dumps({"text_id": r["text_id"], "text": r["text"]}, ensure_ascii=False) + "\n" for r in texts),
+        encoding="utf-8",
+    )
+    (tmp_path / "gold.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in texts), encoding="utf-8"
+    )
+    features.main(
+        [
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--image-data",
+            str(trained / "lmdb/valid"),
+            "--text-data",
+            str(tmp_path / "q.jsonl"),
+            "--resume",
+            str(path),
+            "--device",
+            "cpu",
+            "--image-feat-output-path",
+            str(tmp_path / "img.npy"),
+            "--text-feat-output-path",
+            str(tmp_path / "txt.npy"),
+            "--precision",
+            "fp32",
+            "--no-cache",
+            "--no-progress",
+        ]
+    )
+    predict.main(
+        [
+            "--image-feats",
+            str(tmp_path / "img.npy"),
+            "--text-feats",
+            str(tmp_path / "txt.npy"),
+            "--top-k",
+            "10",
+            "--output",
+            str(tmp_path / "pred.jsonl"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     result = evaluate.main([str(tmp_path / "gold.jsonl"), str(tmp_path / "pred.jsonl"), str(tmp_path / "score.json")])
     logged = summary["soups"]["greedy"]
     assert result["scoreJson"]["mean_recall"] == pytest.approx(logged["mean_recall"], abs=1e-9)
@@ -248,9 +333,28 @@ def test_rerun_uses_the_score_cache(souped, trained, monkeypatch, tmp_path):
         raise AssertionError("re-scored a cached candidate")
 
     monkeypatch.setattr("solution.retrieval.encode.encode_images", boom)
-    again = soup.main(["--checkpoints", str(trained / "logs/*/checkpoints/*.pt"), "--val-data", str(trained / "lmdb/valid"),
-                       "--method", "greedy", "--select-split", "0.5", "--seed", "3", "--interpolate-with",
-                       str(trained / "base.pt"), "--alphas", "0.5,0.9", "--output", str(again_dir), "--device", "cpu"])
+    again = soup.main(
+        [
+            "--checkpoints",
+            str(trained / "logs/*/checkpoints/*.pt"),
+            "--val-data",
+            str(trained / "lmdb/valid"),
+            "--method",
+            "greedy",
+            "--select-split",
+            "0.5",
+            "--seed",
+            "3",
+            "--interpolate-with",
+            str(trained / "base.pt"),
+            "--alphas",
+            "0.5,0.9",
+            "--output",
+            str(again_dir),
+            "--device",
+            "cpu",
+        ]
+    )
     assert again["soups"]["greedy"]["mean_recall"] == summary["soups"]["greedy"]["mean_recall"]
     assert again["soups"]["greedy"]["members"] == summary["soups"]["greedy"]["members"]
     assert all(r.get("cached") for r in read_jsonl(again_dir / "soup_log.jsonl") if r["mean_recall"] is not None)
@@ -268,8 +372,18 @@ def test_score_cache_knows_the_validation_lmdb_by_its_content(souped, trained, m
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         shutil.copy(out / "score_cache.json", tmp_path / name / "score_cache.json")
-    args = ["--checkpoints", str(trained / "logs/run0/checkpoints/epoch_1.pt"), "--method", "uniform",
-            "--select-split", "0.5", "--seed", "3", "--device", "cpu"]
+    args = [
+        "--checkpoints",
+        str(trained / "logs/run0/checkpoints/epoch_1.pt"),
+        "--method",
+        "uniform",
+        "--select-split",
+        "0.5",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ]
     real = encode.encode_images
     calls = []
 
@@ -280,7 +394,8 @@ def test_score_cache_knows_the_validation_lmdb_by_its_content(souped, trained, m
     monkeypatch.setattr(encode, "encode_images", counting)
     again = soup.main([*args, "--val-data", str(moved), "--output", str(tmp_path / "a")])
     assert calls == [] and again["best_single"] == {  # the hits files stay in the first folder: none named here
-        k: v for k, v in _single(summary, "run0/checkpoints/epoch_1.pt").items() if k != "hits"}
+        k: v for k, v in _single(summary, "run0/checkpoints/epoch_1.pt").items() if k != "hits"
+    }
     split = LMDBSplit(moved)
     images = [(i, split.image_b64(i)) for i in split.image_ids()]
     split.close()
@@ -298,10 +413,32 @@ def test_soup_resumes_in_train(souped, trained):
     import solution.training.trainer as train
 
     out, _ = souped
-    result = train.main(["--train-data", str(trained / "lmdb/train"), "--resume", str(out / "greedy" / "soup.pt"),
-                         "--logs", str(trained / "logs2"), "--name", "from_soup", "--batch-size", "24",
-                         "--max-steps", "1", "--device", "cpu", "--num-workers", "0", "--no-plot", "--no-progress",
-                         "--precision", "fp32", "--warmup", "1"])
+    result = train.main(
+        [
+            "--train-data",
+            str(trained / "lmdb/train"),
+            "--resume",
+            str(out / "greedy" / "soup.pt"),
+            "--logs",
+            str(trained / "logs2"),
+            "--name",
+            "from_soup",
+            "--batch-size",
+            "24",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            "--no-plot",
+            "--no-progress",
+            "--precision",
+            "fp32",
+            "--warmup",
+            "1",
+        ]
+    )
     assert read_checkpoint(result["last_checkpoint"])["config"]["vision_model"] == "ViT-Tiny"
 
 
@@ -330,7 +467,8 @@ def test_soup_stores_per_query_hits_and_its_significance(souped, trained, tmp_pa
     best single ingredient (a soup that is that ingredient: exactly 0 in [0, 0]); compare shows it."""
     from solution import compare
     from solution.formats.hits import read_hits
-    from solution.retrieval.stats import mean_recall, paired_bootstrap
+    from solution.retrieval.metrics import mean_recall
+    from solution.stats import paired_bootstrap
 
     out, summary = souped
     split = LMDBSplit(trained / "lmdb" / "valid")
@@ -396,8 +534,17 @@ def test_uniform_no_score_streams_one_checkpoint_at_a_time(synth, monkeypatch):
 
     monkeypatch.setattr(ingredients, "read_checkpoint", tracking)  # inspecting
     monkeypatch.setattr(weights, "read_checkpoint", tracking)  # averaging
-    summary = soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "uniform", "--no-score",
-                         "--output", str(tmp / "out")])
+    summary = soup.main(
+        [
+            "--checkpoints",
+            str(tmp / "runs/*/checkpoints/*.pt"),
+            "--method",
+            "uniform",
+            "--no-score",
+            "--output",
+            str(tmp / "out"),
+        ]
+    )
     got = _sd(tmp / "out" / "soup.pt")
     expected = _weighted(paths, [1 / 3] * 3)
     for k in got:
@@ -410,10 +557,21 @@ def test_duplicates_are_used_once(synth):
     tmp, paths, config = synth
     ckpt = read_checkpoint(paths[0])
     # epoch_latest.pt: the same weights plus resumable state, and other float tensors elsewhere
-    torch.save({**ckpt, "optimizer": {"state": {}, "param_groups": []}, "epoch": 2},
-               tmp / "runs/r0/checkpoints/epoch_latest.pt")
-    summary = soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "uniform", "--no-score",
-                         "--output", str(tmp / "out")])
+    torch.save(
+        {**ckpt, "optimizer": {"state": {}, "param_groups": []}, "epoch": 2},
+        tmp / "runs/r0/checkpoints/epoch_latest.pt",
+    )
+    summary = soup.main(
+        [
+            "--checkpoints",
+            str(tmp / "runs/*/checkpoints/*.pt"),
+            "--method",
+            "uniform",
+            "--no-score",
+            "--output",
+            str(tmp / "out"),
+        ]
+    )
     assert summary["duplicates"] == {str(tmp / "runs/r0/checkpoints/epoch_latest.pt"): str(paths[0])}
     assert len(summary["soups"]["uniform"]["members"]) == 3
 
@@ -426,19 +584,35 @@ def test_mismatched_ingredients_are_refused_before_any_work(synth, what, monkeyp
         cfgdir = tmp / "cfgs"
         cfgdir.mkdir()
         info = dict(config.model_info)
-        vision = {k: info[k] for k in ("embed_dim", "image_resolution", "vision_width", "vision_patch_size",
-                                       "vision_head_width")}
+        vision = {
+            k: info[k]
+            for k in ("embed_dim", "image_resolution", "vision_width", "vision_patch_size", "vision_head_width")
+        }
         (cfgdir / "ViT-Tiny1.json").write_text(json.dumps({**vision, "vision_layers": 1}))
         monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(cfgdir))
         other = ModelConfig("ViT-Tiny1", "RBT-Tiny", context_length=32)
         save_checkpoint(odd, build_model(other).state_dict(), other)
     else:
-        other = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24 if what == "context_length" else 32,
-                            text_prompt="一张图片：" if what == "text_prompt" else "")
+        other = ModelConfig(
+            "ViT-Tiny",
+            "RBT-Tiny",
+            context_length=24 if what == "context_length" else 32,
+            text_prompt="一张图片：" if what == "text_prompt" else "",
+        )
         save_checkpoint(odd, read_checkpoint(paths[1])["state_dict"], other)
     with pytest.raises(SolutionError) as e:
-        soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), str(odd), "--method", "uniform",
-                   "--output", str(tmp / "out"), "--no-score"])
+        soup.main(
+            [
+                "--checkpoints",
+                str(tmp / "runs/*/checkpoints/*.pt"),
+                str(odd),
+                "--method",
+                "uniform",
+                "--output",
+                str(tmp / "out"),
+                "--no-score",
+            ]
+        )
     assert "odd.pt" in str(e.value)
     assert ("ViT-Tiny1" in str(e.value)) if what == "architecture" else (what in str(e.value))
     assert not (tmp / "out").exists()
@@ -479,8 +653,17 @@ def test_val_texts_give_the_same_scores_as_pairs(synth, demo):
     args = ["--checkpoints", str(paths[0]), "--method", "greedy", "--device", "cpu"]
     a = soup.main([*args, "--val-data", str(demo / "lmdb/valid"), "--output", str(tmp / "a")])
     shutil.copytree(demo / "lmdb" / "valid" / "imgs", tmp / "imgonly" / "imgs")
-    b = soup.main([*args, "--val-data", str(tmp / "imgonly"), "--val-texts", str(demo / "valid_texts.jsonl"),
-                   "--output", str(tmp / "b")])
+    b = soup.main(
+        [
+            *args,
+            "--val-data",
+            str(tmp / "imgonly"),
+            "--val-texts",
+            str(demo / "valid_texts.jsonl"),
+            "--output",
+            str(tmp / "b"),
+        ]
+    )
     assert a["best_single"]["mean_recall"] == b["best_single"]["mean_recall"]
     assert a["best_single"]["r10"] == b["best_single"]["r10"]
 
@@ -496,8 +679,22 @@ def test_gallery_decoded_and_queries_tokenised_once_per_soup_run(synth, demo, mo
     real_decode, real_tokenize = datasets.decode_image, encode.tokenize
     monkeypatch.setattr(datasets, "decode_image", lambda b64: decoded.append(1) or real_decode(b64))
     monkeypatch.setattr(encode, "tokenize", lambda *a, **k: tokenised.append(1) or real_tokenize(*a, **k))
-    soup.main(["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "uniform", "--device", "cpu",
-               "--val-data", str(demo / "lmdb/valid"), "--output", str(tmp / "out"), "--batch-size", "16"])
+    soup.main(
+        [
+            "--checkpoints",
+            str(tmp / "runs/*/checkpoints/*.pt"),
+            "--method",
+            "uniform",
+            "--device",
+            "cpu",
+            "--val-data",
+            str(demo / "lmdb/valid"),
+            "--output",
+            str(tmp / "out"),
+            "--batch-size",
+            "16",
+        ]
+    )
     rows = [r for r in read_jsonl(tmp / "out" / "soup_log.jsonl") if "mean_recall" in r]
     assert len(rows) >= 4  # three ingredients and the soup
     images = LMDBSplit(demo / "lmdb/valid").num_images
@@ -510,8 +707,9 @@ def test_gallery_decoded_and_queries_tokenised_once_per_soup_run(synth, demo, mo
         model = build_model(config)
         model.load_state_dict(_weighted(row["members"], row["weights"]))
         plain = evaluate_split(model.eval(), demo / "lmdb/valid", config, batch_size=16)
-        assert {k: row[k] for k in ("r1", "r5", "r10", "mean_recall")} == \
-            {k: plain[k] for k in ("r1", "r5", "r10", "mean_recall")}, row["members"]
+        assert {k: row[k] for k in ("r1", "r5", "r10", "mean_recall")} == {
+            k: plain[k] for k in ("r1", "r5", "r10", "mean_recall")
+        }, row["members"]
 
 
 def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(synth, demo):
@@ -520,8 +718,20 @@ def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(synth, demo):
     for i, p in enumerate(paths):
         sd = {k: v.half() for k, v in read_checkpoint(p)["state_dict"].items()}
         halves.append(save_checkpoint(tmp / f"half/h{i}.pt", sd, config))
-    summary = soup.main(["--checkpoints", str(tmp / "half/*.pt"), "--method", "uniform", "--val-data",
-                         str(demo / "lmdb/valid"), "--output", str(tmp / "out"), "--device", "cpu"])
+    summary = soup.main(
+        [
+            "--checkpoints",
+            str(tmp / "half/*.pt"),
+            "--method",
+            "uniform",
+            "--val-data",
+            str(demo / "lmdb/valid"),
+            "--output",
+            str(tmp / "out"),
+            "--device",
+            "cpu",
+        ]
+    )
     ckpt = read_checkpoint(tmp / "out" / "soup.pt")
     assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float16}
     expected = _weighted(halves, [1 / 3] * 3)
@@ -543,8 +753,10 @@ def test_from_study_takes_the_top_complete_trials(synth):
         ckpt_dir = study / "trials" / f"{number:04d}" / "checkpoints"
         ckpt_dir.mkdir(parents=True)
         shutil.copy(paths[number % 3], ckpt_dir / "best.pt")
-    (study / "trials.csv").write_text("number,state,value,run_dir,params_lr\n" + "".join(
-        f"{n},{s},{v},{study / 'trials' / f'{n:04d}'},0.1\n" for n, s, v in rows))
+    (study / "trials.csv").write_text(
+        "number,state,value,run_dir,params_lr\n"
+        + "".join(f"{n},{s},{v},{study / 'trials' / f'{n:04d}'},0.1\n" for n, s, v in rows)
+    )
     got = ingredients.study_checkpoints(study, 2)
     assert [p.parent.parent.name for p in got] == ["0002", "0003"]
     with pytest.raises(SolutionError, match="no complete trial"):
@@ -559,8 +771,9 @@ def test_unmerged_lora_is_refused(synth):
     sd["module.visual.transformer.resblocks.0.attn.lora_A.default.weight"] = torch.zeros(4, 64)
     save_checkpoint(tmp / "lora.pt", sd, config)
     with pytest.raises(SolutionError, match="unmerged LoRA"):
-        soup.main(["--checkpoints", str(tmp / "lora.pt"), "--method", "uniform", "--no-score",
-                   "--output", str(tmp / "out")])
+        soup.main(
+            ["--checkpoints", str(tmp / "lora.pt"), "--method", "uniform", "--no-score", "--output", str(tmp / "out")]
+        )
 
 
 def test_from_study_passes_over_trials_the_best_cannot_be_souped_with(synth, caplog):
@@ -573,8 +786,10 @@ def test_from_study_passes_over_trials_the_best_cannot_be_souped_with(synth, cap
         ckpt_dir = study / "trials" / f"{number:04d}" / "checkpoints"
         sd = read_checkpoint(paths[number])["state_dict"]
         save_checkpoint(ckpt_dir / "best.pt", sd, other if number == 1 else config)
-    (study / "trials.csv").write_text("number,state,value,run_dir\n" + "".join(
-        f"{n},COMPLETE,{v},{study / 'trials' / f'{n:04d}'}\n" for n, v in scores.items()))
+    (study / "trials.csv").write_text(
+        "number,state,value,run_dir\n"
+        + "".join(f"{n},COMPLETE,{v},{study / 'trials' / f'{n:04d}'}\n" for n, v in scores.items())
+    )
     got = ingredients.study_checkpoints(study, 2)
     assert [p.parent.parent.name for p in got] == ["0000", "0002"]
     assert "passing over trial 1" in caplog.text
@@ -594,8 +809,18 @@ def _fold_score(demo, config, members, weights_, text_ids):
 
 def test_folds_cross_fit_each_query_once_and_ship_the_refit(synth, demo, monkeypatch):
     tmp, paths, config = synth
-    args = ["--checkpoints", str(tmp / "runs/*/checkpoints/*.pt"), "--method", "greedy,pairwise,uniform",
-            "--val-data", str(demo / "lmdb/valid"), "--device", "cpu", "--seed", "5"]
+    args = [
+        "--checkpoints",
+        str(tmp / "runs/*/checkpoints/*.pt"),
+        "--method",
+        "greedy,pairwise,uniform",
+        "--val-data",
+        str(demo / "lmdb/valid"),
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+    ]
     calls = []
     real = encode.score_parts
     monkeypatch.setattr("solution.soups.scoring.score_parts", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -610,8 +835,10 @@ def test_folds_cross_fit_each_query_once_and_ship_the_refit(synth, demo, monkeyp
         assert sorted(t for f in cf["folds"] for t in f) == all_ids
         assert cf["low"] <= cf["mean"] <= cf["high"]
         # each held-out score recomputed from the fold's chosen soup; the mean is theirs
-        again = [_fold_score(demo, config, fm["members"], fm["weights"], fold)
-                 for fm, fold in zip(cf["fold_members"], cf["folds"])]
+        again = [
+            _fold_score(demo, config, fm["members"], fm["weights"], fold)
+            for fm, fold in zip(cf["fold_members"], cf["folds"])
+        ]
         assert cf["fold_scores"] == pytest.approx(again, abs=1e-9)
         assert cf["mean"] == pytest.approx(sum(again) / 4, abs=1e-9)
         # the refit is the soup chosen without --folds
@@ -624,16 +851,20 @@ def test_folds_cross_fit_each_query_once_and_ship_the_refit(synth, demo, monkeyp
     saved = json.loads((tmp / "cf" / "greedy" / "summary.json").read_text())
     assert saved["soups"]["greedy"]["crossfit"] == crossed["soups"]["greedy"]["crossfit"]
     # compare's held-out column: the cross-fit mean (none without --folds or --select-split)
-    from solution.report.runs import read_soup
+    from solution.report.folders import read_soup
 
     [entry] = read_soup(tmp / "cf" / "greedy", "cf")
     assert entry.held_out == saved["soups"]["greedy"]["crossfit"]["mean"]
     assert entry.extra["crossfit"]["low"] == saved["soups"]["greedy"]["crossfit"]["low"]
     assert read_soup(tmp / "plain" / "greedy", "plain")[0].held_out is None
     # the folds reuse each candidate's per-query hits: every distinct candidate is encoded once
-    keys = {tuple(zip(r["members"], r["weights"])) for m in ("greedy", "pairwise", "uniform")
-            for d in [tmp / "cf" / m, *sorted((tmp / "cf" / m / "crossfit").iterdir())]
-            for r in read_jsonl(d / "soup_log.jsonl") if r["mean_recall"] is not None}
+    keys = {
+        tuple(zip(r["members"], r["weights"]))
+        for m in ("greedy", "pairwise", "uniform")
+        for d in [tmp / "cf" / m, *sorted((tmp / "cf" / m / "crossfit").iterdir())]
+        for r in read_jsonl(d / "soup_log.jsonl")
+        if r["mean_recall"] is not None
+    }
     assert n_cf == len(keys)
     # a rerun of the cross-fit with the cache (and its hits files) encodes nothing
     calls.clear()
@@ -647,8 +878,19 @@ def test_folds_cross_fit_each_query_once_and_ship_the_refit(synth, demo, monkeyp
 
 def test_bad_folds_give_one_error_line(synth, demo):
     tmp, paths, _ = synth
-    args = ["--checkpoints", str(paths[0]), str(paths[1]), "--method", "greedy", "--val-data", str(demo / "lmdb/valid"),
-            "--device", "cpu", "--output", str(tmp / "out")]
+    args = [
+        "--checkpoints",
+        str(paths[0]),
+        str(paths[1]),
+        "--method",
+        "greedy",
+        "--val-data",
+        str(demo / "lmdb/valid"),
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp / "out"),
+    ]
     with pytest.raises(SolutionError, match="--folds must be at least 2"):
         soup.main([*args, "--folds", "1"])
     with pytest.raises(SolutionError, match=r"--folds 17: need 2 <= K <= 16"):

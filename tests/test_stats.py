@@ -1,10 +1,10 @@
 """Exact oracles for solution.stats: the official recall arithmetic, bootstrap identities, fold partitions."""
+
 import numpy as np
 import pytest
 
-from solution.retrieval.metrics import recall_at_k
-from solution.retrieval.stats import (crossfit, kfold_crossfit, mean_recall, paired_bootstrap, per_query_recall, query_hits,
-                            t_quantile_975)
+from solution.retrieval.metrics import mean_recall, per_query_recall, query_hits, recall_at_k
+from solution.stats import crossfit, kfold_crossfit, paired_bootstrap, t_quantile_975
 
 
 def _random_case(rng, n, gallery=40):

@@ -1,17 +1,18 @@
 """Trainer end to end on tiny coloured-square LMDBs: tuning modes, checkpoints, prompt, resume."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from train_helpers import make_data, tiny_argv
 
 from cn_clip_patch.tuning import apply_tuning
 from solution.common import SolutionError
-from solution.retrieval.encode import encode_texts, evaluate_split
 from solution.model import ModelConfig, build_model, load_model, read_checkpoint
+from solution.retrieval.encode import encode_texts, evaluate_split
 from solution.training.trainer import main
-from train_helpers import make_data, tiny_argv
 
 SEED = 123
 
@@ -77,8 +78,16 @@ def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
     start_model, start_config, _ = load_model(stage1["last_checkpoint"])
     start_recall = evaluate_split(start_model, valid, start_config)["mean_recall"]
     init_sd = start_model.state_dict()
-    flags = {"max_steps": 12, "lr": "3e-3", "warmup": 1, "valid_epoch_interval": 2, "resume": stage1["last_checkpoint"],
-             "reset_data_offset": True, "reset_optimizer": True, **MODES[mode]}
+    flags = {
+        "max_steps": 12,
+        "lr": "3e-3",
+        "warmup": 1,
+        "valid_epoch_interval": 2,
+        "resume": stage1["last_checkpoint"],
+        "reset_data_offset": True,
+        "reset_optimizer": True,
+        **MODES[mode],
+    }
     out = main(tiny_argv(train, valid, tmp_path, name=mode, **flags))
     _check_run(out, 12)
     assert out["best"]["mean_recall"] > start_recall, (mode, out["best"], start_recall)
@@ -112,9 +121,9 @@ def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
 
 
 def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, monkeypatch):
-    import solution.training.validation as validation
     import solution.training.loaders as td
     from cn_clip_patch.prompt import tokenize
+    from solution.training import validation
 
     prompt = "这是一张图片："
     seen_collates, seen_configs = [], []
@@ -137,7 +146,7 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
     out = main(tiny_argv(train, valid, tmp_path, max_steps=2, text_prompt=prompt))
     prompt_ids = tokenize([""], 16, prompt)[0, :-1]  # [CLS] + prompt pieces
     assert seen_collates and all(p == prompt for p, _ in seen_collates)
-    assert all(torch.equal(tok[:, :len(prompt_ids)], prompt_ids.expand(len(tok), -1)) for _, tok in seen_collates)
+    assert all(torch.equal(tok[:, : len(prompt_ids)], prompt_ids.expand(len(tok), -1)) for _, tok in seen_collates)
     assert seen_configs == [prompt]
     model, config, _ = load_model(out["last_checkpoint"])
     assert config.text_prompt == prompt and out["params"]["text_prompt"] == out["config"].text_prompt == prompt
@@ -149,8 +158,14 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
 
 def test_resume_after_crash_gives_identical_weights(data, tmp_path):
     train, valid = data
-    flags = dict(max_steps=9, save_step_frequency=3, valid_step_interval=3, valid_epoch_interval=0,
-                 augment="gentle", accum_freq=1)
+    flags = dict(
+        max_steps=9,
+        save_step_frequency=3,
+        valid_step_interval=3,
+        valid_epoch_interval=0,
+        augment="gentle",
+        accum_freq=1,
+    )
     ref = main(tiny_argv(train, valid, tmp_path, name="ref", **flags))
 
     calls = []
@@ -176,7 +191,7 @@ def test_resume_after_crash_gives_identical_weights(data, tmp_path):
 
 
 def test_official_checkpoint_of_full_size_architecture_loads(tmp_path):
-    from solution.training.config import parse_args
+    from solution.training.flags import parse_args
     from solution.training.run_config import resolve
     from solution.training.setup import build, find_start
 
@@ -199,8 +214,9 @@ def test_official_checkpoint_of_full_size_architecture_loads(tmp_path):
     assert cfg.lr == 5e-4 and cfg.beta2 == 0.98  # cn_clip's defaults for ViT-B-16
     assert args.lr is None and args.vision_model is None  # the typed flags are left as typed
     # a different architecture named on the command line is refused, naming both
-    args = parse_args(["--train-data", "x", "--resume", str(path), "--vision-model", "ViT-Tiny",
-                       "--text-model", "RBT-Tiny"])
+    args = parse_args(
+        ["--train-data", "x", "--resume", str(path), "--vision-model", "ViT-Tiny", "--text-model", "RBT-Tiny"]
+    )
     start = find_start(tmp_path / "none.pt", args.resume)
     with pytest.raises(SolutionError, match="ViT-B-16@RoBERTa-wwm-ext-base-chinese.*ViT-Tiny@RBT-Tiny"):
         cfg = resolve(args, start, world=1, train_pairs=640, device="cpu")
@@ -212,9 +228,9 @@ def test_best_validation_stores_its_per_query_hits(stage1, data):
     and hits, whose mean recall is that row's exactly; the comparison reads them for the run."""
     from solution.data.lmdb_io import LMDBSplit
     from solution.formats.hits import read_hits
-    from solution.report.runs import read_run
+    from solution.report.folders import read_run
     from solution.retrieval.encode import split_queries
-    from solution.retrieval.stats import mean_recall
+    from solution.retrieval.metrics import mean_recall
 
     run = Path(stage1["run_dir"])
     valid = [r for r in _rows(run, "valid") if r["set"] == "valid"]

@@ -1,5 +1,6 @@
 """The run folder under hostile inputs and faults: two writers, changed flags, kill -9 in a save,
 out-of-range numbers, names that leave --logs, --logs that is a file, another architecture, a full disk."""
+
 import json
 import os
 import shutil
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import hooked_train, make_data, tiny_argv
 
 from solution.common import run_cli
 from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
+from solution.training.flags import parse_args
 from solution.training.trainer import main
-from solution.training.config import parse_args
-from train_helpers import hooked_train, make_data, tiny_argv
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,17 @@ def _wait(proc, ready: Path, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready.exists():
         time.sleep(0.05)
-    assert proc.poll() is None and ready.exists(), f"the hooked run did not reach its hook: {proc.stderr.read()[-2000:]}"
+    assert proc.poll() is None and ready.exists(), (
+        f"the hooked run did not reach its hook: {proc.stderr.read()[-2000:]}"
+    )
 
 
 def _files(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".train.lock"}
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != ".train.lock"
+    }
 
 
 # ---------------------------------------------------------------- one writer per run folder
@@ -117,8 +124,9 @@ def test_harmless_flag_changes_resume_and_consent_applies_the_new_flags(finished
     assert run_cli(main, argv + ["--allow-changed-flags"]) == 0
     params = json.loads((logs / "run" / "params.json").read_text())
     assert params["lr"] == 1e-3 and params["max_steps"] == 4
-    assert params["flag_changes"] == [{"step": 2, "changes": {"--lr": [0.002, 0.001],
-                                                               "max steps (--max-steps/--max-epochs)": [2, 4]}}]
+    assert params["flag_changes"] == [
+        {"step": 2, "changes": {"--lr": [0.002, 0.001], "max steps (--max-steps/--max-epochs)": [2, 4]}}
+    ]
     assert read_checkpoint(logs / "run" / "checkpoints" / "epoch_latest.pt")["step"] == 4
     assert params["typed"]["lr"] == 1e-3 and params["typed"]["allow_changed_flags"] is True
 
@@ -127,8 +135,12 @@ def _old_style(params: dict) -> dict:
     """``params.json`` as the trainer wrote it before it recorded the typed flags: the parsed namespace
     after setup had rewritten it in place (device and LoRA flags as typed), plus the run's facts."""
     typed = params.pop("typed")
-    return {**params, "device": typed["device"], "lora_alpha": typed["lora_alpha"],
-            "lora_targets": typed["lora_targets"]}
+    return {
+        **params,
+        "device": typed["device"],
+        "lora_alpha": typed["lora_alpha"],
+        "lora_targets": typed["lora_targets"],
+    }
 
 
 def test_a_params_json_of_the_old_layout_still_guards_the_resume(finished_run, tmp_path, capsys, data):
@@ -149,8 +161,10 @@ def test_a_params_json_of_the_old_layout_still_guards_the_resume(finished_run, t
     assert run_cli(main, argv + ["--allow-changed-flags"]) == 0
     params = json.loads(path.read_text())
     assert params["max_steps"] == 3 and params["typed"]["max_steps"] == 3
-    assert params["flag_changes"] == [old["flag_changes"][0],
-                                      {"step": 2, "changes": {"max steps (--max-steps/--max-epochs)": [2, 3]}}]
+    assert params["flag_changes"] == [
+        old["flag_changes"][0],
+        {"step": 2, "changes": {"max steps (--max-steps/--max-epochs)": [2, 3]}},
+    ]
 
 
 # ---------------------------------------------------------------- kill -9 in the last saves
@@ -191,8 +205,16 @@ def test_kill_during_the_final_saves_then_rerun_writes_what_it_owes(tmp_path, da
 
 
 def test_rerun_of_an_early_stopped_run_does_not_train_on(tmp_path, data):
-    argv = tiny_argv(*data, tmp_path, max_steps=8, valid_step_interval=1, early_stop_patience=2, lr="0",
-                     skip_scheduler=True, save_step_frequency=1)
+    argv = tiny_argv(
+        *data,
+        tmp_path,
+        max_steps=8,
+        valid_step_interval=1,
+        early_stop_patience=2,
+        lr="0",
+        skip_scheduler=True,
+        save_step_frequency=1,
+    )
     out = main(argv)
     assert out["best"]["step"] == 1 and read_checkpoint(out["last_checkpoint"])["step"] == 3
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
@@ -205,13 +227,34 @@ def test_rerun_of_an_early_stopped_run_does_not_train_on(tmp_path, data):
 
 
 BAD_NUMBERS = [
-    ("--lora-rank", "-1"), ("--lora-alpha", "0"), ("--lora-alpha", "-4"), ("--lora-alpha", "nan"),
-    ("--lora-dropout", "1"), ("--lora-dropout", "-0.1"), ("--lr", "-0.0001"), ("--lr", "inf"), ("--wd", "-0.1"),
-    ("--batch-size", "0"), ("--valid-batch-size", "-1"), ("--max-epochs", "0"), ("--max-steps", "-3"),
-    ("--accum-freq", "0"), ("--warmup", "-1"), ("--num-workers", "-1"), ("--valid-num-workers", "-2"),
-    ("--beta1", "1.0"), ("--beta2", "-0.5"), ("--eps", "0"), ("--valid-step-interval", "0"),
-    ("--valid-epoch-interval", "-1"), ("--mask-ratio", "1.5"), ("--seed", "-1"), ("--early-stop-patience", "0"),
-    ("--context-length", "0"), ("--log-interval", "0"), ("--lora-targets", "(unclosed"),
+    ("--lora-rank", "-1"),
+    ("--lora-alpha", "0"),
+    ("--lora-alpha", "-4"),
+    ("--lora-alpha", "nan"),
+    ("--lora-dropout", "1"),
+    ("--lora-dropout", "-0.1"),
+    ("--lr", "-0.0001"),
+    ("--lr", "inf"),
+    ("--wd", "-0.1"),
+    ("--batch-size", "0"),
+    ("--valid-batch-size", "-1"),
+    ("--max-epochs", "0"),
+    ("--max-steps", "-3"),
+    ("--accum-freq", "0"),
+    ("--warmup", "-1"),
+    ("--num-workers", "-1"),
+    ("--valid-num-workers", "-2"),
+    ("--beta1", "1.0"),
+    ("--beta2", "-0.5"),
+    ("--eps", "0"),
+    ("--valid-step-interval", "0"),
+    ("--valid-epoch-interval", "-1"),
+    ("--mask-ratio", "1.5"),
+    ("--seed", "-1"),
+    ("--early-stop-patience", "0"),
+    ("--context-length", "0"),
+    ("--log-interval", "0"),
+    ("--lora-targets", "(unclosed"),
 ]
 
 
@@ -219,7 +262,7 @@ BAD_NUMBERS = [
 def test_out_of_range_numbers_are_refused_at_parsing(tmp_path, capsys, data, flag, value):
     argv = tiny_argv(*data, tmp_path / "logs")
     if flag in argv:
-        del argv[argv.index(flag):argv.index(flag) + 2]
+        del argv[argv.index(flag) : argv.index(flag) + 2]
     line = _error_line(capsys, argv + [flag, value])
     assert flag in line
     assert not (tmp_path / "logs").exists()
@@ -268,9 +311,18 @@ def wide_vit(tmp_path, monkeypatch):
     """A second tiny vision architecture, ViT-Wide (width 96), registered through $SOLUTION_MODEL_CONFIGS."""
     d = tmp_path / "archs"
     d.mkdir()
-    (d / "ViT-Wide.json").write_text(json.dumps({"embed_dim": 64, "image_resolution": 64, "vision_layers": 2,
-                                                 "vision_width": 96, "vision_patch_size": 8,
-                                                 "vision_head_width": 32}))
+    (d / "ViT-Wide.json").write_text(
+        json.dumps(
+            {
+                "embed_dim": 64,
+                "image_resolution": 64,
+                "vision_layers": 2,
+                "vision_width": 96,
+                "vision_patch_size": 8,
+                "vision_head_width": 32,
+            }
+        )
+    )
     monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(d))
     cfg = ModelConfig("ViT-Wide", "RBT-Tiny", context_length=16)
     return save_checkpoint(tmp_path / "wide.pt", build_model(cfg).state_dict(), cfg)
@@ -304,8 +356,15 @@ def test_optimizer_state_of_other_shapes(tmp_path, capsys, data, tiny_config):
     ids = sd["param_groups"][1]["params"]
     sd["state"][ids[0]], sd["state"][ids[1]] = sd["state"][ids[1]], sd["state"][ids[0]]  # shapes swapped
     path = tmp_path / "cnclip.pt"
-    torch.save({"epoch": 0, "step": 0, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-                "optimizer": sd}, path)
+    torch.save(
+        {
+            "epoch": 0,
+            "step": 0,
+            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+            "optimizer": sd,
+        },
+        path,
+    )
     out = main(tiny_argv(*data, tmp_path / "logs", resume=path, max_steps=1, valid_epoch_interval=0))
     assert read_checkpoint(out["last_checkpoint"])["step"] == 1
 
@@ -330,8 +389,9 @@ def test_disk_full_while_saving(small_disk, tmp_path, capsys, data, what):
     disk = small_disk(128)
     logs = disk / "logs"
     save_every = 1 if what == "checkpoint" else -1
-    argv = tiny_argv(*data, logs, max_steps=3, save_step_frequency=save_every, valid_step_interval=1,
-                     valid_epoch_interval=0)
+    argv = tiny_argv(
+        *data, logs, max_steps=3, save_step_frequency=save_every, valid_step_interval=1, valid_epoch_interval=0
+    )
     filled = []
 
     def fill_at_step(record):  # after metrics.jsonl's valid row and best.pt, before the step's checkpoints

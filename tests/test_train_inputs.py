@@ -1,16 +1,17 @@
 """Trainer command line: config files, the resolved config, and one clear error line for each kind of bad input."""
+
 import json
 
 import pytest
 import torch
+from train_helpers import make_data, tiny_argv
 
 from solution.common import SolutionError, run_cli
 from solution.data.lmdb_io import write_split
-from solution.training.config import build_parser, extra_val_sets, parse_args
+from solution.training.flags import build_parser, extra_val_sets, parse_args
 from solution.training.run_config import TrainConfig, resolve
 from solution.training.setup import Start
 from solution.training.trainer import main
-from train_helpers import make_data, tiny_argv
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +21,19 @@ def data(tmp_path_factory):
 
 def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train-data: a/train\nbatch_size: 7\nlora-rank: 4\nfreeze-text: true\nlr: 1.0e-4\n"
-                   "extra-val-data:\n  general: g/valid\n", encoding="utf-8")
+    cfg.write_text(
+        "train-data: a/train\nbatch_size: 7\nlora-rank: 4\nfreeze-text: true\nlr: 1.0e-4\n"
+        "extra-val-data:\n  general: g/valid\n",
+        encoding="utf-8",
+    )
     args = parse_args(["--config", str(cfg), "--batch-size", "9"])
-    assert (args.train_data, args.batch_size, args.lora_rank, args.freeze_text, args.lr) == ("a/train", 9, 4, True, 1e-4)
+    assert (args.train_data, args.batch_size, args.lora_rank, args.freeze_text, args.lr) == (
+        "a/train",
+        9,
+        4,
+        True,
+        1e-4,
+    )
     assert extra_val_sets(args.extra_val_data) == {"general": "g/valid"}
     assert (args.max_epochs, args.wd, args.warmup, args.name) == (32, 0.2, 500, "train_clip")
     assert args.context_length is None  # inherited from the starting checkpoint, else 52
@@ -33,12 +43,64 @@ def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
 
 
 def test_cn_clip_command_line_is_accepted():
-    argv = ("--train-data d/train --val-data d/valid --num-workers 2 --valid-num-workers 1 --resume x.pt "
-            "--reset-data-offset --reset-optimizer --name n --logs l --save-step-frequency 100 "
-            "--save-epoch-frequency 1 --log-interval 5 --report-training-batch-acc --context-length 52 --warmup 100 "
-            "--batch-size 128 --valid-batch-size 128 --lr 5e-5 --wd 0.001 --max-epochs 3 --valid-step-interval 150 "
-            "--valid-epoch-interval 1 --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese --use-augment "
-            "--grad-checkpointing --accum-freq 2 --freeze-vision --precision amp --seed 1 --mask-ratio 0.5").split()
+    argv = [
+        "--train-data",
+        "d/train",
+        "--val-data",
+        "d/valid",
+        "--num-workers",
+        "2",
+        "--valid-num-workers",
+        "1",
+        "--resume",
+        "x.pt",
+        "--reset-data-offset",
+        "--reset-optimizer",
+        "--name",
+        "n",
+        "--logs",
+        "l",
+        "--save-step-frequency",
+        "100",
+        "--save-epoch-frequency",
+        "1",
+        "--log-interval",
+        "5",
+        "--report-training-batch-acc",
+        "--context-length",
+        "52",
+        "--warmup",
+        "100",
+        "--batch-size",
+        "128",
+        "--valid-batch-size",
+        "128",
+        "--lr",
+        "5e-5",
+        "--wd",
+        "0.001",
+        "--max-epochs",
+        "3",
+        "--valid-step-interval",
+        "150",
+        "--valid-epoch-interval",
+        "1",
+        "--vision-model",
+        "ViT-B-16",
+        "--text-model",
+        "RoBERTa-wwm-ext-base-chinese",
+        "--use-augment",
+        "--grad-checkpointing",
+        "--accum-freq",
+        "2",
+        "--freeze-vision",
+        "--precision",
+        "amp",
+        "--seed",
+        "1",
+        "--mask-ratio",
+        "0.5",
+    ]
     args = parse_args(argv)
     assert args.use_augment and args.accum_freq == 2 and args.mask_ratio == 0.5 and args.freeze_vision
     typed = dict(vars(args))
@@ -140,8 +202,16 @@ def test_cn_clip_training_checkpoint_is_accepted_with_its_offset(tmp_path, data,
     model = build_model(tiny_config)
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}
     path = tmp_path / "epoch1.pt"
-    torch.save({"epoch": 1, "step": 4, "name": "cnclip", "state_dict": sd,
-                "optimizer": torch.optim.AdamW(model.parameters()).state_dict()}, path)
+    torch.save(
+        {
+            "epoch": 1,
+            "step": 4,
+            "name": "cnclip",
+            "state_dict": sd,
+            "optimizer": torch.optim.AdamW(model.parameters()).state_dict(),
+        },
+        path,
+    )
     out = main(tiny_argv(data[0], None, tmp_path, resume=path, max_steps=6, valid_epoch_interval=0))
     assert out["params"]["resumed_from"] == str(path)
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -156,7 +226,7 @@ def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data
     start = save_checkpoint(tmp_path / "start.pt", build_model(cfg).state_dict(), cfg)
     argv = tiny_argv(data[0], None, tmp_path, resume=start, max_steps=2, valid_epoch_interval=0)
     i = argv.index("--context-length")
-    del argv[i:i + 2]
+    del argv[i : i + 2]
     out = main(argv)
     stored = read_checkpoint(out["last_checkpoint"])["config"]
     assert (stored["context_length"], stored["text_prompt"]) == (24, "图片：")

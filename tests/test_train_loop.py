@@ -1,14 +1,15 @@
 """The training step against upstream cn_clip: loss, same-text targets, accumulation; validation extras."""
+
 import json
 from types import SimpleNamespace
 
 import torch
 from torch import nn
+from train_helpers import make_data, make_split, tiny_argv
 
 from cn_clip_patch.device import on_device
 from solution.training.step import StepConfig, Stepper, batch_accuracy, clip_loss, twin_mask
 from solution.training.trainer import main
-from train_helpers import make_data, make_split, tiny_argv
 
 
 def _batch(n, seed=0, res=64):
@@ -23,7 +24,12 @@ def test_twin_mask():
     assert twin_mask(torch.tensor([3, 1, 2]), True) is None  # no twins: plain CLIP loss
     assert twin_mask(torch.tensor([3, 3, 2]), False) is None
     m = twin_mask(torch.tensor([3, 1, 3, 3]), True)
-    assert m.tolist() == [[False, False, True, True], [False] * 4, [True, False, False, True], [True, False, True, False]]
+    assert m.tolist() == [
+        [False, False, True, True],
+        [False] * 4,
+        [True, False, False, True],
+        [True, False, True, False],
+    ]
 
 
 def test_twin_texts_are_not_negatives():
@@ -37,8 +43,8 @@ def test_twin_texts_are_not_negatives():
     ours, _ = clip_loss(img, txt, scale, twins)
     assert ours < plain
     # image 0 is no longer pushed away from text 2 (its twin): no gradient through that logit
-    g_plain, = torch.autograd.grad(plain, img)
-    g_ours, = torch.autograd.grad(clip_loss(img, txt, scale, twins)[0], img)
+    (g_plain,) = torch.autograd.grad(plain, img)
+    (g_ours,) = torch.autograd.grad(clip_loss(img, txt, scale, twins)[0], img)
     assert not torch.allclose(g_plain[0], g_ours[0])
     acc = batch_accuracy(scale * img.detach() @ txt.t(), twins)
     assert acc[0] >= batch_accuracy(scale * img.detach() @ txt.t(), None)[0]
@@ -49,8 +55,14 @@ def test_loss_equals_upstream_get_loss(tiny_model):
     from cn_clip.training.train import get_loss
 
     images, tokens = _batch(6)
-    args = SimpleNamespace(accum_freq=1, distillation=False, aggregate=False, mask_ratio=0.0, local_device_rank=0,
-                           report_training_batch_acc=False)
+    args = SimpleNamespace(
+        accum_freq=1,
+        distillation=False,
+        aggregate=False,
+        mask_ratio=0.0,
+        local_device_rank=0,
+        report_training_batch_acc=False,
+    )
     with on_device("cpu"):
         ref, _ = get_loss(tiny_model, images, tokens, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(), args)
     img, txt, scale = tiny_model(images, tokens)
@@ -77,11 +89,21 @@ def test_accum_freq_gives_the_full_batch_gradient(tiny_model):
 
 def test_extra_validation_sets_early_stop_and_plot(tmp_path):
     train, valid = make_data(tmp_path / "data", per_colour_train=2, per_colour_valid=1, colours=4)
-    general = make_split(tmp_path / "data" / "general", per_colour=1, colours=4, seed=5, first_image_id=9000,
-                         text_id_base=500)
+    general = make_split(
+        tmp_path / "data" / "general", per_colour=1, colours=4, seed=5, first_image_id=9000, text_id_base=500
+    )
     calls = []
-    argv = tiny_argv(train, valid, tmp_path, max_steps=8, valid_step_interval=1, early_stop_patience=2,
-                     extra_val_data=[f"general={general}"], lr="0", skip_scheduler=True)
+    argv = tiny_argv(
+        train,
+        valid,
+        tmp_path,
+        max_steps=8,
+        valid_step_interval=1,
+        early_stop_patience=2,
+        extra_val_data=[f"general={general}"],
+        lr="0",
+        skip_scheduler=True,
+    )
     argv.remove("--no-plot")
     out = main(argv, on_validation=calls.append)
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
@@ -115,8 +137,10 @@ def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
     ref = main(tiny_argv(train, valid, tmp_path, name="plain", **flags), on_validation=lambda r: seen.append(names()))
     assert seen and all(s == (checkpoint, checkpoint) for s in seen)
     seen.clear()
-    out = main(tiny_argv(train, valid, tmp_path, name="gc", grad_checkpointing=True, **flags),
-               on_validation=lambda r: seen.append(names()))
+    out = main(
+        tiny_argv(train, valid, tmp_path, name="gc", grad_checkpointing=True, **flags),
+        on_validation=lambda r: seen.append(names()),
+    )
     assert len(seen) == 2 and all(a is not checkpoint and b is not checkpoint for a, b in seen)
     assert names() == (checkpoint, checkpoint)
     a, b = read_checkpoint(ref["last_checkpoint"])["state_dict"], read_checkpoint(out["last_checkpoint"])["state_dict"]
@@ -156,8 +180,9 @@ def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monk
     train, _ = make_data(tmp_path / "data", per_colour_train=2, colours=4)
     out = {}
     for workers in (0, 1):
-        argv = tiny_argv(train, None, tmp_path, name=f"w{workers}", max_epochs=3, augment="gentle",
-                         save_epoch_frequency=0)
+        argv = tiny_argv(
+            train, None, tmp_path, name=f"w{workers}", max_epochs=3, augment="gentle", save_epoch_frequency=0
+        )
         argv[argv.index("--num-workers") + 1] = str(workers)
         out[workers] = read_checkpoint(main(argv)["last_checkpoint"])
     assert built == [False, True]
@@ -171,7 +196,7 @@ def test_grad_scaler_only_for_fp16_autocast_on_cuda():
     on CUDA keeps one; nothing on the CPU. (A CUDA device object needs no GPU to ask.)"""
     import warnings
 
-    from solution.training.config import parse_args
+    from solution.training.flags import parse_args
     from solution.training.setup import make_scaler
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")

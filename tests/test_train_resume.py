@@ -1,4 +1,5 @@
 """kill -9 in the middle of a LoRA run, re-run the same command: the same final weights as a run never killed."""
+
 import os
 import signal
 import subprocess
@@ -6,23 +7,31 @@ import sys
 import time
 
 import torch
+from train_helpers import make_data, tiny_argv
 
 from solution.model import read_checkpoint
 from solution.training.trainer import main
-from train_helpers import make_data, tiny_argv
 
 
 def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
     train, valid = make_data(tmp_path / "data", per_colour_train=3, per_colour_valid=1, colours=4)
-    flags = dict(max_steps=10, save_step_frequency=1, valid_epoch_interval=0, lora_rank=4, lr="1e-2",
-                 augment="gentle", lora_dropout=0.1)
+    flags = dict(
+        max_steps=10,
+        save_step_frequency=1,
+        valid_epoch_interval=0,
+        lora_rank=4,
+        lr="1e-2",
+        augment="gentle",
+        lora_dropout=0.1,
+    )
     ref = main(tiny_argv(train, valid, tmp_path, name="ref", **flags))
 
     argv = tiny_argv(train, valid, tmp_path, name="killed", **flags)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "solution.train", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "solution.train", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:

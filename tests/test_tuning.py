@@ -1,12 +1,20 @@
 """cn_clip_patch.tuning: LoRA inject/merge on both towers, adapter-only state, frozen towers."""
+
 import json
 
 import pytest
 import torch
 from cn_clip.clip.model import CLIP
 
-from cn_clip_patch.tuning import (adapter_state_dict, apply_tuning, has_lora, merged_state_dict, set_train_mode,
-                                  trainable_summary, tuning_recipe)
+from cn_clip_patch.tuning import (
+    adapter_state_dict,
+    apply_tuning,
+    has_lora,
+    merged_state_dict,
+    set_train_mode,
+    trainable_summary,
+    tuning_recipe,
+)
 from solution.model import ModelConfig, build_model
 
 
@@ -100,8 +108,9 @@ def test_merge_and_adapters_are_copies_on_the_cpu_equal_to_the_merge_in_place(ti
     for k, v in adapter_state_dict(model).items():
         assert v.device.type == "cpu" and v.untyped_storage().data_ptr() not in live, k
     meta = merged_state_dict(model, device="meta")
-    assert {k: (v.device.type, v.dtype, v.shape) for k, v in meta.items()} == \
-        {k: ("meta", v.dtype, v.shape) for k, v in want.items()}
+    assert {k: (v.device.type, v.dtype, v.shape) for k, v in meta.items()} == {
+        k: ("meta", v.dtype, v.shape) for k, v in want.items()
+    }
     assert all(v.device.type == "meta" for v in adapter_state_dict(model, device="meta").values())
 
 
@@ -134,9 +143,17 @@ def test_freeze_tower(tiny_config, tower):
 
 
 def test_freeze_vision_keeps_resnet_batchnorm_in_eval(tmp_path, monkeypatch):
-    (tmp_path / "RN-Tiny.json").write_text(json.dumps({"embed_dim": 32, "image_resolution": 64,
-                                                       "vision_layers": "[1,1,1,1]", "vision_width": 16,
-                                                       "vision_patch_size": None}))
+    (tmp_path / "RN-Tiny.json").write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "image_resolution": 64,
+                "vision_layers": "[1,1,1,1]",
+                "vision_width": 16,
+                "vision_patch_size": None,
+            }
+        )
+    )
     monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(tmp_path))
     model = build_model(ModelConfig("RN-Tiny", "RBT-Tiny", context_length=16))
     recipe = tuning_recipe(freeze_vision=True)
@@ -182,10 +199,9 @@ def test_grad_checkpointing_patch_lasts_only_for_its_block(tiny_model):
 
     originals = (upstream_model.checkpoint, upstream_bert.checkpoint)
     assert originals == (checkpoint, checkpoint)
-    with pytest.raises(RuntimeError, match="inside"):
-        with grad_checkpointing(tiny_model):
-            assert upstream_model.checkpoint is not checkpoint and upstream_bert.checkpoint is not checkpoint
-            assert upstream_model.checkpoint.keywords == {"use_reentrant": False}
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), grad_checkpointing(tiny_model):
+        assert upstream_model.checkpoint is not checkpoint and upstream_bert.checkpoint is not checkpoint
+        assert upstream_model.checkpoint.keywords == {"use_reentrant": False}
+        raise RuntimeError("inside")
     assert (upstream_model.checkpoint, upstream_bert.checkpoint) == originals
     assert not tiny_model.visual.transformer.grad_checkpointing and not tiny_model.bert.encoder.grad_checkpointing

@@ -1,6 +1,7 @@
 """Validation decodes each image once: the gallery prepared once (uint8 pixels) feeds the model the
 same tensors as decoding; the validation loss comes from the retrieval features and equals cn_clip's
 contrastive loss over the validation loader's batches; a run's later validations decode nothing."""
+
 import base64
 import random
 from types import SimpleNamespace
@@ -8,16 +9,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from train_helpers import COLOURS, _png
 
 from solution.data import datasets
 from solution.data.lmdb_io import LMDBSplit, write_split
 from solution.retrieval.encode import encode_images, encode_split, prepare_inputs, score_parts, split_queries
-from solution.retrieval.prepared import prepare_images
+from solution.retrieval.pixels import prepare_images
 from solution.training.loaders import val_loader
 from solution.training.state import RunFiles
 from solution.training.step import contrastive_eval
 from solution.training.validation import BestTracker, Validation, feature_loss
-from train_helpers import COLOURS, _png
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,9 @@ def test_prepared_gallery_gives_the_decoded_features_bit_for_bit(split, tiny_mod
     workers = prepare_images(split, tiny_config, batch_size=4, num_workers=2)
     assert np.array_equal(workers.image_ids, prepared.image_ids) and torch.equal(workers.pixels, prepared.pixels)
     flipped = encode_images(tiny_model, split, tiny_config, batch_size=5, flip=True)[1]
-    assert np.array_equal(encode_images(tiny_model, split, tiny_config, batch_size=5, prepared=prepared,
-                                        flip=True)[1], flipped)
+    assert np.array_equal(
+        encode_images(tiny_model, split, tiny_config, batch_size=5, prepared=prepared, flip=True)[1], flipped
+    )
     # above the bound: not prepared (the caller decodes on each use)
     assert prepare_images(split, tiny_config, max_bytes=prepared.pixels.numel() - 1) is None
 
@@ -68,24 +70,42 @@ def test_loss_from_features_equals_the_loss_over_the_validation_loader(split, ti
     torch.manual_seed(5)
     with torch.no_grad():  # a model that tells the colours apart a little, so the accuracies are not all ties
         tiny_model.logit_scale.fill_(3.0)
-    loader = val_loader(split, resolution=tiny_config.image_resolution, context_length=tiny_config.context_length,
-                        prompt=tiny_config.text_prompt, batch_size=6, seed=11, num_workers=0)
+    loader = val_loader(
+        split,
+        resolution=tiny_config.image_resolution,
+        context_length=tiny_config.context_length,
+        prompt=tiny_config.text_prompt,
+        batch_size=6,
+        seed=11,
+        num_workers=0,
+    )
     want = contrastive_eval(tiny_model, loader, device="cpu", same_text=same_text)
     queries = split_queries(split)
     feats = encode_split(tiny_model, split, tiny_config, queries, batch_size=6)
-    got = feature_loss(feats, queries, split, tiny_model.logit_scale.detach().exp(), batch_size=6, seed=11,
-                       same_text=same_text)
+    got = feature_loss(
+        feats, queries, split, tiny_model.logit_scale.detach().exp(), batch_size=6, seed=11, same_text=same_text
+    )
     assert got.keys() == want.keys()
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
-    assert got["val_acc_i2t"] == pytest.approx(want["val_acc_i2t"]) and got["val_acc_t2i"] == pytest.approx(want["val_acc_t2i"])
+    assert got["val_acc_i2t"] == pytest.approx(want["val_acc_i2t"]) and got["val_acc_t2i"] == pytest.approx(
+        want["val_acc_t2i"]
+    )
 
 
 def test_validation_decodes_each_image_once_per_run(split, tiny_model, tiny_config, tmp_path, monkeypatch):
     calls = []
     real = datasets.decode_image
     monkeypatch.setattr(datasets, "decode_image", lambda b64: calls.append(1) or real(b64))
-    cfg = SimpleNamespace(model_config=tiny_config, valid_batch_size=4, valid_num_workers=0, precision="fp32", seed=0,
-                          same_text_positives=True, name="run", no_plot=True)
+    cfg = SimpleNamespace(
+        model_config=tiny_config,
+        valid_batch_size=4,
+        valid_num_workers=0,
+        precision="fp32",
+        seed=0,
+        same_text_positives=True,
+        name="run",
+        no_plot=True,
+    )
     val = Validation({"valid": split}, cfg, RunFiles(tmp_path / "run"), BestTracker(None))
     d = SimpleNamespace(device=torch.device("cpu"), main=True, world=1)
     rows = [val.score(tiny_model, "valid", split, d, step=s, epoch=0) for s in (1, 2)]

@@ -1,4 +1,5 @@
 """Tiny learnable LMDB splits for the trainer tests: coloured squares with colour-name texts."""
+
 from __future__ import annotations
 
 import base64
@@ -10,8 +11,16 @@ from PIL import Image
 
 from solution.data.lmdb_io import write_split
 
-COLOURS = [("红色", (220, 30, 30)), ("绿色", (30, 180, 40)), ("蓝色", (30, 60, 220)), ("黄色", (240, 220, 30)),
-           ("紫色", (140, 40, 170)), ("青色", (30, 200, 200)), ("黑色", (10, 10, 10)), ("白色", (245, 245, 245))]
+COLOURS = [
+    ("红色", (220, 30, 30)),
+    ("绿色", (30, 180, 40)),
+    ("蓝色", (30, 60, 220)),
+    ("黄色", (240, 220, 30)),
+    ("紫色", (140, 40, 170)),
+    ("青色", (30, 200, 200)),
+    ("黑色", (10, 10, 10)),
+    ("白色", (245, 245, 245)),
+]
 
 
 def _png(rgb, rng: random.Random, size: int = 16) -> bytes:
@@ -22,8 +31,9 @@ def _png(rgb, rng: random.Random, size: int = 16) -> bytes:
     return base64.urlsafe_b64encode(buf.getvalue())
 
 
-def make_split(split_dir: Path, *, per_colour: int, colours: int = 8, seed: int = 0, first_image_id: int = 1,
-               text_id_base: int = 0) -> Path:
+def make_split(
+    split_dir: Path, *, per_colour: int, colours: int = 8, seed: int = 0, first_image_id: int = 1, text_id_base: int = 0
+) -> Path:
     """``per_colour`` images of each colour; one text (query) per colour, paired with each of its images."""
     rng = random.Random(seed)
     images, pairs = [], []
@@ -39,18 +49,52 @@ def make_split(split_dir: Path, *, per_colour: int, colours: int = 8, seed: int 
 
 
 def make_data(root: Path, per_colour_train: int = 6, per_colour_valid: int = 3, colours: int = 8) -> tuple[Path, Path]:
-    train = make_split(root / "train", per_colour=per_colour_train, colours=colours, seed=1, first_image_id=1000,
-                       text_id_base=0)
-    valid = make_split(root / "valid", per_colour=per_colour_valid, colours=colours, seed=2, first_image_id=5000,
-                       text_id_base=100)
+    train = make_split(
+        root / "train", per_colour=per_colour_train, colours=colours, seed=1, first_image_id=1000, text_id_base=0
+    )
+    valid = make_split(
+        root / "valid", per_colour=per_colour_valid, colours=colours, seed=2, first_image_id=5000, text_id_base=100
+    )
     return train, valid
 
 
 def tiny_argv(train: Path, valid: Path | None, logs: Path, name: str = "run", **flags) -> list[str]:
-    argv = ["--train-data", str(train), "--logs", str(logs), "--name", name, "--vision-model", "ViT-Tiny",
-            "--text-model", "RBT-Tiny", "--context-length", "16", "--batch-size", "8", "--valid-batch-size", "16",
-            "--num-workers", "0", "--valid-num-workers", "0", "--lr", "2e-3", "--warmup", "2", "--wd", "0.01",
-            "--precision", "fp32", "--device", "cpu", "--no-progress", "--no-plot", "--log-interval", "1"]
+    argv = [
+        "--train-data",
+        str(train),
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--vision-model",
+        "ViT-Tiny",
+        "--text-model",
+        "RBT-Tiny",
+        "--context-length",
+        "16",
+        "--batch-size",
+        "8",
+        "--valid-batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--valid-num-workers",
+        "0",
+        "--lr",
+        "2e-3",
+        "--warmup",
+        "2",
+        "--wd",
+        "0.01",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-plot",
+        "--log-interval",
+        "1",
+    ]
     if valid is not None:
         argv += ["--val-data", str(valid)]
     for k, v in flags.items():
@@ -99,8 +143,15 @@ def hooked_train(tmp_path: Path, argv: list[str], *, file: str, action: str, nth
     script = tmp_path / "hooked_train.py"
     script.write_text(HOOKED_TRAIN, encoding="utf-8")
     ready = tmp_path / f"ready-{file}-{nth}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_FILE": file, "HOOK_NTH": str(nth), "HOOK_ACTION": action,
-           "HOOK_READY": str(ready)}
-    proc = subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HOOK_FILE": file,
+        "HOOK_NTH": str(nth),
+        "HOOK_ACTION": action,
+        "HOOK_READY": str(ready),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     return proc, ready

@@ -41,11 +41,12 @@ Vision tower (checked, nothing to patch)
     tower already reaches SDPA; :func:`vision_reaches_sdpa` checks it with torch's profiler
     (``tests/test_attention.py`` asserts it for train/eval/LoRA).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SdpaBertSelfAttention", "use_sdpa", "sdpa_attention", "sdpa_enabled", "vision_reaches_sdpa"]
+__all__ = ["SdpaBertSelfAttention", "sdpa_attention", "sdpa_enabled", "use_sdpa", "vision_reaches_sdpa"]
 
 
 class SdpaBertSelfAttention(BertSelfAttention):
@@ -149,12 +150,11 @@ def vision_reaches_sdpa(model: nn.Module, images: torch.Tensor, *, train: bool =
     modes = {mod: mod.training for mod in m.modules()}
     m.train(train)
     try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            with torch.set_grad_enabled(train):
-                out = m.encode_image(images)
-                params = [p for p in m.parameters() if p.requires_grad]
-                if train and out.requires_grad and params:  # backward without touching any .grad
-                    torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.set_grad_enabled(train):
+            out = m.encode_image(images)
+            params = [p for p in m.parameters() if p.requires_grad]
+            if train and out.requires_grad and params:  # backward without touching any .grad
+                torch.autograd.grad(out.float().sum(), params, allow_unused=True)
     finally:
         for mod, mode in modes.items():
             mod.training = mode

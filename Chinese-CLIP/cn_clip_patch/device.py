@@ -6,6 +6,7 @@
 Used to referee and to benchmark upstream side by side with our code; our own code takes the
 device as a parameter and never needs this.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,8 +74,10 @@ def run_upstream_main(module: str, argv: list[str], device: str | torch.device =
     try:
         with on_device(device), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
-            with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext(), \
-                    contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext():
+            with (
+                contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext(),
+                contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext(),
+            ):
                 runpy.run_module(module, run_name="__main__")
     finally:
         sys.argv = saved

@@ -20,6 +20,7 @@ The tuning recipe travels as a plain dict (stored in checkpoints as ``config["tu
     {"mode": "full"|"lora", "freeze_vision": bool, "freeze_text": bool,
      "lora": {"rank", "alpha", "dropout", "targets"} or None, "merged": bool}
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,7 @@ import copy
 import functools
 import re
 import sys
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -39,16 +40,31 @@ ADAPTER = "default"
 _TEXT_EXTRA = ("text_projection",)
 
 
-def tuning_recipe(*, lora_rank: int = 0, lora_alpha: float | None = None, lora_dropout: float = 0.0,
-                  lora_targets: str = DEFAULT_LORA_TARGETS, freeze_vision: bool = False,
-                  freeze_text: bool = False) -> dict:
+def tuning_recipe(
+    *,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_targets: str = DEFAULT_LORA_TARGETS,
+    freeze_vision: bool = False,
+    freeze_text: bool = False,
+) -> dict:
     """The tuning dict for a set of flags (``lora_rank`` 0 means full fine-tuning)."""
     lora = None
     if lora_rank and lora_rank > 0:
-        lora = {"rank": int(lora_rank), "alpha": float(lora_alpha if lora_alpha is not None else 2 * lora_rank),
-                "dropout": float(lora_dropout), "targets": lora_targets or DEFAULT_LORA_TARGETS}
-    return {"mode": "lora" if lora else "full", "freeze_vision": bool(freeze_vision),
-            "freeze_text": bool(freeze_text), "lora": lora, "merged": False}
+        lora = {
+            "rank": int(lora_rank),
+            "alpha": float(lora_alpha if lora_alpha is not None else 2 * lora_rank),
+            "dropout": float(lora_dropout),
+            "targets": lora_targets or DEFAULT_LORA_TARGETS,
+        }
+    return {
+        "mode": "lora" if lora else "full",
+        "freeze_vision": bool(freeze_vision),
+        "freeze_text": bool(freeze_text),
+        "lora": lora,
+        "merged": False,
+    }
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -111,8 +127,12 @@ def inject_lora(model: nn.Module, lora: Mapping) -> nn.Module:
     names = [n for n, _ in m.named_modules() if re.fullmatch(targets, n)]
     if not names:
         raise ValueError(f"LoRA target pattern {targets!r} matches no module of the model")
-    cfg = LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora.get("dropout", 0.0)),
-                     target_modules=targets)
+    cfg = LoraConfig(
+        r=int(lora["rank"]),
+        lora_alpha=float(lora["alpha"]),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=targets,
+    )
     inject_adapter_in_model(cfg, m, adapter_name=ADAPTER)
     for n, p in m.named_parameters():
         p.requires_grad_("lora_" in n or n == "logit_scale")

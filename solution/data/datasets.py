@@ -11,13 +11,14 @@ arguments, and a conversion to RGB inserted before its last three steps. Nothing
 upstream is called; ``tests/test_datasets.py`` checks on a fixed image and seeds that the result
 equals what ``_build_transform`` returns, so an upstream change that makes them differ fails there.
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
 import io
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -51,14 +52,16 @@ def train_transform(resolution: int, augment: str = "none") -> Callable:
     if augment == "gentle":
         from torchvision import transforms as T
 
-        return T.Compose([
-            T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(0.2, 0.2, 0.1),
-            T.Lambda(lambda im: im.convert("RGB")),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-        ])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(0.2, 0.2, 0.1),
+                T.Lambda(lambda im: im.convert("RGB")),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ]
+        )
     raise ValueError(f"unknown augment {augment!r}; choose from {AUGMENTS}")
 
 
@@ -68,8 +71,16 @@ def cnclip_augment(resolution: int) -> Callable:
     from timm.data import create_transform
     from torchvision.transforms import Compose
 
-    t = create_transform(input_size=resolution, scale=(0.9, 1.0), is_training=True, color_jitter=None,
-                         auto_augment="original", interpolation="bicubic", mean=MEAN, std=STD)
+    t = create_transform(
+        input_size=resolution,
+        scale=(0.9, 1.0),
+        is_training=True,
+        color_jitter=None,
+        auto_augment="original",
+        interpolation="bicubic",
+        mean=MEAN,
+        std=STD,
+    )
     return Compose(t.transforms[:-3] + [_to_rgb] + t.transforms[-3:])  # where upstream puts its conversion
 
 
@@ -147,8 +158,12 @@ class PairCollate:
         if self.keep_size and len(good) < len(batch):
             good = good + [good[i % len(good)] for i in range(len(batch) - len(good))]
         images, texts, text_ids, image_ids = zip(*good)
-        return (torch.stack(images), tokenize(texts, self.context_length, self.prompt),
-                torch.tensor(text_ids), torch.tensor(image_ids))
+        return (
+            torch.stack(images),
+            tokenize(texts, self.context_length, self.prompt),
+            torch.tensor(text_ids),
+            torch.tensor(image_ids),
+        )
 
 
 def image_collate(batch):

@@ -33,6 +33,7 @@ How a JPEG earns "kept" depends on ``check`` (:data:`CHECKS`):
 * ``"full"``: the image is decoded as well (at 1/8 scale for a kept JPEG, which still
   entropy-decodes every block), so mid-stream damage is caught too; several times slower.
 """
+
 from __future__ import annotations
 
 import base64
@@ -41,7 +42,6 @@ import io
 import warnings
 
 from .jpeg import DEFAULT_MAX_PIXELS, EXIF_TRANSPOSES, ORIENTATION, URL_TO_STD, inspect_jpeg, jpeg_b64_info
-
 
 # Reasons an image is skipped (the report counts and lists them by these names).
 REASONS = {
@@ -71,22 +71,31 @@ _MAGIC = (
 class CleanResult:
     """What :func:`clean_image` / :func:`clean_b64` say about one image."""
 
-    __slots__ = ("status", "data", "format", "size", "actions", "reason", "detail")
+    __slots__ = ("actions", "data", "detail", "format", "reason", "size", "status")
 
-    def __init__(self, status: str, data: bytes | None = None, format: str | None = None,  # noqa: A002
-                 size: tuple[int, int] | None = None, actions: list[str] | None = None, reason: str | None = None,
-                 detail: str = ""):
-        self.status = status    # "kept" | "converted" | "skipped"
-        self.data = data        # the image to store (raw bytes, or base64 from clean_b64)
-        self.format = format    # what the bytes really are (JPEG, PNG, GIF, WEBP, BMP, TIFF, ...)
-        self.size = size        # (width, height) of the stored image
+    def __init__(
+        self,
+        status: str,
+        data: bytes | None = None,
+        format: str | None = None,
+        size: tuple[int, int] | None = None,
+        actions: list[str] | None = None,
+        reason: str | None = None,
+        detail: str = "",
+    ):
+        self.status = status  # "kept" | "converted" | "skipped"
+        self.data = data  # the image to store (raw bytes, or base64 from clean_b64)
+        self.format = format  # what the bytes really are (JPEG, PNG, GIF, WEBP, BMP, TIFF, ...)
+        self.size = size  # (width, height) of the stored image
         self.actions = [] if actions is None else actions  # conversions applied, e.g. ["first_frame", "mode_P"]
-        self.reason = reason    # one of REASONS when skipped
-        self.detail = detail    # a human-readable explanation when skipped
+        self.reason = reason  # one of REASONS when skipped
+        self.detail = detail  # a human-readable explanation when skipped
 
     def __repr__(self) -> str:
-        return (f"CleanResult(status={self.status!r}, format={self.format!r}, size={self.size!r}, "
-                f"actions={self.actions!r}, reason={self.reason!r}, detail={self.detail!r})")
+        return (
+            f"CleanResult(status={self.status!r}, format={self.format!r}, size={self.size!r}, "
+            f"actions={self.actions!r}, reason={self.reason!r}, detail={self.detail!r})"
+        )
 
     @property
     def ok(self) -> bool:
@@ -115,7 +124,8 @@ def looks_like_text(data: bytes) -> str | None:
         return "text"
     low = head[:64].lower()
     if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or (
-            head[:1] == b"<" and b">" in head):
+        head[:1] == b"<" and b">" in head
+    ):
         return "an HTML page"
     if head[:1] in (b"{", b"["):
         return "JSON text"
@@ -183,7 +193,7 @@ def _to_rgb(im, actions: list[str]):
 
         arr = np.asarray(im)
         if mode.startswith("I;16"):
-            arr = (arr.astype(np.uint32) >> 8)
+            arr = arr.astype(np.uint32) >> 8
         elif arr.size and float(arr.max()) > 255:
             arr = arr.astype(np.float64) * (255.0 / float(arr.max()))
         elif mode == "F" and arr.size and float(arr.max()) <= 1.0:
@@ -197,8 +207,14 @@ def _to_rgb(im, actions: list[str]):
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX, ...
 
 
-def clean_image(data: bytes, *, max_side: int | None = None, quality: int = DEFAULT_QUALITY,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS, check: str = "structural") -> CleanResult:
+def clean_image(
+    data: bytes,
+    *,
+    max_side: int | None = None,
+    quality: int = DEFAULT_QUALITY,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    check: str = "structural",
+) -> CleanResult:
     """Check and clean one image's raw bytes (see the module docstring). Never raises.
 
     ``check="structural"`` (default) keeps a JPEG whose marker structure says it is a plain upright
@@ -232,8 +248,7 @@ def clean_image(data: bytes, *, max_side: int | None = None, quality: int = DEFA
         return _failed(e, data, fmt)
 
 
-def _clean_opened(im, data: bytes, fmt: str, max_side: int | None, quality: int,
-                  max_pixels: int | None) -> CleanResult:
+def _clean_opened(im, data: bytes, fmt: str, max_side: int | None, quality: int, max_pixels: int | None) -> CleanResult:
     """The full path of :func:`clean_image` on an opened PIL image: kept as is, or converted."""
     from PIL import Image, ImageOps
 
@@ -282,8 +297,20 @@ def _failed(e: Exception, data: bytes, fmt: str | None) -> CleanResult:
         return _skip("decompression_bomb", f"{type(e).__name__}: {e}", fmt)
     if isinstance(e, Image.UnidentifiedImageError):
         return _skip("not_an_image" if fmt is None else "corrupt", f"{type(e).__name__}: {e}", fmt)
-    if isinstance(e, (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
-                      ZeroDivisionError, Image.DecompressionBombWarning)):
+    if isinstance(
+        e,
+        (
+            OSError,
+            SyntaxError,
+            ValueError,
+            EOFError,
+            IndexError,
+            KeyError,
+            TypeError,
+            ZeroDivisionError,
+            Image.DecompressionBombWarning,
+        ),
+    ):
         if isinstance(e, ValueError) and "mode" in str(e).lower():
             return _skip("unsupported", f"{type(e).__name__}: {e}", fmt)
         reason, detail = _error_reason(e, data, fmt)
@@ -293,8 +320,14 @@ def _failed(e: Exception, data: bytes, fmt: str | None) -> CleanResult:
     return _skip("corrupt", f"{type(e).__name__}: {e}", fmt)
 
 
-def clean_b64(b64: str | bytes, *, max_side: int | None = None, quality: int = DEFAULT_QUALITY,
-              max_pixels: int | None = DEFAULT_MAX_PIXELS, check: str = "structural") -> CleanResult:
+def clean_b64(
+    b64: str | bytes,
+    *,
+    max_side: int | None = None,
+    quality: int = DEFAULT_QUALITY,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    check: str = "structural",
+) -> CleanResult:
     """:func:`clean_image` on base64 text; ``data`` of the result is base64 (URL-safe, as cn_clip writes).
 
     A kept image whose base64 was already strict is passed through byte for byte (the very same
@@ -320,4 +353,3 @@ def clean_b64(b64: str | bytes, *, max_side: int | None = None, quality: int = D
     elif res.status == "converted":
         res.data = base64.urlsafe_b64encode(res.data)
     return res
-

@@ -11,25 +11,30 @@ Problems with texts (malformed, empty, duplicate ``text_id``) are collected in
 ``SplitInput.problems`` for the report, never raised; a file that yields no valid text at all,
 or lacks the needed columns, is a :class:`SolutionError`.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from solution.common import SolutionError
 
-TEXT_REASONS = {"no_images": "none of its images survived cleaning", "duplicate_text_id": "text_id seen before",
-                "malformed": "not a valid text record", "empty_text": "the text is empty"}
+TEXT_REASONS = {
+    "no_images": "none of its images survived cleaning",
+    "duplicate_text_id": "text_id seen before",
+    "malformed": "not a valid text record",
+    "empty_text": "the text is empty",
+}
 
 
 class Text:
     """One query text (plain slotted classes here, not dataclasses: importing ``dataclasses`` costs
     ``solution.prepare`` ~20 ms of start-up before its workers can fork)."""
 
-    __slots__ = ("text_id", "text", "image_ids")
+    __slots__ = ("image_ids", "text", "text_id")
 
     def __init__(self, text_id: int, text: str, image_ids: list[int] | None):
         self.text_id, self.text = text_id, text
@@ -37,7 +42,10 @@ class Text:
 
     def __eq__(self, other):
         return type(other) is Text and (self.text_id, self.text, self.image_ids) == (
-            other.text_id, other.text, other.image_ids)
+            other.text_id,
+            other.text,
+            other.image_ids,
+        )
 
     __hash__ = None  # mutable, as the dataclass was
 
@@ -49,10 +57,17 @@ class SplitInput:
     """One input split: its texts (None: not read yet, format 1, see :func:`load_muge_texts`), its TSV and
     texts file (format 1) or image files (formats 2/3: ``(image_id, path)``), the texts refused while reading."""
 
-    __slots__ = ("name", "texts", "tsv", "texts_path", "files", "problems")
+    __slots__ = ("files", "name", "problems", "texts", "texts_path", "tsv")
 
-    def __init__(self, name: str, texts: list[Text] | None, tsv: Path | None = None, texts_path: Path | None = None,
-                 files: list[tuple[int, str]] | None = None, problems: list[dict] | None = None):
+    def __init__(
+        self,
+        name: str,
+        texts: list[Text] | None,
+        tsv: Path | None = None,
+        texts_path: Path | None = None,
+        files: list[tuple[int, str]] | None = None,
+        problems: list[dict] | None = None,
+    ):
         self.name, self.texts, self.tsv, self.texts_path, self.files = name, texts, tsv, texts_path, files
         self.problems = [] if problems is None else problems
 
@@ -69,17 +84,26 @@ def _as_text(obj, where, split: SplitInput, seen: set[int]) -> Text | None:
     ``where`` (a string, or ``(file name, line number)``) says where the record came from in a problem."""
     if type(obj) is dict:  # the common, well-formed case, checked cheaply (a MUGE file has ~10^5 lines)
         text_id, text, image_ids = obj.get("text_id"), obj.get("text"), obj.get("image_ids")
-        if (type(text_id) is int and type(text) is str and text_id not in seen
-                and (image_ids is None or (type(image_ids) is list and all(type(i) is int for i in image_ids)))):
+        if (
+            type(text_id) is int
+            and type(text) is str
+            and text_id not in seen
+            and (image_ids is None or (type(image_ids) is list and all(type(i) is int for i in image_ids)))
+        ):
             text = text.strip()
             if text:
                 seen.add(text_id)
                 return Text(text_id, text, image_ids or None)
 
     def bad(reason, detail):
-        split.problems.append({"where": f"{where[0]}:{where[1]}" if isinstance(where, tuple) else where,
-                               "text_id": obj.get("text_id") if isinstance(obj, dict) else None,
-                               "reason": reason, "detail": detail})
+        split.problems.append(
+            {
+                "where": f"{where[0]}:{where[1]}" if isinstance(where, tuple) else where,
+                "text_id": obj.get("text_id") if isinstance(obj, dict) else None,
+                "reason": reason,
+                "detail": detail,
+            }
+        )
 
     if not isinstance(obj, dict) or "text_id" not in obj or "text" not in obj:
         return bad("malformed", "needs text_id and text")
@@ -103,8 +127,10 @@ def read_muge(data_dir: Path, name: str, *, texts: bool = True) -> SplitInput:
     tsv, texts_path = data_dir / f"{name}_imgs.tsv", data_dir / f"{name}_texts.jsonl"
     for p in (tsv, texts_path):
         if not p.is_file():
-            raise SolutionError(f"{p} not found: --data-dir needs MUGE files {name}_imgs.tsv and {name}_texts.jsonl "
-                                f"(or give --csv FILE, or --images-dir DIR --captions FILE)")
+            raise SolutionError(
+                f"{p} not found: --data-dir needs MUGE files {name}_imgs.tsv and {name}_texts.jsonl "
+                f"(or give --csv FILE, or --images-dir DIR --captions FILE)"
+            )
     split = SplitInput(name, None, tsv=tsv, texts_path=texts_path)
     return load_muge_texts(split) if texts else split
 
@@ -126,8 +152,7 @@ def load_muge_texts(split: SplitInput) -> SplitInput:
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise SolutionError(f"{texts_path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") \
-                        from None
+                    raise SolutionError(f"{texts_path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
         raise
     try:  # one parse for the whole file when every line is one JSON value (the common case)
         objs = json.loads("[" + ",".join(line for _, line in numbered) + "]")
@@ -140,8 +165,14 @@ def load_muge_texts(split: SplitInput) -> SplitInput:
                 objs.append(json.loads(line))
             except json.JSONDecodeError as e:
                 objs.append(_NOT_JSON)
-                split.problems.append({"where": f"{texts_path.name}:{lineno}", "text_id": None,
-                                       "reason": "malformed", "detail": f"not JSON ({e.msg})"})
+                split.problems.append(
+                    {
+                        "where": f"{texts_path.name}:{lineno}",
+                        "text_id": None,
+                        "reason": "malformed",
+                        "detail": f"not JSON ({e.msg})",
+                    }
+                )
     name = texts_path.name
     for (lineno, _), obj in zip(numbered, objs):
         if obj is not _NOT_JSON:
@@ -218,8 +249,11 @@ def _read_csv(path: Path, lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
                 _check_multiline(path, start, end, row, delimiter)
             yield f"{path.name}:{start}", row
     except csv.Error as e:
-        what = ("a quote opened here is never closed (it runs to the end of the file)"
-                if "unexpected end of data" in str(e) else f"malformed CSV ({e})")
+        what = (
+            "a quote opened here is never closed (it runs to the end of the file)"
+            if "unexpected end of data" in str(e)
+            else f"malformed CSV ({e})"
+        )
         raise SolutionError(f"{path}:{end + 1}: {what}") from None
 
 
@@ -230,8 +264,10 @@ def _check_multiline(path: Path, start: int, end: int, row: dict, delimiter: str
         if not isinstance(v, str) or "\n" not in v:
             continue
         if k in _ONE_LINE_KEYS or (k in _TEXT_KEYS and any(delimiter in part for part in v.split("\n")[1:])):
-            raise SolutionError(f"{path}:{start}: a quote opened here runs over lines {start}-{end} and swallows "
-                                f"what look like rows (column {k!r}); close the quote")
+            raise SolutionError(
+                f"{path}:{start}: a quote opened here runs over lines {start}-{end} and swallows "
+                f"what look like rows (column {k!r}); close the quote"
+            )
 
 
 def read_table(table: str, splits: Sequence[str], base_dir: Path | None) -> dict[str, SplitInput]:
@@ -252,15 +288,27 @@ def read_table(table: str, splits: Sequence[str], base_dir: Path | None) -> dict
             split = out.setdefault(name, SplitInput(name, [], files=[]))
             text, rel = _pick(row, _TEXT_KEYS), _pick(row, _IMAGE_KEYS)
             if text is None or rel is None or not str(text).strip():
-                split.problems.append({"where": where, "text_id": row.get("text_id"), "reason": "malformed",
-                                       "detail": "needs a non-empty text and an image path"})
+                split.problems.append(
+                    {
+                        "where": where,
+                        "text_id": row.get("text_id"),
+                        "reason": "malformed",
+                        "detail": "needs a non-empty text and an image path",
+                    }
+                )
                 continue
             try:
                 tid = None if row.get("text_id") in (None, "") else int(row["text_id"])
                 iid = None if row.get("image_id") in (None, "") else int(row["image_id"])
             except (TypeError, ValueError):
-                split.problems.append({"where": where, "text_id": row.get("text_id"), "reason": "malformed",
-                                       "detail": "image_id and text_id must be integers"})
+                split.problems.append(
+                    {
+                        "where": where,
+                        "text_id": row.get("text_id"),
+                        "reason": "malformed",
+                        "detail": "image_id and text_id must be integers",
+                    }
+                )
                 continue
             rows.append((name, str(text).strip(), str((root / str(rel)).resolve()), tid, iid))
 
@@ -274,8 +322,9 @@ def read_table(table: str, splits: Sequence[str], base_dir: Path | None) -> dict
             if path not in path_ids:
                 path_ids[path], next_image = next_image, next_image + 1
             iid = path_ids[path]
-        g = groups.setdefault(name, {}).setdefault(("id", tid) if tid is not None else ("text", text),
-                                                   {"text_id": tid, "text": text, "image_ids": []})
+        g = groups.setdefault(name, {}).setdefault(
+            ("id", tid) if tid is not None else ("text", text), {"text_id": tid, "text": text, "image_ids": []}
+        )
         if iid not in g["image_ids"]:
             g["image_ids"].append(iid)
         if (name, iid, path) not in seen_files:
@@ -313,9 +362,11 @@ def split_off_valid(texts: list[Text], fraction: float, seed: int, where=None) -
         raise SolutionError(f"{src}--make-valid needs at least two distinct labelled queries, found {n}")
     n_valid = math.ceil(fraction * n)  # as GroupShuffleSplit counts
     if not 0 < n_valid < n:
-        raise SolutionError(f"{src}--make-valid {fraction} of {n} distinct labelled queries leaves "
-                            f"{'no validation' if n_valid < 1 else 'no training'} query; choose a fraction "
-                            f"that leaves both splits at least one")
+        raise SolutionError(
+            f"{src}--make-valid {fraction} of {n} distinct labelled queries leaves "
+            f"{'no validation' if n_valid < 1 else 'no training'} query; choose a fraction "
+            f"that leaves both splits at least one"
+        )
     gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     train_idx, valid_idx = next(gss.split(np.zeros(len(labelled)), groups=groups))
     valid = [labelled[i] for i in sorted(valid_idx)]

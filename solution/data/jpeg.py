@@ -8,6 +8,7 @@ when the structure is not clean; :meth:`JpegInfo.keepable` says whether a decode
 upright RGB image within the limits as is. The trade-off of checking no more than this is in
 :mod:`solution.data.images`.
 """
+
 from __future__ import annotations
 
 import binascii
@@ -23,7 +24,10 @@ def _exif_orientation(tiff: bytes) -> int:
     """The orientation tag of an EXIF (TIFF) block, 1 when absent or unreadable."""
     try:
         order = {b"II": "little", b"MM": "big"}[bytes(tiff[:2])]
-        u16 = lambda o: int.from_bytes(tiff[o:o + 2], order)  # noqa: E731
+
+        def u16(o):
+            return int.from_bytes(tiff[o : o + 2], order)
+
         ifd = int.from_bytes(tiff[4:8], order)
         for k in range(u16(ifd)):
             entry = ifd + 2 + 12 * k
@@ -37,15 +41,24 @@ def _exif_orientation(tiff: bytes) -> int:
 class JpegInfo:
     """What a JPEG's frame header and marker segments declare (a slotted class: one is made per image)."""
 
-    __slots__ = ("width", "height", "components", "orientation", "complete", "sof", "precision", "adobe")
+    __slots__ = ("adobe", "complete", "components", "height", "orientation", "precision", "sof", "width")
 
-    def __init__(self, width: int, height: int, components: int, orientation: int, complete: bool, sof: int = 0xC0,
-                 precision: int = 8, adobe: bool = False):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        components: int,
+        orientation: int,
+        complete: bool,
+        sof: int = 0xC0,
+        precision: int = 8,
+        adobe: bool = False,
+    ):
         self.width, self.height, self.components, self.orientation = width, height, components, orientation
-        self.complete = complete    # ends with the EOI marker
-        self.sof = sof              # the frame marker: C0 baseline, C1 extended, C2 progressive, others rare
+        self.complete = complete  # ends with the EOI marker
+        self.sof = sof  # the frame marker: C0 baseline, C1 extended, C2 progressive, others rare
         self.precision = precision  # bits per sample
-        self.adobe = adobe          # an Adobe APP14 segment (colour transform of CMYK/YCCK/RGB files)
+        self.adobe = adobe  # an Adobe APP14 segment (colour transform of CMYK/YCCK/RGB files)
 
     def _fields(self) -> tuple:
         return tuple(getattr(self, k) for k in self.__slots__)
@@ -61,10 +74,18 @@ class JpegInfo:
     def keepable(self, max_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> bool:
         """True when the structure says a decoder yields an upright RGB image within the limits as is."""
         w, h = self.width, self.height
-        return (self.complete and self.components == 3 and self.sof in _PLAIN_SOF and self.precision == 8
-                and not self.adobe and self.orientation not in EXIF_TRANSPOSES and w > 0 and h > 0
-                and not (max_side and (w > max_side or h > max_side))
-                and not (max_pixels and w * h > max_pixels))
+        return (
+            self.complete
+            and self.components == 3
+            and self.sof in _PLAIN_SOF
+            and self.precision == 8
+            and not self.adobe
+            and self.orientation not in EXIF_TRANSPOSES
+            and w > 0
+            and h > 0
+            and not (max_side and (w > max_side or h > max_side))
+            and not (max_pixels and w * h > max_pixels)
+        )
 
 
 _PLAIN_SOF = (0xC0, 0xC1, 0xC2)  # Huffman-coded baseline / extended / progressive: what every decoder reads
@@ -74,21 +95,34 @@ _EXIF_MAX = 1 << 16  # an APP1 segment is at most 64 KiB anyway
 # What each marker byte after 0xFF means to the walk.
 _SEGMENT, _SOF, _SOS, _APP1, _APP14, _FILL, _STANDALONE, _BAD = range(8)
 _MARKER_KIND = tuple(
-    _FILL if m == 0xFF else _STANDALONE if m == 0x01 or 0xD0 <= m <= 0xD7 else _BAD if m in (0xD8, 0xD9)
-    else _SOS if m == 0xDA else _APP1 if m == 0xE1 else _APP14 if m == 0xEE
-    else _SOF if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC) else _SEGMENT
-    for m in range(256))
+    _FILL
+    if m == 0xFF
+    else _STANDALONE
+    if m == 0x01 or 0xD0 <= m <= 0xD7
+    else _BAD
+    if m in (0xD8, 0xD9)
+    else _SOS
+    if m == 0xDA
+    else _APP1
+    if m == 0xE1
+    else _APP14
+    if m == 0xEE
+    else _SOF
+    if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC)
+    else _SEGMENT
+    for m in range(256)
+)
 
 
 def _segment(buf: bytes, have_to: int, shift: int, start: int, stop: int, fetch) -> bytes | None:
     """Bytes ``[start, stop)`` of the file: from ``buf`` (file offset ``o`` at ``buf[o + shift]``,
     holding the file up to ``have_to``), else fetched; None when neither can."""
     if have_to >= stop:
-        return buf[start + shift:stop + shift]
+        return buf[start + shift : stop + shift]
     if fetch is None:
         return None
     seg, at = fetch(start, stop)
-    return seg[start - at:stop - at]
+    return seg[start - at : stop - at]
 
 
 def _walk_jpeg(buf: bytes, n: int, tail: bytes, fetch=None) -> JpegInfo | None:
@@ -137,14 +171,14 @@ def _walk_jpeg(buf: bytes, n: int, tail: bytes, fetch=None) -> JpegInfo | None:
         if kind == _SOF:
             if size is not None or end - i < 10:
                 return None
-            seg = buf[j + 4:j + 10]
+            seg = buf[j + 4 : j + 10]
             precision, size, comps, sof = seg[0], ((seg[3] << 8) | seg[4], (seg[1] << 8) | seg[2]), seg[5], buf[j + 1]
-        elif kind == _APP1 and buf[j + 4:j + 10] == b"Exif\x00\x00":
+        elif kind == _APP1 and buf[j + 4 : j + 10] == b"Exif\x00\x00":
             exif = _segment(buf, base + have, j - i, i + 10, min(end, i + 10 + _EXIF_MAX), fetch)
             if exif is None:
                 return None
             orientation = _exif_orientation(exif)
-        elif kind == _APP14 and buf[j + 4:j + 9] == b"Adobe":
+        elif kind == _APP14 and buf[j + 4 : j + 9] == b"Adobe":
             adobe = True
         i = end
     return None
@@ -180,16 +214,17 @@ def jpeg_b64_span(buf: bytes, start: int, stop: int, pad: int) -> JpegInfo | Non
     holds only base64 characters plus ``pad`` (0..2) ``=`` (e.g. for a whole block of TSV lines at
     once). Nothing of the span is copied but the header and the tail."""
     n4 = stop - start
-    if n4 < 8 or n4 & 3 or buf[start:start + 4] not in _B64_JPEG_HEAD or buf[stop - pad:stop] != _PADS[pad]:
+    if n4 < 8 or n4 & 3 or buf[start : start + 4] not in _B64_JPEG_HEAD or buf[stop - pad : stop] != _PADS[pad]:
         return None
     try:
+
         def fetch(a: int, b: int) -> tuple[bytes, int]:
             q = a // 3
-            raw = binascii.a2b_base64(buf[start + 4 * q:min(stop, start + 4 * -(-b // 3))].translate(URL_TO_STD))
+            raw = binascii.a2b_base64(buf[start + 4 * q : min(stop, start + 4 * -(-b // 3))].translate(URL_TO_STD))
             return raw, 3 * q
 
-        prefix = binascii.a2b_base64(buf[start:min(stop, start + _B64_PREFIX)].translate(URL_TO_STD))
-        tail = binascii.a2b_base64(buf[stop - 88:stop].translate(URL_TO_STD)) if n4 > 88 else prefix
+        prefix = binascii.a2b_base64(buf[start : min(stop, start + _B64_PREFIX)].translate(URL_TO_STD))
+        tail = binascii.a2b_base64(buf[stop - 88 : stop].translate(URL_TO_STD)) if n4 > 88 else prefix
         return _walk_jpeg(prefix, n4 // 4 * 3 - pad, tail, fetch)
     except (binascii.Error, ValueError, IndexError):
         return None

@@ -7,6 +7,7 @@ This is exactly what ``cn_clip/preprocess/build_lmdb_dataset.py`` writes and wha
 ``cn_clip.training.data.LMDBDataset`` reads. Pairs are read back through
 :func:`restricted_loads`, which refuses any pickle that is not a plain ``(int, int, str)`` tuple.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,9 +15,9 @@ import os
 import pickle
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from itertools import count, islice, starmap
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import lmdb
 
@@ -27,7 +28,7 @@ COMMIT_EVERY = 1000
 
 
 class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module, name):  # noqa: D401 - pickle API
+    def find_class(self, module, name):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from an LMDB pair")
 
 
@@ -37,8 +38,13 @@ def restricted_loads(data: bytes) -> tuple[int, int, str]:
         obj = _NoGlobals(io.BytesIO(bytes(data))).load()
     except Exception as e:
         raise SolutionError(f"refusing LMDB pair: {e}") from None
-    if not (isinstance(obj, tuple) and len(obj) == 3 and type(obj[0]) is int and type(obj[1]) is int
-            and isinstance(obj[2], str)):
+    if not (
+        isinstance(obj, tuple)
+        and len(obj) == 3
+        and type(obj[0]) is int
+        and type(obj[1]) is int
+        and isinstance(obj[2], str)
+    ):
         raise SolutionError(f"refusing LMDB pair: expected (int, int, str), got {type(obj).__name__}")
     return obj
 
@@ -49,8 +55,10 @@ def dumps_pair(image_id: int, text_id: int, text: str) -> bytes:
 
 def _image_item(row) -> tuple[bytes, bytes]:
     image_id, b64 = row
-    return (image_id if type(image_id) is bytes else b"%d" % int(image_id),
-            b64.encode() if isinstance(b64, str) else b64)
+    return (
+        image_id if type(image_id) is bytes else b"%d" % int(image_id),
+        b64.encode() if isinstance(b64, str) else b64,
+    )
 
 
 class _Flusher:
@@ -121,8 +129,9 @@ def _put_all(path: Path, items: Iterator[tuple[bytes, bytes]], count_key: bytes)
     return n
 
 
-def write_images(split_dir: str | os.PathLike, images: Iterable[tuple[int | bytes, bytes]], *,
-                 keyed: bool = False) -> int:
+def write_images(
+    split_dir: str | os.PathLike, images: Iterable[tuple[int | bytes, bytes]], *, keyed: bool = False
+) -> int:
     """Write ``split_dir/imgs`` (replacing it) from ``(image_id, base64)`` rows, the id an int or its
     decimal digits as bytes, the base64 any bytes-like (or str); returns ``num_images``. ``keyed``: every
     row is already ``(decimal digits as bytes, bytes-like)`` and goes to LMDB as it is (no Python per row)."""
@@ -136,8 +145,9 @@ def write_pairs(split_dir: str | os.PathLike, pairs: Iterable[tuple[int, int, st
     return _put_all(Path(split_dir) / "pairs", zip(map(b"%d".__mod__, count()), values), b"num_samples")
 
 
-def write_split(split_dir: str | os.PathLike, images: Iterable[tuple[int | bytes, bytes]],
-                pairs: Iterable[tuple[int, int, str]]) -> tuple[int, int]:
+def write_split(
+    split_dir: str | os.PathLike, images: Iterable[tuple[int | bytes, bytes]], pairs: Iterable[tuple[int, int, str]]
+) -> tuple[int, int]:
     """Write ``split_dir/imgs`` and ``split_dir/pairs``; returns ``(num_images, num_samples)``."""
     return write_images(split_dir, images), write_pairs(split_dir, pairs)
 
@@ -153,7 +163,9 @@ class LMDBSplit:
         for sub in ("imgs", "pairs") if self.need_pairs else ("imgs",):
             p = self.split_dir / sub
             if not (p / "data.mdb").is_file():
-                raise SolutionError(f"not an LMDB split: {p} has no data.mdb (build it with python -m solution.prepare)")
+                raise SolutionError(
+                    f"not an LMDB split: {p} has no data.mdb (build it with python -m solution.prepare)"
+                )
         self._pid = None
         self._open()
         try:
@@ -180,8 +192,12 @@ class LMDBSplit:
             self._open()
 
     def __getstate__(self):
-        return {"split_dir": self.split_dir, "need_pairs": self.need_pairs,
-                "num_images": self.num_images, "num_samples": self.num_samples}
+        return {
+            "split_dir": self.split_dir,
+            "need_pairs": self.need_pairs,
+            "num_images": self.num_images,
+            "num_samples": self.num_samples,
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -225,9 +241,9 @@ class LMDBSplit:
                 h.update(part)
         return h.hexdigest()
 
-    def queries(self) -> "OrderedDict[int, tuple[str, list[int]]]":
+    def queries(self) -> OrderedDict[int, tuple[str, list[int]]]:
         """text_id -> (text, [image_ids]) gathered from the pairs, in first-seen order."""
-        out: "OrderedDict[int, tuple[str, list[int]]]" = OrderedDict()
+        out: OrderedDict[int, tuple[str, list[int]]] = OrderedDict()
         for image_id, text_id, text in self.pairs():
             if text_id not in out:
                 out[text_id] = (text, [])

@@ -13,6 +13,7 @@
   (recorded by size and modification time in ``DATA_DIR/.prepare_written.json``). A file of the
   user's there (e.g. a MUGE download) is refused before any work, never overwritten.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from solution.common import SolutionError, check_output, folder_lock, is_disk_full, write_json
 
@@ -47,8 +48,10 @@ def check_split_dir(final: Path) -> None:
         other = sorted(set(os.listdir(final)) - SPLIT_ENTRIES)
         if other:
             shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
-            raise SolutionError(f"{final} holds {shown}: not an LMDB split (only imgs, pairs, report.json); "
-                                f"refusing to replace it, choose another --lmdb-dir")
+            raise SolutionError(
+                f"{final} holds {shown}: not an LMDB split (only imgs, pairs, report.json); "
+                f"refusing to replace it, choose another --lmdb-dir"
+            )
 
 
 def _recover(lmdb_dir: Path, name: str) -> None:
@@ -100,10 +103,12 @@ def building(lmdb_dir: Path, names: Sequence[str]) -> Iterator[dict[str, Path]]:
                 yield tmps
             except SolutionError:
                 raise
-            except Exception as e:  # noqa: BLE001 - lmdb.Error says a full disk as an I/O error
+            except Exception as e:
                 if is_disk_full(e, lmdb_dir):  # asked before the partial folders are removed
-                    raise SolutionError(f"disk full at {lmdb_dir}: the previous LMDB split(s) "
-                                        f"{', '.join(names)} are kept, the partial ones removed") from None
+                    raise SolutionError(
+                        f"disk full at {lmdb_dir}: the previous LMDB split(s) "
+                        f"{', '.join(names)} are kept, the partial ones removed"
+                    ) from None
                 raise
             for name, tmp in tmps.items():
                 _swap_in(tmp, lmdb_dir / name)
@@ -144,15 +149,18 @@ def _check_muge(data_dir: Path, names: Sequence[str], inputs: list[Path]) -> dic
         for p in (data_dir / f"{name}_imgs.tsv", data_dir / f"{name}_texts.jsonl"):
             check_output(p, inputs=inputs, what="MUGE output")
             if p.exists() and written.get(p.name) != _stamp(p):
-                raise SolutionError(f"{p} already exists and was not written by prepare (or was changed since); "
-                                    f"refusing to overwrite it: give another --data-dir for the MUGE files, "
-                                    f"or move it away")
+                raise SolutionError(
+                    f"{p} already exists and was not written by prepare (or was changed since); "
+                    f"refusing to overwrite it: give another --data-dir for the MUGE files, "
+                    f"or move it away"
+                )
     return written
 
 
 @contextlib.contextmanager
-def muge_output(data_dir: Path, names: Sequence[str],
-                inputs: Iterable[Path]) -> Iterator[Callable[[Sequence[str]], None]]:
+def muge_output(
+    data_dir: Path, names: Sequence[str], inputs: Iterable[Path]
+) -> Iterator[Callable[[Sequence[str]], None]]:
     """Lock ``data_dir`` for writing the MUGE files of ``names``; refuse (before any work) a file
     there that prepare did not write; yield ``record(names)``, to call once those files are in place."""
     inputs = list(inputs)

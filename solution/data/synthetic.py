@@ -19,9 +19,10 @@ Output (``DIR``: :func:`generate`'s ``out_dir``, ``--out`` of ``python -m soluti
 
 The ``train``/``valid``/``test`` queries are disjoint (as in MUGE). Ids are globally unique
 ints with a distinct range per split and family. A few images are deliberately messy so the
-cleaning path of :mod:`solution.data.build` runs in every demo: GIFs (one animated) and PNGs
+cleaning path of :mod:`solution.data.make_lmdb` runs in every demo: GIFs (one animated) and PNGs
 (RGBA, palette) stored as if they were JPEGs, a truncated JPEG and an HTML error page.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,9 +31,9 @@ import io
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, ImageDraw
 
@@ -41,19 +42,33 @@ from solution.common import SolutionError, atomic_path, write_json, write_jsonl
 log = logging.getLogger(__name__)
 
 COLORS = {  # shape colours
-    "红色": (215, 40, 40), "绿色": (40, 160, 60), "蓝色": (40, 80, 215), "黄色": (240, 200, 30),
-    "紫色": (140, 60, 180), "橙色": (245, 130, 25), "黑色": (25, 25, 25), "白色": (250, 250, 250),
+    "红色": (215, 40, 40),
+    "绿色": (40, 160, 60),
+    "蓝色": (40, 80, 215),
+    "黄色": (240, 200, 30),
+    "紫色": (140, 60, 180),
+    "橙色": (245, 130, 25),
+    "黑色": (25, 25, 25),
+    "白色": (250, 250, 250),
 }
 BACKGROUNDS = {
-    "浅蓝色": (195, 222, 250), "浅绿色": (205, 240, 205), "浅灰色": (212, 212, 212),
-    "米黄色": (245, 234, 195), "粉色": (250, 210, 222), "深灰色": (75, 75, 75),
+    "浅蓝色": (195, 222, 250),
+    "浅绿色": (205, 240, 205),
+    "浅灰色": (212, 212, 212),
+    "米黄色": (245, 234, 195),
+    "粉色": (250, 210, 222),
+    "深灰色": (75, 75, 75),
 }
 SHAPES = ("圆形", "三角形", "正方形", "五角星", "十字形")
 SIZES, SIDES = ("大", "小"), ("左边", "右边", "上方", "下方")  # SIDES: one group's half of the image
 PAIRS = (("左边", "右边"), ("上方", "下方"))  # two groups: where each one is
 # the half of the image (x0, x1, y0, y1 as fractions of the side) each place puts a group in
-REGIONS = {"左边": (0.0, 0.5, 0.0, 1.0), "右边": (0.5, 1.0, 0.0, 1.0), "上方": (0.0, 1.0, 0.0, 0.5),
-           "下方": (0.0, 1.0, 0.5, 1.0)}
+REGIONS = {
+    "左边": (0.0, 0.5, 0.0, 1.0),
+    "右边": (0.5, 1.0, 0.0, 1.0),
+    "上方": (0.0, 1.0, 0.0, 0.5),
+    "下方": (0.0, 1.0, 0.5, 1.0),
+}
 FINE_RADIUS = {"大": (0.14, 0.17), "小": (0.085, 0.10)}  # radius (fraction of the side) by size
 COUNTS = {1: "一个", 2: "两个", 3: "三个"}
 
@@ -61,13 +76,20 @@ COUNTS = {1: "一个", 2: "两个", 3: "三个"}
 # the count or the background, as web captions do.
 GENERAL_TEMPLATES = ("一张{bg}底色的图片，画着{groups}", "{groups}，背景是{bg}", "图中有{groups}，底色{bg}")
 GENERAL_PARTIAL = ("图中有{count}{color}的{shape}", "{color}的{shape}", "{bg}底色上的{color}{shape}")
-FINE_PARTIAL = ("图中有{count}{color}的{size}{shape}", "{where}有{color}的{shape}", "{color}的{size}{shape}",
-                "{bg}底色上的{color}{shape}")
+FINE_PARTIAL = (
+    "图中有{count}{color}的{size}{shape}",
+    "{where}有{color}的{shape}",
+    "{color}的{size}{shape}",
+    "{bg}底色上的{color}{shape}",
+)
 
 # id ranges: (image id base, text id base) per split / family
 ID_BASES = {
-    "train": (1_000_000, 10_000), "valid": (2_000_000, 20_000), "test": (3_000_000, 30_000),
-    "general/train": (4_000_000, 40_000), "general/valid": (5_000_000, 50_000),
+    "train": (1_000_000, 10_000),
+    "valid": (2_000_000, 20_000),
+    "test": (3_000_000, 30_000),
+    "general/train": (4_000_000, 40_000),
+    "general/valid": (5_000_000, 50_000),
 }
 
 
@@ -134,8 +156,10 @@ def random_scene(rng: random.Random, p_two: float, fine: bool = False) -> Scene:
         return Scene(bg, (Group(rng.choice(list(COUNTS)), rng.choice(list(COLORS)), rng.choice(SHAPES)),))
     c1, c2 = rng.sample(list(COLORS), 2)
     s1, s2 = rng.sample(SHAPES, 2)
-    groups = sorted([Group(rng.randint(1, 2), c1, s1), Group(rng.randint(1, 2), c2, s2)],
-                    key=lambda g: (SHAPES.index(g.shape), list(COLORS).index(g.color)))  # one text per scene
+    groups = sorted(
+        [Group(rng.randint(1, 2), c1, s1), Group(rng.randint(1, 2), c2, s2)],
+        key=lambda g: (SHAPES.index(g.shape), list(COLORS).index(g.color)),
+    )  # one text per scene
     return Scene(bg, tuple(groups))
 
 
@@ -143,11 +167,26 @@ def _fine_scene(rng: random.Random, p_two: float) -> Scene:
     """Every group with a size and a place; two groups sit in opposite halves and differ in colour."""
     bg, colors = rng.choice(list(BACKGROUNDS)), list(COLORS)
     if rng.random() >= p_two:
-        return Scene(bg, (Group(rng.choice(list(COUNTS)), rng.choice(colors), rng.choice(SHAPES),
-                                rng.choice(SIZES), rng.choice(SIDES)),))
+        return Scene(
+            bg,
+            (
+                Group(
+                    rng.choice(list(COUNTS)),
+                    rng.choice(colors),
+                    rng.choice(SHAPES),
+                    rng.choice(SIZES),
+                    rng.choice(SIDES),
+                ),
+            ),
+        )
     pair = rng.choice(PAIRS)
-    return Scene(bg, tuple(Group(rng.randint(1, 2), c, rng.choice(SHAPES), rng.choice(SIZES), where)
-                           for c, where in zip(rng.sample(colors, 2), pair)))
+    return Scene(
+        bg,
+        tuple(
+            Group(rng.randint(1, 2), c, rng.choice(SHAPES), rng.choice(SIZES), where)
+            for c, where in zip(rng.sample(colors, 2), pair)
+        ),
+    )
 
 
 # ---------------------------------------------------------------- drawing
@@ -172,8 +211,9 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
         return rot(pts)
     if shape == "十字形":
         w, h = r * 0.33, r
-        return rot([(-w, -h), (w, -h), (w, -w), (h, -w), (h, w), (w, w), (w, h), (-w, h), (-w, w),
-                    (-h, w), (-h, -w), (-w, -w)])
+        return rot(
+            [(-w, -h), (w, -h), (w, -w), (h, -w), (h, w), (w, w), (w, h), (-w, h), (-w, w), (-h, w), (-h, -w), (-w, -w)]
+        )
     raise ValueError(shape)
 
 
@@ -225,8 +265,10 @@ def messy_bytes(kind: str, im: Image.Image) -> bytes:
     if kind == "gif":
         im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buf, format="GIF")
     elif kind == "gif_animated":  # the first frame is the real picture, then a black frame
-        frames = [im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
-                  Image.new("RGB", im.size, (0, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE)]
+        frames = [
+            im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+            Image.new("RGB", im.size, (0, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE),
+        ]
         frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     elif kind == "png_rgba":
         rgba = im.convert("RGBA")
@@ -238,8 +280,10 @@ def messy_bytes(kind: str, im: Image.Image) -> bytes:
         data = jpeg_bytes(im)
         return data[: len(data) // 2]
     elif kind == "html":
-        return (b"<!DOCTYPE html><html><head><title>404 Not Found</title></head>"
-                b"<body><h1>404 Not Found</h1></body></html>\n")
+        return (
+            b"<!DOCTYPE html><html><head><title>404 Not Found</title></head>"
+            b"<body><h1>404 Not Found</h1></body></html>\n"
+        )
     else:
         raise ValueError(kind)
     return buf.getvalue()
@@ -261,8 +305,7 @@ BAD_KINDS = ("truncated", "html")  # the ones prepare must drop
 
 def _write_imgs(path: Path, rows: Sequence[tuple[int, bytes]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for image_id, data in rows:
-            f.write(f"{image_id}\t{base64.urlsafe_b64encode(data).decode('ascii')}\n")
+        f.writelines(f"{image_id}\t{base64.urlsafe_b64encode(data).decode('ascii')}\n" for image_id, data in rows)
 
 
 def _general_caption(scene: Scene, rng: random.Random) -> tuple[str, dict | None]:
@@ -285,7 +328,9 @@ class _Builder:
     def rng(self, *key) -> random.Random:
         return random.Random(f"{self.seed}/" + "/".join(map(str, key)))
 
-    def render(self, split: str, scenes: Sequence[Scene], mess_at: dict[int, str]) -> tuple[list[int], list[tuple[int, bytes]]]:
+    def render(
+        self, split: str, scenes: Sequence[Scene], mess_at: dict[int, str]
+    ) -> tuple[list[int], list[tuple[int, bytes]]]:
         image_base, _ = ID_BASES[split]
         ids, rows = [], []
         for i, scene in enumerate(scenes):
@@ -309,8 +354,10 @@ class _Builder:
         self.rng(split, "order").shuffle(order)  # a query's images are not adjacent in the TSV
         _write_imgs(self.out / f"{split}_imgs.tsv", [rows[i] for i in order])
         _, text_base = ID_BASES[split]
-        texts = [{"text_id": text_base + q, "text": s.query(), "image_ids": ids[q * per_query:(q + 1) * per_query]}
-                 for q, s in enumerate(queries)]
+        texts = [
+            {"text_id": text_base + q, "text": s.query(), "image_ids": ids[q * per_query : (q + 1) * per_query]}
+            for q, s in enumerate(queries)
+        ]
         if split == "test":
             write_jsonl(self.out / "test_texts.jsonl", ({"text_id": t["text_id"], "text": t["text"]} for t in texts))
             write_jsonl(self.out / "test_answers.jsonl", texts)
@@ -353,8 +400,9 @@ def _distinct_queries(n: int, rng: random.Random, p_two: float, fine: bool = Fal
     return list(seen.values())
 
 
-def generate(out_dir, *, preset: str = "default", image_size: int = 64, seed: int = 0, messy: bool = True,
-             **sizes) -> dict:
+def generate(
+    out_dir, *, preset: str = "default", image_size: int = 64, seed: int = 0, messy: bool = True, **sizes
+) -> dict:
     """Write the demo dataset under ``out_dir``; returns (and writes to ``demo_info.json``) its summary.
 
     Sizes (``train_queries``, ``valid_queries``, ``test_queries``, ``images_per_query``,
@@ -372,11 +420,15 @@ def generate(out_dir, *, preset: str = "default", image_size: int = 64, seed: in
         raise SolutionError("every split needs at least one query and one image per query")
     if min(sz.general_train_images, sz.general_valid_images) < 1:
         raise SolutionError("the general family needs at least one image per split")
-    if max(sz.train_queries, sz.valid_queries, sz.test_queries, sz.general_train_images, sz.general_valid_images) > 10_000:
+    if (
+        max(sz.train_queries, sz.valid_queries, sz.test_queries, sz.general_train_images, sz.general_valid_images)
+        > 10_000
+    ):
         raise SolutionError("at most 10,000 queries (or general images) per split: each split has its own id range")
     if not 0.0 <= sz.two_group_fraction <= 1.0 or sz.fine not in (0, 1):
-        raise SolutionError(f"two-group fraction must lie in [0, 1] and fine be 0 or 1, got {sz.two_group_fraction}"
-                            f" and {sz.fine}")
+        raise SolutionError(
+            f"two-group fraction must lie in [0, 1] and fine be 0 or 1, got {sz.two_group_fraction} and {sz.fine}"
+        )
     if image_size < 16:
         raise SolutionError(f"image size {image_size} is too small (at least 16 px)")
     out = Path(out_dir)
@@ -384,16 +436,26 @@ def generate(out_dir, *, preset: str = "default", image_size: int = 64, seed: in
     b, n_test, n_valid = _Builder(out, image_size, seed, messy, bool(sz.fine)), sz.test_queries, sz.valid_queries
     pool = _distinct_queries(n_test + n_valid + sz.train_queries, b.rng("queries"), sz.two_group_fraction, b.fine)
     splits = {  # disjoint query sets: consecutive slices of one list of distinct queries
-        "train": b.muge_split("train", pool[n_test + n_valid:], sz.images_per_query),
-        "valid": b.muge_split("valid", pool[n_test:n_test + n_valid], sz.images_per_query),
+        "train": b.muge_split("train", pool[n_test + n_valid :], sz.images_per_query),
+        "valid": b.muge_split("valid", pool[n_test : n_test + n_valid], sz.images_per_query),
         "test": b.muge_split("test", pool[:n_test], sz.images_per_query),
         "general/train": b.general_split("general/train", sz.general_train_images, sz.two_group_fraction),
         "general/valid": b.general_split("general/valid", sz.general_valid_images, sz.two_group_fraction),
     }
-    info = {"out_dir": str(out), "seed": seed, "preset": preset, "image_size": image_size,
-            "sizes": dataclasses.asdict(sz), "splits": splits, "messy": b.mess_log,
-            "bad_image_ids": sorted(m["image_id"] for ms in b.mess_log.values() for m in ms if m["kind"] in BAD_KINDS)}
+    info = {
+        "out_dir": str(out),
+        "seed": seed,
+        "preset": preset,
+        "image_size": image_size,
+        "sizes": dataclasses.asdict(sz),
+        "splits": splits,
+        "messy": b.mess_log,
+        "bad_image_ids": sorted(m["image_id"] for ms in b.mess_log.values() for m in ms if m["kind"] in BAD_KINDS),
+    }
     write_json(out / "demo_info.json", info)
-    log.info("demo data in %s: %s", out, ", ".join(f"{k} {v['queries']} queries / {v['images']} images"
-                                                     for k, v in splits.items()))
+    log.info(
+        "demo data in %s: %s",
+        out,
+        ", ".join(f"{k} {v['queries']} queries / {v['images']} images" for k, v in splits.items()),
+    )
     return info

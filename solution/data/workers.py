@@ -6,6 +6,7 @@ are cleaned in batches (:func:`clean_files`); one worker may first read a MUGE s
 write its pairs (:func:`texts_task`). :func:`cleaning` runs either on a process pool (or
 in-process for small inputs) and hands the results back in input order.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,9 +18,10 @@ import os
 import threading
 from array import array
 from collections import deque
+from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from .images import CHECKS, clean_b64, clean_image
 from .inputs import SplitInput, load_muge_texts
@@ -44,8 +46,16 @@ def clean_tsv_line(lineno: int, line: bytes, opts: dict | None = None) -> tuple:
     try:
         parts = line.rstrip(b"\r").split(b"\t")
         if len(parts) != 2:
-            return (lineno, None, "skipped", "malformed_line", f"expected 2 tab-separated fields, found {len(parts)}",
-                    [], None, None)
+            return (
+                lineno,
+                None,
+                "skipped",
+                "malformed_line",
+                f"expected 2 tab-separated fields, found {len(parts)}",
+                [],
+                None,
+                None,
+            )
         try:
             image_id = int(parts[0])
         except ValueError:
@@ -62,12 +72,13 @@ _PLAIN_LEFT = {b"\t": (0, 0), b"\t=": (1, 0), b"\t==": (2, 0), b"\t\r": (0, 1), 
 
 class Block(NamedTuple):
     """What a worker says about one block of TSV lines (see :func:`check_tsv_block`)."""
-    lines: int                        # lines in the block
+
+    lines: int  # lines in the block
     special: dict[int, tuple | None]  # line j (from 0) -> clean_tsv_line's tuple, or None when blank
-    ids: array                        # the plain lines: image id,
-    starts: array                     # where its base64 starts and stops in the file (CR excluded),
+    ids: array  # the plain lines: image id,
+    starts: array  # where its base64 starts and stops in the file (CR excluded),
     stops: array
-    js: array                         # and its line j
+    js: array  # and its line j
 
 
 def check_tsv_block(block: bytes, offset: int = 0, opts: dict | None = None) -> Block:
@@ -110,7 +121,7 @@ def check_tsv_block(block: bytes, offset: int = 0, opts: dict | None = None) -> 
                         continue
             else:
                 stop = e - 1 if e > t + 1 and block[e - 1] == 13 else e  # CR LF
-                b64 = block[t + 1:stop]
+                b64 = block[t + 1 : stop]
                 try:
                     r = clean_b64(b64, **opts)
                     if r.status == "kept" and r.data is b64:
@@ -121,8 +132,16 @@ def check_tsv_block(block: bytes, offset: int = 0, opts: dict | None = None) -> 
                     else:
                         special[j] = (j, int(block[s:t]), r.status, r.reason, r.detail, r.actions, r.format, r.data)
                 except Exception as ex:  # noqa: BLE001 - never let one line kill the pool
-                    special[j] = (j, int(block[s:t]), "skipped", "corrupt", f"{type(ex).__name__}: {ex}", [], None,
-                                  None)
+                    special[j] = (
+                        j,
+                        int(block[s:t]),
+                        "skipped",
+                        "corrupt",
+                        f"{type(ex).__name__}: {ex}",
+                        [],
+                        None,
+                        None,
+                    )
                 s, j = e + 1, j + 1
                 continue
         line = block[s:e]
@@ -180,8 +199,17 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def cleaning(func, items: Iterable, workers: int, opts: dict, task=None, local=None, ahead: int = 4, side=None,
-             first: tuple | None = None):
+def cleaning(
+    func,
+    items: Iterable,
+    workers: int,
+    opts: dict,
+    task=None,
+    local=None,
+    ahead: int = 4,
+    side=None,
+    first: tuple | None = None,
+):
     """Yield ``(results, side_result)``: ``results`` iterates ``(item, func(task(item)))`` in input order,
     computed on ``workers`` processes (``local(item)`` in this process when ``workers <= 1``), after
     ``first``, an ``(item, result)`` the caller computed already;
@@ -227,6 +255,7 @@ def cleaning(func, items: Iterable, workers: int, opts: dict, task=None, local=N
             for r in started:
                 window.release()
                 yield pending.popleft(), r
+
         try:
             yield results(), side_result
         finally:

@@ -8,17 +8,17 @@ and embedding width: fusion works on scores, never on features. Flip test-time a
 (``tta = "flip"``) ranks against each member's gallery averaged with the features of the horizontally
 flipped images (cached under their own key), L2-normalised again (:func:`flip_average`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from cn_clip_patch.prompt import PromptError, check_prompt
-
 from solution.common import SolutionError
 from solution.data.lmdb_io import LMDBSplit
 from solution.model import ModelConfig, load_model
@@ -57,10 +57,17 @@ class Member:
     def record(self) -> dict:
         """What ``ensemble.json`` says about the member (its weights by fingerprint, and how it encodes)."""
         c = self.config
-        return {"path": str(Path(self.path).resolve()), "fingerprint": self.fingerprint, "arch": c.arch,
-                "vision_model": c.vision_model, "text_model": c.text_model, "context_length": c.context_length,
-                "text_prompt": c.text_prompt, "image_resolution": c.image_resolution,
-                "embed_dim": int(c.model_info["embed_dim"])}
+        return {
+            "path": str(Path(self.path).resolve()),
+            "fingerprint": self.fingerprint,
+            "arch": c.arch,
+            "vision_model": c.vision_model,
+            "text_model": c.text_model,
+            "context_length": c.context_length,
+            "text_prompt": c.text_prompt,
+            "image_resolution": c.image_resolution,
+            "embed_dim": int(c.model_info["embed_dim"]),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +103,22 @@ def verify_fingerprint(record: dict) -> None:
         raise SolutionError(f"ensemble member {path} is missing")
     got = fingerprint(path)
     if got != record["fingerprint"]:
-        raise SolutionError(f"ensemble member {path} changed since selection (fingerprint {got[:12]} != "
-                            f"{record['fingerprint'][:12]}): select the ensemble again")
+        raise SolutionError(
+            f"ensemble member {path} changed since selection (fingerprint {got[:12]} != "
+            f"{record['fingerprint'][:12]}): select the ensemble again"
+        )
 
 
-def encode_member(path: str, split: LMDBSplit, texts: Sequence[str], enc: Encoding, *,
-                  bank_texts: Sequence[str] | None = None, known_fingerprint: str | None = None,
-                  flip: bool = False) -> Member:
+def encode_member(
+    path: str,
+    split: LMDBSplit,
+    texts: Sequence[str],
+    enc: Encoding,
+    *,
+    bank_texts: Sequence[str] | None = None,
+    known_fingerprint: str | None = None,
+    flip: bool = False,
+) -> Member:
     """Load ``path`` and encode the split's gallery (cached), the query ``texts`` and the ``bank_texts``.
 
     ``known_fingerprint``: the digest already checked by :func:`verify_fingerprint` (not hashed again).
@@ -116,14 +132,25 @@ def encode_member(path: str, split: LMDBSplit, texts: Sequence[str], enc: Encodi
         ids, gallery, info = cached_image_features(model, split, config, cache_dir=enc.cache_dir, **kw)
         queries = encode_texts(model, texts, config, **kw)
         bank = encode_texts(model, bank_texts, config, **kw) if bank_texts is not None else None
-        fids, flipped, finfo = (cached_image_features(model, split, config, cache_dir=enc.cache_dir, flip=True, **kw)
-                                if flip else (ids, None, {"cache": None}))
+        fids, flipped, finfo = (
+            cached_image_features(model, split, config, cache_dir=enc.cache_dir, flip=True, **kw)
+            if flip
+            else (ids, None, {"cache": None})
+        )
         if not np.array_equal(fids, ids):
             raise SolutionError(f"its flipped images decode as {len(fids)} images, not {len(ids)}")
     except (SolutionError, PromptError, OSError, RuntimeError, ValueError, KeyError) as e:
         raise SolutionError(f"member {path} cannot encode {split.split_dir}: {e}") from None
-    log.info("member %s (%s, %d-d): %d queries, %d images (cache %s%s)", path, config.arch, gallery.shape[1],
-             len(queries), len(ids), info["cache"], f", flipped: {finfo['cache']}" if flip else "")
+    log.info(
+        "member %s (%s, %d-d): %d queries, %d images (cache %s%s)",
+        path,
+        config.arch,
+        gallery.shape[1],
+        len(queries),
+        len(ids),
+        info["cache"],
+        f", flipped: {finfo['cache']}" if flip else "",
+    )
     return Member(str(path), fp, config, ids, gallery, queries, bank, info["cache"], flipped, finfo["cache"])
 
 
@@ -134,6 +161,8 @@ def check_galleries(members: Sequence[Member]) -> np.ndarray:
         if not np.array_equal(m.gallery_ids, ref.gallery_ids):
             only = sorted(set(m.gallery_ids.tolist()) ^ set(ref.gallery_ids.tolist()))
             what = f"ids only one holds: {only[:5]}" if only else "the same ids in another order"
-            raise SolutionError(f"members {ref.path} and {m.path} hold different galleries "
-                                f"({len(ref.gallery_ids)} vs {len(m.gallery_ids)} images; {what})")
+            raise SolutionError(
+                f"members {ref.path} and {m.path} hold different galleries "
+                f"({len(ref.gallery_ids)} vs {len(m.gallery_ids)} images; {what})"
+            )
     return ref.gallery_ids

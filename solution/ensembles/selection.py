@@ -1,27 +1,27 @@
 """Choosing an ensemble on held-out queries: normalisation, weights, and a re-ranker only when it helps.
 
 Each member contributes a ``[Q, G]`` score matrix (its query features against its own gallery
-features). :func:`select` makes the choice on a set of query rows with :mod:`solution.retrieval.fusion`:
+features). :func:`select` makes the choice on a set of query rows with :mod:`solution.ensembles.fusion`:
 the softmax normalisation's temperature (fitted with uniform weights), the weights by Caruana's forward
 selection with replacement (or fixed by hand), flip test-time augmentation of the image features (kept
 only when it strictly beats the score without it), then each re-ranker's temperature on its grid (0 = off
 first); a re-ranker is kept only when it strictly beats the fused score without it. :func:`choose`
-adds the ``--folds K`` cross-fitting (:func:`solution.retrieval.stats.crossfit`) and the refit on all
+adds the ``--folds K`` cross-fitting (:func:`solution.stats.crossfit`) and the refit on all
 selection queries. Every candidate tried becomes one log record.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from solution.common import SolutionError
-from solution.retrieval.fusion import (TEMPERATURE_GRID, check_weights, fit_temperature, forward_select,
-                                       rerank_topk)
+from solution.ensembles.fusion import TEMPERATURE_GRID, check_weights, fit_temperature, forward_select, rerank_topk
 from solution.retrieval.metrics import KS, recall_at_k
-from solution.retrieval.stats import crossfit
+from solution.stats import crossfit
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,13 @@ class Choice:
     tta: str = "none"  # test-time augmentation of the image features: none | flip
 
     def record(self) -> dict:
-        return {"weights": [float(w) for w in self.weights], "norm": self.norm,
-                "norm_temperature": self.norm_temperature if self.norm == "softmax" else None, "tta": self.tta,
-                "rerank": {"method": self.rerank if self.temperature > 0 else "none",
-                           "temperature": self.temperature}}
+        return {
+            "weights": [float(w) for w in self.weights],
+            "norm": self.norm,
+            "norm_temperature": self.norm_temperature if self.norm == "softmax" else None,
+            "tta": self.tta,
+            "rerank": {"method": self.rerank if self.temperature > 0 else "none", "temperature": self.temperature},
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +65,17 @@ class Problem:
     """Members' query and gallery (and bank) features with the gold gallery indices of each query row;
     ``flipped``: each member's flip-TTA gallery (:func:`solution.ensembles.members.flip_average`)."""
 
-    def __init__(self, queries: Sequence[np.ndarray], galleries: Sequence[np.ndarray], gold: Sequence[set],
-                 banks: Sequence[np.ndarray] | None = None, *, device="cpu", bank_topk: int | None = None,
-                 flipped: Sequence[np.ndarray] | None = None):
+    def __init__(
+        self,
+        queries: Sequence[np.ndarray],
+        galleries: Sequence[np.ndarray],
+        gold: Sequence[set],
+        banks: Sequence[np.ndarray] | None = None,
+        *,
+        device="cpu",
+        bank_topk: int | None = None,
+        flipped: Sequence[np.ndarray] | None = None,
+    ):
         self.queries, self.galleries, self.gold = list(queries), list(galleries), list(gold)
         self.banks = list(banks) if banks is not None else None
         self.flipped = list(flipped) if flipped is not None else None
@@ -84,9 +95,18 @@ class Problem:
         bank = None
         if choice.rerank == "qb_norm" and choice.temperature > 0:
             bank = [(b, g) for b, g in zip(self.banks, galleries)]
-        _, idx = rerank_topk(members, self.k, np.asarray(choice.weights), method=choice.rerank,
-                             temperature=choice.temperature, bank=bank, bank_topk=self.bank_topk,
-                             norm=choice.norm, norm_temperature=choice.norm_temperature, device=self.device)
+        _, idx = rerank_topk(
+            members,
+            self.k,
+            np.asarray(choice.weights),
+            method=choice.rerank,
+            temperature=choice.temperature,
+            bank=bank,
+            bank_topk=self.bank_topk,
+            norm=choice.norm,
+            norm_temperature=choice.norm_temperature,
+            device=self.device,
+        )
         return idx
 
     def recall(self, choice: Choice, rows) -> dict:
@@ -103,28 +123,34 @@ class Problem:
         return float(self.recall(choice, rows)["mean_recall"])
 
 
-def select(problem: Problem, rows: np.ndarray, plan: Plan, records: list, tag: dict | None = None
-           ) -> tuple[Choice, float]:
+def select(
+    problem: Problem, rows: np.ndarray, plan: Plan, records: list, tag: dict | None = None
+) -> tuple[Choice, float]:
     """The choice made on ``rows`` and its score there; a record per candidate goes to ``records``."""
     tag = tag or {}
     n = problem.n_members
     uniform = tuple(np.full(n, 1.0 / n).tolist())
     choice = Choice(uniform, plan.norm)
     if plan.norm == "softmax":
-        t, recs = fit_temperature(lambda t: problem.score(dataclasses.replace(choice, norm_temperature=t), rows),
-                                  NORM_GRID)
+        t, recs = fit_temperature(
+            lambda t: problem.score(dataclasses.replace(choice, norm_temperature=t), rows), NORM_GRID
+        )
         records.extend({**tag, "stage": "norm_temperature", **r, "accepted": r["temperature"] == t} for r in recs)
         choice = dataclasses.replace(choice, norm_temperature=t)
     if plan.weights is not None:
         choice = dataclasses.replace(choice, weights=tuple(check_weights(plan.weights, n).tolist()))
         score = problem.score(choice, rows)
-        records.append({**tag, "stage": "weights", "weights": list(choice.weights), "score": score,
-                        "accepted": True})
+        records.append({**tag, "stage": "weights", "weights": list(choice.weights), "score": score, "accepted": True})
     else:
-        sel = forward_select(lambda w: problem.score(dataclasses.replace(choice, weights=tuple(w.tolist())), rows),
-                             n, max_rounds=plan.max_rounds)
-        records.extend({**tag, "stage": "weights", **r, "weights": (np.asarray(r["counts"]) / sum(r["counts"])).tolist()}
-                       for r in sel.trajectory)
+        sel = forward_select(
+            lambda w: problem.score(dataclasses.replace(choice, weights=tuple(w.tolist())), rows),
+            n,
+            max_rounds=plan.max_rounds,
+        )
+        records.extend(
+            {**tag, "stage": "weights", **r, "weights": (np.asarray(r["counts"]) / sum(r["counts"])).tolist()}
+            for r in sel.trajectory
+        )
         choice, score = dataclasses.replace(choice, weights=tuple(sel.weights.tolist())), sel.score
     for tta in plan.tta:
         trial = dataclasses.replace(choice, tta=tta)
@@ -134,20 +160,24 @@ def select(problem: Problem, rows: np.ndarray, plan: Plan, records: list, tag: d
             choice, score = trial, s
     best = (choice, score)
     for method in plan.rerankers:
-        t, recs = fit_temperature(lambda t: problem.score(dataclasses.replace(choice, rerank=method, temperature=t),
-                                                          rows))
+        t, recs = fit_temperature(
+            lambda t: problem.score(dataclasses.replace(choice, rerank=method, temperature=t), rows)
+        )
         top = max(r["score"] for r in recs)
         keep = top > best[1]
-        records.extend({**tag, "stage": "rerank", "method": method, **r,
-                        "accepted": bool(keep and r["temperature"] == t)} for r in recs)
+        records.extend(
+            {**tag, "stage": "rerank", "method": method, **r, "accepted": bool(keep and r["temperature"] == t)}
+            for r in recs
+        )
         if keep:
             best = (dataclasses.replace(choice, rerank=method, temperature=t), top)
     log.info("%schoice %s: %.4f on %d queries", f"{tag} " if tag else "", best[0].record(), best[1], len(rows))
     return best
 
 
-def choose(problem: Problem, rows: np.ndarray, plan: Plan, folds: int | None, seed: int, records: list
-           ) -> tuple[Choice, float, dict | None]:
+def choose(
+    problem: Problem, rows: np.ndarray, plan: Plan, folds: int | None, seed: int, records: list
+) -> tuple[Choice, float, dict | None]:
     """``(choice on all rows, its score there, cross-fit summary or None)``."""
     if not folds:
         choice, score = select(problem, rows, plan, records)
@@ -164,7 +194,14 @@ def choose(problem: Problem, rows: np.ndarray, plan: Plan, folds: int | None, se
         return choice
 
     result = crossfit(select_fn, lambda c, part: problem.score(c, part), np.asarray(rows), k=folds, seed=seed)
-    summary = {"folds": folds, "seed": seed, "fold_scores": result.fold_scores, "mean": result.mean,
-               "low": result.low, "high": result.high, "interval": result.interval,
-               "choices": [c.record() for c in result.choices]}
+    summary = {
+        "folds": folds,
+        "seed": seed,
+        "fold_scores": result.fold_scores,
+        "mean": result.mean,
+        "low": result.low,
+        "high": result.high,
+        "interval": result.interval,
+        "choices": [c.record() for c in result.choices],
+    }
     return result.choice, float(calls[-1]), summary

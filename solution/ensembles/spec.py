@@ -10,6 +10,7 @@ mean_recall, queries_scored}|null, "members": [{"select", "report", "all"} per m
 path of a per-query hits file (:mod:`solution.formats.hits`) relative to the folder, every scored
 validation query}, "val_data", "select_split", "seed", "created", "command"}``.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ import os
 import numpy as np
 
 from solution.common import SolutionError, write_json
-from solution.retrieval.fusion import NORMS, RERANKERS, check_weights
+from solution.ensembles.fusion import NORMS, RERANKERS, check_weights
 
 from .members import TTAS
 

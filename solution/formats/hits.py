@@ -4,6 +4,7 @@
 Written by the soup scorer beside its scores; read by the comparison for paired bootstraps. Each
 file is written atomically, the ids first, so a reader finds either no hits or a matching pair.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,7 @@ SUFFIX, IDS_SUFFIX = ".hits.npy", ".hits.ids.npy"
 def hits_paths(base: str | os.PathLike) -> tuple[Path, Path]:
     """``(hits file, ids file)`` of ``base`` (a path without suffix, or the ``.hits.npy`` file itself)."""
     s = str(base)
-    if s.endswith(SUFFIX):
-        s = s[: -len(SUFFIX)]
+    s = s.removesuffix(SUFFIX)
     return Path(s + SUFFIX), Path(s + IDS_SUFFIX)
 
 
@@ -51,8 +51,10 @@ def read_hits(base: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError) as e:
         raise SolutionError(f"cannot read per-query hits {hpath}: {e}") from None
     if hits.dtype != bool or hits.ndim != 2 or ids.ndim != 1 or len(ids) != hits.shape[0] or ids.dtype.kind not in "iu":
-        raise SolutionError(f"{hpath}: expected [Q, J] bool hits and [Q] integer ids, got {hits.dtype}{list(hits.shape)} "
-                            f"and {ids.dtype}{list(ids.shape)}")
+        raise SolutionError(
+            f"{hpath}: expected [Q, J] bool hits and [Q] integer ids, got {hits.dtype}{list(hits.shape)} "
+            f"and {ids.dtype}{list(ids.shape)}"
+        )
     return ids.astype(np.int64), hits
 
 

@@ -3,10 +3,11 @@
 A line is ``{"text_id": int, "text": str}``, with ``"image_ids": [int, ...]`` in the train/valid
 splits (the gold answers). Feature extraction and the soup's ``--val-texts`` (``need_gold=True``)
 read texts here. Gold answer files, submissions and ``--check``'s query ids are read by the
-official-exact evaluator (:mod:`solution.retrieval.evaluate`), which must keep the official
+official-exact evaluator (:mod:`solution.retrieval.official`), which must keep the official
 script's own rules. ``prepare`` reads texts leniently (skips and reports bad lines) since
 cleaning is its job.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ def read_texts(path: str | os.PathLike, *, need_gold: bool = False, what: str = 
         seen.add(tid)
         gold = row.get("image_ids")
         if need_gold and (not isinstance(gold, list) or not gold):
-            raise SolutionError(f"{path}: record {n} (text_id {tid}) has no gold image_ids: pass the split's "
-                                "texts with answers (valid), not the test texts")
+            raise SolutionError(
+                f"{path}: record {n} (text_id {tid}) has no gold image_ids: pass the split's "
+                "texts with answers (valid), not the test texts"
+            )
         if gold is not None and (not isinstance(gold, list) or not all(is_int(i) for i in gold)):
             raise SolutionError(f"{path}: record {n} (text_id {tid}): image_ids must be a list of integers")
         out.append(MugeText(tid, str(row["text"]), tuple(gold or ())))

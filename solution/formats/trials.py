@@ -1,9 +1,10 @@
 """A search study's ``trials.csv``: one row per Optuna trial (number, state, value, params_*, user attrs).
 
 Written by :mod:`solution.studies.report` after every trial, read by soups (``--from-study``) and
-the report (:mod:`solution.report.runs`). Malformed files (non-UTF-8, an unterminated quote, a row
+the report (:mod:`solution.report.folders`). Malformed files (non-UTF-8, an unterminated quote, a row
 with more fields than the header) are one :class:`SolutionError` naming the file and line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,7 +32,7 @@ def read_trials(path: str | os.PathLike) -> list[dict]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise SolutionError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     rows, line = [], 1

@@ -7,14 +7,16 @@ wins over an earlier one of the same name. A vision config holds ``vision_width`
 ``text_hidden_size``; :func:`model_info` merges one of each into the keyword arguments of
 cn_clip's ``CLIP``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from solution.common import SolutionError
 
@@ -101,6 +103,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

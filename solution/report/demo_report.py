@@ -1,33 +1,37 @@
 """``REPORT.md`` for a demo (or any) run: the score table with paired-bootstrap intervals and a
 paragraph on them (:mod:`.demo_scores`), the comparison table of the runs, soups, study and ensembles
-(:func:`solution.report.compare.compare`, also written to ``compare.md``), the plots, and an embedding map.
+(:func:`solution.report.table.compare`, also written to ``compare.md``), the plots, and an embedding map.
 
 The embedding map is a PCA of image and text features of a few validation queries, coloured
 by query, for the starting model and the final one: fine-tuning should pull each query's texts
 and images together.
 """
+
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 from solution.common import atomic_path
-from solution.formats.runs import METRICS
+from solution.formats.run_files import METRICS
 from solution.plots import save_png
-from .compare import compare, table
-from .demo_scores import in_words as scores_in_words, intervals, reference, score_table
-from .runs import collect
+
+from .demo_scores import in_words as scores_in_words
+from .demo_scores import intervals, reference, score_table
+from .folders import collect
 from .significance import in_words
+from .table import compare, table
 
 log = logging.getLogger(__name__)
 
 
-def embedding_map(checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Path, *, n_queries: int = 10,
-                  device: str = "cpu") -> Path:
+def embedding_map(
+    checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Path, *, n_queries: int = 10, device: str = "cpu"
+) -> Path:
     """Side-by-side PCA maps (one per checkpoint) of images (dots) and texts (stars) of ``n_queries``."""
     import matplotlib
 
@@ -35,9 +39,9 @@ def embedding_map(checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Pat
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    from solution.retrieval.encode import encode_images, encode_texts
     from solution.data.lmdb_io import LMDBSplit
     from solution.model import load_model
+    from solution.retrieval.encode import encode_images, encode_texts
 
     split = LMDBSplit(lmdb_valid)
     queries = list(split.queries().items())[:n_queries]
@@ -49,7 +53,7 @@ def embedding_map(checkpoints: Mapping[str, Path], lmdb_valid: str, out_png: Pat
         ids, img = encode_images(model, split, config, image_ids=image_ids, device=device)
         txt = encode_texts(model, [t for _, (t, _) in queries], config, device=device)
         xy = PCA(n_components=2, random_state=0).fit_transform(np.concatenate([img, txt]))
-        img_xy, txt_xy = xy[: len(img)], xy[len(img):]
+        img_xy, txt_xy = xy[: len(img)], xy[len(img) :]
         pos = {int(i): k for k, i in enumerate(ids)}
         for q, (_, (text, gold)) in enumerate(queries):
             c = cmap(q % cmap.N)
@@ -77,15 +81,30 @@ def _scores_section(results: Mapping[str, dict], final_name: str | None) -> list
     rows = {k: r for k, r in results.items() if k != "final"}
     ref = reference(rows)
     ivs = intervals(rows, ref) if ref else {}
-    return [score_table(rows, ivs, ref), "",
-            "`vs best single`: the row's mean recall minus the reference's (points of percent) with its 95% "
-            "paired-bootstrap interval over the same queries; `*`: the interval excludes 0 (a real difference).", "",
-            scores_in_words(rows, ivs, ref, final_name), ""]
+    return [
+        score_table(rows, ivs, ref),
+        "",
+        "`vs best single`: the row's mean recall minus the reference's (points of percent) with its 95% "
+        "paired-bootstrap interval over the same queries; `*`: the interval excludes 0 (a real difference).",
+        "",
+        scores_in_words(rows, ivs, ref, final_name),
+        "",
+    ]
 
 
-def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, soups: Path | None, base: Path,
-                 final: Path, lmdb_valid: str, device: str = "cpu", elapsed: float | None = None,
-                 ensembles: Path | None = None) -> Path:
+def write_report(
+    out: Path,
+    results: Mapping[str, dict],
+    *,
+    study: Path | None,
+    soups: Path | None,
+    base: Path,
+    final: Path,
+    lmdb_valid: str,
+    device: str = "cpu",
+    elapsed: float | None = None,
+    ensembles: Path | None = None,
+) -> Path:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     runs = sorted(p for p in (out / "runs").glob("*") if (p / METRICS).is_file())
@@ -104,27 +123,46 @@ def write_report(out: Path, results: Mapping[str, dict], *, study: Path | None, 
         pngs += _collect_pngs(e, plots, f"ensemble-{e.name}")
     for run in runs:
         pngs += _collect_pngs(run, plots, f"run-{run.name}")
-    emb = embedding_map({"base (before fine-tuning)": base, "final (greedy soup)": final}, lmdb_valid,
-                        plots / "embedding_map.png", device=device)
+    emb = embedding_map(
+        {"base (before fine-tuning)": base, "final (greedy soup)": final},
+        lmdb_valid,
+        plots / "embedding_map.png",
+        device=device,
+    )
     pngs.append(emb)
 
     final_row = results.get("final", {})
     final_name = next((k for k, r in results.items() if k != "final" and r == final_row), None)
-    lines = ["# Demo report", "",
-             "Everything below was produced by `bash scripts/demo.sh` on this machine"
-             + (f"; this invocation took {elapsed / 60:.1f} minutes (a re-run reuses finished stages, so only a "
-                "first run's time is the cost of the whole flow)." if elapsed else "."),
-             "Scores are text->image recall in percent (MUGE metric: MR = mean of R@1, R@5, R@10). "
-             "`valid` is the demo's validation split (the soups and ensembles were chosen on it, cross-fitted); "
-             "`test` is scored by the offline evaluator against `test_answers.jsonl`, as a submission "
-             "(ensembles: `predict --ensemble`).", "",
-             *_scores_section(results, final_name),
-             f"Submission: `submissions/demo_test.jsonl` from `{final_row.get('checkpoint', final)}` "
-             f"(test MR {final_row.get('test', {}).get('mean_recall', float('nan')):.2f}).", ""]
+    lines = [
+        "# Demo report",
+        "",
+        "Everything below was produced by `bash scripts/demo.sh` on this machine"
+        + (
+            f"; this invocation took {elapsed / 60:.1f} minutes (a re-run reuses finished stages, so only a "
+            "first run's time is the cost of the whole flow)."
+            if elapsed
+            else "."
+        ),
+        "Scores are text->image recall in percent (MUGE metric: MR = mean of R@1, R@5, R@10). "
+        "`valid` is the demo's validation split (the soups and ensembles were chosen on it, cross-fitted); "
+        "`test` is scored by the offline evaluator against `test_answers.jsonl`, as a submission "
+        "(ensembles: `predict --ensemble`).",
+        "",
+        *_scores_section(results, final_name),
+        f"Submission: `submissions/demo_test.jsonl` from `{final_row.get('checkpoint', final)}` "
+        f"(test MR {final_row.get('test', {}).get('mean_recall', float('nan')):.2f}).",
+        "",
+    ]
     if table_md:
-        lines += ["## Runs, soups, search and ensembles (python -m solution.compare)", "", table_md.strip(), "",
-                  "`vs_ref`: mean-recall difference to the best single model, `ci_low`/`ci_high` its 95% "
-                  "paired-bootstrap interval over queries, `significant` = no where it contains 0.", ""]
+        lines += [
+            "## Runs, soups, search and ensembles (python -m solution.compare)",
+            "",
+            table_md.strip(),
+            "",
+            "`vs_ref`: mean-recall difference to the best single model, `ci_low`/`ci_high` its 95% "
+            "paired-bootstrap interval over queries, `significant` = no where it contains 0.",
+            "",
+        ]
         lines += [words, ""] if words else []
     lines += ["## Plots", ""]
     for p in pngs:

@@ -8,16 +8,17 @@ is the ``single`` row with the best valid mean recall; on test it stays that row
 so the test comparison is not picked after the fact). Per-query hits of a submission come from the
 offline evaluator's own reading of it (:func:`submission_hits`).
 """
+
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from solution.common import SolutionError
 from solution.formats.hits import align, read_hits, write_hits
-from solution.retrieval.evaluate import check_submission, read_gold
-from solution.retrieval.stats import paired_bootstrap, query_hits
+from solution.retrieval.metrics import query_hits
+from solution.retrieval.official import check_submission, read_gold
+from solution.stats import paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,12 @@ def intervals(results: Mapping[str, dict], ref: str | None, against: str | None 
                 out[name][part] = None
                 continue
             bs = paired_bootstrap(aligned[0][1], aligned[1], n_resamples=N_RESAMPLES, seed=SEED, ci=CI)
-            out[name][part] = {"diff": _z(bs.diff), "low": _z(bs.low), "high": _z(bs.high),
-                               "significant": bs.significant}
+            out[name][part] = {
+                "diff": _z(bs.diff),
+                "low": _z(bs.low),
+                "high": _z(bs.high),
+                "significant": bs.significant,
+            }
     return out
 
 
@@ -82,8 +87,10 @@ def score_table(results: Mapping[str, dict], ivs: Mapping[str, dict] | None = No
     rows = {k: r for k, r in results.items() if k != "final"}
     ref = ref if ref is not None else reference(rows)
     ivs = ivs if ivs is not None else intervals(rows, ref)
-    head = ("| model | kind | valid R@1 | valid R@5 | valid R@10 | valid MR | valid vs best single [95% CI] "
-            "| test R@1 | test R@5 | test R@10 | test MR | test vs best single [95% CI] |")
+    head = (
+        "| model | kind | valid R@1 | valid R@5 | valid R@10 | valid MR | valid vs best single [95% CI] "
+        "| test R@1 | test R@5 | test R@10 | test MR | test vs best single [95% CI] |"
+    )
     lines = [head, "|" + "---|" * 12]
     for name, r in rows.items():
         cells = [name, r.get("kind", "")]
@@ -107,13 +114,17 @@ def _part_words(part: str, ivs: Mapping[str, dict], ref: str) -> str:
             continue
         text = f"{name} ({v['diff']:+.2f} points, [{v['low']:+.2f}, {v['high']:+.2f}])"
         (better if v["significant"] and v["diff"] > 0 else worse if v["significant"] else same).append(
-            text if v["significant"] else name)
-    return (f"On {part}, really better than {ref}: {_list(better)}. Really worse: {_list(worse)}. "
-            f"Not distinguishable from it (the interval contains 0): {_list(same)}.")
+            text if v["significant"] else name
+        )
+    return (
+        f"On {part}, really better than {ref}: {_list(better)}. Really worse: {_list(worse)}. "
+        f"Not distinguishable from it (the interval contains 0): {_list(same)}."
+    )
 
 
-def in_words(results: Mapping[str, dict], ivs: Mapping[str, dict] | None = None, ref: str | None = None,
-             final: str | None = None) -> str:
+def in_words(
+    results: Mapping[str, dict], ivs: Mapping[str, dict] | None = None, ref: str | None = None, final: str | None = None
+) -> str:
     """A paragraph, generated from the numbers, on which differences to the best single model are real
     (the 95% interval excludes 0) on valid and on test, how each ensemble compares with ``final`` (the
     submitted soup) on test, and the cross-fitted (held-out) valid estimates of the choices made on valid."""
@@ -123,23 +134,34 @@ def in_words(results: Mapping[str, dict], ivs: Mapping[str, dict] | None = None,
         return ""
     ivs = ivs if ivs is not None else intervals(rows, ref)
     n = {p: len(read_hits(rows[ref]["hits"][p])[0]) for p in PARTS if (rows[ref].get("hits") or {}).get(p)}
-    parts = [f"Each row is compared with the best single model on valid, **{ref}** (valid MR "
-             f"{rows[ref]['valid']['mean_recall']:.2f}, test MR {rows[ref]['test']['mean_recall']:.2f}), by a paired "
-             f"bootstrap over the same queries ({N_RESAMPLES} resamples; "
-             + ", ".join(f"{q} {p} queries" for p, q in n.items()) + ")."]
+    parts = [
+        f"Each row is compared with the best single model on valid, **{ref}** (valid MR "
+        f"{rows[ref]['valid']['mean_recall']:.2f}, test MR {rows[ref]['test']['mean_recall']:.2f}), by a paired "
+        f"bootstrap over the same queries ({N_RESAMPLES} resamples; "
+        + ", ".join(f"{q} {p} queries" for p, q in n.items())
+        + ")."
+    ]
     parts += [_part_words(p, ivs, ref) for p in PARTS]
     if final and final in rows:
         vs = intervals(rows, ref, against=final)
-        ens = [f"{k}: {v['test']['diff']:+.2f} [{v['test']['low']:+.2f}, {v['test']['high']:+.2f}] "
-               f"({'real' if v['test']['significant'] else 'not distinguishable'})"
-               for k, v in vs.items() if rows[k].get("kind") == "ensemble" and v.get("test")]
+        ens = [
+            f"{k}: {v['test']['diff']:+.2f} [{v['test']['low']:+.2f}, {v['test']['high']:+.2f}] "
+            f"({'real' if v['test']['significant'] else 'not distinguishable'})"
+            for k, v in vs.items()
+            if rows[k].get("kind") == "ensemble" and v.get("test")
+        ]
         if ens:
             parts.append(f"Against the submitted {final} on test: " + "; ".join(ens) + ".")
-    cross = [f"{k} {c['mean']:.2f} [{c['low']:.2f}, {c['high']:.2f}]" for k, r in rows.items()
-             if (c := r.get("crossfit")) and c.get("mean") is not None and c.get("low") is not None]
+    cross = [
+        f"{k} {c['mean']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
+        for k, r in rows.items()
+        if (c := r.get("crossfit")) and c.get("mean") is not None and c.get("low") is not None
+    ]
     if cross:
-        parts.append("The soups' and ensembles' valid scores are measured on the queries they were chosen on, so "
-                     "they flatter them; their k-fold cross-fitted valid MR (each fold scored by a choice made "
-                     "without it, mean with its 95% interval) is the honest estimate: " + "; ".join(cross) + ". "
-                     "Test queries were used for no choice.")
+        parts.append(
+            "The soups' and ensembles' valid scores are measured on the queries they were chosen on, so "
+            "they flatter them; their k-fold cross-fitted valid MR (each fold scored by a choice made "
+            "without it, mean with its 95% interval) is the honest estimate: " + "; ".join(cross) + ". "
+            "Test queries were used for no choice."
+        )
     return "\n\n".join(parts)

@@ -4,18 +4,19 @@ single model, with its 95% interval over queries.
 The reference is the best row that is not a soup and carries per-query hits; without one, the best
 single ingredient of the soups read (from their ``summary.json`` / ``soup_log.jsonl``). Each row with
 hits on the same queries gets ``vs_ref`` (its mean recall minus the reference's, points of percent),
-``ci_low`` / ``ci_high`` (:func:`solution.retrieval.stats.paired_bootstrap`: 1000 resamples, seed 0,
+``ci_low`` / ``ci_high`` (:func:`solution.stats.paired_bootstrap`: 1000 resamples, seed 0,
 percentile interval) and ``significant`` (``yes``, or ``no`` where the interval contains 0); the
 ``note`` says which row the reference is, or why a row has no interval (no stored hits, other queries).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from solution.formats.hits import align
-from solution.retrieval.stats import paired_bootstrap
+from solution.stats import paired_bootstrap
 
-from .runs import Entry
+from .folders import Entry
 
 N_RESAMPLES, SEED, CI = 1000, 0, 0.95
 COLUMNS = ("vs_ref", "ci_low", "ci_high", "significant", "note")
@@ -23,8 +24,11 @@ COLUMNS = ("vs_ref", "ci_low", "ci_high", "significant", "note")
 
 def reference(entries: Sequence[Entry]) -> dict | None:
     """``{"name", "mean_recall", "hits", "entry"}`` of the best single model with hits, or None."""
-    rows = [{"name": e.name, "mean_recall": e.scores.get("mean_recall"), "hits": e.hits, "entry": e}
-            for e in entries if e.kind not in ("soup", "ensemble") and e.hits is not None]
+    rows = [
+        {"name": e.name, "mean_recall": e.scores.get("mean_recall"), "hits": e.hits, "entry": e}
+        for e in entries
+        if e.kind not in ("soup", "ensemble") and e.hits is not None
+    ]
     if not rows:  # no single model in the table has hits: the soups' best ingredient
         seen = {}
         for e in entries:
@@ -52,25 +56,37 @@ def columns(entries: Sequence[Entry]) -> list[dict]:
                 cells["note"] = f"hits on other queries than {ref['name']}"
             else:
                 b = paired_bootstrap(e.hits[1], other, n_resamples=N_RESAMPLES, seed=SEED, ci=CI)
-                cells.update(vs_ref=b.diff, ci_low=b.low, ci_high=b.high, significant="yes" if b.significant else "no",
-                             note="reference (best single model)" if e is ref["entry"] else f"vs {ref['name']}")
+                cells.update(
+                    vs_ref=b.diff,
+                    ci_low=b.low,
+                    ci_high=b.high,
+                    significant="yes" if b.significant else "no",
+                    note="reference (best single model)" if e is ref["entry"] else f"vs {ref['name']}",
+                )
         out.append(cells)
     return out
 
 
 def in_words(df) -> str:
-    """A sentence on which rows of a comparison table (:func:`solution.report.compare.table`) differ
+    """A sentence on which rows of a comparison table (:func:`solution.report.table.table`) differ
     from the reference for real (the interval excludes 0) and which do not; empty without intervals."""
     rows = [r for _, r in df.iterrows() if r.get("significant") in ("yes", "no")]
     ref = next((str(r["note"])[3:] for r in rows if str(r["note"]).startswith("vs ")), None)
     if ref is None:
         return ""
-    real = [f"{r['name']} ({r['vs_ref']:+.2f} points, 95% interval [{r['ci_low']:.2f}, {r['ci_high']:.2f}])"
-            for r in rows if r["significant"] == "yes"]
+    real = [
+        f"{r['name']} ({r['vs_ref']:+.2f} points, 95% interval [{r['ci_low']:.2f}, {r['ci_high']:.2f}])"
+        for r in rows
+        if r["significant"] == "yes"
+    ]
     not_real = [str(r["name"]) for r in rows if r["significant"] == "no" and str(r["note"]).startswith("vs ")]
-    parts = [f"Against the best single model ({ref}), paired bootstrap over the validation queries "
-             f"({N_RESAMPLES} resamples):"]
-    parts.append(f"real differences: {'; '.join(real)}." if real else "no difference is real (every interval contains 0).")
+    parts = [
+        f"Against the best single model ({ref}), paired bootstrap over the validation queries "
+        f"({N_RESAMPLES} resamples):"
+    ]
+    parts.append(
+        f"real differences: {'; '.join(real)}." if real else "no difference is real (every interval contains 0)."
+    )
     if real and not_real:
         parts.append(f"Not distinguishable from it (interval contains 0): {', '.join(not_real)}.")
     return " ".join(parts)

@@ -2,7 +2,7 @@
 
 Entries live in a cache folder (default ``$SOLUTION_CACHE_DIR`` or
 ``~/.cache/cnclip-solution/image_feats``) as feature files (``img_KEY.npy`` + ``.ids.npy`` +
-``.meta.json``, written by :func:`solution.formats.features.save_features`). The key is made of
+``.meta.json``, written by :func:`solution.formats.feature_files.save_features`). The key is made of
 the vision tower's weights (all an image feature depends on), the image LMDB's content digest
 (:meth:`solution.data.lmdb_io.LMDBSplit.images_digest`, every key and value: the one identity of an
 LMDB), the resolution and the effective precision and device type, and for the features of the
@@ -10,6 +10,7 @@ horizontally flipped images (``flip=True``, flip test-time augmentation) a ``fli
 and flipped features never share an entry (plain keys are unchanged). An unreadable entry is
 re-encoded (with a warning).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,11 +24,11 @@ import numpy as np
 import torch
 
 from solution.data.lmdb_io import LMDBSplit
-from solution.formats.features import feature_paths, save_features
+from solution.formats.feature_files import feature_paths, save_features
 from solution.model import ModelConfig, state_dict_digest
+from solution.model.precision import effective_precision
 
 from .encode import encode_images
-from .precision import effective_precision
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cnclip-solution" / "image_feats"
 
 
-def image_cache_key(model, config: ModelConfig, split: LMDBSplit, device, precision: str, flip: bool = False
-                    ) -> tuple[str, dict]:
+def image_cache_key(
+    model, config: ModelConfig, split: LMDBSplit, device, precision: str, flip: bool = False
+) -> tuple[str, dict]:
     """``(key, the parts it hashes)`` of a gallery encoded by ``model``'s vision tower (``flip``: mirrored)."""
     parts = {
         "version": CACHE_VERSION,
@@ -64,9 +66,17 @@ def _read_entry(fpath: Path, ipath: Path) -> tuple[np.ndarray, np.ndarray] | Non
     return None
 
 
-def cached_image_features(model, split: LMDBSplit, config: ModelConfig, *, cache_dir: str | os.PathLike | None,
-                          device, precision: str, flip: bool = False, **encode_kw
-                          ) -> tuple[np.ndarray, np.ndarray, dict]:
+def cached_image_features(
+    model,
+    split: LMDBSplit,
+    config: ModelConfig,
+    *,
+    cache_dir: str | os.PathLike | None,
+    device,
+    precision: str,
+    flip: bool = False,
+    **encode_kw,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """``encode_images`` through the cache: ``(ids, feats, info)`` with ``info["cache"]`` hit|miss|off.
 
     ``flip``: the features of the horizontally flipped images, under their own key."""
@@ -87,6 +97,12 @@ def cached_image_features(model, split: LMDBSplit, config: ModelConfig, *, cache
             return *entry, {**info, "cache": "hit"}
         log.warning("unreadable cache entry %s; re-encoding", fpath)
     ids, feats = encode_images(model, split, config, **encode_kw)
-    save_features(str(stem) + ".npy", "image", ids, feats, fmt="npy",
-                  meta={"cache_key_parts": parts, "split_dir": str(split.split_dir)})
+    save_features(
+        str(stem) + ".npy",
+        "image",
+        ids,
+        feats,
+        fmt="npy",
+        meta={"cache_key_parts": parts, "split_dir": str(split.split_dir)},
+    )
     return ids, feats, info

@@ -9,11 +9,12 @@ validation reuse the features for its loss). The image-feature cache is :mod:`.c
 many models on one split, :func:`prepare_inputs` decodes the gallery (:mod:`.prepared`) and
 tokenises the queries once; given to ``score_parts``, the same scores follow.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,16 +22,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cn_clip_patch.prompt import token_lengths, tokenize
-
 from solution.common import SolutionError, autocast_context
 from solution.data.datasets import ImageDataset, eval_transform, image_collate
 from solution.data.lmdb_io import LMDBSplit
 from solution.formats.muge import MugeText
 from solution.model import ModelConfig
 
-from .metrics import present_gold, recall_at_k, t2i_rankings
-from .prepared import IMAGE_CACHE_BYTES, PreparedImages, prepare_images
-from .stats import query_hits
+from .metrics import present_gold, query_hits, recall_at_k, t2i_rankings
+from .pixels import IMAGE_CACHE_BYTES, PreparedImages, prepare_images
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,20 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_images(model, split: LMDBSplit | str, config: ModelConfig, *, image_ids: Sequence[int] | None = None,
-                  batch_size: int = 64, num_workers: int = 0, device="cpu", precision: str = "fp32",
-                  progress: bool = False, flip: bool = False,
-                  prepared: PreparedImages | None = None) -> tuple[np.ndarray, np.ndarray]:
+def encode_images(
+    model,
+    split: LMDBSplit | str,
+    config: ModelConfig,
+    *,
+    image_ids: Sequence[int] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device="cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+    flip: bool = False,
+    prepared: PreparedImages | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids int64 [N], features float32 [N, D])`` for the images of a split, in key order.
 
     ``flip``: of the horizontally mirrored images (the preprocessed tensor flipped along its width),
@@ -56,8 +65,9 @@ def encode_images(model, split: LMDBSplit | str, config: ModelConfig, *, image_i
         ds = None
     else:
         ds = ImageDataset(split, eval_transform(config.image_resolution), image_ids)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_collate,
-                            persistent_workers=False)
+        loader = DataLoader(
+            ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_collate, persistent_workers=False
+        )
     was_training = model.training
     model.eval()
     ids, feats = [], []
@@ -92,7 +102,7 @@ def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int, ov
     for length, start, count in zip(lengths.tolist(), starts.tolist(), counts.tolist()):
         cap = max(1, budget // length)
         while count > cap:
-            batches.append(order[start:start + cap])
+            batches.append(order[start : start + cap])
             start, count = start + cap, count - cap
         groups.append((length, start, count))
     best, first = [0.0] + [float("inf")] * len(groups), [0] * (len(groups) + 1)
@@ -110,7 +120,7 @@ def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int, ov
         spans.append((first[j], j))
         j = first[j] - 1
     for i, j in reversed(spans):
-        batches.append(np.concatenate([order[st:st + c] for _, st, c in groups[i - 1:j]]))
+        batches.append(np.concatenate([order[st : st + c] for _, st, c in groups[i - 1 : j]]))
     return batches
 
 
@@ -124,7 +134,9 @@ def _tokens(texts: list[str], idx: np.ndarray, config: ModelConfig) -> torch.Ten
     return tokenize([texts[i] for i in idx], config.context_length, config.text_prompt)
 
 
-def text_batches(texts: Sequence[str], config: ModelConfig, batch_size: int = 64) -> list[tuple[np.ndarray, torch.Tensor]]:
+def text_batches(
+    texts: Sequence[str], config: ModelConfig, batch_size: int = 64
+) -> list[tuple[np.ndarray, torch.Tensor]]:
     """:func:`encode_texts`'s batches: ``(indices into texts, token ids)``, by token length, each cut to
     its longest text (tokenise once, encode with many models: ``encode_texts(batches=...)``)."""
     texts = list(texts)
@@ -132,9 +144,17 @@ def text_batches(texts: Sequence[str], config: ModelConfig, batch_size: int = 64
 
 
 @torch.inference_mode()
-def encode_texts(model, texts: Sequence[str], config: ModelConfig, *, batch_size: int = 64, device="cpu",
-                 precision: str = "fp32", progress: bool = False,
-                 batches: Sequence[tuple[np.ndarray, torch.Tensor]] | None = None) -> np.ndarray:
+def encode_texts(
+    model,
+    texts: Sequence[str],
+    config: ModelConfig,
+    *,
+    batch_size: int = 64,
+    device="cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+    batches: Sequence[tuple[np.ndarray, torch.Tensor]] | None = None,
+) -> np.ndarray:
     """Features ``[N, D]`` (input order) with the config's prompt and context length.
 
     Texts are sorted by token length and each batch is cut to its longest text: the same
@@ -172,7 +192,7 @@ class Queries:
     texts: list[str]
     gold: dict[int, list[int]]
 
-    def subset(self, text_ids: Sequence[int]) -> "Queries":
+    def subset(self, text_ids: Sequence[int]) -> Queries:
         """The queries among ``text_ids``, in this set's order."""
         keep = {int(t) for t in text_ids}
         sel = [i for i, t in enumerate(self.text_ids) if t in keep]
@@ -190,17 +210,27 @@ def split_queries(split: LMDBSplit) -> Queries:
 
 def text_queries(records: Sequence[MugeText]) -> Queries:
     """The queries of MUGE texts read with their gold (:func:`solution.formats.muge.read_texts`)."""
-    return Queries([r.text_id for r in records], [r.text for r in records],
-                   {r.text_id: list(r.image_ids) for r in records})
+    return Queries(
+        [r.text_id for r in records], [r.text for r in records], {r.text_id: list(r.image_ids) for r in records}
+    )
 
 
-def _warn_undecodable(split: LMDBSplit, gold: Mapping[int, list[int]], scored: Mapping, stored: int,
-                      undecodable: int) -> None:
+def _warn_undecodable(
+    split: LMDBSplit, gold: Mapping[int, list[int]], scored: Mapping, stored: int, undecodable: int
+) -> None:
     dropped = len(gold) - len(scored)
     if undecodable or dropped:
         lost = sum(len(v) for v in gold.values()) - sum(len(v) for v in scored.values())
-        log.warning("%s: %d of %d images could not be decoded; %d gold ids left out, %d of %d queries without a "
-                    "decodable gold image not scored", split.split_dir, undecodable, stored, lost, dropped, len(gold))
+        log.warning(
+            "%s: %d of %d images could not be decoded; %d gold ids left out, %d of %d queries without a "
+            "decodable gold image not scored",
+            split.split_dir,
+            undecodable,
+            stored,
+            lost,
+            dropped,
+            len(gold),
+        )
 
 
 @dataclass
@@ -212,13 +242,24 @@ class ScoringInputs:
     texts: list
 
 
-def prepare_inputs(split: LMDBSplit, config: ModelConfig, queries: Queries, *, batch_size: int = 64,
-                   num_workers: int = 0, max_bytes: int = IMAGE_CACHE_BYTES, progress: bool = False) -> ScoringInputs:
+def prepare_inputs(
+    split: LMDBSplit,
+    config: ModelConfig,
+    queries: Queries,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    max_bytes: int = IMAGE_CACHE_BYTES,
+    progress: bool = False,
+) -> ScoringInputs:
     """What :func:`score_parts` needs of a split that no model changes, prepared once (``batch_size``: the
     one it will be called with)."""
-    return ScoringInputs(prepare_images(split, config, batch_size=batch_size, num_workers=num_workers,
-                                        max_bytes=max_bytes, progress=progress),
-                         text_batches(queries.texts, config, batch_size))
+    return ScoringInputs(
+        prepare_images(
+            split, config, batch_size=batch_size, num_workers=num_workers, max_bytes=max_bytes, progress=progress
+        ),
+        text_batches(queries.texts, config, batch_size),
+    )
 
 
 @dataclass
@@ -231,20 +272,38 @@ class SplitFeatures:
     stored: int  # images in the split (decodable or not)
 
 
-def encode_split(model, split: LMDBSplit, config: ModelConfig, queries: Queries, *, inputs: ScoringInputs | None = None,
-                 device="cpu", batch_size: int = 64, num_workers: int = 0, precision: str = "fp32",
-                 progress: bool = False) -> SplitFeatures:
+def encode_split(
+    model,
+    split: LMDBSplit,
+    config: ModelConfig,
+    queries: Queries,
+    *,
+    inputs: ScoringInputs | None = None,
+    device="cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> SplitFeatures:
     """The gallery (all of the split's images) and the query texts through ``model``, once each."""
     kw = dict(batch_size=batch_size, device=device, precision=precision, progress=progress)
     stored = len(split.image_ids())
-    image_ids, image_feats = encode_images(model, split, config, num_workers=num_workers,
-                                           prepared=inputs.images if inputs else None, **kw)
+    image_ids, image_feats = encode_images(
+        model, split, config, num_workers=num_workers, prepared=inputs.images if inputs else None, **kw
+    )
     text_feats = encode_texts(model, queries.texts, config, batches=inputs.texts if inputs else None, **kw)
     return SplitFeatures(image_ids, image_feats, text_feats, stored)
 
 
-def score_features(feats: SplitFeatures, split: LMDBSplit, queries: Queries, parts: Mapping[str, Sequence[int]], *,
-                   device="cpu", with_hits: bool = False) -> dict[str, dict]:
+def score_features(
+    feats: SplitFeatures,
+    split: LMDBSplit,
+    queries: Queries,
+    parts: Mapping[str, Sequence[int]],
+    *,
+    device="cpu",
+    with_hits: bool = False,
+) -> dict[str, dict]:
     """:func:`score_parts` from features already computed (see there)."""
     undecodable = feats.stored - len(feats.image_ids)
     scored = present_gold(queries.gold, feats.image_ids.tolist())
@@ -263,10 +322,21 @@ def score_features(feats: SplitFeatures, split: LMDBSplit, queries: Queries, par
     return out
 
 
-def score_parts(model, split: LMDBSplit | str, config: ModelConfig, queries: Queries | None = None,
-                parts: Mapping[str, Sequence[int]] | None = None, *, device="cpu", batch_size: int = 64,
-                num_workers: int = 0, precision: str = "fp32", progress: bool = False,
-                with_hits: bool = False, inputs: ScoringInputs | None = None) -> dict[str, dict]:
+def score_parts(
+    model,
+    split: LMDBSplit | str,
+    config: ModelConfig,
+    queries: Queries | None = None,
+    parts: Mapping[str, Sequence[int]] | None = None,
+    *,
+    device="cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    progress: bool = False,
+    with_hits: bool = False,
+    inputs: ScoringInputs | None = None,
+) -> dict[str, dict]:
     """Text->image R@1/5/10 and mean recall (percent) of ``model`` on ``parts`` of the queries vs all images.
 
     ``queries`` default to the split's pairs; ``parts`` (name -> text ids, default ``{"all": every
@@ -275,27 +345,56 @@ def score_parts(model, split: LMDBSplit | str, config: ModelConfig, queries: Que
     that could not be decoded are left out of the gold sets and a query left without any is not
     scored (never counted as a miss); each part's ``queries_scored`` and ``undecodable_images`` say
     how many. ``with_hits``: each part also carries ``text_ids`` (the queries scored, in order) and
-    ``hits`` (``[Q, 3]`` bool, :func:`solution.retrieval.stats.query_hits` of the same rankings).
+    ``hits`` (``[Q, 3]`` bool, :func:`solution.retrieval.metrics.query_hits` of the same rankings).
     ``inputs``: :func:`prepare_inputs` of this split, queries and ``batch_size`` (no image decoded,
     no text tokenised here; the same scores).
     """
     split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
     queries = queries if queries is not None else split_queries(split)
     parts = parts if parts is not None else {"all": queries.text_ids}
-    feats = encode_split(model, split, config, queries, inputs=inputs, device=device, batch_size=batch_size,
-                         num_workers=num_workers, precision=precision, progress=progress)
+    feats = encode_split(
+        model,
+        split,
+        config,
+        queries,
+        inputs=inputs,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        progress=progress,
+    )
     return score_features(feats, split, queries, parts, device=device, with_hits=with_hits)
 
 
-def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, device="cpu", batch_size: int = 64,
-                   num_workers: int = 0, precision: str = "fp32", progress: bool = False,
-                   text_ids: Sequence[int] | None = None, with_hits: bool = False) -> dict[str, float]:
+def evaluate_split(
+    model,
+    split: LMDBSplit | str,
+    config: ModelConfig,
+    *,
+    device="cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    progress: bool = False,
+    text_ids: Sequence[int] | None = None,
+    with_hits: bool = False,
+) -> dict[str, float]:
     """:func:`score_parts` of the split's own queries (only ``text_ids`` when given) as one part:
     ``r1``/``r5``/``r10``/``mean_recall`` (percent), ``undecodable_images`` and ``queries_scored``."""
     split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
     queries = split_queries(split)
     if text_ids is not None:
         queries = queries.subset(text_ids)
-    return score_parts(model, split, config, queries, device=device, batch_size=batch_size, num_workers=num_workers,
-                       precision=precision, progress=progress, with_hits=with_hits)["all"]
-
+    return score_parts(
+        model,
+        split,
+        config,
+        queries,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        progress=progress,
+        with_hits=with_hits,
+    )["all"]

@@ -11,6 +11,7 @@ on CUDA). With ``torchcompile`` both towers are compiled (:mod:`.compiled`; refu
 loads where that cannot work); the compile seconds are logged and left out of the texts/s and
 images/s rates (``seconds`` stays the wall time, ``compile_seconds`` beside it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,18 +22,17 @@ from pathlib import Path
 import torch
 
 from cn_clip_patch.prompt import PromptError, check_prompt
-
 from solution.common import SolutionError
 from solution.data.lmdb_io import LMDBSplit
-from solution.formats.features import check_outputs, save_features
+from solution.formats.feature_files import check_outputs, save_features
 from solution.formats.muge import read_texts
 from solution.model import load_model
+from solution.model.compiled import CompileClock, check_compile, compile_towers
+from solution.model.precision import effective_precision, model_math
 
 from .cache import cached_image_features
-from .compiled import CompileClock, check_compile, compile_towers
 from .encode import encode_texts
 from .manifest import feature_provenance
-from .precision import effective_precision, model_math
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,33 @@ def _inputs(job: Extraction) -> tuple[list[int] | None, list[str] | None, LMDBSp
         ids, texts = [r.text_id for r in records], [r.text for r in records]
     if job.image_data is not None:
         split = LMDBSplit(job.image_data, need_pairs=False)
-    inputs = [job.resume, job.text_data,
-              *((split.split_dir / "imgs" / f for f in ("data.mdb", "lock.mdb")) if split else ())]
-    check_outputs({**({"--text-feat-output-path": job.text_out} if texts else {}),
-                   **({"--image-feat-output-path": job.image_out} if split else {})}, job.fmt, inputs)
+    inputs = [
+        job.resume,
+        job.text_data,
+        *((split.split_dir / "imgs" / f for f in ("data.mdb", "lock.mdb")) if split else ()),
+    ]
+    check_outputs(
+        {
+            **({"--text-feat-output-path": job.text_out} if texts else {}),
+            **({"--image-feat-output-path": job.image_out} if split else {}),
+        },
+        job.fmt,
+        inputs,
+    )
     return ids, texts, split
 
 
 def _load(job: Extraction, precision: str):
     t0 = time.perf_counter()
-    model, config, ckpt = load_model(job.resume, device=job.device, vision_model=job.vision_model,
-                                     text_model=job.text_model, context_length=job.context_length,
-                                     text_prompt=job.prompt, attn_impl=job.attn_impl)
+    model, config, ckpt = load_model(
+        job.resume,
+        device=job.device,
+        vision_model=job.vision_model,
+        text_model=job.text_model,
+        context_length=job.context_length,
+        text_prompt=job.prompt,
+        attn_impl=job.attn_impl,
+    )
     try:
         check_prompt(config.text_prompt, config.context_length)
     except PromptError as e:
@@ -90,8 +105,16 @@ def _load(job: Extraction, precision: str):
     model.eval()
     if job.torchcompile:
         compile_towers(model, job.device, job.torchcompile_backend)
-    log.info("loaded %s (%s, context %d, prompt %r) on %s, %s, in %.1f s", job.resume, config.arch,
-             config.context_length, config.text_prompt, job.device, precision, time.perf_counter() - t0)
+    log.info(
+        "loaded %s (%s, context %d, prompt %r) on %s, %s, in %.1f s",
+        job.resume,
+        config.arch,
+        config.context_length,
+        config.text_prompt,
+        job.device,
+        precision,
+        time.perf_counter() - t0,
+    )
     return model, config, ckpt
 
 
@@ -105,10 +128,18 @@ def _rate(n: int, seconds: float, clock: CompileClock) -> tuple[float, float, st
 def _texts(job: Extraction, model, config, ids, texts, precision: str, provenance: dict) -> dict:
     clock = CompileClock()
     t0, c0 = time.perf_counter(), time.process_time()
-    feats = encode_texts(model, texts, config, batch_size=job.text_batch_size, device=job.device,
-                         precision=precision, progress=job.progress)
-    paths = save_features(job.text_out, "text", ids, feats, fmt=job.fmt,
-                          meta={**provenance, "data": str(Path(job.text_data).resolve())})
+    feats = encode_texts(
+        model,
+        texts,
+        config,
+        batch_size=job.text_batch_size,
+        device=job.device,
+        precision=precision,
+        progress=job.progress,
+    )
+    paths = save_features(
+        job.text_out, "text", ids, feats, fmt=job.fmt, meta={**provenance, "data": str(Path(job.text_data).resolve())}
+    )
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     rate, spent, note = _rate(len(ids), secs, clock)
     log.info("%d text features in %.1f s (%.1f texts/s%s) -> %s", len(ids), secs, rate, note, paths[0])
@@ -118,20 +149,35 @@ def _texts(job: Extraction, model, config, ids, texts, precision: str, provenanc
 def _images(job: Extraction, model, config, split: LMDBSplit, precision: str, provenance: dict) -> dict:
     clock = CompileClock()
     t0 = time.perf_counter()
-    ids, feats, info = cached_image_features(model, split, config, cache_dir=job.cache_dir, device=job.device,
-                                             precision=precision, batch_size=job.img_batch_size,
-                                             num_workers=job.num_workers, progress=job.progress)
+    ids, feats, info = cached_image_features(
+        model,
+        split,
+        config,
+        cache_dir=job.cache_dir,
+        device=job.device,
+        precision=precision,
+        batch_size=job.img_batch_size,
+        num_workers=job.num_workers,
+        progress=job.progress,
+    )
     if len(ids) < split.num_images:
-        log.warning("%d of %d images could not be decoded and have no feature", split.num_images - len(ids),
-                    split.num_images)
-    paths = save_features(job.image_out, "image", ids, feats, fmt=job.fmt,
-                          meta={**provenance, "data": str(split.split_dir.resolve() / "imgs"), **info})
+        log.warning(
+            "%d of %d images could not be decoded and have no feature", split.num_images - len(ids), split.num_images
+        )
+    paths = save_features(
+        job.image_out,
+        "image",
+        ids,
+        feats,
+        fmt=job.fmt,
+        meta={**provenance, "data": str(split.split_dir.resolve() / "imgs"), **info},
+    )
     secs = time.perf_counter() - t0
     rate, spent, note = _rate(len(ids), secs, clock)
-    log.info("%d image features in %.1f s (%.1f images/s, %s%s) -> %s", len(ids), secs, rate, info["cache"], note,
-             paths[0])
-    return {"path": str(paths[0]), "count": int(len(ids)), "seconds": secs, "cache": info["cache"],
-            "compile_seconds": spent}
+    log.info(
+        "%d image features in %.1f s (%.1f images/s, %s%s) -> %s", len(ids), secs, rate, info["cache"], note, paths[0]
+    )
+    return {"path": str(paths[0]), "count": len(ids), "seconds": secs, "cache": info["cache"], "compile_seconds": spent}
 
 
 def extract(job: Extraction) -> dict:

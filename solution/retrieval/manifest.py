@@ -3,9 +3,10 @@
 A feature file records the checkpoint (path + sha256), config, prompt, precision, device and the
 checkpoint's validation score when it can be known (:func:`checkpoint_validation`: stored in the
 checkpoint, else the main-set ``valid`` record at its step in the run's ``metrics.jsonl``, read by
-:func:`solution.formats.runs.read_metrics`). A submission's manifest gathers the provenance of
+:func:`solution.formats.run_files.read_metrics`). A submission's manifest gathers the provenance of
 both feature files, the validation score (``--valid-score`` first) and the command.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -13,12 +14,12 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from solution.common import SolutionError
-from solution.formats.features import FeatureSet
-from solution.formats.runs import METRICS, main_valid, read_metrics
+from solution.formats.feature_files import FeatureSet
+from solution.formats.run_files import METRICS, main_valid, read_metrics
 from solution.model import ModelConfig
 
 from .metrics import RECALL_KEYS
@@ -58,12 +59,17 @@ def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
     if not found:
         return None
     row = found[-1]
-    return {**{k: row[k] for k in RECALL_KEYS if k in row}, "step": row.get("step"), "epoch": row.get("epoch"),
-            "source": str(metrics)}
+    return {
+        **{k: row[k] for k in RECALL_KEYS if k in row},
+        "step": row.get("step"),
+        "epoch": row.get("epoch"),
+        "source": str(metrics),
+    }
 
 
-def feature_provenance(checkpoint: str | os.PathLike, ckpt: dict, config: ModelConfig, *, precision: str,
-                       device) -> dict:
+def feature_provenance(
+    checkpoint: str | os.PathLike, ckpt: dict, config: ModelConfig, *, precision: str, device
+) -> dict:
     """What every feature file of one extraction records about its model."""
     return {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -103,8 +109,13 @@ def parse_score(text: str | None) -> dict | None:
 
 def _feature_entry(fs: FeatureSet) -> dict:
     m = fs.meta
-    return {"path": str(fs.path.resolve()), "format": fs.format, "count": int(len(fs.ids)), "dim": int(fs.feats.shape[1]),
-            **{k: m[k] for k in ("checkpoint", "checkpoint_sha256", "precision", "data", "cache", "created") if k in m}}
+    return {
+        "path": str(fs.path.resolve()),
+        "format": fs.format,
+        "count": len(fs.ids),
+        "dim": int(fs.feats.shape[1]),
+        **{k: m[k] for k in ("checkpoint", "checkpoint_sha256", "precision", "data", "cache", "created") if k in m},
+    }
 
 
 def _checkpoints(texts: FeatureSet, images: FeatureSet, named: Sequence[str]) -> list[dict]:
@@ -122,14 +133,25 @@ def _checkpoints(texts: FeatureSet, images: FeatureSet, named: Sequence[str]) ->
         checkpoints.append({"path": str(Path(c).resolve()), "sha256": None, "used_for": ["--checkpoint"]})
     shas = {fs.meta.get("checkpoint_sha256") for fs in (texts, images) if fs.meta.get("checkpoint_sha256")}
     if len(shas) > 1:
-        log.warning("text and image features come from different checkpoints: %s",
-                    " vs ".join(f"{fs.kind}: {fs.meta.get('checkpoint')}" for fs in (texts, images)))
+        log.warning(
+            "text and image features come from different checkpoints: %s",
+            " vs ".join(f"{fs.kind}: {fs.meta.get('checkpoint')}" for fs in (texts, images)),
+        )
     return checkpoints
 
 
-def build_manifest(texts: FeatureSet, images: FeatureSet, output: Path, *, direction: str, top_k: int,
-                   valid_score: dict | None, checkpoints: Sequence[str], command: Sequence[str],
-                   seconds: float) -> dict:
+def build_manifest(
+    texts: FeatureSet,
+    images: FeatureSet,
+    output: Path,
+    *,
+    direction: str,
+    top_k: int,
+    valid_score: dict | None,
+    checkpoints: Sequence[str],
+    command: Sequence[str],
+    seconds: float,
+) -> dict:
     """A submission's manifest: what it ranked, with what, and how well that scored on validation."""
     validation = valid_score or texts.meta.get("validation") or images.meta.get("validation")
     config = texts.meta.get("config") or images.meta.get("config")

@@ -4,21 +4,23 @@ Semantics are the official MUGE ``evaluation.py``'s: a query scores a hit at K w
 gold ids is among its first K predictions; R@K is the hit fraction, in percent, and the
 score is the mean of R@1, R@5 and R@10.
 """
+
 from __future__ import annotations
 
-from typing import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .precision import exact_math
+from solution.model.precision import exact_math
 
 KS = (1, 5, 10)
 RECALL_KEYS = (*(f"r{k}" for k in KS), "mean_recall")
 
 
-def recall_at_k(predictions: Mapping[int, Sequence[int]], gold: Mapping[int, Collection[int]],
-                ks: Sequence[int] = KS) -> dict[str, float]:
+def recall_at_k(
+    predictions: Mapping[int, Sequence[int]], gold: Mapping[int, Collection[int]], ks: Sequence[int] = KS
+) -> dict[str, float]:
     """``{"r1", "r5", "r10", "mean_recall"}`` in percent over the queries of ``gold``.
 
     Every gold query must have a prediction (the evaluator checks this with a message first).
@@ -62,21 +64,24 @@ def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals[:, :k], idx[:, :k]
 
 
-def topk(queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torch.device = "cpu"
-         ) -> tuple[np.ndarray, np.ndarray]:
+def topk(
+    queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery rows for every query by inner product: ``(scores [Q,k], indices [Q,k])``.
 
     Chunked over queries so memory stays ``chunk_size x len(gallery)``. Ties are broken by the
     lower gallery index, the order a stable sort of the scores gives (as upstream's ``sorted``).
     """
     q = queries.float() if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries, dtype=np.float32))
-    g = (gallery.float() if torch.is_tensor(gallery) else torch.as_tensor(np.asarray(gallery, dtype=np.float32))).to(device)
+    g = (gallery.float() if torch.is_tensor(gallery) else torch.as_tensor(np.asarray(gallery, dtype=np.float32))).to(
+        device
+    )
     n = g.shape[0]
     k = min(k, n)
     all_s, all_i = [], []
     with exact_math():  # exact ranking: float32 'highest' (no TF32) whatever the caller set
         for start in range(0, q.shape[0], chunk_size):
-            s = q[start:start + chunk_size].to(device) @ g.T
+            s = q[start : start + chunk_size].to(device) @ g.T
             vals, idx = topk_rows(s, k)
             all_s.append(vals.cpu())
             all_i.append(idx.cpu())
@@ -97,16 +102,24 @@ def present_gold(gold: Mapping[int, Collection[int]], image_ids: Collection[int]
     return out
 
 
-def t2i_rankings(text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequence[int], *, k: int = max(KS),
-                 device="cpu") -> dict[int, list[int]]:
+def t2i_rankings(
+    text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequence[int], *, k: int = max(KS), device="cpu"
+) -> dict[int, list[int]]:
     """``{text id: its top-k image ids}`` by inner product of L2-normalised features (:func:`topk`)."""
     image_ids = np.asarray(image_ids)
     _, idx = topk(text_feats, image_feats, k, device=device)
     return {int(t): image_ids[row].tolist() for t, row in zip(text_ids, idx)}
 
 
-def t2i_recall(text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequence[int],
-               gold: Mapping[int, Collection[int]], *, device="cpu") -> dict[str, float]:
+def t2i_recall(
+    text_feats,
+    image_feats,
+    text_ids: Sequence[int],
+    image_ids: Sequence[int],
+    gold: Mapping[int, Collection[int]],
+    *,
+    device="cpu",
+) -> dict[str, float]:
     """Text->image retrieval recall from L2-normalised features.
 
     Scored over the gallery that exists: gold ids missing from ``image_ids`` are left out and a
@@ -117,3 +130,40 @@ def t2i_recall(text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequ
     if not gold:
         raise ValueError("no query has a gold image among the gallery's images")
     return recall_at_k(t2i_rankings(text_feats, image_feats, text_ids, image_ids, device=device), gold)
+
+
+def query_hits(predictions, gold, ks: Sequence[int] = KS) -> np.ndarray:
+    """``[Q, len(ks)]`` booleans: ``hits[q, j]`` when a gold id of query ``q`` is in its first ``ks[j]`` predictions.
+
+    Either mappings keyed by query id like :func:`solution.metrics.recall_at_k` (rows in ``gold``'s
+    order), or sequences aligned by row (``predictions`` may be a ``[Q, >= max(ks)]`` array).
+    """
+    if isinstance(gold, Mapping):
+        qids = list(gold)
+        rows, answers = [predictions[q] for q in qids], [gold[q] for q in qids]
+    else:
+        rows, answers = list(predictions), list(gold)
+        if len(rows) != len(answers):
+            raise ValueError(f"{len(rows)} prediction rows but {len(answers)} gold entries")
+    hits = np.zeros((len(rows), len(ks)), dtype=bool)
+    for q, (ranked, gold_q) in enumerate(zip(rows, answers)):
+        gold_q = set(np.asarray(list(gold_q)).tolist())
+        ranked = np.asarray(ranked).tolist()
+        for j, k in enumerate(ks):
+            hits[q, j] = any(i in gold_q for i in ranked[:k])
+    return hits
+
+
+def per_query_recall(hits: np.ndarray) -> np.ndarray:
+    """``v_q = mean_j hits[q, j]`` (float64): query ``q``'s share of the mean recall, ``100 * mean_q v_q``."""
+    return np.asarray(hits, dtype=np.float64).mean(axis=1)
+
+
+def mean_recall(hits: np.ndarray) -> float:
+    """Mean recall in percent, official arithmetic: ``(sum_j (H_j / n) / J) * 100``, ``H_j`` the hits at ``ks[j]``."""
+    hits = np.asarray(hits, dtype=bool)
+    n = hits.shape[0]
+    if n == 0:
+        raise ValueError("no queries to score")
+    counts = hits.sum(axis=0).tolist()
+    return (sum(c * 1.0 / n for c in counts) / len(counts)) * 100

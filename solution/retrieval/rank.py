@@ -14,6 +14,7 @@ one (image and text swapped), and writes, atomically:
   feature files, validation score when known (given, else read from the features' provenance),
   counts, command.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,11 +27,11 @@ import torch
 from tqdm import tqdm
 
 from solution.common import SolutionError, check_output, write_json, write_jsonl
-from solution.formats.features import FeatureSet, load_features, resolve_features
+from solution.formats.feature_files import FeatureSet, load_features, resolve_features
+from solution.model.precision import exact_math
 
 from .manifest import build_manifest, manifest_path
 from .metrics import topk
-from .precision import exact_math
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,13 @@ def bf16_fast(device) -> bool:
     """Whether a bf16 matrix product beats fp32 here (CPUs with AVX512-BF16 or AMX)."""
     if torch.device(device).type != "cpu":
         return False
-    return any(bool(getattr(torch.cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        bool(getattr(torch.cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
-BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8-bit significand)
-F32_U = 2.0 ** -24
+BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand)
+F32_U = 2.0**-24
 
 
 class Prefilter:
@@ -90,15 +93,19 @@ class Prefilter:
         redo = []
         sub = 256  # queries per rescoring gather: sub * m * d floats
         for start in range(0, len(q), chunk):
-            qc = q[start:start + chunk].to(device)
+            qc = q[start : start + chunk].to(device)
             qb = qc.bfloat16()
             av, ai = torch.topk(qb @ self.gb.T, m, dim=1)
             threshold = av[:, -1].float()
             qt = qb.float()
-            eps = ((qt - qc).norm(dim=1) * self.gt_max + qc.norm(dim=1) * self.dg_max
-                   + self.gamma * qt.norm(dim=1) * self.gt_max + BF16_U * threshold.abs() / (1 - BF16_U)) * 1.01
+            eps = (
+                (qt - qc).norm(dim=1) * self.gt_max
+                + qc.norm(dim=1) * self.dg_max
+                + self.gamma * qt.norm(dim=1) * self.gt_max
+                + BF16_U * threshold.abs() / (1 - BF16_U)
+            ) * 1.01
             for s0 in range(0, len(qc), sub):
-                qs, cand = qc[s0:s0 + sub], ai[s0:s0 + sub]
+                qs, cand = qc[s0 : s0 + sub], ai[s0 : s0 + sub]
                 exact = torch.bmm(g[cand], qs.unsqueeze(2)).squeeze(2)
                 order = torch.argsort(cand, dim=1)  # index ascending, then a stable sort by score
                 cand, exact = torch.gather(cand, 1, order), torch.gather(exact, 1, order)
@@ -107,7 +114,7 @@ class Prefilter:
                 rows = slice(start + s0, start + s0 + len(qs))
                 out_s[rows], out_i[rows] = exact.cpu(), cand.cpu()
                 if m < n:
-                    bad = (exact[:, k - 1] <= threshold[s0:s0 + sub] + eps[s0:s0 + sub]).nonzero().flatten()
+                    bad = (exact[:, k - 1] <= threshold[s0 : s0 + sub] + eps[s0 : s0 + sub]).nonzero().flatten()
                     redo.extend((bad + start + s0).tolist())
         stats["prefilter_candidates"] = m
         stats["fp32_redone"] = stats.get("fp32_redone", 0) + len(redo)
@@ -117,8 +124,18 @@ class Prefilter:
         return out_s, out_i
 
 
-def rank(query_feats, gallery_feats, gallery_ids, k: int, *, device="cpu", chunk_size: int | None = None,
-         progress: bool = False, method: str = "auto", stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rank(
+    query_feats,
+    gallery_feats,
+    gallery_ids,
+    k: int,
+    *,
+    device="cpu",
+    chunk_size: int | None = None,
+    progress: bool = False,
+    method: str = "auto",
+    stats: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(ranked gallery ids [Q, k], scores [Q, k])`` by inner product, best first, ties to the lower row.
 
     ``method``: ``fp32`` (one fp32 product per chunk, :func:`solution.metrics.topk`), ``prefilter``
@@ -127,8 +144,17 @@ def rank(query_feats, gallery_feats, gallery_ids, k: int, *, device="cpu", chunk
     :func:`.precision.exact_math` (float32 ``highest``) whatever the caller set.
     """
     with exact_math():
-        return _rank(query_feats, gallery_feats, gallery_ids, k, device=device, chunk_size=chunk_size,
-                     progress=progress, method=method, stats=stats)
+        return _rank(
+            query_feats,
+            gallery_feats,
+            gallery_ids,
+            k,
+            device=device,
+            chunk_size=chunk_size,
+            progress=progress,
+            method=method,
+            stats=stats,
+        )
 
 
 def _rank(query_feats, gallery_feats, gallery_ids, k: int, *, device, chunk_size, progress, method, stats):
@@ -150,10 +176,10 @@ def _rank(query_feats, gallery_feats, gallery_ids, k: int, *, device, chunk_size
     scores, idx = [], []
     for start in tqdm(range(0, len(q), block), desc="top-k", unit="block", disable=not progress):
         if method == "prefilter":
-            s, i = prefilter(q[start:start + block], chunk, device, stats)
+            s, i = prefilter(q[start : start + block], chunk, device, stats)
             s, i = s.numpy(), i.numpy()
         else:
-            s, i = topk(q[start:start + block], g, k, chunk_size=chunk, device=device)
+            s, i = topk(q[start : start + block], g, k, chunk_size=chunk, device=device)
         scores.append(s)
         idx.append(i)
     if not idx:
@@ -189,13 +215,19 @@ class Prediction:
 def _load_pair(job: Prediction) -> tuple[FeatureSet, FeatureSet]:
     texts, images = load_features(job.text_feats, "text"), load_features(job.image_feats, "image")
     if texts.feats.shape[1] != images.feats.shape[1]:
-        raise SolutionError(f"text features are {texts.feats.shape[1]}-d but image features "
-                            f"{images.feats.shape[1]}-d: not from the same model")
+        raise SolutionError(
+            f"text features are {texts.feats.shape[1]}-d but image features "
+            f"{images.feats.shape[1]}-d: not from the same model"
+        )
     for fs in (texts, images):
         norms = np.linalg.norm(fs.feats, axis=1)
         if np.abs(norms - 1).max() > 1e-3:
-            log.warning("%s: features are not L2-normalised (norms %.3g..%.3g); ranking by raw inner product",
-                        fs.path, norms.min(), norms.max())
+            log.warning(
+                "%s: features are not L2-normalised (norms %.3g..%.3g); ranking by raw inner product",
+                fs.path,
+                norms.min(),
+                norms.max(),
+            )
     return texts, images
 
 
@@ -207,26 +239,62 @@ def predict(job: Prediction) -> dict:
         raise SolutionError("--chunk-size must be at least 1")
     output = Path(job.output)
     mpath = manifest_path(output)
-    inputs = [p for path, kind in ((job.text_feats, "text"), (job.image_feats, "image"))
-              for p in resolve_features(path, kind)[1:] if p is not None]
+    inputs = [
+        p
+        for path, kind in ((job.text_feats, "text"), (job.image_feats, "image"))
+        for p in resolve_features(path, kind)[1:]
+        if p is not None
+    ]
     check_output(output, inputs=inputs, what="--output")
     check_output(mpath, inputs=inputs, what="manifest (beside --output)")
     t0 = time.perf_counter()
     texts, images = _load_pair(job)
     query, gallery = (texts, images) if job.direction == "t2i" else (images, texts)
-    log.info("%d %s queries against %d %ss, top-%d on %s (loaded in %.1f s)", len(query.ids), query.kind,
-             len(gallery.ids), gallery.kind, job.top_k, job.device, time.perf_counter() - t0)
+    log.info(
+        "%d %s queries against %d %ss, top-%d on %s (loaded in %.1f s)",
+        len(query.ids),
+        query.kind,
+        len(gallery.ids),
+        gallery.kind,
+        job.top_k,
+        job.device,
+        time.perf_counter() - t0,
+    )
     t1 = time.perf_counter()
     stats: dict = {}
-    ranked, _ = rank(query.feats, gallery.feats, gallery.ids, job.top_k, device=job.device, chunk_size=job.chunk_size,
-                     progress=job.progress, method=job.method, stats=stats)
+    ranked, _ = rank(
+        query.feats,
+        gallery.feats,
+        gallery.ids,
+        job.top_k,
+        device=job.device,
+        chunk_size=job.chunk_size,
+        progress=job.progress,
+        method=job.method,
+        stats=stats,
+    )
     n = write_jsonl(output, prediction_rows(job.direction, query.ids, ranked))
     seconds = time.perf_counter() - t0
-    manifest = build_manifest(texts, images, output, direction=job.direction, top_k=job.top_k,
-                              valid_score=job.valid_score, checkpoints=job.checkpoints, command=job.command,
-                              seconds=seconds)
+    manifest = build_manifest(
+        texts,
+        images,
+        output,
+        direction=job.direction,
+        top_k=job.top_k,
+        valid_score=job.valid_score,
+        checkpoints=job.checkpoints,
+        command=job.command,
+        seconds=seconds,
+    )
     manifest["ranking"] = stats
     write_json(mpath, manifest)
-    log.info("%d predictions in %.1f s (ranking %.1f s, %s) -> %s (+ %s)", n, seconds, time.perf_counter() - t1,
-             ", ".join(f"{k} {v}" for k, v in stats.items()), output, mpath.name)
+    log.info(
+        "%d predictions in %.1f s (ranking %.1f s, %s) -> %s (+ %s)",
+        n,
+        seconds,
+        time.perf_counter() - t1,
+        ", ".join(f"{k} {v}" for k, v in stats.items()),
+        output,
+        mpath.name,
+    )
     return {"output": str(output), "manifest": str(mpath), "count": n, "seconds": seconds, "ranking": stats}

@@ -5,6 +5,7 @@ Checkpoints are memory-mapped (``read_checkpoint(mmap=True)``): reading a config
 costs nothing. A fingerprint is the digest of a checkpoint's weights, memoised in the score cache
 under the file's path, size and modification time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,15 +13,24 @@ import glob
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from solution.common import SolutionError, check_output
-from solution.formats.trials import NAME as TRIALS, completed, read_trials
-from solution.model import (ModelConfig, check_finite, check_shapes, clean_state_dict, model_template, read_checkpoint,
-                            resolve_config, state_dict_digest)
+from solution.formats.trials import NAME as TRIALS
+from solution.formats.trials import completed, read_trials
+from solution.model import (
+    ModelConfig,
+    check_finite,
+    check_shapes,
+    clean_state_dict,
+    model_template,
+    read_checkpoint,
+    resolve_config,
+    state_dict_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +56,10 @@ def expand_checkpoints(patterns: Sequence[str], exclude: Path | None = None) -> 
     if ignored:
         log.warning("ignoring %d matches inside the output folder %s", ignored, exclude)
         if not out:
-            raise SolutionError(f"every checkpoint matched lies inside the output folder {exclude}: "
-                                "choose another --output or name the checkpoints")
+            raise SolutionError(
+                f"every checkpoint matched lies inside the output folder {exclude}: "
+                "choose another --output or name the checkpoints"
+            )
     seen, unique = set(), []
     for p in out:
         if p.resolve() not in seen:
@@ -56,8 +68,9 @@ def expand_checkpoints(patterns: Sequence[str], exclude: Path | None = None) -> 
     return unique
 
 
-def check_output_folder(out: Path, methods: Sequence[str], inputs: Sequence[str | Path | None],
-                        names: Sequence[str]) -> None:
+def check_output_folder(
+    out: Path, methods: Sequence[str], inputs: Sequence[str | Path | None], names: Sequence[str]
+) -> None:
     """Refuse an ``--output`` folder the soup cannot write, or whose files would replace one of its inputs.
 
     ``out`` must be (or become) a folder, not under a file; with several methods each gets a
@@ -74,8 +87,9 @@ def check_output_folder(out: Path, methods: Sequence[str], inputs: Sequence[str 
     merged = (out if len(methods) == 1 else out / "pairwise").resolve() if "pairwise" in methods else None
     for src in (Path(x) for x in inputs if x is not None):
         if src.resolve().parent == merged and re.fullmatch(r"merged_round\d+\.pt", src.name):
-            raise SolutionError(f"{src} is one of the inputs but a pairwise soup in {out} rewrites it; "
-                                "choose another --output")
+            raise SolutionError(
+                f"{src} is one of the inputs but a pairwise soup in {out} rewrites it; choose another --output"
+            )
 
 
 def _soupable_key(path: Path) -> tuple:
@@ -102,8 +116,9 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
         try:
             r["value"], r["number"] = float(r["value"]), int(float(r.get("number") or 0))
         except ValueError:
-            raise SolutionError(f"{table}: trial {r.get('number')!r} with value {r['value']!r}: "
-                                "number and value must be numbers") from None
+            raise SolutionError(
+                f"{table}: trial {r.get('number')!r} with value {r['value']!r}: number and value must be numbers"
+            ) from None
     rows.sort(key=lambda r: (-r["value"], r["number"]))
     paths, want = [], None
     for r in rows:
@@ -121,8 +136,14 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
         want = want or _soupable_key(paths[0])
         key = _soupable_key(path)
         if key != want:
-            log.info("study %s: passing over trial %s (%s, prompt %r, context %d): the best trial has %s, prompt %r, "
-                     "context %d", study_dir, r.get("number"), *key, *want)
+            log.info(
+                "study %s: passing over trial %s (%s, prompt %r, context %d): the best trial has %s, prompt %r, "
+                "context %d",
+                study_dir,
+                r.get("number"),
+                *key,
+                *want,
+            )
             continue
         paths.append(path)
     log.info("study %s: top %d complete trials -> %s", study_dir, len(paths), ", ".join(map(str, paths)))
@@ -157,8 +178,10 @@ def inspect_checkpoint(path: Path, fp_cache: dict) -> Ingredient:
     lora = [k for k in sd if "lora_" in k or ".base_layer." in k]
     tuning = config.tuning or {}
     if lora or (tuning.get("mode") == "lora" and tuning.get("merged") is False):
-        raise SolutionError(f"{path} holds unmerged LoRA weights ({lora[0] if lora else 'tuning.merged=false'}): "
-                            "soup the merged checkpoint the trainer saves")
+        raise SolutionError(
+            f"{path} holds unmerged LoRA weights ({lora[0] if lora else 'tuning.merged=false'}): "
+            "soup the merged checkpoint the trainer saves"
+        )
     check_shapes(sd, model_template(config), config, str(path))
     st = path.stat()
     ident = f"finite|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -168,8 +191,9 @@ def inspect_checkpoint(path: Path, fp_cache: dict) -> Ingredient:
         fp = state_dict_digest(sd)
     fp_cache[ident] = fp
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
-    ing = Ingredient(str(path), fp, config, {k: tuple(t.shape) for k, t in sd.items()},
-                     dtypes.pop() if len(dtypes) == 1 else None)
+    ing = Ingredient(
+        str(path), fp, config, {k: tuple(t.shape) for k, t in sd.items()}, dtypes.pop() if len(dtypes) == 1 else None
+    )
     del ckpt, sd
     return ing
 

@@ -15,19 +15,21 @@ not recomputed and their weights are only built when kept), the method's ``soup_
 the checkpoint writer. At most a few fp32 states are held at a time (soup, candidate, best
 interpolation).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from solution.common import write_jsonl
 from solution.model import ModelConfig, save_checkpoint
+from solution.model.precision import dtype_name
 from solution.retrieval.metrics import RECALL_KEYS
-from solution.retrieval.precision import dtype_name
 
 from .ingredients import Ingredient
 from .scoring import Scorer
@@ -64,8 +66,14 @@ def fmt_recall(x) -> str:
 def log_row(method: str, rnd: int, members: dict, score: dict | None, kept: bool, **extra) -> dict:
     """One ``soup_log.jsonl`` line (scores are the selection part's; ``report`` the other part's)."""
     score = score or {}
-    row = {"method": method, "round": rnd, "members": list(members), "weights": [float(w) for w in members.values()],
-           **{k: score.get(k) for k in RECALL_KEYS}, "kept": bool(kept)}
+    row = {
+        "method": method,
+        "round": rnd,
+        "members": list(members),
+        "weights": [float(w) for w in members.values()],
+        **{k: score.get(k) for k in RECALL_KEYS},
+        "kept": bool(kept),
+    }
     for part in ("report", "all"):
         if score.get(part):
             row[part] = score[part]
@@ -74,16 +82,27 @@ def log_row(method: str, rnd: int, members: dict, score: dict | None, kept: bool
     if score.get("hits"):  # per-query hits file, relative to the soup folder
         row["hits"] = score["hits"]
     row.update(extra)
-    log.info("%s round %d: %d members, mean recall %s%s -> %s", method, rnd, len(members),
-             fmt_recall(score.get("mean_recall")), " (cached)" if score.get("cached") else "", "kept" if kept else "dropped")
+    log.info(
+        "%s round %d: %d members, mean recall %s%s -> %s",
+        method,
+        rnd,
+        len(members),
+        fmt_recall(score.get("mean_recall")),
+        " (cached)" if score.get("cached") else "",
+        "kept" if kept else "dropped",
+    )
     return row
 
 
 def save_soup(path: Path, soup: Soup, config: ModelConfig, dtype: torch.dtype) -> Path:
     """Write ``soup`` in ``dtype`` with its recipe; an in-memory state is converted in place (it is done with)."""
     state = cast_state(soup.source if isinstance(soup.source, dict) else dict(weights_of(soup.source)), dtype)
-    recipe = {"method": soup.method, "members": list(soup.members), "weights": list(soup.members.values()),
-              **soup.extra}
+    recipe = {
+        "method": soup.method,
+        "members": list(soup.members),
+        "weights": list(soup.members.values()),
+        **soup.extra,
+    }
     if soup.score:
         recipe["score"] = {k: soup.score.get(k) for k in RECALL_KEYS}
         recipe["report"] = soup.score.get("report")
@@ -168,12 +187,21 @@ def pairwise(ings: Sequence[Ingredient], pot: Pot, max_rounds: int) -> Soup:
         key, score, state = pot.taste([(a, 0.5), (b, 0.5)], None)
         members = flatten([(a.members, 0.5), (b.members, 0.5)])
         kept = score["mean_recall"] > b.score["mean_recall"]
-        pot.record("pairwise", rnd, members, score, kept, pair=[_label(a), _label(b)],
-                   pair_scores=[a.score["mean_recall"], b.score["mean_recall"]])
+        pot.record(
+            "pairwise",
+            rnd,
+            members,
+            score,
+            kept,
+            pair=[_label(a), _label(b)],
+            pair_scores=[a.score["mean_recall"], b.score["mean_recall"]],
+        )
         if not kept:
             log.info("pairwise: the round-%d merge scores at or below both its members: stop", rnd)
             break
-        merged = Soup("pairwise", key, members, score, state if state is not None else pot.mix([(a, 0.5), (b, 0.5)], None))
+        merged = Soup(
+            "pairwise", key, members, score, state if state is not None else pot.mix([(a, 0.5), (b, 0.5)], None)
+        )
         merged.source = str(pot.save(pot.out_dir / f"merged_round{rnd}.pt", merged))  # frees the state
         pool[1] = merged
         del state

@@ -17,91 +17,32 @@ soup folder; a cached score whose file is gone has no ``"hits"``. :meth:`Scorer.
 another draw of the queries (the ``--folds`` cross-fitting's) from each candidate's per-query hits
 over all queries, so the model encodes a candidate once whatever the draw.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from solution.common import SolutionError, write_json
-from solution.data.lmdb_io import LMDBSplit
 from solution.formats.hits import read_hits, write_hits
-from solution.formats.muge import read_texts
 from solution.model import ModelConfig, meta_model
-from solution.retrieval.encode import Queries, prepare_inputs, score_parts, split_queries, text_queries
-from solution.retrieval.metrics import KS, RECALL_KEYS
-from solution.retrieval.precision import effective_precision
-from solution.retrieval.prepared import IMAGE_CACHE_BYTES
-from solution.retrieval.stats import mean_recall
+from solution.model.precision import effective_precision
+from solution.retrieval.encode import prepare_inputs, score_parts
+from solution.retrieval.metrics import KS, RECALL_KEYS, mean_recall
+from solution.retrieval.pixels import IMAGE_CACHE_BYTES
+from solution.retrieval.val_data import ValData
 
 from .weights import Source, weights_of
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "v3"  # v2 keyed the LMDB by path, size and modification time
-
-
-def draw_selection(text_ids: Sequence[int], fraction: float | None, seed: int) -> tuple[list[int], list[int]]:
-    """``(select, report)``: a random ``fraction`` of the queries and the rest (all and none without one)."""
-    tids = list(text_ids)
-    if not fraction:
-        return tids, []
-    if not 0 < fraction < 1:
-        raise SolutionError(f"--select-split must be a fraction in (0, 1), got {fraction}")
-    if len(tids) < 2:
-        raise SolutionError("--select-split needs at least 2 validation queries")
-    perm = tids[:]
-    random.Random(seed).shuffle(perm)
-    n = min(max(1, round(fraction * len(tids))), len(tids) - 1)
-    chosen = set(perm[:n])
-    return [t for t in tids if t in chosen], [t for t in tids if t not in chosen]
-
-
-def _read_queries(split_dir: Path, texts_path: str | None) -> tuple[LMDBSplit, Queries]:
-    if texts_path:
-        split = LMDBSplit(split_dir, need_pairs=False)
-        return split, text_queries(read_texts(texts_path, need_gold=True, what="validation texts"))
-    if not (split_dir / "pairs" / "data.mdb").is_file():
-        raise SolutionError(f"validation data {split_dir} has no texts (no pairs LMDB): "
-                            "pass --val-texts with its *_texts.jsonl")
-    split = LMDBSplit(split_dir)
-    return split, split_queries(split)
-
-
-class ValData:
-    """Validation queries (from ``--val-texts`` or the LMDB pairs) and the selection/report split."""
-
-    def __init__(self, split_dir: str, texts_path: str | None, select_split: float | None, seed: int):
-        split_dir = Path(split_dir)
-        if not split_dir.exists():
-            raise SolutionError(f"validation data not found: {split_dir}")
-        self.split, self.queries = _read_queries(split_dir, texts_path)
-        gallery = set(self.split.image_ids())
-        missing = sum(i not in gallery for gold in self.queries.gold.values() for i in gold)
-        if missing:
-            log.warning("validation: %d gold image ids are not in %s (left out of the gold sets; a query without "
-                        "any is not scored)", missing, split_dir)
-        self.select, self.report = draw_selection(self.queries.text_ids, select_split, seed)
-        h = hashlib.blake2b(digest_size=16)
-        h.update(self.split.images_digest().encode())
-        q = self.queries
-        h.update(json.dumps([self.select, self.report, [(q.texts[i], q.gold[t]) for i, t in enumerate(q.text_ids)]],
-                            ensure_ascii=False).encode())
-        self.key = h.hexdigest()
-        log.info("validation: %d queries (%d select, %d report), %d images", len(q.text_ids), len(self.select),
-                 len(self.report), self.split.num_images)
-
-    def parts(self) -> dict[str, list[int]]:
-        """The query parts scored: the selection, and with a draw also the report part and all queries."""
-        if not self.report:
-            return {"select": self.select}
-        return {"select": self.select, "report": self.report, "all": self.select + self.report}
 
 
 class ScoreCache:
@@ -130,14 +71,30 @@ def _recall(part: dict) -> dict:
 class Scorer:
     """Scores weights on the validation data with one reused model; results cached in a :class:`ScoreCache`."""
 
-    def __init__(self, val: ValData, config: ModelConfig, cache: ScoreCache, *, device, batch_size: int,
-                 num_workers: int, precision: str, round_to: torch.dtype, hits_dir: Path | None = None,
-                 image_cache_bytes: int = IMAGE_CACHE_BYTES):
+    def __init__(
+        self,
+        val: ValData,
+        config: ModelConfig,
+        cache: ScoreCache,
+        *,
+        device,
+        batch_size: int,
+        num_workers: int,
+        precision: str,
+        round_to: torch.dtype,
+        hits_dir: Path | None = None,
+        image_cache_bytes: int = IMAGE_CACHE_BYTES,
+    ):
         self.val, self.config, self.cache = val, config, cache
         self.hits_dir = None if hits_dir is None else Path(hits_dir)
         self.device, self.round_to = torch.device(device), round_to
-        self.encode_kw = dict(device=self.device, batch_size=batch_size, num_workers=num_workers, precision=precision,
-                              progress=sys.stderr.isatty())
+        self.encode_kw = dict(
+            device=self.device,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            progress=sys.stderr.isatty(),
+        )
         self.prefix = f"{CACHE_VERSION}|{val.key}|{effective_precision(device, precision)}|{self.device.type}|"
         self._model = None
         self._owned = False  # the model has storage of its own (else it reads one of our buffers, or is on meta)
@@ -200,11 +157,25 @@ class Scorer:
         self._load(source)
         if self._inputs is None:
             kw = self.encode_kw
-            self._inputs = prepare_inputs(self.val.split, self.config, self.val.queries, batch_size=kw["batch_size"],
-                                          num_workers=kw["num_workers"], max_bytes=self.image_cache_bytes,
-                                          progress=kw["progress"])
-        parts = score_parts(self.model, self.val.split, self.config, self.val.queries, self.val.parts(),
-                            with_hits=True, inputs=self._inputs, **self.encode_kw)
+            self._inputs = prepare_inputs(
+                self.val.split,
+                self.config,
+                self.val.queries,
+                batch_size=kw["batch_size"],
+                num_workers=kw["num_workers"],
+                max_bytes=self.image_cache_bytes,
+                progress=kw["progress"],
+            )
+        parts = score_parts(
+            self.model,
+            self.val.split,
+            self.config,
+            self.val.queries,
+            self.val.parts(),
+            with_hits=True,
+            inputs=self._inputs,
+            **self.encode_kw,
+        )
         result = _recall(parts["select"])
         result["report"] = _recall(parts["report"]) if "report" in parts else None
         result["all"] = _recall(parts["all"]) if "all" in parts else None  # all queries, comparable with runs
@@ -233,7 +204,7 @@ class Scorer:
         self.score(key, source)
         return self._hits[key]
 
-    def view(self, select: Sequence[int], report: Sequence[int]) -> "DrawScorer":
+    def view(self, select: Sequence[int], report: Sequence[int]) -> DrawScorer:
         """A scorer of the same candidates on another selection/report draw of the queries."""
         return DrawScorer(self, select, report)
 

@@ -4,11 +4,13 @@ A source is a checkpoint path (memory-mapped by ``read_checkpoint(mmap=True)`` a
 time) or a state in memory; a weighted sum is accumulated into one fp32 buffer, so memory stays
 bounded whatever the number of ingredients.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 

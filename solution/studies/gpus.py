@@ -12,6 +12,7 @@ the lock, so the GPUs stay leased until the child itself has exited); an in-proc
 gets ``--device cuda:K``, K the GPU's index among those this process sees. The ids are the system's,
 as ``CUDA_VISIBLE_DEVICES`` writes them (indices or ``GPU-``/``MIG-`` UUIDs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,9 @@ import re
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from solution.common import SolutionError
 
@@ -77,17 +78,26 @@ def check_gpu_settings(cfg, source: str) -> None:
             log.warning("%s: gpus %s is given but gpus_per_trial is 0: no GPU is leased", source, cfg.gpus)
         return
     if cfg.mode == "inprocess" and n > 1:
-        raise SolutionError(f"{source}: gpus_per_trial {n} needs mode: subprocess (an in-process trial runs on one "
-                            f"GPU; several GPUs per trial: torchrun_nproc: {n})")
+        raise SolutionError(
+            f"{source}: gpus_per_trial {n} needs mode: subprocess (an in-process trial runs on one "
+            f"GPU; several GPUs per trial: torchrun_nproc: {n})"
+        )
     device = str(cfg.base.get("device") or "auto")
     if device == "cpu":
         raise SolutionError(f"{source}: gpus_per_trial {n} with device cpu (set device: cuda or auto)")
     if cfg.mode == "subprocess" and device.startswith("cuda:") and not cfg.torchrun_nproc:
-        raise SolutionError(f"{source}: device {device} names one GPU, but each trial sees only its own GPUs "
-                            f"(as cuda:0..{n - 1}): set device: cuda")
+        raise SolutionError(
+            f"{source}: device {device} names one GPU, but each trial sees only its own GPUs "
+            f"(as cuda:0..{n - 1}): set device: cuda"
+        )
     if cfg.torchrun_nproc and cfg.torchrun_nproc != n:
-        log.warning("%s: torchrun_nproc %d with gpus_per_trial %d: %s", source, cfg.torchrun_nproc, n,
-                    "processes share GPUs" if cfg.torchrun_nproc > n else "some leased GPUs stay idle")
+        log.warning(
+            "%s: torchrun_nproc %d with gpus_per_trial %d: %s",
+            source,
+            cfg.torchrun_nproc,
+            n,
+            "processes share GPUs" if cfg.torchrun_nproc > n else "some leased GPUs stay idle",
+        )
 
 
 @dataclass
@@ -111,8 +121,14 @@ class Lease:
 class GpuPool:
     """The GPUs a worker may lease, ``per_trial`` at a time, through lock files in ``lease_dir``."""
 
-    def __init__(self, gpus: list[str], per_trial: int, lease_dir: str | os.PathLike, visible: list[str] | None = None,
-                 poll: float = 1.0):
+    def __init__(
+        self,
+        gpus: list[str],
+        per_trial: int,
+        lease_dir: str | os.PathLike,
+        visible: list[str] | None = None,
+        poll: float = 1.0,
+    ):
         self.gpus, self.per_trial, self.lease_dir = list(gpus), per_trial, Path(lease_dir)
         self.visible = list(gpus if visible is None else visible)
         self.poll = poll
@@ -130,8 +146,13 @@ class GpuPool:
             if held is not None:
                 break
             if not waited:
-                log.info("%s: waiting for %d free GPU(s) of %s (held: %s)", label, self.per_trial,
-                         ",".join(self.gpus), "; ".join(self.holders()) or "?")
+                log.info(
+                    "%s: waiting for %d free GPU(s) of %s (held: %s)",
+                    label,
+                    self.per_trial,
+                    ",".join(self.gpus),
+                    "; ".join(self.holders()) or "?",
+                )
                 waited = True
             sleep(self.poll)
         lease = Lease([g for g, _ in held], self.visible, [fd for _, fd in held])
@@ -191,11 +212,14 @@ def gpu_pool(cfg, env: dict | None = None) -> GpuPool | None:
             raise SolutionError(f"gpus: GPU {stray[0]} is not among this worker's {ENV}={','.join(visible)}")
     if cfg.gpus_per_trial > len(gpus):
         where = "--gpus" if cfg.gpus is not None else origin
-        raise SolutionError(f"gpus_per_trial {cfg.gpus_per_trial} exceeds the {len(gpus)} GPU(s) this worker may use "
-                            f"({','.join(gpus) or 'none'}, from {where})")
+        raise SolutionError(
+            f"gpus_per_trial {cfg.gpus_per_trial} exceeds the {len(gpus)} GPU(s) this worker may use "
+            f"({','.join(gpus) or 'none'}, from {where})"
+        )
     if cfg.mode == "inprocess" and any(g not in visible for g in gpus):
-        raise SolutionError(f"gpus: an in-process trial can only use GPUs this process sees "
-                            f"({','.join(visible) or 'none'})")
+        raise SolutionError(
+            f"gpus: an in-process trial can only use GPUs this process sees ({','.join(visible) or 'none'})"
+        )
     lease_dir = Path(cfg.gpu_lease_dir) if cfg.gpu_lease_dir else default_lease_dir()
     log.info("GPUs: %d per trial from %s (leases in %s)", cfg.gpus_per_trial, ",".join(gpus), lease_dir)
     return GpuPool(gpus, cfg.gpus_per_trial, lease_dir, visible)

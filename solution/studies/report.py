@@ -2,6 +2,7 @@
 :func:`solution.formats.trials.write_trials`), ``best_command.sh``, ``best_config.yaml``, ``best.json``
 and Optuna's matplotlib plots as PNGs.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ import yaml
 from optuna.trial import TrialState
 
 from solution.common import atomic_path, write_json
-from solution.formats.trials import NAME as TRIALS_CSV, write_trials
-from .config import SearchConfig, flags_to_argv, trial_flags
+from solution.formats.trials import NAME as TRIALS_CSV
+from solution.formats.trials import write_trials
+
+from .search_config import SearchConfig, flags_to_argv, trial_flags
 from .storage import DIED
 
 log = logging.getLogger(__name__)
@@ -26,8 +29,9 @@ def trials_table(study: optuna.Study):
     """Pandas table: number, state, value, run_dir, params_*, then timing and reasons."""
     import pandas as pd
 
-    df = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "datetime_start",
-                                       "duration"))
+    df = study.trials_dataframe(
+        attrs=("number", "state", "value", "params", "user_attrs", "datetime_start", "duration")
+    )
     if df.empty:
         return pd.DataFrame(columns=["number", "state", "value", "run_dir"])
     kept = ("run_dir", "best_checkpoint", "fail_reason", "pruned_at", "retry_of", "gpus")
@@ -55,22 +59,42 @@ def write_reports(study: optuna.Study, cfg: SearchConfig, plots: bool = True) ->
         flags = trial_flags(cfg, best.params)
         flags["logs"] = cfg.base.get("logs") or "logs"
         flags["name"] = f"{cfg.name}-best"
-        header = (f"best trial {best.number} of study {cfg.name!r}: {cfg.metric} = {best.value:.4f}\n"
-                  f"params: {json.dumps(best.params, ensure_ascii=False)}")
+        header = (
+            f"best trial {best.number} of study {cfg.name!r}: {cfg.metric} = {best.value:.4f}\n"
+            f"params: {json.dumps(best.params, ensure_ascii=False)}"
+        )
         command = " \\\n  ".join(["bash Chinese-CLIP/train_clip.sh"] + _argv_lines(flags_to_argv(flags)))
         with atomic_path(out / "best_command.sh") as tmp:
-            tmp.write_text("#!/usr/bin/env bash\n" + "".join(f"# {ln}\n" for ln in header.splitlines())
-                           + "set -euo pipefail\n" + command + "\n", encoding="utf-8")
+            tmp.write_text(
+                "#!/usr/bin/env bash\n"
+                + "".join(f"# {ln}\n" for ln in header.splitlines())
+                + "set -euo pipefail\n"
+                + command
+                + "\n",
+                encoding="utf-8",
+            )
             tmp.chmod(0o755)
         with atomic_path(out / "best_config.yaml") as tmp:
-            tmp.write_text("".join(f"# {ln}\n" for ln in header.splitlines())
-                           + "# use: bash Chinese-CLIP/train_clip.sh --config best_config.yaml\n"
-                           + yaml.safe_dump({k: v for k, v in flags.items() if v is not None},
-                                            allow_unicode=True, sort_keys=False), encoding="utf-8")
-        write_json(out / "best.json", {"number": best.number, "value": best.value, "metric": cfg.metric,
-                                       "direction": cfg.direction,
-                                       "params": best.params, "run_dir": best.user_attrs.get("run_dir"),
-                                       "best_checkpoint": best.user_attrs.get("best_checkpoint")})
+            tmp.write_text(
+                "".join(f"# {ln}\n" for ln in header.splitlines())
+                + "# use: bash Chinese-CLIP/train_clip.sh --config best_config.yaml\n"
+                + yaml.safe_dump(
+                    {k: v for k, v in flags.items() if v is not None}, allow_unicode=True, sort_keys=False
+                ),
+                encoding="utf-8",
+            )
+        write_json(
+            out / "best.json",
+            {
+                "number": best.number,
+                "value": best.value,
+                "metric": cfg.metric,
+                "direction": cfg.direction,
+                "params": best.params,
+                "run_dir": best.user_attrs.get("run_dir"),
+                "best_checkpoint": best.user_attrs.get("best_checkpoint"),
+            },
+        )
     if plots:
         write_plots(study, out, len(complete))
 

@@ -8,6 +8,7 @@
 (``valid_set``) is reported at its step (or epoch); the trial's value is the best one. A pruned
 trial raises :class:`optuna.TrialPruned` (the child is stopped); a failure records ``fail_reason``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,16 +21,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import optuna
 import yaml
 
 from solution.common import atomic_path
-from solution.formats.runs import METRICS, MetricsTail, is_main_valid
-from .config import SearchConfig, flags_to_argv, suggest_params, trial_flags
+from solution.formats.run_files import METRICS, MetricsTail, is_main_valid
+
 from .gpus import GpuPool, Lease
+from .search_config import SearchConfig, flags_to_argv, suggest_params, trial_flags
 from .storage import requeue, worker_info
 
 log = logging.getLogger(__name__)
@@ -87,9 +89,14 @@ class Objective:
                 if cfg.mode == "inprocess":
                     flags["device"] = lease.device
                 trial.set_user_attr("gpus", ",".join(lease.gpus))
-                log.info("trial %d: GPU(s) %s (%s)", trial.number, ",".join(lease.gpus),
-                         f"--device {flags['device']}" if cfg.mode == "inprocess"
-                         else f"CUDA_VISIBLE_DEVICES={','.join(lease.gpus)}")
+                log.info(
+                    "trial %d: GPU(s) %s (%s)",
+                    trial.number,
+                    ",".join(lease.gpus),
+                    f"--device {flags['device']}"
+                    if cfg.mode == "inprocess"
+                    else f"CUDA_VISIBLE_DEVICES={','.join(lease.gpus)}",
+                )
             argv = flags_to_argv(flags)
             _move_stale(run_dir)
             trial.set_user_attr("argv", argv)
@@ -98,8 +105,9 @@ class Objective:
             else:
                 self._run_subprocess(trial, self._command(argv, flags, run_dir), run_dir, lease)
         if not self.values:
-            raise TrialFailed(f"the run reported no validation of set {cfg.valid_set!r} "
-                              f"(give --val-data and a validation interval)")
+            raise TrialFailed(
+                f"the run reported no validation of set {cfg.valid_set!r} (give --val-data and a validation interval)"
+            )
 
     def on_record(self, trial: optuna.Trial, record: dict) -> None:
         """One metrics.jsonl record: report a main-set validation and prune if asked."""
@@ -140,10 +148,25 @@ class Objective:
             # the trial's flags go through the trainer's --config file instead
             config = self.trials_dir / f"{run_dir.name}.yaml"
             with atomic_path(config) as tmp:
-                tmp.write_text(yaml.safe_dump({k: v for k, v in flags.items() if v is not None and v is not False},
-                                              allow_unicode=True, sort_keys=False), encoding="utf-8")
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={cfg.torchrun_nproc}", "-m", "solution.train", "--config", str(config)]
+                tmp.write_text(
+                    yaml.safe_dump(
+                        {k: v for k, v in flags.items() if v is not None and v is not False},
+                        allow_unicode=True,
+                        sort_keys=False,
+                    ),
+                    encoding="utf-8",
+                )
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={cfg.torchrun_nproc}",
+                "-m",
+                "solution.train",
+                "--config",
+                str(config),
+            ]
         return [sys.executable, "-m", "solution.train", *argv]
 
     def _run_subprocess(self, trial: optuna.Trial, cmd: list[str], run_dir: Path, lease: Lease | None = None) -> None:
@@ -155,9 +178,15 @@ class Objective:
         tail = MetricsTail(run_dir / METRICS)
         with open(log_path, "ab") as logf:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=lease.env(env) if lease else env, pass_fds=tuple(lease.fds) if lease else (),
-                                    preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=lease.env(env) if lease else env,
+                pass_fds=tuple(lease.fds) if lease else (),
+                preexec_fn=_die_with_parent,
+            )
             try:
                 while True:
                     rc = proc.poll()
@@ -243,6 +272,7 @@ def _empty_cuda_cache() -> None:
 def sigterm_as_interrupt():
     """SIGTERM (a scheduler preempting the job) ends the running trial cleanly, as Ctrl-C does; the
     previous handler is back on exit."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 

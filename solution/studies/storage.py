@@ -19,6 +19,7 @@ A trial that died is FAIL and not counted toward ``n_trials``: it has no ``fail_
 fails in a live worker always records one) or is marked ``interrupted`` (Ctrl-C, SIGTERM, or found
 dead by the process check).
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
-ACCEPTED = ("sqlite:///PATH, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, mysql://USER[:PASSWORD]@HOST[:PORT]/DB "
-            "(optionally with +DRIVER after the scheme) or journal:PATH")
+ACCEPTED = (
+    "sqlite:///PATH, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, mysql://USER[:PASSWORD]@HOST[:PORT]/DB "
+    "(optionally with +DRIVER after the scheme) or journal:PATH"
+)
 DIED = "worker died mid-trial (no heartbeat; killed or crashed)"
 
 
@@ -71,7 +74,7 @@ def make_storage(cfg):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url[len("journal:"):]).expanduser()
+        path = Path(url[len("journal:") :]).expanduser()
         if not path.name:
             raise SolutionError(f"storage {url!r}: journal: needs a file path; accepted: {ACCEPTED}")
         try:
@@ -91,22 +94,32 @@ def make_storage(cfg):
         except OSError:
             pass  # the database's own error below says what is wrong
     kwargs = {"connect_args": {"timeout": 60}} if scheme.startswith("sqlite") else {"pool_pre_ping": True}
-    heartbeat = {"heartbeat_interval": cfg.heartbeat, "grace_period": grace_period(cfg),
-                 "heartbeat_stale_trial_callback": RetryDeadTrial(cfg.retry_interrupted)} if cfg.heartbeat else {}
+    heartbeat = (
+        {
+            "heartbeat_interval": cfg.heartbeat,
+            "grace_period": grace_period(cfg),
+            "heartbeat_stale_trial_callback": RetryDeadTrial(cfg.retry_interrupted),
+        }
+        if cfg.heartbeat
+        else {}
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
     except ImportError as e:
         cause = e.__cause__ or e
-        raise SolutionError(f"storage {safe_url(url)!r} needs a database driver ({cause}); "
-                            f"PostgreSQL's (psycopg) comes with pip install -e .") from None
+        raise SolutionError(
+            f"storage {safe_url(url)!r} needs a database driver ({cause}); "
+            f"PostgreSQL's (psycopg) comes with pip install -e ."
+        ) from None
     except sqlalchemy.exc.NoSuchModuleError as e:
         raise SolutionError(f"storage {safe_url(url)!r}: {e}; accepted: {ACCEPTED}") from None
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as e:
         first = str(getattr(e, "orig", None) or e).strip().splitlines()
-        raise SolutionError(f"cannot open storage {safe_url(url)!r}: {first[0] if first else type(e).__name__}") \
-            from None
+        raise SolutionError(
+            f"cannot open storage {safe_url(url)!r}: {first[0] if first else type(e).__name__}"
+        ) from None
 
 
 def heartbeat_enabled(study: optuna.Study) -> bool:
@@ -129,8 +142,11 @@ def counted_trials(study: optuna.Study) -> int:
     """Trials that count towards ``n_trials``: finished ones except those of dead or interrupted workers,
     plus running ones (a RUNNING trial that never got its worker attribute was killed at birth and is
     not counted)."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-               if (t.state != TrialState.RUNNING or "worker" in t.user_attrs) and not not_counted(t))
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        if (t.state != TrialState.RUNNING or "worker" in t.user_attrs) and not not_counted(t)
+    )
 
 
 def running_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -161,8 +177,12 @@ class RetryDeadTrial:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         worker = trial.user_attrs.get("worker") or {}
-        log.warning("trial %d: worker %s pid %s sent no heartbeat for the grace period: marked FAIL (not counted)",
-                    trial.number, worker.get("host", "?"), worker.get("pid", "?"))
+        log.warning(
+            "trial %d: worker %s pid %s sent no heartbeat for the grace period: marked FAIL (not counted)",
+            trial.number,
+            worker.get("host", "?"),
+            worker.get("pid", "?"),
+        )
         if self.retry:
             requeue(study, trial.number, trial.params, trial.user_attrs)
 

@@ -8,25 +8,37 @@ still run (re-running one whose worker died, by heartbeat), and rewrites the stu
 every trial and at the end. :func:`search` is the command line's call: SIGTERM ends it as Ctrl-C
 does, and a study in which no trial completed is an error.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 from optuna.trial import TrialState
 
 from solution.common import SolutionError, check_output
 from solution.formats.trials import NAME as TRIALS_CSV
-from .config import SearchConfig, check_trial_flags, flag_key
+
 from .gpus import gpu_pool
 from .report import write_reports
 from .runner import Objective, sigterm_as_interrupt
-from .storage import (DIED, FINISHED, counted_trials, fail_dead_trials, grace_period, heartbeat_enabled,
-                      make_storage, running_trials, safe_url, storage_url)
+from .search_config import SearchConfig, check_trial_flags, flag_key
+from .storage import (
+    DIED,
+    FINISHED,
+    counted_trials,
+    fail_dead_trials,
+    grace_period,
+    heartbeat_enabled,
+    make_storage,
+    running_trials,
+    safe_url,
+    storage_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +76,14 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     check_output(cfg.study_dir, what="study folder", is_dir=True)
     storage = make_storage(cfg)
     cfg.study_dir.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=cfg.name, storage=storage, sampler=make_sampler(cfg.sampler),
-                                pruner=make_pruner(cfg.pruner), direction=cfg.direction, load_if_exists=True)
+    study = optuna.create_study(
+        study_name=cfg.name,
+        storage=storage,
+        sampler=make_sampler(cfg.sampler),
+        pruner=make_pruner(cfg.pruner),
+        direction=cfg.direction,
+        load_if_exists=True,
+    )
     fail_dead_trials(study, cfg.retry_interrupted)
     for params in cfg.enqueue:  # skipped when a trial with these values exists or waits already
         study.enqueue_trial({flag_key(k): v for k, v in params.items()}, skip_if_exists=True)
@@ -79,8 +97,14 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
     pool = gpu_pool(cfg)  # before the study: a worker without the GPUs it needs is refused first
     study = open_study(cfg)
     objective = Objective(cfg, train_main, pool)
-    log.info("study %r in %s (storage %s): %d of %d trials already counted", cfg.name, cfg.study_dir,
-             safe_url(storage_url(cfg)), counted_trials(study), cfg.n_trials)
+    log.info(
+        "study %r in %s (storage %s): %d of %d trials already counted",
+        cfg.name,
+        cfg.study_dir,
+        safe_url(storage_url(cfg)),
+        counted_trials(study),
+        cfg.n_trials,
+    )
     t0, waiting = time.time(), False
     try:
         while cfg.timeout is None or time.time() - t0 < cfg.timeout:
@@ -92,9 +116,13 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
             if not running or not heartbeat_enabled(study):
                 break
             if not waiting:
-                log.info("%d trials counted; waiting for trial(s) %s of other workers (one whose worker died is "
-                         "failed after %d s without heartbeat and re-run here)", counted_trials(study),
-                         ", ".join(str(t.number) for t in running), grace_period(cfg))
+                log.info(
+                    "%d trials counted; waiting for trial(s) %s of other workers (one whose worker died is "
+                    "failed after %d s without heartbeat and re-run here)",
+                    counted_trials(study),
+                    ", ".join(str(t.number) for t in running),
+                    grace_period(cfg),
+                )
             waiting = True
             time.sleep(min(cfg.heartbeat, 5))
             fail_dead_trials(study, cfg.retry_interrupted)
@@ -112,23 +140,33 @@ def _run_one(study: optuna.Study, objective: Objective, cfg: SearchConfig) -> No
     except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
         if isinstance(e, ValueError) and "Cannot tell a" not in str(e):
             raise
-        log.warning("another worker failed this worker's trial for want of heartbeat (grace period "
-                    "%d s; is this machine overloaded?): %s", grace_period(cfg), e)
+        log.warning(
+            "another worker failed this worker's trial for want of heartbeat (grace period "
+            "%d s; is this machine overloaded?): %s",
+            grace_period(cfg),
+            e,
+        )
 
 
 def summarize(study: optuna.Study, cfg: SearchConfig) -> dict:
     """Counts by state; the best trial, or the first failure when none completed."""
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
-    summary = {"study": cfg.name, "study_dir": str(cfg.study_dir), "n_trials": len(states),
-               **{s.name.lower(): states.count(s) for s in TrialState if s in FINISHED or s in states}}
+    summary = {
+        "study": cfg.name,
+        "study_dir": str(cfg.study_dir),
+        "n_trials": len(states),
+        **{s.name.lower(): states.count(s) for s in TrialState if s in FINISHED or s in states},
+    }
     if TrialState.COMPLETE in states:
-        summary.update(best_value=study.best_value, best_trial=study.best_trial.number,
-                       best_params=study.best_trial.params)
+        summary.update(
+            best_value=study.best_value, best_trial=study.best_trial.number, best_params=study.best_trial.params
+        )
     else:
         failed = [t for t in trials if t.state == TrialState.FAIL]
-        summary["first_failure"] = (f"trial {failed[0].number}: {failed[0].user_attrs.get('fail_reason', DIED)}"
-                                    if failed else None)
+        summary["first_failure"] = (
+            f"trial {failed[0].number}: {failed[0].user_attrs.get('fail_reason', DIED)}" if failed else None
+        )
     return summary
 
 
@@ -140,14 +178,18 @@ def search(cfg: SearchConfig, stream=None) -> dict:
         with sigterm_as_interrupt():
             summary = run_search(cfg)
     except KeyboardInterrupt:
-        log.warning("interrupted: the running trial is recorded FAIL (interrupted) and re-queued; "
-                    "re-run the same command to resume the study")
+        log.warning(
+            "interrupted: the running trial is recorded FAIL (interrupted) and re-queued; "
+            "re-run the same command to resume the study"
+        )
         raise SystemExit(130) from None
     if stream is not None:
         stream.write(json.dumps(summary, ensure_ascii=False) + "\n")
         stream.flush()
     if cfg.n_trials and not summary.get("complete"):
         first = f"; first failure: {summary['first_failure']}" if summary["first_failure"] else ""
-        raise SolutionError(f"study {cfg.name!r} completed no trial ({summary.get('fail', 0)} failed, "
-                            f"{summary.get('pruned', 0)} pruned{first}); see {cfg.study_dir / TRIALS_CSV}")
+        raise SolutionError(
+            f"study {cfg.name!r} completed no trial ({summary.get('fail', 0)} failed, "
+            f"{summary.get('pruned', 0)} pruned{first}); see {cfg.study_dir / TRIALS_CSV}"
+        )
     return summary

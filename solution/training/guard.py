@@ -1,7 +1,7 @@
 """Run-folder safety for the trainer: where a run writes, one writer at a time, what a re-run may resume.
 
 * ``--logs`` must be (or become) a folder, and ``{logs}/{name}`` a folder inside it (``--name`` is
-  checked in :mod:`solution.training.config`);
+  checked in :mod:`solution.training.flags`);
 * the main process holds ``{run}/.train.lock`` for the whole run (an ``flock``: the kernel drops it
   when its holder dies, even by ``kill -9``); a second writer of the same run folder fails with one
   line naming the holder. Once the lock is taken, temporary files (``.NAME.*.tmp``) a killed writer
@@ -15,18 +15,19 @@
   values are compared (:func:`solution.training.run_config.resolved_params`), so a ``params.json``
   written before it recorded the typed flags is read the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch.distributed as dist
 
 from solution.common import SolutionError, check_output, disk_full_as_error, folder_lock, remove_stale_temps
-from solution.formats.runs import PARAMS, read_params
+from solution.formats.run_files import PARAMS, read_params
 
 from .run_config import resolved_params
 
@@ -35,12 +36,50 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".train.lock"
 STEPS = "max steps (--max-steps/--max-epochs)"
 BATCH = "--batch-size x processes"
-_PLAIN = ("train_data", "val_data", "extra_val_data", "augment", "vision_model", "text_model", "context_length",
-          "text_prompt", "accum_freq", "lr", "beta1", "beta2", "eps", "wd", "warmup", "skip_scheduler", "precision",
-          "same_text_positives", "skip_aggregate", "mask_ratio", "seed", "early_stop_patience", "use_bn_sync")
-HARMLESS = ("log_interval", "num_workers", "valid_num_workers", "device", "valid_batch_size", "valid_step_interval",
-            "valid_epoch_interval", "save_epoch_frequency", "save_step_frequency", "report_training_batch_acc",
-            "grad_checkpointing", "attn_impl", "torchcompile", "torchcompile_backend", "no_plot", "no_progress", "debug")
+_PLAIN = (
+    "train_data",
+    "val_data",
+    "extra_val_data",
+    "augment",
+    "vision_model",
+    "text_model",
+    "context_length",
+    "text_prompt",
+    "accum_freq",
+    "lr",
+    "beta1",
+    "beta2",
+    "eps",
+    "wd",
+    "warmup",
+    "skip_scheduler",
+    "precision",
+    "same_text_positives",
+    "skip_aggregate",
+    "mask_ratio",
+    "seed",
+    "early_stop_patience",
+    "use_bn_sync",
+)
+HARMLESS = (
+    "log_interval",
+    "num_workers",
+    "valid_num_workers",
+    "device",
+    "valid_batch_size",
+    "valid_step_interval",
+    "valid_epoch_interval",
+    "save_epoch_frequency",
+    "save_step_frequency",
+    "report_training_batch_acc",
+    "grad_checkpointing",
+    "attn_impl",
+    "torchcompile",
+    "torchcompile_backend",
+    "no_plot",
+    "no_progress",
+    "debug",
+)
 
 
 def agree(d, fn: Callable[[], object], share: bool = False):
@@ -92,9 +131,17 @@ def training_flags(p: Mapping) -> dict[str, object]:
         lora = tuning.get("lora") or {}
         out["--lora-rank"] = int(lora.get("rank", 0))
         if lora:
-            out.update({"--lora-alpha": lora.get("alpha"), "--lora-dropout": lora.get("dropout"),
-                        "--lora-targets": lora.get("targets")})
-        out["--freeze-vision"], out["--freeze-text"] = bool(tuning.get("freeze_vision")), bool(tuning.get("freeze_text"))
+            out.update(
+                {
+                    "--lora-alpha": lora.get("alpha"),
+                    "--lora-dropout": lora.get("dropout"),
+                    "--lora-targets": lora.get("targets"),
+                }
+            )
+        out["--freeze-vision"], out["--freeze-text"] = (
+            bool(tuning.get("freeze_vision")),
+            bool(tuning.get("freeze_text")),
+        )
     return out
 
 
@@ -127,8 +174,9 @@ def _saved_params(run_dir: Path) -> dict | None:
     try:
         saved = read_params(run_dir)
     except SolutionError as e:
-        raise SolutionError(f"{e}; restore or remove it to resume this run, or pass --no-auto-resume to start it "
-                            "over") from None
+        raise SolutionError(
+            f"{e}; restore or remove it to resume this run, or pass --no-auto-resume to start it over"
+        ) from None
     return None if saved is None else resolved_params(saved)
 
 
@@ -144,11 +192,17 @@ def check_resume_flags(run_dir: Path, params: Mapping, step: int, allow: bool) -
         return []
     old, new = training_flags(saved), training_flags(params)
     changed = {k: (old[k], new[k]) for k in old if k in new and not _equal(k, old[k], new[k])}
-    free = [f"--{k.replace('_', '-')} {_show(saved[k])} -> {_show(params[k])}" for k in HARMLESS
-            if k in saved and k in params and saved[k] != params[k]]
+    free = [
+        f"--{k.replace('_', '-')} {_show(saved[k])} -> {_show(params[k])}"
+        for k in HARMLESS
+        if k in saved and k in params and saved[k] != params[k]
+    ]
     if free:
-        log.info("resuming under other logging/worker/device/schedule flags than %s (they do not change the "
-                 "training): %s", run_dir / PARAMS, "; ".join(free))
+        log.info(
+            "resuming under other logging/worker/device/schedule flags than %s (they do not change the training): %s",
+            run_dir / PARAMS,
+            "; ".join(free),
+        )
     history = list(saved.get("flag_changes") or [])
     if changed:
         text = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items())
@@ -157,7 +211,8 @@ def check_resume_flags(run_dir: Path, params: Mapping, step: int, allow: bool) -
                 f"run folder {run_dir} was trained with other flags than this command's (its params.json): "
                 f"{text}. Re-run with the run's flags, pass --allow-changed-flags to continue it from step {step} "
                 "under the new ones, or use another --name (or --no-auto-resume to start it over); logging, "
-                "worker, device, validation- and save-schedule flags may change freely")
+                "worker, device, validation- and save-schedule flags may change freely"
+            )
         log.warning("resuming %s at step %d under changed flags (--allow-changed-flags): %s", run_dir, step, text)
         history.append({"step": int(step), "changes": {k: [a, b] for k, (a, b) in changed.items()}})
     return history

@@ -13,10 +13,11 @@ A run's training loader is built once (:class:`TrainBatches`, persistent workers
 ``--num-workers`` > 0) and moved from epoch to epoch through its sampler's ``set_epoch``: the
 same batches as a loader built for each epoch, without restarting the workers every epoch.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -66,8 +67,17 @@ class EpochBatchSampler(Sampler):
     the key, not from its own state, because persistent workers hold copies of the dataset made when
     they started."""
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int, epoch: int,
-                 start: int = 0, stop: int | None = None):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        stop: int | None = None,
+    ):
         self.num_samples, self.seed = num_samples, seed
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.global_batch = batch_size * world
@@ -117,9 +127,23 @@ class SeededPairs(Dataset):
                 random.setstate(state)
 
 
-def train_loader(split: LMDBSplit, *, resolution: int, augment: str, context_length: int, prompt: str,
-                 batch_size: int, rank: int, world: int, seed: int, epoch: int, start: int,
-                 stop: int | None, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def train_loader(
+    split: LMDBSplit,
+    *,
+    resolution: int,
+    augment: str,
+    context_length: int,
+    prompt: str,
+    batch_size: int,
+    rank: int,
+    world: int,
+    seed: int,
+    epoch: int,
+    start: int,
+    stop: int | None,
+    num_workers: int,
+    pin_memory: bool = False,
+) -> DataLoader:
     """This rank's micro-batches of epoch ``epoch`` (``pin_memory``: for copies to a GPU).
 
     Its workers persist (``num_workers > 0``): move it to another epoch with
@@ -128,9 +152,15 @@ def train_loader(split: LMDBSplit, *, resolution: int, augment: str, context_len
     under the RNG seeded per sample, and the order is the sampler's."""
     ds = SeededPairs(split, train_transform(resolution, augment), seed, epoch, augment != "none")
     sampler = EpochBatchSampler(split.num_samples, batch_size, rank, world, seed, epoch, start, stop)
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=PairCollate(context_length, prompt, keep_size=True),
-                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(int(seed)))
+    return DataLoader(
+        ds,
+        batch_sampler=sampler,
+        collate_fn=PairCollate(context_length, prompt, keep_size=True),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(int(seed)),
+    )
 
 
 class TrainBatches:
@@ -151,20 +181,27 @@ class TrainBatches:
     def close(self) -> None:
         self.loader = None  # the iterator (and with it the workers) goes with the last reference
 
-    def __enter__(self) -> "TrainBatches":
+    def __enter__(self) -> TrainBatches:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def val_loader(split: LMDBSplit, *, resolution: int, context_length: int, prompt: str, batch_size: int,
-               seed: int, num_workers: int) -> DataLoader:
+def val_loader(
+    split: LMDBSplit, *, resolution: int, context_length: int, prompt: str, batch_size: int, seed: int, num_workers: int
+) -> DataLoader:
     """All validation pairs once, in a fixed shuffled order (cn_clip shuffles to split duplicates)."""
     ds = SeededPairs(split, eval_transform(resolution), seed, 0, False)
     order = epoch_order(split.num_samples, 1, seed, 0).tolist()
-    batches = [[(i, order[i]) for i in range(lo, min(lo + batch_size, len(order)))]
-               for lo in range(0, len(order), batch_size)]
-    return DataLoader(ds, batch_sampler=batches, collate_fn=PairCollate(context_length, prompt),
-                      num_workers=num_workers, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(int(seed)))
+    batches = [
+        [(i, order[i]) for i in range(lo, min(lo + batch_size, len(order)))] for lo in range(0, len(order), batch_size)
+    ]
+    return DataLoader(
+        ds,
+        batch_sampler=batches,
+        collate_fn=PairCollate(context_length, prompt),
+        num_workers=num_workers,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(int(seed)),
+    )

@@ -17,20 +17,21 @@ always used (one key per flag, plus ``model_config``, ``world_size``, ``global_b
 change), and the flags as typed under ``"typed"``. :func:`resolved_params` reads either layout
 (files written before ``"typed"`` existed hold the resolved values only).
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from cn_clip_patch.prompt import PromptError, check_prompt
 from cn_clip_patch.tuning import DEFAULT_LORA_TARGETS, tuning_recipe
-
 from solution.common import SolutionError
 from solution.model import ModelConfig, resolve_config
 
-from .config import extra_val_sets
+from .flags import extra_val_sets
 from .loaders import num_micro_batches
 
 if TYPE_CHECKING:
@@ -142,12 +143,15 @@ def steps_per_epoch(train_pairs: int, batch_size: int, world: int, accum_freq: i
     """Optimizer steps in one epoch; one clear error where the data cannot fill a step."""
     global_batch = batch_size * world
     if global_batch > train_pairs:
-        raise SolutionError(f"batch size {batch_size} x {world} process(es) = {global_batch} is larger than "
-                            f"the {train_pairs} training pairs in {train_data}")
+        raise SolutionError(
+            f"batch size {batch_size} x {world} process(es) = {global_batch} is larger than "
+            f"the {train_pairs} training pairs in {train_data}"
+        )
     micro = num_micro_batches(train_pairs, global_batch)
     if micro // accum_freq == 0:
-        raise SolutionError(f"--accum-freq {accum_freq} needs {accum_freq} batches per step but an epoch has "
-                            f"only {micro}")
+        raise SolutionError(
+            f"--accum-freq {accum_freq} needs {accum_freq} batches per step but an epoch has only {micro}"
+        )
     return micro // accum_freq
 
 
@@ -161,18 +165,26 @@ def optim_defaults(vision_model: str) -> dict[str, float]:
 def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
     """The model the run trains: architecture, context length and prompt from the flags, else from
     the starting checkpoint; the tuning recipe of the flags. Checked against the text model."""
-    recipe = tuning_recipe(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                           lora_targets=args.lora_targets or DEFAULT_LORA_TARGETS, freeze_vision=args.freeze_vision,
-                           freeze_text=args.freeze_text)
+    recipe = tuning_recipe(
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets or DEFAULT_LORA_TARGETS,
+        freeze_vision=args.freeze_vision,
+        freeze_text=args.freeze_text,
+    )
     if start.ckpt is not None:
-        cfg = resolve_config(start.ckpt, vision_model=args.vision_model, text_model=args.text_model, source=start.source)
+        cfg = resolve_config(
+            start.ckpt, vision_model=args.vision_model, text_model=args.text_model, source=start.source
+        )
         vision, text = cfg.vision_model, cfg.text_model
     else:
         vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
     # Prompt and context length follow the starting checkpoint unless given: stages never disagree.
     stored = (start.ckpt or {}).get("config") or {}
-    context = args.context_length if args.context_length is not None else int(stored.get("context_length",
-                                                                                           DEFAULT_CONTEXT))
+    context = (
+        args.context_length if args.context_length is not None else int(stored.get("context_length", DEFAULT_CONTEXT))
+    )
     prompt = args.text_prompt if args.text_prompt is not None else str(stored.get("text_prompt", ""))
     config = ModelConfig(vision, text, context_length=context, text_prompt=prompt, tuning=recipe)
     positions = int(config.model_info.get("text_max_position_embeddings", 512))
@@ -199,12 +211,22 @@ def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: 
         values["max_steps"] = per_epoch * args.max_epochs
     lora = model.tuning.get("lora") or {}
     values.update(
-        extra_val_data=tuple(args.extra_val_data or ()), augment=args.augment or ("cnclip" if args.use_augment else "none"),
-        vision_model=model.vision_model, text_model=model.text_model, context_length=model.context_length,
-        text_prompt=model.text_prompt, lora_alpha=lora.get("alpha", args.lora_alpha),
-        lora_targets=lora.get("targets", args.lora_targets), device=device, model_config=model, world_size=world,
-        global_batch_size=args.batch_size * world * args.accum_freq, steps_per_epoch=per_epoch,
-        resumed_from=start.source, train_pairs=train_pairs)
+        extra_val_data=tuple(args.extra_val_data or ()),
+        augment=args.augment or ("cnclip" if args.use_augment else "none"),
+        vision_model=model.vision_model,
+        text_model=model.text_model,
+        context_length=model.context_length,
+        text_prompt=model.text_prompt,
+        lora_alpha=lora.get("alpha", args.lora_alpha),
+        lora_targets=lora.get("targets", args.lora_targets),
+        device=device,
+        model_config=model,
+        world_size=world,
+        global_batch_size=args.batch_size * world * args.accum_freq,
+        steps_per_epoch=per_epoch,
+        resumed_from=start.source,
+        train_pairs=train_pairs,
+    )
     return TrainConfig(**values)
 
 

@@ -11,6 +11,7 @@ Where a run starts from (first match wins):
 3. random initialisation (``--seed``), optionally with cn_clip's ``--clip-weight-path`` /
    ``--bert-weight-path`` tower weights.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from cn_clip_patch.tuning import apply_tuning, trainable_summary
-
 from solution.common import SolutionError, resolve_device
 from solution.model import ModelConfig, build_model, load_weights, read_checkpoint
 
@@ -69,11 +69,18 @@ def rank_device(device: torch.device, local_rank: int, cuda_count: int) -> torch
     """This process's GPU under torchrun: the one of its ``LOCAL_RANK`` (an index in ``--device cuda:N``
     is not used there: it would put every process on GPU N; choose GPUs with ``CUDA_VISIBLE_DEVICES``)."""
     if device.index is not None and device.index != local_rank:
-        log.warning("--device %s under torchrun: process %d uses cuda:%d (its LOCAL_RANK); choose the GPUs with "
-                    "CUDA_VISIBLE_DEVICES", device, local_rank, local_rank)
+        log.warning(
+            "--device %s under torchrun: process %d uses cuda:%d (its LOCAL_RANK); choose the GPUs with "
+            "CUDA_VISIBLE_DEVICES",
+            device,
+            local_rank,
+            local_rank,
+        )
     if local_rank >= cuda_count:
-        raise SolutionError(f"LOCAL_RANK {local_rank} but only {cuda_count} CUDA devices are visible: start at most "
-                            f"{cuda_count} processes per node")
+        raise SolutionError(
+            f"LOCAL_RANK {local_rank} but only {cuda_count} CUDA devices are visible: start at most "
+            f"{cuda_count} processes per node"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -112,8 +119,15 @@ def _tower_weights(path: str | None) -> dict | None:
     return read_checkpoint(path)["state_dict"] if path else None
 
 
-def build(config: ModelConfig, start: Start, *, seed: int, clip_weight_path: str | None = None,
-          bert_weight_path: str | None = None, attn_impl: str = "sdpa") -> nn.Module:
+def build(
+    config: ModelConfig,
+    start: Start,
+    *,
+    seed: int,
+    clip_weight_path: str | None = None,
+    bert_weight_path: str | None = None,
+    attn_impl: str = "sdpa",
+) -> nn.Module:
     """The model on the CPU: weights loaded, tuning applied (LoRA injected, towers frozen), text
     attention on ``attn_impl``."""
     torch.manual_seed(seed)
@@ -134,15 +148,23 @@ def build(config: ModelConfig, start: Start, *, seed: int, clip_weight_path: str
         shapes = [k for k in own if k in adapted and tuple(adapted[k].shape) != tuple(own[k].shape)]
         if missing or unexpected or shapes:
             example = (shapes or missing or unexpected)[0]
-            raise SolutionError(f"{start.source}: its LoRA state does not fit this command's model {config.arch} and "
-                                f"--lora-* flags ({len(shapes)} tensors of another shape, {len(missing)} missing, "
-                                f"{len(unexpected)} unexpected; e.g. {example})")
+            raise SolutionError(
+                f"{start.source}: its LoRA state does not fit this command's model {config.arch} and "
+                f"--lora-* flags ({len(shapes)} tensors of another shape, {len(missing)} missing, "
+                f"{len(unexpected)} unexpected; e.g. {example})"
+            )
         model.load_state_dict(adapted)
     trainable, total = trainable_summary(model)
     if trainable == 0:
         raise SolutionError("nothing to train: every parameter is frozen (check --freeze-vision/--freeze-text)")
-    log.info("model %s, tuning %s: %d of %d parameters trainable (%.2f%%)", config.arch, config.tuning["mode"],
-             trainable, total, 100.0 * trainable / total)
+    log.info(
+        "model %s, tuning %s: %d of %d parameters trainable (%.2f%%)",
+        config.arch,
+        config.tuning["mode"],
+        trainable,
+        total,
+        100.0 * trainable / total,
+    )
     return model
 
 
@@ -153,14 +175,20 @@ def _no_decay(model: nn.Module) -> set[str]:
     for mname, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
-            if isinstance(mod, norm_types) or pname.endswith("bias") or "logit_scale" in full or p.ndim < 2 \
-                    or "LayerNorm" in full:
+            if (
+                isinstance(mod, norm_types)
+                or pname.endswith("bias")
+                or "logit_scale" in full
+                or p.ndim < 2
+                or "LayerNorm" in full
+            ):
                 out.add(full)
     return out
 
 
-def make_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float,
-                   wd: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float, wd: float
+) -> torch.optim.Optimizer:
     """AdamW, cn_clip's two groups: no weight decay on biases, norms and logit_scale; the fused
     kernel when the parameters are on a GPU (the same update, one launch), the usual one elsewhere."""
     no_decay = _no_decay(model)
@@ -169,8 +197,13 @@ def make_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], e
         if p.requires_grad:
             (plain if n in no_decay else decay).append(p)
     fused = {"fused": True} if all(p.is_cuda for p in plain + decay) and plain + decay else {}
-    return torch.optim.AdamW([{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}],
-                             lr=lr, betas=betas, eps=eps, **fused)
+    return torch.optim.AdamW(
+        [{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}],
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        **fused,
+    )
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str | None:
@@ -190,22 +223,28 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str |
             for name, v in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v) and v.ndim > 0 and tuple(v.shape) != tuple(p.shape):
                     optimizer.load_state_dict(fresh)
-                    return f"its {name} of shape {tuple(v.shape)} belongs to a parameter of another shape {tuple(p.shape)}"
+                    return (
+                        f"its {name} of shape {tuple(v.shape)} belongs to a parameter of another shape {tuple(p.shape)}"
+                    )
     return None
 
 
 def make_scheduler(optimizer, *, lr: float, warmup: int, total_steps: int, constant: bool = False):
     """cn_clip's warmup + cosine (its own function), or a constant rate (``--skip-scheduler``)."""
     if constant:
+
         def fixed(step):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             return lr
+
         return fixed
     from cn_clip.training.scheduler import cosine_lr
 
     if warmup >= total_steps:
-        log.warning("--warmup %d >= %d training steps: the learning rate never reaches its cosine phase", warmup, total_steps)
+        log.warning(
+            "--warmup %d >= %d training steps: the learning rate never reaches its cosine phase", warmup, total_steps
+        )
     adjust = cosine_lr(optimizer, lr, max(warmup, 0), total_steps)
 
     def cosine(step):
@@ -213,6 +252,7 @@ def make_scheduler(optimizer, *, lr: float, warmup: int, total_steps: int, const
         for g in optimizer.param_groups:
             g["lr"] = lr
         return lr
+
     return cosine
 
 
@@ -231,5 +271,7 @@ def wrap(model: nn.Module, d: Dist, use_bn_sync: bool = False) -> nn.Module:
     if d.world > 1:
         if use_bn_sync:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
     return model

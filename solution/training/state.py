@@ -9,7 +9,7 @@ Layout of ``{logs}/{name}/``::
     adapters/{same stem}.pt         LoRA runs: the adapter tensors alone
     hits/best.hits.npy (+ .ids.npy) per-query hits of the best validation (:mod:`solution.formats.hits`)
     params.json                     the run's configuration (see :mod:`.run_config`)
-    metrics.jsonl                   read and written through :mod:`solution.formats.runs`
+    metrics.jsonl                   read and written through :mod:`solution.formats.run_files`
     curves.png
 
 ``train_state`` holds what an exact resume needs: data position ``{"epoch", "micro"}``
@@ -23,6 +23,7 @@ the end-of-epoch/final work (validation, epoch checkpoint) is done. A run killed
 writes is resumed with those files still owed, and writes them before anything else; a run killed
 before ``"closed"`` was recorded at an epoch end or at its last step redoes that work.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,8 @@ import numpy as np
 import torch
 
 from cn_clip_patch.tuning import adapter_state_dict, has_lora, merged_state_dict
-
 from solution.common import atomic_path
-from solution.formats.runs import METRICS, PARAMS, append_metric, read_metrics, rewrite_metrics, write_params
+from solution.formats.run_files import METRICS, PARAMS, append_metric, read_metrics, rewrite_metrics, write_params
 from solution.model import ModelConfig, save_checkpoint
 from solution.plots import plot_run
 
@@ -62,9 +62,17 @@ def to_cpu(obj):
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                       int(np_state[3]), float(np_state[4])]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -110,14 +118,30 @@ class RunFiles:
     def epoch_path(self, epoch: int, step: int | None = None) -> Path:
         return self.ckpt_dir / (f"epoch_{epoch}.pt" if step is None else f"epoch_{epoch}_{step}.pt")
 
-    def save(self, path: Path, model, config: ModelConfig, *, epoch: int, step: int, name: str,
-             weights: tuple[dict, ModelConfig] | None = None, **extra) -> Path:
+    def save(
+        self,
+        path: Path,
+        model,
+        config: ModelConfig,
+        *,
+        epoch: int,
+        step: int,
+        name: str,
+        weights: tuple[dict, ModelConfig] | None = None,
+        **extra,
+    ) -> Path:
         sd, cfg = weights or weights_for_checkpoint(model, config)
         save_checkpoint(path, sd, cfg, epoch=epoch, step=step, name=name, **extra)
         m = unwrap(model)
         if has_lora(m):
-            adapter = {"adapter": to_cpu(adapter_state_dict(m)), "lora": config.tuning.get("lora"), "config": cfg.to_dict(),
-                       "epoch": int(epoch), "step": int(step), "name": name}
+            adapter = {
+                "adapter": to_cpu(adapter_state_dict(m)),
+                "lora": config.tuning.get("lora"),
+                "config": cfg.to_dict(),
+                "epoch": int(epoch),
+                "step": int(step),
+                "name": name,
+            }
             with atomic_path(self.adapter_dir / path.name) as tmp:
                 torch.save(adapter, tmp)
         return path
@@ -126,8 +150,9 @@ class RunFiles:
         """Whether checkpoint ``path`` (and, for a LoRA model, its adapter file) is on disk."""
         return path.is_file() and (not has_lora(unwrap(model)) or (self.adapter_dir / path.name).is_file())
 
-    def pay_owed(self, owed: list[str], model, config: ModelConfig, *, epoch: int, step: int, name: str,
-                 best: dict | None) -> None:
+    def pay_owed(
+        self, owed: list[str], model, config: ModelConfig, *, epoch: int, step: int, name: str, best: dict | None
+    ) -> None:
         """On resume: write the checkpoints the resumed ``epoch_latest.pt`` owes (its run was killed right
         after writing it), and ``best.pt`` if it is missing while the best record is this very step."""
         for fname in owed:
@@ -152,9 +177,12 @@ class RunFiles:
         rows where that validation is to be redone); a last line torn by the kill goes too."""
         if not self.metrics.is_file():
             return
-        keep = [row for row in read_metrics(self.metrics)
-                if int(row.get("step", 0)) < step or (int(row.get("step", 0)) == step
-                                                      and not (drop_valid_at_step and row.get("kind") == "valid"))]
+        keep = [
+            row
+            for row in read_metrics(self.metrics)
+            if int(row.get("step", 0)) < step
+            or (int(row.get("step", 0)) == step and not (drop_valid_at_step and row.get("kind") == "valid"))
+        ]
         rewrite_metrics(self.metrics, keep)
 
     def draw_curves(self, title: str) -> None:

@@ -21,6 +21,7 @@ computed without gradient and cached; then each micro-batch is re-run with gradi
 features replace its cached slice in the full-batch loss, backward each time, one optimizer step.
 (As in cn_clip, ``logit_scale`` collects one gradient per micro-batch.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,9 @@ from solution.common import SolutionError, autocast_context
 log = logging.getLogger(__name__)
 # torch.distributed.nn.all_gather is the autograd gather that also works on gloo (its backward is
 # an all-to-all); the suggested functional replacement needs reduce_scatter, which gloo lacks.
-warnings.filterwarnings("ignore", message=r".*torch\.distributed\.nn\.functional\.all_gather is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.distributed\.nn\.functional\.all_gather is deprecated", category=FutureWarning
+)
 
 LOGIT_SCALE_MAX = math.log(100.0)  # cn_clip clamps at 4.6052
 
@@ -73,8 +75,9 @@ def twin_mask(text_ids: torch.Tensor, same_text: bool) -> torch.Tensor | None:
     return eq if bool(eq.any()) else None
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              twins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, twins: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE (cn_clip's); twins left out of the negatives. Returns ``(loss, logits_per_image)``.
     Computed in float32 with autocast off (under autocast the matmul would run in fp16/bf16)."""
     with torch.autocast(image_features.device.type, enabled=False):
@@ -155,19 +158,29 @@ class Stepper:
             return
         value = float(self.bad_loss)
         if not math.isfinite(value):
-            raise SolutionError(f"training loss is {value}: the run diverged (try a lower --lr or --precision fp32); "
-                                "no checkpoint was written from this state")
+            raise SolutionError(
+                f"training loss is {value}: the run diverged (try a lower --lr or --precision fp32); "
+                "no checkpoint was written from this state"
+            )
 
     def read(self, out: dict) -> dict:
         """The step's numbers as floats (host syncs: read them only where they are logged)."""
         i2t, t2i = batch_accuracy(out["logits"], out["twins"])
-        return {"loss": float(out["loss"]), "acc_i2t": i2t, "acc_t2i": t2i,
-                "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()), "pairs": out["pairs"]}
+        return {
+            "loss": float(out["loss"]),
+            "acc_i2t": i2t,
+            "acc_t2i": t2i,
+            "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()),
+            "pairs": out["pairs"],
+        }
 
     def __call__(self, micro_batches: list) -> dict:
         cfg, model = self.cfg, self.model
         dev = cfg.device
-        moved = [(im.to(dev, non_blocking=True), tok.to(dev, non_blocking=True), tid.to(dev)) for im, tok, tid, _ in micro_batches]
+        moved = [
+            (im.to(dev, non_blocking=True), tok.to(dev, non_blocking=True), tid.to(dev))
+            for im, tok, tid, _ in micro_batches
+        ]
         self.optimizer.zero_grad(set_to_none=True)
         all_ids = torch.cat([self._gather(tid, False) for _, _, tid in moved])
         twins = twin_mask(all_ids, cfg.same_text)
@@ -191,8 +204,8 @@ class Stepper:
                 with sync:
                     with self._autocast():
                         img_f, txt_f, scale = model(images, tokens, cfg.mask_ratio)
-                        img_all = torch.cat(cached_img[:j] + [self._gather(img_f, True)] + cached_img[j + 1:])
-                        txt_all = torch.cat(cached_txt[:j] + [self._gather(txt_f, True)] + cached_txt[j + 1:])
+                        img_all = torch.cat(cached_img[:j] + [self._gather(img_f, True)] + cached_img[j + 1 :])
+                        txt_all = torch.cat(cached_txt[:j] + [self._gather(txt_f, True)] + cached_txt[j + 1 :])
                         loss, logits = clip_loss(img_all, txt_all, scale.mean(), twins)
                     self._note(loss)
                     self._backward(loss)
@@ -205,7 +218,7 @@ class Stepper:
         with torch.no_grad():
             m.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         # tensors, not floats: reading them waits for the device (see read)
-        return {"loss": loss.detach(), "logits": logits.detach(), "twins": twins, "pairs": int(len(all_ids))}
+        return {"loss": loss.detach(), "logits": logits.detach(), "twins": twins, "pairs": len(all_ids)}
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Fine-tune Chinese-CLIP: full, LoRA or frozen towers, prompts, recall validation, exact resume.
 
 ``bash Chinese-CLIP/train_clip.sh [flags]`` = ``python -m solution.train [flags]``; cn_clip's own
-training flags keep their names, meanings and defaults (see :mod:`solution.training.config`). The
+training flags keep their names, meanings and defaults (see :mod:`solution.training.flags`). The
 flags are resolved once into a frozen :class:`~solution.training.run_config.TrainConfig`.
 Multi-process: ``torchrun --nproc_per_node N -m solution.train ...`` (NCCL on GPU, gloo on CPU);
 ``--batch-size`` is per process. The main process writes every file and validates
@@ -14,8 +14,8 @@ process locks the run folder for the whole run, and a re-run resumes only under 
 was trained with (see :mod:`solution.training.guard`); it first writes the checkpoints a killed run
 still owed. With ``--grad-checkpointing`` the patch of :func:`cn_clip_patch.tuning.grad_checkpointing`
 is held for the run and undone when it returns; the run's model math allows TF32 on CUDA
-(:func:`solution.retrieval.precision.model_math`, undone when it returns; validation's ranking stays
-exact). ``--torchcompile`` compiles the towers' blocks (:mod:`solution.retrieval.compiled`); the compile
+(:func:`solution.model.precision.model_math`, undone when it returns; validation's ranking stays
+exact). ``--torchcompile`` compiles the towers' blocks (:mod:`solution.model.compiled`); the compile
 seconds are logged, written as ``compile_s`` on the next train line and left out of its
 ``batch_time`` and ``pairs_per_s``.
 
@@ -27,31 +27,41 @@ This module is the loop: epochs and steps, train lines, when to validate and to 
 with its metrics record; an exception it raises (e.g. ``optuna.TrialPruned``) propagates after the
 run directory is consistent (metrics, best.pt and the last epoch_latest.pt on disk).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from cn_clip_patch.tuning import grad_checkpointing, set_train_mode
-
 from solution.common import SolutionError, setup_logging
-from solution.formats.runs import MAIN_SET
-from solution.retrieval.compiled import CompileClock, compile_towers
-from solution.retrieval.precision import model_math
+from solution.formats.run_files import MAIN_SET
+from solution.model.compiled import CompileClock, compile_towers
+from solution.model.precision import model_math
 
-from .config import extra_val_sets, parse_args
+from .flags import extra_val_sets, parse_args
 from .guard import agree, check_resume_flags, claim_run_folder
 from .loaders import TrainBatches, open_split
 from .run_config import TrainConfig, params_record, resolve, steps_per_epoch
-from .setup import Dist, build, find_start, init_distributed, load_optimizer_state, make_optimizer, make_scaler, \
-    make_scheduler, seed_process, wrap
+from .setup import (
+    Dist,
+    build,
+    find_start,
+    init_distributed,
+    load_optimizer_state,
+    make_optimizer,
+    make_scaler,
+    make_scheduler,
+    seed_process,
+    wrap,
+)
 from .state import RunFiles, rng_state, set_rng_state, to_cpu, weights_for_checkpoint
 from .step import StepConfig, Stepper, unwrap
 from .validation import BestTracker, Validation
@@ -99,16 +109,24 @@ class Trainer:
         a, d = self.typed, self.d
         own = agree(d, lambda: self.files.latest.is_file() and not a.no_auto_resume, share=True)  # one decision
         self.start = find_start(self.files.latest, a.resume, own=own)
-        cfg = self.cfg = resolve(a, self.start, world=d.world, train_pairs=self.train_split.num_samples,
-                                 device=str(d.device))
+        cfg = self.cfg = resolve(
+            a, self.start, world=d.world, train_pairs=self.train_split.num_samples, device=str(d.device)
+        )
         history = None
         if self.start.own:
             step = int(self.start.ckpt.get("step", 0))
-            history = agree(d, lambda: check_resume_flags(self.files.run_dir, cfg.to_dict(), step,
-                                                          cfg.allow_changed_flags))
+            history = agree(
+                d, lambda: check_resume_flags(self.files.run_dir, cfg.to_dict(), step, cfg.allow_changed_flags)
+            )
         self.params = params_record(a, cfg, history)
-        model = build(cfg.model_config, self.start, seed=cfg.seed, clip_weight_path=cfg.clip_weight_path,
-                      bert_weight_path=cfg.bert_weight_path, attn_impl=cfg.attn_impl)
+        model = build(
+            cfg.model_config,
+            self.start,
+            seed=cfg.seed,
+            clip_weight_path=cfg.clip_weight_path,
+            bert_weight_path=cfg.bert_weight_path,
+            attn_impl=cfg.attn_impl,
+        )
         if cfg.torchcompile:  # in place, inside DDP's wrapper; compiled at the first step (timed apart)
             compile_towers(model, d.device, cfg.torchcompile_backend)
             self.clock = CompileClock()
@@ -116,12 +134,18 @@ class Trainer:
         self.optimizer = make_optimizer(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, wd=cfg.wd)
         if d.world > 1:
             seed_process(cfg.seed, d.rank)
-        self.scheduler = make_scheduler(self.optimizer, lr=cfg.lr, warmup=cfg.warmup, total_steps=cfg.max_steps,
-                                        constant=cfg.skip_scheduler)
+        self.scheduler = make_scheduler(
+            self.optimizer, lr=cfg.lr, warmup=cfg.warmup, total_steps=cfg.max_steps, constant=cfg.skip_scheduler
+        )
         self.scaler = make_scaler(cfg.precision, d.device)
-        self.stepper = Stepper(self.model, self.optimizer, self.scaler,
-                               StepConfig(d.device, cfg.precision, cfg.accum_freq, cfg.mask_ratio,
-                                          cfg.same_text_positives, not cfg.skip_aggregate))
+        self.stepper = Stepper(
+            self.model,
+            self.optimizer,
+            self.scaler,
+            StepConfig(
+                d.device, cfg.precision, cfg.accum_freq, cfg.mask_ratio, cfg.same_text_positives, not cfg.skip_aggregate
+            ),
+        )
         self.tracker = BestTracker(cfg.early_stop_patience)
         self._restore()
         self.start_epoch = int(self.start.ckpt.get("epoch", 0)) if self.start.own else 0
@@ -143,9 +167,13 @@ class Trainer:
                 self.epoch = int(ckpt.get("epoch", 0))
             self.step = int(ckpt.get("step", 0))
             if self.step >= self.cfg.max_steps:
-                log.warning("%s is at step %d, beyond --max-steps/--max-epochs (%d): nothing to train "
-                            "(pass --reset-data-offset to fine-tune from it)", self.start.source, self.step,
-                            self.cfg.max_steps)
+                log.warning(
+                    "%s is at step %d, beyond --max-steps/--max-epochs (%d): nothing to train "
+                    "(pass --reset-data-offset to fine-tune from it)",
+                    self.start.source,
+                    self.step,
+                    self.cfg.max_steps,
+                )
         if not self.cfg.reset_optimizer:
             self._load_optimizer(ckpt)
 
@@ -156,12 +184,16 @@ class Trainer:
         self._load_optimizer(ckpt)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.tracker = BestTracker(self.cfg.early_stop_patience, state.get("best"), int(state.get("bad_validations", 0)))
+        self.tracker = BestTracker(
+            self.cfg.early_stop_patience, state.get("best"), int(state.get("bad_validations", 0))
+        )
         self.owed = list(state.get("owed") or [])
         self.closed = state.get("closed")
         if self.closed is None:  # written before "closed" was recorded: a done final save wrote epoch_N.pt
-            self.closed = self.micro == 0 or (self.micro < self.cfg.steps_per_epoch * self.cfg.accum_freq
-                                              and self.files.epoch_path(self.epoch + 1).is_file())
+            self.closed = self.micro == 0 or (
+                self.micro < self.cfg.steps_per_epoch * self.cfg.accum_freq
+                and self.files.epoch_path(self.epoch + 1).is_file()
+            )
         rngs = state.get("rng") or []
         if len(rngs) == self.d.world:
             set_rng_state(rngs[self.d.rank])
@@ -178,10 +210,16 @@ class Trainer:
         e = load_optimizer_state(self.optimizer, opt)
         if e is not None:
             if self.start.own:
-                raise SolutionError(f"{self.start.source}: optimizer state does not match this command's model/tuning "
-                                    f"({e}); use another --name or --no-auto-resume")
-            log.warning("%s: optimizer state does not fit this model/tuning (%s); starting a fresh optimizer "
-                        "(as --reset-optimizer)", self.start.source, e)
+                raise SolutionError(
+                    f"{self.start.source}: optimizer state does not match this command's model/tuning "
+                    f"({e}); use another --name or --no-auto-resume"
+                )
+            log.warning(
+                "%s: optimizer state does not fit this model/tuning (%s); starting a fresh optimizer "
+                "(as --reset-optimizer)",
+                self.start.source,
+                e,
+            )
 
     def _validated_at(self, step: int) -> bool:
         """Whether the training loop validated at ``step`` (it does so before that step's checkpoint)."""
@@ -204,16 +242,29 @@ class Trainer:
         if self.d.main:
             files.write_params(self.params)
             if self.start.own:
-                files.pay_owed(self.owed, self.model, cfg.model_config, epoch=self.start_epoch,
-                               step=self.step, name=cfg.name, best=self.tracker.best)
+                files.pay_owed(
+                    self.owed,
+                    self.model,
+                    cfg.model_config,
+                    epoch=self.start_epoch,
+                    step=self.step,
+                    name=cfg.name,
+                    best=self.tracker.best,
+                )
                 # a validation of the resumed step that is to be redone (the kill came before its
                 # checkpoint) must not leave its first rows behind
                 files.truncate_metrics(self.step, not self.closed and not self._validated_at(self.step))
             elif files.metrics.exists():
                 files.metrics.unlink()
         set_train_mode(self.model, cfg.model_config.tuning)
-        bar = tqdm(total=cfg.max_steps, initial=min(self.step, cfg.max_steps), desc=cfg.name, unit="step",
-                   disable=cfg.no_progress or not self.d.main, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=min(self.step, cfg.max_steps),
+            desc=cfg.name,
+            unit="step",
+            disable=cfg.no_progress or not self.d.main,
+            dynamic_ncols=True,
+        )
         try:
             self._train(bar)
         finally:
@@ -225,8 +276,14 @@ class Trainer:
         best = self.tracker.best
         last = files.latest if files.latest.is_file() else None
         best_ckpt = files.best if (best is not None and files.best.is_file()) else None
-        return {"run_dir": str(files.run_dir), "best": best, "best_checkpoint": str(best_ckpt) if best_ckpt else None,
-                "last_checkpoint": str(last) if last else None, "params": self.params, "config": cfg}
+        return {
+            "run_dir": str(files.run_dir),
+            "best": best,
+            "best_checkpoint": str(best_ckpt) if best_ckpt else None,
+            "last_checkpoint": str(last) if last else None,
+            "params": self.params,
+            "config": cfg,
+        }
 
     def _train(self, bar) -> None:
         cfg = self.cfg
@@ -240,26 +297,43 @@ class Trainer:
                 validated_at = self._train_epoch(epoch, stop, bar, validated_at)
             epoch_done = self.micro >= stop
             final = self.step >= cfg.max_steps or self.tracker.stop
-            if (self.val_sets and cfg.valid_epoch_interval and validated_at != self.step
-                    and (final or (epoch + 1) % cfg.valid_epoch_interval == 0)):
+            if (
+                self.val_sets
+                and cfg.valid_epoch_interval
+                and validated_at != self.step
+                and (final or (epoch + 1) % cfg.valid_epoch_interval == 0)
+            ):
                 self._validate(epoch)
             due = final or (cfg.save_epoch_frequency > 0 and (epoch + 1) % cfg.save_epoch_frequency == 0)
             self._save(self.files.epoch_path(epoch + 1) if due else None, epoch, advance=epoch_done, closed=True)
             if epoch_done:
                 self.epoch, self.micro = epoch + 1, 0
         if self.tracker.stop and self.tracker.best is not None:
-            log.info("early stop: mean recall did not improve for %d validations (best %.2f at step %d)",
-                     self.tracker.bad, self.tracker.best["mean_recall"], self.tracker.best["step"])
+            log.info(
+                "early stop: mean recall did not improve for %d validations (best %.2f at step %d)",
+                self.tracker.bad,
+                self.tracker.best["mean_recall"],
+                self.tracker.best["step"],
+            )
 
     def _train_epoch(self, epoch: int, stop: int, bar, validated_at: int) -> int:
         """Train epoch ``epoch`` from the current micro-batch to ``stop`` (or the last step, or an early
         stop); returns the step of the last validation."""
         cfg, mc = self.cfg, self.cfg.model_config
         if self.batches is None:
-            self.batches = TrainBatches(self.train_split, resolution=mc.image_resolution, augment=cfg.augment,
-                                        context_length=mc.context_length, prompt=mc.text_prompt,
-                                        batch_size=cfg.batch_size, rank=self.d.rank, world=self.d.world, seed=cfg.seed,
-                                        num_workers=cfg.num_workers, pin_memory=self.d.device.type == "cuda")
+            self.batches = TrainBatches(
+                self.train_split,
+                resolution=mc.image_resolution,
+                augment=cfg.augment,
+                context_length=mc.context_length,
+                prompt=mc.text_prompt,
+                batch_size=cfg.batch_size,
+                rank=self.d.rank,
+                world=self.d.world,
+                seed=cfg.seed,
+                num_workers=cfg.num_workers,
+                pin_memory=self.d.device.type == "cuda",
+            )
         it = self.batches.epoch(epoch, self.micro, stop)
         t_data = time.perf_counter()
         while self.micro < stop and self.step < cfg.max_steps:
@@ -316,9 +390,18 @@ class Trainer:
         seconds since the previous line."""
         cfg = self.cfg
         bar.set_postfix(loss=f"{out['loss']:.4f}", scale=f"{out['logit_scale']:.2f}", lr=f"{lr:.2e}", refresh=False)
-        row = {"step": self.step, "epoch": epoch + 1, "kind": "train", "loss": out["loss"], "lr": lr,
-               "logit_scale": out["logit_scale"], "pairs_per_s": out["pairs"] / dt, "data_time": data_time,
-               "batch_time": dt, "time": time.time()}
+        row = {
+            "step": self.step,
+            "epoch": epoch + 1,
+            "kind": "train",
+            "loss": out["loss"],
+            "lr": lr,
+            "logit_scale": out["logit_scale"],
+            "pairs_per_s": out["pairs"] / dt,
+            "data_time": data_time,
+            "batch_time": dt,
+            "time": time.time(),
+        }
         if cfg.report_training_batch_acc:
             row.update(acc_i2t=100 * out["acc_i2t"], acc_t2i=100 * out["acc_t2i"])
         if self.clock is not None:
@@ -344,17 +427,38 @@ class Trainer:
         weights = weights_for_checkpoint(self.model, mc)
         pos = {"epoch": epoch + 1, "micro": 0} if advance else {"epoch": epoch, "micro": self.micro}
         t = time.perf_counter()
-        state = {"position": pos, "rng": rngs, "best": self.tracker.best, "bad_validations": self.tracker.bad,
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "closed": closed, "owed": [path.name] if path is not None else []}
+        state = {
+            "position": pos,
+            "rng": rngs,
+            "best": self.tracker.best,
+            "bad_validations": self.tracker.bad,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "closed": closed,
+            "owed": [path.name] if path is not None else [],
+        }
         if mc.tuning.get("lora"):
             state["adapted_state_dict"] = unwrap(self.model).state_dict()
-        self.files.save(self.files.latest, self.model, mc, epoch=epoch + 1, step=self.step, name=name,
-                        weights=weights, optimizer=to_cpu(self.optimizer.state_dict()), train_state=to_cpu(state))
+        self.files.save(
+            self.files.latest,
+            self.model,
+            mc,
+            epoch=epoch + 1,
+            step=self.step,
+            name=name,
+            weights=weights,
+            optimizer=to_cpu(self.optimizer.state_dict()),
+            train_state=to_cpu(state),
+        )
         if path is not None:
             self.files.save(path, self.model, mc, epoch=epoch + 1, step=self.step, name=name, weights=weights)
-        log.info("saved %s%s (epoch %d, step %d) in %.1fs", self.files.latest.name, f" and {path.name}" if path else "",
-                 epoch + 1, self.step, time.perf_counter() - t)
+        log.info(
+            "saved %s%s (epoch %d, step %d) in %.1fs",
+            self.files.latest.name,
+            f" and {path.name}" if path else "",
+            epoch + 1,
+            self.step,
+            time.perf_counter() - t,
+        )
 
     def _gather_rng(self) -> list:
         state = rng_state()

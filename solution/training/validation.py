@@ -19,26 +19,33 @@ processes wait; the early-stop state (stop flag, best record, count) and whether
 its callback raised are then always broadcast, so every process stops together and none waits for
 an answer that never comes.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cn_clip_patch.tuning import set_train_mode
-
 from solution.data.lmdb_io import LMDBSplit
 from solution.formats.hits import write_hits
-from solution.formats.runs import MAIN_SET
+from solution.formats.run_files import MAIN_SET
 from solution.model import ModelConfig
-from solution.retrieval.encode import (Queries, ScoringInputs, SplitFeatures, encode_split, prepare_inputs,
-                                       score_features, split_queries)
-from solution.retrieval.prepared import IMAGE_CACHE_BYTES
+from solution.retrieval.encode import (
+    Queries,
+    ScoringInputs,
+    SplitFeatures,
+    encode_split,
+    prepare_inputs,
+    score_features,
+    split_queries,
+)
+from solution.retrieval.pixels import IMAGE_CACHE_BYTES
 
 from .loaders import epoch_order
 from .run_config import TrainConfig
@@ -113,8 +120,15 @@ class Validation:
         set_train_mode(model, self.model_config.tuning)
         record = next(({k: v for k, v in r.items() if k != "hits"} for r in rows if r["set"] == MAIN_SET), None)
         if record is not None and self.tracker.update(record):
-            self.files.save(self.files.best, model, self.model_config, epoch=epoch + 1, step=step,
-                            name=self.cfg.name, metrics=dict(record))
+            self.files.save(
+                self.files.best,
+                model,
+                self.model_config,
+                epoch=epoch + 1,
+                step=step,
+                name=self.cfg.name,
+                metrics=dict(record),
+            )
             log.info("new best mean recall %.2f at step %d -> %s", record["mean_recall"], step, self.files.best)
         if not self.cfg.no_plot:
             self.files.draw_curves(self.cfg.name)
@@ -127,10 +141,17 @@ class Validation:
         if name not in self._prepared:
             queries, cfg = split_queries(split), self.cfg
             used = sum(i.images.pixels.numel() for _, i in self._prepared.values() if i.images is not None)
-            self._prepared[name] = queries, prepare_inputs(split, self.model_config, queries,
-                                                           batch_size=cfg.valid_batch_size,
-                                                           num_workers=cfg.valid_num_workers,
-                                                           max_bytes=max(0, CACHE_BYTES - used))
+            self._prepared[name] = (
+                queries,
+                prepare_inputs(
+                    split,
+                    self.model_config,
+                    queries,
+                    batch_size=cfg.valid_batch_size,
+                    num_workers=cfg.valid_num_workers,
+                    max_bytes=max(0, CACHE_BYTES - used),
+                ),
+            )
         return self._prepared[name]
 
     def score(self, model: nn.Module, name: str, split: LMDBSplit, d: Dist, *, step: int, epoch: int) -> dict:
@@ -138,21 +159,56 @@ class Validation:
         writes its per-query hits first and names them in the line)."""
         cfg, m, t = self.cfg, unwrap(model), time.perf_counter()
         queries, inputs = self._inputs(name, split)
-        feats = encode_split(m, split, self.model_config, queries, inputs=inputs, device=d.device,
-                             batch_size=cfg.valid_batch_size, num_workers=cfg.valid_num_workers, precision=cfg.precision)
-        rec = score_features(feats, split, queries, {"all": queries.text_ids}, device=d.device,
-                             with_hits=name == MAIN_SET)["all"]
+        feats = encode_split(
+            m,
+            split,
+            self.model_config,
+            queries,
+            inputs=inputs,
+            device=d.device,
+            batch_size=cfg.valid_batch_size,
+            num_workers=cfg.valid_num_workers,
+            precision=cfg.precision,
+        )
+        rec = score_features(
+            feats, split, queries, {"all": queries.text_ids}, device=d.device, with_hits=name == MAIN_SET
+        )["all"]
         text_ids, hits = rec.pop("text_ids", None), rec.pop("hits", None)
-        rec.update(feature_loss(feats, queries, split, m.logit_scale.detach().exp(), batch_size=cfg.valid_batch_size,
-                                seed=cfg.seed, same_text=cfg.same_text_positives, device=d.device))
-        row = {"step": step, "epoch": epoch + 1, "kind": "valid", "set": name, **{k: float(v) for k, v in rec.items()},
-               "logit_scale": float(m.logit_scale.detach().exp()), "seconds": time.perf_counter() - t}
+        rec.update(
+            feature_loss(
+                feats,
+                queries,
+                split,
+                m.logit_scale.detach().exp(),
+                batch_size=cfg.valid_batch_size,
+                seed=cfg.seed,
+                same_text=cfg.same_text_positives,
+                device=d.device,
+            )
+        )
+        row = {
+            "step": step,
+            "epoch": epoch + 1,
+            "kind": "valid",
+            "set": name,
+            **{k: float(v) for k, v in rec.items()},
+            "logit_scale": float(m.logit_scale.detach().exp()),
+            "seconds": time.perf_counter() - t,
+        }
         if hits is not None and self.tracker.improves(row):
             write_hits(self.files.best_hits, text_ids, hits)
             row["hits"] = self.files.best_hits.relative_to(self.files.run_dir).as_posix()
         self.files.log_row(row)
-        log.info("valid %s @ step %d: R@1 %.2f R@5 %.2f R@10 %.2f mean %.2f | val loss %.4f", name, step, row["r1"],
-                 row["r5"], row["r10"], row["mean_recall"], row.get("val_loss", float("nan")))
+        log.info(
+            "valid %s @ step %d: R@1 %.2f R@5 %.2f R@10 %.2f mean %.2f | val loss %.4f",
+            name,
+            step,
+            row["r1"],
+            row["r5"],
+            row["r10"],
+            row["mean_recall"],
+            row.get("val_loss", float("nan")),
+        )
         return row
 
     def _share(self, d: Dist, err: BaseException | None) -> None:
@@ -169,8 +225,17 @@ class Validation:
 
 
 @torch.no_grad()
-def feature_loss(feats: SplitFeatures, queries: Queries, split: LMDBSplit, logit_scale: torch.Tensor, *,
-                 batch_size: int, seed: int, same_text: bool = True, device="cpu") -> dict:
+def feature_loss(
+    feats: SplitFeatures,
+    queries: Queries,
+    split: LMDBSplit,
+    logit_scale: torch.Tensor,
+    *,
+    batch_size: int,
+    seed: int,
+    same_text: bool = True,
+    device="cpu",
+) -> dict:
     """cn_clip's validation loss and in-batch accuracies (:func:`.step.contrastive_eval`'s arithmetic)
     from features already computed: the split's pairs in :func:`.loaders.val_loader`'s order and
     batches (``batch_size``, ``seed``), each pair's image feature by its image id and text feature by
@@ -184,7 +249,7 @@ def feature_loss(feats: SplitFeatures, queries: Queries, split: LMDBSplit, logit
     total = acc_i = acc_t = 0.0
     n = 0
     for lo in range(0, len(order), batch_size):
-        pairs = [split.pair(i) for i in order[lo:lo + batch_size]]
+        pairs = [split.pair(i) for i in order[lo : lo + batch_size]]
         pairs = [(img_row[i], txt_row[t], t) for i, t, _ in pairs if i in img_row]
         if not pairs:
             continue

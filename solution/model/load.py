@@ -13,17 +13,19 @@ Attention: every model built here runs its text tower's self-attention through
 rounding) unless ``attn_impl="upstream"`` (upstream's hand-written attention) is asked for; see
 :data:`ATTN_IMPLS` and :func:`set_attn_impl`. The vision tower reaches SDPA either way.
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import logging
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
 from solution.common import SolutionError
+
 from .checkpoint import clean_state_dict, infer_architecture, read_checkpoint, resolve_config
 from .registry import ModelConfig
 
@@ -88,8 +90,13 @@ def _shape(shape) -> str:
     return "x".join(map(str, shape)) or "scalar"
 
 
-def check_shapes(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], config: ModelConfig, source: str,
-                 original: Mapping[str, torch.Tensor] | None = None) -> None:
+def check_shapes(
+    sd: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple],
+    config: ModelConfig,
+    source: str,
+    original: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Refuse a (clean) state dict whose tensors are missing from or differ in shape with ``expected``.
 
     One line naming the file, the architecture its config names, the one its shapes look like
@@ -108,8 +115,11 @@ def check_shapes(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], 
         parts.append(f"{_count(bad)} {verb} in shape ({shown}{', ...' if len(bad) > 3 else ''})")
     if missing:
         parts.append(f"{_count(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-    head = f"{source} holds a {theirs} model, not {config.arch}" if theirs != config.arch \
+    head = (
+        f"{source} holds a {theirs} model, not {config.arch}"
+        if theirs != config.arch
         else f"{source} does not fit {config.arch}"
+    )
     raise SolutionError(f"{head}: {'; '.join(parts)}")
 
 
@@ -118,16 +128,24 @@ def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
     bad = [k for k, t in sd.items() if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise SolutionError(f"{source} has non-finite weights (NaN or Inf) in {_count(bad)}: "
-                            f"{', '.join(bad[:3])}{more}; a diverged run? use an earlier checkpoint")
+        raise SolutionError(
+            f"{source} has non-finite weights (NaN or Inf) in {_count(bad)}: "
+            f"{', '.join(bad[:3])}{more}; a diverged run? use an earlier checkpoint"
+        )
 
 
 def _resizable_positions(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple]) -> bool:
     """Whether upstream's ``resize_pos_embed`` can adapt the ViT position grid (a square grid of our width)."""
     key = "visual.positional_embedding"
     pos, want = sd.get(key), expected.get(key)
-    if pos is None or want is None or pos.ndim != 2 or len(want) != 2 or pos.shape[1] != want[1] \
-            or pos.shape[0] == want[0]:
+    if (
+        pos is None
+        or want is None
+        or pos.ndim != 2
+        or len(want) != 2
+        or pos.shape[1] != want[1]
+        or pos.shape[0] == want[0]
+    ):
         return False
     side = int(round((pos.shape[0] - 1) ** 0.5))
     return pos.shape[0] > 1 and side * side == pos.shape[0] - 1
@@ -156,8 +174,9 @@ def load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], config:
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k in own})
 
 
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", attn_impl: str = "sdpa",
-               **overrides) -> tuple[torch.nn.Module, ModelConfig, dict]:
+def load_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", attn_impl: str = "sdpa", **overrides
+) -> tuple[torch.nn.Module, ModelConfig, dict]:
     """Build the model a checkpoint describes and load its weights: ``(model, config, checkpoint)``.
 
     The text tower's attention runs on ``attn_impl`` (:data:`ATTN_IMPLS`). Every check of

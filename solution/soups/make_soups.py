@@ -12,15 +12,16 @@ its log line and summary entry relative to ``OUT``), and for pairwise ``merged_r
 methods each gets such a folder ``OUT/{method}/``, sharing ``OUT/score_cache.json``; ``OUT/soup.pt``
 (a hard link) and ``OUT/summary.json`` name the best of them. Every summary's ``significance`` holds
 each soup's mean-recall difference to the best single ingredient over all the validation queries with
-its 95% paired-bootstrap interval (:func:`solution.retrieval.stats.paired_bootstrap`, 1000 resamples,
+its 95% paired-bootstrap interval (:func:`solution.stats.paired_bootstrap`, 1000 resamples,
 seed 0), also logged.
 
 With ``--folds K`` each method is first cross-fitted over the validation queries
-(:func:`solution.retrieval.stats.crossfit`, folds drawn with ``--seed``): for each fold it chooses on the
+(:func:`solution.stats.crossfit`, folds drawn with ``--seed``): for each fold it chooses on the
 other K-1 folds (ingredients rescored there, log in ``{method folder}/crossfit/fold{N}/``) and its soup
 is scored on the fold left out; the summary entry's ``crossfit`` holds the held-out scores, their mean
 and 95% interval. The soup shipped is the method run on all queries, as without ``--folds``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,23 +29,31 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from solution.common import SolutionError, atomic_path, check_output, resolve_device, write_json
 from solution.formats.hits import align, read_hits
+from solution.model.precision import DTYPES, dtype_name
 from solution.retrieval.metrics import RECALL_KEYS
-from solution.retrieval.precision import DTYPES, dtype_name
-from solution.retrieval.stats import crossfit, paired_bootstrap
+from solution.retrieval.val_data import ValData
+from solution.stats import crossfit, paired_bootstrap
 
 from . import methods as recipes
-from .ingredients import (Ingredient, check_compatible, check_output_folder, expand_checkpoints, gather,
-                          inspect_checkpoint, study_checkpoints)
+from .ingredients import (
+    Ingredient,
+    check_compatible,
+    check_output_folder,
+    expand_checkpoints,
+    gather,
+    inspect_checkpoint,
+    study_checkpoints,
+)
 from .methods import LOG_NAME, METHODS, Pot, Soup, log_row
-from .scoring import ScoreCache, Scorer, ValData
+from .scoring import ScoreCache, Scorer
 from .weights import recipe_key
 
 log = logging.getLogger(__name__)
@@ -92,7 +101,9 @@ class SoupOptions:
             raise SolutionError("--max-rounds must be at least 1")
         if self.folds is not None:
             if self.select_split:
-                raise SolutionError("--folds and --select-split exclude each other (cross-fitting holds out every query once)")
+                raise SolutionError(
+                    "--folds and --select-split exclude each other (cross-fitting holds out every query once)"
+                )
             if self.no_score:
                 raise SolutionError("--folds needs scores (not --no-score)")
             if self.folds < 2:
@@ -115,14 +126,24 @@ def _soup_dtype(opts: SoupOptions, ings: Sequence[Ingredient]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else torch.float32
 
 
-def _score_ingredients(scorer: Scorer, ings: list[Ingredient], base: Ingredient | None, duplicates: dict,
-                       dtype: torch.dtype) -> list[dict]:
+def _score_ingredients(
+    scorer: Scorer, ings: list[Ingredient], base: Ingredient | None, duplicates: dict, dtype: torch.dtype
+) -> list[dict]:
     """Score every ingredient (and the base) as it would be saved in the soup dtype; their log rows."""
     rows = []
     for ing in ings + ([base] if base else []):
         ing.score = scorer.score(recipe_key([(ing.key, 1.0)], dtype_name(dtype)), ing.path)
-        rows.append(log_row("ingredient" if ing is not base else "base", 0, {ing.path: 1.0}, ing.score, True,
-                            fingerprint=ing.fingerprint, duplicates=[d for d, o in duplicates.items() if o == ing.path]))
+        rows.append(
+            log_row(
+                "ingredient" if ing is not base else "base",
+                0,
+                {ing.path: 1.0},
+                ing.score,
+                True,
+                fingerprint=ing.fingerprint,
+                duplicates=[d for d, o in duplicates.items() if o == ing.path],
+            )
+        )
     return rows
 
 
@@ -162,28 +183,63 @@ def significance(root: Path, soups: dict, best_single: dict | None) -> dict | No
             continue
         b = paired_bootstrap(mine[1], other, n_resamples=N_RESAMPLES, seed=BOOTSTRAP_SEED)
         rows[m] = {"diff": b.diff, "low": b.low, "high": b.high, "significant": b.significant}
-    return {"reference": best_single["path"], "queries": "all", "n_resamples": N_RESAMPLES, "seed": BOOTSTRAP_SEED,
-            "ci": 0.95, "soups": rows}
+    return {
+        "reference": best_single["path"],
+        "queries": "all",
+        "n_resamples": N_RESAMPLES,
+        "seed": BOOTSTRAP_SEED,
+        "ci": 0.95,
+        "soups": rows,
+    }
 
 
-def _summary(folder: Path, results: dict, ings: list[Ingredient], duplicates: dict, opts: SoupOptions,
-             dtype: torch.dtype, val: ValData | None, root: Path, crossfits: dict) -> dict:
+def _summary(
+    folder: Path,
+    results: dict,
+    ings: list[Ingredient],
+    duplicates: dict,
+    opts: SoupOptions,
+    dtype: torch.dtype,
+    val: ValData | None,
+    root: Path,
+    crossfits: dict,
+) -> dict:
     scored = [i for i in ings if i.score]
     best_single = max(scored, key=lambda i: i.score["mean_recall"]) if scored else None
     best = max(results, key=lambda m: (results[m].score or {}).get("mean_recall", 0.0))
-    soups = {m: {"checkpoint": s.source, "members": list(s.members), "weights": list(s.members.values()),
-                 **s.extra, **_scores(s.score)} for m, s in results.items()}
+    soups = {
+        m: {
+            "checkpoint": s.source,
+            "members": list(s.members),
+            "weights": list(s.members.values()),
+            **s.extra,
+            **_scores(s.score),
+        }
+        for m, s in results.items()
+    }
     for m in soups:
         if crossfits.get(m):
             soups[m]["crossfit"] = crossfits[m]
     single = {"path": best_single.path, **_scores(best_single.score)} if best_single else None
     return {
-        "soup": str(folder / "soup.pt"), "method": best, "soups": soups, "best_single": single,
+        "soup": str(folder / "soup.pt"),
+        "method": best,
+        "soups": soups,
+        "best_single": single,
         "significance": significance(root, soups, single),
         "ingredients": [{"path": i.path, "fingerprint": i.fingerprint, **_scores(i.score)} for i in ings],
-        "duplicates": duplicates, "dtype": dtype_name(dtype),
-        "selection": ({"fraction": opts.select_split, "seed": opts.seed, "select_text_ids": val.select,
-                       "report_text_ids": val.report} if val else None),
+        "duplicates": duplicates,
+        "dtype": dtype_name(dtype),
+        "selection": (
+            {
+                "fraction": opts.select_split,
+                "seed": opts.seed,
+                "select_text_ids": val.select,
+                "report_text_ids": val.report,
+            }
+            if val
+            else None
+        ),
     }
 
 
@@ -195,8 +251,15 @@ def _cook(method: str, pot: Pot, ings: list[Ingredient], base: Ingredient | None
     return recipes.interpolate(soup, base, opts.alphas, pot) if base is not None else soup
 
 
-def _crossfit(method: str, pot: Pot, ings: list[Ingredient], base: Ingredient | None, opts: SoupOptions,
-              mdir: Path, dtype: torch.dtype) -> dict:
+def _crossfit(
+    method: str,
+    pot: Pot,
+    ings: list[Ingredient],
+    base: Ingredient | None,
+    opts: SoupOptions,
+    mdir: Path,
+    dtype: torch.dtype,
+) -> dict:
     """``--folds``: the method chosen without each fold, scored on it; the summary's ``crossfit`` entry."""
     scorer, ids = pot.scorer, list(pot.scorer.val.select)
     fold_no = [0]
@@ -207,8 +270,10 @@ def _crossfit(method: str, pot: Pot, ings: list[Ingredient], base: Ingredient | 
         chosen = set(rows.tolist())
         view = scorer.view([ids[i] for i in rows], [t for i, t in enumerate(ids) if i not in chosen])
         fold_no[0] += 1
-        fold_ings = [dataclasses.replace(i, score=view.score(recipe_key([(i.key, 1.0)], dtype_name(dtype)), i.path))
-                     for i in ings]
+        fold_ings = [
+            dataclasses.replace(i, score=view.score(recipe_key([(i.key, 1.0)], dtype_name(dtype)), i.path))
+            for i in ings
+        ]
         rows0 = [log_row("ingredient", 0, {i.path: 1.0}, i.score, True) for i in fold_ings]
         pot.scorer = view
         try:
@@ -223,11 +288,20 @@ def _crossfit(method: str, pot: Pot, ings: list[Ingredient], base: Ingredient | 
         return choice["score"]["report"]["mean_recall"]
 
     result = crossfit(select_fn, score_fn, np.arange(len(ids)), k=opts.folds, seed=opts.seed)
-    return {"k": opts.folds, "seed": opts.seed, "fold_scores": result.fold_scores, "mean": result.mean,
-            "low": result.low, "high": result.high, "interval": result.interval,
-            "folds": [c["held_out"] for c in result.choices],
-            "fold_members": [{"members": list(c["members"]), "weights": [float(w) for w in c["members"].values()]}
-                             for c in result.choices]}
+    return {
+        "k": opts.folds,
+        "seed": opts.seed,
+        "fold_scores": result.fold_scores,
+        "mean": result.mean,
+        "low": result.low,
+        "high": result.high,
+        "interval": result.interval,
+        "folds": [c["held_out"] for c in result.choices],
+        "fold_members": [
+            {"members": list(c["members"]), "weights": [float(w) for w in c["members"].values()]}
+            for c in result.choices
+        ],
+    }
 
 
 def _prepare(opts: SoupOptions, out: Path):
@@ -238,9 +312,12 @@ def _prepare(opts: SoupOptions, out: Path):
     val = None if opts.no_score else ValData(opts.val_data, opts.val_texts, opts.select_split, opts.seed)
     if opts.folds and not opts.folds <= len(val.select):
         raise SolutionError(f"--folds {opts.folds}: need 2 <= K <= {len(val.select)} (the validation queries)")
-    for m in (opts.methods if opts.folds else ()):
-        check_output(out / m / "crossfit" if len(opts.methods) > 1 else out / "crossfit",
-                     what="--output's crossfit folder", is_dir=True)
+    for m in opts.methods if opts.folds else ():
+        check_output(
+            out / m / "crossfit" if len(opts.methods) > 1 else out / "crossfit",
+            what="--output's crossfit folder",
+            is_dir=True,
+        )
     cache = ScoreCache(out / CACHE_NAME)
     ings, duplicates, template = gather(paths, cache.fingerprints)
     base = None
@@ -252,8 +329,15 @@ def _prepare(opts: SoupOptions, out: Path):
         log.info("ingredients were tuned differently (full, LoRA merged, frozen towers): the soup is plain weights")
         config = dataclasses.replace(config, tuning={"mode": "full"})
     dtype = _soup_dtype(opts, ings)
-    log.info("%d checkpoints, %d distinct: %s, prompt %r, context length %d; soup dtype %s", len(paths), len(ings),
-             config.arch, config.text_prompt, config.context_length, dtype_name(dtype))
+    log.info(
+        "%d checkpoints, %d distinct: %s, prompt %r, context length %d; soup dtype %s",
+        len(paths),
+        len(ings),
+        config.arch,
+        config.text_prompt,
+        config.context_length,
+        dtype_name(dtype),
+    )
     return ings, duplicates, template, base, val, cache, config, dtype
 
 
@@ -265,8 +349,17 @@ def make_soups(opts: SoupOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     scorer = None
     if val is not None:
-        scorer = Scorer(val, config, cache, device=resolve_device(opts.device), batch_size=opts.batch_size,
-                        num_workers=opts.num_workers, precision=opts.precision, round_to=dtype, hits_dir=out / HITS_DIR)
+        scorer = Scorer(
+            val,
+            config,
+            cache,
+            device=resolve_device(opts.device),
+            batch_size=opts.batch_size,
+            num_workers=opts.num_workers,
+            precision=opts.precision,
+            round_to=dtype,
+            hits_dir=out / HITS_DIR,
+        )
     cache.save()
     rows = _score_ingredients(scorer, ings, base, duplicates, dtype) if scorer else []
     pot = Pot(config, template, dtype, scorer)
@@ -282,21 +375,43 @@ def make_soups(opts: SoupOptions) -> dict:
             scorer.release()
         soup.source = str(pot.save(mdir / "soup.pt", soup))  # frees the in-memory weights
         results[method] = soup
-        write_json(mdir / SUMMARY_NAME, _summary(mdir, {method: soup}, ings, duplicates, opts, dtype, val, out, crossfits))
+        write_json(
+            mdir / SUMMARY_NAME, _summary(mdir, {method: soup}, ings, duplicates, opts, dtype, val, out, crossfits)
+        )
     if len(opts.methods) > 1:
         best = max(results.values(), key=lambda s: s.score["mean_recall"]) if scorer else results[opts.methods[0]]
         _link(Path(best.source), out / "soup.pt")
         write_json(out / SUMMARY_NAME, _summary(out, results, ings, duplicates, opts, dtype, val, out, crossfits))
     for m, s in results.items():
-        log.info("%-9s mean recall %s%s with %d members -> %s", m, recipes.fmt_recall((s.score or {}).get("mean_recall")),
-                 f" (report {recipes.fmt_recall(s.score['report']['mean_recall'])})" if s.score and s.score.get("report")
-                 else "", len(s.members), s.source)
+        log.info(
+            "%-9s mean recall %s%s with %d members -> %s",
+            m,
+            recipes.fmt_recall((s.score or {}).get("mean_recall")),
+            f" (report {recipes.fmt_recall(s.score['report']['mean_recall'])})"
+            if s.score and s.score.get("report")
+            else "",
+            len(s.members),
+            s.source,
+        )
     for m, c in crossfits.items():
-        log.info("%-9s cross-fit over %d folds (held-out mean recall): %.3f, 95%% interval [%.3f, %.3f]", m, c["k"],
-                 c["mean"], c["low"], c["high"])
+        log.info(
+            "%-9s cross-fit over %d folds (held-out mean recall): %.3f, 95%% interval [%.3f, %.3f]",
+            m,
+            c["k"],
+            c["mean"],
+            c["low"],
+            c["high"],
+        )
     summary = json.loads((out / SUMMARY_NAME).read_text(encoding="utf-8"))
     sig = summary.get("significance") or {"soups": {}}
     for m, b in sig["soups"].items():
-        log.info("%-9s vs best single %s (all queries): %+.2f points, 95%% interval [%.2f, %.2f]%s", m,
-                 sig["reference"], b["diff"], b["low"], b["high"], "" if b["significant"] else " (contains 0: not significant)")
+        log.info(
+            "%-9s vs best single %s (all queries): %+.2f points, 95%% interval [%.2f, %.2f]%s",
+            m,
+            sig["reference"],
+            b["diff"],
+            b["low"],
+            b["high"],
+            "" if b["significant"] else " (contains 0: not significant)",
+        )
     return summary

@@ -1,8 +1,8 @@
 """The one reader of result folders: training runs, soups and search studies, as table entries.
 
-- a training run directory: ``metrics.jsonl`` (:func:`solution.formats.runs.read_metrics`: a last
+- a training run directory: ``metrics.jsonl`` (:func:`solution.formats.run_files.read_metrics`: a last
   line torn by a kill is skipped with a warning), ``params.json``
-  (:func:`solution.formats.runs.read_params`; unreadable means a warning and no settings) and the
+  (:func:`solution.formats.run_files.read_params`; unreadable means a warning and no settings) and the
   per-query hits file its best main-set validation row names (``"hits"``, relative to the run;
   kept only when their mean recall is that row's);
 - a soup folder: ``soup_log.jsonl`` (the ingredients, then one line per candidate) and, when
@@ -15,21 +15,23 @@
 :func:`collect` finds them under the given paths (a folder is searched a few levels deep). Every
 entry lists the files it was read from, so that no output is written over an input.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from solution.common import SolutionError
 from solution.formats.hits import read_hits
-from solution.formats.runs import METRICS, PARAMS, main_valid, parse_lines, read_metrics, read_params
-from solution.formats.trials import NAME as TRIALS_CSV, read_trials
-from solution.retrieval.stats import mean_recall
+from solution.formats.run_files import METRICS, PARAMS, main_valid, parse_lines, read_metrics, read_params
+from solution.formats.trials import NAME as TRIALS_CSV
+from solution.formats.trials import read_trials
+from solution.retrieval.metrics import mean_recall
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,27 @@ SOUP_LOG, SOUP_SUMMARY = "soup_log.jsonl", "summary.json"
 ENSEMBLE = "ensemble.json"
 SCORES = ("mean_recall", "r1", "r5", "r10")
 # Settings that name places or switch logging: never "the difference" between two runs.
-IGNORED_PARAMS = {"typed", "flag_changes", "config", "logs", "name", "no_plot", "no_progress", "log_interval", "num_workers",
-                  "valid_num_workers", "device", "model_config", "extra_val_data", "train_data", "val_data",
-                  "valid_batch_size", "debug", "no_auto_resume", "report_training_batch_acc"}
+IGNORED_PARAMS = {
+    "typed",
+    "flag_changes",
+    "config",
+    "logs",
+    "name",
+    "no_plot",
+    "no_progress",
+    "log_interval",
+    "num_workers",
+    "valid_num_workers",
+    "device",
+    "model_config",
+    "extra_val_data",
+    "train_data",
+    "val_data",
+    "valid_batch_size",
+    "debug",
+    "no_auto_resume",
+    "report_training_batch_acc",
+}
 MAX_DEPTH = 4
 
 
@@ -141,9 +161,18 @@ def read_run(run_dir: Path, name: str, kind: str = "run", settings: dict | None 
         settings = run_settings(run_dir)
     files = [f for f in (metrics, params) if f.is_file()]
     hits, note = _run_hits(run_dir, best, files)
-    return Entry(name, kind, {k: best.get(k) for k in SCORES} if best else {}, best.get("step") if best else None,
-                 settings=settings, curve=[(r.get("step"), r["mean_recall"]) for r in valid],
-                 extra={"validations": len(valid)}, files=files, hits=hits, hits_note=note)
+    return Entry(
+        name,
+        kind,
+        {k: best.get(k) for k in SCORES} if best else {},
+        best.get("step") if best else None,
+        settings=settings,
+        curve=[(r.get("step"), r["mean_recall"]) for r in valid],
+        extra={"validations": len(valid)},
+        files=files,
+        hits=hits,
+        hits_note=note,
+    )
 
 
 def _soup_methods(rows: list[dict]) -> list[str]:
@@ -170,8 +199,11 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
     if ref_hits is not None:  # the best ingredient, over all queries: a reference when no single model is a row
         single = summary.get("best_single") or best_row
         path = Path(str(single.get("path") or (single.get("members") or ["?"])[0]))
-        reference = {"name": f"best ingredient {_display(path)} of {name}",
-                     "mean_recall": (single.get("all") or single).get("mean_recall"), "hits": ref_hits}
+        reference = {
+            "name": f"best ingredient {_display(path)} of {name}",
+            "mean_recall": (single.get("all") or single).get("mean_recall"),
+            "hits": ref_hits,
+        }
     methods = _soup_methods(rows)
     out = []
     for m in methods:
@@ -186,18 +218,36 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
         scores = final.get("all") or final
         mr = final.get("mean_recall")
         curve = [(i, r.get("mean_recall"), bool(r.get("kept"))) for i, r in enumerate(lines)]
-        settings = {"method": m, "members": len(final.get("members") or []),
-                    "alpha": final.get("alpha", 1.0) if any("alpha" in r for r in lines) else None}
-        extra = {"vs_best_single": (mr - best_single) if mr is not None and best_single is not None else None,
-                 "select_mr": mr if final.get("all") else None, "reference": reference}
+        settings = {
+            "method": m,
+            "members": len(final.get("members") or []),
+            "alpha": final.get("alpha", 1.0) if any("alpha" in r for r in lines) else None,
+        }
+        extra = {
+            "vs_best_single": (mr - best_single) if mr is not None and best_single is not None else None,
+            "select_mr": mr if final.get("all") else None,
+            "reference": reference,
+        }
         cross = final.get("crossfit")
         if cross:  # --folds: the held-out estimate is the cross-fit mean (the interval beside it)
             extra["crossfit"] = {k: cross.get(k) for k in ("k", "mean", "low", "high")}
         hits, note = _hits(folder, final.get("hits"), files)
         held_out = report.get("mean_recall") if report or not cross else cross.get("mean")
-        out.append(Entry(name if len(methods) == 1 else f"{name}:{m}", "soup", {k: scores.get(k) for k in SCORES},
-                         None, held_out, {k: v for k, v in settings.items() if v is not None},
-                         curve, extra, files, hits, note))
+        out.append(
+            Entry(
+                name if len(methods) == 1 else f"{name}:{m}",
+                "soup",
+                {k: scores.get(k) for k in SCORES},
+                None,
+                held_out,
+                {k: v for k, v in settings.items() if v is not None},
+                curve,
+                extra,
+                files,
+                hits,
+                note,
+            )
+        )
     return out
 
 
@@ -210,17 +260,39 @@ def read_ensemble_folder(folder: Path, name: str) -> list[Entry]:
     spec, files = read_ensemble(spec_file), [spec_file]
     scores, hits_files = spec.get("scores") or {}, spec.get("hits") or {}
     hits, note = _hits(folder, hits_files.get("ensemble"), files)
-    settings = {"members": len(spec["members"]), "norm": spec.get("norm"),
-                "rerank": (spec.get("rerank") or {}).get("method")}
-    out = [Entry(name, "ensemble", {k: (scores.get("all") or {}).get(k) for k in SCORES}, None,
-                 (scores.get("report") or {}).get("mean_recall"), settings, [],
-                 {"select_mr": (scores.get("select") or {}).get("mean_recall")}, files, hits, note)]
+    settings = {
+        "members": len(spec["members"]),
+        "norm": spec.get("norm"),
+        "rerank": (spec.get("rerank") or {}).get("method"),
+    }
+    out = [
+        Entry(
+            name,
+            "ensemble",
+            {k: (scores.get("all") or {}).get(k) for k in SCORES},
+            None,
+            (scores.get("report") or {}).get("mean_recall"),
+            settings,
+            [],
+            {"select_mr": (scores.get("select") or {}).get("mean_recall")},
+            files,
+            hits,
+            note,
+        )
+    ]
     for i, (member, alone) in enumerate(zip(spec["members"], scores.get("members") or [])):
         h, n = _hits(folder, hits_files.get(f"member{i}"), files)
-        out.append(Entry(f"{name}/member {i} {_display(Path(str(member['path'])))}", "member",
-                         {k: (alone.get("all") or {}).get(k) for k in SCORES},
-                         settings={"weight": spec["weights"][i], "arch": member.get("arch")},
-                         files=files, hits=h, hits_note=n))
+        out.append(
+            Entry(
+                f"{name}/member {i} {_display(Path(str(member['path'])))}",
+                "member",
+                {k: (alone.get("all") or {}).get(k) for k in SCORES},
+                settings={"weight": spec["weights"][i], "arch": member.get("arch")},
+                files=files,
+                hits=h,
+                hits_note=n,
+            )
+        )
     return out
 
 
@@ -240,7 +312,9 @@ def read_study(study_dir: Path, name: str) -> list[Entry]:
     out = []
     for r in read_trials(table):
         number = r.get("number") or "?"
-        settings = {k[len("params_"):]: _num(v) for k, v in r.items() if k.startswith("params_") and v not in ("", None)}
+        settings = {
+            k[len("params_") :]: _num(v) for k, v in r.items() if k.startswith("params_") and v not in ("", None)
+        }
         settings["state"] = str(r.get("state", "")).replace("TrialState.", "")
         run_dir = _trial_run_dir(study_dir, r)
         tname = f"{name}/trial {number}"
@@ -277,8 +351,9 @@ def collect(paths: Sequence[str | os.PathLike]) -> list[Entry]:
             raise SolutionError(f"not found: {p}")
         found = _walk(p, 0)
         if not found:
-            raise SolutionError(f"{p}: no training run ({METRICS}), soup ({SOUP_LOG}), study ({TRIALS_CSV}) "
-                               f"or ensemble ({ENSEMBLE})")
+            raise SolutionError(
+                f"{p}: no training run ({METRICS}), soup ({SOUP_LOG}), study ({TRIALS_CSV}) or ensemble ({ENSEMBLE})"
+            )
         entries.extend(found)
     return entries
 

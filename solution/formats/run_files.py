@@ -8,6 +8,7 @@ refuses anything else malformed with one line naming the file and line; :class:`
 a live run's new lines the same way. :func:`main_valid` / :func:`is_main_valid` are the one filter
 for the main validation set's records.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from solution.common import append_jsonl, disk_full_as_error, json_line, SolutionError, write_json, write_jsonl
+from solution.common import SolutionError, append_jsonl, disk_full_as_error, json_line, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 

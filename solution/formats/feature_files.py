@@ -18,6 +18,7 @@ written last). :func:`check_outputs` refuses, before any work, outputs that woul
 collide with each other, be a folder or sit under a file. What ``BASE.meta.json`` records about
 the model is built by :mod:`solution.retrieval.manifest`.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from solution.common import atomic_path, check_output, json_line, SolutionError, write_json
+from solution.common import SolutionError, atomic_path, check_output, json_line, write_json
 
 from .muge import is_int
 
@@ -96,8 +97,10 @@ def resolve_features(path: str | os.PathLike, kind: str = "") -> tuple[str, Path
             except (ValueError, OSError, AttributeError):
                 fmt = None
         if fmt not in FORMATS:
-            raise SolutionError(f"{what} {p} is ambiguous: both {npy} and JSON lines at {plain} exist and "
-                                f"{meta.name} does not say which was written last; give {npy} or a .jsonl name")
+            raise SolutionError(
+                f"{what} {p} is ambiguous: both {npy} and JSON lines at {plain} exist and "
+                f"{meta.name} does not say which was written last; give {npy} or a .jsonl name"
+            )
         has_npy = fmt == "npy"
     if has_npy:
         return "npy", npy, ids, meta
@@ -131,8 +134,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
-def save_features(path: str | os.PathLike, kind: str, ids, feats, *, fmt: str | None = None,
-                  meta: dict | None = None) -> list[Path]:
+def save_features(
+    path: str | os.PathLike, kind: str, ids, feats, *, fmt: str | None = None, meta: dict | None = None
+) -> list[Path]:
     """Write features (each file atomically); returns the paths written (features first)."""
     ids = np.asarray(ids, dtype=np.int64)
     feats = np.ascontiguousarray(feats, dtype=np.float32)
@@ -145,10 +149,15 @@ def save_features(path: str | os.PathLike, kind: str, ids, feats, *, fmt: str | 
         _save_npy(fpath, feats)
     else:
         with atomic_path(fpath) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for i, row in zip(ids.tolist(), feats.tolist()):
-                f.write(json.dumps({key: i, "feature": row}) + "\n")
-    meta = {"kind": kind, "format": "npy" if ipath is not None else "jsonl", "count": int(len(ids)),
-            "dim": int(feats.shape[1]), "features": str(fpath.resolve()), **(meta or {})}
+            f.writelines(json.dumps({key: i, "feature": row}) + "\n" for i, row in zip(ids.tolist(), feats.tolist()))
+    meta = {
+        "kind": kind,
+        "format": "npy" if ipath is not None else "jsonl",
+        "count": len(ids),
+        "dim": int(feats.shape[1]),
+        "features": str(fpath.resolve()),
+        **(meta or {}),
+    }
     write_json(mpath, meta)
     return [p for p in (fpath, ipath, mpath) if p is not None]
 
@@ -188,10 +197,12 @@ def _jsonl_record(fpath: Path, lineno: int, raw: bytes, kind: str) -> dict | Non
     if obj is None:
         return None
     if isinstance(obj, dict) and key not in obj and f"{other}_id" in obj:
-        raise SolutionError(f"{fpath}:{lineno}: holds {other} features ({other}_id), not {kind} "
-                            f"features: are the image and text feature files swapped?")
+        raise SolutionError(
+            f"{fpath}:{lineno}: holds {other} features ({other}_id), not {kind} "
+            f"features: are the image and text feature files swapped?"
+        )
     if not isinstance(obj, dict) or key not in obj or "feature" not in obj:
-        raise SolutionError(f"{fpath}:{lineno}: expected {{\"{key}\": int, \"feature\": [...]}}")
+        raise SolutionError(f'{fpath}:{lineno}: expected {{"{key}": int, "feature": [...]}}')
     if not is_int(obj[key]):
         raise SolutionError(f"{fpath}:{lineno}: {key} {obj[key]!r} is not an integer")
     return obj
@@ -200,8 +211,9 @@ def _jsonl_record(fpath: Path, lineno: int, raw: bytes, kind: str) -> dict | Non
 def _read_jsonl(fpath: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
     id_list, rows = [], []
     with open(fpath, "rb") as f:
-        for lineno, raw in enumerate(tqdm(f, desc=f"read {fpath.name}", unit="line", leave=False,
-                                          disable=not sys.stderr.isatty()), 1):
+        for lineno, raw in enumerate(
+            tqdm(f, desc=f"read {fpath.name}", unit="line", leave=False, disable=not sys.stderr.isatty()), 1
+        ):
             obj = _jsonl_record(fpath, lineno, raw, kind)
             if obj is not None:
                 id_list.append(obj[f"{kind}_id"])
@@ -226,8 +238,10 @@ def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
     meta = _read_meta(mpath)
     recorded = meta.get("kind")
     if recorded is not None and recorded != kind:
-        raise SolutionError(f"{fpath} holds {recorded} features (kind {recorded!r} in {mpath.name}), "
-                            f"not {kind} features: are the image and text feature files swapped?")
+        raise SolutionError(
+            f"{fpath} holds {recorded} features (kind {recorded!r} in {mpath.name}), "
+            f"not {kind} features: are the image and text feature files swapped?"
+        )
     ids, feats = _read_npy(fpath, ipath) if fmt == "npy" else _read_jsonl(fpath, kind)
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     if len(ids) == 0:

@@ -20,18 +20,20 @@ Everything that touches the full ``[Q, G]`` matrix goes in chunks of query rows 
 re-ranked in place), so memory stays two blocks (three with softmax) whatever ``Q``, the bank size
 and the number of members are; :func:`fusion_chunk` sizes the chunk for a memory budget.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from typing import Callable, Collection, Sequence, Union
+from collections.abc import Callable, Collection, Sequence
+from typing import Union
 
 import numpy as np
 import torch
 
+from solution.model.precision import exact_math
 from solution.retrieval.metrics import KS, recall_at_k, topk_rows
-from solution.retrieval.precision import exact_math
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,9 @@ class Scores:
         if isinstance(source, tuple):
             q, g = (self._tensor(x) for x in source)
             if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-                raise ValueError(f"member features must be [Q, D] and [G, D], "
-                                 f"got {tuple(q.shape)} and {tuple(g.shape)}")
+                raise ValueError(
+                    f"member features must be [Q, D] and [G, D], got {tuple(q.shape)} and {tuple(g.shape)}"
+                )
             self.queries, self.gallery = q, g.to(self.device)
             self.shape = (q.shape[0], g.shape[0])
         else:
@@ -161,8 +164,15 @@ def fusion_chunk(gallery_size: int, memory_mb: float, norm: str = "zscore") -> i
     return int(max(1, min(8192, memory_mb * 2**20 // (blocks * 4 * max(1, gallery_size)))))
 
 
-def fused_rows(members: Sequence[Scores], weights: np.ndarray, start: int, stop: int, norm: str = "none",
-               norm_temperature: float = 1.0, work: tuple | None = None) -> torch.Tensor:
+def fused_rows(
+    members: Sequence[Scores],
+    weights: np.ndarray,
+    start: int,
+    stop: int,
+    norm: str = "none",
+    norm_temperature: float = 1.0,
+    work: tuple | None = None,
+) -> torch.Tensor:
     """Rows ``[start, stop)`` of ``F = sum_m w_m N(S_m)`` (weights already checked; zero weights skipped): a
     view of ``work[0]``, valid until its next use; each member is scored and normalised in ``work[1]``."""
     n = stop - start
@@ -177,26 +187,51 @@ def fused_rows(members: Sequence[Scores], weights: np.ndarray, start: int, stop:
     return out
 
 
-def fuse(members_scores: Sequence[Member], weights=None, norm: str = "none", *, norm_temperature: float = 1.0
-         ) -> np.ndarray:
+def fuse(
+    members_scores: Sequence[Member], weights=None, norm: str = "none", *, norm_temperature: float = 1.0
+) -> np.ndarray:
     """The whole fused matrix ``sum_m w_m N(S_m) / sum_m w_m`` in float64 (for small sets; see :func:`fused_topk`)."""
     ms = as_members(members_scores, dtype=torch.float64)
     w = check_weights(np.ones(len(ms)) if weights is None else weights, len(ms))
     return fused_rows(ms, w, 0, ms[0].shape[0], norm, norm_temperature).cpu().numpy()
 
 
-def fused_topk(members: Sequence[Member], k: int, weights=None, *, norm: str = "none", norm_temperature: float = 1.0,
-               chunk_size: int = DEFAULT_CHUNK, device="cpu", dtype=torch.float32) -> tuple[np.ndarray, np.ndarray]:
+def fused_topk(
+    members: Sequence[Member],
+    k: int,
+    weights=None,
+    *,
+    norm: str = "none",
+    norm_temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    device="cpu",
+    dtype=torch.float32,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(scores [Q, k], gallery indices [Q, k])`` of the fused scores, best first, ties to the lower index."""
-    return rerank_topk(members, k, weights, norm=norm, norm_temperature=norm_temperature, chunk_size=chunk_size,
-                       device=device, dtype=dtype)
+    return rerank_topk(
+        members,
+        k,
+        weights,
+        norm=norm,
+        norm_temperature=norm_temperature,
+        chunk_size=chunk_size,
+        device=device,
+        dtype=dtype,
+    )
 
 
 # ---------------------------------------------------------------- re-ranking
 
 
-def _bank_stats(bank: Sequence[Scores], w: np.ndarray, temperature: float, bank_topk: int | None,
-                chunk_size: int, norm: str, norm_temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _bank_stats(
+    bank: Sequence[Scores],
+    w: np.ndarray,
+    temperature: float,
+    bank_topk: int | None,
+    chunk_size: int,
+    norm: str,
+    norm_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``L_g = log sum_b exp(F_bg / T)`` over the bank, and (``bank_topk``) which columns are in some bank row's
     top-k (the active set)."""
     n_bank, n_gallery = bank[0].shape
@@ -209,13 +244,14 @@ def _bank_stats(bank: Sequence[Scores], w: np.ndarray, temperature: float, bank_
             active[topk_rows(f, bank_topk)[1].flatten()] = True
         f.div_(temperature)  # column log-sum-exp of F / T, its exponentials in the scratch block
         top = f.amax(dim=0)
-        e = torch.sub(f, top, out=work[1][:len(f)]).exp_()
+        e = torch.sub(f, top, out=work[1][: len(f)]).exp_()
         lse = torch.logaddexp(lse, e.sum(dim=0).log_().add_(top))
     return lse, active
 
 
-def _rerank_block(f: torch.Tensor, method: str, temperature: float, lse: torch.Tensor,
-                  active: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def _rerank_block(
+    f: torch.Tensor, method: str, temperature: float, lse: torch.Tensor, active: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
     """The re-ranked block, written into ``out`` (same shape as ``f``; ``f`` is left as it is)."""
     out = torch.div(f, temperature, out=out).sub_(lse)
     if method == "dual_softmax":
@@ -238,10 +274,21 @@ def _check_rerank(method: str, temperature: float, bank, bank_topk: int | None) 
 
 
 @exact_math()  # ranking in full float32 whatever the caller set (TF32 off)
-def rerank_topk(members: Sequence[Member], k: int, weights=None, *, method: str = "none", temperature: float = 0.0,
-                bank: Sequence[Member] | None = None, bank_topk: int | None = None, norm: str = "none",
-                norm_temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK, device="cpu",
-                dtype=torch.float32) -> tuple[np.ndarray, np.ndarray]:
+def rerank_topk(
+    members: Sequence[Member],
+    k: int,
+    weights=None,
+    *,
+    method: str = "none",
+    temperature: float = 0.0,
+    bank: Sequence[Member] | None = None,
+    bank_topk: int | None = None,
+    norm: str = "none",
+    norm_temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    device="cpu",
+    dtype=torch.float32,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` ``(scores, gallery indices)`` of the fused scores after re-ranking, in chunks of query rows.
 
     ``method``: ``none``; ``dual_softmax`` (``F * exp(F/T - L)``, bank = the queries themselves unless
@@ -262,15 +309,16 @@ def rerank_topk(members: Sequence[Member], k: int, weights=None, *, method: str 
         bank_ms = ms if bank is None else as_members(bank, device=device, dtype=dtype)
         if len(bank_ms) != len(ms) or bank_ms[0].shape[1] != ms[0].shape[1]:
             raise ValueError(f"the bank needs one entry per member ({len(ms)}) over the same gallery")
-        stats = _bank_stats(bank_ms, w, temperature, bank_topk if method == "qb_norm" else None, chunk_size,
-                            norm, norm_temperature)
+        stats = _bank_stats(
+            bank_ms, w, temperature, bank_topk if method == "qb_norm" else None, chunk_size, norm, norm_temperature
+        )
     n_queries = ms[0].shape[0]
     all_s, all_i = [], []
     work = workspace(ms, min(chunk_size, n_queries))
     for start in range(0, n_queries, chunk_size):
         f = fused_rows(ms, w, start, min(start + chunk_size, n_queries), norm, norm_temperature, work)
         if stats is not None:
-            f = _rerank_block(f, method, temperature, *stats, out=work[1][:len(f)])
+            f = _rerank_block(f, method, temperature, *stats, out=work[1][: len(f)])
         s, i = topk_rows(f, k)
         all_s.append(s.cpu())
         all_i.append(i.cpu())
@@ -298,8 +346,9 @@ def _rerank_matrix(scores, method: str, temperature: float, bank_scores, bank_to
     if temperature == 0:
         return s.queries.numpy().copy()
     bank = s if bank_scores is None else Scores(bank_scores, dtype=torch.float64)
-    lse, active = _bank_stats([bank], np.ones(1), temperature, bank_topk if method == "qb_norm" else None,
-                              max(1, bank.shape[0]), "none", 1.0)
+    lse, active = _bank_stats(
+        [bank], np.ones(1), temperature, bank_topk if method == "qb_norm" else None, max(1, bank.shape[0]), "none", 1.0
+    )
     return _rerank_block(s.queries, method, temperature, lse, active, torch.empty_like(s.queries)).numpy()
 
 
@@ -365,8 +414,9 @@ def forward_select(evaluate: Callable[[np.ndarray], float], n_members: int, *, m
         key = tuple((counts // g).tolist())
         if key not in cache:
             cache[key] = float(evaluate(counts / counts.sum()))
-        trajectory.append({"round": rnd, "member": member, "counts": counts.tolist(), "score": cache[key],
-                           "accepted": False})
+        trajectory.append(
+            {"round": rnd, "member": member, "counts": counts.tolist(), "score": cache[key], "accepted": False}
+        )
         return cache[key]
 
     counts = np.zeros(n_members, dtype=np.int64)
@@ -388,13 +438,18 @@ def forward_select(evaluate: Callable[[np.ndarray], float], n_members: int, *, m
     return Selection(chosen, counts, counts / counts.sum(), best_score, trajectory)
 
 
-def fit_temperature(evaluate: Callable[[float], float], grid: Sequence[float] = TEMPERATURE_GRID
-                    ) -> tuple[float, list[dict]]:
+def fit_temperature(
+    evaluate: Callable[[float], float], grid: Sequence[float] = TEMPERATURE_GRID
+) -> tuple[float, list[dict]]:
     """``argmax_T evaluate(T)`` over ``grid`` (ties: the earliest value, so list 0 = off first) and the records."""
     if not len(grid):
         raise ValueError("empty temperature grid")
     records = [{"temperature": float(t), "score": float(evaluate(float(t)))} for t in grid]
     best = max(records, key=lambda r: r["score"])  # max keeps the first of equal scores
-    log.info("temperature %g: %.4f (%s)", best["temperature"], best["score"],
-             ", ".join(f"{r['temperature']:g}: {r['score']:.4f}" for r in records))
+    log.info(
+        "temperature %g: %.4f (%s)",
+        best["temperature"],
+        best["score"],
+        ", ".join(f"{r['temperature']:g}: {r['score']:.4f}" for r in records),
+    )
     return best["temperature"], records

@@ -9,11 +9,12 @@ is finished exactly as those two steps would finish each image (``/255`` in floa
 ``Normalize``, elementwise), so :func:`solution.retrieval.encode.encode_images` given them feeds
 the model the same tensors in the same batches as it does decoding them.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,9 +73,16 @@ class PreparedImages:
                 yield torch.from_numpy(self.image_ids[a:b]), self.finish(self.pixels[a:b])
 
 
-def prepare_images(split: LMDBSplit | str, config: ModelConfig, *, image_ids: Sequence[int] | None = None,
-                   batch_size: int = 64, num_workers: int = 0, max_bytes: int = IMAGE_CACHE_BYTES,
-                   progress: bool = False) -> PreparedImages | None:
+def prepare_images(
+    split: LMDBSplit | str,
+    config: ModelConfig,
+    *,
+    image_ids: Sequence[int] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    max_bytes: int = IMAGE_CACHE_BYTES,
+    progress: bool = False,
+) -> PreparedImages | None:
     """Decode and resize a split's images once for every model of ``config``'s resolution (e.g. each
     soup candidate, each validation of a run): uint8 pixels, 3 x H x W bytes an image. None (decode
     on each use) when they would take more than ``max_bytes`` or the eval transform has another form."""
@@ -84,18 +92,26 @@ def prepare_images(split: LMDBSplit | str, config: ModelConfig, *, image_ids: Se
     need = len(ids) * 3 * res * res
     parts = _split_transform(res)
     if parts is None or need > max_bytes:
-        log.info("%s: images decoded on each use (%.1f GiB of pixels, bound %.1f GiB)", split.split_dir,
-                 need / 2**30, max_bytes / 2**30)
+        log.info(
+            "%s: images decoded on each use (%.1f GiB of pixels, bound %.1f GiB)",
+            split.split_dir,
+            need / 2**30,
+            max_bytes / 2**30,
+        )
         return None
-    loader = DataLoader(_Positions(ImageDataset(split, parts[0], ids)), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_positions_collate)
+    loader = DataLoader(
+        _Positions(ImageDataset(split, parts[0], ids)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_positions_collate,
+    )
     got, pos, pix = [], [], torch.empty((len(ids), 3, res, res), dtype=torch.uint8)
     for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress):
         for p, image_id, px in batch:
             pix[len(got)] = px
             got.append(image_id)
             pos.append(p)
-    pix = pix if len(got) == len(ids) else pix[:len(got)].clone()
+    pix = pix if len(got) == len(ids) else pix[: len(got)].clone()
     return PreparedImages(np.asarray(got, np.int64), np.asarray(pos, np.int64), pix, parts[1], len(ids))
 
 

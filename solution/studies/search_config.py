@@ -6,6 +6,7 @@ The YAML format is described in :mod:`solution.search` (the command line). A tri
 :func:`check_trial_flags` refuses, before the first trial, a config whose trials the trainer's
 parser would refuse.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,21 +14,44 @@ import difflib
 import io
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import optuna
 import yaml
 
 from solution.common import SolutionError, read_yaml_mapping
+
 from .gpus import check_gpu_settings
 
 log = logging.getLogger(__name__)
 
-STUDY_KEYS = {"name", "direction", "n_trials", "out", "storage", "pruner", "sampler", "mode", "torchrun_nproc",
-              "timeout", "report_at", "metric", "valid_set", "enqueue", "launcher", "heartbeat", "grace_period",
-              "plots", "retry_interrupted", "gpus_per_trial", "gpus", "gpu_lease_dir"}
+STUDY_KEYS = {
+    "name",
+    "direction",
+    "n_trials",
+    "out",
+    "storage",
+    "pruner",
+    "sampler",
+    "mode",
+    "torchrun_nproc",
+    "timeout",
+    "report_at",
+    "metric",
+    "valid_set",
+    "enqueue",
+    "launcher",
+    "heartbeat",
+    "grace_period",
+    "plots",
+    "retry_interrupted",
+    "gpus_per_trial",
+    "gpus",
+    "gpu_lease_dir",
+}
 DEFAULT_OUT = "runs/search"  # a config without out: keeps its study in runs/search/NAME
 RESERVED_FLAGS = {"logs", "name"}  # set per trial by the search
 PARAM_TYPES = ("float", "int", "categorical")
@@ -54,7 +78,7 @@ class ParamSpec:
     sets: dict | None = None  # choice -> {flag: value}: the param is not a flag itself
 
     @classmethod
-    def parse(cls, name: str, spec: Any) -> "ParamSpec":
+    def parse(cls, name: str, spec: Any) -> ParamSpec:
         if isinstance(spec, list):
             spec = {"type": "categorical", "choices": spec}
         if not isinstance(spec, dict):
@@ -65,10 +89,17 @@ class ParamSpec:
         kind = spec.get("type", "categorical" if "choices" in spec else None)
         if kind not in PARAM_TYPES:
             raise SolutionError(f"search space entry {name!r}: type must be one of {PARAM_TYPES}, got {kind!r}")
-        p = cls(name=flag_key(name), type=kind, low=spec.get("low"),
-                high=spec.get("high"), log=bool(spec.get("log", False)), step=spec.get("step"),
-                choices=spec.get("choices"), only_if=flag_key(spec["only_if"]) if spec.get("only_if") else None,
-                sets=spec.get("sets"))
+        p = cls(
+            name=flag_key(name),
+            type=kind,
+            low=spec.get("low"),
+            high=spec.get("high"),
+            log=bool(spec.get("log", False)),
+            step=spec.get("step"),
+            choices=spec.get("choices"),
+            only_if=flag_key(spec["only_if"]) if spec.get("only_if") else None,
+            sets=spec.get("sets"),
+        )
         if kind == "categorical":
             if not isinstance(p.choices, list) or not p.choices:
                 raise SolutionError(f"search space entry {name!r}: categorical needs a non-empty choices list")
@@ -99,8 +130,9 @@ class ParamSpec:
 
     def suggest(self, trial: optuna.Trial):
         if self.type == "float":
-            return trial.suggest_float(self.name, self.low, self.high, log=self.log,
-                                       step=None if self.step is None else float(self.step))
+            return trial.suggest_float(
+                self.name, self.low, self.high, log=self.log, step=None if self.step is None else float(self.step)
+            )
         if self.type == "int":
             return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=int(self.step or 1))
         return trial.suggest_categorical(self.name, self.choices)
@@ -161,8 +193,9 @@ def parse_config(raw: dict, source: str = "config") -> SearchConfig:
     settings = {**study, **{k: raw.pop(k) for k in list(raw) if k in STUDY_KEYS}}
     base, space = raw.pop("base", None) or {}, raw.pop("space", None) or {}
     if raw:
-        raise SolutionError(f"{source}: unknown keys {sorted(raw)} (allowed: base, space, study, "
-                            f"{', '.join(sorted(STUDY_KEYS))})")
+        raise SolutionError(
+            f"{source}: unknown keys {sorted(raw)} (allowed: base, space, study, {', '.join(sorted(STUDY_KEYS))})"
+        )
     if not isinstance(base, dict) or not isinstance(space, dict):
         raise SolutionError(f"{source}: 'base' and 'space' must be mappings")
     base = {flag_key(k): v for k, v in base.items()}
@@ -175,8 +208,7 @@ def parse_config(raw: dict, source: str = "config") -> SearchConfig:
     for p in specs.values():
         if p.only_if and p.only_if not in specs:
             raise SolutionError(f"{source}: {p.name}.only_if names {p.only_if!r}, which is not in the space")
-    cfg = SearchConfig(base=base, space=specs, **{k: v for k, v in settings.items()
-                                                   if k not in ("pruner", "sampler")})
+    cfg = SearchConfig(base=base, space=specs, **{k: v for k, v in settings.items() if k not in ("pruner", "sampler")})
     cfg.pruner = _named(settings.get("pruner", "median"), "pruner")
     cfg.sampler = _named(settings.get("sampler", "tpe"), "sampler")
     cfg.source = source
@@ -204,8 +236,10 @@ def check_config(cfg: SearchConfig, source: str = "config") -> None:
         if key == "grace_period" and value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < (key == "grace_period"):
-            raise SolutionError(f"{source}: {key} must be a {'positive' if key == 'grace_period' else 'non-negative'}"
-                                f" integer, got {value!r}")
+            raise SolutionError(
+                f"{source}: {key} must be a {'positive' if key == 'grace_period' else 'non-negative'}"
+                f" integer, got {value!r}"
+            )
     if cfg.grace_period is not None and cfg.grace_period <= cfg.heartbeat:
         raise SolutionError(f"{source}: grace_period ({cfg.grace_period} s) must exceed heartbeat ({cfg.heartbeat} s)")
     if cfg.timeout is not None and not isinstance(cfg.timeout, (int, float)):
@@ -221,8 +255,10 @@ def check_config(cfg: SearchConfig, source: str = "config") -> None:
     for i, params in enumerate(cfg.enqueue):
         stray = [k for k in params if flag_key(k) not in cfg.space]
         if stray:
-            raise SolutionError(f"{source}: enqueue[{i}] names {stray[0]!r}, which is not in the space "
-                                f"({', '.join(cfg.space) or 'empty'})")
+            raise SolutionError(
+                f"{source}: enqueue[{i}] names {stray[0]!r}, which is not in the space "
+                f"({', '.join(cfg.space) or 'empty'})"
+            )
     if cfg.plots not in (True, False, "each", "end"):
         raise SolutionError(f"{source}: plots must be each, end or false, got {cfg.plots!r}")
     check_gpu_settings(cfg, source)
@@ -248,8 +284,15 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Searc
     return cfg
 
 
-def override(cfg: SearchConfig, source: str, *, study_name: str | None = None, pruner: str | None = None,
-             no_plots: bool = False, **values) -> SearchConfig:
+def override(
+    cfg: SearchConfig,
+    source: str,
+    *,
+    study_name: str | None = None,
+    pruner: str | None = None,
+    no_plots: bool = False,
+    **values,
+) -> SearchConfig:
     """The command line's study settings over the config's: ``values`` (n_trials, storage, out, mode,
     torchrun_nproc, timeout, gpus_per_trial, gpus, gpu_lease_dir) where not None; torchrun implies
     subprocess mode; a pruner named other than the config's replaces it with its defaults. Checked again
@@ -320,7 +363,7 @@ def check_trial_flags(cfg: SearchConfig) -> None:
     the first trial, of each enqueued trial and of each choice and range end of the space must pass the
     trainer's own parser (without training). A failure is one line naming the file, key and problem.
     """
-    from solution.training.config import build_parser
+    from solution.training.flags import build_parser
 
     known = {s[2:] for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
     names = [(k, f"--set {cfg.overrides[k]}" if k in cfg.overrides else f"base key {k!r}") for k in cfg.base]
@@ -364,7 +407,7 @@ def _probe_trials(cfg: SearchConfig):
 
 def _trainer_refusal(argv: list[str]) -> str | None:
     """The trainer parser's one-line complaint about ``argv``, or None when it accepts it."""
-    from solution.training.config import parse_args
+    from solution.training.flags import parse_args
 
     err = io.StringIO()
     try:

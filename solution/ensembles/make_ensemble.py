@@ -8,6 +8,7 @@ every member and the ensemble scored on the selection, report and all queries. W
 atomically: ``ensemble_log.jsonl`` (one line per candidate tried), ``selection.png`` and
 ``ensemble.json`` (:mod:`.spec`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from solution.common import SolutionError, check_output, resolve_device, write_jsonl
+from solution.ensembles.fusion import NORMS, RERANKERS, check_weights, gold_rows
 from solution.formats.hits import write_hits
 from solution.formats.muge import read_texts
-from solution.retrieval.fusion import NORMS, RERANKERS, check_weights, gold_rows
 from solution.retrieval.manifest import now
-from solution.retrieval.stats import query_hits
-from solution.soups.scoring import ValData
+from solution.retrieval.metrics import query_hits
+from solution.retrieval.val_data import ValData
 
 from .members import TTAS, Encoding, check_galleries, encode_member
 from .selection import Choice, Plan, Problem, choose
@@ -84,12 +85,14 @@ def _check_split(fraction: float | None, n: int) -> None:
         raise SolutionError(f"--select-split must be a fraction in (0, 1), got {fraction}")
     k = round(fraction * n)
     if k == 0 or k == n:
-        raise SolutionError(f"--select-split {fraction} of {n} queries leaves an empty "
-                            f"{'selection' if k == 0 else 'report'} half")
+        raise SolutionError(
+            f"--select-split {fraction} of {n} queries leaves an empty {'selection' if k == 0 else 'report'} half"
+        )
 
 
 def _plot(path: Path, members: list, scores: dict, parts: list[str]) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -118,8 +121,10 @@ def _score_all(problem: Problem, choice: Choice, parts: dict) -> dict:
     parts = {**parts, "all": parts.get("all", parts["select"])}
     scores = {p: problem.recall(choice, rows) for p, rows in parts.items()}
     n = problem.n_members
-    scores["members"] = [{p: problem.recall(Choice(tuple(np.eye(n)[i].tolist()), "none"), rows)
-                          for p, rows in parts.items()} for i in range(n)]
+    scores["members"] = [
+        {p: problem.recall(Choice(tuple(np.eye(n)[i].tolist()), "none"), rows) for p, rows in parts.items()}
+        for i in range(n)
+    ]
     return scores
 
 
@@ -130,8 +135,10 @@ def _write_hits(out: Path, problem: Problem, choice: Choice, text_ids: list[int]
     ids, gold = [text_ids[r] for r in rows], [problem.gold[r] for r in rows]
     n = problem.n_members
     files = {}
-    for name, c in [("ensemble", choice), *((f"member{i}", Choice(tuple(np.eye(n)[i].tolist()), "none"))
-                                           for i in range(n))]:
+    for name, c in [
+        ("ensemble", choice),
+        *((f"member{i}", Choice(tuple(np.eye(n)[i].tolist()), "none")) for i in range(n)),
+    ]:
         path = write_hits(out / "hits" / name, ids, query_hits(problem.ranked(c, rows), gold))
         files[name] = str(path.relative_to(out))
     return files
@@ -150,31 +157,52 @@ def make_ensemble(o: EnsembleOptions) -> dict:
     if o.select_split:
         val = ValData(o.val_data, None, o.select_split, o.seed)
     bank = [r.text for r in read_texts(o.bank)] if o.bank else None
-    members = [encode_member(p, val.split, val.queries.texts, enc, bank_texts=bank, flip="flip" in tta)
-               for p in o.members]
+    members = [
+        encode_member(p, val.split, val.queries.texts, enc, bank_texts=bank, flip="flip" in tta) for p in o.members
+    ]
     gallery_ids = check_galleries(members)
     q = val.queries
-    problem = Problem([m.queries for m in members], [m.gallery for m in members],
-                      gold_rows(q.text_ids, gallery_ids, q.gold), [m.bank for m in members] if bank else None,
-                      device=enc.device, bank_topk=o.bank_topk,
-                      flipped=[m.gallery_for("flip") for m in members] if tta else None)
+    problem = Problem(
+        [m.queries for m in members],
+        [m.gallery for m in members],
+        gold_rows(q.text_ids, gallery_ids, q.gold),
+        [m.bank for m in members] if bank else None,
+        device=enc.device,
+        bank_topk=o.bank_topk,
+        flipped=[m.gallery_for("flip") for m in members] if tta else None,
+    )
     parts = _parts(val, q.text_ids)
     plan = Plan(o.norm, o.weights, rerankers, o.max_rounds, o.bank_topk, tta)
     records: list = []
     choice, select_score, cross = choose(problem, parts["select"], plan, o.folds, o.seed, records)
     scores = _score_all(problem, choice, parts)
     scores.setdefault("report", None)
-    spec = {"members": [m.record() for m in members], **choice.record(),
-            "scores": scores, "selection_score": select_score, "crossfit": cross,
-            "val_data": str(Path(o.val_data).resolve()), "select_split": o.select_split, "seed": o.seed,
-            "created": now(), "command": list(o.command)}
+    spec = {
+        "members": [m.record() for m in members],
+        **choice.record(),
+        "scores": scores,
+        "selection_score": select_score,
+        "crossfit": cross,
+        "val_data": str(Path(o.val_data).resolve()),
+        "select_split": o.select_split,
+        "seed": o.seed,
+        "created": now(),
+        "command": list(o.command),
+    }
     spec["rerank"].update(bank=str(Path(o.bank).resolve()) if o.bank else None, bank_topk=o.bank_topk)
     out.mkdir(parents=True, exist_ok=True)
     spec["hits"] = _write_hits(out, problem, choice, q.text_ids)
     write_jsonl(out / LOG_NAME, records)
     _plot(out / PLOT_NAME, members, scores, [p for p in ("select", "report") if scores.get(p)])
     write_ensemble(out / NAME, spec)
-    log.info("ensemble %s: weights %s, %s, tta %s, re-ranker %s; select %.2f%s", out, spec["weights"], o.norm,
-             spec["tta"], spec["rerank"]["method"], scores["select"]["mean_recall"],
-             f", report {scores['report']['mean_recall']:.2f}" if scores.get("report") else "")
+    log.info(
+        "ensemble %s: weights %s, %s, tta %s, re-ranker %s; select %.2f%s",
+        out,
+        spec["weights"],
+        o.norm,
+        spec["tta"],
+        spec["rerank"]["method"],
+        scores["select"]["mean_recall"],
+        f", report {scores['report']['mean_recall']:.2f}" if scores.get("report") else "",
+    )
     return spec

@@ -6,64 +6,55 @@ system's mean recall is ``100 * mean_q v_q``; :func:`mean_recall` computes that 
 official arithmetic (from the hit counts per K), equal to :func:`solution.metrics.recall_at_k`'s
 to the last digit, while ``100 * v.mean()`` can differ from it in the last bits.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from solution.retrieval.metrics import KS
+from solution.retrieval.metrics import per_query_recall
 
 log = logging.getLogger(__name__)
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30; above 30 a Cornish-Fisher expansion.
-_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
-         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
-         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+_T975 = (
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.0930,
+    2.0860,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
+)
 _Z975 = 1.959963984540054
-
-
-# ---------------------------------------------------------------- per-query hits
-
-
-def query_hits(predictions, gold, ks: Sequence[int] = KS) -> np.ndarray:
-    """``[Q, len(ks)]`` booleans: ``hits[q, j]`` when a gold id of query ``q`` is in its first ``ks[j]`` predictions.
-
-    Either mappings keyed by query id like :func:`solution.metrics.recall_at_k` (rows in ``gold``'s
-    order), or sequences aligned by row (``predictions`` may be a ``[Q, >= max(ks)]`` array).
-    """
-    if isinstance(gold, Mapping):
-        qids = list(gold)
-        rows, answers = [predictions[q] for q in qids], [gold[q] for q in qids]
-    else:
-        rows, answers = list(predictions), list(gold)
-        if len(rows) != len(answers):
-            raise ValueError(f"{len(rows)} prediction rows but {len(answers)} gold entries")
-    hits = np.zeros((len(rows), len(ks)), dtype=bool)
-    for q, (ranked, gold_q) in enumerate(zip(rows, answers)):
-        gold_q = set(np.asarray(list(gold_q)).tolist())
-        ranked = np.asarray(ranked).tolist()
-        for j, k in enumerate(ks):
-            hits[q, j] = any(i in gold_q for i in ranked[:k])
-    return hits
-
-
-def per_query_recall(hits: np.ndarray) -> np.ndarray:
-    """``v_q = mean_j hits[q, j]`` (float64): query ``q``'s share of the mean recall, ``100 * mean_q v_q``."""
-    return np.asarray(hits, dtype=np.float64).mean(axis=1)
-
-
-def mean_recall(hits: np.ndarray) -> float:
-    """Mean recall in percent, official arithmetic: ``(sum_j (H_j / n) / J) * 100``, ``H_j`` the hits at ``ks[j]``."""
-    hits = np.asarray(hits, dtype=bool)
-    n = hits.shape[0]
-    if n == 0:
-        raise ValueError("no queries to score")
-    counts = hits.sum(axis=0).tolist()
-    return (sum(c * 1.0 / n for c in counts) / len(counts)) * 100
 
 
 def _values(x) -> np.ndarray:
@@ -87,8 +78,9 @@ class BootstrapResult:
     ci: float
 
 
-def paired_bootstrap(a_per_query, b_per_query, n_resamples: int = 1000, seed: int = 0, ci: float = 0.95,
-                     batch: int = 100) -> BootstrapResult:
+def paired_bootstrap(
+    a_per_query, b_per_query, n_resamples: int = 1000, seed: int = 0, ci: float = 0.95, batch: int = 100
+) -> BootstrapResult:
     """Paired bootstrap of ``100 * mean_q (a_q - b_q)`` over queries.
 
     Each resample draws ``Q`` query indices with replacement (``numpy.random.default_rng(seed)``)
@@ -114,8 +106,14 @@ def paired_bootstrap(a_per_query, b_per_query, n_resamples: int = 1000, seed: in
     low, high = np.quantile(diffs, [(1 - ci) / 2, (1 + ci) / 2]).tolist()
     diff = 100 * float(d.mean())
     out = BootstrapResult(diff, low, high, bool(low > 0 or high < 0), n_resamples, ci)
-    log.info("paired bootstrap: a - b = %.3f points, %g%% interval [%.3f, %.3f]%s", diff, 100 * ci, low, high,
-             " (significant)" if out.significant else "")
+    log.info(
+        "paired bootstrap: a - b = %.3f points, %g%% interval [%.3f, %.3f]%s",
+        diff,
+        100 * ci,
+        low,
+        high,
+        " (significant)" if out.significant else "",
+    )
     return out
 
 
@@ -155,7 +153,7 @@ def t_quantile_975(df: int) -> float:
     if df <= len(_T975):
         return _T975[df - 1]
     z = _Z975
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 @dataclasses.dataclass
@@ -172,8 +170,9 @@ class CrossfitResult:
     interval: str = "student-t 95% over fold scores"
 
 
-def crossfit(select_fn: Callable[[Any], Any], score_fn: Callable[[Any, Any], float], per_query_data,
-             k: int = 5, seed: int = 0) -> CrossfitResult:
+def crossfit(
+    select_fn: Callable[[Any], Any], score_fn: Callable[[Any, Any], float], per_query_data, k: int = 5, seed: int = 0
+) -> CrossfitResult:
     """K-fold cross-fitting: for each fold, ``choice = select_fn(data without the fold)`` and
     ``score_fn(choice, data of the fold)``; then the choice refit on all queries.
 

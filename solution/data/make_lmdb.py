@@ -37,6 +37,7 @@ block itself before the workers fork, and imports PIL only when that block needs
 garbage collector skips what they inherit, and tqdm is imported only for a bar on a terminal. On a busy
 machine, where every CPU-second counts, a TSV with conversions can still take longer than cn_clip's copy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,18 +46,27 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from solution.common import SolutionError, atomic_path, check_output
+
 from .images import CHECKS, DEFAULT_MAX_PIXELS, DEFAULT_QUALITY
 from .inputs import SplitInput, Text, load_muge_texts, read_muge, read_table, split_off_valid
 from .ledger import Ledger, split_report, summary_line
 from .lmdb_io import write_images, write_pairs
 from .output import building, check_split_name, muge_output, write_report
-from .workers import (check_tsv_block, check_tsv_task, clean_files, cleaning, default_workers, mapped, texts_task,
-                      tsv_blocks)
+from .workers import (
+    check_tsv_block,
+    check_tsv_task,
+    clean_files,
+    cleaning,
+    default_workers,
+    mapped,
+    texts_task,
+    tsv_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +99,10 @@ class _SplitRun:
         split = self.split
         if split.tsv is None:
             files = split.files
-            batches = (files[i:i + 32] for i in range(0, len(files), 32))
-            self.cleaned, _ = stack.enter_context(cleaning(
-                clean_files, batches, workers if len(files) >= MIN_PARALLEL else 1, opts))
+            batches = (files[i : i + 32] for i in range(0, len(files), 32))
+            self.cleaned, _ = stack.enter_context(
+                cleaning(clean_files, batches, workers if len(files) >= MIN_PARALLEL else 1, opts)
+            )
             return
         self.size = size = split.tsv.stat().st_size
         path = str(split.tsv)
@@ -102,11 +113,20 @@ class _SplitRun:
         blocks, first = tsv_blocks(mm), None
         if n_workers > 1:  # the first block is checked here, before the workers fork: when it holds an image to
             b = next(blocks, None)  # convert, PIL is imported once, here, for all of them (not once in each)
-            first = (b, check_tsv_block(mm[b[0]:b[0] + b[1]], b[0], opts)) if b else None
-        self.cleaned, self.texts_done = stack.enter_context(cleaning(
-            check_tsv_task, blocks, n_workers, opts,
-            task=lambda b: (path, b[0], b[1]), local=lambda b: check_tsv_block(mm[b[0]:b[0] + b[1]], b[0]),
-            ahead=TSV_AHEAD, side=self.side, first=first))
+            first = (b, check_tsv_block(mm[b[0] : b[0] + b[1]], b[0], opts)) if b else None
+        self.cleaned, self.texts_done = stack.enter_context(
+            cleaning(
+                check_tsv_task,
+                blocks,
+                n_workers,
+                opts,
+                task=lambda b: (path, b[0], b[1]),
+                local=lambda b: check_tsv_block(mm[b[0] : b[0] + b[1]], b[0]),
+                ahead=TSV_AHEAD,
+                side=self.side,
+                first=first,
+            )
+        )
 
     def route(self, stack: contextlib.ExitStack, progress: bool) -> None:
         """The texts (unless a worker reads them), one ledger per output, where each image goes; the spools
@@ -124,8 +144,15 @@ class _SplitRun:
         self.spools = [stack.enter_context(open(d / "spool.tsv", "wb")) for d in self.dirs[1:]]
         # the MUGE files (formats 2/3) replace the previous ones only when every output of the split is done
         muge_dir = self.muge_dir
-        self.muge = [stack.enter_context(atomic_path(muge_dir / f"{led.name}_{kind}")) for led in self.ledgers
-                     for kind in ("imgs.tsv", "texts.jsonl")] if muge_dir else []
+        self.muge = (
+            [
+                stack.enter_context(atomic_path(muge_dir / f"{led.name}_{kind}"))
+                for led in self.ledgers
+                for kind in ("imgs.tsv", "texts.jsonl")
+            ]
+            if muge_dir
+            else []
+        )
         self.muge_f = [stack.enter_context(open(p, "wb")) for p in self.muge[::2]]
         self.bar = stack.enter_context(_progress(progress, split, self.size))
 
@@ -138,8 +165,10 @@ class _SplitRun:
         if status != "skipped" and image_id in first_where:
             status, reason = "skipped", "duplicate_id"
             first = first_where[image_id]
-            detail = f"image id already stored from {f'line {first}' if isinstance(first, int) else first}; " \
-                     "the first one wins"
+            detail = (
+                f"image id already stored from {f'line {first}' if isinstance(first, int) else first}; "
+                "the first one wins"
+            )
         for k in targets:
             self.ledgers[k].image(where, image_id, status, reason, detail, actions, fmt)
         if status == "skipped":
@@ -181,8 +210,11 @@ class _SplitRun:
         clash = True
         if self.plain and n:  # are the plain lines' ids new and distinct? (then their order is moot)
             new = dict(zip(blk.ids, map(lineno0.__add__, blk.js)))
-            clash = (len(new) < n or not first_where.keys().isdisjoint(new)
-                     or any(r is not None and r[2] != "skipped" and r[1] in new for r in special.values()))
+            clash = (
+                len(new) < n
+                or not first_where.keys().isdisjoint(new)
+                or any(r is not None and r[2] != "skipped" and r[1] in new for r in special.values())
+            )
         if not clash:  # the common case: stored straight from the mapped file, no Python per line
             first_where.update(new)
             led = self.ledgers[0]
@@ -216,11 +248,20 @@ class _SplitRun:
             n_pairs = write_pairs(d, led.pairs(skipped_texts, partial), exact=True)
         (d / "spool.tsv").unlink(missing_ok=True)
         if self.muge_dir:
-            self.muge[2 * k + 1].write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in led.kept_texts()),
-                                            encoding="utf-8")
-        rep = split_report(led, self.split if k == 0 else None, skipped_texts, partial, n_img, n_pairs,
-                           time.perf_counter() - t0,
-                           source if k == 0 else f"{source}, --make-valid from {self.split.name}", lmdb_dir / led.name)
+            self.muge[2 * k + 1].write_text(
+                "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in led.kept_texts()), encoding="utf-8"
+            )
+        rep = split_report(
+            led,
+            self.split if k == 0 else None,
+            skipped_texts,
+            partial,
+            n_img,
+            n_pairs,
+            time.perf_counter() - t0,
+            source if k == 0 else f"{source}, --make-valid from {self.split.name}",
+            lmdb_dir / led.name,
+        )
         write_report(d / "report.json", rep)
         return rep
 
@@ -253,8 +294,17 @@ def _spooled(path: Path) -> Iterator[tuple[bytes, bytes]]:
             yield i, d
 
 
-def _process(split: SplitInput, outputs: Outputs, lmdb_dir: Path, tmps: dict[str, Path], muge_dir: Path | None,
-             opts: dict, workers: int, progress: bool, source: str) -> dict[str, dict]:
+def _process(
+    split: SplitInput,
+    outputs: Outputs,
+    lmdb_dir: Path,
+    tmps: dict[str, Path],
+    muge_dir: Path | None,
+    opts: dict,
+    workers: int,
+    progress: bool,
+    source: str,
+) -> dict[str, dict]:
     """Clean ``split``'s images once and write one LMDB per output (name, texts) into ``tmps[name]`` (its
     temp folder, swapped into ``lmdb_dir`` by the caller); {name: report}."""
     t0 = time.perf_counter()
@@ -268,8 +318,10 @@ def _process(split: SplitInput, outputs: Outputs, lmdb_dir: Path, tmps: dict[str
             reports[rep["split"]] = rep
         if len(outputs) > 1 and not all(r["num_samples"] for r in reports.values()):
             empty = next(n for n, r in reports.items() if not r["num_samples"])
-            raise SolutionError(f"--make-valid would leave split {empty!r} without a single pair (the images of its "
-                                f"queries were all skipped): nothing written; give a larger fraction or clean the data")
+            raise SolutionError(
+                f"--make-valid would leave split {empty!r} without a single pair (the images of its "
+                f"queries were all skipped): nothing written; give a larger fraction or clean the data"
+            )
         run.bar.close()
     for rep in reports.values():
         log.info("%s", summary_line(rep))
@@ -300,18 +352,40 @@ class _NoBar:
 # ---------------------------------------------------------------- API
 
 
-def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), *, lmdb_dir=None,
-            max_side: int | None = None, quality: int = DEFAULT_QUALITY, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-            workers: int | None = None, make_valid: float | None = None, valid_name: str = "valid",
-            csv: str | os.PathLike | None = None, images_dir=None, captions=None, seed: int = 0,
-            check: str = CHECKS[0], progress: bool = True) -> dict[str, dict]:
+def prepare(
+    data_dir,
+    splits: Sequence[str] | str = ("train", "valid", "test"),
+    *,
+    lmdb_dir=None,
+    max_side: int | None = None,
+    quality: int = DEFAULT_QUALITY,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    make_valid: float | None = None,
+    valid_name: str = "valid",
+    csv: str | os.PathLike | None = None,
+    images_dir=None,
+    captions=None,
+    seed: int = 0,
+    check: str = CHECKS[0],
+    progress: bool = True,
+) -> dict[str, dict]:
     """Build ``LMDB_DIR/{split}`` for each split; returns {split: report} (also in each report.json).
 
     ``splits``: names, or one comma-separated string. Every argument is checked (one
     :class:`SolutionError` line each) before anything is written."""
     data_dir = Path(data_dir)
-    splits = _check_args(splits, make_valid=make_valid, valid_name=valid_name, max_side=max_side, quality=quality,
-                         check=check, csv=csv, images_dir=images_dir, captions=captions)
+    splits = _check_args(
+        splits,
+        make_valid=make_valid,
+        valid_name=valid_name,
+        max_side=max_side,
+        quality=quality,
+        check=check,
+        csv=csv,
+        images_dir=images_dir,
+        captions=captions,
+    )
     table = csv or captions
     if table:
         source, muge_dir = "csv" if csv else "folder", data_dir
@@ -342,13 +416,20 @@ def prepare(data_dir, splits: Sequence[str] | str = ("train", "valid", "test"), 
                 record([name for name, _ in outputs])
     total = sum(r["images"]["total"] for r in reports.values())
     skipped = sum(r["images"]["skipped"] + r["images"]["duplicates"] for r in reports.values())
-    log.info("prepared %s in %s: %d images, %d stored, %d skipped (details in each report.json)",
-             ",".join(reports), lmdb_dir, total, sum(r["num_images"] for r in reports.values()), skipped)
+    log.info(
+        "prepared %s in %s: %d images, %d stored, %d skipped (details in each report.json)",
+        ",".join(reports),
+        lmdb_dir,
+        total,
+        sum(r["num_images"] for r in reports.values()),
+        skipped,
+    )
     return reports
 
 
-def _check_args(splits: Sequence[str] | str, *, make_valid, valid_name, max_side, quality, check, csv, images_dir,
-                captions) -> list[str]:
+def _check_args(
+    splits: Sequence[str] | str, *, make_valid, valid_name, max_side, quality, check, csv, images_dir, captions
+) -> list[str]:
     """The split names to build (checked, in order, without repeats); refuse impossible arguments."""
     if isinstance(splits, str):
         splits = [s.strip() for s in splits.split(",")]
@@ -370,8 +451,9 @@ def _check_args(splits: Sequence[str] | str, *, make_valid, valid_name, max_side
     return splits
 
 
-def _plan(inputs: dict[str, SplitInput], splits: list[str], make_valid: float | None, valid_name: str, seed: int,
-          table) -> list[tuple[SplitInput, Outputs]]:
+def _plan(
+    inputs: dict[str, SplitInput], splits: list[str], make_valid: float | None, valid_name: str, seed: int, table
+) -> list[tuple[SplitInput, Outputs]]:
     """Each input split with its outputs: itself, or (``make_valid``) itself and the validation split cut off it."""
     plan = []
     for name in splits:

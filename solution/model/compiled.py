@@ -28,6 +28,7 @@ Gradient checkpointing, ``--attn-impl upstream``, ``--mask-ratio``, autocast (fp
 ``backend`` other than ``inductor`` (``aot_eager``, ``eager``: graph capture without code
 generation) exists for the tests, where building C++ kernels on a small CPU takes minutes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,16 +73,22 @@ def check_compile(device, backend: str = "inductor") -> None:
     if backend not in BACKENDS:
         raise SolutionError(f"--torchcompile backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if not _dynamo_supported():
-        raise SolutionError(f"--torchcompile: torch.compile does not support this Python ({_python()}) in torch "
-                            f"{torch.__version__}; run without --torchcompile")
+        raise SolutionError(
+            f"--torchcompile: torch.compile does not support this Python ({_python()}) in torch "
+            f"{torch.__version__}; run without --torchcompile"
+        )
     if backend != "inductor":
         return
     if device.type == "cpu" and _cxx_found() is None:
-        raise SolutionError("--torchcompile on the CPU needs a C++ compiler for inductor (g++ or clang++, or $CXX); "
-                            "none was found: install one or run without --torchcompile")
+        raise SolutionError(
+            "--torchcompile on the CPU needs a C++ compiler for inductor (g++ or clang++, or $CXX); "
+            "none was found: install one or run without --torchcompile"
+        )
     if device.type == "cuda" and not _has_triton():
-        raise SolutionError("--torchcompile on CUDA needs triton for inductor (pip install triton, matching "
-                            "torch); it is not importable here: install it or run without --torchcompile")
+        raise SolutionError(
+            "--torchcompile on CUDA needs triton for inductor (pip install triton, matching "
+            "torch); it is not importable here: install it or run without --torchcompile"
+        )
 
 
 def _python() -> str:
@@ -130,17 +137,23 @@ def compile_towers(model: nn.Module, device, backend: str = "inductor") -> nn.Mo
             raise SolutionError(
                 f"--torchcompile cannot compile LoRA on nn.MultiheadAttention ({name}.{bad[0]}, {len(bad)} layer(s)): "
                 "peft swaps its weights with Tensor.set_ in every forward, which torch.compile cannot trace; "
-                "drop --torchcompile, or adapt only the text tower (--lora-targets '.*\\.(query|key|value)$')")
+                "drop --torchcompile, or adapt only the text tower (--lora-targets '.*\\.(query|key|value)$')"
+            )
     regions = {name: blocks(tower) for name, tower in towers}
     empty = [name for name, b in regions.items() if not b]
     if empty:
-        raise SolutionError(f"--torchcompile: no repeated blocks found in the {' and '.join(empty)} tower(s) of "
-                            f"{type(m).__name__}; run without --torchcompile")
+        raise SolutionError(
+            f"--torchcompile: no repeated blocks found in the {' and '.join(empty)} tower(s) of "
+            f"{type(m).__name__}; run without --torchcompile"
+        )
     for block in (b for bs in regions.values() for b in bs):
         block.compile(backend=backend)
-    log.info("torch.compile (%s) of the towers' blocks (%s): one block of each compiles at its first call (logged, "
-             "and left out of step and batch times)", backend,
-             ", ".join(f"{len(b)} x {type(b[0]).__name__}" for b in regions.values()))
+    log.info(
+        "torch.compile (%s) of the towers' blocks (%s): one block of each compiles at its first call (logged, "
+        "and left out of step and batch times)",
+        backend,
+        ", ".join(f"{len(b)} x {type(b[0]).__name__}" for b in regions.values()),
+    )
     return model
 
 

@@ -1,6 +1,6 @@
 """Compare validation results of training runs, soups and search studies: one table and one plot.
 
-The entries come from :mod:`solution.report.runs` (the reader of run, soup and study folders). One
+The entries come from :mod:`solution.report.folders` (the reader of run, soup and study folders). One
 row per run / soup / trial: best validation mean recall and R@1/5/10 (runs: the best validation of
 the main set; trials: their run's best, else the study's value; soups: the chosen soup over all the
 validation queries, and with ``--select-split`` the score it was chosen on in ``select_mr`` and the
@@ -14,21 +14,23 @@ steps and per soup over rounds (candidates as dots, the kept path as a line). :f
 refuses an output or plot path that is a folder, sits under a file or is one of the files read,
 before anything is written.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
 from solution.common import atomic_path, check_output
 from solution.plots import save_png
+
 from . import significance
-from .runs import SCORES, Entry, collect
+from .folders import SCORES, Entry, collect
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +48,50 @@ def table(entries: Sequence[Entry], params: Sequence[str] | None = None) -> pd.D
         for e in entries:
             keys.extend(k for k in e.settings if k not in keys)
         always = {"method", "members"} if any(e.kind == "soup" for e in entries) else set()
-        varying = [k for k in keys  # among the rows that have it: soups have no lr, runs no method
-                   if k in always or len({json.dumps(e.settings[k], default=str) for e in entries if k in e.settings}) > 1]
+        varying = [
+            k
+            for k in keys  # among the rows that have it: soups have no lr, runs no method
+            if k in always or len({json.dumps(e.settings[k], default=str) for e in entries if k in e.settings}) > 1
+        ]
         params = varying[:MAX_AUTO_PARAMS]
     rows = []
     for e, sig in zip(entries, significance.columns(entries)):
-        row = {"name": e.name, "kind": e.kind, **{k: e.scores.get(k) for k in SCORES},
-               "select_mr": e.extra.get("select_mr"), "held_out_mr": e.held_out, "step": e.step,
-               "vs_best_single": e.extra.get("vs_best_single"), **sig}
+        row = {
+            "name": e.name,
+            "kind": e.kind,
+            **{k: e.scores.get(k) for k in SCORES},
+            "select_mr": e.extra.get("select_mr"),
+            "held_out_mr": e.held_out,
+            "step": e.step,
+            "vs_best_single": e.extra.get("vs_best_single"),
+            **sig,
+        }
         row.update({k: e.settings.get(k) for k in params})
         rows.append(row)
-    df = pd.DataFrame(rows, columns=["name", "kind", *SCORES, "select_mr", "held_out_mr", "step", "vs_best_single",
-                                     *significance.COLUMNS, *params])
+    df = pd.DataFrame(
+        rows,
+        columns=[
+            "name",
+            "kind",
+            *SCORES,
+            "select_mr",
+            "held_out_mr",
+            "step",
+            "vs_best_single",
+            *significance.COLUMNS,
+            *params,
+        ],
+    )
     for col in ("select_mr", "held_out_mr", "step", "vs_best_single"):
         if col in df and df[col].isna().all():
             df = df.drop(columns=col)
     for col in df.columns:  # whole numbers stay whole (pandas would make them floats beside a gap)
         vals = df[col].dropna()
-        if col not in (*SCORES, *PERCENT) and len(vals) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in vals):
+        if (
+            col not in (*SCORES, *PERCENT)
+            and len(vals)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in vals)
+        ):
             df[col] = df[col].astype("Int64")
     df = df.sort_values("mean_recall", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
     df.insert(0, "best", ["*" if i == 0 and pd.notna(df.loc[0, "mean_recall"]) else "" for i in range(len(df))])
@@ -84,8 +111,10 @@ def to_markdown(df: pd.DataFrame) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
     cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |",
-             "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in cols) + "|"]
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in cols) + "|",
+    ]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(cell(r[c], c) for c in cols) + " |")
     return "\n".join(lines) + "\n"
@@ -125,8 +154,14 @@ def plot(entries: Sequence[Entry], path: str | os.PathLike, max_lines: int = 20)
     return save_png(fig, path, dpi=90)
 
 
-def compare(paths: Sequence[str | os.PathLike], *, csv: bool = False, output: str | os.PathLike | None = None,
-            plot_path: str | os.PathLike | None = "compare.png", params: Sequence[str] | None = None) -> str:
+def compare(
+    paths: Sequence[str | os.PathLike],
+    *,
+    csv: bool = False,
+    output: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = "compare.png",
+    params: Sequence[str] | None = None,
+) -> str:
     """The table over ``paths`` as markdown (or CSV), also written to ``output``; the curves drawn
     into ``plot_path`` (None: no plot). Output paths are checked before anything is written."""
     entries = collect(paths)

@@ -13,11 +13,12 @@ convolutions on CUDA (training, extraction: the same speed/accuracy trade as aut
 left as it is), and :func:`exact_math` forces full float32 (``highest``: no TF32, no bf16 reduced-
 precision reductions, no oneDNN TF32/bf16 on the CPU) for exact ranking, whatever the caller set.
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -30,8 +31,9 @@ def precision_flag(value: str) -> str:
     """argparse ``type`` of ``--precision``: a name of ``PRECISIONS`` or an alias, resolved (``amp_bf16`` -> ``bf16``)."""
     value = PRECISION_ALIASES.get(str(value), str(value))
     if value not in PRECISIONS:
-        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
-                                         f"{', '.join(PRECISIONS + tuple(PRECISION_ALIASES))})")
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {value!r} (choose from {', '.join(PRECISIONS + tuple(PRECISION_ALIASES))})"
+        )
     return value
 
 

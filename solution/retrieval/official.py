@@ -22,15 +22,17 @@ ids of the texts. Those ids are read with the official reader's tolerance for th
 themselves, and the official script accepts a repeated query id there (the later line counts)
 and needs no ``text`` field; for ``i2t`` the queries are images.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from solution.common import SolutionError, atomic_path, check_output
+
 from .metrics import recall_at_k
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,14 @@ def _check_line(n: int, line: str, qkey: str, gkey: str, k: int) -> tuple[object
     bad = [(r, x) for r, x in enumerate(ids, 1) if not isinstance(x, int)]
     if bad:
         r, x = bad[0]
-        return qid, None, (f"{where}: {gkey} at rank {r} is {x!r}, a {_name(x)}, not an integer"
-                           + (f" ({len(bad) - 1} more)" if len(bad) > 1 else ""))
+        return (
+            qid,
+            None,
+            (
+                f"{where}: {gkey} at rank {r} is {x!r}, a {_name(x)}, not an integer"
+                + (f" ({len(bad) - 1} more)" if len(bad) > 1 else "")
+            ),
+        )
     if len(set(ids)) != k:
         dups = sorted({x for x in ids if ids.count(x) > 1})
         return qid, None, f"{where}: {gkey} repeat {', '.join(map(str, dups))}; {k} distinct are required"
@@ -115,8 +123,10 @@ def check_submission(path: str | os.PathLike, query_ids, *, direction: str = "t2
                 flawed.add(qid)
             continue
         if qid in seen_lines:
-            out.warnings.append(f"{qkey} {qid} (line {n}): {qkey} {qid} already predicted on line {seen_lines[qid]}; "
-                                "the later line counts (as officially)")
+            out.warnings.append(
+                f"{qkey} {qid} (line {n}): {qkey} {qid} already predicted on line {seen_lines[qid]}; "
+                "the later line counts (as officially)"
+            )
         seen_lines[qid] = n
         flawed.discard(qid)
         out.predictions[qid] = ids
@@ -128,8 +138,9 @@ def check_submission(path: str | os.PathLike, query_ids, *, direction: str = "t2
         out.problems.append(f"{len(missing)} {what} ids of the {len(query_ids)} have no prediction: {listed}")
     extra = set(out.predictions) - query_ids
     if extra:
-        out.warnings.append(f"{len(extra)} predicted {qkey}s are not among the queries and are ignored "
-                            f"(e.g. {sorted(extra)[0]})")
+        out.warnings.append(
+            f"{len(extra)} predicted {qkey}s are not among the queries and are ignored (e.g. {sorted(extra)[0]})"
+        )
     return out
 
 
@@ -157,13 +168,18 @@ def read_gold(path: str | os.PathLike, direction: str = "auto") -> tuple[dict, s
 def success_json(scores: dict) -> dict:
     """The official success object (same keys, order and arithmetic as ``report_score``)."""
     m = scores["mean_recall"]
-    return {"success": True, "score": m,
-            "scoreJson": {"score": m, "mean_recall": m, "r1": scores["r1"], "r5": scores["r5"], "r10": scores["r10"]}}
+    return {
+        "success": True,
+        "score": m,
+        "scoreJson": {"score": m, "mean_recall": m, "r1": scores["r1"], "r5": scores["r5"], "r10": scores["r10"]},
+    }
 
 
 def error_json(problems: Sequence[str]) -> dict:
     msg = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
-    detail = "\n".join(problems[:MAX_DETAIL]) + (f"\n... {len(problems) - MAX_DETAIL} more" if len(problems) > MAX_DETAIL else "")
+    detail = "\n".join(problems[:MAX_DETAIL]) + (
+        f"\n... {len(problems) - MAX_DETAIL} more" if len(problems) > MAX_DETAIL else ""
+    )
     return {"errorDetail": detail, "errorMsg": msg, "score": 0, "scoreJson": {}, "success": False}
 
 
@@ -223,12 +239,18 @@ def check_files(pred_path: str | os.PathLike, queries_path: str | os.PathLike, *
         for p in checked.problems[1:MAX_DETAIL]:
             log.error("%s", p)
         raise SolutionError(error_json(checked.problems)["errorMsg"])
-    return {"success": True, "submission": str(pred_path), "queries": len(set(qids)), "lines": checked.lines,
-            "warnings": len(checked.warnings)}
+    return {
+        "success": True,
+        "submission": str(pred_path),
+        "queries": len(set(qids)),
+        "lines": checked.lines,
+        "warnings": len(checked.warnings),
+    }
 
 
-def evaluate_files(gold: str | os.PathLike, pred: str | os.PathLike, out: str | os.PathLike, *,
-                   direction: str = "auto") -> dict:
+def evaluate_files(
+    gold: str | os.PathLike, pred: str | os.PathLike, out: str | os.PathLike, *, direction: str = "auto"
+) -> dict:
     """Score ``pred`` against ``gold`` and write the official result object to ``out``; a rejected
     submission is written too, then raised as a :class:`SolutionError`."""
     check_output(out, inputs=(gold, pred), what="OUT")  # never replace the answers or the submission
@@ -236,6 +258,12 @@ def evaluate_files(gold: str | os.PathLike, pred: str | os.PathLike, out: str | 
     write_result(out, result)
     if not result["success"]:
         raise SolutionError(f"submission rejected: {result['errorMsg']} (written to {out})")
-    log.info("score %.4f (R@1 %.2f, R@5 %.2f, R@10 %.2f) -> %s", result["score"], result["scoreJson"]["r1"],
-             result["scoreJson"]["r5"], result["scoreJson"]["r10"], out)
+    log.info(
+        "score %.4f (R@1 %.2f, R@5 %.2f, R@10 %.2f) -> %s",
+        result["score"],
+        result["scoreJson"]["r1"],
+        result["scoreJson"]["r5"],
+        result["scoreJson"]["r10"],
+        out,
+    )
     return result

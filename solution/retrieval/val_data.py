@@ -1,0 +1,90 @@
+"""Validation queries for scoring many models on one split: the queries (``--val-texts`` or the LMDB's
+pairs), their gold, and the selection/report draw of ``--select-split``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from solution.common import SolutionError
+from solution.data.lmdb_io import LMDBSplit
+from solution.formats.muge import read_texts
+
+from .encode import Queries, split_queries, text_queries
+
+log = logging.getLogger(__name__)
+
+
+def draw_selection(text_ids: Sequence[int], fraction: float | None, seed: int) -> tuple[list[int], list[int]]:
+    """``(select, report)``: a random ``fraction`` of the queries and the rest (all and none without one)."""
+    tids = list(text_ids)
+    if not fraction:
+        return tids, []
+    if not 0 < fraction < 1:
+        raise SolutionError(f"--select-split must be a fraction in (0, 1), got {fraction}")
+    if len(tids) < 2:
+        raise SolutionError("--select-split needs at least 2 validation queries")
+    perm = tids[:]
+    random.Random(seed).shuffle(perm)
+    n = min(max(1, round(fraction * len(tids))), len(tids) - 1)
+    chosen = set(perm[:n])
+    return [t for t in tids if t in chosen], [t for t in tids if t not in chosen]
+
+
+def _read_queries(split_dir: Path, texts_path: str | None) -> tuple[LMDBSplit, Queries]:
+    if texts_path:
+        split = LMDBSplit(split_dir, need_pairs=False)
+        return split, text_queries(read_texts(texts_path, need_gold=True, what="validation texts"))
+    if not (split_dir / "pairs" / "data.mdb").is_file():
+        raise SolutionError(
+            f"validation data {split_dir} has no texts (no pairs LMDB): pass --val-texts with its *_texts.jsonl"
+        )
+    split = LMDBSplit(split_dir)
+    return split, split_queries(split)
+
+
+class ValData:
+    """Validation queries (from ``--val-texts`` or the LMDB pairs) and the selection/report split."""
+
+    def __init__(self, split_dir: str, texts_path: str | None, select_split: float | None, seed: int):
+        split_dir = Path(split_dir)
+        if not split_dir.exists():
+            raise SolutionError(f"validation data not found: {split_dir}")
+        self.split, self.queries = _read_queries(split_dir, texts_path)
+        gallery = set(self.split.image_ids())
+        missing = sum(i not in gallery for gold in self.queries.gold.values() for i in gold)
+        if missing:
+            log.warning(
+                "validation: %d gold image ids are not in %s (left out of the gold sets; a query without "
+                "any is not scored)",
+                missing,
+                split_dir,
+            )
+        self.select, self.report = draw_selection(self.queries.text_ids, select_split, seed)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.split.images_digest().encode())
+        q = self.queries
+        h.update(
+            json.dumps(
+                [self.select, self.report, [(q.texts[i], q.gold[t]) for i, t in enumerate(q.text_ids)]],
+                ensure_ascii=False,
+            ).encode()
+        )
+        self.key = h.hexdigest()
+        log.info(
+            "validation: %d queries (%d select, %d report), %d images",
+            len(q.text_ids),
+            len(self.select),
+            len(self.report),
+            self.split.num_images,
+        )
+
+    def parts(self) -> dict[str, list[int]]:
+        """The query parts scored: the selection, and with a draw also the report part and all queries."""
+        if not self.report:
+            return {"select": self.select}
+        return {"select": self.select, "report": self.report, "all": self.select + self.report}
