@@ -1,10 +1,13 @@
+import dataclasses
+import fcntl
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from solution.model import ModelConfig, build_model
+from solution.model import ModelConfig, build_model, save_checkpoint
 
 torch.set_num_threads(1)  # tiny models: one thread is faster and leaves a core for DataLoader/subprocesses
 
@@ -60,3 +63,65 @@ def small_disk(tmp_path):
     for d in mounted:
         if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+# ---------------------------------------------------------------- the shared tiny world
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Demo data in MUGE layout prepared to LMDB, a random base and two fine-tunes of it. Read-only: copy to change."""
+
+    root: Path
+    data: Path  # {split}_imgs.tsv, {split}_texts.jsonl, lmdb/{train,valid,test}
+    base: Path  # a random ViT-Tiny + RBT-Tiny, context length 32
+    runs: tuple[Path, ...]  # run folders a and b, fine-tuned from base (other lr and seed)
+    config: ModelConfig
+
+    def lmdb(self, split: str) -> Path:
+        return self.data / "lmdb" / split
+
+
+def _train_run(world: Path, name: str, lr: str, seed: int) -> None:
+    from solution.training.trainer import main
+
+    data = world / "data" / "lmdb"
+    main(
+        f"--train-data {data / 'train'} --val-data {data / 'valid'} --resume {world / 'base.pt'} --logs {world / 'logs'}"
+        f" --name {name} --batch-size 24 --max-epochs 3 --lr {lr} --warmup 1 --seed {seed} --context-length 32"
+        " --precision fp32 --device cpu --num-workers 0 --valid-num-workers 0 --no-plot --no-progress".split()
+    )
+
+
+def _build_world(root: Path) -> None:
+    from solution.data.make_lmdb import prepare
+    from solution.data.synthetic import generate
+
+    data = root / "data"
+    generate(data, preset="tiny", messy=False, train_queries=24, valid_queries=16, test_queries=8, images_per_query=3)
+    prepare(data, ["train", "valid", "test"], workers=1, progress=False)
+    config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32)
+    torch.manual_seed(0)
+    save_checkpoint(root / "base.pt", build_model(config).state_dict(), config)
+    for name, lr, seed in (("a", "2e-3", 0), ("b", "7e-4", 1)):
+        _train_run(root, name, lr, seed)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, worker_id) -> World:
+    """Built once per test run, whatever the number of xdist workers (the first to ask builds, the others wait)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "world"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".done").exists():
+            _build_world(root)
+            (root / ".done").touch()
+    return World(
+        root,
+        root / "data",
+        root / "base.pt",
+        (root / "logs" / "a", root / "logs" / "b"),
+        ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32),
+    )

@@ -53,6 +53,8 @@ import torch.nn.functional as F
 from cn_clip.clip.modeling_bert import BertSelfAttention
 from torch import nn
 
+from .tuning import unwrap
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SdpaBertSelfAttention", "sdpa_attention", "sdpa_enabled", "use_sdpa", "vision_reaches_sdpa"]
@@ -83,12 +85,8 @@ class SdpaBertSelfAttention(BertSelfAttention):
         return (context,)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _self_attentions(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, mod in _unwrap(model).named_modules():
+    for name, mod in unwrap(model).named_modules():
         if isinstance(mod, BertSelfAttention):
             yield name, mod
 
@@ -146,7 +144,7 @@ def vision_reaches_sdpa(model: nn.Module, images: torch.Tensor, *, train: bool =
     """
     from torch.profiler import ProfilerActivity, profile
 
-    m = _unwrap(model)
+    m = unwrap(model)
     modes = {mod: mod.training for mod in m.modules()}
     m.train(train)
     try:

@@ -67,23 +67,24 @@ def tuning_recipe(
     }
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (the model itself otherwise)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _is_resnet(model: nn.Module) -> bool:
     from cn_clip.clip.model import ModifiedResNet
 
-    return isinstance(_unwrap(model).visual, ModifiedResNet)
+    return isinstance(unwrap(model).visual, ModifiedResNet)
 
 
 def vision_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    for n, p in _unwrap(model).visual.named_parameters():
+    for n, p in unwrap(model).visual.named_parameters():
         yield f"visual.{n}", p
 
 
 def text_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    m = _unwrap(model)
+    m = unwrap(model)
     for n, p in m.bert.named_parameters():
         yield f"bert.{n}", p
     for n in _TEXT_EXTRA:
@@ -107,7 +108,7 @@ def set_train_mode(model: nn.Module, tuning: Mapping | None) -> nn.Module:
     """``model.train()``, keeping frozen-tower BatchNorm/Dropout-free statistics fixed as cn_clip does."""
     model.train()
     tuning = tuning or {}
-    m = _unwrap(model)
+    m = unwrap(model)
     if tuning.get("freeze_vision") and _is_resnet(m):
         for mod in m.visual.modules():
             if isinstance(mod, nn.BatchNorm2d):
@@ -122,7 +123,7 @@ def inject_lora(model: nn.Module, lora: Mapping) -> nn.Module:
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    m = _unwrap(model)
+    m = unwrap(model)
     targets = lora.get("targets") or DEFAULT_LORA_TARGETS
     names = [n for n, _ in m.named_modules() if re.fullmatch(targets, n)]
     if not names:
@@ -171,7 +172,7 @@ def grad_checkpointing(model: nn.Module, enable: bool = True) -> Iterator[nn.Mod
 
     patched = functools.partial(checkpoint, use_reentrant=False)
     saved = [(mod, mod.checkpoint) for mod in (upstream_model, upstream_bert)]
-    m = _unwrap(model)
+    m = unwrap(model)
     try:
         if enable:
             for mod, _ in saved:
@@ -189,7 +190,7 @@ def has_lora(model: nn.Module) -> bool:
         return False
     from peft.tuners.lora import LoraLayer
 
-    return any(isinstance(mod, LoraLayer) for mod in _unwrap(model).modules())
+    return any(isinstance(mod, LoraLayer) for mod in unwrap(model).modules())
 
 
 def _plain_key(key: str) -> str:
@@ -231,7 +232,7 @@ def merged_state_dict(model: nn.Module, device: torch.device | str = "cpu") -> d
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
 
-    m = _unwrap(model)
+    m = unwrap(model)
     out = {_plain_key(k): v.detach().to(device, copy=True) for k, v in m.state_dict().items() if "lora_" not in k}
     lora_names = [n for n, mod in m.named_modules() if isinstance(mod, LoraLayer)]
     top = [n for n in lora_names if not any(n.startswith(o + ".") for o in lora_names if o != n)]
@@ -259,10 +260,10 @@ def merged_state_dict(model: nn.Module, device: torch.device | str = "cpu") -> d
 
 def adapter_state_dict(model: nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Only the LoRA tensors (peft key names), detached copies on ``device`` (the CPU by default)."""
-    return {k: v.detach().to(device, copy=True) for k, v in _unwrap(model).state_dict().items() if "lora_" in k}
+    return {k: v.detach().to(device, copy=True) for k, v in unwrap(model).state_dict().items() if "lora_" in k}
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
-    params = list(_unwrap(model).parameters())
+    params = list(unwrap(model).parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

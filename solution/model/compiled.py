@@ -37,6 +37,7 @@ import shutil
 import torch
 from torch import nn
 
+from cn_clip_patch.tuning import unwrap
 from solution.common import SolutionError
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,6 @@ def _python() -> str:
     return ".".join(map(str, sys.version_info[:3]))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _lora_on_mha(tower: nn.Module) -> list[str]:
     try:
         from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
@@ -126,7 +123,7 @@ def compile_towers(model: nn.Module, device, backend: str = "inductor") -> nn.Mo
     """Compile the repeated blocks of ``model``'s image and text towers in place (lazily: at their first call)
     and return ``model``; :class:`SolutionError` where that cannot work (see the module's docstring)."""
     check_compile(device, backend)
-    m = _unwrap(model)
+    m = unwrap(model)
     towers = [(name, getattr(m, name, None)) for name in TOWERS]
     missing = [name for name, tower in towers if not isinstance(tower, nn.Module)]
     if missing:
@@ -159,7 +156,7 @@ def compile_towers(model: nn.Module, device, backend: str = "inductor") -> nn.Mo
 
 def compiled(model: nn.Module) -> bool:
     """Whether ``model``'s towers were compiled by :func:`compile_towers`."""
-    m = _unwrap(model)
+    m = unwrap(model)
     return any(getattr(mod, "_compiled_call_impl", None) is not None for mod in m.modules())
 
 

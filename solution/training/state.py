@@ -33,13 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cn_clip_patch.tuning import adapter_state_dict, has_lora, merged_state_dict
+from cn_clip_patch.tuning import adapter_state_dict, has_lora, merged_state_dict, unwrap
 from solution.common import atomic_path
 from solution.formats.run_files import METRICS, PARAMS, append_metric, read_metrics, rewrite_metrics, write_params
 from solution.model import ModelConfig, save_checkpoint
 from solution.plots import plot_run
-
-from .step import unwrap
 
 log = logging.getLogger(__name__)
 

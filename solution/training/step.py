@@ -36,6 +36,7 @@ import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
+from cn_clip_patch.tuning import unwrap
 from solution.common import SolutionError, autocast_context
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,6 @@ def batch_accuracy(logits_per_image: torch.Tensor, twins: torch.Tensor | None) -
     i2t = pos[idx, logits_per_image.argmax(1)]
     t2i = pos.t()[idx, logits_per_image.argmax(0)]
     return float(i2t.float().mean()), float(t2i.float().mean())
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 @dataclass

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cn_clip_patch.tuning import grad_checkpointing, set_train_mode
+from cn_clip_patch.tuning import grad_checkpointing, set_train_mode, unwrap
 from solution.common import SolutionError, setup_logging
 from solution.formats.run_files import MAIN_SET
 from solution.model.compiled import CompileClock, compile_towers
@@ -63,7 +63,7 @@ from .setup import (
     wrap,
 )
 from .state import RunFiles, rng_state, set_rng_state, to_cpu, weights_for_checkpoint
-from .step import StepConfig, Stepper, unwrap
+from .step import StepConfig, Stepper
 from .validation import BestTracker, Validation
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cn_clip_patch.tuning import set_train_mode
+from cn_clip_patch.tuning import set_train_mode, unwrap
 from solution.data.lmdb_io import LMDBSplit
 from solution.formats.hits import write_hits
 from solution.formats.run_files import MAIN_SET
@@ -51,7 +51,7 @@ from .loaders import epoch_order
 from .run_config import TrainConfig
 from .setup import Dist
 from .state import RunFiles
-from .step import batch_accuracy, clip_loss, twin_mask, unwrap
+from .step import batch_accuracy, clip_loss, twin_mask
 
 log = logging.getLogger(__name__)
 
