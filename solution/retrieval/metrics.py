@@ -21,25 +21,22 @@ RECALL_KEYS = (*(f"r{k}" for k in KS), "mean_recall")
 def recall_at_k(
     predictions: Mapping[int, Sequence[int]], gold: Mapping[int, Collection[int]], ks: Sequence[int] = KS
 ) -> dict[str, float]:
-    """``{"r1", "r5", "r10", "mean_recall"}`` in percent over the queries of ``gold``.
-
-    Every gold query must have a prediction (the evaluator checks this with a message first).
-    """
+    """``{"r1", "r5", "r10", "mean_recall"}`` in percent over the queries of ``gold`` (each must have a prediction)."""
     if not gold:
         raise ValueError("no gold queries to score")
-    hits = {k: 0 for k in ks}
-    for qid, answers in gold.items():
-        ranked = list(predictions[qid])
-        answers = set(answers)
-        for k in ks:
-            if any(i in answers for i in ranked[:k]):
-                hits[k] += 1
-    n = len(gold)
-    # The official arithmetic, digit for digit: fraction first, then x100 (``hits * 100.0 / n`` differs in
-    # the last digit for many counts, e.g. 1/3).
-    out = {f"r{k}": (hits[k] * 1.0 / n) * 100 for k in ks}
-    # Same arithmetic order as the official script: mean of fractions, then x100.
-    out["mean_recall"] = (sum(hits[k] * 1.0 / n for k in ks) / len(ks)) * 100
+    return recall_from_hits(query_hits(predictions, gold, ks), ks)
+
+
+def recall_from_hits(hits: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
+    """R@K and mean recall in percent from per-query hits ``[Q, len(ks)]``, in the official script's arithmetic order
+    (fraction first, then x100; mean of fractions, then x100), so the digits match it exactly."""
+    hits = np.asarray(hits, dtype=bool)
+    n = hits.shape[0]
+    if n == 0:
+        raise ValueError("no queries to score")
+    counts = hits.sum(axis=0).tolist()
+    out = {f"r{k}": (c * 1.0 / n) * 100 for k, c in zip(ks, counts)}
+    out["mean_recall"] = (sum(c * 1.0 / n for c in counts) / len(ks)) * 100
     return out
 
 
@@ -160,10 +157,5 @@ def per_query_recall(hits: np.ndarray) -> np.ndarray:
 
 
 def mean_recall(hits: np.ndarray) -> float:
-    """Mean recall in percent, official arithmetic: ``(sum_j (H_j / n) / J) * 100``, ``H_j`` the hits at ``ks[j]``."""
-    hits = np.asarray(hits, dtype=bool)
-    n = hits.shape[0]
-    if n == 0:
-        raise ValueError("no queries to score")
-    counts = hits.sum(axis=0).tolist()
-    return (sum(c * 1.0 / n for c in counts) / len(counts)) * 100
+    """Mean recall in percent from per-query hits, the official arithmetic (:func:`recall_from_hits`)."""
+    return recall_from_hits(hits)["mean_recall"]

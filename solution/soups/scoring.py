@@ -34,7 +34,7 @@ from solution.formats.hits import read_hits, write_hits
 from solution.model import ModelConfig, meta_model
 from solution.model.precision import effective_precision
 from solution.retrieval.encode import prepare_inputs, score_parts
-from solution.retrieval.metrics import KS, RECALL_KEYS, mean_recall
+from solution.retrieval.metrics import RECALL_KEYS, recall_from_hits
 from solution.retrieval.pixels import IMAGE_CACHE_BYTES
 from solution.retrieval.val_data import ValData
 
@@ -216,10 +216,7 @@ def hits_recall(text_ids: Sequence[int], hits, ids: Sequence[int], what: str) ->
     rows = [row[t] for t in ids if t in row]
     if not rows:
         raise SolutionError(f"no query of the {what} part has a decodable gold image")
-    counts, n = hits[rows].sum(axis=0).tolist(), len(rows)
-    out = {f"r{k}": (c * 1.0 / n) * 100 for k, c in zip(KS, counts)}
-    out["mean_recall"] = mean_recall(hits[rows])
-    return out
+    return recall_from_hits(hits[rows])
 
 
 class DrawScorer:
