@@ -137,9 +137,9 @@ def main(argv=None) -> dict:
         )
     print(f"\n{'tower':<6} | {'PyTorch /s':>10} | {'ONNX RT /s':>10} | {'ONNX/PyTorch (min-max)':>22} | spread")
     for r in rows:
+        ratio = f"{r['onnx_over_torch']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
         print(
-            f"{r['tower']:<6} | {r['torch_per_s']:10.1f} | {r['onnx_per_s']:10.1f} | "
-            f"{r['onnx_over_torch']:8.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {100 * r['spread']:.0f}%"
+            f"{r['tower']:<6} | {r['torch_per_s']:10.1f} | {r['onnx_per_s']:10.1f} | {ratio:>22} | {100 * r['spread']:.0f}%"
         )
     result = {"arch": config.arch, "threads": threads, "rounds": args.rounds, "rows": rows}
     if args.out:
