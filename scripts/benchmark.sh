@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/bench
 mkdir -p "$out"
-for b in prepare features predict train soup ensemble; do
+for b in prepare features predict train soup ensemble export; do
     echo "== bench_$b" >&2
     python "scripts/bench_$b.py" --out "$out/$b.json" "$@" || echo "bench_$b failed" >&2
 done
