@@ -23,14 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         usage="%(prog)s GOLD PRED OUT [--direction D]\n       %(prog)s --check PRED --texts TEXTS",
     )
-    p.add_argument(
-        "paths", nargs="*", metavar="GOLD PRED OUT", help="answers, submission, output JSON (as the official script)"
-    )
+    p.add_argument("paths", nargs="*", metavar="GOLD PRED OUT", help="answers, submission, output JSON (as officially)")
     p.add_argument(
         "--direction",
         choices=["auto", "t2i", "i2t"],
         default="auto",
-        help="t2i: {text_id, image_ids}; i2t: {image_id, text_ids}; auto: from the gold file (t2i for --check)",
+        help="t2i: {text_id, image_ids}; i2t: {image_id, text_ids}; auto: from the gold (t2i for --check)",
     )
     p.add_argument("--check", metavar="PRED", help="validate a submission without answers")
     p.add_argument(
