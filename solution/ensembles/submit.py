@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class EnsemblePrediction:
-    """A submission from an ``ensemble.json``: the test images and texts in, ``output`` (+ manifest) out."""
+    """A submission from an ``ensemble.json``: the test images (an LMDB) and texts (MUGE JSONL) in, ``output``
+    (+ its manifest) out."""
 
     ensemble: str
     image_data: str

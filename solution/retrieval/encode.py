@@ -25,8 +25,8 @@ from solution.data.lmdb_io import LMDBSplit
 from solution.formats.muge import MugeText
 from solution.model import ModelConfig
 
-from .metrics import present_gold, query_hits, recall_at_k, t2i_rankings
-from .pixels import IMAGE_CACHE_BYTES, PreparedImages, prepare_images
+from .metrics import KS, present_gold, query_hits, recall_from_hits, topk
+from .pixels import PreparedImages, prepare_images
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +195,11 @@ class ScoringInputs:
 
 
 def prepare_inputs(
-    split: LMDBSplit,
-    config: ModelConfig,
-    queries: Queries,
-    *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    max_bytes: int = IMAGE_CACHE_BYTES,
-    progress: bool = False,
+    split: LMDBSplit, config: ModelConfig, queries: Queries, *, batch_size: int = 64, **kw
 ) -> ScoringInputs:
-    """What :func:`score_parts` (called with the same ``batch_size``) needs of a split that no model changes."""
-    images = prepare_images(
-        split, config, batch_size=batch_size, num_workers=num_workers, max_bytes=max_bytes, progress=progress
-    )
+    """What :func:`score_parts` (called with the same ``batch_size``) needs of a split that no model changes;
+    ``kw``: :func:`~.pixels.prepare_images`'s ``num_workers``, ``max_bytes``, ``progress``."""
+    images = prepare_images(split, config, batch_size=batch_size, **kw)
     return ScoringInputs(images, text_batches(queries.texts, config, batch_size))
 
 
@@ -261,15 +253,17 @@ def score_features(
         )
     if not scored:
         raise SolutionError(f"{split.split_dir}: no query has a decodable gold image; nothing to score")
-    ranked = t2i_rankings(feats.text_feats, feats.image_feats, queries.text_ids, feats.image_ids, device=device)
+    _, idx = topk(feats.text_feats, feats.image_feats, max(KS), device=device)
+    ranked = dict(zip(queries.text_ids, feats.image_ids[idx].tolist()))
     out = {}
     for name, ids in parts.items():
         gold = {t: scored[t] for t in queries.subset(ids).text_ids if t in scored}
         if not gold:
             raise SolutionError(f"{split.split_dir}: no query of the {name} part has a decodable gold image")
-        out[name] = {**recall_at_k(ranked, gold), "undecodable_images": undecodable, "queries_scored": len(gold)}
+        hits = query_hits(ranked, gold)
+        out[name] = {**recall_from_hits(hits), "undecodable_images": undecodable, "queries_scored": len(gold)}
         if with_hits:
-            out[name].update(text_ids=list(gold), hits=query_hits(ranked, gold))
+            out[name].update(text_ids=list(gold), hits=hits)
     return out
 
 

@@ -89,15 +89,6 @@ def present_gold(gold: Mapping[int, Collection[int]], image_ids: Collection[int]
     return out
 
 
-def t2i_rankings(
-    text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequence[int], *, k: int = max(KS), device="cpu"
-) -> dict[int, list[int]]:
-    """``{text id: its top-k image ids}`` by inner product of L2-normalised features (:func:`topk`)."""
-    image_ids = np.asarray(image_ids)
-    _, idx = topk(text_feats, image_feats, k, device=device)
-    return {int(t): image_ids[row].tolist() for t, row in zip(text_ids, idx)}
-
-
 def query_hits(predictions, gold, ks: Sequence[int] = KS) -> np.ndarray:
     """``[Q, len(ks)]`` booleans: whether a gold id of query ``q`` is among its first ``ks[j]`` predictions.
 
