@@ -1,11 +1,7 @@
 """Score-level ensembles: fuse members of any architecture by normalised, weighted scores.
 
-``bash Chinese-CLIP/ensemble.sh --members A.pt B.pt soups/X/soup.pt --val-data DIR/lmdb/valid --output
-ensembles/NAME`` (``python -m solution.ensemble``): each member encodes the validation queries with its own
-config; scores are normalised per query (``--norm``) and summed with weights from greedy forward selection
-(Caruana et al. 2004) or ``--weights``; each ``--rerank`` method (and ``flip``, test-time augmentation) is
-kept only when it strictly improves the selection score. ``--select-split F`` chooses on a fraction of the
-queries and reports the rest; ``--folds K`` cross-fits the choice. Submit with ``predict.sh --ensemble``.
+``bash Chinese-CLIP/ensemble.sh --members A.pt B.pt --val-data DIR/lmdb/valid --output ensembles/NAME``; submit
+with ``predict.sh --ensemble``. The work: :mod:`solution.ensembles.make_ensemble`.
 """
 
 from __future__ import annotations
@@ -37,10 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=float, nargs="+", help="fixed member weights (no selection)")
     p.add_argument("--norm", choices=NORMS, default="zscore", help="per-query normalisation of each member's scores")
     p.add_argument(
-        "--rerank",
-        default="none",
-        help=f"comma-separated re-rankers to try: {', '.join(RERANKERS)}, and flip (test-time augmentation: each "
-        "gallery averaged with its horizontally flipped images' features)",
+        "--rerank", default="none", help=f"comma-separated, each kept if it helps: {', '.join(RERANKERS)}, flip"
     )
     p.add_argument("--bank", metavar="JSONL", help="texts JSONL for qb_norm's query bank (e.g. training texts)")
     p.add_argument("--bank-topk", type=int, help="qb_norm: dynamic inverted softmax's top-k")

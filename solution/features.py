@@ -1,9 +1,7 @@
 """Extract image and/or text features with a checkpoint (cn_clip's ``eval/extract_features.py`` flags, CPU or GPU).
 
-``python -m solution.features`` (``bash Chinese-CLIP/feature_extract.sh``): architecture, prompt and context
-length come from the checkpoint (flags override with a warning); features are written as ``BASE.npy`` +
-``.ids.npy`` + ``.meta.json`` or cn_clip's JSON lines; image features are cached in ``--cache-dir``. The
-work: :func:`solution.retrieval.extract.extract`.
+``bash Chinese-CLIP/feature_extract.sh``: the checkpoint's architecture, prompt and context length (flags
+override with a warning). The work: :func:`solution.retrieval.extract.extract`.
 """
 
 from __future__ import annotations
@@ -65,12 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument(
         "--attn-impl", choices=ATTN_IMPLS, default="sdpa", help="text-tower attention: sdpa or cn_clip's own"
     )
-    ours.add_argument(
-        "--torchcompile",
-        action="store_true",
-        help="torch.compile the towers' blocks (open_clip's flag; inductor: a C++ compiler on CPU, triton on "
-        "CUDA); the compile time is logged and left out of texts/s and images/s",
-    )
+    ours.add_argument("--torchcompile", action="store_true", help="torch.compile the towers' blocks (open_clip's flag)")
     ours.add_argument("--torchcompile-backend", choices=COMPILE_BACKENDS, default="inductor", help=argparse.SUPPRESS)
     return p
 

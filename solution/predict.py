@@ -1,9 +1,7 @@
 """Top-k predictions from image and text features: the MUGE submission file and a manifest beside it.
 
-``python -m solution.predict --image-feats F --text-feats F --output submissions/NAME.jsonl``
-(``bash Chinese-CLIP/predict.sh``) writes ``NAME.jsonl`` (a line per text, its image ids best first;
-``--direction i2t``: a line per image) and the manifest ``NAME.json``. ``--ensemble ensemble.json
---image-data LMDB --text-data JSONL`` instead has every member encode the data and fuses the scores.
+``bash Chinese-CLIP/predict.sh``; ``--ensemble ensemble.json --image-data LMDB --text-data JSONL`` instead has
+every member encode the data and fuses the scores. The work: :mod:`solution.retrieval.rank`.
 """
 
 from __future__ import annotations
