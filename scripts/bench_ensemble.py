@@ -6,15 +6,16 @@ validation sizes) for 3 members of 512, 768 and 1024 dims, top-10 of the weighte
 features from ``.npy``, then times only the ranking and reports its own peak RSS (``ru_maxrss``)
 and its RSS before ranking (modules + features loaded), so "extra" is the memory the ranking adds:
 
-- ours: ``solution.ensembles.fusion.fused_topk(norm="zscore")`` with the chunk size
+- ours: ``solution.ensembles.fusion.rerank_topk(norm="zscore")`` with the chunk size
   ``predict --ensemble`` uses (:mod:`solution.ensembles.submit`: ``fusion_chunk`` for the
   ``FUSION_MEMORY_MB`` budget, which bounds fusion's working set, so its "extra" should track it);
 - 3 x predict: ``solution.retrieval.rank.rank`` once per member (what one does before fusing);
 - numpy fusion: the straightforward way, a full ``[Q, G]`` float32 score matrix per member,
   z-score per row, weighted sum, ``argpartition`` + a stable ``argsort`` for the top-10.
 
-Variants are interleaved over ``--repeats`` runs; the table gives medians and ratios against the
-numpy fusion. The top-10s are checked against a float64 reference (numpy, in chunks of rows):
+Variants are interleaved over ``--repeats`` rounds; the table gives median seconds and memory, and
+the median over rounds of each variant's time ratio against the numpy fusion with its spread (a
+warning when wider than 20%). The top-10s are checked against a float64 reference (numpy, in chunks of rows):
 rows where ours or numpy's float32 top-10 differs from it are counted, with the largest float64
 fused-score gap between the two lists (a float32 near-tie, when tiny).
 
@@ -35,13 +36,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rounds import ratio_summary
 
 log = logging.getLogger("bench_ensemble")
 
 DIMS = (512, 768, 1024)
 WEIGHTS = (0.5, 0.3, 0.2)
 VARIANTS = {
-    "ours": "ours: fused_topk (z-score, chunked)",
+    "ours": "ours: rerank_topk (z-score, chunked)",
     "separate": "3 x predict ranking (rank per member, no fusion)",
     "numpy": "numpy fusion (full [Q, G] float32 per member)",
 }
@@ -81,7 +83,7 @@ def child(variant: str, workdir: Path, k: int) -> None:
     """Run one variant on the features in ``workdir``; print one JSON line; save its top-k indices."""
     import torch
 
-    from solution.ensembles.fusion import FUSION_MEMORY_MB, fused_topk, fusion_chunk
+    from solution.ensembles.fusion import FUSION_MEMORY_MB, fusion_chunk, rerank_topk
     from solution.retrieval.rank import rank
 
     members = load(workdir)
@@ -91,7 +93,7 @@ def child(variant: str, workdir: Path, k: int) -> None:
     chunk = None
     if variant == "ours":
         chunk = fusion_chunk(n_gallery, FUSION_MEMORY_MB, "zscore")  # as predict --ensemble
-        _, idx = fused_topk(members, k, np.asarray(WEIGHTS), norm="zscore", chunk_size=chunk)
+        _, idx = rerank_topk(members, k, np.asarray(WEIGHTS), norm="zscore", chunk_size=chunk)
     elif variant == "separate":
         ids = np.arange(n_gallery, dtype=np.int64)
         idx = np.stack([rank(q, g, ids, k, device="cpu")[0] for q, g in members])
@@ -128,7 +130,7 @@ def run_child(variant: str, workdir: Path, k: int) -> dict:
 def reference_check(members, weights, k: int, tops: dict, chunk: int = 256) -> dict:
     """Rows where each float32 top-k differs from the float64 fusion's, and the largest float64 score gap there."""
     w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()  # fused_topk's weighted mean; the numpy fusion's plain weighted sum ranks the same
+    w = w / w.sum()  # rerank_topk's weighted mean; the numpy fusion's plain weighted sum ranks the same
     n = members[0][0].shape[0]
     out = {name: {"rows_differing": 0, "max_f64_gap": 0.0} for name in tops}
     for start in range(0, n, chunk):
@@ -154,13 +156,13 @@ def parse(argv):
     p.add_argument("--images", type=int, default=29806)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per variant (median reported)")
-    p.add_argument("--quick", action="store_true", help="1/10 scale: 500 texts x 2,980 images")
+    p.add_argument("--quick", action="store_true", help="1/10 scale: 500 texts x 2,980 images, 2 rounds")
     p.add_argument("--workdir", default=None, help="keep the feature files here (default: a temporary folder)")
     p.add_argument("--out", default=None, help="also write the table as JSON here")
     p.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.texts, args.images = 500, 2980
+        args.texts, args.images, args.repeats = 500, 2980, 2
     return args
 
 
@@ -200,13 +202,15 @@ def main(argv=None) -> dict:
     for v, what in VARIANTS.items():
         m = med[v]
         extra = m["peak_mb"] - m["before_mb"]
+        speed = ratio_summary(what, [r["seconds"] for r in runs["numpy"]], [r["seconds"] for r in runs[v]])
         rows.append(
             {
                 "what": what,
                 "seconds": m["seconds"],
                 "peak_rss_mb": m["peak_mb"],
                 "extra_mb": extra,
-                "time_ratio_over_numpy": m["seconds"] / base["seconds"],
+                "time_ratio_over_numpy": speed["median_ratio"],
+                "spread": speed["spread"],
                 "extra_mem_ratio_over_numpy": extra / (base["peak_mb"] - base["before_mb"]),
             }
         )
@@ -228,12 +232,14 @@ def main(argv=None) -> dict:
         f"{'/'.join(map(str, WEIGHTS))}, z-score, top-{args.top_k}; median of {args.repeats} interleaved runs; "
         f"ours: chunks of {result['ours_chunk']} queries for a {result['ours_budget_mb']} MB fusion budget\n"
     )
-    print("| variant | seconds | peak RSS MB | extra MB | time / numpy | extra mem / numpy |")
+    print(
+        "| variant | seconds | peak RSS MB | extra MB | time / numpy (median of rounds, spread) | extra mem / numpy |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['what']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['extra_mb']:.0f} | "
-            f"{r['time_ratio_over_numpy']:.3f} | {r['extra_mem_ratio_over_numpy']:.3f} |"
+            f"{r['time_ratio_over_numpy']:.3f} ({100 * r['spread']:.0f}%) | {r['extra_mem_ratio_over_numpy']:.3f} |"
         )
     print(
         f"\ntop-{args.top_k} vs the float64 fusion: "

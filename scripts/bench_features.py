@@ -5,9 +5,9 @@ fewer items), the same LMDB of JPEG images and the same texts. Upstream runs its
 script (``.cuda()`` redirected by ``cn_clip_patch.device.on_device``, ``--precision fp32``); its
 text and image loops are timed by wrapping its ``tqdm``. Ours runs ``solution.features`` (timed
 from its own result: encode + write, no cache). The bare model forward on pre-decoded images
-bounds what any image path can reach. The three run in interleaved rounds and the best time of
-each is reported (the machine may be shared); then ours again with the cache (miss, then hit).
-Features must agree to 1e-5.
+bounds what any image path can reach. The three run in interleaved rounds; each ratio is the median
+of the rounds' ratios with its spread (a warning when wider than 20%). Then ours with the cache
+(miss, then hit). Features must agree to 1e-5.
 
     python scripts/bench_features.py [--quick] [--device cpu] [--out runs/bench/features.json]
 """
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import tqdm as tqdm_pkg
 from PIL import Image
+from rounds import ratio_summary
 
 from cn_clip_patch.device import run_upstream_main
 from solution.common import write_json
@@ -100,11 +101,15 @@ def bare_forward(ckpt: Path, split_dir: Path, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def _ratio(summary: dict) -> dict:
+    return {"ours_over_upstream": summary["median_ratio"], "spread": summary["spread"]}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--texts", type=int, default=192)
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best of each is reported")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median ratio and spread reported)")
     p.add_argument("--vision-model", default="ViT-B-16")
     p.add_argument("--text-model", default="RoBERTa-wwm-ext-base-chinese")
     p.add_argument("--img-batch-size", type=int, default=16, help="both sides (several batches let decoding overlap)")
@@ -115,8 +120,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.vision_model, args.text_model, args.images, args.texts, args.rounds = "ViT-B-32", "RBT3-chinese", 16, 64, 1
-    logging.basicConfig(level=logging.WARNING)
+        args.vision_model, args.text_model, args.images, args.texts, args.rounds = "ViT-B-32", "RBT3-chinese", 16, 64, 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(args.workdir or tmp)
@@ -163,7 +168,7 @@ def main(argv=None) -> dict:
         if args.num_workers is not None:
             ours_argv += ["--num-workers", str(args.num_workers)]
         runs = []
-        for rnd in range(args.rounds):  # interleaved rounds; the best of each is reported (least interference)
+        for rnd in range(args.rounds):  # interleaved: drift and interference hit both alike
             _, loops = run_upstream(
                 [
                     "--extract-text-feats",
@@ -194,7 +199,8 @@ def main(argv=None) -> dict:
                 }
             )
             print(f"round {rnd + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[-1].items()), file=sys.stderr)
-        best = {k: min(run[k] for run in runs) for k in runs[0]}
+        col = {k: [run[k] for run in runs] for k in runs[0]}
+        med = {k: float(np.median(v)) for k, v in col.items()}
         cache = ["--cache-dir", str(d / "cache")]
         miss = features_main([*ours_argv[1:], *cache])["image"]  # images only: fills the cache (hashing included)
         hit = features_main([*ours_argv[1:], *cache])["image"]
@@ -207,42 +213,45 @@ def main(argv=None) -> dict:
             diffs[kind] = float(np.abs(a.feats - b.feats).max())
 
     n_t, n_i = args.texts, args.images
+    texts = ratio_summary("texts/s", col["ours_text_s"], col["upstream_text_s"])
+    texts_cpu = ratio_summary("texts per CPU-second", col["ours_text_cpu_s"], col["upstream_text_cpu_s"])
+    images = ratio_summary("images/s", col["ours_image_s"], col["upstream_image_s"])
+    bare = ratio_summary("images/s vs the bare forward", col["ours_image_s"], col["bare_image_s"])
     rows = [
         {
             "what": "texts/s",
-            "ours": n_t / best["ours_text_s"],
-            "upstream": n_t / best["upstream_text_s"],
-            "ours_over_upstream": best["upstream_text_s"] / best["ours_text_s"],
-            "max_abs_diff": diffs["text"],
+            "ours": n_t / med["ours_text_s"],
+            "upstream": n_t / med["upstream_text_s"],
+            **_ratio(texts),
         },
         {
             "what": "texts per CPU-second",
-            "ours": n_t / best["ours_text_cpu_s"],
-            "upstream": n_t / best["upstream_text_cpu_s"],
-            "ours_over_upstream": best["upstream_text_cpu_s"] / best["ours_text_cpu_s"],
+            "ours": n_t / med["ours_text_cpu_s"],
+            "upstream": n_t / med["upstream_text_cpu_s"],
+            **_ratio(texts_cpu),
         },
         {
             "what": "images/s",
-            "ours": n_i / best["ours_image_s"],
-            "upstream": n_i / best["upstream_image_s"],
-            "bare_forward": n_i / best["bare_image_s"],
-            "ours_over_upstream": best["upstream_image_s"] / best["ours_image_s"],
-            "ours_over_bare": best["bare_image_s"] / best["ours_image_s"],
-            "max_abs_diff": diffs["image"],
+            "ours": n_i / med["ours_image_s"],
+            "upstream": n_i / med["upstream_image_s"],
+            "bare_forward": n_i / med["bare_image_s"],
+            **_ratio(images),
+            "ours_over_bare": bare["median_ratio"],
         },
         {
             "what": "images/s, first run with the cache",
             "ours": n_i / miss["seconds"],
-            "upstream": n_i / best["upstream_image_s"],
-            "ours_over_upstream": best["upstream_image_s"] / miss["seconds"],
+            "upstream": n_i / med["upstream_image_s"],
+            "ours_over_upstream": med["upstream_image_s"] / miss["seconds"],
         },
         {
             "what": "images/s, cache hit",
             "ours": n_i / hit["seconds"],
-            "upstream": n_i / best["upstream_image_s"],
-            "ours_over_upstream": best["upstream_image_s"] / hit["seconds"],
+            "upstream": n_i / med["upstream_image_s"],
+            "ours_over_upstream": med["upstream_image_s"] / hit["seconds"],
         },
     ]
+    rows[0]["max_abs_diff"], rows[2]["max_abs_diff"] = diffs["text"], diffs["image"]
     result = {
         "rows": rows,
         "model": config.arch,
@@ -254,15 +263,19 @@ def main(argv=None) -> dict:
         "text_batch_size": args.text_batch_size,
         "torch_threads": torch.get_num_threads(),
         "rounds": runs,
-        "reported": "best of the rounds",
+        "reported": "rates: median seconds of the rounds; ours_over_upstream: median of the rounds' ratios",
     }
-    print(f"\n{config.arch}, CPU fp32, {n_i} images / {n_t} texts, best of {args.rounds} interleaved rounds")
-    print(f"{'':36s} {'ours':>9s} {'upstream':>9s} {'bare':>9s} {'ours/upstream':>14s} {'max|diff|':>10s}")
+    print(f"\n{config.arch}, CPU fp32, {n_i} images / {n_t} texts, median of {args.rounds} interleaved rounds")
+    print(
+        f"{'':36s} {'ours':>9s} {'upstream':>9s} {'bare':>9s} {'ours/upstream':>14s} {'spread':>7s} {'max|diff|':>10s}"
+    )
     for row in rows:
         bare_s = f"{row['bare_forward']:9.2f}" if row.get("bare_forward") else f"{'':9s}"
         diff = f"{row['max_abs_diff']:10.1e}" if "max_abs_diff" in row else ""
+        spread = f"{100 * row['spread']:6.0f}%" if "spread" in row else f"{'':7s}"
         print(
-            f"{row['what']:36s} {row['ours']:9.2f} {row['upstream']:9.2f} {bare_s} {row['ours_over_upstream']:13.2f}x {diff}"
+            f"{row['what']:36s} {row['ours']:9.2f} {row['upstream']:9.2f} {bare_s} {row['ours_over_upstream']:13.2f}x "
+            f"{spread} {diff}"
         )
     print(f"ours image path / bare forward (throughput): {rows[2]['ours_over_bare']:.3f} (1.0 = no overhead)")
     if args.out:

@@ -9,7 +9,8 @@ Upstream spends ~40 ms of Python per text, so by default it ranks only the first
 ``--upstream-texts`` texts (1,000 at full scale) and its full-scale time is extrapolated:
 ``fixed + (measured - fixed) * texts / upstream_texts``, where ``fixed`` (reading the image
 features) is measured by a run with no texts. Pass ``--upstream-texts 0`` for all texts.
-Predictions are compared on the texts both ranked.
+Ours and upstream run in interleaved rounds; each ratio is the median of the rounds' ratios with its
+spread (a warning when wider than 20%). Predictions are compared on the texts both ranked.
 
     python scripts/bench_predict.py [--quick] [--out runs/bench/predict.json]
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rounds import ratio_summary
 
 from cn_clip_patch.device import run_upstream_main
 from solution.common import write_json
@@ -63,15 +65,16 @@ def main(argv=None) -> dict:
         default=None,
         help="texts upstream ranks (0 = all; default 1000 at full scale, all with --quick)",
     )
-    p.add_argument("--quick", action="store_true", help="500 texts x 3,000 images")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median ratio and spread reported)")
+    p.add_argument("--quick", action="store_true", help="500 texts x 3,000 images, 2 rounds")
     p.add_argument("--workdir", default=None, help="keep the feature files here (default: a temporary folder)")
     p.add_argument("--out", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     if args.quick:
-        args.texts, args.images = 500, 3000
+        args.texts, args.images, args.rounds = 500, 3000, 2
     n_up = args.upstream_texts if args.upstream_texts is not None else (0 if args.quick else 1000)
     n_up = args.texts if n_up in (0, None) or n_up > args.texts else n_up
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(args.workdir or tmp)
@@ -96,41 +99,32 @@ def main(argv=None) -> dict:
             file=sys.stderr,
         )
 
-        timings = {}
-        for fmt in ("npy", "jsonl"):
-            t0 = time.perf_counter()
-            predict_main(
-                [
-                    "--image-feats",
-                    str(d / f"img.{fmt}"),
-                    "--text-feats",
-                    str(d / f"text.{fmt}"),
-                    "--top-k",
-                    str(args.top_k),
-                    "--output",
-                    str(d / f"ours_{fmt}.jsonl"),
-                    "--device",
-                    "cpu",
-                    "--no-progress",
-                ]
+        runs = []
+        for rnd in range(args.rounds):  # interleaved: drift and interference hit both alike
+            run = {}
+            for fmt in ("npy", "jsonl"):
+                t0 = time.perf_counter()
+                out = d / f"ours_{fmt}.jsonl"
+                predict_main(
+                    f"--image-feats {d}/img.{fmt} --text-feats {d}/text.{fmt} --top-k {args.top_k} --output {out}"
+                    " --device cpu --no-progress".split()
+                )
+                run[fmt] = time.perf_counter() - t0
+            fixed = None
+            if n_up < args.texts:  # extrapolating: measure the part that does not grow with the texts
+                fixed = run_upstream(d / "img.jsonl", d / "text_none.jsonl", d / "up_none.jsonl", args.top_k)
+            measured = run_upstream(d / "img.jsonl", sub, d / "up.jsonl", args.top_k)
+            up_full = measured if fixed is None else fixed + (measured - fixed) * args.texts / n_up
+            runs.append({**run, "upstream": up_full, "upstream_measured": measured, "upstream_fixed": fixed})
+            print(
+                f"round {rnd + 1}: ours npy {run['npy']:.2f} s, jsonl {run['jsonl']:.2f} s; upstream on {n_up} texts"
+                f" {measured:.1f} s -> {up_full:.1f} s for {args.texts}"
+                + (" (extrapolated)" if fixed is not None else ""),
+                file=sys.stderr,
             )
-            timings[fmt] = time.perf_counter() - t0
-            print(f"ours from {fmt}: {timings[fmt]:.2f} s", file=sys.stderr)
         t0 = time.perf_counter()
         load_features(d / "text.npy", "text"), load_features(d / "img.npy", "image")
         load_npy = time.perf_counter() - t0
-
-        fixed = None
-        if n_up < args.texts:  # extrapolating: measure the part that does not grow with the texts
-            fixed = run_upstream(d / "img.jsonl", d / "text_none.jsonl", d / "up_none.jsonl", args.top_k)
-            print(f"upstream, reading the image features only: {fixed:.1f} s", file=sys.stderr)
-        measured = run_upstream(d / "img.jsonl", sub, d / "up.jsonl", args.top_k)
-        up_full = measured if fixed is None else fixed + (measured - fixed) * args.texts / n_up
-        print(
-            f"upstream on {n_up} texts: {measured:.1f} s -> {up_full:.1f} s for {args.texts}"
-            + (" (extrapolated)" if n_up < args.texts else ""),
-            file=sys.stderr,
-        )
 
         ours_rows = read_rows(d / "ours_npy.jsonl")
         up_rows = read_rows(d / "up.jsonl")
@@ -146,18 +140,24 @@ def main(argv=None) -> dict:
                 sb = images[[pos[i] for i in b["image_ids"]]] @ q
                 worst_gap = max(worst_gap, float(np.abs(sa - sb).max()))
 
-    rows = [
-        {"what": "ours from .npy (read + rank + write)", "seconds": timings["npy"], "texts": args.texts},
-        {"what": "ours from cn_clip jsonl", "seconds": timings["jsonl"], "texts": args.texts},
-        {
-            "what": f"upstream make_topk_predictions.py (CPU){' extrapolated' if n_up < args.texts else ''}",
-            "seconds": up_full,
-            "texts": args.texts,
-        },
-    ]
-    for r in rows:
-        r["ratio_ours_over_upstream"] = r["seconds"] / up_full
-        r["speedup"] = up_full / r["seconds"]
+    col = {k: [r[k] for r in runs] for k in ("npy", "jsonl", "upstream")}
+    up = f"upstream make_topk_predictions.py (CPU){' extrapolated' if n_up < args.texts else ''}"
+    rows = []
+    for what, key in (
+        ("ours from .npy (read + rank + write)", "npy"),
+        ("ours from cn_clip jsonl", "jsonl"),
+        (up, "upstream"),
+    ):
+        summary = ratio_summary(what, col[key], col["upstream"])
+        rows.append(
+            {
+                "what": what,
+                "seconds": float(np.median(col[key])),
+                "texts": args.texts,
+                "speedup": summary["median_ratio"],
+                "spread": summary["spread"],
+            }
+        )
     result = {
         "rows": rows,
         "texts": args.texts,
@@ -165,8 +165,7 @@ def main(argv=None) -> dict:
         "dim": args.dim,
         "top_k": args.top_k,
         "upstream_texts_measured": n_up,
-        "upstream_measured_s": measured,
-        "upstream_fixed_s": fixed,
+        "rounds": runs,
         "ours_npy_load_s": load_npy,
         "identical_rows": identical,
         "compared_rows": n_up,
@@ -174,9 +173,9 @@ def main(argv=None) -> dict:
         "npy_and_jsonl_identical": same_npy_jsonl,
         "torch_threads": torch.get_num_threads(),
     }
-    print(f"\n{'':56s} {'seconds':>9s} {'ours/upstream':>14s} {'speedup':>8s}")
+    print(f"\nmedian of {args.rounds} interleaved rounds\n{'':56s} {'seconds':>9s} {'speedup':>8s} {'spread':>7s}")
     for r in rows:
-        print(f"{r['what']:56s} {r['seconds']:9.2f} {r['ratio_ours_over_upstream']:14.4f} {r['speedup']:7.1f}x")
+        print(f"{r['what']:56s} {r['seconds']:9.2f} {r['speedup']:7.2f}x {100 * r['spread']:6.0f}%")
     print(
         f"identical predictions: {identical}/{n_up} texts (max score gap where different: {worst_gap:.2e}); "
         f"npy == jsonl: {same_npy_jsonl}"

@@ -1,8 +1,5 @@
-"""Small shared helpers: logging, the user-facing error type, atomic writes, devices, JSON lines.
-
-Every CLI in the package goes through :func:`run_cli`, so a bad input ends as one clear
-``error: ...`` line and exit code 2 instead of a traceback.
-"""
+"""Small shared helpers: the user-facing error and :func:`run_cli`, output checks, atomic writes, locks,
+JSON lines, devices."""
 
 from __future__ import annotations
 
@@ -27,23 +24,16 @@ class SolutionError(Exception):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be swapped, e.g. by tests)."""
+    """Writes to whatever ``sys.stderr`` is at each record (tests swap it)."""
 
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
-    if not any(getattr(h, "_solution", False) for h in root.handlers):
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        handler._solution = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
 
@@ -59,9 +49,6 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     return 0
 
 
-# ---------------------------------------------------------------- files
-
-
 def check_output(
     path: str | os.PathLike,
     *,
@@ -69,28 +56,18 @@ def check_output(
     what: str = "output",
     is_dir: bool = False,
 ) -> Path:
-    """Refuse an output path that cannot be written as asked, with one clear line.
-
-    A file output that is an existing directory, a directory output that is an existing file, an
-    output under a path component that is a file, and an output that is one of ``inputs`` (the same
-    file through any spelling or link) are :class:`SolutionError`. Returns ``Path(path)``.
-    """
+    """``Path(path)``, refused with one line when it is a folder (a file if ``is_dir``), sits under a file,
+    or is one of ``inputs`` through any spelling or link."""
     p = Path(path)
     if is_dir and p.exists() and not p.is_dir():
         raise SolutionError(f"{what} {p} is a file, expected a folder")
     if not is_dir and p.is_dir():
         raise SolutionError(f"{what} {p} is a folder, expected a file path")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SolutionError(f"{what} {p} sits under {parent}, which is a file")
-            break
-    target = p.resolve()
-    for src in inputs:
-        if src is None:
-            continue
-        src = Path(src)
-        same = target == src.resolve()
+    parent = next(q for q in p.absolute().parents if q.exists())
+    if not parent.is_dir():
+        raise SolutionError(f"{what} {p} sits under {parent}, which is a file")
+    for src in (Path(x) for x in inputs if x is not None):
+        same = p.resolve() == src.resolve()
         if not same and p.exists() and src.exists():
             with contextlib.suppress(OSError):
                 same = os.path.samefile(p, src)
@@ -99,31 +76,18 @@ def check_output(
     return p
 
 
-_NO_SPACE = ("no space left", "disk full", "quota exceeded")
-
-
-def _existing(path: Path) -> Path:
-    for p in (path, *path.absolute().parents):
-        if p.exists():
-            return p
-    return Path("/")
-
-
 def is_disk_full(exc: BaseException, path: str | os.PathLike) -> bool:
-    """Whether ``exc`` (raised while writing under ``path``) means the disk is full.
-
-    ENOSPC/EDQUOT, or the words libraries wrap them in; LMDB reports a full disk as an I/O error
-    and ``torch.save`` as ``unexpected pos``, so those count when the filesystem has (almost) no
-    free space left. Call it before the partial output is removed.
-    """
+    """Whether ``exc``, raised writing under ``path``, means a full disk: ENOSPC/EDQUOT or their words, or the
+    vaguer errors of LMDB and ``torch.save`` while the filesystem has under 1 MiB free. Ask before cleaning up."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     msg = str(exc).lower()
-    if any(w in msg for w in _NO_SPACE):
+    if any(w in msg for w in ("no space left", "disk full", "quota exceeded")):
         return True
-    if any(w in msg for w in ("input/output error", "unexpected pos", "write failed", "file write failed")):
+    if any(w in msg for w in ("input/output error", "unexpected pos", "write failed")):
+        existing = next((p for p in (Path(path), *Path(path).absolute().parents) if p.exists()), Path("/"))
         with contextlib.suppress(OSError):
-            return shutil.disk_usage(_existing(Path(path))).free < (1 << 20)
+            return shutil.disk_usage(existing).free < (1 << 20)
     return False
 
 
@@ -142,12 +106,8 @@ def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    A crash (or ``kill -9``) at any moment leaves either the old file or the new one, never half;
-    the temporary file is named ``.NAME.*.tmp`` (see :func:`remove_stale_temps`). A full disk
-    becomes ``disk full at PATH`` and the old file stays.
-    """
+    """A temporary path ``.NAME.*.tmp`` beside ``path``, renamed onto it (after fsync) only if the block
+    succeeds: a kill at any moment leaves the old file or the new one, never half."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,16 +133,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Remove ``.NAME.*.tmp`` files :func:`atomic_path` left behind when its writer was killed.
-
-    Call it only while holding the folder's lock (:func:`folder_lock`): then no live writer owns them.
-    """
+    """Remove the ``.NAME.*.tmp`` files of killed :func:`atomic_path` writers; only under the folder's lock."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
     removed = []
-    for p in found:
+    for p in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
         if p.is_file():
             with contextlib.suppress(OSError):
                 p.unlink()
@@ -194,11 +150,8 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> li
 
 @contextlib.contextmanager
 def folder_lock(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
-    """Hold an exclusive lock on ``lock_file`` for the block; a second holder fails with one line.
-
-    The lock is an ``flock`` on the file, so the kernel drops it when its process dies (no stale
-    locks after ``kill -9``); the file records who holds it, which the refusal quotes.
-    """
+    """An exclusive ``flock`` on ``lock_file`` for the block (dropped by the kernel when its process dies); a
+    second holder fails with one line quoting who holds it."""
     import fcntl
 
     lock_file = Path(lock_file)
@@ -206,8 +159,7 @@ def folder_lock(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise SolutionError(f"cannot create {lock_file.parent}: a part of it is a file") from None
-    f = open(lock_file, "a+", encoding="utf-8")
-    try:
+    with open(lock_file, "a+", encoding="utf-8") as f:  # closing releases the flock
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -222,8 +174,6 @@ def folder_lock(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({argv})")
         f.flush()
         yield lock_file
-    finally:
-        f.close()  # closing releases the flock
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
@@ -231,12 +181,18 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
         tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n", encoding="utf-8")
 
 
+def write_npy(path: str | os.PathLike, array) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
+        for n, row in enumerate(rows, 1):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
     return n
 
 
@@ -247,8 +203,8 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
 
 
 def json_line(path: str | os.PathLike, lineno: int, raw: bytes, last: bool = False):
-    """Line ``lineno`` of a JSON-lines file as its JSON value; None for a blank line, and for a
-    ``last`` line torn by a kill (with a warning). Anything else malformed is one error naming the line."""
+    """Line ``lineno`` of a JSON-lines file as its value; None when blank or, warned of, a ``last`` line torn
+    by a kill. Anything else malformed is one error naming the line."""
     try:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
         return json.loads(line) if line else None
@@ -261,13 +217,12 @@ def json_line(path: str | os.PathLike, lineno: int, raw: bytes, last: bool = Fal
 
 
 def read_jsonl(path: str | os.PathLike) -> list:
-    """Read a JSON-lines file of the user's; a malformed line is a :class:`SolutionError` naming file and line."""
+    """Every value of a JSON-lines file of the user's (:func:`json_line`)."""
     path = Path(path)
     if not path.is_file():
         raise SolutionError(f"file not found: {path}")
     with open(path, "rb") as f:
-        rows = [json_line(path, lineno, raw) for lineno, raw in enumerate(f, 1)]
-    return [r for r in rows if r is not None]
+        return [row for n, raw in enumerate(f, 1) if (row := json_line(path, n, raw)) is not None]
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
@@ -284,9 +239,6 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
     if not isinstance(data, dict):
         raise SolutionError(f"{path}: expected a YAML mapping at the top level")
     return data
-
-
-# ---------------------------------------------------------------- devices
 
 
 def resolve_device(device: str | None = None):

@@ -1,20 +1,14 @@
 """Score-level ensembles: fuse members of any architecture by normalised, weighted scores.
 
-``bash Chinese-CLIP/ensemble.sh --members A.pt B.pt soups/X/soup.pt --val-data DIR/lmdb/valid
---output ensembles/NAME`` (``python -m solution.ensemble``). Each member encodes the validation
-queries with its own config (gallery features through the image cache); scores are normalised per
-query (``--norm``) and summed with weights chosen by greedy forward selection with replacement
-(Caruana et al. 2004) or fixed by ``--weights``; each ``--rerank`` method is kept only when it
-strictly improves the selection score (``--rerank flip``: flip test-time augmentation of the image
-features, kept the same way). ``--select-split F`` chooses on a fraction of the queries
-and reports the rest; ``--folds K`` cross-fits the choice. The folder is described in
-:mod:`solution.ensembles.make_ensemble`; submit with ``predict.sh --ensemble OUT/ensemble.json``.
+``bash Chinese-CLIP/ensemble.sh --members A.pt B.pt --val-data DIR/lmdb/valid --output ensembles/NAME``; submit
+with ``predict.sh --ensemble``. The work: :mod:`solution.ensembles.make_ensemble`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,7 +17,8 @@ from solution.ensembles.fusion import NORMS, RERANKERS
 from solution.ensembles.make_ensemble import EnsembleOptions, make_ensemble
 from solution.ensembles.members import Encoding
 from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
-from solution.retrieval.cache import default_cache_dir
+from solution.model.registry import env_config_dirs, model_config_dirs
+from solution.retrieval.cache import cache_dir_default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,20 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", nargs="+", required=True, metavar="CKPT", help="member checkpoints (any architecture)")
     p.add_argument("--val-data", required=True, metavar="LMDB_SPLIT", help="validation LMDB split (with pairs)")
     p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--weights", type=float, nargs="+", default=None, help="fixed member weights (no selection)")
+    p.add_argument("--weights", type=float, nargs="+", help="fixed member weights (no selection)")
     p.add_argument("--norm", choices=NORMS, default="zscore", help="per-query normalisation of each member's scores")
     p.add_argument(
-        "--rerank",
-        default="none",
-        help=f"comma-separated re-rankers to try: {', '.join(RERANKERS)}, and flip (test-time "
-        "augmentation: each gallery averaged with its horizontally flipped images' features)",
+        "--rerank", default="none", help=f"comma-separated, each kept if it helps: {', '.join(RERANKERS)}, flip"
     )
     p.add_argument("--bank", metavar="JSONL", help="texts JSONL for qb_norm's query bank (e.g. training texts)")
-    p.add_argument("--bank-topk", type=int, default=None, help="qb_norm: dynamic inverted softmax's top-k")
-    p.add_argument(
-        "--select-split", type=float, metavar="FRACTION", help="choose on this fraction of the queries, report the rest"
-    )
-    p.add_argument("--folds", type=int, default=None, help="k-fold cross-fitting of the choice over queries")
+    p.add_argument("--bank-topk", type=int, help="qb_norm: dynamic inverted softmax's top-k")
+    p.add_argument("--select-split", type=float, metavar="FRACTION", help="choose on this fraction, report the rest")
+    p.add_argument("--folds", type=int, help="k-fold cross-fitting of the choice over queries")
     p.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw and the folds")
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
     p.add_argument("--device", default="auto")
@@ -61,44 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="as features.py and predict --ensemble use, so selection scores the features the submission uses",
     )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="image-feature cache ('' = off)")
+    p.add_argument("--cache-dir", default=str(cache_dir_default(os.environ)), help="image-feature cache ('' = off)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
-    spec = make_ensemble(
-        EnsembleOptions(
-            members=tuple(a.members),
-            val_data=a.val_data,
-            output=a.output,
-            weights=tuple(a.weights) if a.weights else None,
-            norm=a.norm,
-            rerank=tuple(r.strip() for r in a.rerank.split(",") if r.strip()),
-            bank=a.bank,
-            bank_topk=a.bank_topk,
-            select_split=a.select_split,
-            folds=a.folds,
-            seed=a.seed,
-            max_rounds=a.max_rounds,
-            encoding=Encoding(a.device, a.precision, a.batch_size, a.cache_dir or None),
-            command=("python", "-m", "solution.ensemble", *argv),
-        )
+    same = ("val_data", "output", "norm", "bank", "bank_topk", "select_split", "folds", "seed", "max_rounds")
+    options = EnsembleOptions(
+        members=tuple(a.members),
+        weights=tuple(a.weights) if a.weights else None,
+        rerank=tuple(r.strip() for r in a.rerank.split(",") if r.strip()),
+        encoding=Encoding(a.device, a.precision, a.batch_size, a.cache_dir or None),
+        command=("python", "-m", "solution.ensemble", *argv),
+        **{k: getattr(a, k) for k in same},
     )
-    print(
-        json.dumps(
-            {
-                "output": a.output,
-                "weights": spec["weights"],
-                "tta": spec["tta"],
-                "rerank": spec["rerank"]["method"],
-                "scores": {k: (v or {}).get("mean_recall") for k, v in spec["scores"].items() if k != "members"},
-            }
-        )
-    )
+    spec = make_ensemble(options)
+    scores = {k: (v or {}).get("mean_recall") for k, v in spec["scores"].items() if k != "members"}
+    summary = {"output": a.output, "weights": spec["weights"], "tta": spec["tta"], "rerank": spec["rerank"]["method"]}
+    print(json.dumps({**summary, "scores": scores}))
     return spec
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    with model_config_dirs(env_config_dirs(os.environ)):
+        sys.exit(run_cli(main))

@@ -1,9 +1,7 @@
 """Score a MUGE submission like the official ``evaluation.py`` (to the digit), or check one before upload.
 
-``python -m solution.evaluate GOLD PRED OUT`` (``bash Chinese-CLIP/evaluate.sh``) takes the official
-script's arguments and writes its JSON to ``OUT``; a rejected submission exits with status 2 and
-one ``error:`` line. ``python -m solution.evaluate --check PRED --texts test_texts.jsonl`` checks a
-submission against the queries when no answers exist. The work: :mod:`solution.retrieval.official`.
+``GOLD PRED OUT`` as the official script (``bash Chinese-CLIP/evaluate.sh``); ``--check PRED --texts JSONL``
+without answers. The work: :mod:`solution.retrieval.official`.
 """
 
 from __future__ import annotations
@@ -23,23 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         usage="%(prog)s GOLD PRED OUT [--direction D]\n       %(prog)s --check PRED --texts TEXTS",
     )
+    p.add_argument("paths", nargs="*", metavar="GOLD PRED OUT", help="answers, submission, output JSON (as officially)")
     p.add_argument(
-        "paths", nargs="*", metavar="GOLD PRED OUT", help="answers, submission, output JSON (as the official script)"
-    )
-    p.add_argument(
-        "--direction",
-        choices=["auto", "t2i", "i2t"],
-        default="auto",
-        help="t2i: {text_id, image_ids}; i2t: {image_id, text_ids}; auto: from the gold file (t2i for --check)",
+        "--direction", choices=["auto", "t2i", "i2t"], default="auto", help="auto: from the gold (--check: t2i)"
     )
     p.add_argument("--check", metavar="PRED", help="validate a submission without answers")
-    p.add_argument(
-        "--texts",
-        "--queries",
-        dest="texts",
-        metavar="JSONL",
-        help="with --check: the queries (text_id per line; image_id for i2t), e.g. test_texts.jsonl",
-    )
+    p.add_argument("--texts", "--queries", dest="texts", metavar="JSONL", help="with --check: the queries")
     return p
 
 

@@ -72,10 +72,12 @@ live with ``pip install optuna-dashboard && optuna-dashboard sqlite:///runs/sear
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from solution.common import run_cli
+from solution.model.registry import env_config_dirs, model_config_dirs
 from solution.studies.search_config import load_config, override
 from solution.studies.study import search
 
@@ -145,4 +147,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    with model_config_dirs(env_config_dirs(os.environ)):
+        sys.exit(run_cli(main))

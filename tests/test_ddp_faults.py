@@ -271,30 +271,3 @@ def test_per_sample_augmentation_seeds_leave_the_cuda_generators_alone(tmp_path,
     assert torch.equal(a[0], b[0])  # still reproducible per (seed, epoch, position)
     c = ds[(6, 0)]
     assert not torch.equal(a[0], c[0])
-
-
-def test_prefilter_products_run_without_reduced_precision_cuda_math(monkeypatch):
-    """The bf16 prefilter's certificate assumes fp32 accumulation: on CUDA its products must run with
-    bf16 reduced-precision reductions and TF32 off (flags read during the products, restored after)."""
-    import numpy as np
-
-    from solution.retrieval.rank import rank
-
-    m = torch.backends.cuda.matmul
-    monkeypatch.setattr(m, "allow_bf16_reduced_precision_reduction", True)
-    monkeypatch.setattr(m, "allow_tf32", True)
-    seen, real_bmm = [], torch.bmm
-
-    def bmm(*a, **k):
-        seen.append((m.allow_bf16_reduced_precision_reduction, m.allow_tf32))
-        return real_bmm(*a, **k)
-
-    monkeypatch.setattr(torch, "bmm", bmm)
-    gallery = np.arange(64 * 4, dtype=np.float32).reshape(64, 4) % 7 - 3  # small integers: exact products
-    queries = np.eye(4, dtype=np.float32)[:3]
-    ids, scores = rank(queries, gallery, np.arange(64) + 100, 2, method="prefilter")
-    assert seen and set(seen) == {(False, False)}
-    assert (m.allow_bf16_reduced_precision_reduction, m.allow_tf32) == (True, True)
-    exact = queries.astype(np.float64) @ gallery.astype(np.float64).T
-    best = np.argsort(-exact, axis=1, kind="stable")[:, :2] + 100
-    assert (ids == best).all()

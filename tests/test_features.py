@@ -1,10 +1,11 @@
-"""Feature extraction CLI: stored config, prompt, formats, the image cache, and upstream's extractor as referee."""
+"""Feature extraction and encoding: stored config, prompt, formats, the image cache, upstream's extractor as referee."""
 
 import base64
 import io
 import json
 import os
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,18 +13,19 @@ import cn_clip
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_error_line
 from PIL import Image
 
-import solution.retrieval.encode as F
 from cn_clip_patch.device import on_device
+from cn_clip_patch.prompt import tokenize
 from solution.common import SolutionError
 from solution.data.lmdb_io import LMDBSplit, write_split
-from solution.features import main
+from solution.features import build_parser, main
 from solution.formats.feature_files import load_features
 from solution.model import ModelConfig, build_model, save_checkpoint
-from solution.model.precision import effective_precision
+from solution.model.precision import PRECISIONS, effective_precision, exact_math, model_math, precision_flag
 from solution.retrieval import cache
-from solution.retrieval.encode import encode_images, encode_texts
+from solution.retrieval.encode import encode_images, encode_texts, evaluate_split, token_batches
 from solution.retrieval.manifest import checkpoint_validation
 
 PROMPT = "这是一张商品图片："
@@ -43,53 +45,26 @@ def data(tmp_path_factory):
     images = [(100 + i, _b64_image(rng, (24 + 3 * i, 40))) for i in range(12)]
     images.append((99, _b64_image(rng, (20, 20))))  # key "99" sorts after "111": LMDB key order is not numeric
     write_split(d / "lmdb" / "valid", images, [(100 + i, 1000 + i, t) for i, t in enumerate(TEXTS)])
-    (d / "valid_texts.jsonl").write_text(
-        "".join(json.dumps({"text_id": 1000 + i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(TEXTS)),
-        encoding="utf-8",
-    )
+    lines = [json.dumps({"text_id": 1000 + i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(TEXTS)]
+    (d / "valid_texts.jsonl").write_text("".join(lines), encoding="utf-8")
     return d
 
 
-LORA_MERGED = {"mode": "lora", "lora": {"r": 4, "alpha": 8}, "merged": True}  # what the trainer stores
-
-
 def _checkpoint(path, seed=0, prompt=PROMPT, model_info=None, **extra):
-    cfg = ModelConfig(
-        "ViT-Tiny",
-        "RBT-Tiny",
-        context_length=32,
-        text_prompt=prompt,
-        tuning=LORA_MERGED,
-        **({"model_info": model_info} if model_info else {}),
-    )
+    lora = {"mode": "lora", "lora": {"r": 4, "alpha": 8}, "merged": True}  # what the trainer stores
+    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", 32, prompt, lora, **({"model_info": model_info} if model_info else {}))
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     save_checkpoint(path, model.state_dict(), cfg, epoch=1, step=10, **extra)
     return model, cfg
 
 
-def _run(data, ckpt, out, *extra):
+def _run(data, ckpt, out, *extra, fmt="npy"):
     return main(
-        [
-            "--extract-image-feats",
-            "--extract-text-feats",
-            "--image-data",
-            str(data / "lmdb/valid/imgs"),
-            "--text-data",
-            str(data / "valid_texts.jsonl"),
-            "--resume",
-            str(ckpt),
-            "--image-feat-output-path",
-            str(out / "img.npy"),
-            "--text-feat-output-path",
-            str(out / "txt.npy"),
-            "--cache-dir",
-            str(out / "cache"),
-            "--num-workers",
-            "0",
-            "--no-progress",
-            *extra,
-        ]
+        f"--extract-image-feats --extract-text-feats --image-data {data}/lmdb/valid/imgs --resume {ckpt} --format {fmt}"
+        f" --text-data {data}/valid_texts.jsonl --image-feat-output-path {out}/img.{fmt} --cache-dir {out}/cache"
+        f" --text-feat-output-path {out}/txt.{fmt} --num-workers 0 --no-progress".split()
+        + list(extra)
     )
 
 
@@ -99,187 +74,82 @@ def test_prompt_checkpoint_extracts_with_its_prompt(data, tmp_path, caplog):
     txt, img = load_features(tmp_path / "a/txt.npy", "text"), load_features(tmp_path / "a/img.npy", "image")
     assert txt.ids.tolist() == list(range(1000, 1006))
     np.testing.assert_allclose(txt.feats, encode_texts(model, TEXTS, cfg), atol=1e-6)
-    assert txt.meta["prompt"] == PROMPT and txt.meta["config"]["context_length"] == 32
-    assert txt.meta["config"]["tuning"]["mode"] == "lora"  # a LoRA-and-prompt checkpoint needs no flags
-    # Key order, as cn_clip's extractor walks the LMDB ("99" after "111").
-    assert img.ids.tolist() == LMDBSplit(data / "lmdb/valid").image_ids() and img.ids[-1] == 99
-    ids, ref = encode_images(model, data / "lmdb/valid", cfg)
-    np.testing.assert_allclose(img.feats, ref, atol=1e-6)
+    assert txt.meta["prompt"] == PROMPT and txt.meta["config"]["tuning"]["mode"] == "lora"  # no flags needed
+    assert img.ids.tolist() == LMDBSplit(data / "lmdb/valid").image_ids() and img.ids[-1] == 99  # key order
+    np.testing.assert_allclose(img.feats, encode_images(model, data / "lmdb/valid", cfg)[1], atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(img.feats, axis=1), 1, atol=1e-5)
-    # The stored prompt matters: overriding it with no prompt changes the features (with a warning).
-    _run(data, tmp_path / "ckpt.pt", tmp_path / "b", "--prompt", "")
+    _run(data, tmp_path / "ckpt.pt", tmp_path / "b", "--prompt", "")  # the stored prompt matters
     plain = load_features(tmp_path / "b/txt.npy", "text").feats
-    assert "text_prompt" in caplog.text and "on the command line" in caplog.text
+    assert "text_prompt is" in caplog.text and "on the command line" in caplog.text
+    no_prompt = ModelConfig.from_dict({**cfg.to_dict(), "text_prompt": ""})
     assert np.abs(plain - txt.feats).max() > 1e-3
-    np.testing.assert_allclose(
-        plain, encode_texts(model, TEXTS, ModelConfig.from_dict({**cfg.to_dict(), "text_prompt": ""})), atol=1e-6
-    )
+    np.testing.assert_allclose(plain, encode_texts(model, TEXTS, no_prompt), atol=1e-6)
 
 
 def test_jsonl_format_is_cn_clip_compatible(data, tmp_path):
     _checkpoint(tmp_path / "ckpt.pt")
     _run(data, tmp_path / "ckpt.pt", tmp_path / "n")
-    r = main(
-        [
-            "--extract-image-feats",
-            "--extract-text-feats",
-            "--image-data",
-            str(data / "lmdb/valid"),
-            "--text-data",
-            str(data / "valid_texts.jsonl"),
-            "--resume",
-            str(tmp_path / "ckpt.pt"),
-            "--format",
-            "jsonl",
-            "--image-feat-output-path",
-            str(tmp_path / "j/img.jsonl"),
-            "--text-feat-output-path",
-            str(tmp_path / "j/txt.jsonl"),
-            "--cache-dir",
-            str(tmp_path / "n/cache"),
-            "--no-progress",
-        ]
-    )
-    assert r["image"]["cache"] == "hit"
+    r = _run(data, tmp_path / "ckpt.pt", tmp_path / "j", "--cache-dir", str(tmp_path / "n/cache"), fmt="jsonl")
+    assert r["image"]["cache"] == "hit" and (tmp_path / "j/img.meta.json").is_file()
     first = json.loads((tmp_path / "j/img.jsonl").read_text().splitlines()[0])
     assert set(first) == {"image_id", "feature"} and isinstance(first["image_id"], int) and len(first["feature"]) == 64
-    for kind, a, b in (("image", "img", "img"), ("text", "txt", "txt")):
-        x, y = load_features(tmp_path / f"n/{a}.npy", kind), load_features(tmp_path / f"j/{b}.jsonl", kind)
+    for kind, name in (("image", "img"), ("text", "txt")):
+        x, y = load_features(tmp_path / f"n/{name}.npy", kind), load_features(tmp_path / f"j/{name}.jsonl", kind)
         assert x.ids.tolist() == y.ids.tolist()
         np.testing.assert_array_equal(x.feats, y.feats)  # float32 round-trips through JSON exactly
-    assert (tmp_path / "j/img.meta.json").is_file()
 
 
 def test_image_cache_hit_and_invalidation(data, tmp_path, monkeypatch):
-    calls = []
-    real = cache.encode_images
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(cache, "encode_images", counting)
+    calls, real = [], cache.encode_images
+    monkeypatch.setattr(cache, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
     _checkpoint(tmp_path / "ckpt.pt")
     assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "miss"
     first = load_features(tmp_path / "o/img.npy", "image").feats
-    r = _run(data, tmp_path / "ckpt.pt", tmp_path / "o")
-    assert r["image"]["cache"] == "hit" and len(calls) == 1
+    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "hit" and len(calls) == 1
     np.testing.assert_array_equal(load_features(tmp_path / "o/img.npy", "image").feats, first)
-    # Same architecture, different weights: the cache must not answer.
-    _checkpoint(tmp_path / "ckpt.pt", seed=1)
+    _checkpoint(tmp_path / "ckpt.pt", seed=1)  # same architecture, other weights: the cache must not answer
     assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "miss" and len(calls) == 2
     assert np.abs(load_features(tmp_path / "o/img.npy", "image").feats - first).max() > 1e-3
-    # A checkpoint differing only in its text tower or prompt reuses the gallery.
-    model, cfg = _checkpoint(tmp_path / "ckpt2.pt", seed=1, prompt="")
+    model, cfg = _checkpoint(tmp_path / "ckpt2.pt", seed=1, prompt="")  # another text tower and prompt: a hit
     sd = model.state_dict()
     sd["bert.embeddings.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"] + 0.1
     save_checkpoint(tmp_path / "ckpt2.pt", sd, cfg)
     assert _run(data, tmp_path / "ckpt2.pt", tmp_path / "o")["image"]["cache"] == "hit" and len(calls) == 2
-    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o", "--no-cache")["image"]["cache"] == "off"
-    assert len(calls) == 3
+    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o", "--no-cache")["image"]["cache"] == "off" and len(calls) == 3
 
 
 def test_validation_score_reaches_the_manifest(data, tmp_path):
-    run = tmp_path / "logs" / "r1"
-    _checkpoint(run / "checkpoints" / "best.pt")
-    (run / "metrics.jsonl").write_text(
-        json.dumps({"step": 5, "epoch": 0, "kind": "valid", "r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0})
-        + "\n"
-        + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "set": "other", "mean_recall": 9.0})
-        + "\n"
-        + json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0})
-        + "\n"
-    )
-    _run(data, run / "checkpoints" / "best.pt", tmp_path / "o")
-    assert load_features(tmp_path / "o/txt.npy", "text").meta["validation"]["mean_recall"] == 5.0
     from solution.predict import main as predict
 
-    predict(
-        [
-            "--image-feats",
-            str(tmp_path / "o/img.npy"),
-            "--text-feats",
-            str(tmp_path / "o/txt.npy"),
-            "--output",
-            str(tmp_path / "sub/s.jsonl"),
-            "--top-k",
-            "5",
-        ]
-    )
+    run = tmp_path / "logs" / "r1"
+    _checkpoint(run / "checkpoints" / "best.pt")
+    rows = [
+        {"step": 5, "epoch": 0, "kind": "valid", "r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0},
+        {"step": 10, "epoch": 1, "kind": "valid", "set": "other", "mean_recall": 9.0},
+        {"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _run(data, run / "checkpoints" / "best.pt", tmp_path / "o")
+    assert load_features(tmp_path / "o/txt.npy", "text").meta["validation"]["mean_recall"] == 5.0
+    feats = ["--image-feats", str(tmp_path / "o/img.npy"), "--text-feats", str(tmp_path / "o/txt.npy")]
+    predict([*feats, "--output", str(tmp_path / "sub/s.jsonl"), "--top-k", "5"])
     man = json.loads((tmp_path / "sub/s.json").read_text())
     assert man["validation"]["r1"] == 4.0 and man["prompt"] == PROMPT
     assert man["checkpoints"][0]["path"] == str((run / "checkpoints" / "best.pt").resolve())
-    # The trainer's best.pt carries its validation record under "metrics".
     _checkpoint(tmp_path / "best.pt", metrics={"r1": 7.0, "r5": 8.0, "r10": 9.0, "mean_recall": 8.0, "step": 10})
-    _run(data, tmp_path / "best.pt", tmp_path / "o2")
+    _run(data, tmp_path / "best.pt", tmp_path / "o2")  # the trainer's best.pt carries its record under "metrics"
     assert load_features(tmp_path / "o2/img.npy", "image").meta["validation"]["mean_recall"] == 8.0
-
-
-def test_errors(data, tmp_path):
-    _checkpoint(tmp_path / "ckpt.pt")
-    with pytest.raises(SolutionError, match="nothing to do"):
-        main(["--resume", str(tmp_path / "ckpt.pt")])
-    with pytest.raises(SolutionError, match="not found"):
-        main(
-            [
-                "--extract-text-feats",
-                "--resume",
-                str(tmp_path / "none.pt"),
-                "--text-data",
-                str(data / "valid_texts.jsonl"),
-            ]
-        )
-    bad = tmp_path / "bad_texts.jsonl"
-    bad.write_text('{"text_id": 1, "text": "a"}\n{"text": "b"}\n', encoding="utf-8")
-    with pytest.raises(SolutionError, match="record 2 lacks text_id"):
-        main(["--extract-text-feats", "--resume", str(tmp_path / "ckpt.pt"), "--text-data", str(bad)])
-    with pytest.raises(SolutionError, match="no room"):
-        main(
-            [
-                "--extract-text-feats",
-                "--resume",
-                str(tmp_path / "ckpt.pt"),
-                "--text-data",
-                str(data / "valid_texts.jsonl"),
-                "--context-length",
-                "8",
-            ]
-        )
-    with pytest.raises(SolutionError, match="not an LMDB split"):
-        main(
-            [
-                "--extract-image-feats",
-                "--resume",
-                str(tmp_path / "ckpt.pt"),
-                "--image-data",
-                str(tmp_path),
-                "--image-feat-output-path",
-                str(tmp_path / "x.npy"),
-            ]
-        )
 
 
 def test_workers_give_the_same_features(data, tmp_path):
     model, cfg = _checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "w/img.npy"
     main(
-        [
-            "--extract-image-feats",
-            "--image-data",
-            str(data / "lmdb/valid/imgs"),
-            "--resume",
-            str(tmp_path / "ckpt.pt"),
-            "--image-feat-output-path",
-            str(tmp_path / "w/img.npy"),
-            "--num-workers",
-            "1",
-            "--img-batch-size",
-            "5",
-            "--no-cache",
-            "--no-progress",
-        ]
+        f"--extract-image-feats --image-data {data}/lmdb/valid/imgs --resume {tmp_path}/ckpt.pt"
+        f" --image-feat-output-path {out} --num-workers 1 --img-batch-size 5 --no-cache --no-progress".split()
     )
     ids, ref = encode_images(model, data / "lmdb/valid", cfg)
-    got = load_features(tmp_path / "w/img.npy", "image")
+    got = load_features(out, "image")
     assert got.ids.tolist() == ids.tolist()
     np.testing.assert_allclose(got.feats, ref, atol=1e-6)
 
@@ -288,9 +158,8 @@ def test_workers_give_the_same_features(data, tmp_path):
 def test_equals_upstream_extract_features(data, tmp_path):
     """cn_clip's own extract_features.py (fp32, CPU) on the same tiny checkpoint: features equal to 1e-5.
 
-    Upstream only knows its own model names and reads their JSONs beside its source file, so it is
-    run from a shadow tree of symlinks (its unmodified script + our tiny configs under its names).
-    A 224-pixel tiny ViT keeps upstream's resolution lookup (from the real ViT-B-16.json) right.
+    Upstream reads only its own model names beside its source: it runs from a shadow tree of symlinks (its
+    unmodified script + our tiny configs under its names); a 224-pixel tiny ViT keeps its resolution lookup right.
     """
     info = {**ModelConfig("ViT-Tiny", "RBT-Tiny").model_info, "image_resolution": 224, "vision_patch_size": 32}
     _checkpoint(tmp_path / "ckpt.pt", prompt="", model_info=info)
@@ -299,90 +168,45 @@ def test_equals_upstream_extract_features(data, tmp_path):
     (shadow / "clip" / "model_configs").mkdir(parents=True)
     os.symlink(Path(cn_clip.__file__).parent / "eval" / "extract_features.py", shadow / "eval" / "extract_features.py")
     vision = {k: v for k, v in info.items() if k.startswith("vision") or k in ("embed_dim", "image_resolution")}
-    text = {k: v for k, v in info.items() if k not in vision}
     (shadow / "clip/model_configs/ViT-B-16.json").write_text(json.dumps(vision))
-    (shadow / "clip/model_configs/RBT3-chinese.json").write_text(json.dumps(text))
-    common = [
-        "--extract-image-feats",
-        "--extract-text-feats",
-        "--image-data",
-        str(data / "lmdb/valid/imgs"),
-        "--text-data",
-        str(data / "valid_texts.jsonl"),
-        "--resume",
-        str(tmp_path / "ckpt.pt"),
-        "--context-length",
-        "32",
-        "--precision",
-        "fp32",
-        "--img-batch-size",
-        "4",
-        "--text-batch-size",
-        "4",
-    ]
-    saved = sys.argv
-    sys.argv = [
-        "extract_features.py",
-        *common,
-        "--vision-model",
-        "ViT-B-16",
-        "--text-model",
-        "RBT3-chinese",
-        "--image-feat-output-path",
-        str(tmp_path / "up_img.jsonl"),
-        "--text-feat-output-path",
-        str(tmp_path / "up_txt.jsonl"),
-    ]
+    (shadow / "clip/model_configs/RBT3-chinese.json").write_text(
+        json.dumps({k: v for k, v in info.items() if k not in vision})
+    )
+    common = (
+        f"--extract-image-feats --extract-text-feats --image-data {data}/lmdb/valid/imgs --text-data"
+        f" {data}/valid_texts.jsonl --resume {tmp_path}/ckpt.pt --context-length 32 --precision fp32"
+        " --img-batch-size 4 --text-batch-size 4".split()
+    )
+    up = f"--vision-model ViT-B-16 --text-model RBT3-chinese --image-feat-output-path {tmp_path}/up_img.jsonl"
+    up += f" --text-feat-output-path {tmp_path}/up_txt.jsonl"
+    saved, sys.argv = sys.argv, ["extract_features.py", *common, *up.split()]
     try:
         with on_device("cpu"):
             runpy.run_path(str(shadow / "eval" / "extract_features.py"), run_name="__main__")
     finally:
         sys.argv = saved
-    main(
-        [
-            *common,
-            "--image-feat-output-path",
-            str(tmp_path / "img.npy"),
-            "--text-feat-output-path",
-            str(tmp_path / "txt.npy"),
-            "--no-cache",
-            "--no-progress",
-        ]
-    )
-    for kind, up, ours in (("image", "up_img.jsonl", "img.npy"), ("text", "up_txt.jsonl", "txt.npy")):
-        a, b = load_features(tmp_path / up, kind), load_features(tmp_path / ours, kind)
+    ours = ["--image-feat-output-path", str(tmp_path / "img.npy"), "--text-feat-output-path", str(tmp_path / "txt.npy")]
+    main([*common, *ours, "--no-cache", "--no-progress"])
+    for kind, up_file, our_file in (("image", "up_img.jsonl", "img.npy"), ("text", "up_txt.jsonl", "txt.npy")):
+        a, b = load_features(tmp_path / up_file, kind), load_features(tmp_path / our_file, kind)
         assert a.ids.tolist() == b.ids.tolist()
         np.testing.assert_allclose(b.feats, a.feats, atol=1e-5, rtol=0)
 
 
-def test_token_batches_respect_the_budget():
+def test_token_batches_respect_the_budget_and_text_batching_changes_no_feature(tiny_model, tiny_config):
     lengths = np.array([3, 3, 4, 5, 5, 5, 9, 20, 52, 52])
-    # Without per-batch overhead every run of equal length is its own batch (no padding at all) ...
-    assert [b.tolist() for b in F.token_batches(lengths, np.arange(10), 10_000, overhead=0)] == [
-        [0, 1],
-        [2],
-        [3, 4, 5],
-        [6],
-        [7],
-        [8, 9],
-    ]
-    # ... with a large one, as few batches as the budget allows.
-    assert [b.tolist() for b in F.token_batches(lengths, np.arange(10), 10_000, overhead=10_000)] == [list(range(10))]
+    # Without per-batch overhead each run of equal length is a batch (no padding); with a large one, few batches.
+    no_overhead = token_batches(lengths, np.arange(10), 10_000, overhead=0)
+    assert [b.tolist() for b in no_overhead] == [[0, 1], [2], [3, 4, 5], [6], [7], [8, 9]]
+    assert [b.tolist() for b in token_batches(lengths, np.arange(10), 10_000, overhead=10_000)] == [list(range(10))]
     rng = np.random.default_rng(0)
-    for budget in (1, 20, 104, 3328, 10_000):  # every text exactly once; padded tokens within budget (or one text)
+    for budget in (1, 20, 104, 3328, 10_000):  # every text once; padded tokens within budget (or one text)
         for lengths in (np.array([3, 3, 4, 5, 5, 5, 9, 20, 52, 52]), np.sort(rng.integers(3, 53, 500))):
             order = rng.permutation(len(lengths))
-            batches = F.token_batches(lengths, order, budget)
+            batches = token_batches(lengths, order, budget)
             assert sorted(np.concatenate(batches).tolist()) == sorted(order.tolist())
             pos = {int(t): i for i, t in enumerate(order)}  # text -> its sorted length
-            for b in batches:
-                longest = max(int(lengths[pos[int(t)]]) for t in b)
-                assert len(b) == 1 or len(b) * longest <= budget
-
-
-def test_text_batching_does_not_change_features(tiny_model, tiny_config):
-    from cn_clip_patch.prompt import tokenize
-
+            assert all(len(b) == 1 or len(b) * max(int(lengths[pos[int(t)]]) for t in b) <= budget for b in batches)
     texts = TEXTS * 3 + ["一" * 40]
     with torch.inference_mode():
         padded = tiny_model.eval().encode_text(tokenize(texts, tiny_config.context_length, trim=False))
@@ -391,51 +215,46 @@ def test_text_batching_does_not_change_features(tiny_model, tiny_config):
         np.testing.assert_allclose(encode_texts(tiny_model, texts, tiny_config, batch_size=bs), padded, atol=1e-5)
 
 
-def _files(root):
-    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 BAD = {
-    # name: (flags replacing the defaults, words the one error line must contain); "T" is the folder of the test
+    # name: (flags replacing the defaults ("T": the test's folder), words the one error line holds, "|"-separated)
+    "nothing to do": ("", "nothing to do"),
+    "missing checkpoint": ("--resume T/none.pt", "not found|none.pt"),
+    "a text record without text_id": ("--text-data T/no_id.jsonl", "no_id.jsonl|record 2 lacks text_id"),
+    "texts not UTF-8": ("--text-data T/latin1.jsonl", "latin1.jsonl:2|not UTF-8"),
+    "no room for the prompt": ("--context-length 8", "no room"),
+    "image data not an LMDB": ("--image-data T/o", "not an LMDB split"),
     "text output is the text data": (
-        ["--format", "jsonl", "--text-feat-output-path", "T/texts.jsonl"],
-        ["texts.jsonl", "one of the inputs"],
+        "--format jsonl --text-feat-output-path T/texts.jsonl",
+        "texts.jsonl|one of the inputs",
     ),
-    "text output is the checkpoint": (
-        ["--format", "jsonl", "--text-feat-output-path", "T/ckpt.pt"],
-        ["ckpt.pt", "one of the inputs"],
-    ),
+    "text output is the checkpoint": ("--format jsonl --text-feat-output-path T/ckpt.pt", "ckpt.pt|one of the inputs"),
     "image output is the LMDB": (
-        ["--format", "jsonl", "--image-feat-output-path", "T/lmdb/imgs/data.mdb"],
-        ["data.mdb", "one of the inputs"],
+        "--format jsonl --image-feat-output-path T/lmdb/imgs/data.mdb",
+        "data.mdb|one of the inputs",
     ),
     "image and text output the same": (
-        ["--image-feat-output-path", "T/o/x", "--text-feat-output-path", "T/o/x.npy"],
-        ["--image-feat-output-path", "--text-feat-output-path", "x.npy", "both write"],
+        "--image-feat-output-path T/o/x --text-feat-output-path T/o/x.npy",
+        "--image-feat-output-path|--text-feat-output-path|x.npy|both write",
     ),
-    "output is a folder": (["--text-feat-output-path", "T/folder.npy"], ["folder.npy", "is a folder"]),
-    "output under a file": (["--image-feat-output-path", "T/texts.jsonl/img.npy"], ["texts.jsonl", "which is a file"]),
-    "texts not UTF-8": (["--text-data", "T/latin1.jsonl"], ["latin1.jsonl:2", "not UTF-8"]),
+    "output is a folder": ("--text-feat-output-path T/folder.npy", "folder.npy|is a folder"),
+    "output under a file": ("--image-feat-output-path T/texts.jsonl/img.npy", "texts.jsonl|which is a file"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_inputs_and_outputs_one_line_nothing_written(data, tmp_path, capsys, monkeypatch, case):
-    import shutil
-
-    from solution import common
-    from solution.common import run_cli
-
     _checkpoint(tmp_path / "ckpt.pt")
     shutil.copytree(data / "lmdb" / "valid", tmp_path / "lmdb")
     shutil.copy(data / "valid_texts.jsonl", tmp_path / "texts.jsonl")
     (tmp_path / "latin1.jsonl").write_bytes(
         '{"text_id": 1, "text": "a"}\n{"text_id": 2, "text": "caf\u00e9"}\n'.encode("latin-1")
     )
+    (tmp_path / "no_id.jsonl").write_text('{"text_id": 1, "text": "a"}\n{"text": "b"}\n', encoding="utf-8")
     (tmp_path / "folder.npy").mkdir()
+    (tmp_path / "o").mkdir()
     flags, words = BAD[case]
-    given = dict(zip(flags[::2], [f.replace("T/", f"{tmp_path}/") for f in flags[1::2]]))
-    ext = given.get("--format", "npy")
+    given = flags.replace("T/", f"{tmp_path}/").split()
+    ext = "jsonl" if "jsonl" in given else "npy"
     argv = {
         "--image-data": f"{tmp_path}/lmdb/imgs",
         "--text-data": f"{tmp_path}/texts.jsonl",
@@ -443,116 +262,71 @@ def test_bad_inputs_and_outputs_one_line_nothing_written(data, tmp_path, capsys,
         "--image-feat-output-path": f"{tmp_path}/o/img.{ext}",
         "--text-feat-output-path": f"{tmp_path}/o/txt.{ext}",
         "--cache-dir": f"{tmp_path}/cache",
-        **given,
+        **dict(zip(given[::2], given[1::2])),
     }
-    before = _files(tmp_path)
-    monkeypatch.setattr(common, "setup_logging", lambda *a: None)  # caplog has the log; stderr: the error alone
-    capsys.readouterr()
-    code = run_cli(
-        main,
-        [
-            "--extract-image-feats",
-            "--extract-text-feats",
-            "--num-workers",
-            "0",
-            "--no-progress",
-            *[x for kv in argv.items() for x in kv],
-        ],
+    what = [] if case == "nothing to do" else ["--extract-image-feats", "--extract-text-feats"]
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    code, line = one_error_line(
+        capsys, monkeypatch, main, [*what, "--no-progress", *[x for kv in argv.items() for x in kv]]
     )
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    assert _files(tmp_path) == before  # no feature, ids, meta or cache file written; every input byte for byte
+    assert code == 2 and all(w in line for w in words.split("|")), line
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before  # nothing written
 
 
 def test_validation_scores_only_decodable_gold_images(tmp_path, tiny_model, tiny_config, caplog):
-    """An image that cannot be decoded is no miss: its query is scored on the gold images that exist,
-    and a query whose every gold image is undecodable is not scored (as the official evaluator sees it)."""
+    """An image that cannot be decoded is no miss: its query is scored on the gold images that exist, and a
+    query whose every gold image is undecodable is not scored (as the official evaluator sees it)."""
     rng = np.random.default_rng(1)
     good = [(i, _b64_image(rng, (20, 20))) for i in (1, 2, 3, 4)]
     corrupt = (5, base64.urlsafe_b64encode(b"\xff\xd8\xff\xe0 not really a JPEG"))
     pairs = [(1, 10, "红色"), (5, 10, "红色"), (5, 11, "蓝色"), (2, 12, "绿色"), (3, 13, "黄色"), (4, 13, "黄色")]
     write_split(tmp_path / "valid", [*good, corrupt], pairs)
-    r = F.evaluate_split(tiny_model, tmp_path / "valid", tiny_config, batch_size=2)
+    r = evaluate_split(tiny_model, tmp_path / "valid", tiny_config, batch_size=2)
     assert r["undecodable_images"] == 1 and r["queries_scored"] == 3  # text 11 (only image 5) is not scored
-    # Four images decode: every scored query finds a gold image in its top 5 whatever the model ranks.
-    assert r["r5"] == r["r10"] == 100.0
-    # R@1 by hand: each scored query's best decodable image (ties to the first in key order) among its gold
+    assert r["r5"] == r["r10"] == 100.0  # four images decode: every scored query finds one in its top 5
     ids, img = encode_images(tiny_model, tmp_path / "valid", tiny_config)
     txt = encode_texts(tiny_model, ["红色", "绿色", "黄色"], tiny_config)
-    gold = ({1}, {2}, {3, 4})  # text 10 keeps only image 1: image 5 does not decode
-    hits = sum(int(ids[np.argmax(img @ t)]) in g for t, g in zip(txt, gold))
+    hits = sum(int(ids[np.argmax(img @ t)]) in g for t, g in zip(txt, ({1}, {2}, {3, 4})))  # R@1 by hand
     assert r["r1"] == (hits * 1.0 / 3) * 100
     assert "1 of 5 images could not be decoded" in caplog.text and "1 of 4 queries" in caplog.text
     write_split(tmp_path / "bad", [corrupt], [(5, 11, "蓝色")])
     with pytest.raises(SolutionError, match="no decodable images"):
-        F.evaluate_split(tiny_model, tmp_path / "bad", tiny_config)
+        evaluate_split(tiny_model, tmp_path / "bad", tiny_config)
 
 
 def test_checkpoint_validation_reads_metrics_as_the_run_reader_does(tmp_path, caplog):
-    """metrics.jsonl beside checkpoints/: a last line torn by a kill is skipped with a warning; any other
-    malformed line is one error naming file and line (it was silently dropped from the provenance)."""
+    """A last line torn by a kill is skipped with a warning; any other malformed line is one error naming it."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     ckpt = run / "checkpoints" / "epoch_1.pt"
-    good = json.dumps({"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0})
-    (run / "metrics.jsonl").write_text(good + "\n" + '{"step": 11, "kind": "tr')  # torn: no newline, cut JSON
+    record = {"step": 10, "epoch": 1, "kind": "valid", "r1": 4.0, "r5": 5.0, "r10": 6.0, "mean_recall": 5.0}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n" + '{"step": 11, "kind": "tr')
     got = checkpoint_validation(ckpt, {"step": 10})
-    assert got == {
-        "r1": 4.0,
-        "r5": 5.0,
-        "r10": 6.0,
-        "mean_recall": 5.0,
-        "step": 10,
-        "epoch": 1,
-        "source": str(run / "metrics.jsonl"),
-    }
-    assert "torn by a kill" in caplog.text
-    assert checkpoint_validation(ckpt, {"step": 12}) is None  # no record at that step
-    (run / "metrics.jsonl").write_text('{"step": 5, "kind": "tr\n' + good + "\n")
+    assert got == {**{k: v for k, v in record.items() if k != "kind"}, "source": str(run / "metrics.jsonl")}
+    assert "torn by a kill" in caplog.text and checkpoint_validation(ckpt, {"step": 12}) is None
+    (run / "metrics.jsonl").write_text('{"step": 5, "kind": "tr\n' + json.dumps(record) + "\n")
     with pytest.raises(SolutionError, match=r"metrics.jsonl:1: not valid JSON"):
         checkpoint_validation(ckpt, {"step": 10})
-    # a score stored in the checkpoint wins, and a checkpoint outside a run's checkpoints/ has no run to read
-    assert checkpoint_validation(ckpt, {"step": 10, "metrics": {"mean_recall": 1.0}})["mean_recall"] == 1.0
-    assert checkpoint_validation(tmp_path / "loose.pt", {"step": 10}) is None
+    assert (
+        checkpoint_validation(ckpt, {"step": 10, "metrics": {"mean_recall": 1.0}})["mean_recall"] == 1.0
+    )  # stored wins
+    assert checkpoint_validation(tmp_path / "loose.pt", {"step": 10}) is None  # no run folder to read
 
 
-def test_effective_precision():
-    table = {
-        ("cpu", "amp"): "fp32",
-        ("cpu", "fp16"): "fp32",
-        ("cpu", "fp32"): "fp32",
-        ("cpu", "bf16"): "bf16",
-        ("cuda", "amp"): "fp16",
-        ("cuda", "fp16"): "fp16",
-        ("cuda", "fp32"): "fp32",
-        ("cuda", "bf16"): "bf16",
-    }
-    for (device, precision), want in table.items():
-        assert effective_precision(device, precision) == want, (device, precision)
-
-
-# --- precision names and the TF32 policy ------------------------------------------------------------------------
-
-
-def test_amp_bf16_is_resolved_to_bf16_where_flags_are_parsed():
-    from solution.features import build_parser
-    from solution.model.precision import PRECISIONS, precision_flag
-
-    assert precision_flag("amp_bf16") == "bf16" and effective_precision("cuda", "amp_bf16") == "bf16"
-    assert [precision_flag(p) for p in PRECISIONS] == list(PRECISIONS)
-    args = build_parser().parse_args(["--resume", "x.pt", "--precision", "amp_bf16"])
-    assert args.precision == "bf16"
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_effective_precision_and_amp_bf16(device):
+    want = {"amp": "fp16", "fp16": "fp16", "fp32": "fp32", "bf16": "bf16"} if device == "cuda" else {"bf16": "bf16"}
+    assert [effective_precision(device, p) for p in PRECISIONS] == [want.get(p, "fp32") for p in PRECISIONS]
+    assert precision_flag("amp_bf16") == "bf16" and effective_precision(device, "amp_bf16") == "bf16"
+    assert build_parser().parse_args(["--resume", "x.pt", "--precision", "amp_bf16"]).precision == "bf16"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--resume", "x.pt", "--precision", "bf17"])
 
 
 def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
-    """The caller asked for 'high' (TF32 on CUDA, oneDNN TF32 on the CPU): every exact ranking product runs
-    at 'highest' (and no bf16 reduced-precision reductions), and the caller's setting is back afterwards."""
-    from solution.retrieval.metrics import topk
+    """The caller asked for 'high' (TF32 on CUDA, oneDNN TF32 on the CPU): every exact ranking product runs at
+    'highest' (no bf16 reduced-precision reductions either), and the caller's setting is back afterwards."""
+    from solution.ensembles.fusion import rerank_topk
     from solution.retrieval.rank import rank
 
     cuda, mkl = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
@@ -567,11 +341,10 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        monkeypatch.setattr(torch, "topk", spy)
-        got = [rank(queries, gallery, np.arange(64), 2, method=m)[0] for m in ("fp32", "prefilter")]
-        topk(queries, gallery, 2)  # validation's recall path
-        monkeypatch.undo()
-        assert len(seen) >= 3 and set(seen) == {(False, False, "ieee")}
+        with monkeypatch.context() as m:
+            m.setattr(torch, "topk", spy)
+            got = [rank(queries, gallery, np.arange(64), 2)[0], rerank_topk([(queries, gallery)], 2)[1]]
+        assert len(seen) >= 2 and set(seen) == {(False, False, "ieee")}
         assert torch.get_float32_matmul_precision() == "high" and cuda.allow_tf32 and mkl.fp32_precision == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
@@ -580,8 +353,6 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
 
 
 def test_model_math_allows_tf32_on_cuda_only_and_restores():
-    from solution.model.precision import exact_math, model_math
-
     cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     before = (cuda.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision())
     assert not cuda.allow_tf32

@@ -1,37 +1,47 @@
+import json
+import os
+
 import pytest
 import torch
 from cn_clip.clip.model import CLIP
+from oracles import sdpa_enabled
 
 from solution.common import SolutionError
 from solution.model import (
     ModelConfig,
-    infer_architecture,
+    build_model,
+    fingerprint,
     load_model,
     meta_model,
     model_template,
     read_checkpoint,
     resolve_config,
     save_checkpoint,
-    text_models,
-    vision_models,
+    state_dict_digest,
 )
+from solution.model.checkpoint import infer_architecture
+from solution.model.registry import env_config_dirs, model_config_dirs, text_models, vision_models
 
 
-def test_registry_has_upstream_and_tiny_models():
+def test_registry_has_upstream_and_tiny_models_and_extra_folders_for_a_block(tmp_path):
     assert {"ViT-B-16", "ViT-H-14", "RN50", "ViT-Tiny"} <= set(vision_models())
     assert {"RoBERTa-wwm-ext-base-chinese", "RBT3-chinese", "RBT-Tiny"} <= set(text_models())
-
-
-def test_unknown_model_name_is_one_clear_error():
     with pytest.raises(SolutionError, match="unknown model name 'ViT-Nope'"):
         ModelConfig("ViT-Nope", "RBT-Tiny")
+    (tmp_path / "ViT-Nope.json").write_text(
+        json.dumps({**ModelConfig("ViT-Tiny", "RBT-Tiny").model_info, "vision_width": 32})
+    )
+    environ = {"SOLUTION_MODEL_CONFIGS": f"{tmp_path}{os.pathsep}{os.pathsep}/nowhere"}
+    assert env_config_dirs(environ) == [str(tmp_path), "/nowhere"] and env_config_dirs({}) == []
+    with model_config_dirs(env_config_dirs(environ)):
+        assert ModelConfig("ViT-Nope", "RBT-Tiny").model_info["vision_width"] == 32
+    assert "ViT-Nope" not in vision_models()  # known inside the block only
 
 
 def test_checkpoint_round_trip_keeps_config_and_weights(tmp_path, tiny_model):
     cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24, text_prompt="这是一张图片：")
     path = save_checkpoint(tmp_path / "a.pt", tiny_model.state_dict(), cfg, epoch=2, step=7, name="run")
-    raw = torch.load(path, weights_only=True)
-    assert all(k.startswith("module.") for k in raw["state_dict"])  # cn_clip's layout
+    assert all(k.startswith("module.") for k in torch.load(path, weights_only=True)["state_dict"])  # cn_clip's layout
     model, config, ckpt = load_model(path)
     assert (config.text_prompt, config.context_length, ckpt["epoch"], ckpt["step"]) == ("这是一张图片：", 24, 2, 7)
     for k, v in tiny_model.state_dict().items():
@@ -39,18 +49,29 @@ def test_checkpoint_round_trip_keeps_config_and_weights(tmp_path, tiny_model):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
 
 
-def test_official_format_checkpoint_of_full_size_architecture_loads(tmp_path):
-    """An official release file: fp16, module.-prefixed, a bert.pooler, no config -> inferred."""
-    cfg = ModelConfig("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")
+def test_official_format_checkpoint_loads_with_an_inferred_architecture(tmp_path):
+    """An official release file: fp16, module.-prefixed, a bert.pooler, no config."""
+    cfg = ModelConfig("ViT-Tiny-W96", "RBT-Tiny")
     torch.manual_seed(0)
     ref = CLIP(**cfg.model_info)
     sd = {f"module.{k}": v.half() for k, v in ref.state_dict().items()}
-    sd["module.bert.pooler.dense.weight"] = torch.zeros(768, 768, dtype=torch.half)
-    torch.save({"epoch": 1, "step": 100, "name": "official", "state_dict": sd}, tmp_path / "clip_cn_vit-b-16.pt")
-    model, config, _ = load_model(tmp_path / "clip_cn_vit-b-16.pt")
-    assert config.arch == "ViT-B-16@RoBERTa-wwm-ext-base-chinese"
+    sd["module.bert.pooler.dense.weight"] = torch.zeros(4, 4, dtype=torch.half)
+    torch.save({"epoch": 1, "step": 100, "name": "official", "state_dict": sd}, tmp_path / "clip_cn.pt")
+    model, config, _ = load_model(tmp_path / "clip_cn.pt")
+    assert config.arch == "ViT-Tiny-W96@RBT-Tiny"
     w = model.state_dict()["visual.conv1.weight"]
     assert w.dtype == torch.float32 and torch.equal(w, ref.state_dict()["visual.conv1.weight"].half().float())
+
+
+def test_fingerprint_is_the_digest_of_the_clean_weights(tmp_path, tiny_model, tiny_config):
+    """What ensemble.json records of a member: the weights' digest, whatever prefix, pooler or extras the file has."""
+    sd = tiny_model.state_dict()
+    a = save_checkpoint(tmp_path / "a.pt", sd, tiny_config, epoch=1)
+    raw = {**{f"module.{k}": v for k, v in sd.items()}, "module.bert.pooler.dense.weight": torch.ones(2)}
+    torch.save({"state_dict": raw, "optimizer": {"lr": 1.0}}, tmp_path / "b.pt")
+    assert fingerprint(a) == fingerprint(tmp_path / "b.pt") == fingerprint(read_checkpoint(a)) == state_dict_digest(sd)
+    other = {k: v + 1 if k == "logit_scale" else v for k, v in sd.items()}
+    assert fingerprint(save_checkpoint(tmp_path / "c.pt", other, tiny_config)) != fingerprint(a)
 
 
 def test_other_architecture_is_refused_naming_both(tmp_path, tiny_model):
@@ -59,26 +80,23 @@ def test_other_architecture_is_refused_naming_both(tmp_path, tiny_model):
         load_model(tmp_path / "t.pt", vision_model="ViT-B-16")
 
 
-@pytest.mark.parametrize("content", [b"", b"<html>not a checkpoint</html>", None])
-def test_unreadable_checkpoints_are_clear_errors(tmp_path, tiny_model, content):
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("content", ["empty", "html", "truncated", "code"])
+def test_unreadable_checkpoints_are_one_clear_error(tmp_path, tiny_model, content):
     path = tmp_path / "bad.pt"
-    if content is None:  # truncated real checkpoint
+    if content == "truncated":
         save_checkpoint(path, tiny_model.state_dict(), ModelConfig("ViT-Tiny", "RBT-Tiny"))
         path.write_bytes(path.read_bytes()[:1000])
+    elif content == "code":
+        torch.save({"state_dict": {}, "x": Evil()}, path)
     else:
-        path.write_bytes(content)
-    with pytest.raises(SolutionError, match="bad.pt"):
+        path.write_bytes(b"" if content == "empty" else b"<html>not a checkpoint</html>")
+    with pytest.raises(SolutionError, match="bad.pt (is empty|is not a readable checkpoint)"):
         read_checkpoint(path)
-
-
-def test_checkpoint_with_code_is_refused(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    torch.save({"state_dict": {}, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(SolutionError, match="not a readable checkpoint"):
-        read_checkpoint(tmp_path / "evil.pt")
 
 
 def test_flags_override_stored_config_with_warning(tiny_model, caplog):
@@ -100,11 +118,10 @@ def test_unknown_name_on_the_command_line_is_attributed_to_the_flag(tmp_path, ti
 
 
 def test_shape_errors_name_the_tensors_and_their_shapes(tmp_path, tiny_model):
-    cfg = ModelConfig("ViT-Tiny", "RBT-Tiny")
     sd = dict(tiny_model.state_dict())
     sd["visual.positional_embedding"] = sd["visual.positional_embedding"][:, 0].clone()  # 1-D: not resizable
     del sd["logit_scale"]
-    save_checkpoint(tmp_path / "p.pt", sd, cfg)
+    save_checkpoint(tmp_path / "p.pt", sd, ModelConfig("ViT-Tiny", "RBT-Tiny"))
     with pytest.raises(SolutionError) as e:
         load_model(tmp_path / "p.pt")
     assert str(e.value) == (
@@ -133,15 +150,10 @@ def test_meta_model_and_template_match_the_built_model(tiny_config, tiny_model):
 
 
 def test_models_are_built_and_loaded_on_sdpa_attention_by_default(tmp_path, tiny_config, tiny_model):
-    from cn_clip_patch.attention import sdpa_enabled
-    from solution.model import ATTN_IMPLS, build_model
-
-    assert ATTN_IMPLS == ("sdpa", "upstream")
     assert sdpa_enabled(tiny_model) and not sdpa_enabled(build_model(tiny_config, attn_impl="upstream"))
     assert sdpa_enabled(meta_model(tiny_config)) and not sdpa_enabled(meta_model(tiny_config, attn_impl="upstream"))
     path = save_checkpoint(tmp_path / "a.pt", tiny_model.state_dict(), tiny_config, epoch=1, step=1)
-    sdpa, _, _ = load_model(path)
-    upstream, _, _ = load_model(path, attn_impl="upstream")
+    sdpa, upstream = load_model(path)[0], load_model(path, attn_impl="upstream")[0]
     assert sdpa_enabled(sdpa) and not sdpa_enabled(upstream)
     assert sdpa.state_dict().keys() == upstream.state_dict().keys() == tiny_model.state_dict().keys()
     with pytest.raises(SolutionError, match="unknown attention implementation 'flash': use one of sdpa, upstream"):

@@ -589,7 +589,7 @@ def test_mismatched_ingredients_are_refused_before_any_work(synth, what, monkeyp
             for k in ("embed_dim", "image_resolution", "vision_width", "vision_patch_size", "vision_head_width")
         }
         (cfgdir / "ViT-Tiny1.json").write_text(json.dumps({**vision, "vision_layers": 1}))
-        monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(cfgdir))
+        monkeypatch.setattr("solution.model.registry.EXTRA_CONFIG_DIRS", (cfgdir,))
         other = ModelConfig("ViT-Tiny1", "RBT-Tiny", context_length=32)
         save_checkpoint(odd, build_model(other).state_dict(), other)
     else:

@@ -323,7 +323,7 @@ def wide_vit(tmp_path, monkeypatch):
             }
         )
     )
-    monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(d))
+    monkeypatch.setattr("solution.model.registry.EXTRA_CONFIG_DIRS", (d,))
     cfg = ModelConfig("ViT-Wide", "RBT-Tiny", context_length=16)
     return save_checkpoint(tmp_path / "wide.pt", build_model(cfg).state_dict(), cfg)
 

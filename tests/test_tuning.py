@@ -154,7 +154,7 @@ def test_freeze_vision_keeps_resnet_batchnorm_in_eval(tmp_path, monkeypatch):
             }
         )
     )
-    monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(tmp_path))
+    monkeypatch.setattr("solution.model.registry.EXTRA_CONFIG_DIRS", (tmp_path,))
     model = build_model(ModelConfig("RN-Tiny", "RBT-Tiny", context_length=16))
     recipe = tuning_recipe(freeze_vision=True)
     apply_tuning(model, recipe)

@@ -1,54 +1,20 @@
-"""Fused attention (``torch.nn.functional.scaled_dot_product_attention``) for both cn_clip towers.
+"""Fused attention (``scaled_dot_product_attention``) for cn_clip's text tower, per model instance.
 
-Text tower
-    Upstream's ``BertSelfAttention.forward`` computes attention by hand (``matmul`` → ``/ sqrt(d)``
-    → ``+ mask`` → ``softmax`` → ``dropout`` → ``matmul``), and its only fused switch needs
-    ``flash-attn < 2``. :class:`SdpaBertSelfAttention` is a subclass of upstream's class whose
-    ``forward`` does the same computation in one SDPA call:
-
-    - the padding mask is upstream's own *extended additive* mask (``0`` / ``-10000``, shape
-      ``[B, 1, 1, L]``, built by ``BertModel.forward``), passed unchanged as SDPA's float
-      ``attn_mask`` (SDPA adds a float mask to the scaled scores, exactly like upstream);
-    - attention dropout is ``self.dropout.p`` while ``self.dropout`` is in training mode, else 0,
-      as upstream's ``nn.Dropout`` on the probabilities;
-    - a per-head ``head_mask`` (``[..., H, 1, 1]``, the shapes ``BertModel`` builds) scales the
-      context, which equals upstream's scaling of the probabilities; any other ``head_mask`` and
-      ``output_attentions`` (attention probabilities requested) run upstream's own forward;
-    - ``query``/``key``/``value`` are *called* (never their ``.weight``), so peft LoRA wrappers
-      on them keep working, whether they are injected before or after the switch.
-
-    On CPU, SDPA picks the fused flash kernel when ``dropout_p == 0`` (eval, or dropout 0) and its
-    math fallback with dropout; on CUDA the memory-efficient kernel takes the float mask and
-    dropout.
-
-How it is installed (nothing global changes)
-    :func:`use_sdpa` swaps ``module.__class__`` of each ``BertSelfAttention`` *instance* found in
-    the model it is given to :class:`SdpaBertSelfAttention` (and back with ``enabled=False``).
-    No upstream class, module attribute or torch function is touched: other models in the process,
-    and new ones, keep upstream's code. Parameters, buffers, state-dict keys and child modules
-    are unchanged (``isinstance(m, BertSelfAttention)`` still holds), so checkpoints, LoRA merge and
-    ``torch.compile`` see the same model. :func:`sdpa_attention` is the scoped form: it installs
-    on the instances not already switched and switches back exactly those on exit.
-
-Vision tower (checked, nothing to patch)
-    Upstream's ``ResidualAttentionBlock.attention`` calls ``nn.MultiheadAttention(x, x, x,
-    need_weights=False, attn_mask=None)`` with ``batch_first=False``. The MHA "fast path" is never
-    taken (``batch_first`` is False), so every call, in training and in eval, with or without
-    grad, goes through ``F.multi_head_attention_forward``, whose ``need_weights=False`` branch
-    calls ``scaled_dot_product_attention`` (torch 2.x). peft's LoRA ``MultiheadAttention``
-    wrapper merges its adapters and calls that same base forward with the same arguments, and
-    ``AttentionPool2d`` of the ResNet backbones also passes ``need_weights=False``. So the vision
-    tower already reaches SDPA; :func:`vision_reaches_sdpa` checks it with torch's profiler
-    (``tests/test_attention.py`` asserts it for train/eval/LoRA).
+Upstream's ``BertSelfAttention`` computes attention by hand (its only fused switch needs ``flash-attn < 2``).
+:class:`SdpaBertSelfAttention` does the same computation in one SDPA call: upstream's extended additive
+padding mask (``0`` / ``-10000``) passed as the float ``attn_mask``, attention dropout ``self.dropout.p``
+while training, a per-head ``head_mask`` applied to the context (equal to upstream's scaling of the
+probabilities); other head masks and ``output_attentions`` run upstream's forward. ``query``/``key``/
+``value`` are called, so peft LoRA wrappers on them keep working. :func:`use_sdpa` switches the
+``__class__`` of a model's own instances: no upstream class or torch function changes, and parameters and
+state-dict keys stay the same. The vision tower already reaches SDPA (``nn.MultiheadAttention`` with
+``need_weights=False``), in training and eval, with or without LoRA.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
-import torch
 import torch.nn.functional as F
 from cn_clip.clip.modeling_bert import BertSelfAttention
 from torch import nn
@@ -57,7 +23,7 @@ from .tuning import unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SdpaBertSelfAttention", "sdpa_attention", "sdpa_enabled", "use_sdpa", "vision_reaches_sdpa"]
+__all__ = ["SdpaBertSelfAttention", "use_sdpa"]
 
 
 class SdpaBertSelfAttention(BertSelfAttention):
@@ -85,23 +51,14 @@ class SdpaBertSelfAttention(BertSelfAttention):
         return (context,)
 
 
-def _self_attentions(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, mod in unwrap(model).named_modules():
-        if isinstance(mod, BertSelfAttention):
-            yield name, mod
-
-
 def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
-    """Switch the text tower of ``model`` to SDPA attention in place (``enabled=False``: back).
-
-    Per instance: each ``BertSelfAttention`` of this model has its ``__class__`` set to
-    :class:`SdpaBertSelfAttention` (or back to ``BertSelfAttention``). Idempotent. Subclasses of
-    upstream's class other than ours are left alone (their forward is unknown) with a warning.
-    Returns the number of modules switched by this call.
-    """
+    """Switch the text tower of ``model`` to SDPA attention in place (``enabled=False``: back); idempotent.
+    Other subclasses of upstream's class are left alone with a warning. Returns how many modules switched."""
     changed = 0
-    for name, mod in _self_attentions(model):
+    for name, mod in unwrap(model).named_modules():
         cls = type(mod)
+        if not isinstance(mod, BertSelfAttention):
+            continue
         if enabled and cls is BertSelfAttention:
             mod.__class__ = SdpaBertSelfAttention
             changed += 1
@@ -113,47 +70,3 @@ def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
     if changed:
         log.debug("use_sdpa(enabled=%s): %d self-attention modules switched", enabled, changed)
     return changed
-
-
-@contextlib.contextmanager
-def sdpa_attention(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Scoped :func:`use_sdpa`: inside, the text tower uses SDPA; on exit, the modules this call
-    switched are switched back (modules already on SDPA before it stay so). Yields the model."""
-    switched = [mod for _, mod in _self_attentions(model) if type(mod) is BertSelfAttention] if enabled else []
-    for mod in switched:
-        mod.__class__ = SdpaBertSelfAttention
-    try:
-        yield model
-    finally:
-        for mod in switched:
-            if type(mod) is SdpaBertSelfAttention:
-                mod.__class__ = BertSelfAttention
-
-
-def sdpa_enabled(model: nn.Module) -> bool:
-    """True when every ``BertSelfAttention`` of the model runs on SDPA (False if it has none)."""
-    mods = [mod for _, mod in _self_attentions(model)]
-    return bool(mods) and all(isinstance(mod, SdpaBertSelfAttention) for mod in mods)
-
-
-def vision_reaches_sdpa(model: nn.Module, images: torch.Tensor, *, train: bool = False) -> bool:
-    """Whether ``model.encode_image(images)`` calls ``scaled_dot_product_attention`` (torch profiler).
-
-    ``train=True`` runs it in training mode with grad (and a backward, which leaves
-    ``.grad`` alone); every module's training flag is restored afterwards.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    m = unwrap(model)
-    modes = {mod: mod.training for mod in m.modules()}
-    m.train(train)
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.set_grad_enabled(train):
-            out = m.encode_image(images)
-            params = [p for p in m.parameters() if p.requires_grad]
-            if train and out.requires_grad and params:  # backward without touching any .grad
-                torch.autograd.grad(out.float().sum(), params, allow_unused=True)
-    finally:
-        for mod, mode in modes.items():
-            mod.training = mode
-    return any(e.key == "aten::scaled_dot_product_attention" for e in prof.key_averages())

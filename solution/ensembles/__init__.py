@@ -1,1 +1,1 @@
-"""Score-level ensembles: members of any architecture fused by normalised, weighted scores (see ``run.py``)."""
+"""Score-level ensembles: members of any architecture fused by normalised, weighted scores."""

@@ -1,12 +1,6 @@
-"""Ensemble members: a checkpoint each, encoding queries with its own config and the gallery through the cache.
-
-A member is fingerprinted as a soup ingredient is (:func:`solution.soups.ingredients.inspect_checkpoint`:
-the digest of its weights), loaded with :func:`solution.model.load_model` and encoded with its own
-prompt, context length and resolution (:mod:`solution.retrieval.encode`); its gallery features come
-from the image-feature cache (:mod:`solution.retrieval.cache`). Members may differ in architecture
-and embedding width: fusion works on scores, never on features. Flip test-time augmentation
-(``tta = "flip"``) ranks against each member's gallery averaged with the features of the horizontally
-flipped images (cached under their own key), L2-normalised again (:func:`flip_average`).
+"""Ensemble members: a checkpoint each, encoding the queries with its own config and the gallery through the
+image-feature cache (members may differ in architecture and width: fusion works on scores). Flip TTA ranks
+against each gallery averaged with its horizontally flipped images' features (:func:`flip_average`).
 """
 
 from __future__ import annotations
@@ -21,10 +15,9 @@ import numpy as np
 from cn_clip_patch.prompt import PromptError, check_prompt
 from solution.common import SolutionError
 from solution.data.lmdb_io import LMDBSplit
-from solution.model import ModelConfig, load_model
+from solution.model import ModelConfig, fingerprint, load_model
 from solution.retrieval.cache import cached_image_features
 from solution.retrieval.encode import encode_texts
-from solution.soups.ingredients import inspect_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +36,11 @@ class Member:
     queries: np.ndarray
     bank: np.ndarray | None = None
     cache: str = "off"
-    flipped: np.ndarray | None = None  # features of the flipped gallery images (flip TTA), same ids
+    flipped: np.ndarray | None = None  # the flipped gallery images' features (flip TTA), same ids
     flip_cache: str | None = None
 
     def gallery_for(self, tta: str) -> np.ndarray:
-        """The gallery features ranked under test-time augmentation ``tta`` (``none`` or ``flip``)."""
+        """The gallery features ranked under test-time augmentation ``tta``."""
         if tta == "none":
             return self.gallery
         if tta != "flip" or self.flipped is None:
@@ -55,16 +48,13 @@ class Member:
         return flip_average(self.gallery, self.flipped)
 
     def record(self) -> dict:
-        """What ``ensemble.json`` says about the member (its weights by fingerprint, and how it encodes)."""
+        """What ``ensemble.json`` says about the member."""
         c = self.config
         return {
             "path": str(Path(self.path).resolve()),
             "fingerprint": self.fingerprint,
             "arch": c.arch,
-            "vision_model": c.vision_model,
-            "text_model": c.text_model,
-            "context_length": c.context_length,
-            "text_prompt": c.text_prompt,
+            **{k: getattr(c, k) for k in ("vision_model", "text_model", "context_length", "text_prompt")},
             "image_resolution": c.image_resolution,
             "embed_dim": int(c.model_info["embed_dim"]),
         }
@@ -86,22 +76,15 @@ def flip_average(plain: np.ndarray, flipped: np.ndarray) -> np.ndarray:
     return s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), np.float32(1e-12))
 
 
-def fingerprint(path: str) -> str:
-    """The digest of a member's weights (checked as a soup ingredient is: shapes, finite, merged LoRA)."""
-    try:
-        return inspect_checkpoint(Path(path), {}).fingerprint
-    except SolutionError as e:
-        raise SolutionError(f"member {path}: {e}") from None
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise SolutionError(f"member {path} is not a readable checkpoint: {e}") from None
-
-
 def verify_fingerprint(record: dict) -> None:
     """Refuse a member whose file no longer holds the weights the ensemble was selected with."""
     path = record["path"]
     if not Path(path).is_file():
         raise SolutionError(f"ensemble member {path} is missing")
-    got = fingerprint(path)
+    try:
+        got = fingerprint(path)
+    except SolutionError as e:
+        raise SolutionError(f"member {path}: {e}") from None
     if got != record["fingerprint"]:
         raise SolutionError(
             f"ensemble member {path} changed since selection (fingerprint {got[:12]} != "
@@ -116,41 +99,30 @@ def encode_member(
     enc: Encoding,
     *,
     bank_texts: Sequence[str] | None = None,
-    known_fingerprint: str | None = None,
     flip: bool = False,
+    known_fingerprint: str | None = None,
 ) -> Member:
-    """Load ``path`` and encode the split's gallery (cached), the query ``texts`` and the ``bank_texts``.
-
-    ``known_fingerprint``: the digest already checked by :func:`verify_fingerprint` (not hashed again).
-    ``flip``: also the gallery's flipped images (cached under their own key), for flip TTA.
-    """
-    fp = known_fingerprint or fingerprint(path)
+    """Load ``path`` (checked) and encode the split's gallery (cached; ``flip``: its flipped images too, under
+    their own key), the query ``texts`` and the ``bank_texts``; ``known_fingerprint``: verified already."""
     try:
-        model, config, _ = load_model(path, device=enc.device)
+        model, config, ckpt = load_model(path, device=enc.device)
+        if config.tuning.get("mode") == "lora" and config.tuning.get("merged") is False:
+            raise SolutionError("it holds unmerged LoRA weights (tuning.merged=false): use the merged checkpoint")
         check_prompt(config.text_prompt, config.context_length)
         kw = dict(device=enc.device, precision=enc.precision, batch_size=enc.batch_size)
         ids, gallery, info = cached_image_features(model, split, config, cache_dir=enc.cache_dir, **kw)
-        queries = encode_texts(model, texts, config, **kw)
-        bank = encode_texts(model, bank_texts, config, **kw) if bank_texts is not None else None
-        fids, flipped, finfo = (
-            cached_image_features(model, split, config, cache_dir=enc.cache_dir, flip=True, **kw)
-            if flip
-            else (ids, None, {"cache": None})
-        )
+        fids, flipped, finfo = ids, None, {"cache": None}
+        if flip:
+            fids, flipped, finfo = cached_image_features(model, split, config, cache_dir=enc.cache_dir, flip=True, **kw)
         if not np.array_equal(fids, ids):
             raise SolutionError(f"its flipped images decode as {len(fids)} images, not {len(ids)}")
+        queries = encode_texts(model, texts, config, **kw)
+        bank = encode_texts(model, bank_texts, config, **kw) if bank_texts is not None else None
     except (SolutionError, PromptError, OSError, RuntimeError, ValueError, KeyError) as e:
         raise SolutionError(f"member {path} cannot encode {split.split_dir}: {e}") from None
-    log.info(
-        "member %s (%s, %d-d): %d queries, %d images (cache %s%s)",
-        path,
-        config.arch,
-        gallery.shape[1],
-        len(queries),
-        len(ids),
-        info["cache"],
-        f", flipped: {finfo['cache']}" if flip else "",
-    )
+    caches = f"{info['cache']}, flipped {finfo['cache']}" if flip else info["cache"]
+    log.info(f"member {path} ({config.arch}): {len(queries)} queries, {len(ids)} images (cache {caches})")
+    fp = known_fingerprint or fingerprint(ckpt)
     return Member(str(path), fp, config, ids, gallery, queries, bank, info["cache"], flipped, finfo["cache"])
 
 

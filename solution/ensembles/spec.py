@@ -1,22 +1,17 @@
-"""``ensemble.json``: the one reader and writer of an ensemble's description.
+"""An ensemble folder's files, and ``ensemble.json``'s one reader and writer.
 
-``{"version": 1, "members": [{path, fingerprint, arch, vision_model, text_model, context_length,
-text_prompt, image_resolution, embed_dim}], "weights": [floats summing to 1], "norm":
-"none"|"zscore"|"softmax", "norm_temperature": float|null, "tta": "none"|"flip" (flip test-time
-augmentation of the image features; absent: none), "rerank": {"method", "temperature",
-"bank": texts JSONL|null, "bank_topk": int|null}, "scores": {"select"|"report"|"all": {r1, r5, r10,
-mean_recall, queries_scored}|null, "members": [{"select", "report", "all"} per member]}, "crossfit":
-{folds, seed, fold_scores, mean, low, high, interval, choices}|null, "hits": {"ensemble"|"memberI":
-path of a per-query hits file (:mod:`solution.formats.hits`) relative to the folder, every scored
-validation query}, "val_data", "select_split", "seed", "created", "command"}``.
+``ensemble.json``: ``version``, ``members`` [{path, fingerprint (:func:`solution.model.fingerprint`), arch,
+vision_model, text_model, context_length, text_prompt, image_resolution, embed_dim}], ``weights`` (sum 1),
+``norm`` (+ ``norm_temperature``), ``tta`` (none|flip; absent: none), ``rerank`` {method, temperature, bank,
+bank_topk}, ``scores`` {select, report, all, members}, ``selection_score``, ``crossfit``, ``hits`` {ensemble,
+memberI: per-query hits files relative to the folder}, ``val_data``, ``select_split``, ``seed``, ``created``,
+``command``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-
-import numpy as np
 
 from solution.common import SolutionError, write_json
 from solution.ensembles.fusion import NORMS, RERANKERS, check_weights
@@ -61,4 +56,4 @@ def read_ensemble(path: str | os.PathLike) -> dict:
 
 def active(spec: dict) -> list[int]:
     """Indices of the members with a non-zero weight."""
-    return [i for i, w in enumerate(np.asarray(spec["weights"]).tolist()) if w > 0]
+    return [i for i, w in enumerate(spec["weights"]) if w > 0]

@@ -1,9 +1,5 @@
-"""Per-query hits files: ``{BASE}.hits.npy`` (``[Q, 3]`` bool: hit at 1 / 5 / 10) beside
-``{BASE}.hits.ids.npy`` (``[Q]`` int64 query text ids, the rows' order). The one reader and writer.
-
-Written by the soup scorer beside its scores; read by the comparison for paired bootstraps. Each
-file is written atomically, the ids first, so a reader finds either no hits or a matching pair.
-"""
+"""Per-query hits files: ``BASE.hits.npy`` (``[Q, 3]`` bool: hit at 1 / 5 / 10) beside ``BASE.hits.ids.npy``
+(``[Q]`` int64 query ids, the rows' order), each written atomically, the ids first."""
 
 from __future__ import annotations
 
@@ -12,21 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from solution.common import SolutionError, atomic_path
+from solution.common import SolutionError, write_npy
 
 SUFFIX, IDS_SUFFIX = ".hits.npy", ".hits.ids.npy"
 
 
 def hits_paths(base: str | os.PathLike) -> tuple[Path, Path]:
     """``(hits file, ids file)`` of ``base`` (a path without suffix, or the ``.hits.npy`` file itself)."""
-    s = str(base)
-    s = s.removesuffix(SUFFIX)
+    s = str(base).removesuffix(SUFFIX)
     return Path(s + SUFFIX), Path(s + IDS_SUFFIX)
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
 
 
 def write_hits(base: str | os.PathLike, text_ids, hits) -> Path:
@@ -36,9 +26,8 @@ def write_hits(base: str | os.PathLike, text_ids, hits) -> Path:
     if hits.ndim != 2 or hits.shape[0] != len(ids):
         raise ValueError(f"hits of shape {hits.shape} for {len(ids)} query ids")
     hpath, ipath = hits_paths(base)
-    hpath.parent.mkdir(parents=True, exist_ok=True)
-    _save(ipath, ids)
-    _save(hpath, hits)
+    write_npy(ipath, ids)
+    write_npy(hpath, hits)
     return hpath
 
 

@@ -1,12 +1,6 @@
-"""MUGE texts (``{split}_texts.jsonl``): the one strict reader.
-
-A line is ``{"text_id": int, "text": str}``, with ``"image_ids": [int, ...]`` in the train/valid
-splits (the gold answers). Feature extraction and the soup's ``--val-texts`` (``need_gold=True``)
-read texts here. Gold answer files, submissions and ``--check``'s query ids are read by the
-official-exact evaluator (:mod:`solution.retrieval.official`), which must keep the official
-script's own rules. ``prepare`` reads texts leniently (skips and reports bad lines) since
-cleaning is its job.
-"""
+"""MUGE texts (``{split}_texts.jsonl``: ``{"text_id": int, "text": str}`` a line, with the gold ``"image_ids"``
+in train/valid): the one strict reader. The evaluator reads gold files by the official rules instead, and
+``prepare`` leniently (cleaning is its job)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
-"""Model registry, building, and the checkpoint contract.
+"""Models: the architecture registry, the checkpoint contract, building and loading checked weights.
 
-Import from here (``from solution.model import load_model``): the package's public names, whatever
-module inside holds them. ``registry`` (architecture names, :class:`ModelConfig`), ``checkpoint``
-(the one reader/writer of checkpoint files, architecture inference), ``build`` (the model, its
-meta-device template, weight checks and loading, the text-attention switch ``attn_impl``).
+Import from here (``from solution.model import load_model``), whatever module inside holds a name.
 """
 
 from .checkpoint import (
     clean_state_dict,
-    infer_architecture,
+    fingerprint,
     read_checkpoint,
     resolve_config,
     save_checkpoint,
@@ -23,9 +20,8 @@ from .load import (
     load_weights,
     meta_model,
     model_template,
-    set_attn_impl,
 )
-from .registry import ModelConfig, config_dirs, model_info, text_models, vision_models
+from .registry import ModelConfig
 
 __all__ = [
     "ATTN_IMPLS",
@@ -34,18 +30,13 @@ __all__ = [
     "check_finite",
     "check_shapes",
     "clean_state_dict",
-    "config_dirs",
-    "infer_architecture",
+    "fingerprint",
     "load_model",
     "load_weights",
     "meta_model",
-    "model_info",
     "model_template",
     "read_checkpoint",
     "resolve_config",
     "save_checkpoint",
-    "set_attn_impl",
     "state_dict_digest",
-    "text_models",
-    "vision_models",
 ]

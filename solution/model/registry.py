@@ -1,19 +1,18 @@
-"""The architecture registry and :class:`ModelConfig`.
+"""The architecture registry (JSON files named by architecture) and :class:`ModelConfig`.
 
-Architectures are JSON files: upstream cn_clip's ``clip/model_configs/*.json`` plus this
-project's ``configs/models/*.json`` (tiny test-size ``ViT-Tiny`` and ``RBT-Tiny``), plus any
-directory in ``$SOLUTION_MODEL_CONFIGS`` (``os.pathsep``-separated); a later directory's file
-wins over an earlier one of the same name. A vision config holds ``vision_width``, a text config
-``text_hidden_size``; :func:`model_info` merges one of each into the keyword arguments of
-cn_clip's ``CLIP``.
+Folders: upstream's ``clip/model_configs``, ``configs/models`` (the tiny test sizes), then the extra
+folders of :func:`model_config_dirs`, which the CLIs enter with ``$SOLUTION_MODEL_CONFIGS`` (the one
+place it is read); a later folder's file wins. A vision config holds ``vision_width``, a text one
+``text_hidden_size``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,26 +20,33 @@ from typing import Any
 from solution.common import SolutionError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MODEL_CONFIGS_ENV = "SOLUTION_MODEL_CONFIGS"
+EXTRA_CONFIG_DIRS: tuple[Path, ...] = ()  # set for a block by model_config_dirs
 
 
-def config_dirs() -> list[Path]:
-    import cn_clip
+@contextlib.contextmanager
+def model_config_dirs(dirs: Iterable[str | os.PathLike]) -> Iterator[None]:
+    """Architectures of the JSON files in ``dirs`` known inside the block (after those already known)."""
+    global EXTRA_CONFIG_DIRS
+    saved = EXTRA_CONFIG_DIRS
+    EXTRA_CONFIG_DIRS = (*saved, *(Path(d) for d in dirs if str(d)))
+    try:
+        yield
+    finally:
+        EXTRA_CONFIG_DIRS = saved
 
-    dirs = [Path(cn_clip.__file__).parent / "clip" / "model_configs", PROJECT_ROOT / "configs" / "models"]
-    for extra in os.environ.get("SOLUTION_MODEL_CONFIGS", "").split(os.pathsep):
-        if extra:
-            dirs.append(Path(extra))
-    return dirs
+
+def env_config_dirs(environ: Mapping[str, str]) -> list[str]:
+    """The folders ``$SOLUTION_MODEL_CONFIGS`` names (``os.pathsep``-separated), for a CLI to pass down."""
+    return [d for d in environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep) if d]
 
 
 def known_configs() -> dict[str, Path]:
     """Every architecture name (the JSON file's stem) -> its file."""
-    reg: dict[str, Path] = {}
-    for d in config_dirs():
-        if d.is_dir():
-            for p in sorted(d.glob("*.json")):
-                reg[p.stem] = p
-    return reg
+    import cn_clip
+
+    dirs = (Path(cn_clip.__file__).parent / "clip" / "model_configs", PROJECT_ROOT / "configs" / "models")
+    return {p.stem: p for d in (*dirs, *EXTRA_CONFIG_DIRS) if d.is_dir() for p in sorted(d.glob("*.json"))}
 
 
 def read_config(name: str) -> dict:
@@ -81,11 +87,9 @@ class ModelConfig:
     text_model: str
     context_length: int = 52
     text_prompt: str = ""
-    # Tuning recipe: {"mode": "full"|"lora", "freeze_vision": bool, "freeze_text": bool,
-    #                 "lora": {...} or None, "merged": bool}
+    # {"mode": "full"|"lora", "freeze_vision": bool, "freeze_text": bool, "lora": {...} or None, "merged": bool}
     tuning: dict = field(default_factory=lambda: {"mode": "full"})
-    # The full architecture dict, so a checkpoint rebuilds even without the registry file.
-    model_info: dict = field(default_factory=dict)
+    model_info: dict = field(default_factory=dict)  # the full architecture: rebuilds without the registry file
 
     def __post_init__(self) -> None:
         if not self.model_info:

@@ -1,14 +1,9 @@
 """The image-feature cache: a gallery encoded once per vision tower, image LMDB and precision.
 
-Entries live in a cache folder (default ``$SOLUTION_CACHE_DIR`` or
-``~/.cache/cnclip-solution/image_feats``) as feature files (``img_KEY.npy`` + ``.ids.npy`` +
-``.meta.json``, written by :func:`solution.formats.feature_files.save_features`). The key is made of
-the vision tower's weights (all an image feature depends on), the image LMDB's content digest
-(:meth:`solution.data.lmdb_io.LMDBSplit.images_digest`, every key and value: the one identity of an
-LMDB), the resolution and the effective precision and device type, and for the features of the
-horizontally flipped images (``flip=True``, flip test-time augmentation) a ``flip`` part, so plain
-and flipped features never share an entry (plain keys are unchanged). An unreadable entry is
-re-encoded (with a warning).
+An entry is a feature file ``img_KEY.npy`` (+ ids, meta) in the cache folder; the key hashes the vision
+tower's weights, the LMDB's content digest, the vision config, the effective precision and device type,
+and ``flip`` for mirrored images. An unreadable entry is encoded again. The CLIs default the folder to
+``$SOLUTION_CACHE_DIR`` (read there) or ``~/.cache/cnclip-solution/image_feats``.
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +29,16 @@ from .encode import encode_images
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+CACHE_DIR_ENV = "SOLUTION_CACHE_DIR"
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("SOLUTION_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "cnclip-solution" / "image_feats"
+def cache_dir_default(environ: Mapping[str, str]) -> Path:
+    """The cache folder a CLI defaults to, given its environment."""
+    return Path(environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "cnclip-solution" / "image_feats")
 
 
 def image_cache_key(
-    model, config: ModelConfig, split: LMDBSplit, device, precision: str, flip: bool = False
+    model, config: ModelConfig, split: LMDBSplit, device, precision: str, flip=False
 ) -> tuple[str, dict]:
     """``(key, the parts it hashes)`` of a gallery encoded by ``model``'s vision tower (``flip``: mirrored)."""
     parts = {
@@ -77,32 +74,23 @@ def cached_image_features(
     flip: bool = False,
     **encode_kw,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``encode_images`` through the cache: ``(ids, feats, info)`` with ``info["cache"]`` hit|miss|off.
-
-    ``flip``: the features of the horizontally flipped images, under their own key."""
-    encode_kw.update(device=device, precision=precision, **({"flip": True} if flip else {}))
+    """:func:`~.encode.encode_images` through the cache: ``(ids, feats, info)``, ``info["cache"]`` hit|miss|off."""
+    encode_kw.update(device=device, precision=precision, flip=flip)
     if cache_dir is None:
-        ids, feats = encode_images(model, split, config, **encode_kw)
-        return ids, feats, {"cache": "off"}
+        return *encode_images(model, split, config, **encode_kw), {"cache": "off"}
     t0 = time.perf_counter()
     key, parts = image_cache_key(model, config, split, device, precision, flip)
     log.info("image cache key %s (%.1f s to hash weights and images)", key[:12], time.perf_counter() - t0)
-    stem = Path(cache_dir) / f"img_{key}"
-    fpath, ipath, _ = feature_paths(str(stem) + ".npy")
+    stem = str(Path(cache_dir) / f"img_{key}") + ".npy"
+    fpath, ipath, _ = feature_paths(stem)
     info = {"cache": "miss", "cache_key": key, "images_sha256": parts["images_sha256"], "cache_file": str(fpath)}
     if fpath.is_file() and ipath.is_file():
         entry = _read_entry(fpath, ipath)
         if entry is not None:
             log.info("image features from the cache (%d images): %s", len(entry[0]), fpath)
             return *entry, {**info, "cache": "hit"}
-        log.warning("unreadable cache entry %s; re-encoding", fpath)
+        log.warning("unreadable cache entry %s; encoding again", fpath)
     ids, feats = encode_images(model, split, config, **encode_kw)
-    save_features(
-        str(stem) + ".npy",
-        "image",
-        ids,
-        feats,
-        fmt="npy",
-        meta={"cache_key_parts": parts, "split_dir": str(split.split_dir)},
-    )
+    meta = {"cache_key_parts": parts, "split_dir": str(split.split_dir)}
+    save_features(stem, "image", ids, feats, fmt="npy", meta=meta)
     return ids, feats, info

@@ -1,8 +1,7 @@
-"""Pure retrieval metrics: the one recall function behind the evaluator, validation and the soup.
+"""Retrieval metrics: top-k in upstream's tie order and the official MUGE recall arithmetic.
 
-Semantics are the official MUGE ``evaluation.py``'s: a query scores a hit at K when any of its
-gold ids is among its first K predictions; R@K is the hit fraction, in percent, and the
-score is the mean of R@1, R@5 and R@10.
+A query hits at K when any of its gold ids is among its first K predictions; R@K is the hit fraction
+in percent and the score the mean of R@1, R@5 and R@10 (``evaluation.py``'s arithmetic, to the digit).
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from solution.model.precision import exact_math
 
@@ -22,8 +22,6 @@ def recall_at_k(
     predictions: Mapping[int, Sequence[int]], gold: Mapping[int, Collection[int]], ks: Sequence[int] = KS
 ) -> dict[str, float]:
     """``{"r1", "r5", "r10", "mean_recall"}`` in percent over the queries of ``gold`` (each must have a prediction)."""
-    if not gold:
-        raise ValueError("no gold queries to score")
     return recall_from_hits(query_hits(predictions, gold, ks), ks)
 
 
@@ -41,11 +39,8 @@ def recall_from_hits(hits: np.ndarray, ks: Sequence[int] = KS) -> dict[str, floa
 
 
 def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best-first top-``k`` of each row of ``s``, ties to the lower column (a stable descending sort's order).
-
-    ``torch.topk`` of ``k + 1``, reordered by (score desc, index asc); rows whose tie straddles the
-    k-th place are redone with a full stable sort, which picks the lowest indices like upstream does.
-    """
+    """Best-first top-``k`` of each row of ``s``, ties to the lower column (a stable descending sort's order):
+    ``torch.topk`` of ``k + 1`` reordered, and a full sort for the rows whose tie straddles the k-th place."""
     n = s.shape[1]
     k = min(k, n)
     kk = min(k + 1, n)
@@ -62,22 +57,17 @@ def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def topk(
-    queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torch.device = "cpu"
+    queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torch.device = "cpu", progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` gallery rows for every query by inner product: ``(scores [Q,k], indices [Q,k])``.
-
-    Chunked over queries so memory stays ``chunk_size x len(gallery)``. Ties are broken by the
-    lower gallery index, the order a stable sort of the scores gives (as upstream's ``sorted``).
-    """
-    q = queries.float() if torch.is_tensor(queries) else torch.as_tensor(np.asarray(queries, dtype=np.float32))
-    g = (gallery.float() if torch.is_tensor(gallery) else torch.as_tensor(np.asarray(gallery, dtype=np.float32))).to(
-        device
-    )
-    n = g.shape[0]
-    k = min(k, n)
+    """``(scores [Q, k], indices [Q, k])`` of the best gallery rows of every query by inner product, ties to the
+    lower row (as upstream's ``sorted``), in float32 ``highest`` whatever the caller set; ``chunk_size`` queries
+    at a time."""
+    q = torch.as_tensor(queries).float()
+    g = torch.as_tensor(gallery).float().to(device)
+    k = min(k, g.shape[0])
     all_s, all_i = [], []
-    with exact_math():  # exact ranking: float32 'highest' (no TF32) whatever the caller set
-        for start in range(0, q.shape[0], chunk_size):
+    with exact_math():
+        for start in tqdm(range(0, q.shape[0], chunk_size), desc="top-k", unit="chunk", disable=not progress):
             s = q[start : start + chunk_size].to(device) @ g.T
             vals, idx = topk_rows(s, k)
             all_s.append(vals.cpu())
@@ -88,8 +78,8 @@ def topk(
 
 
 def present_gold(gold: Mapping[int, Collection[int]], image_ids: Collection[int]) -> dict[int, list[int]]:
-    """``gold`` as the official evaluator would see a gallery of ``image_ids``: answers that are not
-    in the gallery (e.g. images that could not be decoded) removed, queries left without any dropped."""
+    """``gold`` as the official evaluator sees a gallery of ``image_ids``: answers not in it (undecodable
+    images) removed, and queries left without any dropped."""
     have = {int(i) for i in image_ids}
     out = {}
     for qid, answers in gold.items():
@@ -99,42 +89,10 @@ def present_gold(gold: Mapping[int, Collection[int]], image_ids: Collection[int]
     return out
 
 
-def t2i_rankings(
-    text_feats, image_feats, text_ids: Sequence[int], image_ids: Sequence[int], *, k: int = max(KS), device="cpu"
-) -> dict[int, list[int]]:
-    """``{text id: its top-k image ids}`` by inner product of L2-normalised features (:func:`topk`)."""
-    image_ids = np.asarray(image_ids)
-    _, idx = topk(text_feats, image_feats, k, device=device)
-    return {int(t): image_ids[row].tolist() for t, row in zip(text_ids, idx)}
-
-
-def t2i_recall(
-    text_feats,
-    image_feats,
-    text_ids: Sequence[int],
-    image_ids: Sequence[int],
-    gold: Mapping[int, Collection[int]],
-    *,
-    device="cpu",
-) -> dict[str, float]:
-    """Text->image retrieval recall from L2-normalised features.
-
-    Scored over the gallery that exists: gold ids missing from ``image_ids`` are left out and a
-    query with no gold image in the gallery is not counted (see :func:`present_gold`), so an
-    undecodable image is never a miss. Raises ``ValueError`` when no query is left.
-    """
-    gold = present_gold(gold, np.asarray(image_ids).tolist())
-    if not gold:
-        raise ValueError("no query has a gold image among the gallery's images")
-    return recall_at_k(t2i_rankings(text_feats, image_feats, text_ids, image_ids, device=device), gold)
-
-
 def query_hits(predictions, gold, ks: Sequence[int] = KS) -> np.ndarray:
-    """``[Q, len(ks)]`` booleans: ``hits[q, j]`` when a gold id of query ``q`` is in its first ``ks[j]`` predictions.
+    """``[Q, len(ks)]`` booleans: whether a gold id of query ``q`` is among its first ``ks[j]`` predictions.
 
-    Either mappings keyed by query id like :func:`solution.metrics.recall_at_k` (rows in ``gold``'s
-    order), or sequences aligned by row (``predictions`` may be a ``[Q, >= max(ks)]`` array).
-    """
+    Mappings by query id (rows in ``gold``'s order), or sequences aligned by row (an array of predictions)."""
     if isinstance(gold, Mapping):
         qids = list(gold)
         rows, answers = [predictions[q] for q in qids], [gold[q] for q in qids]

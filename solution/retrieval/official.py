@@ -1,26 +1,10 @@
-"""Offline MUGE evaluator: scores like the official ``evaluation.py`` shipped in cn_clip, to the digit.
+"""The offline MUGE evaluator: scores as cn_clip's official ``evaluation.py`` (``_tr`` for image->text) does,
+to the digit, and rejects exactly what it rejects, naming the line, the query and the problem.
 
-:func:`evaluate_files` (``python -m solution.evaluate GOLD PRED OUT``, the official script's
-positional arguments) writes the same JSON to ``OUT`` (never ``GOLD`` or ``PRED`` themselves:
-refused): on success
-``{"success": true, "score", "scoreJson": {"score", "mean_recall", "r1", "r5", "r10"}}`` (percent);
-on a rejected submission ``{"errorDetail", "errorMsg", "score": 0, "scoreJson": {}, "success":
-false}``, then raises (the command exits with status 2 and one ``error:`` line). A submission is rejected exactly when
-the official script rejects it (a line that is not JSON, a missing ``text_id`` or ``image_ids``,
-non-integer ids, not exactly 10 ids, repeated ids, texts without a prediction), and the message
-names the line, the text id and the problem (all problems are listed in ``errorDetail``). As
-officially, a later line for the same text replaces an earlier one and predictions for unknown
-texts are ignored (both with a warning).
-
-Image->text (``evaluation_tr.py``'s format: ``{"image_id", "text_ids"}``) is scored the same way;
-the direction is read from the gold file (``--direction`` to force it).
-
-:func:`check_files` (``python -m solution.evaluate --check PRED --texts test_texts.jsonl``)
-validates a submission before upload, when no answers exist: the same checks against the query
-ids of the texts. Those ids are read with the official reader's tolerance for the gold file
-(:func:`query_ids`), not the strict MUGE texts reader: the file given may be the answers
-themselves, and the official script accepts a repeated query id there (the later line counts)
-and needs no ``text`` field; for ``i2t`` the queries are images.
+:func:`evaluate_files` writes the official result object (``errorDetail`` lists every problem of a rejected
+submission, which then raises); as officially, a later line for a query replaces an earlier one and unknown
+queries are ignored, both warned of. :func:`check_files` checks a submission before upload against query ids
+read with the official reader's tolerance for gold files (repeats allowed, no ``text`` needed).
 """
 
 from __future__ import annotations
@@ -52,68 +36,52 @@ class Checked:
     lines: int = 0
 
 
-def _name(x) -> str:
-    return type(x).__name__
-
-
 def _lines(path: str | os.PathLike, what: str):
     """``(line number, stripped line)`` as the official script iterates a file (universal newlines)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                yield n, line.strip()
+            yield from ((n, line.strip()) for n, line in enumerate(f, 1))
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _check_line(n: int, line: str, qkey: str, gkey: str, k: int) -> tuple[object, list | None, str | None]:
     """``(query id or None, ids or None, problem or None)`` of one submission line, by the official rules."""
-    where = f"line {n}"
     try:
         obj = json.loads(line)
     except ValueError:
-        return None, None, f"{where}: cannot be parsed as JSON: {line[:120]!r}"
+        return None, None, f"line {n}: cannot be parsed as JSON: {line[:120]!r}"
     if not isinstance(obj, dict):
-        return None, None, f"{where}: a JSON {_name(obj)}, not an object with {qkey} and {gkey}"
-    if qkey not in obj:
-        return None, None, f"{where}: no {qkey}"
-    qid = obj[qkey]
-    if not isinstance(qid, int):  # as officially: bool passes isinstance(int)
-        return None, None, f"{where}: {qkey} {qid!r} is a {_name(qid)}, not an integer"
-    where = f"{qkey} {qid} (line {n})"
-    if gkey not in obj:
-        return qid, None, f"{where}: no {gkey}"
-    ids = obj[gkey]
-    if not isinstance(ids, list):
-        return qid, None, f"{where}: {gkey} is a {_name(ids)}, not a list"
+        return None, None, f"line {n}: a JSON {type(obj).__name__}, not an object with {qkey} and {gkey}"
+    qid = obj.get(qkey)
+    if qkey not in obj or not isinstance(qid, int):  # as officially: a bool passes isinstance(int)
+        what = f"no {qkey}" if qkey not in obj else f"{qkey} {qid!r} is a {type(qid).__name__}, not an integer"
+        return None, None, f"line {n}: {what}"
+    ids, where = obj.get(gkey), f"{qkey} {qid} (line {n})"
+    if gkey not in obj or not isinstance(ids, list):
+        return (
+            qid,
+            None,
+            f"{where}: " + (f"no {gkey}" if gkey not in obj else f"{gkey} is a {type(ids).__name__}, not a list"),
+        )
     if len(ids) != k:
         return qid, None, f"{where}: {len(ids)} {gkey}, exactly {k} are required"
     bad = [(r, x) for r, x in enumerate(ids, 1) if not isinstance(x, int)]
     if bad:
-        r, x = bad[0]
-        return (
-            qid,
-            None,
-            (
-                f"{where}: {gkey} at rank {r} is {x!r}, a {_name(x)}, not an integer"
-                + (f" ({len(bad) - 1} more)" if len(bad) > 1 else "")
-            ),
-        )
+        (r, x), more = bad[0], f" ({len(bad) - 1} more)" if len(bad) > 1 else ""
+        return qid, None, f"{where}: {gkey} at rank {r} is {x!r}, a {type(x).__name__}, not an integer{more}"
     if len(set(ids)) != k:
-        dups = sorted({x for x in ids if ids.count(x) > 1})
-        return qid, None, f"{where}: {gkey} repeat {', '.join(map(str, dups))}; {k} distinct are required"
+        dups = ", ".join(map(str, sorted({x for x in ids if ids.count(x) > 1})))
+        return qid, None, f"{where}: {gkey} repeat {dups}; {k} distinct are required"
     return qid, ids, None
 
 
 def check_submission(path: str | os.PathLike, query_ids, *, direction: str = "t2i", k: int = K) -> Checked:
     """Check every line of a submission against the official rules; collect all problems."""
     qkey, gkey = KEYS[direction]
-    what = qkey.split("_")[0]
-    out = Checked()
-    seen_lines: dict = {}
-    flawed = set()  # queries whose line has a problem: reported there, not again as missing
+    out, seen, flawed = Checked(), {}, set()  # flawed: queries whose line has a problem, not missing again
     for n, line in _lines(path, "submission"):
         out.lines += 1
         qid, ids, problem = _check_line(n, line, qkey, gkey, k)
@@ -122,19 +90,19 @@ def check_submission(path: str | os.PathLike, query_ids, *, direction: str = "t2
             if qid is not None:
                 flawed.add(qid)
             continue
-        if qid in seen_lines:
+        if qid in seen:
             out.warnings.append(
-                f"{qkey} {qid} (line {n}): {qkey} {qid} already predicted on line {seen_lines[qid]}; "
-                "the later line counts (as officially)"
+                f"{qkey} {qid} (line {n}): {qkey} {qid} already predicted on line {seen[qid]}; the later line "
+                "counts (as officially)"
             )
-        seen_lines[qid] = n
+        seen[qid] = n
         flawed.discard(qid)
         out.predictions[qid] = ids
     query_ids = set(query_ids)
-    missing = query_ids - set(out.predictions) - flawed
+    missing = sorted(query_ids - set(out.predictions) - flawed, key=lambda x: (str(type(x)), x))
     if missing:
-        shown = sorted(missing, key=lambda x: (str(type(x)), x))
-        listed = ", ".join(map(str, shown[:20])) + (f", ... ({len(shown) - 20} more)" if len(shown) > 20 else "")
+        listed = ", ".join(map(str, missing[:20])) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
+        what = qkey.split("_")[0]
         out.problems.append(f"{len(missing)} {what} ids of the {len(query_ids)} have no prediction: {listed}")
     extra = set(out.predictions) - query_ids
     if extra:
@@ -158,29 +126,23 @@ def read_gold(path: str | os.PathLike, direction: str = "auto") -> tuple[dict, s
         if not isinstance(obj, dict) or qkey not in obj or gkey not in obj:
             raise ValueError(f"gold {path} line {n}: expected an object with {qkey} and {gkey}")
         if not isinstance(obj[gkey], list):
-            raise ValueError(f"gold {path} line {n}: {gkey} is a {_name(obj[gkey])}, not a list")
+            raise ValueError(f"gold {path} line {n}: {gkey} is a {type(obj[gkey]).__name__}, not a list")
         gold[obj[qkey]] = obj[gkey]
     if not gold:
         raise ValueError(f"gold {path} has no queries")
     return gold, "t2i" if direction == "auto" else direction
 
 
-def success_json(scores: dict) -> dict:
-    """The official success object (same keys, order and arithmetic as ``report_score``)."""
-    m = scores["mean_recall"]
-    return {
-        "success": True,
-        "score": m,
-        "scoreJson": {"score": m, "mean_recall": m, "r1": scores["r1"], "r5": scores["r5"], "r10": scores["r10"]},
-    }
-
-
 def error_json(problems: Sequence[str]) -> dict:
     msg = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
-    detail = "\n".join(problems[:MAX_DETAIL]) + (
-        f"\n... {len(problems) - MAX_DETAIL} more" if len(problems) > MAX_DETAIL else ""
-    )
-    return {"errorDetail": detail, "errorMsg": msg, "score": 0, "scoreJson": {}, "success": False}
+    more = f"\n... {len(problems) - MAX_DETAIL} more" if len(problems) > MAX_DETAIL else ""
+    return {
+        "errorDetail": "\n".join(problems[:MAX_DETAIL]) + more,
+        "errorMsg": msg,
+        "score": 0,
+        "scoreJson": {},
+        "success": False,
+    }
 
 
 def score_files(gold_path, pred_path, *, direction: str = "auto", k: int = K) -> dict:
@@ -194,19 +156,19 @@ def score_files(gold_path, pred_path, *, direction: str = "auto", k: int = K) ->
         log.warning("%s", w)
     if checked.problems:
         return error_json(checked.problems)
-    return success_json(recall_at_k(checked.predictions, gold))
-
-
-def write_result(path, result: dict) -> None:
-    with atomic_path(path) as tmp:  # json.dump as the official script: no indent, no trailing newline
-        tmp.write_text(json.dumps(result), encoding="utf-8")
+    r = recall_at_k(checked.predictions, gold)  # the official object: same keys, order and arithmetic
+    m = r["mean_recall"]
+    return {
+        "success": True,
+        "score": m,
+        "scoreJson": {"score": m, "mean_recall": m, "r1": r["r1"], "r5": r["r5"], "r10": r["r10"]},
+    }
 
 
 def query_ids(path: str | os.PathLike, direction: str = "t2i") -> list:
-    """The query ids of a queries (or gold) file, as the official script reads the gold: the value of
-    ``text_id`` (``image_id`` for i2t) of every non-blank line, repeats allowed."""
-    qkey = KEYS[direction][0]
-    ids = []
+    """The query ids of a queries (or gold) file as the official script reads gold: ``text_id`` (``image_id``
+    for i2t) of every non-blank line, repeats allowed."""
+    qkey, ids = KEYS[direction][0], []
     try:
         for n, line in _lines(path, "queries"):
             if not line:
@@ -226,8 +188,8 @@ def query_ids(path: str | os.PathLike, direction: str = "t2i") -> list:
 
 
 def check_files(pred_path: str | os.PathLike, queries_path: str | os.PathLike, *, direction: str = "t2i") -> dict:
-    """Check a submission against the query ids of ``queries_path`` (no answers needed): a summary, or
-    one :class:`SolutionError` with the first problem (the others logged)."""
+    """Check a submission against the query ids of ``queries_path``: a summary, or one :class:`SolutionError`
+    with the first problem (the others logged)."""
     qids = query_ids(queries_path, direction)
     try:
         checked = check_submission(pred_path, qids, direction=direction)
@@ -239,31 +201,21 @@ def check_files(pred_path: str | os.PathLike, queries_path: str | os.PathLike, *
         for p in checked.problems[1:MAX_DETAIL]:
             log.error("%s", p)
         raise SolutionError(error_json(checked.problems)["errorMsg"])
-    return {
-        "success": True,
-        "submission": str(pred_path),
-        "queries": len(set(qids)),
-        "lines": checked.lines,
-        "warnings": len(checked.warnings),
-    }
+    summary = {"success": True, "submission": str(pred_path), "queries": len(set(qids)), "lines": checked.lines}
+    return {**summary, "warnings": len(checked.warnings)}
 
 
 def evaluate_files(
     gold: str | os.PathLike, pred: str | os.PathLike, out: str | os.PathLike, *, direction: str = "auto"
 ) -> dict:
-    """Score ``pred`` against ``gold`` and write the official result object to ``out``; a rejected
-    submission is written too, then raised as a :class:`SolutionError`."""
-    check_output(out, inputs=(gold, pred), what="OUT")  # never replace the answers or the submission
+    """Score ``pred`` against ``gold`` and write the official result object to ``out`` (never ``gold`` or
+    ``pred``); a rejected submission is written too, then raised as a :class:`SolutionError`."""
+    check_output(out, inputs=(gold, pred), what="OUT")
     result = score_files(gold, pred, direction=direction)
-    write_result(out, result)
+    with atomic_path(out) as tmp:  # as the official json.dump: no indent, no trailing newline
+        tmp.write_text(json.dumps(result), encoding="utf-8")
     if not result["success"]:
         raise SolutionError(f"submission rejected: {result['errorMsg']} (written to {out})")
-    log.info(
-        "score %.4f (R@1 %.2f, R@5 %.2f, R@10 %.2f) -> %s",
-        result["score"],
-        result["scoreJson"]["r1"],
-        result["scoreJson"]["r5"],
-        result["scoreJson"]["r10"],
-        out,
-    )
+    s = result["scoreJson"]
+    log.info(f"score {s['score']:.4f} (R@1 {s['r1']:.2f}, R@5 {s['r5']:.2f}, R@10 {s['r10']:.2f}) -> {out}")
     return result

@@ -1,13 +1,8 @@
 """A split's images decoded and resized once, kept as uint8 pixels, for encoding with many models.
 
-Scoring many models on one validation split (each soup candidate, each validation of a training
-run) decoded and resized every gallery image again for each. :func:`prepare_images` does it once:
-the eval transform (:func:`solution.data.datasets.eval_transform`, upstream's) is cut before its
-``ToTensor()`` + ``Normalize``; the resized RGB pixels are kept as uint8 (3 x H x W bytes an
-image, refused above a bound: ``None`` then, and the caller decodes on each use), and each batch
-is finished exactly as those two steps would finish each image (``/255`` in float32, then the same
-``Normalize``, elementwise), so :func:`solution.retrieval.encode.encode_images` given them feeds
-the model the same tensors in the same batches as it does decoding them.
+The eval transform is cut before its ``ToTensor()`` + ``Normalize``: pixels are kept as uint8 (3 x H x W
+bytes an image, up to a bound), and each batch is finished as those two steps finish each image (``/255``
+in float32, then the same ``Normalize``, elementwise), so the model sees the same tensors as decoding gives.
 """
 
 from __future__ import annotations
@@ -18,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from solution.data.datasets import ImageDataset, eval_transform
+from solution.data.datasets import ImageDataset, eval_transform, image_collate
 from solution.data.lmdb_io import LMDBSplit
 from solution.model import ModelConfig
 
@@ -30,28 +25,8 @@ log = logging.getLogger(__name__)
 IMAGE_CACHE_BYTES = 8 << 30  # default bound of prepared pixels (MUGE's 29,806 valid images at 224 px: 4.2 GiB)
 
 
-class _Pixels:
-    """The eval transform up to its ``ToTensor``: resized RGB pixels as a uint8 ``[3, H, W]`` tensor."""
-
-    def __init__(self, head: Callable):
-        self.head = head
-
-    def __call__(self, im) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.head(im), np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-
-
-def _split_transform(resolution: int) -> tuple[Callable, Callable] | None:
-    """``(to uint8 pixels, uint8 batch -> model input)``, the eval transform cut before its
-    ``ToTensor()`` + ``Normalize``; the second does exactly what those two do (``/255`` in float32,
-    then the same ``Normalize``), elementwise, so a batch equals the stack of transformed images."""
-    from torchvision.transforms import Compose, Normalize, ToTensor
-
-    t = eval_transform(resolution)
-    steps = list(getattr(t, "transforms", []))
-    if len(steps) < 2 or type(steps[-2]) is not ToTensor or type(steps[-1]) is not Normalize:
-        return None
-    normalize = steps[-1]
-    return _Pixels(Compose(steps[:-2])), lambda x: normalize(x.to(torch.float32).div(255))
+def _uint8_chw(image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -65,8 +40,8 @@ class PreparedImages:
     requested: int  # ids requested (decodable or not)
 
     def batches(self, batch_size: int):
-        """``(ids, images)`` batches as :func:`encode_images`'s loader gives them: the requested ids in
-        chunks of ``batch_size``, each without its undecodable images (an empty one is skipped)."""
+        """``(ids, images)`` as :func:`~.encode.encode_images`'s loader gives them: the requested ids in
+        chunks of ``batch_size``, each without its undecodable images (an empty one skipped)."""
         for lo in range(0, self.requested, batch_size):
             a, b = np.searchsorted(self.positions, [lo, lo + batch_size])
             if a < b:
@@ -83,51 +58,29 @@ def prepare_images(
     max_bytes: int = IMAGE_CACHE_BYTES,
     progress: bool = False,
 ) -> PreparedImages | None:
-    """Decode and resize a split's images once for every model of ``config``'s resolution (e.g. each
-    soup candidate, each validation of a run): uint8 pixels, 3 x H x W bytes an image. None (decode
-    on each use) when they would take more than ``max_bytes`` or the eval transform has another form."""
+    """A split's images decoded and resized once for every model of ``config``'s resolution; None (decode on
+    each use) above ``max_bytes`` of pixels or when the eval transform does not end in ToTensor + Normalize."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
     split = split if isinstance(split, LMDBSplit) else LMDBSplit(split, need_pairs=False)
     ids = list(image_ids) if image_ids is not None else split.image_ids()
     res = config.image_resolution
+    steps = list(getattr(eval_transform(res), "transforms", []))
     need = len(ids) * 3 * res * res
-    parts = _split_transform(res)
-    if parts is None or need > max_bytes:
-        log.info(
-            "%s: images decoded on each use (%.1f GiB of pixels, bound %.1f GiB)",
-            split.split_dir,
-            need / 2**30,
-            max_bytes / 2**30,
-        )
+    if [type(s) for s in steps[-2:]] != [ToTensor, Normalize] or need > max_bytes:
+        log.info(f"{split.split_dir}: images decoded on each use ({need / 2**30:.1f} GiB of pixels)")
         return None
-    loader = DataLoader(
-        _Positions(ImageDataset(split, parts[0], ids)),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_positions_collate,
-    )
-    got, pos, pix = [], [], torch.empty((len(ids), 3, res, res), dtype=torch.uint8)
+    ds = ImageDataset(split, Compose([*steps[:-2], _uint8_chw]), ids)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_collate)
+    pix, got = torch.empty((len(ids), 3, res, res), dtype=torch.uint8), []
     for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress):
-        for p, image_id, px in batch:
-            pix[len(got)] = px
-            got.append(image_id)
-            pos.append(p)
+        if batch is not None:
+            pix[len(got) : len(got) + len(batch[0])] = batch[1]
+            got.extend(batch[0].tolist())
+    where = {int(i): p for p, i in enumerate(ids)}
     pix = pix if len(got) == len(ids) else pix[: len(got)].clone()
-    return PreparedImages(np.asarray(got, np.int64), np.asarray(pos, np.int64), pix, parts[1], len(ids))
-
-
-class _Positions(Dataset):
-    """An :class:`ImageDataset` whose items also carry their index (None stays None)."""
-
-    def __init__(self, ds: ImageDataset):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        item = self.ds[i]
-        return None if item is None else (i, *item)
-
-
-def _positions_collate(batch):
-    return [b for b in batch if b is not None]
+    normalize = steps[-1]
+    finish = lambda x: normalize(x.to(torch.float32).div(255))  # noqa: E731  (ToTensor + Normalize, batched)
+    return PreparedImages(
+        np.asarray(got, np.int64), np.asarray([where[i] for i in got], np.int64), pix, finish, len(ids)
+    )

@@ -59,29 +59,16 @@ class ValData:
         missing = sum(i not in gallery for gold in self.queries.gold.values() for i in gold)
         if missing:
             log.warning(
-                "validation: %d gold image ids are not in %s (left out of the gold sets; a query without "
-                "any is not scored)",
-                missing,
-                split_dir,
+                f"validation: {missing} gold image ids are not in {split_dir} (left out; a query without any is not scored)"
             )
         self.select, self.report = draw_selection(self.queries.text_ids, select_split, seed)
-        h = hashlib.blake2b(digest_size=16)
-        h.update(self.split.images_digest().encode())
         q = self.queries
-        h.update(
-            json.dumps(
-                [self.select, self.report, [(q.texts[i], q.gold[t]) for i, t in enumerate(q.text_ids)]],
-                ensure_ascii=False,
-            ).encode()
-        )
+        h = hashlib.blake2b(self.split.images_digest().encode(), digest_size=16)
+        queries = [(q.texts[i], q.gold[t]) for i, t in enumerate(q.text_ids)]
+        h.update(json.dumps([self.select, self.report, queries], ensure_ascii=False).encode())
         self.key = h.hexdigest()
-        log.info(
-            "validation: %d queries (%d select, %d report), %d images",
-            len(q.text_ids),
-            len(self.select),
-            len(self.report),
-            self.split.num_images,
-        )
+        n, sel, rep = len(q.text_ids), len(self.select), len(self.report)
+        log.info(f"validation: {n} queries ({sel} select, {rep} report), {self.split.num_images} images")
 
     def parts(self) -> dict[str, list[int]]:
         """The query parts scored: the selection, and with a draw also the report part and all queries."""

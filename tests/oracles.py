@@ -1,0 +1,99 @@
+"""Test-only reference code: exact float64 definitions, brute-force rankings, and probes of a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from cn_clip.clip.modeling_bert import BertSelfAttention
+
+from cn_clip_patch.attention import SdpaBertSelfAttention
+
+
+def dyadic(rng, shape, top: int = 20, denom: int = 16) -> np.ndarray:
+    """Features k/denom with |k| <= top: products and partial sums are exact in float32 while
+    ``d * top**2 < 2**24``, so every kernel, chunking or accumulation order gives the same scores and ties."""
+    return (rng.integers(-top, top + 1, shape) / denom).astype(np.float32)
+
+
+def stable_topk(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, indices)`` of each row's top-k by a stable descending sort (ties to the lower index)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+def ranked_ids(queries, gallery, gallery_ids, k: int) -> list[list[int]]:
+    """The exact ranking of float64 inner products (exact on dyadic features), as gallery ids."""
+    _, idx = stable_topk(np.asarray(queries, np.float64) @ np.asarray(gallery, np.float64).T, k)
+    return np.asarray(gallery_ids)[idx].tolist()
+
+
+def normalise(s: np.ndarray, norm: str, temperature: float = 1.0) -> np.ndarray:
+    """Per-row normalisation by definition: z-score (population std; constant rows -> 0) or softmax(s / T)."""
+    if norm == "zscore":
+        std = s.std(axis=1, keepdims=True)
+        return np.where(std > 0, (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1), 0.0)
+    if norm == "softmax":
+        e = np.exp(s / temperature)
+        return e / e.sum(axis=1, keepdims=True)
+    return s
+
+
+def fused(members, weights, norm: str = "none", temperature: float = 1.0) -> np.ndarray:
+    """``sum_m w_m N(q_m @ g_m.T) / sum_m w_m`` in float64, members given as ``(queries, gallery)`` pairs."""
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+    return sum(
+        wm * normalise(np.asarray(q, np.float64) @ np.asarray(g, np.float64).T, norm, temperature)
+        for (q, g), wm in zip(members, w)
+    )
+
+
+def dual_softmax(s: np.ndarray, bank: np.ndarray, temperature: float) -> np.ndarray:
+    """``S * exp(S / T) / sum_b exp(B_b / T)`` (column sums over the bank)."""
+    return s * np.exp(s / temperature) / np.exp(bank / temperature).sum(axis=0)
+
+
+def qb_norm(s: np.ndarray, bank: np.ndarray, temperature: float, bank_topk: int | None = None) -> np.ndarray:
+    """QB-Norm's reference procedure: the log inverted softmax; with ``bank_topk``, only rows whose top-1 is in
+    the union of the bank rows' top-k are normalised, the others keep ``S``."""
+    out = np.log(np.exp(s / temperature) / np.exp(bank / temperature).sum(axis=0))
+    if bank_topk is None:
+        return out
+    active = set(stable_topk(bank, bank_topk)[1].flatten().tolist())
+    gate = np.array([int(np.argmax(row)) in active for row in s])
+    return np.where(gate[:, None], out, s)
+
+
+def sdpa_enabled(model) -> bool:
+    """True when every ``BertSelfAttention`` of the model runs on SDPA (False if it has none)."""
+    mods = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    return bool(mods) and all(isinstance(m, SdpaBertSelfAttention) for m in mods)
+
+
+def ops(fn) -> set[str]:
+    """The names of the aten ops ``fn()`` runs (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def vision_reaches_sdpa(model, images: torch.Tensor, *, train: bool = False) -> bool:
+    """Whether ``model.encode_image(images)`` calls SDPA (in training mode with a backward when ``train``);
+    every module's training flag is restored and no ``.grad`` is written."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(train)
+
+    def run():
+        with torch.set_grad_enabled(train):
+            out = model.encode_image(images)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if train and out.requires_grad and params:
+                torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+
+    try:
+        return "aten::scaled_dot_product_attention" in ops(run)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
