@@ -1,12 +1,6 @@
-"""A search study: created or loaded from its storage, run until ``n_trials`` trials are counted.
-
-:func:`open_study` creates the Optuna study or resumes it (``load_if_exists``) with the configured
-sampler and pruner, fails the trials of dead workers and queues the ``enqueue`` trials once.
-:func:`run_search` runs one trial at a time (:class:`~.runner.Objective`) while fewer than
-``n_trials`` are counted (:func:`~.storage.counted_trials`), then waits for the trials other workers
-still run (re-running one whose worker died, by heartbeat), and rewrites the study's reports after
-every trial and at the end. :func:`search` is the command line's call: SIGTERM ends it as Ctrl-C
-does, and a study in which no trial completed is an error.
+"""A search study: created or resumed from its storage, run until ``n_trials`` trials are counted, then
+waiting for the trials other workers still run (re-running one whose worker died); its reports are
+rewritten after every trial and at the end.
 """
 
 from __future__ import annotations
@@ -43,30 +37,23 @@ from .storage import (
 log = logging.getLogger(__name__)
 
 
-def make_pruner(spec: dict):
-    """``{"name": median | hyperband | none, **kwargs}`` -> an Optuna pruner."""
+def _make(kind: str, spec: dict):
+    """``{"name": ..., **kwargs}`` -> an Optuna pruner (median | hyperband | none) or sampler (tpe | random;
+    TPE with ``constant_liar``, so that parallel workers spread)."""
     kw = {k: v for k, v in spec.items() if k != "name"}
+    make = {
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "none": lambda **kw: optuna.pruners.NopPruner(),
+        "random": optuna.samplers.RandomSampler,
+        "tpe": lambda **kw: optuna.samplers.TPESampler(**{"constant_liar": True, **kw}),
+    }[spec["name"]]
     try:
-        if spec["name"] == "median":
-            return optuna.pruners.MedianPruner(**kw)
-        if spec["name"] == "hyperband":
-            return optuna.pruners.HyperbandPruner(**kw)
-    except TypeError as e:
-        raise SolutionError(f"pruner {spec['name']}: {e}") from None
-    return optuna.pruners.NopPruner()
-
-
-def make_sampler(spec: dict):
-    """``{"name": tpe | random, **kwargs}`` -> an Optuna sampler (TPE with ``constant_liar`` by default)."""
-    kw = {k: v for k, v in spec.items() if k != "name"}
-    try:
-        if spec["name"] == "random":
-            return optuna.samplers.RandomSampler(**kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(**{"constant_liar": True, **kw})  # liar: parallel workers spread
+            return make(**kw)
     except TypeError as e:
-        raise SolutionError(f"sampler {spec['name']}: {e}") from None
+        raise SolutionError(f"{kind} {spec['name']}: {e}") from None
 
 
 def open_study(cfg: SearchConfig) -> optuna.Study:
@@ -79,8 +66,8 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     study = optuna.create_study(
         study_name=cfg.name,
         storage=storage,
-        sampler=make_sampler(cfg.sampler),
-        pruner=make_pruner(cfg.pruner),
+        sampler=_make("sampler", cfg.sampler),
+        pruner=_make("pruner", cfg.pruner),
         direction=cfg.direction,
         load_if_exists=True,
     )
