@@ -31,49 +31,22 @@ def _better(ref: np.ndarray, queries) -> np.ndarray:
 
 def _soup(folder, soup_hits, ids=IDS, ref_hits=REF):
     """A soup folder as the soup run writes it: log, summary, and hits/ files named relative to it."""
-    folder.mkdir(parents=True)
     write_hits(folder / "hits" / "ref", ids, ref_hits)
     write_hits(folder / "hits" / "soup", ids, soup_hits)
-    ref_mr, soup_mr = mean_recall(ref_hits), mean_recall(soup_hits)
-    rows = [
-        {
-            "method": "ingredient",
-            "round": 0,
-            "members": ["a.pt"],
-            "weights": [1.0],
-            "mean_recall": ref_mr,
-            "kept": True,
-            "hits": "hits/ref.hits.npy",
-        },
-        {"method": "ingredient", "round": 0, "members": ["b.pt"], "weights": [1.0], "mean_recall": 1.0, "kept": True},
-        {
-            "method": "greedy",
-            "round": 1,
-            "members": ["a.pt", "b.pt"],
-            "weights": [0.5, 0.5],
-            "mean_recall": soup_mr,
-            "kept": True,
-            "hits": "hits/soup.hits.npy",
-        },
-    ]
+    ref = {"mean_recall": mean_recall(ref_hits), "hits": "hits/ref.hits.npy"}
+    soup = {"members": ["a.pt", "b.pt"], "mean_recall": mean_recall(soup_hits), "hits": "hits/soup.hits.npy"}
+    rows = [{"method": "ingredient", "members": ["a.pt"], **ref}, {"method": "ingredient", "members": ["b.pt"]}]
+    rows += [{"method": "greedy", "round": 1, "kept": True, **soup}]
     write_jsonl(folder / "soup_log.jsonl", rows)
-    write_json(
-        folder / "summary.json",
-        {
-            "method": "greedy",
-            "soups": {"greedy": {"members": ["a.pt", "b.pt"], "mean_recall": soup_mr, "hits": "hits/soup.hits.npy"}},
-            "best_single": {"path": "a.pt", "mean_recall": ref_mr, "hits": "hits/ref.hits.npy"},
-        },
-    )
+    summary = {"method": "greedy", "soups": {"greedy": soup}, "best_single": {"path": "a.pt", **ref}}
+    write_json(folder / "summary.json", summary)
     return folder
 
 
 def _run(folder, mr):
     folder.mkdir(parents=True)
-    write_jsonl(
-        folder / "metrics.jsonl",
-        [{"step": 10, "epoch": 1, "kind": "valid", "set": "valid", "r1": mr, "r5": mr, "r10": mr, "mean_recall": mr}],
-    )
+    row = {"step": 10, "epoch": 1, "kind": "valid", "set": "valid", "r1": mr, "r5": mr, "r10": mr, "mean_recall": mr}
+    write_jsonl(folder / "metrics.jsonl", [row])
     write_json(folder / "params.json", {"lr": 1e-5})
     return folder
 
@@ -248,27 +221,15 @@ def test_compare_reads_an_ensemble_folder_with_its_members_as_references(tmp_pat
 def _trained_run(folder, rows_hits, ids=IDS):
     """A run folder as the trainer writes it: one main-set valid row per hits array, the new bests
     naming ``hits/best.hits.npy`` (holding the last of them), the others without the key."""
-    folder.mkdir(parents=True)
     rows, best = [], None
     for i, h in enumerate(rows_hits):
         mr = mean_recall(h)
-        row = {
-            "step": 10 * (i + 1),
-            "epoch": i + 1,
-            "kind": "valid",
-            "set": "valid",
-            "r1": mr,
-            "r5": mr,
-            "r10": mr,
-            "mean_recall": mr,
-        }
+        rows.append({"step": 10 * (i + 1), "kind": "valid", "set": "valid", "mean_recall": mr})
         if best is None or mr > best:
             best = mr
             write_hits(folder / "hits" / "best", ids, h)
-            row["hits"] = "hits/best.hits.npy"
-        rows.append(row)
+            rows[-1]["hits"] = "hits/best.hits.npy"
     write_jsonl(folder / "metrics.jsonl", rows)
-    write_json(folder / "params.json", {"lr": 1e-5})
     return folder
 
 

@@ -297,22 +297,8 @@ def make_soups(opts: SoupOptions) -> dict:
         _link(Path(results[_best(results)].source), out / SOUP)
         write_json(out / SUMMARY, _summary(out, results, ings, duplicates, opts, dtype, val, crossfits))
     summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
-    sig = summary["significance"] or {"soups": {}}
-    for m, s in summary["soups"].items():
-        cf, b = s.get("crossfit"), sig["soups"].get(m)
-        log.info(
-            "%-9s mean recall %s%s with %d members -> %s%s%s",
-            m,
-            fmt_recall(s.get("mean_recall")),
-            f" (report {fmt_recall(s['report']['mean_recall'])})" if s.get("report") else "",
-            len(s["members"]),
-            s["checkpoint"],
-            f"; cross-fit over {cf['k']} folds: {cf['mean']:.3f}, 95% interval [{cf['low']:.3f}, {cf['high']:.3f}]"
-            if cf
-            else "",
-            f"; vs best single {sig['reference']} (all queries): {b['diff']:+.2f} points, 95% interval "
-            f"[{b['low']:.2f}, {b['high']:.2f}]{'' if b['significant'] else ' (contains 0: not significant)'}"
-            if b
-            else "",
-        )
+    for m, s in summary["soups"].items():  # cross-fits and bootstraps were logged as they ran
+        report = f" (report {fmt_recall(s['report']['mean_recall'])})" if s.get("report") else ""
+        mr, n = fmt_recall(s.get("mean_recall")), len(s["members"])
+        log.info("%-9s mean recall %s%s with %d members -> %s", m, mr, report, n, s["checkpoint"])
     return summary

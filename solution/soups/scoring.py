@@ -5,9 +5,8 @@ per run): its per-query hits over every validation query give, by the official a
 R@1/5/10 and mean recall of the selection part, of the report part (``"report"``) and of all
 queries (``"all"``), as the weights will be saved (rounded to the soup's dtype), for the run's draw
 of the queries or another (:meth:`Scorer.view`, the ``--folds`` folds). Scores are cached under the
-candidate's key, the validation data's identity, the effective precision and the device type (and
-the draw). The run's own draw stores each candidate's hits in ``hits/`` and names the file in the
-score (``"hits"``, relative to the soup folder).
+candidate's key, the validation data's identity, the effective precision and the device type. The run's own draw stores each candidate's hits in ``hits/`` and names the file in the
+score (``"hits"``, relative to the soup folder); another draw's scores come from those hits.
 """
 
 from __future__ import annotations
@@ -80,17 +79,23 @@ class Scorer:
         self.model, self.owned, self.inputs = None, False, None  # owned: the model has storage of its own
 
     def view(self, select: Sequence[int], report: Sequence[int]) -> Scorer:
-        """A scorer of the same candidates on another draw of the queries (from their hits: no encoding)."""
+        """A scorer of the same candidates on another draw of the queries, from their hits (no encoding)."""
         v = copy.copy(self)
         v.select, v.report = list(select), list(report)
-        digest = hashlib.blake2b(json.dumps([v.select, v.report]).encode(), digest_size=12).hexdigest()
-        v.prefix = f"{self.prefix}draw:{digest}|"
         return v
 
+    def _recalls(self, tids: list, hits) -> dict:
+        result = {**_recall(tids, hits, self.select, "selection"), "report": None, "all": None}
+        if self.report:
+            result["report"] = _recall(tids, hits, self.report, "report")
+            result["all"] = _recall(tids, hits, self.select + self.report, "all")
+        return result
+
     def cached(self, key: str) -> dict | None:
+        if self.main is not self:
+            got = self.main.query_hits(key)
+            return None if got is None else {**self._recalls(*got), "cached": True}
         hit = self.cache.scores.get(self.prefix + key)
-        if hit is None and self.main is not self and (got := self.main.query_hits(key)) is not None:
-            hit = self._store(key, *got)
         if hit is None:
             return None
         hit = dict(hit, cached=True)
@@ -104,21 +109,13 @@ class Scorer:
         if hit is not None:
             return hit
         if self.main is not self:
-            return self._store(key, *self.main.query_hits(key, source))
+            return self._recalls(*self.main.query_hits(key, source))
         self.memo[key] = tids, hits = self._encode(source)
-        name = None
+        result = self._recalls(tids, hits)
         if self.hits_dir is not None:
             name = hashlib.blake2b((self.prefix + key).encode(), digest_size=12).hexdigest()
             write_hits(self.hits_dir / name, tids, hits)
-        return self._store(key, tids, hits, name and f"{self.hits_dir.name}/{name}.hits.npy")
-
-    def _store(self, key: str, tids: list, hits, hits_file: str | None = None) -> dict:
-        result = {**_recall(tids, hits, self.select, "selection"), "report": None, "all": None}
-        if self.report:
-            result["report"] = _recall(tids, hits, self.report, "report")
-            result["all"] = _recall(tids, hits, self.select + self.report, "all")
-        if hits_file:
-            result["hits"] = hits_file
+            result["hits"] = f"{self.hits_dir.name}/{name}.hits.npy"
         self.cache.scores[self.prefix + key] = result
         self.cache.save()
         return dict(result)
