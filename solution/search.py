@@ -84,11 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", choices=["median", "hyperband", "none"])
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FLAG=VALUE",
-        help="override a base training flag (repeatable), e.g. --set device=cpu; FLAG= drops it",
+        "--set", action="append", default=[], metavar="FLAG=VALUE", help="override a base flag; FLAG= drops it"
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p

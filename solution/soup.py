@@ -41,10 +41,9 @@ def parse_alphas(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
-        prog="python -m solution.soup",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m solution.soup", description=__doc__.split("\n\n")[0], formatter_class=fmt
     )
     src = p.add_argument_group("ingredients")
     src.add_argument("--checkpoints", nargs="+", default=[], metavar="GLOB", help="files or quoted globs (** allowed)")

@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from test_search import child_config, fake_config, fake_train, wait_for  # noqa: F401 (fake_train: a fixture)
+from test_search import FAKE_TRAINER, child_config, fake_config, wait_for
 
 from solution.common import SolutionError
 from solution.studies.gpus import GpuPool, gpu_pool
@@ -151,15 +151,11 @@ SPY = textwrap.dedent("""
 """)
 
 
-def test_a_subprocess_trial_gets_its_gpus_as_its_child_s_environment_and_gives_them_back(
-    tmp_path,
-    fake_train,
-    monkeypatch,
-    caplog,  # noqa: F811
-):
+def test_a_subprocess_trial_gets_its_gpus_as_its_child_s_environment_and_gives_them_back(tmp_path, monkeypatch, caplog):
     (tmp_path / "spy.py").write_text(SPY)
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    raw = child_config(tmp_path, fake_train[1], n_trials=2, launcher=[sys.executable, str(tmp_path / "spy.py")])
+    raw = child_config(tmp_path, tmp_path / "spy.py", n_trials=2)
     raw.update(gpus_per_trial=2, gpus="2,0,3,1", gpu_lease_dir=str(tmp_path / "leases"), base={"max-steps": 2})
     with GpuPool(["2"], 1, tmp_path / "leases").lease("another worker's trial"), caplog.at_level(logging.INFO):
         summary = run_search(parse_config(raw))

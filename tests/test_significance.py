@@ -87,21 +87,18 @@ def test_system_against_itself_is_zero_through_the_table(tmp_path):
     assert row["significant"] == "no" and row["note"] == "vs best ingredient a.pt of s"
 
 
-def test_strictly_better_on_some_queries_is_positive(tmp_path):
-    _soup(tmp_path / "s", _better(REF, [6, 7]))
-    df = compare.table(compare.collect([tmp_path / "s"]))
-    row = df.iloc[0]
-    assert row["vs_ref"] == 25.0  # per-query values +1 on 2 of 8 queries, equal on the rest: 100 * 2 / 8
-    assert row["vs_ref"] > 0 and row["ci_low"] >= 0 and row["ci_high"] >= row["vs_ref"]
-    assert row["significant"] == ("yes" if row["ci_low"] > 0 else "no")
-
-
-def test_worse_system_has_negative_interval(tmp_path):
-    worse = REF.copy()
-    worse[:4] = False  # loses every hit of queries 0-3
-    _soup(tmp_path / "s", worse)
+@pytest.mark.parametrize(
+    "queries, hit, diff",  # per-query values +1 on 2 of 8 queries (100 * 2 / 8), or -1 on 4 of 8
+    [([6, 7], True, 25.0), ([0, 1, 2, 3], False, -50.0)],
+)
+def test_a_better_or_worse_system_has_its_difference_and_an_interval_on_that_side(tmp_path, queries, hit, diff):
+    hits = REF.copy()
+    hits[queries] = hit
+    _soup(tmp_path / "s", hits)
     row = compare.table(compare.collect([tmp_path / "s"])).iloc[0]
-    assert row["vs_ref"] == -50.0 and row["ci_high"] <= 0 and row["ci_low"] <= row["ci_high"]
+    assert row["vs_ref"] == diff and row["ci_low"] <= row["vs_ref"] <= row["ci_high"]
+    assert (row["ci_low"] >= 0) if diff > 0 else (row["ci_high"] <= 0)
+    assert row["significant"] == ("yes" if row["ci_low"] > 0 or row["ci_high"] < 0 else "no")
 
 
 def test_markdown_and_csv_carry_the_columns_rows_without_hits_get_a_note(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from solution.common import SolutionError, atomic_path
 
-NAME = "trials.csv"
+NAME, RUNS = "trials.csv", "trials"  # the table, and the folder of the trials' run folders
 
 
 def write_trials(path: str | os.PathLike, table) -> None:
@@ -45,6 +45,21 @@ def read_trials(path: str | os.PathLike) -> list[dict]:
     except csv.Error as e:
         raise SolutionError(f"{path}:{line}: malformed CSV ({e}; an unterminated quote?)") from None
     return rows
+
+
+def trial_dir(study_dir: str | os.PathLike, number: int) -> Path:
+    """Where the search runs trial ``number``."""
+    return Path(study_dir) / RUNS / f"{number:04d}"
+
+
+def run_dirs(study_dir: str | os.PathLike, row: dict) -> list[Path]:
+    """Where a row's trial may have run: its ``run_dir`` (as written, or under the study folder), then
+    :func:`trial_dir`."""
+    dirs = [Path(row["run_dir"]), Path(study_dir) / row["run_dir"]] if row.get("run_dir") else []
+    try:
+        return [*dirs, trial_dir(study_dir, int(float(row.get("number"))))]
+    except (TypeError, ValueError, OverflowError):
+        return dirs
 
 
 def completed(rows: list[dict]) -> list[dict]:

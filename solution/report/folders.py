@@ -24,7 +24,7 @@ from solution.ensembles.spec import read_ensemble
 from solution.formats.hits import read_hits
 from solution.formats.run_files import METRICS, PARAMS, main_valid, parse_lines, read_metrics, read_params
 from solution.formats.trials import NAME as TRIALS
-from solution.formats.trials import read_trials
+from solution.formats.trials import read_trials, run_dirs
 from solution.retrieval.metrics import mean_recall
 from solution.soups import LOG as SOUP_LOG
 from solution.soups import SUMMARY as SOUP_SUMMARY
@@ -244,10 +244,7 @@ def read_study(study_dir: Path, name: str) -> list[Entry]:
             k[len("params_") :]: _num(v) for k, v in r.items() if k.startswith("params_") and v not in ("", None)
         }
         settings["state"] = str(r.get("state", "")).replace("TrialState.", "")
-        n = _num(r.get("number"))
-        runs = [Path(r["run_dir"])] if r.get("run_dir") else []
-        runs += [study_dir / "trials" / f"{int(n):04d}"] if isinstance(n, (int, float)) and n == int(n) else []
-        run_dir = next((d for d in runs if (d / METRICS).is_file()), None)
+        run_dir = next((d for d in run_dirs(study_dir, r) if (d / METRICS).is_file()), None)
         tname = f"{name}/trial {r.get('number') or '?'}"
         e = read_run(run_dir, tname, "trial", settings) if run_dir else Entry(tname, "trial", {}, settings=settings)
         if not e.scores and isinstance(_num(r.get("value")), (int, float)):

@@ -19,7 +19,7 @@ import torch
 from solution.common import SolutionError
 from solution.formats.run_files import BEST_CHECKPOINT, LATEST_CHECKPOINT
 from solution.formats.trials import NAME as TRIALS
-from solution.formats.trials import completed, read_trials
+from solution.formats.trials import completed, read_trials, run_dirs
 from solution.model import (
     ModelConfig,
     check_finite,
@@ -91,9 +91,7 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
     for r in sorted(rows, key=lambda r: (-r["value"], r["number"])):
         if len(paths) == top:
             break
-        runs = [Path(r["run_dir"])] if r.get("run_dir") else []
-        runs += [study_dir / (r.get("run_dir") or ""), study_dir / "trials" / f"{r['number']:04d}"]
-        path = next((d / BEST_CHECKPOINT for d in runs if (d / BEST_CHECKPOINT).is_file()), None)
+        path = next((d / BEST_CHECKPOINT for d in run_dirs(study_dir, r) if (d / BEST_CHECKPOINT).is_file()), None)
         if path is None:
             raise SolutionError(f"{table}: trial {r['number']} has no {BEST_CHECKPOINT}")
         if paths and (key := _soupable_key(path)) != (want := _soupable_key(paths[0])):

@@ -114,8 +114,7 @@ class Scorer:
         result = self._recalls(tids, hits)
         if self.hits_dir is not None:
             name = hashlib.blake2b((self.prefix + key).encode(), digest_size=12).hexdigest()
-            write_hits(self.hits_dir / name, tids, hits)
-            result["hits"] = f"{self.hits_dir.name}/{name}.hits.npy"
+            result["hits"] = str(write_hits(self.hits_dir / name, tids, hits).relative_to(self.hits_dir.parent))
         self.cache.scores[self.prefix + key] = result
         self.cache.save()
         return dict(result)

@@ -27,6 +27,7 @@ import yaml
 
 from solution.common import atomic_path
 from solution.formats.run_files import BEST_CHECKPOINT, METRICS, MetricsTail, is_main_valid
+from solution.formats.trials import RUNS, trial_dir
 
 from .gpus import GpuPool, Lease
 from .search_config import SearchConfig, flags_to_argv, suggest_params, trial_flags
@@ -44,10 +45,10 @@ class Objective:
 
     def __init__(self, cfg: SearchConfig, train_main: Callable | None = None, pool: GpuPool | None = None):
         self.cfg, self.train_main, self.pool = cfg, train_main, pool
-        self.trials_dir = cfg.study_dir / "trials"
+        self.trials_dir = cfg.study_dir / RUNS
 
     def __call__(self, trial: optuna.Trial) -> float:
-        run_dir = self.trials_dir / f"{trial.number:04d}"
+        run_dir = trial_dir(self.cfg.study_dir, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", worker_info())  # one write: a dead worker's trials are recognised
         self.values, self.reported = [], set()

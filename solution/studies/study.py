@@ -26,7 +26,6 @@ from .storage import (
     FINISHED,
     counted_trials,
     fail_dead_trials,
-    grace_period,
     heartbeat_enabled,
     make_storage,
     running_trials,
@@ -83,12 +82,12 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
         check_trial_flags(cfg)  # a config that cannot start one trial is refused before the first
     pool = gpu_pool(cfg)  # before the study: a worker without the GPUs it needs is refused first
     study = open_study(cfg)
-    objective = Objective(cfg, train_main, pool)
+    objective, url = Objective(cfg, train_main, pool), safe_url(storage_url(cfg))
     log.info(
-        "study %r in %s (storage %s): %d of %d trials already counted",
+        "study %r in %s (storage %s): %d of %d trials counted",
         cfg.name,
         cfg.study_dir,
-        safe_url(storage_url(cfg)),
+        url,
         counted_trials(study),
         cfg.n_trials,
     )
@@ -96,20 +95,20 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
     try:
         while cfg.timeout is None or time.time() - t0 < cfg.timeout:
             if counted_trials(study) < cfg.n_trials:
-                _run_one(study, objective, cfg)
+                try:  # Optuna fails the trials of dead workers first, by heartbeat
+                    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+                except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
+                    if isinstance(e, ValueError) and "Cannot tell a" not in str(e):
+                        raise
+                    log.warning("another worker failed this trial for want of heartbeat (overloaded machine?): %s", e)
                 write_reports(study, cfg, plots=cfg.plots == "each")
                 continue
             running = running_trials(study)  # budget met: wait for the others, re-run a dead worker's trial
             if not running or not heartbeat_enabled(study):
                 break
             if not waiting:
-                log.info(
-                    "%d trials counted; waiting for trial(s) %s of other workers (one whose worker died is "
-                    "failed after %d s without heartbeat and re-run here)",
-                    counted_trials(study),
-                    ", ".join(str(t.number) for t in running),
-                    grace_period(cfg),
-                )
+                numbers = ", ".join(str(t.number) for t in running)
+                log.info("budget counted; waiting for trial(s) %s of other workers (or re-running them)", numbers)
             waiting = True
             time.sleep(min(cfg.heartbeat, 5))
             fail_dead_trials(study, cfg.retry_interrupted)
@@ -118,21 +117,6 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
     finally:
         write_reports(study, cfg, plots=bool(cfg.plots))
     return summarize(study, cfg)
-
-
-def _run_one(study: optuna.Study, objective: Objective, cfg: SearchConfig) -> None:
-    """One trial (Optuna fails the trials of dead workers first, by heartbeat)."""
-    try:
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
-        if isinstance(e, ValueError) and "Cannot tell a" not in str(e):
-            raise
-        log.warning(
-            "another worker failed this worker's trial for want of heartbeat (grace period "
-            "%d s; is this machine overloaded?): %s",
-            grace_period(cfg),
-            e,
-        )
 
 
 def summarize(study: optuna.Study, cfg: SearchConfig) -> dict:
