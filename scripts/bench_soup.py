@@ -146,8 +146,8 @@ def main(argv=None) -> dict:
                 med = statistics.median(ratios)
                 row.update(time_ratio=med, time_ratio_spread=(max(ratios) - min(ratios)) / med)
             rows.append(row)
-            print(f"  n={n}: ours {row['ours']['peak_rss_gb']:.2f} GB; naive "
-                  + (f"{row['naive']['peak_rss_gb']:.2f} GB" if naive else f"skipped (~{naive_est:.1f} GB)"), flush=True)  # fmt: skip
+            theirs = f"{row['naive']['peak_rss_gb']:.2f} GB" if naive else f"skipped (~{naive_est:.1f} GB)"
+            print(f"  n={n}: ours {row['ours']['peak_rss_gb']:.2f} GB; naive {theirs}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -31,8 +31,16 @@ def _run(path, scores, lr, extra_general=None):
 
 
 def _row(method, rnd, members, mean_recall, kept=True, **more):
-    return {"method": method, "round": rnd, "members": members, "weights": [1 / len(members)] * len(members),
-            "mean_recall": mean_recall, "kept": kept, **more}  # fmt: skip
+    weights = [1 / len(members)] * len(members)
+    return {
+        "method": method,
+        "round": rnd,
+        "members": members,
+        "weights": weights,
+        "mean_recall": mean_recall,
+        **more,
+        "kept": kept,
+    }
 
 
 def _soup(path, with_summary=True):

@@ -29,7 +29,8 @@ METHODS = ("uniform", "greedy", "pairwise")
 
 
 def run(*args) -> dict:
-    return soup.main([str(a) for a in args])
+    """``solution.soup`` in this process; a string argument holds words split on spaces (paths are not split)."""
+    return soup.main([w for a in args for w in (a.split() if isinstance(a, str) else [str(a)])])
 
 
 def _sd(path):
@@ -59,10 +60,16 @@ def souped(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("souped") / "soups"
     globs = [r / "checkpoints" / "*.pt" for r in world.runs]
     summary = run(
-        "--checkpoints", *globs, "--val-data", world.lmdb("valid"), "--method", ",".join(METHODS),
-        "--select-split", "0.5", "--seed", "3", "--interpolate-with", world.base, "--alphas", "0.5,0.9",
-        "--output", out, "--device", "cpu", "--batch-size", "32",
-    )  # fmt: skip
+        "--checkpoints",
+        *globs,
+        "--val-data",
+        world.lmdb("valid"),
+        f"--method {','.join(METHODS)} --select-split 0.5",
+        "--seed 3 --interpolate-with",
+        world.base,
+        "--alphas 0.5,0.9 --device cpu --batch-size 32 --output",
+        out,
+    )
     return out, summary
 
 
@@ -168,10 +175,10 @@ def test_soup_scores_as_plain_cn_clip_and_the_submission_path_score_it(souped, w
     (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in texts), "utf-8")
     img, txt, pred = tmp_path / "img.npy", tmp_path / "txt.npy", tmp_path / "pred.jsonl"
     features.main(
-        ["--extract-image-feats", "--extract-text-feats", "--image-data", str(world.lmdb("valid")), "--text-data",
-         str(tmp_path / "gold.jsonl"), "--resume", str(path), "--device", "cpu", "--image-feat-output-path", str(img),
-         "--text-feat-output-path", str(txt), "--precision", "fp32", "--no-cache", "--no-progress"]
-    )  # fmt: skip
+        f"--extract-image-feats --extract-text-feats --image-data {world.lmdb('valid')} --text-data {tmp_path}/gold.jsonl"
+        f" --resume {path} --device cpu --image-feat-output-path {img} --text-feat-output-path {txt} --precision fp32"
+        " --no-cache --no-progress".split()
+    )
     predict.main(["--image-feats", str(img), "--text-feats", str(txt), "--output", str(pred), "--device", "cpu"])
     result = evaluate.main([str(tmp_path / "gold.jsonl"), str(pred), str(tmp_path / "score.json")])["scoreJson"]
     logged = summary["soups"]["greedy"]
@@ -281,8 +288,9 @@ def test_identical_files_are_used_once_the_epoch_file_kept(three, tmp_path):
     (tmp_path / "r").mkdir()
     torch.save({**ckpt, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "r" / "epoch_latest.pt")
     shutil.copy(three[0], tmp_path / "r" / "epoch_1.pt")
-    summary = run("--checkpoints", tmp_path / "r" / "*.pt", three[1], "--method", "uniform", "--no-score",
-                  "--output", tmp_path / "out")  # fmt: skip
+    summary = run(
+        "--checkpoints", tmp_path / "r" / "*.pt", three[1], "--method uniform --no-score --output", tmp_path / "out"
+    )
     assert summary["duplicates"] == {str(tmp_path / "r" / "epoch_latest.pt"): str(tmp_path / "r" / "epoch_1.pt")}
     assert summary["soups"]["uniform"]["members"] == [str(tmp_path / "r" / "epoch_1.pt"), str(three[1])]
 
@@ -298,7 +306,7 @@ def test_mismatched_ingredients_are_refused_before_any_work(three, world, what, 
         other = ModelConfig("ViT-Tiny1", "RBT-Tiny", context_length=32)
         save_checkpoint(odd, build_model(other).state_dict(), other)
     else:
-        kw = {"context_length": 24} if what == "context_length" else {"context_length": 32, "text_prompt": "一张图片："}
+        kw = {"context_length": 24} if what == "context_length" else {"context_length": 32, "text_prompt": "图："}
         save_checkpoint(odd, read_checkpoint(three[1])["state_dict"], ModelConfig("ViT-Tiny", "RBT-Tiny", **kw))
     with pytest.raises(SolutionError) as e:
         run("--checkpoints", *three, odd, "--method", "uniform", "--output", tmp_path / "out", "--no-score")
@@ -345,8 +353,15 @@ def test_val_texts_give_the_scores_of_the_lmdb_pairs(three, world, tmp_path):
     shutil.copytree(world.lmdb("valid") / "imgs", tmp_path / "imgonly" / "imgs")
     args = ["--checkpoints", three[0], "--method", "greedy", "--device", "cpu"]
     a = run(*args, "--val-data", world.lmdb("valid"), "--output", tmp_path / "a")
-    b = run(*args, "--val-data", tmp_path / "imgonly", "--val-texts", world.data / "valid_texts.jsonl",
-            "--output", tmp_path / "b")  # fmt: skip
+    b = run(
+        *args,
+        "--val-data",
+        tmp_path / "imgonly",
+        "--val-texts",
+        world.data / "valid_texts.jsonl",
+        "--output",
+        tmp_path / "b",
+    )
     assert a["best_single"]["mean_recall"] == b["best_single"]["mean_recall"]
     assert a["best_single"]["r10"] == b["best_single"]["r10"]
 
@@ -358,8 +373,14 @@ def test_gallery_decoded_and_queries_tokenised_once_with_plain_validation_s_scor
     real_decode, real_tokenize = datasets.decode_image, encode.tokenize
     monkeypatch.setattr(datasets, "decode_image", lambda b64: decoded.append(1) or real_decode(b64))
     monkeypatch.setattr(encode, "tokenize", lambda *a, **k: tokenised.append(1) or real_tokenize(*a, **k))
-    run("--checkpoints", *three, "--method", "uniform", "--device", "cpu", "--val-data", world.lmdb("valid"),
-        "--output", tmp_path / "out", "--batch-size", "16")  # fmt: skip
+    run(
+        "--checkpoints",
+        *three,
+        "--method uniform --device cpu --batch-size 16 --val-data",
+        world.lmdb("valid"),
+        "--output",
+        tmp_path / "out",
+    )
     rows = _rows(tmp_path / "out")
     assert len(rows) == 4  # three ingredients and the soup
     split = LMDBSplit(world.lmdb("valid"))
@@ -376,8 +397,14 @@ def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(three, world, tmp_pa
     for i, p in enumerate(three):
         sd = {k: v.half() for k, v in read_checkpoint(p)["state_dict"].items()}
         halves.append(save_checkpoint(tmp_path / f"half/h{i}.pt", sd, world.config))
-    summary = run("--checkpoints", tmp_path / "half/*.pt", "--method", "uniform", "--val-data", world.lmdb("valid"),
-                  "--output", tmp_path / "out", "--device", "cpu")  # fmt: skip
+    summary = run(
+        "--checkpoints",
+        tmp_path / "half/*.pt",
+        "--method uniform --device cpu --val-data",
+        world.lmdb("valid"),
+        "--output",
+        tmp_path / "out",
+    )
     ckpt = read_checkpoint(tmp_path / "out" / "soup.pt")
     assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float16}
     expected = _weighted(halves, [1 / 3] * 3)

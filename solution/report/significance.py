@@ -71,7 +71,8 @@ def in_words(df) -> str:
         if r["significant"] == "yes"
     ]
     same = [str(r["name"]) for r in rows if r["significant"] == "no" and str(r["note"]).startswith("vs ")]
-    head = f"Against the best single model ({ref}), paired bootstrap over the validation queries ({N_RESAMPLES} resamples):"
+    head = f"Against the best single model ({ref}), paired bootstrap over the validation queries "
+    head += f"({N_RESAMPLES} resamples):"
     if not real:
         return f"{head} no difference is real (every interval contains 0)."
     tail = f" Not distinguishable from it (interval contains 0): {', '.join(same)}." if same else ""

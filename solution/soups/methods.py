@@ -103,7 +103,7 @@ class Candidates:
         return key, self.scorer.score(key, state) if self.scorer else None, state
 
     def save(self, path: Path, soup: Soup) -> Path:
-        """Write ``soup`` in the soup dtype with its recipe; an in-memory state is converted in place (it is done with)."""
+        """Write ``soup`` in the soup dtype with its recipe; an in-memory state is converted in place."""
         state = soup.source if isinstance(soup.source, dict) else dict(weights_of(soup.source))
         for k, t in state.items():
             if t.is_floating_point():

@@ -4,9 +4,10 @@ A candidate is encoded once (one reused model; the gallery decoded and the queri
 per run): its per-query hits over every validation query give, by the official arithmetic, the
 R@1/5/10 and mean recall of the selection part, of the report part (``"report"``) and of all
 queries (``"all"``), as the weights will be saved (rounded to the soup's dtype), for the run's draw
-of the queries or another (:meth:`Scorer.view`, the ``--folds`` folds). Scores are cached under the
-candidate's key, the validation data's identity, the effective precision and the device type. The run's own draw stores each candidate's hits in ``hits/`` and names the file in the
-score (``"hits"``, relative to the soup folder); another draw's scores come from those hits.
+of the queries or another (:meth:`Scorer.view`, the ``--folds`` folds). The run's draw caches each
+score under the candidate's key, the validation data's identity, the effective precision and the
+device type, its hits in ``hits/`` named in the score (``"hits"``, relative to the soup folder);
+another draw's scores come from those hits.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ScoreCache:
     """``score_cache.json``: ``{"fingerprints": {file identity: digest}, "scores": {key: score}}``."""
 
     def __init__(self, path: Path):
-        self.path, data = path, {}
+        self.path = path
         try:
             data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
             self.fingerprints, self.scores = dict(data.get("fingerprints", {})), dict(data.get("scores", {}))
