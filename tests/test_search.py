@@ -509,24 +509,12 @@ def test_a_config_without_out_keeps_its_study_under_runs_search(tmp_path, fake_t
 def test_real_search_on_the_world_completes_survives_a_raising_trial_and_gives_a_ready_command(tmp_path, world):
     from solution.training.flags import parse_args
 
-    base = {
-        "train-data": str(world.lmdb("train")),
-        "val-data": str(world.lmdb("valid")),
-        "resume": str(world.base),
-        "context-length": 32,
-        "batch-size": 24,
-        "max-steps": 4,
-        "valid-step-interval": 2,
-        "valid-epoch-interval": 0,
-        "save-epoch-frequency": 0,
-        "warmup": 0,
-        "precision": "fp32",
-        "device": "cpu",
-        "num-workers": 0,
-        "valid-num-workers": 0,
-        "no-progress": True,
-        "no-plot": True,
-    }
+    base = yaml.safe_load(  # the trial settings, as a search config writes them
+        f"{{train-data: {world.lmdb('train')}, val-data: {world.lmdb('valid')}, resume: {world.base}, "
+        "context-length: 32, batch-size: 24, max-steps: 4, valid-step-interval: 2, valid-epoch-interval: 0, "
+        "save-epoch-frequency: 0, warmup: 0, precision: fp32, device: cpu, num-workers: 0, valid-num-workers: 0, "
+        "no-progress: true, no-plot: true}"
+    )
     raw = {
         "name": "real",
         "out": str(tmp_path),

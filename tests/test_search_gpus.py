@@ -60,31 +60,6 @@ def test_leases_are_disjoint_wait_and_come_back_on_exit_and_on_error(tmp_path, c
         pass
 
 
-def test_a_killed_worker_s_gpus_are_free_again(tmp_path):
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(f"""
-        import sys, time
-        from solution.studies.gpus import GpuPool
-        with GpuPool(["0", "1"], 1, {str(tmp_path)!r}).lease("trial 0") as lease:
-            print(",".join(lease.gpus), flush=True)
-            time.sleep(300)
-    """),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    assert holder.stdout.readline().decode().strip() == "0"
-    pool = GpuPool(["0", "1"], 1, tmp_path)
-    with pool.lease("trial 1") as lease:
-        assert lease.gpus == ["1"]  # GPU 0 is the other worker's
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
-    with pool.lease("trial 2") as a, pool.lease("trial 3") as b:
-        assert (a.gpus, b.gpus) == (["0"], ["1"])  # the kernel dropped the dead worker's lock
-
-
 @pytest.mark.parametrize(
     "study, env, message",
     [

@@ -128,13 +128,7 @@ def test_reference_is_the_best_single_row_with_hits():
     weak = runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF)))
     bare = runs.Entry("bare", "run", {"mean_recall": 99.0})  # no hits: never the reference
     cols = significance.columns([weak, best, twin, bare])
-    assert cols[1] == {
-        "vs_ref": 0.0,
-        "ci_low": 0.0,
-        "ci_high": 0.0,
-        "significant": "no",
-        "note": "reference (best single model)",
-    }
+    assert cols[1] == dict(zip(significance.COLUMNS, (0.0, 0.0, 0.0, "no", "reference (best single model)")))
     assert cols[2] == {**cols[1], "note": "vs best"}  # a system equal to the reference: [0, 0]
     assert cols[0]["vs_ref"] == -100 * float(np.mean(REF.mean(axis=1))) and cols[0]["significant"] == "yes"
     assert cols[3] == {**dict.fromkeys(significance.COLUMNS), "note": "no per-query hits stored"}

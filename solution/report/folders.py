@@ -206,20 +206,12 @@ def read_ensemble_folder(folder: Path, name: str) -> list[Entry]:
         "norm": spec.get("norm"),
         "rerank": (spec.get("rerank") or {}).get("method"),
     }
-    out = [
-        Entry(
-            name,
-            "ensemble",
-            {k: (scores.get("all") or {}).get(k) for k in SCORES},
-            None,
-            (scores.get("report") or {}).get("mean_recall"),
-            settings,
-            extra={"select_mr": (scores.get("select") or {}).get("mean_recall")},
-            files=files,
-            hits=hits,
-            hits_note=note,
-        )
-    ]
+    all_, held_out = (
+        {k: (scores.get("all") or {}).get(k) for k in SCORES},
+        (scores.get("report") or {}).get("mean_recall"),
+    )
+    extra = {"select_mr": (scores.get("select") or {}).get("mean_recall")}
+    out = [Entry(name, "ensemble", all_, None, held_out, settings, [], extra, files, hits, note)]
     for i, (member, alone) in enumerate(zip(spec["members"], scores.get("members") or [])):
         h, n = _hits([folder, folder.parent], hits_files.get(f"member{i}"), files)
         out.append(
