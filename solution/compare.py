@@ -1,20 +1,10 @@
-"""Compare validation results of training runs, soups and search studies: one table and one plot.
+"""Compare validation results of training runs, soups, search studies and ensembles: one table and one plot.
 
-``python -m solution.compare logs/run_a logs/run_b soups/NAME search/STUDY [--csv] [--output FILE]
-[--plot compare.png]``. Each PATH may be:
-
-- a training run directory (``metrics.jsonl`` + ``params.json``) or its ``metrics.jsonl``;
-- a soup folder (``soup_log.jsonl``, + ``summary.json``) or its ``soup_log.jsonl``; a folder made by
-  several methods at once holds one soup folder per method;
-- a search study folder (``trials.csv`` + ``trials/NNNN/`` run directories): one row per trial;
-- any other folder: searched (a few levels deep) for the above.
-
-The table (markdown, or CSV with ``--csv``) goes to stdout and to ``--output``; the rows and columns
-are described in :mod:`solution.report.table`; rows with stored per-query hits (soups) also get their
-mean-recall difference to the best single model with a 95% paired-bootstrap interval (``vs_ref``,
-``ci_low``, ``ci_high``, ``significant``), the others an empty interval and a ``note`` saying why. ``--output`` and ``--plot`` that are folders, sit
-under a file or are one of the files read are refused before anything is written; so are malformed
-inputs (non-UTF-8 or non-JSON lines, a broken ``trials.csv``), naming file and line.
+``python -m solution.compare logs/run_a soups/NAME search/STUDY [--csv] [--output FILE] [--plot PNG]``.
+Each PATH is a run folder, a soup folder, a study folder, an ensemble folder, the file that marks one
+(``metrics.jsonl``, ``soup_log.jsonl``, ``trials.csv``, ``ensemble.json``), or a folder holding them (a few
+levels deep). The table (:mod:`solution.report.table`) goes to stdout and to ``--output``; outputs that
+would replace an input are refused before anything is written.
 """
 
 from __future__ import annotations

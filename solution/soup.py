@@ -2,20 +2,11 @@
 
 ``bash Chinese-CLIP/model_soup.sh --checkpoints 'logs/*/checkpoints/*.pt' --val-data DIR/lmdb/valid
 --method greedy --output soups/NAME`` (``python -m solution.soup``). Methods
-(:mod:`solution.soups.methods`): ``greedy`` (model soups: best first, keep an ingredient only if
-the held-out mean recall strictly improves), ``pairwise`` (the Tianchi recipe: merge the two best
-while the merge beats the worse of them), ``uniform`` (the plain average);
-``--interpolate-with CKPT --alphas ...`` then mixes each soup with ``CKPT`` (e.g. the zero-shot
-start) by held-out score.
-
-Ingredients must share architecture, prompt and context length (anything else is refused before
-any work, naming the odd checkpoint); identical ones are used once; weights are streamed, one
-checkpoint at a time. Scores are text->image R@1/5/10 and mean recall through
-:mod:`solution.retrieval` (the path validation takes), cached in ``OUT/score_cache.json``; with
-``--select-split F`` the soup is chosen on a random fraction ``F`` of the queries and the rest is
-reported beside it; with ``--folds K`` each method is cross-fitted over the queries (chosen on K-1
-folds, scored on the one left out) and the soup chosen on all queries is shipped. The output folder
-is described in :mod:`solution.soups.make_soups`.
+(:mod:`solution.soups.methods`): ``greedy``, ``pairwise``, ``uniform``; ``--interpolate-with CKPT``
+then mixes each soup with ``CKPT`` (e.g. the zero-shot start) by held-out score. Ingredients must
+share architecture, prompt and context length; identical ones are used once. Scores are text->image
+R@1/5/10 and mean recall through :mod:`solution.retrieval`. The output folder is described in
+:mod:`solution.soups.make_soups`.
 """
 
 from __future__ import annotations
@@ -33,61 +24,43 @@ from solution.soups.make_soups import SoupOptions, make_soups
 from solution.soups.methods import METHODS
 
 
-def parse_methods(values: Sequence[str]) -> list[str]:
+def parse_methods(values: Sequence[str]) -> tuple[str, ...]:
     """``--method`` values, space- or comma-separated, each once."""
-    out = []
-    for v in values:
-        for m in v.split(","):
-            m = m.strip().lower()
-            if not m:
-                continue
-            if m not in METHODS:
-                raise SolutionError(f"unknown --method {m!r}; choose from {', '.join(METHODS)}")
-            if m not in out:
-                out.append(m)
+    out = [m.strip().lower() for v in values for m in v.split(",") if m.strip()]
+    unknown = next((m for m in out if m not in METHODS), None)
+    if unknown:
+        raise SolutionError(f"unknown --method {unknown!r}; choose from {', '.join(METHODS)}")
     if not out:
         raise SolutionError("--method is empty")
-    return out
+    return tuple(dict.fromkeys(out))
 
 
-def parse_alphas(text: str) -> list[float]:
+def parse_alphas(text: str) -> tuple[float, ...]:
     try:
-        return [float(a) for a in text.split(",") if a.strip()]
+        return tuple(float(a) for a in text.split(",") if a.strip())
     except ValueError:
         raise SolutionError(f"--alphas must be comma-separated numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
-        prog="python -m solution.soup",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m solution.soup", description=__doc__.split("\n\n")[0], formatter_class=fmt
     )
     src = p.add_argument_group("ingredients")
-    src.add_argument(
-        "--checkpoints",
-        nargs="+",
-        default=[],
-        metavar="GLOB",
-        help="checkpoint files or quoted glob patterns (** allowed)",
-    )
+    src.add_argument("--checkpoints", nargs="+", default=[], metavar="GLOB", help="files or quoted globs (** allowed)")
     src.add_argument("--from-study", metavar="DIR", help="a search study folder: use its top trials' best.pt")
     src.add_argument("--top", type=int, default=5, help="how many complete trials --from-study takes")
     val = p.add_argument_group("scoring")
     val.add_argument("--val-data", metavar="LMDB_SPLIT", help="validation LMDB split (e.g. DIR/lmdb/valid)")
-    val.add_argument(
-        "--val-texts", metavar="JSONL", help="queries + gold image_ids (MUGE *_texts.jsonl); default: the LMDB's pairs"
-    )
-    val.add_argument(
-        "--select-split", type=float, metavar="FRACTION", help="choose on this fraction of the queries, report the rest"
-    )
+    val.add_argument("--val-texts", metavar="JSONL", help="queries + gold (MUGE *_texts.jsonl); default: LMDB pairs")
+    val.add_argument("--select-split", type=float, metavar="F", help="choose on this fraction of queries, report rest")
     val.add_argument(
         "--folds",
         type=int,
         metavar="K",
-        help="k-fold cross-fitting over the queries: choose on K-1 "
-        "folds, score the one left out, rotate; report the mean with its interval, ship the soup "
-        "chosen on all queries (not with --select-split)",
+        help="k-fold cross-fitting over the queries: choose on K-1 folds, score the one left out, rotate; report the "
+        "mean with its interval, ship the soup chosen on all queries (not with --select-split)",
     )
     val.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw (and of the --folds folds)")
     val.add_argument("--no-score", action="store_true", help="only average (uniform), score nothing")
@@ -98,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_argument_group("soup")
     how.add_argument(
         "--method",
+        dest="methods",
         nargs="+",
         default=["greedy"],
         help=f"one or more of {', '.join(METHODS)} (space- or comma-separated; they share the score cache)",
@@ -105,48 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--interpolate-with", metavar="CKPT", help="interpolate each soup with this checkpoint")
     how.add_argument("--alphas", default="0.25,0.5,0.75", help="soup weights tried with --interpolate-with")
     how.add_argument("--max-rounds", type=int, default=20, help="pairwise: most merge rounds")
-    how.add_argument(
-        "--dtype",
-        choices=("auto", *DTYPES),
-        default="auto",
-        help="dtype of the saved soup (auto: the ingredients' own when they share one)",
-    )
+    how.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: the ingredients' own if shared")
     p.add_argument("--output", required=True, metavar="DIR")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    methods = parse_methods(args.method)
-    summary = make_soups(
-        SoupOptions(
-            output=args.output,
-            methods=tuple(methods),
-            checkpoints=tuple(args.checkpoints),
-            from_study=args.from_study,
-            top=args.top,
-            val_data=args.val_data,
-            val_texts=args.val_texts,
-            select_split=args.select_split,
-            seed=args.seed,
-            no_score=args.no_score,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            precision=args.precision,
-            device=args.device,
-            interpolate_with=args.interpolate_with,
-            alphas=tuple(parse_alphas(args.alphas)) if args.interpolate_with else (),
-            max_rounds=args.max_rounds,
-            dtype=args.dtype,
-            folds=args.folds,
-        )
-    )
-    print(
-        json.dumps(
-            {"soup": summary["soup"], "method": summary["method"], **summary["soups"][summary["method"]]},
-            ensure_ascii=False,
-        )
-    )
+    args.methods, args.checkpoints = parse_methods(args.methods), tuple(args.checkpoints)
+    args.alphas = parse_alphas(args.alphas) if args.interpolate_with else ()
+    summary = make_soups(SoupOptions(**vars(args)))
+    best = {"soup": summary["soup"], "method": summary["method"], **summary["soups"][summary["method"]]}
+    print(json.dumps(best, ensure_ascii=False))
     return summary
 
 

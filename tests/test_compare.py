@@ -14,101 +14,48 @@ from solution.report import folders as runs
 from solution.report import table as compare
 
 
-def _run(path, scores, lr, extra_general=None, batch_size=32):
+def _run(path, scores, lr, extra_general=None):
     """A run dir: train lines, main-set valid lines at steps 10, 20, ... and params.json."""
     rows = []
     for i, mr in enumerate(scores, 1):
         rows.append({"step": 10 * i - 5, "epoch": i, "kind": "train", "loss": 1.0 / i})
-        rows.append(
-            {
-                "step": 10 * i,
-                "epoch": i,
-                "kind": "valid",
-                "set": "valid",
-                "r1": mr - 5,
-                "r5": mr,
-                "r10": mr + 5,
-                "mean_recall": mr,
-            }
-        )
+        scores = {"r1": mr - 5, "r5": mr, "r10": mr + 5, "mean_recall": mr}
+        rows.append({"step": 10 * i, "epoch": i, "kind": "valid", "set": "valid", **scores})
         if extra_general is not None:
             rows.append({"step": 10 * i, "epoch": i, "kind": "valid", "set": "general", "mean_recall": extra_general})
     write_jsonl(path / "metrics.jsonl", rows)
-    write_json(
-        path / "params.json",
-        {
-            "lr": lr,
-            "batch_size": batch_size,
-            "logs": str(path.parent),
-            "name": path.name,
-            "model_config": {"vision_model": "ViT-Tiny"},
-        },
-    )
+    params = {"lr": lr, "batch_size": 32, "logs": str(path.parent), "name": path.name}
+    write_json(path / "params.json", {**params, "model_config": {"vision_model": "ViT-Tiny"}})
     (path / "checkpoints").mkdir()
     return path
 
 
+def _row(method, rnd, members, mean_recall, kept=True, **more):
+    weights = [1 / len(members)] * len(members)
+    return {
+        "method": method,
+        "round": rnd,
+        "members": members,
+        "weights": weights,
+        "mean_recall": mean_recall,
+        **more,
+        "kept": kept,
+    }
+
+
 def _soup(path, with_summary=True):
-    ing = [("a.pt", 40.0), ("b.pt", 38.0), ("c.pt", 30.0)]
+    """Three ingredients; greedy keeps the second (selection 45, report 43, all queries 44), drops the third."""
+    chosen = {"r1": 40.0, "r5": 45.0, "r10": 50.0, "mean_recall": 45.0, "report": {"mean_recall": 43.0}}
+    chosen["all"] = {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0}
     rows = [
-        {
-            "method": "ingredient",
-            "round": 0,
-            "members": [p],
-            "weights": [1.0],
-            "r1": s,
-            "r5": s,
-            "r10": s,
-            "mean_recall": s,
-            "kept": True,
-        }
-        for p, s in ing
+        _row("ingredient", 0, [p], s, r1=s, r5=s, r10=s) for p, s in (("a.pt", 40.0), ("b.pt", 38.0), ("c.pt", 30.0))
     ]
-    rows += [
-        {"method": "greedy", "round": 0, "members": ["a.pt"], "weights": [1.0], "mean_recall": 40.0, "kept": True},
-        {
-            "method": "greedy",
-            "round": 1,
-            "members": ["a.pt", "b.pt"],
-            "weights": [0.5, 0.5],
-            "r1": 40.0,
-            "r5": 45.0,
-            "r10": 50.0,
-            "mean_recall": 45.0,
-            "kept": True,
-            "report": {"mean_recall": 43.0},
-            "all": {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0},
-        },
-        {
-            "method": "greedy",
-            "round": 2,
-            "members": ["a.pt", "b.pt", "c.pt"],
-            "weights": [1 / 3] * 3,
-            "mean_recall": 41.0,
-            "kept": False,
-        },
-    ]
+    rows += [_row("greedy", 0, ["a.pt"], 40.0), _row("greedy", 1, ["a.pt", "b.pt"], **chosen)]
+    rows += [_row("greedy", 2, ["a.pt", "b.pt", "c.pt"], 41.0, kept=False)]
     write_jsonl(path / "soup_log.jsonl", rows)
     if with_summary:
-        write_json(
-            path / "summary.json",
-            {
-                "soup": str(path / "soup.pt"),
-                "method": "greedy",
-                "soups": {
-                    "greedy": {
-                        "members": ["a.pt", "b.pt"],
-                        "weights": [0.5, 0.5],
-                        "r1": 40.0,
-                        "r5": 45.0,
-                        "r10": 50.0,
-                        "mean_recall": 45.0,
-                        "report": {"mean_recall": 43.0},
-                        "all": {"r1": 39.0, "r5": 44.0, "r10": 49.0, "mean_recall": 44.0},
-                    }
-                },
-            },
-        )
+        soups = {"greedy": {"members": ["a.pt", "b.pt"], "weights": [0.5, 0.5], **chosen}}
+        write_json(path / "summary.json", {"soup": str(path / "soup.pt"), "method": "greedy", "soups": soups})
     return path
 
 

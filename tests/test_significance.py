@@ -31,49 +31,22 @@ def _better(ref: np.ndarray, queries) -> np.ndarray:
 
 def _soup(folder, soup_hits, ids=IDS, ref_hits=REF):
     """A soup folder as the soup run writes it: log, summary, and hits/ files named relative to it."""
-    folder.mkdir(parents=True)
     write_hits(folder / "hits" / "ref", ids, ref_hits)
     write_hits(folder / "hits" / "soup", ids, soup_hits)
-    ref_mr, soup_mr = mean_recall(ref_hits), mean_recall(soup_hits)
-    rows = [
-        {
-            "method": "ingredient",
-            "round": 0,
-            "members": ["a.pt"],
-            "weights": [1.0],
-            "mean_recall": ref_mr,
-            "kept": True,
-            "hits": "hits/ref.hits.npy",
-        },
-        {"method": "ingredient", "round": 0, "members": ["b.pt"], "weights": [1.0], "mean_recall": 1.0, "kept": True},
-        {
-            "method": "greedy",
-            "round": 1,
-            "members": ["a.pt", "b.pt"],
-            "weights": [0.5, 0.5],
-            "mean_recall": soup_mr,
-            "kept": True,
-            "hits": "hits/soup.hits.npy",
-        },
-    ]
+    ref = {"mean_recall": mean_recall(ref_hits), "hits": "hits/ref.hits.npy"}
+    soup = {"members": ["a.pt", "b.pt"], "mean_recall": mean_recall(soup_hits), "hits": "hits/soup.hits.npy"}
+    rows = [{"method": "ingredient", "members": ["a.pt"], **ref}, {"method": "ingredient", "members": ["b.pt"]}]
+    rows += [{"method": "greedy", "round": 1, "kept": True, **soup}]
     write_jsonl(folder / "soup_log.jsonl", rows)
-    write_json(
-        folder / "summary.json",
-        {
-            "method": "greedy",
-            "soups": {"greedy": {"members": ["a.pt", "b.pt"], "mean_recall": soup_mr, "hits": "hits/soup.hits.npy"}},
-            "best_single": {"path": "a.pt", "mean_recall": ref_mr, "hits": "hits/ref.hits.npy"},
-        },
-    )
+    summary = {"method": "greedy", "soups": {"greedy": soup}, "best_single": {"path": "a.pt", **ref}}
+    write_json(folder / "summary.json", summary)
     return folder
 
 
 def _run(folder, mr):
     folder.mkdir(parents=True)
-    write_jsonl(
-        folder / "metrics.jsonl",
-        [{"step": 10, "epoch": 1, "kind": "valid", "set": "valid", "r1": mr, "r5": mr, "r10": mr, "mean_recall": mr}],
-    )
+    row = {"step": 10, "epoch": 1, "kind": "valid", "set": "valid", "r1": mr, "r5": mr, "r10": mr, "mean_recall": mr}
+    write_jsonl(folder / "metrics.jsonl", [row])
     write_json(folder / "params.json", {"lr": 1e-5})
     return folder
 
@@ -114,21 +87,18 @@ def test_system_against_itself_is_zero_through_the_table(tmp_path):
     assert row["significant"] == "no" and row["note"] == "vs best ingredient a.pt of s"
 
 
-def test_strictly_better_on_some_queries_is_positive(tmp_path):
-    _soup(tmp_path / "s", _better(REF, [6, 7]))
-    df = compare.table(compare.collect([tmp_path / "s"]))
-    row = df.iloc[0]
-    assert row["vs_ref"] == 25.0  # per-query values +1 on 2 of 8 queries, equal on the rest: 100 * 2 / 8
-    assert row["vs_ref"] > 0 and row["ci_low"] >= 0 and row["ci_high"] >= row["vs_ref"]
-    assert row["significant"] == ("yes" if row["ci_low"] > 0 else "no")
-
-
-def test_worse_system_has_negative_interval(tmp_path):
-    worse = REF.copy()
-    worse[:4] = False  # loses every hit of queries 0-3
-    _soup(tmp_path / "s", worse)
+@pytest.mark.parametrize(
+    "queries, hit, diff",  # per-query values +1 on 2 of 8 queries (100 * 2 / 8), or -1 on 4 of 8
+    [([6, 7], True, 25.0), ([0, 1, 2, 3], False, -50.0)],
+)
+def test_a_better_or_worse_system_has_its_difference_and_an_interval_on_that_side(tmp_path, queries, hit, diff):
+    hits = REF.copy()
+    hits[queries] = hit
+    _soup(tmp_path / "s", hits)
     row = compare.table(compare.collect([tmp_path / "s"])).iloc[0]
-    assert row["vs_ref"] == -50.0 and row["ci_high"] <= 0 and row["ci_low"] <= row["ci_high"]
+    assert row["vs_ref"] == diff and row["ci_low"] <= row["vs_ref"] <= row["ci_high"]
+    assert (row["ci_low"] >= 0) if diff > 0 else (row["ci_high"] <= 0)
+    assert row["significant"] == ("yes" if row["ci_low"] > 0 or row["ci_high"] < 0 else "no")
 
 
 def test_markdown_and_csv_carry_the_columns_rows_without_hits_get_a_note(tmp_path):
@@ -158,13 +128,7 @@ def test_reference_is_the_best_single_row_with_hits():
     weak = runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF)))
     bare = runs.Entry("bare", "run", {"mean_recall": 99.0})  # no hits: never the reference
     cols = significance.columns([weak, best, twin, bare])
-    assert cols[1] == {
-        "vs_ref": 0.0,
-        "ci_low": 0.0,
-        "ci_high": 0.0,
-        "significant": "no",
-        "note": "reference (best single model)",
-    }
+    assert cols[1] == dict(zip(significance.COLUMNS, (0.0, 0.0, 0.0, "no", "reference (best single model)")))
     assert cols[2] == {**cols[1], "note": "vs best"}  # a system equal to the reference: [0, 0]
     assert cols[0]["vs_ref"] == -100 * float(np.mean(REF.mean(axis=1))) and cols[0]["significant"] == "yes"
     assert cols[3] == {**dict.fromkeys(significance.COLUMNS), "note": "no per-query hits stored"}
@@ -248,27 +212,15 @@ def test_compare_reads_an_ensemble_folder_with_its_members_as_references(tmp_pat
 def _trained_run(folder, rows_hits, ids=IDS):
     """A run folder as the trainer writes it: one main-set valid row per hits array, the new bests
     naming ``hits/best.hits.npy`` (holding the last of them), the others without the key."""
-    folder.mkdir(parents=True)
     rows, best = [], None
     for i, h in enumerate(rows_hits):
         mr = mean_recall(h)
-        row = {
-            "step": 10 * (i + 1),
-            "epoch": i + 1,
-            "kind": "valid",
-            "set": "valid",
-            "r1": mr,
-            "r5": mr,
-            "r10": mr,
-            "mean_recall": mr,
-        }
+        rows.append({"step": 10 * (i + 1), "kind": "valid", "set": "valid", "mean_recall": mr})
         if best is None or mr > best:
             best = mr
             write_hits(folder / "hits" / "best", ids, h)
-            row["hits"] = "hits/best.hits.npy"
-        rows.append(row)
+            rows[-1]["hits"] = "hits/best.hits.npy"
     write_jsonl(folder / "metrics.jsonl", rows)
-    write_json(folder / "params.json", {"lr": 1e-5})
     return folder
 
 

@@ -100,17 +100,17 @@ def test_crossfit_selects_on_train_scores_on_held_out_and_refits():
     seen = []
 
     def select(train):
-        seen.append(len(train["v"]))
-        return int(np.argmax(train["v"].mean(axis=0)))
+        seen.append(len(train))
+        return int(np.argmax(train.mean(axis=0)))
 
     def score(choice, test):
-        return 100 * float(test["v"][:, choice].mean())
+        return 100 * float(test[:, choice].mean())
 
-    res = crossfit(select, score, {"v": values}, k=5, seed=1)
+    res = crossfit(select, score, values, k=5, seed=1)
     folds = kfold_crossfit(30, 5, seed=1)
     assert all(np.array_equal(x, y) for x, y in zip(res.folds, folds))
     assert seen == [24] * 5 + [30]
-    want = [score(select({"v": np.delete(values, f, axis=0)}), {"v": values[f]}) for f in folds]
+    want = [score(select(np.delete(values, f, axis=0)), values[f]) for f in folds]
     assert res.fold_scores == want and res.mean == np.mean(want)
     half = t_quantile_975(4) * np.std(want, ddof=1) / np.sqrt(5)
     assert (res.low, res.high) == (res.mean - half, res.mean + half)

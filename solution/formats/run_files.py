@@ -1,48 +1,34 @@
-"""A run folder's records: ``metrics.jsonl`` (one reader, one writer) and ``params.json``.
+"""A run folder's records and the names of its files: ``metrics.jsonl`` (one reader, one writer),
+``params.json`` and the checkpoints others look for.
 
 ``metrics.jsonl`` holds one JSON object a line, ``{"step", "epoch", "kind": "train"|"valid", ...}``;
-``valid`` lines carry ``set`` (the validation set's name, ``valid`` for the main one) and
-``r1``/``r5``/``r10``/``mean_recall`` in percent. The trainer appends a line at a time, so a kill
-can leave the last line torn: :func:`read_metrics` skips exactly that line with a warning and
-refuses anything else malformed with one line naming the file and line; :class:`MetricsTail` reads
-a live run's new lines the same way. :func:`main_valid` / :func:`is_main_valid` are the one filter
-for the main validation set's records.
+``valid`` lines carry ``set`` (``valid`` for the main one) and ``r1``/``r5``/``r10``/``mean_recall``
+in percent. The trainer appends a line at a time, so a kill can tear the last line: readers skip
+exactly that line with a warning and refuse anything else malformed, naming file and line.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
 from solution.common import SolutionError, append_jsonl, disk_full_as_error, json_line, write_json, write_jsonl
 
-log = logging.getLogger(__name__)
-
 METRICS, PARAMS = "metrics.jsonl", "params.json"
+BEST_CHECKPOINT, LATEST_CHECKPOINT = "checkpoints/best.pt", "checkpoints/epoch_latest.pt"
 MAIN_SET = "valid"
 
 
-def _parse(path: Path, lineno: int, raw: bytes, last: bool) -> dict | None:
-    """One line as a JSON object (see :func:`json_line`)."""
-    row = json_line(path, lineno, raw, last)
-    if row is not None and not isinstance(row, dict):
-        raise SolutionError(f"{path}:{lineno}: record {lineno} is a {type(row).__name__}, not a JSON object")
-    return row
-
-
-def parse_lines(path: str | os.PathLike, data: bytes, complete: bool = True) -> list[dict]:
-    """The records in ``data``, the bytes of a JSON-lines file of objects (``metrics.jsonl``, and the
-    soup log the report reads the same way); the last line may be torn when ``complete`` is False
-    (more may still be appended) or when it has no newline (a kill cut it)."""
-    path = Path(path)
+def parse_lines(path: str | os.PathLike, data: bytes, complete: bool = True, first: int = 1) -> list[dict]:
+    """The JSON objects of ``data`` (lines numbered from ``first``); its last line may be torn when
+    ``complete`` is False (more may still come) or when it has no newline (a kill cut it)."""
     lines = data.split(b"\n")
-    torn_tail = not data.endswith(b"\n")
     rows = []
-    for i, raw in enumerate(lines, 1):
-        last = i == len(lines) and (torn_tail or not complete)
-        row = _parse(path, i, raw, last)
+    for i, raw in enumerate(lines, first):
+        row = json_line(path, i, raw, last=i == first + len(lines) - 1 and (not complete or not data.endswith(b"\n")))
+        if row is not None and not isinstance(row, dict):
+            raise SolutionError(f"{path}:{i}: record {i} is a {type(row).__name__}, not a JSON object")
         if row is not None:
             rows.append(row)
     return rows
@@ -70,14 +56,12 @@ def rewrite_metrics(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def is_main_valid(row: dict, set_name: str = MAIN_SET) -> bool:
-    """A validation record of the main validation set, or of ``set_name`` when given (``set``
-    defaults to the main one in old files)."""
+    """A validation record of ``set_name`` (``set`` defaults to the main one in old files)."""
     return row.get("kind") == "valid" and row.get("set", MAIN_SET) == set_name
 
 
 def main_valid(rows: list[dict], set_name: str = MAIN_SET, key: str | None = "mean_recall") -> list[dict]:
-    """The main validation set's records (or ``set_name``'s), those holding ``key`` when given, in
-    file order."""
+    """The validation records of ``set_name`` holding ``key`` (when given), in file order."""
     return [r for r in rows if is_main_valid(r, set_name) and (key is None or key in r)]
 
 
@@ -88,25 +72,18 @@ class MetricsTail:
         self.path, self.offset, self.lineno = Path(path), 0, 0
 
     def read_new(self, final: bool = False) -> list[dict]:
-        """The records of the lines completed since the last call; with ``final`` (the writer has
-        exited) also a last line without a newline, skipped with a warning when a kill tore it."""
+        """The records completed since the last call; with ``final`` (the writer has exited) also a
+        last line without a newline, skipped with a warning when a kill tore it."""
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 chunk = f.read()
         except FileNotFoundError:
             return []
-        end = len(chunk) if final else chunk.rfind(b"\n") + 1
-        self.offset += end
-        lines = chunk[:end].split(b"\n")
-        if lines[-1] == b"":
-            lines.pop()
-        rows = []
-        for i, raw in enumerate(lines, 1):
-            self.lineno += 1
-            row = _parse(self.path, self.lineno, raw, last=final and i == len(lines))
-            if row is not None:
-                rows.append(row)
+        chunk = chunk if final else chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(chunk)
+        rows = parse_lines(self.path, chunk, first=self.lineno + 1)
+        self.lineno += chunk.count(b"\n")
         return rows
 
 

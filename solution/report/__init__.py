@@ -1,2 +1,3 @@
-"""Results read and shown: runs (the one reader of run, soup and study folders), compare (the table,
-its markdown and the curves PNG), demo_report (``REPORT.md``)."""
+"""Results read and shown: folders (the one reader of run, soup, study and ensemble folders), table
+(compare's table, markdown and curves PNG), significance (its paired-bootstrap columns), demo_scores
+and demo_report (the demo's ``REPORT.md``)."""

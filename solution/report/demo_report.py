@@ -1,10 +1,6 @@
-"""``REPORT.md`` for a demo (or any) run: the score table with paired-bootstrap intervals and a
-paragraph on them (:mod:`.demo_scores`), the comparison table of the runs, soups, study and ensembles
-(:func:`solution.report.table.compare`, also written to ``compare.md``), the plots, and an embedding map.
-
-The embedding map is a PCA of image and text features of a few validation queries, coloured
-by query, for the starting model and the final one: fine-tuning should pull each query's texts
-and images together.
+"""``REPORT.md`` of a demo run: the score table with intervals (:mod:`.demo_scores`), the comparison of
+its runs, soups, study and ensembles (:mod:`.table`, also in ``compare.md``), the plots, and PCA maps of
+a few queries' image and text features before and after fine-tuning.
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from solution.common import atomic_path
+from solution.ensembles.spec import NAME as ENSEMBLE
 from solution.formats.run_files import METRICS
 from solution.plots import save_png
 
@@ -67,29 +64,11 @@ def embedding_map(
     return save_png(fig, out_png, dpi=90)
 
 
-def _collect_pngs(src: Path, dst: Path, prefix: str) -> list[Path]:
-    found = []
-    if src and src.exists():
-        for p in sorted(src.glob("*.png")):
-            q = dst / f"{prefix}-{p.name}"
-            shutil.copyfile(p, q)
-            found.append(q)
-    return found
-
-
-def _scores_section(results: Mapping[str, dict], final_name: str | None) -> list[str]:
-    rows = {k: r for k, r in results.items() if k != "final"}
-    ref = reference(rows)
-    ivs = intervals(rows, ref) if ref else {}
-    return [
-        score_table(rows, ivs, ref),
-        "",
-        "`vs best single`: the row's mean recall minus the reference's (points of percent) with its 95% "
-        "paired-bootstrap interval over the same queries; `*`: the interval excludes 0 (a real difference).",
-        "",
-        scores_in_words(rows, ivs, ref, final_name),
-        "",
-    ]
+def _copy_pngs(src: Path | None, dst: Path, prefix: str) -> list[Path]:
+    found = sorted(src.glob("*.png")) if src and src.exists() else []
+    for p in found:
+        shutil.copyfile(p, dst / f"{prefix}-{p.name}")
+    return [dst / f"{prefix}-{p.name}" for p in found]
 
 
 def write_report(
@@ -108,9 +87,8 @@ def write_report(
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     runs = sorted(p for p in (out / "runs").glob("*") if (p / METRICS).is_file())
-    sources = [str(p) for p in runs] + ([str(soups)] if soups else []) + ([str(study)] if study else [])
-    ens = sorted(p for p in ensembles.glob("*") if (p / "ensemble.json").is_file()) if ensembles else []
-    sources += [str(p) for p in ens]
+    ens = sorted(p.parent for p in ensembles.glob(f"*/{ENSEMBLE}")) if ensembles else []
+    sources = [str(p) for p in (*runs, soups, study, *ens) if p]
     table_md = words = ""
     try:
         table_md = compare(sources, plot_path=plots / "compare.png", output=out / "compare.md")
@@ -118,21 +96,21 @@ def write_report(
     except Exception as e:  # the report still gets written; say what is missing
         log.warning("compare failed: %s", e)
     pngs = [plots / "compare.png"] if (plots / "compare.png").is_file() else []
-    pngs += _collect_pngs(study, plots, "search") if study else []
-    for e in ens:
-        pngs += _collect_pngs(e, plots, f"ensemble-{e.name}")
-    for run in runs:
-        pngs += _collect_pngs(run, plots, f"run-{run.name}")
-    emb = embedding_map(
-        {"base (before fine-tuning)": base, "final (greedy soup)": final},
-        lmdb_valid,
-        plots / "embedding_map.png",
-        device=device,
-    )
-    pngs.append(emb)
+    pngs += _copy_pngs(study, plots, "search")
+    pngs += [
+        q
+        for prefix, folders in (("ensemble", ens), ("run", runs))
+        for f in folders
+        for q in _copy_pngs(f, plots, f"{prefix}-{f.name}")
+    ]
+    maps = {"base (before fine-tuning)": base, "final (greedy soup)": final}
+    pngs.append(embedding_map(maps, lmdb_valid, plots / "embedding_map.png", device=device))
 
     final_row = results.get("final", {})
-    final_name = next((k for k, r in results.items() if k != "final" and r == final_row), None)
+    rows = {k: r for k, r in results.items() if k != "final"}
+    final_name = next((k for k, r in rows.items() if r == final_row), None)
+    ref = reference(rows)
+    ivs = intervals(rows, ref) if ref else {}
     lines = [
         "# Demo report",
         "",
@@ -148,7 +126,13 @@ def write_report(
         "`test` is scored by the offline evaluator against `test_answers.jsonl`, as a submission "
         "(ensembles: `predict --ensemble`).",
         "",
-        *_scores_section(results, final_name),
+        score_table(rows, ivs, ref),
+        "",
+        "`vs best single`: the row's mean recall minus the reference's (points of percent) with its 95% "
+        "paired-bootstrap interval over the same queries; `*`: the interval excludes 0 (a real difference).",
+        "",
+        scores_in_words(rows, ivs, ref, final_name),
+        "",
         f"Submission: `submissions/demo_test.jsonl` from `{final_row.get('checkpoint', final)}` "
         f"(test MR {final_row.get('test', {}).get('mean_recall', float('nan')):.2f}).",
         "",

@@ -1,18 +1,11 @@
-"""Compare validation results of training runs, soups and search studies: one table and one plot.
+"""The comparison of runs, soups, studies and ensembles (:mod:`.folders`): one table (markdown or
+CSV) and one PNG.
 
-The entries come from :mod:`solution.report.folders` (the reader of run, soup and study folders). One
-row per run / soup / trial: best validation mean recall and R@1/5/10 (runs: the best validation of
-the main set; trials: their run's best, else the study's value; soups: the chosen soup over all the
-validation queries, and with ``--select-split`` the score it was chosen on in ``select_mr`` and the
-other part's in ``held_out_mr``, the honest one; ``vs_best_single`` is the soup minus its best
-ingredient on the selection part), the step, and the settings that differ between rows (or those
-asked for). Sorted by mean recall, the best marked ``*``. ``vs_ref``, ``ci_low``, ``ci_high``,
-``significant`` and ``note``: each row's difference to the best single model with its 95%
-paired-bootstrap interval over queries (:mod:`.significance`; empty cells and a note where a row has
-no stored per-query hits). The PNG shows mean recall per run over
-steps and per soup over rounds (candidates as dots, the kept path as a line). :func:`compare`
-refuses an output or plot path that is a folder, sits under a file or is one of the files read,
-before anything is written.
+One row per entry: mean recall and R@1/5/10 over all the validation queries, ``select_mr`` and
+``held_out_mr`` (a soup or ensemble: the score it was chosen on and the part held out, or the
+cross-fit mean), the step, ``vs_best_single`` (a soup minus its best ingredient on the selection),
+the paired-bootstrap columns (:mod:`.significance`) and the settings that differ between rows (or
+those asked for); best first, marked ``*``.
 """
 
 from __future__ import annotations
@@ -38,9 +31,6 @@ MAX_AUTO_PARAMS = 8
 PERCENT = ("select_mr", "held_out_mr", "vs_best_single", "vs_ref", "ci_low", "ci_high")  # points of percent
 
 
-# ---------------------------------------------------------------- table
-
-
 def table(entries: Sequence[Entry], params: Sequence[str] | None = None) -> pd.DataFrame:
     """The comparison table, best first; ``best`` is ``*`` on the top row."""
     if params is None:  # the settings that differ between rows
@@ -54,9 +44,8 @@ def table(entries: Sequence[Entry], params: Sequence[str] | None = None) -> pd.D
             if k in always or len({json.dumps(e.settings[k], default=str) for e in entries if k in e.settings}) > 1
         ]
         params = varying[:MAX_AUTO_PARAMS]
-    rows = []
-    for e, sig in zip(entries, significance.columns(entries)):
-        row = {
+    rows = [
+        {
             "name": e.name,
             "kind": e.kind,
             **{k: e.scores.get(k) for k in SCORES},
@@ -65,32 +54,17 @@ def table(entries: Sequence[Entry], params: Sequence[str] | None = None) -> pd.D
             "step": e.step,
             "vs_best_single": e.extra.get("vs_best_single"),
             **sig,
+            **{k: e.settings.get(k) for k in params},
         }
-        row.update({k: e.settings.get(k) for k in params})
-        rows.append(row)
-    df = pd.DataFrame(
-        rows,
-        columns=[
-            "name",
-            "kind",
-            *SCORES,
-            "select_mr",
-            "held_out_mr",
-            "step",
-            "vs_best_single",
-            *significance.COLUMNS,
-            *params,
-        ],
-    )
-    for col in ("select_mr", "held_out_mr", "step", "vs_best_single"):
-        if col in df and df[col].isna().all():
-            df = df.drop(columns=col)
-    for col in df.columns:  # whole numbers stay whole (pandas would make them floats beside a gap)
+        for e, sig in zip(entries, significance.columns(entries))
+    ]
+    columns = ["name", "kind", *SCORES, "select_mr", "held_out_mr", "step", "vs_best_single", *significance.COLUMNS]
+    df = pd.DataFrame(rows, columns=[*columns, *params])
+    df = df.drop(columns=[c for c in ("select_mr", "held_out_mr", "step", "vs_best_single") if df[c].isna().all()])
+    for col in df.columns.difference([*SCORES, *PERCENT]):  # whole numbers stay whole beside a gap
         vals = df[col].dropna()
-        if (
-            col not in (*SCORES, *PERCENT)
-            and len(vals)
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in vals)
+        if len(vals) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in vals
         ):
             df[col] = df[col].astype("Int64")
     df = df.sort_values("mean_recall", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
@@ -111,16 +85,10 @@ def to_markdown(df: pd.DataFrame) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
     cols = list(df.columns)
-    lines = [
-        "| " + " | ".join(cols) + " |",
-        "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in cols) + "|",
-    ]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(cell(r[c], c) for c in cols) + " |")
+    aligns = ["---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(aligns) + "|"]
+    lines += ["| " + " | ".join(cell(r[c], c) for c in cols) + " |" for _, r in df.iterrows()]
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- plot
 
 
 def plot(entries: Sequence[Entry], path: str | os.PathLike, max_lines: int = 20) -> Path | None:

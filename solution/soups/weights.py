@@ -1,8 +1,8 @@
 """Soup weights: weighted sums of checkpoints' state dicts, streamed, and what identifies a candidate.
 
-A source is a checkpoint path (memory-mapped by ``read_checkpoint(mmap=True)`` and read one at a
-time) or a state in memory; a weighted sum is accumulated into one fp32 buffer, so memory stays
-bounded whatever the number of ingredients.
+A term of a sum is anything with a ``key`` (its identity) and a ``source``: a checkpoint path
+(memory-mapped and read one at a time) or a state in memory. A sum is accumulated into one fp32
+buffer, so memory stays bounded whatever the number of ingredients.
 """
 
 from __future__ import annotations
@@ -17,50 +17,37 @@ import torch
 from solution.model import clean_state_dict, read_checkpoint
 
 State = dict  # name -> fp32 tensor
-Source = Union[str, State]  # a checkpoint path (streamed) or weights in memory
+Source = Union[str, State]
 
 
 def weights_of(source: Source) -> dict:
-    if isinstance(source, dict):
-        return source
-    return clean_state_dict(read_checkpoint(source, mmap=True)["state_dict"])
-
-
-def new_state(template: dict) -> State:
-    return {k: torch.empty(shape, dtype=torch.float32) for k, shape in template.items()}
+    return source if isinstance(source, dict) else clean_state_dict(read_checkpoint(source, mmap=True)["state_dict"])
 
 
 @torch.no_grad()
-def mix(terms: Sequence[tuple[Source, float]], out: State) -> State:
-    """``out = sum(w * source)`` in fp32, one checkpoint in memory at a time (paths are memory-mapped)."""
-    for i, (source, w) in enumerate(terms):
-        sd = weights_of(source)
+def mix(terms: Sequence[tuple[object, float]], template: dict, out: State | None = None) -> State:
+    """``sum(w * term.source)`` in fp32 into ``out`` (a new buffer shaped as ``template`` when None),
+    one checkpoint in memory at a time."""
+    out = out if out is not None else {k: torch.empty(shape, dtype=torch.float32) for k, shape in template.items()}
+    for i, (term, w) in enumerate(terms):
+        sd = weights_of(term.source)
         for k, t in out.items():
-            x = sd[k].to(torch.float32)
             if i == 0:
-                torch.mul(x, w, out=t)
+                torch.mul(sd[k].to(torch.float32), w, out=t)
             else:
-                t.add_(x, alpha=w)
+                t.add_(sd[k].to(torch.float32), alpha=w)
         del sd
     return out
 
 
-def cast_state(state: dict, dtype: torch.dtype) -> dict:
-    """``state`` in ``dtype``, converted tensor by tensor in place so two full copies never coexist."""
-    for k in list(state):
-        if state[k].is_floating_point() and state[k].dtype != dtype:
-            state[k] = state[k].to(dtype)
-    return state
-
-
-def recipe_key(terms: Sequence[tuple[str, float]], dtype: str) -> str:
-    """Identity of a candidate: the keys of its sources and their weights, in order, and its dtype."""
-    blob = json.dumps({"terms": [[k, round(float(w), 12)] for k, w in terms], "dtype": dtype})
+def recipe_key(terms: Sequence[tuple[object, float]], dtype: str) -> str:
+    """Identity of a candidate: its terms' keys and weights, in order, and its dtype."""
+    blob = json.dumps({"terms": [[t.key, round(float(w), 12)] for t, w in terms], "dtype": dtype})
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
 def flatten(parts: Sequence[tuple[dict, float]]) -> dict:
-    """Weights over original checkpoints of a weighted sum of soups ``{path: weight}``."""
+    """Weights over the original checkpoints ``{path: weight}`` of a weighted sum of soups' members."""
     out: dict = {}
     for members, w in parts:
         for p, v in members.items():

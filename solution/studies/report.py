@@ -1,6 +1,5 @@
-"""Outputs of a search study folder, rewritten after every trial: ``trials.csv`` (through
-:func:`solution.formats.trials.write_trials`), ``best_command.sh``, ``best_config.yaml``, ``best.json``
-and Optuna's matplotlib plots as PNGs.
+"""A search study folder's outputs, each written atomically after every trial: ``trials.csv``,
+``best_command.sh``, ``best_config.yaml``, ``best.json`` and Optuna's matplotlib plots as PNGs.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import yaml
 from optuna.trial import TrialState
 
@@ -24,89 +24,55 @@ from .storage import DIED
 
 log = logging.getLogger(__name__)
 
+USER_ATTRS = ("run_dir", "best_checkpoint", "fail_reason", "pruned_at", "retry_of", "gpus")
 
-def trials_table(study: optuna.Study):
-    """Pandas table: number, state, value, run_dir, params_*, then timing and reasons."""
-    import pandas as pd
 
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """number, state, value, run_dir, params_*, then timing and reasons."""
     df = study.trials_dataframe(
         attrs=("number", "state", "value", "params", "user_attrs", "datetime_start", "duration")
     )
     if df.empty:
         return pd.DataFrame(columns=["number", "state", "value", "run_dir"])
-    kept = ("run_dir", "best_checkpoint", "fail_reason", "pruned_at", "retry_of", "gpus")
-    rename = {f"user_attrs_{k}": k for k in kept}
-    df = df.rename(columns=rename)
+    df = df.rename(columns={f"user_attrs_{k}": k for k in USER_ATTRS})
     df = df.drop(columns=[c for c in df.columns if c.startswith("user_attrs_")])
-    if "run_dir" not in df:
-        df["run_dir"] = None
-    if "fail_reason" not in df:
-        df["fail_reason"] = None
+    df = df.assign(**{k: None for k in ("run_dir", "fail_reason") if k not in df})
     died = (df["state"] == "FAIL") & df["fail_reason"].isna()  # failed by another worker: no heartbeat
     df["fail_reason"] = df["fail_reason"].astype(object).where(~died, DIED)
-    params = sorted(c for c in df.columns if c.startswith("params_"))
-    head = ["number", "state", "value", "run_dir", *params]
+    head = ["number", "state", "value", "run_dir", *sorted(c for c in df.columns if c.startswith("params_"))]
     return df[head + [c for c in df.columns if c not in head]]
 
 
 def write_reports(study: optuna.Study, cfg: SearchConfig, plots: bool = True) -> None:
-    """Every output of the study folder, each written atomically."""
     out = cfg.study_dir
     write_trials(out / TRIALS_CSV, trials_table(study))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
         best = study.best_trial
-        flags = trial_flags(cfg, best.params)
-        flags["logs"] = cfg.base.get("logs") or "logs"
-        flags["name"] = f"{cfg.name}-best"
+        flags = {**trial_flags(cfg, best.params), "logs": cfg.base.get("logs") or "logs", "name": f"{cfg.name}-best"}
         header = (
-            f"best trial {best.number} of study {cfg.name!r}: {cfg.metric} = {best.value:.4f}\n"
-            f"params: {json.dumps(best.params, ensure_ascii=False)}"
+            f"# best trial {best.number} of study {cfg.name!r}: {cfg.metric} = {best.value:.4f}\n"
+            f"# params: {json.dumps(best.params, ensure_ascii=False)}\n"
         )
-        command = " \\\n  ".join(["bash Chinese-CLIP/train_clip.sh"] + _argv_lines(flags_to_argv(flags)))
+        lines: list[str] = []  # a flag and its values on one line
+        for a in map(shlex.quote, flags_to_argv(flags)):
+            if a.startswith("--") or not lines:
+                lines.append(a)
+            else:
+                lines[-1] += " " + a
+        command = " \\\n  ".join(["bash Chinese-CLIP/train_clip.sh", *lines])
         with atomic_path(out / "best_command.sh") as tmp:
-            tmp.write_text(
-                "#!/usr/bin/env bash\n"
-                + "".join(f"# {ln}\n" for ln in header.splitlines())
-                + "set -euo pipefail\n"
-                + command
-                + "\n",
-                encoding="utf-8",
-            )
+            tmp.write_text(f"#!/usr/bin/env bash\n{header}set -euo pipefail\n{command}\n", encoding="utf-8")
             tmp.chmod(0o755)
+        config = yaml.safe_dump({k: v for k, v in flags.items() if v is not None}, allow_unicode=True, sort_keys=False)
         with atomic_path(out / "best_config.yaml") as tmp:
-            tmp.write_text(
-                "".join(f"# {ln}\n" for ln in header.splitlines())
-                + "# use: bash Chinese-CLIP/train_clip.sh --config best_config.yaml\n"
-                + yaml.safe_dump(
-                    {k: v for k, v in flags.items() if v is not None}, allow_unicode=True, sort_keys=False
-                ),
-                encoding="utf-8",
-            )
-        write_json(
-            out / "best.json",
-            {
-                "number": best.number,
-                "value": best.value,
-                "metric": cfg.metric,
-                "direction": cfg.direction,
-                "params": best.params,
-                "run_dir": best.user_attrs.get("run_dir"),
-                "best_checkpoint": best.user_attrs.get("best_checkpoint"),
-            },
-        )
+            use = "# use: bash Chinese-CLIP/train_clip.sh --config best_config.yaml\n"
+            tmp.write_text(header + use + config, encoding="utf-8")
+        record = {"number": best.number, "value": best.value, "metric": cfg.metric, "direction": cfg.direction}
+        attrs = {k: best.user_attrs.get(k) for k in ("run_dir", "best_checkpoint")}
+        write_json(out / "best.json", {**record, "params": best.params, **attrs})
     if plots:
         write_plots(study, out, len(complete))
-
-
-def _argv_lines(argv: list[str]) -> list[str]:
-    lines: list[str] = []
-    for a in argv:
-        if a.startswith("--") or not lines:
-            lines.append(shlex.quote(a))
-        else:
-            lines[-1] += " " + shlex.quote(a)
-    return lines
 
 
 def write_plots(study: optuna.Study, out: Path, n_complete: int) -> list[Path]:
@@ -118,13 +84,13 @@ def write_plots(study: optuna.Study, out: Path, n_complete: int) -> list[Path]:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    trials = study.get_trials(deepcopy=False)
     plots = {"history": ovm.plot_optimization_history}
-    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+    if any(t.intermediate_values for t in trials):
         plots["intermediate"] = ovm.plot_intermediate_values
-    if n_complete >= 1 and study.best_trial.params:
+    if n_complete and study.best_trial.params:
         plots["parallel_coordinate"] = ovm.plot_parallel_coordinate
-    if n_complete >= 2 and len(set(values)) > 1:
+    if len({t.value for t in trials if t.state == TrialState.COMPLETE}) > 1:
         plots["param_importances"] = ovm.plot_param_importances
     written = []
     for name, fn in plots.items():

@@ -1,12 +1,10 @@
-"""One search trial: an ordinary training run, reported to Optuna and pruned on validation recall.
+"""One search trial: an ordinary training run in ``{study folder}/trials/{number:04d}/``, reported to
+Optuna at each validation of the main set and pruned on it.
 
-:class:`Objective` is what ``study.optimize`` calls. A trial's run directory is
-``{study folder}/trials/{number:04d}/``; the trainer runs in this process (``mode: inprocess``,
-``solution.training.trainer.main`` with an ``on_validation`` callback) or in a child process
-(``mode: subprocess``: ``python -m solution.train``, a ``launcher`` command, or torchrun on
-``torchrun_nproc`` processes) whose ``metrics.jsonl`` is tailed. Each validation of the main set
-(``valid_set``) is reported at its step (or epoch); the trial's value is the best one. A pruned
-trial raises :class:`optuna.TrialPruned` (the child is stopped); a failure records ``fail_reason``.
+The trainer runs in this process (``solution.training.trainer.main`` with an ``on_validation``
+callback) or in a child process (``python -m solution.train``, a ``launcher`` command, or torchrun)
+whose ``metrics.jsonl`` is tailed; a pruned or interrupted trial stops its child. Every failure in a
+live worker records ``fail_reason``.
 """
 
 from __future__ import annotations
@@ -28,7 +26,8 @@ import optuna
 import yaml
 
 from solution.common import atomic_path
-from solution.formats.run_files import METRICS, MetricsTail, is_main_valid
+from solution.formats.run_files import BEST_CHECKPOINT, METRICS, MetricsTail, is_main_valid
+from solution.formats.trials import RUNS, trial_dir
 
 from .gpus import GpuPool, Lease
 from .search_config import SearchConfig, flags_to_argv, suggest_params, trial_flags
@@ -42,19 +41,18 @@ class TrialFailed(Exception):
 
 
 class Objective:
-    """Runs one training per trial, reports each validation, prunes, returns the best metric."""
+    """What ``study.optimize`` calls: one training per trial; its value is the best reported validation."""
 
     def __init__(self, cfg: SearchConfig, train_main: Callable | None = None, pool: GpuPool | None = None):
         self.cfg, self.train_main, self.pool = cfg, train_main, pool
-        self.trials_dir = cfg.study_dir / "trials"
+        self.trials_dir = cfg.study_dir / RUNS
 
     def __call__(self, trial: optuna.Trial) -> float:
-        run_dir = self.trials_dir / f"{trial.number:04d}"
+        run_dir = trial_dir(self.cfg.study_dir, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", worker_info())  # one write: a dead worker's trials are recognised
-        self.values: list[float] = []
-        self.reported: set[int] = set()
-        try:  # every failure in a live worker records fail_reason (a FAIL without one is a dead worker's)
+        self.values, self.reported = [], set()
+        try:
             self._run(trial, run_dir)
         except optuna.TrialPruned:
             raise
@@ -65,20 +63,20 @@ class Objective:
                 requeue(trial.study, trial.number, trial.params, trial.user_attrs)
             raise
         except SystemExit as e:  # argparse inside the trainer: a bad flag in the config
-            reason = f"trainer exited with code {e.code} (bad flag value?)"
-            trial.set_user_attr("fail_reason", reason)
-            raise TrialFailed(reason) from None
+            trial.set_user_attr("fail_reason", f"trainer exited with code {e.code} (bad flag value?)")
+            raise TrialFailed(trial.user_attrs["fail_reason"]) from None
         except BaseException as e:
-            trial.set_user_attr("fail_reason", _describe(e))
+            text = f"{type(e).__name__}: {e}".strip()
+            trial.set_user_attr(
+                "fail_reason", (f"out of memory: {text}" if "out of memory" in text.lower() else text)[:500]
+            )
             raise
-        best = max(self.values) if self.cfg.direction == "maximize" else min(self.values)
-        best_ckpt = run_dir / "checkpoints" / "best.pt"
-        if best_ckpt.is_file():
-            trial.set_user_attr("best_checkpoint", str(best_ckpt))
-        return best
+        if (run_dir / BEST_CHECKPOINT).is_file():
+            trial.set_user_attr("best_checkpoint", str(run_dir / BEST_CHECKPOINT))
+        return max(self.values) if self.cfg.direction == "maximize" else min(self.values)
 
     def _run(self, trial: optuna.Trial, run_dir: Path) -> None:
-        """Sample the parameters, run the training, insist on at least one validation."""
+        """Sample the parameters, lease the GPUs, run the training, insist on at least one validation."""
         cfg = self.cfg
         params = suggest_params(trial, cfg.space)
         flags = {**trial_flags(cfg, params), "logs": str(self.trials_dir), "name": run_dir.name}
@@ -86,19 +84,17 @@ class Objective:
         leased = self.pool.lease(f"study {cfg.name} trial {trial.number}") if self.pool else contextlib.nullcontext()
         with leased as lease:  # given back however the trial ends (a dead worker's: by the kernel)
             if lease is not None:
+                gpus = ",".join(lease.gpus)
                 if cfg.mode == "inprocess":
                     flags["device"] = lease.device
-                trial.set_user_attr("gpus", ",".join(lease.gpus))
-                log.info(
-                    "trial %d: GPU(s) %s (%s)",
-                    trial.number,
-                    ",".join(lease.gpus),
-                    f"--device {flags['device']}"
-                    if cfg.mode == "inprocess"
-                    else f"CUDA_VISIBLE_DEVICES={','.join(lease.gpus)}",
-                )
+                trial.set_user_attr("gpus", gpus)
+                how = f"--device {lease.device}" if cfg.mode == "inprocess" else f"CUDA_VISIBLE_DEVICES={gpus}"
+                log.info("trial %d: GPU(s) %s (%s)", trial.number, gpus, how)
             argv = flags_to_argv(flags)
-            _move_stale(run_dir)
+            if run_dir.is_dir() and any(run_dir.iterdir()):  # the trainer would resume a stale epoch_latest.pt
+                aside = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+                log.warning("%s exists from an earlier study: moved to %s", run_dir, aside.name)
+                run_dir.rename(aside)
             trial.set_user_attr("argv", argv)
             if cfg.mode == "inprocess":
                 self._run_inprocess(trial, argv)
@@ -110,11 +106,9 @@ class Objective:
             )
 
     def on_record(self, trial: optuna.Trial, record: dict) -> None:
-        """One metrics.jsonl record: report a main-set validation and prune if asked."""
-        if not is_main_valid(record, self.cfg.valid_set):
-            return
+        """One metrics.jsonl record: report a main-set validation (once per step) and prune if asked."""
         value, step = record.get(self.cfg.metric), record.get(self.cfg.report_at)
-        if value is None or step is None:
+        if not is_main_valid(record, self.cfg.valid_set) or value is None or step is None:
             return
         value, step = float(value), int(step)
         if not math.isfinite(value):
@@ -136,48 +130,34 @@ class Objective:
             train_main(argv, on_validation=lambda record: self.on_record(trial, record))
         finally:
             gc.collect()
-            _empty_cuda_cache()
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _command(self, argv: list[str], flags: dict, run_dir: Path) -> list[str]:
         """The child's command line: the launcher, torchrun, or ``python -m solution.train``."""
         cfg = self.cfg
         if cfg.launcher:
             return [*map(str, cfg.launcher), *argv]
-        if cfg.torchrun_nproc > 0:
-            # torchrun's own parser would take trainer flags such as --logs for its --logs-specs:
-            # the trial's flags go through the trainer's --config file instead
-            config = self.trials_dir / f"{run_dir.name}.yaml"
-            with atomic_path(config) as tmp:
-                tmp.write_text(
-                    yaml.safe_dump(
-                        {k: v for k, v in flags.items() if v is not None and v is not False},
-                        allow_unicode=True,
-                        sort_keys=False,
-                    ),
-                    encoding="utf-8",
-                )
-            return [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={cfg.torchrun_nproc}",
-                "-m",
-                "solution.train",
-                "--config",
-                str(config),
-            ]
-        return [sys.executable, "-m", "solution.train", *argv]
+        if not cfg.torchrun_nproc:
+            return [sys.executable, "-m", "solution.train", *argv]
+        # torchrun's parser would take trainer flags such as --logs: they go through the trainer's --config
+        config = self.trials_dir / f"{run_dir.name}.yaml"
+        with atomic_path(config) as tmp:
+            kept = {k: v for k, v in flags.items() if v is not None and v is not False}
+            tmp.write_text(yaml.safe_dump(kept, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.torchrun_nproc}"]
+        return [*run, "-m", "solution.train", "--config", str(config)]
 
-    def _run_subprocess(self, trial: optuna.Trial, cmd: list[str], run_dir: Path, lease: Lease | None = None) -> None:
+    def _run_subprocess(self, trial: optuna.Trial, cmd: list[str], run_dir: Path, lease: Lease | None) -> None:
         """Run ``cmd`` with its output in ``trials/NNNN.log``, reporting its metrics as they appear; a
         ``lease``'s GPUs are the child's ``CUDA_VISIBLE_DEVICES`` and its locks are inherited."""
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.trials_dir / f"{run_dir.name}.log"
         trial.set_user_attr("log", str(log_path))
-        tail = MetricsTail(run_dir / METRICS)
+        tail, env = MetricsTail(run_dir / METRICS), {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as logf:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(
                 cmd,
                 stdout=logf,
@@ -202,76 +182,41 @@ class Objective:
             raise TrialFailed(f"trainer exited with code {rc}: {_last_error(log_path)}")
 
 
-def _move_stale(run_dir: Path) -> None:
-    """A trial's directory must start empty: the trainer would resume from a stale epoch_latest.pt
-    left by an earlier study of the same name (deleted storage, other storage, same --out)."""
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        log.warning("%s exists from an earlier study: moved to %s", run_dir, aside.name)
-        run_dir.rename(aside)
-
-
 def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM it when the search dies
-    try:
+    with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux only)
-    except Exception:
-        pass
 
 
 def _terminate(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            return
         try:
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
             proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             continue
 
 
 def _last_error(log_path: Path) -> str:
+    """The child's most telling log line: out of memory, else an error line, else the last one."""
     try:
         with open(log_path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
             lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
     except OSError:
         return "(no log)"
-    for line in reversed(lines):
-        if "out of memory" in line.lower():
-            return f"out of memory: {line[:300]}"
-    for line in reversed(lines):
-        if line.startswith("error:") or "Error" in line.split(":")[0]:
-            return line[:300]
-    return lines[-1][:300] if lines else "(empty log)"
-
-
-def _describe(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
-    if "out of memory" in text.lower():
-        return f"out of memory: {text}"[:500]
-    return text[:500]
-
-
-def _empty_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
+    oom = [f"out of memory: {ln[:300]}" for ln in lines if "out of memory" in ln.lower()]
+    errors = [ln[:300] for ln in lines if ln.startswith("error:") or "Error" in ln.split(":")[0]]
+    return (oom or errors or [ln[:300] for ln in lines] or ["(empty log)"])[-1]
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (a scheduler preempting the job) ends the running trial cleanly, as Ctrl-C does; the
-    previous handler is back on exit."""
+    """SIGTERM (a scheduler preempting the job) ends the running trial as Ctrl-C does; the previous
+    handler is back on exit."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")

@@ -1,15 +1,12 @@
-"""Search config: the YAML file, command-line overrides, the parameter space, trial flags -> argv.
-
-The YAML format is described in :mod:`solution.search` (the command line). A trial's flags are the
-``base`` flags updated by its sampled parameters; :func:`flags_to_argv` turns them into
-``train_clip.sh`` flags (``true`` -> ``--flag``, ``false``/``null`` -> omitted, a list -> ``--flag a b``).
-:func:`check_trial_flags` refuses, before the first trial, a config whose trials the trainer's
-parser would refuse.
+"""Search config: the YAML file (described in :mod:`solution.search`), command-line overrides, the
+parameter space, and a trial's flags as ``train_clip.sh`` flags (``true`` -> ``--flag``,
+``false``/``null`` -> omitted, a list -> ``--flag a b``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import io
 import logging
@@ -28,36 +25,9 @@ from .gpus import check_gpu_settings
 
 log = logging.getLogger(__name__)
 
-STUDY_KEYS = {
-    "name",
-    "direction",
-    "n_trials",
-    "out",
-    "storage",
-    "pruner",
-    "sampler",
-    "mode",
-    "torchrun_nproc",
-    "timeout",
-    "report_at",
-    "metric",
-    "valid_set",
-    "enqueue",
-    "launcher",
-    "heartbeat",
-    "grace_period",
-    "plots",
-    "retry_interrupted",
-    "gpus_per_trial",
-    "gpus",
-    "gpu_lease_dir",
-}
 DEFAULT_OUT = "runs/search"  # a config without out: keeps its study in runs/search/NAME
 RESERVED_FLAGS = {"logs", "name"}  # set per trial by the search
 PARAM_TYPES = ("float", "int", "categorical")
-
-
-# ---------------------------------------------------------------- config
 
 
 def flag_key(name: str) -> str:
@@ -79,60 +49,49 @@ class ParamSpec:
 
     @classmethod
     def parse(cls, name: str, spec: Any) -> ParamSpec:
-        if isinstance(spec, list):
-            spec = {"type": "categorical", "choices": spec}
+        spec = {"type": "categorical", "choices": spec} if isinstance(spec, list) else spec
+        where = f"search space entry {name!r}"
         if not isinstance(spec, dict):
-            raise SolutionError(f"search space entry {name!r} must be a mapping or a list of choices")
-        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "only_if", "sets"}
-        if unknown:
-            raise SolutionError(f"search space entry {name!r}: unknown keys {sorted(unknown)}")
+            raise SolutionError(f"{where} must be a mapping or a list of choices")
+        unknown = set(spec) - {f.name for f in dataclasses.fields(cls)}
+        if unknown or "name" in spec:
+            raise SolutionError(f"{where}: unknown keys {sorted(unknown | ({'name'} & set(spec)))}")
         kind = spec.get("type", "categorical" if "choices" in spec else None)
         if kind not in PARAM_TYPES:
-            raise SolutionError(f"search space entry {name!r}: type must be one of {PARAM_TYPES}, got {kind!r}")
-        p = cls(
-            name=flag_key(name),
-            type=kind,
-            low=spec.get("low"),
-            high=spec.get("high"),
-            log=bool(spec.get("log", False)),
-            step=spec.get("step"),
-            choices=spec.get("choices"),
-            only_if=flag_key(spec["only_if"]) if spec.get("only_if") else None,
-            sets=spec.get("sets"),
-        )
+            raise SolutionError(f"{where}: type must be one of {PARAM_TYPES}, got {kind!r}")
+        p = cls(**{**spec, "name": flag_key(name), "type": kind, "log": bool(spec.get("log", False))})
+        p.only_if = p.only_if and flag_key(p.only_if)
         if kind == "categorical":
             if not isinstance(p.choices, list) or not p.choices:
-                raise SolutionError(f"search space entry {name!r}: categorical needs a non-empty choices list")
+                raise SolutionError(f"{where}: categorical needs a non-empty choices list")
             bad = [c for c in p.choices if c is not None and not isinstance(c, (bool, int, float, str))]
             if bad:
-                raise SolutionError(f"search space entry {name!r}: choices must be scalars or null, got {bad[0]!r}")
-            if p.sets is not None:
-                if not isinstance(p.sets, dict) or not all(isinstance(v, dict) for v in p.sets.values()):
-                    raise SolutionError(f"search space entry {name!r}: sets must map choices to flag mappings")
-                stray = [k for k in p.sets if k not in p.choices]
-                if stray:
-                    raise SolutionError(f"search space entry {name!r}: sets names {stray[0]!r}, which is not a choice")
-                p.sets = {k: {flag_key(f): v for f, v in fl.items()} for k, fl in p.sets.items()}
-        else:
-            try:
-                p.low, p.high = float(p.low), float(p.high)
-            except (TypeError, ValueError):
-                raise SolutionError(f"search space entry {name!r}: {kind} needs numeric low and high") from None
-            if kind == "int":
-                p.low, p.high = int(p.low), int(p.high)
-            if not p.low < p.high:
-                raise SolutionError(f"search space entry {name!r}: low must be below high")
-            if p.log and p.low <= 0:
-                raise SolutionError(f"search space entry {name!r}: a log range needs low > 0")
-            if p.log and p.step is not None and not (kind == "int" and p.step == 1):
-                raise SolutionError(f"search space entry {name!r}: log and step cannot be combined")
+                raise SolutionError(f"{where}: choices must be scalars or null, got {bad[0]!r}")
+            if p.sets is not None and (
+                not isinstance(p.sets, dict) or not all(isinstance(v, dict) for v in p.sets.values())
+            ):
+                raise SolutionError(f"{where}: sets must map choices to flag mappings")
+            stray = [k for k in p.sets or {} if k not in p.choices]
+            if stray:
+                raise SolutionError(f"{where}: sets names {stray[0]!r}, which is not a choice")
+            p.sets = p.sets and {k: {flag_key(f): v for f, v in fl.items()} for k, fl in p.sets.items()}
+            return p
+        try:
+            p.low, p.high = (int(float(x)) if kind == "int" else float(x) for x in (p.low, p.high))
+        except (TypeError, ValueError):
+            raise SolutionError(f"{where}: {kind} needs numeric low and high") from None
+        if not p.low < p.high:
+            raise SolutionError(f"{where}: low must be below high")
+        if p.log and p.low <= 0:
+            raise SolutionError(f"{where}: a log range needs low > 0")
+        if p.log and p.step is not None and not (kind == "int" and p.step == 1):
+            raise SolutionError(f"{where}: log and step cannot be combined")
         return p
 
     def suggest(self, trial: optuna.Trial):
         if self.type == "float":
-            return trial.suggest_float(
-                self.name, self.low, self.high, log=self.log, step=None if self.step is None else float(self.step)
-            )
+            step = None if self.step is None else float(self.step)
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=step)
         if self.type == "int":
             return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=int(self.step or 1))
         return trial.suggest_categorical(self.name, self.choices)
@@ -172,12 +131,13 @@ class SearchConfig:
         return Path(self.out or DEFAULT_OUT) / self.name
 
 
+STUDY_KEYS = {f.name for f in dataclasses.fields(SearchConfig)} - {"base", "space", "source", "overrides"}
+
+
 def _named(value: Any, what: str) -> dict:
     """``median`` or ``{name: median, ...}`` -> ``{"name": "median", ...}``."""
-    if value is None:
-        return {"name": "none"}
-    if isinstance(value, str):
-        return {"name": value}
+    if value is None or isinstance(value, str):
+        return {"name": value or "none"}
     if isinstance(value, dict) and "name" in value:
         return dict(value)
     raise SolutionError(f"{what} must be a name or a mapping with a 'name' key")
@@ -192,26 +152,21 @@ def parse_config(raw: dict, source: str = "config") -> SearchConfig:
         raise SolutionError(f"{source}: 'study' must be a mapping")
     settings = {**study, **{k: raw.pop(k) for k in list(raw) if k in STUDY_KEYS}}
     base, space = raw.pop("base", None) or {}, raw.pop("space", None) or {}
-    if raw:
-        raise SolutionError(
-            f"{source}: unknown keys {sorted(raw)} (allowed: base, space, study, {', '.join(sorted(STUDY_KEYS))})"
-        )
+    unknown = sorted({*raw, *(set(study) - STUDY_KEYS)})
+    if unknown:
+        allowed = ", ".join(sorted(STUDY_KEYS))
+        raise SolutionError(f"{source}: unknown keys {unknown} (allowed: base, space, study, {allowed})")
     if not isinstance(base, dict) or not isinstance(space, dict):
         raise SolutionError(f"{source}: 'base' and 'space' must be mappings")
-    base = {flag_key(k): v for k, v in base.items()}
-    specs = {}
-    for name, spec in space.items():
-        p = ParamSpec.parse(name, spec)
+    specs = {p.name: p for p in (ParamSpec.parse(name, spec) for name, spec in space.items())}
+    for p in specs.values():
         if p.name in RESERVED_FLAGS:
             raise SolutionError(f"{source}: --{p.name} is set by the search for each trial, it cannot be searched")
-        specs[p.name] = p
-    for p in specs.values():
         if p.only_if and p.only_if not in specs:
             raise SolutionError(f"{source}: {p.name}.only_if names {p.only_if!r}, which is not in the space")
-    cfg = SearchConfig(base=base, space=specs, **{k: v for k, v in settings.items() if k not in ("pruner", "sampler")})
-    cfg.pruner = _named(settings.get("pruner", "median"), "pruner")
-    cfg.sampler = _named(settings.get("sampler", "tpe"), "sampler")
-    cfg.source = source
+    settings["pruner"] = _named(settings.get("pruner", "median"), "pruner")
+    settings["sampler"] = _named(settings.get("sampler", "tpe"), "sampler")
+    cfg = SearchConfig(base={flag_key(k): v for k, v in base.items()}, space=specs, source=source, **settings)
     check_config(cfg, source)
     for k in RESERVED_FLAGS & set(cfg.base):
         log.warning("base flag --%s is replaced by the search for each trial (kept for best_command.sh)", k)
@@ -221,59 +176,55 @@ def parse_config(raw: dict, source: str = "config") -> SearchConfig:
 
 
 def check_config(cfg: SearchConfig, source: str = "config") -> None:
-    if cfg.direction not in ("maximize", "minimize"):
-        raise SolutionError(f"{source}: direction must be maximize or minimize, got {cfg.direction!r}")
-    if cfg.mode not in ("inprocess", "subprocess"):
-        raise SolutionError(f"{source}: mode must be inprocess or subprocess, got {cfg.mode!r}")
-    if cfg.report_at not in ("step", "epoch"):
-        raise SolutionError(f"{source}: report_at must be step or epoch, got {cfg.report_at!r}")
+    choices = {
+        "direction": ("maximize", "minimize"),
+        "mode": ("inprocess", "subprocess"),
+        "report_at": ("step", "epoch"),
+    }
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SolutionError(f"{source}: {key} must be {' or '.join(map(str, allowed))}, got {getattr(cfg, key)!r}")
+    if cfg.plots not in (True, False, "each", "end"):
+        raise SolutionError(f"{source}: plots must be each, end or false, got {cfg.plots!r}")
+    if cfg.pruner["name"] not in ("median", "hyperband", "none"):
+        raise SolutionError(f"{source}: pruner must be median, hyperband or none, got {cfg.pruner['name']!r}")
+    if cfg.sampler["name"] not in ("tpe", "random"):
+        raise SolutionError(f"{source}: sampler must be tpe or random, got {cfg.sampler['name']!r}")
     if not isinstance(cfg.name, str) or cfg.name in ("", ".", "..") or "/" in cfg.name:
         raise SolutionError(f"{source}: name must be a plain folder name, got {cfg.name!r}")
     if cfg.out is not None and not isinstance(cfg.out, (str, os.PathLike)):
         raise SolutionError(f"{source}: out must be a folder path, got {cfg.out!r}")
-    for key in ("n_trials", "torchrun_nproc", "heartbeat", "grace_period"):
+    for key, least in (("n_trials", 0), ("torchrun_nproc", 0), ("heartbeat", 0), ("grace_period", 1)):
         value = getattr(cfg, key)
-        if key == "grace_period" and value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < (key == "grace_period"):
-            raise SolutionError(
-                f"{source}: {key} must be a {'positive' if key == 'grace_period' else 'non-negative'}"
-                f" integer, got {value!r}"
-            )
+        if (value is not None or key != "grace_period") and (type(value) is not int or value < least):
+            what = "a positive" if least else "a non-negative"
+            raise SolutionError(f"{source}: {key} must be {what} integer, got {value!r}")
     if cfg.grace_period is not None and cfg.grace_period <= cfg.heartbeat:
         raise SolutionError(f"{source}: grace_period ({cfg.grace_period} s) must exceed heartbeat ({cfg.heartbeat} s)")
     if cfg.timeout is not None and not isinstance(cfg.timeout, (int, float)):
         raise SolutionError(f"{source}: timeout must be a number of seconds, got {cfg.timeout!r}")
     if cfg.launcher is not None and (not isinstance(cfg.launcher, list) or not cfg.launcher):
         raise SolutionError(f"{source}: launcher must be a non-empty list, e.g. [bash, Chinese-CLIP/train_clip.sh]")
-    if cfg.pruner["name"] not in ("median", "hyperband", "none"):
-        raise SolutionError(f"{source}: pruner must be median, hyperband or none, got {cfg.pruner['name']!r}")
-    if cfg.sampler["name"] not in ("tpe", "random"):
-        raise SolutionError(f"{source}: sampler must be tpe or random, got {cfg.sampler['name']!r}")
     if not isinstance(cfg.enqueue, list) or not all(isinstance(e, dict) for e in cfg.enqueue):
         raise SolutionError(f"{source}: enqueue must be a list of parameter mappings")
     for i, params in enumerate(cfg.enqueue):
         stray = [k for k in params if flag_key(k) not in cfg.space]
         if stray:
-            raise SolutionError(
-                f"{source}: enqueue[{i}] names {stray[0]!r}, which is not in the space "
-                f"({', '.join(cfg.space) or 'empty'})"
-            )
-    if cfg.plots not in (True, False, "each", "end"):
-        raise SolutionError(f"{source}: plots must be each, end or false, got {cfg.plots!r}")
+            space = ", ".join(cfg.space) or "empty"
+            raise SolutionError(f"{source}: enqueue[{i}] names {stray[0]!r}, which is not in the space ({space})")
     check_gpu_settings(cfg, source)
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SearchConfig:
-    path = Path(path)
-    raw = read_yaml_mapping(path, "search config")
+    """The YAML config with ``--set FLAG=VALUE`` overrides of its base flags (the value read as YAML;
+    ``FLAG=`` or ``FLAG=null`` drops a base flag)."""
+    raw = read_yaml_mapping(Path(path), "search config")
     keys = {}
-    for item in overrides:  # FLAG=VALUE, the value read as YAML; FLAG= (or FLAG=null) drops a base flag
+    for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SolutionError(f"--set expects FLAG=VALUE, got {item!r}")
-        if not isinstance(raw.get("base"), dict):
-            raw["base"] = {}
+        raw["base"] = raw["base"] if isinstance(raw.get("base"), dict) else {}
         keys[flag_key(key.strip())] = item
         try:
             raw["base"][flag_key(key.strip())] = yaml.safe_load(value) if value else None
@@ -284,45 +235,29 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Searc
     return cfg
 
 
-def override(
-    cfg: SearchConfig,
-    source: str,
-    *,
-    study_name: str | None = None,
-    pruner: str | None = None,
-    no_plots: bool = False,
-    **values,
-) -> SearchConfig:
-    """The command line's study settings over the config's: ``values`` (n_trials, storage, out, mode,
-    torchrun_nproc, timeout, gpus_per_trial, gpus, gpu_lease_dir) where not None; torchrun implies
-    subprocess mode; a pruner named other than the config's replaces it with its defaults. Checked again
-    as a whole."""
+def override(cfg: SearchConfig, source: str, *, study_name=None, pruner=None, no_plots=False, **values) -> SearchConfig:
+    """The command line's study settings over the config's: ``values`` (study settings) where not None;
+    torchrun implies subprocess mode; a pruner named other than the config's replaces it with its
+    defaults. Checked again as a whole."""
     for key, value in values.items():
         if key not in STUDY_KEYS:
             raise SolutionError(f"{source}: {key} is not a study setting")
         if value is not None:
             setattr(cfg, key, value)
-    if study_name:
-        cfg.name = study_name
-    if values.get("torchrun_nproc"):
-        cfg.mode = "subprocess"
+    cfg.name = study_name or cfg.name
+    cfg.mode = "subprocess" if values.get("torchrun_nproc") else cfg.mode
     if pruner and pruner != cfg.pruner["name"]:
         cfg.pruner = {"name": pruner}
-    if no_plots:
-        cfg.plots = False
+    cfg.plots = False if no_plots else cfg.plots
     check_config(cfg, source)
     return cfg
-
-
-# ---------------------------------------------------------------- flags
 
 
 def suggest_params(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict:
     params: dict = {}
     for p in space.values():
-        if p.only_if and not params.get(p.only_if):
-            continue  # conditional parameter whose parent is off (0, null, false) in this trial
-        params[p.name] = p.suggest(trial)
+        if not p.only_if or params.get(p.only_if):  # a conditional parameter whose parent is on
+            params[p.name] = p.suggest(trial)
     return params
 
 
@@ -331,10 +266,9 @@ def trial_flags(cfg: SearchConfig, params: dict) -> dict:
     flags = dict(cfg.base)
     for name, value in params.items():
         spec = cfg.space.get(name)
-        if spec is not None and spec.sets is not None:
-            flags.update(spec.sets.get(value, {}))
-        else:
-            flags[flag_key(name)] = value
+        flags.update(
+            spec.sets.get(value, {}) if spec is not None and spec.sets is not None else {flag_key(name): value}
+        )
     return flags
 
 
@@ -342,14 +276,10 @@ def flags_to_argv(flags: dict) -> list[str]:
     """``{"lr": 1e-5, "freeze-vision": True, "text-prompt": None}`` -> ``["--lr", "1e-05", "--freeze-vision"]``."""
     argv: list[str] = []
     for key, value in flags.items():
-        if value is None or value is False:
-            continue
         if value is True:
             argv.append(f"--{key}")
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *map(str, value)]
-        else:
-            argv += [f"--{key}", str(value)]
+        elif value is not None and value is not False:
+            argv += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
     return argv
 
 

@@ -1,12 +1,6 @@
-"""A search study: created or loaded from its storage, run until ``n_trials`` trials are counted.
-
-:func:`open_study` creates the Optuna study or resumes it (``load_if_exists``) with the configured
-sampler and pruner, fails the trials of dead workers and queues the ``enqueue`` trials once.
-:func:`run_search` runs one trial at a time (:class:`~.runner.Objective`) while fewer than
-``n_trials`` are counted (:func:`~.storage.counted_trials`), then waits for the trials other workers
-still run (re-running one whose worker died, by heartbeat), and rewrites the study's reports after
-every trial and at the end. :func:`search` is the command line's call: SIGTERM ends it as Ctrl-C
-does, and a study in which no trial completed is an error.
+"""A search study: created or resumed from its storage, run until ``n_trials`` trials are counted, then
+waiting for the trials other workers still run (re-running one whose worker died); its reports are
+rewritten after every trial and at the end.
 """
 
 from __future__ import annotations
@@ -32,7 +26,6 @@ from .storage import (
     FINISHED,
     counted_trials,
     fail_dead_trials,
-    grace_period,
     heartbeat_enabled,
     make_storage,
     running_trials,
@@ -43,30 +36,23 @@ from .storage import (
 log = logging.getLogger(__name__)
 
 
-def make_pruner(spec: dict):
-    """``{"name": median | hyperband | none, **kwargs}`` -> an Optuna pruner."""
+def _make(kind: str, spec: dict):
+    """``{"name": ..., **kwargs}`` -> an Optuna pruner (median | hyperband | none) or sampler (tpe | random;
+    TPE with ``constant_liar``, so that parallel workers spread)."""
     kw = {k: v for k, v in spec.items() if k != "name"}
+    make = {
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "none": lambda **kw: optuna.pruners.NopPruner(),
+        "random": optuna.samplers.RandomSampler,
+        "tpe": lambda **kw: optuna.samplers.TPESampler(**{"constant_liar": True, **kw}),
+    }[spec["name"]]
     try:
-        if spec["name"] == "median":
-            return optuna.pruners.MedianPruner(**kw)
-        if spec["name"] == "hyperband":
-            return optuna.pruners.HyperbandPruner(**kw)
-    except TypeError as e:
-        raise SolutionError(f"pruner {spec['name']}: {e}") from None
-    return optuna.pruners.NopPruner()
-
-
-def make_sampler(spec: dict):
-    """``{"name": tpe | random, **kwargs}`` -> an Optuna sampler (TPE with ``constant_liar`` by default)."""
-    kw = {k: v for k, v in spec.items() if k != "name"}
-    try:
-        if spec["name"] == "random":
-            return optuna.samplers.RandomSampler(**kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(**{"constant_liar": True, **kw})  # liar: parallel workers spread
+            return make(**kw)
     except TypeError as e:
-        raise SolutionError(f"sampler {spec['name']}: {e}") from None
+        raise SolutionError(f"{kind} {spec['name']}: {e}") from None
 
 
 def open_study(cfg: SearchConfig) -> optuna.Study:
@@ -79,8 +65,8 @@ def open_study(cfg: SearchConfig) -> optuna.Study:
     study = optuna.create_study(
         study_name=cfg.name,
         storage=storage,
-        sampler=make_sampler(cfg.sampler),
-        pruner=make_pruner(cfg.pruner),
+        sampler=_make("sampler", cfg.sampler),
+        pruner=_make("pruner", cfg.pruner),
         direction=cfg.direction,
         load_if_exists=True,
     )
@@ -96,12 +82,12 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
         check_trial_flags(cfg)  # a config that cannot start one trial is refused before the first
     pool = gpu_pool(cfg)  # before the study: a worker without the GPUs it needs is refused first
     study = open_study(cfg)
-    objective = Objective(cfg, train_main, pool)
+    objective, url = Objective(cfg, train_main, pool), safe_url(storage_url(cfg))
     log.info(
-        "study %r in %s (storage %s): %d of %d trials already counted",
+        "study %r in %s (storage %s): %d of %d trials counted",
         cfg.name,
         cfg.study_dir,
-        safe_url(storage_url(cfg)),
+        url,
         counted_trials(study),
         cfg.n_trials,
     )
@@ -109,20 +95,20 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
     try:
         while cfg.timeout is None or time.time() - t0 < cfg.timeout:
             if counted_trials(study) < cfg.n_trials:
-                _run_one(study, objective, cfg)
+                try:  # Optuna fails the trials of dead workers first, by heartbeat
+                    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+                except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
+                    if isinstance(e, ValueError) and "Cannot tell a" not in str(e):
+                        raise
+                    log.warning("another worker failed this trial for want of heartbeat (overloaded machine?): %s", e)
                 write_reports(study, cfg, plots=cfg.plots == "each")
                 continue
             running = running_trials(study)  # budget met: wait for the others, re-run a dead worker's trial
             if not running or not heartbeat_enabled(study):
                 break
             if not waiting:
-                log.info(
-                    "%d trials counted; waiting for trial(s) %s of other workers (one whose worker died is "
-                    "failed after %d s without heartbeat and re-run here)",
-                    counted_trials(study),
-                    ", ".join(str(t.number) for t in running),
-                    grace_period(cfg),
-                )
+                numbers = ", ".join(str(t.number) for t in running)
+                log.info("budget counted; waiting for trial(s) %s of other workers (or re-running them)", numbers)
             waiting = True
             time.sleep(min(cfg.heartbeat, 5))
             fail_dead_trials(study, cfg.retry_interrupted)
@@ -131,21 +117,6 @@ def run_search(cfg: SearchConfig, train_main: Callable | None = None) -> dict:
     finally:
         write_reports(study, cfg, plots=bool(cfg.plots))
     return summarize(study, cfg)
-
-
-def _run_one(study: optuna.Study, objective: Objective, cfg: SearchConfig) -> None:
-    """One trial (Optuna fails the trials of dead workers first, by heartbeat)."""
-    try:
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
-        if isinstance(e, ValueError) and "Cannot tell a" not in str(e):
-            raise
-        log.warning(
-            "another worker failed this worker's trial for want of heartbeat (grace period "
-            "%d s; is this machine overloaded?): %s",
-            grace_period(cfg),
-            e,
-        )
 
 
 def summarize(study: optuna.Study, cfg: SearchConfig) -> dict:
