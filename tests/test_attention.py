@@ -9,6 +9,7 @@ the tests at the end check that default and the ``--attn-impl`` switch of the to
 import copy
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -299,9 +300,11 @@ def test_deepcopy_keeps_the_switch(tiny_model):
 
 
 def test_tools_default_to_sdpa_and_refuse_an_unknown_impl(tiny_config, capsys):
+    from solution.common import run_cli
     from solution.features import main as features_main
     from solution.model import ATTN_IMPLS, meta_model, set_attn_impl
     from solution.training.flags import parse_args
+    from solution.training.trainer import main as train_main
 
     assert ATTN_IMPLS == ("sdpa", "upstream")
     assert sdpa_enabled(build_model(tiny_config)) and not sdpa_enabled(build_model(tiny_config, attn_impl=UP))
@@ -311,9 +314,9 @@ def test_tools_default_to_sdpa_and_refuse_an_unknown_impl(tiny_config, capsys):
     assert parse_args(["--train-data", "x"]).attn_impl == "sdpa"
     assert parse_args(["--train-data", "x", "--attn-impl", "upstream"]).attn_impl == "upstream"
     for argv in (["--train-data", "x", "--attn-impl", "flash"], ["--resume", "x.pt", "--attn-impl", "flash"]):
-        parse = parse_args if argv[0] == "--train-data" else features_main
+        cli = train_main if argv[0] == "--train-data" else features_main
         with pytest.raises(SystemExit) as e:
-            parse(argv)
+            sys.exit(run_cli(cli, argv))
         assert e.value.code == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error") or ": error:" in line]
         assert len(err) == 1 and "--attn-impl" in err[0] and "invalid choice: 'flash'" in err[0], err
@@ -384,8 +387,9 @@ def test_training_with_both_impls_ends_at_the_same_weights(tmp_path, monkeypatch
 
 
 def test_attn_impl_is_a_harmless_flag_on_resume():
-    from solution.training.guard import HARMLESS, training_flags
+    from solution.training.flags import FLAGS, FREE
+    from solution.training.run_config import training_flags
 
-    assert "attn_impl" in HARMLESS  # a resume under the other impl is logged, not refused
+    assert FLAGS["attn_impl"].resume == FREE  # a resume under the other impl is logged, not refused
     base = {"lr": 1e-3, "attn_impl": "sdpa"}
     assert training_flags(base) == training_flags({**base, "attn_impl": "upstream"})

@@ -8,7 +8,7 @@ from torch import nn
 from train_helpers import make_data, make_split, tiny_argv
 
 from cn_clip_patch.device import on_device
-from solution.training.step import StepConfig, Stepper, batch_accuracy, clip_loss, twin_mask
+from solution.training.step import Stepper, batch_accuracy, clip_loss, twin_mask
 from solution.training.trainer import main
 
 
@@ -72,7 +72,8 @@ def test_loss_equals_upstream_get_loss(tiny_model):
 
 def _grads(model, micro_batches, accum):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    Stepper(model, opt, None, StepConfig(torch.device("cpu"), accum_freq=accum))(micro_batches)
+    cfg = SimpleNamespace(precision="fp32", mask_ratio=0.0, same_text_positives=True, skip_aggregate=False)
+    Stepper(model, opt, None, torch.device("cpu"), cfg)(micro_batches)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -160,9 +161,8 @@ def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
 
 
 def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monkeypatch):
-    """Three epochs from one training DataLoader (persistent workers with --num-workers > 0): built once
-    per run, and the run with a worker trains exactly the weights of the run without (same batches and
-    augmentations; tests/test_loaders.py compares the batches with a loader rebuilt per epoch)."""
+    """Three epochs from one training DataLoader (persistent workers with --num-workers > 0): built once per run,
+    and the run with a worker trains exactly the weights of the run without (same batches and augmentations)."""
     from torch.utils.data import DataLoader
 
     from solution.model import read_checkpoint
@@ -172,19 +172,17 @@ def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monk
 
     class Counting(DataLoader):
         def __init__(self, *a, **k):
-            if isinstance(k.get("batch_sampler"), loaders.EpochBatchSampler):
-                built.append(k["persistent_workers"])
+            built.append(k["persistent_workers"])
             super().__init__(*a, **k)
 
     monkeypatch.setattr(loaders, "DataLoader", Counting)
     train, _ = make_data(tmp_path / "data", per_colour_train=2, colours=4)
     out = {}
     for workers in (0, 1):
-        argv = tiny_argv(
-            train, None, tmp_path, name=f"w{workers}", max_epochs=3, augment="gentle", save_epoch_frequency=0
+        flags = dict(max_epochs=3, augment="gentle", save_epoch_frequency=0, num_workers=workers)
+        out[workers] = read_checkpoint(
+            main(tiny_argv(train, None, tmp_path, name=f"w{workers}", **flags))["last_checkpoint"]
         )
-        argv[argv.index("--num-workers") + 1] = str(workers)
-        out[workers] = read_checkpoint(main(argv)["last_checkpoint"])
     assert built == [False, True]
     assert out[0]["epoch"] == out[1]["epoch"] == 3
     for k, v in out[0]["state_dict"].items():
@@ -192,22 +190,21 @@ def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monk
 
 
 def test_grad_scaler_only_for_fp16_autocast_on_cuda():
-    """bf16 (and open_clip's amp_bf16, resolved to bf16 by the parser) trains without a GradScaler; fp16 AMP
-    on CUDA keeps one; nothing on the CPU. (A CUDA device object needs no GPU to ask.)"""
+    """amp/fp16 on CUDA: float16 autocast with a GradScaler; bf16 (amp_bf16): no scaler; the CPU: fp32 for
+    amp/fp16. (A CUDA device object needs no GPU to ask.)"""
     import warnings
 
-    from solution.training.flags import parse_args
-    from solution.training.setup import make_scaler
+    from solution.model.precision import autocast_dtype, effective_precision, grad_scaler
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert parse_args(["--train-data", "x", "--precision", "amp_bf16"]).precision == "bf16"
-    for precision in ("bf16", "fp32"):
-        assert make_scaler(precision, cuda) is None
-    for precision in ("amp", "fp16"):
+    for p in ("amp", "fp16"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CUDA is not available": the decision is what is tested
-            assert isinstance(make_scaler(precision, cuda), torch.amp.GradScaler)
-    assert all(make_scaler(p, cpu) is None for p in ("amp", "fp16", "bf16", "fp32"))
+            assert isinstance(grad_scaler(cuda, p), torch.amp.GradScaler)
+        assert autocast_dtype(cuda, p) == torch.float16 and autocast_dtype(cpu, p) is None
+    assert all(grad_scaler(d, p) is None for d in (cuda, cpu) for p in ("bf16", "amp_bf16", "fp32"))
+    assert all(grad_scaler(cpu, p) is None for p in ("amp", "fp16"))
+    assert [effective_precision(cpu, p) for p in ("amp", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
 
 
 def test_amp_bf16_resumes_a_bf16_run_as_the_same_flag(tmp_path):
