@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
             "  WARNING: spread over 20%: the load changed during the run, rerun it" if spread > SPREAD_WARNING else ""
         )
         print(f"{k}: median {med:.2f}x (spread {100 * spread:.0f}% over rounds){warn}")
-        res[k] = {"median": med, "spread": spread, "rounds": v}
+        res.update({k: med, f"{k} spread": spread})
     if a.out:
         write_json(a.out, res)
     return res

@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 from train_helpers import make_data, make_split, tiny_argv
@@ -20,34 +21,26 @@ def _batch(n, seed=0, res=64):
     return images, tokens
 
 
-def test_twin_mask():
-    assert twin_mask(torch.tensor([3, 1, 2]), True) is None  # no twins: plain CLIP loss
-    assert twin_mask(torch.tensor([3, 3, 2]), False) is None
-    m = twin_mask(torch.tensor([3, 1, 3, 3]), True)
+def test_twin_texts_are_not_negatives():
+    assert twin_mask(torch.tensor([3, 1, 2]), True) is None and twin_mask(torch.tensor([3, 3, 2]), False) is None
+    m = twin_mask(torch.tensor([3, 1, 3, 3]), True)  # no twins, or the option off: plain CLIP loss
     assert m.tolist() == [
         [False, False, True, True],
         [False] * 4,
         [True, False, False, True],
         [True, False, True, False],
     ]
-
-
-def test_twin_texts_are_not_negatives():
     torch.manual_seed(0)
     f = nn.functional.normalize(torch.randn(4, 8), dim=-1)
     img = nn.functional.normalize(f + 0.3 * torch.randn(4, 8), dim=-1).requires_grad_()
     txt = torch.stack([f[0], f[1], f[0], f[3]])  # texts 0 and 2 are the same query
-    scale = torch.tensor(20.0)
-    plain, _ = clip_loss(img, txt, scale, None)
-    twins = twin_mask(torch.tensor([7, 8, 7, 9]), True)
-    ours, _ = clip_loss(img, txt, scale, twins)
+    scale, twins = torch.tensor(20.0), twin_mask(torch.tensor([7, 8, 7, 9]), True)
+    plain, ours = clip_loss(img, txt, scale, None)[0], clip_loss(img, txt, scale, twins)[0]
     assert ours < plain
     # image 0 is no longer pushed away from text 2 (its twin): no gradient through that logit
-    (g_plain,) = torch.autograd.grad(plain, img)
-    (g_ours,) = torch.autograd.grad(clip_loss(img, txt, scale, twins)[0], img)
-    assert not torch.allclose(g_plain[0], g_ours[0])
-    acc = batch_accuracy(scale * img.detach() @ txt.t(), twins)
-    assert acc[0] >= batch_accuracy(scale * img.detach() @ txt.t(), None)[0]
+    assert not torch.allclose(torch.autograd.grad(plain, img)[0][0], torch.autograd.grad(ours, img)[0][0])
+    logits = scale * img.detach() @ txt.t()
+    assert batch_accuracy(logits, twins)[0] >= batch_accuracy(logits, None)[0]
 
 
 def test_loss_equals_upstream_get_loss(tiny_model):
@@ -55,14 +48,8 @@ def test_loss_equals_upstream_get_loss(tiny_model):
     from cn_clip.training.train import get_loss
 
     images, tokens = _batch(6)
-    args = SimpleNamespace(
-        accum_freq=1,
-        distillation=False,
-        aggregate=False,
-        mask_ratio=0.0,
-        local_device_rank=0,
-        report_training_batch_acc=False,
-    )
+    args = SimpleNamespace(accum_freq=1, distillation=False, aggregate=False, mask_ratio=0.0, local_device_rank=0)
+    args.report_training_batch_acc = False
     with on_device("cpu"):
         ref, _ = get_loss(tiny_model, images, tokens, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(), args)
     img, txt, scale = tiny_model(images, tokens)
@@ -70,7 +57,7 @@ def test_loss_equals_upstream_get_loss(tiny_model):
     torch.testing.assert_close(ours, ref)
 
 
-def _grads(model, micro_batches, accum):
+def _grads(model, micro_batches):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cfg = SimpleNamespace(precision="fp32", mask_ratio=0.0, same_text_positives=True, skip_aggregate=False)
     Stepper(model, opt, None, torch.device("cpu"), cfg)(micro_batches)
@@ -80,9 +67,9 @@ def _grads(model, micro_batches, accum):
 def test_accum_freq_gives_the_full_batch_gradient(tiny_model):
     images, tokens = _batch(8, seed=3)
     ids = torch.arange(8)
-    whole = _grads(tiny_model, [(images, tokens, ids, ids)], 1)
+    whole = _grads(tiny_model, [(images, tokens, ids, ids)])
     halves = [(images[:4], tokens[:4], ids[:4], ids[:4]), (images[4:], tokens[4:], ids[4:], ids[4:])]
-    accum = _grads(tiny_model, halves, 2)
+    accum = _grads(tiny_model, halves)
     for n, g in whole.items():
         expected = g * 2 if n == "logit_scale" else g  # cn_clip: logit_scale gets one gradient per micro-batch
         torch.testing.assert_close(accum[n], expected, atol=1e-6, rtol=1e-4, msg=n)
@@ -138,10 +125,8 @@ def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
     ref = main(tiny_argv(train, valid, tmp_path, name="plain", **flags), on_validation=lambda r: seen.append(names()))
     assert seen and all(s == (checkpoint, checkpoint) for s in seen)
     seen.clear()
-    out = main(
-        tiny_argv(train, valid, tmp_path, name="gc", grad_checkpointing=True, **flags),
-        on_validation=lambda r: seen.append(names()),
-    )
+    argv = tiny_argv(train, valid, tmp_path, name="gc", grad_checkpointing=True, **flags)
+    out = main(argv, on_validation=lambda r: seen.append(names()))
     assert len(seen) == 2 and all(a is not checkpoint and b is not checkpoint for a, b in seen)
     assert names() == (checkpoint, checkpoint)
     a, b = read_checkpoint(ref["last_checkpoint"])["state_dict"], read_checkpoint(out["last_checkpoint"])["state_dict"]
@@ -151,12 +136,8 @@ def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
     def crash(record):
         raise KeyboardInterrupt("a pruned trial")
 
-    try:
+    with pytest.raises(KeyboardInterrupt):  # the callback's exception propagates, and the patch is undone
         main(tiny_argv(train, valid, tmp_path, name="crash", grad_checkpointing=True, **flags), on_validation=crash)
-    except KeyboardInterrupt:
-        pass
-    else:
-        raise AssertionError("the callback's exception did not propagate")
     assert names() == (checkpoint, checkpoint)
 
 
