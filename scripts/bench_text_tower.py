@@ -17,7 +17,8 @@ compiled by ``solution.model.compiled.compile_towers`` (what ``--torchcompile`` 
 on the train step (configured dropout) and extraction; its first call (the compile) is printed
 apart and left out of the table, and its features' difference from upstream's is printed.
 
-Medians and best times are both printed: on a shared machine the best is the steadier figure.
+Each round times every variant once; a ratio is the median of the rounds' ratios, with its spread, and a spread
+over 20% is flagged (the machine's load changed: rerun it).
 
 The max abs difference of the eval features (and of the last hidden state over real tokens)
 between the two is printed. No assertion on speed.
@@ -37,6 +38,7 @@ import statistics
 import time
 
 import torch
+from bench_train import SPREAD_WARNING, summary
 
 from cn_clip_patch.attention import use_sdpa
 from cn_clip_patch.prompt import PAD_ID, tokenize
@@ -244,12 +246,12 @@ def tokens_of(models):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: RBT3-chinese, batch 8, 1 round")
+    ap.add_argument("--quick", action="store_true", help="smoke run: RBT3-chinese, batch 8, 3 rounds")
     ap.add_argument(
         "--text-model", default=None, help="default RoBERTa-wwm-ext-base-chinese (RBT3-chinese with --quick)"
     )
     ap.add_argument("--batch", type=int, default=None, help="texts per batch (default 64, 8 with --quick)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, 1 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, 3 with --quick)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument(
         "--torchcompile",
@@ -262,7 +264,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     text_model = args.text_model or ("RBT3-chinese" if args.quick else "RoBERTa-wwm-ext-base-chinese")
     batch = args.batch or (8 if args.quick else 64)
-    rounds = args.rounds or (1 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -300,29 +302,30 @@ def main(argv=None) -> None:
     feat_diff, hidden_diff = output_difference(model, tokens)
     print(
         f"\n{text_model} text tower, random weights, {args.device} fp32, batch {batch} x {tokens.shape[1]} tokens, "
-        f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds\n"
+        f"{torch.get_num_threads()} threads, {rounds} interleaved rounds: median time, and the median over rounds "
+        "of the round's ratio upstream/variant with its spread (interquartile range / median)\n"
     )
     print(
         "| case | "
-        + " | ".join(f"{v} s (median / best)" for v in variants)
+        + " | ".join(f"{v} s" for v in variants)
         + " | "
-        + " | ".join(f"upstream/{v} median / best" for v in variants[1:])
+        + " | ".join(f"upstream/{v}" for v in variants[1:])
         + " |"
     )
     print("|---|" + "---:|" * (2 * len(variants) - 1))
+    noisy = []
     for what, _, _, _ in cases:
         cols, ratios = [], []
-        mu, bu = statistics.median(times[(what, "upstream")]), min(times[(what, "upstream")])
         for v in variants:
             t = times[(what, v)]
-            if not t:
-                cols.append("-")
-                ratios.append("-")
-                continue
-            cols.append(f"{statistics.median(t):.3f} / {min(t):.3f}")
+            cols.append(f"{statistics.median(t):.3f}" if t else "-")
             if v != "upstream":
-                ratios.append(f"{mu / statistics.median(t):.2f}x / {bu / min(t):.2f}x")
+                med, spread = summary([u / x for u, x in zip(times[(what, "upstream")], t)]) if t else (0, 0)
+                ratios.append(f"{med:.2f}x ±{100 * spread:.0f}%" if t else "-")
+                noisy += [f"{what}, {v}"] if spread > SPREAD_WARNING else []
         print(f"| {what} | " + " | ".join(cols) + " | " + " | ".join(ratios) + " |")
+    if noisy:
+        print(f"\nWARNING: spread over 20% ({'; '.join(noisy)}): the load changed during the run, rerun it")
     print(
         f"\nmax |diff| eval features {feat_diff:.2e}, last hidden state (real tokens) {hidden_diff:.2e} (SDPA vs upstream)"
     )

@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,9 +57,10 @@ import bench_train
 from cn_clip_patch.attention import use_sdpa
 from cn_clip_patch.device import on_device, run_upstream_main
 from cn_clip_patch.tuning import apply_tuning, grad_checkpointing, tuning_recipe
-from solution.common import autocast_context, resolve_device, write_json
+from solution.common import resolve_device, write_json
 from solution.model import ModelConfig, build_model
 from solution.model.compiled import compile_towers
+from solution.model.precision import autocast
 from solution.training.step import clip_loss
 
 log = logging.getLogger("gpu_check")
@@ -201,7 +203,7 @@ def step_time(model, data, device, precision, warmup, fused=False):
 
     def step(images, tokens):
         opt.zero_grad(set_to_none=True)
-        with autocast_context(device, precision):
+        with autocast(device, precision):
             img, txt, scale = model(images, tokens)
         loss, _ = clip_loss(img.float(), txt.float(), scale.float(), None)
         (scaler.scale(loss) if scaler else loss).backward()
@@ -312,7 +314,8 @@ def trainer_case(report, arch, config, sd, device, a, batch, tmp: Path):
     """Our trainer (data path included) beside cn_clip's ``train()`` on the same LMDB (``bench_train``)."""
     from solution.model import save_checkpoint
 
-    split = make_lmdb(tmp / f"lmdb_{arch}", batch * (a.steps + a.warmup + 1))
+    split = make_lmdb(tmp / f"lmdb_{arch}", batch * (a.steps + a.warmup + 2))
+    one_batch = make_lmdb(tmp / f"lmdb1_{arch}", batch)
     ckpt = save_checkpoint(tmp / f"start_{arch}.pt", {k: v.cpu() for k, v in sd.items()}, config)
     ba = SimpleNamespace(
         batch_size=batch,
@@ -321,13 +324,19 @@ def trainer_case(report, arch, config, sd, device, a, batch, tmp: Path):
         warmup_steps=a.warmup,
         steps=a.steps,
     )
-    model = fresh(config, sd, device)
-    with timed(device) as tu:
-        up = bench_train.run_upstream(model, sd, config.image_resolution, split, ba, device)
-    del model
+    model = fresh(config, sd, device)  # one model at a time (the batch is the largest that fits one): not interleaved
+    with contextlib.ExitStack() as stack:
+        step = bench_train.upstream_step(stack, model, sd, config.image_resolution, one_batch, ba, device)
+        for _ in range(a.warmup):
+            step()
+        with timed(device) as tu:
+            for _ in range(a.steps):
+                step()
+    up = tu.seconds / a.steps
+    del model, step
     gc.collect()
     with timed(device) as to:
-        ours = bench_train.run_ours(ckpt, split, ba, device, tmp / f"logs_{arch}")
+        ours = statistics.median(bench_train.run_ours(ckpt, split, ba, device, tmp / f"logs_{arch}")["ours"])
     report.add(
         f"train {arch}: our trainer vs cn_clip train()",
         batch / ours,

@@ -247,11 +247,12 @@ def test_training_with_both_impls_ends_at_the_same_weights(tmp_path, monkeypatch
 
     from solution.model import read_checkpoint
     from solution.training import setup
-    from solution.training.flags import parse_args
-    from solution.training.guard import HARMLESS
+    from solution.training.flags import FLAGS, FREE, parse_args
     from solution.training.trainer import main as train_main
 
-    assert parse_args(["--train-data", "x"]).attn_impl == "sdpa" and "attn_impl" in HARMLESS  # resumes under either
+    assert (
+        parse_args(["--train-data", "x"]).attn_impl == "sdpa" and FLAGS["attn_impl"].resume == FREE
+    )  # resumes under either
     built = []  # the model the trainer builds, per run: its attention must be the one asked for
     real = setup.build_model
     monkeypatch.setattr(setup, "build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])

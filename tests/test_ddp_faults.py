@@ -1,13 +1,7 @@
-"""Multi-process hazards, on CPU with 2 gloo processes (each run under a timeout, so a hang fails the
-test instead of blocking it), and the device/seed/save helpers of the GPU path.
-
-* early stop on every process (the best record reaches them all);
-* an exception in the main process's validation ends every process promptly, naming the error;
-* an undecodable image on one process only: same batch shapes and the same steps on both;
-* the auto-resume decision and other ``agree(share=True)`` answers come from the main process;
-* ``cuda:N`` under torchrun: each process on the GPU of its LOCAL_RANK; saved state on the CPU;
-* the loss in float32 under autocast; per-process dropout/mask seeds; per-sample augmentation seeds
-  that leave the CUDA generators alone."""
+"""Multi-process hazards on CPU with 2 gloo processes (each run under a timeout, so a hang fails the test
+instead of blocking it): an early stop and a skipped batch reach every process, an error in the main process's
+validation ends them all, answers of the main process reach the others; and the device, seed and save helpers
+of the GPU path."""
 
 import base64
 import datetime
@@ -28,9 +22,8 @@ from solution.common import SolutionError
 from solution.data.datasets import train_transform
 from solution.data.lmdb_io import LMDBSplit, write_split
 from solution.model import read_checkpoint
-from solution.training.guard import agree
 from solution.training.loaders import SeededPairs, epoch_order
-from solution.training.setup import Dist, rank_device, seed_process
+from solution.training.setup import Dist, on_main, rank_device, seed_process
 from solution.training.state import to_cpu
 from solution.training.step import clip_loss
 
@@ -43,20 +36,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(rank: int, world: int, port: int) -> None:
+def _train_worker(rank: int, port: int, argv: list, out_dir: str, fault: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        SOLUTION_DIST_TIMEOUT_MIN="10",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
     )
-
-
-def _train_worker(rank: int, world: int, port: int, argv: list, out_dir: str, fault: str) -> None:
-    _env(rank, world, port)
     from solution.training import trainer, validation
 
     steps, real = [0], trainer.Stepper.__call__
@@ -74,9 +58,11 @@ def _train_worker(rank: int, world: int, port: int, argv: list, out_dir: str, fa
 
         validation.Validation.score = boom
     result = {"ok": False}
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))  # the trainer's, left to the caller
     try:
-        out = trainer.main(argv)
-        result = {"ok": True, "best": out["best"]}
+        result = {"ok": True, "best": trainer.main(argv)["best"]}
+        d = Dist(rank, 2, rank)
+        result.update(shared=on_main(d, lambda: {"rank": rank}, share=True), main_only=on_main(d, lambda: rank))
     except BaseException as e:
         result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         raise
@@ -84,12 +70,13 @@ def _train_worker(rank: int, world: int, port: int, argv: list, out_dir: str, fa
         result["steps"] = steps[0]
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as f:
             json.dump(result, f)
+        dist.destroy_process_group()
 
 
-def _spawn(target, args_of_rank, world: int = 2) -> list[int]:
-    """Start ``world`` spawned processes; their exit codes (a process still alive at the deadline: fail)."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=args_of_rank(r)) for r in range(world)]
+def _train(tmp_path, argv, fault: str = "") -> tuple[list[int], list[dict]]:
+    """Two spawned trainer processes (a process still alive at the deadline fails the test): exit codes, results."""
+    ctx, port = multiprocessing.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_train_worker, args=(r, port, argv, str(tmp_path), fault)) for r in range(2)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + TIMEOUT_S
@@ -101,48 +88,12 @@ def _spawn(target, args_of_rank, world: int = 2) -> list[int]:
             p.kill()
             p.join()
     assert not hung, f"processes {hung} hung"
-    return [p.exitcode for p in procs]
-
-
-def _train(tmp_path, argv, fault: str = "") -> tuple[list[int], list[dict]]:
-    port = _free_port()
-    codes = _spawn(_train_worker, lambda r: (r, 2, port, argv, str(tmp_path), fault))
-    return codes, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [p.exitcode for p in procs], [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("colours"), per_colour_train=3, per_colour_valid=1)
-
-
-def test_early_stop_ends_every_process_cleanly(tmp_path, data):
-    argv = tiny_argv(
-        *data,
-        tmp_path / "logs",
-        batch_size=4,
-        max_steps=8,
-        valid_step_interval=1,
-        valid_epoch_interval=0,
-        early_stop_patience=2,
-        lr="0",
-    )
-    codes, results = _train(tmp_path, argv)
-    assert codes == [0, 0], results
-    assert [r["steps"] for r in results] == [3, 3]  # lr 0: the best is step 1's; 2 more without improvement
-    assert results[0]["best"]["step"] == 1 and results[1]["best"] == results[0]["best"]
-    ckpt = read_checkpoint(tmp_path / "logs" / "run" / "checkpoints" / "epoch_latest.pt")
-    assert ckpt["step"] == 3 and ckpt["train_state"]["bad_validations"] == 2
-    assert ckpt["train_state"]["best"] == results[0]["best"]
-    assert (tmp_path / "logs" / "run" / "checkpoints" / "best.pt").is_file()
-
-
-def test_an_error_in_the_main_process_validation_ends_every_process(tmp_path, data):
-    argv = tiny_argv(*data, tmp_path / "logs", batch_size=4, max_steps=4, valid_step_interval=2, valid_epoch_interval=0)
-    codes, results = _train(tmp_path, argv, fault="validation")
-    assert all(c != 0 for c in codes), (codes, results)
-    assert results[0]["error"] == "RuntimeError: injected validation failure"
-    assert results[1]["error"].startswith("StopRequested") and "injected validation failure" in results[1]["error"]
-    assert [r["steps"] for r in results] == [2, 2]
 
 
 def _split_with_bad_images(split_dir, seed: int):
@@ -162,37 +113,34 @@ def _split_with_bad_images(split_dir, seed: int):
     return split_dir
 
 
-def test_an_undecodable_image_on_one_process_keeps_batches_and_steps_equal(tmp_path, data):
+def test_a_skipped_batch_and_an_early_stop_reach_every_process(tmp_path, data):
+    """Rank 0's first micro-batch is completed from its own pairs, rank 1's second is empty: both skip that step;
+    lr 0: the best is step 1's and two validations later (step 3) both processes stop."""
     train = _split_with_bad_images(tmp_path / "train", seed=7)
-    argv = tiny_argv(train, data[1], tmp_path / "logs", batch_size=4, max_epochs=1, seed=7)
-    codes, results = _train(tmp_path, argv)
+    flags = dict(
+        batch_size=4, max_steps=8, seed=7, valid_step_interval=1, early_stop_patience=2, lr="0", dist_timeout_min=10
+    )
+    codes, results = _train(tmp_path, tiny_argv(train, data[1], tmp_path / "logs", **flags))
     assert codes == [0, 0], results
-    # 3 micro-batches: rank 0's first is completed from its own pairs, rank 1's second is empty: skipped by both
+    assert [r["steps"] for r in results] == [3, 3]
+    assert results[0]["best"]["step"] == 1 and results[1]["best"] == results[0]["best"]
+    ckpt = read_checkpoint(tmp_path / "logs" / "run" / "checkpoints" / "epoch_latest.pt")
+    assert (
+        ckpt["step"] == 3
+        and ckpt["train_state"]["bad_validations"] == 2
+        and ckpt["train_state"]["best"] == results[0]["best"]
+    )
+    assert (tmp_path / "logs" / "run" / "checkpoints" / "best.pt").is_file()
+    assert [r["shared"] for r in results] == [{"rank": 0}] * 2 and [r["main_only"] for r in results] == [0, None]
+
+
+def test_an_error_in_the_main_process_validation_ends_every_process(tmp_path, data):
+    flags = dict(batch_size=4, max_steps=4, valid_step_interval=2, valid_epoch_interval=0, dist_timeout_min=10)
+    codes, results = _train(tmp_path, tiny_argv(*data, tmp_path / "logs", **flags), fault="validation")
+    assert all(c != 0 for c in codes), (codes, results)
+    assert results[0]["error"] == "RuntimeError: injected validation failure"
+    assert results[1]["error"].startswith("StopRequested") and "injected validation failure" in results[1]["error"]
     assert [r["steps"] for r in results] == [2, 2]
-    assert read_checkpoint(tmp_path / "logs" / "run" / "checkpoints" / "epoch_latest.pt")["step"] == 2
-
-
-def _agree_worker(rank: int, port: int, out_dir: str) -> None:
-    _env(rank, 2, port)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
-    try:
-        d = Dist(rank, 2, rank)
-        got = {
-            "shared": agree(d, lambda: {"own": rank == 0, "rank": rank}, share=True),
-            "main_only": agree(d, lambda: rank),
-        }
-        with open(os.path.join(out_dir, f"agree{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump(got, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_agree_with_share_gives_every_process_the_main_process_answer(tmp_path):
-    port = _free_port()
-    assert _spawn(_agree_worker, lambda r: (r, port, str(tmp_path))) == [0, 0]
-    got = [json.loads((tmp_path / f"agree{r}.json").read_text()) for r in range(2)]
-    assert got[0]["shared"] == got[1]["shared"] == {"own": True, "rank": 0}
-    assert (got[0]["main_only"], got[1]["main_only"]) == (0, None)
 
 
 def test_each_torchrun_process_takes_the_gpu_of_its_local_rank():
@@ -262,12 +210,12 @@ def test_processes_draw_different_dropout_and_mask_seeds():
 
 def test_per_sample_augmentation_seeds_leave_the_cuda_generators_alone(tmp_path, monkeypatch):
     split = LMDBSplit(make_split(tmp_path / "s", per_colour=1, colours=2))
-    ds = SeededPairs(split, train_transform(16, "gentle"), seed=3, epoch=0, random_transform=True)
+    ds = SeededPairs(split, train_transform(16, "gentle"), seed=3, random_transform=True)
     calls = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(s))
-    a, b = ds[(5, 0)], ds[(5, 0)]
+    a, b = ds[(0, 5, 0)], ds[(0, 5, 0)]
     assert calls == []
     assert torch.equal(a[0], b[0])  # still reproducible per (seed, epoch, position)
-    c = ds[(6, 0)]
+    c = ds[(0, 6, 0)]
     assert not torch.equal(a[0], c[0])

@@ -1,5 +1,5 @@
-"""The run folder under hostile inputs and faults: two writers, changed flags, kill -9 in a save,
-out-of-range numbers, names that leave --logs, --logs that is a file, another architecture, a full disk."""
+"""The run folder under faults: a run stopped anywhere (in a step, in any save) and re-run ends as if never
+stopped; two writers; changed flags on resume; a checkpoint of another shape; a full disk."""
 
 import json
 import os
@@ -14,8 +14,10 @@ from train_helpers import hooked_train, make_data, tiny_argv
 
 from solution.common import run_cli
 from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
-from solution.training.flags import parse_args
+from solution.training import trainer
 from solution.training.trainer import main
+
+TIMING = ("time", "data_time", "batch_time", "pairs_per_s", "seconds")
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +36,114 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob(".*.tmp"))
 
 
-def _wait(proc, ready: Path, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready.exists():
-        time.sleep(0.05)
-    assert proc.poll() is None and ready.exists(), (
-        f"the hooked run did not reach its hook: {proc.stderr.read()[-2000:]}"
-    )
-
-
 def _files(run: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(run)): p.read_bytes()
         for p in sorted(run.rglob("*"))
         if p.is_file() and p.name != ".train.lock"
     }
+
+
+def outcome(run: Path) -> tuple[dict, list]:
+    """A run folder's checkpoints (step and every tensor) and metrics lines without their timings."""
+    ckpts = {}
+    for p in sorted(run.glob("*/*.pt")):
+        c = torch.load(p, map_location="cpu", weights_only=True)
+        tensors = c.get("state_dict") or c["adapter"]
+        ckpts[str(p.relative_to(run))] = (c["step"], {k: v for k, v in tensors.items()})
+    rows = [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in open(run / "metrics.jsonl")]
+    return ckpts, rows
+
+
+def assert_same_outcome(a: Path, b: Path) -> None:
+    (ca, ra), (cb, rb) = outcome(a), outcome(b)
+    assert ca.keys() == cb.keys() and ra == rb
+    for name, (step, tensors) in ca.items():
+        assert cb[name][0] == step and all(torch.equal(v, cb[name][1][k]) for k, v in tensors.items()), name
+
+
+# 12 pairs at batch 4: 3 steps an epoch, 2 epochs; epoch_latest.pt (and epoch_E_S.pt) after each step,
+# validation at steps 2, 3 (the end of epoch 1), 4 and 6
+FLAGS = dict(batch_size=4, max_epochs=2, save_step_frequency=1, valid_step_interval=2, augment="gentle")
+
+
+class Stopped(BaseException):
+    """A stop as abrupt as a kill: nothing in the trainer catches it."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("ref")
+    main(tiny_argv(*data, logs, **FLAGS))
+    return logs / "run"
+
+
+def stop_at(m: pytest.MonkeyPatch, file: str, nth: int) -> None:
+    """Raise :class:`Stopped` at the ``nth`` training step (``file`` "step") or write of ``file``, right after
+    its temporary file is written (before the rename)."""
+    seen, real_save, real_step = [0], torch.save, trainer.Stepper.__call__
+
+    def count(name: str) -> None:
+        seen[0] += name == file
+        if seen[0] == nth:
+            raise Stopped(file)
+
+    def save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        count(os.path.basename(str(f)).split(".tmp")[0].rsplit(".", 1)[0][1:])
+
+    def step(self, batches):
+        count("step")
+        return real_step(self, batches)
+
+    m.setattr(torch, "save", save)
+    m.setattr(trainer.Stepper, "__call__", step)
+
+
+@pytest.mark.parametrize(
+    "file, nth",
+    [
+        ("step", 5),  # in the middle of an epoch, not saving
+        ("epoch_latest.pt", 2),  # writing epoch_latest.pt after a validation
+        ("best.pt", 1),
+        ("epoch_1_2.pt", 1),  # between epoch_latest.pt and the step's checkpoint
+        ("epoch_1.pt", 1),  # between epoch_latest.pt and the epoch's checkpoint
+        ("epoch_2.pt", 1),  # the last file of the final saves
+        ("epoch_latest.pt", 6),  # the final epoch_latest.pt
+    ],
+)
+def test_a_run_stopped_anywhere_and_rerun_ends_as_if_never_stopped(
+    data, uninterrupted, tmp_path, monkeypatch, file, nth
+):
+    argv = tiny_argv(*data, tmp_path, **FLAGS)
+    with monkeypatch.context() as m, pytest.raises(Stopped):
+        stop_at(m, file, nth)
+        main(argv)
+    main(argv)  # the same command again
+    assert_same_outcome(uninterrupted, tmp_path / "run")
+    files = _files(tmp_path / "run")
+    main(argv)  # a finished run re-run: nothing to do, nothing rewritten
+    assert _files(tmp_path / "run") == files
+
+
+def test_an_epoch_latest_of_the_earlier_layout_resumes(data, uninterrupted, tmp_path, monkeypatch):
+    """Earlier versions wrote epoch_latest.pt at an epoch's last step before its end-of-epoch work, with
+    ``closed`` False (and ``owed``), and its validation may have been logged before a kill: a re-run redoes
+    that work (validation, epoch_1.pt) and ends as if never stopped."""
+    argv = tiny_argv(*data, tmp_path, **FLAGS)
+    with monkeypatch.context() as m, pytest.raises(Stopped):
+        stop_at(m, "epoch_latest.pt", 4)
+        main(argv)
+    run = tmp_path / "run"
+    latest = torch.load(run / "checkpoints" / "epoch_latest.pt", weights_only=True)  # step 3, the epoch's end
+    valid = [json.loads(x) for x in open(run / "metrics.jsonl") if '"valid"' in x]
+    before = {k: v for k, v in valid[0].items() if k != "hits"}  # step 2's: the best before step 3
+    state = dict(position={"epoch": 0, "micro": 3}, closed=False, owed=["epoch_1_3.pt"], best=before, bad_validations=0)
+    latest["train_state"].update(state)
+    torch.save(latest, run / "checkpoints" / "epoch_latest.pt")
+    (run / "checkpoints" / "epoch_1.pt").unlink()
+    main(argv)
+    assert_same_outcome(uninterrupted, run)
 
 
 # ---------------------------------------------------------------- one writer per run folder
@@ -58,7 +153,10 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path, 
     argv = tiny_argv(*data, tmp_path / "logs", max_steps=3, valid_epoch_interval=0)
     proc, ready = hooked_train(tmp_path, argv, file="epoch_latest.pt", action="pause")
     try:
-        _wait(proc, ready)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not ready.exists():
+            time.sleep(0.05)
+        assert proc.poll() is None and ready.exists(), proc.stderr.read()[-2000:]
         run = tmp_path / "logs" / "run"
         before = _files(run)
         line = _error_line(capsys, argv)
@@ -87,11 +185,6 @@ def finished_run(data, tmp_path_factory):
     return logs
 
 
-def _copy(finished_run, tmp_path) -> Path:
-    shutil.copytree(finished_run, tmp_path / "logs")
-    return tmp_path / "logs"
-
-
 CHANGES = {
     "lr": ({"lr": "1e-3"}, "--lr 0.002 -> 0.001"),
     "batch": ({"batch_size": 4}, "--batch-size x processes 8 -> 4"),
@@ -100,30 +193,35 @@ CHANGES = {
     "freeze": ({"freeze_vision": True}, "--freeze-vision False -> True"),
     "prompt": ({"text_prompt": "图片："}, "--text-prompt '' -> '图片：'"),
     "seed": ({"seed": 7}, "--seed 123 -> 7"),
+    "precision": ({"precision": "bf16"}, "--precision 'fp32' -> 'bf16'"),
 }
 
 
 @pytest.mark.parametrize("case", list(CHANGES))
 def test_resuming_under_changed_flags_is_refused_listing_them(finished_run, tmp_path, capsys, data, case):
-    logs = _copy(finished_run, tmp_path)
-    before = _files(logs / "run")
+    shutil.copytree(finished_run, tmp_path / "logs")
+    before = _files(tmp_path / "logs" / "run")
     flags, expected = CHANGES[case]
-    argv = tiny_argv(*data, logs, **{"max_steps": 2, "valid_epoch_interval": 0, **flags})
-    line = _error_line(capsys, argv)
+    line = _error_line(
+        capsys, tiny_argv(*data, tmp_path / "logs", **{"max_steps": 2, "valid_epoch_interval": 0, **flags})
+    )
     assert expected in line and "params.json" in line and "--allow-changed-flags" in line
-    assert _files(logs / "run") == before
+    assert _files(tmp_path / "logs" / "run") == before
 
 
-def test_harmless_flag_changes_resume_and_consent_applies_the_new_flags(finished_run, tmp_path, capsys, data):
-    logs = _copy(finished_run, tmp_path)
-    argv = tiny_argv(*data, logs, max_steps=2, valid_epoch_interval=0)
-    argv[argv.index("--log-interval") + 1] = "5"
-    argv[argv.index("--device") + 1] = "auto" if not torch.cuda.is_available() else "cpu"
-    assert run_cli(main, argv + ["--valid-batch-size", "4", "--save-epoch-frequency", "2"]) == 0
-    argv = tiny_argv(*data, logs, max_steps=4, valid_epoch_interval=0, lr="1e-3")
+def test_harmless_flag_changes_resume_and_consent_applies_the_new_flags(finished_run, tmp_path, data):
+    logs = tmp_path / "logs"
+    shutil.copytree(finished_run, logs)
+    params = json.loads((logs / "run" / "params.json").read_text())
+    # as earlier versions wrote it: the spelling typed (fp16 is amp) and a flag since dropped
+    params.update(precision="fp16", torchcompile_backend="inductor")
+    (logs / "run" / "params.json").write_text(json.dumps(params))
+    argv = tiny_argv(*data, logs, max_steps=2, valid_epoch_interval=0, precision="amp", log_interval=5, device="auto")
+    assert run_cli(main, argv + ["--valid-batch-size", "4", "--save-epoch-frequency", "2", "--num-workers", "1"]) == 0
+    argv = tiny_argv(*data, logs, max_steps=4, valid_epoch_interval=0, lr="1e-3", precision="amp")
     assert run_cli(main, argv + ["--allow-changed-flags"]) == 0
     params = json.loads((logs / "run" / "params.json").read_text())
-    assert params["lr"] == 1e-3 and params["max_steps"] == 4
+    assert params["lr"] == 1e-3 and params["max_steps"] == 4 and params["precision"] == "amp"
     assert params["flag_changes"] == [
         {"step": 2, "changes": {"--lr": [0.002, 0.001], "max steps (--max-steps/--max-epochs)": [2, 4]}}
     ]
@@ -131,176 +229,14 @@ def test_harmless_flag_changes_resume_and_consent_applies_the_new_flags(finished
     assert params["typed"]["lr"] == 1e-3 and params["typed"]["allow_changed_flags"] is True
 
 
-def _old_style(params: dict) -> dict:
-    """``params.json`` as the trainer wrote it before it recorded the typed flags: the parsed namespace
-    after setup had rewritten it in place (device and LoRA flags as typed), plus the run's facts."""
-    typed = params.pop("typed")
-    return {
-        **params,
-        "device": typed["device"],
-        "lora_alpha": typed["lora_alpha"],
-        "lora_targets": typed["lora_targets"],
-    }
-
-
-def test_a_params_json_of_the_old_layout_still_guards_the_resume(finished_run, tmp_path, capsys, data):
-    logs = _copy(finished_run, tmp_path)
-    path = logs / "run" / "params.json"
-    new = json.loads(path.read_text())
-    assert new["typed"]["max_steps"] == 2 and new["typed"]["lr"] == 2e-3 and new["typed"]["beta1"] is None
-    assert new["max_steps"] == 2 and new["max_epochs"] == 1 and new["beta1"] == 0.9 and new["augment"] == "none"
-    old = _old_style(new)
-    old["flag_changes"] = [{"step": 1, "changes": {"--lr": [0.004, 0.002]}}]
-    path.write_text(json.dumps(old))
-    line = _error_line(capsys, tiny_argv(*data, logs, max_steps=2, valid_epoch_interval=0, lr="1e-3"))
-    assert "--lr 0.002 -> 0.001" in line and "--allow-changed-flags" in line
-    line = _error_line(capsys, tiny_argv(*data, logs, max_steps=2, valid_epoch_interval=0, lora_rank=2))
-    assert "--lora-rank 0 -> 2" in line
-    assert json.loads(path.read_text()) == old  # refused: untouched
-    argv = tiny_argv(*data, logs, max_steps=3, valid_epoch_interval=0)
-    assert run_cli(main, argv + ["--allow-changed-flags"]) == 0
-    params = json.loads(path.read_text())
-    assert params["max_steps"] == 3 and params["typed"]["max_steps"] == 3
-    assert params["flag_changes"] == [
-        old["flag_changes"][0],
-        {"step": 2, "changes": {"max steps (--max-steps/--max-epochs)": [2, 3]}},
-    ]
-
-
-# ---------------------------------------------------------------- kill -9 in the last saves
-
-
-@pytest.mark.parametrize("file, nth", [("epoch_2.pt", 1), ("epoch_latest.pt", 6)])
-def test_kill_during_the_final_saves_then_rerun_writes_what_it_owes(tmp_path, data, file, nth):
-    # 12 pairs at batch 8: 2 steps per epoch, 2 epochs; a step checkpoint after every step. The last
-    # epoch_latest.pt write is the 6th (steps 1, 2, end of epoch 1, steps 3, 4, end of epoch 2).
-    argv = tiny_argv(*data, tmp_path / "logs", max_epochs=2, save_step_frequency=1)
-    proc, ready = hooked_train(tmp_path, argv, file=file, action="kill", nth=nth)
-    try:
-        assert proc.wait(timeout=180) == -signal.SIGKILL, proc.stderr.read()[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    run = tmp_path / "logs" / "run"
-    assert any(n.startswith(f".{file}.") for n in _temps(run))
-    assert not (run / "checkpoints" / "epoch_2.pt").exists()
-    (run / ".curves.png.x1y2z3.tmp").write_bytes(b"half a png")  # as a killed search trial leaves
-
-    out = main(argv)
-    ckpts = run / "checkpoints"
-    assert _temps(run) == []
-    final, latest = read_checkpoint(ckpts / "epoch_2.pt"), read_checkpoint(ckpts / "epoch_latest.pt")
-    assert final["step"] == latest["step"] == 4 and final["epoch"] == 2
-    assert all(torch.equal(final["state_dict"][k], latest["state_dict"][k]) for k in final["state_dict"])
-    assert latest["train_state"]["position"] == {"epoch": 2, "micro": 0}
-    rows = [json.loads(x) for x in open(run / "metrics.jsonl", encoding="utf-8")]
-    assert [r["step"] for r in rows if r["kind"] == "valid"] == [2, 4]
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert out["best_checkpoint"] and read_checkpoint(out["best_checkpoint"])["step"] == out["best"]["step"]
-    again = main(argv)  # a finished run re-run: nothing to do, nothing rewritten
-    assert again["last_checkpoint"] == out["last_checkpoint"]
-    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl", encoding="utf-8")] == [r["step"] for r in rows]
-
-
 def test_rerun_of_an_early_stopped_run_does_not_train_on(tmp_path, data):
-    argv = tiny_argv(
-        *data,
-        tmp_path,
-        max_steps=8,
-        valid_step_interval=1,
-        early_stop_patience=2,
-        lr="0",
-        skip_scheduler=True,
-        save_step_frequency=1,
-    )
-    out = main(argv)
+    flags = dict(max_steps=8, valid_step_interval=1, early_stop_patience=2, lr="0", skip_scheduler=True)
+    out = main(tiny_argv(*data, tmp_path, save_step_frequency=1, **flags))
     assert out["best"]["step"] == 1 and read_checkpoint(out["last_checkpoint"])["step"] == 3
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-    again = main(argv)
+    again = main(tiny_argv(*data, tmp_path, save_step_frequency=1, **flags))
     assert read_checkpoint(again["last_checkpoint"])["step"] == 3
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
-
-
-# ---------------------------------------------------------------- numbers out of range
-
-
-BAD_NUMBERS = [
-    ("--lora-rank", "-1"),
-    ("--lora-alpha", "0"),
-    ("--lora-alpha", "-4"),
-    ("--lora-alpha", "nan"),
-    ("--lora-dropout", "1"),
-    ("--lora-dropout", "-0.1"),
-    ("--lr", "-0.0001"),
-    ("--lr", "inf"),
-    ("--wd", "-0.1"),
-    ("--batch-size", "0"),
-    ("--valid-batch-size", "-1"),
-    ("--max-epochs", "0"),
-    ("--max-steps", "-3"),
-    ("--accum-freq", "0"),
-    ("--warmup", "-1"),
-    ("--num-workers", "-1"),
-    ("--valid-num-workers", "-2"),
-    ("--beta1", "1.0"),
-    ("--beta2", "-0.5"),
-    ("--eps", "0"),
-    ("--valid-step-interval", "0"),
-    ("--valid-epoch-interval", "-1"),
-    ("--mask-ratio", "1.5"),
-    ("--seed", "-1"),
-    ("--early-stop-patience", "0"),
-    ("--context-length", "0"),
-    ("--log-interval", "0"),
-    ("--lora-targets", "(unclosed"),
-]
-
-
-@pytest.mark.parametrize("flag, value", BAD_NUMBERS)
-def test_out_of_range_numbers_are_refused_at_parsing(tmp_path, capsys, data, flag, value):
-    argv = tiny_argv(*data, tmp_path / "logs")
-    if flag in argv:
-        del argv[argv.index(flag) : argv.index(flag) + 2]
-    line = _error_line(capsys, argv + [flag, value])
-    assert flag in line
-    assert not (tmp_path / "logs").exists()
-
-
-def test_out_of_range_number_in_a_config_file_names_the_file(tmp_path, capsys, data):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("lora-rank: -1\nlora-alpha: null\n", encoding="utf-8")
-    line = _error_line(capsys, tiny_argv(*data, tmp_path / "logs") + ["--config", str(cfg)])
-    assert line.startswith(f"error: {cfg}: --lora-rank -1 is out of range")
-
-
-# ---------------------------------------------------------------- where a run may write
-
-
-@pytest.mark.parametrize("name", ["../x", "../../x", "a/../../x", "ABS", ".", ""])
-def test_a_name_that_leaves_logs_is_refused(tmp_path, capsys, data, name):
-    logs = tmp_path / "deep" / "logs"
-    if name == "ABS":
-        name = str(tmp_path / "abs")
-    line = _error_line(capsys, tiny_argv(*data, logs, name=name, max_steps=1))
-    assert "--name" in line
-    assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists() and not (tmp_path / "abs").exists()
-
-
-def test_a_name_with_a_subfolder_inside_logs_is_accepted():
-    assert parse_args(["--train-data", "t", "--name", "exp/run1"]).name == "exp/run1"
-
-
-@pytest.mark.parametrize("where", ["logs_is_file", "logs_under_file", "run_is_file"])
-def test_logs_that_is_or_sits_under_a_file(tmp_path, capsys, data, where):
-    blocker = tmp_path / "blocker"
-    blocker.write_text("not a folder")
-    logs = {"logs_is_file": blocker, "logs_under_file": blocker / "logs", "run_is_file": tmp_path}[where]
-    name = "blocker" if where == "run_is_file" else "run"
-    line = _error_line(capsys, tiny_argv(*data, logs, name=name, max_steps=1))
-    assert ("--logs" in line or "run folder" in line) and "file" in line
-    assert blocker.read_text() == "not a folder"
 
 
 # ---------------------------------------------------------------- a checkpoint of another shape
@@ -311,39 +247,28 @@ def wide_vit(tmp_path, monkeypatch):
     """A second tiny vision architecture, ViT-Wide (width 96), registered through $SOLUTION_MODEL_CONFIGS."""
     d = tmp_path / "archs"
     d.mkdir()
-    (d / "ViT-Wide.json").write_text(
-        json.dumps(
-            {
-                "embed_dim": 64,
-                "image_resolution": 64,
-                "vision_layers": 2,
-                "vision_width": 96,
-                "vision_patch_size": 8,
-                "vision_head_width": 32,
-            }
-        )
+    arch = dict(
+        embed_dim=64, image_resolution=64, vision_layers=2, vision_width=96, vision_patch_size=8, vision_head_width=32
     )
+    (d / "ViT-Wide.json").write_text(json.dumps(arch))
     monkeypatch.setattr("solution.model.registry.EXTRA_CONFIG_DIRS", (d,))
     cfg = ModelConfig("ViT-Wide", "RBT-Tiny", context_length=16)
     return save_checkpoint(tmp_path / "wide.pt", build_model(cfg).state_dict(), cfg)
 
 
-def test_resume_with_a_checkpoint_of_another_architecture(tmp_path, capsys, data, wide_vit):
+def test_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys, data, wide_vit):
     line = _error_line(capsys, tiny_argv(*data, tmp_path / "logs", resume=wide_vit, max_steps=1))
     assert str(wide_vit) in line and "ViT-Wide" in line and "ViT-Tiny" in line
-
-
-def test_own_lora_state_of_another_architecture_is_one_line(tmp_path, capsys, data, wide_vit):
-    logs = tmp_path / "logs"
+    logs = tmp_path / "logs2"
     main(tiny_argv(*data, logs, max_steps=1, valid_epoch_interval=0, lora_rank=2))
-    argv = tiny_argv(*data, logs, max_steps=1, valid_epoch_interval=0, lora_rank=2)
+    argv = tiny_argv(*data, logs, max_steps=1, valid_epoch_interval=0, lora_rank=2, allow_changed_flags=True)
     argv[argv.index("ViT-Tiny")] = "ViT-Wide"
-    line = _error_line(capsys, argv + ["--allow-changed-flags"])
+    line = _error_line(capsys, argv)  # the run's own LoRA state
     assert "epoch_latest.pt" in line and "ViT-Wide" in line
 
 
-def test_optimizer_state_of_other_shapes(tmp_path, capsys, data, tiny_config):
-    """A cn_clip checkpoint whose optimizer state has the right count but wrong shapes: a fresh optimizer."""
+def test_optimizer_state_of_other_shapes_gives_a_fresh_optimizer(tmp_path, data):
+    """A cn_clip checkpoint whose optimizer state has the right count but wrong shapes."""
     from solution.training.setup import make_optimizer
 
     torch.manual_seed(0)
@@ -406,10 +331,8 @@ def test_disk_full_while_saving(small_disk, tmp_path, capsys, data, what):
     target = logs / "run" / ("checkpoints/epoch_" if what == "checkpoint" else "metrics.jsonl")
     assert line.startswith(f"error: disk full at {target}")
     if what == "checkpoint":
-        ckpts = logs / "run" / "checkpoints"
-        assert read_checkpoint(ckpts / "epoch_latest.pt")["step"] == 1  # the previous checkpoint is kept, whole
+        assert read_checkpoint(logs / "run" / "checkpoints" / "epoch_latest.pt")["step"] == 1  # the previous one, whole
     assert _temps(logs) == []
-    filler = filled[0]
-    filler.unlink()
+    filled[0].unlink()
     out = main(argv)  # room again: the same command finishes the run
     assert read_checkpoint(out["last_checkpoint"])["step"] == 3

@@ -3,12 +3,13 @@
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 from train_helpers import make_data, make_split, tiny_argv
 
 from cn_clip_patch.device import on_device
-from solution.training.step import StepConfig, Stepper, batch_accuracy, clip_loss, twin_mask
+from solution.training.step import Stepper, batch_accuracy, clip_loss, twin_mask
 from solution.training.trainer import main
 
 
@@ -20,34 +21,26 @@ def _batch(n, seed=0, res=64):
     return images, tokens
 
 
-def test_twin_mask():
-    assert twin_mask(torch.tensor([3, 1, 2]), True) is None  # no twins: plain CLIP loss
-    assert twin_mask(torch.tensor([3, 3, 2]), False) is None
-    m = twin_mask(torch.tensor([3, 1, 3, 3]), True)
+def test_twin_texts_are_not_negatives():
+    assert twin_mask(torch.tensor([3, 1, 2]), True) is None and twin_mask(torch.tensor([3, 3, 2]), False) is None
+    m = twin_mask(torch.tensor([3, 1, 3, 3]), True)  # no twins, or the option off: plain CLIP loss
     assert m.tolist() == [
         [False, False, True, True],
         [False] * 4,
         [True, False, False, True],
         [True, False, True, False],
     ]
-
-
-def test_twin_texts_are_not_negatives():
     torch.manual_seed(0)
     f = nn.functional.normalize(torch.randn(4, 8), dim=-1)
     img = nn.functional.normalize(f + 0.3 * torch.randn(4, 8), dim=-1).requires_grad_()
     txt = torch.stack([f[0], f[1], f[0], f[3]])  # texts 0 and 2 are the same query
-    scale = torch.tensor(20.0)
-    plain, _ = clip_loss(img, txt, scale, None)
-    twins = twin_mask(torch.tensor([7, 8, 7, 9]), True)
-    ours, _ = clip_loss(img, txt, scale, twins)
+    scale, twins = torch.tensor(20.0), twin_mask(torch.tensor([7, 8, 7, 9]), True)
+    plain, ours = clip_loss(img, txt, scale, None)[0], clip_loss(img, txt, scale, twins)[0]
     assert ours < plain
     # image 0 is no longer pushed away from text 2 (its twin): no gradient through that logit
-    (g_plain,) = torch.autograd.grad(plain, img)
-    (g_ours,) = torch.autograd.grad(clip_loss(img, txt, scale, twins)[0], img)
-    assert not torch.allclose(g_plain[0], g_ours[0])
-    acc = batch_accuracy(scale * img.detach() @ txt.t(), twins)
-    assert acc[0] >= batch_accuracy(scale * img.detach() @ txt.t(), None)[0]
+    assert not torch.allclose(torch.autograd.grad(plain, img)[0][0], torch.autograd.grad(ours, img)[0][0])
+    logits = scale * img.detach() @ txt.t()
+    assert batch_accuracy(logits, twins)[0] >= batch_accuracy(logits, None)[0]
 
 
 def test_loss_equals_upstream_get_loss(tiny_model):
@@ -55,14 +48,8 @@ def test_loss_equals_upstream_get_loss(tiny_model):
     from cn_clip.training.train import get_loss
 
     images, tokens = _batch(6)
-    args = SimpleNamespace(
-        accum_freq=1,
-        distillation=False,
-        aggregate=False,
-        mask_ratio=0.0,
-        local_device_rank=0,
-        report_training_batch_acc=False,
-    )
+    args = SimpleNamespace(accum_freq=1, distillation=False, aggregate=False, mask_ratio=0.0, local_device_rank=0)
+    args.report_training_batch_acc = False
     with on_device("cpu"):
         ref, _ = get_loss(tiny_model, images, tokens, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(), args)
     img, txt, scale = tiny_model(images, tokens)
@@ -70,18 +57,19 @@ def test_loss_equals_upstream_get_loss(tiny_model):
     torch.testing.assert_close(ours, ref)
 
 
-def _grads(model, micro_batches, accum):
+def _grads(model, micro_batches):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    Stepper(model, opt, None, StepConfig(torch.device("cpu"), accum_freq=accum))(micro_batches)
+    cfg = SimpleNamespace(precision="fp32", mask_ratio=0.0, same_text_positives=True, skip_aggregate=False)
+    Stepper(model, opt, None, torch.device("cpu"), cfg)(micro_batches)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_accum_freq_gives_the_full_batch_gradient(tiny_model):
     images, tokens = _batch(8, seed=3)
     ids = torch.arange(8)
-    whole = _grads(tiny_model, [(images, tokens, ids, ids)], 1)
+    whole = _grads(tiny_model, [(images, tokens, ids, ids)])
     halves = [(images[:4], tokens[:4], ids[:4], ids[:4]), (images[4:], tokens[4:], ids[4:], ids[4:])]
-    accum = _grads(tiny_model, halves, 2)
+    accum = _grads(tiny_model, halves)
     for n, g in whole.items():
         expected = g * 2 if n == "logit_scale" else g  # cn_clip: logit_scale gets one gradient per micro-batch
         torch.testing.assert_close(accum[n], expected, atol=1e-6, rtol=1e-4, msg=n)
@@ -137,10 +125,8 @@ def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
     ref = main(tiny_argv(train, valid, tmp_path, name="plain", **flags), on_validation=lambda r: seen.append(names()))
     assert seen and all(s == (checkpoint, checkpoint) for s in seen)
     seen.clear()
-    out = main(
-        tiny_argv(train, valid, tmp_path, name="gc", grad_checkpointing=True, **flags),
-        on_validation=lambda r: seen.append(names()),
-    )
+    argv = tiny_argv(train, valid, tmp_path, name="gc", grad_checkpointing=True, **flags)
+    out = main(argv, on_validation=lambda r: seen.append(names()))
     assert len(seen) == 2 and all(a is not checkpoint and b is not checkpoint for a, b in seen)
     assert names() == (checkpoint, checkpoint)
     a, b = read_checkpoint(ref["last_checkpoint"])["state_dict"], read_checkpoint(out["last_checkpoint"])["state_dict"]
@@ -150,19 +136,14 @@ def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
     def crash(record):
         raise KeyboardInterrupt("a pruned trial")
 
-    try:
+    with pytest.raises(KeyboardInterrupt):  # the callback's exception propagates, and the patch is undone
         main(tiny_argv(train, valid, tmp_path, name="crash", grad_checkpointing=True, **flags), on_validation=crash)
-    except KeyboardInterrupt:
-        pass
-    else:
-        raise AssertionError("the callback's exception did not propagate")
     assert names() == (checkpoint, checkpoint)
 
 
 def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monkeypatch):
-    """Three epochs from one training DataLoader (persistent workers with --num-workers > 0): built once
-    per run, and the run with a worker trains exactly the weights of the run without (same batches and
-    augmentations; tests/test_loaders.py compares the batches with a loader rebuilt per epoch)."""
+    """Three epochs from one training DataLoader (persistent workers with --num-workers > 0): built once per run,
+    and the run with a worker trains exactly the weights of the run without (same batches and augmentations)."""
     from torch.utils.data import DataLoader
 
     from solution.model import read_checkpoint
@@ -172,19 +153,17 @@ def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monk
 
     class Counting(DataLoader):
         def __init__(self, *a, **k):
-            if isinstance(k.get("batch_sampler"), loaders.EpochBatchSampler):
-                built.append(k["persistent_workers"])
+            built.append(k["persistent_workers"])
             super().__init__(*a, **k)
 
     monkeypatch.setattr(loaders, "DataLoader", Counting)
     train, _ = make_data(tmp_path / "data", per_colour_train=2, colours=4)
     out = {}
     for workers in (0, 1):
-        argv = tiny_argv(
-            train, None, tmp_path, name=f"w{workers}", max_epochs=3, augment="gentle", save_epoch_frequency=0
+        flags = dict(max_epochs=3, augment="gentle", save_epoch_frequency=0, num_workers=workers)
+        out[workers] = read_checkpoint(
+            main(tiny_argv(train, None, tmp_path, name=f"w{workers}", **flags))["last_checkpoint"]
         )
-        argv[argv.index("--num-workers") + 1] = str(workers)
-        out[workers] = read_checkpoint(main(argv)["last_checkpoint"])
     assert built == [False, True]
     assert out[0]["epoch"] == out[1]["epoch"] == 3
     for k, v in out[0]["state_dict"].items():
@@ -192,22 +171,21 @@ def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monk
 
 
 def test_grad_scaler_only_for_fp16_autocast_on_cuda():
-    """bf16 (and open_clip's amp_bf16, resolved to bf16 by the parser) trains without a GradScaler; fp16 AMP
-    on CUDA keeps one; nothing on the CPU. (A CUDA device object needs no GPU to ask.)"""
+    """amp/fp16 on CUDA: float16 autocast with a GradScaler; bf16 (amp_bf16): no scaler; the CPU: fp32 for
+    amp/fp16. (A CUDA device object needs no GPU to ask.)"""
     import warnings
 
-    from solution.training.flags import parse_args
-    from solution.training.setup import make_scaler
+    from solution.model.precision import autocast_dtype, effective_precision, grad_scaler
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert parse_args(["--train-data", "x", "--precision", "amp_bf16"]).precision == "bf16"
-    for precision in ("bf16", "fp32"):
-        assert make_scaler(precision, cuda) is None
-    for precision in ("amp", "fp16"):
+    for p in ("amp", "fp16"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CUDA is not available": the decision is what is tested
-            assert isinstance(make_scaler(precision, cuda), torch.amp.GradScaler)
-    assert all(make_scaler(p, cpu) is None for p in ("amp", "fp16", "bf16", "fp32"))
+            assert isinstance(grad_scaler(cuda, p), torch.amp.GradScaler)
+        assert autocast_dtype(cuda, p) == torch.float16 and autocast_dtype(cpu, p) is None
+    assert all(grad_scaler(d, p) is None for d in (cuda, cpu) for p in ("bf16", "amp_bf16", "fp32"))
+    assert all(grad_scaler(cpu, p) is None for p in ("amp", "fp16"))
+    assert [effective_precision(cpu, p) for p in ("amp", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
 
 
 def test_amp_bf16_resumes_a_bf16_run_as_the_same_flag(tmp_path):

@@ -1,6 +1,5 @@
-"""Validation decodes each image once: the gallery prepared once (uint8 pixels) feeds the model the
-same tensors as decoding; the validation loss comes from the retrieval features and equals cn_clip's
-contrastive loss over the validation loader's batches; a run's later validations decode nothing."""
+"""Validation scores what the offline evaluator scores, its loss is cn_clip's over the same batches, and a run's
+later validations decode no image again."""
 
 import base64
 import random
@@ -9,15 +8,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from oracles import contrastive_eval
 from train_helpers import COLOURS, _png
 
 from solution.data import datasets
 from solution.data.lmdb_io import LMDBSplit, write_split
-from solution.retrieval.encode import encode_images, encode_split, prepare_inputs, score_parts, split_queries
+from solution.formats.hits import read_hits
+from solution.retrieval.encode import encode_images, encode_split, score_parts, split_queries
 from solution.retrieval.pixels import prepare_images
-from solution.training.loaders import val_loader
 from solution.training.state import RunFiles
-from solution.training.step import contrastive_eval
 from solution.training.validation import BestTracker, Validation, feature_loss
 
 
@@ -51,48 +50,27 @@ def test_prepared_gallery_gives_the_decoded_features_bit_for_bit(split, tiny_mod
     assert np.array_equal(
         encode_images(tiny_model, split, tiny_config, batch_size=5, prepared=prepared, flip=True)[1], flipped
     )
-    # above the bound: not prepared (the caller decodes on each use)
-    assert prepare_images(split, tiny_config, max_bytes=prepared.pixels.numel() - 1) is None
-
-
-def test_scores_with_prepared_inputs_are_the_same(split, tiny_model, tiny_config):
-    queries = split_queries(split)
-    plain = score_parts(tiny_model, split, tiny_config, queries, with_hits=True, batch_size=4)["all"]
-    inputs = prepare_inputs(split, tiny_config, queries, batch_size=4)
-    got = score_parts(tiny_model, split, tiny_config, queries, with_hits=True, batch_size=4, inputs=inputs)["all"]
-    assert np.array_equal(got.pop("hits"), plain.pop("hits")) and got == plain
+    assert prepare_images(split, tiny_config, max_bytes=prepared.pixels.numel() - 1) is None  # above the bound
 
 
 @pytest.mark.parametrize("same_text", [True, False])
-def test_loss_from_features_equals_the_loss_over_the_validation_loader(split, tiny_model, tiny_config, same_text):
-    """The same pairs in the same batches: cn_clip's loss of the model on val_loader's batches, to float
-    rounding (a feature depends on the other items of its batch only through rounding)."""
-    torch.manual_seed(5)
+def test_loss_from_features_equals_the_loss_of_the_model_over_the_batches(split, tiny_model, tiny_config, same_text):
+    """The same pairs in the same batches, to float rounding (a feature depends on the other items of its batch
+    only through rounding)."""
     with torch.no_grad():  # a model that tells the colours apart a little, so the accuracies are not all ties
         tiny_model.logit_scale.fill_(3.0)
-    loader = val_loader(
-        split,
-        resolution=tiny_config.image_resolution,
-        context_length=tiny_config.context_length,
-        prompt=tiny_config.text_prompt,
-        batch_size=6,
-        seed=11,
-        num_workers=0,
-    )
-    want = contrastive_eval(tiny_model, loader, device="cpu", same_text=same_text)
+    want = contrastive_eval(tiny_model, split, tiny_config, batch_size=6, seed=11, same_text=same_text)
     queries = split_queries(split)
     feats = encode_split(tiny_model, split, tiny_config, queries, batch_size=6)
-    got = feature_loss(
-        feats, queries, split, tiny_model.logit_scale.detach().exp(), batch_size=6, seed=11, same_text=same_text
-    )
-    assert got.keys() == want.keys()
-    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
-    assert got["val_acc_i2t"] == pytest.approx(want["val_acc_i2t"]) and got["val_acc_t2i"] == pytest.approx(
-        want["val_acc_t2i"]
-    )
+    scale = tiny_model.logit_scale.detach().exp()
+    got = feature_loss(feats, queries, split, scale, batch_size=6, seed=11, same_text=same_text)
+    assert got == pytest.approx(want, rel=1e-5)
 
 
-def test_validation_decodes_each_image_once_per_run(split, tiny_model, tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache_gb", [8.0, 0.0])
+def test_validation_scores_as_the_evaluator_and_decodes_once_within_its_cache(
+    split, tiny_model, tiny_config, tmp_path, monkeypatch, cache_gb
+):
     calls = []
     real = datasets.decode_image
     monkeypatch.setattr(datasets, "decode_image", lambda b64: calls.append(1) or real(b64))
@@ -100,6 +78,7 @@ def test_validation_decodes_each_image_once_per_run(split, tiny_model, tiny_conf
         model_config=tiny_config,
         valid_batch_size=4,
         valid_num_workers=0,
+        valid_image_cache_gb=cache_gb,
         precision="fp32",
         seed=0,
         same_text_positives=True,
@@ -109,7 +88,11 @@ def test_validation_decodes_each_image_once_per_run(split, tiny_model, tiny_conf
     val = Validation({"valid": split}, cfg, RunFiles(tmp_path / "run"), BestTracker(None))
     d = SimpleNamespace(device=torch.device("cpu"), main=True, world=1)
     rows = [val.score(tiny_model, "valid", split, d, step=s, epoch=0) for s in (1, 2)]
-    assert len(calls) == split.num_images  # once, at the first validation; no pair image decoded again
+    assert len(calls) == split.num_images * (1 if cache_gb else 2)  # with a cache: once, at the first validation
     assert rows[0]["val_loss"] == rows[1]["val_loss"] and rows[0]["mean_recall"] == rows[1]["mean_recall"]
-    fresh = score_parts(tiny_model, split, tiny_config, batch_size=4)["all"]
-    assert {k: rows[0][k] for k in fresh} == fresh
+    calls.clear()
+    offline = score_parts(tiny_model, split, tiny_config, batch_size=4, with_hits=True)["all"]
+    hits = offline.pop("hits")
+    assert {k: rows[0][k] for k in offline if k != "text_ids"} == {k: v for k, v in offline.items() if k != "text_ids"}
+    assert rows[0]["hits"] == "hits/best.hits.npy"
+    assert np.array_equal(read_hits(tmp_path / "run" / "hits" / "best.hits.npy")[1], hits)

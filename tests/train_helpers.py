@@ -58,55 +58,25 @@ def make_data(root: Path, per_colour_train: int = 6, per_colour_valid: int = 3, 
     return train, valid
 
 
+TINY = (
+    "--vision-model ViT-Tiny --text-model RBT-Tiny --context-length 16 --batch-size 8 --valid-batch-size 16 "
+    "--num-workers 0 --valid-num-workers 0 --lr 2e-3 --warmup 2 --wd 0.01 --precision fp32 --device cpu "
+    "--no-progress --no-plot --log-interval 1"
+)
+
+
 def tiny_argv(train: Path, valid: Path | None, logs: Path, name: str = "run", **flags) -> list[str]:
-    argv = [
-        "--train-data",
-        str(train),
-        "--logs",
-        str(logs),
-        "--name",
-        name,
-        "--vision-model",
-        "ViT-Tiny",
-        "--text-model",
-        "RBT-Tiny",
-        "--context-length",
-        "16",
-        "--batch-size",
-        "8",
-        "--valid-batch-size",
-        "16",
-        "--num-workers",
-        "0",
-        "--valid-num-workers",
-        "0",
-        "--lr",
-        "2e-3",
-        "--warmup",
-        "2",
-        "--wd",
-        "0.01",
-        "--precision",
-        "fp32",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--no-plot",
-        "--log-interval",
-        "1",
-    ]
+    """The trainer's command line for a tiny model on the CPU; ``flags`` (``lora_rank=2``, ``freeze_text=True``)
+    are added (True: a switch, None/False: left out)."""
+    argv = ["--train-data", str(train), "--logs", str(logs), "--name", name, *TINY.split()]
     if valid is not None:
         argv += ["--val-data", str(valid)]
     for k, v in flags.items():
         flag = "--" + k.replace("_", "-")
         if v is True:
             argv.append(flag)
-        elif v is False or v is None:
-            continue
-        elif isinstance(v, (list, tuple)):
-            argv += [flag, *map(str, v)]
-        else:
-            argv += [flag, str(v)]
+        elif v is not False and v is not None:
+            argv += [flag, *map(str, v)] if isinstance(v, (list, tuple)) else [flag, str(v)]
     return argv
 
 

@@ -105,7 +105,8 @@ def freeze_text(model: nn.Module) -> None:
 
 
 def set_train_mode(model: nn.Module, tuning: Mapping | None) -> nn.Module:
-    """``model.train()``, keeping frozen-tower BatchNorm/Dropout-free statistics fixed as cn_clip does."""
+    """``model.train()``, with a frozen ResNet image tower's BatchNorm layers left in eval mode (their running
+    statistics stay fixed, as cn_clip's ``freeze_vision_bn`` does)."""
     model.train()
     tuning = tuning or {}
     m = unwrap(model)

@@ -1,37 +1,18 @@
-"""``--torchcompile`` (open_clip's flag name): the model's two towers compiled in place, refused where it
-cannot work, and the compile time measured so that callers keep it out of their step and batch times.
+"""``--torchcompile`` (open_clip's flag name): the towers' repeated blocks compiled in place, refused where
+that cannot work, and dynamo's own count of compile seconds, so callers keep them out of step times.
 
-:func:`compile_towers` compiles the repeated blocks of ``model.visual`` and ``model.bert`` (the ViT's
-residual attention blocks, BERT's layers) with ``nn.Module.compile``, in place: the state dict,
-checkpoints, LoRA merges, gradient checkpointing and DDP see the same modules under the same names.
-This is regional compilation: every block of a tower runs the same compiled code (dynamo treats the
-parameters as inputs), so a tower compiles one block, not its whole depth (RoBERTa-base: 1 layer
-instead of 12; ViT-H-14: 1 block instead of 32): cold starts are shorter by about the depth, at the
-price of fusions across block boundaries; embeddings, final norms, projections and the loss stay
-eager. Compilation is lazy: the first call in a new situation (train/eval mode, grad on/off, a new
-text length until dynamo makes that dimension dynamic) compiles. :class:`CompileClock` reads dynamo's own count of the wall
-seconds spent compiling (tracing, AOTAutograd, code generation, forward and backward), so a step
-that compiled is timed without them and its compile seconds are logged beside it.
-
-Refused before anything runs (:func:`check_compile`, one line each), where it cannot work:
-
-- a Python that dynamo does not support;
-- the default backend ``inductor`` on a CPU without a C++ compiler (it generates and builds C++),
-  or on CUDA without triton (it generates triton kernels);
-- peft's LoRA on ``nn.MultiheadAttention`` (the ViT's attention under ``--lora-rank`` with the
-  default targets): peft swaps that module's weights with ``Tensor.set_`` in every forward, which
-  AOTAutograd refuses to trace (``set_`` on a graph input). LoRA on the text tower's
-  query/key/value ``Linear`` layers compiles (e.g. ``--lora-targets '.*\\.(query|key|value)$'``).
-
-Gradient checkpointing, ``--attn-impl upstream``, ``--mask-ratio``, autocast (fp16/bf16),
-``--accum-freq`` and DDP (the towers are compiled inside the DDP wrapper) compile and are allowed.
-``backend`` other than ``inductor`` (``aot_eager``, ``eager``: graph capture without code
-generation) exists for the tests, where building C++ kernels on a small CPU takes minutes.
+Regional compilation: every block of a tower runs the same compiled code (dynamo treats parameters as
+inputs), so a tower compiles one block, not its depth; names, state dicts, LoRA, gradient checkpointing
+and DDP see the same modules. Refused (one line each): a Python dynamo does not support; inductor
+without a C++ compiler (CPU) or triton (CUDA); peft's LoRA on ``nn.MultiheadAttention`` (it swaps weights
+with ``Tensor.set_``, which AOTAutograd cannot trace). Backends other than inductor are for tests.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import shutil
 
 import torch
@@ -54,8 +35,6 @@ def _dynamo_supported() -> bool:
 
 def _cxx_found() -> str | None:
     """The C++ compiler inductor would use on the CPU (its configured candidates, else ``$CXX``), or None."""
-    import os
-
     from torch._inductor import config
 
     names = [c for c in (os.environ.get("CXX"), *(config.cpp.cxx or ())) if c]
@@ -75,7 +54,7 @@ def check_compile(device, backend: str = "inductor") -> None:
         raise SolutionError(f"--torchcompile backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if not _dynamo_supported():
         raise SolutionError(
-            f"--torchcompile: torch.compile does not support this Python ({_python()}) in torch "
+            f"--torchcompile: torch.compile does not support this Python ({platform.python_version()}) in torch "
             f"{torch.__version__}; run without --torchcompile"
         )
     if backend != "inductor":
@@ -90,12 +69,6 @@ def check_compile(device, backend: str = "inductor") -> None:
             "--torchcompile on CUDA needs triton for inductor (pip install triton, matching "
             "torch); it is not importable here: install it or run without --torchcompile"
         )
-
-
-def _python() -> str:
-    import sys
-
-    return ".".join(map(str, sys.version_info[:3]))
 
 
 def _lora_on_mha(tower: nn.Module) -> list[str]:

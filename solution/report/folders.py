@@ -28,32 +28,11 @@ from solution.formats.trials import read_trials, run_dirs
 from solution.retrieval.metrics import mean_recall
 from solution.soups import LOG as SOUP_LOG
 from solution.soups import SUMMARY as SOUP_SUMMARY
+from solution.training.flags import NOT_SETTINGS
 
 log = logging.getLogger(__name__)
 
 SCORES = ("mean_recall", "r1", "r5", "r10")
-# Settings that name places or switch logging: never "the difference" between two runs.
-IGNORED_PARAMS = {
-    "typed",
-    "flag_changes",
-    "config",
-    "logs",
-    "name",
-    "no_plot",
-    "no_progress",
-    "log_interval",
-    "num_workers",
-    "valid_num_workers",
-    "device",
-    "model_config",
-    "extra_val_data",
-    "train_data",
-    "val_data",
-    "valid_batch_size",
-    "debug",
-    "no_auto_resume",
-    "report_training_batch_acc",
-}
 MAX_DEPTH = 4
 NO_HITS = "no per-query hits stored"
 
@@ -111,7 +90,7 @@ def run_settings(run_dir: Path) -> dict:
     except SolutionError as e:
         log.warning("%s: settings left out", e)
         params = {}
-    return {k: v for k, v in _flat(params).items() if k.split(".")[0] not in IGNORED_PARAMS}
+    return {k: v for k, v in _flat(params).items() if k.split(".")[0] not in NOT_SETTINGS}
 
 
 def read_run(run_dir: Path, name: str, kind: str = "run", settings: dict | None = None) -> Entry:

@@ -5,10 +5,8 @@ parameter space, and a trial's flags as ``train_clip.sh`` flags (``true`` -> ``-
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import io
 import logging
 import os
 from collections.abc import Sequence
@@ -293,9 +291,9 @@ def check_trial_flags(cfg: SearchConfig) -> None:
     the first trial, of each enqueued trial and of each choice and range end of the space must pass the
     trainer's own parser (without training). A failure is one line naming the file, key and problem.
     """
-    from solution.training.flags import build_parser
+    from solution.training.flags import FLAGS
 
-    known = {s[2:] for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    known = {name[2:] for f in FLAGS.values() for name in (f.name, *f.aliases)}
     names = [(k, f"--set {cfg.overrides[k]}" if k in cfg.overrides else f"base key {k!r}") for k in cfg.base]
     for p in cfg.space.values():
         if p.sets is None:
@@ -336,17 +334,11 @@ def _probe_trials(cfg: SearchConfig):
 
 
 def _trainer_refusal(argv: list[str]) -> str | None:
-    """The trainer parser's one-line complaint about ``argv``, or None when it accepts it."""
-    from solution.training.flags import parse_args
+    """The trainer parser's one-line refusal of ``argv``, or None when it accepts it."""
+    from solution.training.flags import FlagError, parse_args
 
-    err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
-            parse_args(argv)
-    except SolutionError as e:
-        lines = [ln.split(" error: ", 1)[-1] for ln in err.getvalue().splitlines() if " error: " in ln]
-        return lines[-1] if lines else str(e)
-    except SystemExit:  # argparse: --help or a usage error
-        lines = [ln.split(" error: ", 1)[-1] for ln in err.getvalue().splitlines() if " error: " in ln]
-        return lines[-1] if lines else "invalid command line"
+        parse_args(argv)
+    except FlagError as e:
+        return str(e)
     return None

@@ -1,23 +1,7 @@
-"""Command line of the trainer: cn_clip's own training flags (same names, meanings and defaults)
-plus this project's additions, and ``--config FILE.yaml`` whose keys are flag names.
-
-Precedence: built-in defaults < config file < command line. A config file holds only the
-differences from the defaults, e.g.::
-
-    train-data: data/lmdb/train
-    val-data: data/lmdb/valid
-    vision-model: ViT-B-16
-    text-model: RoBERTa-wwm-ext-base-chinese
-    lora-rank: 8
-    text-prompt: "这是一张图片，里面存在商品："
-
-Keys may use dashes or underscores; ``null`` means the flag's default. Unknown keys are an error
-naming the key. Numbers out of range (a negative LoRA rank, a dropout of 1, ...) are refused.
-
-:func:`parse_args` returns the flags as typed (checked, never rewritten): a flag left to be
-inherited or derived stays ``None``. What a run resolves them to (model, prompt, learning rate,
-steps, ...) is :class:`solution.training.run_config.TrainConfig`.
-"""
+"""The trainer's flags, each spelled once in :data:`TABLE` (cn_clip's training flags with their names, meanings
+and defaults, and this project's): the parser, config files, range checks, the resume guard (:mod:`.run_config`)
+and what ``compare`` shows (:data:`NOT_SETTINGS`) follow from it. ``--config FILE.yaml`` holds flag values by
+flag name (``null``: the default); the command line wins over it. Every refusal is one :class:`FlagError`."""
 
 from __future__ import annotations
 
@@ -26,334 +10,262 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass
 
 from solution.common import SolutionError, read_yaml_mapping
 from solution.data.datasets import AUGMENTS
 from solution.formats.run_files import MAIN_SET
 from solution.model import ATTN_IMPLS
-from solution.model.compiled import BACKENDS as COMPILE_BACKENDS
 from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m solution.train",
-        description="Fine-tune Chinese-CLIP (full, LoRA or frozen towers) with recall validation.",
-    )
-    p.add_argument(
-        "--config", default=None, help="YAML file of flag values (keys are flag names); flags given here win."
-    )
-    g = p.add_argument_group("data (cn_clip flags)")
-    g.add_argument("--train-data", default=None, help="LMDB directory of the training split (has imgs/ and pairs/).")
-    g.add_argument("--val-data", default=None, help="LMDB directory of the validation split; none disables validation.")
-    g.add_argument(
-        "--extra-val-data",
-        nargs="*",
-        default=[],
-        metavar="NAME=LMDB",
-        help="More validation sets, each scored and logged under NAME (e.g. general=data/general/lmdb/valid).",
-    )
-    g.add_argument("--num-workers", type=int, default=4, help="Training DataLoader workers.")
-    g.add_argument("--valid-num-workers", type=int, default=1, help="Validation DataLoader workers.")
-    g.add_argument(
-        "--use-augment", action="store_true", help="cn_clip's image augmentation (same as --augment cnclip)."
-    )
-    g.add_argument(
-        "--augment",
-        choices=AUGMENTS,
-        default=None,
-        help="none | cnclip (upstream AutoAugment) | gentle (RandomResizedCrop 0.8-1, flip, mild ColorJitter).",
-    )
-    g.add_argument(
-        "--context-length",
-        type=int,
-        default=None,
-        help="Max text tokens incl. [CLS]/[SEP]; default: the starting checkpoint's, else 52.",
-    )
-    g.add_argument(
-        "--text-prompt",
-        default=None,
-        help="Prepended to every text in training, validation and later inference; default: the starting "
-        "checkpoint's prompt, else none (--text-prompt '' removes an inherited one).",
-    )
-
-    g = p.add_argument_group("output (cn_clip flags)")
-    g.add_argument("--logs", default="./logs/", help="Root of run directories.")
-    g.add_argument(
-        "--name",
-        default="train_clip",
-        help="Run directory name under --logs (may hold subfolders, never leave --logs). One training "
-        "writes a run directory at a time (a second one is refused, naming the first).",
-    )
-    g.add_argument("--log-interval", type=int, default=10, help="Write a train line to metrics.jsonl every N steps.")
-    g.add_argument("--report-training-batch-acc", action="store_true", help="Log the in-batch i2t/t2i accuracy.")
-    g.add_argument("--save-epoch-frequency", type=int, default=1, help="Write checkpoints/epoch_{N}.pt every N epochs.")
-    g.add_argument(
-        "--save-step-frequency", type=int, default=-1, help="Also checkpoint every N steps (epoch_{N}_{step}.pt)."
-    )
-    g.add_argument("--no-plot", action="store_true", help="Do not draw curves.png.")
-    g.add_argument("--no-progress", action="store_true", help="No tqdm bar.")
-
-    g = p.add_argument_group("model (cn_clip flags)")
-    g.add_argument(
-        "--vision-model",
-        default=None,
-        help="Vision architecture (cn_clip's configs or configs/models); default from --resume, else ViT-B-16.",
-    )
-    g.add_argument(
-        "--text-model",
-        default=None,
-        help="Text architecture; default from --resume, else RoBERTa-wwm-ext-base-chinese.",
-    )
-    g.add_argument(
-        "--resume",
-        default=None,
-        help="Start from a checkpoint: official Chinese-CLIP, cn_clip training, or ours. "
-        "The run's own checkpoints/epoch_latest.pt, when present, wins (re-running resumes).",
-    )
-    g.add_argument("--no-auto-resume", action="store_true", help="Ignore the run's own epoch_latest.pt.")
-    g.add_argument(
-        "--allow-changed-flags",
-        action="store_true",
-        help="Resume the run's own epoch_latest.pt even where flags that change training (lr, batch size, "
-        "steps, model, prompt, tuning, ...) differ from its params.json; without it such a re-run is "
-        "refused, listing the differences.",
-    )
-    g.add_argument("--reset-optimizer", action="store_true", help="When resuming, start with a fresh optimizer.")
-    g.add_argument("--reset-data-offset", action="store_true", help="When resuming, start at epoch 0, step 0.")
-    g.add_argument("--clip-weight-path", default=None, help="cn_clip: OpenAI CLIP weights for the image tower.")
-    g.add_argument("--bert-weight-path", default=None, help="cn_clip: BERT weights for the text tower.")
-    g.add_argument("--mask-ratio", type=float, default=0.0, help="FLIP patch masking ratio for ViT (cn_clip).")
-    g.add_argument("--grad-checkpointing", action="store_true", help="Recompute activations in backward.")
-    g.add_argument("--use-flash-attention", action="store_true", help="cn_clip flag; not supported here (refused).")
-    g.add_argument(
-        "--attn-impl",
-        choices=ATTN_IMPLS,
-        default="sdpa",
-        help="text-tower attention: sdpa (fused scaled_dot_product_attention, the default) or upstream "
-        "(cn_clip's own; equal within float rounding, to compare)",
-    )
-    g.add_argument("--use-bn-sync", action="store_true", help="SyncBatchNorm under DDP (ResNet).")
-    g.add_argument(
-        "--torchcompile",
-        action="store_true",
-        help="torch.compile the towers' blocks (open_clip's flag; inductor: a C++ compiler on CPU, triton on CUDA); "
-        "compile time is logged (compile_s in metrics.jsonl) and left out of step times. Refused "
-        "with LoRA on the ViT's attention (nn.MultiheadAttention)",
-    )
-    g.add_argument(
-        "--torchcompile-backend", choices=COMPILE_BACKENDS, default="inductor", help=argparse.SUPPRESS
-    )  # tests: aot_eager/eager capture graphs without building kernels
-
-    g = p.add_argument_group("tuning")
-    g.add_argument("--freeze-vision", action="store_true", help="No gradient for the image tower (cn_clip).")
-    g.add_argument("--freeze-text", action="store_true", help="No gradient for the text tower (new).")
-    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on both towers; 0 = full fine-tuning.")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, > 0 (default 2 x rank).")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout, in [0, 1).")
-    g.add_argument(
-        "--lora-targets",
-        default=None,
-        help=r"Regex of module names to adapt (default ViT attention + BERT query/key/value: .*\.(attn|query|key|value)$).",
-    )
-
-    g = p.add_argument_group("optimisation (cn_clip flags)")
-    g.add_argument("--batch-size", type=int, default=64, help="Batch size per process.")
-    g.add_argument("--valid-batch-size", type=int, default=64, help="Validation batch size per process.")
-    g.add_argument("--max-steps", type=int, default=None, help="Steps to train (wins over --max-epochs).")
-    g.add_argument("--max-epochs", type=int, default=32)
-    g.add_argument("--valid-step-interval", type=int, default=None, help="Validate every N steps.")
-    g.add_argument("--valid-epoch-interval", type=int, default=1, help="Validate every N epochs (0 disables).")
-    g.add_argument("--lr", type=float, default=None, help="Learning rate (default per vision model as cn_clip).")
-    g.add_argument("--beta1", type=float, default=None)
-    g.add_argument("--beta2", type=float, default=None)
-    g.add_argument("--eps", type=float, default=None)
-    g.add_argument("--wd", type=float, default=0.2, help="Weight decay (none on biases, norms, logit_scale).")
-    g.add_argument("--warmup", type=int, default=500, help="Linear warmup steps, then cosine decay.")
-    g.add_argument("--skip-scheduler", action="store_true", help="Constant learning rate.")
-    g.add_argument(
-        "--accum-freq", type=int, default=1, help="Feature-caching gradient accumulation (cn_clip semantics)."
-    )
-    g.add_argument(
-        "--precision",
-        type=precision_flag,
-        choices=PRECISIONS,
-        default="amp",
-        metavar=PRECISION_METAVAR,
-        help="amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16 (or open_clip's amp_bf16): "
-        "bfloat16 autocast, no GradScaler; fp32.",
-    )
-    g.add_argument(
-        "--same-text-positives",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Pairs whose texts share a text_id in the global batch are not each other's negatives "
-        "(left out of the softmax denominators). On by default.",
-    )
-    g.add_argument(
-        "--early-stop-patience",
-        type=int,
-        default=None,
-        help="Stop when the main set's mean recall has not improved for N validations.",
-    )
-    g.add_argument("--seed", type=int, default=123)
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun picks cuda:LOCAL_RANK).")
-
-    g = p.add_argument_group("accepted for compatibility with cn_clip")
-    g.add_argument(
-        "--gather-with-grad", action="store_true", help="Always on here: features are gathered with gradient."
-    )
-    g.add_argument("--skip-aggregate", action="store_true", help="Contrast only within each process's batch.")
-    g.add_argument("--debug", action="store_true", help="Debug logging.")
-    g.add_argument("--distillation", action="store_true", help="Not supported (refused).")
-    g.add_argument("--teacher-model-name", default=None)
-    g.add_argument("--kd_loss_weight", "--kd-loss-weight", type=float, default=0.5)
-    return p
+PRECISION_HELP = "amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16 (amp_bf16); fp32."
+# What a changed value does on a re-run that resumes the run's own checkpoint:
+TRAINS = "trains"  # changes what is trained: refused unless --allow-changed-flags
+FREE = "free"  # logging, workers, device, schedules of validation and saves, speed: logged
+START = "start"  # where a run starts, or a flag resolved into another one: not compared
 
 
-def _read_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    p = Path(path)
-    data = read_yaml_mapping(p, "config file")
-    dests = {a.dest: a for a in parser._actions}
-    out = {}
-    for key, val in data.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in dests or dest in ("help", "config"):
-            raise SolutionError(f"{p}: unknown key {key!r} (keys are training flag names, e.g. batch-size)")
-        action = dests[dest]
-        if val is None:  # null: the flag's default
-            out[dest] = action.default
-            continue
-        if action.nargs == "*" and isinstance(val, dict):
-            val = [f"{k}={v}" for k, v in val.items()]
-        elif action.nargs == "*" and isinstance(val, str):
-            val = [val]
-        elif action.type is not None and val is not None and not isinstance(val, bool):
-            try:
-                val = action.type(val)
-            except (TypeError, ValueError):
-                raise SolutionError(f"{p}: {key} = {val!r} is not a valid {action.type.__name__}") from None
-        if action.choices and val is not None and val not in action.choices:
-            raise SolutionError(f"{p}: {key} = {val!r}; choose from {', '.join(map(str, action.choices))}")
-        out[dest] = val
-    return out
+class FlagError(SolutionError):
+    """A refused flag value: ``flag`` names it (None where no one flag is at fault)."""
+
+    def __init__(self, flag: str | None, message: str):
+        super().__init__(message)
+        self.flag = flag
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The flags as typed (command line over config file over defaults), checked; nothing derived."""
-    parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    from_config = {}
-    if pre.config:
-        from_config = _read_config(pre.config, parser)
-        parser.set_defaults(**from_config)
+def _range(ok: Callable[[float], bool], what: str) -> Callable[[object, str], None]:
+    def check(v, flag: str) -> None:
+        if not ok(v):
+            raise FlagError(flag, f"{flag} {v} is out of range: {what}")
+
+    return check
+
+
+POSITIVE = _range(lambda v: v >= 1, "must be a positive integer")
+AT_LEAST_0 = _range(lambda v: v >= 0, "must be 0 or more")
+ABOVE_0 = _range(lambda v: v > 0, "must be greater than 0")
+FRACTION = _range(lambda v: 0 <= v < 1, "must be in [0, 1)")
+SEED = _range(lambda v: 0 <= v < 2**31, "must be in [0, 2^31)")
+
+
+def _regex(value: str, flag: str) -> None:
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed the usage line
-        if e.code == 0:
-            raise
-        raise SolutionError("invalid command line (see the usage message above)") from None
-    try:
-        check_flags(args)
-        return args
-    except SolutionError as e:  # a value the config file gave: name the file
-        flag = str(e).split(" ", 1)[0]
-        dest = flag[2:].replace("-", "_") if flag.startswith("--") else None
-        if dest in from_config and not any(a.startswith(flag) for a in (argv if argv is not None else sys.argv[1:])):
-            raise SolutionError(f"{pre.config}: {e}") from None
-        raise
+        re.compile(value)
+    except re.error as e:
+        raise FlagError(flag, f"{flag} {value!r} is not a valid regular expression ({e})") from None
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """Checks that need neither the data nor the model (``args`` is left as typed)."""
-    if not args.train_data:
-        raise SolutionError("--train-data is required (an LMDB directory with imgs/ and pairs/)")
-    if args.use_flash_attention:
-        raise SolutionError("--use-flash-attention is not supported by this trainer (PyTorch SDPA is used instead)")
-    if args.distillation:
-        raise SolutionError("--distillation is not supported by this trainer")
-    _check_ranges(args)
-    check_name(args.name)
-    extra_val_sets(args.extra_val_data)
+def _run_name(name: str, flag: str) -> None:
+    """A relative path that stays inside ``--logs`` (subfolders allowed)."""
+    norm = os.path.normpath(name) if name else ""
+    if not name or "\0" in name or os.path.isabs(name) or norm in (".", "..") or norm.startswith(".." + os.sep):
+        raise FlagError(
+            flag,
+            f"{flag} {name!r} leaves --logs: give a run folder name inside it (e.g. exp1 or exp/run1), no "
+            "absolute path and no '..' that climbs out",
+        )
 
 
-def extra_val_sets(items: Sequence[str] | None) -> dict[str, str]:
-    """``--extra-val-data NAME=LMDB ...`` as ``{name: path}`` (one clear error for a malformed item)."""
+def extra_val_sets(items: Sequence[str] | None, flag: str = "--extra-val-data") -> dict[str, str]:
+    """``--extra-val-data NAME=LMDB ...`` as ``{name: path}``."""
     extra: dict[str, str] = {}
     for item in items or []:
         name, sep, path = str(item).partition("=")
         if not sep or not name or not path:
-            raise SolutionError(f"--extra-val-data expects NAME=LMDB, got {item!r}")
+            raise FlagError(flag, f"{flag} expects NAME=LMDB, got {item!r}")
         if name == MAIN_SET or name in extra:
-            raise SolutionError(f"--extra-val-data: duplicate set name {name!r}")
+            raise FlagError(flag, f"{flag}: duplicate set name {name!r}")
         extra[name] = path
     return extra
 
 
-def _check_ranges(args: argparse.Namespace) -> None:
-    """Every number in its range (one line naming the flag): nothing silently reinterpreted."""
+@dataclass(frozen=True)
+class Flag:
+    """One flag: ``resume`` TRAINS, FREE or START; ``shown``: whether ``compare`` shows it as a run's
+    setting; ``check(value, flag)`` raises :class:`FlagError` for a value given; ``type``: by default its
+    default's (a bool: a switch)."""
 
-    def bad(flag: str, what: str) -> None:
-        raise SolutionError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is out of range: {what}")
+    name: str
+    default: object
+    help: str | None
+    resume: str
+    _: KW_ONLY
+    shown: bool = True
+    check: Callable[[object, str], object] | None = None
+    type: Callable | None = None
+    choices: Sequence | None = None
+    nargs: str | None = None
+    metavar: str | None = None
+    refused: bool = False  # accepted for cn_clip, refused when set
+    aliases: tuple[str, ...] = ()
 
-    def number(flag: str) -> float | None:
-        v = getattr(args, flag)
-        if v is not None and not math.isfinite(v):
-            bad(flag, "must be a finite number")
-        return v
+    @property
+    def dest(self) -> str:
+        return self.name[2:].replace("-", "_")
 
-    for flag in (
-        "batch_size",
-        "valid_batch_size",
-        "accum_freq",
-        "log_interval",
-        "max_epochs",
-        "context_length",
-        "max_steps",
-        "valid_step_interval",
-        "early_stop_patience",
-    ):
-        v = getattr(args, flag)
-        if v is None and flag in ("context_length", "max_steps", "valid_step_interval", "early_stop_patience"):
-            continue  # not given: inherited, derived or off
-        if v is None or v < 1:
-            bad(flag, "must be a positive integer")
-    for flag in ("num_workers", "valid_num_workers", "warmup", "valid_epoch_interval", "lora_rank"):
-        if getattr(args, flag) < 0:
-            bad(flag, "must be 0 or more" + (" (0 = full fine-tuning)" if flag == "lora_rank" else ""))
-    if not 0 <= args.seed < 2**31:
-        bad("seed", "must be in [0, 2^31)")
-    for flag in ("lr", "wd"):
-        v = number(flag)
-        if v is not None and v < 0:
-            bad(flag, "must be 0 or more")
-    for flag in ("beta1", "beta2"):
-        v = number(flag)
-        if v is not None and not 0 <= v < 1:
-            bad(flag, "must be in [0, 1)")
-    for flag in ("eps", "lora_alpha"):
-        v = number(flag)
-        if v is not None and v <= 0:
-            bad(flag, "must be greater than 0")
-    for flag in ("lora_dropout", "mask_ratio"):
-        if not 0.0 <= number(flag) < 1.0:
-            bad(flag, "must be in [0, 1)")
-    if args.lora_targets is not None:
-        try:
-            re.compile(args.lora_targets)
-        except re.error as e:
-            raise SolutionError(
-                f"--lora-targets {args.lora_targets!r} is not a valid regular expression ({e})"
-            ) from None
+    @property
+    def parse(self) -> Callable:
+        return self.type or (str if self.default is None or self.nargs else type(self.default))
+
+    def validate(self, value) -> None:
+        if self.refused and value:
+            raise FlagError(self.name, f"{self.name} is not supported by this trainer")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FlagError(self.name, f"{self.name} {value} is out of range: must be a finite number")
+        if value is not None and self.check is not None:
+            self.check(value, self.name)
 
 
-def check_name(name: str) -> None:
-    """``--name`` is a relative path that stays inside ``--logs`` (subfolders allowed)."""
-    norm = os.path.normpath(name) if name else ""
-    if not name or "\0" in name or os.path.isabs(name) or norm in (".", "..") or norm.startswith(".." + os.sep):
-        raise SolutionError(
-            f"--name {name!r} leaves --logs: give a run folder name inside it (e.g. exp1 or "
-            "exp/run1), no absolute path and no '..' that climbs out"
-        )
+F = Flag
+TABLE: list[str | Flag] = [  # a group's title, then its flags
+    "data (cn_clip flags)",
+    F("--train-data", None, "LMDB directory of the training split (imgs/ and pairs/).", TRAINS, shown=False),
+    F("--val-data", None, "LMDB directory of the validation split; none: no validation.", TRAINS, shown=False),
+    F("--extra-val-data", [], "More validation sets: NAME=LMDB.", TRAINS, shown=False, check=extra_val_sets, nargs="*"),
+    F("--num-workers", 4, "Training DataLoader workers.", FREE, shown=False, check=AT_LEAST_0),
+    F("--valid-num-workers", 1, "Validation DataLoader workers.", FREE, shown=False, check=AT_LEAST_0),
+    F("--use-augment", False, "cn_clip's image augmentation (same as --augment cnclip).", START),
+    F("--augment", None, "none, cnclip (upstream AutoAugment), gentle (crop, flip, colour).", TRAINS, choices=AUGMENTS),
+    F("--context-length", None, "Tokens per text (default: the start's, else 52).", TRAINS, check=POSITIVE, type=int),
+    F("--text-prompt", None, "Prepended to each text, then at inference too (default: the start's).", TRAINS),
+    F("--valid-image-cache-gb", 8.0, "GiB of validation images kept decoded.", FREE, shown=False, check=AT_LEAST_0),
+    "output (cn_clip flags)",
+    F("--logs", "./logs/", "Root of run directories.", START, shown=False),
+    F("--name", "train_clip", "Run folder in --logs (may be a/b); one writer.", START, shown=False, check=_run_name),
+    F("--log-interval", 10, "Write a train line to metrics.jsonl every N steps.", FREE, shown=False, check=POSITIVE),
+    F("--report-training-batch-acc", False, "Log the in-batch i2t/t2i accuracy.", FREE, shown=False),
+    F("--save-epoch-frequency", 1, "Write checkpoints/epoch_{N}.pt every N epochs.", FREE),
+    F("--save-step-frequency", -1, "Also checkpoint every N steps (epoch_{N}_{step}.pt).", FREE),
+    F("--no-plot", False, "Do not draw curves.png.", FREE, shown=False),
+    F("--no-progress", False, "No tqdm bar.", FREE, shown=False),
+    "model (cn_clip flags)",
+    F("--vision-model", None, "Vision architecture; default from --resume, else ViT-B-16.", TRAINS),
+    F("--text-model", None, "Text architecture; default from --resume, else RoBERTa-wwm-ext-base-chinese.", TRAINS),
+    F("--resume", None, "Start from a checkpoint (official, cn_clip's or ours); the run's own one wins.", START),
+    F("--no-auto-resume", False, "Ignore the run's own epoch_latest.pt.", START, shown=False),
+    F("--allow-changed-flags", False, "Resume the run's own checkpoint under changed training flags.", START),
+    F("--reset-optimizer", False, "When resuming, start with a fresh optimizer.", START),
+    F("--reset-data-offset", False, "When resuming, start at epoch 0, step 0.", START),
+    F("--clip-weight-path", None, "cn_clip: OpenAI CLIP weights for the image tower.", START),
+    F("--bert-weight-path", None, "cn_clip: BERT weights for the text tower.", START),
+    F("--mask-ratio", 0.0, "FLIP patch masking ratio for ViT (cn_clip).", TRAINS, check=FRACTION),
+    F("--grad-checkpointing", False, "Recompute activations in backward.", FREE),
+    F("--use-flash-attention", False, "Refused (PyTorch SDPA is used instead).", START, refused=True),
+    F("--attn-impl", "sdpa", "Text-tower attention: sdpa, or cn_clip's own (upstream).", FREE, choices=ATTN_IMPLS),
+    F("--use-bn-sync", False, "SyncBatchNorm under DDP (ResNet).", TRAINS),
+    F("--torchcompile", False, "torch.compile the towers' blocks (compile time logged apart).", FREE),
+    "tuning",
+    F("--freeze-vision", False, "No gradient for the image tower (cn_clip).", TRAINS),
+    F("--freeze-text", False, "No gradient for the text tower.", TRAINS),
+    F("--lora-rank", 0, "LoRA rank on both towers; 0 = full fine-tuning.", TRAINS, check=AT_LEAST_0),
+    F("--lora-alpha", None, "LoRA alpha (default 2 x rank).", TRAINS, check=ABOVE_0, type=float),
+    F("--lora-dropout", 0.0, "LoRA dropout.", TRAINS, check=FRACTION),
+    F("--lora-targets", None, "Regex of modules to adapt (default: ViT attention, BERT q/k/v).", TRAINS, check=_regex),
+    "optimisation (cn_clip flags)",
+    F("--batch-size", 64, "Batch size per process.", TRAINS, check=POSITIVE),
+    F("--valid-batch-size", 64, "Validation batch size per process.", FREE, shown=False, check=POSITIVE),
+    F("--max-steps", None, "Steps to train (wins over --max-epochs).", TRAINS, check=POSITIVE, type=int),
+    F("--max-epochs", 32, None, START, check=POSITIVE),
+    F("--valid-step-interval", None, "Validate every N steps.", FREE, check=POSITIVE, type=int),
+    F("--valid-epoch-interval", 1, "Validate every N epochs (0 disables).", FREE, check=AT_LEAST_0),
+    F("--lr", None, "Learning rate (default per vision model as cn_clip).", TRAINS, check=AT_LEAST_0, type=float),
+    F("--beta1", None, None, TRAINS, check=FRACTION, type=float),
+    F("--beta2", None, None, TRAINS, check=FRACTION, type=float),
+    F("--eps", None, None, TRAINS, check=ABOVE_0, type=float),
+    F("--wd", 0.2, "Weight decay (none on biases, norms, logit_scale).", TRAINS, check=AT_LEAST_0),
+    F("--warmup", 500, "Linear warmup steps, then cosine decay.", TRAINS, check=AT_LEAST_0),
+    F("--skip-scheduler", False, "Constant learning rate.", TRAINS),
+    F("--accum-freq", 1, "Feature-caching gradient accumulation (cn_clip's).", TRAINS, check=POSITIVE),
+    F("--precision", "amp", PRECISION_HELP, TRAINS, type=precision_flag, choices=PRECISIONS, metavar=PRECISION_METAVAR),
+    F("--same-text-positives", True, "Texts of one text_id are not each other's negatives.", TRAINS),
+    F("--early-stop-patience", None, "Stop after N validations with no new best.", TRAINS, check=POSITIVE, type=int),
+    F("--seed", 123, None, TRAINS, check=SEED),
+    F("--device", "auto", "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).", FREE, shown=False),
+    F("--dist-timeout-min", 120.0, "Minutes the others wait for the main process.", FREE, shown=False, check=ABOVE_0),
+    "accepted for compatibility with cn_clip",
+    F("--gather-with-grad", False, "Always on here: features are gathered with gradient.", START),
+    F("--skip-aggregate", False, "Contrast only within each process's batch.", TRAINS),
+    F("--debug", False, "Debug logging.", FREE, shown=False),
+    F("--distillation", False, "Refused.", START, refused=True),
+    F("--teacher-model-name", None, None, START),
+    F("--kd-loss-weight", 0.5, None, START, aliases=("--kd_loss_weight",)),
+]
+FLAGS: dict[str, Flag] = {f.dest: f for f in TABLE if isinstance(f, Flag)}
+# params.json keys compare does not show as a run's settings (torchcompile_backend: written by earlier versions)
+NOT_SETTINGS = frozenset(
+    [k for k, f in FLAGS.items() if not f.shown]
+    + ["config", "typed", "flag_changes", "model_config", "torchcompile_backend"]
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise FlagError(None, message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m solution.train",
+        description="Fine-tune Chinese-CLIP (full, LoRA or frozen towers) with recall validation.",
+        exit_on_error=False,
+    )
+    p.add_argument("--config", help="YAML file of flag values (keys are flag names); flags given here win.")
+    for f in TABLE:
+        if isinstance(f, str):
+            g = p.add_argument_group(f)
+        elif f.parse is bool:
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            g.add_argument(*f.aliases, f.name, dest=f.dest, action=action, default=f.default, help=f.help)
+        else:
+            kw = dict(type=f.parse, default=f.default, help=f.help, choices=f.choices, metavar=f.metavar)
+            g.add_argument(*f.aliases, f.name, dest=f.dest, nargs=f.nargs, **kw)
+    return p
+
+
+def _config_argv(path: str) -> list[str]:
+    """The config file as command-line words, so that the parser reads and checks it as it reads the command line."""
+    argv = []
+    for key, value in read_yaml_mapping(path, "config file").items():
+        f = FLAGS.get(str(key).lstrip("-").replace("-", "_"))
+        if f is None:
+            raise FlagError(None, f"{path}: unknown key {key!r} (keys are training flag names, e.g. batch-size)")
+        if f.parse is bool and not isinstance(value, bool) and value is not None:
+            raise FlagError(f.name, f"{path}: {key} = {value!r} is not true or false")
+        if f.parse is bool and value is not None:
+            argv += [f.name] if value else [f"--no-{f.name[2:]}"] if f.default else []
+        elif f.nargs and value is not None:
+            items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else value
+            argv += [f.name, *map(str, [items] if isinstance(items, str) else items)]
+        elif value is not None:  # null: the flag's default
+            argv.append(f"{f.name}={value}")
+    return argv
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], where: str = "") -> argparse.Namespace:
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise FlagError(e.argument_name and e.argument_name.split("/")[-1], f"{where}{e}") from None
+    if unknown:
+        raise FlagError(unknown[0], f"{where}unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags as typed (command line over config file over defaults), checked; nothing derived."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config = pre.parse_known_args(argv)[0].config
+    from_config = _config_argv(config) if config else []
+    for words, where in ((from_config, f"{config}: "), (from_config + argv, "")):  # the file's values first
+        args = _parse(build_parser(), words, where)
+        for f in FLAGS.values():
+            try:
+                f.validate(getattr(args, f.dest))
+            except FlagError as e:
+                raise FlagError(e.flag, f"{where}{e}") from None
+    if not args.train_data:
+        raise FlagError("--train-data", "--train-data is required (an LMDB directory with imgs/ and pairs/)")
+    return args

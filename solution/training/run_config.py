@@ -1,170 +1,55 @@
-"""The resolved configuration of one training run: :class:`TrainConfig`, built once, never changed.
-
-The command line (:mod:`.config`) gives the flags as typed, where ``None`` means "inherit or
-derive". :func:`resolve` turns them, with the starting checkpoint, the training split's size and
-the process group, into a frozen :class:`TrainConfig` in which every value is the one the run uses:
-
-- model: architecture, context length and prompt from the flags, else the starting checkpoint
-  (else ViT-B-16 / RoBERTa-wwm-ext-base-chinese, 52 tokens, no prompt); the tuning recipe;
-- optimiser: ``--lr``/``--beta1``/``--beta2``/``--eps`` from cn_clip's per-vision-model defaults
-  where not given; ``--augment`` from ``--use-augment`` where not given; LoRA alpha and targets;
-- length: ``--max-steps`` wins over ``--max-epochs``; the other one follows from the steps per epoch;
-- the run's facts: processes, global batch, steps per epoch, training pairs, starting checkpoint.
-
-``params.json`` (:func:`params_record`) holds the resolved values under the flag names it has
-always used (one key per flag, plus ``model_config``, ``world_size``, ``global_batch_size``,
-``steps_per_epoch``, ``resumed_from``, ``train_pairs``, and ``flag_changes`` after a consented
-change), and the flags as typed under ``"typed"``. :func:`resolved_params` reads either layout
-(files written before ``"typed"`` existed hold the resolved values only).
-"""
+"""The resolved configuration of one run (:data:`TrainConfig`, frozen: every flag by name as the run uses it,
+inherited from the starting checkpoint or cn_clip's defaults where not given, and the run's facts),
+``params.json``, and which changed flags a re-run may resume under."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cn_clip_patch.prompt import PromptError, check_prompt
 from cn_clip_patch.tuning import DEFAULT_LORA_TARGETS, tuning_recipe
 from solution.common import SolutionError
+from solution.formats.run_files import PARAMS, read_params
 from solution.model import ModelConfig, resolve_config
 
-from .flags import extra_val_sets
+from .flags import FLAGS, FREE, TRAINS, FlagError, extra_val_sets
 from .loaders import num_micro_batches
 
 if TYPE_CHECKING:
     from .setup import Start
 
+log = logging.getLogger(__name__)
+
 DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
 FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
-TYPED = "typed"
 RUN_FACTS = ("model_config", "world_size", "global_batch_size", "steps_per_epoch", "resumed_from", "train_pairs")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every trainer flag, resolved (same names as the flags), and the run's facts."""
-
-    # data
-    config: str | None
-    train_data: str
-    val_data: str | None
-    extra_val_data: tuple[str, ...]
-    num_workers: int
-    valid_num_workers: int
-    use_augment: bool
-    augment: str
-    context_length: int
-    text_prompt: str
-    # output
-    logs: str
-    name: str
-    log_interval: int
-    report_training_batch_acc: bool
-    save_epoch_frequency: int
-    save_step_frequency: int
-    no_plot: bool
-    no_progress: bool
-    # model
-    vision_model: str
-    text_model: str
-    resume: str | None
-    no_auto_resume: bool
-    allow_changed_flags: bool
-    reset_optimizer: bool
-    reset_data_offset: bool
-    clip_weight_path: str | None
-    bert_weight_path: str | None
-    mask_ratio: float
-    grad_checkpointing: bool
-    use_flash_attention: bool
-    attn_impl: str
-    use_bn_sync: bool
-    torchcompile: bool
-    torchcompile_backend: str
-    # tuning
-    freeze_vision: bool
-    freeze_text: bool
-    lora_rank: int
-    lora_alpha: float | None
-    lora_dropout: float
-    lora_targets: str | None
-    # optimisation
-    batch_size: int
-    valid_batch_size: int
-    max_steps: int
-    max_epochs: int
-    valid_step_interval: int | None
-    valid_epoch_interval: int
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    wd: float
-    warmup: int
-    skip_scheduler: bool
-    accum_freq: int
-    precision: str
-    same_text_positives: bool
-    early_stop_patience: int | None
-    seed: int
-    device: str
-    # accepted for compatibility with cn_clip
-    gather_with_grad: bool
-    skip_aggregate: bool
-    debug: bool
-    distillation: bool
-    teacher_model_name: str | None
-    kd_loss_weight: float
-    # the run
-    model_config: ModelConfig
-    world_size: int
-    global_batch_size: int  # pairs per optimizer step: batch size x processes x accumulation
-    steps_per_epoch: int
-    resumed_from: str | None
-    train_pairs: int
-
-    @property
-    def extra_val(self) -> dict[str, str]:
-        """``--extra-val-data`` as ``{name: LMDB path}``."""
-        return extra_val_sets(self.extra_val_data)
-
-    def to_dict(self) -> dict:
-        """Plain JSON values under the flag names (``model_config`` as its dict, tuples as lists)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["extra_val_data"] = list(self.extra_val_data)
-        out["model_config"] = self.model_config.to_dict()
-        return out
+STEPS, BATCH = "max steps (--max-steps/--max-epochs)", "--batch-size x processes"
+TrainConfig = dataclasses.make_dataclass("TrainConfig", ["config", *FLAGS, *RUN_FACTS], frozen=True)
 
 
 def steps_per_epoch(train_pairs: int, batch_size: int, world: int, accum_freq: int, train_data: str) -> int:
     """Optimizer steps in one epoch; one clear error where the data cannot fill a step."""
-    global_batch = batch_size * world
-    if global_batch > train_pairs:
+    if batch_size * world > train_pairs:
         raise SolutionError(
-            f"batch size {batch_size} x {world} process(es) = {global_batch} is larger than "
+            f"batch size {batch_size} x {world} process(es) = {batch_size * world} is larger than "
             f"the {train_pairs} training pairs in {train_data}"
         )
-    micro = num_micro_batches(train_pairs, global_batch)
-    if micro // accum_freq == 0:
+    micro = num_micro_batches(train_pairs, batch_size * world)
+    if micro < accum_freq:
         raise SolutionError(
             f"--accum-freq {accum_freq} needs {accum_freq} batches per step but an epoch has only {micro}"
         )
     return micro // accum_freq
 
 
-def optim_defaults(vision_model: str) -> dict[str, float]:
-    """cn_clip's lr/beta1/beta2/eps for a vision model (a fallback for models it does not know)."""
-    from cn_clip.training.params import get_default_params
-
-    return {**FALLBACK_OPTIM, **get_default_params(vision_model)}
-
-
 def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
-    """The model the run trains: architecture, context length and prompt from the flags, else from
-    the starting checkpoint; the tuning recipe of the flags. Checked against the text model."""
+    """The model the run trains: flags first, then the starting checkpoint; checked against the text model."""
     recipe = tuning_recipe(
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
@@ -173,15 +58,13 @@ def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
         freeze_vision=args.freeze_vision,
         freeze_text=args.freeze_text,
     )
+    vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
     if start.ckpt is not None:
         cfg = resolve_config(
             start.ckpt, vision_model=args.vision_model, text_model=args.text_model, source=start.source
         )
         vision, text = cfg.vision_model, cfg.text_model
-    else:
-        vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
-    # Prompt and context length follow the starting checkpoint unless given: stages never disagree.
-    stored = (start.ckpt or {}).get("config") or {}
+    stored = (start.ckpt or {}).get("config") or {}  # prompt and context length follow the starting checkpoint
     context = (
         args.context_length if args.context_length is not None else int(stored.get("context_length", DEFAULT_CONTEXT))
     )
@@ -189,21 +72,25 @@ def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
     config = ModelConfig(vision, text, context_length=context, text_prompt=prompt, tuning=recipe)
     positions = int(config.model_info.get("text_max_position_embeddings", 512))
     if context > positions:
-        raise SolutionError(f"--context-length {context} exceeds the text model's {positions} positions")
+        raise FlagError(
+            "--context-length", f"--context-length {context} exceeds the text model's {positions} positions"
+        )
     try:
         check_prompt(config.text_prompt, config.context_length)
     except PromptError as e:
-        raise SolutionError(f"--text-prompt: {e}") from None
+        raise FlagError("--text-prompt", f"--text-prompt: {e}") from None
     return config
 
 
 def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: int, device: str) -> TrainConfig:
-    """The run's :class:`TrainConfig` from the typed flags ``args`` (left unchanged), the starting
-    checkpoint, the process count, the training split's size and the device the run uses."""
+    """The run's :data:`TrainConfig` from the typed flags (left unchanged), the starting checkpoint, the
+    process count, the training split's size and the device."""
+    from cn_clip.training.params import get_default_params
+
     model = model_config(args, start)
     values = dict(vars(args))
-    optim = optim_defaults(model.vision_model)
-    values.update({k: optim[k] for k in ("lr", "beta1", "beta2", "eps") if values[k] is None})
+    optim = {**FALLBACK_OPTIM, **get_default_params(model.vision_model)}
+    values.update({k: optim[k] for k in FALLBACK_OPTIM if values[k] is None})
     per_epoch = steps_per_epoch(train_pairs, args.batch_size, world, args.accum_freq, args.train_data)
     if args.max_steps is not None:
         values["max_epochs"] = -(-args.max_steps // per_epoch)
@@ -211,7 +98,7 @@ def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: 
         values["max_steps"] = per_epoch * args.max_epochs
     lora = model.tuning.get("lora") or {}
     values.update(
-        extra_val_data=tuple(args.extra_val_data or ()),
+        extra_val_data=list(args.extra_val_data or ()),
         augment=args.augment or ("cnclip" if args.use_augment else "none"),
         vision_model=model.vision_model,
         text_model=model.text_model,
@@ -230,16 +117,76 @@ def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: 
     return TrainConfig(**values)
 
 
-def params_record(typed: argparse.Namespace, cfg: TrainConfig, flag_changes: list | None = None) -> dict:
-    """What ``params.json`` holds: the resolved values by flag name, the flags as typed under
-    ``"typed"``, and the consented flag changes of earlier re-runs (if any)."""
-    record = cfg.to_dict()
+def params_record(args: argparse.Namespace, cfg: TrainConfig, flag_changes: list | None = None) -> dict:
+    """``params.json``: the resolved values by flag name, the run's facts, the consented flag changes of
+    re-runs (if any) and the flags as typed under ``"typed"``."""
+    record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    record["model_config"] = cfg.model_config.to_dict()
     if flag_changes:
         record["flag_changes"] = list(flag_changes)
-    record[TYPED] = dict(vars(typed))
-    return record
+    return {**record, "typed": dict(vars(args))}
 
 
-def resolved_params(saved: Mapping) -> dict:
-    """The resolved values of a ``params.json`` of either layout (with or without ``"typed"``)."""
-    return {k: v for k, v in saved.items() if k != TYPED}
+def training_flags(p: Mapping) -> dict[str, object]:
+    """The values of a ``params.json`` whose change changes what a run trains, by how a refusal names them."""
+    out = {FLAGS[k].name: FLAGS[k].parse(v) if isinstance(v, str) else v for k, v in p.items() if _compared(k, p)}
+    if "max_steps" in p:
+        out[STEPS] = p["max_steps"]
+    if "batch_size" in p:
+        out[BATCH] = int(p["batch_size"]) * int(p.get("world_size") or 1)
+    return out
+
+
+def _compared(key: str, p: Mapping) -> bool:
+    if key not in FLAGS or FLAGS[key].resume != TRAINS or key in ("max_steps", "batch_size"):
+        return False
+    return p.get("lora_rank") or key not in ("lora_alpha", "lora_dropout", "lora_targets")  # LoRA off: no effect
+
+
+def _same(flag: str, old, new) -> bool:
+    """Whether two values of a flag are the same (data paths: the same folders, however spelled)."""
+
+    def real(v):
+        if flag == "--extra-val-data":
+            return {name: os.path.realpath(path) for name, path in extra_val_sets(v).items()}
+        return os.path.realpath(v) if v and flag in ("--train-data", "--val-data") else v
+
+    return real(old) == real(new)
+
+
+def _show(v) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def check_resume_flags(run_dir: Path, params: Mapping, step: int, allow: bool) -> list[dict]:
+    """Compare this command's resolved ``params`` with the run's ``params.json`` before resuming at ``step``:
+    refuse changed training flags unless ``allow``; return the flag-change history with this re-run's."""
+    try:
+        saved = read_params(run_dir)
+    except SolutionError as e:
+        raise SolutionError(f"{e}; restore or remove it to resume this run, or pass --no-auto-resume") from None
+    if saved is None:
+        log.warning("%s is missing: cannot check that this command's flags match the run's", run_dir / PARAMS)
+        return []
+    old, new = training_flags(saved), training_flags(params)
+    changed = {k: (old[k], new[k]) for k in old if k in new and not _same(k, old[k], new[k])}
+    free = [
+        f"{f.name} {_show(saved[k])} -> {_show(params[k])}"
+        for k, f in FLAGS.items()
+        if f.resume == FREE and k in saved and saved[k] != params[k]
+    ]
+    if free:
+        log.info("resuming under other flags that do not change the training than %s: %s", PARAMS, "; ".join(free))
+    history = list(saved.get("flag_changes") or [])
+    if changed:
+        text = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items())
+        if not allow:
+            raise SolutionError(
+                f"run folder {run_dir} was trained with other flags than this command's (its params.json): "
+                f"{text}. Re-run with the run's flags, pass --allow-changed-flags to continue it from step {step} "
+                "under the new ones, or use another --name (or --no-auto-resume to start it over); logging, "
+                "worker, device, validation- and save-schedule flags may change freely"
+            )
+        log.warning("resuming %s at step %d under changed flags (--allow-changed-flags): %s", run_dir, step, text)
+        history.append({"step": int(step), "changes": {k: [a, b] for k, (a, b) in changed.items()}})
+    return history

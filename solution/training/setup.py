@@ -1,22 +1,11 @@
-"""Setting a run up: processes/devices, the starting checkpoint, the model with its tuning, the optimizer.
-
-Where a run starts from (first match wins):
-
-1. the run's own ``checkpoints/epoch_latest.pt`` (unless ``--no-auto-resume``): an exact resume
-   (weights, optimizer, scaler, RNG, data position), so re-running a killed command continues it;
-2. ``--resume FILE``: an official Chinese-CLIP file (``{"epoch", "step", "name", "state_dict"}``,
-   ``module.`` keys, possibly fp16), a cn_clip training checkpoint (+ ``optimizer``) or one of ours.
-   As in cn_clip, its epoch/step become the data offset unless ``--reset-data-offset``, and its
-   optimizer state is restored unless ``--reset-optimizer`` (or absent/incompatible, with a warning);
-3. random initialisation (``--seed``), optionally with cn_clip's ``--clip-weight-path`` /
-   ``--bert-weight-path`` tower weights.
-"""
+"""Setting a run up: processes and devices, the starting checkpoint (the run's own ``epoch_latest.pt``, else
+``--resume``: official, cn_clip's or ours, else random weights), the model with its tuning, the optimizer."""
 
 from __future__ import annotations
 
 import datetime
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,37 +34,29 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_flag: str) -> Dist:
-    """One process, or torchrun's (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not dist.is_initialized():
-        return Dist(device=resolve_device(device_flag))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def init_distributed(device_flag: str, timeout_min: float, env: dict[str, str]) -> Dist:
+    """One process, or torchrun's (``env``: its ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): NCCL on GPU, gloo on
+    CPU; ``timeout_min``: how long the other processes wait for the main one's validation."""
     device = resolve_device(device_flag)
+    if int(env.get("WORLD_SIZE", "1")) <= 1 and not dist.is_initialized():
+        return Dist(device=device)
+    local_rank = int(env.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = rank_device(device, local_rank, torch.cuda.device_count())
         torch.cuda.set_device(device)
-    owns = False
-    if not dist.is_initialized():
-        # validation runs on rank 0 while the others wait: allow long validations (default 2 h)
-        timeout = datetime.timedelta(minutes=float(os.environ.get("SOLUTION_DIST_TIMEOUT_MIN", "120")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-        owns = True
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
     cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, owns, cpu_group)
 
 
 def rank_device(device: torch.device, local_rank: int, cuda_count: int) -> torch.device:
-    """This process's GPU under torchrun: the one of its ``LOCAL_RANK`` (an index in ``--device cuda:N``
-    is not used there: it would put every process on GPU N; choose GPUs with ``CUDA_VISIBLE_DEVICES``)."""
+    """This process's GPU under torchrun: the one of its ``LOCAL_RANK`` (not ``--device cuda:N``'s N, which
+    would put every process on one GPU: choose GPUs with ``CUDA_VISIBLE_DEVICES``)."""
     if device.index is not None and device.index != local_rank:
-        log.warning(
-            "--device %s under torchrun: process %d uses cuda:%d (its LOCAL_RANK); choose the GPUs with "
-            "CUDA_VISIBLE_DEVICES",
-            device,
-            local_rank,
-            local_rank,
-        )
+        log.warning("--device %s under torchrun: process %d uses cuda:%d", device, local_rank, local_rank)
     if local_rank >= cuda_count:
         raise SolutionError(
             f"LOCAL_RANK {local_rank} but only {cuda_count} CUDA devices are visible: start at most "
@@ -84,9 +65,30 @@ def rank_device(device: torch.device, local_rank: int, cuda_count: int) -> torch
     return torch.device("cuda", local_rank)
 
 
+def on_main(d: Dist, fn: Callable[[], object], share: bool = False):
+    """``fn()`` on the main process only; a :class:`SolutionError` it raises is raised on every process, and
+    with ``share`` its result is returned on every process (else on the main one only)."""
+    err = out = None
+    if d.main:
+        try:
+            out = fn()
+        except SolutionError as e:
+            err = str(e)
+        except BaseException:
+            if d.world > 1:  # the other processes must not wait for an answer that never comes
+                dist.broadcast_object_list(["the main process failed (see its traceback)", None], src=0)
+            raise
+    if d.world > 1:
+        box = [err, out if share else None]
+        dist.broadcast_object_list(box, src=0)
+        err, out = box[0], box[1] if share else out
+    if err is not None:
+        raise SolutionError(err)
+    return out
+
+
 def seed_process(seed: int, rank: int) -> None:
-    """Seed this process's generators for dropout and ``--mask-ratio`` masks: ``seed + rank``, so the
-    processes of one run draw different masks (the weights are built from ``seed`` alone, before)."""
+    """Seed dropout and ``--mask-ratio`` draws with ``seed + rank`` (the weights were built from ``seed``)."""
     torch.manual_seed(int(seed) + int(rank))
 
 
@@ -96,15 +98,12 @@ class Start:
 
     ckpt: dict | None = None
     source: str | None = None
-    own: bool = False  # the run's own epoch_latest.pt: exact resume
+    is_own_run: bool = False  # the run's own epoch_latest.pt: an exact resume
 
 
-def find_start(latest: Path, resume: str | None, auto_resume: bool = True, own: bool | None = None) -> Start:
-    """The run's own ``latest`` checkpoint (when ``auto_resume``), else ``--resume``, else nothing.
-    ``own``: whether to resume ``latest``, decided already (by the main process, for all of them)."""
-    if own is None:
-        own = latest.is_file() and auto_resume
-    if own:
+def find_start(latest: Path, resume: str | None, is_own_run: bool) -> Start:
+    """The run's own ``latest`` checkpoint when ``is_own_run`` (decided by the main process), else ``--resume``."""
+    if is_own_run:
         log.info("resuming this run from %s", latest)
         return Start(read_checkpoint(latest), str(latest), True)
     if resume:
@@ -115,103 +114,54 @@ def find_start(latest: Path, resume: str | None, auto_resume: bool = True, own: 
     return Start()
 
 
-def _tower_weights(path: str | None) -> dict | None:
-    return read_checkpoint(path)["state_dict"] if path else None
-
-
-def build(
-    config: ModelConfig,
-    start: Start,
-    *,
-    seed: int,
-    clip_weight_path: str | None = None,
-    bert_weight_path: str | None = None,
-    attn_impl: str = "sdpa",
-) -> nn.Module:
-    """The model on the CPU: weights loaded, tuning applied (LoRA injected, towers frozen), text
-    attention on ``attn_impl``."""
+def build(config: ModelConfig, start: Start, *, seed: int, tower_weights=(None, None), attn_impl="sdpa") -> nn.Module:
+    """The model on the CPU: weights loaded (``tower_weights``: cn_clip's CLIP and BERT weight files), tuning
+    applied, text attention on ``attn_impl``."""
     torch.manual_seed(seed)
     model = build_model(config, "cpu", attn_impl=attn_impl)
-    if clip_weight_path or bert_weight_path:
+    if any(tower_weights):
         from cn_clip.clip.model import restore_model
 
-        restore_model(model, _tower_weights(clip_weight_path), _tower_weights(bert_weight_path), False)
+        restore_model(model, *(read_checkpoint(p)["state_dict"] if p else None for p in tower_weights), False)
         model.float()
-    adapted = start.own and start.ckpt.get("train_state", {}).get("adapted_state_dict")
+    adapted = start.is_own_run and start.ckpt.get("train_state", {}).get("adapted_state_dict")
     if start.ckpt is not None and not adapted:
         load_weights(model, start.ckpt["state_dict"], config, start.source)
     apply_tuning(model, config.tuning)
     if adapted:
-        own = model.state_dict()
-        missing = [k for k in own if k not in adapted]
-        unexpected = [k for k in adapted if k not in own]
-        shapes = [k for k in own if k in adapted and tuple(adapted[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or shapes:
-            example = (shapes or missing or unexpected)[0]
+        try:
+            model.load_state_dict(adapted)
+        except RuntimeError as e:  # torch names the first misfit on its second line
+            misfit = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
             raise SolutionError(
-                f"{start.source}: its LoRA state does not fit this command's model {config.arch} and "
-                f"--lora-* flags ({len(shapes)} tensors of another shape, {len(missing)} missing, "
-                f"{len(unexpected)} unexpected; e.g. {example})"
-            )
-        model.load_state_dict(adapted)
+                f"{start.source}: its LoRA state does not fit this command's model {config.arch} and --lora-* flags "
+                f"({misfit})"
+            ) from None
     trainable, total = trainable_summary(model)
     if trainable == 0:
         raise SolutionError("nothing to train: every parameter is frozen (check --freeze-vision/--freeze-text)")
-    log.info(
-        "model %s, tuning %s: %d of %d parameters trainable (%.2f%%)",
-        config.arch,
-        config.tuning["mode"],
-        trainable,
-        total,
-        100.0 * trainable / total,
-    )
+    log.info("model %s, tuning %s: %d of %d parameters trainable", config.arch, config.tuning["mode"], trainable, total)
     return model
 
 
-def _no_decay(model: nn.Module) -> set[str]:
-    """Biases, every normalisation layer's parameters, logit_scale (and other 0/1-D gains)."""
-    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
-    out = set()
-    for mname, mod in model.named_modules():
-        for pname, p in mod.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            if (
-                isinstance(mod, norm_types)
-                or pname.endswith("bias")
-                or "logit_scale" in full
-                or p.ndim < 2
-                or "LayerNorm" in full
-            ):
-                out.add(full)
-    return out
-
-
-def make_optimizer(
-    model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float, wd: float
-) -> torch.optim.Optimizer:
-    """AdamW, cn_clip's two groups: no weight decay on biases, norms and logit_scale; the fused
-    kernel when the parameters are on a GPU (the same update, one launch), the usual one elsewhere."""
-    no_decay = _no_decay(model)
+def make_optimizer(model: nn.Module, *, lr: float, betas, eps: float, wd: float) -> torch.optim.Optimizer:
+    """AdamW in cn_clip's two groups: no weight decay on biases, norms, logit_scale and other 0/1-D gains;
+    fused where every parameter is on a GPU."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
+    in_norms = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     plain, decay = [], []
-    for n, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if n in no_decay else decay).append(p)
-    fused = {"fused": True} if all(p.is_cuda for p in plain + decay) and plain + decay else {}
-    return torch.optim.AdamW(
-        [{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}],
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        **fused,
-    )
+            gain = id(p) in in_norms or name.endswith("bias") or p.ndim < 2 or "LayerNorm" in name
+            (plain if gain or "logit_scale" in name else decay).append(p)
+    fused = {"fused": True} if plain + decay and all(p.is_cuda for p in plain + decay) else {}
+    groups = [{"params": plain, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **fused)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str | None:
-    """Load a saved optimizer state; on a mismatch, leave the optimizer fresh and say why (else None).
-
-    ``Optimizer.load_state_dict`` checks the parameter counts only: the shapes of the moments are
-    checked here, so a state of another model fails now rather than at the first step.
-    """
+    """Load a saved optimizer state; on a mismatch leave the optimizer fresh and say why (else None).
+    ``load_state_dict`` checks parameter counts only: the moments' shapes are checked here."""
     fresh = optimizer.state_dict()
     try:
         optimizer.load_state_dict(state)
@@ -221,48 +171,29 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str |
     for group in optimizer.param_groups:
         for p in group["params"]:
             for name, v in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(v) and v.ndim > 0 and tuple(v.shape) != tuple(p.shape):
+                if torch.is_tensor(v) and v.ndim > 0 and v.shape != p.shape:
                     optimizer.load_state_dict(fresh)
-                    return (
-                        f"its {name} of shape {tuple(v.shape)} belongs to a parameter of another shape {tuple(p.shape)}"
-                    )
+                    return f"its {name} of shape {tuple(v.shape)} belongs to a parameter of shape {tuple(p.shape)}"
     return None
 
 
-def make_scheduler(optimizer, *, lr: float, warmup: int, total_steps: int, constant: bool = False):
+def make_scheduler(optimizer, lr: float, warmup: int, total_steps: int, constant: bool = False):
     """cn_clip's warmup + cosine (its own function), or a constant rate (``--skip-scheduler``)."""
-    if constant:
-
-        def fixed(step):
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            return lr
-
-        return fixed
     from cn_clip.training.scheduler import cosine_lr
 
-    if warmup >= total_steps:
+    if warmup >= total_steps and not constant:
         log.warning(
             "--warmup %d >= %d training steps: the learning rate never reaches its cosine phase", warmup, total_steps
         )
     adjust = cosine_lr(optimizer, lr, max(warmup, 0), total_steps)
 
-    def cosine(step):
-        lr = float(adjust(step))  # upstream computes a numpy float: keep checkpoints plain
+    def schedule(step: int) -> float:
+        rate = lr if constant else float(adjust(step))  # upstream computes a numpy float: keep checkpoints plain
         for g in optimizer.param_groups:
-            g["lr"] = lr
-        return lr
+            g["lr"] = rate
+        return rate
 
-    return cosine
-
-
-def make_scaler(precision: str, device: torch.device):
-    """A GradScaler for float16 autocast on CUDA, else None."""
-    if precision in ("amp", "fp16") and device.type == "cuda":
-        return torch.amp.GradScaler("cuda")
-    if precision in ("amp", "fp16"):
-        log.info("precision %s on %s: no float16 autocast there, training in fp32", precision, device.type)
-    return None
+    return schedule
 
 
 def wrap(model: nn.Module, d: Dist, use_bn_sync: bool = False) -> nn.Module:
