@@ -1,25 +1,15 @@
 """Preparation throughput: ours (``python -m solution.prepare``) vs cn_clip's ``build_lmdb_dataset.py``.
 
-Both run as subprocesses, with their default flags, on the same base64 TSV (drawn demo images,
-JPEG), in one run, interleaved ``--repeat`` times (medians reported: the machine may be shared).
-Each TSV of ``--mess`` is measured on its own: 0 is a clean TSV, where both tools produce the same
-LMDB; 0.01 has 1% PNG/GIF named like the JPEGs, which ours converts to RGB JPEG (about a
-millisecond each) and upstream stores as they are. Reported per tool: wall seconds, images/s,
-the ratio ours/upstream (>= 1: ours is not slower), the CPU its process tree used (user+sys
-seconds, and / wall = cores busy) and the mean busy % of each core over the run (psutil; that
-includes other users of the machine).
+Every tool runs once per round on the same base64 TSV (drawn demo images, JPEG; ``--mess`` of them
+PNG/GIF, which ours converts and upstream stores as they are), the order reversed every other round.
+Each run is compared with upstream's run of the same round: wall time (images/s) and CPU seconds of
+its process tree, ratio > 1 meaning less time than upstream. The table gives the median ratio over
+the rounds and its spread ((max - min) / median), and warns when the spread is over 20%: on a shared
+machine one round's ratio means little. ``--variant 'NAME=[DIR] [FLAGS]'`` adds ``solution.prepare``
+from another checkout (an older commit, a trick switched on or off) or with other flags, compared
+with upstream and with ours of the same ``--check``.
 
-Both run with Python's bytecode cached (``PYTHONPYCACHEPREFIX`` in the run's temp folder, one
-untimed warm-up run of each tool first): an installed cn_clip has its ``.pyc`` files, and a shell
-with ``PYTHONDONTWRITEBYTECODE`` set would otherwise make ours compile its modules on every run.
-
-Upstream only copies base64 strings into LMDB. Ours checks every image: ``--check structural``
-(the default: JPEG marker structure on the base64 itself, no pixel decoded) or ``--check full``
-(decode every image too), and converts the non-JPEGs.
-
-    python scripts/bench_prepare.py [--quick] [--images N] [--mess 0,0.01] [--repeat R] [--out bench.json]
-
-``--out`` JSON: ``{"rows": [{"metric", "ours", "upstream", "ratio", "unit"}, ...], <meta>}``.
+    python scripts/bench_prepare.py [--quick] [--images N] [--mess 0,0.01] [--rounds R] [--variant ...] [--out F]
 """
 
 from __future__ import annotations
@@ -30,24 +20,24 @@ import json
 import os
 import random
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-import psutil
 
 from solution.data.images import CHECKS
 from solution.data.synthetic import draw_image, jpeg_bytes, messy_bytes, random_scene
 
+ROOT = Path(__file__).resolve().parents[1]
+WIDE = 0.20  # a spread of the per-round ratios above this is flagged
 
-def make_tsv(d: Path, n: int, size: int, mess: float = 0.01, unique: int = 200, seed: int = 0) -> None:
-    """``n`` images (``unique`` distinct drawings repeated under distinct ids), a fraction ``mess`` of
-    them PNG/GIF (every ``1 / mess``-th drawing)."""
+
+def make_tsv(d: Path, n: int, size: int, mess: float, unique: int = 200, seed: int = 0) -> None:
+    """``n`` images (``unique`` drawings repeated under distinct ids), every ``1 / mess``-th drawing a PNG/GIF."""
     rng = random.Random(seed)
     every = round(1 / mess) if mess > 0 else 0
     pics = []
@@ -66,167 +56,120 @@ def make_tsv(d: Path, n: int, size: int, mess: float = 0.01, unique: int = 200, 
         )
 
 
-def run(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall time, CPU of its process tree and mean per-core busy %."""
-    samples: list[list[float]] = []
-    stop = threading.Event()
-
-    def sample():
-        psutil.cpu_percent(percpu=True)
-        while not stop.wait(0.1):
-            samples.append(psutil.cpu_percent(percpu=True))
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes grandchildren (pool workers) once reaped
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+def timed(cmd: list[str], root: Path, env: dict) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + sys of the process tree) of ``cmd`` run from (and importing) ``root``."""
+    env = {**env, "PYTHONPATH": f"{root}:{root / 'Chinese-CLIP'}"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
     wall = time.perf_counter() - t0
-    stop.set()
-    t.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    per_core = [round(sum(c) / len(samples), 1) for c in zip(*samples)] if samples else []
-    return {"seconds": wall, "cpu_seconds": cpu, "core_busy_percent": per_core}
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def _median_run(runs: list[dict], n: int) -> dict:
-    walls = sorted(r["seconds"] for r in runs)
-    mid = min(runs, key=lambda r: abs(r["seconds"] - statistics.median(walls)))
-    cpu = statistics.median(r["cpu_seconds"] for r in runs)
-    wall = statistics.median(walls)
+def ratio(ref: list[float], runs: list[float]) -> dict:
+    """The median over rounds of ``ref / run`` (> 1: the run took less), and its spread."""
+    ratios = [r / x for r, x in zip(ref, runs)]
+    mid = statistics.median(ratios)
     return {
-        "seconds": round(wall, 3),
-        "seconds_all": [round(w, 3) for w in walls],
-        "images_per_second": round(n / wall, 1),
-        "cpu_seconds": round(cpu, 3),
-        "cpu_cores_used": round(cpu / wall, 2),
-        "core_busy_percent": mid["core_busy_percent"],
+        "ratio": round(mid, 3),
+        "ratios": [round(x, 3) for x in ratios],
+        "spread": round((max(ratios) - min(ratios)) / mid, 3),
     }
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small smoke run (2,000 images, 1 repeat)")
+    p.add_argument("--quick", action="store_true", help="small smoke run (2,000 images, 2 rounds)")
     p.add_argument("--images", type=int, help="images in each TSV (default 20,000; --quick 2,000)")
     p.add_argument("--image-size", type=int, default=224, help="side of the drawn images (default 224)")
     p.add_argument("--mess", default="0,0.01", help="fractions of PNG/GIF, one TSV each (default 0,0.01)")
-    p.add_argument("--repeat", type=int, help="interleaved runs of each tool, medians reported (default 3; --quick 1)")
-    p.add_argument("--workers", type=int, help="our cleaning processes (default: all cores)")
-    p.add_argument("--checks", default=",".join(CHECKS), help=f"our --check modes to run (default {','.join(CHECKS)})")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick 2)")
+    p.add_argument("--checks", default=",".join(CHECKS), help="our --check modes to run (default: all)")
+    p.add_argument("--variant", action="append", default=[], help="'NAME=DIR [FLAGS]': prepare of another checkout")
     p.add_argument("--out", help="also write the results as JSON here")
     a = p.parse_args(argv)
     n = a.images or (2_000 if a.quick else 20_000)
-    repeat = max(1, a.repeat or (1 if a.quick else 3))
-    checks = [c for c in a.checks.split(",") if c]
-    if not checks or set(checks) - set(CHECKS):
-        raise SystemExit(f"--checks takes some of {','.join(CHECKS)}")
+    rounds = max(1, a.rounds or (2 if a.quick else 5))
     messes = [float(m) for m in a.mess.split(",") if m.strip()]
-    if not messes or any(not 0 <= m < 1 for m in messes):
-        raise SystemExit("--mess takes fractions in [0, 1), e.g. 0,0.01")
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
-    load_before = os.getloadavg()
-    py = sys.executable
-    workers = ["--workers", str(a.workers)] if a.workers is not None else []
-    rows, results, sizes = [], {}, {}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")  # bytecode cached for both tools, outside the repo
-    warm = True
+    env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")  # bytecode cached for every tool, outside the repos
+    py = [sys.executable, "-m"]
+    tools = {"upstream": ([*py, "cn_clip.preprocess.build_lmdb_dataset"], ROOT)}
+    refs = {}  # tool -> what it is compared with besides upstream
+    for check in a.checks.split(","):
+        tools[f"ours --check {check}"] = ([*py, "solution.prepare", "--check", check], ROOT)
+    for spec in a.variant:  # compared with ours of the same --check
+        name, _, rest = spec.partition("=")
+        flags = shlex.split(rest)
+        root = "" if not flags or flags[0].startswith("-") else flags.pop(0)
+        tools[name] = ([*py, "solution.prepare", *flags], Path(root or ROOT).resolve())
+        check = flags[flags.index("--check") + 1] if "--check" in flags else CHECKS[0]
+        refs[name] = f"ours --check {check}" if f"ours --check {check}" in tools else list(tools)[1]
+    load_before, rows, results = os.getloadavg(), [], {}
     try:
         for mess in messes:
-            data = tmp / f"data_{mess:g}"
+            data = tmp / "data"
             make_tsv(data, n, a.image_size, mess)
-            sizes[f"{mess:g}"] = round((data / "train_imgs.tsv").stat().st_size / 1e6, 1)
-            runs = {
-                "upstream": [
-                    py,
-                    "-m",
-                    "cn_clip.preprocess.build_lmdb_dataset",
-                    "--data_dir",
-                    str(data),
-                    "--splits",
-                    "train",
-                    "--lmdb_dir",
-                    str(tmp / "out"),
-                ]
-            }
-            for check in checks:
-                runs[check] = [
-                    py,
-                    "-m",
-                    "solution.prepare",
-                    "--data-dir",
-                    str(data),
-                    "--splits",
-                    "train",
-                    "--lmdb-dir",
-                    str(tmp / "out"),
-                    "--check",
-                    check,
-                    *workers,
-                ]
-            raw: dict[str, list[dict]] = {name: [] for name in runs}
-            for name, cmd in runs.items() if warm else ():  # untimed: compiles each tool's modules once
-                run(cmd, env)
-                shutil.rmtree(tmp / "out", ignore_errors=True)
-            warm = False
-            for _ in range(repeat):
-                for name, cmd in runs.items():
-                    raw[name].append(run(cmd, env))
-                    shutil.rmtree(tmp / "out", ignore_errors=True)
-            res = results[f"{mess:g}"] = {name: _median_run(r, n) for name, r in raw.items()}
-            shutil.rmtree(data, ignore_errors=True)
-            up = res["upstream"]
-            tsv = f"{mess:.0%} PNG/GIF"
-            for check in checks:
-                ours = res[check]
-                rows += [
-                    {
-                        "metric": f"images/s, {tsv}, --check {check}",
-                        "ours": ours["images_per_second"],
-                        "upstream": up["images_per_second"],
-                        "ratio": round(ours["images_per_second"] / up["images_per_second"], 3),
-                        "unit": "images/s",
-                    },
-                    {
-                        "metric": f"CPU cores busy, {tsv}, --check {check}",
-                        "ours": ours["cpu_cores_used"],
-                        "upstream": up["cpu_cores_used"],
-                        "ratio": round(ours["cpu_cores_used"] / max(up["cpu_cores_used"], 1e-9), 3),
-                        "unit": "cores",
-                    },
-                    {
-                        "metric": f"CPU seconds, {tsv}, --check {check}",
-                        "ours": ours["cpu_seconds"],
-                        "upstream": up["cpu_seconds"],
-                        "ratio": round(ours["cpu_seconds"] / max(up["cpu_seconds"], 1e-9), 3),
-                        "unit": "s",
-                    },
-                ]
+            walls: dict[str, list[float]] = {name: [] for name in tools}
+            cpus: dict[str, list[float]] = {name: [] for name in tools}
+            for r in range(rounds + 1):  # round 0: untimed warm-up (bytecode, page cache)
+                for name in list(tools)[:: -1 if r % 2 else 1]:
+                    cmd, root = tools[name]
+                    argv = [*cmd, "--data_dir", str(data), "--splits", "train", "--lmdb_dir", str(tmp / "out")]
+                    wall, cpu = timed(argv, root, env)
+                    shutil.rmtree(tmp / "out")
+                    if r:
+                        walls[name].append(wall)
+                        cpus[name].append(cpu)
+            res = results[f"{mess:g}"] = {}
+            for name in tools:
+                wall = statistics.median(walls[name])
+                res[name] = {"seconds": round(wall, 3), "images_per_second": round(n / wall, 1)}
+                res[name]["cpu_seconds"] = round(statistics.median(cpus[name]), 3)
+                for ref in ["upstream", refs.get(name)] if name != "upstream" else []:
+                    if ref:
+                        res[name][f"vs {ref}"] = {
+                            "wall": ratio(walls[ref], walls[name]),
+                            "cpu": ratio(cpus[ref], cpus[name]),
+                        }
+                        for what, unit in (("wall", "images/s"), ("cpu", "CPU s")):
+                            r = res[name][f"vs {ref}"][what]
+                            key = "images_per_second" if what == "wall" else "cpu_seconds"
+                            rows.append(
+                                {
+                                    "metric": f"{unit}, {mess:.0%} PNG/GIF: {name} vs {ref}",
+                                    "ours": res[name][key],
+                                    "upstream": res[ref][key],
+                                    "ratio": r["ratio"],
+                                    "spread": r["spread"],
+                                    "unit": unit,
+                                }
+                            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
-
     print(
-        f"{n} images of {a.image_size} px per TSV (MB of base64: {sizes}), {psutil.cpu_count()} cores, "
-        f"median of {repeat} (after an untimed warm-up run of each, bytecode cached), load average "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
+        f"{n} images of {a.image_size} px per TSV, {os.cpu_count()} cores, {rounds} interleaved rounds; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
-    print(f"{'metric':48s} {'ours':>9s} {'upstream':>9s} {'ratio':>6s}  unit")
+    print(f"{'metric':64s} {'run':>9s} {'vs':>9s} {'ratio':>6s} {'spread':>7s}")
     for r in rows:
-        print(f"{r['metric']:48s} {r['ours']:9.2f} {r['upstream']:9.2f} {r['ratio']:6.2f}  {r['unit']}")
+        flag = "  WARNING: spread over 20%, too noisy to trust" if r["spread"] > WIDE else ""
+        print(f"{r['metric']:64s} {r['ours']:9.2f} {r['upstream']:9.2f} {r['ratio']:6.2f} {r['spread']:7.0%}{flag}")
     for mess, res in results.items():
         for name, r in res.items():
-            print(f"  mess {mess:5s} {name:10s} wall {r['seconds_all']} s, per-core busy % {r['core_busy_percent']}")
+            per_round = {k: v["wall"]["ratios"] for k, v in r.items() if k.startswith("vs ")}
+            print(f"  {mess:5s} {name:28s} {r['seconds']:.2f} s, {r['cpu_seconds']:.2f} CPU s, per round {per_round}")
     out = {
         "rows": rows,
         "images": n,
         "image_size": a.image_size,
-        "tsv_mb": sizes,
-        "repeat": repeat,
-        "cores": psutil.cpu_count(),
+        "rounds": rounds,
+        "cores": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "results": results,

@@ -1,4 +1,4 @@
-"""``python -m solution.prepare``: raw image-text data -> cn_clip's LMDB layout (:func:`solution.data.make_lmdb.prepare`).
+"""``python -m solution.prepare``: raw image-text data -> cn_clip's LMDB layout (:func:`.data.make_lmdb.prepare`).
 
 Prints one JSON line of counts per split; the full report is in each ``LMDB_DIR/{split}/report.json``.
 """
@@ -43,12 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=CHECKS[0],
         help="how a JPEG is checked before it is kept byte for byte. structural (default): its marker "
         "structure only, no pixel decoded (header, plain RGB frame, no EXIF rotation, a scan, the "
-        "end marker): about as fast as cn_clip's builder, but damage inside the compressed data of "
-        "an otherwise intact file goes unnoticed (solution.data decodes defensively: such an image "
-        "trains with artefacts or is dropped, never a crash). full: decode every image as well; "
-        "catches that too, several times slower",
+        "end marker); damage inside the compressed data of an otherwise intact file goes unnoticed "
+        "(solution.data decodes defensively: such an image trains with artefacts or is dropped, never "
+        "a crash). full: decode every image as well; catches that too, several times slower",
     )
-    p.add_argument("--workers", type=int, help="cleaning processes (default: all cores; 0 or 1: in-process)")
+    p.add_argument("--workers", type=int, help="ignored, for old command lines: images are cleaned in this process")
     p.add_argument(
         "--make-valid",
         type=float,
@@ -64,31 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images-dir", help="format 3: folder of images (paths in --captions/--csv are relative to it)")
     p.add_argument("--captions", help="format 3: JSON lines {image, text[, text_id, image_id, split]}")
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar (there is one only when stderr is a terminal)"
-    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (shown only on a tty)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
-    reports = prepare(
-        a.data_dir,
-        a.splits,
-        lmdb_dir=a.lmdb_dir,
-        max_side=a.max_side,
-        quality=a.quality,
-        max_pixels=a.max_pixels,
-        workers=a.workers,
-        make_valid=a.make_valid,
-        valid_name=a.valid_name,
-        csv=a.csv,
-        images_dir=a.images_dir,
-        captions=a.captions,
-        seed=a.seed,
-        check=a.check,
-        progress=not a.no_progress,
-    )
+    reports = prepare(**vars(a))  # the flags' names are prepare's
     print(
         json.dumps(
             {

@@ -23,19 +23,8 @@ from solution.data.synthetic import (
 )
 from solution.demo_data import main
 
-FILES = [
-    "train_imgs.tsv",
-    "valid_imgs.tsv",
-    "test_imgs.tsv",
-    "train_texts.jsonl",
-    "valid_texts.jsonl",
-    "test_texts.jsonl",
-    "test_answers.jsonl",
-    "general/train_imgs.tsv",
-    "general/valid_imgs.tsv",
-    "general/train_texts.jsonl",
-    "general/valid_texts.jsonl",
-]
+FILES = [f"{s}_{k}" for s in ("train", "valid", "test") for k in ("imgs.tsv", "texts.jsonl")] + ["test_answers.jsonl"]
+FILES += [f"general/{s}_{k}" for s in ("train", "valid") for k in ("imgs.tsv", "texts.jsonl")]
 
 
 def _tsv(path):
@@ -136,24 +125,11 @@ def test_general_valid_gold_covers_every_described_image(tiny):
 
 
 def test_cli_sizes_and_errors(tmp_path, capsys):
-    info = main(
-        [
-            "--out",
-            str(tmp_path / "x"),
-            "--preset",
-            "tiny",
-            "--train-queries",
-            "4",
-            "--images-per-query",
-            "3",
-            "--image-size",
-            "32",
-            "--no-mess",
-        ]
-    )
+    out = tmp_path / "x"
+    info = main(f"--out {out} --preset tiny --train-queries 4 --images-per-query 3 --image-size 32 --no-mess".split())
     assert info["splits"]["train"] == {"queries": 4, "images": 12}
     assert info["messy"] == {}
-    im = Image.open(io.BytesIO(next(iter(_tsv(tmp_path / "x" / "train_imgs.tsv").values()))))
+    im = Image.open(io.BytesIO(next(iter(_tsv(out / "train_imgs.tsv").values()))))
     assert im.size == (32, 32)
     assert json.loads(capsys.readouterr().out)["splits"]["train"]["images"] == 12
     with pytest.raises(SolutionError):

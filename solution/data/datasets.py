@@ -1,15 +1,9 @@
 """Datasets over cn_clip LMDB splits, image transforms, and the text collate.
 
-Images are decoded defensively: a sample whose image cannot be decoded is dropped from its
-batch with a warning (counted in the log), never a crash mid-training (in training it is replaced
-by another pair of its batch, see :class:`PairCollate`). ``prepare`` should have
-removed such images already; this is the last line of defence.
-
-The ``cnclip`` augmentation is built the way upstream's ``LMDBDataset._build_transform`` builds
-its training transform (cn_clip 1.6.0): timm's public ``create_transform`` with upstream's
-arguments, and a conversion to RGB inserted before its last three steps. Nothing private of
-upstream is called; ``tests/test_datasets.py`` checks on a fixed image and seeds that the result
-equals what ``_build_transform`` returns, so an upstream change that makes them differ fails there.
+An image that cannot be decoded is dropped from its batch with a warning, never a crash mid-training
+(training replaces it by another pair of its batch, :class:`PairCollate`). ``cnclip`` is upstream's
+``--use-augment`` transform rebuilt from timm's public API; ``tests/test_datasets.py`` checks it
+against upstream's private ``LMDBDataset._build_transform``.
 """
 
 from __future__ import annotations
@@ -57,7 +51,7 @@ def train_transform(resolution: int, augment: str = "none") -> Callable:
                 T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                 T.RandomHorizontalFlip(),
                 T.ColorJitter(0.2, 0.2, 0.1),
-                T.Lambda(lambda im: im.convert("RGB")),
+                _to_rgb,
                 T.ToTensor(),
                 T.Normalize(MEAN, STD),
             ]

@@ -1,26 +1,16 @@
 """A deterministic, procedurally drawn image-text dataset in MUGE layout, for the demo and the tests.
 
-Each image shows, on a plain background, one group of 1-3 identical shapes or (in about half of
-the scenes) two groups of 1-2 that differ in colour and shape; each query names the background
-and, per group, count, colour and shape: ``浅蓝色背景上有两个红色的三角形``,
-``粉色背景上有一个蓝色的圆形和两个黄色的五角星``. Every query has several matching images
-(different positions, sizes, rotations, colour jitter); an image matches exactly one query.
-The two-group scenes (colour/shape binding) keep a tiny CLIP from saturating at once; ``fine``
-data (the demo's) also names sizes and places: ``米黄色背景的左边有两个青色的小圆形``, ``浅灰色背景上，上方是一个红色的大三角形，下方是两个蓝色的小圆形``.
-Output (``DIR``: :func:`generate`'s ``out_dir``, ``--out`` of ``python -m solution.demo_data``)::
+Each image shows one or (in about half of the scenes) two groups of identical shapes on a plain
+background; its query names the background and each group's count, colour and shape
+(``粉色背景上有一个蓝色的圆形和两个黄色的五角星``); ``fine`` data (the demo's) also names sizes and places
+(``米黄色背景的左边有两个青色的小圆形``). Queries are disjoint across train/valid/test, each has several
+images and each image matches one query; ids are unique ints, one range per split. A few images are
+deliberately messy (GIFs and PNGs named as JPEGs, a truncated JPEG, an HTML page). Files under ``DIR``::
 
-    DIR/{train,valid,test}_imgs.tsv        image_id<TAB>base64 (as MUGE ships it)
-    DIR/{train,valid}_texts.jsonl          {"text_id", "text", "image_ids"}
-    DIR/test_texts.jsonl                   {"text_id", "text"}       (answers held out)
-    DIR/test_answers.jsonl                 {"text_id", "text", "image_ids"}  (official gold format)
-    DIR/general/{train,valid}_imgs.tsv     a larger "general" family standing in for pretraining data:
-    DIR/general/{train,valid}_texts.jsonl  other phrasings, captions that name only some attributes
-    DIR/demo_info.json                     sizes, seed, and the ids of the deliberately messy images
-
-The ``train``/``valid``/``test`` queries are disjoint (as in MUGE). Ids are globally unique
-ints with a distinct range per split and family. A few images are deliberately messy so the
-cleaning path of :mod:`solution.data.make_lmdb` runs in every demo: GIFs (one animated) and PNGs
-(RGBA, palette) stored as if they were JPEGs, a truncated JPEG and an HTML error page.
+    {train,valid,test}_imgs.tsv, {train,valid}_texts.jsonl, test_texts.jsonl (no answers),
+    test_answers.jsonl (official gold format), demo_info.json (sizes, seed, the messy images),
+    general/{train,valid}_{imgs.tsv,texts.jsonl}: a larger family standing in for pretraining data
+    (other phrasings, captions that name only some attributes)
 """
 
 from __future__ import annotations
@@ -41,7 +31,9 @@ from solution.common import SolutionError, atomic_path, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
-COLORS = {  # shape colours
+COLORS = ("红色", "绿色", "蓝色", "黄色", "紫色", "橙色", "黑色", "白色")  # of the shapes
+BACKGROUNDS = ("浅蓝色", "浅绿色", "浅灰色", "米黄色", "粉色", "深灰色")
+RGB = {
     "红色": (215, 40, 40),
     "绿色": (40, 160, 60),
     "蓝色": (40, 80, 215),
@@ -50,8 +42,6 @@ COLORS = {  # shape colours
     "橙色": (245, 130, 25),
     "黑色": (25, 25, 25),
     "白色": (250, 250, 250),
-}
-BACKGROUNDS = {
     "浅蓝色": (195, 222, 250),
     "浅绿色": (205, 240, 205),
     "浅灰色": (212, 212, 212),
@@ -84,13 +74,8 @@ FINE_PARTIAL = (
 )
 
 # id ranges: (image id base, text id base) per split / family
-ID_BASES = {
-    "train": (1_000_000, 10_000),
-    "valid": (2_000_000, 20_000),
-    "test": (3_000_000, 30_000),
-    "general/train": (4_000_000, 40_000),
-    "general/valid": (5_000_000, 50_000),
-}
+SPLITS = ("train", "valid", "test", "general/train", "general/valid")
+ID_BASES = {name: (k * 1_000_000, k * 10_000) for k, name in enumerate(SPLITS, 1)}
 
 
 @dataclass(frozen=True)
@@ -151,42 +136,32 @@ class Scene:
 def random_scene(rng: random.Random, p_two: float, fine: bool = False) -> Scene:
     if fine:
         return _fine_scene(rng, p_two)
-    bg = rng.choice(list(BACKGROUNDS))
+    bg = rng.choice(BACKGROUNDS)
     if rng.random() >= p_two:
-        return Scene(bg, (Group(rng.choice(list(COUNTS)), rng.choice(list(COLORS)), rng.choice(SHAPES)),))
-    c1, c2 = rng.sample(list(COLORS), 2)
+        return Scene(bg, (Group(rng.choice(list(COUNTS)), rng.choice(COLORS), rng.choice(SHAPES)),))
+    c1, c2 = rng.sample(COLORS, 2)
     s1, s2 = rng.sample(SHAPES, 2)
     groups = sorted(
         [Group(rng.randint(1, 2), c1, s1), Group(rng.randint(1, 2), c2, s2)],
-        key=lambda g: (SHAPES.index(g.shape), list(COLORS).index(g.color)),
+        key=lambda g: (SHAPES.index(g.shape), COLORS.index(g.color)),
     )  # one text per scene
     return Scene(bg, tuple(groups))
 
 
 def _fine_scene(rng: random.Random, p_two: float) -> Scene:
     """Every group with a size and a place; two groups sit in opposite halves and differ in colour."""
-    bg, colors = rng.choice(list(BACKGROUNDS)), list(COLORS)
+    bg, colors = rng.choice(BACKGROUNDS), COLORS
     if rng.random() >= p_two:
-        return Scene(
-            bg,
-            (
-                Group(
-                    rng.choice(list(COUNTS)),
-                    rng.choice(colors),
-                    rng.choice(SHAPES),
-                    rng.choice(SIZES),
-                    rng.choice(SIDES),
-                ),
-            ),
+        g = Group(
+            rng.choice(list(COUNTS)), rng.choice(colors), rng.choice(SHAPES), rng.choice(SIZES), rng.choice(SIDES)
         )
+        return Scene(bg, (g,))
     pair = rng.choice(PAIRS)
-    return Scene(
-        bg,
-        tuple(
-            Group(rng.randint(1, 2), c, rng.choice(SHAPES), rng.choice(SIZES), where)
-            for c, where in zip(rng.sample(colors, 2), pair)
-        ),
-    )
+    groups = [
+        Group(rng.randint(1, 2), c, rng.choice(SHAPES), rng.choice(SIZES), w)
+        for c, w in zip(rng.sample(colors, 2), pair)
+    ]
+    return Scene(bg, tuple(groups))
 
 
 # ---------------------------------------------------------------- drawing
@@ -229,12 +204,12 @@ def draw_image(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     """Draw one RGB image of ``scene``: positions, sizes, rotations and colour jitter come from ``rng``."""
     ss = 2  # supersample for anti-aliased edges
     S = size * ss
-    im = Image.new("RGB", (S, S), _jitter(BACKGROUNDS[scene.bg], rng, 8))
+    im = Image.new("RGB", (S, S), _jitter(RGB[scene.bg], rng, 8))
     draw = ImageDraw.Draw(im)
     n_total = sum(g.count for g in scene.groups)
     placed: list[tuple[float, float, float]] = []
     for g in scene.groups:
-        color = _jitter(COLORS[g.color], rng, 14)
+        color = _jitter(RGB[g.color], rng, 14)
         lo, hi = FINE_RADIUS[g.size] if g.size else _RADIUS[min(n_total, 5)]
         x0, x1, y0, y1 = (v * S for v in REGIONS.get(g.where, (0.0, 1.0, 0.0, 1.0)))
         for _ in range(g.count):
@@ -412,18 +387,13 @@ def generate(
     """
     if preset not in PRESETS:
         raise SolutionError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    unknown = set(sizes) - set(Sizes.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown size argument(s): {', '.join(sorted(unknown))}")
     sz = dataclasses.replace(PRESETS[preset], **{k: v for k, v in sizes.items() if v is not None})
     if min(sz.train_queries, sz.valid_queries, sz.test_queries, sz.images_per_query) < 1:
         raise SolutionError("every split needs at least one query and one image per query")
     if min(sz.general_train_images, sz.general_valid_images) < 1:
         raise SolutionError("the general family needs at least one image per split")
-    if (
-        max(sz.train_queries, sz.valid_queries, sz.test_queries, sz.general_train_images, sz.general_valid_images)
-        > 10_000
-    ):
+    counts = (sz.train_queries, sz.valid_queries, sz.test_queries, sz.general_train_images, sz.general_valid_images)
+    if max(counts) > 10_000:
         raise SolutionError("at most 10,000 queries (or general images) per split: each split has its own id range")
     if not 0.0 <= sz.two_group_fraction <= 1.0 or sz.fine not in (0, 1):
         raise SolutionError(
