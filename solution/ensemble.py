@@ -12,12 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from solution.common import run_cli
 from solution.ensembles.fusion import NORMS, RERANKERS
 from solution.ensembles.make_ensemble import EnsembleOptions, make_ensemble
 from solution.ensembles.members import Encoding
 from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
-from solution.model.registry import env_config_dirs, model_config_dirs
+from solution.model.registry import run_model_cli
 from solution.retrieval.cache import cache_dir_default
 
 
@@ -75,5 +74,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    with model_config_dirs(env_config_dirs(os.environ)):
-        sys.exit(run_cli(main))
+    sys.exit(run_model_cli(main))

@@ -9,10 +9,11 @@ Needs the ``export`` extra (``pip install -e ".[export]"``). What the folders ho
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
-from solution.common import run_cli
 from solution.model.export import FORMATS, export_checkpoint
+from solution.model.registry import run_model_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,4 +35,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(run_model_cli(main))

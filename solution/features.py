@@ -12,12 +12,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from solution.common import resolve_device, run_cli
+from solution.common import resolve_device
 from solution.formats.feature_files import FORMATS
 from solution.model import ATTN_IMPLS
 from solution.model.compiled import BACKENDS as COMPILE_BACKENDS
 from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
-from solution.model.registry import env_config_dirs, model_config_dirs
+from solution.model.registry import run_model_cli
 from solution.retrieval.cache import cache_dir_default
 from solution.retrieval.extract import Extraction, extract
 
@@ -95,5 +95,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    with model_config_dirs(env_config_dirs(os.environ)):
-        sys.exit(run_cli(main))
+    sys.exit(run_model_cli(main))

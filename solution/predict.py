@@ -11,11 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from solution.common import SolutionError, resolve_device, run_cli
+from solution.common import SolutionError, resolve_device
 from solution.ensembles.fusion import FUSION_MEMORY_MB
 from solution.ensembles.members import Encoding
 from solution.ensembles.submit import EnsemblePrediction, predict_ensemble
-from solution.model.registry import env_config_dirs, model_config_dirs
+from solution.model.registry import run_model_cli
 from solution.retrieval.cache import cache_dir_default
 from solution.retrieval.manifest import parse_score
 from solution.retrieval.rank import DEFAULT_MEMORY_MB, DIRECTIONS, Prediction, predict
@@ -76,5 +76,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    with model_config_dirs(env_config_dirs(os.environ)):
-        sys.exit(run_cli(main))
+    sys.exit(run_model_cli(main))

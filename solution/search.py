@@ -56,12 +56,10 @@ Outputs in ``{out}/{name}/``, rewritten after every trial: ``trials.csv``, ``bes
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from solution.common import run_cli
-from solution.model.registry import env_config_dirs, model_config_dirs
+from solution.model.registry import run_model_cli
 from solution.studies.search_config import STUDY_KEYS, load_config, override
 from solution.studies.study import search
 
@@ -102,5 +100,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    with model_config_dirs(env_config_dirs(os.environ)):
-        sys.exit(run_cli(main))
+    sys.exit(run_model_cli(main))

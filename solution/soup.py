@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
-from solution.common import SolutionError, run_cli
+from solution.common import SolutionError
 from solution.model.precision import DTYPES, PRECISION_METAVAR, PRECISIONS, precision_flag
-from solution.model.registry import env_config_dirs, model_config_dirs
+from solution.model.registry import run_model_cli
 from solution.soups.make_soups import SoupOptions, make_soups
 from solution.soups.methods import METHODS
 
@@ -95,5 +94,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    with model_config_dirs(env_config_dirs(os.environ)):
-        sys.exit(run_cli(main))
+    sys.exit(run_model_cli(main))

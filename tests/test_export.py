@@ -138,7 +138,7 @@ def test_export_refusals_are_one_line(world, tmp_path, monkeypatch, capsys):
 
     rn = {"embed_dim": 64, "image_resolution": 64, "vision_layers": "[1, 1, 1, 1]", "vision_width": 8}
     (tmp_path / "RN-Tiny.json").write_text(json.dumps({**rn, "vision_patch_size": None, "vision_head_width": 32}))
-    monkeypatch.setenv("SOLUTION_MODEL_CONFIGS", str(tmp_path))
+    monkeypatch.setattr("solution.model.registry.EXTRA_CONFIG_DIRS", (tmp_path,))
     config = ModelConfig("RN-Tiny", "RBT-Tiny", context_length=32)
     save_checkpoint(tmp_path / "rn.pt", build_model(config).state_dict(), config)
     assert "ResNet" in refused(str(tmp_path / "rn.pt"), "--format", "hf", "--output", str(tmp_path / "b"))

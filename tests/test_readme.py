@@ -24,6 +24,7 @@ from PIL import Image
 from solution.data.synthetic import generate
 from solution.model import ModelConfig, build_model
 
+pytestmark = pytest.mark.xdist_group("readme")  # the blocks run in order, in one working folder
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SECTION = "## The flow"

@@ -244,7 +244,7 @@ def test_rerun_of_an_early_stopped_run_does_not_train_on(tmp_path, data):
 
 @pytest.fixture
 def wide_vit(tmp_path, monkeypatch):
-    """A second tiny vision architecture, ViT-Wide (width 96), registered through $SOLUTION_MODEL_CONFIGS."""
+    """A second tiny vision architecture, ViT-Wide (width 96), registered as an extra config folder."""
     d = tmp_path / "archs"
     d.mkdir()
     arch = dict(

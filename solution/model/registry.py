@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from solution.common import SolutionError
+from solution.common import SolutionError, run_cli
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIGS_ENV = "SOLUTION_MODEL_CONFIGS"
@@ -34,6 +34,12 @@ def model_config_dirs(dirs: Iterable[str | os.PathLike]) -> Iterator[None]:
         yield
     finally:
         EXTRA_CONFIG_DIRS = saved
+
+
+def run_model_cli(main, environ: Mapping[str, str] = os.environ) -> int:
+    """:func:`solution.common.run_cli` with the architectures of ``$SOLUTION_MODEL_CONFIGS`` known: a CLI's edge."""
+    with model_config_dirs(env_config_dirs(environ)):
+        return run_cli(main)
 
 
 def env_config_dirs(environ: Mapping[str, str]) -> list[str]:
