@@ -55,10 +55,14 @@ def check_output(
     inputs: Iterable[str | os.PathLike | None] = (),
     what: str = "output",
     is_dir: bool = False,
+    own: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """``Path(path)``, refused with one line when it is a folder (a file if ``is_dir``), sits under a file,
-    or is one of ``inputs`` through any spelling or link."""
+    """``Path(path)``, refused with one line when it is a folder (a file if ``is_dir``), sits under a file, is one
+    of ``inputs`` through any spelling or link, or (given ``own``) is an existing file ``own`` does not recognise
+    as this command's earlier output (a checkpoint, another tool's file, a user's file)."""
     p = Path(path)
+    if own is not None and p.is_file() and not own(p):
+        raise SolutionError(f"{what} {p} exists and is not an earlier output of this command; refusing to overwrite it")
     if is_dir and p.exists() and not p.is_dir():
         raise SolutionError(f"{what} {p} is a file, expected a folder")
     if not is_dir and p.is_dir():

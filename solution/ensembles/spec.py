@@ -15,10 +15,11 @@ import os
 
 from solution.common import SolutionError, write_json
 from solution.ensembles.fusion import NORMS, RERANKERS, check_weights
+from solution.formats.kinds import ENSEMBLE_SPEC
 
 from .members import TTAS
 
-NAME, LOG_NAME, PLOT_NAME = "ensemble.json", "ensemble_log.jsonl", "selection.png"
+NAME, LOG_NAME, PLOT_NAME = ENSEMBLE_SPEC, "ensemble_log.jsonl", "selection.png"
 VERSION = 1
 
 
