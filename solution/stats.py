@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from solution.retrieval.metrics import per_query_recall
+from solution.retrieval.metrics import per_query_recall, recall_from_hits
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,13 @@ def kfold_crossfit(n_queries: int, k: int, seed: int = 0) -> list[np.ndarray]:
     return [np.sort(f) for f in np.array_split(perm, k)]
 
 
+def id_folds(ids, k: int, seed: int = 0) -> list[np.ndarray]:
+    """:func:`kfold_crossfit` by query id: positions into ``ids`` per fold, the same id always in the same fold
+    whatever the order of ``ids``, so every tool cross-fitting the same queries with one seed shares its folds."""
+    order = np.argsort(np.asarray(ids), kind="stable")
+    return [np.sort(order[f]) for f in kfold_crossfit(len(order), k, seed)]
+
+
 def t_quantile_975(df: int) -> float:
     """Two-sided 95% Student t quantile ``t_{0.975, df}`` (table to df 30, Cornish-Fisher above; error < 1e-4)."""
     if df < 1:
@@ -107,27 +114,34 @@ class CrossfitResult:
     choice: Any  # the choice refit on all queries (what to ship)
     folds: list[np.ndarray]
     interval: str = "student-t 95% over fold scores"
+    held_out: np.ndarray | None = None  # with hits from score_fn: each row's hits under the choice made without it
 
 
 def crossfit(
-    select_fn: Callable[[Any], Any], score_fn: Callable[[Any, Any], float], per_query, k: int = 5, seed: int = 0
+    select_fn: Callable[[Any], Any], score_fn: Callable[[Any, Any], Any], per_query, k: int = 5, seed: int = 0, ids=None
 ) -> CrossfitResult:
     """K-fold cross-fitting over the rows of ``per_query`` (an array): for each fold, ``choice =
     select_fn(rows without the fold)`` scored by ``score_fn(choice, rows of the fold)``; then the choice
-    refit on all rows.
+    refit on all rows. With ``ids`` (the rows' query ids) the folds are :func:`id_folds`. ``score_fn`` returns the
+    fold's mean recall, or its per-query hits ``[n, 3]``: then the score is their official mean recall and
+    ``held_out`` collects them.
 
     The interval is ``mean +- t_{0.975, k-1} * sd(s, ddof=1) / sqrt(k)`` over the fold scores ``s``.
     The folds share training queries, so the scores are not independent and the interval is
     approximate (optimistic; Bengio & Grandvalet 2004).
     """
-    folds = kfold_crossfit(len(per_query), k, seed)
-    scores, choices = [], []
+    folds = kfold_crossfit(len(per_query), k, seed) if ids is None else id_folds(ids, k, seed)
+    scores, choices, held_out = [], [], None
     for i, test in enumerate(folds):
         choices.append(select_fn(per_query[np.sort(np.concatenate(folds[:i] + folds[i + 1 :]))]))
-        scores.append(float(score_fn(choices[-1], per_query[test])))
+        got = score_fn(choices[-1], per_query[test])
+        if np.ndim(got) == 2:
+            held_out = np.zeros((len(per_query), np.shape(got)[1]), bool) if held_out is None else held_out
+            held_out[test], got = got, recall_from_hits(got)["mean_recall"]
+        scores.append(float(got))
         log.info("fold %d/%d: %d held-out queries, score %.4f, choice %s", i + 1, k, len(test), scores[-1], choices[-1])
     mean = float(np.mean(scores))
     half = t_quantile_975(k - 1) * float(np.std(scores, ddof=1)) / math.sqrt(k)
     refit = select_fn(per_query)
     log.info("cross-fit: %.4f +- %.4f (95%% t over %d folds); refit choice %s", mean, half, k, refit)
-    return CrossfitResult(scores, mean, mean - half, mean + half, choices, refit, folds)
+    return CrossfitResult(scores, mean, mean - half, mean + half, choices, refit, folds, held_out=held_out)
