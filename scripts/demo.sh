@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Install everything and run the whole flow on the demo data (CPU: about 12 CPU-minutes, one thread;
-# 23 min wall when measured on 2 cores shared with other jobs):
-# demo data -> prepare -> base model -> search -> fine-tunes -> soups -> other members -> submissions ->
-# score -> ensembles + re-ranking -> REPORT.md (every row with its paired-bootstrap interval)
-# Re-running resumes: each stage reuses what is already done. Flags go to python -m solution.demo.
+# Install everything and run the demo: synthetic data in MUGE layout, then the demo recipe's whole plan on CPU
+# (configs/pipeline/demo.yaml) -> runs/demo/REPORT.md, candidates.csv, submission.jsonl.
+# Re-running resumes: each stage reuses what is already done. Flags go to python -m solution.pipeline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e .
-exec python -m solution.demo "$@"
+[ -f runs/demo/data/test_answers.jsonl ] || python -m solution.demo_data --out runs/demo/data
+exec python -m solution.pipeline --config configs/pipeline/demo.yaml --out runs/demo "$@"

@@ -1,0 +1,1 @@
+"""From a competitor's data to the submission its evidence supports: recipe, stages, evidence, report."""

@@ -1,0 +1,161 @@
+"""The whole plan of a recipe: prepare, train, search, soups, ensembles, then every candidate's cross-fitted estimate,
+the choice, the submission and the report. The test answers, where given, are read only after the choice."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from solution.common import SolutionError, write_json
+from solution.ensembles.spec import read_ensemble
+from solution.formats.hits import read_hits, write_hits
+from solution.retrieval.metrics import query_hits, recall_from_hits
+from solution.retrieval.official import check_submission, read_gold
+from solution.soups.ingredients import study_checkpoints
+from solution.stats import id_folds
+
+from .evidence import Candidate, choose, fold_scores
+from .recipe import Recipe
+from .report import write_report
+from .stages import Stages, soup_crossfit
+
+log = logging.getLogger(__name__)
+
+
+def check_recipe(recipe: Recipe, stages: Stages) -> None:
+    """Every training command of the recipe through the trainer's own parser, before anything runs."""
+    from solution.training.flags import FlagError, parse_args
+
+    for section in ("starts", "runs"):
+        for name, m in getattr(recipe, section).items():
+            if m.checkpoint is not None:
+                if not Path(m.checkpoint).is_file() and not stages.dry:
+                    raise SolutionError(f"{recipe.where(f'{section}.{name}.checkpoint')}: not found: {m.checkpoint}")
+                continue
+            argv = stages.train_argv(m, Path(f"{m.start}.pt") if m.start else None)
+            try:
+                parse_args(argv)
+            except FlagError as e:
+                key = e.flag.lstrip("-") if e.flag else "train"
+                raise SolutionError(f"{recipe.where(f'{section}.{name}.{key}')}: {e}") from None
+
+
+def run_plan(recipe: Recipe, dry_run: bool = False) -> dict:
+    stages = Stages(recipe, dry_run)
+    check_recipe(recipe, stages)
+    stages.commands.clear()
+    stages.prepare()
+    singles = {n: stages.start(n) for n, m in recipe.starts.items() if m.checkpoint is None}
+    singles.update({n: stages.train(m) for n, m in recipe.runs.items()})
+    study = stages.search() if recipe.search else None
+    if study is not None and not dry_run:
+        for path in study_checkpoints(study, int(recipe.search.get("top", 4))):
+            singles[f"trial-{path.parents[1].name}"] = path
+    soups = stages.soups(singles, study) if recipe.soups else {}
+    ensembles = {e["name"]: stages.ensemble(e, _members(e, singles, soups)) for e in recipe.ensembles}
+    if dry_run:
+        return {"commands": stages.commands}
+    cands = evidence(stages, singles, soups, ensembles)
+    chosen, why = choose(cands, recipe.submit, recipe.prefer_simpler)
+    log.info("%s", " ".join(why))
+    result = {"candidates": cands, "chosen": chosen, "why": why, "submission": None}
+    if (stages.lmdb("test") / "imgs").is_dir():
+        result["submission"] = submit(stages, chosen, why)
+        if recipe.test_answers is not None:
+            test_scores(stages, cands, recipe.test_answers)
+    write_report(stages, result)
+    return result
+
+
+def _members(spec: dict, singles: dict, soups: dict) -> dict[str, Path]:
+    members = spec.get("members", "singles")
+    pool = {**singles, **soups}
+    if members == "singles":
+        return dict(singles)
+    if members == "all":
+        return pool
+    missing = [m for m in members if m not in pool]
+    if missing:
+        raise SolutionError(f"ensemble {spec['name']}: no candidate named {missing[0]!r} was made")
+    return {m: pool[m] for m in members}
+
+
+def evidence(stages: Stages, singles: dict, soups: dict, ensembles: dict) -> list[Candidate]:
+    """Every candidate's held-out hits and fold scores over the same valid queries and the same folds."""
+    cands = [_single(stages, name, ckpt) for name, ckpt in singles.items()]
+    ids = cands[0].info.pop("ids")
+    for c in cands[1:]:
+        _same_queries(c.name, c.info.pop("ids"), ids)
+    folds = id_folds(ids, stages.r.folds, stages.r.seed)
+    for c in cands:
+        c.fold_scores = fold_scores(c.hits, folds)
+    for name, path in soups.items():
+        method = name.removeprefix("soup-")
+        cross = soup_crossfit(stages.out / "soups", method)
+        cands.append(_held_out(name, "soup", path, cross, ids, {"members": cross.get("members")}))
+    for name, path in ensembles.items():
+        spec = read_ensemble(path)
+        cross = spec.get("crossfit") or {}
+        info = {k: spec.get(k) for k in ("members", "weights", "norm", "rerank", "tta")}
+        cands.append(
+            _held_out(name, "ensemble", path, {**cross, "hits": path.parent / cross.get("hits", "")}, ids, info)
+        )
+    return cands
+
+
+def _single(stages: Stages, name: str, ckpt: Path) -> Candidate:
+    """A single model's plain hits on the valid queries (scored once, kept under OUT/evidence/)."""
+    base = stages.out / "evidence" / name
+    if not base.with_suffix(".hits.npy").is_file():
+        from solution.model import load_model
+        from solution.retrieval.encode import evaluate_split
+
+        model, config, _ = load_model(ckpt, device=stages.r.device if stages.r.device != "auto" else "cpu")
+        rec = evaluate_split(model, stages.lmdb("valid"), config, device=model.logit_scale.device, with_hits=True)
+        write_hits(base, rec["text_ids"], rec["hits"])
+    ids, hits = read_hits(base)
+    order = np.argsort(ids, kind="stable")
+    ids, hits = ids[order], hits[order]
+    mr = recall_from_hits(hits)["mean_recall"]
+    return Candidate(name, "single", str(ckpt), mr, [], hits, {"ids": ids})
+
+
+def _held_out(name: str, kind: str, source: Path, cross: dict, ids: np.ndarray, info: dict) -> Candidate:
+    got_ids, hits = read_hits(cross["hits"])
+    pos = {int(t): i for i, t in enumerate(got_ids.tolist())}
+    _same_queries(name, got_ids, ids)
+    hits = hits[[pos[int(t)] for t in ids.tolist()]]
+    return Candidate(name, kind, str(source), float(cross["refit_mean_recall"]), list(cross["fold_scores"]), hits, info)
+
+
+def _same_queries(name: str, got, want) -> None:
+    if set(np.asarray(got).tolist()) != set(np.asarray(want).tolist()):
+        raise SolutionError(f"candidate {name} was scored on other valid queries than the others")
+
+
+def submit(stages: Stages, chosen: Candidate, why: list[str]) -> Path:
+    """``OUT/submission.jsonl`` (top-10 for every test query) and the choice recorded in its manifest."""
+    out = stages.out / "submission.jsonl"
+    stages.predict(chosen.name, Path(chosen.source), out)
+    mean, low, high = chosen.cv
+    choice = {"candidate": chosen.name, "kind": chosen.kind, "source": chosen.source, "valid_mr": chosen.valid_mr}
+    choice.update({"cv_mr": mean, "cv_low": low, "cv_high": high, "why": why, **chosen.info})
+    manifest = out.with_suffix(".json")
+    write_json(manifest, {**json.loads(manifest.read_text(encoding="utf-8")), "choice": choice})
+    return out
+
+
+def test_scores(stages: Stages, cands: list[Candidate], answers: Path) -> None:
+    """Each candidate's test mean recall from its own submission (for the report only)."""
+    answers = answers if answers.is_absolute() else stages.data / answers
+    gold, direction = read_gold(answers, "t2i")
+    for c in cands:
+        sub = stages.predict(c.name, Path(c.source), stages.out / "test" / f"{c.name}.jsonl")
+        checked = check_submission(sub, gold.keys(), direction=direction)
+        if checked.problems:
+            raise SolutionError(f"{sub}: {checked.problems[0]}")
+        c.test_mr = recall_from_hits(query_hits(checked.predictions, gold))["mean_recall"]
+        c.info["test_hits"] = query_hits(checked.predictions, gold)
