@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from solution.common import atomic_path
+from solution.common import SolutionError, atomic_path
 from solution.formats.run_files import MAIN_SET, main_valid
 
 log = logging.getLogger(__name__)
@@ -60,3 +60,15 @@ def save_png(fig, path, dpi: int = 90, **kwargs) -> Path:
         fig.savefig(tmp, format="png", dpi=dpi, **kwargs)
     plt.close(fig)
     return path
+
+
+def tensorboard(folder, enabled: bool = True):
+    """A TensorBoard ``SummaryWriter`` on ``folder`` (``--report-to tensorboard``), or None when not ``enabled``;
+    one line saying what to install when TensorBoard is missing. Close it when done."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SolutionError("--report-to tensorboard needs TensorBoard: pip install -e '.[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(folder))
