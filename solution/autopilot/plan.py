@@ -17,7 +17,7 @@ from solution.retrieval.official import check_submission, read_gold
 from solution.soups.ingredients import study_checkpoints
 from solution.stats import id_folds
 
-from .evidence import Candidate, choose, fold_scores
+from .evidence import Candidate, choose, fold_scores, rank_key
 from .recipe import Recipe
 from .report import write_report
 from .stages import Stages, soup_crossfit
@@ -65,7 +65,26 @@ def run_plan(recipe: Recipe, dry_run: bool = False) -> dict:
     if (stages.lmdb("test") / "imgs").is_dir():
         result["submission"] = submit(stages, chosen, why)
         if recipe.test_answers is not None:
-            test_scores(stages, cands, recipe.test_answers)
+            answers = test_scores(stages, cands, recipe.test_answers)
+            best_single = min((c for c in cands if c.kind == "single"), key=rank_key)
+            if chosen is not best_single:  # the queries the submission fixes and breaks against the best single
+                argv = [
+                    "--submission",
+                    result["submission"],
+                    "--against",
+                    stages.out / "test" / f"{best_single.name}.jsonl",
+                ]
+                argv += [
+                    "--texts",
+                    stages.texts("test"),
+                    "--answers",
+                    answers,
+                    "--image-data",
+                    stages.lmdb("test") / "imgs",
+                ]
+                stages.call(
+                    "failure browser", "inspect", [*argv, "--output", stages.out / "inspect" / "submission.html"]
+                )
     write_report(stages, result)
     return result
 
@@ -148,7 +167,7 @@ def submit(stages: Stages, chosen: Candidate, why: list[str]) -> Path:
     return out
 
 
-def test_scores(stages: Stages, cands: list[Candidate], answers: Path) -> None:
+def test_scores(stages: Stages, cands: list[Candidate], answers: Path) -> Path:
     """Each candidate's test mean recall from its own submission (for the report only)."""
     answers = answers if answers.is_absolute() else stages.data / answers
     gold, direction = read_gold(answers, "t2i")
@@ -159,3 +178,4 @@ def test_scores(stages: Stages, cands: list[Candidate], answers: Path) -> None:
             raise SolutionError(f"{sub}: {checked.problems[0]}")
         c.test_mr = recall_from_hits(query_hits(checked.predictions, gold))["mean_recall"]
         c.info["test_hits"] = query_hits(checked.predictions, gold)
+    return answers

@@ -13,9 +13,8 @@ import yaml
 
 from solution.common import SolutionError, read_yaml_mapping
 
-TOP = set(
-    "data out device threads seed folds train starts runs search soups ensembles submit prefer_simpler test_answers".split()
-)
+TOP = set("data out device threads nproc seed folds train starts runs search soups ensembles submit".split())
+TOP |= {"prefer_simpler", "test_answers"}
 SEARCH = {"config", "start", "n_trials", "top", "set", "storage", "gpus_per_trial"}
 SOUPS = {"methods", "members", "interpolate_with", "alphas"}
 ENSEMBLE = {"name", "members", "norm", "rerank", "flip", "bank"}
@@ -65,7 +64,8 @@ def _mapping(value, where: str, allowed: set | None = None) -> dict:
         raise SolutionError(f"{where}: expected a mapping, got {type(value).__name__}")
     unknown = sorted(set(map(str, value)) - allowed) if allowed is not None else []
     if unknown:
-        raise SolutionError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})")
+        sep = " " if where.endswith(":") else "."
+        raise SolutionError(f"{where}{sep}{unknown[0]}: unknown key (known: {', '.join(sorted(allowed))})")
     return {str(k): v for k, v in value.items()}
 
 
@@ -104,7 +104,7 @@ def load_recipe(path, *, data=None, out=None, sets=()) -> Recipe:
     raw = read_yaml_mapping(path, "recipe")
     for s in sets:
         _set(raw, s)
-    raw = _mapping(raw, str(path), TOP)
+    raw = _mapping(raw, f"{path}:", TOP)
     w = str(path)
     if data is None and raw.get("data") is None:
         raise SolutionError(f"{w}: data: no data folder (give data: in the recipe or --data)")

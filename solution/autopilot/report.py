@@ -111,6 +111,12 @@ def write_report(stages, result: dict) -> Path:
             f"[{r.low:+.2f}, {r.high:+.2f}]; the valid estimate's verdict {held}.",
             "",
         ]
+    if (out / "inspect" / "submission.html").is_file():
+        lines += [
+            "The test queries the submission fixes and breaks against the best single model: "
+            "[inspect/submission.html](inspect/submission.html).",
+            "",
+        ]
     lines += _plots(out)
     path = out / "REPORT.md"
     with atomic_path(path) as tmp:

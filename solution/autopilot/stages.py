@@ -28,6 +28,7 @@ TOOLS = {  # name -> (shell form, module whose main(argv) runs it)
     "ensemble": ("bash Chinese-CLIP/ensemble.sh", "solution.ensemble"),
     "features": ("bash Chinese-CLIP/feature_extract.sh", "solution.features"),
     "predict": ("bash Chinese-CLIP/predict.sh", "solution.predict"),
+    "inspect": ("python -m solution.inspect", "solution.inspect"),
 }
 SPLITS = ("train", "valid", "test")
 
