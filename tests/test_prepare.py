@@ -232,7 +232,7 @@ def test_csv_and_caption_folder_inputs(tmp_path, kind):
             caps = [json.dumps({"image": p, "caption": t}, ensure_ascii=False) + "\n" for t, p, s in rows if s == split]
             (tmp_path / f"captions_{split}.jsonl").write_text("".join(caps), encoding="utf-8")
         captions = str(tmp_path / "captions_{split}.jsonl")
-        reports = prepare(out, ["train", "valid"], images_dir=raw, captions=captions, progress=False)
+        reports = prepare(out, ["train", "valid"], images_dir=raw, table=captions, progress=False)
     assert reports["train"]["num_images"] == 3 and reports["valid"]["num_images"] == 1
     assert sorted(s["reason"] for s in reports["train"]["skipped_images"]) == ["missing_file", "not_an_image"]
     train, valid = read_jsonl(out / "train_texts.jsonl"), read_jsonl(out / "valid_texts.jsonl")
@@ -271,7 +271,7 @@ def test_rebuild_replaces_old_lmdb_and_bad_inputs_are_one_line_errors(tmp_path):
     _write_muge(tmp_path, "train", [(1, _b64(_jpeg()))], [{"text_id": 1, "text": "一", "image_ids": [1]}])
     prepare(tmp_path, "train", progress=False)
     _write_muge(tmp_path, "train", [(2, _b64(_jpeg()))], [{"text_id": 2, "text": "二", "image_ids": [2]}])
-    main(["--data_dir", str(tmp_path), "--splits", "train", "--workers", "0", "--no-progress"])  # upstream's spelling
+    main(["--data_dir", str(tmp_path), "--splits", "train", "--no-progress"])  # upstream's spelling
     assert LMDBSplit(tmp_path / "lmdb" / "train").image_ids() == [2]
     assert [p.name for p in (tmp_path / "lmdb").glob(".*")] == [".train.lock"]  # no temp dirs left behind
     with pytest.raises(SolutionError, match="valid_imgs.tsv"):
@@ -281,4 +281,4 @@ def test_rebuild_replaces_old_lmdb_and_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(SolutionError, match="text and image_path"):
-        prepare(tmp_path / "out", "train", csv=tmp_path / "bad" / "x.csv")
+        prepare(tmp_path / "out", "train", table=tmp_path / "bad" / "x.csv")

@@ -40,17 +40,8 @@ def _muge(d: Path, images, texts) -> Path:
     return d
 
 
-def _argv(data_dir, *extra, splits="train", workers=1):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--splits",
-        splits,
-        "--workers",
-        str(workers),
-        "--no-progress",
-        *map(str, extra),
-    ]
+def _argv(data_dir, *extra, splits="train"):
+    return ["--data-dir", str(data_dir), "--splits", splits, "--no-progress", *map(str, extra)]
 
 
 def _error_line(capsys, argv) -> str:
@@ -146,7 +137,7 @@ def test_csv_never_overwrites_the_users_muge_files(old, tmp_path, capsys, presen
     before = _snapshot(old)
     line = _error_line(capsys, _argv(old, "--csv", csv))
     assert str(old / ("train_imgs.tsv" if present == "both" else "train_texts.jsonl")) in line
-    assert "not written by prepare" in line and _snapshot(old) == before  # not even a lock file
+    assert "not an earlier output" in line and _snapshot(old) == before  # not even a lock file
 
 
 def test_csv_replaces_its_own_muge_files_but_not_once_the_user_changed_them(tmp_path, capsys):
