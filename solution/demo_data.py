@@ -1,7 +1,5 @@
-"""``python -m solution.demo_data``: write the procedurally drawn demo dataset (:func:`solution.data.synthetic.generate`).
-
-Prints one JSON line: the output folder and the queries/images of each split.
-"""
+"""``python -m solution.demo_data``: write the demo dataset (:func:`solution.data.synthetic.generate`); prints one
+JSON line: the output folder and the queries/images of each split."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""One image, bytes or base64 in: kept as it is, converted to an RGB JPEG, or skipped with a reason.
-
-A JPEG that a decoder turns into an upright RGB image within the limits is kept byte for byte;
-anything else is decoded by what its bytes are (not its name) and re-encoded: first frame, alpha
-onto white, any mode to RGB, EXIF orientation applied, optionally shrunk to ``max_side``.
-``check="structural"`` (the default) keeps a JPEG on its marker structure alone (:func:`plain_jpeg`):
-damage inside the compressed data of an otherwise intact file goes unnoticed (training decodes
-defensively, :func:`solution.data.datasets.decode_image`); ``check="full"`` decodes it as well.
-Nothing here raises on a bad image: it comes back ``skipped`` with one of :data:`REASONS`.
-"""
+"""One image, bytes or base64 in: kept byte for byte (a JPEG a decoder yields upright, RGB and within the limits),
+converted to an RGB JPEG (decoded by what its bytes are: first frame, alpha onto white, EXIF orientation applied,
+optionally shrunk) or skipped with one of :data:`REASONS`. Nothing here raises on a bad image."""
 
 from __future__ import annotations
 
@@ -38,14 +31,7 @@ CHECKS = ("structural", "full")  # how a JPEG is checked before it is kept; the 
 ORIENTATION, TURNS = 0x0112, range(2, 9)  # the EXIF orientation tag, and its values that turn or mirror the image
 URL_TO_STD = bytes.maketrans(b"-_", b"+/")
 B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
-_MAGIC = {
-    b"\xff\xd8\xff": "JPEG",
-    b"\x89PNG": "PNG",
-    b"GIF8": "GIF",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-    b"BM": "BMP",
-}
+_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"II*\0": "TIFF", b"MM\0*": "TIFF", b"BM": "BMP"}
 
 
 class Cleaned(NamedTuple):
@@ -144,7 +130,6 @@ def clean_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     check: str = CHECKS[0],
 ) -> Cleaned:
-    """Check and clean one image's raw bytes (see the module docstring). Never raises on a bad image."""
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     if not data:

@@ -1,7 +1,6 @@
 """``prepare``: inputs (:mod:`.inputs`) -> images cleaned one by one (:mod:`.images`) -> cn_clip's LMDB layout, with
-``LMDB_DIR/{split}/report.json`` listing what was skipped and why. Splits are built in temp folders under their locks
-and swapped in together at the end; a table input also writes the MUGE files, never over one prepare did not write.
-"""
+``{split}/report.json`` saying what was skipped and why. Splits are built in temp folders under their locks and swapped
+in together at the end; a table input also writes the MUGE files, never over one prepare did not write."""
 
 from __future__ import annotations
 
@@ -144,7 +143,6 @@ class _Output:
             "skipped_texts": problems + skipped_texts,
             "texts_with_missing_images": partial,
             "converted_images": self.converted,
-            "converted_images_listed": len(self.converted),
             "seconds": round(seconds, 3),
             "images_per_second": round(c["total"] / seconds, 1) if seconds > 0 else None,
         }
@@ -162,9 +160,7 @@ def _build(split: SplitInput, outputs: list[tuple[str, list[Text]]], tmps: dict[
         outs = [_Output(name, texts, tmps[name], run["muge_dir"], stack) for name, texts in outputs]
         for where, image_id, r in _cleaned(split, run["opts"]):
             if r.ok and image_id in first:
-                r = skip(
-                    "duplicate_id", f"image id already stored from {first[image_id]}; the first one wins", r.format
-                )
+                r = skip("duplicate_id", f"already stored from {first[image_id]}; the first one wins", r.format)
             for out in [o for o in outs if image_id in o.named] or outs[:1]:
                 out.image(where, image_id, r)
             if r.ok:
@@ -187,7 +183,7 @@ def _build(split: SplitInput, outputs: list[tuple[str, list[Text]]], tmps: dict[
         line = (
             f"{r['split']}: {im['total']} images -> {r['num_images']} stored ({im['converted']} converted), "
             f"{im['skipped']} skipped{': ' + why if why else ''}, {im['duplicates']} duplicate ids; "
-            f"{r['texts']['total']} texts -> {r['num_samples']} pairs in {r['lmdb']} ({r['images_per_second']} images/s)"
+            f"{r['texts']['total']} texts -> {r['num_samples']} pairs in {r['lmdb']} ({r['images_per_second']} img/s)"
         )
         log.info("%s", line)
     return reports
@@ -207,8 +203,7 @@ def _check_split_dir(final: Path) -> None:
     if other:
         shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
         raise SolutionError(
-            f"{final} holds {shown}: not an LMDB split (only imgs, pairs, report.json); "
-            f"refusing to replace it, choose another --lmdb-dir"
+            f"{final} holds {shown}: not an LMDB split; refusing to replace it, choose another --lmdb-dir"
         )
 
 
