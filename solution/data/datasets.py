@@ -41,28 +41,13 @@ def train_transform(resolution: int, augment: str = "none") -> Callable:
     if augment == "cnclip":
         from timm.data import create_transform
 
-        t = create_transform(
-            input_size=resolution,
-            scale=(0.9, 1.0),
-            is_training=True,
-            color_jitter=None,
-            auto_augment="original",
-            interpolation="bicubic",
-            mean=MEAN,
-            std=STD,
-        )
+        kw = dict(scale=(0.9, 1.0), color_jitter=None, auto_augment="original", interpolation="bicubic")
+        t = create_transform(resolution, is_training=True, mean=MEAN, std=STD, **kw)
         return T.Compose(t.transforms[:-3] + [_to_rgb] + t.transforms[-3:])  # where upstream converts
     if augment == "gentle":
-        return T.Compose(
-            [
-                T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip(),
-                T.ColorJitter(0.2, 0.2, 0.1),
-                _to_rgb,
-                T.ToTensor(),
-                T.Normalize(MEAN, STD),
-            ]
-        )
+        crop = T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+        steps = [crop, T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.1)]
+        return T.Compose(steps + [_to_rgb, T.ToTensor(), T.Normalize(MEAN, STD)])
     raise ValueError(f"unknown augment {augment!r}; choose from {AUGMENTS}")
 
 

@@ -196,21 +196,6 @@ def _failed(e: Exception, data: bytes, fmt: str | None) -> Cleaned:
     return skip("corrupt", msg, fmt)
 
 
-def decode_base64(b64: bytes) -> tuple[bytes, bytes]:
-    """Standard or URL-safe base64, whitespace and missing padding tolerated -> ``(raw bytes, base64 to
-    store)``: the input itself when it is strict (cn_clip's reader takes it as it is), else canonical."""
-    try:
-        return binascii.a2b_base64(b64.translate(URL_TO_STD), strict_mode=True), b64
-    except (binascii.Error, ValueError):
-        pass
-    t = b"".join(b64.split()).translate(URL_TO_STD).rstrip(b"=")
-    try:
-        raw = base64.b64decode(t + b"=" * (-len(t) % 4), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"not base64: {e}") from None
-    return raw, base64.urlsafe_b64encode(raw)
-
-
 def clean_b64(
     b64: bytes | str,
     *,
@@ -219,8 +204,8 @@ def clean_b64(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     check: str = CHECKS[0],
 ) -> Cleaned:
-    """:func:`clean_image` on base64 text; ``data`` of the result is base64 (the input's own when kept).
-    A plain JPEG in strict base64 is recognised decoding only its header and its end."""
+    """:func:`clean_image` on base64 (either alphabet; whitespace, missing padding tolerated); ``data`` is base64: the
+    input itself when strict and kept (cn_clip reads it), else URL-safe. A plain JPEG's header and end suffice."""
     b64 = b64.encode("ascii", "replace") if isinstance(b64, str) else bytes(b64)
     if check == "structural" and b64[:4] in (b"/9j/", b"_9j_") and not len(b64) % 4:
         left = b64.translate(None, B64_ALPHABET)  # strict base64: the alphabet, then the padding
@@ -232,9 +217,14 @@ def clean_b64(
     if not b64.strip():
         return skip("empty", "empty base64 field")
     try:
-        raw, stored = decode_base64(b64)
-    except ValueError as e:
-        return skip("invalid_base64", str(e))
+        raw, stored = binascii.a2b_base64(b64.translate(URL_TO_STD), strict_mode=True), b64
+    except (binascii.Error, ValueError):
+        t = b"".join(b64.split()).translate(URL_TO_STD).rstrip(b"=")
+        try:
+            raw = base64.b64decode(t + b"=" * (-len(t) % 4), validate=True)
+        except (binascii.Error, ValueError) as e:
+            return skip("invalid_base64", f"not base64: {e}")
+        stored = base64.urlsafe_b64encode(raw)
     res = clean_image(raw, max_side=max_side, quality=quality, max_pixels=max_pixels, check=check)
     if res.status == "converted":
         return res._replace(data=base64.urlsafe_b64encode(res.data))

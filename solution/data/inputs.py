@@ -185,13 +185,8 @@ def split_off_valid(texts: list[Text], fraction: float, seed: int, where=None) -
     n, src = len(set(groups)), f"{where}: " if where else ""
     if n < 2:
         raise SolutionError(f"{src}--make-valid needs at least two distinct labelled queries, found {n}")
-    n_valid = math.ceil(fraction * n)  # as GroupShuffleSplit counts
-    if not 0 < n_valid < n:
-        raise SolutionError(
-            f"{src}--make-valid {fraction} of {n} distinct labelled queries leaves "
-            f"{'no validation' if n_valid < 1 else 'no training'} query; choose a fraction "
-            f"that leaves both splits at least one"
-        )
+    if math.ceil(fraction * n) >= n:  # as GroupShuffleSplit counts
+        raise SolutionError(f"{src}--make-valid {fraction} of {n} distinct labelled queries leaves no training query")
     gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     _, valid_idx = next(gss.split(np.zeros(len(labelled)), groups=groups))
     valid = [labelled[i] for i in sorted(valid_idx)]

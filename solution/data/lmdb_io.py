@@ -4,6 +4,7 @@ without trusting pickle. ``{split}/imgs``: ``b"num_images"`` -> count, ``b"%d" %
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -36,7 +37,7 @@ def restricted_loads(data: bytes) -> tuple[int, int, str]:
     return obj
 
 
-class Writer:
+class Writer(contextlib.AbstractContextManager):
     """A fresh LMDB at ``path``, written in commits of :data:`COMMIT_EVERY`; on a clean exit the count goes
     under ``count_key`` and everything is synced once (the split is swapped in only afterwards)."""
 
@@ -54,9 +55,6 @@ class Writer:
         if self.n % COMMIT_EVERY == 0:
             self.txn.commit()
             self.txn = self.env.begin(write=True)
-
-    def __enter__(self) -> Writer:
-        return self
 
     def __exit__(self, exc_type, *_) -> None:
         try:

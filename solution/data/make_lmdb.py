@@ -76,13 +76,12 @@ class _Output:
         self.skipped, self.converted = [], []
 
     def image(self, where: str, image_id: int | None, r: Cleaned) -> None:
-        self.counts["total"] += 1
+        self.counts[r.status] += 1
         self.formats.update([r.format] if r.format else [])
         if not r.ok:
             self.skipped.append({"image_id": image_id, "where": where, "reason": r.reason, "detail": r.detail})
             return
         self.kept.add(image_id)
-        self.counts[r.status] += 1
         self.imgs.put(b"%d" % image_id, r.data)
         if self.tsv:
             self.tsv.write(b"%d\t%s\n" % (image_id, r.data))
@@ -120,7 +119,7 @@ class _Output:
             "num_images": self.imgs.n,
             "num_samples": n_pairs,
             "images": {
-                "total": c["total"],
+                "total": c.total(),
                 "kept": c["kept"],
                 "converted": c["converted"],
                 "skipped": len(bad),
@@ -144,7 +143,7 @@ class _Output:
             "texts_with_missing_images": partial,
             "converted_images": self.converted,
             "seconds": round(seconds, 3),
-            "images_per_second": round(c["total"] / seconds, 1) if seconds > 0 else None,
+            "images_per_second": round(c.total() / seconds, 1) if seconds > 0 else None,
         }
         write_json(self.tmp / "report.json", report)  # swapped in with its folder
         return report

@@ -322,7 +322,7 @@ def generate(
         raise SolutionError("at most 10,000 queries (or general images) per split: each split has its own id range")
     if not 0.0 <= sz.two_group_fraction <= 1.0 or sz.fine not in (0, 1):
         raise SolutionError(
-            f"two-group fraction must lie in [0, 1] and fine be 0 or 1, got {sz.two_group_fraction} and {sz.fine}"
+            f"two-group fraction must lie in [0, 1], fine be 0 or 1; got {sz.two_group_fraction}, {sz.fine}"
         )
     if image_size < 16:
         raise SolutionError(f"image size {image_size} is too small (at least 16 px)")
