@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=int, help="shrink images so the longer side is at most N px (JPEG re-encode)")
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of re-encoded images")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="more pixels: a decompression bomb")
-    p.add_argument("--check", choices=CHECKS, default=CHECKS[0], help="structural: a JPEG's markers; full: decode")
+    p.add_argument("--check", choices=CHECKS, default=CHECKS[0], help="structural: JPEG markers only; full: decode all")
     p.add_argument("--workers", help=argparse.SUPPRESS)
     p.add_argument("--make-valid", type=float, metavar="FRACTION", help="split off this fraction of queries as valid")
     p.add_argument("--valid-name", default="valid", help="name of the split --make-valid creates")
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--csv",
         "--captions",
         dest="table",
+        metavar="FILE",
         help="instead of MUGE files: a CSV/TSV (text,image_path[,text_id,image_id,split]) or JSON lines "
         "({image, text, ...}); '{split}' in the name = one file per split; the MUGE files are written to DATA_DIR",
     )
