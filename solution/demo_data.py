@@ -1,7 +1,5 @@
-"""``python -m solution.demo_data``: write the procedurally drawn demo dataset (:func:`solution.data.synthetic.generate`).
-
-Prints one JSON line: the output folder and the queries/images of each split.
-"""
+"""``python -m solution.demo_data``: write the demo dataset (:func:`solution.data.synthetic.generate`); prints one
+JSON line: the output folder and the queries/images of each split."""
 
 from __future__ import annotations
 
@@ -21,19 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a procedurally drawn Chinese image-text dataset in MUGE layout.",
     )
     p.add_argument("--out", required=True, help="output directory (MUGE layout)")
-    p.add_argument(
-        "--preset",
-        default="default",
-        choices=sorted(PRESETS),
-        help="size preset: tiny (a few dozen images, for tests), small (smoke runs) or default (the demo)",
-    )
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="tiny (tests), small or default (demo)")
     p.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels (default 64)")
     for f in dataclasses.fields(Sizes):
-        p.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=float if f.type in (float, "float") else int,
-            help=f"override the preset's {f.name}",
-        )
+        kind = float if f.type in (float, "float") else int
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, help=f"override the preset's {f.name}")
     p.add_argument("--no-mess", action="store_true", help="leave out the deliberately messy images")
     p.add_argument("--seed", type=int, default=0)
     return p

@@ -99,7 +99,7 @@ def _build_world(root: Path) -> None:
 
     data = root / "data"
     generate(data, preset="tiny", messy=False, train_queries=24, valid_queries=16, test_queries=8, images_per_query=3)
-    prepare(data, ["train", "valid", "test"], workers=1, progress=False)
+    prepare(data, ["train", "valid", "test"], progress=False)
     config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32)
     torch.manual_seed(0)
     save_checkpoint(root / "base.pt", build_model(config).state_dict(), config)

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from solution.data.datasets import cnclip_augment, eval_transform, train_transform
+from solution.data.datasets import eval_transform, train_transform
 from solution.data.synthetic import draw_image, random_scene
 
 
@@ -39,7 +39,7 @@ def test_cnclip_augment_is_upstreams_use_augment_transform(mode):
 
 def test_cnclip_augment_differs_from_eval_and_is_random():
     im = draw_image(random_scene(random.Random(1), 0.5), random.Random(2), 96)
-    aug = cnclip_augment(64)
+    aug = train_transform(64, "cnclip")
     a, b = _apply(aug, im, 0), _apply(aug, im, 1)
     assert not torch.equal(a, b)
     assert not torch.equal(a, eval_transform(64)(im))

@@ -3,7 +3,6 @@ MUGE files of the user's in the way, malformed CSV, non-UTF-8 text, outputs that
 ``--make-valid`` leaving an empty split, a full disk. Each: exit code 2, one ``error:`` line naming
 the file and what is wrong, the inputs and the previous LMDB untouched."""
 
-import base64
 import io
 import json
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_prepare import _b64, _jpeg, _write_muge
 
 from solution.common import folder_lock, run_cli
 from solution.data.inputs import Text, split_off_valid
@@ -23,34 +23,13 @@ from solution.data.lmdb_io import LMDBSplit
 from solution.prepare import main
 
 
-def _jpeg(color=(200, 40, 40)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 30), color).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode()
-
-
 def _muge(d: Path, images, texts) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "train_imgs.tsv").write_text("".join(f"{i}\t{b}\n" for i, b in images), encoding="utf-8")
-    (d / "train_texts.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts), "utf-8")
+    _write_muge(d, "train", images, texts)
     return d
 
 
-def _argv(data_dir, *extra, splits="train", workers=1):
-    return [
-        "--data-dir",
-        str(data_dir),
-        "--splits",
-        splits,
-        "--workers",
-        str(workers),
-        "--no-progress",
-        *map(str, extra),
-    ]
+def _argv(data_dir, *extra, splits="train"):
+    return ["--data-dir", str(data_dir), "--splits", splits, "--no-progress", *map(str, extra)]
 
 
 def _error_line(capsys, argv) -> str:
@@ -146,7 +125,7 @@ def test_csv_never_overwrites_the_users_muge_files(old, tmp_path, capsys, presen
     before = _snapshot(old)
     line = _error_line(capsys, _argv(old, "--csv", csv))
     assert str(old / ("train_imgs.tsv" if present == "both" else "train_texts.jsonl")) in line
-    assert "not written by prepare" in line and _snapshot(old) == before  # not even a lock file
+    assert "not an earlier output" in line and _snapshot(old) == before  # not even a lock file
 
 
 def test_csv_replaces_its_own_muge_files_but_not_once_the_user_changed_them(tmp_path, capsys):

@@ -1,10 +1,5 @@
-"""Datasets over cn_clip LMDB splits, image transforms, and the text collate.
-
-An image that cannot be decoded is dropped from its batch with a warning, never a crash mid-training
-(training replaces it by another pair of its batch, :class:`PairCollate`). ``cnclip`` is upstream's
-``--use-augment`` transform rebuilt from timm's public API; ``tests/test_datasets.py`` checks it
-against upstream's private ``LMDBDataset._build_transform``.
-"""
+"""Datasets over cn_clip LMDB splits, image transforms, and the text collate. An image that cannot be decoded is
+dropped from its batch with a warning, never a crash mid-training."""
 
 from __future__ import annotations
 
@@ -39,43 +34,21 @@ def eval_transform(resolution: int) -> Callable:
 def train_transform(resolution: int, augment: str = "none") -> Callable:
     """``none``: as eval; ``cnclip``: upstream's ``--use-augment`` (timm AutoAugment, scale 0.9-1);
     ``gentle``: RandomResizedCrop(0.8-1) + horizontal flip + mild ColorJitter."""
+    from torchvision import transforms as T
+
     if augment == "none":
         return eval_transform(resolution)
     if augment == "cnclip":
-        return cnclip_augment(resolution)
+        from timm.data import create_transform
+
+        kw = dict(scale=(0.9, 1.0), color_jitter=None, auto_augment="original", interpolation="bicubic")
+        t = create_transform(resolution, is_training=True, mean=MEAN, std=STD, **kw)
+        return T.Compose(t.transforms[:-3] + [_to_rgb] + t.transforms[-3:])  # where upstream converts
     if augment == "gentle":
-        from torchvision import transforms as T
-
-        return T.Compose(
-            [
-                T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip(),
-                T.ColorJitter(0.2, 0.2, 0.1),
-                _to_rgb,
-                T.ToTensor(),
-                T.Normalize(MEAN, STD),
-            ]
-        )
+        crop = T.RandomResizedCrop(resolution, scale=(0.8, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+        steps = [crop, T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.1)]
+        return T.Compose(steps + [_to_rgb, T.ToTensor(), T.Normalize(MEAN, STD)])
     raise ValueError(f"unknown augment {augment!r}; choose from {AUGMENTS}")
-
-
-def cnclip_augment(resolution: int) -> Callable:
-    """Upstream's ``--use-augment`` training transform: timm's RandomResizedCrop (scale 0.9-1, bicubic),
-    horizontal flip, RGB conversion, AutoAugment ``original``, to tensor, CLIP normalisation."""
-    from timm.data import create_transform
-    from torchvision.transforms import Compose
-
-    t = create_transform(
-        input_size=resolution,
-        scale=(0.9, 1.0),
-        is_training=True,
-        color_jitter=None,
-        auto_augment="original",
-        interpolation="bicubic",
-        mean=MEAN,
-        std=STD,
-    )
-    return Compose(t.transforms[:-3] + [_to_rgb] + t.transforms[-3:])  # where upstream puts its conversion
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -87,12 +60,18 @@ def decode_image(b64: bytes | None) -> Image.Image | None:
     if not b64:
         return None
     try:
-        raw = base64.urlsafe_b64decode(b64)
-        im = Image.open(io.BytesIO(raw))
+        im = Image.open(io.BytesIO(base64.urlsafe_b64decode(b64)))
         im.load()
         return im.convert("RGB")
     except (binascii.Error, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None
+
+
+def _image(split: LMDBSplit, image_id: int) -> Image.Image | None:
+    im = decode_image(split.image_b64(image_id))
+    if im is None:
+        log.warning("image %s of %s cannot be decoded; left out", image_id, split.split_dir)
+    return im
 
 
 class PairDataset(Dataset):
@@ -107,11 +86,8 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int):
         image_id, text_id, text = self.split.pair(index)
-        im = decode_image(self.split.image_b64(image_id))
-        if im is None:
-            log.warning("skipping sample %d: image %s of %s cannot be decoded", index, image_id, self.split.split_dir)
-            return None
-        return self.transform(im), text, text_id, image_id
+        im = _image(self.split, image_id)
+        return None if im is None else (self.transform(im), text, text_id, image_id)
 
 
 class ImageDataset(Dataset):
@@ -127,20 +103,14 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         image_id = self.image_ids[index]
-        im = decode_image(self.split.image_b64(image_id))
-        if im is None:
-            log.warning("image %s of %s cannot be decoded; left out", image_id, self.split.split_dir)
-            return None
-        return image_id, self.transform(im)
+        im = _image(self.split, image_id)
+        return None if im is None else (image_id, self.transform(im))
 
 
 class PairCollate:
-    """Batch pairs and tokenise their texts (with the prompt), cut to the batch's longest text.
-
-    With ``keep_size`` (training), each undecodable sample is replaced by a decodable one of the same
-    batch (the first ones, in order), so every process of a multi-process run gathers batches of the
-    same size; a batch with no decodable sample is still None (the trainer skips that step on every
-    process together)."""
+    """Batch pairs and tokenise their texts (with the prompt). With ``keep_size`` (training), undecodable samples
+    are replaced by the batch's first decodable ones, so every process of a multi-process run gathers batches of one
+    size; a batch with none decodable is None (every process skips that step together)."""
 
     def __init__(self, context_length: int, prompt: str = "", keep_size: bool = False):
         self.context_length, self.prompt, self.keep_size = context_length, prompt, keep_size

@@ -1,13 +1,6 @@
-"""One image, bytes or base64 in: kept as it is, converted to an RGB JPEG, or skipped with a reason.
-
-A JPEG that a decoder turns into an upright RGB image within the limits is kept byte for byte;
-anything else is decoded by what its bytes are (not its name) and re-encoded: first frame, alpha
-onto white, any mode to RGB, EXIF orientation applied, optionally shrunk to ``max_side``.
-``check="structural"`` (the default) keeps a JPEG on its marker structure alone (:func:`plain_jpeg`):
-damage inside the compressed data of an otherwise intact file goes unnoticed (training decodes
-defensively, :func:`solution.data.datasets.decode_image`); ``check="full"`` decodes it as well.
-Nothing here raises on a bad image: it comes back ``skipped`` with one of :data:`REASONS`.
-"""
+"""One image, bytes or base64 in: kept byte for byte (a JPEG a decoder yields upright, RGB and within the limits),
+converted to an RGB JPEG (decoded by what its bytes are: first frame, alpha onto white, EXIF orientation applied,
+optionally shrunk) or skipped with one of :data:`REASONS`. Nothing here raises on a bad image."""
 
 from __future__ import annotations
 
@@ -38,14 +31,7 @@ CHECKS = ("structural", "full")  # how a JPEG is checked before it is kept; the 
 ORIENTATION, TURNS = 0x0112, range(2, 9)  # the EXIF orientation tag, and its values that turn or mirror the image
 URL_TO_STD = bytes.maketrans(b"-_", b"+/")
 B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
-_MAGIC = {
-    b"\xff\xd8\xff": "JPEG",
-    b"\x89PNG": "PNG",
-    b"GIF8": "GIF",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-    b"BM": "BMP",
-}
+_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"II*\0": "TIFF", b"MM\0*": "TIFF", b"BM": "BMP"}
 
 
 class Cleaned(NamedTuple):
@@ -144,7 +130,6 @@ def clean_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     check: str = CHECKS[0],
 ) -> Cleaned:
-    """Check and clean one image's raw bytes (see the module docstring). Never raises on a bad image."""
     if check not in CHECKS:
         raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     if not data:
@@ -211,21 +196,6 @@ def _failed(e: Exception, data: bytes, fmt: str | None) -> Cleaned:
     return skip("corrupt", msg, fmt)
 
 
-def decode_base64(b64: bytes) -> tuple[bytes, bytes]:
-    """Standard or URL-safe base64, whitespace and missing padding tolerated -> ``(raw bytes, base64 to
-    store)``: the input itself when it is strict (cn_clip's reader takes it as it is), else canonical."""
-    try:
-        return binascii.a2b_base64(b64.translate(URL_TO_STD), strict_mode=True), b64
-    except (binascii.Error, ValueError):
-        pass
-    t = b"".join(b64.split()).translate(URL_TO_STD).rstrip(b"=")
-    try:
-        raw = base64.b64decode(t + b"=" * (-len(t) % 4), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"not base64: {e}") from None
-    return raw, base64.urlsafe_b64encode(raw)
-
-
 def clean_b64(
     b64: bytes | str,
     *,
@@ -234,8 +204,8 @@ def clean_b64(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     check: str = CHECKS[0],
 ) -> Cleaned:
-    """:func:`clean_image` on base64 text; ``data`` of the result is base64 (the input's own when kept).
-    A plain JPEG in strict base64 is recognised decoding only its header and its end."""
+    """:func:`clean_image` on base64 (either alphabet; whitespace, missing padding tolerated); ``data`` is base64: the
+    input itself when strict and kept (cn_clip reads it), else URL-safe. A plain JPEG's header and end suffice."""
     b64 = b64.encode("ascii", "replace") if isinstance(b64, str) else bytes(b64)
     if check == "structural" and b64[:4] in (b"/9j/", b"_9j_") and not len(b64) % 4:
         left = b64.translate(None, B64_ALPHABET)  # strict base64: the alphabet, then the padding
@@ -247,9 +217,14 @@ def clean_b64(
     if not b64.strip():
         return skip("empty", "empty base64 field")
     try:
-        raw, stored = decode_base64(b64)
-    except ValueError as e:
-        return skip("invalid_base64", str(e))
+        raw, stored = binascii.a2b_base64(b64.translate(URL_TO_STD), strict_mode=True), b64
+    except (binascii.Error, ValueError):
+        t = b"".join(b64.split()).translate(URL_TO_STD).rstrip(b"=")
+        try:
+            raw = base64.b64decode(t + b"=" * (-len(t) % 4), validate=True)
+        except (binascii.Error, ValueError) as e:
+            return skip("invalid_base64", f"not base64: {e}")
+        stored = base64.urlsafe_b64encode(raw)
     res = clean_image(raw, max_side=max_side, quality=quality, max_pixels=max_pixels, check=check)
     if res.status == "converted":
         return res._replace(data=base64.urlsafe_b64encode(res.data))

@@ -1,11 +1,6 @@
-"""The three input formats of ``solution.prepare`` read into texts + image sources, and ``--make-valid``.
-
-1. MUGE / Tianchi: ``DIR/{split}_imgs.tsv`` (``image_id<TAB>base64``) + ``DIR/{split}_texts.jsonl``.
-2. A CSV/TSV of ``text,image_path[,text_id,image_id,split]``; 3. a folder of images + captions JSON lines
-   ``{image, text[, text_id, image_id, split]}``. ``{split}`` in the file name: one file per split.
-A bad text record is noted in ``SplitInput.problems`` for the report, not raised; an unreadable file is
-one :class:`SolutionError` naming the file and line.
-"""
+"""The inputs of ``solution.prepare``: MUGE files (``{split}_imgs.tsv`` + ``{split}_texts.jsonl``) or a table (CSV/TSV
+or JSON lines of text + image path), and ``--make-valid``. A bad text record is noted for the report; an unreadable
+file is one :class:`SolutionError` naming the file and line."""
 
 from __future__ import annotations
 
@@ -54,9 +49,7 @@ class SplitInput:
         if not text:
             return self.problem(where, obj, "empty_text", "the text is empty")
         if text_id in seen:
-            return self.problem(
-                where, obj, "duplicate_text_id", "text_id seen before in this split; the first one wins"
-            )
+            return self.problem(where, obj, "duplicate_text_id", "text_id seen before; the first one wins")
         seen.add(text_id)
         self.texts.append(Text(text_id, text, image_ids))
 
@@ -78,7 +71,7 @@ def read_muge(data_dir: Path, name: str) -> SplitInput:
         if not p.is_file():
             raise SolutionError(
                 f"{p} not found: --data-dir needs MUGE files {name}_imgs.tsv and {name}_texts.jsonl "
-                f"(or give --csv FILE, or --images-dir DIR --captions FILE)"
+                "(or give --csv FILE)"
             )
     split, seen = SplitInput(name, tsv=tsv, texts_path=texts_path), set()
     for lineno, line in enumerate(_decoded(texts_path).split("\n"), 1):
@@ -139,9 +132,8 @@ def _rows(path: Path):
 
 
 def read_table(table: str, splits: list[str], base_dir: Path | None) -> dict[str, SplitInput]:
-    """Formats 2 and 3 -> one SplitInput per split. Rows with the same ``text_id`` (or, without one, the
-    same text) in a split form one query; missing ids are numbered above the largest given one, one
-    image id per distinct file."""
+    """A table -> one SplitInput per split. Rows with the same ``text_id`` (or, without one, the same text) in a
+    split form one query; missing ids are numbered above the largest given one, one image id per distinct file."""
     files = [(s, Path(table.replace("{split}", s))) for s in splits] if "{split}" in table else [(None, Path(table))]
     out: dict[str, SplitInput] = {}
     rows = []  # (split, text, path, text_id, image_id)
@@ -151,34 +143,28 @@ def read_table(table: str, splits: list[str], base_dir: Path | None) -> dict[str
         for where, row in _rows(path):
             name = fixed or str(row.get("split") or splits[0]).strip()
             split = out.setdefault(name, SplitInput(name))
-            text, rel, detail = _pick(row, _TEXT_KEYS), _pick(row, _IMAGE_KEYS), None
+            text, rel = _pick(row, _TEXT_KEYS), _pick(row, _IMAGE_KEYS)
+            if text is None or rel is None or not str(text).strip():
+                split.problem(where, row, "malformed", "needs a non-empty text and an image path")
+                continue
             try:
                 ids = [None if row.get(k) in (None, "") else int(row[k]) for k in ("text_id", "image_id")]
             except (TypeError, ValueError):
-                detail = "image_id and text_id must be integers"
-            if text is None or rel is None or not str(text).strip():
-                detail = "needs a non-empty text and an image path"
-            if detail:
-                split.problem(where, row, "malformed", detail)
+                split.problem(where, row, "malformed", "image_id and text_id must be integers")
                 continue
             rows.append((name, str(text).strip(), str(((base_dir or path.parent) / str(rel)).resolve()), *ids))
-    next_image = max([r[4] for r in rows if r[4] is not None], default=0) + 1
-    next_text = max([r[3] for r in rows if r[3] is not None], default=0) + 1
+    next_text, next_image = (max([r[k] for r in rows if r[k] is not None], default=0) + 1 for k in (3, 4))
     path_ids: dict[str, int] = {}
-    groups: dict[str, dict[tuple, dict]] = {}
-    stored: set[tuple[str, int, str]] = set()
+    groups: dict[str, dict[tuple, dict]] = {name: {} for name in out}
     for name, text, path, tid, iid in rows:
-        if iid is None:
-            iid = path_ids.setdefault(path, next_image + len(path_ids))
+        iid = path_ids.setdefault(path, next_image + len(path_ids)) if iid is None else iid
         key = ("id", tid) if tid is not None else ("text", text)
-        g = groups.setdefault(name, {}).setdefault(key, {"text_id": tid, "text": text, "image_ids": []})
+        g = groups[name].setdefault(key, {"text_id": tid, "text": text, "image_ids": []})
         if iid not in g["image_ids"]:
             g["image_ids"].append(iid)
-        if (name, iid, path) not in stored:
-            stored.add((name, iid, path))
-            out[name].files.append((iid, path))
+        out[name].files.append((iid, path))
     for name, gs in groups.items():
-        seen: set[int] = set()
+        out[name].files, seen = list(dict.fromkeys(out[name].files)), set()
         for g in gs.values():
             if g["text_id"] is None:
                 g["text_id"], next_text = next_text, next_text + 1
@@ -199,13 +185,8 @@ def split_off_valid(texts: list[Text], fraction: float, seed: int, where=None) -
     n, src = len(set(groups)), f"{where}: " if where else ""
     if n < 2:
         raise SolutionError(f"{src}--make-valid needs at least two distinct labelled queries, found {n}")
-    n_valid = math.ceil(fraction * n)  # as GroupShuffleSplit counts
-    if not 0 < n_valid < n:
-        raise SolutionError(
-            f"{src}--make-valid {fraction} of {n} distinct labelled queries leaves "
-            f"{'no validation' if n_valid < 1 else 'no training'} query; choose a fraction "
-            f"that leaves both splits at least one"
-        )
+    if math.ceil(fraction * n) >= n:  # as GroupShuffleSplit counts
+        raise SolutionError(f"{src}--make-valid {fraction} of {n} distinct labelled queries leaves no training query")
     gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     _, valid_idx = next(gss.split(np.zeros(len(labelled)), groups=groups))
     valid = [labelled[i] for i in sorted(valid_idx)]

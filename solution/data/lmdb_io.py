@@ -1,13 +1,10 @@
-"""cn_clip's LMDB layout, written and read without trusting pickle.
-
-``{split}/imgs``: ``b"num_images"`` -> count, ``str(image_id)`` -> base64 of the image bytes.
-``{split}/pairs``: ``b"num_samples"`` -> count, ``str(index)`` -> ``pickle((image_id, text_id, text))``.
-What ``cn_clip/preprocess/build_lmdb_dataset.py`` writes and ``cn_clip.training.data.LMDBDataset`` reads;
-pairs are read back through :func:`restricted_loads`, which accepts nothing but an ``(int, int, str)``.
-"""
+"""cn_clip's LMDB layout (what its ``build_lmdb_dataset.py`` writes and ``LMDBDataset`` reads), written and read
+without trusting pickle. ``{split}/imgs``: ``b"num_images"`` -> count, ``b"%d" % image_id`` -> base64 of the image;
+``{split}/pairs``: ``b"num_samples"`` -> count, ``b"%d" % index`` -> ``pickle((image_id, text_id, text))``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -35,14 +32,12 @@ def restricted_loads(data: bytes) -> tuple[int, int, str]:
         obj = _NoGlobals(io.BytesIO(bytes(data))).load()
     except Exception as e:
         raise SolutionError(f"refusing LMDB pair: {e}") from None
-    if not (isinstance(obj, tuple) and len(obj) == 3 and type(obj[0]) is int and type(obj[1]) is int):
-        raise SolutionError(f"refusing LMDB pair: expected (int, int, str), got {type(obj).__name__}")
-    if not isinstance(obj[2], str):
-        raise SolutionError(f"refusing LMDB pair: expected (int, int, str), got a {type(obj[2]).__name__} text")
+    if not (isinstance(obj, tuple) and len(obj) == 3 and [type(x) for x in obj] == [int, int, str]):
+        raise SolutionError(f"refusing LMDB pair: expected (int, int, str), got {obj!r:.80}")
     return obj
 
 
-class Writer:
+class Writer(contextlib.AbstractContextManager):
     """A fresh LMDB at ``path``, written in commits of :data:`COMMIT_EVERY`; on a clean exit the count goes
     under ``count_key`` and everything is synced once (the split is swapped in only afterwards)."""
 
@@ -61,9 +56,6 @@ class Writer:
             self.txn.commit()
             self.txn = self.env.begin(write=True)
 
-    def __enter__(self) -> Writer:
-        return self
-
     def __exit__(self, exc_type, *_) -> None:
         try:
             if exc_type is None:
@@ -74,12 +66,11 @@ class Writer:
             self.env.close()  # (aborts an open transaction)
 
 
-def write_images(split_dir: str | os.PathLike, images: Iterable[tuple[int | bytes, bytes | str]]) -> int:
+def write_images(split_dir: str | os.PathLike, images: Iterable[tuple[int, bytes | str]]) -> int:
     """Write ``split_dir/imgs`` (replacing it) from ``(image_id, base64)`` rows; returns ``num_images``."""
     with Writer(Path(split_dir) / "imgs", b"num_images") as w:
         for image_id, b64 in images:
-            key = image_id if type(image_id) is bytes else b"%d" % int(image_id)
-            w.put(key, b64.encode() if isinstance(b64, str) else bytes(b64))
+            w.put(b"%d" % int(image_id), b64.encode() if isinstance(b64, str) else bytes(b64))
     return w.n
 
 
@@ -105,28 +96,26 @@ class LMDBSplit:
             self.split_dir, self.need_pairs = self.split_dir.parent, False  # given .../imgs directly
         for sub in ("imgs", "pairs") if self.need_pairs else ("imgs",):
             if not (self.split_dir / sub / "data.mdb").is_file():
-                raise SolutionError(
-                    f"not an LMDB split: {self.split_dir / sub} has no data.mdb "
-                    "(build it with python -m solution.prepare)"
-                )
+                raise SolutionError(f"not an LMDB split: {self.split_dir / sub} has no data.mdb (see solution.prepare)")
         self._open()
         try:
-            self.num_images = int(bytes(self._img.get(b"num_images")))
-            self.num_samples = int(bytes(self._pairs.get(b"num_samples"))) if self.need_pairs else 0
+            self.num_images = int(bytes(self._txn("imgs").get(b"num_images")))
+            self.num_samples = int(bytes(self._txn("pairs").get(b"num_samples"))) if self.need_pairs else 0
         except (TypeError, ValueError):
             raise SolutionError(f"malformed LMDB split {self.split_dir}: missing num_images/num_samples") from None
 
     def _open(self) -> None:
         kw = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False)
-        subs = ("imgs", "pairs") if self.need_pairs else ("imgs",)
-        self._envs = [lmdb.open(str(self.split_dir / sub), **kw) for sub in subs]
-        self._img, self._pairs = [env.begin(buffers=True) for env in self._envs] + [None] * (2 - len(subs))
+        self._envs = {
+            sub: lmdb.open(str(self.split_dir / sub), **kw) for sub in ("imgs", "pairs")[: 1 + self.need_pairs]
+        }
+        self._txns = {sub: env.begin(buffers=True) for sub, env in self._envs.items()}
         self._pid = os.getpid()
 
     def _txn(self, which: str):
         if self._pid != os.getpid():  # forked into a DataLoader worker: own handles
             self._open()
-        return self._img if which == "imgs" else self._pairs
+        return self._txns[which]
 
     def __reduce__(self):
         return LMDBSplit, (self.split_dir, self.need_pairs)
@@ -138,8 +127,7 @@ class LMDBSplit:
         return restricted_loads(bytes(raw))
 
     def pairs(self) -> Iterator[tuple[int, int, str]]:
-        for i in range(self.num_samples):
-            yield self.pair(i)
+        return map(self.pair, range(self.num_samples))
 
     def image_b64(self, image_id: int) -> bytes | None:
         raw = self._txn("imgs").get(b"%d" % int(image_id))
@@ -167,6 +155,6 @@ class LMDBSplit:
         return out
 
     def close(self) -> None:
-        for env in getattr(self, "_envs", []):
+        for env in getattr(self, "_envs", {}).values():
             env.close()
-        self._envs = []
+        self._envs = {}

@@ -1,24 +1,13 @@
-"""A deterministic, procedurally drawn image-text dataset in MUGE layout, for the demo and the tests.
-
-Each image shows one or (in about half of the scenes) two groups of identical shapes on a plain
-background; its query names the background and each group's count, colour and shape
-(``粉色背景上有一个蓝色的圆形和两个黄色的五角星``); ``fine`` data (the demo's) also names sizes and places
-(``米黄色背景的左边有两个青色的小圆形``). Queries are disjoint across train/valid/test, each has several
-images and each image matches one query; ids are unique ints, one range per split. A few images are
-deliberately messy (GIFs and PNGs named as JPEGs, a truncated JPEG, an HTML page). Files under ``DIR``::
-
-    {train,valid,test}_imgs.tsv, {train,valid}_texts.jsonl, test_texts.jsonl (no answers),
-    test_answers.jsonl (official gold format), demo_info.json (sizes, seed, the messy images),
-    general/{train,valid}_{imgs.tsv,texts.jsonl}: a larger family standing in for pretraining data
-    (other phrasings, captions that name only some attributes)
-"""
+"""A deterministic, procedurally drawn image-text dataset in MUGE layout, for the demo and the tests: one or two
+groups of shapes on a plain background per image, a query naming them (``fine``: also sizes and places), queries
+disjoint across train/valid/test, a few deliberately messy images, and ``general/``: a larger family standing in
+for pretraining data (other phrasings, captions naming only part of the scene). ``demo_info.json`` sums it up."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
 import io
-import logging
 import math
 import random
 from collections.abc import Sequence
@@ -28,8 +17,6 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from solution.common import SolutionError, atomic_path, write_json, write_jsonl
-
-log = logging.getLogger(__name__)
 
 COLORS = ("红色", "绿色", "蓝色", "黄色", "紫色", "橙色", "黑色", "白色")  # of the shapes
 BACKGROUNDS = ("浅蓝色", "浅绿色", "浅灰色", "米黄色", "粉色", "深灰色")
@@ -53,17 +40,11 @@ SHAPES = ("圆形", "三角形", "正方形", "五角星", "十字形")
 SIZES, SIDES = ("大", "小"), ("左边", "右边", "上方", "下方")  # SIDES: one group's half of the image
 PAIRS = (("左边", "右边"), ("上方", "下方"))  # two groups: where each one is
 # the half of the image (x0, x1, y0, y1 as fractions of the side) each place puts a group in
-REGIONS = {
-    "左边": (0.0, 0.5, 0.0, 1.0),
-    "右边": (0.5, 1.0, 0.0, 1.0),
-    "上方": (0.0, 1.0, 0.0, 0.5),
-    "下方": (0.0, 1.0, 0.5, 1.0),
-}
+REGIONS = {"左边": (0, 0.5, 0, 1), "右边": (0.5, 1, 0, 1), "上方": (0, 1, 0, 0.5), "下方": (0, 1, 0.5, 1)}
 FINE_RADIUS = {"大": (0.14, 0.17), "小": (0.085, 0.10)}  # radius (fraction of the side) by size
 COUNTS = {1: "一个", 2: "两个", 3: "三个"}
 
-# The general family phrases things differently, and often names only one group, or leaves out
-# the count or the background, as web captions do.
+# the general family phrases things otherwise and, as web captions do, often names only part of the scene
 GENERAL_TEMPLATES = ("一张{bg}底色的图片，画着{groups}", "{groups}，背景是{bg}", "图中有{groups}，底色{bg}")
 GENERAL_PARTIAL = ("图中有{count}{color}的{shape}", "{color}的{shape}", "{bg}底色上的{color}{shape}")
 FINE_PARTIAL = (
@@ -91,12 +72,9 @@ class Sizes:
 
 
 PRESETS = {
-    # a few dozen images, well under a second: for tests
-    "tiny": Sizes(6, 3, 3, 2, 24, 8, 0.5),
-    # a scaled-down end-to-end run (the demo's smoke scale): ~400 images, about a second
-    "small": Sizes(40, 12, 12, 3, 160, 40, 0.5),
-    # the demo: fine-grained queries, 300 valid and 300 test ones, so a tiny CLIP stays well below 100
-    "default": Sizes(1200, 300, 300, 3, 4000, 400, 0.5, 1),
+    "tiny": Sizes(6, 3, 3, 2, 24, 8, 0.5),  # a few dozen images, for tests
+    "small": Sizes(40, 12, 12, 3, 160, 40, 0.5),  # ~400 images, the demo's smoke scale
+    "default": Sizes(1200, 300, 300, 3, 4000, 400, 0.5, 1),  # the demo: fine-grained; a tiny CLIP stays below 100
 }
 
 
@@ -134,62 +112,41 @@ class Scene:
 
 
 def random_scene(rng: random.Random, p_two: float, fine: bool = False) -> Scene:
-    if fine:
-        return _fine_scene(rng, p_two)
+    """``fine``: every group also has a size and a place; two groups sit in opposite halves."""
     bg = rng.choice(BACKGROUNDS)
     if rng.random() >= p_two:
-        return Scene(bg, (Group(rng.choice(list(COUNTS)), rng.choice(COLORS), rng.choice(SHAPES)),))
-    c1, c2 = rng.sample(COLORS, 2)
-    s1, s2 = rng.sample(SHAPES, 2)
-    groups = sorted(
-        [Group(rng.randint(1, 2), c1, s1), Group(rng.randint(1, 2), c2, s2)],
-        key=lambda g: (SHAPES.index(g.shape), COLORS.index(g.color)),
-    )  # one text per scene
-    return Scene(bg, tuple(groups))
+        g = Group(rng.choice(list(COUNTS)), rng.choice(COLORS), rng.choice(SHAPES))
+        return Scene(bg, (dataclasses.replace(g, size=rng.choice(SIZES), where=rng.choice(SIDES)) if fine else g,))
+    if fine:
+        pair = rng.choice(PAIRS)
+        groups = [
+            Group(rng.randint(1, 2), c, rng.choice(SHAPES), rng.choice(SIZES), w)
+            for c, w in zip(rng.sample(COLORS, 2), pair)
+        ]
+        return Scene(bg, tuple(groups))
+    (c1, c2), (s1, s2) = rng.sample(COLORS, 2), rng.sample(SHAPES, 2)
+    groups = [Group(rng.randint(1, 2), c1, s1), Group(rng.randint(1, 2), c2, s2)]
+    return Scene(bg, tuple(sorted(groups, key=lambda g: (SHAPES.index(g.shape), COLORS.index(g.color)))))
 
 
-def _fine_scene(rng: random.Random, p_two: float) -> Scene:
-    """Every group with a size and a place; two groups sit in opposite halves and differ in colour."""
-    bg, colors = rng.choice(BACKGROUNDS), COLORS
-    if rng.random() >= p_two:
-        g = Group(
-            rng.choice(list(COUNTS)), rng.choice(colors), rng.choice(SHAPES), rng.choice(SIZES), rng.choice(SIDES)
-        )
-        return Scene(bg, (g,))
-    pair = rng.choice(PAIRS)
-    groups = [
-        Group(rng.randint(1, 2), c, rng.choice(SHAPES), rng.choice(SIZES), w)
-        for c, w in zip(rng.sample(colors, 2), pair)
-    ]
-    return Scene(bg, tuple(groups))
-
-
-# ---------------------------------------------------------------- drawing
+def _polar(r: float, a: float) -> tuple[float, float]:
+    return r * math.cos(a), r * math.sin(a)
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    def rot(pts):
-        ca, sa = math.cos(angle), math.sin(angle)
-        return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
-
     if shape == "三角形":
-        return rot([(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
-    if shape == "正方形":
+        pts = [_polar(r, a) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    elif shape == "正方形":
         h = r * 0.78
-        return rot([(-h, -h), (h, -h), (h, h), (-h, h)])
-    if shape == "五角星":
-        pts = []
-        for i in range(10):
-            rr = r if i % 2 == 0 else r * 0.42
-            a = -math.pi / 2 + i * math.pi / 5
-            pts.append((rr * math.cos(a), rr * math.sin(a)))
-        return rot(pts)
-    if shape == "十字形":
-        w, h = r * 0.33, r
-        return rot(
-            [(-w, -h), (w, -h), (w, -w), (h, -w), (h, w), (w, w), (w, h), (-w, h), (-w, w), (-h, w), (-h, -w), (-w, -w)]
-        )
-    raise ValueError(shape)
+        pts = [(-h, -h), (h, -h), (h, h), (-h, h)]
+    elif shape == "五角星":
+        pts = [_polar(r if i % 2 == 0 else r * 0.42, -math.pi / 2 + i * math.pi / 5) for i in range(10)]
+    else:  # 十字形, point-symmetric
+        w = r * 0.33
+        half = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w)]
+        pts = half + [(-x, -y) for x, y in half]
+    ca, sa = math.cos(angle), math.sin(angle)
+    return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, int, int]:
@@ -202,8 +159,7 @@ _RADIUS = {1: (0.20, 0.32), 2: (0.14, 0.22), 3: (0.11, 0.17), 4: (0.10, 0.15), 5
 
 def draw_image(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     """Draw one RGB image of ``scene``: positions, sizes, rotations and colour jitter come from ``rng``."""
-    ss = 2  # supersample for anti-aliased edges
-    S = size * ss
+    S = size * 2  # supersampled for anti-aliased edges
     im = Image.new("RGB", (S, S), _jitter(RGB[scene.bg], rng, 8))
     draw = ImageDraw.Draw(im)
     n_total = sum(g.count for g in scene.groups)
@@ -211,7 +167,7 @@ def draw_image(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     for g in scene.groups:
         color = _jitter(RGB[g.color], rng, 14)
         lo, hi = FINE_RADIUS[g.size] if g.size else _RADIUS[min(n_total, 5)]
-        x0, x1, y0, y1 = (v * S for v in REGIONS.get(g.where, (0.0, 1.0, 0.0, 1.0)))
+        x0, x1, y0, y1 = (v * S for v in REGIONS.get(g.where, (0, 1, 0, 1)))
         for _ in range(g.count):
             for attempt in range(200):
                 shrink = 1.0 - min(attempt, 150) / (300 if not g.size else 1000)  # crowded: make shapes smaller
@@ -228,40 +184,35 @@ def draw_image(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     return im.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
+    im.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
+    return _encode(im, "JPEG", quality=quality)
 
 
 def messy_bytes(kind: str, im: Image.Image) -> bytes:
     """Encode ``im`` the way scraped data arrives; all kinds except truncated/html stay decodable."""
-    buf = io.BytesIO()
-    if kind == "gif":
-        im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buf, format="GIF")
-    elif kind == "gif_animated":  # the first frame is the real picture, then a black frame
-        frames = [
-            im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
-            Image.new("RGB", im.size, (0, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE),
-        ]
-        frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    elif kind == "png_rgba":
-        rgba = im.convert("RGBA")
-        rgba.putalpha(255)
-        rgba.save(buf, format="PNG")
-    elif kind == "png_palette":
-        im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buf, format="PNG")
-    elif kind == "truncated":
+    if kind == "truncated":
         data = jpeg_bytes(im)
         return data[: len(data) // 2]
-    elif kind == "html":
+    if kind == "html":
         return (
             b"<!DOCTYPE html><html><head><title>404 Not Found</title></head>"
             b"<body><h1>404 Not Found</h1></body></html>\n"
         )
-    else:
-        raise ValueError(kind)
-    return buf.getvalue()
+    if kind == "png_rgba":
+        rgba = im.convert("RGBA")
+        rgba.putalpha(255)
+        return _encode(rgba, "PNG")
+    palette = im.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    if kind == "gif_animated":  # the first frame is the real picture, then a black frame
+        black = Image.new("RGB", im.size, (0, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE)
+        return _encode(palette, "GIF", save_all=True, append_images=[black], duration=100, loop=0)
+    return _encode(palette, {"gif": "GIF", "png_palette": "PNG"}[kind])
 
 
 # deliberately messy images per split, in order, each the first image of a different query
@@ -273,14 +224,6 @@ MESS = {
     "general/valid": ("png_palette",),
 }
 BAD_KINDS = ("truncated", "html")  # the ones prepare must drop
-
-
-# ---------------------------------------------------------------- splits
-
-
-def _write_imgs(path: Path, rows: Sequence[tuple[int, bytes]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(f"{image_id}\t{base64.urlsafe_b64encode(data).decode('ascii')}\n" for image_id, data in rows)
 
 
 def _general_caption(scene: Scene, rng: random.Random) -> tuple[str, dict | None]:
@@ -303,34 +246,26 @@ class _Builder:
     def rng(self, *key) -> random.Random:
         return random.Random(f"{self.seed}/" + "/".join(map(str, key)))
 
-    def render(
-        self, split: str, scenes: Sequence[Scene], mess_at: dict[int, str]
-    ) -> tuple[list[int], list[tuple[int, bytes]]]:
-        image_base, _ = ID_BASES[split]
-        ids, rows = [], []
+    def images(self, split: str, scenes: Sequence[Scene], mess_at: dict[int, str], shuffle: bool = False) -> list[int]:
+        """Draw ``scenes`` into ``{split}_imgs.tsv``, image ``i`` made messy as ``mess_at[i]``; returns their ids."""
+        base, rows = ID_BASES[split][0], []
         for i, scene in enumerate(scenes):
-            image_id = image_base + i
-            im = draw_image(scene, self.rng(split, "img", i), self.size)
-            kind = mess_at.get(i)
+            im, kind = draw_image(scene, self.rng(split, "img", i), self.size), mess_at.get(i)
             if kind:
-                rows.append((image_id, messy_bytes(kind, im)))
-                self.mess_log.setdefault(split, []).append({"image_id": image_id, "kind": kind})
-            else:
-                rows.append((image_id, jpeg_bytes(im)))
-            ids.append(image_id)
-        return ids, rows
+                self.mess_log.setdefault(split, []).append({"image_id": base + i, "kind": kind})
+            rows.append((base + i, messy_bytes(kind, im) if kind else jpeg_bytes(im)))
+        if shuffle:
+            self.rng(split, "order").shuffle(rows)  # a query's images are not adjacent in the TSV
+        with atomic_path(self.out / f"{split}_imgs.tsv") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(f"{i}\t{base64.urlsafe_b64encode(data).decode('ascii')}\n" for i, data in rows)
+        return [base + i for i in range(len(scenes))]
 
     def muge_split(self, split: str, queries: Sequence[Scene], per_query: int) -> dict:
-        scenes = [q for q in queries for _ in range(per_query)]
-        kinds = MESS[split] if self.messy else ()
-        mess_at = {q * per_query: kind for q, kind in zip(range(len(queries)), kinds)}
-        ids, rows = self.render(split, scenes, mess_at)
-        order = list(range(len(rows)))
-        self.rng(split, "order").shuffle(order)  # a query's images are not adjacent in the TSV
-        _write_imgs(self.out / f"{split}_imgs.tsv", [rows[i] for i in order])
-        _, text_base = ID_BASES[split]
+        mess_at = {q * per_query: kind for q, kind in enumerate((MESS[split] if self.messy else ())[: len(queries)])}
+        ids = self.images(split, [q for q in queries for _ in range(per_query)], mess_at, shuffle=True)
+        base = ID_BASES[split][1]
         texts = [
-            {"text_id": text_base + q, "text": s.query(), "image_ids": ids[q * per_query : (q + 1) * per_query]}
+            {"text_id": base + q, "text": s.query(), "image_ids": ids[q * per_query : (q + 1) * per_query]}
             for q, s in enumerate(queries)
         ]
         if split == "test":
@@ -338,29 +273,26 @@ class _Builder:
             write_jsonl(self.out / "test_answers.jsonl", texts)
         else:
             write_jsonl(self.out / f"{split}_texts.jsonl", texts)
-        return {"queries": len(texts), "images": len(rows)}
+        return {"queries": len(texts), "images": len(ids)}
 
     def general_split(self, split: str, n_images: int, p_two: float) -> dict:
         rng = self.rng(split, "scenes")
         scenes = [random_scene(rng, p_two, self.fine) for _ in range(n_images)]
         kinds = (MESS[split] if self.messy else ())[:n_images]
         step = max(1, n_images // max(1, len(kinds)))
-        mess_at = {i * step: k for i, k in enumerate(kinds)}
-        ids, rows = self.render(split, scenes, mess_at)
-        _write_imgs(self.out / f"{split}_imgs.tsv", rows)
+        ids = self.images(split, scenes, {i * step: k for i, k in enumerate(kinds)})
         captions: dict[str, tuple[Scene, dict | None, list[int]]] = {}
         crng = self.rng(split, "captions")
         for image_id, scene in zip(ids, scenes):
             text, named = _general_caption(scene, crng)
             captions.setdefault(text, (scene, named, []))[2].append(image_id)
-        _, text_base = ID_BASES[split]
         texts = []
         for q, (text, (scene, named, own)) in enumerate(captions.items()):
             if split.endswith("valid"):  # gold: every image the caption describes, not just its own
                 own = [i for i, s in zip(ids, scenes) if (s == scene if named is None else s.matches(named))]
-            texts.append({"text_id": text_base + q, "text": text, "image_ids": own})
+            texts.append({"text_id": ID_BASES[split][1] + q, "text": text, "image_ids": own})
         write_jsonl(self.out / f"{split}_texts.jsonl", texts)
-        return {"queries": len(texts), "images": len(rows)}
+        return {"queries": len(texts), "images": len(ids)}
 
 
 def _distinct_queries(n: int, rng: random.Random, p_two: float, fine: bool = False) -> list[Scene]:
@@ -378,26 +310,19 @@ def _distinct_queries(n: int, rng: random.Random, p_two: float, fine: bool = Fal
 def generate(
     out_dir, *, preset: str = "default", image_size: int = 64, seed: int = 0, messy: bool = True, **sizes
 ) -> dict:
-    """Write the demo dataset under ``out_dir``; returns (and writes to ``demo_info.json``) its summary.
-
-    Sizes (``train_queries``, ``valid_queries``, ``test_queries``, ``images_per_query``,
-    ``general_train_images``, ``general_valid_images``, ``two_group_fraction``, ``fine``) default to
-    ``PRESETS[preset]``; one given (not None) overrides its preset value. The same arguments always
-    give byte-identical files.
-    """
+    """Write the demo dataset under ``out_dir``; returns (and writes to ``demo_info.json``) its summary. ``sizes``:
+    fields of :class:`Sizes` overriding the preset's (None: the preset's). The same arguments give the same bytes."""
     if preset not in PRESETS:
         raise SolutionError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     sz = dataclasses.replace(PRESETS[preset], **{k: v for k, v in sizes.items() if v is not None})
-    if min(sz.train_queries, sz.valid_queries, sz.test_queries, sz.images_per_query) < 1:
-        raise SolutionError("every split needs at least one query and one image per query")
-    if min(sz.general_train_images, sz.general_valid_images) < 1:
-        raise SolutionError("the general family needs at least one image per split")
     counts = (sz.train_queries, sz.valid_queries, sz.test_queries, sz.general_train_images, sz.general_valid_images)
+    if min(*counts, sz.images_per_query) < 1:
+        raise SolutionError("every split needs at least one query (general: one image), each query one image")
     if max(counts) > 10_000:
         raise SolutionError("at most 10,000 queries (or general images) per split: each split has its own id range")
     if not 0.0 <= sz.two_group_fraction <= 1.0 or sz.fine not in (0, 1):
         raise SolutionError(
-            f"two-group fraction must lie in [0, 1] and fine be 0 or 1, got {sz.two_group_fraction} and {sz.fine}"
+            f"two-group fraction must lie in [0, 1], fine be 0 or 1; got {sz.two_group_fraction}, {sz.fine}"
         )
     if image_size < 16:
         raise SolutionError(f"image size {image_size} is too small (at least 16 px)")
@@ -423,9 +348,4 @@ def generate(
         "bad_image_ids": sorted(m["image_id"] for ms in b.mess_log.values() for m in ms if m["kind"] in BAD_KINDS),
     }
     write_json(out / "demo_info.json", info)
-    log.info(
-        "demo data in %s: %s",
-        out,
-        ", ".join(f"{k} {v['queries']} queries / {v['images']} images" for k, v in splits.items()),
-    )
     return info
