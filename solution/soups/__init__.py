@@ -1,5 +1,5 @@
-"""Checkpoint soups: ingredients, streamed weight averaging, scoring through retrieval, the
-greedy/pairwise/uniform methods and a soup run; the names of a soup folder's files."""
+"""Checkpoint soups: ingredients, streamed weights and methods, scoring through retrieval, a soup run; the names
+of a soup folder's files."""
 
 from solution.formats.kinds import SOUP_LOG as LOG
 
