@@ -3,5 +3,5 @@ of a soup folder's files."""
 
 from solution.formats.kinds import SOUP_LOG as LOG
 
-SOUP, SUMMARY, CACHE, HITS = "soup.pt", "summary.json", "score_cache.json", "hits"
-__all__ = ["CACHE", "HITS", "LOG", "SOUP", "SUMMARY"]
+SOUP, SUMMARY, HITS = "soup.pt", "summary.json", "hits"  # hits/: every candidate's per-query hits (the score cache)
+__all__ = ["HITS", "LOG", "SOUP", "SUMMARY"]
