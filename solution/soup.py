@@ -1,11 +1,7 @@
 """Model soups: average fine-tuned checkpoints while the held-out score improves.
 
 ``bash Chinese-CLIP/model_soup.sh --checkpoints 'logs/*/checkpoints/*.pt' --val-data DIR/lmdb/valid
---method greedy --output soups/NAME`` (``python -m solution.soup``). Methods
-(:mod:`solution.soups.methods`): ``greedy``, ``pairwise``, ``uniform``; ``--interpolate-with CKPT``
-then mixes each soup with ``CKPT`` (e.g. the zero-shot start) by held-out score. Ingredients must
-share architecture, prompt and context length; identical ones are used once. Scores are text->image
-R@1/5/10 and mean recall through :mod:`solution.retrieval`. The output folder is described in
+--method greedy --output soups/NAME``; methods in :mod:`solution.soups.methods`, the folder in
 :mod:`solution.soups.make_soups`.
 """
 
@@ -19,7 +15,7 @@ from collections.abc import Sequence
 from solution.common import SolutionError
 from solution.model.precision import DTYPES, PRECISION_METAVAR, PRECISIONS, precision_flag
 from solution.model.registry import run_model_cli
-from solution.soups.make_soups import SoupOptions, make_soups
+from solution.soups.make_soups import make_soups
 from solution.soups.methods import METHODS
 
 
@@ -54,29 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--val-data", metavar="LMDB_SPLIT", help="validation LMDB split (e.g. DIR/lmdb/valid)")
     val.add_argument("--val-texts", metavar="JSONL", help="queries + gold (MUGE *_texts.jsonl); default: LMDB pairs")
     val.add_argument("--select-split", type=float, metavar="F", help="choose on this fraction of queries, report rest")
-    val.add_argument(
-        "--folds",
-        type=int,
-        metavar="K",
-        help="k-fold cross-fitting over the queries: choose on K-1 folds, score the one left out, rotate; report the "
-        "mean with its interval, ship the soup chosen on all queries (not with --select-split)",
-    )
+    val.add_argument("--folds", type=int, metavar="K", help="cross-fit: choose without each of K query folds, score it")
     val.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw (and of the --folds folds)")
-    val.add_argument("--no-score", action="store_true", help="only average (uniform), score nothing")
+    val.add_argument("--no-score", action="store_true", help="score nothing (uniform, model_stock)")
     val.add_argument("--batch-size", type=int, default=64)
     val.add_argument("--num-workers", type=int, default=0)
     val.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="fp32", metavar=PRECISION_METAVAR)
     val.add_argument("--device", default="auto")
     how = p.add_argument_group("soup")
+    how.add_argument("--method", dest="methods", nargs="+", default=["greedy"], help=f"some of {', '.join(METHODS)}")
     how.add_argument(
-        "--method",
-        dest="methods",
-        nargs="+",
-        default=["greedy"],
-        help=f"one or more of {', '.join(METHODS)} (space- or comma-separated; they share the score cache)",
+        "--interpolate-with", metavar="CKPT", help="mix each soup with this checkpoint (model_stock: the start)"
     )
-    how.add_argument("--interpolate-with", metavar="CKPT", help="interpolate each soup with this checkpoint")
-    how.add_argument("--alphas", default="0.25,0.5,0.75", help="soup weights tried with --interpolate-with")
+    how.add_argument("--alphas", help="soup weights tried with --interpolate-with; none given: 0.25,0.5,0.75")
     how.add_argument("--max-rounds", type=int, default=20, help="pairwise: most merge rounds")
     how.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: the ingredients' own if shared")
     p.add_argument("--output", required=True, metavar="DIR")
@@ -86,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     args.methods, args.checkpoints = parse_methods(args.methods), tuple(args.checkpoints)
-    args.alphas = parse_alphas(args.alphas) if args.interpolate_with else ()
-    summary = make_soups(SoupOptions(**vars(args)))
+    if args.alphas is not None and not args.interpolate_with:
+        raise SolutionError("--alphas needs --interpolate-with CKPT (the checkpoint the soups are interpolated with)")
+    args.alphas = parse_alphas(args.alphas or "0.25,0.5,0.75") if args.interpolate_with else ()
+    summary = make_soups(args)
     best = {"soup": summary["soup"], "method": summary["method"], **summary["soups"][summary["method"]]}
     print(json.dumps(best, ensure_ascii=False))
     return summary

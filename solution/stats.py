@@ -1,8 +1,5 @@
-"""Statistics over per-query retrieval results: paired bootstrap and k-fold cross-fitting.
-
-A query's per-query value is the mean of its hits at 1/5/10 (:func:`solution.retrieval.metrics.per_query_recall`),
-so a system's mean recall is ``100 * mean_q v_q`` (up to the last bits of the official arithmetic).
-"""
+"""Statistics over per-query retrieval results: paired bootstrap and k-fold cross-fitting. A query's value is the
+mean of its hits at 1/5/10, so a system's mean recall is ``100 * mean_q v_q`` (up to the official arithmetic's bits)."""
 
 from __future__ import annotations
 
@@ -44,12 +41,9 @@ class BootstrapResult:
 def paired_bootstrap(
     a_per_query, b_per_query, n_resamples: int = 1000, seed: int = 0, ci: float = 0.95, batch: int = 100
 ) -> BootstrapResult:
-    """Paired bootstrap of ``100 * mean_q (a_q - b_q)`` over queries, from per-query values ``[Q]`` or hits ``[Q, J]``.
-
-    Each resample draws ``Q`` query indices with replacement (``numpy.random.default_rng(seed)``) and
-    applies the same indices to both systems; the interval is the ``(1 - ci) / 2`` and ``(1 + ci) / 2``
-    percentiles (``numpy.quantile``, linear). Identical systems give exactly ``diff = low = high = 0``.
-    """
+    """Paired bootstrap of ``100 * mean_q (a_q - b_q)`` from per-query values ``[Q]`` or hits ``[Q, J]``: each
+    resample draws ``Q`` query indices with replacement (``default_rng(seed)``), the same for both systems; the
+    interval is their ``(1 - ci) / 2`` and ``(1 + ci) / 2`` percentiles (``numpy.quantile``, linear)."""
     a, b = (np.asarray(x) for x in (a_per_query, b_per_query))
     a, b = (per_query_recall(x) if x.ndim == 2 else x.astype(np.float64) for x in (a, b))
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
@@ -120,16 +114,10 @@ class CrossfitResult:
 def crossfit(
     select_fn: Callable[[Any], Any], score_fn: Callable[[Any, Any], Any], per_query, k: int = 5, seed: int = 0, ids=None
 ) -> CrossfitResult:
-    """K-fold cross-fitting over the rows of ``per_query`` (an array): for each fold, ``choice =
-    select_fn(rows without the fold)`` scored by ``score_fn(choice, rows of the fold)``; then the choice
-    refit on all rows. With ``ids`` (the rows' query ids) the folds are :func:`id_folds`. ``score_fn`` returns the
-    fold's mean recall, or its per-query hits ``[n, 3]``: then the score is their official mean recall and
-    ``held_out`` collects them.
-
-    The interval is ``mean +- t_{0.975, k-1} * sd(s, ddof=1) / sqrt(k)`` over the fold scores ``s``.
-    The folds share training queries, so the scores are not independent and the interval is
-    approximate (optimistic; Bengio & Grandvalet 2004).
-    """
+    """K-fold cross-fitting over the rows of ``per_query`` (:func:`id_folds` of ``ids`` when given): per fold
+    ``score_fn(select_fn(rows without the fold), rows of the fold)`` (a mean recall, or per-query hits ``[n, 3]``
+    collected in ``held_out``), then the choice refit on all rows. The interval, ``mean +- t_{0.975, k-1} * sd /
+    sqrt(k)`` over the fold scores, is approximate: folds share training queries (Bengio & Grandvalet 2004)."""
     folds = kfold_crossfit(len(per_query), k, seed) if ids is None else id_folds(ids, k, seed)
     scores, choices, held_out = [], [], None
     for i, test in enumerate(folds):
@@ -139,9 +127,9 @@ def crossfit(
             held_out = np.zeros((len(per_query), np.shape(got)[1]), bool) if held_out is None else held_out
             held_out[test], got = got, recall_from_hits(got)["mean_recall"]
         scores.append(float(got))
-        log.info("fold %d/%d: %d held-out queries, score %.4f, choice %s", i + 1, k, len(test), scores[-1], choices[-1])
+        log.info("fold %d/%d: %d held-out queries, score %.4f", i + 1, k, len(test), scores[-1])
     mean = float(np.mean(scores))
     half = t_quantile_975(k - 1) * float(np.std(scores, ddof=1)) / math.sqrt(k)
     refit = select_fn(per_query)
-    log.info("cross-fit: %.4f +- %.4f (95%% t over %d folds); refit choice %s", mean, half, k, refit)
+    log.info("cross-fit: %.4f +- %.4f (95%% t over %d folds)", mean, half, k)
     return CrossfitResult(scores, mean, mean - half, mean + half, choices, refit, folds, held_out=held_out)

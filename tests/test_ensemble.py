@@ -135,9 +135,7 @@ def test_members_of_two_architectures_ensemble_while_the_soup_refuses(world, ckp
         assert len(ids) == n and mean_recall(hits) == scores["all"]["mean_recall"]
     assert {r["stage"] for r in read_jsonl(out / "ensemble_log.jsonl")} == {"weights", "rerank"}
     assert (out / "selection.png").stat().st_size > 0
-    assert (
-        fingerprint(ckpts["b"]) == spec["members"][1]["fingerprint"] == inspect_checkpoint(ckpts["b"], {}).fingerprint
-    )
+    assert fingerprint(ckpts["b"]) == spec["members"][1]["fingerprint"] == inspect_checkpoint(ckpts["b"]).key
     argv = f"--checkpoints {ckpts['a']} {ckpts['b']} --method uniform --no-score --output {tmp_path}/soup".split()
     code, line = one_error_line(capsys, monkeypatch, soup.main, argv)
     assert code == 2 and "ViT-Tiny-W96" in line and not (tmp_path / "soup").exists()

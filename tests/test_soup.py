@@ -1,5 +1,6 @@
-"""Model soups (solution.soup) of the shared world's fine-tuned runs: the methods' rules, the weights
-they save, scores equal to the submission path's, caching, streaming, refusals and cross-fitting."""
+"""Model soups (solution.soup) of the shared world's fine-tuned runs: the methods' rules, the weights they save
+(Model Stock against a float64 oracle), scores equal to the submission path's, caching by content, streaming,
+refusals, output folders (kinds, lock, replaced whole) and cross-fitting's held-out hits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import weakref
 
 import numpy as np
@@ -18,12 +21,14 @@ from solution import compare, soup
 from solution.common import SolutionError, read_jsonl
 from solution.data.lmdb_io import LMDBSplit, write_images
 from solution.formats.hits import read_hits
-from solution.model import ModelConfig, build_model, clean_state_dict, read_checkpoint, save_checkpoint
+from solution.model import ModelConfig, build_model, clean_state_dict, fingerprint, read_checkpoint, save_checkpoint
+from solution.report.folders import read_soup
 from solution.retrieval import encode
 from solution.retrieval.encode import evaluate_split
 from solution.retrieval.metrics import mean_recall
-from solution.soups import ingredients, weights
-from solution.stats import paired_bootstrap
+from solution.soups import ingredients, methods
+from solution.soups.scoring import Scorer
+from solution.stats import id_folds, paired_bootstrap
 
 METHODS = ("uniform", "greedy", "pairwise")
 
@@ -46,31 +51,14 @@ def _rows(folder):
     return read_jsonl(folder / "soup_log.jsonl")
 
 
-def _plain(config, members, weights_, lmdb, **kw) -> dict:
-    """The candidate's scores through plain validation (its own decoding and encoding)."""
-    model = build_model(config)
-    model.load_state_dict(_weighted(members, weights_))
-    scores = evaluate_split(model.eval(), lmdb, config, **kw)
-    return {k: scores[k] for k in ("r1", "r5", "r10", "mean_recall")}
-
-
 @pytest.fixture(scope="module")
 def souped(world, tmp_path_factory):
-    """Every checkpoint of both runs, three methods, a selection split and an interpolation with the base."""
+    """Every checkpoint of both runs, four methods, a selection split and an interpolation with the base."""
+    args = ["--checkpoints", *(r / "checkpoints" / "*.pt" for r in world.runs), "--val-data", world.lmdb("valid")]
+    args += [f"--method {','.join(METHODS)},model_stock --select-split 0.5 --seed 3 --interpolate-with", world.base]
+    args += ["--alphas 0.5,0.9 --device cpu --batch-size 32"]
     out = tmp_path_factory.mktemp("souped") / "soups"
-    globs = [r / "checkpoints" / "*.pt" for r in world.runs]
-    summary = run(
-        "--checkpoints",
-        *globs,
-        "--val-data",
-        world.lmdb("valid"),
-        f"--method {','.join(METHODS)} --select-split 0.5",
-        "--seed 3 --interpolate-with",
-        world.base,
-        "--alphas 0.5,0.9 --device cpu --batch-size 32 --output",
-        out,
-    )
-    return out, summary
+    return out, run(*args, "--output", out), args
 
 
 @pytest.fixture
@@ -81,7 +69,7 @@ def three(world):
 
 
 def test_greedy_keeps_only_strict_gains_from_the_best_single_and_aliases_are_used_once(souped):
-    out, summary = souped
+    out, summary, _ = souped
     rows = _rows(out / "greedy")
     singles = [r for r in rows if r["method"] == "ingredient"]
     assert len(singles) == 6  # 2 runs x 3 epochs: best.pt and epoch_latest.pt copy an epoch file
@@ -92,7 +80,7 @@ def test_greedy_keeps_only_strict_gains_from_the_best_single_and_aliases_are_use
     assert greedy[0]["mean_recall"] == max(r["mean_recall"] for r in singles) and greedy[0]["kept"]
     current = greedy[0]["mean_recall"]
     for r in greedy[1:]:
-        assert r["kept"] == (r["mean_recall"] > current)
+        assert r["kept"] == (r["mean_recall"] > current) and r["label"] == f"+ {os.path.basename(r['members'][-1])}"
         current = max(current, r["mean_recall"])
     interp = [r for r in rows if r["method"] == "greedy+interpolate"]  # alpha 1 is the soup; a tie keeps it
     assert [r["alpha"] for r in interp] == [1.0, 0.5, 0.9] and interp[0]["mean_recall"] == current
@@ -104,7 +92,7 @@ def test_greedy_keeps_only_strict_gains_from_the_best_single_and_aliases_are_use
 
 
 def test_each_soup_holds_the_average_its_log_names(souped, world):
-    out, summary = souped
+    out, summary, _ = souped
     for method in METHODS:
         ckpt = read_checkpoint(out / method / "soup.pt")
         recipe = ckpt["recipe"]
@@ -120,9 +108,14 @@ def test_each_soup_holds_the_average_its_log_names(souped, world):
         assert sorted(zip(best["members"], best["weights"])) == sorted(zip(recipe["members"], recipe["weights"]))
         interp = [r for r in _rows(out / method) if r["method"] == f"{method}+interpolate"]
         assert interp[1]["members"][-1] == str(world.base) and interp[1]["weights"][-1] == pytest.approx(0.5)
+        s = summary["soups"][method]  # --select-split: the other half reported, and all queries (recall: a mean)
+        assert [s["all"][k] for k in s["report"]] == pytest.approx([(s[k] + s["report"][k]) / 2 for k in s["report"]])
+        assert all("report" in r and "all" in r for r in _rows(out / method))
     greedy = read_checkpoint(out / "greedy" / "soup.pt")["recipe"]
     members = [w for m, w in zip(greedy["members"], greedy["weights"]) if m != str(world.base)]
     assert len(set(members)) == 1  # a running average: uniform over the kept ingredients
+    sel = summary["selection"]  # disjoint halves of the 16 queries
+    assert len({*sel["select_text_ids"], *sel["report_text_ids"]}) == 2 * len(sel["report_text_ids"]) == 16
     assert (out / "soup.pt").samefile(out / summary["method"] / "soup.pt")
     assert summary["soups"][summary["method"]]["mean_recall"] == max(
         s["mean_recall"] for s in summary["soups"].values()
@@ -130,7 +123,7 @@ def test_each_soup_holds_the_average_its_log_names(souped, world):
 
 
 def test_pairwise_merges_the_two_best_while_the_merge_beats_the_worse(souped):
-    out, _ = souped
+    out, _, _ = souped
     rows = _rows(out / "pairwise")
     pool = {r["members"][0]: r["mean_recall"] for r in rows if r["method"] == "ingredient"}
     rounds = [r for r in rows if r["method"] == "pairwise"]
@@ -142,22 +135,32 @@ def test_pairwise_merges_the_two_best_while_the_merge_beats_the_worse(souped):
         if not r["kept"]:
             assert i == len(rounds)  # a merge at or below both members ends the search
             break
-        assert (out / "pairwise" / f"merged_round{i}.pt").is_file()
+        assert (out / "pairwise" / f"merged_round{i}.pt").is_file()  # named in the log relative to its folder
         del pool[r["pair"][1]]
-        pool[str(out / "pairwise" / f"merged_round{i}.pt")] = r["mean_recall"]
+        pool[f"merged_round{i}.pt"] = r["mean_recall"]
     assert read_checkpoint(out / "pairwise" / "soup.pt")["recipe"]["score"]["mean_recall"] == max(pool.values())
 
 
-def test_select_split_reports_the_other_half_and_all_queries(souped):
-    out, summary = souped
-    sel = summary["selection"]
-    assert len(sel["select_text_ids"]) == len(sel["report_text_ids"]) == 8  # half of 16 queries
-    assert not set(sel["select_text_ids"]) & set(sel["report_text_ids"])
-    for method in METHODS:
-        s = summary["soups"][method]
-        for k in ("r1", "r5", "r10", "mean_recall"):  # recall is a per-query average
-            assert s["all"][k] == pytest.approx((s[k] + s["report"][k]) / 2)
-        assert all("report" in r and "all" in r for r in _rows(out / method))
+def test_model_stock_interpolates_each_tensor_with_the_start_by_the_fine_tunes_angle(world, tmp_path):
+    """Per tensor, deltas from the start (exact in fp32) at a known angle: t = 2 cos / (1 + cos) of the average
+    (cos 1/2: 2/3; cos 0 and no delta: the start; cos 1: the average); the oracle in float64."""
+    cases = [([1, 1, 0], [1, 0, 1], 2 / 3), ([1, 0, 0], [0, 1, 0], 0), ([1, 0, 0], [1, 0, 0], 1), ([0] * 3, [0] * 3, 0)]
+    start, tunes, want = {k: v.double() for k, v in _sd(world.base).items()}, ({}, {}), {}
+    for i, (k, v) in enumerate(sorted(start.items())):
+        v.view(-1)[:3] = 0
+        *deltas, t = cases[i % 4]
+        for tune, d in zip(tunes, deltas):
+            tune[k] = v.clone()
+            tune[k].view(-1)[:3] = (torch.tensor(d, dtype=torch.float64) / 16)[: v.numel()]
+        want[k] = v + t * ((tunes[0][k] + tunes[1][k]) / 2 - v)
+    sds = [{k: x.float() for k, x in sd.items()} for sd in (start, *tunes)]
+    paths = [save_checkpoint(tmp_path / f"{n}.pt", sd, world.config) for n, sd in enumerate(sds)]
+    argv = ["--checkpoints", *paths[1:], "--method model_stock --no-score --interpolate-with", paths[0]]
+    ratio = run(*argv, "--output", tmp_path / "out")["soups"]["model_stock"]["ratio"]
+    got = _sd(tmp_path / "out" / "soup.pt")
+    for k, v in want.items():
+        torch.testing.assert_close(got[k].double(), v, atol=1e-6, rtol=0, msg=k)
+    assert (ratio["min"], ratio["max"]) == (0.0, 1.0)
 
 
 def test_soup_scores_as_plain_cn_clip_and_the_submission_path_score_it(souped, world, tmp_path):
@@ -165,7 +168,7 @@ def test_soup_scores_as_plain_cn_clip_and_the_submission_path_score_it(souped, w
 
     from solution import evaluate, features, predict
 
-    out, summary = souped
+    out, summary, _ = souped
     path = out / "greedy" / "soup.pt"
     ckpt = read_checkpoint(path)
     model = CLIP(**ckpt["config"]["model_info"])  # upstream's loader: strip "module.", strict
@@ -185,85 +188,63 @@ def test_soup_scores_as_plain_cn_clip_and_the_submission_path_score_it(souped, w
     assert {k: result[k] for k in ("r1", "r5", "r10", "mean_recall")} == pytest.approx(
         {k: logged[k] for k in ("r1", "r5", "r10", "mean_recall")}, abs=1e-9
     )
-    ids, feats = encode.encode_images(model, world.lmdb("valid"), ModelConfig.from_dict(ckpt["config"]))
-    order, theirs = np.argsort(ids), np.argsort(np.load(tmp_path / "img.ids.npy"))
-    np.testing.assert_allclose(feats[order], np.load(img)[theirs], atol=1e-5)
 
 
-def test_a_rerun_with_the_cache_encodes_nothing_and_the_cache_knows_the_lmdb_by_content(
-    souped, world, monkeypatch, tmp_path
-):
-    out, summary = souped
+def test_rerun_encodes_nothing_lmdb_and_checkpoints_known_by_content(souped, world, three, monkeypatch, tmp_path):
+    out, summary, args = souped
     moved = tmp_path / "moved"  # the same LMDB elsewhere, another modification time: the same data
     shutil.copytree(world.lmdb("valid"), moved)
     for f in moved.rglob("*.mdb"):
         os.utime(f, ns=(1_000_000_000, 1_000_000_000))
-    for name in ("again", "changed"):
-        (tmp_path / name).mkdir()
-        shutil.copy(out / "score_cache.json", tmp_path / name)
+    shutil.copytree(out, tmp_path / "again")
     calls = []
     real = encode.encode_images
     monkeypatch.setattr(encode, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
-    args = ["--checkpoints", *(r / "checkpoints" / "*.pt" for r in world.runs), "--method", "greedy"]
-    args += ["--select-split", "0.5", "--seed", "3", "--interpolate-with", world.base, "--alphas", "0.5,0.9"]
-    again = run(*args, "--val-data", moved, "--output", tmp_path / "again", "--device", "cpu")
-    assert not calls
-    assert {k: again["soups"]["greedy"][k] for k in ("members", "mean_recall")} == {
-        k: summary["soups"]["greedy"][k] for k in ("members", "mean_recall")
-    }
-    assert all(r["cached"] for r in _rows(tmp_path / "again"))
+    args = [moved if a == world.lmdb("valid") else a for a in args]
+    again = run(*args, "--method greedy --output", tmp_path / "again")
+    assert not calls and all(r["cached"] for r in _rows(tmp_path / "again"))
+    assert again["soups"]["greedy"]["mean_recall"] == summary["soups"]["greedy"]["mean_recall"]
     torch.testing.assert_close(_sd(tmp_path / "again" / "soup.pt"), _sd(out / "greedy" / "soup.pt"), atol=0, rtol=0)
     split = LMDBSplit(moved)
     images = [(i, split.image_b64(i)) for i in split.image_ids()]
     split.close()
     write_images(moved, [(i, images[-1][1] if n == 0 else b) for n, (i, b) in enumerate(images)])  # one image changed
-    one = ["--checkpoints", world.runs[0] / "checkpoints" / "epoch_1.pt", "--method", "uniform"]
-    run(*one, "--val-data", moved, "--output", tmp_path / "changed", "--device", "cpu")
+    one = ["--checkpoints", three[0], "--method", "uniform", "--device", "cpu", "--output", tmp_path / "again"]
+    run(*one, "--val-data", moved)
     assert calls  # scored again
+    ckpt = tmp_path / "x.pt"  # another checkpoint over an ingredient, same size and modification time
+    for src in (three[1], three[2]):
+        save_checkpoint(ckpt, read_checkpoint(src)["state_dict"], world.config)
+        os.utime(ckpt, ns=(1_000_000_000, 1_000_000_000))
+        got = run(*one[:2], ckpt, *one[2:], "--val-data", world.lmdb("valid"))
+    fresh = run(*one[:2], ckpt, *one[2:-1], tmp_path / "fresh", "--val-data", world.lmdb("valid"))
+    assert got["soups"]["uniform"]["mean_recall"] == fresh["soups"]["uniform"]["mean_recall"]
+    assert _rows(tmp_path / "again")[1]["fingerprint"] == fingerprint(ckpt) != fingerprint(three[1])
 
 
-def test_soup_resumes_in_train(souped, world, tmp_path):
-    from solution.training import trainer
-
-    result = trainer.main(
-        f"--train-data {world.lmdb('train')} --resume {souped[0] / 'greedy' / 'soup.pt'} --logs {tmp_path}"
-        " --name from_soup --batch-size 24 --max-steps 1 --device cpu --num-workers 0 --no-plot --no-progress"
-        " --precision fp32 --warmup 1".split()
-    )
-    assert read_checkpoint(result["last_checkpoint"])["config"]["vision_model"] == "ViT-Tiny"
-
-
-def test_hits_of_every_candidate_and_the_significance_compare_shows(souped, world):
-    """Each scored candidate's hits over all queries give its mean recall digit for digit; each summary
-    holds the paired bootstrap against the best single ingredient; compare shows the same numbers."""
-    out, summary = souped
+def test_hits_of_every_candidate_and_the_paired_bootstrap_compare_shows(souped):
+    """Each scored candidate's hits over all queries give its mean recall digit for digit; compare shows each soup
+    against the best single ingredient by the paired bootstrap of those hits."""
+    out, summary, _ = souped
     ref = summary["best_single"]
     ref_ids, ref_hits = read_hits(out / ref["hits"])
     assert ref_hits.shape == (16, 3) and mean_recall(ref_hits) == ref["all"]["mean_recall"]
-    sig = summary["significance"]
-    assert sig["reference"] == ref["path"] and sig["n_resamples"] == 1000 and set(sig["soups"]) == set(METHODS)
-    for m in METHODS:
-        s = summary["soups"][m]
-        ids, hits = read_hits(out / s["hits"])
-        assert ids.tolist() == ref_ids.tolist() and mean_recall(hits) == s["all"]["mean_recall"]
-        b = paired_bootstrap(hits, ref_hits, n_resamples=1000, seed=0)
-        assert sig["soups"][m] == {"diff": b.diff, "low": b.low, "high": b.high, "significant": b.significant}
-        assert json.loads((out / m / "summary.json").read_text())["significance"]["soups"][m] == sig["soups"][m]
-        assert all((out / r["hits"]).is_file() for r in _rows(out / m))
     text = compare.main([str(out), "--no-plot", "--csv"])
     rows = {r["name"].split("/")[-1]: r for r in csv.DictReader(io.StringIO(text))}
     for m in METHODS:
         s, row = summary["soups"][m], rows[m]
-        assert float(row["mean_recall"]) == pytest.approx(s["all"]["mean_recall"])
-        assert (float(row["select_mr"]), float(row["held_out_mr"])) == pytest.approx(
-            (s["mean_recall"], s["report"]["mean_recall"])
+        ids, hits = read_hits(out / s["hits"])
+        assert ids.tolist() == ref_ids.tolist() and mean_recall(hits) == s["all"]["mean_recall"]
+        assert all((out / r["hits"]).is_file() for r in _rows(out / m))
+        b = paired_bootstrap(hits, ref_hits, n_resamples=1000, seed=0)
+        got = [float(row[c]) for c in ("mean_recall", "select_mr", "held_out_mr", "vs_ref", "ci_low")]
+        assert got == pytest.approx(
+            [s["all"]["mean_recall"], s["mean_recall"], s["report"]["mean_recall"], b.diff, b.low]
         )
-        assert float(row["vs_ref"]) == pytest.approx(sig["soups"][m]["diff"])
-        assert float(row["ci_low"]) == pytest.approx(sig["soups"][m]["low"])
         assert row["note"].startswith("vs best ingredient ") and os.path.basename(ref["path"]) in row["note"]
 
 
-def test_streamed_one_checkpoint_at_a_time(three, monkeypatch, tmp_path):
+def test_streamed_one_checkpoint_at_a_time_identical_files_used_once(three, monkeypatch, tmp_path):
     alive = []
     real = ingredients.read_checkpoint
 
@@ -274,25 +255,19 @@ def test_streamed_one_checkpoint_at_a_time(three, monkeypatch, tmp_path):
         alive.append(weakref.ref(ckpt["state_dict"]["module.logit_scale"]))
         return ckpt
 
+    (tmp_path / "r").mkdir()
+    torch.save({**real(three[0]), "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "r" / "epoch_latest.pt")
+    shutil.copy(three[0], tmp_path / "r" / "epoch_1.pt")
     monkeypatch.setattr(ingredients, "read_checkpoint", tracking)  # inspecting
-    monkeypatch.setattr(weights, "read_checkpoint", tracking)  # averaging
-    summary = run("--checkpoints", *three, "--method", "uniform", "--no-score", "--output", tmp_path / "out")
-    expected = _weighted(three, [1 / 3] * 3)
+    monkeypatch.setattr(methods, "read_checkpoint", tracking)  # averaging
+    summary = run(
+        "--checkpoints", tmp_path / "r" / "*.pt", *three[1:], "--method uniform --no-score --output", tmp_path / "out"
+    )
+    expected = _weighted([tmp_path / "r" / "epoch_1.pt", *three[1:]], [1 / 3] * 3)
     for k, v in _sd(tmp_path / "out" / "soup.pt").items():
         torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-6)
-    assert summary["soups"]["uniform"]["weights"] == pytest.approx([1 / 3] * 3) and not summary["duplicates"]
-
-
-def test_identical_files_are_used_once_the_epoch_file_kept(three, tmp_path):
-    ckpt = read_checkpoint(three[0])
-    (tmp_path / "r").mkdir()
-    torch.save({**ckpt, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "r" / "epoch_latest.pt")
-    shutil.copy(three[0], tmp_path / "r" / "epoch_1.pt")
-    summary = run(
-        "--checkpoints", tmp_path / "r" / "*.pt", three[1], "--method uniform --no-score --output", tmp_path / "out"
-    )
     assert summary["duplicates"] == {str(tmp_path / "r" / "epoch_latest.pt"): str(tmp_path / "r" / "epoch_1.pt")}
-    assert summary["soups"]["uniform"]["members"] == [str(tmp_path / "r" / "epoch_1.pt"), str(three[1])]
+    assert summary["soups"]["uniform"]["members"] == [str(tmp_path / "r" / "epoch_1.pt"), *map(str, three[1:])]
 
 
 @pytest.mark.parametrize("what", ["context_length", "text_prompt", "architecture"])
@@ -314,7 +289,7 @@ def test_mismatched_ingredients_are_refused_before_any_work(three, world, what, 
     assert not (tmp_path / "out").exists()
 
 
-def _bad_files(three, world, tmp_path) -> None:
+def test_bad_inputs_are_one_clear_error_before_any_work(three, world, tmp_path):
     (tmp_path / "truncated.pt").write_bytes(three[0].read_bytes()[:5000])
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     torch.save({"weights": [1, 2]}, tmp_path / "other.pt")
@@ -322,10 +297,6 @@ def _bad_files(three, world, tmp_path) -> None:
     sd["module.visual.transformer.resblocks.0.attn.lora_A.default.weight"] = torch.zeros(4, 64)
     save_checkpoint(tmp_path / "lora.pt", sd, world.config)
     shutil.copytree(world.lmdb("valid") / "imgs", tmp_path / "imgonly" / "imgs")
-
-
-def test_bad_inputs_are_one_clear_error_before_any_work(three, world, tmp_path):
-    _bad_files(three, world, tmp_path)
     out = ["--output", tmp_path / "out"]
     plain, scored = ["--method", "uniform", "--no-score", *out], ["--method", "greedy", *out]
     valid, imgonly, test_texts = world.lmdb("valid"), tmp_path / "imgonly", world.data / "test_texts.jsonl"
@@ -338,10 +309,17 @@ def test_bad_inputs_are_one_clear_error_before_any_work(three, world, tmp_path):
         ([three[0], *scored, "--val-data", imgonly], "has no texts"),
         ([three[0], *scored, "--val-data", imgonly, "--val-texts", test_texts], "no gold image_ids"),
         ([three[0], *scored], "--val-data is required"),
-        ([three[0], *scored, "--val-data", valid, "--folds", "1"], "--folds must be at least 2"),
+        ([three[0], *scored, "--val-data", valid, "--folds", "1"], "--folds 1: at least 2"),
         ([three[0], *scored, "--val-data", valid, "--folds", "17"], r"--folds 17: need 2 <= K <= 16"),
-        ([three[0], *scored, "--val-data", valid, "--folds", "4", "--select-split", "0.5"], "--folds and --select"),
+        ([three[0], *scored, "--val-data", valid, "--folds", "4", "--select-split", "0.5"], "no --select-split"),
+        ([three[0], *scored, "--val-data", valid, "--select-split", "0"], r"--select-split must be a fraction in \(0"),
         ([three[0], "--method", "greedy,stew", *out], "unknown --method 'stew'"),
+        ([three[0], *plain, "--from-study", tmp_path, "--top", "0"], "--top must be at least 1"),
+        ([three[0], *plain, "--from-study", tmp_path, "--top", "-1"], "--top must be at least 1"),
+        ([three[0], *plain, "--alphas", "0.5"], "--alphas needs --interpolate-with"),
+        ([three[0], "--method greedy --no-score", *out], "--no-score: only uniform and model_stock"),
+        ([*three[:2], "--method model_stock --no-score", *out], "model_stock needs the fine-tunes' start"),
+        ([three[0], world.base, "--method model_stock --no-score --interpolate-with", world.base, *out], "at least 2"),
     ]
     for args, message in cases:
         with pytest.raises(SolutionError, match=message):
@@ -349,47 +327,30 @@ def test_bad_inputs_are_one_clear_error_before_any_work(three, world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_val_texts_give_the_scores_of_the_lmdb_pairs(three, world, tmp_path):
-    shutil.copytree(world.lmdb("valid") / "imgs", tmp_path / "imgonly" / "imgs")
-    args = ["--checkpoints", three[0], "--method", "greedy", "--device", "cpu"]
-    a = run(*args, "--val-data", world.lmdb("valid"), "--output", tmp_path / "a")
-    b = run(
-        *args,
-        "--val-data",
-        tmp_path / "imgonly",
-        "--val-texts",
-        world.data / "valid_texts.jsonl",
-        "--output",
-        tmp_path / "b",
-    )
-    assert a["best_single"]["mean_recall"] == b["best_single"]["mean_recall"]
-    assert a["best_single"]["r10"] == b["best_single"]["r10"]
-
-
-def test_gallery_decoded_and_queries_tokenised_once_with_plain_validation_s_scores(three, world, monkeypatch, tmp_path):
+def test_gallery_decoded_queries_tokenised_once_scores_as_plain_validation(three, world, monkeypatch, tmp_path):
     from solution.data import datasets
 
     decoded, tokenised = [], []
     real_decode, real_tokenize = datasets.decode_image, encode.tokenize
     monkeypatch.setattr(datasets, "decode_image", lambda b64: decoded.append(1) or real_decode(b64))
     monkeypatch.setattr(encode, "tokenize", lambda *a, **k: tokenised.append(1) or real_tokenize(*a, **k))
-    run(
-        "--checkpoints",
-        *three,
-        "--method uniform --device cpu --batch-size 16 --val-data",
-        world.lmdb("valid"),
-        "--output",
-        tmp_path / "out",
-    )
+    args = ["--checkpoints", *three, "--method uniform --device cpu --batch-size 16 --val-data", world.lmdb("valid")]
+    run(*args, "--output", tmp_path / "out")
     rows = _rows(tmp_path / "out")
     assert len(rows) == 4  # three ingredients and the soup
     split = LMDBSplit(world.lmdb("valid"))
     assert len(decoded) == split.num_images
     assert len(tokenised) == len(encode.text_batches(encode.split_queries(split).texts, world.config, 16))
     monkeypatch.undo()
-    for row in rows:
-        plain = _plain(world.config, row["members"], row["weights"], world.lmdb("valid"), batch_size=16)
-        assert {k: row[k] for k in plain} == plain, row["members"]
+    keys = ("r1", "r5", "r10", "mean_recall")
+    for row in rows:  # each candidate through plain validation (its own decoding and encoding)
+        model = build_model(world.config)
+        model.load_state_dict(_weighted(row["members"], row["weights"]))
+        plain = evaluate_split(model.eval(), world.lmdb("valid"), world.config, batch_size=16)
+        assert [row[k] for k in keys] == [plain[k] for k in keys], row["members"]
+    shutil.copytree(world.lmdb("valid") / "imgs", tmp_path / "imgonly" / "imgs")  # no pairs: the queries from a file
+    run(*args[:-1], tmp_path / "imgonly", "--val-texts", world.data / "valid_texts.jsonl", "--output", tmp_path / "vt")
+    assert [r["mean_recall"] for r in _rows(tmp_path / "vt")] == [r["mean_recall"] for r in rows]
 
 
 def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(three, world, tmp_path):
@@ -397,14 +358,8 @@ def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(three, world, tmp_pa
     for i, p in enumerate(three):
         sd = {k: v.half() for k, v in read_checkpoint(p)["state_dict"].items()}
         halves.append(save_checkpoint(tmp_path / f"half/h{i}.pt", sd, world.config))
-    summary = run(
-        "--checkpoints",
-        tmp_path / "half/*.pt",
-        "--method uniform --device cpu --val-data",
-        world.lmdb("valid"),
-        "--output",
-        tmp_path / "out",
-    )
+    args = ["--checkpoints", tmp_path / "half/*.pt", "--method uniform --device cpu --val-data", world.lmdb("valid")]
+    summary = run(*args, "--output", tmp_path / "out")
     ckpt = read_checkpoint(tmp_path / "out" / "soup.pt")
     assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float16}
     expected = _weighted(halves, [1 / 3] * 3)
@@ -423,12 +378,9 @@ def test_from_study_takes_the_top_complete_trials_the_best_can_be_souped_with(th
     rows += [(4, "COMPLETE", 40.0), (5, "FAIL", "")]
     for n, _, _ in rows:
         sd = read_checkpoint(three[n % 3])["state_dict"]
-        save_checkpoint(
-            study / "trials" / f"{n:04d}" / "checkpoints" / "best.pt", sd, prompt if n == 3 else world.config
-        )
-    (study / "trials.csv").write_text(
-        "number,state,value,run_dir,params_lr\n" + "".join(f"{n},{s},{v},,0.1\n" for n, s, v in rows)
-    )
+        save_checkpoint(study / f"trials/{n:04d}/checkpoints/best.pt", sd, prompt if n == 3 else world.config)
+    table = "".join(f"{n},{s},{v},,0.1\n" for n, s, v in rows)
+    (study / "trials.csv").write_text("number,state,value,run_dir,params_lr\n" + table)
     assert [p.parent.parent.name for p in ingredients.study_checkpoints(study, 2)] == ["0002", "0004"]
     assert "passing over trial 3" in caplog.text  # another prompt than the best trial's
     (tmp_path / "empty").mkdir()
@@ -437,44 +389,86 @@ def test_from_study_takes_the_top_complete_trials_the_best_can_be_souped_with(th
         ingredients.study_checkpoints(tmp_path / "empty", 2)
 
 
-def test_folds_cross_fit_each_query_once_from_stored_hits_and_ship_the_refit(three, world, monkeypatch, tmp_path):
-    args = ["--checkpoints", *three, "--method", ",".join(METHODS), "--val-data", world.lmdb("valid")]
-    args += ["--device", "cpu", "--seed", "5"]
-    calls = []
-    real = encode.score_parts
-    monkeypatch.setattr("solution.soups.scoring.score_parts", lambda *a, **k: calls.append(1) or real(*a, **k))
-    crossed = run(*args, "--folds", "4", "--output", tmp_path / "cf")
-    n_encoded = len(calls)
-    plain = run(*args, "--output", tmp_path / "plain")
-    all_ids = sorted(r["text_id"] for r in read_jsonl(world.data / "valid_texts.jsonl"))
-    for m in METHODS:
-        cf = crossed["soups"][m]["crossfit"]
-        assert cf["k"] == 4 and sorted(t for f in cf["folds"] for t in f) == all_ids  # each query held out once
-        again = [
-            _plain(world.config, fm["members"], fm["weights"], world.lmdb("valid"), text_ids=fold)["mean_recall"]
-            for fm, fold in zip(cf["fold_members"], cf["folds"])
-        ]
-        assert cf["fold_scores"] == pytest.approx(again, abs=1e-9) and cf["mean"] == pytest.approx(sum(again) / 4)
-        assert cf["low"] <= cf["mean"] <= cf["high"]
-        mine, theirs = crossed["soups"][m], plain["soups"][m]  # the refit: the soup chosen without --folds
-        assert {k: mine[k] for k in ("members", "weights", "mean_recall")} == {
-            k: theirs[k] for k in ("members", "weights", "mean_recall")
-        }
-        torch.testing.assert_close(
-            _sd(tmp_path / "cf" / m / "soup.pt"), _sd(tmp_path / "plain" / m / "soup.pt"), atol=0, rtol=0
-        )
-        assert "crossfit" not in theirs and (tmp_path / "cf" / m / "crossfit" / "fold4" / "soup_log.jsonl").is_file()
-    from solution.report.folders import read_soup  # compare's held-out column: the cross-fit mean
+@pytest.mark.parametrize(
+    "files, output, refused",
+    [
+        (["params.json", "metrics.jsonl"], "", "is a run folder"),
+        (["ensemble.json"], "", "is a ensemble folder"),
+        (["trials.csv"], "", "is a study folder"),
+        (["imgs/data.mdb"], "soup", "lies inside .*, an lmdb folder"),
+        (["valid_texts.jsonl"], "soup", "lies inside .*, a data folder"),
+        (["notes.txt"], "", "holds files but no soup"),
+    ],
+)
+def test_an_output_of_another_kind_or_inside_data_is_refused_writing_nothing(three, tmp_path, files, output, refused):
+    for name in files:
+        (tmp_path / "f" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "f" / name).write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SolutionError, match=refused):
+        run("--checkpoints", *three[:2], "--method uniform --no-score --output", tmp_path / "f" / output)
+    assert sorted(tmp_path.rglob("*")) == before
 
-    [entry] = read_soup(tmp_path / "cf" / "greedy", "cf")
-    cf = crossed["soups"]["greedy"]["crossfit"]
-    assert (entry.held_out, entry.extra["crossfit"]["low"]) == (cf["mean"], cf["low"])
-    assert read_soup(tmp_path / "plain" / "greedy", "plain")[0].held_out is None
-    cache = json.loads((tmp_path / "cf" / "score_cache.json").read_text())  # one entry per candidate encoded
-    assert n_encoded == len(cache["scores"])  # none twice, whatever the folds
-    calls.clear()
-    (tmp_path / "cf2").mkdir()  # a rerun with the cache and its hits files encodes nothing
-    shutil.copy(tmp_path / "cf" / "score_cache.json", tmp_path / "cf2")
-    shutil.copytree(tmp_path / "cf" / "hits", tmp_path / "cf2" / "hits")
-    rerun = run(*args, "--folds", "4", "--output", tmp_path / "cf2")
-    assert not calls and rerun["soups"]["greedy"]["crossfit"] == crossed["soups"]["greedy"]["crossfit"]
+
+def test_a_second_soup_into_the_same_output_is_refused_naming_the_first(three, tmp_path, monkeypatch):
+    argv = ["--checkpoints", *three[:2], "--method uniform --no-score --output", tmp_path / "s"]
+    real, refused = methods.uniform, []
+
+    def uniform(*a):  # while the first run writes
+        with pytest.raises(SolutionError, match=f"--output {tmp_path / 's'} is in use by pid {os.getpid()}"):
+            run(*argv)
+        refused.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(methods, "uniform", uniform)
+    assert run(*argv)["soups"]["uniform"] and refused
+
+
+def test_a_kill_leaves_the_previous_folder_whole_and_damaged_hits_are_scored_again(souped, tmp_path, caplog):
+    """kill -9 in the pairwise stage of a re-run: not a byte of the earlier soup changes; the next run ends it."""
+    out, _, args = souped
+    shutil.copytree(out, tmp_path / "soups")
+    before = {p: p.read_bytes() for p in (tmp_path / "soups").rglob("*") if p.is_file()}
+    code = "import os, sys; from solution.soups import methods; methods.pairwise = lambda *a: os.kill(os.getpid(), 9)"
+    code += "; from solution import soup; soup.main(sys.argv[1:])"
+    argv = [w for a in [*args, "--output", tmp_path / "soups"] for w in (a.split() if isinstance(a, str) else [str(a)])]
+    assert subprocess.run([sys.executable, "-c", code, *argv], capture_output=True).returncode == -9
+    assert {p: p.read_bytes() for p in (tmp_path / "soups").rglob("*") if p.is_file()} == before
+    assert (tmp_path / ".soups.building" / "greedy" / "soup.pt").is_file()  # built, never swapped in
+    damaged = tmp_path / "soups" / json.loads((tmp_path / "soups" / "summary.json").read_text())["best_single"]["hits"]
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    summary = run(*args, "--output", tmp_path / "soups")
+    assert "scoring it again" in caplog.text and not (tmp_path / ".soups.building").exists()
+    assert mean_recall(read_hits(damaged)[1]) == summary["best_single"]["all"]["mean_recall"]
+
+
+def test_folds_hold_each_query_out_under_the_choice_made_without_its_fold(world, tmp_path, monkeypatch):
+    """Constructed hits (a candidate known by its logit scale): A hits fold 1, B nothing, their average fold 0 and
+    one query of fold 1. The refit keeps the average; without fold 0 greedy keeps A alone, so fold 0's held-out hits
+    are A's (none) where the refit's would all hit."""
+    tids = sorted(r["text_id"] for r in read_jsonl(world.data / "valid_texts.jsonl"))
+    f0, f1 = id_folds(tids, 2, seed=7)
+    table = {1.0: np.isin(np.arange(16), f1), 3.0: np.zeros(16, bool), 2.0: np.isin(np.arange(16), [*f0, f1[0]])}
+    encoded = []
+
+    def fake_encode(self, source):
+        encoded.append(float(methods.weights_of(source)["logit_scale"]))
+        return tids, np.repeat(table[encoded[-1]][:, None], 3, axis=1)
+
+    monkeypatch.setattr(Scorer, "_encode", fake_encode)
+    sd = _sd(world.base)
+    paths = [
+        save_checkpoint(tmp_path / f"{n}.pt", {**sd, "logit_scale": torch.tensor(s)}, world.config)
+        for n, s in (("a", 1.0), ("b", 3.0))
+    ]
+    argv = ["--checkpoints", *paths, "--method greedy --device cpu --seed 7 --val-data", world.lmdb("valid")]
+    cf = run(*argv, "--folds", "2", "--output", tmp_path / "cf")["soups"]["greedy"]
+    assert sorted(encoded) == [1.0, 2.0, 3.0]  # each candidate encoded once, whatever the folds
+    assert [fm["members"] for fm in cf["crossfit"]["fold_members"]] == [[str(paths[0])], list(map(str, paths))]
+    assert cf["members"] == list(map(str, paths)) and cf["crossfit"]["refit_mean_recall"] == 100 * 9 / 16
+    ids, held = read_hits(tmp_path / "cf" / cf["crossfit"]["hits"])
+    want = {tids[i]: [False] * 3 for i in f0} | {tids[i]: [i == f1[0]] * 3 for i in f1}  # A's on fold 0
+    assert {t: h.tolist() for t, h in zip(ids.tolist(), held)} == want
+    assert cf["crossfit"]["fold_scores"] == [0.0, 12.5]
+    [entry] = read_soup(tmp_path / "cf", "cf")  # compare's held-out column: the cross-fit mean
+    assert (entry.held_out, entry.extra["crossfit"]["low"]) == (cf["crossfit"]["mean"], cf["crossfit"]["low"])

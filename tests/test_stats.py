@@ -1,10 +1,11 @@
-"""Exact oracles for solution.stats: the official recall arithmetic, bootstrap identities, fold partitions."""
+"""Exact oracles for solution.stats: the official recall arithmetic, bootstrap identities, fold partitions,
+cross-fitting and its held-out hits."""
 
 import numpy as np
 import pytest
 
-from solution.retrieval.metrics import mean_recall, per_query_recall, query_hits, recall_at_k
-from solution.stats import crossfit, kfold_crossfit, paired_bootstrap, t_quantile_975
+from solution.retrieval.metrics import mean_recall, per_query_recall, query_hits, recall_at_k, recall_from_hits
+from solution.stats import crossfit, id_folds, kfold_crossfit, paired_bootstrap, t_quantile_975
 
 
 def _random_case(rng, n, gallery=40):
@@ -39,17 +40,12 @@ def test_mean_recall_equals_metrics_exactly(seed):
     assert abs(100 * per_query_recall(hits).mean() - mean_recall(hits)) < 1e-9
 
 
-def test_bootstrap_of_a_system_against_itself_is_exactly_zero():
-    rng = np.random.default_rng(0)
-    hits = rng.random((57, 3)) < 0.5
+def test_bootstrap_of_a_system_against_itself_is_exactly_zero_and_a_constant_difference_is_exact():
+    hits = np.random.default_rng(0).random((57, 3)) < 0.5
     res = paired_bootstrap(hits, hits, n_resamples=300)
     assert (res.diff, res.low, res.high, res.significant) == (0.0, 0.0, 0.0, False)
-    v = per_query_recall(hits)
-    res = paired_bootstrap(v, v.copy())
+    res = paired_bootstrap(per_query_recall(hits), per_query_recall(hits).copy())
     assert (res.diff, res.low, res.high) == (0.0, 0.0, 0.0)
-
-
-def test_bootstrap_constant_difference_and_sign():
     a, b = np.ones(20), np.zeros(20)
     res = paired_bootstrap(a, b, n_resamples=50)
     assert (res.diff, res.low, res.high, res.significant) == (100.0, 100.0, 100.0, True)
@@ -86,12 +82,9 @@ def test_kfold_folds_partition_the_queries(n, k):
     sizes = [len(f) for f in folds]
     assert max(sizes) - min(sizes) <= 1 and all(np.all(np.diff(f) > 0) for f in folds)
     assert all(np.array_equal(x, y) for x, y in zip(folds, kfold_crossfit(n, k, seed=4)))
-
-
-def test_kfold_rejects_bad_k():
-    for n, k in ((5, 1), (5, 6)):
+    for bad in (1, n + 1):
         with pytest.raises(ValueError, match="k"):
-            kfold_crossfit(n, k)
+            kfold_crossfit(n, bad)
 
 
 def test_crossfit_selects_on_train_scores_on_held_out_and_refits():
@@ -117,9 +110,20 @@ def test_crossfit_selects_on_train_scores_on_held_out_and_refits():
     assert res.choice == int(np.argmax(values.mean(axis=0)))
 
 
-def test_crossfit_constant_fold_scores_give_a_point_interval():
-    res = crossfit(lambda train: 0, lambda c, test: 50.0, np.zeros((12, 2)), k=3)
-    assert (res.mean, res.low, res.high) == (50.0, 50.0, 50.0)
+def test_crossfit_by_query_ids_holds_each_query_out_under_the_choice_made_without_its_fold():
+    """Folds by id (any order of the ids, the same folds); with per-query hits from ``score_fn`` each query's
+    held-out hits are the ones of the choice made without its fold, and a fold's score their official recall."""
+    ids = np.array([31, 7, 12, 99, 4, 58, 20])
+    folds = id_folds(ids, 3, seed=2)
+    assert [sorted(ids[f]) for f in folds] == [sorted(ids[::-1][f]) for f in id_folds(ids[::-1], 3, seed=2)]
+
+    def score(choice, test):  # hits that depend on the choice: the sum of the training rows
+        return np.stack([(test + choice) % m == 0 for m in (3, 2, 1)], axis=1)
+
+    res = crossfit(lambda train: int(train.sum()), score, np.arange(7), k=3, seed=2, ids=ids)
+    want = [score(int(np.delete(np.arange(7), f).sum()), f) for f in folds]
+    assert all(np.array_equal(res.held_out[f], w) for f, w in zip(folds, want)) and res.choice == 21
+    assert res.fold_scores == [recall_from_hits(w)["mean_recall"] for w in want]
 
 
 def test_t_quantiles():

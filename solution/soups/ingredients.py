@@ -1,9 +1,5 @@
-"""Soup ingredients: find checkpoints (globs, or a search study's top trials), check they belong
-together, fingerprint them and use identical ones once.
-
-Checkpoints are memory-mapped: reading a config costs nothing. A fingerprint (the digest of the
-weights) is memoised in the score cache under the file's path, size and modification time.
-"""
+"""Soup ingredients: find checkpoints (globs, or a search study's top trials), check they belong together,
+fingerprint them by content (memory-mapped, one at a time) and use identical ones once."""
 
 from __future__ import annotations
 
@@ -25,10 +21,10 @@ from solution.model import (
     check_finite,
     check_shapes,
     clean_state_dict,
+    fingerprint,
     model_template,
     read_checkpoint,
     resolve_config,
-    state_dict_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -36,25 +32,19 @@ log = logging.getLogger(__name__)
 ALIASES = (Path(BEST_CHECKPOINT).name, Path(LATEST_CHECKPOINT).name)  # the trainer's copies of an epoch file
 
 
-def expand_checkpoints(patterns: Sequence[str], exclude: Path | None = None) -> list[Path]:
+def expand_checkpoints(patterns: Sequence[str], exclude: Path) -> list[Path]:
     """The files the patterns name, each once; a glob's matches inside ``exclude`` (the output folder) are left out."""
     out: list[Path] = []
-    ignored = 0
     for pat in patterns:
         hits = [Path(h) for h in sorted(glob.glob(os.path.expanduser(pat), recursive=True)) if Path(h).is_file()]
         if not hits:
             raise SolutionError(f"no checkpoint matches {pat!r}")
-        if exclude is not None and glob.has_magic(pat):
-            kept = [h for h in hits if exclude.resolve() not in h.resolve().parents]
-            ignored, hits = ignored + len(hits) - len(kept), kept
-        out.extend(hits)
-    if ignored:
-        log.warning("ignoring %d matches inside the output folder %s", ignored, exclude)
-        if not out:
-            raise SolutionError(
-                f"every checkpoint matched lies inside the output folder {exclude}: "
-                "choose another --output or name the checkpoints"
-            )
+        kept = [h for h in hits if not glob.has_magic(pat) or exclude.resolve() not in h.resolve().parents]
+        if len(kept) < len(hits):
+            log.warning("%r: ignoring %d matches inside the output folder %s", pat, len(hits) - len(kept), exclude)
+        out.extend(kept)
+    if not out:
+        raise SolutionError(f"every checkpoint matched lies inside the output folder {exclude}")
     unique: dict[Path, Path] = {}
     for p in out:
         unique.setdefault(p.resolve(), p)
@@ -68,11 +58,7 @@ def _soupable_key(path: Path) -> tuple:
 
 
 def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
-    """``checkpoints/best.pt`` of the ``top`` best complete trials of a search study folder.
-
-    Runs that differ in prompt or context length cannot be averaged: the best trial sets what the
-    others must share, and a trial that differs is passed over (logged) for the next one.
-    """
+    """``best.pt`` of a search study's ``top`` best complete trials; one that does not fit the best is passed over."""
     study_dir = Path(study_dir)
     table = study_dir / TRIALS
     if not table.is_file():
@@ -84,9 +70,7 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
         try:
             r["value"], r["number"] = float(r["value"]), int(float(r.get("number") or 0))
         except ValueError:
-            raise SolutionError(
-                f"{table}: trial {r.get('number')!r} with value {r['value']!r}: number and value must be numbers"
-            ) from None
+            raise SolutionError(f"{table}: trial {r.get('number')!r}: number and value must be numbers") from None
     paths: list[Path] = []
     for r in sorted(rows, key=lambda r: (-r["value"], r["number"])):
         if len(paths) == top:
@@ -95,14 +79,7 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
         if path is None:
             raise SolutionError(f"{table}: trial {r['number']} has no {BEST_CHECKPOINT}")
         if paths and (key := _soupable_key(path)) != (want := _soupable_key(paths[0])):
-            log.info(
-                "study %s: passing over trial %s (%s, prompt %r, context %d): the best trial has %s, prompt %r, "
-                "context %d",
-                study_dir,
-                r["number"],
-                *key,
-                *want,
-            )
+            log.info("study %s: passing over trial %s (%s): the best trial has %s", study_dir, r["number"], key, want)
             continue
         paths.append(path)
     log.info("study %s: top %d complete trials -> %s", study_dir, len(paths), ", ".join(map(str, paths)))
@@ -112,46 +89,36 @@ def study_checkpoints(study_dir: str | os.PathLike, top: int) -> list[Path]:
 @dataclasses.dataclass
 class Ingredient:
     path: str
-    fingerprint: str
+    key: str  # the content fingerprint (its identity as a term of a candidate)
     config: ModelConfig
     dtype: torch.dtype | None  # the one floating dtype of its tensors, None if mixed
     score: dict | None = None
-
-    @property
-    def key(self) -> str:  # as a term of a weighted sum (see .weights)
-        return self.fingerprint
 
     @property
     def source(self) -> str:
         return self.path
 
 
-def inspect_checkpoint(path: Path, fp_cache: dict) -> Ingredient:
-    """Config and fingerprint of one checkpoint, with :func:`solution.model.load_model`'s checks: every
-    tensor of its model present in its shape (no resizing: weights are averaged as stored), and
-    finite weights (a cached fingerprint stands for a checked file version)."""
+def inspect_checkpoint(path: Path) -> Ingredient:
+    """Config and content fingerprint of a checkpoint whose weights fit its model as stored: finite, no LoRA left."""
     ckpt = read_checkpoint(path, mmap=True)
     config = resolve_config(ckpt, source=str(path))
     sd = clean_state_dict(ckpt["state_dict"])
-    lora = [k for k in sd if "lora_" in k or ".base_layer." in k]
-    if lora or ((config.tuning or {}).get("mode") == "lora" and config.tuning.get("merged") is False):
-        raise SolutionError(
-            f"{path} holds unmerged LoRA weights ({lora[0] if lora else 'tuning.merged=false'}): "
-            "soup the merged checkpoint the trainer saves"
-        )
+    tuning = config.tuning or {}
+    if (
+        any("lora_" in k or ".base_layer." in k for k in sd)
+        or tuning.get("mode") == "lora"
+        and not tuning.get("merged")
+    ):
+        raise SolutionError(f"{path} holds unmerged LoRA weights: soup the merged checkpoint the trainer saves")
     check_shapes(sd, model_template(config), config, str(path))
-    st = path.stat()
-    ident = f"finite|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    if ident not in fp_cache:
-        check_finite(sd, str(path))
-        fp_cache[ident] = state_dict_digest(sd)
+    check_finite(sd, str(path))
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
-    return Ingredient(str(path), fp_cache[ident], config, dtypes.pop() if len(dtypes) == 1 else None)
+    return Ingredient(str(path), fingerprint(ckpt), config, dtypes.pop() if len(dtypes) == 1 else None)
 
 
 def check_compatible(ing: Ingredient, ref: Ingredient, *, strict: bool = True) -> None:
-    """Refuse an ingredient whose architecture (or, when ``strict``, prompt/context length) differs;
-    the shapes follow from the architecture (checked by :func:`inspect_checkpoint`)."""
+    """Refuse an ingredient whose architecture (or, when ``strict``, prompt/context length) differs."""
     what = "ingredients must share architecture, prompt and context length"
     if ing.config.arch != ref.config.arch or ing.config.model_info != ref.config.model_info:
         raise SolutionError(f"{ing.path} is a {ing.config.arch} model but {ref.path} is {ref.config.arch}: {what}")
@@ -163,14 +130,13 @@ def check_compatible(ing: Ingredient, ref: Ingredient, *, strict: bool = True) -
             log.warning("%s has %s %r, the soup %r: the soup keeps its own", ing.path, name, a, b)
 
 
-def gather(paths: Sequence[Path], fp_cache: dict) -> tuple[list[Ingredient], dict[str, str]]:
-    """Inspect every checkpoint (one at a time) and refuse misfits: ``(distinct ingredients, {duplicate:
-    the path used})``; of identical files an epoch file is used rather than the trainer's aliases."""
+def gather(paths: Sequence[Path]) -> tuple[list[Ingredient], dict[str, str]]:
+    """``(distinct ingredients, {duplicate: the path used})``, misfits refused; an epoch file kept over its aliases."""
     groups: dict[str, list[Ingredient]] = {}
     for p in paths:
-        ing = inspect_checkpoint(p, fp_cache)
+        ing = inspect_checkpoint(p)
         check_compatible(ing, next(iter(groups.values()), [ing])[0])
-        groups.setdefault(ing.fingerprint, []).append(ing)
+        groups.setdefault(ing.key, []).append(ing)
     unique, duplicates = [], {}
     for group in groups.values():
         kept = next((i for i in group if Path(i.path).name not in ALIASES), group[0])

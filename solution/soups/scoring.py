@@ -1,18 +1,9 @@
-"""Scoring soup candidates on validation data, through retrieval, with a score cache.
-
-A candidate is encoded once (one reused model; the gallery decoded and the queries tokenised once
-per run): its per-query hits over every validation query give, by the official arithmetic, the
-R@1/5/10 and mean recall of the selection part, of the report part (``"report"``) and of all
-queries (``"all"``), as the weights will be saved (rounded to the soup's dtype), for the run's draw
-of the queries or another (:meth:`Scorer.view`, the ``--folds`` folds). The run's draw caches each
-score under the candidate's key, the validation data's identity, the effective precision and the
-device type, its hits in ``hits/`` named in the score (``"hits"``, relative to the soup folder);
-another draw's scores come from those hits.
-"""
+"""Scoring soup candidates through retrieval: each candidate is encoded once, as it will be saved (rounded to the
+soup's dtype), into per-query hits over every validation query, kept in ``hits/`` under a name digesting its key
+and all else that decides them (the score cache); any part's recall comes from the hits."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -20,42 +11,28 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from solution.common import SolutionError, resolve_device, write_json
-from solution.formats.hits import read_hits, write_hits
+from solution.common import SolutionError, resolve_device
+from solution.formats.hits import SUFFIX, read_hits, write_hits
 from solution.model import ModelConfig, meta_model
 from solution.model.precision import effective_precision
 from solution.retrieval.encode import prepare_inputs, score_parts
 from solution.retrieval.metrics import recall_from_hits
 from solution.retrieval.val_data import ValData
 
-from .weights import Source, weights_of
+from . import HITS
+from .methods import Source, weights_of
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "v3"
+CACHE_VERSION = "v4"
 
 
-class ScoreCache:
-    """``score_cache.json``: ``{"fingerprints": {file identity: digest}, "scores": {key: score}}``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-            self.fingerprints, self.scores = dict(data.get("fingerprints", {})), dict(data.get("scores", {}))
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
-            log.warning("ignoring unreadable score cache %s", path)
-            self.fingerprints, self.scores = {}, {}
-
-    def save(self) -> None:
-        write_json(self.path, {"fingerprints": self.fingerprints, "scores": self.scores}, indent=None)
-
-
-def _recall(text_ids: Sequence[int], hits, ids: Sequence[int], what: str) -> dict:
+def _recall(tids: Sequence[int], hits: np.ndarray, ids: Sequence[int], what: str) -> dict:
     """Recall of the queries ``ids`` (those without a gold image in the gallery were not scored)."""
-    row = {t: i for i, t in enumerate(text_ids)}
+    row = {t: i for i, t in enumerate(tids)}
     rows = [row[t] for t in ids if t in row]
     if not rows:
         raise SolutionError(f"no query of the {what} part has a decodable gold image")
@@ -63,100 +40,60 @@ def _recall(text_ids: Sequence[int], hits, ids: Sequence[int], what: str) -> dic
 
 
 class Scorer:
-    """Scores of candidates on ``val`` (``opts``: a :class:`~.make_soups.SoupOptions`), rounded to ``round_to``."""
+    """Scores of candidates on ``val`` (``opts``: the soup's flags), their hits named relative to ``folder``."""
 
-    def __init__(
-        self, val: ValData, config: ModelConfig, cache: ScoreCache, opts, round_to: torch.dtype, hits_dir=None
-    ):
-        self.val, self.config, self.cache, self.round_to = val, config, cache, round_to
-        self.hits_dir, self.device = hits_dir and Path(hits_dir), torch.device(resolve_device(opts.device))
+    def __init__(self, val: ValData, config: ModelConfig, folder: Path, opts, round_to: torch.dtype):
+        self.val, self.config, self.folder, self.round_to = val, config, folder, round_to
+        self.device, self.precision = torch.device(resolve_device(opts.device)), opts.precision
         self.kw = dict(batch_size=opts.batch_size, num_workers=opts.num_workers, progress=sys.stderr.isatty())
-        self.precision = opts.precision
-        self.prefix = (
-            f"{CACHE_VERSION}|{val.key}|{effective_precision(self.device, opts.precision)}|{self.device.type}|"
-        )
+        decides = [CACHE_VERSION, val.key, sorted(config.model_info.items()), config.context_length, config.text_prompt]
+        self.prefix = json.dumps([*decides, effective_precision(self.device, opts.precision), self.device.type])
         self.select, self.report = list(val.select), list(val.report)
-        self.main, self.memo = self, {}  # memo: key -> (text ids, [Q, 3] hits) over every query
-        self.model, self.owned, self.inputs = None, False, None  # owned: the model has storage of its own
+        self.memo, self.tids, self.encoded = {}, None, 0  # key -> [Q, 3] hits over tids (queries with a gold image)
+        self.model = self.inputs = None
 
-    def view(self, select: Sequence[int], report: Sequence[int]) -> Scorer:
-        """A scorer of the same candidates on another draw of the queries, from their hits (no encoding)."""
-        v = copy.copy(self)
-        v.select, v.report = list(select), list(report)
-        return v
+    def path(self, key: str) -> Path:
+        return self.folder / HITS / (hashlib.blake2b((self.prefix + key).encode(), digest_size=12).hexdigest() + SUFFIX)
 
-    def _recalls(self, tids: list, hits) -> dict:
-        result = {**_recall(tids, hits, self.select, "selection"), "report": None, "all": None}
-        if self.report:
-            result["report"] = _recall(tids, hits, self.report, "report")
-            result["all"] = _recall(tids, hits, self.select + self.report, "all")
-        return result
-
-    def cached(self, key: str) -> dict | None:
-        if self.main is not self:
-            got = self.main.query_hits(key)
-            return None if got is None else {**self._recalls(*got), "cached": True}
-        hit = self.cache.scores.get(self.prefix + key)
-        if hit is None:
-            return None
-        hit = dict(hit, cached=True)
-        if hit.get("hits") and (self.hits_dir is None or not (self.hits_dir.parent / hit["hits"]).is_file()):
-            del hit["hits"]
-        return hit
-
-    def score(self, key: str, source: Source) -> dict:
-        """Scores of ``source`` (rounded to the soup's dtype first, as it will be saved), cached by ``key``."""
-        hit = self.cached(key)
-        if hit is not None:
-            return hit
-        if self.main is not self:
-            return self._recalls(*self.main.query_hits(key, source))
-        self.memo[key] = tids, hits = self._encode(source)
-        result = self._recalls(tids, hits)
-        if self.hits_dir is not None:
-            name = hashlib.blake2b((self.prefix + key).encode(), digest_size=12).hexdigest()
-            result["hits"] = str(write_hits(self.hits_dir / name, tids, hits).relative_to(self.hits_dir.parent))
-        self.cache.scores[self.prefix + key] = result
-        self.cache.save()
-        return dict(result)
-
-    def query_hits(self, key: str, source: Source | None = None) -> tuple[list, object] | None:
-        """``(text ids, [Q, 3] hits)`` of a candidate over every query: kept, read back from its hits file,
-        or (given ``source``) encoded again; None when none of these is possible."""
-        if key not in self.memo:
-            hit = self.cached(key)
-            if hit is not None and hit.get("hits"):
-                tids, hits = read_hits(self.hits_dir.parent / hit["hits"])
-                self.memo[key] = (tids.tolist(), hits)
-            elif source is not None:
-                self.cache.scores.pop(self.prefix + key, None)  # scored without a hits file we can read: again
-                self.score(key, source)
+    def hits(self, key: str, source: Source | None = None) -> np.ndarray | None:
+        """A candidate's hits: kept, read back, or (given ``source``) encoded; None when none of these can be."""
+        path = self.path(key)
+        if key not in self.memo and path.is_file():
+            try:
+                tids, self.memo[key] = read_hits(path)
+                self.tids = tids.tolist()
+            except SolutionError as e:
+                log.warning("%s: scoring it again", e)
+                path.unlink()  # this folder's link only: the earlier soup folder keeps its file
+        if key not in self.memo and source is not None:
+            tids, self.memo[key] = self._encode(source)
+            self.tids, self.encoded = self.tids or tids, self.encoded + 1
+            write_hits(path, tids, self.memo[key])
         return self.memo.get(key)
 
-    @torch.no_grad()
-    def _encode(self, source: Source) -> tuple[list, object]:
-        if self.model is None:  # on the meta device: no memory and no init until weights are loaded
-            self.model, self.owned = meta_model(self.config).eval().requires_grad_(False), False
-        if isinstance(source, dict) and self.device.type == "cpu" and self.round_to == torch.float32:
-            self.model.load_state_dict(source, assign=True)  # no copy: the model reads our fp32 buffer
-            self.owned = False
-        else:
-            if not self.owned:
-                self.model.to_empty(device=self.device)
-                self.owned = True
-            sd = weights_of(source)
-            for k, p in self.model.state_dict().items():
-                p.copy_(sd[k].to(self.round_to))
-            del sd
-        val, kw = self.val, self.kw
-        if self.inputs is None:
-            self.inputs = prepare_inputs(val.split, self.config, val.queries, **kw)
-        parts, kw = {"all": self.select + self.report}, {**kw, "device": self.device, "precision": self.precision}
-        got = score_parts(
-            self.model, val.split, self.config, val.queries, parts, with_hits=True, inputs=self.inputs, **kw
-        )
-        return list(got["all"]["text_ids"]), got["all"]["hits"]
+    def score(self, key: str, source: Source | None = None) -> dict | None:
+        """Recall of the selection (``report``, ``all``: of the other part and all queries) and the hits file."""
+        encoded = self.encoded
+        hits = self.hits(key, source)
+        if hits is None:
+            return None
+        result = {**_recall(self.tids, hits, self.select, "selection"), "report": None, "all": None}
+        if self.report:
+            result["report"] = _recall(self.tids, hits, self.report, "report")
+            result["all"] = _recall(self.tids, hits, self.select + self.report, "all")
+        return {**result, "hits": str(self.path(key).relative_to(self.folder)), "cached": self.encoded == encoded}
 
-    def release(self) -> None:
-        """Drop the model (and with it any reference to our buffers)."""
-        self.main.model, self.main.owned = None, False
+    @torch.no_grad()
+    def _encode(self, source: Source) -> tuple[list, np.ndarray]:
+        if self.model is None:  # built on the meta device: no init, memory only for the weights copied in
+            self.model = meta_model(self.config).to_empty(device=self.device).eval().requires_grad_(False)
+        sd = weights_of(source)
+        for k, p in self.model.state_dict().items():
+            p.copy_(sd[k].to(self.round_to))
+        del sd
+        val = self.val
+        if self.inputs is None:
+            self.inputs = prepare_inputs(val.split, self.config, val.queries, **self.kw)
+        kw = {**self.kw, "device": self.device, "precision": self.precision, "inputs": self.inputs, "with_hits": True}
+        got = score_parts(self.model, val.split, self.config, val.queries, {"all": val.select + val.report}, **kw)
+        return list(got["all"]["text_ids"]), got["all"]["hits"]
