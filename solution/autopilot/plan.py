@@ -114,7 +114,8 @@ def evidence(stages: Stages, singles: dict, soups: dict, ensembles: dict) -> lis
     for name, path in soups.items():
         method = name.removeprefix("soup-")
         cross = soup_crossfit(stages.out / "soups", method)
-        cands.append(_held_out(name, "soup", path, cross, ids, {"members": cross.get("members")}))
+        info = {"members": cross["members"], "weights": cross["weights"]}
+        cands.append(_held_out(name, "soup", path, cross, ids, info))
     for name, path in ensembles.items():
         spec = read_ensemble(path)
         cross = spec.get("crossfit") or {}

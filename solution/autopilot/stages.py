@@ -183,7 +183,8 @@ def soup_crossfit(folder: Path, method: str) -> dict:
     path = folder / method / "summary.json"
     path = path if path.is_file() else folder / "summary.json"
     summary = json.loads(path.read_text(encoding="utf-8"))
-    cross = (summary.get("soups", {}).get(method) or {}).get("crossfit")
+    entry = summary.get("soups", {}).get(method) or {}
+    cross = entry.get("crossfit")
     if not cross or not cross.get("hits"):
         raise SolutionError(f"{path}: the {method} soup has no cross-fitted held-out hits (run it with --folds)")
-    return {**cross, "hits": path.parent / cross["hits"]}
+    return {**cross, "hits": path.parent / cross["hits"], "members": entry["members"], "weights": entry["weights"]}
