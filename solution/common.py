@@ -108,12 +108,14 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
         fd, name = tempfile.mkstemp(**temp)
         os.close(fd)
         tmp = Path(name)
+        umask_mode(tmp)  # before the block: a writer may set its own mode
     try:
         with disk_full_as_error(path):
             yield tmp
-            for p in (tmp, *tmp.rglob("*")) if folder else (tmp,):
-                umask_mode(p)
-            if not folder:
+            if folder:
+                for p in (tmp, *tmp.rglob("*")):  # mkdtemp and some libraries make them private
+                    umask_mode(p)
+            else:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
             os.replace(tmp, path)

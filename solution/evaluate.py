@@ -27,13 +27,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.check:
         if args.paths or not args.texts:
             raise SolutionError("--check PRED takes --texts QUERIES.jsonl and no positional arguments")
-        summary = check_files(args.check, args.texts, direction="t2i" if args.direction == "auto" else args.direction)
-        print(json.dumps(summary))
-        return summary
-    if len(args.paths) != 3:
+        result = check_files(args.check, args.texts, direction="t2i" if args.direction == "auto" else args.direction)
+    elif len(args.paths) != 3:
         raise SolutionError("expected GOLD PRED OUT (or --check PRED --texts QUERIES)")
-    result = evaluate_files(*args.paths, direction=args.direction)
-    print(json.dumps(result["scoreJson"]))
+    else:
+        result = evaluate_files(*args.paths, direction=args.direction)
+    print(json.dumps(result if args.check else result["scoreJson"]))
     return result
 
 

@@ -21,6 +21,7 @@ from .muge import is_int
 log = logging.getLogger(__name__)
 
 FORMATS = ("npy", "jsonl")
+SWAPPED = "are the image and text feature files swapped?"
 KINDS = ("image", "text")
 
 
@@ -128,10 +129,7 @@ def _read_jsonl(fpath: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
             if obj is None:
                 continue
             if isinstance(obj, dict) and key not in obj and f"{other}_id" in obj:
-                raise SolutionError(
-                    f"{fpath}:{n}: holds {other} features ({other}_id), not {kind} features: are the image and text "
-                    "feature files swapped?"
-                )
+                raise SolutionError(f"{fpath}:{n}: holds {other} features ({other}_id), not {kind} features: {SWAPPED}")
             if not isinstance(obj, dict) or key not in obj or "feature" not in obj:
                 raise SolutionError(f'{fpath}:{n}: expected {{"{key}": int, "feature": [...]}}')
             if not is_int(obj[key]):
@@ -153,10 +151,8 @@ def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
     fmt, fpath, ipath, mpath = resolve_features(path, kind)
     key, meta = f"{kind}_id", _read_meta(mpath) if mpath.is_file() else {}
     if meta.get("kind", kind) != kind:
-        raise SolutionError(
-            f"{fpath} holds {meta['kind']} features (kind {meta['kind']!r} in {mpath.name}), not {kind} features: "
-            "are the image and text feature files swapped?"
-        )
+        what = f"{meta['kind']} features (kind {meta['kind']!r} in {mpath.name})"
+        raise SolutionError(f"{fpath} holds {what}, not {kind} features: {SWAPPED}")
     ids, feats = _read_npy(fpath, ipath) if fmt == "npy" else _read_jsonl(fpath, kind)
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     if len(ids) == 0:

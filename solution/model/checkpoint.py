@@ -131,9 +131,7 @@ def resolve_config(
     ``model_info`` (what the weights were trained as) must hold every key of the registry's and is used as stored."""
     stored = (ckpt.get("config") or {}) if ckpt else {}
     if not isinstance(stored, Mapping):
-        raise SolutionError(
-            f"{source}: its 'config' is a {type(stored).__name__}, not a mapping: not one of our checkpoints"
-        )
+        raise SolutionError(f"{source}: its 'config' is a {type(stored).__name__}, not a mapping (not one of ours)")
     stored = dict(stored)
     if ckpt and not stored:
         stored = {k: x for k, x in zip(("vision_model", "text_model"), infer_architecture(ckpt["state_dict"])) if x}
@@ -142,17 +140,13 @@ def resolve_config(
         if val is None:
             continue
         if key in stored and stored[key] != val:
-            log.warning(
-                f"{source}: {key} is {stored[key]!r} in the checkpoint but {val!r} on the command line; using it"
-            )
+            log.warning(f"{source}: {key} is {stored[key]!r} in the checkpoint but {val!r} on the command line")
             if key in given:
                 stored.pop("model_info", None)
         stored[key] = val
-    missing = [k for k in given if not stored.get(k)]
+    missing = ", ".join(k for k in given if not stored.get(k))
     if missing:
-        raise SolutionError(
-            f"{source}: cannot tell the architecture ({', '.join(missing)}); pass --vision-model and --text-model"
-        )
+        raise SolutionError(f"{source}: cannot tell the architecture ({missing}); pass --vision-model and --text-model")
     for kind, marker in MARKERS.items():
         key = f"{kind}_model"
         name, flag, flagged = stored[key], f"--{kind}-model", given[key] is not None
@@ -189,6 +183,4 @@ def _check_model_info(stored: dict, source: str) -> None:
     differ = ", ".join([f"{k} ({info[k]!r}, registry {ref[k]!r})" for k in ref if info[k] != ref[k]][:5])
     if differ:
         arch = f"{stored['vision_model']}@{stored['text_model']}"
-        log.warning(
-            f"{source}: its {arch} differs from the registry's in {differ}; building it as the checkpoint records"
-        )
+        log.warning(f"{source}: its {arch} differs from the registry's in {differ}; built as the checkpoint records")

@@ -78,9 +78,7 @@ def thumbnails(split: LMDBSplit, ids, progress: bool = False) -> dict[int, str |
     out = {i: thumbnail(split.image_b64(i)) for i in tqdm(ids, desc="thumbnails", unit="img", disable=not progress)}
     bad = [i for i, t in out.items() if t is None]
     if bad:
-        log.warning(
-            f"{len(bad)} image ids are missing from {split.split_dir} or undecodable (placeholders), e.g. {bad[0]}"
-        )
+        log.warning(f"{len(bad)} image ids are missing from {split.split_dir} or undecodable, e.g. {bad[0]}")
     return out
 
 
