@@ -1,7 +1,4 @@
-"""Small shared helpers: the user-facing error and :func:`run_cli`, output checks, atomic writes, locks,
-JSON lines, devices."""
-
-from __future__ import annotations
+"""Small shared helpers: the user-facing error and :func:`run_cli`, output checks, atomic writes, locks, JSON lines."""
 
 import contextlib
 import errno
@@ -49,17 +46,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     return 0
 
 
-def check_output(
-    path: str | os.PathLike,
-    *,
-    inputs: Iterable[str | os.PathLike | None] = (),
-    what: str = "output",
-    is_dir: bool = False,
-    own: Callable[[Path], bool] | None = None,
-) -> Path:
+def check_output(path, *, inputs: Iterable = (), what="output", is_dir=False, own: Callable | None = None) -> Path:
     """``Path(path)``, refused with one line when it is a folder (a file if ``is_dir``), sits under a file, is one
-    of ``inputs`` through any spelling or link, or (given ``own``) is an existing file ``own`` does not recognise
-    as this command's earlier output (a checkpoint, another tool's file, a user's file)."""
+    of ``inputs`` through any spelling or link, or is an existing file ``own`` does not recognise as ours."""
     p = Path(path)
     if own is not None and p.is_file() and not own(p):
         raise SolutionError(f"{what} {p} exists and is not an earlier output of this command; refusing to overwrite it")
@@ -71,18 +60,14 @@ def check_output(
     if not parent.is_dir():
         raise SolutionError(f"{what} {p} sits under {parent}, which is a file")
     for src in (Path(x) for x in inputs if x is not None):
-        same = p.resolve() == src.resolve()
-        if not same and p.exists() and src.exists():
-            with contextlib.suppress(OSError):
-                same = os.path.samefile(p, src)
-        if same:
+        if p.resolve() == src.resolve() or (p.exists() and src.exists() and os.path.samefile(p, src)):
             raise SolutionError(f"{what} {p} is one of the inputs ({src}); refusing to overwrite it")
     return p
 
 
 def is_disk_full(exc: BaseException, path: str | os.PathLike) -> bool:
-    """Whether ``exc``, raised writing under ``path``, means a full disk: ENOSPC/EDQUOT or their words, or the
-    vaguer errors of LMDB and ``torch.save`` while the filesystem has under 1 MiB free. Ask before cleaning up."""
+    """Whether ``exc``, raised writing under ``path``, means a full disk (also LMDB's and ``torch.save``'s vaguer
+    errors while under 1 MiB is free). Ask before cleaning up."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     msg = str(exc).lower()
@@ -109,39 +94,55 @@ def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path ``.NAME.*.tmp`` beside ``path``, renamed onto it (after fsync) only if the block
-    succeeds: a kill at any moment leaves the old file or the new one, never half."""
+def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+    """A temporary path ``.NAME.*.tmp`` beside ``path`` (a folder with ``folder``: it replaces an empty one only),
+    renamed onto it (a file after fsync) only if the block succeeds: a kill leaves the old or the new, never half."""
     path = Path(path)
+    make_parent(path, f"cannot write {path}: a part of its folder is a file")
+    if path.is_dir() and not folder:
+        raise SolutionError(f"cannot write {path}: it is a folder")
+    temp = dict(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(**temp))
+    else:
+        fd, name = tempfile.mkstemp(**temp)
+        os.close(fd)
+        tmp = Path(name)
+        umask_mode(tmp)  # before the block: a writer may set its own mode
+    try:
+        with disk_full_as_error(path):
+            yield tmp
+            if folder:
+                for p in (tmp, *tmp.rglob("*")):  # mkdtemp and some libraries make them private
+                    umask_mode(p)
+            else:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def make_parent(path: Path, error: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise SolutionError(f"cannot write {path}: a part of its folder is a file") from None
-    if path.is_dir():
-        raise SolutionError(f"cannot write {path}: it is a folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+        raise SolutionError(error) from None
+
+
+def umask_mode(path: Path) -> None:
+    """Give a file or folder that ``mkstemp``/``mkdtemp`` (or a library) made private the umask's permissions."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-    tmp_path = Path(tmp)
-    try:
-        with disk_full_as_error(path):
-            yield tmp_path
-            with open(tmp_path, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
     """Remove the ``.NAME.*.tmp`` files of killed :func:`atomic_path` writers; only under the folder's lock."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
+    folder, removed = Path(folder), []
     for p in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
         if p.is_file():
             with contextlib.suppress(OSError):
@@ -154,15 +155,12 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> li
 
 @contextlib.contextmanager
 def folder_lock(lock_file: str | os.PathLike, what: str) -> Iterator[Path]:
-    """An exclusive ``flock`` on ``lock_file`` for the block (dropped by the kernel when its process dies); a
-    second holder fails with one line quoting who holds it."""
+    """An exclusive ``flock`` on ``lock_file`` for the block (the kernel drops it when the process dies); a second
+    holder fails with one line quoting who holds it."""
     import fcntl
 
     lock_file = Path(lock_file)
-    try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise SolutionError(f"cannot create {lock_file.parent}: a part of it is a file") from None
+    make_parent(lock_file, f"cannot create {lock_file.parent}: a part of it is a file")
     with open(lock_file, "a+", encoding="utf-8") as f:  # closing releases the flock
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -200,15 +198,9 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
-def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def json_line(path: str | os.PathLike, lineno: int, raw: bytes, last: bool = False):
-    """Line ``lineno`` of a JSON-lines file as its value; None when blank or, warned of, a ``last`` line torn
-    by a kill. Anything else malformed is one error naming the line."""
+    """Line ``lineno`` of a JSON-lines file as its value; None when blank or (warned of) a ``last`` line torn by a
+    kill; anything else malformed is one error naming the line."""
     try:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
         return json.loads(line) if line else None
@@ -255,15 +247,3 @@ def resolve_device(device: str | None = None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SolutionError(f"device {device!r} requested but CUDA is not available")
     return dev
-
-
-def autocast_context(device, precision: str):
-    """Autocast for ``amp``/``fp16`` (fp16 on GPU) and ``bf16``; nothing for ``fp32``."""
-    import torch
-
-    device = torch.device(device)
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision in ("amp", "fp16") and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()

@@ -1,10 +1,6 @@
 """Score a MUGE submission like the official ``evaluation.py`` (to the digit), or check one before upload.
 
-``GOLD PRED OUT`` as the official script (``bash Chinese-CLIP/evaluate.sh``); ``--check PRED --texts JSONL``
-without answers. The work: :mod:`solution.retrieval.official`.
-"""
-
-from __future__ import annotations
+The work: :mod:`solution.retrieval.official`."""
 
 import argparse
 import json
@@ -15,7 +11,7 @@ from solution.common import SolutionError, run_cli
 from solution.retrieval.official import check_files, evaluate_files
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         prog="python -m solution.evaluate",
         description=__doc__.split("\n\n")[0],
@@ -27,21 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check", metavar="PRED", help="validate a submission without answers")
     p.add_argument("--texts", "--queries", dest="texts", metavar="JSONL", help="with --check: the queries")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = p.parse_args(argv)
     if args.check:
         if args.paths or not args.texts:
             raise SolutionError("--check PRED takes --texts QUERIES.jsonl and no positional arguments")
-        summary = check_files(args.check, args.texts, direction="t2i" if args.direction == "auto" else args.direction)
-        print(json.dumps(summary))
-        return summary
-    if len(args.paths) != 3:
+        result = check_files(args.check, args.texts, direction="t2i" if args.direction == "auto" else args.direction)
+    elif len(args.paths) != 3:
         raise SolutionError("expected GOLD PRED OUT (or --check PRED --texts QUERIES)")
-    result = evaluate_files(*args.paths, direction=args.direction)
-    print(json.dumps(result["scoreJson"]))
+    else:
+        result = evaluate_files(*args.paths, direction=args.direction)
+    print(json.dumps(result if args.check else result["scoreJson"]))
     return result
 
 

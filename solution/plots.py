@@ -1,7 +1,5 @@
 """Training curves (PNG): loss (train and validation), mean recall per validation set, logit scale."""
 
-from __future__ import annotations
-
 import logging
 from pathlib import Path
 
@@ -22,42 +20,36 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sets = sorted({r.get("set", MAIN_SET) for r in valid})
+    panels = {
+        "contrastive loss": [
+            (train, "loss", "-", "train loss"),
+            (main_valid(rows, key="val_loss"), "val_loss", "o-", "valid loss"),
+        ],
+        "text->image mean recall (%)": [(main_valid(rows, set_name=s), "mean_recall", "o-", s) for s in sets],
+        "logit scale (max 100)": [(train, "logit_scale", "-", None)],
+    }
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    main = main_valid(rows, key="val_loss")
-    if main:
-        ax.plot([r["step"] for r in main], [r["val_loss"] for r in main], "o-", label="valid loss")
-    ax.set_xlabel("step")
-    ax.set_title("contrastive loss")
-    ax.legend()
-    ax = axes[1]
-    for name in sorted({r.get("set", MAIN_SET) for r in valid}):
-        pts = main_valid(rows, set_name=name)
-        ax.plot([r["step"] for r in pts], [r["mean_recall"] for r in pts], "o-", label=name)
-    ax.set_xlabel("step")
-    ax.set_title("text->image mean recall (%)")
-    if valid:
-        ax.legend()
-    ax = axes[2]
-    if train:
-        ax.plot([r["step"] for r in train], [r["logit_scale"] for r in train])
-    ax.set_xlabel("step")
-    ax.set_title("logit scale (max 100)")
+    for ax, (name, curves) in zip(axes, panels.items()):
+        for pts, key, style, label in (c for c in curves if c[0]):
+            ax.plot([r["step"] for r in pts], [r[key] for r in pts], style, label=label)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        if any(pts and label for pts, _, _, label in curves):
+            ax.legend()
     if title:
         fig.suptitle(title)
     return save_png(fig, path, dpi=80)
 
 
-def save_png(fig, path, dpi: int = 90, **kwargs) -> Path:
+def save_png(fig, path, dpi: int = 90) -> Path:
     """Lay out, write atomically as PNG and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, **kwargs)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     return path
 

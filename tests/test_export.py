@@ -2,6 +2,7 @@
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -32,41 +33,37 @@ TEXTS = [
 pytestmark = pytest.mark.xdist_group("export")  # one worker builds each reference model once
 
 
-@pytest.fixture(scope="module")
-def tiny(world, tmp_path_factory):
-    """A fine-tuned ViT-Tiny + RBT-Tiny run's checkpoint with a prompt in its config, and its model."""
-    ck = read_checkpoint(world.runs[0] / "checkpoints" / "best.pt")
-    config = ModelConfig.from_dict({**ck["config"], "text_prompt": PROMPT})
-    path = save_checkpoint(tmp_path_factory.mktemp("export") / "tiny.pt", ck["state_dict"], config)
-    return path, *load_model(path)[:2]
-
-
-@pytest.fixture(scope="module")
-def vitb(tmp_path_factory):
-    """A random ViT-B-16 + RoBERTa-wwm-ext-base in the official format (no config, ``module.`` keys, fp16),
-    and the model with those weights (the fp16 values in fp32, as the loader makes them)."""
-    config = ModelConfig("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")
-    torch.manual_seed(0)
-    model = build_model(config).half().float()
-    path = tmp_path_factory.mktemp("export") / "clip_cn_vit-b-16.pt"
-    torch.save(
-        {"epoch": 1, "step": 1, "state_dict": {f"module.{k}": v.half() for k, v in model.state_dict().items()}}, path
-    )
-    return path, model, config
-
-
-@pytest.fixture(scope="module", params=[("tiny", 7), ("vitb", 2)], ids=["tiny", "vitb"])
-def reference(request, world):
-    """A checkpoint, its config, demo images (PIL; 2 for the slow full-size model) and the toolkit's
-    features of them and of TEXTS."""
-    name, n_images = request.param
-    path, model, config = request.getfixturevalue(name)
+@pytest.fixture(scope="module", params=["tiny", "vitb"])
+def case(request, world, tmp_path_factory):
+    """A checkpoint (tiny: a fine-tune with a prompt; vitb: a random ViT-B-16 + RoBERTa-wwm-ext-base in the official
+    format: no config, ``module.`` keys, fp16), demo images (PIL), texts, the toolkit's features of both, and the
+    ONNX batch sizes to try (None: all; full size: one batch of 2 images and 3 texts)."""
+    path = tmp_path_factory.mktemp("export") / f"{request.param}.pt"
+    if request.param == "tiny":
+        ck = read_checkpoint(world.runs[0] / "checkpoints" / "best.pt")
+        save_checkpoint(path, ck["state_dict"], ModelConfig.from_dict({**ck["config"], "text_prompt": PROMPT}))
+        n_images, n_texts, sizes = 7, 7, (1, 7)
+    else:
+        torch.manual_seed(0)
+        sd = build_model(ModelConfig("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")).state_dict()
+        torch.save({"epoch": 1, "step": 1, "state_dict": {f"module.{k}": v.half() for k, v in sd.items()}}, path)
+        n_images, n_texts, sizes = 2, 3, (None,)
+    model, config, _ = load_model(path)
     split = LMDBSplit(world.lmdb("valid"))
     ids = split.image_ids()[:n_images]
-    images = [decode_image(split.image_b64(i)) for i in ids]
     _, image_feats = encode_images(model, split, config, image_ids=ids)
-    text_feats = encode_texts(model, TEXTS, config)
-    return path, config, images, image_feats, text_feats
+    images = [decode_image(split.image_b64(i)) for i in ids]
+    texts = TEXTS[:n_texts]
+    text_feats = encode_texts(model, texts, config)
+    return SimpleNamespace(
+        path=path,
+        config=config,
+        images=images,
+        image_feats=image_feats,
+        texts=texts,
+        text_feats=text_feats,
+        sizes=sizes,
+    )
 
 
 def cosines(a, b) -> np.ndarray:
@@ -74,48 +71,45 @@ def cosines(a, b) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-def test_transformers_export_gives_the_toolkits_features_and_token_ids(reference, tmp_path, capsys):
-    path, config, images, image_feats, text_feats = reference
-    out = tmp_path / "hf"
-    main(["--checkpoint", str(path), "--format", "hf", "--output", str(out)])
+def test_transformers_export_gives_the_toolkits_features_and_token_ids(case, tmp_path, capsys):
+    config, out = case.config, tmp_path / "hf"
+    main(["--checkpoint", str(case.path), "--format", "hf", "--output", str(out)])
     assert (repr(config.text_prompt) if config.text_prompt else "text prompt: none") in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["cn_clip_text_prompt"] == config.text_prompt
 
     model, info = ChineseCLIPModel.from_pretrained(out, output_loading_info=True)
     assert not any(info.values())  # no missing, unexpected or mismatched weights
     processor = ChineseCLIPProcessor.from_pretrained(out)
+    prompted = [config.text_prompt + t for t in TEXTS]
+    tokens = processor(text=prompted, padding=True, truncation=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(tokens, tokenize(TEXTS, config.context_length, config.text_prompt))
     inputs = processor(
-        text=[config.text_prompt + t for t in TEXTS], images=images, padding=True, truncation=True, return_tensors="pt"
+        text=prompted[: len(case.texts)], images=case.images, padding=True, truncation=True, return_tensors="pt"
     )
-    assert torch.equal(inputs["input_ids"], tokenize(TEXTS, config.context_length, config.text_prompt))
-    pil = ChineseCLIPProcessor.from_pretrained(out, backend="pil")(images=images, return_tensors="pt")
+    pil = ChineseCLIPProcessor.from_pretrained(out, backend="pil")(images=case.images, return_tensors="pt")
     torch.testing.assert_close(
-        pil["pixel_values"], torch.stack([eval_transform(config.image_resolution)(im) for im in images])
+        pil["pixel_values"], torch.stack([eval_transform(config.image_resolution)(im) for im in case.images])
     )
     with torch.no_grad():
         image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        text = model.get_text_features(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).pooler_output
-    assert cosines(image, image_feats).min() >= 0.9999
-    assert cosines(text, text_feats).min() >= 0.9999
+        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert cosines(image, case.image_feats).min() >= 0.9999
+    assert cosines(text.pooler_output, case.text_feats).min() >= 0.9999
 
 
-def test_onnx_export_gives_the_toolkits_features_at_any_batch_and_length(reference, tmp_path):
-    path, config, images, image_feats, text_feats = reference
-    out = tmp_path / "onnx"
-    assert run_cli(main, ["--checkpoint", str(path), "--format", "onnx", "--output", str(out)]) == 0
-    pixels = torch.stack([eval_transform(config.image_resolution)(im) for im in images]).numpy()
+def test_onnx_export_gives_the_toolkits_features_at_any_batch_and_length(case, tmp_path):
+    config, out = case.config, tmp_path / "onnx"
+    assert run_cli(main, ["--checkpoint", str(case.path), "--format", "onnx", "--output", str(out)]) == 0
+    pixels = torch.stack([eval_transform(config.image_resolution)(im) for im in case.images]).numpy()
     image, text = (
         ort.InferenceSession(out / f"{t}.onnx", providers=["CPUExecutionProvider"]) for t in ("image", "text")
     )
-    for batch in (1, len(images)):
-        got = image.run(None, {"pixel_values": pixels[:batch]})[0]
-        assert got.shape == (batch, image_feats.shape[1]) and cosines(got, image_feats[:batch]).min() >= 0.9999
-    for batch in (1, 7):
-        ids = tokenize(TEXTS[:batch], config.context_length, config.text_prompt).numpy()  # cut to the batch's longest
+    for n in case.sizes:
+        got = image.run(None, {"pixel_values": pixels[:n]})[0]
+        assert got.shape == case.image_feats[:n].shape and cosines(got, case.image_feats[:n]).min() >= 0.9999
+        ids = tokenize(case.texts[:n], config.context_length, config.text_prompt).numpy()  # cut to the longest
         got = text.run(None, {"input_ids": ids})[0]
-        assert got.shape == (batch, text_feats.shape[1]) and cosines(got, text_feats[:batch]).min() >= 0.9999
+        assert got.shape == case.text_feats[:n].shape and cosines(got, case.text_feats[:n]).min() >= 0.9999
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)  # L2-normalised, as the toolkit's
 
 

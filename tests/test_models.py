@@ -20,22 +20,21 @@ from solution.model import (
     state_dict_digest,
 )
 from solution.model.checkpoint import infer_architecture
-from solution.model.registry import env_config_dirs, model_config_dirs, text_models, vision_models
+from solution.model.registry import models, run_model_cli
 
 
 def test_registry_has_upstream_and_tiny_models_and_extra_folders_for_a_block(tmp_path):
-    assert {"ViT-B-16", "ViT-H-14", "RN50", "ViT-Tiny"} <= set(vision_models())
-    assert {"RoBERTa-wwm-ext-base-chinese", "RBT3-chinese", "RBT-Tiny"} <= set(text_models())
+    assert {"ViT-B-16", "ViT-H-14", "RN50", "ViT-Tiny"} <= set(models("vision"))
+    assert {"RoBERTa-wwm-ext-base-chinese", "RBT3-chinese", "RBT-Tiny"} <= set(models("text"))
     with pytest.raises(SolutionError, match="unknown model name 'ViT-Nope'"):
         ModelConfig("ViT-Nope", "RBT-Tiny")
     (tmp_path / "ViT-Nope.json").write_text(
         json.dumps({**ModelConfig("ViT-Tiny", "RBT-Tiny").model_info, "vision_width": 32})
     )
     environ = {"SOLUTION_MODEL_CONFIGS": f"{tmp_path}{os.pathsep}{os.pathsep}/nowhere"}
-    assert env_config_dirs(environ) == [str(tmp_path), "/nowhere"] and env_config_dirs({}) == []
-    with model_config_dirs(env_config_dirs(environ)):
-        assert ModelConfig("ViT-Nope", "RBT-Tiny").model_info["vision_width"] == 32
-    assert "ViT-Nope" not in vision_models()  # known inside the block only
+    widths = []
+    assert run_model_cli(lambda argv: widths.append(ModelConfig("ViT-Nope", "RBT-Tiny").model_info), environ) == 0
+    assert widths[0]["vision_width"] == 32 and "ViT-Nope" not in models("vision")  # known inside the CLI only
 
 
 def test_checkpoint_round_trip_keeps_config_and_weights(tmp_path, tiny_model):
@@ -46,6 +45,8 @@ def test_checkpoint_round_trip_keeps_config_and_weights(tmp_path, tiny_model):
     assert (config.text_prompt, config.context_length, ckpt["epoch"], ckpt["step"]) == ("这是一张图片：", 24, 2, 7)
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+    model.visual.proj.data.add_(1)  # the model owns its weights: the checkpoint read (memory-mapped) is untouched
+    assert torch.equal(ckpt["state_dict"]["module.visual.proj"], tiny_model.visual.proj)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
 
 

@@ -1,15 +1,7 @@
-"""Fused attention (``scaled_dot_product_attention``) for cn_clip's text tower, per model instance.
-
-Upstream's ``BertSelfAttention`` computes attention by hand (its only fused switch needs ``flash-attn < 2``).
-:class:`SdpaBertSelfAttention` does the same computation in one SDPA call: upstream's extended additive
-padding mask (``0`` / ``-10000``) passed as the float ``attn_mask``, attention dropout ``self.dropout.p``
-while training, a per-head ``head_mask`` applied to the context (equal to upstream's scaling of the
-probabilities); other head masks and ``output_attentions`` run upstream's forward. ``query``/``key``/
-``value`` are called, so peft LoRA wrappers on them keep working. :func:`use_sdpa` switches the
-``__class__`` of a model's own instances: no upstream class or torch function changes, and parameters and
-state-dict keys stay the same. The vision tower already reaches SDPA (``nn.MultiheadAttention`` with
-``need_weights=False``), in training and eval, with or without LoRA.
-"""
+"""Fused attention (``scaled_dot_product_attention``) for cn_clip's text tower, per model instance: :func:`use_sdpa`
+switches the ``__class__`` of a model's own ``BertSelfAttention`` instances (no upstream class or torch function
+changes; parameters and state-dict keys stay). The vision tower already reaches SDPA (``nn.MultiheadAttention`` with
+``need_weights=False``)."""
 
 from __future__ import annotations
 
@@ -27,10 +19,9 @@ __all__ = ["SdpaBertSelfAttention", "use_sdpa"]
 
 
 class SdpaBertSelfAttention(BertSelfAttention):
-    """Upstream's ``BertSelfAttention`` with its attention core computed by SDPA (same outputs).
-
-    Never constructed directly: :func:`use_sdpa` switches existing instances to this class.
-    """
+    """Upstream's ``BertSelfAttention`` with its attention core in one SDPA call: the extended additive padding mask as
+    ``attn_mask``, ``self.dropout.p`` while training, a per-head ``head_mask`` on the context (other head masks and
+    ``output_attentions`` run upstream's forward); ``query``/``key``/``value`` are called, so LoRA wrappers work."""
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None):
         per_head = head_mask is None or (head_mask.dim() >= 3 and head_mask.shape[-1] == 1 and head_mask.shape[-2] == 1)

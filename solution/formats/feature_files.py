@@ -1,12 +1,8 @@
 """Feature files, the contract between extraction and predictions: ``BASE.npy`` (float32 [N, D], L2-normalised
 rows) + ``BASE.ids.npy`` (int64 [N]) + ``BASE.meta.json`` (provenance), or cn_clip's JSON lines
-``{"image_id"|"text_id": int, "feature": [D floats]}`` at a ``.jsonl`` path + the same meta.
-
-A name without ``.npy``/``.jsonl`` is what extraction wrote under it: ``BASE.npy`` when that exists, else JSON
-lines at the name itself (both: the meta says which was written last).
-"""
-
-from __future__ import annotations
+``{"image_id"|"text_id": int, "feature": [D floats]}`` at a ``.jsonl`` path + the same meta. A name without
+``.npy``/``.jsonl`` is what extraction wrote under it: ``BASE.npy`` or JSON lines at the name (both: the meta says
+which was written last)."""
 
 import json
 import logging
@@ -18,13 +14,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from solution.common import SolutionError, atomic_path, check_output, json_line, write_json, write_npy
+from solution.common import SolutionError, check_output, json_line, write_json, write_jsonl, write_npy
 
 from .muge import is_int
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("npy", "jsonl")
+SWAPPED = "are the image and text feature files swapped?"
 KINDS = ("image", "text")
 
 
@@ -53,22 +50,19 @@ def resolve_features(path: str | os.PathLike, kind: str = "") -> tuple[str, Path
             raise SolutionError(f"{what} not found: {fpath}")
         return fmt, fpath, ipath, mpath
     npy, ids, meta = feature_paths(p, "npy")
-    plain = Path(p)
-    if npy.is_file() and plain.is_file():
-        written = _read_meta(meta).get("format") if meta.is_file() else None
-        if written not in FORMATS:
+    found = [fmt for fmt, f in (("npy", npy), ("jsonl", Path(p))) if f.is_file()]
+    if len(found) == 2:
+        found = [_read_meta(meta).get("format") if meta.is_file() else None]
+        if found[0] not in FORMATS:
             raise SolutionError(
-                f"{what} {p} is ambiguous: both {npy} and JSON lines at {plain} exist and {meta.name} does not say "
+                f"{what} {p} is ambiguous: both {npy} and JSON lines at {p} exist and {meta.name} does not say "
                 f"which was written last; give {npy} or a .jsonl name"
             )
-        return ("npy", npy, ids, meta) if written == "npy" else ("jsonl", plain, None, meta)
-    if npy.is_file():
-        return "npy", npy, ids, meta
-    if plain.is_file():
-        return "jsonl", plain, None, meta
-    if plain.is_dir():
+    if found:
+        return ("npy", npy, ids, meta) if found[0] == "npy" else ("jsonl", Path(p), None, meta)
+    if Path(p).is_dir():
         raise SolutionError(f"{what} {p} is a folder, not a feature file (expected {npy} or JSON lines at {p})")
-    raise SolutionError(f"{what} not found: neither {npy} nor {plain} exists")
+    raise SolutionError(f"{what} not found: neither {npy} nor {p} exists")
 
 
 def check_outputs(outputs: dict, fmt: str, inputs=()) -> None:
@@ -82,9 +76,7 @@ def check_outputs(outputs: dict, fmt: str, inputs=()) -> None:
                 raise SolutionError(f"{seen[path.resolve()]} and {flag} both write {path}; give them different names")
 
 
-def save_features(
-    path: str | os.PathLike, kind: str, ids, feats, *, fmt: str | None = None, meta: dict | None = None
-) -> list[Path]:
+def save_features(path, kind: str, ids, feats, *, fmt: str | None = None, meta: dict | None = None) -> list[Path]:
     """Write features (each file atomically); returns the paths written (features first)."""
     ids, feats = np.asarray(ids, dtype=np.int64), np.ascontiguousarray(feats, dtype=np.float32)
     if feats.ndim != 2 or len(ids) != len(feats):
@@ -94,19 +86,9 @@ def save_features(
         write_npy(ipath, ids)
         write_npy(fpath, feats)
     else:
-        with atomic_path(fpath) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(
-                json.dumps({f"{kind}_id": i, "feature": row}) + "\n" for i, row in zip(ids.tolist(), feats.tolist())
-            )
-    fmt = "npy" if ipath is not None else "jsonl"
-    info = {
-        "kind": kind,
-        "format": fmt,
-        "count": len(ids),
-        "dim": int(feats.shape[1]),
-        "features": str(fpath.resolve()),
-    }
-    write_json(mpath, {**info, **(meta or {})})
+        write_jsonl(fpath, ({f"{kind}_id": i, "feature": row} for i, row in zip(ids.tolist(), feats.tolist())))
+    info = {"kind": kind, "format": "jsonl" if ipath is None else "npy", "count": len(ids), "dim": feats.shape[1]}
+    write_json(mpath, {**info, "features": str(fpath.resolve()), **(meta or {})})
     return [p for p in (fpath, ipath, mpath) if p is not None]
 
 
@@ -147,24 +129,19 @@ def _read_jsonl(fpath: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
             if obj is None:
                 continue
             if isinstance(obj, dict) and key not in obj and f"{other}_id" in obj:
-                raise SolutionError(
-                    f"{fpath}:{n}: holds {other} features ({other}_id), not {kind} features: are the image and text "
-                    "feature files swapped?"
-                )
+                raise SolutionError(f"{fpath}:{n}: holds {other} features ({other}_id), not {kind} features: {SWAPPED}")
             if not isinstance(obj, dict) or key not in obj or "feature" not in obj:
                 raise SolutionError(f'{fpath}:{n}: expected {{"{key}": int, "feature": [...]}}')
             if not is_int(obj[key]):
                 raise SolutionError(f"{fpath}:{n}: {key} {obj[key]!r} is not an integer")
             ids.append(obj[key])
             rows.append(obj["feature"])
-    if not rows:
-        raise SolutionError(f"{fpath} holds no {kind} features")
     try:
         feats = np.asarray(rows, dtype=np.float32)
     except ValueError:
-        raise SolutionError(f"{fpath}: features have different lengths or non-numbers") from None
-    if feats.ndim != 2:
-        raise SolutionError(f"{fpath}: features have different lengths")
+        feats = None
+    if feats is None or (rows and feats.ndim != 2):
+        raise SolutionError(f"{fpath}: features have different lengths or non-numbers")
     return np.asarray(ids, dtype=np.int64), feats
 
 
@@ -174,10 +151,8 @@ def load_features(path: str | os.PathLike, kind: str) -> FeatureSet:
     fmt, fpath, ipath, mpath = resolve_features(path, kind)
     key, meta = f"{kind}_id", _read_meta(mpath) if mpath.is_file() else {}
     if meta.get("kind", kind) != kind:
-        raise SolutionError(
-            f"{fpath} holds {meta['kind']} features (kind {meta['kind']!r} in {mpath.name}), not {kind} features: "
-            "are the image and text feature files swapped?"
-        )
+        what = f"{meta['kind']} features (kind {meta['kind']!r} in {mpath.name})"
+        raise SolutionError(f"{fpath} holds {what}, not {kind} features: {SWAPPED}")
     ids, feats = _read_npy(fpath, ipath) if fmt == "npy" else _read_jsonl(fpath, kind)
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     if len(ids) == 0:

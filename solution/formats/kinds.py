@@ -1,8 +1,5 @@
-"""Folder kinds: a run, soup, ensemble or study folder, an LMDB split, a MUGE data folder. Each output folder
-is claimed for its kind (a marker file); writing one kind into a folder of another, or inside an LMDB split or
-a data folder, is refused. Folders written before markers existed are known by a file of their own."""
-
-from __future__ import annotations
+"""Folder kinds: a run, soup, ensemble or study folder (a marker file, or for older folders a file of their own),
+an LMDB split, a MUGE data folder."""
 
 import os
 from pathlib import Path

@@ -1,8 +1,5 @@
-"""MUGE texts (``{split}_texts.jsonl``: ``{"text_id": int, "text": str}`` a line, with the gold ``"image_ids"``
-in train/valid): the one strict reader. The evaluator reads gold files by the official rules instead, and
-``prepare`` leniently (cleaning is its job)."""
-
-from __future__ import annotations
+"""MUGE texts (``{split}_texts.jsonl``: ``{"text_id": int, "text": str}`` a line, with the gold ``"image_ids"`` in
+train/valid): the one strict reader (the evaluator reads gold files by the official rules, ``prepare`` leniently)."""
 
 import os
 from dataclasses import dataclass, field
@@ -22,10 +19,8 @@ class MugeText:
 
 
 def read_texts(path: str | os.PathLike, *, need_gold: bool = False, what: str = "texts") -> list[MugeText]:
-    """Every record of a texts JSONL, in file order; refuses bad records with file and record number.
-
-    ``need_gold``: every record must carry a non-empty ``image_ids`` list (validation texts).
-    """
+    """Every record of a texts JSONL, in file order; refuses bad records with file and record number (``need_gold``:
+    also a record without a non-empty ``image_ids`` list)."""
     out, seen = [], set()
     for n, row in enumerate(read_jsonl(path), 1):
         if not isinstance(row, dict) or "text_id" not in row or "text" not in row:

@@ -1,32 +1,24 @@
-"""A run folder's records and the names of its files: ``metrics.jsonl`` (one reader, one writer),
-``params.json`` and the checkpoints others look for.
-
-``metrics.jsonl`` holds one JSON object a line, ``{"step", "epoch", "kind": "train"|"valid", ...}``;
-``valid`` lines carry ``set`` (``valid`` for the main one) and ``r1``/``r5``/``r10``/``mean_recall``
-in percent. The trainer appends a line at a time, so a kill can tear the last line: readers skip
-exactly that line with a warning and refuse anything else malformed, naming file and line.
-"""
-
-from __future__ import annotations
+"""A run folder's files: ``metrics.jsonl`` (one JSON object a line, ``{"step", "epoch", "kind": "train"|"valid",
+...}``; ``valid`` lines carry ``set`` and recalls in percent; a last line torn by a kill is skipped with a warning),
+``params.json`` and the checkpoints others look for."""
 
 import json
 import os
 from pathlib import Path
 
-from solution.common import SolutionError, append_jsonl, disk_full_as_error, json_line, write_json, write_jsonl
+from solution.common import SolutionError, disk_full_as_error, json_line, write_json, write_jsonl
 
 METRICS, PARAMS = "metrics.jsonl", "params.json"
 BEST_CHECKPOINT, LATEST_CHECKPOINT = "checkpoints/best.pt", "checkpoints/epoch_latest.pt"
 MAIN_SET = "valid"
 
 
-def parse_lines(path: str | os.PathLike, data: bytes, complete: bool = True, first: int = 1) -> list[dict]:
-    """The JSON objects of ``data`` (lines numbered from ``first``); its last line may be torn when
-    ``complete`` is False (more may still come) or when it has no newline (a kill cut it)."""
+def parse_lines(path: str | os.PathLike, data: bytes, first: int = 1) -> list[dict]:
+    """The JSON objects of ``data`` (lines numbered from ``first``); a last line without a newline may be torn."""
     lines = data.split(b"\n")
     rows = []
     for i, raw in enumerate(lines, first):
-        row = json_line(path, i, raw, last=i == first + len(lines) - 1 and (not complete or not data.endswith(b"\n")))
+        row = json_line(path, i, raw, last=i == first + len(lines) - 1)
         if row is not None and not isinstance(row, dict):
             raise SolutionError(f"{path}:{i}: record {i} is a {type(row).__name__}, not a JSON object")
         if row is not None:
@@ -34,20 +26,17 @@ def parse_lines(path: str | os.PathLike, data: bytes, complete: bool = True, fir
     return rows
 
 
-def read_metrics(path: str | os.PathLike, missing_ok: bool = True) -> list[dict]:
-    """All records of a ``metrics.jsonl`` (``[]`` for a missing file when ``missing_ok``)."""
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All records of a ``metrics.jsonl`` (``[]`` for a missing file)."""
     path = Path(path)
-    if not path.is_file():
-        if missing_ok:
-            return []
-        raise SolutionError(f"file not found: {path}")
-    return parse_lines(path, path.read_bytes())
+    return parse_lines(path, path.read_bytes()) if path.is_file() else []
 
 
 def append_metric(path: str | os.PathLike, row: dict) -> None:
     """Append one record (a full disk is one ``disk full at PATH`` line)."""
-    with disk_full_as_error(path):
-        append_jsonl(path, row)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with disk_full_as_error(path), open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def rewrite_metrics(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -72,8 +61,8 @@ class MetricsTail:
         self.path, self.offset, self.lineno = Path(path), 0, 0
 
     def read_new(self, final: bool = False) -> list[dict]:
-        """The records completed since the last call; with ``final`` (the writer has exited) also a
-        last line without a newline, skipped with a warning when a kill tore it."""
+        """The records completed since the last call; with ``final`` (the writer has exited) also a last line
+        without a newline."""
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)

@@ -1,10 +1,5 @@
-"""A search study's ``trials.csv``: one row per Optuna trial (number, state, value, run_dir, params_*, ...).
-
-Malformed files (non-UTF-8, an unterminated quote, a row with more fields than the header) are one
-:class:`SolutionError` naming the file and line.
-"""
-
-from __future__ import annotations
+"""A search study's ``trials.csv``: one row per Optuna trial (number, state, value, run_dir, params_*, ...); a
+malformed file is one error naming the file and line."""
 
 import csv
 import io
@@ -53,8 +48,7 @@ def trial_dir(study_dir: str | os.PathLike, number: int) -> Path:
 
 
 def run_dirs(study_dir: str | os.PathLike, row: dict) -> list[Path]:
-    """Where a row's trial may have run: its ``run_dir`` (as written, or under the study folder), then
-    :func:`trial_dir`."""
+    """Where a row's trial may have run: its ``run_dir`` (as written, or under the study folder), then its trial_dir."""
     dirs = [Path(row["run_dir"]), Path(study_dir) / row["run_dir"]] if row.get("run_dir") else []
     try:
         return [*dirs, trial_dir(study_dir, int(float(row.get("number"))))]

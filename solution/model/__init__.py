@@ -1,7 +1,5 @@
-"""Models: the architecture registry, the checkpoint contract, building and loading checked weights.
-
-Import from here (``from solution.model import load_model``), whatever module inside holds a name.
-"""
+"""Models: the architecture registry, the checkpoint contract, building and loading checked weights. Import from here
+(``from solution.model import load_model``), whatever module inside holds a name."""
 
 from .checkpoint import (
     clean_state_dict,
@@ -22,21 +20,3 @@ from .load import (
     model_template,
 )
 from .registry import ModelConfig
-
-__all__ = [
-    "ATTN_IMPLS",
-    "ModelConfig",
-    "build_model",
-    "check_finite",
-    "check_shapes",
-    "clean_state_dict",
-    "fingerprint",
-    "load_model",
-    "load_weights",
-    "meta_model",
-    "model_template",
-    "read_checkpoint",
-    "resolve_config",
-    "save_checkpoint",
-    "state_dict_digest",
-]

@@ -1,12 +1,7 @@
-"""The checkpoint contract: the one reader (:func:`read_checkpoint`) and writer (:func:`save_checkpoint`).
-
-A checkpoint is a dict loadable with ``torch.load(weights_only=True)``: ``state_dict`` (``module.``
-keys, as cn_clip writes them), ``epoch``, ``step``, ``name``, and ours add ``config`` (a
-:class:`ModelConfig` dict). A bare state dict reads as ``{"state_dict": it}``; a file without
-``config`` (official or cn_clip's) has its architecture inferred from the tensor shapes.
-"""
-
-from __future__ import annotations
+"""The checkpoint contract: a dict loadable with ``torch.load(weights_only=True)`` holding ``state_dict``
+(``module.`` keys, as cn_clip writes them), ``epoch``, ``step``, ``name`` and ours a ``config`` (a
+:class:`ModelConfig` dict); a bare state dict reads as ``{"state_dict": it}``, a file without ``config``
+(official or cn_clip's) has its architecture inferred from the tensor shapes."""
 
 import hashlib
 import logging
@@ -19,17 +14,14 @@ import torch
 
 from solution.common import SolutionError, atomic_path
 
-from .registry import MODEL_CONFIGS_ENV, ModelConfig, known_configs, model_info, read_config, text_models, vision_models
+from .registry import MARKERS, MODEL_CONFIGS_ENV, ModelConfig, known_configs, model_info, models, read_config
 
 log = logging.getLogger(__name__)
 
 
 def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict:
-    """Load a checkpoint as data on the CPU; one clear error for anything else.
-
-    ``mmap``: a zip-format file's tensors are mapped privately (pages read on use, shared with the
-    page cache, never written back); a legacy file is read whole.
-    """
+    """A checkpoint as data on the CPU (a zip file's tensors mapped copy-on-write with ``mmap``); one clear error
+    for anything else."""
     path = Path(path)
     if not path.is_file():
         raise SolutionError(f"checkpoint not found: {path}")
@@ -49,16 +41,7 @@ def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict:
     return ckpt
 
 
-def save_checkpoint(
-    path: str | os.PathLike,
-    state_dict: Mapping[str, torch.Tensor],
-    config: ModelConfig,
-    *,
-    epoch: int = 0,
-    step: int = 0,
-    name: str = "",
-    **extra,
-) -> Path:
+def save_checkpoint(path, state_dict: Mapping, config: ModelConfig, *, epoch=0, step=0, name="", **extra) -> Path:
     """Write a checkpoint atomically in cn_clip's layout (``module.`` keys) plus our ``config``."""
     sd = {(k if k.startswith("module.") else f"module.{k}"): v.detach().cpu() for k, v in state_dict.items()}
     ckpt = {"epoch": int(epoch), "step": int(step), "name": name, "state_dict": sd, "config": config.to_dict(), **extra}
@@ -84,13 +67,9 @@ def state_dict_digest(sd: Mapping[str, torch.Tensor]) -> str:
 
 
 def fingerprint(checkpoint: str | os.PathLike | Mapping) -> str:
-    """The identity of a checkpoint's weights (a path, or a checkpoint read already): the
-    :func:`state_dict_digest` of its :func:`clean_state_dict`, whatever else the file holds."""
+    """The identity of a checkpoint's weights (a path or a checkpoint read already), whatever else it holds."""
     ckpt = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
     return state_dict_digest(clean_state_dict(ckpt["state_dict"]))
-
-
-# ---------------------------------------------------------------- which architecture
 
 
 def infer_architecture(sd: Mapping[str, torch.Tensor]) -> tuple[str | None, str | None]:
@@ -99,9 +78,9 @@ def infer_architecture(sd: Mapping[str, torch.Tensor]) -> tuple[str | None, str 
     vision = text = None
     for name in sorted(known_configs()):
         info = read_config(name)
-        if vision is None and "vision_width" in info and _vision_matches(info, sd):
+        if vision is None and MARKERS["vision"] in info and _vision_matches(info, sd):
             vision = name
-        if text is None and "text_hidden_size" in info and _text_matches(info, sd):
+        if text is None and MARKERS["text"] in info and _text_matches(info, sd):
             text = name
     return vision, text
 
@@ -148,60 +127,45 @@ def resolve_config(
     text_prompt: str | None = None,
     source: str = "checkpoint",
 ) -> ModelConfig:
-    """The config a checkpoint was trained with; flags fill gaps and override it with a warning.
-
-    Names must be registry configs of the right kind; a stored ``model_info`` must hold every key of
-    the registry's and is used as stored (what the weights were trained as), a differing value warned of.
-    """
+    """The config a checkpoint was trained with; flags fill gaps and override it with a warning. A stored
+    ``model_info`` (what the weights were trained as) must hold every key of the registry's and is used as stored."""
     stored = (ckpt.get("config") or {}) if ckpt else {}
     if not isinstance(stored, Mapping):
-        raise SolutionError(
-            f"{source}: its 'config' is a {type(stored).__name__}, not a mapping: not one of our checkpoints"
-        )
+        raise SolutionError(f"{source}: its 'config' is a {type(stored).__name__}, not a mapping (not one of ours)")
     stored = dict(stored)
     if ckpt and not stored:
-        v, t = infer_architecture(ckpt["state_dict"])
-        stored = {k: x for k, x in (("vision_model", v), ("text_model", t)) if x}
-    flags = {"vision_model": vision_model, "text_model": text_model}
-    for key, val in {**flags, "context_length": context_length, "text_prompt": text_prompt}.items():
+        stored = {k: x for k, x in zip(("vision_model", "text_model"), infer_architecture(ckpt["state_dict"])) if x}
+    given = {"vision_model": vision_model, "text_model": text_model}
+    for key, val in {**given, "context_length": context_length, "text_prompt": text_prompt}.items():
         if val is None:
             continue
         if key in stored and stored[key] != val:
-            log.warning(
-                f"{source}: {key} is {stored[key]!r} in the checkpoint but {val!r} on the command line; using it"
-            )
-            if key in flags:
+            log.warning(f"{source}: {key} is {stored[key]!r} in the checkpoint but {val!r} on the command line")
+            if key in given:
                 stored.pop("model_info", None)
         stored[key] = val
-    missing = [k for k in flags if not stored.get(k)]
+    missing = ", ".join(k for k in given if not stored.get(k))
     if missing:
-        raise SolutionError(
-            f"{source}: cannot tell the architecture ({', '.join(missing)}); pass --vision-model and --text-model"
-        )
-    _check_names(stored, source, {k for k, v in flags.items() if v is not None})
-    _check_model_info(stored, source)
-    return ModelConfig.from_dict(stored)
-
-
-def _check_names(stored: dict, source: str, flagged: set) -> None:
-    """Architecture names known to the registry, of the right kind."""
-    for key, kind, marker in (("vision_model", "vision", "vision_width"), ("text_model", "text", "text_hidden_size")):
-        name, flag = stored[key], "--" + key.replace("_", "-")
+        raise SolutionError(f"{source}: cannot tell the architecture ({missing}); pass --vision-model and --text-model")
+    for kind, marker in MARKERS.items():
+        key = f"{kind}_model"
+        name, flag, flagged = stored[key], f"--{kind}-model", given[key] is not None
         if not isinstance(name, str) or name.replace("/", "-") not in known_configs():
-            known = ", ".join(vision_models() if kind == "vision" else text_models())
-            if key in flagged:
+            known = ", ".join(models(kind))
+            if flagged:
                 raise SolutionError(f"{flag}: unknown model name {name!r}; known {kind} models: {known}")
             raise SolutionError(
                 f"{source}: its config names an unknown {kind} architecture {name!r} (known: {known}); "
                 f"add its JSON to ${MODEL_CONFIGS_ENV} or pass {flag}"
             )
         if marker not in read_config(name):
-            where = (
-                f"{flag}: {name!r} is not"
-                if key in flagged
-                else f"{source}: its config names {name!r} as the {kind} architecture, but it is not"
+            if flagged:
+                raise SolutionError(f"{flag}: {name!r} is not a {kind} model config")
+            raise SolutionError(
+                f"{source}: its config names {name!r} as the {kind} architecture, but it is not a {kind} model config"
             )
-            raise SolutionError(f"{where} a {kind} model config")
+    _check_model_info(stored, source)
+    return ModelConfig.from_dict(stored)
 
 
 def _check_model_info(stored: dict, source: str) -> None:
@@ -216,9 +180,7 @@ def _check_model_info(stored: dict, source: str) -> None:
     if lacking:
         more = f" (+{len(lacking) - 5} more)" if len(lacking) > 5 else ""
         raise SolutionError(f"{source}: its config's model_info lacks {', '.join(lacking[:5])}{more}")
-    differ = [f"{k} ({info[k]!r}, registry {ref[k]!r})" for k in ref if info[k] != ref[k]]
+    differ = ", ".join([f"{k} ({info[k]!r}, registry {ref[k]!r})" for k in ref if info[k] != ref[k]][:5])
     if differ:
-        arch, listed = f"{stored['vision_model']}@{stored['text_model']}", ", ".join(differ[:5])
-        log.warning(
-            f"{source}: its {arch} differs from the registry's in {listed}; building it as the checkpoint records"
-        )
+        arch = f"{stored['vision_model']}@{stored['text_model']}"
+        log.warning(f"{source}: its {arch} differs from the registry's in {differ}; built as the checkpoint records")

@@ -1,37 +1,25 @@
-"""A cn_clip checkpoint as a 🤗 transformers ``ChineseCLIPModel`` folder or as two ONNX graphs.
+"""A cn_clip checkpoint as a 🤗 transformers ``ChineseCLIPModel`` folder (weights, config with the toolkit's prompt
+and context length, a processor tokenising and preprocessing like cn_clip) or as ``image.onnx`` + ``text.onnx``
+(``pixel_values`` / ``input_ids``, padding ``0`` masked) giving the toolkit's L2-normalised features."""
 
-``hf``: ``model.safetensors`` + ``config.json`` (:class:`ChineseCLIPConfig`; the toolkit's prompt and
-context length under ``cn_clip_*`` keys) + a processor: cn_clip's vocabulary with its text
-normalisation (curly quotes to ``"``, lower case) and its eval transform (square bicubic resize, CLIP
-mean/std, no crop). ``onnx``: ``image.onnx`` (``pixel_values [batch, 3, R, R]``) and ``text.onnx``
-(``input_ids [batch, length]``, padding ``0`` masked as cn_clip does), both giving L2-normalised
-features like :func:`solution.retrieval.encode.encode_images` / ``encode_texts``.
-"""
-
-from __future__ import annotations
-
-import contextlib
+import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from solution.common import SolutionError, check_output, disk_full_as_error
-from solution.data.datasets import eval_transform
+from solution.common import SolutionError, atomic_path, check_output
+from solution.data.datasets import MEAN, STD
 
 from .load import load_model
 from .registry import ModelConfig
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "onnx")
 EXTRAS = {"hf": ("transformers", "safetensors"), "onnx": ("onnx",)}
-INSTALL = 'pip install -e ".[export]"'
+FORMATS = tuple(EXTRAS)
 # cn_clip's ViT names -> transformers' (applied in order to the part after ``visual.``)
 _VISION_NAMES = (
     ("class_embedding", "embeddings.class_embedding"),
@@ -48,15 +36,6 @@ _VISION_NAMES = (
 )
 
 
-def require(fmt: str) -> None:
-    """Refuse (one line) when the optional packages ``fmt`` needs are missing."""
-    for name in EXTRAS[fmt]:
-        try:
-            __import__(name)
-        except ImportError:
-            raise SolutionError(f"--format {fmt} needs the package {name!r}: {INSTALL}") from None
-
-
 def hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """cn_clip ``CLIP`` weights (ViT vision tower, clean keys) under ``ChineseCLIPModel``'s names."""
     out = {
@@ -68,41 +47,24 @@ def hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key.startswith("bert."):
             out["text_model." + key.removeprefix("bert.")] = value
         elif key.startswith("visual.") and key != "visual.proj":
-            name = key.removeprefix("visual.")
+            name = "vision_model." + key.removeprefix("visual.")
             for old, new in _VISION_NAMES:
                 name = name.replace(old, new)
             if ".attn.in_proj_" in name:  # one packed q/k/v projection -> three
                 head, kind = name.split(".attn.in_proj_")
-                for part, tensor in zip("qkv", value.chunk(3)):
-                    out[f"vision_model.{head}.self_attn.{part}_proj.{kind}"] = tensor
+                out.update({f"{head}.self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", value.chunk(3))})
             else:
-                out["vision_model." + name] = value
+                out[name] = value
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
 def hf_config(config: ModelConfig, logit_scale: float):
-    """The :class:`ChineseCLIPConfig` of ``config``'s architecture (a ViT vision tower)."""
+    """The ``ChineseCLIPConfig`` of ``config``'s architecture (a ViT vision tower; activations, layer-norm epsilons
+    and the padding id are transformers' defaults, as cn_clip's)."""
     from transformers import ChineseCLIPConfig
-
-    from cn_clip_patch.prompt import PAD_ID
 
     info = config.model_info
     width = info["vision_width"]
-    text = {
-        "vocab_size": info["vocab_size"],
-        "hidden_size": info["text_hidden_size"],
-        "num_hidden_layers": info["text_num_hidden_layers"],
-        "num_attention_heads": info["text_num_attention_heads"],
-        "intermediate_size": info["text_intermediate_size"],
-        "hidden_act": info["text_hidden_act"],
-        "hidden_dropout_prob": info["text_hidden_dropout_prob"],
-        "attention_probs_dropout_prob": info["text_attention_probs_dropout_prob"],
-        "max_position_embeddings": info["text_max_position_embeddings"],
-        "type_vocab_size": info["text_type_vocab_size"],
-        "initializer_range": info["text_initializer_range"],
-        "layer_norm_eps": 1e-12,
-        "pad_token_id": PAD_ID,
-    }
     vision = {
         "hidden_size": width,
         "intermediate_size": 4 * width,
@@ -111,27 +73,23 @@ def hf_config(config: ModelConfig, logit_scale: float):
         "num_attention_heads": width // info.get("vision_head_width", 64),
         "image_size": info["image_resolution"],
         "patch_size": info["vision_patch_size"],
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
     }
-    out = ChineseCLIPConfig(
-        text_config=text,
+    return ChineseCLIPConfig(
+        text_config={k.removeprefix("text_"): v for k, v in info.items() if k.startswith("text_") or k == "vocab_size"},
         vision_config=vision,
         projection_dim=info["embed_dim"],
         logit_scale_init_value=logit_scale,
         cn_clip_text_prompt=config.text_prompt,
         cn_clip_context_length=config.context_length,
+        architectures=["ChineseCLIPModel"],
     )
-    out.architectures = ["ChineseCLIPModel"]
-    return out
 
 
 def hf_processor(config: ModelConfig):
-    """A ``ChineseCLIPProcessor`` that tokenises like ``cn_clip_patch.prompt.tokenize`` (prompt not included)
-    and preprocesses images like :func:`solution.data.datasets.eval_transform`."""
+    """A ``ChineseCLIPProcessor`` that tokenises like ``cn_clip_patch.prompt.tokenize`` (prompt not included) and
+    preprocesses images like :func:`solution.data.datasets.eval_transform` (square bicubic resize, no crop)."""
     import cn_clip.clip
     from tokenizers import normalizers
-    from torchvision.transforms import Normalize
     from transformers import BertTokenizer, ChineseCLIPImageProcessor, ChineseCLIPProcessor, PreTrainedTokenizerFast
 
     vocab = Path(cn_clip.clip.__file__).parent / "vocab.txt"
@@ -139,17 +97,15 @@ def hf_processor(config: ModelConfig):
     backend.model.max_input_chars_per_word = 200  # cn_clip's WordpieceTokenizer
     quotes = [normalizers.Replace("“", '"'), normalizers.Replace("”", '"')]  # cn_clip's _preprocess_text
     backend.normalizer = normalizers.Sequence([*quotes, backend.normalizer])
-    specials = {f"{k}_token": f"[{k.upper()}]" for k in ("unk", "sep", "pad", "cls", "mask")}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         model_max_length=config.context_length,
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-        **specials,
+        **{f"{k}_token": f"[{k.upper()}]" for k in ("unk", "sep", "pad", "cls", "mask")},
     )
     size = {"height": config.image_resolution, "width": config.image_resolution}
-    norm = next(t for t in eval_transform(config.image_resolution).transforms if isinstance(t, Normalize))
     images = ChineseCLIPImageProcessor(
-        size=size, crop_size=size, do_center_crop=False, image_mean=list(norm.mean), image_std=list(norm.std)
+        size=size, crop_size=size, do_center_crop=False, image_mean=list(MEAN), image_std=list(STD)
     )
     return ChineseCLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
@@ -158,9 +114,8 @@ def write_hf(model: torch.nn.Module, config: ModelConfig, folder: Path) -> None:
     from safetensors.torch import save_file
 
     sd = hf_state_dict(model.state_dict())
-    hf = hf_config(config, float(sd["logit_scale"]))
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    hf.save_pretrained(folder)
+    hf_config(config, float(sd["logit_scale"])).save_pretrained(folder)
     hf_processor(config).save_pretrained(folder)
 
 
@@ -198,35 +153,20 @@ def write_onnx(model: torch.nn.Module, config: ModelConfig, folder: Path) -> Non
             )
 
 
-@contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out``, renamed onto it when the block succeeds; ``out`` must be absent or empty."""
-    if out.is_dir() and any(out.iterdir()):
-        raise SolutionError(f"output folder {out} is not empty; choose a new one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make them private
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike) -> ModelConfig:
     """Write ``checkpoint`` (ours or an official cn_clip file) to the folder ``output`` as ``fmt`` (:data:`FORMATS`)."""
     if fmt not in FORMATS:
         raise SolutionError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    require(fmt)
+    for name in EXTRAS[fmt]:
+        if importlib.util.find_spec(name) is None:
+            raise SolutionError(f'--format {fmt} needs the package {name!r}: pip install -e ".[export]"')
     out = check_output(output, inputs=[checkpoint], what="output folder", is_dir=True)
     model, config, _ = load_model(checkpoint, device="cpu", attn_impl="upstream")
     if isinstance(config.model_info["vision_layers"], (list, tuple)):
         raise SolutionError(f"{checkpoint} has a ResNet vision tower ({config.vision_model}); only ViT models export")
-    model.eval()
-    with staged_folder(out) as tmp, disk_full_as_error(tmp), torch.no_grad():
-        (write_hf if fmt == "hf" else write_onnx)(model, config, tmp)
+    if out.is_dir() and any(out.iterdir()):
+        raise SolutionError(f"output folder {out} is not empty; choose a new one")
+    with atomic_path(out, folder=True) as tmp, torch.no_grad():
+        (write_hf if fmt == "hf" else write_onnx)(model.eval(), config, tmp)
     log.info("wrote %s (%s) from %s", out, fmt, checkpoint)
     return config

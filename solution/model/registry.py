@@ -1,12 +1,6 @@
-"""The architecture registry (JSON files named by architecture) and :class:`ModelConfig`.
-
-Folders: upstream's ``clip/model_configs``, ``configs/models`` (the tiny test sizes), then the extra
-folders of :func:`model_config_dirs`, which the CLIs enter with ``$SOLUTION_MODEL_CONFIGS`` (the one
-place it is read); a later folder's file wins. A vision config holds ``vision_width``, a text one
-``text_hidden_size``.
-"""
-
-from __future__ import annotations
+"""The architecture registry and :class:`ModelConfig`: JSON files named by architecture in upstream's
+``clip/model_configs``, ``configs/models`` (the tiny test sizes) and the folders of ``$SOLUTION_MODEL_CONFIGS``
+(read at a CLI's edge only), a later folder's file winning."""
 
 import contextlib
 import dataclasses
@@ -19,9 +13,9 @@ from typing import Any
 
 from solution.common import SolutionError, run_cli
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIGS_ENV = "SOLUTION_MODEL_CONFIGS"
 EXTRA_CONFIG_DIRS: tuple[Path, ...] = ()  # set for a block by model_config_dirs
+MARKERS = {"vision": "vision_width", "text": "text_hidden_size"}  # the key a config of each kind holds
 
 
 @contextlib.contextmanager
@@ -29,7 +23,7 @@ def model_config_dirs(dirs: Iterable[str | os.PathLike]) -> Iterator[None]:
     """Architectures of the JSON files in ``dirs`` known inside the block (after those already known)."""
     global EXTRA_CONFIG_DIRS
     saved = EXTRA_CONFIG_DIRS
-    EXTRA_CONFIG_DIRS = (*saved, *(Path(d) for d in dirs if str(d)))
+    EXTRA_CONFIG_DIRS = (*saved, *map(Path, dirs))
     try:
         yield
     finally:
@@ -37,21 +31,17 @@ def model_config_dirs(dirs: Iterable[str | os.PathLike]) -> Iterator[None]:
 
 
 def run_model_cli(main, environ: Mapping[str, str] = os.environ) -> int:
-    """:func:`solution.common.run_cli` with the architectures of ``$SOLUTION_MODEL_CONFIGS`` known: a CLI's edge."""
-    with model_config_dirs(env_config_dirs(environ)):
+    """:func:`solution.common.run_cli` with the architectures in the folders ``$SOLUTION_MODEL_CONFIGS`` names
+    (``os.pathsep``-separated) known: a CLI's edge."""
+    with model_config_dirs(d for d in environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep) if d):
         return run_cli(main)
-
-
-def env_config_dirs(environ: Mapping[str, str]) -> list[str]:
-    """The folders ``$SOLUTION_MODEL_CONFIGS`` names (``os.pathsep``-separated), for a CLI to pass down."""
-    return [d for d in environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep) if d]
 
 
 def known_configs() -> dict[str, Path]:
     """Every architecture name (the JSON file's stem) -> its file."""
     import cn_clip
 
-    dirs = (Path(cn_clip.__file__).parent / "clip" / "model_configs", PROJECT_ROOT / "configs" / "models")
+    dirs = (Path(cn_clip.__file__).parent / "clip" / "model_configs", Path(__file__).parents[2] / "configs" / "models")
     return {p.stem: p for d in (*dirs, *EXTRA_CONFIG_DIRS) if d.is_dir() for p in sorted(d.glob("*.json"))}
 
 
@@ -67,22 +57,20 @@ def read_config(name: str) -> dict:
     return info
 
 
-def vision_models() -> list[str]:
-    return sorted(n for n in known_configs() if "vision_width" in read_config(n))
-
-
-def text_models() -> list[str]:
-    return sorted(n for n in known_configs() if "text_hidden_size" in read_config(n))
+def models(kind: str) -> list[str]:
+    """The architecture names of ``kind`` (``vision`` or ``text``)."""
+    return sorted(n for n in known_configs() if MARKERS[kind] in read_config(n))
 
 
 def model_info(vision_model: str, text_model: str) -> dict:
     """The keyword arguments of cn_clip's ``CLIP`` for a vision + text pair of names."""
-    vis, txt = read_config(vision_model), read_config(text_model)
-    if "vision_width" not in vis:
-        raise SolutionError(f"{vision_model!r} is not a vision model config")
-    if "text_hidden_size" not in txt:
-        raise SolutionError(f"{text_model!r} is not a text model config")
-    return {**vis, **txt}
+    info = {}
+    for name, kind in ((vision_model, "vision"), (text_model, "text")):
+        config = read_config(name)
+        if MARKERS[kind] not in config:
+            raise SolutionError(f"{name!r} is not a {kind} model config")
+        info.update(config)
+    return info
 
 
 @dataclass
@@ -98,8 +86,7 @@ class ModelConfig:
     model_info: dict = field(default_factory=dict)  # the full architecture: rebuilds without the registry file
 
     def __post_init__(self) -> None:
-        if not self.model_info:
-            self.model_info = model_info(self.vision_model, self.text_model)
+        self.model_info = self.model_info or model_info(self.vision_model, self.text_model)
 
     @property
     def image_resolution(self) -> int:
@@ -113,6 +100,5 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})

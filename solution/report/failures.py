@@ -1,15 +1,10 @@
-"""Failure browser: one self-contained HTML page showing each query's retrieved images, worst queries first.
-
-Each query shows its text, its top-10 thumbnails in rank order (gold framed), the gold images it
-missed and its hits at 1/5/10; with a second submission B, both rows, and the queries B fixes or
-breaks: a higher or lower per-query mean of hit@1/5/10 than A's. The page is ``failures.html`` with
-a JSON blob (each image id's thumbnail once, as base64 JPEG) that its inline script renders a page
-of queries at a time, so it needs no server or network.
-"""
-
-from __future__ import annotations
+"""Failure browser: one self-contained page (``failures.html`` plus a JSON blob holding each image's thumbnail once,
+rendered a page of queries at a time by its inline script) of each query's text, top-10 thumbnails (gold framed),
+missed gold and hits at 1/5/10, worst first; with a second submission B, both rows and the queries B fixes or
+breaks (a higher or lower per-query mean of hit@1/5/10 than A's)."""
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -33,12 +28,10 @@ from .significance import CI, N_RESAMPLES, SEED
 log = logging.getLogger(__name__)
 
 THUMB, QUALITY = 96, 70
-PLACEHOLDER = "__DATA__"
 
 
 def read_submission(path: str | os.PathLike, query_ids: list[int]) -> dict[int, list[int]]:
-    """``{text id: its 10 image ids}`` checked by the official evaluator's rules; text ids not among the queries are
-    refused (a submission for other texts)."""
+    """``{text id: its 10 image ids}`` checked by the official rules; text ids not among the queries are refused."""
     try:
         checked = check_submission(path, query_ids)
     except (OSError, ValueError) as e:
@@ -53,13 +46,10 @@ def read_submission(path: str | os.PathLike, query_ids: list[int]) -> dict[int, 
 
 def read_answers(texts, answers: str | os.PathLike | None) -> dict[int, list[int]]:
     """Gold image ids of every text, in the texts' order: from ``answers`` when given, else from the texts."""
-    if answers is None:
-        gold = {t.text_id: list(t.image_ids) for t in texts}
-    else:
-        try:
-            gold = read_gold(answers, "t2i")[0]
-        except (OSError, ValueError) as e:
-            raise SolutionError(str(e)) from None
+    try:
+        gold = read_gold(answers, "t2i")[0] if answers else {t.text_id: list(t.image_ids) for t in texts}
+    except (OSError, ValueError) as e:
+        raise SolutionError(str(e)) from None
     lacking = [t.text_id for t in texts if not gold.get(t.text_id)]
     if lacking:
         where = f"in {answers}" if answers else "in the texts: pass --answers GOLD.jsonl"
@@ -67,17 +57,17 @@ def read_answers(texts, answers: str | os.PathLike | None) -> dict[int, list[int
     return {t.text_id: gold[t.text_id] for t in texts}
 
 
-def thumbnail(b64: bytes | None, size: int = THUMB, quality: int = QUALITY) -> str | None:
-    """Base64 of a JPEG at most ``size`` px a side, or None for a missing or undecodable image."""
+def thumbnail(b64: bytes | None) -> str | None:
+    """Base64 of a JPEG at most ``THUMB`` px a side, or None for a missing or undecodable image."""
     if b64 is None:
         return None
     try:
         with Image.open(io.BytesIO(base64.urlsafe_b64decode(b64))) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale directly
+            im.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a reduced scale directly
             im = im.convert("RGB")
-        im.thumbnail((size, size))
+        im.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality, optimize=True)
+        im.save(buf, "JPEG", quality=QUALITY, optimize=True)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -88,55 +78,36 @@ def thumbnails(split: LMDBSplit, ids, progress: bool = False) -> dict[int, str |
     out = {i: thumbnail(split.image_b64(i)) for i in tqdm(ids, desc="thumbnails", unit="img", disable=not progress)}
     bad = [i for i, t in out.items() if t is None]
     if bad:
-        log.warning(
-            "%d image ids are missing from %s or undecodable (shown as placeholders), e.g. %s",
-            len(bad),
-            split.split_dir,
-            bad[0],
-        )
+        log.warning(f"{len(bad)} image ids are missing from {split.split_dir} or undecodable, e.g. {bad[0]}")
     return out
-
-
-def _system(name: str, pred: dict, gold: dict) -> dict:
-    hits = query_hits(pred, gold)
-    in_top = Counter(len(set(pred[q]) & set(g)) for q, g in gold.items())
-    return {"name": name, "hits": hits, "recall": recall_from_hits(hits), "gold_in_top10": dict(sorted(in_top.items()))}
 
 
 def build_page(texts, gold: dict, systems: list[tuple[str, dict]], split: LMDBSplit, *, progress=False) -> dict:
     """The page's data: queries worst first (by the first system's per-query mean recall, then text id), summaries,
     the change B makes to each query (+1 fixed, -1 broken, 0), and the thumbnails."""
-    text_of = {t.text_id: t.text for t in texts}
-    runs = [_system(name, pred, gold) for name, pred in systems]
-    values = [per_query_recall(r["hits"]) for r in runs]
-    qids = list(gold)
+    text_of, qids = {t.text_id: t.text for t in texts}, list(gold)
+    hits = [query_hits(pred, gold) for _, pred in systems]
+    values = [per_query_recall(h) for h in hits]
     change = np.sign(values[-1] - values[0]).astype(int)
-    summary = {"systems": [{k: r[k] for k in ("name", "recall", "gold_in_top10")} for r in runs]}
-    if len(runs) == 2:
-        bs = paired_bootstrap(runs[1]["hits"], runs[0]["hits"], n_resamples=N_RESAMPLES, seed=SEED, ci=CI)
-        summary["against"] = {
-            "fixed": int((change > 0).sum()),
-            "broken": int((change < 0).sum()),
-            "diff": bs.diff,
-            "low": bs.low,
-            "high": bs.high,
-            "n_resamples": N_RESAMPLES,
-            "ci": CI,
-        }
+    summary = {"systems": []}
+    for (name, pred), h in zip(systems, hits):
+        in_top = Counter(len(set(pred[q]) & set(g)) for q, g in gold.items())
+        summary["systems"].append(
+            {"name": name, "recall": recall_from_hits(h), "gold_in_top10": dict(sorted(in_top.items()))}
+        )
+    if len(systems) == 2:
+        bs = paired_bootstrap(hits[1], hits[0], n_resamples=N_RESAMPLES, seed=SEED, ci=CI)
+        fixed, broken = int((change > 0).sum()), int((change < 0).sum())
+        summary["against"] = dict(
+            fixed=fixed, broken=broken, diff=bs.diff, low=bs.low, high=bs.high, n_resamples=N_RESAMPLES, ci=CI
+        )
     queries = []
     for i in np.lexsort((qids, values[0])):
         q = qids[i]
-        rows = [{"ids": pred[q], "hits": r["hits"][i].astype(int).tolist()} for (_, pred), r in zip(systems, runs)]
+        rows = [{"ids": pred[q], "hits": h[i].astype(int).tolist()} for (_, pred), h in zip(systems, hits)]
         queries.append({"id": q, "text": text_of[q], "gold": gold[q], "rows": rows, "change": int(change[i])})
     ids = dict.fromkeys(x for q in queries for x in [*(i for r in q["rows"] for i in r["ids"]), *q["gold"]])
     return {"summary": summary, "queries": queries, "images": thumbnails(split, list(ids), progress)}
-
-
-def render(page: dict) -> str:
-    """The HTML page with ``page`` embedded as JSON (``<`` escaped so no text can close the script)."""
-    blob = json.dumps(page, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
-    template = files(__package__).joinpath("failures.html").read_text(encoding="utf-8")
-    return template.replace(PLACEHOLDER, blob, 1)
 
 
 def inspect(submission, texts, image_data, output, *, against=None, answers=None, progress=False) -> dict:
@@ -146,18 +117,13 @@ def inspect(submission, texts, image_data, output, *, against=None, answers=None
     queries = read_texts(texts)
     gold = read_answers(queries, answers)
     systems = [(str(p), read_submission(p, list(gold))) for p in inputs]
-    split = LMDBSplit(image_data, need_pairs=False)
-    try:
+    with contextlib.closing(LMDBSplit(image_data, need_pairs=False)) as split:
         page = build_page(queries, gold, systems, split, progress=progress)
-    finally:
-        split.close()
+    # the page as JSON inside a <script>: "<" escaped so that no text can close it
+    blob = json.dumps(page, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    html = files(__package__).joinpath("failures.html").read_text(encoding="utf-8").replace("__DATA__", blob, 1)
     with atomic_path(output) as tmp:
-        tmp.write_text(render(page), encoding="utf-8")
-    log.info(
-        "wrote %s: %d queries, %d images, %.1f MB",
-        output,
-        len(page["queries"]),
-        len(page["images"]),
-        os.path.getsize(output) / 1e6,
-    )
+        tmp.write_text(html, encoding="utf-8")
+    size = os.path.getsize(output) / 1e6
+    log.info(f"wrote {output}: {len(page['queries'])} queries, {len(page['images'])} images, {size:.1f} MB")
     return page["summary"]

@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cn_clip_patch.prompt import token_lengths, tokenize
-from solution.common import SolutionError, autocast_context
+from solution.common import SolutionError
 from solution.data.datasets import ImageDataset, eval_transform, image_collate
 from solution.data.lmdb_io import LMDBSplit
 from solution.formats.muge import MugeText
 from solution.model import ModelConfig
+from solution.model.precision import autocast as autocast_context
 
 from .metrics import KS, present_gold, query_hits, recall_from_hits, topk
 from .pixels import PreparedImages, prepare_images
