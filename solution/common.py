@@ -232,6 +232,8 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise SolutionError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise SolutionError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(data, dict):
         raise SolutionError(f"{path}: expected a YAML mapping at the top level")
     return data

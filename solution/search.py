@@ -2,20 +2,16 @@
 
 ``bash scripts/search.sh --config configs/search/demo-cpu.yaml`` (= ``python -m solution.search``).
 
-Each trial is an ordinary training run kept in ``{out}/{name}/trials/{number:04d}/`` (ready soup
-ingredients: ``model_soup.sh --from-study DIR --top N``); its value is its best validation mean recall
-(``best.pt`` is that model). Every validation of the main set is reported to Optuna and the pruner
-stops hopeless trials. A failed trial (exception, bad flag, NaN, out of memory, crashed child) is
-FAIL with ``fail_reason`` and the study goes on; a study in which no trial completes is an error.
+Each trial is an ordinary run in ``{out}/{name}/trials/{number:04d}/`` (soup ingredients: ``model_soup.sh
+--from-study DIR --top N``; with ``report-to: tensorboard`` in ``base``, ``tensorboard --logdir {out}/{name}``
+shows the trials side by side), valued at its best validation mean recall; a failed one is FAIL with its reason.
 
 Config (YAML)::
 
     name: demo                 # study name (--study-name)
-    direction: maximize
     n_trials: 6                # target count of finished trials (complete + pruned + failed)
     out: runs/search           # study folder = {out}/{name}/ (the default when out: is missing)
-    storage: null              # default sqlite:///{out}/{name}/study.db; any Optuna RDB URL;
-                               # journal:PATH for a journal file (many workers, NFS)
+    storage: null              # default sqlite:///{out}/{name}/study.db; an Optuna RDB URL; journal:PATH
     heartbeat: 60              # RDB storages: a running trial beats every N s (0: off); one silent for
     grace_period: null         # grace_period s (default 3 x heartbeat) is failed and re-run elsewhere
     pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 0}   # or hyperband / none
@@ -24,8 +20,7 @@ Config (YAML)::
     gpus_per_trial: 0          # N > 0: each running trial leases N GPUs of its own
     gpus: null                 # the GPUs to lease from, e.g. "0,1,2,3" (null: CUDA_VISIBLE_DEVICES or all)
     gpu_lease_dir: null        # lease folder of the node (null: {tmp}/solution-gpu-leases-UID)
-    report_at: step            # x axis for the pruner: step | epoch (when batch size varies; then
-                               # validate per epoch only: a second validation in an epoch is not reported)
+    report_at: step            # the pruner's x axis: step | epoch (batch size varies: validate per epoch)
     enqueue: [{lr: 1.0e-4}]    # trials to run first (e.g. the default settings); skipped once present
     plots: each                # each (after every trial) | end | false
     base:                      # any train_clip.sh flag, named without dashes
@@ -40,17 +35,10 @@ Config (YAML)::
       tuning: {type: categorical, choices: [full, frozen-image],        # a choice that sets flags
                sets: {frozen-image: {freeze-vision: true}}}
 
-``--set FLAG=VALUE`` overrides a base flag (``--set resume=`` drops it). A flag the trainer does not
-know, or a value its parser refuses, stops the search before the first trial.
-
-Workers: re-running the command resumes the study and runs only the trials still missing. Workers on
-one storage share the study (SQLite on one machine; PostgreSQL/MySQL or ``journal:PATH`` across
-machines). A dead worker's trial (``kill -9``) is failed, not counted, and its parameters re-queued
-once (:mod:`solution.studies.storage`). With ``gpus_per_trial: N`` each trial leases N GPUs of the
-node (:mod:`solution.studies.gpus`; ``trials.csv`` names them in ``gpus``).
-
-Outputs in ``{out}/{name}/``, rewritten after every trial: ``trials.csv``, ``best_command.sh`` (a ready
-``bash Chinese-CLIP/train_clip.sh ...``), ``best_config.yaml``, ``best.json`` and PNG plots.
+``--set FLAG=VALUE`` overrides a base flag (``FLAG=`` drops it); a flag or value the trainer refuses stops the
+search before its first trial. Re-running resumes; workers on one storage share the study. A dead worker's trial
+is failed (at once by a worker on its host, else after ``grace_period``), not counted, and re-queued once. Outputs
+in ``{out}/{name}/``, after every trial: ``trials.csv``, ``best_command.sh``, ``best_config.yaml``, plots.
 """
 
 from __future__ import annotations
@@ -60,7 +48,7 @@ import sys
 from collections.abc import Sequence
 
 from solution.model.registry import run_model_cli
-from solution.studies.search_config import STUDY_KEYS, load_config, override
+from solution.studies.search_config import STUDY_KEYS, load_config
 from solution.studies.study import search
 
 
@@ -94,8 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run (or resume) the study; its summary is the last line of stdout."""
     a = build_parser().parse_args(argv)
     settings = {k: v for k, v in vars(a).items() if k in STUDY_KEYS and k != "pruner"}
-    cfg = load_config(a.config, a.set)
-    cfg = override(cfg, a.config, study_name=a.study_name, pruner=a.pruner, no_plots=a.no_plots, **settings)
+    cfg = load_config(a.config, a.set, a.pruner, name=a.study_name, plots=False if a.no_plots else None, **settings)
     return search(cfg, stream=sys.stdout)
 
 

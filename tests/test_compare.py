@@ -26,21 +26,12 @@ def _run(path, scores, lr, extra_general=None):
     write_jsonl(path / "metrics.jsonl", rows)
     params = {"lr": lr, "batch_size": 32, "logs": str(path.parent), "name": path.name}
     write_json(path / "params.json", {**params, "model_config": {"vision_model": "ViT-Tiny"}})
-    (path / "checkpoints").mkdir()
+    (path / "checkpoints").mkdir(parents=True)
     return path
 
 
 def _row(method, rnd, members, mean_recall, kept=True, **more):
-    weights = [1 / len(members)] * len(members)
-    return {
-        "method": method,
-        "round": rnd,
-        "members": members,
-        "weights": weights,
-        "mean_recall": mean_recall,
-        **more,
-        "kept": kept,
-    }
+    return {"method": method, "round": rnd, "members": members, "mean_recall": mean_recall, **more, "kept": kept}
 
 
 def _soup(path, with_summary=True):
@@ -73,11 +64,6 @@ def _study(path):
 
 @pytest.fixture
 def tree(tmp_path):
-    (tmp_path / "logs" / "run_a").mkdir(parents=True)
-    (tmp_path / "logs" / "run_b").mkdir(parents=True)
-    (tmp_path / "soups" / "s1").mkdir(parents=True)
-    (tmp_path / "search" / "st").mkdir(parents=True)
-    (tmp_path / "search" / "st" / "trials" / "0000").mkdir(parents=True)
     _run(tmp_path / "logs" / "run_a", [30.0, 42.0, 41.0], lr=1e-5, extra_general=90.0)
     _run(tmp_path / "logs" / "run_b", [25.0, 28.0], lr=3e-5)
     _soup(tmp_path / "soups" / "s1")
@@ -117,13 +103,10 @@ def test_run_best_is_the_main_set_and_its_step(tree):
 
 
 def test_settings_that_differ_are_shown(tree):
-    entries = runs.collect([str(tree / "logs"), str(tree / "soups")])
-    df = compare.table(entries)
+    df = compare.table(runs.collect([str(tree / "logs"), str(tree / "soups")]))
     assert "lr" in df.columns and "method" in df.columns and "members" in df.columns
     assert "batch_size" not in df.columns  # the same in every run
     assert "model_config.vision_model" not in df.columns
-    chosen = compare.table(entries, ["batch_size"])
-    assert "batch_size" in chosen.columns and "lr" not in chosen.columns
 
 
 def test_soup_rows_from_summary_and_from_log(tree, tmp_path):
@@ -131,7 +114,7 @@ def test_soup_rows_from_summary_and_from_log(tree, tmp_path):
     assert (e.kind, e.scores["mean_recall"], e.held_out, e.settings["members"]) == ("soup", 44.0, 43.0, 2)
     assert e.scores["r1"] == 39.0 and e.extra["select_mr"] == 45.0
     assert e.extra["vs_best_single"] == pytest.approx(5.0)
-    assert [m for _, m, _ in e.curve] == [40.0, 45.0, 41.0]
+    assert e.curve == [(0, 40.0), (1, 45.0)]  # the candidates greedy kept (not the third)
     bare = tmp_path / "bare"
     bare.mkdir()
     _soup(bare, with_summary=False)
@@ -148,15 +131,66 @@ def test_study_rows(tree):
     assert rows["st/trial 1"].settings["lr"] == 0.001
 
 
-def test_markdown_output_file_and_plot(tree, tmp_path):
-    out, png = tmp_path / "cmp.md", tmp_path / "plots" / "cmp.png"
-    text = compare_cli.main([str(tree / "logs"), str(tree / "soups"), "--output", str(out), "--plot", str(png)])
+def test_markdown_digest_full_csv_output_and_plot(tree, tmp_path):
+    md, full, png = tmp_path / "cmp.md", tmp_path / "cmp.csv", tmp_path / "plots" / "cmp.png"
+    text = compare_cli.main([str(tree / "logs"), str(tree / "soups"), "--output", str(md), "--plot", str(png)])
     lines = text.strip().splitlines()
-    assert lines[0].startswith("| best | name | kind | mean_recall")
-    assert lines[2].startswith("| * |") and "44.00" in lines[2] and "<NA>" not in text
-    assert out.read_text(encoding="utf-8") == text
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png.stat().st_size > 5000
+    assert lines[0] == "| name | kind | MR | R@1 | R@5 | R@10 | vs best single [95% CI] |"
+    assert lines[2].endswith("/soups/s1 | soup | 44.00 | 39.00 | 44.00 | 49.00 |  |") and len(lines) == 5
+    assert md.read_text(encoding="utf-8") == text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    compare_cli.main([str(tree / "logs"), str(tree / "soups"), "--output", str(full), "--plot", str(png)])  # again
+    assert {"best", "select_mr", "held_out_mr", "step", "vs_best_single", "note", "lr"} <= set(_csv(full.read_text()))
+
+
+def test_an_output_that_is_another_file_is_refused(tree, tmp_path):
+    (tmp_path / "mine.png").write_bytes(b"\x89PNG\r\n\x1a\n a user's picture")
+    others = {"--output": tree / "logs" / "run_a" / "checkpoints" / "best.pt", "--plot": tmp_path / "mine.png"}
+    others["--output"].write_bytes(b"PK\x03\x04 a checkpoint")
+    for flag, path in others.items():
+        before = path.read_bytes()
+        with pytest.raises(SolutionError, match=f"{flag} .* is not an earlier output of this command"):
+            compare_cli.main([str(tree / "logs"), flag, str(path), *(["--no-plot"] if flag == "--output" else [])])
+        assert path.read_bytes() == before
+
+
+def test_a_soup_whose_log_lost_its_candidates_is_shown_from_its_summary(tree, caplog):
+    greedy = tree / "soups" / "s1"
+    log = greedy / "soup_log.jsonl"
+    log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:3]) + b'{"method": "greedy", "rou')
+    (e,) = runs.collect([greedy])
+    assert (e.name, e.scores["mean_recall"], e.held_out) == (str(greedy), 44.0, 43.0) and e.curve == []
+    assert "soup_log.jsonl:4: skipping a last line torn by a kill" in caplog.text
+    (greedy / "summary.json").unlink()
+    with pytest.raises(SolutionError, match="nothing to compare"):
+        runs.collect([greedy])
+    assert f"{greedy} (a soup folder) left out of the table: " in caplog.text and "holds no soup" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "path, text, lost",
+    [
+        ("logs/run_b/metrics.jsonl", '{"step": 1\n{"step": 2}\n', "logs/run_b"),  # torn mid-file
+        (
+            "logs/run_b/metrics.jsonl",
+            '{"kind": "valid", "mean_recall": 28.0}\n{"kind": "valid", "mean',
+            None,
+        ),  # torn last
+        ("soups/s1/summary.json", '{"soups": [1]}', None),  # only the summary is lost: the soup comes from its log
+        ("soups/s1/summary.json", '{"soups": {"greedy": 5}}', "soups/s1"),
+        ("soups/s1/soup_log.jsonl", '{"method": "ingredient", "mean_recall": "high"}\n' * 2, "soups/s1"),
+        ("search/st/trials.csv", "number,state\n\udcff", "search/st"),  # not UTF-8
+    ],
+)
+def test_a_bad_folder_costs_its_own_row_and_one_log_line(tree, monkeypatch, caplog, path, text, lost):
+    monkeypatch.chdir(tree)
+    rows = set(_csv(compare_cli.main(["logs", "soups", "search", "--csv", "--no-plot"]))["name"])
+    (tree / path).write_bytes(text.encode("utf-8", "surrogateescape"))
+    caplog.clear()
+    after = set(_csv(compare_cli.main(["logs", "soups", "search", "--csv", "--no-plot"]))["name"])
+    assert after == {r for r in rows if lost is None or not r.startswith(lost)}
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (lost or path) in warning
 
 
 def test_files_given_directly(tree):
@@ -168,24 +202,8 @@ def test_bad_paths(tmp_path):
     with pytest.raises(SolutionError, match="not found"):
         compare_cli.main([str(tmp_path / "missing"), "--no-plot"])
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    with pytest.raises(SolutionError, match="no training run"):
+    with pytest.raises(SolutionError, match="nothing to compare in"):
         compare_cli.main([str(tmp_path / "empty"), "--no-plot"])
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(SolutionError, match="expected a metrics.jsonl"):
         compare_cli.main([str(tmp_path / "x.txt"), "--no-plot"])
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "metrics.jsonl").write_text('{"step": 1\n')
-    with pytest.raises(SolutionError, match="not valid JSON"):
-        compare_cli.main([str(tmp_path / "broken"), "--no-plot"])
-
-
-def test_a_last_line_torn_by_a_kill_is_skipped_with_a_warning(tree, caplog):
-    metrics = tree / "logs" / "run_b" / "metrics.jsonl"
-    with open(metrics, "a", encoding="utf-8") as f:
-        f.write('{"step": 30, "epoch": 3, "kind": "valid", "set": "valid", "mean_recall": 9')  # no newline: torn
-    e = runs.read_run(metrics.parent, "b")
-    assert e.scores["mean_recall"] == 28.0 and e.curve == [(10, 25.0), (20, 28.0)]
-    assert "metrics.jsonl:5: skipping a last line torn by a kill" in caplog.text
-    metrics.write_text(metrics.read_text() + "\n")  # the same line, now complete and malformed: an error
-    with pytest.raises(SolutionError, match="metrics.jsonl:5: not valid JSON"):
-        runs.read_run(metrics.parent, "b")

@@ -48,7 +48,7 @@ def test_leases_are_disjoint_wait_and_come_back_on_exit_and_on_error(tmp_path, c
         with caplog.at_level(logging.INFO), pytest.raises(Waited), b.lease("trial 2", sleep=_no_wait):
             pass
         assert "trial 2: waiting for 2 free GPU(s) of 0,1,2,3" in caplog.text
-        assert "GPU 0: " in caplog.text and f"pid {os.getpid()}: trial 0" in caplog.text
+        assert f"pid {os.getpid()}: trial 0" in (tmp_path / "gpu-0.lock").read_text()
         assert l1.env({"PATH": "/bin"}) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "2,3"}
     with pytest.raises(RuntimeError), a.lease("trial 3") as l3:  # a trial that raises gives its GPUs back
         assert l3.gpus == ["0", "1"]
@@ -66,8 +66,7 @@ def test_leases_are_disjoint_wait_and_come_back_on_exit_and_on_error(tmp_path, c
         (
             {"gpus_per_trial": 3, "gpus": "0,1"},
             None,
-            r"gpus_per_trial 3 exceeds the 2 GPU\(s\) this worker may use "
-            r"\(0,1, from --gpus\)",
+            r"exceeds the 2 GPU\(s\) this worker may use \(0,1, from --gpus\)",
         ),
         ({"gpus_per_trial": 2}, "0", r"gpus_per_trial 2 exceeds the 1 GPU\(s\) .*\(0, from CUDA_VISIBLE_DEVICES\)"),
         ({"gpus_per_trial": 1}, "", r"exceeds the 0 GPU\(s\) .*\(none, from CUDA_VISIBLE_DEVICES\)"),
@@ -78,22 +77,6 @@ def test_a_worker_without_the_gpus_it_needs_is_one_error(tmp_path, study, env, m
     cfg = parse_config(fake_config(tmp_path, mode="subprocess", launcher=["x"], **study))
     with pytest.raises(SolutionError, match=message):
         gpu_pool(cfg, env={} if env is None else {"CUDA_VISIBLE_DEVICES": env})
-
-
-@pytest.mark.parametrize(
-    "study, message",
-    [
-        ({"gpus_per_trial": 2}, "gpus_per_trial 2 needs mode: subprocess"),
-        ({"gpus_per_trial": -1}, "gpus_per_trial must be a non-negative integer"),
-        ({"gpus_per_trial": 1, "gpus": "0,0"}, "GPU 0 is named twice"),
-        ({"gpus_per_trial": 1, "gpus": "0,a b"}, "'a b' is not a GPU id"),
-        ({"gpus_per_trial": 1, "base": {"device": "cpu"}}, "gpus_per_trial 1 with device cpu"),
-        ({"gpus_per_trial": 1, "mode": "subprocess", "base": {"device": "cuda:1"}}, "device cuda:1 names one GPU"),
-    ],
-)
-def test_bad_gpu_settings_are_one_clear_error(tmp_path, study, message):
-    with pytest.raises(SolutionError, match=message):
-        parse_config(fake_config(tmp_path, **study))
 
 
 def test_inprocess_trial_gets_its_gpu_as_a_device_and_the_environment_stays(tmp_path, monkeypatch, caplog):

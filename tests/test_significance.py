@@ -4,6 +4,7 @@ columns of the comparison table (solution.report.significance through solution.c
 from __future__ import annotations
 
 import io
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -20,13 +21,6 @@ from solution.retrieval.metrics import mean_recall
 IDS = list(range(100, 108))  # 8 queries
 # The best ingredient: a hit at 1/5/10 on queries 0-3, at 10 only on 4-5, none on 6-7.
 REF = np.array([[1, 1, 1]] * 4 + [[0, 0, 1]] * 2 + [[0, 0, 0]] * 2, dtype=bool)
-
-
-def _better(ref: np.ndarray, queries) -> np.ndarray:
-    """``ref`` with a hit at 1/5/10 on ``queries``: equal elsewhere, strictly better there."""
-    out = ref.copy()
-    out[list(queries)] = True
-    return out
 
 
 def _soup(folder, soup_hits, ids=IDS, ref_hits=REF):
@@ -79,19 +73,11 @@ def _here(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # rows are named by their relative paths
 
 
-def test_system_against_itself_is_zero_through_the_table(tmp_path):
-    _soup(tmp_path / "s", REF.copy())
-    df = _csv(compare_cli.main([str(tmp_path / "s"), "--csv", "--no-plot"]))
-    row = df[df["name"] == "s"].iloc[0]
-    assert (row["vs_ref"], row["ci_low"], row["ci_high"]) == (0.0, 0.0, 0.0)
-    assert row["significant"] == "no" and row["note"] == "vs best ingredient a.pt of s"
-
-
 @pytest.mark.parametrize(
-    "queries, hit, diff",  # per-query values +1 on 2 of 8 queries (100 * 2 / 8), or -1 on 4 of 8
-    [([6, 7], True, 25.0), ([0, 1, 2, 3], False, -50.0)],
+    "queries, hit, diff",  # itself; per-query values +1 on 2 of 8 queries (100 * 2 / 8), or -1 on 4 of 8
+    [([], True, 0.0), ([6, 7], True, 25.0), ([0, 1, 2, 3], False, -50.0)],
 )
-def test_a_better_or_worse_system_has_its_difference_and_an_interval_on_that_side(tmp_path, queries, hit, diff):
+def test_a_system_has_its_difference_and_an_interval_on_that_side(tmp_path, queries, hit, diff):
     hits = REF.copy()
     hits[queries] = hit
     _soup(tmp_path / "s", hits)
@@ -99,10 +85,11 @@ def test_a_better_or_worse_system_has_its_difference_and_an_interval_on_that_sid
     assert row["vs_ref"] == diff and row["ci_low"] <= row["vs_ref"] <= row["ci_high"]
     assert (row["ci_low"] >= 0) if diff > 0 else (row["ci_high"] <= 0)
     assert row["significant"] == ("yes" if row["ci_low"] > 0 or row["ci_high"] < 0 else "no")
+    assert row["note"] == "vs best ingredient a.pt of s"
 
 
 def test_markdown_and_csv_carry_the_columns_rows_without_hits_get_a_note(tmp_path):
-    _soup(tmp_path / "s", _better(REF, [6, 7]))
+    _soup(tmp_path / "s", np.where(np.arange(8)[:, None] >= 6, True, REF))  # better on queries 6 and 7
     _run(tmp_path / "r", 10.0)
     text = compare_cli.main([str(tmp_path / "s"), str(tmp_path / "r"), "--csv", "--no-plot"])
     df = _csv(text)
@@ -110,15 +97,11 @@ def test_markdown_and_csv_carry_the_columns_rows_without_hits_get_a_note(tmp_pat
     run = df[df["name"].str.endswith("r")].iloc[0]
     assert (run["vs_ref"], run["ci_low"], run["ci_high"], run["significant"]) == ("", "", "", "")
     assert run["note"] == "no per-query hits stored"
-    md = compare_cli.main([str(tmp_path / "s"), str(tmp_path / "r"), "--no-plot"])
-    head = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
-    assert head[head.index("vs_ref") : head.index("vs_ref") + 5] == list(significance.COLUMNS)
-    run_line = next(ln for ln in md.splitlines() if "no per-query hits stored" in ln)
-    cells = dict(zip(head, (c.strip() for c in run_line.strip("|").split("|"))))
-    assert cells["vs_ref"] == cells["ci_low"] == cells["ci_high"] == cells["significant"] == ""
-    soup_line = next(ln for ln in md.splitlines() if "| soup |" in ln)
-    cells = dict(zip(head, (c.strip() for c in soup_line.strip("|").split("|"))))
-    assert cells["vs_ref"] == "25.00" and cells["note"] == "vs best ingredient a.pt of s"  # +1 on 2 of 8 queries
+    md = compare_cli.main([str(tmp_path / "s"), str(tmp_path / "r"), "--no-plot"]).splitlines()
+    soup = df[df["kind"] == "soup"].iloc[0]
+    vs = f"+25.00 [{float(soup['ci_low']):.2f}, {float(soup['ci_high']):.2f}]"  # +1 on 2 of 8 queries
+    assert md[2] == f"| s | soup | {float(soup['mean_recall']):.2f} |  |  |  | {vs} |"
+    assert md[3] == "| r | run | 10.00 | 10.00 | 10.00 | 10.00 |  |"  # no hits: no interval
 
 
 def test_reference_is_the_best_single_row_with_hits():
@@ -134,38 +117,17 @@ def test_reference_is_the_best_single_row_with_hits():
     assert cols[3] == {**dict.fromkeys(significance.COLUMNS), "note": "no per-query hits stored"}
 
 
-def test_rows_on_other_queries_get_no_interval(tmp_path):
+def test_rows_on_other_queries_or_with_their_hits_missing_get_no_interval(tmp_path):
     _soup(tmp_path / "s", REF.copy())
     _soup(tmp_path / "t", REF.copy(), ids=[i + 1000 for i in IDS], ref_hits=np.zeros_like(REF))
-    df = compare.table(compare.collect([tmp_path / "s", tmp_path / "t"]))
-    other = df[df["name"].str.endswith("t")].iloc[0]
-    assert pd.isna(other["vs_ref"]) and other["note"] == "hits on other queries than best ingredient a.pt of s"
-
-
-def test_missing_hits_file_is_a_note_not_an_error(tmp_path):
-    _soup(tmp_path / "s", REF.copy())
-    (tmp_path / "s" / "hits" / "soup.hits.npy").unlink()
-    row = compare.table(compare.collect([tmp_path / "s"])).iloc[0]
-    assert pd.isna(row["vs_ref"]) and row["note"] == "per-query hits file missing"
-
-
-def test_report_says_in_words_which_differences_are_real():
-    ids = np.asarray(IDS)
-    entries = [
-        runs.Entry("best", "run", {"mean_recall": mean_recall(REF)}, hits=(ids, REF)),
-        runs.Entry("twin", "soup", {"mean_recall": mean_recall(REF)}, hits=(ids, REF.copy())),
-        runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF))),
-        runs.Entry("bare", "run", {"mean_recall": 1.0}),
-    ]
-    words = significance.in_words(compare.table(entries))
-    assert words.startswith(
-        "Against the best single model (best), paired bootstrap over the validation queries "
-        "(1000 resamples): real differences: weak (-58.33 points, 95% interval ["
+    _soup(tmp_path / "u", REF.copy())
+    (tmp_path / "u" / "hits" / "soup.hits.npy").unlink()
+    df = compare.table(compare.collect([tmp_path / "s", tmp_path / "t", tmp_path / "u"])).set_index("name")
+    assert (
+        df.loc[["t", "u"], "vs_ref"].isna().all()
+        and df.loc["t", "note"] == "hits on other queries than best ingredient a.pt of s"
     )
-    assert words.endswith("]). Not distinguishable from it (interval contains 0): twin.")
-    assert significance.in_words(compare.table(entries[3:])) == ""  # no intervals: nothing said
-    same = significance.in_words(compare.table(entries[:2]))
-    assert same.endswith("no difference is real (every interval contains 0).")
+    assert df.loc["u", "note"] == "per-query hits file missing"
 
 
 def test_compare_reads_an_ensemble_folder_with_its_members_as_references(tmp_path):
@@ -199,14 +161,20 @@ def test_compare_reads_an_ensemble_folder_with_its_members_as_references(tmp_pat
         "hits": {k: str(v.relative_to(ens)) for k, v in rel.items()},
     }
     (ens / "ensemble.json").write_text(json.dumps(spec))
+    shutil.copytree(ens, tmp_path / "ens2")  # a second ensemble of the same members
 
-    entries = runs.collect([ens])
-    assert [e.kind for e in entries] == ["ensemble", "member", "member"]
+    entries = runs.collect([ens, tmp_path / "ens2"])
+    assert [e.kind for e in entries] == ["ensemble", "member", "member"] * 2 and entries[1].name == "m0.pt"
     assert entries[0].scores["mean_recall"] == 75.0 and entries[1].scores["mean_recall"] == 50.0
     cells = significance.columns(entries)[0]
     expected = paired_bootstrap(fused, member_hits[0])
     assert cells["vs_ref"] == 25.0 == expected.diff
     assert (cells["ci_low"], cells["ci_high"]) == (expected.low, expected.high) and cells["ci_low"] >= 0
+    md = compare_cli.main([str(ens), str(tmp_path / "ens2"), "--no-plot"]).splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in md] == [["| ens", "ensemble"], ["| ens2", "ensemble"]] + [
+        [f"| m{i}.pt", "member"]
+        for i in (0, 1)  # each member once
+    ]
 
 
 def _trained_run(folder, rows_hits, ids=IDS):

@@ -1,12 +1,6 @@
-"""GPUs per trial: each running trial leases its own GPUs from the node's lease folder.
-
-A lease is an ``flock`` on ``gpu-{ID}.lock`` in the lease folder (local to the node), so the kernel
-drops it when its holder dies (``kill -9`` included) and all the workers of a node that share the
-folder take disjoint GPUs. A subprocess trial gets its GPUs as its own ``CUDA_VISIBLE_DEVICES`` and
-inherits the locks (held until the child itself exits); an in-process trial (one GPU) gets
-``--device cuda:K``, K the GPU's index among those this process sees. Ids are the system's, as
-``CUDA_VISIBLE_DEVICES`` writes them (indices or ``GPU-``/``MIG-`` UUIDs).
-"""
+"""GPUs per trial: a lease is an ``flock`` on ``gpu-{ID}.lock`` in the node's lease folder, dropped by the kernel
+when its holder dies, so the workers of a node take disjoint GPUs. A subprocess trial gets its GPUs as its own
+``CUDA_VISIBLE_DEVICES`` (and inherits the locks); an in-process trial (one GPU) gets ``--device cuda:K``."""
 
 from __future__ import annotations
 
@@ -31,9 +25,8 @@ ENV = "CUDA_VISIBLE_DEVICES"
 
 def parse_ids(spec, what: str) -> list[str]:
     """``"0,1,2"`` / ``[0, 1, 2]`` / ``"GPU-8f2e,GPU-11aa"`` -> ``["0", "1", "2"]``; duplicates refused."""
-    ids = [
-        str(x).strip() for x in (spec if isinstance(spec, (list, tuple)) else str(spec).split(",")) if str(x).strip()
-    ]
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    ids = [str(x).strip() for x in items if str(x).strip()]
     bad = next((i for i in ids if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", i)), None)
     if bad is not None:
         raise SolutionError(f"{what}: {bad!r} is not a GPU id (an index such as 0, or a GPU-/MIG- UUID)")
@@ -46,27 +39,17 @@ def parse_ids(spec, what: str) -> list[str]:
 def check_gpu_settings(cfg, source: str) -> None:
     """The config's GPU keys, checked with the rest of the config (the GPUs themselves at :func:`gpu_pool`)."""
     n = cfg.gpus_per_trial
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise SolutionError(f"{source}: gpus_per_trial must be a non-negative integer, got {n!r}")
     if cfg.gpus is not None:
         parse_ids(cfg.gpus, f"{source}: gpus")
     if not n:
-        if cfg.gpus is not None:
-            log.warning("%s: gpus %s is given but gpus_per_trial is 0: no GPU is leased", source, cfg.gpus)
         return
     if cfg.mode == "inprocess" and n > 1:
-        raise SolutionError(
-            f"{source}: gpus_per_trial {n} needs mode: subprocess (an in-process trial runs on one "
-            f"GPU; several GPUs per trial: torchrun_nproc: {n})"
-        )
+        raise SolutionError(f"{source}: gpus_per_trial {n} needs mode: subprocess (in-process: one GPU a trial)")
     device = str(cfg.base.get("device") or "auto")
     if device == "cpu":
         raise SolutionError(f"{source}: gpus_per_trial {n} with device cpu (set device: cuda or auto)")
     if cfg.mode == "subprocess" and device.startswith("cuda:") and not cfg.torchrun_nproc:
-        raise SolutionError(
-            f"{source}: device {device} names one GPU, but each trial sees only its own GPUs "
-            f"(as cuda:0..{n - 1}): set device: cuda"
-        )
+        raise SolutionError(f"{source}: device {device} names one GPU, but a trial sees only its own: set device: cuda")
     if cfg.torchrun_nproc and cfg.torchrun_nproc != n:
         what = "processes share GPUs" if cfg.torchrun_nproc > n else "some leased GPUs stay idle"
         log.warning("%s: torchrun_nproc %d with gpus_per_trial %d: %s", source, cfg.torchrun_nproc, n, what)
@@ -74,19 +57,15 @@ def check_gpu_settings(cfg, source: str) -> None:
 
 @dataclass
 class Lease:
-    """The GPUs one trial holds (system ids), those this process sees, and the lock files' descriptors."""
+    gpus: list[str]  # the GPUs one trial holds (system ids)
+    visible: list[str]  # those this process sees
+    fds: list[int]  # the lock files' descriptors
 
-    gpus: list[str]
-    visible: list[str]
-    fds: list[int]
-
-    def env(self, base: dict | None = None) -> dict:
-        """A child's environment: ``base`` (default ``os.environ``) with its ``CUDA_VISIBLE_DEVICES``."""
+    def env(self, base: dict | None = None) -> dict:  # a child's: base (os.environ) with its CUDA_VISIBLE_DEVICES
         return {**(os.environ if base is None else base), ENV: ",".join(self.gpus)}
 
     @property
-    def device(self) -> str:
-        """The in-process trial's device: its GPU as this process numbers it."""
+    def device(self) -> str:  # the in-process trial's: its GPU as this process numbers it
         return f"cuda:{self.visible.index(self.gpus[0])}"
 
 
@@ -106,10 +85,7 @@ class GpuPool:
             raise SolutionError(f"GPU lease folder {self.lease_dir}: {e.strerror or e}") from None
         held = self._try(label)
         if held is None:
-            holders = "; ".join(self.holders()) or "?"
-            log.info(
-                "%s: waiting for %d free GPU(s) of %s (held: %s)", label, self.per_trial, ",".join(self.gpus), holders
-            )
+            log.info("%s: waiting for %d free GPU(s) of %s", label, self.per_trial, ",".join(self.gpus))
         while held is None:
             sleep(self.poll)
             held = self._try(label)
@@ -138,22 +114,9 @@ class GpuPool:
             os.close(fd)
         return None
 
-    def holders(self) -> list[str]:
-        """``GPU: holder`` for each GPU of the pool whose lock is held now."""
-        out = []
-        for gpu in self.gpus:
-            path = self.lease_dir / f"gpu-{gpu}.lock"
-            with contextlib.suppress(OSError), open(path, "rb") as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    out.append(f"GPU {gpu}: {f.read().decode(errors='replace').strip()}")
-        return out
-
 
 def gpu_pool(cfg, env: dict | None = None) -> GpuPool | None:
-    """The worker's pool for ``cfg`` (None when ``gpus_per_trial`` is 0); one error line when it cannot
-    serve a trial. The GPUs: ``gpus``, else ``CUDA_VISIBLE_DEVICES``, else every GPU torch sees."""
+    """The worker's pool (None without ``gpus_per_trial``): ``gpus``, else ``CUDA_VISIBLE_DEVICES``, else all."""
     if not cfg.gpus_per_trial:
         return None
     env = os.environ if env is None else env
@@ -173,9 +136,7 @@ def gpu_pool(cfg, env: dict | None = None) -> GpuPool | None:
             f"({','.join(gpus) or 'none'}, from {'--gpus' if cfg.gpus is not None else origin})"
         )
     if cfg.mode == "inprocess" and any(g not in visible for g in gpus):
-        raise SolutionError(
-            f"gpus: an in-process trial can only use GPUs this process sees ({','.join(visible) or 'none'})"
-        )
+        raise SolutionError(f"gpus: an in-process trial can only use GPUs this process sees ({','.join(visible)})")
     lease_dir = Path(cfg.gpu_lease_dir or Path(tempfile.gettempdir()) / f"solution-gpu-leases-{os.getuid()}")
     log.info("GPUs: %d per trial from %s (leases in %s)", cfg.gpus_per_trial, ",".join(gpus), lease_dir)
     return GpuPool(gpus, cfg.gpus_per_trial, lease_dir, visible)

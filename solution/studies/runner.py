@@ -1,11 +1,6 @@
-"""One search trial: an ordinary training run in ``{study folder}/trials/{number:04d}/``, reported to
-Optuna at each validation of the main set and pruned on it.
-
-The trainer runs in this process (``solution.training.trainer.main`` with an ``on_validation``
-callback) or in a child process (``python -m solution.train``, a ``launcher`` command, or torchrun)
-whose ``metrics.jsonl`` is tailed; a pruned or interrupted trial stops its child. Every failure in a
-live worker records ``fail_reason``.
-"""
+"""One search trial: an ordinary training run in ``{study folder}/trials/{number:04d}/``, reported to Optuna at
+each validation of the main set and pruned on it; in this process (``on_validation``) or a child (``python -m
+solution.train``, a ``launcher``, torchrun) whose ``metrics.jsonl`` is tailed. A live worker records ``fail_reason``."""
 
 from __future__ import annotations
 
@@ -25,7 +20,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from solution.common import atomic_path
+from solution.common import SolutionError, atomic_path
 from solution.formats.run_files import BEST_CHECKPOINT, METRICS, MetricsTail, is_main_valid
 from solution.formats.trials import RUNS, trial_dir
 
@@ -34,10 +29,6 @@ from .search_config import SearchConfig, flags_to_argv, suggest_params, trial_fl
 from .storage import requeue, worker_info
 
 log = logging.getLogger(__name__)
-
-
-class TrialFailed(Exception):
-    """A trial that failed for a known reason (bad flag, child crash, no validation)."""
 
 
 class Objective:
@@ -59,17 +50,14 @@ class Objective:
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: not the trial's fault, so not counted and re-queued
             trial.set_user_attr("interrupted", True)
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C / SIGTERM)")
-            if self.cfg.retry_interrupted:
-                requeue(trial.study, trial.number, trial.params, trial.user_attrs)
+            requeue(trial.study, trial)
             raise
         except SystemExit as e:  # argparse inside the trainer: a bad flag in the config
             trial.set_user_attr("fail_reason", f"trainer exited with code {e.code} (bad flag value?)")
-            raise TrialFailed(trial.user_attrs["fail_reason"]) from None
+            raise SolutionError(trial.user_attrs["fail_reason"]) from None
         except BaseException as e:
-            text = f"{type(e).__name__}: {e}".strip()
-            trial.set_user_attr(
-                "fail_reason", (f"out of memory: {text}" if "out of memory" in text.lower() else text)[:500]
-            )
+            text = str(e) if isinstance(e, SolutionError) else f"{type(e).__name__}: {e}".strip()
+            trial.set_user_attr("fail_reason", text[:500])
             raise
         if (run_dir / BEST_CHECKPOINT).is_file():
             trial.set_user_attr("best_checkpoint", str(run_dir / BEST_CHECKPOINT))
@@ -101,18 +89,16 @@ class Objective:
             else:
                 self._run_subprocess(trial, self._command(argv, flags, run_dir), run_dir, lease)
         if not self.values:
-            raise TrialFailed(
-                f"the run reported no validation of set {cfg.valid_set!r} (give --val-data and a validation interval)"
-            )
+            raise SolutionError("the run reported no validation (give --val-data and a validation interval)")
 
     def on_record(self, trial: optuna.Trial, record: dict) -> None:
         """One metrics.jsonl record: report a main-set validation (once per step) and prune if asked."""
-        value, step = record.get(self.cfg.metric), record.get(self.cfg.report_at)
-        if not is_main_valid(record, self.cfg.valid_set) or value is None or step is None:
+        value, step = record.get("mean_recall"), record.get(self.cfg.report_at)
+        if not is_main_valid(record) or value is None or step is None:
             return
         value, step = float(value), int(step)
         if not math.isfinite(value):
-            raise TrialFailed(f"validation {self.cfg.metric} is {value} at {self.cfg.report_at} {step}")
+            raise SolutionError(f"validation mean_recall is {value} at {self.cfg.report_at} {step}")
         self.values.append(value)
         if step in self.reported:
             return
@@ -120,7 +106,7 @@ class Objective:
         trial.report(value, step)
         if trial.should_prune():
             trial.set_user_attr("pruned_at", step)
-            raise optuna.TrialPruned(f"{self.cfg.metric}={value:.2f} at {self.cfg.report_at} {step}")
+            raise optuna.TrialPruned(f"mean_recall={value:.2f} at {self.cfg.report_at} {step}")
 
     def _run_inprocess(self, trial: optuna.Trial, argv: list[str]) -> None:
         train_main = self.train_main
@@ -132,8 +118,7 @@ class Objective:
             gc.collect()
             import torch
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op without CUDA
 
     def _command(self, argv: list[str], flags: dict, run_dir: Path) -> list[str]:
         """The child's command line: the launcher, torchrun, or ``python -m solution.train``."""
@@ -151,8 +136,7 @@ class Objective:
         return [*run, "-m", "solution.train", "--config", str(config)]
 
     def _run_subprocess(self, trial: optuna.Trial, cmd: list[str], run_dir: Path, lease: Lease | None) -> None:
-        """Run ``cmd`` with its output in ``trials/NNNN.log``, reporting its metrics as they appear; a
-        ``lease``'s GPUs are the child's ``CUDA_VISIBLE_DEVICES`` and its locks are inherited."""
+        """Run ``cmd`` (output in ``trials/NNNN.log``; a ``lease``'s GPUs and locks), reporting its metrics."""
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.trials_dir / f"{run_dir.name}.log"
         trial.set_user_attr("log", str(log_path))
@@ -179,7 +163,7 @@ class Objective:
                 _terminate(proc)
                 raise
         if rc != 0:
-            raise TrialFailed(f"trainer exited with code {rc}: {_last_error(log_path)}")
+            raise SolutionError(f"trainer exited with code {rc}: {_last_error(log_path)}")
 
 
 def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM it when the search dies
@@ -201,30 +185,21 @@ def _terminate(proc: subprocess.Popen, grace: float = 30.0) -> None:
 
 
 def _last_error(log_path: Path) -> str:
-    """The child's most telling log line: out of memory, else an error line, else the last one."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
-            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    oom = [f"out of memory: {ln[:300]}" for ln in lines if "out of memory" in ln.lower()]
-    errors = [ln[:300] for ln in lines if ln.startswith("error:") or "Error" in ln.split(":")[0]]
-    return (oom or errors or [ln[:300] for ln in lines] or ["(empty log)"])[-1]
+    """The child's most telling log line: the last error (or out of memory) line, else the last line."""
+    lines = [ln.strip() for ln in log_path.read_text("utf-8", "replace")[-8192:].splitlines() if ln.strip()]
+    telling = [
+        ln for ln in lines if "out of memory" in ln.lower() or ln.startswith("error:") or "Error" in ln.split(":")[0]
+    ]
+    return (telling or lines or ["(empty log)"])[-1][:300]
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (a scheduler preempting the job) ends the running trial as Ctrl-C does; the previous
-    handler is back on exit."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
+    """SIGTERM (a scheduler preempting the job) ends the running trial as Ctrl-C does, for the block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:

@@ -1,17 +1,9 @@
-"""Where a search study lives, and what happens to the trials of a worker that died.
-
-Storages: an Optuna RDB URL (``sqlite:///PATH``, the default in the study folder, for the workers of
-one machine; ``postgresql://`` or ``mysql://`` for many machines) or ``journal:PATH``. A worker killed
-mid-trial leaves its trial RUNNING: RDB storages keep a heartbeat, and the next worker that starts a
-trial or waits fails a trial silent for ``grace_period`` (any machine); a journal has none, so a
-starting worker fails the RUNNING trials whose owner process on this host is gone. Either way the
-parameters are queued again, once. A dead worker's trial is FAIL without ``fail_reason`` (a live
-worker always records one) or marked ``interrupted``, and does not count toward ``n_trials``.
-"""
+"""Where a search study lives, and the trials of dead workers. A trial whose worker ran on this host and is gone
+is failed by the next worker here at once; one silent past ``grace_period`` (RDB heartbeat) by any worker. Either
+way it does not count toward ``n_trials`` and its parameters are queued again, once."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -27,11 +19,8 @@ from solution.common import SolutionError
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-ACCEPTED = (
-    "sqlite:///PATH, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, mysql://USER[:PASSWORD]@HOST[:PORT]/DB "
-    "(optionally with +DRIVER after the scheme) or journal:PATH"
-)
-DIED = "worker died mid-trial (no heartbeat; killed or crashed)"
+ACCEPTED = "sqlite:///PATH, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, mysql://... (+DRIVER: any) or journal:PATH"
+DIED = "worker died mid-trial (killed or crashed)"
 
 
 def safe_url(url: str) -> str:
@@ -49,10 +38,6 @@ def storage_url(cfg) -> str:
     return str(cfg.storage) if cfg.storage else f"sqlite:///{(cfg.study_dir / 'study.db').resolve()}"
 
 
-def grace_period(cfg) -> int:
-    return int(cfg.grace_period or 3 * cfg.heartbeat)
-
-
 def make_storage(cfg):
     """The study's storage: a journal file, or an RDB with a heartbeat (``heartbeat: 0`` turns it off)."""
     url = storage_url(cfg)
@@ -60,8 +45,6 @@ def make_storage(cfg):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = Path(url[len("journal:") :]).expanduser()
-        if not path.name:
-            raise SolutionError(f"storage {url!r}: journal: needs a file path; accepted: {ACCEPTED}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
@@ -73,37 +56,18 @@ def make_storage(cfg):
         raise SolutionError(f"storage {safe_url(url)!r}: {what}; accepted: {ACCEPTED}")
     import sqlalchemy.exc
 
-    if scheme.startswith("sqlite"):
-        try:
-            Path(url.split(":///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            pass  # the database's own error below says what is wrong
     kwargs = {"connect_args": {"timeout": 60}} if scheme.startswith("sqlite") else {"pool_pre_ping": True}
-    heartbeat = {"heartbeat_interval": cfg.heartbeat, "grace_period": grace_period(cfg)} if cfg.heartbeat else {}
-    if cfg.heartbeat:
-        heartbeat["heartbeat_stale_trial_callback"] = functools.partial(_stale, retry=cfg.retry_interrupted)
+    grace = cfg.grace_period or 3 * cfg.heartbeat
+    heartbeat = {"heartbeat_interval": cfg.heartbeat, "grace_period": grace, "heartbeat_stale_trial_callback": requeue}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **heartbeat)
-    except ImportError as e:
-        raise SolutionError(
-            f"storage {safe_url(url)!r} needs a database driver ({e.__cause__ or e}); "
-            "PostgreSQL's (psycopg) comes with pip install -e ."
-        ) from None
-    except sqlalchemy.exc.NoSuchModuleError as e:
-        raise SolutionError(f"storage {safe_url(url)!r}: {e}; accepted: {ACCEPTED}") from None
-    except (sqlalchemy.exc.SQLAlchemyError, OSError) as e:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **(heartbeat if cfg.heartbeat else {}))
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError, OSError) as e:  # a missing driver, an unreachable server
         first = str(getattr(e, "orig", None) or e).strip().splitlines()
         raise SolutionError(
             f"cannot open storage {safe_url(url)!r}: {first[0] if first else type(e).__name__}"
         ) from None
-
-
-def heartbeat_enabled(study: optuna.Study) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return is_heartbeat_enabled(study._storage)
 
 
 def not_counted(t: FrozenTrial) -> bool:
@@ -117,43 +81,22 @@ def running_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that count toward ``n_trials``: finished ones but those of dead or interrupted workers, and
-    the running ones a worker started."""
+    """Finished trials but those of dead or interrupted workers, and the running ones a worker started."""
     trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
     return sum((t.state != TrialState.RUNNING or "worker" in t.user_attrs) and not not_counted(t) for t in trials)
 
 
-def requeue(study: optuna.Study, number: int, params: dict, user_attrs: dict) -> bool:
-    """Queue the parameters of trial ``number`` once more (not a retry of a retry; nothing without params)."""
-    if not params or "retry_of" in user_attrs:
-        return False
-    study.enqueue_trial(params, user_attrs={"retry_of": number})
-    log.info("re-queued the parameters of trial %d", number)
-    return True
+def requeue(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> None:
+    """A trial that did not finish: its parameters queued once more (not a retry's; also Optuna's stale callback)."""
+    again = bool(trial.params) and "retry_of" not in trial.user_attrs
+    how = ": its parameters are queued again" if again else ""
+    log.warning("trial %d did not finish (its worker died or was interrupted)%s", trial.number, how)
+    if again:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
-def _stale(study: optuna.Study, trial: FrozenTrial, retry: bool) -> None:
-    """Optuna's ``heartbeat_stale_trial_callback``: the retry (once) records ``retry_of`` and starts with
-    fresh user attributes, not the dead worker's."""
-    worker = trial.user_attrs.get("worker") or {}
-    log.warning(
-        "trial %d: worker %s pid %s sent no heartbeat for the grace period: marked FAIL (not counted)",
-        trial.number,
-        worker.get("host", "?"),
-        worker.get("pid", "?"),
-    )
-    if retry:
-        requeue(study, trial.number, trial.params, trial.user_attrs)
-
-
-def fail_dead_trials(study: optuna.Study, retry: bool) -> None:
-    """Fail (and re-queue once) the trials of dead workers: by heartbeat where the storage keeps one,
-    else by checking the owner process of trials started on this host."""
-    if heartbeat_enabled(study):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # calls _stale for each
-        return
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail (and re-queue once) dead workers' trials: of this host's at once, the others' by heartbeat."""
     me, storage = worker_info(), study._storage
     for t in running_trials(study):
         worker = t.user_attrs["worker"]
@@ -161,27 +104,23 @@ def fail_dead_trials(study: optuna.Study, retry: bool) -> None:
             continue
         try:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"interrupted: worker pid {worker['pid']} died")
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", DIED)
             if not storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
         except Exception as e:  # e.g. a locked file while another worker does the same
-            log.warning("could not mark interrupted trial %d as failed: %s", t.number, e)
+            log.warning("could not mark the trial %d of a dead worker as failed: %s", t.number, e)
             continue
-        log.warning("trial %d was interrupted (worker pid %s died): marked FAIL", t.number, worker["pid"])
-        if retry:
-            requeue(study, t.number, t.params, t.user_attrs)
-
-
-@functools.cache
-def _worker(pid: int) -> dict:
-    return {"host": socket.gethostname(), "pid": pid, "started": psutil.Process(pid).create_time()}
+        requeue(study, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # with a heartbeat: calls requeue for each
 
 
 def worker_info() -> dict:
     """This process as a trial owner: host, pid and the pid's start time (pids are reused)."""
-    return dict(_worker(os.getpid()))
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
 
 
 def _process_alive(pid: int | None, started: float | None) -> bool:
@@ -189,8 +128,8 @@ def _process_alive(pid: int | None, started: float | None) -> bool:
         return True  # unknown: leave it alone
     try:
         created = psutil.Process(pid).create_time()
-        return started is None or abs(created - started) < 1.0
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
         return True
+    return started is None or abs(created - started) < 1.0
