@@ -7,7 +7,7 @@ features from ``.npy``, then times only the ranking and reports its own peak RSS
 and its RSS before ranking (modules + features loaded), so "extra" is the memory the ranking adds:
 
 - ours: ``solution.ensembles.fusion.rerank_topk(norm="zscore")`` with the chunk size
-  ``predict --ensemble`` uses (:mod:`solution.ensembles.submit`: ``fusion_chunk`` for the
+  ``predict --ensemble`` uses (:mod:`solution.ensembles.make_ensemble`: ``fusion_chunk`` for the
   ``FUSION_MEMORY_MB`` budget, which bounds fusion's working set, so its "extra" should track it);
 - 3 x predict: ``solution.retrieval.rank.rank`` once per member (what one does before fusing);
 - numpy fusion: the straightforward way, a full ``[Q, G]`` float32 score matrix per member,

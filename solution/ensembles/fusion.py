@@ -1,20 +1,15 @@
-"""Score-level fusion and re-ranking in chunks of query rows, and the searches that choose them.
+"""Score-level fusion and re-ranking in chunks of query rows.
 
-A member scores ``queries @ gallery.T`` (``[Q, G]``, higher is better; members may differ in width). The
-fusion is ``F = sum_m w_m N(S_m)`` (weights summing to 1), ``N`` per query row: none, z-score (population
-std; a constant row maps to 0) or ``softmax(s / T)``. Re-rankers use a bank of queries ``B`` scored against
-the same gallery, ``L_g = log sum_b exp(F_bg / T)``: dual softmax ``F * exp(F / T - L)`` (the bank defaults
-to the queries themselves) and QB-Norm's inverted softmax ``F / T - L`` (dynamic with ``bank_topk``); ``T = 0``
-is no re-ranking, exactly. Top-k ties go to the lower gallery index. Everything runs in two ``chunk x G``
-blocks (three with softmax), whatever ``Q``, the bank and the members: :func:`fusion_chunk` sizes the chunk.
+``F = sum_m w_m N(q_m @ g_m.T)`` (weights summing to 1), ``N`` per query row: none, z-score (population std; a
+constant row maps to 0) or ``softmax(s / T)``. With ``L_g = log sum_b exp(F_bg / T)`` over a bank of queries:
+dual softmax ``F * exp(F / T - L)`` and QB-Norm's ``F / T - L`` (``bank_topk``: only rows whose top-1 is in
+some bank row's top-k); ``T = 0`` is no re-ranking. Top-k ties go to the lower gallery index.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,15 +17,11 @@ import torch
 from solution.model.precision import exact_math
 from solution.retrieval.metrics import topk_rows
 
-log = logging.getLogger(__name__)
-
 NORMS = ("none", "zscore", "softmax")
 RERANKERS = ("none", "dual_softmax", "qb_norm")
 TEMPERATURE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # 0 = off first: ties keep it off
 DEFAULT_CHUNK = 1024
 FUSION_MEMORY_MB = 128  # predict --ensemble's fusion working set (see fusion_chunk)
-
-Members = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _normalise_(s: torch.Tensor, norm: str, temperature: float) -> torch.Tensor:
@@ -54,16 +45,12 @@ def check_weights(weights, n_members: int) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n_members,):
         raise ValueError(f"need one weight per member ({n_members}), got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError(f"weights must be finite, got {w.tolist()}")
-    if np.any(w < 0):
-        raise ValueError(f"weights must be >= 0, got {w.tolist()}")
-    if not w.sum() > 0:
-        raise ValueError(f"weights must have a positive sum, got {w.tolist()} (sum {w.sum()})")
+    if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
+        raise ValueError(f"weights must be finite, >= 0 and have a positive sum, got {w.tolist()}")
     return w / w.sum()
 
 
-def _members(pairs: Sequence[tuple], device, dtype) -> Members:
+def _members(pairs: Sequence[tuple], device, dtype) -> list:
     """Each member's ``(queries [Q, D], gallery [G, D])`` as tensors in ``dtype``, the gallery on ``device``."""
     out = []
     for q, g in pairs:
@@ -71,9 +58,8 @@ def _members(pairs: Sequence[tuple], device, dtype) -> Members:
         if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
             raise ValueError(f"member features must be [Q, D] and [G, D], got {tuple(q.shape)} and {tuple(g.shape)}")
         out.append((q, g.to(device)))
-    shapes = {(len(q), len(g)) for q, g in out}
-    if len(shapes) != 1:
-        raise ValueError(f"members must share [Q, G], got {sorted(shapes)}")
+    if len({(len(q), len(g)) for q, g in out}) != 1:
+        raise ValueError(f"members must share [Q, G], got {sorted({(len(q), len(g)) for q, g in out})}")
     return out
 
 
@@ -83,7 +69,7 @@ def fusion_chunk(gallery_size: int, memory_mb: float, norm: str = "zscore") -> i
     return int(max(1, min(8192, memory_mb * 2**20 // (blocks * 4 * max(1, gallery_size)))))
 
 
-def _fused_rows(members: Members, w: np.ndarray, rows: slice, norm: str, norm_temperature: float, work) -> torch.Tensor:
+def _fused_rows(members: list, w: np.ndarray, rows: slice, norm: str, norm_temperature: float, work) -> torch.Tensor:
     """Rows of ``F`` in ``work[0]`` (valid until its next use); each member scored and normalised in ``work[1]``."""
     n = rows.stop - rows.start
     out, scratch = work[0][:n], work[1][:n]
@@ -95,7 +81,7 @@ def _fused_rows(members: Members, w: np.ndarray, rows: slice, norm: str, norm_te
     return out
 
 
-def _bank_stats(bank: Members, w, temperature: float, bank_topk: int | None, chunk: int, norm: str, norm_t: float):
+def _bank_stats(bank: list, w, temperature: float, bank_topk: int | None, chunk: int, norm: str, norm_t: float):
     """``L_g`` over the bank, and (``bank_topk``) the active set: columns in some bank row's top-k."""
     g0, n_bank = bank[0][1], len(bank[0][0])
     lse = torch.full((len(g0),), -math.inf, dtype=g0.dtype, device=g0.device)
@@ -169,62 +155,3 @@ def rerank_topk(
         all_s.append(s.cpu())
         all_i.append(i.cpu())
     return torch.cat(all_s).numpy(), torch.cat(all_i).numpy()
-
-
-@dataclasses.dataclass
-class Selection:
-    """Forward selection's outcome: ``chosen`` members in order of addition (repeats allowed)."""
-
-    chosen: list[int]
-    counts: np.ndarray
-    weights: np.ndarray  # counts / counts.sum()
-    score: float
-    trajectory: list[dict]  # one record per candidate tried: round, member, counts, score, accepted
-
-
-def forward_select(evaluate: Callable[[np.ndarray], float], n_members: int, *, max_rounds: int = 20) -> Selection:
-    """Caruana et al. (2004) greedy forward selection with replacement, maximising ``evaluate(weights)``.
-
-    Round 0 starts from the best single member (ties: the lower index); each later round adds the member
-    that scores best if that strictly improves the score, for at most ``max_rounds`` additions. Weights are
-    ``counts / total`` (never below the best member alone); proportional counts are evaluated once.
-    """
-    if n_members < 1:
-        raise ValueError("forward selection needs at least one member")
-    cache: dict[tuple, float] = {}
-    trajectory: list[dict] = []
-    counts = np.zeros(n_members, dtype=np.int64)
-    best_score, best_rec = -math.inf, None
-    for rnd in range(max_rounds + 1):
-        for m in range(n_members):
-            trial = counts.copy()
-            trial[m] += 1
-            key = tuple((trial // math.gcd(*trial.tolist())).tolist())
-            if key not in cache:
-                cache[key] = float(evaluate(trial / trial.sum()))
-            trajectory.append(
-                {"round": rnd, "member": m, "counts": trial.tolist(), "score": cache[key], "accepted": False}
-            )
-            if cache[key] > best_score:  # strict: ties keep the lower member, and a round must improve
-                best_score, best_rec = cache[key], trajectory[-1]
-        if best_rec is None or best_rec["round"] != rnd:
-            break
-        best_rec["accepted"] = True
-        counts[best_rec["member"]] += 1
-        log.info(
-            f"forward selection round {rnd}: + member {best_rec['member']} -> {best_score:.4f} ({counts.tolist()})"
-        )
-    chosen = [r["member"] for r in trajectory if r["accepted"]]
-    return Selection(chosen, counts, counts / counts.sum(), best_score, trajectory)
-
-
-def fit_temperature(
-    evaluate: Callable[[float], float], grid: Sequence[float] = TEMPERATURE_GRID
-) -> tuple[float, list[dict]]:
-    """``argmax_T evaluate(T)`` over ``grid`` (ties: the earliest value) and a record per value."""
-    if not len(grid):
-        raise ValueError("empty temperature grid")
-    records = [{"temperature": float(t), "score": float(evaluate(float(t)))} for t in grid]
-    best = max(records, key=lambda r: r["score"])  # max keeps the first of equal scores
-    log.info(f"temperature {best['temperature']:g}: {best['score']:.4f}")
-    return best["temperature"], records

@@ -1,9 +1,8 @@
 """Image and text features, and scoring a model on an LMDB split by real retrieval.
 
-``encode_images`` / ``encode_texts`` are the one path from a model to L2-normalised features (training
-validation, the soup, extraction, ensembles), and ``score_parts`` (``encode_split`` + ``score_features``)
-the one way a model is scored on a split. :func:`prepare_inputs` decodes a gallery and tokenises its
-queries once for scoring many models, with the same scores.
+``encode_images`` / ``encode_texts`` are the one path from a model to L2-normalised features, and ``score_parts``
+(``encode_split`` + ``score_features``) the one way a model is scored on a split. :func:`prepare_inputs` decodes
+a gallery and tokenises its queries once for scoring many models, with the same scores.
 """
 
 from __future__ import annotations
@@ -62,18 +61,15 @@ def encode_images(
     flip: bool = False,
     prepared: PreparedImages | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(image_ids int64 [N], features float32 [N, D])`` of a split's decodable images, in key order.
-
-    ``flip``: of the horizontally mirrored images (flip test-time augmentation). ``prepared``: these ids
-    decoded already (:func:`~.pixels.prepare_images`); the same tensors in the same batches."""
+    """``(image_ids int64 [N], features float32 [N, D])`` of a split's decodable images, in key order; ``flip``: of
+    the mirrored images; ``prepared``: these ids decoded already (:func:`~.pixels.prepare_images`)."""
     if prepared is None:
         ds = ImageDataset(split, eval_transform(config.image_resolution), image_ids)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_collate)
     ids, feats = [], []
     with _inference(model):
-        for batch in tqdm(
-            prepared.batches(batch_size) if prepared else loader, desc="images", unit="batch", disable=not progress
-        ):
+        batches = prepared.batches(batch_size) if prepared else loader
+        for batch in tqdm(batches, desc="images", unit="batch", disable=not progress):
             if batch is None:
                 continue
             images = torch.flip(batch[1], dims=[-1]) if flip else batch[1]
@@ -86,48 +82,22 @@ def encode_images(
     return np.concatenate(ids).astype(np.int64), np.concatenate(feats).astype(np.float32)
 
 
-def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int, overhead: int = 1024) -> list[np.ndarray]:
-    """Split ``order`` (texts by ascending token length) into batches of at most ``budget`` padded tokens,
-    minimising padded tokens + ``overhead`` per batch (on a CPU a batch costs about a thousand tokens more)
-    by dynamic programming over the runs of equal length."""
-    if len(order) == 0:
-        return []
-    lengths, starts, counts = np.unique(np.asarray(sorted_lengths), return_index=True, return_counts=True)
-    batches, groups = [], []  # groups: (length, start, count); a run over the budget gives full batches first
-    for length, start, count in zip(lengths.tolist(), starts.tolist(), counts.tolist()):
-        cap = max(1, budget // length)
-        while count > cap:
-            batches.append(order[start : start + cap])
-            start, count = start + cap, count - cap
-        groups.append((length, start, count))
-    best, first = [0.0] + [float("inf")] * len(groups), [0] * (len(groups) + 1)
-    for j in range(1, len(groups) + 1):  # best[j]: cost of groups[:j]; a batch = groups[i-1:j]
-        texts = 0
-        for i in range(j, 0, -1):
-            texts += groups[i - 1][2]
-            if texts * groups[j - 1][0] > budget and i < j:
-                break
-            cost = best[i - 1] + texts * groups[j - 1][0] + overhead
-            if cost < best[j]:
-                best[j], first[j] = cost, i
-    spans, j = [], len(groups)
-    while j > 0:
-        spans.append((first[j], j))
-        j = first[j] - 1
-    for i, j in reversed(spans):
-        batches.append(np.concatenate([order[st : st + c] for _, st, c in groups[i - 1 : j]]))
+def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Split ``order`` (texts by ascending token length) into consecutive batches of at most ``budget`` padded
+    tokens each (a longer text alone)."""
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or (end + 1 - start) * sorted_lengths[end] > budget:
+            batches.append(order[start:end])
+            start = end
     return batches
 
 
-def text_batches(
-    texts: Sequence[str], config: ModelConfig, batch_size: int = 64
-) -> list[tuple[np.ndarray, torch.Tensor]]:
+def text_batches(texts: Sequence[str], config: ModelConfig, batch_size: int = 64) -> list[tuple]:
     """:func:`encode_texts`'s batches: ``(indices into texts, token ids)`` by token length, each cut to its
     longest text and holding at most upstream's ``batch_size x context_length`` tokens."""
     texts = list(texts)
-    if not texts:
-        return []
-    lengths = np.asarray(token_lengths(texts, config.context_length, config.text_prompt))
+    lengths = np.asarray(token_lengths(texts, config.context_length, config.text_prompt)) if texts else np.zeros(0)
     order = np.argsort(lengths, kind="stable")
     plan = token_batches(lengths[order], order, batch_size * config.context_length)
     return [(idx, tokenize([texts[i] for i in idx], config.context_length, config.text_prompt)) for idx in plan]
@@ -142,7 +112,7 @@ def encode_texts(
     device="cpu",
     precision: str = "fp32",
     progress: bool = False,
-    batches: Sequence[tuple[np.ndarray, torch.Tensor]] | None = None,
+    batches: Sequence[tuple] | None = None,
 ) -> np.ndarray:
     """Features ``[N, D]`` (input order) with the config's prompt and context length, equal to upstream's
     padding to ``context_length``. ``batches``: :func:`text_batches` of these texts, tokenised already."""
@@ -162,13 +132,6 @@ class Queries:
     text_ids: list[int]
     texts: list[str]
     gold: dict[int, list[int]]
-
-    def subset(self, text_ids: Sequence[int]) -> Queries:
-        """The queries among ``text_ids``, in this set's order."""
-        keep = {int(t) for t in text_ids}
-        sel = [i for i, t in enumerate(self.text_ids) if t in keep]
-        ids = [self.text_ids[i] for i in sel]
-        return Queries(ids, [self.texts[i] for i in sel], {t: self.gold[t] for t in ids})
 
 
 def split_queries(split: LMDBSplit) -> Queries:
@@ -194,9 +157,7 @@ class ScoringInputs:
     texts: list
 
 
-def prepare_inputs(
-    split: LMDBSplit, config: ModelConfig, queries: Queries, *, batch_size: int = 64, **kw
-) -> ScoringInputs:
+def prepare_inputs(split: LMDBSplit, config: ModelConfig, queries: Queries, *, batch_size: int = 64, **kw):
     """What :func:`score_parts` (called with the same ``batch_size``) needs of a split that no model changes;
     ``kw``: :func:`~.pixels.prepare_images`'s ``num_workers``, ``max_bytes``, ``progress``."""
     images = prepare_images(split, config, batch_size=batch_size, **kw)
@@ -213,34 +174,16 @@ class SplitFeatures:
     stored: int  # images in the split (decodable or not)
 
 
-def encode_split(
-    model,
-    split: LMDBSplit,
-    config: ModelConfig,
-    queries: Queries,
-    *,
-    inputs: ScoringInputs | None = None,
-    num_workers: int = 0,
-    **kw,
-) -> SplitFeatures:
+def encode_split(model, split: LMDBSplit, config: ModelConfig, queries: Queries, *, inputs=None, num_workers=0, **kw):
     """The gallery (all of the split's images) and the query texts through ``model``, once each; ``kw``:
     ``device``, ``batch_size``, ``precision``, ``progress``."""
-    image_ids, image_feats = encode_images(
-        model, split, config, num_workers=num_workers, prepared=inputs.images if inputs else None, **kw
-    )
+    prepared = inputs.images if inputs else None
+    image_ids, image_feats = encode_images(model, split, config, num_workers=num_workers, prepared=prepared, **kw)
     text_feats = encode_texts(model, queries.texts, config, batches=inputs.texts if inputs else None, **kw)
     return SplitFeatures(image_ids, image_feats, text_feats, len(split.image_ids()))
 
 
-def score_features(
-    feats: SplitFeatures,
-    split: LMDBSplit,
-    queries: Queries,
-    parts: Mapping[str, Sequence[int]],
-    *,
-    device="cpu",
-    with_hits: bool = False,
-) -> dict[str, dict]:
+def score_features(feats: SplitFeatures, split, queries: Queries, parts: Mapping, *, device="cpu", with_hits=False):
     """:func:`score_parts` from features already computed (see there)."""
     undecodable = feats.stored - len(feats.image_ids)
     scored = present_gold(queries.gold, feats.image_ids.tolist())
@@ -251,13 +194,12 @@ def score_features(
             f"{split.split_dir}: {undecodable} of {feats.stored} images could not be decoded; {lost} gold ids "
             f"left out, {dropped} of {len(queries.gold)} queries without a decodable gold image not scored"
         )
-    if not scored:
-        raise SolutionError(f"{split.split_dir}: no query has a decodable gold image; nothing to score")
     _, idx = topk(feats.text_feats, feats.image_feats, max(KS), device=device)
     ranked = dict(zip(queries.text_ids, feats.image_ids[idx].tolist()))
     out = {}
     for name, ids in parts.items():
-        gold = {t: scored[t] for t in queries.subset(ids).text_ids if t in scored}
+        keep = set(ids)
+        gold = {t: scored[t] for t in queries.text_ids if t in keep and t in scored}
         if not gold:
             raise SolutionError(f"{split.split_dir}: no query of the {name} part has a decodable gold image")
         hits = query_hits(ranked, gold)
@@ -268,26 +210,12 @@ def score_features(
 
 
 def score_parts(
-    model,
-    split: LMDBSplit | str,
-    config: ModelConfig,
-    queries: Queries | None = None,
-    parts: Mapping[str, Sequence[int]] | None = None,
-    *,
-    device="cpu",
-    with_hits: bool = False,
-    inputs: ScoringInputs | None = None,
-    **kw,
-) -> dict[str, dict]:
-    """Text->image R@1/5/10 and mean recall (percent) of ``model`` on ``parts`` of the queries vs all images.
-
-    ``queries`` default to the split's pairs, ``parts`` (name -> text ids) to ``{"all": every query}``; the
-    gallery stays whole. As the official evaluator sees the gallery that decodes: undecodable gold images are
-    left out and a query left without any is not scored (``queries_scored``, ``undecodable_images`` say how
-    many). ``with_hits``: each part also holds ``text_ids`` and their ``hits`` (``[Q, 3]`` bool). ``inputs``:
-    :func:`prepare_inputs` of this split and queries. ``kw``: ``batch_size``, ``num_workers``, ``precision``,
-    ``progress``.
-    """
+    model, split, config: ModelConfig, queries=None, parts=None, *, device="cpu", with_hits=False, inputs=None, **kw
+):
+    """Text->image R@1/5/10 and mean recall (percent) of ``model`` on ``parts`` (name -> text ids; default all) of
+    the ``queries`` (default the split's) against the whole gallery. As the official evaluator sees what decodes,
+    a gold image that does not is left out and a query left without one not scored. ``with_hits``: each part also
+    holds its ``text_ids`` and ``hits`` ([Q, 3] bool). ``kw``: ``batch_size``, ``num_workers``, ``precision``."""
     split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
     queries = queries if queries is not None else split_queries(split)
     parts = parts if parts is not None else {"all": queries.text_ids}
@@ -295,11 +223,7 @@ def score_parts(
     return score_features(feats, split, queries, parts, device=device, with_hits=with_hits)
 
 
-def evaluate_split(
-    model, split: LMDBSplit | str, config: ModelConfig, *, text_ids: Sequence[int] | None = None, **kw
-) -> dict[str, float]:
-    """:func:`score_parts` of the split's own queries (only ``text_ids`` when given) as one part: ``r1``/``r5``/
-    ``r10``/``mean_recall`` (percent), ``undecodable_images`` and ``queries_scored``."""
-    split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
-    queries = split_queries(split)
-    return score_parts(model, split, config, queries if text_ids is None else queries.subset(text_ids), **kw)["all"]
+def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, text_ids=None, **kw) -> dict[str, float]:
+    """:func:`score_parts` of the split's own queries (``text_ids`` when given) as one part: ``r1``/``r5``/``r10``/
+    ``mean_recall`` (percent), ``undecodable_images`` and ``queries_scored``."""
+    return score_parts(model, split, config, parts=None if text_ids is None else {"all": text_ids}, **kw)["all"]

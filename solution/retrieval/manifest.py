@@ -1,30 +1,33 @@
-"""Provenance: what a feature file's ``BASE.meta.json`` and a submission's manifest ``NAME.json`` record."""
+"""Provenance: what a feature file's ``BASE.meta.json`` and a submission's manifest ``NAME.json`` record; and
+the lock taken while an output is written."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from solution.common import SolutionError
+from solution.common import SolutionError, folder_lock
 from solution.formats.feature_files import FeatureSet
 from solution.formats.run_files import METRICS, main_valid, read_metrics
 from solution.model import ModelConfig
 
 from .metrics import RECALL_KEYS
 
-log = logging.getLogger(__name__)
-
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:
+        raise SolutionError(f"cannot read {path}: {e.strerror}") from None
     return h.hexdigest()
 
 
@@ -32,10 +35,32 @@ def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
+def read_json_head(path: str | os.PathLike, whole: bool = True) -> dict:
+    """An existing file's JSON object (``whole``; else its first line's), or {} when it holds none: what tells an
+    earlier output of ours from a file of another kind (a checkpoint, an LMDB, a user's file)."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read(1 << 24) if whole else f.readline(1 << 24))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+@contextlib.contextmanager
+def output_lock(paths: Sequence[Path]):
+    """A lock on the first of ``paths`` (``.NAME.lock`` beside it) for the block, after removing the temporary
+    files a killed writer of any of them left (no live writer can own them under the lock)."""
+    paths = [Path(p) for p in paths]
+    with folder_lock(paths[0].parent / f".{paths[0].name}.lock", str(paths[0])):
+        for p in paths:
+            for tmp in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        yield
+
+
 def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
-    """A checkpoint's validation score when it can be known: stored in it (``mean_recall`` under a usual key;
-    not ``best``, a resumable checkpoint's best so far), else the run's last main-set ``valid`` record at its
-    step in ``metrics.jsonl`` beside ``checkpoints/``; None otherwise."""
+    """A checkpoint's validation score: stored in it (``mean_recall`` under a usual key; not ``best``), else the
+    run's last main-set ``valid`` record at its step in ``metrics.jsonl`` beside ``checkpoints/``; or None."""
     for name in ("metrics", "valid", "validation", "val_metrics"):
         v = ckpt.get(name)
         if isinstance(v, dict) and "mean_recall" in v:
@@ -49,8 +74,7 @@ def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
         return None
     row = found[-1]
     return {
-        **{k: row[k] for k in RECALL_KEYS if k in row},
-        "step": row["step"],
+        **{k: row[k] for k in (*RECALL_KEYS, "step") if k in row},
         "epoch": row.get("epoch"),
         "source": str(metrics),
     }
@@ -81,18 +105,14 @@ def manifest_path(output: str | Path) -> Path:
     return output.with_suffix(".json")
 
 
-def parse_score(text: str | None) -> dict | None:
-    """``--valid-score``: a mean recall, or a JSON object of r1/r5/r10/mean_recall (None when not given)."""
-    if text is None:
-        return None
-    try:
+def parse_score(text: str) -> dict:
+    """``--valid-score``: a mean recall, or a JSON object of r1/r5/r10/mean_recall."""
+    with contextlib.suppress(json.JSONDecodeError):
         value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return {"mean_recall": float(value), "source": "--valid-score"}
-    if isinstance(value, dict):
-        return {**value, "source": "--valid-score"}
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"mean_recall": float(value), "source": "--valid-score"}
+        if isinstance(value, dict):
+            return {**value, "source": "--valid-score"}
     raise SolutionError(f"--valid-score {text!r}: give a number (mean recall) or a JSON object")
 
 
@@ -113,18 +133,14 @@ def _checkpoints(texts: FeatureSet, images: FeatureSet, named: Sequence[str]) ->
     for fs in (texts, images):
         if fs.meta.get("checkpoint"):
             used.setdefault((fs.meta["checkpoint"], fs.meta.get("checkpoint_sha256")), []).append(fs.kind)
-    if len({sha for _, sha in used if sha}) > 1:
-        log.warning(f"text and image features come from different checkpoints: {' vs '.join(c for c, _ in used)}")
     return [{"path": c, "sha256": sha, "used_for": kinds} for (c, sha), kinds in used.items()] + [
         {"path": str(Path(c).resolve()), "sha256": None, "used_for": ["--checkpoint"]} for c in named
     ]
 
 
-def build_manifest(
-    texts: FeatureSet, images: FeatureSet, output: Path, *, direction: str, valid_score: dict | None, **recorded
-) -> dict:
+def build_manifest(texts: FeatureSet, images: FeatureSet, output: Path, *, direction: str, valid_score, **recorded):
     """A submission's manifest: what it ranked, with what, how well that scored on validation, and the
-    ``recorded`` fields (``top_k``, ``checkpoints`` named, ``command``, ``seconds``)."""
+    ``recorded`` fields (``top_k``, ``checkpoints`` named, ``command``, ``seconds``, ``ranking``)."""
     config = texts.meta.get("config") or images.meta.get("config")
     queries, gallery = (texts, images) if direction == "t2i" else (images, texts)
     return {

@@ -1,9 +1,5 @@
-"""A split's images decoded and resized once, kept as uint8 pixels, for encoding with many models.
-
-The eval transform is cut before its ``ToTensor()`` + ``Normalize``: pixels are kept as uint8 (3 x H x W
-bytes an image, up to a bound), and each batch is finished as those two steps finish each image (``/255``
-in float32, then the same ``Normalize``, elementwise), so the model sees the same tensors as decoding gives.
-"""
+"""A split's images decoded and resized once, kept as uint8 pixels (the eval transform cut before ``ToTensor``
++ ``Normalize``, which finish each batch elementwise as they finish each image), for encoding with many models."""
 
 from __future__ import annotations
 
@@ -40,8 +36,7 @@ class PreparedImages:
     requested: int  # ids requested (decodable or not)
 
     def batches(self, batch_size: int):
-        """``(ids, images)`` as :func:`~.encode.encode_images`'s loader gives them: the requested ids in
-        chunks of ``batch_size``, each without its undecodable images (an empty one skipped)."""
+        """``(ids, images)`` as :func:`~.encode.encode_images`'s loader gives them (undecodable ones left out)."""
         for lo in range(0, self.requested, batch_size):
             a, b = np.searchsorted(self.positions, [lo, lo + batch_size])
             if a < b:

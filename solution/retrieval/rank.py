@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from solution.common import SolutionError, check_output, write_json, write_jsonl
-from solution.formats.feature_files import FeatureSet, load_features, resolve_features
+from solution.formats.feature_files import load_features, resolve_features
+from solution.formats.hits import array_digest
 
-from .manifest import build_manifest, manifest_path
+from .manifest import build_manifest, manifest_path, output_lock, read_json_head
 from .metrics import topk
 
 log = logging.getLogger(__name__)
@@ -29,9 +28,7 @@ def auto_chunk(gallery_size: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
     return int(max(1, min(8192, memory_mb * 2**20 // (4 * max(1, gallery_size)))))
 
 
-def rank(
-    query_feats, gallery_feats, gallery_ids, k: int, *, device="cpu", chunk_size: int | None = None, progress=False
-) -> tuple[np.ndarray, np.ndarray]:
+def rank(query_feats, gallery_feats, gallery_ids, k: int, *, device="cpu", chunk_size=None, progress=False):
     """``(ranked gallery ids [Q, k], scores [Q, k])`` by inner product, best first, ties to the lower row."""
     gallery_ids = np.asarray(gallery_ids)
     if k > len(gallery_ids):
@@ -44,63 +41,78 @@ def rank(
 
 def prediction_rows(direction: str, query_ids, ranked) -> list[dict]:
     qkind, gkind = DIRECTIONS[direction]
-    qkey, gkey = f"{qkind}_id", f"{gkind}_ids"
-    return [{qkey: q, gkey: r} for q, r in zip(np.asarray(query_ids).tolist(), np.asarray(ranked).tolist())]
+    return [
+        {f"{qkind}_id": q, f"{gkind}_ids": r}
+        for q, r in zip(np.asarray(query_ids).tolist(), np.asarray(ranked).tolist())
+    ]
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """A submission to write: feature files in, ``output`` (+ its manifest) out, and how to rank."""
-
-    image_feats: str
-    text_feats: str
-    output: str
-    top_k: int = 10
-    direction: str = "t2i"
-    device: str | torch.device = "cpu"
-    chunk_size: int | None = None
-    valid_score: dict | None = None  # for the manifest (else the features' provenance)
-    checkpoints: tuple = ()  # named in the manifest when the features carry no provenance
-    command: tuple = ()
-    progress: bool = False
+def _is_submission(path: Path) -> bool:
+    head = read_json_head(path, whole=False)
+    return any({f"{q}_id", f"{g}_ids"} <= set(head) for q, g in DIRECTIONS.values())
 
 
-def _load_pair(job: Prediction) -> tuple[FeatureSet, FeatureSet]:
-    texts, images = load_features(job.text_feats, "text"), load_features(job.image_feats, "image")
+def submission_paths(output, inputs) -> tuple[Path, Path]:
+    """``(output, its manifest)``, refused when either is an input or an existing file of another kind."""
+    output = check_output(output, inputs=inputs, what="--output", own=_is_submission)
+    own = lambda p: {"submission", "ranking"} <= set(read_json_head(p))  # noqa: E731  (every manifest has both)
+    return output, check_output(manifest_path(output), inputs=inputs, what="manifest (beside --output)", own=own)
+
+
+def write_submission(output: Path, mpath: Path, rows: list[dict], manifest: dict) -> dict:
+    """Write a submission and its manifest under a lock on the output (:func:`~.manifest.output_lock`);
+    ``{output, manifest, count, seconds, ranking}``."""
+    with output_lock([output, mpath]):
+        n = write_jsonl(output, rows)
+        write_json(mpath, {**manifest, "num_queries": n})
+    log.info(f"{n} predictions ({manifest['ranking']['method']}) in {manifest['seconds']:.1f} s -> {output}")
+    return {
+        "output": str(output),
+        "manifest": str(mpath),
+        "count": n,
+        **{k: manifest[k] for k in ("seconds", "ranking")},
+    }
+
+
+def _load_pair(a):
+    texts, images = load_features(a.text_feats, "text"), load_features(a.image_feats, "image")
     if texts.feats.shape[1] != images.feats.shape[1]:
         raise SolutionError(
             f"text features are {texts.feats.shape[1]}-d but image features {images.feats.shape[1]}-d: "
             "not from the same model"
         )
+    shas = {fs.meta.get("checkpoint_sha256") for fs in (texts, images)}
+    if None not in shas and len(shas) > 1 and not a.allow_mixed_features:
+        raise SolutionError(
+            f"text features come from {texts.meta.get('checkpoint')}, image features from "
+            f"{images.meta.get('checkpoint')}: pass --allow-mixed-features if that is meant"
+        )
     for fs in (texts, images):
+        if fs.meta.get("sha256") not in (None, array_digest(fs.ids, fs.feats)):
+            raise SolutionError(f"{fs.path}: the features changed since extraction (digest in its meta): extract again")
         norms = np.linalg.norm(fs.feats, axis=1)
         if np.abs(norms - 1).max() > 1e-3:
             log.warning(f"{fs.path}: features are not L2-normalised (norms {norms.min():.3g}..{norms.max():.3g})")
     return texts, images
 
 
-def predict(job: Prediction) -> dict:
-    """Write ``job``'s submission and manifest; ``{output, manifest, count, seconds, ranking}``."""
-    if job.top_k < 1 or (job.chunk_size is not None and job.chunk_size < 1):
-        raise SolutionError("--top-k and --chunk-size must be at least 1")
-    output = Path(job.output)
-    mpath = manifest_path(output)
-    pairs = ((job.text_feats, "text"), (job.image_feats, "image"))
+def predict(a, command) -> dict:
+    """Write the submission and manifest ``a`` (flags as parsed by :mod:`solution.predict`) asks for;
+    ``{output, manifest, count, seconds, ranking}``."""
+    pairs = ((a.text_feats, "text"), (a.image_feats, "image"))
     inputs = [p for path, kind in pairs for p in resolve_features(path, kind)[1:] if p is not None]
-    check_output(output, inputs=inputs, what="--output")
-    check_output(mpath, inputs=inputs, what="manifest (beside --output)")
+    output, mpath = submission_paths(a.output, inputs)
     t0 = time.perf_counter()
-    texts, images = _load_pair(job)
-    query, gallery = (texts, images) if job.direction == "t2i" else (images, texts)
-    chunk = job.chunk_size or auto_chunk(len(gallery.ids))
-    ranked, _ = rank(
-        query.feats, gallery.feats, gallery.ids, job.top_k, device=job.device, chunk_size=chunk, progress=job.progress
+    texts, images = _load_pair(a)
+    query, gallery = (texts, images) if a.direction == "t2i" else (images, texts)
+    chunk = a.chunk_size or auto_chunk(len(gallery.ids))
+    kw = dict(device=a.device, chunk_size=chunk, progress=not a.no_progress)
+    ranked, _ = rank(query.feats, gallery.feats, gallery.ids, a.top_k, **kw)
+    fields = dict(
+        top_k=a.top_k, checkpoints=a.checkpoint, command=command, ranking={"method": "fp32", "chunk_size": chunk}
     )
-    n = write_jsonl(output, prediction_rows(job.direction, query.ids, ranked))
     seconds = time.perf_counter() - t0
-    ranking = {"method": "fp32", "chunk_size": chunk}
-    fields = dict(direction=job.direction, top_k=job.top_k, valid_score=job.valid_score, command=job.command)
-    manifest = build_manifest(texts, images, output, checkpoints=job.checkpoints, seconds=seconds, **fields)
-    write_json(mpath, {**manifest, "ranking": ranking})
-    log.info(f"{n} {query.kind} queries against {len(gallery.ids)} {gallery.kind}s in {seconds:.1f} s -> {output}")
-    return {"output": str(output), "manifest": str(mpath), "count": n, "seconds": seconds, "ranking": ranking}
+    manifest = build_manifest(
+        texts, images, output, direction=a.direction, valid_score=a.valid_score, seconds=seconds, **fields
+    )
+    return write_submission(output, mpath, prediction_rows(a.direction, query.ids, ranked), manifest)
