@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from solution.ensembles.fusion import NORMS, RERANKERS
 from solution.ensembles.make_ensemble import make_ensemble
-from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
+from solution.features import PRECISION
 from solution.model.registry import run_model_cli
-from solution.retrieval.cache import cache_dir_default
+from solution.retrieval.extract import cache_dir_default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
     p.add_argument("--context-length", type=int, help="of members holding bare weights (no config stored)")
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--precision",
-        type=precision_flag,
-        choices=PRECISIONS,
-        default="amp",
-        metavar=PRECISION_METAVAR,
-        help="recorded: predict --ensemble encodes the test data with it",
-    )
+    p.add_argument("--precision", **PRECISION, help="recorded: predict --ensemble encodes the test data with it")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=str(cache_dir_default(os.environ)), help="image-feature cache ('' = off)")
     return p

@@ -15,9 +15,8 @@ from solution.common import SolutionError, resolve_device
 from solution.ensembles.fusion import FUSION_MEMORY_MB
 from solution.ensembles.make_ensemble import predict_ensemble
 from solution.model.registry import run_model_cli
-from solution.retrieval.cache import cache_dir_default
-from solution.retrieval.manifest import parse_score
-from solution.retrieval.rank import DEFAULT_MEMORY_MB, DIRECTIONS, predict
+from solution.retrieval.extract import cache_dir_default
+from solution.retrieval.rank import DEFAULT_MEMORY_MB, DIRECTIONS, parse_score, predict
 
 FEATS = ".npy (ours), cn_clip .jsonl, or the base name given to extraction"
 

@@ -24,9 +24,9 @@ from solution.features import build_parser, main
 from solution.formats.feature_files import load_features
 from solution.model import ModelConfig, build_model, save_checkpoint
 from solution.model.precision import PRECISIONS, effective_precision, exact_math, model_math, precision_flag
-from solution.retrieval import cache
+from solution.retrieval import extract as cache
 from solution.retrieval.encode import encode_images, encode_texts, evaluate_split, token_batches
-from solution.retrieval.manifest import checkpoint_validation
+from solution.retrieval.rank import checkpoint_validation
 
 PROMPT = "这是一张商品图片："
 TEXTS = ["红色连衣裙", "男士运动鞋 透气 轻便 夏季新款", "苹果手机壳", "儿童玩具车", "Nike 跑步鞋 “轻便”", "保温杯500ML"]

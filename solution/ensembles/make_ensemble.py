@@ -22,8 +22,7 @@ from solution.ensembles.fusion import FUSION_MEMORY_MB, RERANKERS, check_weights
 from solution.formats.hits import write_hits
 from solution.formats.kinds import claim_folder
 from solution.formats.muge import read_texts
-from solution.retrieval.manifest import file_sha256, now
-from solution.retrieval.rank import auto_chunk, prediction_rows, submission_paths, write_submission
+from solution.retrieval.rank import auto_chunk, file_sha256, now, prediction_rows, submission_paths, write_submission
 from solution.retrieval.val_data import ValData
 
 from .selection import Choice, Plan, Problem, choose

@@ -26,8 +26,8 @@ from solution.data.lmdb_io import LMDBSplit
 from solution.ensembles.fusion import NORMS, RERANKERS, check_weights
 from solution.formats.kinds import ENSEMBLE_SPEC
 from solution.model import ModelConfig, build_model, fingerprint, load_weights, read_checkpoint, resolve_config
-from solution.retrieval.cache import cached_image_features
 from solution.retrieval.encode import encode_texts
+from solution.retrieval.extract import cached_image_features
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,29 @@
 """Top-k retrieval from features (chunked fp32 products; ties to the first gallery row, as cn_clip's
-``make_topk_predictions.py``), and :func:`predict`: a submission ``NAME.jsonl`` (a line per query, ids best
-first) with its manifest ``NAME.json`` (:mod:`.manifest`) beside it."""
+``make_topk_predictions.py``) and :func:`predict`: a submission ``NAME.jsonl`` (a line per query, ids best first)
+with its manifest ``NAME.json`` beside it; what feature files record of their model; the lock on an output."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import glob
+import hashlib
+import json
 import logging
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from solution.common import SolutionError, check_output, write_json, write_jsonl
-from solution.formats.feature_files import load_features, resolve_features
+from solution.common import SolutionError, check_output, folder_lock, write_json, write_jsonl
+from solution.formats.feature_files import FeatureSet, load_features, resolve_features
 from solution.formats.hits import array_digest
+from solution.formats.run_files import METRICS, main_valid, read_metrics
+from solution.model import ModelConfig
 
-from .manifest import build_manifest, manifest_path, output_lock, read_json_head
-from .metrics import topk
+from .metrics import RECALL_KEYS, topk
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +116,136 @@ def predict(a, command) -> dict:
     chunk = a.chunk_size or auto_chunk(len(gallery.ids))
     kw = dict(device=a.device, chunk_size=chunk, progress=not a.no_progress)
     ranked, _ = rank(query.feats, gallery.feats, gallery.ids, a.top_k, **kw)
-    fields = dict(
-        top_k=a.top_k, checkpoints=a.checkpoint, command=command, ranking={"method": "fp32", "chunk_size": chunk}
-    )
-    seconds = time.perf_counter() - t0
-    manifest = build_manifest(
-        texts, images, output, direction=a.direction, valid_score=a.valid_score, seconds=seconds, **fields
-    )
+    ranking, seconds = {"method": "fp32", "chunk_size": chunk}, round(time.perf_counter() - t0, 3)
+    fields = dict(top_k=a.top_k, named=a.checkpoint, ranking=ranking, seconds=seconds, command=list(command))
+    manifest = build_manifest(texts, images, output, direction=a.direction, valid_score=a.valid_score, **fields)
     return write_submission(output, mpath, prediction_rows(a.direction, query.ids, ranked), manifest)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:
+        raise SolutionError(f"cannot read {path}: {e.strerror}") from None
+    return h.hexdigest()
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def read_json_head(path: str | os.PathLike, whole: bool = True) -> dict:
+    """An existing file's JSON object (``whole``; else its first line's), or {} when it holds none: what tells an
+    earlier output of ours from a file of another kind (a checkpoint, an LMDB, a user's file)."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read(1 << 24) if whole else f.readline(1 << 24))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+@contextlib.contextmanager
+def output_lock(paths: Sequence[Path]):
+    """A lock on the first of ``paths`` (``.NAME.lock`` beside it) for the block, after removing the temporary
+    files a killed writer of any of them left (no live writer can own them under the lock)."""
+    paths = [Path(p) for p in paths]
+    with folder_lock(paths[0].parent / f".{paths[0].name}.lock", str(paths[0])):
+        for p in paths:
+            for tmp in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        yield
+
+
+def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
+    """A checkpoint's validation score: stored in it (``mean_recall`` under a usual key; not ``best``), else the
+    run's last main-set ``valid`` record at its step in ``metrics.jsonl`` beside ``checkpoints/``; or None."""
+    for name in ("metrics", "valid", "validation", "val_metrics"):
+        v = ckpt.get(name)
+        if isinstance(v, dict) and "mean_recall" in v:
+            return {**{k: v[k] for k in RECALL_KEYS if k in v}, "source": f"checkpoint[{name!r}]"}
+    ckpt_dir = Path(path).resolve().parent
+    if ckpt_dir.name != "checkpoints" or "step" not in ckpt:
+        return None
+    metrics = ckpt_dir.parent / METRICS
+    found = [r for r in main_valid(read_metrics(metrics)) if r.get("step") == ckpt["step"]]
+    if not found:
+        return None
+    row = found[-1]
+    return {
+        **{k: row[k] for k in (*RECALL_KEYS, "step") if k in row},
+        "epoch": row.get("epoch"),
+        "source": str(metrics),
+    }
+
+
+def feature_provenance(
+    checkpoint: str | os.PathLike, ckpt: dict, config: ModelConfig, *, precision: str, device
+) -> dict:
+    """What every feature file of one extraction records about its model."""
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "config": config.to_dict(),
+        "prompt": config.text_prompt,
+        "context_length": config.context_length,
+        "precision": precision,
+        "device": str(device),
+        "validation": checkpoint_validation(checkpoint, ckpt),
+        "created": now(),
+    }
+
+
+def manifest_path(output: str | Path) -> Path:
+    """The manifest beside a submission: ``NAME.json`` for ``NAME.jsonl``."""
+    output = Path(output)
+    if output.suffix == ".json":
+        raise SolutionError(f"--output {output} ends in .json, the manifest's name; use .jsonl")
+    return output.with_suffix(".json")
+
+
+def parse_score(text: str) -> dict:
+    """``--valid-score``: a mean recall, or a JSON object of r1/r5/r10/mean_recall."""
+    with contextlib.suppress(json.JSONDecodeError):
+        value = json.loads(text)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"mean_recall": float(value), "source": "--valid-score"}
+        if isinstance(value, dict):
+            return {**value, "source": "--valid-score"}
+    raise SolutionError(f"--valid-score {text!r}: give a number (mean recall) or a JSON object")
+
+
+def build_manifest(
+    texts: FeatureSet, images: FeatureSet, output: Path, *, direction: str, valid_score, named=(), **recorded
+):
+    """A submission's manifest: what it ranked, with what (the features' checkpoints, each once, then those
+    ``named``), how well that scored on validation, and the ``recorded`` fields."""
+    config = texts.meta.get("config") or images.meta.get("config")
+    queries, gallery = (texts, images) if direction == "t2i" else (images, texts)
+    used: dict[tuple, list[str]] = {}
+    for fs in (texts, images):
+        if fs.meta.get("checkpoint"):
+            used.setdefault((fs.meta["checkpoint"], fs.meta.get("checkpoint_sha256")), []).append(fs.kind)
+    kept = ("checkpoint", "checkpoint_sha256", "precision", "data", "cache", "created")
+    features = {
+        fs.kind: {"path": str(fs.path.resolve()), "format": fs.format, "count": len(fs.ids)} for fs in (texts, images)
+    }
+    for fs in (texts, images):
+        features[fs.kind].update({"dim": int(fs.feats.shape[1]), **{k: fs.meta[k] for k in kept if k in fs.meta}})
+    return {
+        "submission": str(output.resolve()),
+        "direction": direction,
+        "num_queries": len(queries.ids),
+        "gallery_size": len(gallery.ids),
+        "checkpoints": [{"path": c, "sha256": sha, "used_for": kinds} for (c, sha), kinds in used.items()]
+        + [{"path": str(Path(c).resolve()), "sha256": None, "used_for": ["--checkpoint"]} for c in named],
+        "config": config,
+        "prompt": texts.meta.get("prompt", config.get("text_prompt") if config else None),
+        "features": features,
+        "validation": valid_score or texts.meta.get("validation") or images.meta.get("validation"),
+        "created": now(),
+        **recorded,
+    }
