@@ -329,7 +329,7 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
     """The caller asked for 'high' (TF32 on CUDA, oneDNN TF32 on the CPU): every exact ranking product runs at
     'highest' (no bf16 reduced-precision reductions either), and the caller's setting is back afterwards."""
     from solution.ensembles.fusion import rerank_topk
-    from solution.retrieval.rank import rank
+    from solution.retrieval.metrics import topk
 
     cuda, mkl = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
     seen, real_topk = [], torch.topk
@@ -345,7 +345,7 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
     try:
         with monkeypatch.context() as m:
             m.setattr(torch, "topk", spy)
-            got = [rank(queries, gallery, np.arange(64), 2)[0], rerank_topk([(queries, gallery)], 2)[1]]
+            got = [topk(queries, gallery, 2)[1], rerank_topk([(queries, gallery)], 2)[1]]
         assert len(seen) >= 2 and set(seen) == {(False, False, "ieee")}
         assert torch.get_float32_matmul_precision() == "high" and cuda.allow_tf32 and mkl.fp32_precision == "tf32"
     finally:

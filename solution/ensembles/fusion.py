@@ -52,15 +52,7 @@ def check_weights(weights, n_members: int) -> np.ndarray:
 
 def _members(pairs: Sequence[tuple], device, dtype) -> list:
     """Each member's ``(queries [Q, D], gallery [G, D])`` as tensors in ``dtype``, the gallery on ``device``."""
-    out = []
-    for q, g in pairs:
-        q, g = (torch.as_tensor(x, dtype=dtype) for x in (q, g))
-        if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-            raise ValueError(f"member features must be [Q, D] and [G, D], got {tuple(q.shape)} and {tuple(g.shape)}")
-        out.append((q, g.to(device)))
-    if len({(len(q), len(g)) for q, g in out}) != 1:
-        raise ValueError(f"members must share [Q, G], got {sorted({(len(q), len(g)) for q, g in out})}")
-    return out
+    return [(torch.as_tensor(q, dtype=dtype), torch.as_tensor(g, dtype=dtype).to(device)) for q, g in pairs]
 
 
 def fusion_chunk(gallery_size: int, memory_mb: float, norm: str = "zscore") -> int:

@@ -26,7 +26,7 @@ from solution.retrieval.rank import auto_chunk, file_sha256, now, prediction_row
 from solution.retrieval.val_data import ValData
 
 from .selection import Choice, Plan, Problem, choose
-from .spec import LOG_NAME, NAME, TTAS, Encoding, encode_members, open_member, read_ensemble, write_ensemble
+from .spec import LOG_NAME, NAME, TTAS, encode_members, open_member, read_ensemble, write_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +49,14 @@ def check_options(o) -> Plan:
     tried = tuple(dict.fromkeys(r for r in rerank if r != "none"))
     if "qb_norm" in tried and not o.bank:
         raise SolutionError("--rerank qb_norm needs --bank (a texts JSONL, e.g. the training texts)")
-    if (
-        (o.folds is not None and o.folds < 2)
-        or o.max_rounds < 0
-        or min(o.batch_size, 1 if o.bank_topk is None else o.bank_topk) < 1
-    ):
-        raise SolutionError("--folds must be at least 2, --max-rounds >= 0, --batch-size and --bank-topk >= 1")
+    if (o.folds is not None and o.folds < 2) or o.max_rounds < 0 or o.batch_size < 1:
+        raise SolutionError("--folds must be at least 2, --max-rounds at least 0 and --batch-size at least 1")
+    if o.bank_topk is not None and o.bank_topk < 1:
+        raise SolutionError(f"--bank-topk must be at least 1, got {o.bank_topk}")
     if o.folds and o.select_split:
         raise SolutionError("--folds cross-fits over every validation query: use it without --select-split")
     rerankers, tta = tuple(r for r in tried if r not in TTAS), tuple(r for r in tried if r in TTAS)
     return Plan(o.norm, o.weights, rerankers, o.max_rounds, tta)
-
-
-def gold_rows(query_ids, gallery_ids, gold) -> list[set[int]]:
-    """Gold gallery *indices* per query row from ``{query id: [gallery ids]}``; ids not in the gallery dropped."""
-    where = {int(g): i for i, g in enumerate(np.asarray(gallery_ids).tolist())}
-    out = [{where[int(g)] for g in gold[int(q)] if int(g) in where} for q in query_ids]
-    missing = sum(len(gold[int(q)]) for q in query_ids) - sum(map(len, out))
-    if missing:
-        log.warning(f"{missing} gold ids are not in the gallery: those pairs can never be hit")
-    return out
 
 
 def make_ensemble(o, command: Sequence[str] = ()) -> dict:
@@ -76,8 +64,8 @@ def make_ensemble(o, command: Sequence[str] = ()) -> dict:
     ``ensemble.json`` content."""
     plan = check_options(o)
     out = check_output(o.output, inputs=o.members, what="--output", is_dir=True)
-    enc = Encoding(resolve_device(o.device), o.precision, o.batch_size, o.cache_dir or None, o.context_length)
-    opened = [open_member(p, enc.context_length) for p in o.members]
+    enc = dict(device=resolve_device(o.device), precision=o.precision, batch_size=o.batch_size)
+    opened = [open_member(p, o.context_length) for p in o.members]
     val = ValData(o.val_data, None, o.select_split, o.seed)
     n = len(val.queries.text_ids)
     if o.select_split is not None and round(o.select_split * n) in (0, n):
@@ -91,20 +79,25 @@ def make_ensemble(o, command: Sequence[str] = ()) -> dict:
     with folder_lock(out / LOCK, f"ensemble folder {out}"):
         try:
             remove_stale_temps(out, recursive=True)
-            gallery_ids = encode_members(
-                opened, val.split, val.queries.texts, enc, bank_texts=bank, flip=bool(plan.tta)
+            encode_members(
+                opened,
+                val.split,
+                val.queries.texts,
+                cache_dir=o.cache_dir or None,
+                bank_texts=bank,
+                flip=bool(plan.tta),
+                **enc,
             )
-            return _select_and_write(o, plan, out, enc, opened, gallery_ids, val, command)
+            return _select_and_write(o, plan, out, enc["device"], opened, val, command)
         except BaseException:
             if created:
                 shutil.rmtree(out, ignore_errors=True)
             raise
 
 
-def _select_and_write(o, plan: Plan, out: Path, enc: Encoding, members: list, gallery_ids, val: ValData, command):
+def _select_and_write(o, plan: Plan, out: Path, device, members: list, val: ValData, command) -> dict:
     q = val.queries
-    gold = gold_rows(q.text_ids, gallery_ids, q.gold)
-    problem = Problem.of(members, gold, device=enc.device, bank_topk=o.bank_topk)
+    problem = Problem.of(members, q.text_ids, q.gold, device=device, bank_topk=o.bank_topk)
     row = {t: i for i, t in enumerate(q.text_ids)}
     parts = {name: np.asarray([row[t] for t in ids], dtype=np.int64) for name, ids in val.parts().items()}
     parts.setdefault("all", parts["select"])
@@ -128,7 +121,7 @@ def _select_and_write(o, plan: Plan, out: Path, enc: Encoding, members: list, ga
     spec = {
         "members": [m.record for m in members],
         **choice.record(),
-        "precision": enc.precision,
+        "precision": o.precision,
         "scores": scores,
         "crossfit": cross,
         "hits": hits,
@@ -168,10 +161,9 @@ def predict_ensemble(a, command) -> dict:
     recorded = [spec["members"][i] for i in used]
     members = [open_member(m["path"], m.get("context_length"), m) for m in recorded]
     bank = _check_bank(a.ensemble, spec, recorded)
-    enc = Encoding(a.device, spec.get("precision", "amp"), 64, a.cache_dir or None)
-    gallery_ids = encode_members(
-        members, split, [r.text for r in records], enc, bank_texts=bank, flip=spec["tta"] == "flip"
-    )
+    enc = dict(device=a.device, precision=spec.get("precision", "amp"), batch_size=64, cache_dir=a.cache_dir or None)
+    texts, flip = [r.text for r in records], spec["tta"] == "flip"
+    gallery_ids = encode_members(members, split, texts, bank_texts=bank, flip=flip, **enc)
     if a.top_k > len(gallery_ids):
         raise SolutionError(f"top-{a.top_k} asked but the gallery has only {len(gallery_ids)} items")
     weights = [spec["weights"][i] for i in used]
@@ -181,7 +173,7 @@ def predict_ensemble(a, command) -> dict:
     chunk = a.chunk_size or (
         auto_chunk(len(gallery_ids)) if single else fusion_chunk(len(gallery_ids), FUSION_MEMORY_MB, norm)
     )
-    problem = Problem.of(members, [], device=a.device, bank_topk=rr["bank_topk"])
+    problem = Problem.of(members, [], {}, device=a.device, bank_topk=rr["bank_topk"])
     ranked = gallery_ids[problem.ranked(choice, np.arange(len(records)), a.top_k, chunk)].astype(np.int64)
     checkpoints = [{"path": m["path"], "fingerprint": m["fingerprint"], "weight": w} for m, w in zip(recorded, weights)]
     image = {"data": str(split.split_dir.resolve() / "imgs"), "cache": [m.cache for m in members]}

@@ -102,10 +102,13 @@ class Problem:
     flipped: Sequence[np.ndarray] | None = None
 
     @classmethod
-    def of(cls, members: Sequence, gold: Sequence[set], **kw) -> Problem:
+    def of(cls, members: Sequence, query_ids, gold: dict, **kw) -> Problem:
+        """Encoded members (:class:`~.spec.Member`) and the gold gallery rows of queries ``{id: [gallery ids]}``."""
+        where = {int(g): i for i, g in enumerate(members[0].gallery_ids.tolist())}
+        rows = [{where[int(g)] for g in gold[int(q)] if int(g) in where} for q in query_ids]
         banks = [m.bank for m in members] if members[0].bank is not None else None
         flipped = [m.flipped for m in members] if members[0].flipped is not None else None
-        return cls([m.queries for m in members], [m.gallery for m in members], gold, banks, flipped=flipped, **kw)
+        return cls([m.queries for m in members], [m.gallery for m in members], rows, banks, flipped=flipped, **kw)
 
     def alone(self, i: int) -> Choice:
         """Member ``i`` alone, as its own features rank."""

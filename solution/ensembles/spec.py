@@ -34,18 +34,6 @@ log = logging.getLogger(__name__)
 TTAS = ("none", "flip")
 
 
-@dataclasses.dataclass(frozen=True)
-class Encoding:
-    """How members encode: device, precision, batch size, the image-feature cache folder (None: off), and the
-    context length of members that store no config."""
-
-    device: str = "cpu"
-    precision: str = "fp32"
-    batch_size: int = 64
-    cache_dir: str | None = None
-    context_length: int | None = None
-
-
 @dataclasses.dataclass
 class Member:
     """A member read and checked (:func:`open_member`), then encoded (:func:`encode_member`): ``queries [Q, D]``
@@ -105,20 +93,17 @@ def open_member(path: str, context_length: int | None = None, recorded: dict | N
     return Member(str(path), ckpt, config, record)
 
 
-def encode_member(
-    m: Member, split: LMDBSplit, texts: Sequence[str], enc: Encoding, *, bank_texts=None, flip: bool = False
-) -> Member:
-    """Encode the split's gallery (cached; ``flip``: its flipped images too, under their own key), the query
-    ``texts`` and the ``bank_texts`` into ``m``."""
+def encode_member(m: Member, split: LMDBSplit, texts: Sequence[str], *, cache_dir, bank_texts=None, flip=False, **kw):
+    """Encode the split's gallery (through the cache in ``cache_dir``; ``flip``: its mirrored images too, under their
+    own key), the query ``texts`` and the ``bank_texts`` into ``m``; ``kw``: ``device``, ``precision``, ``batch_size``."""
     try:
         model = build_model(m.config)
         load_weights(model, m.ckpt["state_dict"], m.config, m.path)
-        model.to(enc.device)
-        kw = dict(device=enc.device, precision=enc.precision, batch_size=enc.batch_size)
-        m.gallery_ids, m.gallery, info = cached_image_features(model, split, m.config, cache_dir=enc.cache_dir, **kw)
+        model.to(kw["device"])
+        m.gallery_ids, m.gallery, info = cached_image_features(model, split, m.config, cache_dir=cache_dir, **kw)
         m.cache = info["cache"]
         if flip:
-            ids, flipped, info = cached_image_features(model, split, m.config, cache_dir=enc.cache_dir, flip=True, **kw)
+            ids, flipped, info = cached_image_features(model, split, m.config, cache_dir=cache_dir, flip=True, **kw)
             if not np.array_equal(ids, m.gallery_ids):
                 raise SolutionError(f"its flipped images decode as {len(ids)} images, not {len(m.gallery_ids)}")
             m.flipped, m.flip_cache = flip_average(m.gallery, flipped), info["cache"]
@@ -131,12 +116,10 @@ def encode_member(
     return m
 
 
-def encode_members(
-    members: Sequence[Member], split: LMDBSplit, texts: Sequence[str], enc: Encoding, **kw
-) -> np.ndarray:
+def encode_members(members: Sequence[Member], split: LMDBSplit, texts: Sequence[str], **kw) -> np.ndarray:
     """:func:`encode_member` for each; the gallery ids they share, in the same order (members that differ refused)."""
     for m in members:
-        encode_member(m, split, texts, enc, **kw)
+        encode_member(m, split, texts, **kw)
         if not np.array_equal(m.gallery_ids, members[0].gallery_ids):
             raise SolutionError(
                 f"members {members[0].path} and {m.path} hold different galleries ({len(members[0].gallery_ids)} "

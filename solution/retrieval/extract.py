@@ -124,7 +124,7 @@ def extract(a) -> dict:
         with output_lock(paths):
             if records:
                 clock, t0, c0 = CompileClock(), time.perf_counter(), time.process_time()
-                ids = [r.text_id for r in records]
+                ids = np.asarray([r.text_id for r in records], np.int64)
                 feats = encode_texts(model, [r.text for r in records], config, batch_size=a.text_batch_size, **kw)
                 meta = {**provenance, "data": str(Path(a.text_data).resolve()), "sha256": array_digest(ids, feats)}
                 path = save_features(a.text_feat_output_path, "text", ids, feats, fmt=a.format, meta=meta)[0]

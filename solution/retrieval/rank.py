@@ -36,23 +36,9 @@ def auto_chunk(gallery_size: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
     return int(max(1, min(8192, memory_mb * 2**20 // (4 * max(1, gallery_size)))))
 
 
-def rank(query_feats, gallery_feats, gallery_ids, k: int, *, device="cpu", chunk_size=None, progress=False):
-    """``(ranked gallery ids [Q, k], scores [Q, k])`` by inner product, best first, ties to the lower row."""
-    gallery_ids = np.asarray(gallery_ids)
-    if k > len(gallery_ids):
-        raise SolutionError(f"top-{k} asked but the gallery has only {len(gallery_ids)} items")
-    chunk = chunk_size or auto_chunk(len(gallery_ids))
-    q, g = (np.ascontiguousarray(x, dtype=np.float32) for x in (query_feats, gallery_feats))
-    scores, idx = topk(q, g, k, chunk_size=chunk, device=device, progress=progress)
-    return gallery_ids[idx].astype(np.int64), scores
-
-
 def prediction_rows(direction: str, query_ids, ranked) -> list[dict]:
-    qkind, gkind = DIRECTIONS[direction]
-    return [
-        {f"{qkind}_id": q, f"{gkind}_ids": r}
-        for q, r in zip(np.asarray(query_ids).tolist(), np.asarray(ranked).tolist())
-    ]
+    q, g = DIRECTIONS[direction]
+    return [{f"{q}_id": i, f"{g}_ids": r} for i, r in zip(np.asarray(query_ids).tolist(), np.asarray(ranked).tolist())]
 
 
 def _is_submission(path: Path) -> bool:
@@ -68,17 +54,14 @@ def submission_paths(output, inputs) -> tuple[Path, Path]:
 
 
 def write_submission(output: Path, mpath: Path, rows: list[dict], manifest: dict) -> dict:
-    """Write a submission and its manifest under a lock on the output (:func:`~.manifest.output_lock`);
+    """Write a submission and its manifest under a lock on the output (:func:`output_lock`);
     ``{output, manifest, count, seconds, ranking}``."""
     with output_lock([output, mpath]):
         n = write_jsonl(output, rows)
         write_json(mpath, {**manifest, "num_queries": n})
     log.info(f"{n} predictions ({manifest['ranking']['method']}) in {manifest['seconds']:.1f} s -> {output}")
-    return {
-        "output": str(output),
-        "manifest": str(mpath),
-        "count": n,
-        **{k: manifest[k] for k in ("seconds", "ranking")},
+    return {"output": str(output), "manifest": str(mpath), "count": n} | {
+        k: manifest[k] for k in ("seconds", "ranking")
     }
 
 
@@ -114,12 +97,13 @@ def predict(a, command) -> dict:
     texts, images = _load_pair(a)
     query, gallery = (texts, images) if a.direction == "t2i" else (images, texts)
     chunk = a.chunk_size or auto_chunk(len(gallery.ids))
-    kw = dict(device=a.device, chunk_size=chunk, progress=not a.no_progress)
-    ranked, _ = rank(query.feats, gallery.feats, gallery.ids, a.top_k, **kw)
+    if a.top_k > len(gallery.ids):
+        raise SolutionError(f"top-{a.top_k} asked but the gallery has only {len(gallery.ids)} items")
+    _, idx = topk(query.feats, gallery.feats, a.top_k, chunk_size=chunk, device=a.device, progress=not a.no_progress)
     ranking, seconds = {"method": "fp32", "chunk_size": chunk}, round(time.perf_counter() - t0, 3)
     fields = dict(top_k=a.top_k, named=a.checkpoint, ranking=ranking, seconds=seconds, command=list(command))
     manifest = build_manifest(texts, images, output, direction=a.direction, valid_score=a.valid_score, **fields)
-    return write_submission(output, mpath, prediction_rows(a.direction, query.ids, ranked), manifest)
+    return write_submission(output, mpath, prediction_rows(a.direction, query.ids, gallery.ids[idx]), manifest)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
