@@ -12,9 +12,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from solution.common import resolve_device
 from solution.ensembles.fusion import NORMS, RERANKERS
 from solution.ensembles.make_ensemble import make_ensemble
-from solution.features import PRECISION
+from solution.model.precision import PRECISION_METAVAR, precision_flag
 from solution.model.registry import run_model_cli
 from solution.retrieval.extract import cache_dir_default
 
@@ -41,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
     p.add_argument("--context-length", type=int, help="of members holding bare weights (no config stored)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", **PRECISION, help="recorded: predict --ensemble encodes the test data with it")
+    p.add_argument(
+        "--precision", type=precision_flag, default="amp", metavar=PRECISION_METAVAR, help="kept for predict"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=str(cache_dir_default(os.environ)), help="image-feature cache ('' = off)")
     return p
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
+    a.device = resolve_device(a.device)
     spec = make_ensemble(a, command=("python", "-m", "solution.ensemble", *argv))
     scores = {k: (v or {}).get("mean_recall") for k, v in spec["scores"].items() if k != "members"}
     summary = {"output": a.output, "weights": spec["weights"], "tta": spec["tta"], "rerank": spec["rerank"]["method"]}

@@ -16,11 +16,9 @@ from solution.common import resolve_device
 from solution.formats.feature_files import FORMATS
 from solution.model import ATTN_IMPLS
 from solution.model.compiled import BACKENDS as COMPILE_BACKENDS
-from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
+from solution.model.precision import PRECISION_METAVAR, precision_flag
 from solution.model.registry import run_model_cli
 from solution.retrieval.extract import cache_dir_default, extract
-
-PRECISION = dict(type=precision_flag, choices=PRECISIONS, default="amp", metavar=PRECISION_METAVAR)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--text-batch-size", type=int, default=64)
     up.add_argument("--context-length", type=int, help="default: the checkpoint's (52 if unknown)")
     up.add_argument("--resume", required=True, help="checkpoint (ours, cn_clip's or an official one)")
-    up.add_argument("--precision", **PRECISION, help="amp/fp16: fp16 autocast on GPU, fp32 on CPU; bf16: on either")
+    up.add_argument(
+        "--precision", type=precision_flag, default="amp", metavar=PRECISION_METAVAR, help="amp: fp16 on GPU"
+    )
     up.add_argument("--vision-model", help="default: the checkpoint's (or inferred from shapes)")
     up.add_argument("--text-model", help="default: the checkpoint's (or inferred from shapes)")
     up.add_argument("--debug", action="store_true", help="debug logging")

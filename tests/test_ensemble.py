@@ -19,8 +19,7 @@ from solution import ensemble, features, predict, soup
 from solution.common import SolutionError, folder_lock, read_jsonl
 from solution.data.lmdb_io import LMDBSplit
 from solution.ensembles import make_ensemble
-from solution.ensembles import spec as ens_spec
-from solution.ensembles.selection import Choice, Plan, Problem, choose
+from solution.ensembles.fusion import Choice, Plan, Problem, choose
 from solution.formats.feature_files import load_features
 from solution.formats.hits import read_hits
 from solution.model import ModelConfig, build_model, fingerprint, save_checkpoint
@@ -152,6 +151,8 @@ def test_members_of_two_architectures_ensemble_while_the_soup_refuses(world, ckp
     np.save(out / spec["hits"]["ensemble"], ~hits)  # hits replaced by others of the same shape: refused on read
     with pytest.raises(SolutionError, match="changed since they were written"):
         read_hits(out / spec["hits"]["ensemble"])
+    (out / "hits/member0.hits.sha256").unlink()  # as written before digests: still read
+    assert len(read_hits(out / spec["hits"]["member0"])[0]) == n
     ensemble.main(_ens(world, ckpts, out, "a", extra=("--weights", "1")))  # again, one member: no member1 left
     assert sorted(p.name.split(".")[0] for p in (out / "hits").iterdir()) == ["ensemble"] * 3 + ["member0"] * 3
     argv = f"--checkpoints {ckpts['a']} {ckpts['b']} --method uniform --no-score --output {tmp_path}/soup".split()
@@ -249,7 +250,7 @@ def test_flip_tta_submission_scores_what_selection_logged(world, ckpts, tmp_path
 
 def test_flip_tta_of_a_mirror_invariant_model_equals_no_tta(world, ckpts, tmp_path, monkeypatch):
     """Members whose image tower sees ``(x + flip(x)) / 2``: an image and its mirror give the same tensor."""
-    real = ens_spec.build_model
+    real = make_ensemble.build_model
 
     def build(*a, **k):
         model = real(*a, **k)
@@ -257,10 +258,10 @@ def test_flip_tta_of_a_mirror_invariant_model_equals_no_tta(world, ckpts, tmp_pa
         model.encode_image = lambda x: inner((x + torch.flip(x, dims=[-1])) * 0.5)
         return model
 
-    monkeypatch.setattr(ens_spec, "build_model", build)
+    monkeypatch.setattr(make_ensemble, "build_model", build)
     enc = dict(device="cpu", precision="amp", batch_size=64, cache_dir=str(tmp_path / "cache"))
-    m = ens_spec.open_member(str(ckpts["a"]))
-    ens_spec.encode_member(m, LMDBSplit(world.lmdb("valid")), ["一件衣服"], flip=True, **enc)
+    m = make_ensemble.open_member(str(ckpts["a"]))
+    make_ensemble.encode_members([m], LMDBSplit(world.lmdb("valid")), ["一件衣服"], flip=True, **enc)
     assert (m.cache, m.flip_cache) == ("miss", "miss")  # the mirrored images: under their own key
     np.testing.assert_allclose(m.flipped, m.gallery, rtol=0, atol=2e-7)
     spec = ensemble.main(
@@ -307,14 +308,14 @@ FOLDERS.update({"used/.solution-kind": "ensemble", "split/imgs/data.mdb": "", "d
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_ensemble_is_one_line_and_writes_nothing(world, ckpts, tmp_path, capsys, monkeypatch, case):
     members, extra, words = BAD[case]
-    real, calls = ens_spec.cached_image_features, []
+    real, calls = make_ensemble.cached_image_features, []
 
     def dropping(*a, **k):  # the second member's gallery decodes one image less
         ids, feats, info = real(*a, **k)
         calls.append(1)
         return (ids[:-1], feats[:-1], info) if len(calls) == 2 and case == "different galleries" else (ids, feats, info)
 
-    monkeypatch.setattr(ens_spec, "cached_image_features", dropping)
+    monkeypatch.setattr(make_ensemble, "cached_image_features", dropping)
     sd = torch.load(ckpts["a"], weights_only=True)["state_dict"]
     config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=8, text_prompt="这是一张很长很长很长的图片")
     torch.save({k.removeprefix("module."): v for k, v in sd.items()}, tmp_path / "bare.pt")

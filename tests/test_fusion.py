@@ -5,8 +5,7 @@ import pytest
 import torch
 from oracles import dual_softmax, fused, qb_norm, stable_topk
 
-from solution.ensembles.fusion import check_weights, fusion_chunk, rerank_topk
-from solution.ensembles.selection import fit_temperature, forward_select
+from solution.ensembles.fusion import check_weights, fit_temperature, forward_select, fusion_chunk, rerank_topk
 
 
 def _int_members(rng, n_queries, n_gallery, dims=(3, 5)):

@@ -1,16 +1,22 @@
 """Image and text features, and scoring a model on an LMDB split by real retrieval.
 
 ``encode_images`` / ``encode_texts`` are the one path from a model to L2-normalised features, and ``score_parts``
-(``encode_split`` + ``score_features``) the one way a model is scored on a split. :func:`prepare_inputs` decodes
-a gallery and tokenises its queries once for scoring many models, with the same scores.
+(``encode_split`` + ``score_features``) the one way a model is scored on a split. :func:`prepare_inputs` decodes a
+gallery (kept as uint8 pixels: the eval transform cut before ``ToTensor`` + ``Normalize``, which finish each batch
+as they finish each image) and tokenises its queries once for scoring many models, with the same scores.
+:class:`ValData`: validation queries (``--val-texts`` or the pairs) and the ``--select-split`` draw.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,13 +27,68 @@ from cn_clip_patch.prompt import token_lengths, tokenize
 from solution.common import SolutionError, autocast_context
 from solution.data.datasets import ImageDataset, eval_transform, image_collate
 from solution.data.lmdb_io import LMDBSplit
-from solution.formats.muge import MugeText
+from solution.formats.muge import MugeText, read_texts
 from solution.model import ModelConfig
 
 from .metrics import KS, present_gold, query_hits, recall_from_hits, topk
-from .pixels import PreparedImages, prepare_images
 
 log = logging.getLogger(__name__)
+
+
+IMAGE_CACHE_BYTES = 8 << 30  # default bound of prepared pixels (MUGE's 29,806 valid images at 224 px: 4.2 GiB)
+
+
+def _uint8_chw(image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class PreparedImages:
+    """Images of a split decoded and resized once (:func:`prepare_images`), kept as uint8 pixels."""
+
+    image_ids: np.ndarray  # int64 [K]: the decodable ones, in the requested order
+    positions: np.ndarray  # int64 [K]: each one's index among the requested ids
+    pixels: torch.Tensor  # uint8 [K, 3, H, W]
+    finish: Callable  # uint8 batch -> the model's input (what ToTensor + Normalize give)
+    requested: int  # ids requested (decodable or not)
+
+    def batches(self, batch_size: int):
+        """``(ids, images)`` as :func:`~.encode.encode_images`'s loader gives them (undecodable ones left out)."""
+        for lo in range(0, self.requested, batch_size):
+            a, b = np.searchsorted(self.positions, [lo, lo + batch_size])
+            if a < b:
+                yield torch.from_numpy(self.image_ids[a:b]), self.finish(self.pixels[a:b])
+
+
+def prepare_images(
+    split, config: ModelConfig, *, batch_size=64, num_workers=0, max_bytes=IMAGE_CACHE_BYTES, progress=False
+) -> PreparedImages | None:
+    """A split's images decoded and resized once for every model of ``config``'s resolution; None (decode on
+    each use) above ``max_bytes`` of pixels or when the eval transform does not end in ToTensor + Normalize."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    split = split if isinstance(split, LMDBSplit) else LMDBSplit(split, need_pairs=False)
+    ids = split.image_ids()
+    res = config.image_resolution
+    steps = list(getattr(eval_transform(res), "transforms", []))
+    need = len(ids) * 3 * res * res
+    if [type(s) for s in steps[-2:]] != [ToTensor, Normalize] or need > max_bytes:
+        log.info(f"{split.split_dir}: images decoded on each use ({need / 2**30:.1f} GiB of pixels)")
+        return None
+    ds = ImageDataset(split, Compose([*steps[:-2], _uint8_chw]), ids)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_collate)
+    pix, got = torch.empty((len(ids), 3, res, res), dtype=torch.uint8), []
+    for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress):
+        if batch is not None:
+            pix[len(got) : len(got) + len(batch[0])] = batch[1]
+            got.extend(batch[0].tolist())
+    where = {int(i): p for p, i in enumerate(ids)}
+    pix = pix if len(got) == len(ids) else pix[: len(got)].clone()
+    normalize = steps[-1]
+    finish = lambda x: normalize(x.to(torch.float32).div(255))  # noqa: E731  (ToTensor + Normalize, batched)
+    return PreparedImages(
+        np.asarray(got, np.int64), np.asarray([where[i] for i in got], np.int64), pix, finish, len(ids)
+    )
 
 
 def _normalize(x: torch.Tensor) -> np.ndarray:
@@ -62,7 +123,7 @@ def encode_images(
     prepared: PreparedImages | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids int64 [N], features float32 [N, D])`` of a split's decodable images, in key order; ``flip``: of
-    the mirrored images; ``prepared``: these ids decoded already (:func:`~.pixels.prepare_images`)."""
+    the mirrored images; ``prepared``: these ids decoded already (:func:`prepare_images`)."""
     if prepared is None:
         ds = ImageDataset(split, eval_transform(config.image_resolution), image_ids)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_collate)
@@ -159,7 +220,7 @@ class ScoringInputs:
 
 def prepare_inputs(split: LMDBSplit, config: ModelConfig, queries: Queries, *, batch_size: int = 64, **kw):
     """What :func:`score_parts` (called with the same ``batch_size``) needs of a split that no model changes;
-    ``kw``: :func:`~.pixels.prepare_images`'s ``num_workers``, ``max_bytes``, ``progress``."""
+    ``kw``: :func:`prepare_images`'s ``num_workers``, ``max_bytes``, ``progress``."""
     images = prepare_images(split, config, batch_size=batch_size, **kw)
     return ScoringInputs(images, text_batches(queries.texts, config, batch_size))
 
@@ -227,3 +288,51 @@ def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, text_i
     """:func:`score_parts` of the split's own queries (``text_ids`` when given) as one part: ``r1``/``r5``/``r10``/
     ``mean_recall`` (percent), ``undecodable_images`` and ``queries_scored``."""
     return score_parts(model, split, config, parts=None if text_ids is None else {"all": text_ids}, **kw)["all"]
+
+
+def draw_selection(text_ids, fraction: float | None, seed: int) -> tuple[list[int], list[int]]:
+    """``(select, report)``: a random ``fraction`` of the queries and the rest (all and none without one)."""
+    tids = list(text_ids)
+    if not fraction:
+        return tids, []
+    if not 0 < fraction < 1 or len(tids) < 2:
+        raise SolutionError(f"--select-split must be a fraction in (0, 1) of at least 2 queries, got {fraction}")
+    perm = tids[:]
+    random.Random(seed).shuffle(perm)
+    chosen = set(perm[: min(max(1, round(fraction * len(tids))), len(tids) - 1)])
+    return [t for t in tids if t in chosen], [t for t in tids if t not in chosen]
+
+
+class ValData:
+    """Validation queries (from ``--val-texts`` or the LMDB pairs) and the selection/report split."""
+
+    def __init__(self, split_dir: str, texts_path: str | None, select_split: float | None, seed: int):
+        split_dir = Path(split_dir)
+        if not split_dir.exists():
+            raise SolutionError(f"validation data not found: {split_dir}")
+        if texts_path:
+            self.split = LMDBSplit(split_dir, need_pairs=False)
+            self.queries = text_queries(read_texts(texts_path, need_gold=True, what="validation texts"))
+        elif not (split_dir / "pairs" / "data.mdb").is_file():
+            raise SolutionError(f"validation data {split_dir} has no texts (no pairs LMDB): pass --val-texts")
+        else:
+            self.split = LMDBSplit(split_dir)
+            self.queries = split_queries(self.split)
+        q, gallery = self.queries, set(self.split.image_ids())
+        missing = sum(i not in gallery for gold in q.gold.values() for i in gold)
+        if missing:
+            log.warning(
+                f"validation: {missing} gold image ids are not in {split_dir} (a query without any: not scored)"
+            )
+        self.select, self.report = draw_selection(q.text_ids, select_split, seed)
+        h = hashlib.blake2b(self.split.images_digest().encode(), digest_size=16)
+        queries = [(q.texts[i], q.gold[t]) for i, t in enumerate(q.text_ids)]
+        h.update(json.dumps([self.select, self.report, queries], ensure_ascii=False).encode())
+        self.key = h.hexdigest()
+        log.info(f"validation: {len(q.text_ids)} queries ({len(self.select)} select), {self.split.num_images} images")
+
+    def parts(self) -> dict[str, list[int]]:
+        """The query parts scored: the selection, and with a draw also the report part and all queries."""
+        if not self.report:
+            return {"select": self.select}
+        return {"select": self.select, "report": self.report, "all": self.select + self.report}

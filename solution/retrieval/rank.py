@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from solution.common import SolutionError, check_output, folder_lock, write_json, write_jsonl
-from solution.formats.feature_files import FeatureSet, load_features, resolve_features
+from solution.formats.feature_files import load_features, resolve_features
 from solution.formats.hits import array_digest
 from solution.formats.run_files import METRICS, main_valid, read_metrics
 from solution.model import ModelConfig
@@ -158,17 +158,11 @@ def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
     found = [r for r in main_valid(read_metrics(metrics)) if r.get("step") == ckpt["step"]]
     if not found:
         return None
-    row = found[-1]
-    return {
-        **{k: row[k] for k in (*RECALL_KEYS, "step") if k in row},
-        "epoch": row.get("epoch"),
-        "source": str(metrics),
-    }
+    row = {**found[-1], "source": str(metrics)}
+    return {k: row.get(k) for k in (*RECALL_KEYS, "step", "epoch", "source")}
 
 
-def feature_provenance(
-    checkpoint: str | os.PathLike, ckpt: dict, config: ModelConfig, *, precision: str, device
-) -> dict:
+def feature_provenance(checkpoint, ckpt: dict, config: ModelConfig, *, precision: str, device) -> dict:
     """What every feature file of one extraction records about its model."""
     return {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -202,23 +196,18 @@ def parse_score(text: str) -> dict:
     raise SolutionError(f"--valid-score {text!r}: give a number (mean recall) or a JSON object")
 
 
-def build_manifest(
-    texts: FeatureSet, images: FeatureSet, output: Path, *, direction: str, valid_score, named=(), **recorded
-):
-    """A submission's manifest: what it ranked, with what (the features' checkpoints, each once, then those
-    ``named``), how well that scored on validation, and the ``recorded`` fields."""
+def build_manifest(texts, images, output: Path, *, direction: str, valid_score, named=(), **recorded) -> dict:
+    """A submission's manifest: what it ranked (feature sets), with what (the features' checkpoints, each once, then
+    those ``named``), how well that scored on validation, and the ``recorded`` fields."""
     config = texts.meta.get("config") or images.meta.get("config")
     queries, gallery = (texts, images) if direction == "t2i" else (images, texts)
     used: dict[tuple, list[str]] = {}
+    features, kept = {}, ("checkpoint", "checkpoint_sha256", "precision", "data", "cache", "created")
     for fs in (texts, images):
         if fs.meta.get("checkpoint"):
             used.setdefault((fs.meta["checkpoint"], fs.meta.get("checkpoint_sha256")), []).append(fs.kind)
-    kept = ("checkpoint", "checkpoint_sha256", "precision", "data", "cache", "created")
-    features = {
-        fs.kind: {"path": str(fs.path.resolve()), "format": fs.format, "count": len(fs.ids)} for fs in (texts, images)
-    }
-    for fs in (texts, images):
-        features[fs.kind].update({"dim": int(fs.feats.shape[1]), **{k: fs.meta[k] for k in kept if k in fs.meta}})
+        entry = {"path": str(fs.path.resolve()), "format": fs.format, "count": len(fs.ids), "dim": fs.feats.shape[1]}
+        features[fs.kind] = {**entry, **{k: fs.meta[k] for k in kept if k in fs.meta}}
     return {
         "submission": str(output.resolve()),
         "direction": direction,

@@ -30,8 +30,8 @@ from solution.common import SolutionError, atomic_path, check_output, write_json
 from solution.formats.hits import align, read_hits
 from solution.model import model_template
 from solution.model.precision import DTYPES, dtype_name
+from solution.retrieval.encode import ValData
 from solution.retrieval.metrics import RECALL_KEYS
-from solution.retrieval.val_data import ValData
 from solution.stats import crossfit, paired_bootstrap
 
 from . import CACHE, HITS, LOG, SOUP, SUMMARY, methods
