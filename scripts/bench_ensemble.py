@@ -7,9 +7,9 @@ features from ``.npy``, then times only the ranking and reports its own peak RSS
 and its RSS before ranking (modules + features loaded), so "extra" is the memory the ranking adds:
 
 - ours: ``solution.ensembles.fusion.rerank_topk(norm="zscore")`` with the chunk size
-  ``predict --ensemble`` uses (:mod:`solution.ensembles.submit`: ``fusion_chunk`` for the
+  ``predict --ensemble`` uses (:mod:`solution.ensembles.make_ensemble`: ``fusion_chunk`` for the
   ``FUSION_MEMORY_MB`` budget, which bounds fusion's working set, so its "extra" should track it);
-- 3 x predict: ``solution.retrieval.rank.rank`` once per member (what one does before fusing);
+- 3 x predict: ``solution.retrieval.metrics.topk`` once per member, as ``predict`` ranks (what one does before fusing);
 - numpy fusion: the straightforward way, a full ``[Q, G]`` float32 score matrix per member,
   z-score per row, weighted sum, ``argpartition`` + a stable ``argsort`` for the top-10.
 
@@ -84,7 +84,8 @@ def child(variant: str, workdir: Path, k: int) -> None:
     import torch
 
     from solution.ensembles.fusion import FUSION_MEMORY_MB, fusion_chunk, rerank_topk
-    from solution.retrieval.rank import rank
+    from solution.retrieval.metrics import topk
+    from solution.retrieval.rank import auto_chunk
 
     members = load(workdir)
     n_gallery = members[0][1].shape[0]
@@ -96,7 +97,7 @@ def child(variant: str, workdir: Path, k: int) -> None:
         _, idx = rerank_topk(members, k, np.asarray(WEIGHTS), norm="zscore", chunk_size=chunk)
     elif variant == "separate":
         ids = np.arange(n_gallery, dtype=np.int64)
-        idx = np.stack([rank(q, g, ids, k, device="cpu")[0] for q, g in members])
+        idx = np.stack([ids[topk(q, g, k, chunk_size=auto_chunk(len(g)))[1]] for q, g in members])
     else:
         idx = numpy_fusion(members, WEIGHTS, k)
     seconds = time.perf_counter() - t0

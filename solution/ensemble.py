@@ -12,12 +12,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from solution.common import resolve_device
 from solution.ensembles.fusion import NORMS, RERANKERS
-from solution.ensembles.make_ensemble import EnsembleOptions, make_ensemble
-from solution.ensembles.members import Encoding
-from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
+from solution.ensembles.make_ensemble import make_ensemble
+from solution.model.precision import PRECISION_METAVAR, precision_flag
 from solution.model.registry import run_model_cli
-from solution.retrieval.cache import cache_dir_default
+from solution.retrieval.extract import cache_dir_default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,14 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="k-fold cross-fitting of the choice over queries")
     p.add_argument("--seed", type=int, default=0, help="seed of the --select-split draw and the folds")
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
+    p.add_argument("--context-length", type=int, help="of members holding bare weights (no config stored)")
     p.add_argument("--device", default="auto")
     p.add_argument(
-        "--precision",
-        type=precision_flag,
-        choices=PRECISIONS,
-        default="amp",
-        metavar=PRECISION_METAVAR,
-        help="as features.py and predict --ensemble use, so selection scores the features the submission uses",
+        "--precision", type=precision_flag, default="amp", metavar=PRECISION_METAVAR, help="kept for predict"
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=str(cache_dir_default(os.environ)), help="image-feature cache ('' = off)")
@@ -57,16 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
-    same = ("val_data", "output", "norm", "bank", "bank_topk", "select_split", "folds", "seed", "max_rounds")
-    options = EnsembleOptions(
-        members=tuple(a.members),
-        weights=tuple(a.weights) if a.weights else None,
-        rerank=tuple(r.strip() for r in a.rerank.split(",") if r.strip()),
-        encoding=Encoding(a.device, a.precision, a.batch_size, a.cache_dir or None),
-        command=("python", "-m", "solution.ensemble", *argv),
-        **{k: getattr(a, k) for k in same},
-    )
-    spec = make_ensemble(options)
+    a.device = resolve_device(a.device)
+    spec = make_ensemble(a, command=("python", "-m", "solution.ensemble", *argv))
     scores = {k: (v or {}).get("mean_recall") for k, v in spec["scores"].items() if k != "members"}
     summary = {"output": a.output, "weights": spec["weights"], "tta": spec["tta"], "rerank": spec["rerank"]["method"]}
     print(json.dumps({**summary, "scores": scores}))

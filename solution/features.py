@@ -16,10 +16,9 @@ from solution.common import resolve_device
 from solution.formats.feature_files import FORMATS
 from solution.model import ATTN_IMPLS
 from solution.model.compiled import BACKENDS as COMPILE_BACKENDS
-from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
+from solution.model.precision import PRECISION_METAVAR, precision_flag
 from solution.model.registry import run_model_cli
-from solution.retrieval.cache import cache_dir_default
-from solution.retrieval.extract import Extraction, extract
+from solution.retrieval.extract import cache_dir_default, extract
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--context-length", type=int, help="default: the checkpoint's (52 if unknown)")
     up.add_argument("--resume", required=True, help="checkpoint (ours, cn_clip's or an official one)")
     up.add_argument(
-        "--precision",
-        type=precision_flag,
-        choices=PRECISIONS,
-        default="amp",
-        metavar=PRECISION_METAVAR,
-        help="amp/fp16: fp16 autocast on GPU, fp32 on CPU; bf16 (or open_clip's amp_bf16) autocast on either",
+        "--precision", type=precision_flag, default="amp", metavar=PRECISION_METAVAR, help="amp: fp16 on GPU"
     )
     up.add_argument("--vision-model", help="default: the checkpoint's (or inferred from shapes)")
     up.add_argument("--text-model", help="default: the checkpoint's (or inferred from shapes)")
@@ -73,25 +67,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if a.debug:
         logging.getLogger().setLevel(logging.DEBUG)
     ext = "npy" if a.format == "npy" else "jsonl"
-    text_out = a.text_feat_output_path or f"{a.text_data.removesuffix('.jsonl')}.txt_feat.{ext}"
-    image_out = a.image_feat_output_path or f"{a.text_data.replace('_texts.jsonl', '_imgs')}.img_feat.{ext}"
-    texts, images = a.extract_text_feats, a.extract_image_feats
-    same = ("resume", "vision_model", "text_model", "context_length", "prompt", "precision", "attn_impl")
-    same += ("text_batch_size", "img_batch_size", "torchcompile", "torchcompile_backend")
-    workers = a.num_workers if a.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
-    job = Extraction(
-        text_data=a.text_data if texts else None,
-        text_out=text_out if texts else None,
-        image_data=a.image_data if images else None,
-        image_out=image_out if images else None,
-        fmt=a.format,
-        device=resolve_device(a.device),
-        num_workers=workers,
-        cache_dir=None if a.no_cache else str(a.cache_dir or cache_dir_default(os.environ)),
-        progress=not a.no_progress,
-        **{k: getattr(a, k) for k in same},
+    a.text_feat_output_path = a.text_feat_output_path or f"{a.text_data.removesuffix('.jsonl')}.txt_feat.{ext}"
+    a.image_feat_output_path = (
+        a.image_feat_output_path or f"{a.text_data.replace('_texts.jsonl', '_imgs')}.img_feat.{ext}"
     )
-    return extract(job)
+    a.num_workers = a.num_workers if a.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+    a.cache_dir = None if a.no_cache else str(a.cache_dir or cache_dir_default(os.environ))
+    a.device = resolve_device(a.device)
+    return extract(a)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ from collections.abc import Sequence
 
 from solution.common import SolutionError, resolve_device
 from solution.ensembles.fusion import FUSION_MEMORY_MB
-from solution.ensembles.members import Encoding
-from solution.ensembles.submit import EnsemblePrediction, predict_ensemble
+from solution.ensembles.make_ensemble import predict_ensemble
 from solution.model.registry import run_model_cli
-from solution.retrieval.cache import cache_dir_default
-from solution.retrieval.manifest import parse_score
-from solution.retrieval.rank import DEFAULT_MEMORY_MB, DIRECTIONS, Prediction, predict
+from solution.retrieval.extract import cache_dir_default
+from solution.retrieval.rank import DEFAULT_MEMORY_MB, DIRECTIONS, parse_score, predict
 
 FEATS = ".npy (ours), cn_clip .jsonl, or the base name given to extraction"
 
@@ -37,9 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"queries per matrix product (default: {DEFAULT_MEMORY_MB} MiB of scores; --ensemble: {FUSION_MEMORY_MB})",
     )
     p.add_argument("--eval-batch-size", type=int, help="cn_clip's flag, accepted and unused (see --chunk-size)")
-    p.add_argument("--valid-score", help="for the manifest: a mean recall, or a JSON object of r1/r5/r10/mean_recall")
     p.add_argument(
-        "--checkpoint", action="append", help="checkpoint(s) to name in the manifest (features without provenance)"
+        "--valid-score",
+        type=parse_score,
+        help="for the manifest: a mean recall, or a JSON object of r1/r5/r10/mean_recall",
+    )
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="checkpoint(s) to name in the manifest (features without provenance)",
+    )
+    p.add_argument(
+        "--allow-mixed-features", action="store_true", help="text and image features of different checkpoints"
     )
     p.add_argument("--no-progress", action="store_true")
     ens = p.add_argument_group("ensemble (instead of --image-feats/--text-feats)")
@@ -54,25 +62,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     command = ("python", "-m", "solution.predict", *argv)
-    common = dict(output=a.output, top_k=a.top_k, chunk_size=a.chunk_size, command=command)
+    if a.top_k < 1 or (a.chunk_size is not None and a.chunk_size < 1):
+        raise SolutionError("--top-k and --chunk-size must be at least 1")
+    a.device = resolve_device(a.device)
     if a.ensemble is not None:
         if a.image_feats or a.text_feats or not (a.image_data and a.text_data) or a.direction != "t2i":
             raise SolutionError("--ensemble takes --image-data and --text-data (t2i) instead of feature files")
-        enc = Encoding(resolve_device(a.device), "amp", 64, a.cache_dir or None)
-        return predict_ensemble(EnsemblePrediction(a.ensemble, a.image_data, a.text_data, encoding=enc, **common))
+        return predict_ensemble(a, command)
     if a.image_feats is None or a.text_feats is None:
         raise SolutionError("pass --image-feats and --text-feats (or --ensemble with --image-data and --text-data)")
-    job = Prediction(
-        a.image_feats,
-        a.text_feats,
-        direction=a.direction,
-        device=resolve_device(a.device),
-        valid_score=parse_score(a.valid_score),
-        checkpoints=tuple(a.checkpoint or ()),
-        progress=not a.no_progress,
-        **common,
-    )
-    return predict(job)
+    return predict(a, command)
 
 
 if __name__ == "__main__":

@@ -113,15 +113,10 @@ CONFIGS = {
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_config_that_is_not_a_mapping_lacks_sizes_or_names_another_kind_is_refused(tiny, tmp_path, case):
     _, cfg, sd, _ = tiny
-    config = {
-        "a string": "ViT-Tiny",
-        "sizes missing": {
-            **cfg.to_dict(),
-            "model_info": {k: v for k, v in cfg.model_info.items() if k != "vision_width"},
-        },
-        "a vision config as text": {**cfg.to_dict(), "text_model": "ViT-Tiny"},
-    }[case]
-    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "config": config}, tmp_path / "s.pt")
+    sizes = {k: v for k, v in cfg.model_info.items() if k != "vision_width"}
+    config = {"a string": "ViT-Tiny", "sizes missing": {**cfg.to_dict(), "model_info": sizes}}
+    config["a vision config as text"] = {**cfg.to_dict(), "text_model": "ViT-Tiny"}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "config": config[case]}, tmp_path / "s.pt")
     with pytest.raises(SolutionError, match=r"s\.pt: " + CONFIGS[case]):
         load_model(tmp_path / "s.pt")
 
@@ -344,17 +339,7 @@ def test_trainer_lets_go_of_the_start_checkpoint_once_restored(tiny, tmp_path, m
 
     monkeypatch.setattr(setup, "read_checkpoint", read)
     monkeypatch.setattr(trainer.Trainer, "_train", train_loop)
+    kw = dict(batch_size=2, reset_data_offset=True)
     start = tmp_path / "logs" / "a" / "checkpoints" / "epoch_latest.pt"
-    trainer.main(
-        tiny_argv(
-            train_split,
-            None,
-            tmp_path / "logs",
-            name="b",
-            max_steps=2,
-            batch_size=2,
-            resume=start,
-            reset_data_offset=True,
-        )
-    )
+    trainer.main(tiny_argv(train_split, None, tmp_path / "logs", name="b", max_steps=2, resume=start, **kw))
     assert alive == [[False, False]]

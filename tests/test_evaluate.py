@@ -137,13 +137,11 @@ def test_all_problems_listed_in_detail(tmp_path):
 def test_i2t_malformed_rejected_like_official(tmp_path):
     gold = [{"image_id": 7, "text_ids": [1]}, {"image_id": 8, "text_ids": [2]}]
     g = write_lines(tmp_path / "gold.jsonl", gold)
+    eight = {"image_id": 8, "text_ids": list(range(10))}
     for lines, word in [
         ([{"image_id": 7, "text_ids": list(range(10))}], "no prediction: 8"),
-        ([{"image_id": 7, "text_ids": [1] * 10}, {"image_id": 8, "text_ids": list(range(10))}], "image_id 7"),
-        (
-            [{"image_id": "7", "text_ids": list(range(10))}, {"image_id": 8, "text_ids": list(range(10))}],
-            "image_id '7'",
-        ),
+        ([{"image_id": 7, "text_ids": [1] * 10}, eight], "image_id 7"),
+        ([{"image_id": "7", "text_ids": list(range(10))}, eight], "image_id '7'"),
     ]:
         p = write_lines(tmp_path / "pred.jsonl", lines)
         assert json.loads(official(g, p, tmp_path / "up.json", "i2t"))["success"] is False

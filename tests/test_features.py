@@ -24,9 +24,9 @@ from solution.features import build_parser, main
 from solution.formats.feature_files import load_features
 from solution.model import ModelConfig, build_model, save_checkpoint
 from solution.model.precision import PRECISIONS, effective_precision, exact_math, model_math, precision_flag
-from solution.retrieval import cache
+from solution.retrieval import extract as cache
 from solution.retrieval.encode import encode_images, encode_texts, evaluate_split, token_batches
-from solution.retrieval.manifest import checkpoint_validation
+from solution.retrieval.rank import checkpoint_validation
 
 PROMPT = "这是一张商品图片："
 TEXTS = ["红色连衣裙", "男士运动鞋 透气 轻便 夏季新款", "苹果手机壳", "儿童玩具车", "Nike 跑步鞋 “轻便”", "保温杯500ML"]
@@ -107,15 +107,19 @@ def test_image_cache_hit_and_invalidation(data, tmp_path, monkeypatch):
     first = load_features(tmp_path / "o/img.npy", "image").feats
     assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "hit" and len(calls) == 1
     np.testing.assert_array_equal(load_features(tmp_path / "o/img.npy", "image").feats, first)
-    _checkpoint(tmp_path / "ckpt.pt", seed=1)  # same architecture, other weights: the cache must not answer
+    (entry,) = (tmp_path / "o/cache").glob("img_*[0-9a-f].npy")  # replaced by noise of the same shape: encoded again
+    np.save(entry, np.random.default_rng(0).normal(size=first.shape).astype(np.float32))
     assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "miss" and len(calls) == 2
+    np.testing.assert_array_equal(load_features(tmp_path / "o/img.npy", "image").feats, first)
+    _checkpoint(tmp_path / "ckpt.pt", seed=1)  # same architecture, other weights: the cache must not answer
+    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "miss" and len(calls) == 3
     assert np.abs(load_features(tmp_path / "o/img.npy", "image").feats - first).max() > 1e-3
     model, cfg = _checkpoint(tmp_path / "ckpt2.pt", seed=1, prompt="")  # another text tower and prompt: a hit
     sd = model.state_dict()
     sd["bert.embeddings.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"] + 0.1
     save_checkpoint(tmp_path / "ckpt2.pt", sd, cfg)
-    assert _run(data, tmp_path / "ckpt2.pt", tmp_path / "o")["image"]["cache"] == "hit" and len(calls) == 2
-    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o", "--no-cache")["image"]["cache"] == "off" and len(calls) == 3
+    assert _run(data, tmp_path / "ckpt2.pt", tmp_path / "o")["image"]["cache"] == "hit" and len(calls) == 3
+    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o", "--no-cache")["image"]["cache"] == "off" and len(calls) == 4
 
 
 def test_validation_score_reaches_the_manifest(data, tmp_path):
@@ -195,10 +199,7 @@ def test_equals_upstream_extract_features(data, tmp_path):
 
 def test_token_batches_respect_the_budget_and_text_batching_changes_no_feature(tiny_model, tiny_config):
     lengths = np.array([3, 3, 4, 5, 5, 5, 9, 20, 52, 52])
-    # Without per-batch overhead each run of equal length is a batch (no padding); with a large one, few batches.
-    no_overhead = token_batches(lengths, np.arange(10), 10_000, overhead=0)
-    assert [b.tolist() for b in no_overhead] == [[0, 1], [2], [3, 4, 5], [6], [7], [8, 9]]
-    assert [b.tolist() for b in token_batches(lengths, np.arange(10), 10_000, overhead=10_000)] == [list(range(10))]
+    assert [b.tolist() for b in token_batches(lengths, np.arange(10), 40)] == [[0, 1, 2, 3, 4, 5], [6, 7], [8], [9]]
     rng = np.random.default_rng(0)
     for budget in (1, 20, 104, 3328, 10_000):  # every text once; padded tokens within budget (or one text)
         for lengths in (np.array([3, 3, 4, 5, 5, 5, 9, 20, 52, 52]), np.sort(rng.integers(3, 53, 500))):
@@ -207,6 +208,7 @@ def test_token_batches_respect_the_budget_and_text_batching_changes_no_feature(t
             assert sorted(np.concatenate(batches).tolist()) == sorted(order.tolist())
             pos = {int(t): i for i, t in enumerate(order)}  # text -> its sorted length
             assert all(len(b) == 1 or len(b) * max(int(lengths[pos[int(t)]]) for t in b) <= budget for b in batches)
+            assert [int(t) for b in batches for t in b] == order.tolist()  # consecutive, in order
     texts = TEXTS * 3 + ["一" * 40]
     with torch.inference_mode():
         padded = tiny_model.eval().encode_text(tokenize(texts, tiny_config.context_length, trim=False))
@@ -223,21 +225,18 @@ BAD = {
     "texts not UTF-8": ("--text-data T/latin1.jsonl", "latin1.jsonl:2|not UTF-8"),
     "no room for the prompt": ("--context-length 8", "no room"),
     "image data not an LMDB": ("--image-data T/o", "not an LMDB split"),
-    "text output is the text data": (
-        "--format jsonl --text-feat-output-path T/texts.jsonl",
-        "texts.jsonl|one of the inputs",
-    ),
-    "text output is the checkpoint": ("--format jsonl --text-feat-output-path T/ckpt.pt", "ckpt.pt|one of the inputs"),
-    "image output is the LMDB": (
-        "--format jsonl --image-feat-output-path T/lmdb/imgs/data.mdb",
-        "data.mdb|one of the inputs",
-    ),
+    "text output is the text data": ("--format jsonl --text-feat-output-path T/texts.jsonl", "texts.jsonl|refusing"),
+    "text output is the checkpoint": ("--format jsonl --text-feat-output-path T/ckpt.pt", "ckpt.pt|refusing"),
+    "image output is the LMDB": ("--format jsonl --image-feat-output-path T/lmdb/imgs/data.mdb", "data.mdb|refusing"),
     "image and text output the same": (
         "--image-feat-output-path T/o/x --text-feat-output-path T/o/x.npy",
         "--image-feat-output-path|--text-feat-output-path|x.npy|both write",
     ),
     "output is a folder": ("--text-feat-output-path T/folder.npy", "folder.npy|is a folder"),
     "output under a file": ("--image-feat-output-path T/texts.jsonl/img.npy", "texts.jsonl|which is a file"),
+    "output replaces another file": ("--image-feat-output-path T/user.npy", "user.npy exists and is not an earlier"),
+    "output replaces a checkpoint": ("--format jsonl --image-feat-output-path T/other.pt", "other.pt exists"),
+    "a checkpoint of bare weights": ("--resume T/bare.pt", "bare.pt holds bare weights|--context-length"),
 }
 
 
@@ -251,6 +250,9 @@ def test_bad_inputs_and_outputs_one_line_nothing_written(data, tmp_path, capsys,
     )
     (tmp_path / "no_id.jsonl").write_text('{"text_id": 1, "text": "a"}\n{"text": "b"}\n', encoding="utf-8")
     (tmp_path / "folder.npy").mkdir()
+    np.save(tmp_path / "user.npy", np.zeros((3, 4), np.float32))
+    torch.save(dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["state_dict"]), tmp_path / "bare.pt")
+    shutil.copy(tmp_path / "ckpt.pt", tmp_path / "other.pt")
     (tmp_path / "o").mkdir()
     flags, words = BAD[case]
     given = flags.replace("T/", f"{tmp_path}/").split()
@@ -327,7 +329,7 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
     """The caller asked for 'high' (TF32 on CUDA, oneDNN TF32 on the CPU): every exact ranking product runs at
     'highest' (no bf16 reduced-precision reductions either), and the caller's setting is back afterwards."""
     from solution.ensembles.fusion import rerank_topk
-    from solution.retrieval.rank import rank
+    from solution.retrieval.metrics import topk
 
     cuda, mkl = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
     seen, real_topk = [], torch.topk
@@ -343,7 +345,7 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
     try:
         with monkeypatch.context() as m:
             m.setattr(torch, "topk", spy)
-            got = [rank(queries, gallery, np.arange(64), 2)[0], rerank_topk([(queries, gallery)], 2)[1]]
+            got = [topk(queries, gallery, 2)[1], rerank_topk([(queries, gallery)], 2)[1]]
         assert len(seen) >= 2 and set(seen) == {(False, False, "ieee")}
         assert torch.get_float32_matmul_precision() == "high" and cuda.allow_tf32 and mkl.fp32_precision == "tf32"
     finally:

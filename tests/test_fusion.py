@@ -102,10 +102,8 @@ def test_temperature_zero_is_no_reranking_and_inputs_are_left_alone(norm, method
     saved = [tuple(x.copy() for x in m) for m in members]
     kw = dict(norm=norm, norm_temperature=0.5, bank=bank, dtype=torch.float64)
     plain = rerank_topk(members, 4, [1, 2], norm=norm, norm_temperature=0.5, dtype=torch.float64)
-    assert all(
-        np.array_equal(x, y)
-        for x, y in zip(rerank_topk(members, 4, [1, 2], method=method, temperature=0.0, **kw), plain)
-    )
+    off = rerank_topk(members, 4, [1, 2], method=method, temperature=0.0, **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(off, plain))
     got = [
         rerank_topk(m, 4, [1, 2], method=method, temperature=0.5, chunk_size=c, **kw)[1]
         for m in (members, tensors)
@@ -116,16 +114,10 @@ def test_temperature_zero_is_no_reranking_and_inputs_are_left_alone(norm, method
         assert all(np.array_equal(a, b) and np.array_equal(c.numpy(), b) for a, c, b in zip(m, t, s))
 
 
-@pytest.mark.parametrize(
-    "weights, match",
-    [
-        ([1, -1], ">= 0"),
-        ([0, 0], "positive sum"),
-        ([np.nan, 1], "finite"),
-        ([np.inf, 1], "finite"),
-        ([1, 1, 1], "one weight"),
-    ],
-)
+BAD_WEIGHTS = [([1, -1], "finite, >= 0"), ([0, 0], "positive sum"), ([np.nan, 1], "finite"), ([np.inf, 1], "finite")]
+
+
+@pytest.mark.parametrize("weights, match", [*BAD_WEIGHTS, ([1, 1, 1], "one weight")])
 def test_bad_weights_raise(weights, match):
     with pytest.raises(ValueError, match=match):
         check_weights(weights, 2)
@@ -145,44 +137,16 @@ def test_bad_arguments_raise():
     ]:
         with pytest.raises(ValueError, match=match):
             rerank_topk(s, 2, **kwargs)
-    with pytest.raises(ValueError, match=r"share \[Q, G\]"):
-        rerank_topk([(np.zeros((2, 3)), np.eye(3)), (np.zeros((2, 4)), np.eye(4))], 1)
-    with pytest.raises(ValueError, match=r"\[Q, D\]"):
-        rerank_topk([(np.zeros((2, 3)), np.zeros((4, 2)))], 1)
-
-
-def _recall(members, gold, weights=None, **kw) -> float:
-    """Mean recall (percent) of the fused top-10, ``gold[q]`` the gold gallery indices of query ``q``."""
-    idx = rerank_topk(members, 10, weights, **kw)[1]
-    return float(
-        np.mean([np.mean([bool(set(row[:k]) & g) for k in (1, 5, 10)]) for row, g in zip(idx.tolist(), gold)]) * 100
-    )
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_forward_selection_never_below_its_best_member(seed):
-    rng = np.random.default_rng(seed)
-    members = [(rng.normal(size=(30, 25)), np.eye(25)) for _ in range(4)]
-    gold = [set(rng.choice(25, size=int(rng.integers(1, 3)), replace=False).tolist()) for _ in range(30)]
-
-    def evaluate(w):
-        return _recall(members, gold, w, norm="zscore", dtype=torch.float64)
-
-    singles = [evaluate(np.eye(4)[m]) for m in range(4)]
-    sel = forward_select(evaluate, 4, max_rounds=4)
-    assert sel.score >= max(singles) and sel.chosen[0] == int(np.argmax(singles)) and sel.score == evaluate(sel.weights)
-    assert np.array_equal(sel.weights, sel.counts / sel.counts.sum()) and sel.counts.sum() == len(sel.chosen)
-    assert [r["member"] for r in sel.trajectory[:4]] == list(range(4))
-    assert sum(r["accepted"] for r in sel.trajectory) == len(sel.chosen)
 
 
 def test_forward_selection_with_replacement_reaches_a_repeated_member():
     target = np.array([0.5, 0.25, 0.25])
-    sel = forward_select(lambda w: -float(((w - target) ** 2).sum()), 3)
-    assert np.array_equal(sel.counts, [2, 1, 1]) and sel.score == 0.0 and sel.chosen == [0, 1, 2, 0]
-    assert len(sel.trajectory) == 3 * 5  # four accepted rounds and the one that found no improvement
-    assert forward_select(lambda w: 1.0, 3, max_rounds=5).chosen == [0]  # flat: nothing strictly improves
-    assert forward_select(lambda w: float(w[1]), 2, max_rounds=0).chosen == [1]
+    counts, score, trajectory = forward_select(lambda w: -float(((w - target) ** 2).sum()), 3)
+    assert counts.tolist() == [2, 1, 1] and score == 0.0
+    assert [r["member"] for r in trajectory if r["accepted"]] == [0, 1, 2, 0]
+    assert len(trajectory) == 3 * 5  # four accepted rounds and the one that found no improvement
+    assert forward_select(lambda w: 1.0, 3, max_rounds=5)[0].tolist() == [1, 0, 0]  # flat: nothing strictly improves
+    assert forward_select(lambda w: float(w[1]), 2, max_rounds=0)[0].tolist() == [0, 1]
 
 
 def test_fit_temperature_picks_the_argmax_and_the_earliest_tie():

@@ -4,12 +4,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from cli_helpers import one_error_line
 from oracles import dyadic, ranked_ids
 
 from cn_clip_patch.device import run_upstream_main
 from solution.common import SolutionError, read_jsonl
 from solution.formats.feature_files import load_features, save_features
+from solution.formats.hits import array_digest
 from solution.predict import main
 from solution.retrieval.rank import auto_chunk
 
@@ -79,11 +81,17 @@ def test_i2t_schema_and_chunk_independence(feats):
     assert set(rows[0]) == {"image_id", "text_ids"} and [r["text_ids"] for r in rows] == ranked_ids(im, t, tids, 5)
 
 
-def test_manifest_warns_on_mixed_checkpoints(feats, caplog):
+def test_mixed_checkpoints_only_when_allowed_and_stale_temporaries_removed(feats, capsys, monkeypatch):
     d, tids, t, iids, im = feats
     save_features(d / "other.npy", "image", iids, im, meta={"checkpoint": "/y/other.pt", "checkpoint_sha256": "def"})
-    main(["--image-feats", str(d / "other.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "m.jsonl")])
-    assert "different checkpoints" in caplog.text
+    argv = ["--image-feats", str(d / "other.npy"), "--text-feats", str(d / "text.npy"), "--output", str(d / "m.jsonl")]
+    assert "--allow-mixed-features" in one_error_line(capsys, monkeypatch, main, argv)[1]
+    killed = [d / ".m.jsonl.x1.tmp", d / ".m.json.x2.tmp", d / ".other.npy.x3.tmp"]  # a kill -9 leaves these
+    for p in killed:
+        p.write_text("half")
+    for _ in range(2):  # the second time over its own earlier output
+        main([*argv, "--allow-mixed-features"])
+        assert [p.exists() for p in killed] == [False, False, True]  # only the output's own
     assert [c["path"] for c in json.loads((d / "m.json").read_text())["checkpoints"]] == ["/x/best.pt", "/y/other.pt"]
 
 
@@ -128,11 +136,16 @@ BAD = {
     "no ids file": ("--image-feats noids.npy", "ids file"),
     "no such features": ("--image-feats nope", "neither|nope.npy"),
     "output named .json": ("--output x.json", "manifest"),
-    "output is the text features": ("--output text.jsonl", "text.jsonl|one of the inputs"),
-    "output is the image ids": ("--image-feats img.npy --output img.ids.npy", "img.ids.npy|one of the inputs"),
-    "manifest is the features' meta": ("--output text.meta.jsonl", "text.meta.json|one of the inputs"),
+    "output is the text features": ("--output text.jsonl", "text.jsonl|refusing"),
+    "output is the image ids": ("--image-feats img.npy --output img.ids.npy", "img.ids.npy|refusing"),
+    "manifest is the features' meta": ("--output text.meta.jsonl", "text.meta.json|refusing"),
     "output is a folder": ("--output sub", "sub|is a folder"),
     "output under a file": ("--output img.npy/sub.jsonl", "img.npy/sub.jsonl|which is a file"),
+    "manifest replaces an ensemble's": ("--output ens/ensemble.jsonl", "ensemble.json exists and is not"),
+    "manifest replaces a user's file": ("--output notes.jsonl", "notes.json exists and is not"),
+    "output replaces a checkpoint": ("--output best.pt", "best.pt exists and is not"),
+    "output replaces text features": ("--output up_img.jsonl --image-feats img.npy", "up_img.jsonl exists and is not"),
+    "features changed since extraction": ("--image-feats noisy.npy", "noisy.npy|changed since extraction"),
 }
 
 
@@ -146,6 +159,12 @@ def test_bad_inputs_and_outputs_one_line_nothing_written(feats, capsys, monkeypa
     save_features(d / "noids.npy", "image", iids, im)
     (d / "noids.ids.npy").unlink()
     (d / "broken.jsonl").write_text('{"text_id": 1, "feature": [0.1]}\n{"text_id": "2", "feature": [0.2]}\n')
+    (d / "ens").mkdir()
+    (d / "ens" / "ensemble.json").write_text('{"version": 1, "members": []}')
+    (d / "notes.json").write_text('{"mine": true}')
+    torch.save({"state_dict": {}}, d / "best.pt")
+    save_features(d / "noisy.npy", "image", iids, im, meta={"sha256": array_digest(iids, im)})
+    np.save(d / "noisy.npy", np.random.default_rng(1).normal(size=im.shape).astype(np.float32))
     flags, words = BAD[case]
     given = flags.split()
     argv = {"--image-feats": "img.jsonl", "--text-feats": "text.jsonl", "--output": "out.jsonl"}

@@ -14,8 +14,7 @@ from train_helpers import COLOURS, _png
 from solution.data import datasets
 from solution.data.lmdb_io import LMDBSplit, write_split
 from solution.formats.hits import read_hits
-from solution.retrieval.encode import encode_images, encode_split, score_parts, split_queries
-from solution.retrieval.pixels import prepare_images
+from solution.retrieval.encode import encode_images, encode_split, prepare_images, score_parts, split_queries
 from solution.training.state import RunFiles
 from solution.training.validation import BestTracker, Validation, feature_loss
 

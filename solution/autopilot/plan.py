@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from solution.common import SolutionError, write_json
-from solution.ensembles.spec import read_ensemble
+from solution.ensembles.make_ensemble import read_ensemble
 from solution.formats.hits import read_hits, write_hits
 from solution.retrieval.metrics import query_hits, recall_from_hits
 from solution.retrieval.official import check_submission, read_gold

@@ -1,12 +1,13 @@
-"""Score-level fusion and re-ranking in chunks of query rows, and the searches that choose them.
+"""Score-level fusion and re-ranking in chunks of query rows, and choosing an ensemble on held-out queries.
 
-A member scores ``queries @ gallery.T`` (``[Q, G]``, higher is better; members may differ in width). The
-fusion is ``F = sum_m w_m N(S_m)`` (weights summing to 1), ``N`` per query row: none, z-score (population
-std; a constant row maps to 0) or ``softmax(s / T)``. Re-rankers use a bank of queries ``B`` scored against
-the same gallery, ``L_g = log sum_b exp(F_bg / T)``: dual softmax ``F * exp(F / T - L)`` (the bank defaults
-to the queries themselves) and QB-Norm's inverted softmax ``F / T - L`` (dynamic with ``bank_topk``); ``T = 0``
-is no re-ranking, exactly. Top-k ties go to the lower gallery index. Everything runs in two ``chunk x G``
-blocks (three with softmax), whatever ``Q``, the bank and the members: :func:`fusion_chunk` sizes the chunk.
+``F = sum_m w_m N(q_m @ g_m.T)`` (weights summing to 1), ``N`` per query row: none, z-score (population std; a
+constant row maps to 0) or ``softmax(s / T)``. With ``L_g = log sum_b exp(F_bg / T)`` over a bank of queries:
+dual softmax ``F * exp(F / T - L)`` and QB-Norm's ``F / T - L`` (``bank_topk``: only rows whose top-1 is in
+some bank row's top-k); ``T = 0`` is no re-ranking. Top-k ties go to the lower gallery index.
+
+:func:`select` fits the softmax temperature with uniform weights, then the weights by forward selection (or takes
+fixed ones), then tries flip TTA, then each re-ranker's temperature on its grid (0 = off first), each step kept only
+when it strictly helps; :func:`choose` adds ``--folds K`` cross-fitting. Every candidate tried is a record.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from solution.common import SolutionError
 from solution.model.precision import exact_math
-from solution.retrieval.metrics import topk_rows
+from solution.retrieval.metrics import KS, query_hits, recall_from_hits, topk_rows
+from solution.stats import crossfit
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,6 @@ RERANKERS = ("none", "dual_softmax", "qb_norm")
 TEMPERATURE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # 0 = off first: ties keep it off
 DEFAULT_CHUNK = 1024
 FUSION_MEMORY_MB = 128  # predict --ensemble's fusion working set (see fusion_chunk)
-
-Members = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _normalise_(s: torch.Tensor, norm: str, temperature: float) -> torch.Tensor:
@@ -54,27 +55,14 @@ def check_weights(weights, n_members: int) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n_members,):
         raise ValueError(f"need one weight per member ({n_members}), got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError(f"weights must be finite, got {w.tolist()}")
-    if np.any(w < 0):
-        raise ValueError(f"weights must be >= 0, got {w.tolist()}")
-    if not w.sum() > 0:
-        raise ValueError(f"weights must have a positive sum, got {w.tolist()} (sum {w.sum()})")
+    if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
+        raise ValueError(f"weights must be finite, >= 0 and have a positive sum, got {w.tolist()}")
     return w / w.sum()
 
 
-def _members(pairs: Sequence[tuple], device, dtype) -> Members:
+def _members(pairs: Sequence[tuple], device, dtype) -> list:
     """Each member's ``(queries [Q, D], gallery [G, D])`` as tensors in ``dtype``, the gallery on ``device``."""
-    out = []
-    for q, g in pairs:
-        q, g = (torch.as_tensor(x, dtype=dtype) for x in (q, g))
-        if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-            raise ValueError(f"member features must be [Q, D] and [G, D], got {tuple(q.shape)} and {tuple(g.shape)}")
-        out.append((q, g.to(device)))
-    shapes = {(len(q), len(g)) for q, g in out}
-    if len(shapes) != 1:
-        raise ValueError(f"members must share [Q, G], got {sorted(shapes)}")
-    return out
+    return [(torch.as_tensor(q, dtype=dtype), torch.as_tensor(g, dtype=dtype).to(device)) for q, g in pairs]
 
 
 def fusion_chunk(gallery_size: int, memory_mb: float, norm: str = "zscore") -> int:
@@ -83,7 +71,7 @@ def fusion_chunk(gallery_size: int, memory_mb: float, norm: str = "zscore") -> i
     return int(max(1, min(8192, memory_mb * 2**20 // (blocks * 4 * max(1, gallery_size)))))
 
 
-def _fused_rows(members: Members, w: np.ndarray, rows: slice, norm: str, norm_temperature: float, work) -> torch.Tensor:
+def _fused_rows(members: list, w: np.ndarray, rows: slice, norm: str, norm_temperature: float, work) -> torch.Tensor:
     """Rows of ``F`` in ``work[0]`` (valid until its next use); each member scored and normalised in ``work[1]``."""
     n = rows.stop - rows.start
     out, scratch = work[0][:n], work[1][:n]
@@ -95,7 +83,7 @@ def _fused_rows(members: Members, w: np.ndarray, rows: slice, norm: str, norm_te
     return out
 
 
-def _bank_stats(bank: Members, w, temperature: float, bank_topk: int | None, chunk: int, norm: str, norm_t: float):
+def _bank_stats(bank: list, w, temperature: float, bank_topk: int | None, chunk: int, norm: str, norm_t: float):
     """``L_g`` over the bank, and (``bank_topk``) the active set: columns in some bank row's top-k."""
     g0, n_bank = bank[0][1], len(bank[0][0])
     lse = torch.full((len(g0),), -math.inf, dtype=g0.dtype, device=g0.device)
@@ -171,30 +159,16 @@ def rerank_topk(
     return torch.cat(all_s).numpy(), torch.cat(all_i).numpy()
 
 
-@dataclasses.dataclass
-class Selection:
-    """Forward selection's outcome: ``chosen`` members in order of addition (repeats allowed)."""
-
-    chosen: list[int]
-    counts: np.ndarray
-    weights: np.ndarray  # counts / counts.sum()
-    score: float
-    trajectory: list[dict]  # one record per candidate tried: round, member, counts, score, accepted
+NORM_GRID = tuple(t for t in TEMPERATURE_GRID if t > 0)
 
 
-def forward_select(evaluate: Callable[[np.ndarray], float], n_members: int, *, max_rounds: int = 20) -> Selection:
-    """Caruana et al. (2004) greedy forward selection with replacement, maximising ``evaluate(weights)``.
-
-    Round 0 starts from the best single member (ties: the lower index); each later round adds the member
-    that scores best if that strictly improves the score, for at most ``max_rounds`` additions. Weights are
-    ``counts / total`` (never below the best member alone); proportional counts are evaluated once.
-    """
-    if n_members < 1:
-        raise ValueError("forward selection needs at least one member")
+def forward_select(evaluate: Callable[[np.ndarray], float], n_members: int, *, max_rounds: int = 20):
+    """Caruana et al. (2004) greedy forward selection with replacement maximising ``evaluate(weights)``: ``(counts,
+    score, a record per candidate)``. Round 0 takes the best single member (ties: the lower index); each later round
+    adds the best member if that strictly improves the score; proportional counts are evaluated once."""
     cache: dict[tuple, float] = {}
     trajectory: list[dict] = []
-    counts = np.zeros(n_members, dtype=np.int64)
-    best_score, best_rec = -math.inf, None
+    counts, best_score, best = np.zeros(n_members, dtype=np.int64), -math.inf, None
     for rnd in range(max_rounds + 1):
         for m in range(n_members):
             trial = counts.copy()
@@ -202,29 +176,181 @@ def forward_select(evaluate: Callable[[np.ndarray], float], n_members: int, *, m
             key = tuple((trial // math.gcd(*trial.tolist())).tolist())
             if key not in cache:
                 cache[key] = float(evaluate(trial / trial.sum()))
-            trajectory.append(
-                {"round": rnd, "member": m, "counts": trial.tolist(), "score": cache[key], "accepted": False}
-            )
+            trajectory.append({"round": rnd, "member": m, "counts": trial.tolist(), "score": cache[key]})
+            trajectory[-1]["accepted"] = False
             if cache[key] > best_score:  # strict: ties keep the lower member, and a round must improve
-                best_score, best_rec = cache[key], trajectory[-1]
-        if best_rec is None or best_rec["round"] != rnd:
+                best_score, best = cache[key], trajectory[-1]
+        if best is None or best["round"] != rnd:
             break
-        best_rec["accepted"] = True
-        counts[best_rec["member"]] += 1
-        log.info(
-            f"forward selection round {rnd}: + member {best_rec['member']} -> {best_score:.4f} ({counts.tolist()})"
-        )
-    chosen = [r["member"] for r in trajectory if r["accepted"]]
-    return Selection(chosen, counts, counts / counts.sum(), best_score, trajectory)
+        best["accepted"] = True
+        counts[best["member"]] += 1
+        log.info(f"forward selection round {rnd}: + member {best['member']} -> {best_score:.4f} ({counts.tolist()})")
+    return counts, best_score, trajectory
 
 
-def fit_temperature(
-    evaluate: Callable[[float], float], grid: Sequence[float] = TEMPERATURE_GRID
-) -> tuple[float, list[dict]]:
+def fit_temperature(evaluate: Callable[[float], float], grid: Sequence[float] = TEMPERATURE_GRID):
     """``argmax_T evaluate(T)`` over ``grid`` (ties: the earliest value) and a record per value."""
-    if not len(grid):
-        raise ValueError("empty temperature grid")
     records = [{"temperature": float(t), "score": float(evaluate(float(t)))} for t in grid]
     best = max(records, key=lambda r: r["score"])  # max keeps the first of equal scores
-    log.info(f"temperature {best['temperature']:g}: {best['score']:.4f}")
     return best["temperature"], records
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A fused ranking: member weights, the normalisation, flip TTA or not, the re-ranker and its temperature."""
+
+    weights: tuple
+    norm: str = "zscore"
+    norm_temperature: float = 1.0
+    rerank: str = "none"
+    temperature: float = 0.0
+    tta: str = "none"
+
+    def record(self) -> dict:
+        return {
+            "weights": [float(w) for w in self.weights],
+            "norm": self.norm,
+            "norm_temperature": self.norm_temperature if self.norm == "softmax" else None,
+            "tta": self.tta,
+            "rerank": {"method": self.rerank if self.temperature > 0 else "none", "temperature": self.temperature},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to choose: fixed ``weights`` or forward selection, the normalisation, what else to try."""
+
+    norm: str = "zscore"
+    weights: tuple | None = None
+    rerankers: tuple = ()
+    max_rounds: int = 20
+    tta: tuple = ()  # test-time augmentations to try ("flip")
+
+
+@dataclasses.dataclass
+class Problem:
+    """Members' query, gallery (and bank, flipped gallery) features, and the gold gallery indices of each query."""
+
+    queries: Sequence[np.ndarray]
+    galleries: Sequence[np.ndarray]
+    gold: Sequence[set]
+    banks: Sequence[np.ndarray] | None = None
+    device: str = "cpu"
+    bank_topk: int | None = None
+    flipped: Sequence[np.ndarray] | None = None
+
+    @classmethod
+    def of(cls, members: Sequence, query_ids, gold: dict, **kw) -> Problem:
+        """Encoded members (:class:`~.make_ensemble.Member`) and the gold gallery rows of queries ``{id: [gallery ids]}``."""
+        where = {int(g): i for i, g in enumerate(members[0].gallery_ids.tolist())}
+        rows = [{where[int(g)] for g in gold[int(q)] if int(g) in where} for q in query_ids]
+        banks = [m.bank for m in members] if members[0].bank is not None else None
+        flipped = [m.flipped for m in members] if members[0].flipped is not None else None
+        return cls([m.queries for m in members], [m.gallery for m in members], rows, banks, flipped=flipped, **kw)
+
+    def alone(self, i: int) -> Choice:
+        """Member ``i`` alone, as its own features rank."""
+        return Choice(tuple(np.eye(len(self.queries))[i].tolist()), "none")
+
+    def ranked(self, choice: Choice, rows, k: int = max(KS), chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
+        """Top-``k`` gallery indices of ``rows`` under ``choice`` (dual softmax's bank: these rows themselves)."""
+        if choice.tta == "flip" and self.flipped is None:
+            raise SolutionError("flip TTA asked but no flipped gallery features were encoded")
+        galleries = self.flipped if choice.tta == "flip" else self.galleries
+        qb = choice.rerank == "qb_norm" and choice.temperature > 0
+        return rerank_topk(
+            [(q[rows], g) for q, g in zip(self.queries, galleries)],
+            min(k, len(galleries[0])),
+            np.asarray(choice.weights),
+            method=choice.rerank,
+            temperature=choice.temperature,
+            bank=list(zip(self.banks, galleries)) if qb else None,
+            bank_topk=self.bank_topk,
+            norm=choice.norm,
+            norm_temperature=choice.norm_temperature,
+            chunk_size=chunk_size,
+            device=self.device,
+        )[1]
+
+    def hits(self, choice: Choice, rows) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows scored, their hits [n, 3])``: the rows with a gold image in the gallery, ranked among ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        scored = np.asarray([i for i, r in enumerate(rows.tolist()) if self.gold[r]], dtype=np.int64)
+        if not len(scored):
+            raise SolutionError(f"an empty query set: none of the {len(rows)} queries has a gold image in the gallery")
+        idx = self.ranked(choice, rows)[scored]
+        return rows[scored], query_hits(idx, [self.gold[r] for r in rows[scored].tolist()])
+
+    def recall(self, choice: Choice, rows) -> dict:
+        """MUGE R@1/5/10 and mean recall (percent) of ``rows`` (queries without a gold image not scored)."""
+        scored, hits = self.hits(choice, rows)
+        return {**recall_from_hits(hits), "queries_scored": len(scored)}
+
+    def score(self, choice: Choice, rows) -> float:
+        return float(self.recall(choice, rows)["mean_recall"])
+
+
+def select(problem: Problem, rows, plan: Plan, records: list, tag: dict | None = None) -> tuple[Choice, float]:
+    """The choice made on ``rows`` and its score there; a record per candidate goes to ``records``."""
+    n = len(problem.queries)
+
+    def score(**changes) -> float:
+        return problem.score(dataclasses.replace(choice, **changes), rows)
+
+    def note(stage: str, accepted: bool, **record) -> None:
+        records.append({**(tag or {}), "stage": stage, **record, "accepted": accepted})
+
+    choice = Choice(tuple(np.full(n, 1.0 / n).tolist()), plan.norm)
+    if plan.norm == "softmax":
+        t, recs = fit_temperature(lambda t: score(norm_temperature=t), NORM_GRID)
+        for r in recs:
+            note("norm_temperature", r["temperature"] == t, **r)
+        choice = dataclasses.replace(choice, norm_temperature=t)
+    if plan.weights is not None:
+        choice = dataclasses.replace(choice, weights=tuple(check_weights(plan.weights, n).tolist()))
+        best = score()
+        note("weights", True, weights=list(choice.weights), score=best)
+    else:
+        counts, best, trajectory = forward_select(
+            lambda w: score(weights=tuple(w.tolist())), n, max_rounds=plan.max_rounds
+        )
+        for r in trajectory:
+            note("weights", r.pop("accepted"), **r, weights=(np.asarray(r["counts"]) / sum(r["counts"])).tolist())
+        choice = dataclasses.replace(choice, weights=tuple((counts / counts.sum()).tolist()))
+    for tta in plan.tta:
+        s = score(tta=tta)
+        note("tta", s > best, method=tta, score=s)
+        if s > best:
+            choice, best = dataclasses.replace(choice, tta=tta), s
+    chosen = choice
+    for method in plan.rerankers:
+        t, recs = fit_temperature(lambda t: score(rerank=method, temperature=t))
+        top = max(r["score"] for r in recs)
+        for r in recs:
+            note("rerank", top > best and r["temperature"] == t, method=method, **r)
+        if top > best:
+            chosen, best = dataclasses.replace(choice, rerank=method, temperature=t), top
+    log.info(f"{tag or ''} choice {chosen.record()}: {best:.4f} on {len(rows)} queries")
+    return chosen, best
+
+
+def choose(problem: Problem, rows, plan: Plan, folds: int | None, seed: int, records: list, ids=None):
+    """``(choice on all rows, its score there, cross-fit record or None, held-out hits or None)``. With ``folds``,
+    the rows with a gold image are cross-fitted in :func:`solution.stats.id_folds` of their ``ids``."""
+    if not folds:
+        return (*select(problem, rows, plan, records), None, None)
+    rows = np.asarray([r for r in np.asarray(rows).tolist() if problem.gold[r]], dtype=np.int64)
+    if not 2 <= folds <= len(rows):
+        raise SolutionError(f"--folds {folds}: need 2 <= K <= {len(rows)} (the selection queries)")
+    scores: list = []
+
+    def select_fn(part: np.ndarray) -> Choice:
+        choice, score = select(problem, part, plan, records, {"fold": len(scores) if len(scores) < folds else "refit"})
+        scores.append(score)
+        return choice
+
+    ids = rows if ids is None else np.asarray(ids)[rows]
+    r = crossfit(select_fn, lambda c, part: problem.hits(c, part)[1], rows, k=folds, seed=seed, ids=ids)
+    record = {"folds": folds, "seed": seed, **{k: getattr(r, k) for k in ("fold_scores", "mean", "low", "high")}}
+    record.update(interval=r.interval, choices=[c.record() for c in r.choices])
+    return r.choice, scores[-1], record, (ids, r.held_out)

@@ -65,13 +65,14 @@ def resolve_features(path: str | os.PathLike, kind: str = "") -> tuple[str, Path
     raise SolutionError(f"{what} not found: neither {npy} nor {p} exists")
 
 
-def check_outputs(outputs: dict, fmt: str, inputs=()) -> None:
+def check_outputs(outputs: dict, fmt: str, inputs=(), own=None) -> None:
     """Refuse feature outputs ``{flag: path}`` before anything is computed, with one line: a file that would be
-    a folder, sit under a file, replace one of ``inputs``, or be written twice."""
+    a folder, sit under a file, replace one of ``inputs`` or an existing file ``own`` does not recognise, or be
+    written twice."""
     seen: dict[Path, str] = {}
     for flag, out in outputs.items():
         for path in (x for x in feature_paths(out, fmt) if x is not None):
-            check_output(path, inputs=inputs, what=f"{flag} output")
+            check_output(path, inputs=inputs, what=f"{flag} output", own=own)
             if seen.setdefault(path.resolve(), flag) != flag:
                 raise SolutionError(f"{seen[path.resolve()]} and {flag} both write {path}; give them different names")
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from solution.common import SolutionError
-from solution.ensembles.spec import NAME as ENSEMBLE
-from solution.ensembles.spec import read_ensemble
+from solution.ensembles.make_ensemble import NAME as ENSEMBLE
+from solution.ensembles.make_ensemble import read_ensemble
 from solution.formats.hits import read_hits
 from solution.formats.kinds import folder_kind
 from solution.formats.run_files import METRICS, PARAMS, main_valid, parse_lines, read_metrics, read_params

@@ -1,17 +1,22 @@
 """Image and text features, and scoring a model on an LMDB split by real retrieval.
 
-``encode_images`` / ``encode_texts`` are the one path from a model to L2-normalised features (training
-validation, the soup, extraction, ensembles), and ``score_parts`` (``encode_split`` + ``score_features``)
-the one way a model is scored on a split. :func:`prepare_inputs` decodes a gallery and tokenises its
-queries once for scoring many models, with the same scores.
+``encode_images`` / ``encode_texts`` are the one path from a model to L2-normalised features, and ``score_parts``
+(``encode_split`` + ``score_features``) the one way a model is scored on a split. :func:`prepare_inputs` decodes a
+gallery (kept as uint8 pixels: the eval transform cut before ``ToTensor`` + ``Normalize``, which finish each batch
+as they finish each image) and tokenises its queries once for scoring many models, with the same scores.
+:class:`ValData`: validation queries (``--val-texts`` or the pairs) and the ``--select-split`` draw.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,14 +27,69 @@ from cn_clip_patch.prompt import token_lengths, tokenize
 from solution.common import SolutionError
 from solution.data.datasets import ImageDataset, eval_transform, image_collate
 from solution.data.lmdb_io import LMDBSplit
-from solution.formats.muge import MugeText
+from solution.formats.muge import MugeText, read_texts
 from solution.model import ModelConfig
 from solution.model.precision import autocast as autocast_context
 
 from .metrics import KS, present_gold, query_hits, recall_from_hits, topk
-from .pixels import PreparedImages, prepare_images
 
 log = logging.getLogger(__name__)
+
+
+IMAGE_CACHE_BYTES = 8 << 30  # default bound of prepared pixels (MUGE's 29,806 valid images at 224 px: 4.2 GiB)
+
+
+def _uint8_chw(image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class PreparedImages:
+    """Images of a split decoded and resized once (:func:`prepare_images`), kept as uint8 pixels."""
+
+    image_ids: np.ndarray  # int64 [K]: the decodable ones, in the requested order
+    positions: np.ndarray  # int64 [K]: each one's index among the requested ids
+    pixels: torch.Tensor  # uint8 [K, 3, H, W]
+    finish: Callable  # uint8 batch -> the model's input (what ToTensor + Normalize give)
+    requested: int  # ids requested (decodable or not)
+
+    def batches(self, batch_size: int):
+        """``(ids, images)`` as :func:`~.encode.encode_images`'s loader gives them (undecodable ones left out)."""
+        for lo in range(0, self.requested, batch_size):
+            a, b = np.searchsorted(self.positions, [lo, lo + batch_size])
+            if a < b:
+                yield torch.from_numpy(self.image_ids[a:b]), self.finish(self.pixels[a:b])
+
+
+def prepare_images(
+    split, config: ModelConfig, *, batch_size=64, num_workers=0, max_bytes=IMAGE_CACHE_BYTES, progress=False
+) -> PreparedImages | None:
+    """A split's images decoded and resized once for every model of ``config``'s resolution; None (decode on
+    each use) above ``max_bytes`` of pixels or when the eval transform does not end in ToTensor + Normalize."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    split = split if isinstance(split, LMDBSplit) else LMDBSplit(split, need_pairs=False)
+    ids = split.image_ids()
+    res = config.image_resolution
+    steps = list(getattr(eval_transform(res), "transforms", []))
+    need = len(ids) * 3 * res * res
+    if [type(s) for s in steps[-2:]] != [ToTensor, Normalize] or need > max_bytes:
+        log.info(f"{split.split_dir}: images decoded on each use ({need / 2**30:.1f} GiB of pixels)")
+        return None
+    ds = ImageDataset(split, Compose([*steps[:-2], _uint8_chw]), ids)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_collate)
+    pix, got = torch.empty((len(ids), 3, res, res), dtype=torch.uint8), []
+    for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress):
+        if batch is not None:
+            pix[len(got) : len(got) + len(batch[0])] = batch[1]
+            got.extend(batch[0].tolist())
+    where = {int(i): p for p, i in enumerate(ids)}
+    pix = pix if len(got) == len(ids) else pix[: len(got)].clone()
+    normalize = steps[-1]
+    finish = lambda x: normalize(x.to(torch.float32).div(255))  # noqa: E731  (ToTensor + Normalize, batched)
+    return PreparedImages(
+        np.asarray(got, np.int64), np.asarray([where[i] for i in got], np.int64), pix, finish, len(ids)
+    )
 
 
 def _normalize(x: torch.Tensor) -> np.ndarray:
@@ -63,18 +123,15 @@ def encode_images(
     flip: bool = False,
     prepared: PreparedImages | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(image_ids int64 [N], features float32 [N, D])`` of a split's decodable images, in key order.
-
-    ``flip``: of the horizontally mirrored images (flip test-time augmentation). ``prepared``: these ids
-    decoded already (:func:`~.pixels.prepare_images`); the same tensors in the same batches."""
+    """``(image_ids int64 [N], features float32 [N, D])`` of a split's decodable images, in key order; ``flip``: of
+    the mirrored images; ``prepared``: these ids decoded already (:func:`prepare_images`)."""
     if prepared is None:
         ds = ImageDataset(split, eval_transform(config.image_resolution), image_ids)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=image_collate)
     ids, feats = [], []
     with _inference(model):
-        for batch in tqdm(
-            prepared.batches(batch_size) if prepared else loader, desc="images", unit="batch", disable=not progress
-        ):
+        batches = prepared.batches(batch_size) if prepared else loader
+        for batch in tqdm(batches, desc="images", unit="batch", disable=not progress):
             if batch is None:
                 continue
             images = torch.flip(batch[1], dims=[-1]) if flip else batch[1]
@@ -87,48 +144,22 @@ def encode_images(
     return np.concatenate(ids).astype(np.int64), np.concatenate(feats).astype(np.float32)
 
 
-def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int, overhead: int = 1024) -> list[np.ndarray]:
-    """Split ``order`` (texts by ascending token length) into batches of at most ``budget`` padded tokens,
-    minimising padded tokens + ``overhead`` per batch (on a CPU a batch costs about a thousand tokens more)
-    by dynamic programming over the runs of equal length."""
-    if len(order) == 0:
-        return []
-    lengths, starts, counts = np.unique(np.asarray(sorted_lengths), return_index=True, return_counts=True)
-    batches, groups = [], []  # groups: (length, start, count); a run over the budget gives full batches first
-    for length, start, count in zip(lengths.tolist(), starts.tolist(), counts.tolist()):
-        cap = max(1, budget // length)
-        while count > cap:
-            batches.append(order[start : start + cap])
-            start, count = start + cap, count - cap
-        groups.append((length, start, count))
-    best, first = [0.0] + [float("inf")] * len(groups), [0] * (len(groups) + 1)
-    for j in range(1, len(groups) + 1):  # best[j]: cost of groups[:j]; a batch = groups[i-1:j]
-        texts = 0
-        for i in range(j, 0, -1):
-            texts += groups[i - 1][2]
-            if texts * groups[j - 1][0] > budget and i < j:
-                break
-            cost = best[i - 1] + texts * groups[j - 1][0] + overhead
-            if cost < best[j]:
-                best[j], first[j] = cost, i
-    spans, j = [], len(groups)
-    while j > 0:
-        spans.append((first[j], j))
-        j = first[j] - 1
-    for i, j in reversed(spans):
-        batches.append(np.concatenate([order[st : st + c] for _, st, c in groups[i - 1 : j]]))
+def token_batches(sorted_lengths: np.ndarray, order: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Split ``order`` (texts by ascending token length) into consecutive batches of at most ``budget`` padded
+    tokens each (a longer text alone)."""
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or (end + 1 - start) * sorted_lengths[end] > budget:
+            batches.append(order[start:end])
+            start = end
     return batches
 
 
-def text_batches(
-    texts: Sequence[str], config: ModelConfig, batch_size: int = 64
-) -> list[tuple[np.ndarray, torch.Tensor]]:
+def text_batches(texts: Sequence[str], config: ModelConfig, batch_size: int = 64) -> list[tuple]:
     """:func:`encode_texts`'s batches: ``(indices into texts, token ids)`` by token length, each cut to its
     longest text and holding at most upstream's ``batch_size x context_length`` tokens."""
     texts = list(texts)
-    if not texts:
-        return []
-    lengths = np.asarray(token_lengths(texts, config.context_length, config.text_prompt))
+    lengths = np.asarray(token_lengths(texts, config.context_length, config.text_prompt)) if texts else np.zeros(0)
     order = np.argsort(lengths, kind="stable")
     plan = token_batches(lengths[order], order, batch_size * config.context_length)
     return [(idx, tokenize([texts[i] for i in idx], config.context_length, config.text_prompt)) for idx in plan]
@@ -143,7 +174,7 @@ def encode_texts(
     device="cpu",
     precision: str = "fp32",
     progress: bool = False,
-    batches: Sequence[tuple[np.ndarray, torch.Tensor]] | None = None,
+    batches: Sequence[tuple] | None = None,
 ) -> np.ndarray:
     """Features ``[N, D]`` (input order) with the config's prompt and context length, equal to upstream's
     padding to ``context_length``. ``batches``: :func:`text_batches` of these texts, tokenised already."""
@@ -163,13 +194,6 @@ class Queries:
     text_ids: list[int]
     texts: list[str]
     gold: dict[int, list[int]]
-
-    def subset(self, text_ids: Sequence[int]) -> Queries:
-        """The queries among ``text_ids``, in this set's order."""
-        keep = {int(t) for t in text_ids}
-        sel = [i for i, t in enumerate(self.text_ids) if t in keep]
-        ids = [self.text_ids[i] for i in sel]
-        return Queries(ids, [self.texts[i] for i in sel], {t: self.gold[t] for t in ids})
 
 
 def split_queries(split: LMDBSplit) -> Queries:
@@ -195,11 +219,9 @@ class ScoringInputs:
     texts: list
 
 
-def prepare_inputs(
-    split: LMDBSplit, config: ModelConfig, queries: Queries, *, batch_size: int = 64, **kw
-) -> ScoringInputs:
+def prepare_inputs(split: LMDBSplit, config: ModelConfig, queries: Queries, *, batch_size: int = 64, **kw):
     """What :func:`score_parts` (called with the same ``batch_size``) needs of a split that no model changes;
-    ``kw``: :func:`~.pixels.prepare_images`'s ``num_workers``, ``max_bytes``, ``progress``."""
+    ``kw``: :func:`prepare_images`'s ``num_workers``, ``max_bytes``, ``progress``."""
     images = prepare_images(split, config, batch_size=batch_size, **kw)
     return ScoringInputs(images, text_batches(queries.texts, config, batch_size))
 
@@ -214,34 +236,16 @@ class SplitFeatures:
     stored: int  # images in the split (decodable or not)
 
 
-def encode_split(
-    model,
-    split: LMDBSplit,
-    config: ModelConfig,
-    queries: Queries,
-    *,
-    inputs: ScoringInputs | None = None,
-    num_workers: int = 0,
-    **kw,
-) -> SplitFeatures:
+def encode_split(model, split: LMDBSplit, config: ModelConfig, queries: Queries, *, inputs=None, num_workers=0, **kw):
     """The gallery (all of the split's images) and the query texts through ``model``, once each; ``kw``:
     ``device``, ``batch_size``, ``precision``, ``progress``."""
-    image_ids, image_feats = encode_images(
-        model, split, config, num_workers=num_workers, prepared=inputs.images if inputs else None, **kw
-    )
+    prepared = inputs.images if inputs else None
+    image_ids, image_feats = encode_images(model, split, config, num_workers=num_workers, prepared=prepared, **kw)
     text_feats = encode_texts(model, queries.texts, config, batches=inputs.texts if inputs else None, **kw)
     return SplitFeatures(image_ids, image_feats, text_feats, len(split.image_ids()))
 
 
-def score_features(
-    feats: SplitFeatures,
-    split: LMDBSplit,
-    queries: Queries,
-    parts: Mapping[str, Sequence[int]],
-    *,
-    device="cpu",
-    with_hits: bool = False,
-) -> dict[str, dict]:
+def score_features(feats: SplitFeatures, split, queries: Queries, parts: Mapping, *, device="cpu", with_hits=False):
     """:func:`score_parts` from features already computed (see there)."""
     undecodable = feats.stored - len(feats.image_ids)
     scored = present_gold(queries.gold, feats.image_ids.tolist())
@@ -252,13 +256,12 @@ def score_features(
             f"{split.split_dir}: {undecodable} of {feats.stored} images could not be decoded; {lost} gold ids "
             f"left out, {dropped} of {len(queries.gold)} queries without a decodable gold image not scored"
         )
-    if not scored:
-        raise SolutionError(f"{split.split_dir}: no query has a decodable gold image; nothing to score")
     _, idx = topk(feats.text_feats, feats.image_feats, max(KS), device=device)
     ranked = dict(zip(queries.text_ids, feats.image_ids[idx].tolist()))
     out = {}
     for name, ids in parts.items():
-        gold = {t: scored[t] for t in queries.subset(ids).text_ids if t in scored}
+        keep = set(ids)
+        gold = {t: scored[t] for t in queries.text_ids if t in keep and t in scored}
         if not gold:
             raise SolutionError(f"{split.split_dir}: no query of the {name} part has a decodable gold image")
         hits = query_hits(ranked, gold)
@@ -269,26 +272,12 @@ def score_features(
 
 
 def score_parts(
-    model,
-    split: LMDBSplit | str,
-    config: ModelConfig,
-    queries: Queries | None = None,
-    parts: Mapping[str, Sequence[int]] | None = None,
-    *,
-    device="cpu",
-    with_hits: bool = False,
-    inputs: ScoringInputs | None = None,
-    **kw,
-) -> dict[str, dict]:
-    """Text->image R@1/5/10 and mean recall (percent) of ``model`` on ``parts`` of the queries vs all images.
-
-    ``queries`` default to the split's pairs, ``parts`` (name -> text ids) to ``{"all": every query}``; the
-    gallery stays whole. As the official evaluator sees the gallery that decodes: undecodable gold images are
-    left out and a query left without any is not scored (``queries_scored``, ``undecodable_images`` say how
-    many). ``with_hits``: each part also holds ``text_ids`` and their ``hits`` (``[Q, 3]`` bool). ``inputs``:
-    :func:`prepare_inputs` of this split and queries. ``kw``: ``batch_size``, ``num_workers``, ``precision``,
-    ``progress``.
-    """
+    model, split, config: ModelConfig, queries=None, parts=None, *, device="cpu", with_hits=False, inputs=None, **kw
+):
+    """Text->image R@1/5/10 and mean recall (percent) of ``model`` on ``parts`` (name -> text ids; default all) of
+    the ``queries`` (default the split's) against the whole gallery. As the official evaluator sees what decodes,
+    a gold image that does not is left out and a query left without one not scored. ``with_hits``: each part also
+    holds its ``text_ids`` and ``hits`` ([Q, 3] bool). ``kw``: ``batch_size``, ``num_workers``, ``precision``."""
     split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
     queries = queries if queries is not None else split_queries(split)
     parts = parts if parts is not None else {"all": queries.text_ids}
@@ -296,11 +285,55 @@ def score_parts(
     return score_features(feats, split, queries, parts, device=device, with_hits=with_hits)
 
 
-def evaluate_split(
-    model, split: LMDBSplit | str, config: ModelConfig, *, text_ids: Sequence[int] | None = None, **kw
-) -> dict[str, float]:
-    """:func:`score_parts` of the split's own queries (only ``text_ids`` when given) as one part: ``r1``/``r5``/
-    ``r10``/``mean_recall`` (percent), ``undecodable_images`` and ``queries_scored``."""
-    split = split if isinstance(split, LMDBSplit) else LMDBSplit(split)
-    queries = split_queries(split)
-    return score_parts(model, split, config, queries if text_ids is None else queries.subset(text_ids), **kw)["all"]
+def evaluate_split(model, split: LMDBSplit | str, config: ModelConfig, *, text_ids=None, **kw) -> dict[str, float]:
+    """:func:`score_parts` of the split's own queries (``text_ids`` when given) as one part: ``r1``/``r5``/``r10``/
+    ``mean_recall`` (percent), ``undecodable_images`` and ``queries_scored``."""
+    return score_parts(model, split, config, parts=None if text_ids is None else {"all": text_ids}, **kw)["all"]
+
+
+def draw_selection(text_ids, fraction: float | None, seed: int) -> tuple[list[int], list[int]]:
+    """``(select, report)``: a random ``fraction`` of the queries and the rest (all and none without one)."""
+    tids = list(text_ids)
+    if not fraction:
+        return tids, []
+    if not 0 < fraction < 1 or len(tids) < 2:
+        raise SolutionError(f"--select-split must be a fraction in (0, 1) of at least 2 queries, got {fraction}")
+    perm = tids[:]
+    random.Random(seed).shuffle(perm)
+    chosen = set(perm[: min(max(1, round(fraction * len(tids))), len(tids) - 1)])
+    return [t for t in tids if t in chosen], [t for t in tids if t not in chosen]
+
+
+class ValData:
+    """Validation queries (from ``--val-texts`` or the LMDB pairs) and the selection/report split."""
+
+    def __init__(self, split_dir: str, texts_path: str | None, select_split: float | None, seed: int):
+        split_dir = Path(split_dir)
+        if not split_dir.exists():
+            raise SolutionError(f"validation data not found: {split_dir}")
+        if texts_path:
+            self.split = LMDBSplit(split_dir, need_pairs=False)
+            self.queries = text_queries(read_texts(texts_path, need_gold=True, what="validation texts"))
+        elif not (split_dir / "pairs" / "data.mdb").is_file():
+            raise SolutionError(f"validation data {split_dir} has no texts (no pairs LMDB): pass --val-texts")
+        else:
+            self.split = LMDBSplit(split_dir)
+            self.queries = split_queries(self.split)
+        q, gallery = self.queries, set(self.split.image_ids())
+        missing = sum(i not in gallery for gold in q.gold.values() for i in gold)
+        if missing:
+            log.warning(
+                f"validation: {missing} gold image ids are not in {split_dir} (a query without any: not scored)"
+            )
+        self.select, self.report = draw_selection(q.text_ids, select_split, seed)
+        h = hashlib.blake2b(self.split.images_digest().encode(), digest_size=16)
+        queries = [(q.texts[i], q.gold[t]) for i, t in enumerate(q.text_ids)]
+        h.update(json.dumps([self.select, self.report, queries], ensure_ascii=False).encode())
+        self.key = h.hexdigest()
+        log.info(f"validation: {len(q.text_ids)} queries ({len(self.select)} select), {self.split.num_images} images")
+
+    def parts(self) -> dict[str, list[int]]:
+        """The query parts scored: the selection, and with a draw also the report part and all queries."""
+        if not self.report:
+            return {"select": self.select}
+        return {"select": self.select, "report": self.report, "all": self.select + self.report}

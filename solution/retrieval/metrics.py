@@ -1,7 +1,7 @@
 """Retrieval metrics: top-k in upstream's tie order and the official MUGE recall arithmetic.
 
-A query hits at K when any of its gold ids is among its first K predictions; R@K is the hit fraction
-in percent and the score the mean of R@1, R@5 and R@10 (``evaluation.py``'s arithmetic, to the digit).
+A query hits at K when any of its gold ids is among its first K predictions; R@K is the hit fraction in percent
+and the score the mean of R@1, R@5 and R@10 (``evaluation.py``'s arithmetic, to the digit).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ KS = (1, 5, 10)
 RECALL_KEYS = (*(f"r{k}" for k in KS), "mean_recall")
 
 
-def recall_at_k(
-    predictions: Mapping[int, Sequence[int]], gold: Mapping[int, Collection[int]], ks: Sequence[int] = KS
-) -> dict[str, float]:
+def recall_at_k(predictions: Mapping, gold: Mapping, ks: Sequence[int] = KS) -> dict[str, float]:
     """``{"r1", "r5", "r10", "mean_recall"}`` in percent over the queries of ``gold`` (each must have a prediction)."""
     return recall_from_hits(query_hits(predictions, gold, ks), ks)
 
@@ -56,24 +54,17 @@ def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals[:, :k], idx[:, :k]
 
 
-def topk(
-    queries, gallery, k: int, *, chunk_size: int = 4096, device: str | torch.device = "cpu", progress: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+@exact_math()  # float32 ``highest`` whatever the caller set
+def topk(queries, gallery, k: int, *, chunk_size: int = 4096, device="cpu", progress: bool = False):
     """``(scores [Q, k], indices [Q, k])`` of the best gallery rows of every query by inner product, ties to the
-    lower row (as upstream's ``sorted``), in float32 ``highest`` whatever the caller set; ``chunk_size`` queries
-    at a time."""
-    q = torch.as_tensor(queries).float()
-    g = torch.as_tensor(gallery).float().to(device)
+    lower row (as upstream's ``sorted``), ``chunk_size`` queries at a time."""
+    q, g = torch.as_tensor(queries).float(), torch.as_tensor(gallery).float().to(device)
     k = min(k, g.shape[0])
-    all_s, all_i = [], []
-    with exact_math():
-        for start in tqdm(range(0, q.shape[0], chunk_size), desc="top-k", unit="chunk", disable=not progress):
-            s = q[start : start + chunk_size].to(device) @ g.T
-            vals, idx = topk_rows(s, k)
-            all_s.append(vals.cpu())
-            all_i.append(idx.cpu())
-    if not all_s:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    all_s, all_i = [torch.zeros((0, k))], [torch.zeros((0, k), dtype=torch.int64)]
+    for start in tqdm(range(0, q.shape[0], chunk_size), desc="top-k", unit="chunk", disable=not progress):
+        vals, idx = topk_rows(q[start : start + chunk_size].to(device) @ g.T, k)
+        all_s.append(vals.cpu())
+        all_i.append(idx.cpu())
     return torch.cat(all_s).numpy(), torch.cat(all_i).numpy()
 
 
@@ -81,31 +72,23 @@ def present_gold(gold: Mapping[int, Collection[int]], image_ids: Collection[int]
     """``gold`` as the official evaluator sees a gallery of ``image_ids``: answers not in it (undecodable
     images) removed, and queries left without any dropped."""
     have = {int(i) for i in image_ids}
-    out = {}
-    for qid, answers in gold.items():
-        kept = [a for a in answers if int(a) in have]
-        if kept:
-            out[qid] = kept
-    return out
+    kept = {qid: [a for a in answers if int(a) in have] for qid, answers in gold.items()}
+    return {qid: answers for qid, answers in kept.items() if answers}
 
 
 def query_hits(predictions, gold, ks: Sequence[int] = KS) -> np.ndarray:
     """``[Q, len(ks)]`` booleans: whether a gold id of query ``q`` is among its first ``ks[j]`` predictions.
-
     Mappings by query id (rows in ``gold``'s order), or sequences aligned by row (an array of predictions)."""
     if isinstance(gold, Mapping):
-        qids = list(gold)
-        rows, answers = [predictions[q] for q in qids], [gold[q] for q in qids]
+        rows, answers = [predictions[q] for q in gold], list(gold.values())
     else:
         rows, answers = list(predictions), list(gold)
         if len(rows) != len(answers):
             raise ValueError(f"{len(rows)} prediction rows but {len(answers)} gold entries")
     hits = np.zeros((len(rows), len(ks)), dtype=bool)
     for q, (ranked, gold_q) in enumerate(zip(rows, answers)):
-        gold_q = set(np.asarray(list(gold_q)).tolist())
-        ranked = np.asarray(ranked).tolist()
-        for j, k in enumerate(ks):
-            hits[q, j] = any(i in gold_q for i in ranked[:k])
+        gold_q, ranked = set(np.asarray(list(gold_q)).tolist()), np.asarray(ranked).tolist()
+        hits[q] = [any(i in gold_q for i in ranked[:k]) for k in ks]
     return hits
 
 

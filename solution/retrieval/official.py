@@ -1,11 +1,6 @@
-"""The offline MUGE evaluator: scores as cn_clip's official ``evaluation.py`` (``_tr`` for image->text) does,
-to the digit, and rejects exactly what it rejects, naming the line, the query and the problem.
-
-:func:`evaluate_files` writes the official result object (``errorDetail`` lists every problem of a rejected
-submission, which then raises); as officially, a later line for a query replaces an earlier one and unknown
-queries are ignored, both warned of. :func:`check_files` checks a submission before upload against query ids
-read with the official reader's tolerance for gold files (repeats allowed, no ``text`` needed).
-"""
+"""The offline MUGE evaluator: scores as cn_clip's official ``evaluation.py`` (``_tr`` for image->text) does, to
+the digit, and rejects exactly what it rejects, naming the line, the query and the problem (``errorDetail``: all
+of them). As officially, a later line for a query replaces an earlier one and unknown queries are ignored."""
 
 from __future__ import annotations
 
@@ -61,11 +56,8 @@ def _check_line(n: int, line: str, qkey: str, gkey: str, k: int) -> tuple[object
         return None, None, f"line {n}: {what}"
     ids, where = obj.get(gkey), f"{qkey} {qid} (line {n})"
     if gkey not in obj or not isinstance(ids, list):
-        return (
-            qid,
-            None,
-            f"{where}: " + (f"no {gkey}" if gkey not in obj else f"{gkey} is a {type(ids).__name__}, not a list"),
-        )
+        what = f"no {gkey}" if gkey not in obj else f"{gkey} is a {type(ids).__name__}, not a list"
+        return qid, None, f"{where}: {what}"
     if len(ids) != k:
         return qid, None, f"{where}: {len(ids)} {gkey}, exactly {k} are required"
     bad = [(r, x) for r, x in enumerate(ids, 1) if not isinstance(x, int)]
@@ -166,8 +158,8 @@ def score_files(gold_path, pred_path, *, direction: str = "auto", k: int = K) ->
 
 
 def query_ids(path: str | os.PathLike, direction: str = "t2i") -> list:
-    """The query ids of a queries (or gold) file as the official script reads gold: ``text_id`` (``image_id``
-    for i2t) of every non-blank line, repeats allowed."""
+    """The query ids (``text_id``; i2t: ``image_id``) of every non-blank line of a queries or gold file, repeats
+    allowed, as the official script reads gold."""
     qkey, ids = KEYS[direction][0], []
     try:
         for n, line in _lines(path, "queries"):
@@ -188,8 +180,7 @@ def query_ids(path: str | os.PathLike, direction: str = "t2i") -> list:
 
 
 def check_files(pred_path: str | os.PathLike, queries_path: str | os.PathLike, *, direction: str = "t2i") -> dict:
-    """Check a submission against the query ids of ``queries_path``: a summary, or one :class:`SolutionError`
-    with the first problem (the others logged)."""
+    """Check a submission against the query ids of ``queries_path``: a summary, or one error (the others logged)."""
     qids = query_ids(queries_path, direction)
     try:
         checked = check_submission(pred_path, qids, direction=direction)
@@ -208,8 +199,8 @@ def check_files(pred_path: str | os.PathLike, queries_path: str | os.PathLike, *
 def evaluate_files(
     gold: str | os.PathLike, pred: str | os.PathLike, out: str | os.PathLike, *, direction: str = "auto"
 ) -> dict:
-    """Score ``pred`` against ``gold`` and write the official result object to ``out`` (never ``gold`` or
-    ``pred``); a rejected submission is written too, then raised as a :class:`SolutionError`."""
+    """Score ``pred`` against ``gold`` and write the official result object to ``out``; a rejected submission is
+    written too, then raised as a :class:`SolutionError`."""
     check_output(out, inputs=(gold, pred), what="OUT")
     result = score_files(gold, pred, direction=direction)
     with atomic_path(out) as tmp:  # as the official json.dump: no indent, no trailing newline

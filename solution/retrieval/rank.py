@@ -1,22 +1,29 @@
 """Top-k retrieval from features (chunked fp32 products; ties to the first gallery row, as cn_clip's
-``make_topk_predictions.py``), and :func:`predict`: a submission ``NAME.jsonl`` (a line per query, ids best
-first) with its manifest ``NAME.json`` (:mod:`.manifest`) beside it."""
+``make_topk_predictions.py``) and :func:`predict`: a submission ``NAME.jsonl`` (a line per query, ids best first)
+with its manifest ``NAME.json`` beside it; what feature files record of their model; the lock on an output."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import glob
+import hashlib
+import json
 import logging
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from solution.common import SolutionError, check_output, write_json, write_jsonl
-from solution.formats.feature_files import FeatureSet, load_features, resolve_features
+from solution.common import SolutionError, check_output, folder_lock, write_json, write_jsonl
+from solution.formats.feature_files import load_features, resolve_features
+from solution.formats.hits import array_digest
+from solution.formats.run_files import METRICS, main_valid, read_metrics
+from solution.model import ModelConfig
 
-from .manifest import build_manifest, manifest_path
-from .metrics import topk
+from .metrics import RECALL_KEYS, topk
 
 log = logging.getLogger(__name__)
 
@@ -29,78 +36,189 @@ def auto_chunk(gallery_size: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
     return int(max(1, min(8192, memory_mb * 2**20 // (4 * max(1, gallery_size)))))
 
 
-def rank(
-    query_feats, gallery_feats, gallery_ids, k: int, *, device="cpu", chunk_size: int | None = None, progress=False
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(ranked gallery ids [Q, k], scores [Q, k])`` by inner product, best first, ties to the lower row."""
-    gallery_ids = np.asarray(gallery_ids)
-    if k > len(gallery_ids):
-        raise SolutionError(f"top-{k} asked but the gallery has only {len(gallery_ids)} items")
-    chunk = chunk_size or auto_chunk(len(gallery_ids))
-    q, g = (np.ascontiguousarray(x, dtype=np.float32) for x in (query_feats, gallery_feats))
-    scores, idx = topk(q, g, k, chunk_size=chunk, device=device, progress=progress)
-    return gallery_ids[idx].astype(np.int64), scores
-
-
 def prediction_rows(direction: str, query_ids, ranked) -> list[dict]:
-    qkind, gkind = DIRECTIONS[direction]
-    qkey, gkey = f"{qkind}_id", f"{gkind}_ids"
-    return [{qkey: q, gkey: r} for q, r in zip(np.asarray(query_ids).tolist(), np.asarray(ranked).tolist())]
+    q, g = DIRECTIONS[direction]
+    return [{f"{q}_id": i, f"{g}_ids": r} for i, r in zip(np.asarray(query_ids).tolist(), np.asarray(ranked).tolist())]
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """A submission to write: feature files in, ``output`` (+ its manifest) out, and how to rank."""
-
-    image_feats: str
-    text_feats: str
-    output: str
-    top_k: int = 10
-    direction: str = "t2i"
-    device: str | torch.device = "cpu"
-    chunk_size: int | None = None
-    valid_score: dict | None = None  # for the manifest (else the features' provenance)
-    checkpoints: tuple = ()  # named in the manifest when the features carry no provenance
-    command: tuple = ()
-    progress: bool = False
+def _is_submission(path: Path) -> bool:
+    head = read_json_head(path, whole=False)
+    return any({f"{q}_id", f"{g}_ids"} <= set(head) for q, g in DIRECTIONS.values())
 
 
-def _load_pair(job: Prediction) -> tuple[FeatureSet, FeatureSet]:
-    texts, images = load_features(job.text_feats, "text"), load_features(job.image_feats, "image")
+def submission_paths(output, inputs) -> tuple[Path, Path]:
+    """``(output, its manifest)``, refused when either is an input or an existing file of another kind."""
+    output = check_output(output, inputs=inputs, what="--output", own=_is_submission)
+    own = lambda p: {"submission", "ranking"} <= set(read_json_head(p))  # noqa: E731  (every manifest has both)
+    return output, check_output(manifest_path(output), inputs=inputs, what="manifest (beside --output)", own=own)
+
+
+def write_submission(output: Path, mpath: Path, rows: list[dict], manifest: dict) -> dict:
+    """Write a submission and its manifest under a lock on the output (:func:`output_lock`);
+    ``{output, manifest, count, seconds, ranking}``."""
+    with output_lock([output, mpath]):
+        n = write_jsonl(output, rows)
+        write_json(mpath, {**manifest, "num_queries": n})
+    log.info(f"{n} predictions ({manifest['ranking']['method']}) in {manifest['seconds']:.1f} s -> {output}")
+    return {"output": str(output), "manifest": str(mpath), "count": n} | {
+        k: manifest[k] for k in ("seconds", "ranking")
+    }
+
+
+def _load_pair(a):
+    texts, images = load_features(a.text_feats, "text"), load_features(a.image_feats, "image")
     if texts.feats.shape[1] != images.feats.shape[1]:
         raise SolutionError(
             f"text features are {texts.feats.shape[1]}-d but image features {images.feats.shape[1]}-d: "
             "not from the same model"
         )
+    shas = {fs.meta.get("checkpoint_sha256") for fs in (texts, images)}
+    if None not in shas and len(shas) > 1 and not a.allow_mixed_features:
+        raise SolutionError(
+            f"text features come from {texts.meta.get('checkpoint')}, image features from "
+            f"{images.meta.get('checkpoint')}: pass --allow-mixed-features if that is meant"
+        )
     for fs in (texts, images):
+        if fs.meta.get("sha256") not in (None, array_digest(fs.ids, fs.feats)):
+            raise SolutionError(f"{fs.path}: the features changed since extraction (digest in its meta): extract again")
         norms = np.linalg.norm(fs.feats, axis=1)
         if np.abs(norms - 1).max() > 1e-3:
             log.warning(f"{fs.path}: features are not L2-normalised (norms {norms.min():.3g}..{norms.max():.3g})")
     return texts, images
 
 
-def predict(job: Prediction) -> dict:
-    """Write ``job``'s submission and manifest; ``{output, manifest, count, seconds, ranking}``."""
-    if job.top_k < 1 or (job.chunk_size is not None and job.chunk_size < 1):
-        raise SolutionError("--top-k and --chunk-size must be at least 1")
-    output = Path(job.output)
-    mpath = manifest_path(output)
-    pairs = ((job.text_feats, "text"), (job.image_feats, "image"))
+def predict(a, command) -> dict:
+    """Write the submission and manifest ``a`` (flags as parsed by :mod:`solution.predict`) asks for;
+    ``{output, manifest, count, seconds, ranking}``."""
+    pairs = ((a.text_feats, "text"), (a.image_feats, "image"))
     inputs = [p for path, kind in pairs for p in resolve_features(path, kind)[1:] if p is not None]
-    check_output(output, inputs=inputs, what="--output")
-    check_output(mpath, inputs=inputs, what="manifest (beside --output)")
+    output, mpath = submission_paths(a.output, inputs)
     t0 = time.perf_counter()
-    texts, images = _load_pair(job)
-    query, gallery = (texts, images) if job.direction == "t2i" else (images, texts)
-    chunk = job.chunk_size or auto_chunk(len(gallery.ids))
-    ranked, _ = rank(
-        query.feats, gallery.feats, gallery.ids, job.top_k, device=job.device, chunk_size=chunk, progress=job.progress
-    )
-    n = write_jsonl(output, prediction_rows(job.direction, query.ids, ranked))
-    seconds = time.perf_counter() - t0
-    ranking = {"method": "fp32", "chunk_size": chunk}
-    fields = dict(direction=job.direction, top_k=job.top_k, valid_score=job.valid_score, command=job.command)
-    manifest = build_manifest(texts, images, output, checkpoints=job.checkpoints, seconds=seconds, **fields)
-    write_json(mpath, {**manifest, "ranking": ranking})
-    log.info(f"{n} {query.kind} queries against {len(gallery.ids)} {gallery.kind}s in {seconds:.1f} s -> {output}")
-    return {"output": str(output), "manifest": str(mpath), "count": n, "seconds": seconds, "ranking": ranking}
+    texts, images = _load_pair(a)
+    query, gallery = (texts, images) if a.direction == "t2i" else (images, texts)
+    chunk = a.chunk_size or auto_chunk(len(gallery.ids))
+    if a.top_k > len(gallery.ids):
+        raise SolutionError(f"top-{a.top_k} asked but the gallery has only {len(gallery.ids)} items")
+    _, idx = topk(query.feats, gallery.feats, a.top_k, chunk_size=chunk, device=a.device, progress=not a.no_progress)
+    ranking, seconds = {"method": "fp32", "chunk_size": chunk}, round(time.perf_counter() - t0, 3)
+    fields = dict(top_k=a.top_k, named=a.checkpoint, ranking=ranking, seconds=seconds, command=list(command))
+    manifest = build_manifest(texts, images, output, direction=a.direction, valid_score=a.valid_score, **fields)
+    return write_submission(output, mpath, prediction_rows(a.direction, query.ids, gallery.ids[idx]), manifest)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:
+        raise SolutionError(f"cannot read {path}: {e.strerror}") from None
+    return h.hexdigest()
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def read_json_head(path: str | os.PathLike, whole: bool = True) -> dict:
+    """An existing file's JSON object (``whole``; else its first line's), or {} when it holds none: what tells an
+    earlier output of ours from a file of another kind (a checkpoint, an LMDB, a user's file)."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read(1 << 24) if whole else f.readline(1 << 24))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+@contextlib.contextmanager
+def output_lock(paths: Sequence[Path]):
+    """A lock on the first of ``paths`` (``.NAME.lock`` beside it) for the block, after removing the temporary
+    files a killed writer of any of them left (no live writer can own them under the lock)."""
+    paths = [Path(p) for p in paths]
+    with folder_lock(paths[0].parent / f".{paths[0].name}.lock", str(paths[0])):
+        for p in paths:
+            for tmp in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        yield
+
+
+def checkpoint_validation(path: str | os.PathLike, ckpt: dict) -> dict | None:
+    """A checkpoint's validation score: stored in it (``mean_recall`` under a usual key; not ``best``), else the
+    run's last main-set ``valid`` record at its step in ``metrics.jsonl`` beside ``checkpoints/``; or None."""
+    for name in ("metrics", "valid", "validation", "val_metrics"):
+        v = ckpt.get(name)
+        if isinstance(v, dict) and "mean_recall" in v:
+            return {**{k: v[k] for k in RECALL_KEYS if k in v}, "source": f"checkpoint[{name!r}]"}
+    ckpt_dir = Path(path).resolve().parent
+    if ckpt_dir.name != "checkpoints" or "step" not in ckpt:
+        return None
+    metrics = ckpt_dir.parent / METRICS
+    found = [r for r in main_valid(read_metrics(metrics)) if r.get("step") == ckpt["step"]]
+    if not found:
+        return None
+    row = {**found[-1], "source": str(metrics)}
+    return {k: row.get(k) for k in (*RECALL_KEYS, "step", "epoch", "source")}
+
+
+def feature_provenance(checkpoint, ckpt: dict, config: ModelConfig, *, precision: str, device) -> dict:
+    """What every feature file of one extraction records about its model."""
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "config": config.to_dict(),
+        "prompt": config.text_prompt,
+        "context_length": config.context_length,
+        "precision": precision,
+        "device": str(device),
+        "validation": checkpoint_validation(checkpoint, ckpt),
+        "created": now(),
+    }
+
+
+def manifest_path(output: str | Path) -> Path:
+    """The manifest beside a submission: ``NAME.json`` for ``NAME.jsonl``."""
+    output = Path(output)
+    if output.suffix == ".json":
+        raise SolutionError(f"--output {output} ends in .json, the manifest's name; use .jsonl")
+    return output.with_suffix(".json")
+
+
+def parse_score(text: str) -> dict:
+    """``--valid-score``: a mean recall, or a JSON object of r1/r5/r10/mean_recall."""
+    with contextlib.suppress(json.JSONDecodeError):
+        value = json.loads(text)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"mean_recall": float(value), "source": "--valid-score"}
+        if isinstance(value, dict):
+            return {**value, "source": "--valid-score"}
+    raise SolutionError(f"--valid-score {text!r}: give a number (mean recall) or a JSON object")
+
+
+def build_manifest(texts, images, output: Path, *, direction: str, valid_score, named=(), **recorded) -> dict:
+    """A submission's manifest: what it ranked (feature sets), with what (the features' checkpoints, each once, then
+    those ``named``), how well that scored on validation, and the ``recorded`` fields."""
+    config = texts.meta.get("config") or images.meta.get("config")
+    queries, gallery = (texts, images) if direction == "t2i" else (images, texts)
+    used: dict[tuple, list[str]] = {}
+    features, kept = {}, ("checkpoint", "checkpoint_sha256", "precision", "data", "cache", "created")
+    for fs in (texts, images):
+        if fs.meta.get("checkpoint"):
+            used.setdefault((fs.meta["checkpoint"], fs.meta.get("checkpoint_sha256")), []).append(fs.kind)
+        entry = {"path": str(fs.path.resolve()), "format": fs.format, "count": len(fs.ids), "dim": fs.feats.shape[1]}
+        features[fs.kind] = {**entry, **{k: fs.meta[k] for k in kept if k in fs.meta}}
+    return {
+        "submission": str(output.resolve()),
+        "direction": direction,
+        "num_queries": len(queries.ids),
+        "gallery_size": len(gallery.ids),
+        "checkpoints": [{"path": c, "sha256": sha, "used_for": kinds} for (c, sha), kinds in used.items()]
+        + [{"path": str(Path(c).resolve()), "sha256": None, "used_for": ["--checkpoint"]} for c in named],
+        "config": config,
+        "prompt": texts.meta.get("prompt", config.get("text_prompt") if config else None),
+        "features": features,
+        "validation": valid_score or texts.meta.get("validation") or images.meta.get("validation"),
+        "created": now(),
+        **recorded,
+    }

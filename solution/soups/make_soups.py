@@ -22,7 +22,7 @@ from solution.formats.hits import write_hits
 from solution.formats.kinds import claim_folder, folder_kind
 from solution.model import model_template
 from solution.model.precision import DTYPES, dtype_name
-from solution.retrieval.val_data import ValData
+from solution.retrieval.encode import ValData
 from solution.stats import crossfit
 
 from . import HITS, SOUP, SUMMARY, methods

@@ -18,9 +18,8 @@ from solution.common import SolutionError, resolve_device
 from solution.formats.hits import SUFFIX, read_hits, write_hits
 from solution.model import ModelConfig, meta_model
 from solution.model.precision import effective_precision
-from solution.retrieval.encode import prepare_inputs, score_parts
+from solution.retrieval.encode import ValData, prepare_inputs, score_parts
 from solution.retrieval.metrics import recall_from_hits
-from solution.retrieval.val_data import ValData
 
 from . import HITS
 from .methods import Source, weights_of
