@@ -42,14 +42,14 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> Path | None
     return save_png(fig, path, dpi=80)
 
 
-def save_png(fig, path, dpi: int = 90) -> Path:
+def save_png(fig, path, dpi: int = 90, **savefig) -> Path:
     """Lay out, write atomically as PNG and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi, **savefig)
     plt.close(fig)
     return path
 

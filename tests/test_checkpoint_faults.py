@@ -195,8 +195,8 @@ def runs(tmp_path):
 @pytest.mark.parametrize(
     "target, expect",
     [
-        ("metrics.jsonl", "is one of the inputs"),
-        ("params.json", "is one of the inputs"),
+        ("metrics.jsonl", "refusing to overwrite it"),
+        ("params.json", "refusing to overwrite it"),
         ("", "is a folder, expected a file path"),
         ("params.json/x", "sits under"),
     ],
@@ -241,15 +241,15 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_compare_malformed_inputs_are_one_line_naming_file_and_line(tmp_path, capsys, monkeypatch, case):
+def test_a_malformed_input_costs_its_row_with_a_line_naming_file_and_line(tmp_path, capsys, monkeypatch, caplog, case):
     name, content, expect = MALFORMED[case]
     f = tmp_path / "x" / name
     f.parent.mkdir()
     f.write_bytes((b"number,state,value,run_dir\n" if name == "trials.csv" else b"") + content)
     before = _digest(f)
     argv = [f.parent, "--output", tmp_path / "c.md", "--plot", tmp_path / "c.png"]
-    line = _error_line(capsys, monkeypatch, compare.main, argv)
-    assert expect in line and str(f) in line, line
+    assert "nothing to compare" in _error_line(capsys, monkeypatch, compare.main, argv)
+    assert any(expect in r.getMessage() and str(f) in r.getMessage() for r in caplog.records), caplog.text
     assert _digest(f) == before and not (tmp_path / "c.md").exists() and not (tmp_path / "c.png").exists()
 
 
