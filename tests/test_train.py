@@ -178,14 +178,14 @@ def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path):
         == (cfg.model_config.vision_model, cfg.model_config.text_model)
     )
     key = "visual.transformer.resblocks.1.mlp.c_fc.weight"
-    assert torch.equal(build(cfg.model_config, start, seed=cfg.seed).state_dict()[key], sd["module." + key].float())
+    assert torch.equal(build(cfg, start).state_dict()[key], sd["module." + key].float())
     assert (cfg.lr, cfg.beta2) == (5e-4, 0.98) and args.lr is None and args.vision_model is None  # typed as typed
     args = parse_args(
         ["--train-data", "x", "--resume", str(path), "--vision-model", "ViT-B-16", "--text-model", "RBT-Tiny"]
     )
     start = find_start(tmp_path / "none.pt", args.resume, False)
     with pytest.raises(SolutionError, match="ViT-Tiny@RBT-Tiny.*ViT-B-16@RBT-Tiny"):
-        build(resolve(args, start, world=1, train_pairs=640, device="cpu").model_config, start, seed=0)
+        build(resolve(args, start, world=1, train_pairs=640, device="cpu"), start)
 
 
 def test_best_validation_stores_its_per_query_hits(stage1, data):

@@ -2,13 +2,15 @@
 flag (and the config file it came from) for each kind of bad input."""
 
 import json
+import sys
 
 import pytest
 import torch
-from train_helpers import make_data, tiny_argv
+from train_helpers import make_data, make_split, tiny_argv
 
 from solution.common import run_cli
 from solution.data.lmdb_io import write_split
+from solution.formats.kinds import MARKER
 from solution.training.flags import FLAGS, NOT_SETTINGS, FlagError, build_parser, extra_val_sets, parse_args
 from solution.training.run_config import resolve
 from solution.training.setup import Start
@@ -117,6 +119,15 @@ BAD = [  # (flag, value or None for a switch, a fragment of the one error line)
     ("--use-flash-attention", None, "--use-flash-attention is not supported by this trainer"),
     ("--distillation", None, "--distillation is not supported"),
     ("--no-such-flag", None, "unrecognized arguments: --no-such-flag"),
+    ("--device", "meta", "--device meta is out of range: must be auto, cpu, cuda or cuda:N"),
+    ("--device", "cuda:x", "--device cuda:x is out of range"),
+    ("--save-step-frequency", "-5", "--save-step-frequency -5 is out of range: must be -1 or more"),
+    ("--save-epoch-frequency", "-1", "--save-epoch-frequency -1 is out of range: must be 0 or more"),
+    ("--lora-alpha", "8", "--lora-alpha needs --lora-rank (LoRA is off)"),
+    ("--lora-targets", ".*query", "--lora-targets needs --lora-rank"),
+    ("--report-to", "wandb", "argument --report-to: invalid choice: 'wandb'"),
+    ("--ema-decay", "1", "--ema-decay 1.0 is out of range: must be in [0, 1)"),
+    ("--layer-decay", "0", "--layer-decay 0.0 is out of range: must be in (0, 1]"),
 ]
 
 
@@ -166,6 +177,26 @@ def test_logs_that_is_or_sits_under_a_file(tmp_path, capsys, data, where):
     line = _error_line(capsys, tiny_argv(*data, logs, name="blocker" if where == "run_is_file" else "run", max_steps=1))
     assert ("--logs" in line or "run folder" in line) and "file" in line
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("kind", ["soup", "ensemble", "study", "lmdb", "data"])
+def test_a_run_folder_of_another_kind_or_inside_data_is_refused(tmp_path, capsys, data, kind):
+    logs = tmp_path / "logs"
+    if kind in ("lmdb", "data"):  # the run folder would lie inside an LMDB split or a MUGE data folder
+        logs = make_split(tmp_path / "split", per_colour=1, colours=2) if kind == "lmdb" else tmp_path
+        (tmp_path / "valid_texts.jsonl").write_text("")
+    else:
+        (logs / "run").mkdir(parents=True)
+        (logs / "run" / MARKER).write_text(kind)
+    line = _error_line(capsys, tiny_argv(*data, logs, max_steps=1))
+    assert line.startswith("error: run folder ") and f"{kind} folder" in line, line
+    assert not (logs / "run" / "params.json").exists()
+
+
+def test_report_to_tensorboard_without_tensorboard_says_what_to_install(tmp_path, capsys, data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    line = _error_line(capsys, tiny_argv(*data, tmp_path, max_steps=1, report_to="tensorboard"))
+    assert "--report-to tensorboard needs TensorBoard: pip install" in line
 
 
 def test_bad_data_and_model_inputs_are_one_line(tmp_path, capsys, data):

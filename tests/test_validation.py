@@ -63,7 +63,9 @@ def test_loss_from_features_equals_the_loss_of_the_model_over_the_batches(split,
     queries = split_queries(split)
     feats = encode_split(tiny_model, split, tiny_config, queries, batch_size=6)
     scale = tiny_model.logit_scale.detach().exp()
-    got = feature_loss(feats, queries, split, scale, batch_size=6, seed=11, same_text=same_text)
+    got = feature_loss(
+        feats, queries, split, scale, SimpleNamespace(valid_batch_size=6, seed=11, same_text_positives=same_text)
+    )
     assert got == pytest.approx(want, rel=1e-5)
 
 

@@ -1,7 +1,5 @@
-"""The trainer's flags, each spelled once in :data:`TABLE` (cn_clip's training flags with their names, meanings
-and defaults, and this project's): the parser, config files, range checks, the resume guard (:mod:`.run_config`)
-and what ``compare`` shows (:data:`NOT_SETTINGS`) follow from it. ``--config FILE.yaml`` holds flag values by
-flag name (``null``: the default); the command line wins over it. Every refusal is one :class:`FlagError`."""
+"""The trainer's flags, each spelled once in :data:`TABLE` (cn_clip's, and ours): the parser, ``--config FILE.yaml``
+(values by flag name; the command line wins), checks, the resume guard and :data:`NOT_SETTINGS` follow from it."""
 
 from __future__ import annotations
 
@@ -20,6 +18,9 @@ from solution.model import ATTN_IMPLS
 from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
 
 PRECISION_HELP = "amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16 (amp_bf16); fp32."
+EMA_HELP = "Validate and save ema = D x ema + (1 - D) x w of the trained weights, from the start's; 0: off."
+LAYER_HELP = "lr x R^(n+1-d) in a tower of n blocks: depth d 0: embeddings, i+1: block i, n+1: the rest; 1: off."
+REPORTS = ("", "none", "tensorboard")  # open_clip's --report-to, less wandb
 # What a changed value does on a re-run that resumes the run's own checkpoint:
 TRAINS = "trains"  # changes what is trained: refused unless --allow-changed-flags
 FREE = "free"  # logging, workers, device, schedules of validation and saves, speed: logged
@@ -43,10 +44,13 @@ def _range(ok: Callable[[float], bool], what: str) -> Callable[[object, str], No
 
 
 POSITIVE = _range(lambda v: v >= 1, "must be a positive integer")
+OFF_OR_N = _range(lambda v: v >= -1, "must be -1 or more (-1, 0: off)")
 AT_LEAST_0 = _range(lambda v: v >= 0, "must be 0 or more")
 ABOVE_0 = _range(lambda v: v > 0, "must be greater than 0")
 FRACTION = _range(lambda v: 0 <= v < 1, "must be in [0, 1)")
 SEED = _range(lambda v: 0 <= v < 2**31, "must be in [0, 2^31)")
+DECAY = _range(lambda v: 0 < v <= 1, "must be in (0, 1]")
+DEVICE = _range(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "must be auto, cpu, cuda or cuda:N")
 
 
 def _regex(value: str, flag: str) -> None:
@@ -57,14 +61,9 @@ def _regex(value: str, flag: str) -> None:
 
 
 def _run_name(name: str, flag: str) -> None:
-    """A relative path that stays inside ``--logs`` (subfolders allowed)."""
     norm = os.path.normpath(name) if name else ""
     if not name or "\0" in name or os.path.isabs(name) or norm in (".", "..") or norm.startswith(".." + os.sep):
-        raise FlagError(
-            flag,
-            f"{flag} {name!r} leaves --logs: give a run folder name inside it (e.g. exp1 or exp/run1), no "
-            "absolute path and no '..' that climbs out",
-        )
+        raise FlagError(flag, f"{flag} {name!r} leaves --logs: give a folder name inside it (e.g. exp1 or exp/run1)")
 
 
 def extra_val_sets(items: Sequence[str] | None, flag: str = "--extra-val-data") -> dict[str, str]:
@@ -82,9 +81,8 @@ def extra_val_sets(items: Sequence[str] | None, flag: str = "--extra-val-data") 
 
 @dataclass(frozen=True)
 class Flag:
-    """One flag: ``resume`` TRAINS, FREE or START; ``shown``: whether ``compare`` shows it as a run's
-    setting; ``check(value, flag)`` raises :class:`FlagError` for a value given; ``type``: by default its
-    default's (a bool: a switch)."""
+    """``resume``: TRAINS, FREE or START; ``shown``: whether ``compare`` shows it; ``check(value, flag)`` raises
+    :class:`FlagError`; ``type``: by default its default's (a bool: a switch)."""
 
     name: str
     default: object
@@ -135,10 +133,11 @@ TABLE: list[str | Flag] = [  # a group's title, then its flags
     F("--name", "train_clip", "Run folder in --logs (may be a/b); one writer.", START, shown=False, check=_run_name),
     F("--log-interval", 10, "Write a train line to metrics.jsonl every N steps.", FREE, shown=False, check=POSITIVE),
     F("--report-training-batch-acc", False, "Log the in-batch i2t/t2i accuracy.", FREE, shown=False),
-    F("--save-epoch-frequency", 1, "Write checkpoints/epoch_{N}.pt every N epochs.", FREE),
-    F("--save-step-frequency", -1, "Also checkpoint every N steps (epoch_{N}_{step}.pt).", FREE),
+    F("--save-epoch-frequency", 1, "Write checkpoints/epoch_{N}.pt every N epochs.", FREE, check=AT_LEAST_0),
+    F("--save-step-frequency", -1, "Also checkpoint every N steps (epoch_{N}_{step}.pt).", FREE, check=OFF_OR_N),
     F("--no-plot", False, "Do not draw curves.png.", FREE, shown=False),
-    F("--no-progress", False, "No tqdm bar.", FREE, shown=False),
+    F("--no-progress", False, "No tqdm bar (on a terminal; elsewhere a log line a train line).", FREE, shown=False),
+    F("--report-to", "", "tensorboard: event files in {run}/tensorboard/.", FREE, shown=False, choices=REPORTS),
     "model (cn_clip flags)",
     F("--vision-model", None, "Vision architecture; default from --resume, else ViT-B-16.", TRAINS),
     F("--text-model", None, "Text architecture; default from --resume, else RoBERTa-wwm-ext-base-chinese.", TRAINS),
@@ -179,9 +178,11 @@ TABLE: list[str | Flag] = [  # a group's title, then its flags
     F("--accum-freq", 1, "Feature-caching gradient accumulation (cn_clip's).", TRAINS, check=POSITIVE),
     F("--precision", "amp", PRECISION_HELP, TRAINS, type=precision_flag, choices=PRECISIONS, metavar=PRECISION_METAVAR),
     F("--same-text-positives", True, "Texts of one text_id are not each other's negatives.", TRAINS),
+    F("--ema-decay", 0.0, EMA_HELP, TRAINS, check=FRACTION, metavar="D"),
+    F("--layer-decay", 1.0, LAYER_HELP, TRAINS, check=DECAY, metavar="R"),
     F("--early-stop-patience", None, "Stop after N validations with no new best.", TRAINS, check=POSITIVE, type=int),
     F("--seed", 123, None, TRAINS, check=SEED),
-    F("--device", "auto", "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).", FREE, shown=False),
+    F("--device", "auto", "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).", FREE, shown=False, check=DEVICE),
     F("--dist-timeout-min", 120.0, "Minutes the others wait for the main process.", FREE, shown=False, check=ABOVE_0),
     "accepted for compatibility with cn_clip",
     F("--gather-with-grad", False, "Always on here: features are gathered with gradient.", START),
@@ -255,9 +256,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], where: str = "") ->
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The flags as typed (command line over config file over defaults), checked; nothing derived."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    config = pre.parse_known_args(argv)[0].config
+    config = _parse(build_parser(), argv).config
     from_config = _config_argv(config) if config else []
     for words, where in ((from_config, f"{config}: "), (from_config + argv, "")):  # the file's values first
         args = _parse(build_parser(), words, where)
@@ -268,4 +267,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 raise FlagError(e.flag, f"{where}{e}") from None
     if not args.train_data:
         raise FlagError("--train-data", "--train-data is required (an LMDB directory with imgs/ and pairs/)")
+    lora = [FLAGS[k].name for k in ("lora_alpha", "lora_dropout", "lora_targets") if vars(args)[k] != FLAGS[k].default]
+    if lora and not args.lora_rank:
+        raise FlagError(lora[0], f"{lora[0]} needs --lora-rank (LoRA is off)")
     return args

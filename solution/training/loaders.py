@@ -1,7 +1,7 @@
 """Training data in a resumable, rank-aware, deterministic order: epoch ``e`` visits the pairs in a permutation
-seeded by ``(seed, e)``, padded to whole global micro-batches that each rank slices, and each sample's random
-transform is seeded by ``(seed, epoch, position)``. So the position is ``(epoch, micro-batch)``, and neither
-workers, resuming, nor the process count at the same global batch change a batch."""
+seeded by ``(seed, e)``, padded to whole global micro-batches that each rank slices, each sample's random
+transform seeded by ``(seed, epoch, position)``; so neither workers, resuming, nor the process count at the
+same global batch change a batch."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from solution.data.lmdb_io import LMDBSplit
 
 
 def open_split(path: str | None, what: str) -> LMDBSplit:
-    """Open an LMDB split with pairs; one clear error for missing, malformed or empty."""
-    if not path:
-        raise SolutionError(f"{what}: no LMDB directory given")
+    """An LMDB split with pairs; one clear error for missing, malformed or empty."""
     try:
         split = LMDBSplit(path)
         if split.num_samples > 0:
@@ -34,8 +32,7 @@ def open_split(path: str | None, what: str) -> LMDBSplit:
 
 def epoch_order(num_samples: int, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch)))
-    pad = (-num_samples) % global_batch
-    return torch.cat([order, order[:pad]]) if pad else order
+    return torch.cat([order, order[: (-num_samples) % global_batch]])
 
 
 def num_micro_batches(num_samples: int, global_batch: int) -> int:
@@ -43,9 +40,8 @@ def num_micro_batches(num_samples: int, global_batch: int) -> int:
 
 
 class EpochBatchSampler(Sampler):
-    """This rank's micro-batches ``start`` .. ``stop`` of an epoch, moved to another by :meth:`set_epoch`.
-    Keys are ``(epoch, position in epoch, sample index)``: persistent workers hold copies of the dataset
-    made when they started, so the epoch travels in the key."""
+    """This rank's micro-batches ``start`` .. ``stop`` of an epoch (:meth:`set_epoch`), as keys ``(epoch, position,
+    sample)``: persistent workers hold the dataset as it was when they started, so the epoch travels in the key."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int):
         self.num_samples, self.batch_size, self.rank, self.world, self.seed = num_samples, batch_size, rank, world, seed
@@ -90,9 +86,8 @@ class SeededPairs(Dataset):
 
 
 def train_loader(split: LMDBSplit, cfg, rank: int, world: int, pin_memory: bool = False) -> DataLoader:
-    """This rank's training DataLoader for a whole run (``cfg``: the run's TrainConfig; its workers started once);
-    ``loader.batch_sampler.set_epoch`` picks the micro-batches an iteration gives. Every random transform is seeded
-    per sample, so the workers' own seeds change nothing."""
+    """This rank's training DataLoader for a whole run (its workers started once); ``batch_sampler.set_epoch``
+    picks the micro-batches an iteration gives."""
     mc = cfg.model_config
     return DataLoader(
         SeededPairs(split, train_transform(mc.image_resolution, cfg.augment), cfg.seed, cfg.augment != "none"),

@@ -1,6 +1,6 @@
-"""The resolved configuration of one run (:data:`TrainConfig`, frozen: every flag by name as the run uses it,
-inherited from the starting checkpoint or cn_clip's defaults where not given, and the run's facts),
-``params.json``, and which changed flags a re-run may resume under."""
+"""A run's resolved configuration (:data:`TrainConfig`, frozen: every flag as the run uses it, inherited from the
+starting checkpoint or cn_clip's defaults where not given, and the run's facts), ``params.json``, and which
+changed flags a re-run may resume under."""
 
 from __future__ import annotations
 
@@ -10,31 +10,28 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cn_clip_patch.prompt import PromptError, check_prompt
-from cn_clip_patch.tuning import DEFAULT_LORA_TARGETS, tuning_recipe
+from cn_clip_patch.tuning import tuning_recipe
 from solution.common import SolutionError
 from solution.formats.run_files import PARAMS, read_params
 from solution.model import ModelConfig, resolve_config
 
 from .flags import FLAGS, FREE, TRAINS, FlagError, extra_val_sets
 from .loaders import num_micro_batches
-
-if TYPE_CHECKING:
-    from .setup import Start
+from .setup import Start
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
 FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
 RUN_FACTS = ("model_config", "world_size", "global_batch_size", "steps_per_epoch", "resumed_from", "train_pairs")
+TUNING = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_vision", "freeze_text")
 STEPS, BATCH = "max steps (--max-steps/--max-epochs)", "--batch-size x processes"
 TrainConfig = dataclasses.make_dataclass("TrainConfig", ["config", *FLAGS, *RUN_FACTS], frozen=True)
 
 
 def steps_per_epoch(train_pairs: int, batch_size: int, world: int, accum_freq: int, train_data: str) -> int:
-    """Optimizer steps in one epoch; one clear error where the data cannot fill a step."""
     if batch_size * world > train_pairs:
         raise SolutionError(
             f"batch size {batch_size} x {world} process(es) = {batch_size * world} is larger than "
@@ -42,32 +39,21 @@ def steps_per_epoch(train_pairs: int, batch_size: int, world: int, accum_freq: i
         )
     micro = num_micro_batches(train_pairs, batch_size * world)
     if micro < accum_freq:
-        raise SolutionError(
-            f"--accum-freq {accum_freq} needs {accum_freq} batches per step but an epoch has only {micro}"
-        )
+        raise SolutionError(f"--accum-freq {accum_freq} needs {accum_freq} batches per step but an epoch has {micro}")
     return micro // accum_freq
 
 
 def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
-    """The model the run trains: flags first, then the starting checkpoint; checked against the text model."""
-    recipe = tuning_recipe(
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets or DEFAULT_LORA_TARGETS,
-        freeze_vision=args.freeze_vision,
-        freeze_text=args.freeze_text,
-    )
+    """The model the run trains: flags first, then the starting checkpoint's."""
+    recipe = tuning_recipe(**{k: vars(args)[k] for k in TUNING})
     vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
     if start.ckpt is not None:
         cfg = resolve_config(
             start.ckpt, vision_model=args.vision_model, text_model=args.text_model, source=start.source
         )
         vision, text = cfg.vision_model, cfg.text_model
-    stored = (start.ckpt or {}).get("config") or {}  # prompt and context length follow the starting checkpoint
-    context = (
-        args.context_length if args.context_length is not None else int(stored.get("context_length", DEFAULT_CONTEXT))
-    )
+    stored = (start.ckpt or {}).get("config") or {}
+    context = args.context_length or int(stored.get("context_length", DEFAULT_CONTEXT))
     prompt = args.text_prompt if args.text_prompt is not None else str(stored.get("text_prompt", ""))
     config = ModelConfig(vision, text, context_length=context, text_prompt=prompt, tuning=recipe)
     positions = int(config.model_info.get("text_max_position_embeddings", 512))
@@ -83,8 +69,8 @@ def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
 
 
 def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: int, device: str) -> TrainConfig:
-    """The run's :data:`TrainConfig` from the typed flags (left unchanged), the starting checkpoint, the
-    process count, the training split's size and the device."""
+    """The run's :data:`TrainConfig` from the typed flags (left unchanged), the start, the process count, the
+    training split's size and the device."""
     from cn_clip.training.params import get_default_params
 
     model = model_config(args, start)
@@ -97,29 +83,18 @@ def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: 
     else:
         values["max_steps"] = per_epoch * args.max_epochs
     lora = model.tuning.get("lora") or {}
-    values.update(
-        extra_val_data=list(args.extra_val_data or ()),
-        augment=args.augment or ("cnclip" if args.use_augment else "none"),
-        vision_model=model.vision_model,
-        text_model=model.text_model,
-        context_length=model.context_length,
-        text_prompt=model.text_prompt,
-        lora_alpha=lora.get("alpha", args.lora_alpha),
-        lora_targets=lora.get("targets", args.lora_targets),
-        device=device,
-        model_config=model,
-        world_size=world,
-        global_batch_size=args.batch_size * world * args.accum_freq,
-        steps_per_epoch=per_epoch,
-        resumed_from=start.source,
-        train_pairs=train_pairs,
-    )
+    values.update({k: getattr(model, k) for k in ("vision_model", "text_model", "context_length", "text_prompt")})
+    values.update(lora_alpha=lora.get("alpha", args.lora_alpha), lora_targets=lora.get("targets", args.lora_targets))
+    values.update(extra_val_data=list(args.extra_val_data or ()), device=device, model_config=model)
+    values.update(augment=args.augment or ("cnclip" if args.use_augment else "none"), resumed_from=start.source)
+    global_batch = args.batch_size * world * args.accum_freq
+    values.update(world_size=world, global_batch_size=global_batch, steps_per_epoch=per_epoch, train_pairs=train_pairs)
     return TrainConfig(**values)
 
 
 def params_record(args: argparse.Namespace, cfg: TrainConfig, flag_changes: list | None = None) -> dict:
-    """``params.json``: the resolved values by flag name, the run's facts, the consented flag changes of
-    re-runs (if any) and the flags as typed under ``"typed"``."""
+    """``params.json``: the resolved values by flag name, the run's facts, the consented flag changes of re-runs
+    and the flags as typed (``typed``)."""
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     record["model_config"] = cfg.model_config.to_dict()
     if flag_changes:
@@ -129,7 +104,7 @@ def params_record(args: argparse.Namespace, cfg: TrainConfig, flag_changes: list
 
 def training_flags(p: Mapping) -> dict[str, object]:
     """The values of a ``params.json`` whose change changes what a run trains, by how a refusal names them."""
-    out = {FLAGS[k].name: FLAGS[k].parse(v) if isinstance(v, str) else v for k, v in p.items() if _compared(k, p)}
+    out = {FLAGS[k].name: FLAGS[k].parse(v) if isinstance(v, str) else v for k, v in p.items() if _compared(k)}
     if "max_steps" in p:
         out[STEPS] = p["max_steps"]
     if "batch_size" in p:
@@ -137,10 +112,8 @@ def training_flags(p: Mapping) -> dict[str, object]:
     return out
 
 
-def _compared(key: str, p: Mapping) -> bool:
-    if key not in FLAGS or FLAGS[key].resume != TRAINS or key in ("max_steps", "batch_size"):
-        return False
-    return p.get("lora_rank") or key not in ("lora_alpha", "lora_dropout", "lora_targets")  # LoRA off: no effect
+def _compared(key: str) -> bool:
+    return key in FLAGS and FLAGS[key].resume == TRAINS and key not in ("max_steps", "batch_size")
 
 
 def _same(flag: str, old, new) -> bool:
@@ -154,13 +127,13 @@ def _same(flag: str, old, new) -> bool:
     return real(old) == real(new)
 
 
-def _show(v) -> str:
-    return repr(v) if isinstance(v, str) else str(v)
+def _changes(pairs) -> str:
+    return "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in pairs)
 
 
 def check_resume_flags(run_dir: Path, params: Mapping, step: int, allow: bool) -> list[dict]:
-    """Compare this command's resolved ``params`` with the run's ``params.json`` before resuming at ``step``:
-    refuse changed training flags unless ``allow``; return the flag-change history with this re-run's."""
+    """Compare this command's ``params`` with the run's ``params.json`` before resuming at ``step``: refuse changed
+    training flags unless ``allow``; return the flag-change history with this re-run's."""
     try:
         saved = read_params(run_dir)
     except SolutionError as e:
@@ -170,23 +143,19 @@ def check_resume_flags(run_dir: Path, params: Mapping, step: int, allow: bool) -
         return []
     old, new = training_flags(saved), training_flags(params)
     changed = {k: (old[k], new[k]) for k in old if k in new and not _same(k, old[k], new[k])}
-    free = [
-        f"{f.name} {_show(saved[k])} -> {_show(params[k])}"
-        for k, f in FLAGS.items()
-        if f.resume == FREE and k in saved and saved[k] != params[k]
-    ]
+    free = [(f.name, (saved[k], params[k])) for k, f in FLAGS.items() if f.resume == FREE and k in saved]
+    free = [(name, (a, b)) for name, (a, b) in free if a != b]
     if free:
-        log.info("resuming under other flags that do not change the training than %s: %s", PARAMS, "; ".join(free))
+        log.info("resuming under other flags that do not change the training than %s: %s", PARAMS, _changes(free))
     history = list(saved.get("flag_changes") or [])
+    if changed and not allow:
+        raise SolutionError(
+            f"run folder {run_dir} was trained with other flags than this command's (its params.json): "
+            f"{_changes(changed.items())}. Re-run with the run's flags, pass --allow-changed-flags to continue it from "
+            f"step {step} under the new ones, or use another --name (or --no-auto-resume to start it over); logging, "
+            "worker, device, validation- and save-schedule flags may change freely"
+        )
     if changed:
-        text = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items())
-        if not allow:
-            raise SolutionError(
-                f"run folder {run_dir} was trained with other flags than this command's (its params.json): "
-                f"{text}. Re-run with the run's flags, pass --allow-changed-flags to continue it from step {step} "
-                "under the new ones, or use another --name (or --no-auto-resume to start it over); logging, "
-                "worker, device, validation- and save-schedule flags may change freely"
-            )
-        log.warning("resuming %s at step %d under changed flags (--allow-changed-flags): %s", run_dir, step, text)
+        log.warning("resuming %s at step %d under changed flags: %s", run_dir, step, _changes(changed.items()))
         history.append({"step": int(step), "changes": {k: [a, b] for k, (a, b) in changed.items()}})
     return history
