@@ -131,22 +131,20 @@ def test_trainer_refuses_vit_lora_with_compile_in_one_line(tmp_path, aot_trainer
 
 
 def test_missing_toolchains_and_unsupported_python_are_refused(monkeypatch, tmp_path, tiny_config):
-    monkeypatch.setattr(compiled, "_cxx_found", lambda: None)
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     with pytest.raises(SolutionError, match="--torchcompile on the CPU needs a C\\+\\+ compiler for inductor"):
         check_compile("cpu")
     check_compile("cpu", "aot_eager")  # no code generation: no compiler needed
-    monkeypatch.setattr(compiled, "_has_triton", lambda: False)
-    with pytest.raises(SolutionError, match="--torchcompile on CUDA needs triton"):
-        check_compile(torch.device("cuda"))
-    monkeypatch.setattr(compiled, "_dynamo_supported", lambda: False)
-    with pytest.raises(SolutionError, match="torch.compile does not support this Python"):
-        check_compile("cpu", "aot_eager")
-    # extraction refuses before reading a model or writing a file
-    monkeypatch.setattr(compiled, "_dynamo_supported", lambda: True)
     texts, split, ckpt = _feature_data(tmp_path, tiny_config)
-    with pytest.raises(SolutionError, match="needs a C\\+\\+ compiler"):
+    with pytest.raises(SolutionError, match="needs a C\\+\\+ compiler"):  # before reading a model or writing
         _extract(tmp_path, texts, split, ckpt, "x", ["--torchcompile"])
     assert not list(tmp_path.glob("x_*"))
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    with pytest.raises(SolutionError, match="--torchcompile on CUDA needs triton"):
+        check_compile(torch.device("cuda"))
+    monkeypatch.setattr(torch._dynamo.eval_frame, "is_dynamo_supported", lambda: False)
+    with pytest.raises(SolutionError, match="torch.compile does not support this Python"):
+        check_compile("cpu", "aot_eager")
 
 
 def test_compile_clock_counts_only_new_compile_seconds(monkeypatch):

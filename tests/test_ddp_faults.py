@@ -62,7 +62,7 @@ def _train_worker(rank: int, port: int, argv: list, out_dir: str, fault: str) ->
     try:
         result = {"ok": True, "best": trainer.main(argv)["best"]}
         d = Dist(rank, 2)
-        result.update(shared=on_main(d, lambda: {"rank": rank}, share=True), main_only=on_main(d, lambda: rank))
+        result.update(shared=on_main(d, lambda: {"rank": rank}))
     except BaseException as e:
         result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         raise
@@ -131,7 +131,7 @@ def test_a_skipped_batch_and_an_early_stop_reach_every_process(tmp_path, data):
         and ckpt["train_state"]["best"] == results[0]["best"]
     )
     assert (tmp_path / "logs" / "run" / "checkpoints" / "best.pt").is_file()
-    assert [r["shared"] for r in results] == [{"rank": 0}] * 2 and [r["main_only"] for r in results] == [0, None]
+    assert [r["shared"] for r in results] == [{"rank": 0}] * 2
 
 
 def test_an_error_in_the_main_process_validation_ends_every_process(tmp_path, data):

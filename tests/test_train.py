@@ -159,8 +159,7 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
 def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path):
     """An official file (``module.`` keys, fp16, BERT's pooler, no config): the architecture comes from its
     tensors, cn_clip's optimiser defaults from it; another architecture on the command line is refused."""
-    from solution.training.flags import parse_args
-    from solution.training.run_config import resolve
+    from solution.training.flags import parse_args, resolve
     from solution.training.setup import build, find_start
 
     config = ModelConfig("ViT-Tiny", "RBT-Tiny")

@@ -11,8 +11,7 @@ from train_helpers import make_data, make_split, tiny_argv
 from solution.common import run_cli
 from solution.data.lmdb_io import write_split
 from solution.formats.kinds import MARKER
-from solution.training.flags import FLAGS, NOT_SETTINGS, FlagError, build_parser, extra_val_sets, parse_args
-from solution.training.run_config import resolve
+from solution.training.flags import FLAGS, NOT_SETTINGS, FlagError, build_parser, extra_val_sets, parse_args, resolve
 from solution.training.setup import Start
 from solution.training.trainer import main
 

@@ -20,36 +20,22 @@ log = logging.getLogger(__name__)
 BACKENDS = ("inductor", "aot_eager", "eager")  # all but inductor: for tests
 
 
-def _dynamo_supported() -> bool:
-    from torch._dynamo.eval_frame import is_dynamo_supported
-
-    return bool(is_dynamo_supported())
-
-
-def _cxx_found() -> str | None:
-    """The C++ compiler inductor would use on the CPU (its configured candidates, else ``$CXX``), or None."""
-    from torch._inductor import config
-
-    names = [c for c in (os.environ.get("CXX"), *(config.cpp.cxx or ())) if c]
-    return next((shutil.which(c) for c in names if shutil.which(c)), None)
-
-
-def _has_triton() -> bool:
-    from torch.utils._triton import has_triton
-
-    return bool(has_triton())
-
-
 def check_compile(device, backend: str = "inductor") -> None:
-    """Raise :class:`SolutionError` where ``torch.compile`` with ``backend`` cannot run on ``device``."""
+    """Raise :class:`SolutionError` where ``torch.compile`` with ``backend`` cannot run on ``device`` (inductor
+    needs a C++ compiler on the CPU, one of its configured ones or ``$CXX``, and triton on CUDA)."""
+    from torch._dynamo import eval_frame
+    from torch._inductor import config
+    from torch.utils import _triton
+
     device = torch.device(device)
     if backend not in BACKENDS:
         raise SolutionError(f"--torchcompile backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if not _dynamo_supported():
+    if not eval_frame.is_dynamo_supported():
         raise SolutionError(f"--torchcompile: torch.compile does not support this Python ({platform.python_version()})")
-    if backend == "inductor" and device.type == "cpu" and _cxx_found() is None:
+    cxx = [c for c in (os.environ.get("CXX"), *(config.cpp.cxx or ())) if c and shutil.which(c)]
+    if backend == "inductor" and device.type == "cpu" and not cxx:
         raise SolutionError("--torchcompile on the CPU needs a C++ compiler for inductor (g++, clang++ or $CXX)")
-    if backend == "inductor" and device.type == "cuda" and not _has_triton():
+    if backend == "inductor" and device.type == "cuda" and not _triton.has_triton():
         raise SolutionError("--torchcompile on CUDA needs triton for inductor (pip install triton, matching torch)")
 
 
@@ -89,21 +75,23 @@ def compile_towers(model: nn.Module, device, backend: str = "inductor") -> nn.Mo
 
 def compile_seconds() -> float:
     """Wall seconds this process has spent in torch.compile so far (dynamo's own count; 0 before any)."""
-    try:
-        from torch._dynamo.utils import calculate_time_spent
+    from torch._dynamo.utils import calculate_time_spent
 
-        return float(calculate_time_spent().get("total_wall_time", 0.0))
-    except (ImportError, AttributeError):  # another torch: no count, nothing subtracted
-        return 0.0
+    return float(calculate_time_spent().get("total_wall_time", 0.0))
 
 
 class CompileClock:
-    """``lap()``: the compile seconds since the last lap (or since the clock was made)."""
+    """:meth:`lap`: the compile seconds since the last lap (logged with its ``step``), also summed in ``unreported``
+    until a caller reports them; always 0 when not ``enabled``."""
 
-    def __init__(self):
-        self.last = compile_seconds()
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.unreported = enabled, 0.0
+        self.last = compile_seconds() if enabled else 0.0
 
-    def lap(self) -> float:
-        now = compile_seconds()
+    def lap(self, step: int | None = None) -> float:
+        now = compile_seconds() if self.enabled else 0.0
         spent, self.last = max(0.0, now - self.last), now
+        self.unreported += spent
+        if spent > 0 and step is not None:
+            log.info("torch.compile: %.1f s compiling at step %d (left out of the step time)", spent, step)
         return spent

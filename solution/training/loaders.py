@@ -35,10 +35,6 @@ def epoch_order(num_samples: int, global_batch: int, seed: int, epoch: int) -> t
     return torch.cat([order, order[: (-num_samples) % global_batch]])
 
 
-def num_micro_batches(num_samples: int, global_batch: int) -> int:
-    return -(-num_samples // global_batch)
-
-
 class EpochBatchSampler(Sampler):
     """This rank's micro-batches ``start`` .. ``stop`` of an epoch (:meth:`set_epoch`), as keys ``(epoch, position,
     sample)``: persistent workers hold the dataset as it was when they started, so the epoch travels in the key."""
@@ -52,9 +48,6 @@ class EpochBatchSampler(Sampler):
         total = len(self.order) // (self.batch_size * self.world)
         self.start, self.stop = start, total if stop is None else min(stop, total)
 
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
     def __iter__(self):
         for b in range(self.start, self.stop):
             lo = (b * self.world + self.rank) * self.batch_size
@@ -66,9 +59,6 @@ class SeededPairs(Dataset):
 
     def __init__(self, split: LMDBSplit, transform, seed: int, random_transform: bool):
         self.pairs, self.seed, self.random_transform = PairDataset(split, transform), seed, random_transform
-
-    def __len__(self) -> int:
-        return len(self.pairs)
 
     def __getitem__(self, key):
         epoch, position, index = key

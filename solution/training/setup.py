@@ -60,9 +60,9 @@ def rank_device(device: torch.device, local_rank: int, cuda_count: int) -> torch
     return torch.device("cuda", local_rank)
 
 
-def on_main(d: Dist, fn: Callable[[], object], share: bool = False):
-    """``fn()`` on the main process only, its result on every process with ``share``; a :class:`SolutionError` it
-    raises is raised on every process, another exception on the main one (the others raise a SolutionError)."""
+def on_main(d: Dist, fn: Callable[[], object]):
+    """``fn()`` on the main process only, its result on every process; a :class:`SolutionError` it raises is raised
+    on every process, another exception on the main one (the others raise a SolutionError)."""
     err = out = None
     if d.main:
         try:
@@ -74,9 +74,9 @@ def on_main(d: Dist, fn: Callable[[], object], share: bool = False):
                 dist.broadcast_object_list([f"stopped: the main process raised {type(e).__name__}: {e}", None], src=0)
             raise
     if d.world > 1:
-        box = [err, out if share else None]
+        box = [err, out]
         dist.broadcast_object_list(box, src=0)
-        err, out = box[0], box[1] if share else out
+        err, out = box
     if err is not None:
         raise SolutionError(err)
     return out
@@ -91,15 +91,12 @@ class Start:
 
 def find_start(latest: Path, resume: str | None, is_own_run: bool) -> Start:
     """The run's own ``latest`` checkpoint when ``is_own_run`` (decided by the main process), else ``--resume``."""
-    if is_own_run:
-        log.info("resuming this run from %s", latest)
-        return Start(read_checkpoint(latest), str(latest), True)
-    if resume:
-        if not Path(resume).is_file():
-            raise SolutionError(f"--resume: checkpoint not found: {resume}")
-        log.info("starting from %s", resume)
-        return Start(read_checkpoint(resume), str(resume), False)
-    return Start()
+    path = latest if is_own_run else resume
+    if path and not Path(path).is_file():
+        raise SolutionError(f"--resume: checkpoint not found: {resume}")
+    if path:
+        log.info("%s %s", "resuming this run from" if is_own_run else "starting from", path)
+    return Start(read_checkpoint(path), str(path), is_own_run) if path else Start()
 
 
 def build(cfg, start: Start) -> nn.Module:
@@ -165,18 +162,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str |
     leave the optimizer fresh and say why (else None)."""
     fresh = optimizer.state_dict()
     try:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(state)  # checks parameter counts, not shapes
+        for p, moments in optimizer.state.items():
+            for name, v in moments.items():
+                if torch.is_tensor(v) and v.ndim > 0 and v.shape != p.shape:
+                    raise ValueError(f"its {name} of shape {tuple(v.shape)} belongs to a parameter of {tuple(p.shape)}")
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         optimizer.load_state_dict(fresh)
         return str(e)
     for group, settings in zip(optimizer.param_groups, fresh["param_groups"]):
         group.update({k: v for k, v in settings.items() if k != "params"})
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for name, v in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(v) and v.ndim > 0 and v.shape != p.shape:
-                    optimizer.load_state_dict(fresh)
-                    return f"its {name} of shape {tuple(v.shape)} belongs to a parameter of shape {tuple(p.shape)}"
     return None
 
 

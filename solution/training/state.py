@@ -137,7 +137,6 @@ class RunFiles:
     def close_board(self) -> None:
         if self.board is not None:
             self.board.close()
-            self.board = None
 
     def draw_curves(self, title: str) -> None:
         """``curves.png`` from ``metrics.jsonl``; a failure is a warning (a plot never ends a run)."""

@@ -138,10 +138,8 @@ class EMA:
 
     @torch.no_grad()
     def load(self, saved: list | None) -> None:
-        """A saved EMA (``state``'s); one of other tensors (changed flags) leaves it at the current weights."""
-        if saved and [t.shape for t in saved] == [e.shape for e in self.shadow]:
-            for e, t in zip(self.shadow, saved):
-                e.copy_(t)
+        for e, t in zip(self.shadow, saved or []):  # none saved (EMA newly on): the current weights
+            e.copy_(t)
 
     @contextlib.contextmanager
     def swapped(self):

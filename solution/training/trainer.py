@@ -24,9 +24,8 @@ from solution.model.compiled import CompileClock, compile_towers
 from solution.model.precision import model_math
 
 from . import setup
-from .flags import extra_val_sets, parse_args
+from .flags import check_resume_flags, extra_val_sets, params_record, parse_args, resolve, steps_per_epoch
 from .loaders import open_split, train_loader
-from .run_config import check_resume_flags, params_record, resolve, steps_per_epoch
 from .state import RunFiles, claim_run_folder, rng_state, set_rng_state, to_cpu, weights_for_checkpoint
 from .step import EMA, Stepper
 from .validation import BestTracker, Validation
@@ -51,8 +50,6 @@ class Trainer:
         self.files = RunFiles(Path(args.logs) / args.name, args.name)
         self.epoch = self.micro = self.step = 0  # epoch index, micro-batches done in it, optimizer steps done
         self.loader = None  # built once: its workers persist
-        self.clock: CompileClock | None = None  # --torchcompile: compile seconds, kept out of step times
-        self.compile_s = 0.0  # compile seconds since the last train line
 
     def run(self) -> dict:
         a = self.args
@@ -71,7 +68,7 @@ class Trainer:
 
     def _setup(self) -> None:
         a, d, files = self.args, self.d, self.files
-        own = setup.on_main(d, lambda: files.latest.is_file() and not a.no_auto_resume, share=True)
+        own = setup.on_main(d, lambda: files.latest.is_file() and not a.no_auto_resume)
         start = self.start = setup.find_start(files.latest, a.resume, own)
         pairs = self.train_split.num_samples
         cfg = self.cfg = resolve(a, start, world=d.world, train_pairs=pairs, device=str(d.device))
@@ -83,7 +80,7 @@ class Trainer:
         model = setup.build(cfg, start)
         if cfg.torchcompile:  # in place, inside DDP's wrapper; compiled at the first step (timed apart)
             compile_towers(model, d.device)
-            self.clock = CompileClock()
+        self.clock = CompileClock(cfg.torchcompile)
         self.model = setup.wrap(model, d, cfg.use_bn_sync)  # first on the device: a fused AdamW where it has one
         self.optimizer = setup.make_optimizer(model, cfg)
         if d.world > 1:  # dropout and --mask-ratio draws differ between processes
@@ -151,9 +148,7 @@ class Trainer:
                     if not files.complete(path, self.model):
                         self._write(path)
                         log.info("wrote %s, left unwritten by the interrupted run at step %d", path, self.step)
-            files.truncate_metrics(self.step)
-        elif files.metrics.exists():
-            files.metrics.unlink()
+        files.truncate_metrics(self.step if self.start.is_own_run else -1)  # a fresh run: none kept
         files.open_board(self.cfg.report_to == "tensorboard" and not self._final())  # a finished run: untouched
 
     def _run(self) -> dict:
@@ -170,11 +165,10 @@ class Trainer:
                 files.close_board()
         if self.d.main and not cfg.no_plot:
             files.draw_curves(cfg.name)
-        best_ckpt = files.best.is_file() and self.tracker.best is not None
         return {
             "run_dir": str(files.run_dir),
             "best": self.tracker.best,
-            "best_checkpoint": str(files.best) if best_ckpt else None,
+            "best_checkpoint": str(files.best) if self.tracker.best and files.best.is_file() else None,
             "last_checkpoint": str(files.latest) if files.latest.is_file() else None,
             "params": self.params,
             "config": cfg,
@@ -209,7 +203,7 @@ class Trainer:
             self.micro += cfg.accum_freq
             if self._skip(batches):
                 continue
-            self._compile_time()  # compiles outside steps (validation's eval mode) go to the next line
+            self.clock.lap(self.step)  # compiles outside steps (validation's eval mode) go to the next line
             t0 = time.perf_counter()
             lr = self.scheduler(self.step)
             out = self.stepper(batches)
@@ -218,7 +212,7 @@ class Trainer:
             logged = self.step % cfg.log_interval == 0 or self.step == cfg.max_steps
             if logged:
                 self.stepper.check()  # waits for the device: the step's time below is its real one
-            dt = max(time.perf_counter() - t0 - self._compile_time(), 1e-9)  # torch.compile left out
+            dt = max(time.perf_counter() - t0 - self.clock.lap(self.step), 1e-9)  # torch.compile left out
             bar.update(1)
             if logged and self.d.main:
                 self._log_step(self.stepper.read(out), lr, t0 - t_data, dt, bar)
@@ -239,14 +233,6 @@ class Trainer:
             log.warning("step %d: a batch had no decodable image; skipped on every process", self.step + 1)
         return bad
 
-    def _compile_time(self) -> float:
-        """``--torchcompile``: the compile seconds since the last call (logged; added to the next train line)."""
-        spent = self.clock.lap() if self.clock is not None else 0.0
-        if spent > 0:
-            self.compile_s += spent
-            log.info("torch.compile: %.1f s compiling at step %d (left out of the step time)", spent, self.step)
-        return spent
-
     def _log_step(self, out: dict, lr: float, data_time: float, dt: float, bar) -> None:
         """The step's ``train`` line (times without torch.compile, its seconds since the last line in ``compile_s``)."""
         row = {"step": self.step, "epoch": self.epoch + 1, "kind": "train", "loss": out["loss"], "lr": lr}
@@ -254,8 +240,8 @@ class Trainer:
         row["time"] = time.time()
         if self.cfg.report_training_batch_acc:
             row.update(acc_i2t=100 * out["acc_i2t"], acc_t2i=100 * out["acc_t2i"])
-        if self.clock is not None:
-            row["compile_s"], self.compile_s = self.compile_s, 0.0
+        if self.cfg.torchcompile:
+            row["compile_s"], self.clock.unreported = self.clock.unreported, 0.0
         self.files.log_row(row)
         if bar.disable:
             msg = "step %d/%d: loss %.4f, lr %.2e, logit scale %.2f, %.1f pairs/s"
@@ -286,10 +272,8 @@ class Trainer:
         state.update(bad_validations=self.tracker.bad, scaler=self.stepper.scaler.state_dict(), ema=self.ema.shadow)
         if mc.tuning.get("lora"):
             state["adapted_state_dict"] = unwrap(self.model).state_dict()
-        weights = weights_for_checkpoint(self.model, mc)
-        self._write(
-            self.files.latest, weights, optimizer=to_cpu(self.optimizer.state_dict()), train_state=to_cpu(state)
-        )
+        weights, optimizer = weights_for_checkpoint(self.model, mc), to_cpu(self.optimizer.state_dict())
+        self._write(self.files.latest, weights, optimizer=optimizer, train_state=to_cpu(state))
         with self.ema.swapped():
             weights = weights_for_checkpoint(self.model, mc) if self.ema.params and paths else weights
             for path in paths:

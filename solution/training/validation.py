@@ -59,13 +59,13 @@ class Validation:
     _prepared: dict = field(default_factory=dict, repr=False)  # set name -> (Queries, ScoringInputs)
 
     def __call__(self, model: nn.Module, d: Dist, *, step: int, epoch: int) -> None:
-        t = self.tracker
-        t.stop, t.best, t.bad = on_main(d, lambda: self._run_main(model, d, step=step, epoch=epoch), share=True)
+        def run() -> tuple:
+            with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):  # training's RNG kept
+                self._validate(model, d, step=step, epoch=epoch)
+            return t.stop, t.best, t.bad
 
-    def _run_main(self, model: nn.Module, d: Dist, *, step: int, epoch: int) -> tuple:
-        with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):  # training's RNG kept
-            self._validate(model, d, step=step, epoch=epoch)
-        return self.tracker.stop, self.tracker.best, self.tracker.bad
+        t = self.tracker
+        t.stop, t.best, t.bad = on_main(d, run)
 
     def _validate(self, model: nn.Module, d: Dist, *, step: int, epoch: int) -> None:
         cfg, mc = self.cfg, self.cfg.model_config
@@ -82,26 +82,21 @@ class Validation:
 
     def score(self, model: nn.Module, name: str, split: LMDBSplit, d: Dist, *, step: int, epoch: int) -> dict:
         """Score one set and log its line (a main-set new best writes its per-query hits first and names them)."""
-        cfg, m, t = self.cfg, unwrap(model), time.perf_counter()
+        cfg, mc, m, t, main = self.cfg, self.cfg.model_config, unwrap(model), time.perf_counter(), name == MAIN_SET
         io = {"batch_size": cfg.valid_batch_size, "num_workers": cfg.valid_num_workers}
         if name not in self._prepared:  # made once: the gallery decoded within the cache's room, texts tokenised
             used = sum(i.images.pixels.numel() for _, i in self._prepared.values() if i.images is not None)
             room, queries = max(0, int(cfg.valid_image_cache_gb * 2**30) - used), split_queries(split)
-            self._prepared[name] = queries, prepare_inputs(split, cfg.model_config, queries, max_bytes=room, **io)
+            self._prepared[name] = queries, prepare_inputs(split, mc, queries, max_bytes=room, **io)
         queries, inputs = self._prepared[name]
-        feats = encode_split(
-            m, split, cfg.model_config, queries, inputs=inputs, device=d.device, precision=cfg.precision, **io
-        )
-        rec = score_features(
-            feats, split, queries, {"all": queries.text_ids}, device=d.device, with_hits=name == MAIN_SET
-        )
-        rec = rec["all"]
+        feats = encode_split(m, split, mc, queries, inputs=inputs, device=d.device, precision=cfg.precision, **io)
+        rec = score_features(feats, split, queries, {"all": queries.text_ids}, device=d.device, with_hits=main)["all"]
         text_ids, hits = rec.pop("text_ids", None), rec.pop("hits", None)
         scale = m.logit_scale.detach().exp()
         rec.update(feature_loss(feats, queries, split, scale, cfg, d.device))
         row = {"step": step, "epoch": epoch + 1, "kind": "valid", "set": name, **{k: float(v) for k, v in rec.items()}}
         row.update(logit_scale=float(scale), seconds=time.perf_counter() - t)
-        if hits is not None and self.tracker.improves(row):
+        if main and self.tracker.improves(row):
             write_hits(self.files.best_hits, text_ids, hits)
             row["hits"] = self.files.best_hits.relative_to(self.files.run_dir).as_posix()
         self.files.log_row(row)
