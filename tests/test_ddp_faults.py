@@ -183,12 +183,8 @@ def test_the_resumable_checkpoint_is_saved_through_to_cpu(tmp_path, data, monkey
     trainer.main(tiny_argv(*data, tmp_path, max_steps=1, lora_rank=2))
     kinds = [set(o) for o in seen if isinstance(o, dict)]
     assert {"state", "param_groups"} in kinds  # the optimizer's state dict
-    assert any({"rng", "adapted_state_dict", "position"} <= k for k in kinds)  # train_state
-    assert any(
-        all(isinstance(v, torch.Tensor) for v in o.values()) and o
-        for o in seen
-        if isinstance(o, dict) and not {"state", "rng"} & set(o)
-    )  # the adapter tensors
+    assert any({"rng", "adapted_state_dict", "position", "ema"} <= k for k in kinds)  # train_state
+    assert any(k and all("lora_" in n for n in k) for k in kinds)  # the adapter tensors
 
 
 def test_clip_loss_is_float32_under_autocast():

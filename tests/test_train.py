@@ -78,16 +78,8 @@ def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
     start_model, start_config, _ = load_model(stage1["last_checkpoint"])
     start_recall = evaluate_split(start_model, valid, start_config)["mean_recall"]
     init_sd = start_model.state_dict()
-    flags = {
-        "max_steps": 12,
-        "lr": "3e-3",
-        "warmup": 1,
-        "valid_epoch_interval": 2,
-        "resume": stage1["last_checkpoint"],
-        "reset_data_offset": True,
-        "reset_optimizer": True,
-        **MODES[mode],
-    }
+    flags = dict(max_steps=12, lr="3e-3", warmup=1, valid_epoch_interval=2, resume=stage1["last_checkpoint"])
+    flags.update(reset_data_offset=True, reset_optimizer=True, **MODES[mode])
     out = main(tiny_argv(train, valid, tmp_path, name=mode, **flags))
     _check_run(out, 12)
     assert out["best"]["mean_recall"] > start_recall, (mode, out["best"], start_recall)

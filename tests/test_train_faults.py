@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from train_helpers import hooked_train, make_data, tiny_argv
+from train_helpers import error_line, hooked_train, make_data, tiny_argv
 
 from solution.common import run_cli
 from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
@@ -27,23 +27,12 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("colours"), per_colour_train=3, per_colour_valid=1, colours=4)
 
 
-def _error_line(capsys, argv, main_fn=main):
-    assert run_cli(main_fn, argv) == 2
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob(".*.tmp"))
 
 
 def _files(run: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(run)): p.read_bytes()
-        for p in sorted(run.rglob("*"))
-        if p.is_file() and p.name != ".train.lock"
-    }
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"}
 
 
 def outcome(run: Path) -> tuple[dict, list]:
@@ -52,7 +41,7 @@ def outcome(run: Path) -> tuple[dict, list]:
     for p in sorted(run.glob("*/*.pt")):
         c = torch.load(p, map_location="cpu", weights_only=True)
         tensors = c.get("state_dict") or c["adapter"]
-        ckpts[str(p.relative_to(run))] = (c["step"], {k: v for k, v in tensors.items()})
+        ckpts[str(p.relative_to(run))] = (c["step"], dict(tensors))
     rows = [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in open(run / "metrics.jsonl")]
     return ckpts, rows
 
@@ -167,7 +156,7 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path, 
         assert proc.poll() is None and ready.exists(), proc.stderr.read()[-2000:]
         run = tmp_path / "logs" / "run"
         before = _files(run)
-        line = _error_line(capsys, argv)
+        line = error_line(capsys, argv)
         assert f"pid {proc.pid}" in line and str(run) in line and "in use" in line
         assert _files(run) == before  # the refused writer wrote nothing
         os.kill(proc.pid, signal.SIGKILL)
@@ -210,7 +199,7 @@ def test_resuming_under_changed_flags_is_refused_listing_them(finished_run, tmp_
     shutil.copytree(finished_run, tmp_path / "logs")
     before = _files(tmp_path / "logs" / "run")
     flags, expected = CHANGES[case]
-    line = _error_line(
+    line = error_line(
         capsys, tiny_argv(*data, tmp_path / "logs", **{"max_steps": 2, "valid_epoch_interval": 0, **flags})
     )
     assert expected in line and "params.json" in line and "--allow-changed-flags" in line
@@ -265,13 +254,13 @@ def wide_vit(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys, data, wide_vit):
-    line = _error_line(capsys, tiny_argv(*data, tmp_path / "logs", resume=wide_vit, max_steps=1))
+    line = error_line(capsys, tiny_argv(*data, tmp_path / "logs", resume=wide_vit, max_steps=1))
     assert str(wide_vit) in line and "ViT-Wide" in line and "ViT-Tiny" in line
     logs = tmp_path / "logs2"
     main(tiny_argv(*data, logs, max_steps=1, valid_epoch_interval=0, lora_rank=2))
     argv = tiny_argv(*data, logs, max_steps=1, valid_epoch_interval=0, lora_rank=2, allow_changed_flags=True)
     argv[argv.index("ViT-Tiny")] = "ViT-Wide"
-    line = _error_line(capsys, argv)  # the run's own LoRA state
+    line = error_line(capsys, argv)  # the run's own LoRA state
     assert "epoch_latest.pt" in line and "ViT-Wide" in line
 
 
@@ -335,7 +324,7 @@ def test_disk_full_while_saving(small_disk, tmp_path, capsys, data, what):
                     f.write("\n" * (-metrics.stat().st_size % 4096))
             filled.append(_fill(disk))
 
-    line = _error_line(capsys, argv, lambda a: main(a, on_validation=fill_at_step))
+    line = error_line(capsys, argv, lambda a: main(a, on_validation=fill_at_step))
     target = logs / "run" / ("checkpoints/epoch_" if what == "checkpoint" else "metrics.jsonl")
     assert line.startswith(f"error: disk full at {target}")
     if what == "checkpoint":

@@ -1,6 +1,5 @@
-"""``--torchcompile`` (open_clip's flag): each tower's repeated blocks compiled in place (one compiled block serves
-them all; names, state dicts, LoRA, checkpointing and DDP see the same modules), refused in one line where that
-cannot work, and dynamo's count of compile seconds, so callers keep them out of step times."""
+"""``--torchcompile`` (open_clip's flag): the towers' repeated blocks compiled in place (one block compiles for
+all), refused in one line where that cannot work, and the compile seconds, kept out of step times."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ BACKENDS = ("inductor", "aot_eager", "eager")  # all but inductor: for tests
 
 
 def check_compile(device, backend: str = "inductor") -> None:
-    """Raise :class:`SolutionError` where ``torch.compile`` with ``backend`` cannot run on ``device`` (inductor
-    needs a C++ compiler on the CPU, one of its configured ones or ``$CXX``, and triton on CUDA)."""
+    """Refuse where torch.compile cannot run: inductor needs a C++ compiler on the CPU, triton on CUDA."""
     from torch._dynamo import eval_frame
     from torch._inductor import config
     from torch.utils import _triton
@@ -40,8 +38,7 @@ def check_compile(device, backend: str = "inductor") -> None:
 
 
 def blocks(tower: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of ``tower``: the children of the outermost ``nn.Sequential``/``nn.ModuleList`` of 2+
-    modules of one class."""
+    """A tower's repeated blocks: the children of its outer Sequential/ModuleLists of 2+ modules of one class."""
     out = []
     for child in tower.children():
         kids = list(child.children()) if isinstance(child, (nn.Sequential, nn.ModuleList)) else []
@@ -81,8 +78,7 @@ def compile_seconds() -> float:
 
 
 class CompileClock:
-    """:meth:`lap`: the compile seconds since the last lap (logged with its ``step``), also summed in ``unreported``
-    until a caller reports them; always 0 when not ``enabled``."""
+    """``lap()``: compile seconds since the last lap (logged at ``step``), summed in ``unreported``; 0: disabled."""
 
     def __init__(self, enabled: bool = True):
         self.enabled, self.unreported = enabled, 0.0

@@ -1,7 +1,5 @@
-"""The trainer's flags, each spelled once in :data:`TABLE` (cn_clip's, and ours): the parser, ``--config FILE.yaml``
-(values by flag name; the command line wins), checks and :data:`NOT_SETTINGS` follow from it; a run's resolved
-configuration (:data:`TrainConfig`: inherited from the start or cn_clip's defaults where not given, and the run's
-facts), ``params.json``, and which changed flags a re-run may resume under."""
+"""The trainer's flags (:data:`TABLE`, cn_clip's and ours: the parser, ``--config FILE.yaml``, checks and
+:data:`NOT_SETTINGS` follow from it), a run's resolved :data:`TrainConfig`, ``params.json``, the resume guard."""
 
 from __future__ import annotations
 
@@ -92,8 +90,7 @@ def extra_val_sets(items: Sequence[str] | None, flag: str = "--extra-val-data") 
 
 @dataclass(frozen=True)
 class Flag:
-    """``resume``: TRAINS, FREE or START; ``shown``: whether ``compare`` shows it; ``check(value, flag)`` raises
-    :class:`FlagError`; ``type``: by default its default's (a bool: a switch)."""
+    """``resume``: TRAINS, FREE or START; ``shown``: in ``compare``; ``check(value, flag)`` raises FlagError."""
 
     name: str
     default: object
@@ -326,8 +323,7 @@ def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
 
 
 def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: int, device: str) -> TrainConfig:
-    """The run's :data:`TrainConfig` from the typed flags (left unchanged), the start, the process count, the
-    training split's size and the device."""
+    """The run's :data:`TrainConfig` from the typed flags (left unchanged), its start and its facts."""
     from cn_clip.training.params import get_default_params
 
     model = model_config(args, start)
@@ -350,8 +346,7 @@ def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: 
 
 
 def params_record(args: argparse.Namespace, cfg: TrainConfig, flag_changes: list | None = None) -> dict:
-    """``params.json``: the resolved values by flag name, the run's facts, the consented flag changes of re-runs
-    and the flags as typed (``typed``)."""
+    """``params.json``: resolved values, facts, consented flag changes and the flags as typed (``typed``)."""
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     record["model_config"] = cfg.model_config.to_dict()
     if flag_changes:
@@ -382,8 +377,7 @@ def _changes(pairs) -> str:
 
 
 def check_resume_flags(run_dir: Path, params: Mapping, step: int, allow: bool) -> list[dict]:
-    """Compare this command's ``params`` with the run's ``params.json`` before resuming at ``step``: refuse changed
-    training flags unless ``allow``; return the flag-change history with this re-run's."""
+    """Refuse changed training flags unless ``allow``; the flag-change history, with this re-run's changes."""
     try:
         saved = read_params(run_dir)
     except SolutionError as e:

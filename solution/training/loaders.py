@@ -1,7 +1,5 @@
-"""Training data in a resumable, rank-aware, deterministic order: epoch ``e`` visits the pairs in a permutation
-seeded by ``(seed, e)``, padded to whole global micro-batches that each rank slices, each sample's random
-transform seeded by ``(seed, epoch, position)``; so neither workers, resuming, nor the process count at the
-same global batch change a batch."""
+"""Training data in a resumable, rank-aware, deterministic order: epoch e's permutation seeded by (seed, e), padded
+to whole global micro-batches that ranks slice, each sample's transform seeded by (seed, epoch, position)."""
 
 from __future__ import annotations
 
@@ -36,8 +34,7 @@ def epoch_order(num_samples: int, global_batch: int, seed: int, epoch: int) -> t
 
 
 class EpochBatchSampler(Sampler):
-    """This rank's micro-batches ``start`` .. ``stop`` of an epoch (:meth:`set_epoch`), as keys ``(epoch, position,
-    sample)``: persistent workers hold the dataset as it was when they started, so the epoch travels in the key."""
+    """This rank's micro-batches of an epoch as ``(epoch, position, sample)`` keys (the epoch travels to workers)."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int):
         self.num_samples, self.batch_size, self.rank, self.world, self.seed = num_samples, batch_size, rank, world, seed
@@ -76,8 +73,7 @@ class SeededPairs(Dataset):
 
 
 def train_loader(split: LMDBSplit, cfg, rank: int, world: int, pin_memory: bool = False) -> DataLoader:
-    """This rank's training DataLoader for a whole run (its workers started once); ``batch_sampler.set_epoch``
-    picks the micro-batches an iteration gives."""
+    """This rank's DataLoader for the whole run; ``batch_sampler.set_epoch`` picks what an iteration gives."""
     mc = cfg.model_config
     return DataLoader(
         SeededPairs(split, train_transform(mc.image_resolution, cfg.augment), cfg.seed, cfg.augment != "none"),

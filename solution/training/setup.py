@@ -61,8 +61,7 @@ def rank_device(device: torch.device, local_rank: int, cuda_count: int) -> torch
 
 
 def on_main(d: Dist, fn: Callable[[], object]):
-    """``fn()`` on the main process only, its result on every process; a :class:`SolutionError` it raises is raised
-    on every process, another exception on the main one (the others raise a SolutionError)."""
+    """``fn()`` on the main process, its result (or its :class:`SolutionError`) on every process."""
     err = out = None
     if d.main:
         try:
@@ -142,8 +141,7 @@ def lr_scales(model: nn.Module, decay: float) -> dict[str, float]:
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW with cn_clip's no weight decay on biases, norms, logit_scale and other 0/1-D gains, a group per
-    (lr scale, decay); fused where every parameter is on a GPU."""
+    """AdamW, cn_clip's no weight decay on biases, norms and 0/1-D gains; a group per (lr scale, decay)."""
     norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
     in_norms = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     scales = lr_scales(model, cfg.layer_decay) if cfg.layer_decay != 1 else {}
@@ -158,8 +156,7 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> str | None:
-    """Load a saved optimizer's moments under this command's settings (weight decay, betas, ...); on a mismatch
-    leave the optimizer fresh and say why (else None)."""
+    """A saved optimizer's moments under this command's settings; on a mismatch, a fresh one and why."""
     fresh = optimizer.state_dict()
     try:
         optimizer.load_state_dict(state)  # checks parameter counts, not shapes

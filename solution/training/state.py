@@ -1,5 +1,4 @@
-"""A run folder ``{logs}/{name}/``: its lock, checkpoints (``epoch_latest.pt`` with the optimizer and the
-``train_state`` an exact resume needs; LoRA adapters apart in ``adapters/``), metrics, plot and TensorBoard."""
+"""A run folder: its lock, checkpoints (``epoch_latest.pt`` resumable; LoRA adapters in ``adapters/``), logs."""
 
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ BOARD = {"train": ("loss", "lr", "logit_scale"), "valid": ("r1", "r5", "r10", "m
 
 
 def claim_run_folder(stack: contextlib.ExitStack, run_dir: Path, logs: str | os.PathLike) -> None:
-    """Lock the run folder until ``stack`` closes (an ``flock``: dropped when its holder dies, even by ``kill -9``),
-    claim it as a run folder, and remove the temporary files a killed writer left in it."""
+    """Lock and claim the run folder while ``stack`` lives (an flock: gone even on kill -9); drop stale temps."""
     check_output(logs, what="--logs", is_dir=True)
     check_output(run_dir, what="run folder", is_dir=True)
     try:
@@ -97,8 +95,7 @@ class RunFiles:
         return self.latest.parent / (f"epoch_{epoch}.pt" if step is None else f"epoch_{epoch}_{step}.pt")
 
     def save(self, path: Path, model, config: ModelConfig, *, epoch: int, step: int, weights=None, **extra) -> None:
-        """Checkpoint ``path`` (``weights``: :func:`weights_for_checkpoint`'s when made already), and a LoRA model's
-        adapters beside it."""
+        """Checkpoint ``path`` (``weights`` when made already), and a LoRA model's adapters beside it."""
         sd, cfg = weights or weights_for_checkpoint(model, config)
         save_checkpoint(path, sd, cfg, epoch=epoch, step=step, name=self.name, **extra)
         if has_lora(unwrap(model)):
@@ -112,8 +109,7 @@ class RunFiles:
         return path.is_file() and (not has_lora(unwrap(model)) or (self.adapter_dir / path.name).is_file())
 
     def log_row(self, row: dict, write: bool = True) -> None:
-        """A ``metrics.jsonl`` line, and its values of :data:`BOARD` to TensorBoard (tags ``train/KEY`` and
-        ``valid/SET/KEY``)."""
+        """A ``metrics.jsonl`` line, its :data:`BOARD` values to TensorBoard (``train/KEY``, ``valid/SET/KEY``)."""
         if write:
             append_metric(self.metrics, row)
         tag = "train" if row["kind"] == "train" else f"valid/{row['set']}"

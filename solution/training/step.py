@@ -1,6 +1,5 @@
-"""The training step: cn_clip's contrastive loss over the global batch (features gathered with gradient in rank
-order: 2 processes at batch B train what one at 2B trains), with cn_clip's feature-caching accumulation; pairs
-whose texts share a text id are not each other's negatives (``--same-text-positives``); the weights' EMA."""
+"""The training step: cn_clip's contrastive loss over the global batch (2 processes at batch B train what one at 2B
+trains), its feature-caching accumulation, same-text twins not negatives; the weights' EMA."""
 
 from __future__ import annotations
 
@@ -68,8 +67,7 @@ def batch_accuracy(logits_per_image: torch.Tensor, twins: torch.Tensor | None) -
 
 
 class Stepper:
-    """One optimizer step over micro-batches ``(images, tokens, text_ids, image_ids)`` under the run's ``cfg``;
-    returns the step's loss, logits and twins as tensors (:meth:`read`: as numbers, a host sync)."""
+    """One optimizer step over micro-batches ``(images, tokens, text_ids, image_ids)``; :meth:`read` syncs."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, cfg):
         self.model, self.optimizer, self.device, self.cfg = model, optimizer, device, cfg
@@ -124,8 +122,7 @@ class Stepper:
 
 
 class EMA:
-    """``--ema-decay D``: after each optimizer step ``ema = D * ema + (1 - D) * w`` for every trained tensor
-    (none when D is 0), from the weights the run starts with; :meth:`swapped` puts it in the model."""
+    """``--ema-decay D``: ``ema = D * ema + (1 - D) * w`` for each trained tensor after each step, from the start's."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.params = decay, [p for p in unwrap(model).parameters() if p.requires_grad] if decay else []

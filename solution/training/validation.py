@@ -1,6 +1,5 @@
-"""Validation during training, on the main process: each set's recall and cn_clip's contrastive loss from one
-encoding of its gallery and queries, a metrics line each; the main set's record to :class:`BestTracker` (``best.pt``,
-early stop: its state reaches every process) and the callback."""
+"""Validation on the main process: each set's recall and contrastive loss from one encoding, a metrics line each;
+the main set's record to :class:`BestTracker` (``best.pt``, early stop on every process) and the callback."""
 
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class BestTracker:
-    """The best main-set record (by mean recall), the validations since it improved, and whether that count
-    reached ``patience`` (early stop; ``None``: never)."""
+    """The best main-set record (mean recall), the validations since, whether they reached ``patience``."""
 
     def __init__(self, patience: int | None, best: dict | None = None, bad: int = 0):
         self.patience, self.best, self.bad = patience, best, int(bad)
@@ -106,9 +104,8 @@ class Validation:
 
 @torch.no_grad()
 def feature_loss(feats, queries, split: LMDBSplit, scale, cfg, device="cpu") -> dict:
-    """cn_clip's validation loss and in-batch accuracies from a split's ``SplitFeatures``: its pairs in a fixed
-    shuffled order (``cfg.seed``), in batches of ``cfg.valid_batch_size``, each pair's features by image and text
-    id; a pair whose image did not decode leaves its batch."""
+    """cn_clip's validation loss and accuracies from the split's features: its pairs in a seeded order, in batches,
+    by image and text id (pairs whose image did not decode left out)."""
     order = epoch_order(split.num_samples, 1, cfg.seed, 0).tolist()
     img_row = {int(i): r for r, i in enumerate(feats.image_ids.tolist())}
     txt_row = {int(t): r for r, t in enumerate(queries.text_ids)}
