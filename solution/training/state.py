@@ -21,14 +21,7 @@ from solution.common import (
     remove_stale_temps,
 )
 from solution.formats.kinds import claim_folder
-from solution.formats.run_files import (
-    BEST_CHECKPOINT,
-    LATEST_CHECKPOINT,
-    METRICS,
-    append_metric,
-    read_metrics,
-    rewrite_metrics,
-)
+from solution.formats.run_files import BEST_CHECKPOINT, LATEST_CHECKPOINT, METRICS, append_metric, read_metrics
 from solution.model import ModelConfig, save_checkpoint
 from solution.plots import plot_run, tensorboard
 
@@ -104,10 +97,6 @@ class RunFiles:
             with atomic_path(self.adapter_dir / path.name) as tmp:
                 torch.save(adapter, tmp)
 
-    def complete(self, path: Path, model) -> bool:
-        """Whether checkpoint ``path`` (and, for a LoRA model, its adapter file) is on disk."""
-        return path.is_file() and (not has_lora(unwrap(model)) or (self.adapter_dir / path.name).is_file())
-
     def log_row(self, row: dict, write: bool = True) -> None:
         """A ``metrics.jsonl`` line, its :data:`BOARD` values to TensorBoard (``train/KEY``, ``valid/SET/KEY``)."""
         if write:
@@ -117,11 +106,6 @@ class RunFiles:
             if key in row:
                 self.board.add_scalar(f"{tag}/{key}", row[key], row["step"])
 
-    def truncate_metrics(self, step: int) -> None:
-        """On resume at ``step``: drop the lines logged after it (a line torn by the kill goes too)."""
-        if self.metrics.is_file():
-            rewrite_metrics(self.metrics, [r for r in read_metrics(self.metrics) if r["step"] <= step])
-
     def open_board(self, enabled: bool) -> None:
         """``--report-to tensorboard``: event files in ``tensorboard/`` written afresh from ``metrics.jsonl``."""
         if enabled:
@@ -129,10 +113,6 @@ class RunFiles:
             self.board = tensorboard(self.run_dir / "tensorboard")
             for row in read_metrics(self.metrics):
                 self.log_row(row, write=False)
-
-    def close_board(self) -> None:
-        if self.board is not None:
-            self.board.close()
 
     def draw_curves(self, title: str) -> None:
         """``curves.png`` from ``metrics.jsonl``; a failure is a warning (a plot never ends a run)."""

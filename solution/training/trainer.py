@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cn_clip_patch.tuning import grad_checkpointing, set_train_mode, unwrap
+from cn_clip_patch.tuning import grad_checkpointing, has_lora, set_train_mode, unwrap
 from solution.common import SolutionError, setup_logging
-from solution.formats.run_files import MAIN_SET, write_params
+from solution.formats.run_files import MAIN_SET, read_metrics, rewrite_metrics, write_params
 from solution.model.compiled import CompileClock, compile_towers
 from solution.model.precision import model_math
 
@@ -143,12 +143,15 @@ class Trainer:
         files = self.files
         write_params(files.run_dir, self.params)
         if self.start.is_own_run:  # from the very weights of their step
+            lora = has_lora(unwrap(self.model))
             with self.ema.swapped():
                 for path in self._due(self._final(), epoch_end=self.micro == 0):
-                    if not files.complete(path, self.model):
+                    if not path.is_file() or (lora and not (files.adapter_dir / path.name).is_file()):
                         self._write(path)
                         log.info("wrote %s, left unwritten by the interrupted run at step %d", path, self.step)
-        files.truncate_metrics(self.step if self.start.is_own_run else -1)  # a fresh run: none kept
+        if files.metrics.is_file():  # the lines after the step a re-run resumes (a torn one too; all on a fresh run)
+            step = self.step if self.start.is_own_run else -1
+            rewrite_metrics(files.metrics, [r for r in read_metrics(files.metrics) if r["step"] <= step])
         files.open_board(self.cfg.report_to == "tensorboard" and not self._final())  # a finished run: untouched
 
     def _run(self) -> dict:
@@ -162,7 +165,8 @@ class Trainer:
                 self._train(bar)
             finally:
                 self.loader = None  # its workers end with it
-                files.close_board()
+                if files.board is not None:
+                    files.board.close()
         if self.d.main and not cfg.no_plot:
             files.draw_curves(cfg.name)
         return {

@@ -30,19 +30,19 @@ class BestTracker:
 
     def __init__(self, patience: int | None, best: dict | None = None, bad: int = 0):
         self.patience, self.best, self.bad = patience, best, int(bad)
-        self.stop = bool(patience and self.bad >= patience)
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.patience and self.bad >= self.patience)
 
     def improves(self, record: Mapping) -> bool:
         return self.best is None or record["mean_recall"] > self.best["mean_recall"]
 
     def update(self, record: Mapping) -> bool:
         """Take a main-set record; True when it is a new best."""
-        if self.improves(record):
-            self.best, self.bad = dict(record), 0
-            return True
-        self.bad += 1
-        self.stop = bool(self.patience and self.bad >= self.patience)
-        return False
+        new = self.improves(record)
+        self.best, self.bad = (dict(record), 0) if new else (self.best, self.bad + 1)
+        return new
 
 
 @dataclass
@@ -60,10 +60,10 @@ class Validation:
         def run() -> tuple:
             with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):  # training's RNG kept
                 self._validate(model, d, step=step, epoch=epoch)
-            return t.stop, t.best, t.bad
+            return t.best, t.bad
 
         t = self.tracker
-        t.stop, t.best, t.bad = on_main(d, run)
+        t.best, t.bad = on_main(d, run)
 
     def _validate(self, model: nn.Module, d: Dist, *, step: int, epoch: int) -> None:
         cfg, mc = self.cfg, self.cfg.model_config
