@@ -117,9 +117,7 @@ def build(cfg, start: Start) -> nn.Module:
             model.load_state_dict(adapted)
         except RuntimeError as e:  # torch names the first misfit on its second line
             misfit = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
-            raise SolutionError(
-                f"{start.source}: its LoRA state does not fit {config.arch}, --lora-* ({misfit})"
-            ) from None
+            raise SolutionError(f"{start.source}: its LoRA state does not fit {config.arch} ({misfit})") from None
     trainable, total = trainable_summary(model)
     if trainable == 0:
         raise SolutionError("nothing to train: every parameter is frozen (check --freeze-vision/--freeze-text)")
@@ -177,9 +175,7 @@ def make_scheduler(optimizer, cfg):
     from cn_clip.training.scheduler import cosine_lr
 
     if cfg.warmup >= cfg.max_steps and not cfg.skip_scheduler:
-        log.warning(
-            "--warmup %d >= %d steps: the learning rate never reaches its cosine phase", cfg.warmup, cfg.max_steps
-        )
+        log.warning("--warmup %d >= %d steps: the cosine decay never starts", cfg.warmup, cfg.max_steps)
     adjust = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.max_steps)
 
     def schedule(step: int) -> float:
@@ -196,7 +192,6 @@ def wrap(model: nn.Module, d: Dist, use_bn_sync: bool = False) -> nn.Module:
     model = model.to(d.device)
     if d.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if use_bn_sync else model
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=None if d.device.index is None else [d.device.index]
-        )
+        ids = None if d.device.index is None else [d.device.index]
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return model

@@ -70,9 +70,8 @@ def weights_for_checkpoint(model: torch.nn.Module, config: ModelConfig) -> tuple
     m = unwrap(model)
     if not has_lora(m):
         return m.state_dict(), config
-    return merged_state_dict(m), ModelConfig.from_dict(
-        {**config.to_dict(), "tuning": {**config.tuning, "merged": True}}
-    )
+    merged = ModelConfig.from_dict({**config.to_dict(), "tuning": {**config.tuning, "merged": True}})
+    return merged_state_dict(m), merged
 
 
 class RunFiles:
@@ -106,13 +105,10 @@ class RunFiles:
             if key in row:
                 self.board.add_scalar(f"{tag}/{key}", row[key], row["step"])
 
-    def open_board(self, enabled: bool) -> None:
-        """``--report-to tensorboard``: event files in ``tensorboard/`` written afresh from ``metrics.jsonl``."""
-        if enabled:
-            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
-            self.board = tensorboard(self.run_dir / "tensorboard")
-            for row in read_metrics(self.metrics):
-                self.log_row(row, write=False)
+    def open_board(self) -> None:
+        """``--report-to tensorboard``: event files in ``tensorboard/``, written afresh."""
+        shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        self.board = tensorboard(self.run_dir / "tensorboard")
 
     def draw_curves(self, title: str) -> None:
         """``curves.png`` from ``metrics.jsonl``; a failure is a warning (a plot never ends a run)."""

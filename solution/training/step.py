@@ -81,10 +81,7 @@ class Stepper:
         """Raise if a step since the last check had a non-finite loss (before each log line, validation, save)."""
         value = float(self.bad_loss)
         if not math.isfinite(value):
-            raise SolutionError(
-                f"training loss is {value}: the run diverged (try a lower --lr or --precision fp32); "
-                "no checkpoint was written from this state"
-            )
+            raise SolutionError(f"training loss is {value}: diverged (try a lower --lr or fp32); no checkpoint written")
 
     def read(self, out: dict) -> dict:
         i2t, t2i = batch_accuracy(out["logits"], out["twins"])

@@ -152,7 +152,10 @@ class Trainer:
         if files.metrics.is_file():  # the lines after the step a re-run resumes (a torn one too; all on a fresh run)
             step = self.step if self.start.is_own_run else -1
             rewrite_metrics(files.metrics, [r for r in read_metrics(files.metrics) if r["step"] <= step])
-        files.open_board(self.cfg.report_to == "tensorboard" and not self._final())  # a finished run: untouched
+        if self.cfg.report_to == "tensorboard" and not self._final():  # a finished run's left as it is
+            files.open_board()
+            for row in read_metrics(files.metrics):  # what metrics.jsonl holds (no set: an earlier version's main)
+                files.log_row({"set": MAIN_SET, **row}, write=False)
 
     def _run(self) -> dict:
         cfg, files = self.cfg, self.files
