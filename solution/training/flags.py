@@ -214,11 +214,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m solution.train",
-        description="Fine-tune Chinese-CLIP (full, LoRA or frozen towers) with recall validation.",
-        exit_on_error=False,
-    )
+    p = _Parser(prog="python -m solution.train", description="Fine-tune Chinese-CLIP.", exit_on_error=False)
     p.add_argument("--config", help="YAML file of flag values (keys are flag names); flags given here win.")
     for f in TABLE:
         if isinstance(f, str):
