@@ -1,9 +1,7 @@
 """``python -m solution.train``: the command line of :mod:`solution.training.trainer`."""
 
-import sys
-
 from solution.model.registry import run_model_cli
 from solution.training.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(run_model_cli(main))
+    raise SystemExit(run_model_cli(main))

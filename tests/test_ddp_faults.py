@@ -23,7 +23,7 @@ from solution.data.datasets import train_transform
 from solution.data.lmdb_io import LMDBSplit, write_split
 from solution.model import read_checkpoint
 from solution.training.loaders import SeededPairs, epoch_order
-from solution.training.setup import Dist, on_main, rank_device, seed_process
+from solution.training.setup import Dist, on_main, rank_device
 from solution.training.state import to_cpu
 from solution.training.step import clip_loss
 
@@ -61,8 +61,8 @@ def _train_worker(rank: int, port: int, argv: list, out_dir: str, fault: str) ->
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))  # the trainer's, left to the caller
     try:
         result = {"ok": True, "best": trainer.main(argv)["best"]}
-        d = Dist(rank, 2, rank)
-        result.update(shared=on_main(d, lambda: {"rank": rank}, share=True), main_only=on_main(d, lambda: rank))
+        d = Dist(rank, 2)
+        result.update(shared=on_main(d, lambda: {"rank": rank}))
     except BaseException as e:
         result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         raise
@@ -131,7 +131,7 @@ def test_a_skipped_batch_and_an_early_stop_reach_every_process(tmp_path, data):
         and ckpt["train_state"]["best"] == results[0]["best"]
     )
     assert (tmp_path / "logs" / "run" / "checkpoints" / "best.pt").is_file()
-    assert [r["shared"] for r in results] == [{"rank": 0}] * 2 and [r["main_only"] for r in results] == [0, None]
+    assert [r["shared"] for r in results] == [{"rank": 0}] * 2
 
 
 def test_an_error_in_the_main_process_validation_ends_every_process(tmp_path, data):
@@ -139,7 +139,10 @@ def test_an_error_in_the_main_process_validation_ends_every_process(tmp_path, da
     codes, results = _train(tmp_path, tiny_argv(*data, tmp_path / "logs", **flags), fault="validation")
     assert all(c != 0 for c in codes), (codes, results)
     assert results[0]["error"] == "RuntimeError: injected validation failure"
-    assert results[1]["error"].startswith("StopRequested") and "injected validation failure" in results[1]["error"]
+    assert (
+        results[1]["error"]
+        == "SolutionError: stopped: the main process raised RuntimeError: injected validation failure"
+    )
     assert [r["steps"] for r in results] == [2, 2]
 
 
@@ -180,12 +183,8 @@ def test_the_resumable_checkpoint_is_saved_through_to_cpu(tmp_path, data, monkey
     trainer.main(tiny_argv(*data, tmp_path, max_steps=1, lora_rank=2))
     kinds = [set(o) for o in seen if isinstance(o, dict)]
     assert {"state", "param_groups"} in kinds  # the optimizer's state dict
-    assert any({"rng", "adapted_state_dict", "position"} <= k for k in kinds)  # train_state
-    assert any(
-        all(isinstance(v, torch.Tensor) for v in o.values()) and o
-        for o in seen
-        if isinstance(o, dict) and not {"state", "rng"} & set(o)
-    )  # the adapter tensors
+    assert any({"rng", "adapted_state_dict", "position", "ema"} <= k for k in kinds)  # train_state
+    assert any(k and all("lora_" in n for n in k) for k in kinds)  # the adapter tensors
 
 
 def test_clip_loss_is_float32_under_autocast():
@@ -197,15 +196,6 @@ def test_clip_loss_is_float32_under_autocast():
         loss, logits = clip_loss(img, txt, scale, None)
     assert logits.dtype == loss.dtype == torch.float32
     assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
-
-
-def test_processes_draw_different_dropout_and_mask_seeds():
-    draws = []
-    for rank in (0, 1, 0):
-        seed_process(5, rank)
-        draws.append(torch.rand(16))
-    assert not torch.equal(draws[0], draws[1])
-    assert torch.equal(draws[0], draws[2])
 
 
 def test_per_sample_augmentation_seeds_leave_the_cuda_generators_alone(tmp_path, monkeypatch):

@@ -78,16 +78,8 @@ def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
     start_model, start_config, _ = load_model(stage1["last_checkpoint"])
     start_recall = evaluate_split(start_model, valid, start_config)["mean_recall"]
     init_sd = start_model.state_dict()
-    flags = {
-        "max_steps": 12,
-        "lr": "3e-3",
-        "warmup": 1,
-        "valid_epoch_interval": 2,
-        "resume": stage1["last_checkpoint"],
-        "reset_data_offset": True,
-        "reset_optimizer": True,
-        **MODES[mode],
-    }
+    flags = dict(max_steps=12, lr="3e-3", warmup=1, valid_epoch_interval=2, resume=stage1["last_checkpoint"])
+    flags.update(reset_data_offset=True, reset_optimizer=True, **MODES[mode])
     out = main(tiny_argv(train, valid, tmp_path, name=mode, **flags))
     _check_run(out, 12)
     assert out["best"]["mean_recall"] > start_recall, (mode, out["best"], start_recall)
@@ -159,8 +151,7 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
 def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path):
     """An official file (``module.`` keys, fp16, BERT's pooler, no config): the architecture comes from its
     tensors, cn_clip's optimiser defaults from it; another architecture on the command line is refused."""
-    from solution.training.flags import parse_args
-    from solution.training.run_config import resolve
+    from solution.training.flags import parse_args, resolve
     from solution.training.setup import build, find_start
 
     config = ModelConfig("ViT-Tiny", "RBT-Tiny")
@@ -178,14 +169,14 @@ def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path):
         == (cfg.model_config.vision_model, cfg.model_config.text_model)
     )
     key = "visual.transformer.resblocks.1.mlp.c_fc.weight"
-    assert torch.equal(build(cfg.model_config, start, seed=cfg.seed).state_dict()[key], sd["module." + key].float())
+    assert torch.equal(build(cfg, start).state_dict()[key], sd["module." + key].float())
     assert (cfg.lr, cfg.beta2) == (5e-4, 0.98) and args.lr is None and args.vision_model is None  # typed as typed
     args = parse_args(
         ["--train-data", "x", "--resume", str(path), "--vision-model", "ViT-B-16", "--text-model", "RBT-Tiny"]
     )
     start = find_start(tmp_path / "none.pt", args.resume, False)
     with pytest.raises(SolutionError, match="ViT-Tiny@RBT-Tiny.*ViT-B-16@RBT-Tiny"):
-        build(resolve(args, start, world=1, train_pairs=640, device="cpu").model_config, start, seed=0)
+        build(resolve(args, start, world=1, train_pairs=640, device="cpu"), start)
 
 
 def test_best_validation_stores_its_per_query_hits(stage1, data):

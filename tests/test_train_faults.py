@@ -7,10 +7,12 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from train_helpers import hooked_train, make_data, tiny_argv
+from train_helpers import error_line, hooked_train, make_data, tiny_argv
 
 from solution.common import run_cli
 from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
@@ -25,23 +27,12 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("colours"), per_colour_train=3, per_colour_valid=1, colours=4)
 
 
-def _error_line(capsys, argv, main_fn=main):
-    assert run_cli(main_fn, argv) == 2
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob(".*.tmp"))
 
 
 def _files(run: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(run)): p.read_bytes()
-        for p in sorted(run.rglob("*"))
-        if p.is_file() and p.name != ".train.lock"
-    }
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"}
 
 
 def outcome(run: Path) -> tuple[dict, list]:
@@ -50,7 +41,7 @@ def outcome(run: Path) -> tuple[dict, list]:
     for p in sorted(run.glob("*/*.pt")):
         c = torch.load(p, map_location="cpu", weights_only=True)
         tensors = c.get("state_dict") or c["adapter"]
-        ckpts[str(p.relative_to(run))] = (c["step"], {k: v for k, v in tensors.items()})
+        ckpts[str(p.relative_to(run))] = (c["step"], dict(tensors))
     rows = [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in open(run / "metrics.jsonl")]
     return ckpts, rows
 
@@ -63,8 +54,21 @@ def assert_same_outcome(a: Path, b: Path) -> None:
 
 
 # 12 pairs at batch 4: 3 steps an epoch, 2 epochs; epoch_latest.pt (and epoch_E_S.pt) after each step,
-# validation at steps 2, 3 (the end of epoch 1), 4 and 6
+# validation at steps 2, 3 (the end of epoch 1), 4 and 6; the EMA validated and saved, TensorBoard on
 FLAGS = dict(batch_size=4, max_epochs=2, save_step_frequency=1, valid_step_interval=2, augment="gentle")
+FLAGS.update(ema_decay=0.75, layer_decay=0.5, report_to="tensorboard")
+TAGS = {"train": ("loss", "lr", "logit_scale"), "valid": ("r1", "r5", "r10", "mean_recall", "val_loss")}
+
+
+def assert_board_is_metrics(run: Path) -> None:
+    """TensorBoard's own reader finds each metrics line's values (as float32) at its step, once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard")).Reload()
+    got = sorted((tag, e.step, e.value) for tag in board.Tags()["scalars"] for e in board.Scalars(tag))
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    tags = [(r, "train" if r["kind"] == "train" else f"valid/{r['set']}", k) for r in rows for k in TAGS[r["kind"]]]
+    assert got == sorted((f"{tag}/{k}", r["step"], float(np.float32(r[k]))) for r, tag, k in tags)
 
 
 class Stopped(BaseException):
@@ -121,29 +125,22 @@ def test_a_run_stopped_anywhere_and_rerun_ends_as_if_never_stopped(
         main(argv)
     main(argv)  # the same command again
     assert_same_outcome(uninterrupted, tmp_path / "run")
+    assert_board_is_metrics(tmp_path / "run")
     files = _files(tmp_path / "run")
     main(argv)  # a finished run re-run: nothing to do, nothing rewritten
     assert _files(tmp_path / "run") == files
 
 
-def test_an_epoch_latest_of_the_earlier_layout_resumes(data, uninterrupted, tmp_path, monkeypatch):
-    """Earlier versions wrote epoch_latest.pt at an epoch's last step before its end-of-epoch work, with
-    ``closed`` False (and ``owed``), and its validation may have been logged before a kill: a re-run redoes
-    that work (validation, epoch_1.pt) and ends as if never stopped."""
-    argv = tiny_argv(*data, tmp_path, **FLAGS)
-    with monkeypatch.context() as m, pytest.raises(Stopped):
-        stop_at(m, "epoch_latest.pt", 4)
-        main(argv)
-    run = tmp_path / "run"
-    latest = torch.load(run / "checkpoints" / "epoch_latest.pt", weights_only=True)  # step 3, the epoch's end
-    valid = [json.loads(x) for x in open(run / "metrics.jsonl") if '"valid"' in x]
-    before = {k: v for k, v in valid[0].items() if k != "hits"}  # step 2's: the best before step 3
-    state = dict(position={"epoch": 0, "micro": 3}, closed=False, owed=["epoch_1_3.pt"], best=before, bad_validations=0)
-    latest["train_state"].update(state)
-    torch.save(latest, run / "checkpoints" / "epoch_latest.pt")
-    (run / "checkpoints" / "epoch_1.pt").unlink()
-    main(argv)
-    assert_same_outcome(uninterrupted, run)
+def test_the_ema_is_what_is_validated_and_saved_and_epoch_latest_keeps_both(uninterrupted):
+    ckpts = {p.name: read_checkpoint(p) for p in (uninterrupted / "checkpoints").glob("*.pt")}
+    latest, best = ckpts["epoch_latest.pt"], ckpts["best.pt"]
+    names = [n for n, _ in build_model(ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16)).named_parameters()]
+    ema = dict(zip(names, latest["train_state"]["ema"]))
+    assert all(torch.equal(ckpts["epoch_2.pt"]["state_dict"][f"module.{n}"], t) for n, t in ema.items())
+    assert not all(torch.equal(latest["state_dict"][f"module.{n}"], t) for n, t in ema.items())  # the live weights
+    at_best = ckpts[f"epoch_{best['epoch']}_{best['step']}.pt"]["state_dict"]  # the EMA of the best step
+    assert all(torch.equal(at_best[k], v) for k, v in best["state_dict"].items())
+    assert_board_is_metrics(uninterrupted)
 
 
 # ---------------------------------------------------------------- one writer per run folder
@@ -159,7 +156,7 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path, 
         assert proc.poll() is None and ready.exists(), proc.stderr.read()[-2000:]
         run = tmp_path / "logs" / "run"
         before = _files(run)
-        line = _error_line(capsys, argv)
+        line = error_line(capsys, argv)
         assert f"pid {proc.pid}" in line and str(run) in line and "in use" in line
         assert _files(run) == before  # the refused writer wrote nothing
         os.kill(proc.pid, signal.SIGKILL)
@@ -202,7 +199,7 @@ def test_resuming_under_changed_flags_is_refused_listing_them(finished_run, tmp_
     shutil.copytree(finished_run, tmp_path / "logs")
     before = _files(tmp_path / "logs" / "run")
     flags, expected = CHANGES[case]
-    line = _error_line(
+    line = error_line(
         capsys, tiny_argv(*data, tmp_path / "logs", **{"max_steps": 2, "valid_epoch_interval": 0, **flags})
     )
     assert expected in line and "params.json" in line and "--allow-changed-flags" in line
@@ -218,14 +215,14 @@ def test_harmless_flag_changes_resume_and_consent_applies_the_new_flags(finished
     (logs / "run" / "params.json").write_text(json.dumps(params))
     argv = tiny_argv(*data, logs, max_steps=2, valid_epoch_interval=0, precision="amp", log_interval=5, device="auto")
     assert run_cli(main, argv + ["--valid-batch-size", "4", "--save-epoch-frequency", "2", "--num-workers", "1"]) == 0
-    argv = tiny_argv(*data, logs, max_steps=4, valid_epoch_interval=0, lr="1e-3", precision="amp")
+    argv = tiny_argv(*data, logs, max_steps=4, valid_epoch_interval=0, lr="1e-3", precision="amp", wd=0.5)
     assert run_cli(main, argv + ["--allow-changed-flags"]) == 0
     params = json.loads((logs / "run" / "params.json").read_text())
     assert params["lr"] == 1e-3 and params["max_steps"] == 4 and params["precision"] == "amp"
-    assert params["flag_changes"] == [
-        {"step": 2, "changes": {"--lr": [0.002, 0.001], "max steps (--max-steps/--max-epochs)": [2, 4]}}
-    ]
-    assert read_checkpoint(logs / "run" / "checkpoints" / "epoch_latest.pt")["step"] == 4
+    changes = {"--lr": [0.002, 0.001], "--wd": [0.01, 0.5], "max steps (--max-steps/--max-epochs)": [2, 4]}
+    assert params["flag_changes"] == [{"step": 2, "changes": changes}]
+    latest = read_checkpoint(logs / "run" / "checkpoints" / "epoch_latest.pt")
+    assert latest["step"] == 4 and [g["weight_decay"] for g in latest["optimizer"]["param_groups"]] == [0.0, 0.5]
     assert params["typed"]["lr"] == 1e-3 and params["typed"]["allow_changed_flags"] is True
 
 
@@ -257,13 +254,13 @@ def wide_vit(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys, data, wide_vit):
-    line = _error_line(capsys, tiny_argv(*data, tmp_path / "logs", resume=wide_vit, max_steps=1))
+    line = error_line(capsys, tiny_argv(*data, tmp_path / "logs", resume=wide_vit, max_steps=1))
     assert str(wide_vit) in line and "ViT-Wide" in line and "ViT-Tiny" in line
     logs = tmp_path / "logs2"
     main(tiny_argv(*data, logs, max_steps=1, valid_epoch_interval=0, lora_rank=2))
     argv = tiny_argv(*data, logs, max_steps=1, valid_epoch_interval=0, lora_rank=2, allow_changed_flags=True)
     argv[argv.index("ViT-Tiny")] = "ViT-Wide"
-    line = _error_line(capsys, argv)  # the run's own LoRA state
+    line = error_line(capsys, argv)  # the run's own LoRA state
     assert "epoch_latest.pt" in line and "ViT-Wide" in line
 
 
@@ -273,7 +270,7 @@ def test_optimizer_state_of_other_shapes_gives_a_fresh_optimizer(tmp_path, data)
 
     torch.manual_seed(0)
     model = build_model(ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16))
-    opt = make_optimizer(model, lr=2e-3, betas=(0.9, 0.98), eps=1e-6, wd=0.01)
+    opt = make_optimizer(model, SimpleNamespace(lr=2e-3, beta1=0.9, beta2=0.98, eps=1e-6, wd=0.01, layer_decay=1))
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
@@ -327,7 +324,7 @@ def test_disk_full_while_saving(small_disk, tmp_path, capsys, data, what):
                     f.write("\n" * (-metrics.stat().st_size % 4096))
             filled.append(_fill(disk))
 
-    line = _error_line(capsys, argv, lambda a: main(a, on_validation=fill_at_step))
+    line = error_line(capsys, argv, lambda a: main(a, on_validation=fill_at_step))
     target = logs / "run" / ("checkpoints/epoch_" if what == "checkpoint" else "metrics.jsonl")
     assert line.startswith(f"error: disk full at {target}")
     if what == "checkpoint":

@@ -2,15 +2,15 @@
 flag (and the config file it came from) for each kind of bad input."""
 
 import json
+import sys
 
 import pytest
 import torch
-from train_helpers import make_data, tiny_argv
+from train_helpers import error_line, make_data, make_split, tiny_argv
 
-from solution.common import run_cli
 from solution.data.lmdb_io import write_split
-from solution.training.flags import FLAGS, NOT_SETTINGS, FlagError, build_parser, extra_val_sets, parse_args
-from solution.training.run_config import resolve
+from solution.formats.kinds import MARKER
+from solution.training.flags import FLAGS, NOT_SETTINGS, FlagError, build_parser, extra_val_sets, parse_args, resolve
 from solution.training.setup import Start
 from solution.training.trainer import main
 
@@ -18,13 +18,6 @@ from solution.training.trainer import main
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("colours"), per_colour_train=2, per_colour_valid=1, colours=4)
-
-
-def _error_line(capsys, argv):
-    assert run_cli(main, argv) == 2
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 CN_CLIP = (  # a command line of cn_clip's run_scripts (muge_finetune_vit-b-16_rbt-base.sh)
@@ -55,20 +48,11 @@ def test_cn_clip_command_line_is_accepted_and_resolved_once():
 
 def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        "train-data: a/train\nbatch_size: 7\nlora-rank: 4\nfreeze-text: true\nlr: 1.0e-4\nprecision: amp_bf16\n"
-        "same-text-positives: false\nseed: null\n"
-        "extra-val-data:\n  general: g/valid\n",
-        encoding="utf-8",
-    )
+    text = "train-data: a/train\nbatch_size: 7\nlora-rank: 4\nfreeze-text: true\nlr: 1.0e-4\nprecision: amp_bf16\n"
+    cfg.write_text(text + "same-text-positives: false\nseed: null\nextra-val-data:\n  general: g/valid\n")
     args = parse_args(["--config", str(cfg), "--batch-size", "9"])
-    assert (args.train_data, args.batch_size, args.lora_rank, args.freeze_text, args.lr) == (
-        "a/train",
-        9,
-        4,
-        True,
-        1e-4,
-    )
+    typed = (args.train_data, args.batch_size, args.lora_rank, args.freeze_text, args.lr)
+    assert typed == ("a/train", 9, 4, True, 1e-4)
     assert args.precision == "bf16" and extra_val_sets(args.extra_val_data) == {"general": "g/valid"}
     assert args.same_text_positives is False and args.seed == 123
     assert (args.max_epochs, args.wd, args.warmup, args.name) == (32, 0.2, 500, "train_clip")
@@ -117,13 +101,22 @@ BAD = [  # (flag, value or None for a switch, a fragment of the one error line)
     ("--use-flash-attention", None, "--use-flash-attention is not supported by this trainer"),
     ("--distillation", None, "--distillation is not supported"),
     ("--no-such-flag", None, "unrecognized arguments: --no-such-flag"),
+    ("--device", "meta", "--device meta is out of range: must be auto, cpu, cuda or cuda:N"),
+    ("--device", "cuda:x", "--device cuda:x is out of range"),
+    ("--save-step-frequency", "-5", "--save-step-frequency -5 is out of range: must be -1 or more"),
+    ("--save-epoch-frequency", "-1", "--save-epoch-frequency -1 is out of range: must be 0 or more"),
+    ("--lora-alpha", "8", "--lora-alpha needs --lora-rank (LoRA is off)"),
+    ("--lora-targets", ".*query", "--lora-targets needs --lora-rank"),
+    ("--report-to", "wandb", "argument --report-to: invalid choice: 'wandb'"),
+    ("--ema-decay", "1", "--ema-decay 1.0 is out of range: must be in [0, 1)"),
+    ("--layer-decay", "0", "--layer-decay 0.0 is out of range: must be in (0, 1]"),
 ]
 
 
 @pytest.mark.parametrize("flag, value, message", BAD)
 def test_a_bad_flag_is_one_error_line_naming_it(tmp_path, capsys, data, flag, value, message):
     argv = tiny_argv(*data, tmp_path / "logs") + [flag, *([value] if value is not None else [])]
-    line = _error_line(capsys, argv)
+    line = error_line(capsys, argv)
     assert message in line and flag in line, line
     with pytest.raises(FlagError) as e:
         parse_args(argv)
@@ -145,14 +138,14 @@ def test_a_bad_flag_is_one_error_line_naming_it(tmp_path, capsys, data, flag, va
 def test_a_bad_value_in_a_config_file_names_the_file(tmp_path, capsys, data, text, message):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text + "lora-alpha: null\n", encoding="utf-8")
-    line = _error_line(capsys, tiny_argv(*data, tmp_path / "logs") + ["--config", str(cfg)])
+    line = error_line(capsys, tiny_argv(*data, tmp_path / "logs") + ["--config", str(cfg)])
     assert line.startswith(f"error: {cfg}: ") and message in line, line
 
 
 @pytest.mark.parametrize("name", ["../x", "a/../../x", "ABS", ".", ""])
 def test_a_name_that_leaves_logs_is_refused(tmp_path, capsys, data, name):
     name = str(tmp_path / "abs") if name == "ABS" else name
-    line = _error_line(capsys, tiny_argv(*data, tmp_path / "deep" / "logs", name=name, max_steps=1))
+    line = error_line(capsys, tiny_argv(*data, tmp_path / "deep" / "logs", name=name, max_steps=1))
     assert "--name" in line and "leaves --logs" in line
     assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists() and not (tmp_path / "abs").exists()
     assert parse_args(["--train-data", "t", "--name", "exp/run1"]).name == "exp/run1"
@@ -163,31 +156,49 @@ def test_logs_that_is_or_sits_under_a_file(tmp_path, capsys, data, where):
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
     logs = {"logs_is_file": blocker, "logs_under_file": blocker / "logs", "run_is_file": tmp_path}[where]
-    line = _error_line(capsys, tiny_argv(*data, logs, name="blocker" if where == "run_is_file" else "run", max_steps=1))
+    line = error_line(capsys, tiny_argv(*data, logs, name="blocker" if where == "run_is_file" else "run", max_steps=1))
     assert ("--logs" in line or "run folder" in line) and "file" in line
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("kind", ["soup", "ensemble", "study", "lmdb", "data"])
+def test_a_run_folder_of_another_kind_or_inside_data_is_refused(tmp_path, capsys, data, kind):
+    logs = tmp_path / "logs"
+    if kind in ("lmdb", "data"):  # the run folder would lie inside an LMDB split or a MUGE data folder
+        logs = make_split(tmp_path / "split", per_colour=1, colours=2) if kind == "lmdb" else tmp_path
+        (tmp_path / "valid_texts.jsonl").write_text("")
+    else:
+        (logs / "run").mkdir(parents=True)
+        (logs / "run" / MARKER).write_text(kind)
+    line = error_line(capsys, tiny_argv(*data, logs, max_steps=1))
+    assert line.startswith("error: run folder ") and f"{kind} folder" in line, line
+    assert not (logs / "run" / "params.json").exists()
+
+
+def test_report_to_tensorboard_without_tensorboard_says_what_to_install(tmp_path, capsys, data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    line = error_line(capsys, tiny_argv(*data, tmp_path, max_steps=1, report_to="tensorboard"))
+    assert "--report-to tensorboard needs TensorBoard: pip install" in line
+
+
 def test_bad_data_and_model_inputs_are_one_line(tmp_path, capsys, data):
-    line = _error_line(capsys, tiny_argv(tmp_path / "nope", None, tmp_path))
+    line = error_line(capsys, tiny_argv(tmp_path / "nope", None, tmp_path))
     assert "--train-data" in line and "nope" in line
     bad = tmp_path / "bad"
     for sub in ("imgs", "pairs"):
         (bad / sub).mkdir(parents=True)
         (bad / sub / "data.mdb").write_bytes(b"this is not an lmdb file" * 100)
-    line = _error_line(capsys, tiny_argv(data[0], bad, tmp_path))
+    line = error_line(capsys, tiny_argv(data[0], bad, tmp_path))
     assert "--val-data" in line and "bad" in line
     write_split(tmp_path / "empty", [], [])
-    assert "empty split" in _error_line(capsys, tiny_argv(tmp_path / "empty", None, tmp_path))
+    assert "empty split" in error_line(capsys, tiny_argv(tmp_path / "empty", None, tmp_path))
     argv = tiny_argv(data[0], None, tmp_path)
     argv[argv.index("ViT-Tiny")] = "ViT-Nope"
-    assert "unknown model name 'ViT-Nope'" in _error_line(capsys, argv)
-    assert "larger than the 8 training pairs" in _error_line(
-        capsys, tiny_argv(data[0], None, tmp_path, batch_size=1000)
-    )
-    line = _error_line(capsys, tiny_argv(data[0], None, tmp_path, text_prompt="这是一张很长很长很长的商品图片的描述："))
+    assert "unknown model name 'ViT-Nope'" in error_line(capsys, argv)
+    assert "larger than the 8 training pairs" in error_line(capsys, tiny_argv(data[0], None, tmp_path, batch_size=1000))
+    line = error_line(capsys, tiny_argv(data[0], None, tmp_path, text_prompt="这是一张很长很长很长的商品图片的描述："))
     assert "--text-prompt" in line and "context length of 16" in line
-    assert "checkpoint not found" in _error_line(capsys, tiny_argv(data[0], None, tmp_path, resume=tmp_path / "x.pt"))
+    assert "checkpoint not found" in error_line(capsys, tiny_argv(data[0], None, tmp_path, resume=tmp_path / "x.pt"))
 
 
 def test_nan_loss_stops_without_overwriting_checkpoints(tmp_path, capsys, data, monkeypatch):
@@ -198,7 +209,7 @@ def test_nan_loss_stops_without_overwriting_checkpoints(tmp_path, capsys, data, 
     before = latest.read_bytes()
     real = step.clip_loss
     monkeypatch.setattr(step, "clip_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
-    line = _error_line(capsys, tiny_argv(*data, tmp_path, max_steps=3, allow_changed_flags=True))
+    line = error_line(capsys, tiny_argv(*data, tmp_path, max_steps=3, allow_changed_flags=True))
     assert "loss is nan" in line
     assert latest.read_bytes() == before
     assert sorted(p.name for p in latest.parent.iterdir()) == ["best.pt", "epoch_1.pt", "epoch_latest.pt"]

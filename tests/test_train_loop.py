@@ -1,15 +1,20 @@
 """The training step against upstream cn_clip: loss, same-text targets, accumulation; validation extras."""
 
 import json
+import re
+import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from oracles import dyadic
 from torch import nn
 from train_helpers import make_data, make_split, tiny_argv
 
 from cn_clip_patch.device import on_device
-from solution.training.step import Stepper, batch_accuracy, clip_loss, twin_mask
+from solution.training.setup import make_optimizer, make_scheduler
+from solution.training.step import EMA, Stepper, batch_accuracy, clip_loss, twin_mask
 from solution.training.trainer import main
 
 
@@ -60,7 +65,7 @@ def test_loss_equals_upstream_get_loss(tiny_model):
 def _grads(model, micro_batches):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cfg = SimpleNamespace(precision="fp32", mask_ratio=0.0, same_text_positives=True, skip_aggregate=False)
-    Stepper(model, opt, None, torch.device("cpu"), cfg)(micro_batches)
+    Stepper(model, opt, torch.device("cpu"), cfg)(micro_batches)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -170,21 +175,17 @@ def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monk
         assert torch.equal(out[1]["state_dict"][k], v), k
 
 
-def test_grad_scaler_only_for_fp16_autocast_on_cuda():
+def test_grad_scaler_only_for_fp16_autocast_on_cuda(monkeypatch):
     """amp/fp16 on CUDA: float16 autocast with a GradScaler; bf16 (amp_bf16): no scaler; the CPU: fp32 for
-    amp/fp16. (A CUDA device object needs no GPU to ask.)"""
-    import warnings
-
+    amp/fp16. (A CUDA device object needs no GPU to ask; a GradScaler enabled without one would disable itself.)"""
     from solution.model.precision import autocast_dtype, effective_precision, grad_scaler
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     for p in ("amp", "fp16"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "CUDA is not available": the decision is what is tested
-            assert isinstance(grad_scaler(cuda, p), torch.amp.GradScaler)
+        assert grad_scaler(cuda, p).is_enabled() and not grad_scaler(cpu, p).is_enabled()
         assert autocast_dtype(cuda, p) == torch.float16 and autocast_dtype(cpu, p) is None
-    assert all(grad_scaler(d, p) is None for d in (cuda, cpu) for p in ("bf16", "amp_bf16", "fp32"))
-    assert all(grad_scaler(cpu, p) is None for p in ("amp", "fp16"))
+    assert not any(grad_scaler(d, p).is_enabled() for d in (cuda, cpu) for p in ("bf16", "amp_bf16", "fp32"))
     assert [effective_precision(cpu, p) for p in ("amp", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
 
 
@@ -202,3 +203,54 @@ def test_amp_bf16_resumes_a_bf16_run_as_the_same_flag(tmp_path):
     assert out["config"].precision == "bf16"
     rows = [json.loads(x) for x in (tmp_path / "logs" / "bf" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+
+
+def test_ema_follows_its_float64_recursion_exactly_and_swaps_back_bit_for_bit():
+    """``ema = D * ema + (1 - D) * w`` after each step, from the first weights: on dyadic weights and D every value
+    is exact in float32, so the EMA equals its float64 recursion; swapped in and out, the live weights are intact."""
+    rng, model, d = np.random.default_rng(0), nn.Linear(3, 2), 0.75
+
+    def draw():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.from_numpy(dyadic(rng, p.shape)))
+        return [p.detach().double().numpy() for p in model.parameters()]
+
+    want, ema = draw(), EMA(model, d)
+    for _ in range(6):
+        want = [d * e + (1 - d) * w for e, w in zip(want, draw())]
+        ema.update()
+    live = [p.detach().clone() for p in model.parameters()]
+    assert all(np.array_equal(e.double().numpy(), w) for e, w in zip(ema.shadow, want))
+    with ema.swapped():
+        assert all(np.array_equal(p.detach().double().numpy(), w) for p, w in zip(model.parameters(), want))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), live))
+    assert EMA(model, 0.0).shadow == []  # off: nothing kept, nothing swapped
+
+
+def test_layer_decay_gives_each_parameter_the_rate_of_its_depth(tiny_model):
+    """Each group's rate is the scheduled rate x R^(3 - depth) in both 2-block towers (depth from the parameter's
+    name, in float64 apart from the code: embeddings 0, block i i+1, final norm, projections and logit_scale 3);
+    weight decay on 2-D weights only, as without layer decay."""
+    cfg = SimpleNamespace(lr=0.5, beta1=0.9, beta2=0.98, eps=1e-6, wd=0.25, warmup=2, max_steps=9, skip_scheduler=False)
+    opt = make_optimizer(tiny_model, SimpleNamespace(**vars(cfg), layer_decay=0.75))
+    rate = make_scheduler(opt, cfg)(4)
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in tiny_model.named_parameters():
+        block = re.match(r"(visual\.transformer\.resblocks|bert\.encoder\.layer)\.(\d+)\.", name)
+        top = name.startswith(("visual.ln_post", "visual.proj")) or not name.startswith(("visual.", "bert."))
+        depth = int(block[2]) + 1 if block else 3 if top else 0
+        assert group[id(p)]["lr"] == rate * 0.75 ** (3 - depth), name
+        assert group[id(p)]["weight_decay"] == (0.25 if p.ndim >= 2 else 0.0), name
+
+
+def test_a_log_file_gets_a_plain_line_per_train_line_and_a_terminal_the_bar(tmp_path, caplog, capsys, monkeypatch):
+    train, _ = make_data(tmp_path / "data", per_colour_train=2, colours=4)
+    for name, tty in (("log", False), ("tty", True)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        caplog.clear()
+        main([a for a in tiny_argv(train, None, tmp_path, name, max_steps=2) if a != "--no-progress"])
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+        assert [x.split(":")[0] for x in lines] == ([] if tty else ["step 1/2", "step 2/2"])
+        assert all(all(w in x for w in ("loss ", "lr ", "logit scale ", "pairs/s")) for x in lines)
+        assert ("2/2 [" in capsys.readouterr().err) == tty  # the bar's last state

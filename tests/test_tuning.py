@@ -114,17 +114,8 @@ def test_freeze_tower(tiny_config, tower):
 
 
 def test_freeze_vision_keeps_resnet_batchnorm_in_eval(tmp_path, monkeypatch):
-    (tmp_path / "RN-Tiny.json").write_text(
-        json.dumps(
-            {
-                "embed_dim": 32,
-                "image_resolution": 64,
-                "vision_layers": "[1,1,1,1]",
-                "vision_width": 16,
-                "vision_patch_size": None,
-            }
-        )
-    )
+    arch = dict(embed_dim=32, image_resolution=64, vision_layers="[1,1,1,1]", vision_width=16, vision_patch_size=None)
+    (tmp_path / "RN-Tiny.json").write_text(json.dumps(arch))
     monkeypatch.setattr("solution.model.registry.EXTRA_CONFIG_DIRS", (tmp_path,))
     model = build_model(ModelConfig("RN-Tiny", "RBT-Tiny", context_length=16))
     recipe = tuning_recipe(freeze_vision=True)

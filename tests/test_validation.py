@@ -62,7 +62,9 @@ def test_loss_from_features_equals_the_loss_of_the_model_over_the_batches(split,
     queries = split_queries(split)
     feats = encode_split(tiny_model, split, tiny_config, queries, batch_size=6)
     scale = tiny_model.logit_scale.detach().exp()
-    got = feature_loss(feats, queries, split, scale, batch_size=6, seed=11, same_text=same_text)
+    got = feature_loss(
+        feats, queries, split, scale, SimpleNamespace(valid_batch_size=6, seed=11, same_text_positives=same_text)
+    )
     assert got == pytest.approx(want, rel=1e-5)
 
 
@@ -73,17 +75,8 @@ def test_validation_scores_as_the_evaluator_and_decodes_once_within_its_cache(
     calls = []
     real = datasets.decode_image
     monkeypatch.setattr(datasets, "decode_image", lambda b64: calls.append(1) or real(b64))
-    cfg = SimpleNamespace(
-        model_config=tiny_config,
-        valid_batch_size=4,
-        valid_num_workers=0,
-        valid_image_cache_gb=cache_gb,
-        precision="fp32",
-        seed=0,
-        same_text_positives=True,
-        name="run",
-        no_plot=True,
-    )
+    io = dict(valid_batch_size=4, valid_num_workers=0, valid_image_cache_gb=cache_gb, precision="fp32", seed=0)
+    cfg = SimpleNamespace(model_config=tiny_config, same_text_positives=True, name="run", no_plot=True, **io)
     val = Validation({"valid": split}, cfg, RunFiles(tmp_path / "run"), BestTracker(None))
     d = SimpleNamespace(device=torch.device("cpu"), main=True, world=1)
     rows = [val.score(tiny_model, "valid", split, d, step=s, epoch=0) for s in (1, 2)]

@@ -49,13 +49,9 @@ def make_split(
 
 
 def make_data(root: Path, per_colour_train: int = 6, per_colour_valid: int = 3, colours: int = 8) -> tuple[Path, Path]:
-    train = make_split(
-        root / "train", per_colour=per_colour_train, colours=colours, seed=1, first_image_id=1000, text_id_base=0
-    )
-    valid = make_split(
-        root / "valid", per_colour=per_colour_valid, colours=colours, seed=2, first_image_id=5000, text_id_base=100
-    )
-    return train, valid
+    train = make_split(root / "train", per_colour=per_colour_train, colours=colours, seed=1, first_image_id=1000)
+    kw = dict(per_colour=per_colour_valid, colours=colours, seed=2, first_image_id=5000, text_id_base=100)
+    return train, make_split(root / "valid", **kw)
 
 
 TINY = (
@@ -63,6 +59,17 @@ TINY = (
     "--num-workers 0 --valid-num-workers 0 --lr 2e-3 --warmup 2 --wd 0.01 --precision fp32 --device cpu "
     "--no-progress --no-plot --log-interval 1"
 )
+
+
+def error_line(capsys, argv: list[str], main_fn=None) -> str:
+    """The one ``error:`` line of a refused trainer command (exit code 2)."""
+    from solution.common import run_cli
+    from solution.training.trainer import main
+
+    assert run_cli(main_fn or main, argv) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 def tiny_argv(train: Path, valid: Path | None, logs: Path, name: str = "run", **flags) -> list[str]:
@@ -113,14 +120,8 @@ def hooked_train(tmp_path: Path, argv: list[str], *, file: str, action: str, nth
     script = tmp_path / "hooked_train.py"
     script.write_text(HOOKED_TRAIN, encoding="utf-8")
     ready = tmp_path / f"ready-{file}-{nth}"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HOOK_FILE": file,
-        "HOOK_NTH": str(nth),
-        "HOOK_ACTION": action,
-        "HOOK_READY": str(ready),
-    }
+    env = dict(os.environ, OMP_NUM_THREADS="1", HOOK_FILE=file, HOOK_NTH=str(nth), HOOK_ACTION=action)
+    env["HOOK_READY"] = str(ready)
     proc = subprocess.Popen(
         [sys.executable, str(script), *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

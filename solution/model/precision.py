@@ -1,9 +1,5 @@
-"""Precision names and what they compute in, and the float32 matrix-product policy.
-
-A ``--precision`` is resolved once, where flags are parsed (:func:`precision_flag`: ``fp16`` -> ``amp``,
-open_clip's ``amp_bf16`` -> ``bf16``); :func:`autocast_dtype` is the one rule that maps it to the dtype a
-device computes in, from which autocast, the GradScaler and :func:`effective_precision` follow.
-"""
+"""Precision names (resolved once where flags are parsed: ``fp16`` is ``amp``, open_clip's ``amp_bf16`` is
+``bf16``), the one rule mapping them to the dtype a device computes in, and the float32 matrix-product policy."""
 
 from __future__ import annotations
 
@@ -28,8 +24,7 @@ def precision_flag(value: str) -> str:
 
 
 def autocast_dtype(device, precision: str) -> torch.dtype | None:
-    """The dtype autocast computes in for ``precision`` on ``device``; None: float32, no autocast
-    (float16 autocast exists on CUDA only)."""
+    """The dtype autocast computes in (None: float32, no autocast; float16 on CUDA only)."""
     precision = PRECISION_ALIASES.get(precision, precision)
     if precision == "bf16":
         return torch.bfloat16
@@ -41,9 +36,9 @@ def autocast(device, precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def grad_scaler(device, precision: str) -> torch.amp.GradScaler | None:
-    """A GradScaler where autocast computes in float16, else None."""
-    return torch.amp.GradScaler("cuda") if autocast_dtype(device, precision) == torch.float16 else None
+def grad_scaler(device, precision: str) -> torch.amp.GradScaler:
+    """A GradScaler, enabled where autocast computes in float16."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, precision) == torch.float16)
 
 
 def effective_precision(device, precision: str) -> str:
@@ -52,7 +47,7 @@ def effective_precision(device, precision: str) -> str:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """torch's name of a dtype without ``torch.`` (``float32``): how a soup records its dtype."""
+    """torch's name of a dtype without ``torch.`` (``float32``)."""
     return str(dtype).replace("torch.", "")
 
 
@@ -73,12 +68,10 @@ def model_math(device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def exact_math() -> Iterator[None]:
-    """Full float32 products inside the block, whatever the caller set: on CUDA no TF32 and no bf16
-    reduced-precision reductions (the prefilter's certificate assumes fp32 accumulation); on the CPU
-    IEEE oneDNN products where the caller allowed less (left alone where it never was set)."""
+    """Full float32 products inside the block, whatever the caller set: no TF32 nor bf16 reduced-precision
+    reductions on CUDA, IEEE oneDNN products on the CPU where the caller allowed less (untouched if never set)."""
     cuda, mkl = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
-    saved = cuda.allow_bf16_reduced_precision_reduction, cuda.allow_tf32
-    saved_mkl = mkl.fp32_precision
+    saved, saved_mkl = (cuda.allow_bf16_reduced_precision_reduction, cuda.allow_tf32), mkl.fp32_precision
     cuda.allow_bf16_reduced_precision_reduction, cuda.allow_tf32 = False, False
     if saved_mkl not in ("none", "ieee"):
         mkl.fp32_precision = "ieee"

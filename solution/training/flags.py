@@ -1,25 +1,35 @@
-"""The trainer's flags, each spelled once in :data:`TABLE` (cn_clip's training flags with their names, meanings
-and defaults, and this project's): the parser, config files, range checks, the resume guard (:mod:`.run_config`)
-and what ``compare`` shows (:data:`NOT_SETTINGS`) follow from it. ``--config FILE.yaml`` holds flag values by
-flag name (``null``: the default); the command line wins over it. Every refusal is one :class:`FlagError`."""
+"""The trainer's flags (:data:`TABLE`, cn_clip's and ours: the parser, ``--config FILE.yaml``, checks and
+:data:`NOT_SETTINGS` follow from it), a run's resolved :data:`TrainConfig`, ``params.json``, the resume guard."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
+from pathlib import Path
 
+from cn_clip_patch.prompt import PromptError, check_prompt
+from cn_clip_patch.tuning import tuning_recipe
 from solution.common import SolutionError, read_yaml_mapping
 from solution.data.datasets import AUGMENTS
-from solution.formats.run_files import MAIN_SET
-from solution.model import ATTN_IMPLS
+from solution.formats.run_files import MAIN_SET, PARAMS, read_params
+from solution.model import ATTN_IMPLS, ModelConfig, resolve_config
 from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
 
+from .setup import Start
+
+log = logging.getLogger(__name__)
+
 PRECISION_HELP = "amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16 (amp_bf16); fp32."
+EMA_HELP = "Validate and save ema = D x ema + (1 - D) x w of the trained weights, from the start's; 0: off."
+LAYER_HELP = "lr x R^(n+1-d) per tower of n blocks, depth d: 0 embeddings, i+1 block i, n+1 norm/projections; 1: off."
+REPORTS = ("", "none", "tensorboard")  # open_clip's --report-to, less wandb
 # What a changed value does on a re-run that resumes the run's own checkpoint:
 TRAINS = "trains"  # changes what is trained: refused unless --allow-changed-flags
 FREE = "free"  # logging, workers, device, schedules of validation and saves, speed: logged
@@ -43,10 +53,13 @@ def _range(ok: Callable[[float], bool], what: str) -> Callable[[object, str], No
 
 
 POSITIVE = _range(lambda v: v >= 1, "must be a positive integer")
+OFF_OR_N = _range(lambda v: v >= -1, "must be -1 or more (-1, 0: off)")
 AT_LEAST_0 = _range(lambda v: v >= 0, "must be 0 or more")
 ABOVE_0 = _range(lambda v: v > 0, "must be greater than 0")
 FRACTION = _range(lambda v: 0 <= v < 1, "must be in [0, 1)")
 SEED = _range(lambda v: 0 <= v < 2**31, "must be in [0, 2^31)")
+DECAY = _range(lambda v: 0 < v <= 1, "must be in (0, 1]")
+DEVICE = _range(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "must be auto, cpu, cuda or cuda:N")
 
 
 def _regex(value: str, flag: str) -> None:
@@ -57,14 +70,9 @@ def _regex(value: str, flag: str) -> None:
 
 
 def _run_name(name: str, flag: str) -> None:
-    """A relative path that stays inside ``--logs`` (subfolders allowed)."""
     norm = os.path.normpath(name) if name else ""
     if not name or "\0" in name or os.path.isabs(name) or norm in (".", "..") or norm.startswith(".." + os.sep):
-        raise FlagError(
-            flag,
-            f"{flag} {name!r} leaves --logs: give a run folder name inside it (e.g. exp1 or exp/run1), no "
-            "absolute path and no '..' that climbs out",
-        )
+        raise FlagError(flag, f"{flag} {name!r} leaves --logs: give a folder name inside it (e.g. exp1 or exp/run1)")
 
 
 def extra_val_sets(items: Sequence[str] | None, flag: str = "--extra-val-data") -> dict[str, str]:
@@ -82,9 +90,7 @@ def extra_val_sets(items: Sequence[str] | None, flag: str = "--extra-val-data") 
 
 @dataclass(frozen=True)
 class Flag:
-    """One flag: ``resume`` TRAINS, FREE or START; ``shown``: whether ``compare`` shows it as a run's
-    setting; ``check(value, flag)`` raises :class:`FlagError` for a value given; ``type``: by default its
-    default's (a bool: a switch)."""
+    """``resume``: TRAINS, FREE or START; ``shown``: in ``compare``; ``check(value, flag)`` raises FlagError."""
 
     name: str
     default: object
@@ -135,10 +141,11 @@ TABLE: list[str | Flag] = [  # a group's title, then its flags
     F("--name", "train_clip", "Run folder in --logs (may be a/b); one writer.", START, shown=False, check=_run_name),
     F("--log-interval", 10, "Write a train line to metrics.jsonl every N steps.", FREE, shown=False, check=POSITIVE),
     F("--report-training-batch-acc", False, "Log the in-batch i2t/t2i accuracy.", FREE, shown=False),
-    F("--save-epoch-frequency", 1, "Write checkpoints/epoch_{N}.pt every N epochs.", FREE),
-    F("--save-step-frequency", -1, "Also checkpoint every N steps (epoch_{N}_{step}.pt).", FREE),
+    F("--save-epoch-frequency", 1, "Write checkpoints/epoch_{N}.pt every N epochs.", FREE, check=AT_LEAST_0),
+    F("--save-step-frequency", -1, "Also checkpoint every N steps (epoch_{N}_{step}.pt).", FREE, check=OFF_OR_N),
     F("--no-plot", False, "Do not draw curves.png.", FREE, shown=False),
-    F("--no-progress", False, "No tqdm bar.", FREE, shown=False),
+    F("--no-progress", False, "No bar (on a terminal only; else a log line per train line).", FREE, shown=False),
+    F("--report-to", "", "tensorboard: event files in {run}/tensorboard/.", FREE, shown=False, choices=REPORTS),
     "model (cn_clip flags)",
     F("--vision-model", None, "Vision architecture; default from --resume, else ViT-B-16.", TRAINS),
     F("--text-model", None, "Text architecture; default from --resume, else RoBERTa-wwm-ext-base-chinese.", TRAINS),
@@ -179,9 +186,11 @@ TABLE: list[str | Flag] = [  # a group's title, then its flags
     F("--accum-freq", 1, "Feature-caching gradient accumulation (cn_clip's).", TRAINS, check=POSITIVE),
     F("--precision", "amp", PRECISION_HELP, TRAINS, type=precision_flag, choices=PRECISIONS, metavar=PRECISION_METAVAR),
     F("--same-text-positives", True, "Texts of one text_id are not each other's negatives.", TRAINS),
+    F("--ema-decay", 0.0, EMA_HELP, TRAINS, check=FRACTION, metavar="D"),
+    F("--layer-decay", 1.0, LAYER_HELP, TRAINS, check=DECAY, metavar="R"),
     F("--early-stop-patience", None, "Stop after N validations with no new best.", TRAINS, check=POSITIVE, type=int),
     F("--seed", 123, None, TRAINS, check=SEED),
-    F("--device", "auto", "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).", FREE, shown=False),
+    F("--device", "auto", "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK).", FREE, shown=False, check=DEVICE),
     F("--dist-timeout-min", 120.0, "Minutes the others wait for the main process.", FREE, shown=False, check=ABOVE_0),
     "accepted for compatibility with cn_clip",
     F("--gather-with-grad", False, "Always on here: features are gathered with gradient.", START),
@@ -205,11 +214,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m solution.train",
-        description="Fine-tune Chinese-CLIP (full, LoRA or frozen towers) with recall validation.",
-        exit_on_error=False,
-    )
+    p = _Parser(prog="python -m solution.train", description="Fine-tune Chinese-CLIP.", exit_on_error=False)
     p.add_argument("--config", help="YAML file of flag values (keys are flag names); flags given here win.")
     for f in TABLE:
         if isinstance(f, str):
@@ -255,9 +260,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], where: str = "") ->
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The flags as typed (command line over config file over defaults), checked; nothing derived."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    config = pre.parse_known_args(argv)[0].config
+    config = _parse(build_parser(), argv).config
     from_config = _config_argv(config) if config else []
     for words, where in ((from_config, f"{config}: "), (from_config + argv, "")):  # the file's values first
         args = _parse(build_parser(), words, where)
@@ -268,4 +271,131 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 raise FlagError(e.flag, f"{where}{e}") from None
     if not args.train_data:
         raise FlagError("--train-data", "--train-data is required (an LMDB directory with imgs/ and pairs/)")
+    lora = [FLAGS[k].name for k in ("lora_alpha", "lora_dropout", "lora_targets") if vars(args)[k] != FLAGS[k].default]
+    if lora and not args.lora_rank:
+        raise FlagError(lora[0], f"{lora[0]} needs --lora-rank (LoRA is off)")
     return args
+
+
+DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
+FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+RUN_FACTS = ("model_config", "world_size", "global_batch_size", "steps_per_epoch", "resumed_from", "train_pairs")
+TUNING = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_vision", "freeze_text")
+STEPS, BATCH = "max steps (--max-steps/--max-epochs)", "--batch-size x processes"
+TrainConfig = dataclasses.make_dataclass("TrainConfig", ["config", *FLAGS, *RUN_FACTS], frozen=True)
+
+
+def steps_per_epoch(train_pairs: int, batch_size: int, world: int, accum_freq: int, train_data: str) -> int:
+    if batch_size * world > train_pairs:
+        raise SolutionError(
+            f"batch size {batch_size} x {world} process(es) = {batch_size * world} is larger than "
+            f"the {train_pairs} training pairs in {train_data}"
+        )
+    micro = -(-train_pairs // (batch_size * world))  # the last one padded from the epoch's start
+    if micro < accum_freq:
+        raise SolutionError(f"--accum-freq {accum_freq} needs {accum_freq} batches per step but an epoch has {micro}")
+    return micro // accum_freq
+
+
+def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
+    """The model the run trains: flags first, then the starting checkpoint's."""
+    recipe = tuning_recipe(**{k: vars(args)[k] for k in TUNING})
+    vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
+    if start.ckpt is not None:
+        m = resolve_config(start.ckpt, vision_model=args.vision_model, text_model=args.text_model, source=start.source)
+        vision, text = m.vision_model, m.text_model
+    stored = (start.ckpt or {}).get("config") or {}
+    context = args.context_length or int(stored.get("context_length", DEFAULT_CONTEXT))
+    prompt = args.text_prompt if args.text_prompt is not None else str(stored.get("text_prompt", ""))
+    config = ModelConfig(vision, text, context_length=context, text_prompt=prompt, tuning=recipe)
+    positions = int(config.model_info.get("text_max_position_embeddings", 512))
+    if context > positions:
+        raise FlagError("--context-length", f"--context-length {context}: the text model has {positions} positions")
+    try:
+        check_prompt(config.text_prompt, config.context_length)
+    except PromptError as e:
+        raise FlagError("--text-prompt", f"--text-prompt: {e}") from None
+    return config
+
+
+def resolve(args: argparse.Namespace, start: Start, *, world: int, train_pairs: int, device: str) -> TrainConfig:
+    """The run's :data:`TrainConfig` from the typed flags (left unchanged), its start and its facts."""
+    from cn_clip.training.params import get_default_params
+
+    model = model_config(args, start)
+    values = dict(vars(args))
+    optim = {**FALLBACK_OPTIM, **get_default_params(model.vision_model)}
+    values.update({k: optim[k] for k in FALLBACK_OPTIM if values[k] is None})
+    per_epoch = steps_per_epoch(train_pairs, args.batch_size, world, args.accum_freq, args.train_data)
+    if args.max_steps is not None:
+        values["max_epochs"] = -(-args.max_steps // per_epoch)
+    else:
+        values["max_steps"] = per_epoch * args.max_epochs
+    lora = model.tuning.get("lora") or {}
+    values.update({k: getattr(model, k) for k in ("vision_model", "text_model", "context_length", "text_prompt")})
+    values.update(lora_alpha=lora.get("alpha", args.lora_alpha), lora_targets=lora.get("targets", args.lora_targets))
+    values.update(extra_val_data=list(args.extra_val_data or ()), device=device, model_config=model)
+    values.update(augment=args.augment or ("cnclip" if args.use_augment else "none"), resumed_from=start.source)
+    global_batch = args.batch_size * world * args.accum_freq
+    values.update(world_size=world, global_batch_size=global_batch, steps_per_epoch=per_epoch, train_pairs=train_pairs)
+    return TrainConfig(**values)
+
+
+def params_record(args: argparse.Namespace, cfg: TrainConfig, flag_changes: list | None = None) -> dict:
+    """``params.json``: resolved values, facts, consented flag changes and the flags as typed (``typed``)."""
+    record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    record["model_config"] = cfg.model_config.to_dict()
+    if flag_changes:
+        record["flag_changes"] = list(flag_changes)
+    return {**record, "typed": dict(vars(args))}
+
+
+def training_flags(p: Mapping) -> dict[str, object]:
+    """The values of a ``params.json`` whose change changes what a run trains, by how a refusal names them."""
+    compared = [k for k, f in FLAGS.items() if f.resume == TRAINS and k in p and k not in ("max_steps", "batch_size")]
+    out = {FLAGS[k].name: FLAGS[k].parse(p[k]) if isinstance(p[k], str) else p[k] for k in compared}
+    if "max_steps" in p:
+        out[STEPS] = p["max_steps"]
+    if "batch_size" in p:
+        out[BATCH] = int(p["batch_size"]) * int(p.get("world_size") or 1)
+    return out
+
+
+def _real(flag: str, v):
+    """A flag's value as a resume compares it: data folders however spelled."""
+    if flag == "--extra-val-data":
+        return {name: os.path.realpath(path) for name, path in extra_val_sets(v).items()}
+    return os.path.realpath(v) if v and flag in ("--train-data", "--val-data") else v
+
+
+def _changes(pairs) -> str:
+    return "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in pairs)
+
+
+def check_resume_flags(run_dir: Path, params: Mapping, step: int, allow: bool) -> list[dict]:
+    """Refuse changed training flags unless ``allow``; the flag-change history, with this re-run's changes."""
+    try:
+        saved = read_params(run_dir)
+    except SolutionError as e:
+        raise SolutionError(f"{e}; restore or remove it to resume this run, or pass --no-auto-resume") from None
+    if saved is None:
+        log.warning("%s is missing: cannot check that this command's flags match the run's", run_dir / PARAMS)
+        return []
+    old, new = training_flags(saved), training_flags(params)
+    changed = {k: (old[k], new[k]) for k in old if k in new and _real(k, old[k]) != _real(k, new[k])}
+    free = [(f.name, (saved[k], params[k])) for k, f in FLAGS.items() if f.resume == FREE and k in saved]
+    free = [(name, (a, b)) for name, (a, b) in free if a != b]
+    if free:
+        log.info("resuming under other flags that do not change the training than %s: %s", PARAMS, _changes(free))
+    history = list(saved.get("flag_changes") or [])
+    if changed and not allow:
+        raise SolutionError(
+            f"run folder {run_dir} was trained with other flags than this command's (its params.json): "
+            f"{_changes(changed.items())}. Re-run with the run's flags, pass --allow-changed-flags to continue it from "
+            f"step {step} under the new ones, or use another --name (or --no-auto-resume to start it over); logging, "
+            "worker, device, validation- and save-schedule flags may change freely"
+        )
+    if changed:
+        log.warning("resuming %s at step %d under changed flags: %s", run_dir, step, _changes(changed.items()))
+        history.append({"step": int(step), "changes": {k: [a, b] for k, (a, b) in changed.items()}})
+    return history

@@ -1,7 +1,5 @@
-"""Training data in a resumable, rank-aware, deterministic order: epoch ``e`` visits the pairs in a permutation
-seeded by ``(seed, e)``, padded to whole global micro-batches that each rank slices, and each sample's random
-transform is seeded by ``(seed, epoch, position)``. So the position is ``(epoch, micro-batch)``, and neither
-workers, resuming, nor the process count at the same global batch change a batch."""
+"""Training data in a resumable, rank-aware, deterministic order: epoch e's permutation seeded by (seed, e), padded
+to whole global micro-batches that ranks slice, each sample's transform seeded by (seed, epoch, position)."""
 
 from __future__ import annotations
 
@@ -16,9 +14,7 @@ from solution.data.lmdb_io import LMDBSplit
 
 
 def open_split(path: str | None, what: str) -> LMDBSplit:
-    """Open an LMDB split with pairs; one clear error for missing, malformed or empty."""
-    if not path:
-        raise SolutionError(f"{what}: no LMDB directory given")
+    """An LMDB split with pairs; one clear error for missing, malformed or empty."""
     try:
         split = LMDBSplit(path)
         if split.num_samples > 0:
@@ -34,18 +30,11 @@ def open_split(path: str | None, what: str) -> LMDBSplit:
 
 def epoch_order(num_samples: int, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch)))
-    pad = (-num_samples) % global_batch
-    return torch.cat([order, order[:pad]]) if pad else order
-
-
-def num_micro_batches(num_samples: int, global_batch: int) -> int:
-    return -(-num_samples // global_batch)
+    return torch.cat([order, order[: (-num_samples) % global_batch]])
 
 
 class EpochBatchSampler(Sampler):
-    """This rank's micro-batches ``start`` .. ``stop`` of an epoch, moved to another by :meth:`set_epoch`.
-    Keys are ``(epoch, position in epoch, sample index)``: persistent workers hold copies of the dataset
-    made when they started, so the epoch travels in the key."""
+    """This rank's micro-batches of an epoch as ``(epoch, position, sample)`` keys (the epoch travels to workers)."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int):
         self.num_samples, self.batch_size, self.rank, self.world, self.seed = num_samples, batch_size, rank, world, seed
@@ -55,9 +44,6 @@ class EpochBatchSampler(Sampler):
         self.epoch, self.order = epoch, epoch_order(self.num_samples, self.batch_size * self.world, self.seed, epoch)
         total = len(self.order) // (self.batch_size * self.world)
         self.start, self.stop = start, total if stop is None else min(stop, total)
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
 
     def __iter__(self):
         for b in range(self.start, self.stop):
@@ -70,9 +56,6 @@ class SeededPairs(Dataset):
 
     def __init__(self, split: LMDBSplit, transform, seed: int, random_transform: bool):
         self.pairs, self.seed, self.random_transform = PairDataset(split, transform), seed, random_transform
-
-    def __len__(self) -> int:
-        return len(self.pairs)
 
     def __getitem__(self, key):
         epoch, position, index = key
@@ -90,9 +73,7 @@ class SeededPairs(Dataset):
 
 
 def train_loader(split: LMDBSplit, cfg, rank: int, world: int, pin_memory: bool = False) -> DataLoader:
-    """This rank's training DataLoader for a whole run (``cfg``: the run's TrainConfig; its workers started once);
-    ``loader.batch_sampler.set_epoch`` picks the micro-batches an iteration gives. Every random transform is seeded
-    per sample, so the workers' own seeds change nothing."""
+    """This rank's DataLoader for the whole run; ``batch_sampler.set_epoch`` picks what an iteration gives."""
     mc = cfg.model_config
     return DataLoader(
         SeededPairs(split, train_transform(mc.image_resolution, cfg.augment), cfg.seed, cfg.augment != "none"),

@@ -1,11 +1,5 @@
-"""The training step: cn_clip's contrastive loss over the global batch, with accumulation.
-
-Features are gathered across processes with gradient in rank order, so 2 processes at batch B train what one
-process at batch 2B trains. ``--same-text-positives``: pairs of the global batch whose texts share a text id
-are left out of each other's softmax denominators (plain CLIP counts a query's twin as a negative); without
-twins this is cn_clip's loss. ``--accum-freq`` follows cn_clip: all micro-batches' features are cached
-without gradient, then each micro-batch is re-run with gradient in place of its cached slice.
-"""
+"""The training step: cn_clip's contrastive loss over the global batch (2 processes at batch B train what one at 2B
+trains), its feature-caching accumulation, same-text twins not negatives; the weights' EMA."""
 
 from __future__ import annotations
 
@@ -21,18 +15,16 @@ from torch import nn
 
 from cn_clip_patch.tuning import unwrap
 from solution.common import SolutionError
-from solution.model.precision import autocast
+from solution.model.precision import autocast, grad_scaler
 
 LOGIT_SCALE_MAX = math.log(100.0)  # cn_clip clamps at 4.6052
 
 
 def gather(t: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
-    """``t`` of every process concatenated in rank order (``t`` itself for one process)."""
+    """``t`` of every process concatenated in rank order."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    if with_grad:
-        # the autograd gather that works on gloo too (its backward is an all-to-all); the functional one that
-        # torch's deprecation warning suggests needs reduce_scatter, which gloo lacks
+    if with_grad:  # the autograd gather that works on gloo (the functional one needs reduce_scatter)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*all_gather is deprecated", category=FutureWarning)
             return torch.cat(dist_nn.all_gather(t), dim=0)
@@ -42,7 +34,7 @@ def gather(t: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
 
 
 def twin_mask(text_ids: torch.Tensor, same_text: bool) -> torch.Tensor | None:
-    """``[N, N]`` True where ``j != i`` has the same text id (a positive, not a negative); None if no twins."""
+    """``[N, N]`` True where ``j != i`` has the same text id; None if no twins."""
     if not same_text:
         return None
     eq = text_ids[:, None].eq(text_ids[None, :])
@@ -50,10 +42,8 @@ def twin_mask(text_ids: torch.Tensor, same_text: bool) -> torch.Tensor | None:
     return eq if bool(eq.any()) else None
 
 
-def clip_loss(
-    image_features, text_features, logit_scale, twins: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE in float32 (autocast off), twins left out of the negatives: ``(loss, logits_per_image)``."""
+def clip_loss(image_features, text_features, logit_scale, twins: torch.Tensor | None):
+    """Symmetric InfoNCE in float32, twins left out of the negatives: ``(loss, logits_per_image)``."""
     with torch.autocast(image_features.device.type, enabled=False):
         logits = logit_scale.float() * image_features.float() @ text_features.float().t()
         lpi, lpt = logits, logits.t()
@@ -77,34 +67,21 @@ def batch_accuracy(logits_per_image: torch.Tensor, twins: torch.Tensor | None) -
 
 
 class Stepper:
-    """One optimizer step over micro-batches ``(images, tokens, text_ids, image_ids)`` on ``device``, under the
-    run's ``cfg`` (its precision, mask ratio, same-text positives and aggregation); returns the step's loss, logits
-    and twins as tensors (:meth:`read` turns them into numbers: a host sync)."""
+    """One optimizer step over micro-batches ``(images, tokens, text_ids, image_ids)``; :meth:`read` syncs."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, device: torch.device, cfg):
-        self.model, self.optimizer, self.scaler, self.device, self.cfg = model, optimizer, scaler, device, cfg
-        self.bad_loss: torch.Tensor | None = None  # the last non-finite loss since the last check (0: none)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, cfg):
+        self.model, self.optimizer, self.device, self.cfg = model, optimizer, device, cfg
+        self.scaler = grad_scaler(device, cfg.precision)
+        self.bad_loss = torch.zeros((), device=device)  # the last non-finite loss (kept on the device: no sync)
 
     def _gather(self, t: torch.Tensor, with_grad: bool) -> torch.Tensor:
         return t if self.cfg.skip_aggregate else gather(t, with_grad)
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        """Backward, remembering a non-finite loss on the device (no host sync: :meth:`check` reads it)."""
-        seen = loss.detach().float()
-        self.bad_loss = torch.where(
-            torch.isfinite(seen), torch.zeros_like(seen) if self.bad_loss is None else self.bad_loss, seen
-        )
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
     def check(self) -> None:
-        """Raise if a step since the last check had a non-finite loss (called before each log line, validation
-        and save, so no checkpoint is written from a diverged state)."""
-        value = float(self.bad_loss) if self.bad_loss is not None else 0.0
+        """Raise if a step since the last check had a non-finite loss (before each log line, validation, save)."""
+        value = float(self.bad_loss)
         if not math.isfinite(value):
-            raise SolutionError(
-                f"training loss is {value}: the run diverged (try a lower --lr or --precision fp32); "
-                "no checkpoint was written from this state"
-            )
+            raise SolutionError(f"training loss is {value}: diverged (try a lower --lr or fp32); no checkpoint written")
 
     def read(self, out: dict) -> dict:
         i2t, t2i = batch_accuracy(out["logits"], out["twins"])
@@ -132,12 +109,44 @@ class Stepper:
                     img_all = torch.cat([*cached_img[:j], self._gather(img_f, True), *cached_img[j + 1 :]])
                     txt_all = torch.cat([*cached_txt[:j], self._gather(txt_f, True), *cached_txt[j + 1 :]])
                     loss, logits = clip_loss(img_all, txt_all, scale.mean(), twins)
-                self._backward(loss)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+                self.bad_loss = torch.where(torch.isfinite(loss.detach()), self.bad_loss, loss.detach().float())
+                self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         with torch.no_grad():
             unwrap(model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         return {"loss": loss.detach(), "logits": logits.detach(), "twins": twins, "pairs": len(all_ids)}
+
+
+class EMA:
+    """``--ema-decay D``: ``ema = D * ema + (1 - D) * w`` for each trained tensor after each step, from the start's."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.params = decay, [p for p in unwrap(model).parameters() if p.requires_grad] if decay else []
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.params:
+            torch._foreach_lerp_(self.shadow, self.params, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def load(self, saved: list | None) -> None:
+        for e, t in zip(self.shadow, saved or []):  # none saved (EMA newly on): the current weights
+            e.copy_(t)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The EMA in the model's tensors for the block (the live weights in the EMA's), then back, exactly."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for p, e in zip(self.params, self.shadow):
+            live = p.detach().clone()
+            p.copy_(e)
+            e.copy_(live)
