@@ -172,7 +172,7 @@ def test_kill_9_in_three_stages_then_the_same_command_ends_with_the_same_submiss
     script = tmp_path / "hooked.py"
     script.write_text(HOOK, encoding="utf-8")
     argv = [sys.executable, str(script), "--config", str(recipe), "--out", str(tmp_path / "out")]
-    for where, nth in ((f"{os.sep}runs{os.sep}b{os.sep}", 2), (f"{os.sep}soups", 3), (f"{os.sep}ensembles", 2)):
+    for where, nth in ((f"{os.sep}runs{os.sep}b{os.sep}", 2), ("soups.building", 3), (f"{os.sep}ensembles", 2)):
         env = {**os.environ, "KILL_IN": where, "KILL_NTH": str(nth), "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == -signal.SIGKILL, (where, proc.stderr[-3000:])
