@@ -27,7 +27,8 @@ pytestmark = pytest.mark.xdist_group("pipeline")
 def test_every_shipped_recipe_passes_its_dry_run(recipe, tmp_path, capsys):
     result = pipeline.main(["--config", str(recipe), "--data", str(tmp_path / "data"), "--dry-run"])
     out = capsys.readouterr().out
-    assert result["commands"] and "bash Chinese-CLIP/train_clip.sh" in out and not (tmp_path / "data").exists()
+    assert result["commands"] and ("train_clip.sh" in out or "-m solution.train" in out)
+    assert "model_soup.sh" in out and "ensemble.sh" in out and not (tmp_path / "data").exists()
 
 
 def _recipe(tmp_path, **changes) -> Path:
