@@ -652,21 +652,21 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="tiny configs and sizes (the test suite runs this on CPU)")
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     p.add_argument("--out", default="runs/bench", help="folder for GPU.md and GPU.json")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per training case (default 3; 2 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per training case (default 3; 1 with --quick)")
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed steps first, compile included (default 2; 1 with --quick)"
     )
     p.add_argument("--only", nargs="+", choices=GROUPS, default=GROUPS, help="run these groups of cases only")
     p.add_argument("--archs", nargs="+", choices=list(TEXT), default=None, help="training: these vision towers only")
-    p.add_argument("--batch-cap", type=int, default=None, help="largest batch tried (default 256; 4 with --quick)")
+    p.add_argument("--batch-cap", type=int, default=None, help="largest batch tried (default 256; 2 with --quick)")
     return p
 
 
 def configure(a):
     if a.quick:
         a.archs = [("ViT-Tiny", "RBT-Tiny")]
-        a.batch_start, a.steps, a.warmup = 2, a.steps or 2, a.warmup or 1
-        a.batch_cap = a.batch_cap or 4
+        a.batch_start, a.steps, a.warmup = 2, a.steps or 1, a.warmup or 1
+        a.batch_cap = a.batch_cap or 2
         a.images, a.texts, a.feat_batch, a.queries, a.gallery = 8, 32, 8, 50, 300
     else:
         a.archs = [(v, TEXT[v]) for v in (a.archs or TEXT)]

@@ -2,6 +2,8 @@ import dataclasses
 import fcntl
 import logging
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,30 +32,18 @@ def _quiet_logs(caplog):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """``small_disk(mib)`` mounts a tmpfs of that size under ``tmp_path`` (unmounted afterwards).
-
-    Fills a disk without filling the machine's; needs root, skipped with the reason elsewhere.
-    """
-    import shutil
-    import subprocess
-    import uuid
-
+    """``small_disk(mib)`` mounts a tmpfs of that size under ``tmp_path`` (unmounted afterwards): a full disk without
+    filling the machine's. Skipped, with the reason, where mounting is not permitted (it needs root)."""
     mounted = []
 
     def mount(mib: int):
+        d = tmp_path / f"disk-{len(mounted)}"
+        d.mkdir()
         if os.geteuid() != 0 or not shutil.which("mount"):
             pytest.skip("mounting a tmpfs needs root")
-        d = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-        d.mkdir()
-        try:
-            r = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={mib}M", "tmpfs", str(d)],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"cannot mount a tmpfs here: {e}")
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={mib}M", "tmpfs", str(d)], capture_output=True, text=True
+        )
         if r.returncode != 0:
             pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip() or r.returncode}")
         mounted.append(d)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from train_helpers import make_data, tiny_argv
+from train_helpers import make_data, metrics, tiny_argv
 
 from cn_clip_patch.tuning import apply_tuning, tuning_recipe
 from solution.common import SolutionError
@@ -32,10 +32,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
@@ -49,7 +45,7 @@ def test_compiled_training_equals_eager_and_logs_compile_time_apart(tmp_path, ca
         argv = tiny_argv(train, None, tmp_path / "logs", name, max_steps=3, valid_epoch_interval=0) + extra
         train_main(argv)
         runs[name] = tmp_path / "logs" / name
-    eager, comp = (_rows(runs[n]) for n in ("eager", "compiled"))
+    eager, comp = (metrics(runs[n]) for n in ("eager", "compiled"))
     assert [r["step"] for r in comp] == [1, 2, 3]
     np.testing.assert_allclose([r["loss"] for r in comp], [r["loss"] for r in eager], rtol=1e-5, atol=1e-6)
     w_e, w_c = (_weights(runs[n] / "checkpoints" / "epoch_latest.pt") for n in ("eager", "compiled"))

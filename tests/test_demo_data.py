@@ -14,7 +14,6 @@ from solution.data.synthetic import (
     BACKGROUNDS,
     COLORS,
     COUNTS,
-    PRESETS,
     REGIONS,
     SHAPES,
     draw_image,
@@ -46,13 +45,14 @@ def tiny(tmp_path_factory):
 
 
 def test_layout(tiny):
-    # Its speed ("well under a second") is a benchmark's business, not a test's: only the layout is asserted.
     d, info = tiny
     for f in FILES:
         assert (d / f).is_file(), f
     assert json.loads((d / "demo_info.json").read_text(encoding="utf-8"))["splits"] == info["splits"]
     n_images = sum(v["images"] for v in info["splits"].values())
     assert 24 <= n_images <= 100  # "a few dozen"
+    rows = read_jsonl(d / "general" / "valid_texts.jsonl")  # the general set's gold covers every described image
+    assert sum(len(r["image_ids"]) for r in rows) >= len(_tsv(d / "general" / "valid_imgs.tsv"))
 
 
 def test_deterministic_and_seeded(tiny, tmp_path):
@@ -63,13 +63,16 @@ def test_deterministic_and_seeded(tiny, tmp_path):
     assert _digest(tmp_path / "other")["train_imgs.tsv"] != _digest(d)["train_imgs.tsv"]
 
 
-def test_queries_disjoint_ids_unique_and_gold_consistent(tiny):
+def test_queries_composed_disjoint_ids_unique_and_gold_consistent(tiny):
     d, _ = tiny
     texts = {s: read_jsonl(d / f"{s}_texts.jsonl") for s in ("train", "valid", "test")}
     answers = read_jsonl(d / "test_answers.jsonl")
     assert all("image_ids" not in t for t in texts["test"])
     assert [a["text_id"] for a in answers] == [t["text_id"] for t in texts["test"]]
     assert all(isinstance(a["image_ids"], list) and a["image_ids"] for a in answers)
+    for text in (t["text"] for t in texts["train"]):  # composed Chinese queries
+        assert "背景上有" in text and any(bg in text for bg in BACKGROUNDS) and any(c in text for c in COLORS)
+        assert any(s in text for s in SHAPES) and any(n in text for n in COUNTS.values())
     queries = {s: {t["text"] for t in ts} for s, ts in texts.items()}
     assert not queries["train"] & queries["valid"] and not queries["train"] & queries["test"]
     assert not queries["valid"] & queries["test"]
@@ -88,15 +91,6 @@ def test_queries_disjoint_ids_unique_and_gold_consistent(tiny):
         text_ids += [t["text_id"] for t in read_jsonl(d / "general" / f"{split}_texts.jsonl")]
     assert len(image_ids) == len(set(image_ids)) and len(text_ids) == len(set(text_ids))
     assert all(isinstance(i, int) for i in image_ids + text_ids)
-
-
-def test_texts_are_composed_chinese_queries(tiny):
-    d, _ = tiny
-    for t in read_jsonl(d / "train_texts.jsonl"):
-        text = t["text"]
-        assert "背景上有" in text
-        assert any(bg in text for bg in BACKGROUNDS) and any(c in text for c in COLORS)
-        assert any(s in text for s in SHAPES) and any(n in text for n in COUNTS.values())
 
 
 def test_mess_is_present_and_typed(tiny):
@@ -118,12 +112,6 @@ def test_mess_is_present_and_typed(tiny):
     assert im.format == "JPEG" and im.size == (64, 64) and im.mode == "RGB"
 
 
-def test_general_valid_gold_covers_every_described_image(tiny):
-    d, _ = tiny
-    rows = read_jsonl(d / "general" / "valid_texts.jsonl")
-    assert sum(len(r["image_ids"]) for r in rows) >= len(_tsv(d / "general" / "valid_imgs.tsv"))
-
-
 def test_cli_sizes_and_errors(tmp_path, capsys):
     out = tmp_path / "x"
     info = main(f"--out {out} --preset tiny --train-queries 4 --images-per-query 3 --image-size 32 --no-mess".split())
@@ -136,12 +124,6 @@ def test_cli_sizes_and_errors(tmp_path, capsys):
         generate(tmp_path / "y", preset="tiny", valid_queries=0)
     with pytest.raises(SolutionError):
         generate(tmp_path / "y", preset="nope")
-
-
-def test_the_demo_preset_is_big_and_fine_grained():
-    d = PRESETS["default"]
-    assert d.valid_queries >= 300 and d.test_queries >= 300 and d.fine == 1
-    assert PRESETS["tiny"].fine == PRESETS["small"].fine == 0  # the tests' presets keep their data
 
 
 @pytest.fixture(scope="module")

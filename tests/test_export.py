@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from train_helpers import error_line
 from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
 from cn_clip_patch.prompt import tokenize
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.xdist_group("export")  # one worker builds each referen
 @pytest.fixture(scope="module", params=["tiny", "vitb"])
 def case(request, world, tmp_path_factory):
     """A checkpoint (tiny: a fine-tune with a prompt; vitb: a random ViT-B-16 + RoBERTa-wwm-ext-base in the official
-    format: no config, ``module.`` keys, fp16), demo images (PIL), texts, the toolkit's features of both, and the
+    format: no config, ``module.`` keys, fp16, BERT's pooler), demo images (PIL), texts, the toolkit's features of both, and the
     ONNX batch sizes to try (None: all; full size: one batch of 2 images and 3 texts)."""
     path = tmp_path_factory.mktemp("export") / f"{request.param}.pt"
     if request.param == "tiny":
@@ -46,7 +47,9 @@ def case(request, world, tmp_path_factory):
     else:
         torch.manual_seed(0)
         sd = build_model(ModelConfig("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")).state_dict()
-        torch.save({"epoch": 1, "step": 1, "state_dict": {f"module.{k}": v.half() for k, v in sd.items()}}, path)
+        sd = {f"module.{k}": v.half() for k, v in sd.items()}
+        sd["module.bert.pooler.dense.weight"] = torch.zeros(4, 4, dtype=torch.half)  # as official files carry
+        torch.save({"epoch": 1, "step": 1, "state_dict": sd}, path)
         n_images, n_texts, sizes = 2, 3, (None,)
     model, config, _ = load_model(path)
     split = LMDBSplit(world.lmdb("valid"))
@@ -115,10 +118,7 @@ def test_onnx_export_gives_the_toolkits_features_at_any_batch_and_length(case, t
 
 def test_export_refusals_are_one_line(world, tmp_path, monkeypatch, capsys):
     def refused(*argv) -> str:
-        assert run_cli(main, ["--checkpoint", *argv]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ")
-        return err[0]
+        return error_line(capsys, ["--checkpoint", *argv], main)
 
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "onnx", None)  # the export extra not installed

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_prepare import _b64, _jpeg, _write_muge
+from train_helpers import error_line
 
 from solution.common import folder_lock, run_cli
 from solution.data.inputs import Text, split_off_valid
@@ -30,14 +31,6 @@ def _muge(d: Path, images, texts) -> Path:
 
 def _argv(data_dir, *extra, splits="train"):
     return ["--data-dir", str(data_dir), "--splits", splits, "--no-progress", *map(str, extra)]
-
-
-def _error_line(capsys, argv) -> str:
-    assert run_cli(main, argv) == 2
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
 
 
 def _snapshot(*folders: Path, locks: bool = True) -> dict:
@@ -55,6 +48,10 @@ def _queries(split_dir: Path) -> dict:
 def _leftovers(lmdb_dir: Path) -> list[str]:
     """What a run leaves in ``lmdb_dir`` besides the splits and their lock files."""
     return sorted(p.name for p in lmdb_dir.glob(".*") if not p.name.endswith(".lock"))
+
+
+def _error_line(capsys, argv) -> str:
+    return error_line(capsys, argv, main)
 
 
 OLD = {"红色": [1], "蓝色": [2]}

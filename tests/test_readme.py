@@ -8,7 +8,6 @@ replaced, by the explicit table below, so a changed command in README is a chang
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -48,8 +47,6 @@ SUBSTITUTIONS = [
 CSV_COMMAND = "--csv"
 # Blocks that need a server (the multi-machine search recipe) are skipped, not run.
 NEEDS_SERVER = re.compile(r"postgres|optuna-dashboard|pg_ctl|mysql://", re.IGNORECASE)
-# Blocks README gets right but that fail today for a reason in another area: {text in the block: reason}.
-KNOWN_FAILURES: dict[str, str] = {}
 
 
 def flow_blocks(text: str) -> list[str]:
@@ -93,12 +90,6 @@ def substitute(command: str, paths: dict) -> str:
 BLOCKS = flow_blocks(README.read_text(encoding="utf-8"))
 
 
-def _png(rgb) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (24, 24), rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A scratch folder laid out as README expects: tiny demo data, a tiny checkpoint, a CSV of pairs."""
@@ -108,23 +99,15 @@ def workdir(tmp_path_factory):
     data = w / "data"
     generate(data, preset="tiny", images_per_query=4)  # 12 test images: enough for README's top-10
     torch.manual_seed(0)
-    model = build_model(ModelConfig("ViT-Tiny", "RBT-Tiny"))
+    weights = {f"module.{k}": v for k, v in build_model(ModelConfig("ViT-Tiny", "RBT-Tiny")).state_dict().items()}
     checkpoint = w / "clip_cn_tiny.pt"  # as upstream ships them: module.-prefixed weights, no config
-    torch.save(
-        {
-            "epoch": 0,
-            "step": 0,
-            "name": "clip_cn_tiny",
-            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-        },
-        checkpoint,
-    )
+    torch.save({"epoch": 0, "step": 0, "name": "clip_cn_tiny", "state_dict": weights}, checkpoint)
     images = w / "csv_images"
     images.mkdir()
     rows = ["text,image_path"]
     for q in range(10):
         for j in range(2):
-            (images / f"{q}_{j}.png").write_bytes(_png((25 * q, 120 + 60 * j, 200 - 20 * q)))
+            Image.new("RGB", (24, 24), (25 * q, 120 + 60 * j, 200 - 20 * q)).save(images / f"{q}_{j}.png")
             rows.append(f"第{q}种颜色的方块,csv_images/{q}_{j}.png")
     (w / "pairs.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     env = {
@@ -132,6 +115,7 @@ def workdir(tmp_path_factory):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "SOLUTION_CACHE_DIR": str(w / "cache"),
         "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",  # tiny models: threads only contend on shared CPUs
     }
     paths = {
         "data_dir": str(data),
@@ -165,9 +149,6 @@ def test_readme_block_runs(workdir, index):
     script = "set -euxo pipefail\n" + "\n".join(cmds) + "\n"
     done[index] = "failed"
     r = subprocess.run(["bash", "-c", script], cwd=w, env=env, capture_output=True, text=True, timeout=600)
-    known = [reason for text, reason in KNOWN_FAILURES.items() if text in block]
-    if r.returncode != 0 and known:
-        pytest.xfail(known[0])
     assert r.returncode == 0, f"README block {index + 1} failed (exit {r.returncode}):\n{script}\n{r.stderr[-4000:]}"
     done[index] = "ok"
     if "predict.sh" in block:  # the README's feature names are read back under the names they were written

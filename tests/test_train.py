@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import make_data, tiny_argv
+from train_helpers import make_data, metrics, tiny_argv
 
 from cn_clip_patch.tuning import apply_tuning
 from solution.common import SolutionError
 from solution.model import ModelConfig, build_model, load_model, read_checkpoint
-from solution.retrieval.encode import encode_texts, evaluate_split
+from solution.retrieval.encode import evaluate_split
 from solution.training.trainer import main
 
 SEED = 123
@@ -30,11 +30,6 @@ def initial_recall(data):
     return evaluate_split(model, data[1], config)["mean_recall"], model.state_dict()
 
 
-def _rows(run_dir, kind=None):
-    rows = [json.loads(x) for x in open(f"{run_dir}/metrics.jsonl", encoding="utf-8")]
-    return [r for r in rows if kind is None or r["kind"] == kind]
-
-
 @pytest.fixture(scope="module")
 def stage1(data, initial_recall, tmp_path_factory):
     """Full fine-tuning from random weights (stage 1); the other modes continue from it."""
@@ -45,11 +40,11 @@ def stage1(data, initial_recall, tmp_path_factory):
 
 def _check_run(out, n_steps):
     run = out["run_dir"]
-    losses = [r["loss"] for r in _rows(run, "train")]
+    losses = [r["loss"] for r in metrics(run, "train")]
     assert len(losses) == n_steps and sum(losses[-4:]) < sum(losses[:4])
-    valid_rows = _rows(run, "valid")
+    valid_rows = metrics(run, "valid")
     assert {"r1", "r5", "r10", "mean_recall", "val_loss", "val_acc_i2t", "set"} <= set(valid_rows[-1])
-    assert all(r["logit_scale"] <= 100.0 + 1e-4 for r in _rows(run, "train"))
+    assert all(r["logit_scale"] <= 100.0 + 1e-4 for r in metrics(run, "train"))
     ckpts = {p.name for p in (Path(run) / "checkpoints").iterdir()}
     assert {"epoch_latest.pt", "best.pt", "epoch_1.pt"} <= ckpts
     assert json.loads((Path(run) / "params.json").read_text())["max_steps"] == n_steps
@@ -86,6 +81,8 @@ def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
     model, config, ckpt = load_model(out["last_checkpoint"])
     assert config.tuning["mode"] == ("lora" if mode == "lora" else "full")
     sd = model.state_dict()
+    if mode != "lora":  # a frozen tower stays as it was; the other and the temperature train
+        assert not torch.equal(sd["logit_scale"], init_sd["logit_scale"])
     if mode == "freeze_vision":
         assert all(torch.equal(sd[k], init_sd[k]) for k in sd if k.startswith("visual."))
         assert not all(torch.equal(sd[k], init_sd[k]) for k in sd if k.startswith("bert."))
@@ -140,12 +137,8 @@ def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, mo
     assert seen_collates and all(p == prompt for p, _ in seen_collates)
     assert all(torch.equal(tok[:, : len(prompt_ids)], prompt_ids.expand(len(tok), -1)) for _, tok in seen_collates)
     assert seen_configs == [prompt]
-    model, config, _ = load_model(out["last_checkpoint"])
-    assert config.text_prompt == prompt and out["params"]["text_prompt"] == out["config"].text_prompt == prompt
-    plain = ModelConfig.from_dict({**config.to_dict(), "text_prompt": ""})
-    with_prompt = encode_texts(model, ["一个红色的方块"], config)
-    without = encode_texts(model, ["一个红色的方块"], plain)
-    assert abs(with_prompt - without).max() > 1e-4  # features pick the stored prompt up
+    stored = load_model(out["last_checkpoint"])[1].text_prompt
+    assert stored == out["params"]["text_prompt"] == out["config"].text_prompt == prompt
 
 
 def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path):
@@ -154,28 +147,28 @@ def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path):
     from solution.training.flags import parse_args, resolve
     from solution.training.setup import build, find_start
 
-    config = ModelConfig("ViT-Tiny", "RBT-Tiny")
+    config = ModelConfig("ViT-Tiny-W96", "RBT-Tiny")  # a second tiny ViT: only the shapes tell which
     torch.manual_seed(0)
     sd = {f"module.{k}": v.half() for k, v in build_model(config).state_dict().items()}
     sd["module.bert.pooler.dense.weight"] = torch.zeros(4, 4, dtype=torch.half)  # as official files carry
-    path = tmp_path / "clip_cn_vit-tiny.pt"
+    path = tmp_path / "clip_cn_vit-tiny-w96.pt"
     torch.save({"epoch": 30, "step": 1000, "name": "official", "state_dict": sd}, path)
     args = parse_args(["--train-data", "x", "--resume", str(path), "--logs", str(tmp_path), "--lora-rank", "2"])
     start = find_start(tmp_path / "none.pt", args.resume, False)
     cfg = resolve(args, start, world=1, train_pairs=640, device="cpu")
     assert (
         (cfg.vision_model, cfg.text_model)
-        == ("ViT-Tiny", "RBT-Tiny")
+        == ("ViT-Tiny-W96", "RBT-Tiny")
         == (cfg.model_config.vision_model, cfg.model_config.text_model)
     )
-    key = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert torch.equal(build(cfg, start).state_dict()[key], sd["module." + key].float())
     assert (cfg.lr, cfg.beta2) == (5e-4, 0.98) and args.lr is None and args.vision_model is None  # typed as typed
     args = parse_args(
         ["--train-data", "x", "--resume", str(path), "--vision-model", "ViT-B-16", "--text-model", "RBT-Tiny"]
     )
     start = find_start(tmp_path / "none.pt", args.resume, False)
-    with pytest.raises(SolutionError, match="ViT-Tiny@RBT-Tiny.*ViT-B-16@RBT-Tiny"):
+    with pytest.raises(SolutionError, match="ViT-Tiny-W96@RBT-Tiny.*ViT-B-16@RBT-Tiny"):
         build(resolve(args, start, world=1, train_pairs=640, device="cpu"), start)
 
 
@@ -189,7 +182,7 @@ def test_best_validation_stores_its_per_query_hits(stage1, data):
     from solution.retrieval.metrics import mean_recall
 
     run = Path(stage1["run_dir"])
-    valid = [r for r in _rows(run, "valid") if r["set"] == "valid"]
+    valid = [r for r in metrics(run, "valid") if r["set"] == "valid"]
     assert len(valid) >= 2
     running, named = None, []
     for r in valid:  # exactly the rows that beat every earlier one name the file; the others are unchanged

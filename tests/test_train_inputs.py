@@ -3,13 +3,15 @@ flag (and the config file it came from) for each kind of bad input."""
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
-from train_helpers import error_line, make_data, make_split, tiny_argv
+from train_helpers import error_line, make_data, make_split, metrics, tiny_argv
 
 from solution.data.lmdb_io import write_split
 from solution.formats.kinds import MARKER
+from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
 from solution.training.flags import FLAGS, NOT_SETTINGS, FlagError, build_parser, extra_val_sets, parse_args, resolve
 from solution.training.setup import Start
 from solution.training.trainer import main
@@ -43,7 +45,8 @@ def test_cn_clip_command_line_is_accepted_and_resolved_once():
     assert cfg.model_config.tuning["freeze_vision"] and cfg.resumed_from is None and cfg.world_size == 2
     with pytest.raises(Exception):
         cfg.lr = 1.0  # frozen
-    assert parse_args(["--train-data", "x", "--precision", "fp16"]).precision == "amp"  # one name for one precision
+    for typed, precision in (("fp16", "amp"), ("amp_bf16", "bf16")):  # one name for one precision (a re-run resumes)
+        assert parse_args(["--train-data", "x", "--precision", typed]).precision == precision
 
 
 def test_config_file_keys_are_flag_names_and_the_command_line_wins(tmp_path):
@@ -216,23 +219,27 @@ def test_nan_loss_stops_without_overwriting_checkpoints(tmp_path, capsys, data, 
 
 
 def test_a_cn_clip_training_checkpoint_starts_at_its_offset(tmp_path, data, tiny_config):
-    """As cn_clip's trainer writes it (module. keys + optimizer, no config): its step is the data offset."""
-    from solution.model import build_model
+    """As cn_clip's trainer writes it (module. keys + optimizer, no config): its step is the data offset; optimizer
+    state of the right count but other shapes gives a fresh optimizer."""
+    from solution.training.setup import make_optimizer
 
     torch.manual_seed(0)
     model = build_model(tiny_config)
-    path = tmp_path / "epoch1.pt"
-    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters()).state_dict()
-    torch.save({"epoch": 1, "step": 4, "name": "cnclip", "state_dict": sd, "optimizer": opt}, path)
+    opt = make_optimizer(model, SimpleNamespace(lr=2e-3, beta1=0.9, beta2=0.98, eps=1e-6, wd=0.01, layer_decay=1))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    ids = sd["param_groups"][1]["params"]
+    sd["state"][ids[0]], sd["state"][ids[1]] = sd["state"][ids[1]], sd["state"][ids[0]]  # shapes swapped
+    path, weights = tmp_path / "epoch1.pt", {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 1, "step": 4, "name": "cnclip", "state_dict": weights, "optimizer": sd}, path)
     out = main(tiny_argv(data[0], None, tmp_path, resume=path, max_steps=6, valid_epoch_interval=0))
-    assert out["params"]["resumed_from"] == str(path)
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # steps 5 and 6
+    assert out["params"]["resumed_from"] == str(path) and read_checkpoint(out["last_checkpoint"])["step"] == 6
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 6]
 
 
 def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data):
-    from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
-
     cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24, text_prompt="图片：")
     start = save_checkpoint(tmp_path / "start.pt", build_model(cfg).state_dict(), cfg)
     argv = tiny_argv(data[0], None, tmp_path, resume=start, max_steps=2, valid_epoch_interval=0)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from oracles import dyadic
 from torch import nn
-from train_helpers import make_data, make_split, tiny_argv
+from train_helpers import make_data, make_split, metrics, tiny_argv
 
 from cn_clip_patch.device import on_device
+from solution.model import read_checkpoint
 from solution.training.setup import make_optimizer, make_scheduler
 from solution.training.step import EMA, Stepper, batch_accuracy, clip_loss, twin_mask
 from solution.training.trainer import main
@@ -86,72 +87,56 @@ def test_extra_validation_sets_early_stop_and_plot(tmp_path):
         tmp_path / "data" / "general", per_colour=1, colours=4, seed=5, first_image_id=9000, text_id_base=500
     )
     calls = []
-    argv = tiny_argv(
-        train,
-        valid,
-        tmp_path,
-        max_steps=8,
-        valid_step_interval=1,
-        early_stop_patience=2,
-        extra_val_data=[f"general={general}"],
-        lr="0",
-        skip_scheduler=True,
-    )
+    flags = dict(max_steps=8, valid_step_interval=1, early_stop_patience=1, lr="0", skip_scheduler=True)
+    argv = tiny_argv(train, valid, tmp_path, extra_val_data=[f"general={general}"], **flags)
     argv.remove("--no-plot")
     out = main(argv, on_validation=calls.append)
-    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    valid_rows = [r for r in rows if r["kind"] == "valid"]
-    # lr 0: no improvement after the first validation -> stop after 1 + 2 validations
-    assert [r["step"] for r in valid_rows if r["set"] == "valid"] == [1, 2, 3]
-    assert [r["step"] for r in valid_rows if r["set"] == "general"] == [1, 2, 3]
-    assert [c["step"] for c in calls] == [1, 2, 3] and all(c["set"] == "valid" for c in calls)
+    valid_rows = metrics(tmp_path / "run", "valid")
+    # lr 0: no improvement after the first validation -> stop after 1 + 1 validations
+    assert [r["step"] for r in valid_rows if r["set"] == "valid"] == [1, 2]
+    assert [r["step"] for r in valid_rows if r["set"] == "general"] == [1, 2]
+    assert [c["step"] for c in calls] == [1, 2] and all(c["set"] == "valid" for c in calls)
     assert out["best"]["step"] == 1 and out["best_checkpoint"].endswith("best.pt")
     png = tmp_path / "run" / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "run" / "params.json").read_text())["extra_val_data"] == [f"general={general}"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = main(argv)  # the same command re-run: an early-stopped run does not train on
+    assert read_checkpoint(again["last_checkpoint"])["step"] == 2
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == lines
 
 
 def test_grad_checkpointing_is_held_for_the_run_only(tmp_path):
-    """--grad-checkpointing trains the same LoRA weights as without it (every adapter gradient kept), and
-    upstream's ``checkpoint`` names are patched during the run only: restored when the trainer returns
-    or raises (an in-process search trial after it must not inherit the patch)."""
+    """--grad-checkpointing patches upstream's ``checkpoint`` names (``test_tuning``: every gradient kept) during
+    the run only: restored when the trainer returns or raises (an in-process search trial after it must not
+    inherit the patch)."""
     import cn_clip.clip.model as upstream_model
     import cn_clip.clip.modeling_bert as upstream_bert
     from torch.utils.checkpoint import checkpoint
-
-    from solution.model import read_checkpoint
 
     def names():
         return upstream_model.checkpoint, upstream_bert.checkpoint
 
     train, valid = make_data(tmp_path / "data", per_colour_train=2, per_colour_valid=1, colours=4)
-    flags = dict(max_steps=2, valid_step_interval=1, valid_epoch_interval=0, lora_rank=2, lr="1e-2")
+    flags = dict(max_steps=1, valid_step_interval=1, valid_epoch_interval=0, lora_rank=2, grad_checkpointing=True)
     seen = []
-    ref = main(tiny_argv(train, valid, tmp_path, name="plain", **flags), on_validation=lambda r: seen.append(names()))
-    assert seen and all(s == (checkpoint, checkpoint) for s in seen)
-    seen.clear()
-    argv = tiny_argv(train, valid, tmp_path, name="gc", grad_checkpointing=True, **flags)
-    out = main(argv, on_validation=lambda r: seen.append(names()))
-    assert len(seen) == 2 and all(a is not checkpoint and b is not checkpoint for a, b in seen)
+    main(tiny_argv(train, valid, tmp_path, name="gc", **flags), on_validation=lambda r: seen.append(names()))
+    assert len(seen) == 1 and all(a is not checkpoint and b is not checkpoint for a, b in seen)
     assert names() == (checkpoint, checkpoint)
-    a, b = read_checkpoint(ref["last_checkpoint"])["state_dict"], read_checkpoint(out["last_checkpoint"])["state_dict"]
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
 
     def crash(record):
         raise KeyboardInterrupt("a pruned trial")
 
     with pytest.raises(KeyboardInterrupt):  # the callback's exception propagates, and the patch is undone
-        main(tiny_argv(train, valid, tmp_path, name="crash", grad_checkpointing=True, **flags), on_validation=crash)
+        main(tiny_argv(train, valid, tmp_path, name="crash", **flags), on_validation=crash)
     assert names() == (checkpoint, checkpoint)
 
 
 def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monkeypatch):
-    """Three epochs from one training DataLoader (persistent workers with --num-workers > 0): built once per run,
+    """Two epochs from one training DataLoader (persistent workers with --num-workers > 0): built once per run,
     and the run with a worker trains exactly the weights of the run without (same batches and augmentations)."""
     from torch.utils.data import DataLoader
 
-    from solution.model import read_checkpoint
     from solution.training import loaders
 
     built = []
@@ -165,12 +150,12 @@ def test_training_loader_is_built_once_and_workers_change_nothing(tmp_path, monk
     train, _ = make_data(tmp_path / "data", per_colour_train=2, colours=4)
     out = {}
     for workers in (0, 1):
-        flags = dict(max_epochs=3, augment="gentle", save_epoch_frequency=0, num_workers=workers)
+        flags = dict(max_epochs=2, augment="gentle", save_epoch_frequency=0, num_workers=workers)
         out[workers] = read_checkpoint(
             main(tiny_argv(train, None, tmp_path, name=f"w{workers}", **flags))["last_checkpoint"]
         )
     assert built == [False, True]
-    assert out[0]["epoch"] == out[1]["epoch"] == 3
+    assert out[0]["epoch"] == out[1]["epoch"] == 2
     for k, v in out[0]["state_dict"].items():
         assert torch.equal(out[1]["state_dict"][k], v), k
 
@@ -187,22 +172,6 @@ def test_grad_scaler_only_for_fp16_autocast_on_cuda(monkeypatch):
         assert autocast_dtype(cuda, p) == torch.float16 and autocast_dtype(cpu, p) is None
     assert not any(grad_scaler(d, p).is_enabled() for d in (cuda, cpu) for p in ("bf16", "amp_bf16", "fp32"))
     assert [effective_precision(cpu, p) for p in ("amp", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
-
-
-def test_amp_bf16_resumes_a_bf16_run_as_the_same_flag(tmp_path):
-    """A run trained with --precision bf16, re-run with amp_bf16: the same flag (resolved where parsed), so
-    the re-run resumes it (a changed training flag would be refused) and params.json says bf16."""
-    train, _ = make_data(tmp_path / "data", per_colour_train=2)
-    argv = tiny_argv(train, None, tmp_path / "logs", "bf", max_steps=2, valid_epoch_interval=0)
-    argv[argv.index("--precision") + 1] = "bf16"
-    main(argv)
-    argv[argv.index("--precision") + 1] = "amp_bf16"
-    out = main(argv)
-    params = json.loads((tmp_path / "logs" / "bf" / "params.json").read_text())
-    assert params["precision"] == "bf16" and params["typed"]["precision"] == "bf16" and "flag_changes" not in params
-    assert out["config"].precision == "bf16"
-    rows = [json.loads(x) for x in (tmp_path / "logs" / "bf" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
 
 
 def test_ema_follows_its_float64_recursion_exactly_and_swaps_back_bit_for_bit():

@@ -1,18 +1,16 @@
 """Validation scores what the offline evaluator scores, its loss is cn_clip's over the same batches, and a run's
 later validations decode no image again."""
 
-import base64
-import random
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from oracles import contrastive_eval
-from train_helpers import COLOURS, _png
+from train_helpers import make_split
 
 from solution.data import datasets
-from solution.data.lmdb_io import LMDBSplit, write_split
+from solution.data.lmdb_io import LMDBSplit
 from solution.formats.hits import read_hits
 from solution.retrieval.encode import encode_images, encode_split, prepare_images, score_parts, split_queries
 from solution.training.state import RunFiles
@@ -21,20 +19,9 @@ from solution.training.validation import BestTracker, Validation, feature_loss
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    """Four colours, several images each, one text per colour (twins in batches), one broken image."""
-    rng = random.Random(3)
-    images, pairs, image_id = [], [], 100
-    for c, (name, rgb) in enumerate(COLOURS[:4]):
-        for _ in range(4):
-            images.append((image_id, _png(rgb, rng, size=20)))
-            pairs.append((image_id, 10 + c, name))
-            image_id += 1
-    images.append((image_id, base64.urlsafe_b64encode(b"not an image")))
-    pairs.append((image_id, 10, COLOURS[0][0]))
-    rng.shuffle(pairs)
+    """Four colours, four images each, one text per colour (twins in batches), one image broken."""
     d = tmp_path_factory.mktemp("val") / "valid"
-    write_split(d, images, pairs)
-    return LMDBSplit(d)
+    return LMDBSplit(make_split(d, per_colour=4, colours=4, seed=3, text_id_base=10, broken=lambda p: [p[0][0]]))
 
 
 def test_prepared_gallery_gives_the_decoded_features_bit_for_bit(split, tiny_model, tiny_config):

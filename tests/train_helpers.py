@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import random
 from pathlib import Path
 
@@ -32,9 +33,17 @@ def _png(rgb, rng: random.Random, size: int = 16) -> bytes:
 
 
 def make_split(
-    split_dir: Path, *, per_colour: int, colours: int = 8, seed: int = 0, first_image_id: int = 1, text_id_base: int = 0
+    split_dir: Path,
+    *,
+    per_colour: int,
+    colours: int = 8,
+    seed: int = 0,
+    first_image_id: int = 1,
+    text_id_base: int = 0,
+    broken=lambda pairs: (),
 ) -> Path:
-    """``per_colour`` images of each colour; one text (query) per colour, paired with each of its images."""
+    """``per_colour`` images of each colour; one text (query) per colour, paired with each of its images. The images
+    whose ids ``broken(pairs)`` names (pairs in their stored order) are undecodable."""
     rng = random.Random(seed)
     images, pairs = [], []
     image_id = first_image_id
@@ -44,7 +53,10 @@ def make_split(
             pairs.append((image_id, text_id_base + c, name))
             image_id += 1
     rng.shuffle(pairs)
-    write_split(split_dir, images, pairs)
+    bad = set(broken(pairs))
+    write_split(
+        split_dir, [(i, base64.urlsafe_b64encode(b"not an image") if i in bad else b) for i, b in images], pairs
+    )
     return split_dir
 
 
@@ -62,14 +74,21 @@ TINY = (
 
 
 def error_line(capsys, argv: list[str], main_fn=None) -> str:
-    """The one ``error:`` line of a refused trainer command (exit code 2)."""
+    """The one ``error:`` line, and no traceback, of a refused command (exit code 2; the trainer unless ``main_fn``)."""
     from solution.common import run_cli
     from solution.training.trainer import main
 
     assert run_cli(main_fn or main, argv) == 2
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, lines
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def metrics(run: Path, kind: str | None = None) -> list[dict]:
+    """The rows of a run folder's ``metrics.jsonl`` (of one kind: "train" or "valid")."""
+    rows = [json.loads(x) for x in open(Path(run) / "metrics.jsonl", encoding="utf-8")]
+    return [r for r in rows if kind in (None, r["kind"])]
 
 
 def tiny_argv(train: Path, valid: Path | None, logs: Path, name: str = "run", **flags) -> list[str]:
@@ -87,23 +106,18 @@ def tiny_argv(train: Path, valid: Path | None, logs: Path, name: str = "run", **
     return argv
 
 
-# A trainer process with a fault injected into ``torch.save``: after the HOOK_NTH write of a temporary
-# file of HOOK_FILE (``.NAME.*.tmp``, i.e. inside atomic_path, before the rename) it is killed with -9
-# (HOOK_ACTION=kill) or signals HOOK_READY and sleeps (HOOK_ACTION=pause), holding whatever it holds.
+# A trainer process that, right after its first write of a temporary file of HOOK_FILE (``.NAME.*.tmp``, i.e.
+# inside atomic_path, before the rename), signals HOOK_READY and sleeps, holding whatever it holds.
 HOOKED_TRAIN = """\
-import os, signal, sys, time
+import os, sys, time
 import torch
-name, nth, action = os.environ["HOOK_FILE"], int(os.environ.get("HOOK_NTH", "1")), os.environ["HOOK_ACTION"]
-real, seen = torch.save, [0]
+real = torch.save
 def save(obj, f, *a, **k):
     real(obj, f, *a, **k)
-    if os.path.basename(str(f)).startswith("." + name + ".") and str(f).endswith(".tmp"):
-        seen[0] += 1
-        if seen[0] == nth:
-            if action == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            open(os.environ["HOOK_READY"], "w").close()
-            time.sleep(300)
+    name = os.path.basename(str(f))
+    if name.startswith("." + os.environ["HOOK_FILE"] + ".") and name.endswith(".tmp"):
+        open(os.environ["HOOK_READY"], "w").close()
+        time.sleep(300)
 torch.save = save
 from solution.common import run_cli
 from solution.training.trainer import main
@@ -111,17 +125,15 @@ sys.exit(run_cli(main, sys.argv[1:]))
 """
 
 
-def hooked_train(tmp_path: Path, argv: list[str], *, file: str, action: str, nth: int = 1):
-    """Start ``python -m solution.train ARGV`` as a subprocess with the fault hook above; returns (proc, ready)."""
+def paused_train(tmp_path: Path, argv: list[str], file: str):
+    """Start the trainer on ARGV as a subprocess that pauses in its first write of ``file``; returns (proc, ready)."""
     import os
     import subprocess
     import sys
 
-    script = tmp_path / "hooked_train.py"
+    script, ready = tmp_path / "paused_train.py", tmp_path / "ready"
     script.write_text(HOOKED_TRAIN, encoding="utf-8")
-    ready = tmp_path / f"ready-{file}-{nth}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HOOK_FILE=file, HOOK_NTH=str(nth), HOOK_ACTION=action)
-    env["HOOK_READY"] = str(ready)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HOOK_FILE=file, HOOK_READY=str(ready))
     proc = subprocess.Popen(
         [sys.executable, str(script), *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
