@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, help="of members holding bare weights (no config stored)")
     p.add_argument("--device", default="auto")
     p.add_argument(
+        "--report-to",
+        default="",
+        choices=("", "none", "tensorboard"),
+        help="tensorboard: candidates' scores in OUT/tensorboard/",
+    )
+    p.add_argument(
         "--precision", type=precision_flag, default="amp", metavar=PRECISION_METAVAR, help="kept for predict"
     )
     p.add_argument("--batch-size", type=int, default=64)

@@ -64,3 +64,12 @@ def tensorboard(folder, enabled: bool = True):
     except ImportError:
         raise SolutionError("--report-to tensorboard needs TensorBoard: pip install -e '.[tensorboard]'") from None
     return SummaryWriter(log_dir=str(folder))
+
+
+def candidate_scores(folder, series: dict[str, list[float]]) -> None:
+    """TensorBoard scalars in ``folder/tensorboard``: each tag's scores of the candidates tried, step i the i-th."""
+    writer = tensorboard(Path(folder) / "tensorboard")
+    for tag, values in series.items():
+        for i, v in enumerate(values):
+            writer.add_scalar(tag, float(v), i)
+    writer.close()

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--num-workers", type=int, default=0)
     val.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="fp32", metavar=PRECISION_METAVAR)
     val.add_argument("--device", default="auto")
+    val.add_argument(
+        "--report-to",
+        default="",
+        choices=("", "none", "tensorboard"),
+        help="tensorboard: candidates' scores in OUT/tensorboard/",
+    )
     how = p.add_argument_group("soup")
     how.add_argument("--method", dest="methods", nargs="+", default=["greedy"], help=f"some of {', '.join(METHODS)}")
     how.add_argument(

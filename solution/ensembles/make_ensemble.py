@@ -29,6 +29,7 @@ from solution.formats.hits import write_hits
 from solution.formats.kinds import ENSEMBLE_SPEC, claim_folder
 from solution.formats.muge import read_texts
 from solution.model import ModelConfig, build_model, fingerprint, load_weights, read_checkpoint, resolve_config
+from solution.plots import candidate_scores
 from solution.retrieval.encode import ValData, encode_texts
 from solution.retrieval.extract import cached_image_features
 from solution.retrieval.rank import auto_chunk, file_sha256, now, prediction_rows, submission_paths, write_submission
@@ -294,6 +295,11 @@ def _select_and_write(o, plan: Plan, out: Path, device, members: list, val: ValD
     bank = dict(bank=str(Path(o.bank).resolve()), bank_sha256=file_sha256(o.bank)) if o.bank else dict(bank=None)
     spec["rerank"].update(bank, bank_topk=o.bank_topk)
     write_jsonl(out / LOG_NAME, records)
+    if o.report_to == "tensorboard":  # the refit's candidates by stage, in the order tried
+        refit = [r for r in records if r.get("fold") in (None, "refit")]
+        candidate_scores(
+            out, {f"{s}/score": [r["score"] for r in refit if r["stage"] == s] for s in {r["stage"] for r in refit}}
+        )
     write_ensemble(out / NAME, spec)
     log.info(f"ensemble {out}: {choice.record()}; mean recall {scores['all']['mean_recall']:.2f} on all queries")
     return spec
