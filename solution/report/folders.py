@@ -39,7 +39,7 @@ class Entry:
     step: int | None = None
     held_out: float | None = None
     settings: dict = field(default_factory=dict)
-    curve: list = field(default_factory=list)  # [(step, mr)]; a soup: [(candidate, mr)] of those it kept
+    curve: list = field(default_factory=list)  # [(step, mr)]; a soup: [(candidate, mr, label)] of those it kept
     extra: dict = field(default_factory=dict)
     files: list = field(default_factory=list)  # the files it was read from (never an output)
     hits: tuple | None = None  # (query ids [Q], hits [Q, 3] bool) of the scores, when stored
@@ -156,7 +156,8 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
         held_out = cross.get("mean") if cross and not report else report.get("mean_recall")
         scores = {k: (final.get("all") or final).get(k) for k in SCORES}  # all queries: comparable with runs
         label = name if len(methods) == 1 else f"{name}:{m}"
-        curve = [(i, r["mean_recall"]) for i, r in enumerate(lines) if r.get("kept") and _finite(r.get("mean_recall"))]
+        kept = [(i, r) for i, r in enumerate(lines) if r.get("kept") and _finite(r.get("mean_recall"))]
+        curve = [(i, r["mean_recall"], r.get("label", "")) for i, r in kept]
         out.append(Entry(label, "soup", scores, None, held_out, settings, curve, extra, files, hits, note))
     return out
 

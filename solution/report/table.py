@@ -87,8 +87,12 @@ def plot(entries: Sequence[Entry], path: str | os.PathLike, max_lines: int = 20)
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (kind, items) in zip(axes[0], panels):
         for e in sorted(items, key=lambda e: -(e.scores.get("mean_recall") or -1))[:max_lines]:
-            ax.plot([x for x, _ in e.curve], [m for _, m in e.curve], "o-", ms=3, label=e.name)
-        ax.set_xlabel("step" if kind == "runs" else "candidate kept (rounds, then interpolation)")
+            ax.plot([c[0] for c in e.curve], [c[1] for c in e.curve], "o-", ms=3, label=e.name)
+            for x, m, *what in e.curve:  # a soup's point: the member added, the round's merge or the alpha
+                ax.annotate(
+                    what[0] if what else "", (x, m), fontsize=6, rotation=15, xytext=(2, 3), textcoords="offset points"
+                )
+        ax.set_xlabel("step" if kind == "runs" else "candidate kept, labelled by what it is")
         ax.set_ylabel("mean recall (%)")
         ax.set_title(f"{kind}: validation mean recall")
         ax.grid(alpha=0.3)
