@@ -17,6 +17,7 @@ from solution.ensembles.fusion import NORMS, RERANKERS
 from solution.ensembles.make_ensemble import make_ensemble
 from solution.model.precision import PRECISION_METAVAR, precision_flag
 from solution.model.registry import run_model_cli
+from solution.plots import REPORT_TO
 from solution.retrieval.extract import cache_dir_default
 
 
@@ -42,12 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
     p.add_argument("--context-length", type=int, help="of members holding bare weights (no config stored)")
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--report-to",
-        default="",
-        choices=("", "none", "tensorboard"),
-        help="tensorboard: candidates' scores in OUT/tensorboard/",
-    )
+    p.add_argument("--report-to", default="", choices=REPORT_TO, help="tensorboard: scores in OUT/tensorboard/")
     p.add_argument(
         "--precision", type=precision_flag, default="amp", metavar=PRECISION_METAVAR, help="kept for predict"
     )

@@ -7,6 +7,7 @@ from solution.common import SolutionError, atomic_path
 from solution.formats.run_files import MAIN_SET, main_valid
 
 log = logging.getLogger(__name__)
+REPORT_TO = ("", "none", "tensorboard")  # open_clip's --report-to, less wandb
 
 
 def plot_run(rows: list[dict], path: str | Path, title: str = "") -> Path | None:

@@ -21,6 +21,7 @@ from solution.data.datasets import AUGMENTS
 from solution.formats.run_files import MAIN_SET, PARAMS, read_params
 from solution.model import ATTN_IMPLS, ModelConfig, resolve_config
 from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
+from solution.plots import REPORT_TO
 
 from .setup import Start
 
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 PRECISION_HELP = "amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16 (amp_bf16); fp32."
 EMA_HELP = "Validate and save ema = D x ema + (1 - D) x w of the trained weights, from the start's; 0: off."
 LAYER_HELP = "lr x R^(n+1-d) per tower of n blocks, depth d: 0 embeddings, i+1 block i, n+1 norm/projections; 1: off."
-REPORTS = ("", "none", "tensorboard")  # open_clip's --report-to, less wandb
 # What a changed value does on a re-run that resumes the run's own checkpoint:
 TRAINS = "trains"  # changes what is trained: refused unless --allow-changed-flags
 FREE = "free"  # logging, workers, device, schedules of validation and saves, speed: logged
@@ -145,7 +145,7 @@ TABLE: list[str | Flag] = [  # a group's title, then its flags
     F("--save-step-frequency", -1, "Also checkpoint every N steps (epoch_{N}_{step}.pt).", FREE, check=OFF_OR_N),
     F("--no-plot", False, "Do not draw curves.png.", FREE, shown=False),
     F("--no-progress", False, "No bar (on a terminal only; else a log line per train line).", FREE, shown=False),
-    F("--report-to", "", "tensorboard: event files in {run}/tensorboard/.", FREE, shown=False, choices=REPORTS),
+    F("--report-to", "", "tensorboard: event files in {run}/tensorboard/.", FREE, shown=False, choices=REPORT_TO),
     "model (cn_clip flags)",
     F("--vision-model", None, "Vision architecture; default from --resume, else ViT-B-16.", TRAINS),
     F("--text-model", None, "Text architecture; default from --resume, else RoBERTa-wwm-ext-base-chinese.", TRAINS),
