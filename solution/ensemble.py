@@ -1,8 +1,7 @@
 """Score-level ensembles: fuse members of any architecture by normalised, weighted scores.
 
 ``bash Chinese-CLIP/ensemble.sh --members A.pt B.pt --val-data DIR/lmdb/valid --output ensembles/NAME``; submit
-with ``predict.sh --ensemble``. The work: :mod:`solution.ensembles.make_ensemble`.
-"""
+with ``predict.sh --ensemble``. The work: :mod:`solution.ensembles.make_ensemble`."""
 
 from __future__ import annotations
 
@@ -22,10 +21,9 @@ from solution.retrieval.extract import cache_dir_default
 
 
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
-        prog="python -m solution.ensemble",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m solution.ensemble", description=__doc__.split("\n\n")[0], formatter_class=fmt
     )
     p.add_argument("--members", nargs="+", required=True, metavar="CKPT", help="member checkpoints (any architecture)")
     p.add_argument("--val-data", required=True, metavar="LMDB_SPLIT", help="validation LMDB split (with pairs)")

@@ -1,9 +1,7 @@
 """Model soups: average fine-tuned checkpoints while the held-out score improves.
 
 ``bash Chinese-CLIP/model_soup.sh --checkpoints 'logs/*/checkpoints/*.pt' --val-data DIR/lmdb/valid
---method greedy --output soups/NAME``; methods in :mod:`solution.soups.methods`, the folder in
-:mod:`solution.soups.make_soups`.
-"""
+--method greedy --output soups/NAME``; the work: :mod:`solution.soups.make_soups`."""
 
 from __future__ import annotations
 

@@ -123,12 +123,10 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
     best_row = max(singles, key=lambda r: r["mean_recall"], default=None)
     single = summary.get("best_single") or best_row or {}
     ref_hits, _ = _hits([folder, folder.parent], single.get("hits"), files)
-    reference = ref_hits and {  # the best ingredient over all queries: a reference when no single model is a row
-        "name": f"best ingredient {_display(Path(str(single.get('path') or (single.get('members') or ['?'])[0])))}"
-        f" of {name}",
-        "mean_recall": (single.get("all") or single).get("mean_recall"),
-        "hits": ref_hits,
-    }
+    # the best ingredient over all queries: a reference when no single model is a row
+    ref = _display(Path(str(single.get("path") or (single.get("members") or ["?"])[0])))
+    ref_mr = (single.get("all") or single).get("mean_recall")
+    reference = ref_hits and {"name": f"best ingredient {ref} of {name}", "mean_recall": ref_mr, "hits": ref_hits}
     soups = summary.get("soups") or {}
     methods = [*soups, *(str(r.get("method", "")).split("+")[0] for r in rows)]
     methods = [m for m in dict.fromkeys(methods) if m and m not in ("ingredient", "base")]

@@ -32,11 +32,8 @@ def table(entries: Sequence[Entry]) -> pd.DataFrame:
     for e in entries:
         keys.extend(k for k in e.settings if k not in keys)
     always = {"method", "members"} if any(e.kind == "soup" for e in entries) else set()
-    params = [  # the settings that differ between the rows that have them (soups have no lr)
-        k
-        for k in keys
-        if k in always or len({json.dumps(e.settings[k], default=str) for e in entries if k in e.settings}) > 1
-    ]
+    values = {k: {json.dumps(e.settings[k], default=str) for e in entries if k in e.settings} for k in keys}
+    params = [k for k in keys if k in always or len(values[k]) > 1]  # differing between the rows that have them
     rows = [
         {
             "name": e.name,
@@ -113,8 +110,7 @@ def compare(
     plot_path: str | os.PathLike | None = "compare.png",
 ) -> str:
     """The markdown digest (or the full table as CSV) over ``paths``; ``output`` gets the full table when it ends
-    in ``.csv``, else the digest; the curves go to ``plot_path`` (None: no plot). Outputs are checked before
-    anything is written: never an input, nor an existing file that is not an earlier output of compare."""
+    in ``.csv``, else the digest; the curves go to ``plot_path`` (None: no plot). Outputs are checked first."""
     entries = collect(paths)
     inputs = [f for e in entries for f in e.files]
     if output:

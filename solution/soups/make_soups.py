@@ -147,11 +147,10 @@ def _crossfit(method: str, c: Candidates, ings: list, base, o, folder: Path) -> 
         c.start(folder / "crossfit" / f"fold{next(fold)}", [_row(i, "ingredient", {}) for i in fold_ings])
         return dataclasses.replace(_cook(method, c, fold_ings, base, o), source="")  # the weights are not kept
 
-    def held_out(soup: Soup, rows: np.ndarray) -> np.ndarray:
-        return scorer.hits(soup.key)[rows]
-
     try:
-        r = crossfit(select_fn, held_out, np.arange(len(tids)), o.folds, o.seed, ids=tids)
+        r = crossfit(
+            select_fn, lambda soup, rows: scorer.hits(soup.key)[rows], np.arange(len(tids)), o.folds, o.seed, ids=tids
+        )
     finally:
         scorer.select, scorer.report = list(scorer.val.select), list(scorer.val.report)
     return {

@@ -34,6 +34,11 @@ LAYER_HELP = "lr x R^(n+1-d) per tower of n blocks, depth d: 0 embeddings, i+1 b
 TRAINS = "trains"  # changes what is trained: refused unless --allow-changed-flags
 FREE = "free"  # logging, workers, device, schedules of validation and saves, speed: logged
 START = "start"  # where a run starts, or a flag resolved into another one: not compared
+DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
+FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+RUN_FACTS = ("model_config", "world_size", "global_batch_size", "steps_per_epoch", "resumed_from", "train_pairs")
+TUNING = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_vision", "freeze_text")
+STEPS, BATCH = "max steps (--max-steps/--max-epochs)", "--batch-size x processes"
 
 
 class FlagError(SolutionError):
@@ -206,6 +211,7 @@ NOT_SETTINGS = frozenset(
     [k for k, f in FLAGS.items() if not f.shown]
     + ["config", "typed", "flag_changes", "model_config", "torchcompile_backend"]
 )
+TrainConfig = dataclasses.make_dataclass("TrainConfig", ["config", *FLAGS, *RUN_FACTS], frozen=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -275,14 +281,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if lora and not args.lora_rank:
         raise FlagError(lora[0], f"{lora[0]} needs --lora-rank (LoRA is off)")
     return args
-
-
-DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
-FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
-RUN_FACTS = ("model_config", "world_size", "global_batch_size", "steps_per_epoch", "resumed_from", "train_pairs")
-TUNING = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_vision", "freeze_text")
-STEPS, BATCH = "max steps (--max-steps/--max-epochs)", "--batch-size x processes"
-TrainConfig = dataclasses.make_dataclass("TrainConfig", ["config", *FLAGS, *RUN_FACTS], frozen=True)
 
 
 def steps_per_epoch(train_pairs: int, batch_size: int, world: int, accum_freq: int, train_data: str) -> int:
