@@ -114,7 +114,7 @@ def test_soup_rows_from_summary_and_from_log(tree, tmp_path):
     assert (e.kind, e.scores["mean_recall"], e.held_out, e.settings["members"]) == ("soup", 44.0, 43.0, 2)
     assert e.scores["r1"] == 39.0 and e.extra["select_mr"] == 45.0
     assert e.extra["vs_best_single"] == pytest.approx(5.0)
-    assert e.curve == [(0, 40.0), (1, 45.0)]  # the candidates greedy kept (not the third)
+    assert e.curve == [(0, 40.0, ""), (1, 45.0, "")]  # the candidates greedy kept (not the third)
     bare = tmp_path / "bare"
     bare.mkdir()
     _soup(bare, with_summary=False)
