@@ -53,7 +53,7 @@ def test_bootstrap_of_a_system_against_itself_is_exactly_zero_and_a_constant_dif
     assert (res.diff, res.low, res.high, res.significant) == (-100.0, -100.0, -100.0, True)
 
 
-def test_bootstrap_is_paired_and_seeded():
+def test_bootstrap_is_paired_seeded_and_checks_its_input():
     rng = np.random.default_rng(1)
     a = rng.random(40) < 0.5
     b = a.copy()
@@ -65,9 +65,6 @@ def test_bootstrap_is_paired_and_seeded():
     idx = np.random.default_rng(3).integers(0, 40, size=(200, 40))
     want = np.quantile(100 * d[idx].mean(axis=1), [0.025, 0.975])
     assert (r1.low, r1.high) == tuple(want.tolist()) and r1.diff == 100 * d.mean()  # same indices for a and b
-
-
-def test_bootstrap_rejects_bad_input():
     with pytest.raises(ValueError, match="equal length"):
         paired_bootstrap(np.ones(3), np.ones(4))
     with pytest.raises(ValueError, match="ci"):
