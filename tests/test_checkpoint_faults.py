@@ -94,38 +94,25 @@ def test_bad_checkpoint_is_one_line_in_every_consumer(tiny, tmp_path, capsys, mo
     assert not list(tmp_path.glob("t*")) and not (tmp_path / "soup").exists()
 
 
-def test_registry_name_with_another_model_info_loads_as_stored_with_a_warning(tiny, tmp_path, caplog):
-    _, cfg, _, _ = tiny
+def test_load_model_takes_the_stored_sizes_resizes_a_grid_and_refuses_a_config_it_cannot_read(tiny, tmp_path, caplog):
+    _, cfg, sd, _ = tiny
     wide = dataclasses.replace(cfg, model_info={**cfg.model_info, "vision_width": 128})
     save_checkpoint(tmp_path / "w.pt", build_model(wide).state_dict(), wide)
     model, config, _ = load_model(tmp_path / "w.pt")
     assert config.model_info["vision_width"] == 128 and model.visual.proj.shape == (128, 64)
     assert "differs from the registry's in vision_width (128, registry 64)" in caplog.text
-
-
-CONFIGS = {
-    "a string": "its 'config' is a str, not a mapping",
-    "sizes missing": "its config's model_info lacks vision_width",
-    "a vision config as text": "its config names 'ViT-Tiny' as the text architecture, but it is not a text model config",
-}
-
-
-@pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_config_that_is_not_a_mapping_lacks_sizes_or_names_another_kind_is_refused(tiny, tmp_path, case):
-    _, cfg, sd, _ = tiny
-    sizes = {k: v for k, v in cfg.model_info.items() if k != "vision_width"}
-    config = {"a string": "ViT-Tiny", "sizes missing": {**cfg.to_dict(), "model_info": sizes}}
-    config["a vision config as text"] = {**cfg.to_dict(), "text_model": "ViT-Tiny"}
-    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "config": config[case]}, tmp_path / "s.pt")
-    with pytest.raises(SolutionError, match=r"s\.pt: " + CONFIGS[case]):
-        load_model(tmp_path / "s.pt")
-
-
-def test_resizable_position_grid_still_loads(tiny, tmp_path):
-    """A 7x7 grid (another image resolution) is resized as upstream does, not refused."""
-    _, cfg, sd, _ = tiny
     save_checkpoint(tmp_path / "g.pt", {**sd, "visual.positional_embedding": torch.zeros(50, 64)}, cfg)
-    assert load_model(tmp_path / "g.pt")[0].visual.positional_embedding.shape == (65, 64)
+    assert load_model(tmp_path / "g.pt")[0].visual.positional_embedding.shape == (65, 64)  # 7x7, resized as upstream
+    sizes = {k: v for k, v in cfg.model_info.items() if k != "vision_width"}
+    text = "its config names 'ViT-Tiny' as the text architecture, but it is not a text model config"
+    for config, message in (
+        ("ViT-Tiny", "its 'config' is a str, not a mapping"),
+        ({**cfg.to_dict(), "model_info": sizes}, "its config's model_info lacks vision_width"),
+        ({**cfg.to_dict(), "text_model": "ViT-Tiny"}, text),
+    ):
+        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "config": config}, tmp_path / "s.pt")
+        with pytest.raises(SolutionError, match=r"s\.pt: " + message):
+            load_model(tmp_path / "s.pt")
 
 
 # ---------------------------------------------------------------- full disk (a real small tmpfs)

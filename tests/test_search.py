@@ -410,50 +410,35 @@ def real_trainer_config(tmp_path, **changes) -> Path:
     return tmp_path / "search.yaml"
 
 
+GPUS, SPACE = "--gpus-per-trial 4 --gpus 0,1", "space entry"
+DROPOUT = {"lora-dropout": {"type": "float", "low": 0.0, "high": 1.5}}
+TUNE = {"tune": {"choices": ["a", "b"], "sets": {"b": {"freeze-visoin": True}}}}
+
+
 @pytest.mark.parametrize(
-    "changes, argv, message",
+    "changes, argv, message",  # changes to the config ("marker": a file written first), the command line's flags
     [
-        ({}, ["--set", "lrr=1e-4"], r"--set lrr=1e-4: --lrr is not a flag of solution.train \(did you mean --lr\?\)"),
-        ({"base": {"batch_sise": 8}}, [], r"base key 'batch-sise': --batch-sise is not a flag .*--batch-size"),
-        (
-            {"space": {"augment": ["none", "strong"]}},
-            [],
-            r"space entry 'augment' = 'strong' cannot start: argument --augment: invalid choice: 'strong'",
-        ),
-        ({}, ["--set", "lora-rank=true"], r"the first trial cannot start: argument --lora-rank: expected one argument"),
-        ({}, ["--set", "max-steps=many"], r"argument --max-steps: invalid int value: 'many'"),
-        ({"space": {"warmup": {"type": "int", "low": -5, "high": 10}}}, [], r"the first trial cannot start: .*-5"),
-        (
-            {"space": {"lora-dropout": {"type": "float", "low": 0.0, "high": 1.5}}},
-            [],
-            r"space entry 'lora-dropout' = 1.5 cannot start: .*--lora-dropout 1.5",
-        ),
-        (
-            {"space": {"tune": {"choices": ["a", "b"], "sets": {"b": {"freeze-visoin": True}}}}},
-            [],
-            r"space entry 'tune', sets.b: --freeze-visoin is not a flag",
-        ),
-        ({}, ["--storage", "foo://bar"], re.escape(f"storage 'foo://bar': unknown scheme 'foo'; accepted: {ACCEPTED}")),
-        ({}, ["--storage", "postgres://me@localhost/optuna"], "unknown scheme 'postgres'"),  # postgresql:// is the name
-        ({}, ["--storage", "study.db"], "'study.db': not a URL"),
-        (  # nothing listens on port 1; the password is never shown
-            {},
-            ["--storage", "postgresql://me:secret@127.0.0.1:1/optuna"],
-            r"cannot open storage 'postgresql://me:\*\*\*@127.0.0.1:1/optuna': .*refused",
-        ),
-        ({}, ["--gpus-per-trial", "4", "--gpus", "0,1"], re.escape("gpus_per_trial 4 needs mode: subprocess")),
-        (
-            {"mode": "subprocess"},
-            ["--gpus-per-trial", "4", "--gpus", "0,1", "--set", "device=cuda"],
-            re.escape("gpus_per_trial 4 exceeds the 2 GPU(s) this worker may use (0,1, from --gpus)"),
-        ),
-        ({"marker": "out/s/params.json"}, [], r"study folder .*/out/s is a run folder, not a study folder"),
-        ({"marker": "out/s/soup_log.jsonl"}, [], "is a soup folder, not a study folder"),
-        ({"marker": "out/s/ensemble.json"}, [], "ensemble folder, not a study folder"),
-        ({"marker": "out/params.json"}, [], r"lies inside .*/out, a run folder"),  # out: a run folder
-        ({"marker": "out/imgs/data.mdb"}, [], r"lies inside .*/out, an lmdb folder"),
-        ({"marker": "out/train_imgs.tsv"}, [], r"lies inside .*/out, a data folder"),
-        ({"marker": "search.yaml"}, [], r"search.yaml: not UTF-8 text \(byte 6\)"),
+        ({}, "--set lrr=1e-4", r"--set lrr=1e-4: --lrr is not a flag of solution.train \(did you mean --lr\?\)"),
+        ({"base": {"batch_sise": 8}}, "", r"base key 'batch-sise': --batch-sise is not a flag .*--batch-size"),
+        ({"space": {"augment": ["none", "strong"]}}, "", f"{SPACE} 'augment' = 'strong' cannot start: .*choice"),
+        ({}, "--set lora-rank=true", r"the first trial cannot start: argument --lora-rank: expected one argument"),
+        ({}, "--set max-steps=many", r"argument --max-steps: invalid int value: 'many'"),
+        ({"space": {"warmup": {"type": "int", "low": -5, "high": 10}}}, "", r"the first trial cannot start: .*-5"),
+        ({"space": DROPOUT}, "", f"{SPACE} 'lora-dropout' = 1.5 cannot start: .*--lora-dropout 1.5"),
+        ({"space": TUNE}, "", f"{SPACE} 'tune', sets.b: --freeze-visoin is not a flag"),
+        ({}, "--storage foo://bar", re.escape(f"storage 'foo://bar': unknown scheme 'foo'; accepted: {ACCEPTED}")),
+        ({}, "--storage postgres://me@localhost/optuna", "unknown scheme 'postgres'"),  # postgresql:// is the name
+        ({}, "--storage study.db", "'study.db': not a URL"),
+        ({}, "--storage postgresql://me:secret@127.0.0.1:1/o", r"open storage 'postgresql://me:\*\*\*@127.+refused"),
+        ({}, GPUS, re.escape("gpus_per_trial 4 needs mode: subprocess")),
+        ({"mode": "subprocess"}, f"{GPUS} --set device=cuda", re.escape("4 exceeds the 2 GPU(s) this worker may use")),
+        ({"marker": "out/s/params.json"}, "", r"study folder .*/out/s is a run folder, not a study folder"),
+        ({"marker": "out/s/soup_log.jsonl"}, "", "is a soup folder, not a study folder"),
+        ({"marker": "out/s/ensemble.json"}, "", "ensemble folder, not a study folder"),
+        ({"marker": "out/params.json"}, "", r"lies inside .*/out, a run folder"),  # out: a run folder
+        ({"marker": "out/imgs/data.mdb"}, "", r"lies inside .*/out, an lmdb folder"),
+        ({"marker": "out/train_imgs.tsv"}, "", r"lies inside .*/out, a data folder"),
+        ({"marker": "search.yaml"}, "", r"search.yaml: not UTF-8 text \(byte 6\)"),
     ],
 )
 def test_a_search_that_cannot_start_a_trial_is_refused_in_one_line(
@@ -465,7 +450,7 @@ def test_a_search_that_cannot_start_a_trial_is_refused_in_one_line(
         (tmp_path / marker).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / marker).write_bytes(b"name: \xff\n" if marker == "search.yaml" else b"{}")
     before = sorted(tmp_path.rglob("*"))
-    rc, error = one_error_line(capsys, monkeypatch, search_cli.main, ["--config", str(config), *argv])
+    rc, error = one_error_line(capsys, monkeypatch, search_cli.main, ["--config", str(config), *argv.split()])
     assert rc == 2 and re.search(message, error) and "secret" not in error, error
     assert sorted(tmp_path.rglob("*")) == before  # refused before anything was written
 
