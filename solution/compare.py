@@ -1,11 +1,7 @@
 """Compare validation results of training runs, soups, search studies and ensembles: one table and one plot.
 
-``python -m solution.compare logs/run_a soups/NAME search/STUDY [--csv] [--output FILE] [--plot PNG]``.
-Each PATH is a run, soup, study or ensemble folder, the file that marks one (``metrics.jsonl``,
-``soup_log.jsonl``, ``trials.csv``, ``ensemble.json``), or a folder holding them (a few levels deep). The
-markdown digest goes to stdout (``--csv``: the full table); ``--output x.csv`` gets the full table, another
-name the digest (:mod:`solution.report.table`).
-"""
+``python -m solution.compare PATH ...``: a markdown digest on stdout (``--csv`` or ``--output x.csv``: the full
+table); each PATH a folder, the file that marks one, or a folder holding them (:mod:`solution.report.table`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Score-level ensembles: fuse members of any architecture by normalised, weighted scores.
 
 ``bash Chinese-CLIP/ensemble.sh --members A.pt B.pt --val-data DIR/lmdb/valid --output ensembles/NAME``; submit
-with ``predict.sh --ensemble``. The work: :mod:`solution.ensembles.make_ensemble`.
-"""
+with ``predict.sh --ensemble``. The work: :mod:`solution.ensembles.make_ensemble`."""
 
 from __future__ import annotations
 
@@ -17,14 +16,14 @@ from solution.ensembles.fusion import NORMS, RERANKERS
 from solution.ensembles.make_ensemble import make_ensemble
 from solution.model.precision import PRECISION_METAVAR, precision_flag
 from solution.model.registry import run_model_cli
+from solution.plots import REPORT_TO
 from solution.retrieval.extract import cache_dir_default
 
 
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
-        prog="python -m solution.ensemble",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m solution.ensemble", description=__doc__.split("\n\n")[0], formatter_class=fmt
     )
     p.add_argument("--members", nargs="+", required=True, metavar="CKPT", help="member checkpoints (any architecture)")
     p.add_argument("--val-data", required=True, metavar="LMDB_SPLIT", help="validation LMDB split (with pairs)")
@@ -42,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, default=20, help="forward selection: most additions")
     p.add_argument("--context-length", type=int, help="of members holding bare weights (no config stored)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--report-to", default="", choices=REPORT_TO, help="tensorboard: scores in OUT/tensorboard/")
     p.add_argument(
         "--precision", type=precision_flag, default="amp", metavar=PRECISION_METAVAR, help="kept for predict"
     )

@@ -1,8 +1,7 @@
 """Extract image and/or text features with a checkpoint (cn_clip's ``eval/extract_features.py`` flags, CPU or GPU).
 
 ``bash Chinese-CLIP/feature_extract.sh``: the checkpoint's architecture, prompt and context length (flags
-override with a warning). The work: :func:`solution.retrieval.extract.extract`.
-"""
+override with a warning). The work: :func:`solution.retrieval.extract.extract`."""
 
 from __future__ import annotations
 

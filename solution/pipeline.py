@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     args = build_parser().parse_args(argv)
     recipe = load_recipe(args.config, data=args.data, out=args.out, sets=args.set)
+    if recipe.threads:  # the edge: tiny CPU models run fastest on one thread
+        import torch
+
+        torch.set_num_threads(recipe.threads)
     result = run_plan(recipe, dry_run=args.dry_run)
     if args.dry_run:
         print("\n".join(result["commands"]))

@@ -1,12 +1,11 @@
 """Training curves (PNG): loss (train and validation), mean recall per validation set, logit scale."""
 
-import logging
 from pathlib import Path
 
 from solution.common import SolutionError, atomic_path
 from solution.formats.run_files import MAIN_SET, main_valid
 
-log = logging.getLogger(__name__)
+REPORT_TO = ("", "none", "tensorboard")  # open_clip's --report-to, less wandb
 
 
 def plot_run(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
@@ -21,11 +20,9 @@ def plot_run(rows: list[dict], path: str | Path, title: str = "") -> Path | None
     import matplotlib.pyplot as plt
 
     sets = sorted({r.get("set", MAIN_SET) for r in valid})
+    losses = [(train, "loss", "-", "train loss"), (main_valid(rows, key="val_loss"), "val_loss", "o-", "valid loss")]
     panels = {
-        "contrastive loss": [
-            (train, "loss", "-", "train loss"),
-            (main_valid(rows, key="val_loss"), "val_loss", "o-", "valid loss"),
-        ],
+        "contrastive loss": losses,
         "text->image mean recall (%)": [(main_valid(rows, set_name=s), "mean_recall", "o-", s) for s in sets],
         "logit scale (max 100)": [(train, "logit_scale", "-", None)],
     }
@@ -54,13 +51,20 @@ def save_png(fig, path, dpi: int = 90, **savefig) -> Path:
     return path
 
 
-def tensorboard(folder, enabled: bool = True):
-    """A TensorBoard ``SummaryWriter`` on ``folder`` (``--report-to tensorboard``), or None when not ``enabled``;
-    one line saying what to install when TensorBoard is missing. Close it when done."""
-    if not enabled:
-        return None
+def tensorboard(folder):
+    """A TensorBoard ``SummaryWriter`` on ``folder`` (``--report-to tensorboard``); one line saying what to install
+    when TensorBoard is missing. Close it when done."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise SolutionError("--report-to tensorboard needs TensorBoard: pip install -e '.[tensorboard]'") from None
     return SummaryWriter(log_dir=str(folder))
+
+
+def candidate_scores(folder, series: dict[str, list[float]]) -> None:
+    """TensorBoard scalars in ``folder/tensorboard``: each tag's scores of the candidates tried, step i the i-th."""
+    writer = tensorboard(Path(folder) / "tensorboard")
+    for tag, values in series.items():
+        for i, v in enumerate(values):
+            writer.add_scalar(tag, float(v), i)
+    writer.close()

@@ -1,8 +1,7 @@
 """Top-k predictions from image and text features: the MUGE submission file and a manifest beside it.
 
 ``bash Chinese-CLIP/predict.sh``; ``--ensemble ensemble.json --image-data LMDB --text-data JSONL`` instead has
-every member encode the data and fuses the scores. The work: :mod:`solution.retrieval.rank`.
-"""
+every member encode the data and fuses the scores. The work: :mod:`solution.retrieval.rank`."""
 
 from __future__ import annotations
 

@@ -47,15 +47,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if a.pop("workers") is not None:
         raise SolutionError("--workers is gone: images are cleaned in one process; drop the flag")
     reports = prepare(**a)  # the flags' names are prepare's
-    counts = {
-        s: {
-            "num_images": r["num_images"],
-            "num_samples": r["num_samples"],
-            "skipped_images": r["images"]["skipped"],
-            "skipped_texts": r["texts"]["skipped"],
-        }
-        for s, r in reports.items()
-    }
+    counts = {s: {k: r[k] for k in ("num_images", "num_samples")} for s, r in reports.items()}
+    for s, r in reports.items():
+        counts[s].update(skipped_images=r["images"]["skipped"], skipped_texts=r["texts"]["skipped"])
     print(json.dumps(counts))
     return reports
 

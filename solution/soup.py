@@ -1,9 +1,7 @@
 """Model soups: average fine-tuned checkpoints while the held-out score improves.
 
 ``bash Chinese-CLIP/model_soup.sh --checkpoints 'logs/*/checkpoints/*.pt' --val-data DIR/lmdb/valid
---method greedy --output soups/NAME``; methods in :mod:`solution.soups.methods`, the folder in
-:mod:`solution.soups.make_soups`.
-"""
+--method greedy --output soups/NAME``; the work: :mod:`solution.soups.make_soups`."""
 
 from __future__ import annotations
 
@@ -15,6 +13,7 @@ from collections.abc import Sequence
 from solution.common import SolutionError
 from solution.model.precision import DTYPES, PRECISION_METAVAR, PRECISIONS, precision_flag
 from solution.model.registry import run_model_cli
+from solution.plots import REPORT_TO
 from solution.soups.make_soups import make_soups
 from solution.soups.methods import METHODS
 
@@ -57,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--num-workers", type=int, default=0)
     val.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="fp32", metavar=PRECISION_METAVAR)
     val.add_argument("--device", default="auto")
+    val.add_argument("--report-to", default="", choices=REPORT_TO, help="tensorboard: scores in OUT/tensorboard/")
     how = p.add_argument_group("soup")
     how.add_argument("--method", dest="methods", nargs="+", default=["greedy"], help=f"some of {', '.join(METHODS)}")
     how.add_argument(

@@ -59,14 +59,8 @@ def paired_bootstrap(
         diffs[start:stop] = 100 * d[rng.integers(0, len(d), size=(stop - start, len(d)))].mean(axis=1)
     low, high = np.quantile(diffs, [(1 - ci) / 2, (1 + ci) / 2]).tolist()
     out = BootstrapResult(100 * float(d.mean()), low, high, bool(low > 0 or high < 0), n_resamples, ci)
-    log.info(
-        "paired bootstrap: a - b = %.3f points, %g%% interval [%.3f, %.3f]%s",
-        out.diff,
-        100 * ci,
-        low,
-        high,
-        " (significant)" if out.significant else "",
-    )
+    msg = "paired bootstrap: a - b = %.3f points, %g%% interval [%.3f, %.3f]%s"
+    log.info(msg, out.diff, 100 * ci, low, high, " (significant)" if out.significant else "")
     return out
 
 

@@ -109,7 +109,7 @@ def test_readers_of_runs_soups_studies_and_files(tree):
     assert (e.kind, e.scores["mean_recall"], e.held_out, e.settings["members"]) == ("soup", 44.0, 43.0, 2)
     assert e.scores["r1"] == 39.0 and e.extra["select_mr"] == 45.0
     assert e.extra["vs_best_single"] == pytest.approx(5.0)
-    assert e.curve == [(0, 40.0), (1, 45.0)]  # the candidates greedy kept (not the third)
+    assert e.curve == [(0, 40.0, ""), (1, 45.0, "")]  # the candidates greedy kept (not the third)
     (b,) = runs.read_soup(_soup(tree / "bare", with_summary=False), "bare")
     assert (b.scores["mean_recall"], b.held_out, b.extra["select_mr"]) == (44.0, 43.0, 45.0)  # best kept candidate
     rows = {e.name: e for e in runs.read_study(tree / "search" / "st", "st")}

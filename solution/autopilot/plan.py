@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def check_recipe(recipe: Recipe, stages: Stages) -> None:
-    """Every training command of the recipe through the trainer's own parser, before anything runs."""
+    """Every training command of the recipe, and its search, through the trainer's own parser before anything runs."""
+    from solution.studies.search_config import check_trial_flags, parse_config
     from solution.training.flags import FlagError, parse_args
 
     for section in ("starts", "runs"):
@@ -35,18 +36,19 @@ def check_recipe(recipe: Recipe, stages: Stages) -> None:
                 if not Path(m.checkpoint).is_file() and not stages.dry:
                     raise SolutionError(f"{recipe.where(f'{section}.{name}.checkpoint')}: not found: {m.checkpoint}")
                 continue
-            argv = stages.train_argv(m, Path(f"{m.start}.pt") if m.start else None)
             try:
-                parse_args(argv)
+                parse_args(stages.train_argv(m, Path(f"{m.start}.pt") if m.start else None))
             except FlagError as e:
                 key = e.flag.lstrip("-") if e.flag else "train"
                 raise SolutionError(f"{recipe.where(f'{section}.{name}.{key}')}: {e}") from None
+    if recipe.search:
+        start = recipe.search.get("start")
+        check_trial_flags(parse_config(stages.search_config(start and Path(f"{start}.pt")), recipe.where("search")))
 
 
 def run_plan(recipe: Recipe, dry_run: bool = False) -> dict:
     stages = Stages(recipe, dry_run)
     check_recipe(recipe, stages)
-    stages.commands.clear()
     stages.prepare()
     singles = {n: stages.start(n) for n, m in recipe.starts.items() if m.checkpoint is None}
     singles.update({n: stages.train(m) for n, m in recipe.runs.items()})
@@ -55,7 +57,12 @@ def run_plan(recipe: Recipe, dry_run: bool = False) -> dict:
         for path in study_checkpoints(study, int(recipe.search.get("top", 4))):
             singles[f"trial-{path.parents[1].name}"] = path
     soups = stages.soups(singles, study) if recipe.soups else {}
-    ensembles = {e["name"]: stages.ensemble(e, _members(e, singles, soups)) for e in recipe.ensembles}
+    pool = {**singles, **soups}
+    ensembles = {}
+    for e in recipe.ensembles:
+        members = e.get("members", "singles")
+        members = singles if members == "singles" else pool if members == "all" else {m: pool[m] for m in members}
+        ensembles[e["name"]] = stages.ensemble(e, members)
     if dry_run:
         return {"commands": stages.commands}
     cands = evidence(stages, singles, soups, ensembles)
@@ -65,41 +72,9 @@ def run_plan(recipe: Recipe, dry_run: bool = False) -> dict:
     if (stages.lmdb("test") / "imgs").is_dir():
         result["submission"] = submit(stages, chosen, why)
         if recipe.test_answers is not None:
-            answers = test_scores(stages, cands, recipe.test_answers)
-            best_single = min((c for c in cands if c.kind == "single"), key=rank_key)
-            if chosen is not best_single:  # the queries the submission fixes and breaks against the best single
-                argv = [
-                    "--submission",
-                    result["submission"],
-                    "--against",
-                    stages.out / "test" / f"{best_single.name}.jsonl",
-                ]
-                argv += [
-                    "--texts",
-                    stages.texts("test"),
-                    "--answers",
-                    answers,
-                    "--image-data",
-                    stages.lmdb("test") / "imgs",
-                ]
-                stages.call(
-                    "failure browser", "inspect", [*argv, "--output", stages.out / "inspect" / "submission.html"]
-                )
+            test_report(stages, cands, chosen, recipe.test_answers)
     write_report(stages, result)
     return result
-
-
-def _members(spec: dict, singles: dict, soups: dict) -> dict[str, Path]:
-    members = spec.get("members", "singles")
-    pool = {**singles, **soups}
-    if members == "singles":
-        return dict(singles)
-    if members == "all":
-        return pool
-    missing = [m for m in members if m not in pool]
-    if missing:
-        raise SolutionError(f"ensemble {spec['name']}: no candidate named {missing[0]!r} was made")
-    return {m: pool[m] for m in members}
 
 
 def evidence(stages: Stages, singles: dict, soups: dict, ensembles: dict) -> list[Candidate]:
@@ -168,8 +143,9 @@ def submit(stages: Stages, chosen: Candidate, why: list[str]) -> Path:
     return out
 
 
-def test_scores(stages: Stages, cands: list[Candidate], answers: Path) -> Path:
-    """Each candidate's test mean recall from its own submission (for the report only)."""
+def test_report(stages: Stages, cands: list[Candidate], chosen: Candidate, answers: Path) -> None:
+    """Each candidate's test mean recall from its own submission, and the failure browser of the submission against
+    the best single model (for the report only: the choice is made)."""
     answers = answers if answers.is_absolute() else stages.data / answers
     gold, direction = read_gold(answers, "t2i")
     for c in cands:
@@ -177,6 +153,15 @@ def test_scores(stages: Stages, cands: list[Candidate], answers: Path) -> Path:
         checked = check_submission(sub, gold.keys(), direction=direction)
         if checked.problems:
             raise SolutionError(f"{sub}: {checked.problems[0]}")
-        c.test_mr = recall_from_hits(query_hits(checked.predictions, gold))["mean_recall"]
         c.info["test_hits"] = query_hits(checked.predictions, gold)
-    return answers
+        c.test_mr = recall_from_hits(c.info["test_hits"])["mean_recall"]
+    best = min((c for c in cands if c.kind == "single"), key=rank_key)
+    if chosen is not best:
+        argv = [
+            "--submission",
+            stages.out / "submission.jsonl",
+            "--against",
+            stages.out / "test" / f"{best.name}.jsonl",
+        ]
+        argv += ["--texts", stages.texts("test"), "--answers", answers, "--image-data", stages.lmdb("test") / "imgs"]
+        stages.call("failure browser", "inspect", [*argv, "--output", stages.out / "inspect" / "submission.html"])

@@ -110,17 +110,19 @@ class Stages:
         self.call(f"train {m.name}", "train", self.train_argv(m, resume))
         return self.out / "runs" / m.name / "checkpoints" / "best.pt"
 
-    def search(self) -> Path:
-        s, study = self.r.search, self.out / "search" / "study"
+    def search_config(self, resume: Path | None) -> dict:
+        """The recipe's search config, its base flags set to the task data, the device and the start."""
+        s = self.r.search
         cfg = read_yaml_mapping(s["config"], "search config")
-        base = dict(cfg.get("base") or {})
-        base.update(
-            {"train-data": str(self.lmdb("train")), "val-data": str(self.lmdb("valid")), "device": self.r.device}
-        )
-        if s.get("start"):
-            base.update({"resume": str(self.start(s["start"])), "reset-optimizer": True, "reset-data-offset": True})
-        cfg["base"] = {**base, **(s.get("set") or {})}
-        path = self.out / "search.yaml"
+        base = {**(cfg.get("base") or {}), "train-data": str(self.lmdb("train")), "val-data": str(self.lmdb("valid"))}
+        base["device"] = self.r.device
+        if resume is not None:
+            base.update({"resume": str(resume), "reset-optimizer": True, "reset-data-offset": True})
+        return {**cfg, "base": {**base, **(s.get("set") or {})}}
+
+    def search(self) -> Path:
+        s, path = self.r.search, self.out / "search.yaml"
+        cfg = self.search_config(self.start(s["start"]) if s.get("start") else None)
         if not self.dry:
             with atomic_path(path) as tmp:
                 tmp.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
@@ -129,7 +131,7 @@ class Stages:
             if s.get(key) is not None:
                 argv += [f"--{key.replace('_', '-')}", s[key]]
         self.call("search", "search", argv)
-        return study
+        return self.out / "search" / "study"
 
     # ------------------------------------------------------------ soups and ensembles
     def soups(self, singles: dict[str, Path], study: Path | None) -> dict[str, Path]:

@@ -122,12 +122,8 @@ class PairCollate:
         if self.keep_size and len(good) < len(batch):
             good = good + [good[i % len(good)] for i in range(len(batch) - len(good))]
         images, texts, text_ids, image_ids = zip(*good)
-        return (
-            torch.stack(images),
-            tokenize(texts, self.context_length, self.prompt),
-            torch.tensor(text_ids),
-            torch.tensor(image_ids),
-        )
+        tokens = tokenize(texts, self.context_length, self.prompt)
+        return torch.stack(images), tokens, torch.tensor(text_ids), torch.tensor(image_ids)
 
 
 def image_collate(batch):

@@ -196,22 +196,15 @@ def _failed(e: Exception, data: bytes, fmt: str | None) -> Cleaned:
     return skip("corrupt", msg, fmt)
 
 
-def clean_b64(
-    b64: bytes | str,
-    *,
-    max_side: int | None = None,
-    quality: int = DEFAULT_QUALITY,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    check: str = CHECKS[0],
-) -> Cleaned:
-    """:func:`clean_image` on base64 (either alphabet; whitespace, missing padding tolerated); ``data`` is base64: the
-    input itself when strict and kept (cn_clip reads it), else URL-safe. A plain JPEG's header and end suffice."""
+def clean_b64(b64: bytes | str, **opts) -> Cleaned:
+    """:func:`clean_image` (``opts``: its keywords) on base64 of either alphabet (loose whitespace and padding too);
+    ``data`` is base64: the input itself when strict and kept (cn_clip reads it), else URL-safe."""
     b64 = b64.encode("ascii", "replace") if isinstance(b64, str) else bytes(b64)
-    if check == "structural" and b64[:4] in (b"/9j/", b"_9j_") and not len(b64) % 4:
+    if opts.get("check", CHECKS[0]) == "structural" and b64[:4] in (b"/9j/", b"_9j_") and not len(b64) % 4:
         left = b64.translate(None, B64_ALPHABET)  # strict base64: the alphabet, then the padding
         if left in (b"", b"=", b"==") and b64.endswith(left):  # decoded: the first 768 bytes and the last 66
-            head = binascii.a2b_base64(b64[:1024].translate(URL_TO_STD))
-            size = plain_jpeg(head, binascii.a2b_base64(b64[-88:].translate(URL_TO_STD)), max_side, max_pixels)
+            head, tail = (binascii.a2b_base64(part.translate(URL_TO_STD)) for part in (b64[:1024], b64[-88:]))
+            size = plain_jpeg(head, tail, opts.get("max_side"), opts.get("max_pixels", DEFAULT_MAX_PIXELS))
             if size:
                 return Cleaned("kept", b64, "JPEG", size)
     if not b64.strip():
@@ -225,7 +218,7 @@ def clean_b64(
         except (binascii.Error, ValueError) as e:
             return skip("invalid_base64", f"not base64: {e}")
         stored = base64.urlsafe_b64encode(raw)
-    res = clean_image(raw, max_side=max_side, quality=quality, max_pixels=max_pixels, check=check)
+    res = clean_image(raw, **opts)
     if res.status == "converted":
         return res._replace(data=base64.urlsafe_b64encode(res.data))
     return res._replace(data=stored) if res.ok else res

@@ -14,6 +14,10 @@ from typing import NamedTuple
 
 from solution.common import SolutionError
 
+_IMAGE_KEYS = ("image_path", "image", "path", "file", "file_name", "filename", "img")
+_TEXT_KEYS = ("text", "caption", "query")
+_ONE_LINE_KEYS = (*_IMAGE_KEYS, "text_id", "image_id", "split")  # a line break in one of these: a quote left open
+
 
 class Text(NamedTuple):
     text_id: int
@@ -85,11 +89,6 @@ def read_muge(data_dir: Path, name: str) -> SplitInput:
     if not split.texts and split.problems:
         raise SolutionError(f"{texts_path}: no valid text record (first problem: {split.problems[0]['detail']})")
     return split
-
-
-_IMAGE_KEYS = ("image_path", "image", "path", "file", "file_name", "filename", "img")
-_TEXT_KEYS = ("text", "caption", "query")
-_ONE_LINE_KEYS = (*_IMAGE_KEYS, "text_id", "image_id", "split")  # a line break in one of these: a quote left open
 
 
 def _pick(row: dict, keys: tuple[str, ...]):

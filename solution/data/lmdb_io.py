@@ -106,9 +106,8 @@ class LMDBSplit:
 
     def _open(self) -> None:
         kw = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False)
-        self._envs = {
-            sub: lmdb.open(str(self.split_dir / sub), **kw) for sub in ("imgs", "pairs")[: 1 + self.need_pairs]
-        }
+        subs = ("imgs", "pairs")[: 1 + self.need_pairs]
+        self._envs = {sub: lmdb.open(str(self.split_dir / sub), **kw) for sub in subs}
         self._txns = {sub: env.begin(buffers=True) for sub, env in self._envs.items()}
         self._pid = os.getpid()
 

@@ -282,8 +282,7 @@ def prepare(
     progress: bool = True,
 ) -> dict[str, dict]:
     """Build ``LMDB_DIR/{split}`` for each split (names, or one comma-separated string); returns {split: report}.
-    ``table``: a CSV/TSV or JSON-lines file instead of MUGE files. Every argument is checked before anything is
-    written."""
+    ``table``: a CSV/TSV or JSON-lines file instead of MUGE files. Everything is checked before anything is written."""
     data_dir = Path(data_dir)
     names = splits.split(",") if isinstance(splits, str) else splits
     splits = [check_split_name(s) for s in dict.fromkeys(s.strip() for s in names) if s]

@@ -1,7 +1,6 @@
 """A deterministic, procedurally drawn image-text dataset in MUGE layout, for the demo and the tests: one or two
-groups of shapes on a plain background per image, a query naming them (``fine``: also sizes and places), queries
-disjoint across train/valid/test, a few deliberately messy images, and ``general/``: a larger family standing in
-for pretraining data (other phrasings, captions naming only part of the scene). ``demo_info.json`` sums it up."""
+groups of shapes on a plain background per image, a query naming them (``fine``: also sizes and places), a few
+messy images, and ``general/``: a larger family standing in for pretraining data. ``demo_info.json`` sums it up."""
 
 from __future__ import annotations
 
@@ -42,6 +41,8 @@ PAIRS = (("左边", "右边"), ("上方", "下方"))  # two groups: where each o
 # the half of the image (x0, x1, y0, y1 as fractions of the side) each place puts a group in
 REGIONS = {"左边": (0, 0.5, 0, 1), "右边": (0.5, 1, 0, 1), "上方": (0, 1, 0, 0.5), "下方": (0, 1, 0.5, 1)}
 FINE_RADIUS = {"大": (0.14, 0.17), "小": (0.085, 0.10)}  # radius (fraction of the side) by size
+# radius range (fraction of the side) by the total number of shapes in the image
+_RADIUS = {1: (0.20, 0.32), 2: (0.14, 0.22), 3: (0.11, 0.17), 4: (0.10, 0.15), 5: (0.09, 0.13)}
 COUNTS = {1: "一个", 2: "两个", 3: "三个"}
 
 # the general family phrases things otherwise and, as web captions do, often names only part of the scene
@@ -57,6 +58,15 @@ FINE_PARTIAL = (
 # id ranges: (image id base, text id base) per split / family
 SPLITS = ("train", "valid", "test", "general/train", "general/valid")
 ID_BASES = {name: (k * 1_000_000, k * 10_000) for k, name in enumerate(SPLITS, 1)}
+# deliberately messy images per split, in order, each the first image of a different query
+MESS = {
+    "train": ("gif_animated", "png_rgba", "truncated", "html", "gif", "png_palette"),
+    "valid": ("gif", "png_rgba"),
+    "test": ("png_palette", "gif_animated"),
+    "general/train": ("gif", "png_rgba", "truncated", "gif_animated"),
+    "general/valid": ("png_palette",),
+}
+BAD_KINDS = ("truncated", "html")  # the ones prepare must drop
 
 
 @dataclass(frozen=True)
@@ -153,10 +163,6 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
     return tuple(max(0, min(255, v + rng.randint(-amount, amount))) for v in rgb)  # type: ignore[return-value]
 
 
-# radius range (fraction of the side) by the total number of shapes in the image
-_RADIUS = {1: (0.20, 0.32), 2: (0.14, 0.22), 3: (0.11, 0.17), 4: (0.10, 0.15), 5: (0.09, 0.13)}
-
-
 def draw_image(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     """Draw one RGB image of ``scene``: positions, sizes, rotations and colour jitter come from ``rng``."""
     S = size * 2  # supersampled for anti-aliased edges
@@ -213,17 +219,6 @@ def messy_bytes(kind: str, im: Image.Image) -> bytes:
         black = Image.new("RGB", im.size, (0, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE)
         return _encode(palette, "GIF", save_all=True, append_images=[black], duration=100, loop=0)
     return _encode(palette, {"gif": "GIF", "png_palette": "PNG"}[kind])
-
-
-# deliberately messy images per split, in order, each the first image of a different query
-MESS = {
-    "train": ("gif_animated", "png_rgba", "truncated", "html", "gif", "png_palette"),
-    "valid": ("gif", "png_rgba"),
-    "test": ("png_palette", "gif_animated"),
-    "general/train": ("gif", "png_rgba", "truncated", "gif_animated"),
-    "general/valid": ("png_palette",),
-}
-BAD_KINDS = ("truncated", "html")  # the ones prepare must drop
 
 
 def _general_caption(scene: Scene, rng: random.Random) -> tuple[str, dict | None]:

@@ -1,14 +1,8 @@
 """Score-level fusion and re-ranking in chunks of query rows, and choosing an ensemble on held-out queries.
 
-``F = sum_m w_m N(q_m @ g_m.T)`` (weights summing to 1), ``N`` per query row: none, z-score (population std; a
-constant row maps to 0) or ``softmax(s / T)``. With ``L_g = log sum_b exp(F_bg / T)`` over a bank of queries:
-dual softmax ``F * exp(F / T - L)`` and QB-Norm's ``F / T - L`` (``bank_topk``: only rows whose top-1 is in
-some bank row's top-k); ``T = 0`` is no re-ranking. Top-k ties go to the lower gallery index.
-
-:func:`select` fits the softmax temperature with uniform weights, then the weights by forward selection (or takes
-fixed ones), then tries flip TTA, then each re-ranker's temperature on its grid (0 = off first), each step kept only
-when it strictly helps; :func:`choose` adds ``--folds K`` cross-fitting. Every candidate tried is a record.
-"""
+``F = sum_m w_m N(q_m @ g_m.T)``, ``N`` per query row: none, z-score or ``softmax(s / T)``. With ``L_g = log sum_b
+exp(F_bg / T)`` over a bank of queries: dual softmax ``F * exp(F / T - L)``, QB-Norm ``F / T - L``; ``T = 0``: off.
+:func:`select` keeps each step (temperature, weights, flip TTA, each re-ranker) only when it strictly helps."""
 
 from __future__ import annotations
 
@@ -30,6 +24,7 @@ log = logging.getLogger(__name__)
 NORMS = ("none", "zscore", "softmax")
 RERANKERS = ("none", "dual_softmax", "qb_norm")
 TEMPERATURE_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # 0 = off first: ties keep it off
+NORM_GRID = tuple(t for t in TEMPERATURE_GRID if t > 0)
 DEFAULT_CHUNK = 1024
 FUSION_MEMORY_MB = 128  # predict --ensemble's fusion working set (see fusion_chunk)
 
@@ -159,13 +154,9 @@ def rerank_topk(
     return torch.cat(all_s).numpy(), torch.cat(all_i).numpy()
 
 
-NORM_GRID = tuple(t for t in TEMPERATURE_GRID if t > 0)
-
-
 def forward_select(evaluate: Callable[[np.ndarray], float], n_members: int, *, max_rounds: int = 20):
     """Caruana et al. (2004) greedy forward selection with replacement maximising ``evaluate(weights)``: ``(counts,
-    score, a record per candidate)``. Round 0 takes the best single member (ties: the lower index); each later round
-    adds the best member if that strictly improves the score; proportional counts are evaluated once."""
+    score, a record per candidate)``; each round adds the best member (ties: the lower index) if it strictly helps."""
     cache: dict[tuple, float] = {}
     trajectory: list[dict] = []
     counts, best_score, best = np.zeros(n_members, dtype=np.int64), -math.inf, None

@@ -1,11 +1,6 @@
-"""Score-level ensembles' members and files: making one (``python -m solution.ensemble``) and its submission.
-
-A member is a checkpoint read and checked (:func:`open_member`; at prediction against its record), then encoded
-(:func:`encode_members`) with its own config, its gallery through the image-feature cache. ``ensemble.json``:
-``members`` (:func:`member_record`), ``weights``, ``norm``, ``norm_temperature``, ``tta``, ``rerank``,
-``precision``, ``scores``, ``crossfit``, ``hits`` and how it was made. An ensemble folder is claimed and locked for
-its run and written last; hits of an earlier run that this one does not write are removed.
-"""
+"""Score-level ensembles: making one (``python -m solution.ensemble``, ``ensemble.json`` written last) and its
+submission. A member is a checkpoint read and checked (at prediction against its record in ``ensemble.json``),
+then encoded with its own config, its gallery through the image-feature cache."""
 
 from __future__ import annotations
 
@@ -29,6 +24,7 @@ from solution.formats.hits import write_hits
 from solution.formats.kinds import ENSEMBLE_SPEC, claim_folder
 from solution.formats.muge import read_texts
 from solution.model import ModelConfig, build_model, fingerprint, load_weights, read_checkpoint, resolve_config
+from solution.plots import candidate_scores
 from solution.retrieval.encode import ValData, encode_texts
 from solution.retrieval.extract import cached_image_features
 from solution.retrieval.rank import auto_chunk, file_sha256, now, prediction_rows, submission_paths, write_submission
@@ -38,6 +34,9 @@ from .fusion import FUSION_MEMORY_MB, NORMS, RERANKERS, Choice, Plan, Problem, c
 log = logging.getLogger(__name__)
 
 TTAS = ("none", "flip")
+NAME, LOG_NAME, LOCK = ENSEMBLE_SPEC, "ensemble_log.jsonl", ".ensemble.lock"
+VERSION = 1
+RERANK = {"method": "none", "temperature": 0.0, "bank": None, "bank_topk": None}
 
 
 @dataclasses.dataclass
@@ -102,9 +101,8 @@ def open_member(path: str, context_length: int | None = None, recorded: dict | N
 def encode_members(
     members: Sequence[Member], split: LMDBSplit, texts: Sequence[str], *, cache_dir, bank_texts=None, flip=False, **kw
 ):
-    """Encode each member's gallery of the split (through the cache in ``cache_dir``; ``flip``: its mirrored images
-    too, under their own key), the query ``texts`` and the ``bank_texts``; ``kw``: ``device``, ``precision``,
-    ``batch_size``. Returns the gallery ids they share, in the same order (members whose galleries differ refused)."""
+    """Encode each member's gallery of the split through the cache (``flip``: its mirrored images too), the query
+    ``texts`` and the ``bank_texts``; returns the gallery ids they share (members whose galleries differ refused)."""
     for m in members:
         try:
             model = build_model(m.config)
@@ -131,15 +129,6 @@ def encode_members(
                 f"vs {len(m.gallery_ids)} images, or the same ids in another order)"
             )
     return members[0].gallery_ids
-
-
-NAME, LOG_NAME = ENSEMBLE_SPEC, "ensemble_log.jsonl"
-VERSION = 1
-RERANK = {"method": "none", "temperature": 0.0, "bank": None, "bank_topk": None}
-
-
-def write_ensemble(path: str | os.PathLike, spec: dict) -> None:
-    write_json(path, {"version": VERSION, **spec})
 
 
 def _number(x, low: float = 0.0) -> bool:
@@ -173,24 +162,19 @@ def read_ensemble(path: str | os.PathLike) -> dict:
         raise SolutionError(f"{path}: rerank must be an object {{method, temperature, ...}}, got {spec['rerank']!r}")
     rr = spec["rerank"] = {**RERANK, **(spec.get("rerank") or {})}
     norm, t, topk, spec["tta"] = spec.get("norm"), rr["temperature"], rr["bank_topk"], spec.get("tta") or "none"
+    bad_topk = topk is not None and not (isinstance(topk, int) and _number(topk, 1))
     for bad, what in (
         (norm not in NORMS, f"unknown normalisation {norm!r}"),
         (norm == "softmax" and not _number(spec.get("norm_temperature"), None), "softmax needs a norm_temperature > 0"),
         (rr["method"] not in RERANKERS, f"unknown re-ranker {rr['method']!r}"),
         (not _number(t), f"the re-ranking temperature must be a number >= 0, got {t!r}"),
-        (
-            topk is not None and not (isinstance(topk, int) and _number(topk, 1)),
-            f"bank_topk {topk!r} is not an int >= 1",
-        ),
+        (bad_topk, f"bank_topk {topk!r} is not an int >= 1"),
         (rr["method"] == "qb_norm" and t != 0 and not isinstance(rr["bank"], str), "qb_norm needs its bank (JSONL)"),
         (spec["tta"] not in TTAS, f"unknown test-time augmentation {spec['tta']!r}; choose from {', '.join(TTAS)}"),
     ):
         if bad:
             raise SolutionError(f"{path}: {what}")
     return spec
-
-
-LOCK = ".ensemble.lock"
 
 
 def check_options(o) -> Plan:
@@ -224,7 +208,7 @@ def make_ensemble(o, command: Sequence[str] = ()) -> dict:
     ``ensemble.json`` content."""
     plan = check_options(o)
     out = check_output(o.output, inputs=o.members, what="--output", is_dir=True)
-    enc = dict(device=o.device, precision=o.precision, batch_size=o.batch_size)
+    enc = dict(device=o.device, precision=o.precision, batch_size=o.batch_size, cache_dir=o.cache_dir or None)
     opened = [open_member(p, o.context_length) for p in o.members]
     val = ValData(o.val_data, None, o.select_split, o.seed)
     n = len(val.queries.text_ids)
@@ -239,15 +223,7 @@ def make_ensemble(o, command: Sequence[str] = ()) -> dict:
     with folder_lock(out / LOCK, f"ensemble folder {out}"):
         try:
             remove_stale_temps(out, recursive=True)
-            encode_members(
-                opened,
-                val.split,
-                val.queries.texts,
-                cache_dir=o.cache_dir or None,
-                bank_texts=bank,
-                flip=bool(plan.tta),
-                **enc,
-            )
+            encode_members(opened, val.split, val.queries.texts, bank_texts=bank, flip=bool(plan.tta), **enc)
             return _select_and_write(o, plan, out, enc["device"], opened, val, command)
         except BaseException:
             if created:
@@ -294,7 +270,12 @@ def _select_and_write(o, plan: Plan, out: Path, device, members: list, val: ValD
     bank = dict(bank=str(Path(o.bank).resolve()), bank_sha256=file_sha256(o.bank)) if o.bank else dict(bank=None)
     spec["rerank"].update(bank, bank_topk=o.bank_topk)
     write_jsonl(out / LOG_NAME, records)
-    write_ensemble(out / NAME, spec)
+    if o.report_to == "tensorboard":  # the refit's candidates by stage, in the order tried
+        refit = [r for r in records if r.get("fold") in (None, "refit")]
+        candidate_scores(
+            out, {f"{s}/score": [r["score"] for r in refit if r["stage"] == s] for s in {r["stage"] for r in refit}}
+        )
+    write_json(out / NAME, {"version": VERSION, **spec})
     log.info(f"ensemble {out}: {choice.record()}; mean recall {scores['all']['mean_recall']:.2f} on all queries")
     return spec
 
@@ -330,9 +311,8 @@ def predict_ensemble(a, command) -> dict:
     single = len(members) == 1 and not (rr["method"] != "none" and rr["temperature"] > 0)
     norm, nt = ("none" if single else spec["norm"]), float(spec.get("norm_temperature") or 1.0)
     choice = Choice(tuple(weights), norm, nt, rr["method"], float(rr["temperature"]), spec["tta"])
-    chunk = a.chunk_size or (
-        auto_chunk(len(gallery_ids)) if single else fusion_chunk(len(gallery_ids), FUSION_MEMORY_MB, norm)
-    )
+    size = len(gallery_ids)
+    chunk = a.chunk_size or (auto_chunk(size) if single else fusion_chunk(size, FUSION_MEMORY_MB, norm))
     problem = Problem.of(members, [], {}, device=a.device, bank_topk=rr["bank_topk"])
     ranked = gallery_ids[problem.ranked(choice, np.arange(len(records)), a.top_k, chunk)].astype(np.int64)
     checkpoints = [{"path": m["path"], "fingerprint": m["fingerprint"], "weight": w} for m, w in zip(recorded, weights)]

@@ -1,8 +1,7 @@
 """Feature files, the contract between extraction and predictions: ``BASE.npy`` (float32 [N, D], L2-normalised
-rows) + ``BASE.ids.npy`` (int64 [N]) + ``BASE.meta.json`` (provenance), or cn_clip's JSON lines
-``{"image_id"|"text_id": int, "feature": [D floats]}`` at a ``.jsonl`` path + the same meta. A name without
-``.npy``/``.jsonl`` is what extraction wrote under it: ``BASE.npy`` or JSON lines at the name (both: the meta says
-which was written last)."""
+rows) + ``BASE.ids.npy`` (int64 [N]) + ``BASE.meta.json`` (provenance), or cn_clip's JSON lines ``{"image_id"|
+"text_id": int, "feature": [D floats]}`` at a ``.jsonl`` path + the same meta. A name without ``.npy``/``.jsonl``:
+what extraction wrote under it, ``BASE.npy`` or JSON lines at the name (both: the meta says which came last)."""
 
 import json
 import logging
@@ -66,9 +65,8 @@ def resolve_features(path: str | os.PathLike, kind: str = "") -> tuple[str, Path
 
 
 def check_outputs(outputs: dict, fmt: str, inputs=(), own=None) -> None:
-    """Refuse feature outputs ``{flag: path}`` before anything is computed, with one line: a file that would be
-    a folder, sit under a file, replace one of ``inputs`` or an existing file ``own`` does not recognise, or be
-    written twice."""
+    """Refuse feature outputs ``{flag: path}`` before anything is computed, with one line: each file as
+    :func:`~solution.common.check_output` refuses it, or one written twice."""
     seen: dict[Path, str] = {}
     for flag, out in outputs.items():
         for path in (x for x in feature_paths(out, fmt) if x is not None):

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from solution.common import SolutionError, disk_full_as_error, json_line, write_json, write_jsonl
+from solution.common import SolutionError, disk_full_as_error, json_line
 
 METRICS, PARAMS = "metrics.jsonl", "params.json"
 BEST_CHECKPOINT, LATEST_CHECKPOINT = "checkpoints/best.pt", "checkpoints/epoch_latest.pt"
@@ -37,11 +37,6 @@ def append_metric(path: str | os.PathLike, row: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with disk_full_as_error(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def rewrite_metrics(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Replace the file with ``rows`` atomically (on resume: drop what came after the checkpoint)."""
-    write_jsonl(path, rows)
 
 
 def is_main_valid(row: dict, set_name: str = MAIN_SET) -> bool:
@@ -88,8 +83,3 @@ def read_params(run_dir: str | os.PathLike) -> dict | None:
     if not isinstance(data, dict):
         raise SolutionError(f"{path}: expected a JSON object")
     return data
-
-
-def write_params(run_dir: str | os.PathLike, record: dict) -> None:
-    """Write a run's ``params.json`` atomically (the resolved flags, plus ``typed``: the flags as given)."""
-    write_json(Path(run_dir) / PARAMS, record)

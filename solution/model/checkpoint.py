@@ -1,7 +1,6 @@
-"""The checkpoint contract: a dict loadable with ``torch.load(weights_only=True)`` holding ``state_dict``
-(``module.`` keys, as cn_clip writes them), ``epoch``, ``step``, ``name`` and ours a ``config`` (a
-:class:`ModelConfig` dict); a bare state dict reads as ``{"state_dict": it}``, a file without ``config``
-(official or cn_clip's) has its architecture inferred from the tensor shapes."""
+"""The checkpoint contract: a dict loadable with ``torch.load(weights_only=True)`` holding ``state_dict`` (``module.``
+keys, as cn_clip writes them), ``epoch``, ``step``, ``name`` and ours a ``config`` (a :class:`ModelConfig` dict); a
+bare state dict reads as ``{"state_dict": it}``, a file without ``config`` has its architecture inferred."""
 
 import hashlib
 import logging

@@ -100,8 +100,7 @@ def _resizable(pos: torch.Tensor | None, want: tuple | None) -> bool:
 
 def load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> None:
     """Load a (possibly ``module.``-prefixed) state dict into ``model`` after :func:`check_shapes` (a ViT position
-    grid of another resolution is resized as upstream does) and :func:`check_finite`. A :func:`meta_model` gets
-    fresh tensors in its own dtypes."""
+    grid of another resolution resized as upstream does) and :func:`check_finite`; a :func:`meta_model` too."""
     from cn_clip.clip.model import resize_pos_embed
 
     original = clean_state_dict(sd)

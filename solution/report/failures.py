@@ -1,7 +1,6 @@
-"""Failure browser: one self-contained page (``failures.html`` plus a JSON blob holding each image's thumbnail once,
-rendered a page of queries at a time by its inline script) of each query's text, top-10 thumbnails (gold framed),
-missed gold and hits at 1/5/10, worst first; with a second submission B, both rows and the queries B fixes or
-breaks (a higher or lower per-query mean of hit@1/5/10 than A's)."""
+"""Failure browser: one self-contained page (``failures.html`` plus a JSON blob holding each image's thumbnail once)
+of each query's text, top-10 thumbnails (gold framed), missed gold and hits at 1/5/10, worst first; with a second
+submission B, both rows and the queries B fixes or breaks (a higher or lower per-query mean recall than A's)."""
 
 import base64
 import contextlib

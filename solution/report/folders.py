@@ -39,7 +39,7 @@ class Entry:
     step: int | None = None
     held_out: float | None = None
     settings: dict = field(default_factory=dict)
-    curve: list = field(default_factory=list)  # [(step, mr)]; a soup: [(candidate, mr)] of those it kept
+    curve: list = field(default_factory=list)  # [(step, mr)]; a soup: [(candidate, mr, label)] of those it kept
     extra: dict = field(default_factory=dict)
     files: list = field(default_factory=list)  # the files it was read from (never an output)
     hits: tuple | None = None  # (query ids [Q], hits [Q, 3] bool) of the scores, when stored
@@ -123,12 +123,10 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
     best_row = max(singles, key=lambda r: r["mean_recall"], default=None)
     single = summary.get("best_single") or best_row or {}
     ref_hits, _ = _hits([folder, folder.parent], single.get("hits"), files)
-    reference = ref_hits and {  # the best ingredient over all queries: a reference when no single model is a row
-        "name": f"best ingredient {_display(Path(str(single.get('path') or (single.get('members') or ['?'])[0])))}"
-        f" of {name}",
-        "mean_recall": (single.get("all") or single).get("mean_recall"),
-        "hits": ref_hits,
-    }
+    # the best ingredient over all queries: a reference when no single model is a row
+    ref = _display(Path(str(single.get("path") or (single.get("members") or ["?"])[0])))
+    ref_mr = (single.get("all") or single).get("mean_recall")
+    reference = ref_hits and {"name": f"best ingredient {ref} of {name}", "mean_recall": ref_mr, "hits": ref_hits}
     soups = summary.get("soups") or {}
     methods = [*soups, *(str(r.get("method", "")).split("+")[0] for r in rows)]
     methods = [m for m in dict.fromkeys(methods) if m and m not in ("ingredient", "base")]
@@ -156,7 +154,8 @@ def read_soup(folder: Path, name: str) -> list[Entry]:
         held_out = cross.get("mean") if cross and not report else report.get("mean_recall")
         scores = {k: (final.get("all") or final).get(k) for k in SCORES}  # all queries: comparable with runs
         label = name if len(methods) == 1 else f"{name}:{m}"
-        curve = [(i, r["mean_recall"]) for i, r in enumerate(lines) if r.get("kept") and _finite(r.get("mean_recall"))]
+        kept = [(i, r) for i, r in enumerate(lines) if r.get("kept") and _finite(r.get("mean_recall"))]
+        curve = [(i, r["mean_recall"], r.get("label", "")) for i, r in kept]
         out.append(Entry(label, "soup", scores, None, held_out, settings, curve, extra, files, hits, note))
     return out
 

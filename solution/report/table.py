@@ -32,11 +32,8 @@ def table(entries: Sequence[Entry]) -> pd.DataFrame:
     for e in entries:
         keys.extend(k for k in e.settings if k not in keys)
     always = {"method", "members"} if any(e.kind == "soup" for e in entries) else set()
-    params = [  # the settings that differ between the rows that have them (soups have no lr)
-        k
-        for k in keys
-        if k in always or len({json.dumps(e.settings[k], default=str) for e in entries if k in e.settings}) > 1
-    ]
+    values = {k: {json.dumps(e.settings[k], default=str) for e in entries if k in e.settings} for k in keys}
+    params = [k for k in keys if k in always or len(values[k]) > 1]  # differing between the rows that have them
     rows = [
         {
             "name": e.name,
@@ -87,8 +84,12 @@ def plot(entries: Sequence[Entry], path: str | os.PathLike, max_lines: int = 20)
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (kind, items) in zip(axes[0], panels):
         for e in sorted(items, key=lambda e: -(e.scores.get("mean_recall") or -1))[:max_lines]:
-            ax.plot([x for x, _ in e.curve], [m for _, m in e.curve], "o-", ms=3, label=e.name)
-        ax.set_xlabel("step" if kind == "runs" else "candidate kept (rounds, then interpolation)")
+            ax.plot([c[0] for c in e.curve], [c[1] for c in e.curve], "o-", ms=3, label=e.name)
+            for x, m, *what in e.curve:  # a soup's point: the member added, the round's merge or the alpha
+                ax.annotate(
+                    what[0] if what else "", (x, m), fontsize=6, rotation=15, xytext=(2, 3), textcoords="offset points"
+                )
+        ax.set_xlabel("step" if kind == "runs" else "candidate kept, labelled by what it is")
         ax.set_ylabel("mean recall (%)")
         ax.set_title(f"{kind}: validation mean recall")
         ax.grid(alpha=0.3)
@@ -109,8 +110,7 @@ def compare(
     plot_path: str | os.PathLike | None = "compare.png",
 ) -> str:
     """The markdown digest (or the full table as CSV) over ``paths``; ``output`` gets the full table when it ends
-    in ``.csv``, else the digest; the curves go to ``plot_path`` (None: no plot). Outputs are checked before
-    anything is written: never an input, nor an existing file that is not an earlier output of compare."""
+    in ``.csv``, else the digest; the curves go to ``plot_path`` (None: no plot). Outputs are checked first."""
     entries = collect(paths)
     inputs = [f for e in entries for f in e.files]
     if output:

@@ -1,11 +1,6 @@
-"""Image and text features, and scoring a model on an LMDB split by real retrieval.
-
-``encode_images`` / ``encode_texts`` are the one path from a model to L2-normalised features, and ``score_parts``
-(``encode_split`` + ``score_features``) the one way a model is scored on a split. :func:`prepare_inputs` decodes a
-gallery (kept as uint8 pixels: the eval transform cut before ``ToTensor`` + ``Normalize``, which finish each batch
-as they finish each image) and tokenises its queries once for scoring many models, with the same scores.
-:class:`ValData`: validation queries (``--val-texts`` or the pairs) and the ``--select-split`` draw.
-"""
+"""The one path from a model to L2-normalised image and text features, and the one way a model is scored on an
+LMDB split by real retrieval (:func:`score_parts`); :func:`prepare_inputs` decodes a gallery and tokenises its
+queries once for scoring many models, with the same scores. :class:`ValData`: validation queries and the draw."""
 
 from __future__ import annotations
 
@@ -27,7 +22,7 @@ from cn_clip_patch.prompt import token_lengths, tokenize
 from solution.common import SolutionError
 from solution.data.datasets import ImageDataset, eval_transform, image_collate
 from solution.data.lmdb_io import LMDBSplit
-from solution.formats.muge import MugeText, read_texts
+from solution.formats.muge import read_texts
 from solution.model import ModelConfig
 from solution.model.precision import autocast as autocast_context
 
@@ -204,13 +199,6 @@ def split_queries(split: LMDBSplit) -> Queries:
     return Queries(list(q), [t for t, _ in q.values()], {tid: list(ids) for tid, (_, ids) in q.items()})
 
 
-def text_queries(records: Sequence[MugeText]) -> Queries:
-    """The queries of MUGE texts read with their gold (:func:`solution.formats.muge.read_texts`)."""
-    return Queries(
-        [r.text_id for r in records], [r.text for r in records], {r.text_id: list(r.image_ids) for r in records}
-    )
-
-
 @dataclass
 class ScoringInputs:
     """A split's gallery decoded (None: decoded on each use) and its queries tokenised, once for many models."""
@@ -313,7 +301,10 @@ class ValData:
             raise SolutionError(f"validation data not found: {split_dir}")
         if texts_path:
             self.split = LMDBSplit(split_dir, need_pairs=False)
-            self.queries = text_queries(read_texts(texts_path, need_gold=True, what="validation texts"))
+            rs = read_texts(texts_path, need_gold=True, what="validation texts")
+            self.queries = Queries(
+                [r.text_id for r in rs], [r.text for r in rs], {r.text_id: list(r.image_ids) for r in rs}
+            )
         elif not (split_dir / "pairs" / "data.mdb").is_file():
             raise SolutionError(f"validation data {split_dir} has no texts (no pairs LMDB): pass --val-texts")
         else:

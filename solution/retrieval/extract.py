@@ -1,12 +1,6 @@
-"""Feature extraction (``python -m solution.features``): a checkpoint's text and/or image features written as
-feature files with their provenance and digest; and the image-feature cache every gallery is encoded through.
-
-Every input is read and every output checked before the model loads, so a bad command writes nothing. The model
-runs under ``model_math`` (TF32 on CUDA); with ``torchcompile`` the towers' blocks are compiled and the compile
-seconds left out of the rates. A cache entry is a feature file ``img_KEY.npy`` (+ ids, meta with the features'
-digest); the key hashes the vision tower's weights, the LMDB's content digest, the vision config, the effective
-precision and device type, and ``flip`` for mirrored images. An entry that fails its digest is encoded again.
-"""
+"""Feature extraction (``python -m solution.features``): every input read and every output checked before the
+model loads. The image-feature cache every gallery is encoded through: an entry ``img_KEY.npy`` (+ ids, meta with
+the digest) keyed by the vision weights, the LMDB's digest, the vision config, precision, device type and flip."""
 
 from __future__ import annotations
 

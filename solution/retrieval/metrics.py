@@ -1,8 +1,5 @@
-"""Retrieval metrics: top-k in upstream's tie order and the official MUGE recall arithmetic.
-
-A query hits at K when any of its gold ids is among its first K predictions; R@K is the hit fraction in percent
-and the score the mean of R@1, R@5 and R@10 (``evaluation.py``'s arithmetic, to the digit).
-"""
+"""Retrieval metrics: top-k in upstream's tie order, and MUGE's recall in ``evaluation.py``'s arithmetic (to the
+digit): a query hits at K when a gold id is among its first K predictions; R@K in percent, the score their mean."""
 
 from __future__ import annotations
 

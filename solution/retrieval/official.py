@@ -128,20 +128,15 @@ def read_gold(path: str | os.PathLike, direction: str = "auto") -> tuple[dict, s
 def error_json(problems: Sequence[str]) -> dict:
     msg = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
     more = f"\n... {len(problems) - MAX_DETAIL} more" if len(problems) > MAX_DETAIL else ""
-    return {
-        "errorDetail": "\n".join(problems[:MAX_DETAIL]) + more,
-        "errorMsg": msg,
-        "score": 0,
-        "scoreJson": {},
-        "success": False,
-    }
+    detail = "\n".join(problems[:MAX_DETAIL]) + more
+    return {"errorDetail": detail, "errorMsg": msg, "score": 0, "scoreJson": {}, "success": False}
 
 
-def score_files(gold_path, pred_path, *, direction: str = "auto", k: int = K) -> dict:
+def score_files(gold_path, pred_path, *, direction: str = "auto") -> dict:
     """The official result object for a gold and a prediction file (never raises on bad input)."""
     try:
         gold, direction = read_gold(gold_path, direction)
-        checked = check_submission(pred_path, gold.keys(), direction=direction, k=k)
+        checked = check_submission(pred_path, gold.keys(), direction=direction)
     except (OSError, ValueError) as e:
         return error_json([str(e)])
     for w in checked.warnings:
@@ -150,11 +145,8 @@ def score_files(gold_path, pred_path, *, direction: str = "auto", k: int = K) ->
         return error_json(checked.problems)
     r = recall_at_k(checked.predictions, gold)  # the official object: same keys, order and arithmetic
     m = r["mean_recall"]
-    return {
-        "success": True,
-        "score": m,
-        "scoreJson": {"score": m, "mean_recall": m, "r1": r["r1"], "r5": r["r5"], "r10": r["r10"]},
-    }
+    scores = {"score": m, "mean_recall": m, **{key: r[key] for key in ("r1", "r5", "r10")}}
+    return {"success": True, "score": m, "scoreJson": scores}
 
 
 def query_ids(path: str | os.PathLike, direction: str = "t2i") -> list:

@@ -60,9 +60,8 @@ def write_submission(output: Path, mpath: Path, rows: list[dict], manifest: dict
         n = write_jsonl(output, rows)
         write_json(mpath, {**manifest, "num_queries": n})
     log.info(f"{n} predictions ({manifest['ranking']['method']}) in {manifest['seconds']:.1f} s -> {output}")
-    return {"output": str(output), "manifest": str(mpath), "count": n} | {
-        k: manifest[k] for k in ("seconds", "ranking")
-    }
+    written = {"output": str(output), "manifest": str(mpath), "count": n}
+    return {**written, **{k: manifest[k] for k in ("seconds", "ranking")}}
 
 
 def _load_pair(a):

@@ -104,12 +104,8 @@ def inspect_checkpoint(path: Path) -> Ingredient:
     ckpt = read_checkpoint(path, mmap=True)
     config = resolve_config(ckpt, source=str(path))
     sd = clean_state_dict(ckpt["state_dict"])
-    tuning = config.tuning or {}
-    if (
-        any("lora_" in k or ".base_layer." in k for k in sd)
-        or tuning.get("mode") == "lora"
-        and not tuning.get("merged")
-    ):
+    unmerged = (config.tuning or {}).get("mode") == "lora" and not config.tuning.get("merged")
+    if unmerged or any("lora_" in k or ".base_layer." in k for k in sd):
         raise SolutionError(f"{path} holds unmerged LoRA weights: soup the merged checkpoint the trainer saves")
     check_shapes(sd, model_template(config), config, str(path))
     check_finite(sd, str(path))

@@ -22,6 +22,7 @@ from solution.formats.hits import write_hits
 from solution.formats.kinds import claim_folder, folder_kind
 from solution.model import model_template
 from solution.model.precision import DTYPES, dtype_name
+from solution.plots import candidate_scores
 from solution.retrieval.encode import ValData
 from solution.stats import crossfit
 
@@ -146,11 +147,10 @@ def _crossfit(method: str, c: Candidates, ings: list, base, o, folder: Path) -> 
         c.start(folder / "crossfit" / f"fold{next(fold)}", [_row(i, "ingredient", {}) for i in fold_ings])
         return dataclasses.replace(_cook(method, c, fold_ings, base, o), source="")  # the weights are not kept
 
-    def held_out(soup: Soup, rows: np.ndarray) -> np.ndarray:
-        return scorer.hits(soup.key)[rows]
-
     try:
-        r = crossfit(select_fn, held_out, np.arange(len(tids)), o.folds, o.seed, ids=tids)
+        r = crossfit(
+            select_fn, lambda soup, rows: scorer.hits(soup.key)[rows], np.arange(len(tids)), o.folds, o.seed, ids=tids
+        )
     finally:
         scorer.select, scorer.report = list(scorer.val.select), list(scorer.val.report)
     return {
@@ -182,12 +182,13 @@ def make_soups(o) -> dict:
             "dtype": dtype_name(dtype),
             "selection": selection and {**selection, "report_text_ids": val.report},
         }
-        soups = {}
+        soups, series = {}, {}
         for m in o.methods:
             folder = tmp / m if len(o.methods) > 1 else tmp
             cross = _crossfit(m, c, ings, base, o, folder) if o.folds else None
             c.start(folder, rows)
             soup = _cook(m, c, ings, base, o)
+            series[m] = [r["mean_recall"] for r in c.rows[len(rows) :] if r.get("mean_recall") is not None]
             soup.source = str(c.save(folder / SOUP, soup))  # frees the weights
             soups[m] = {"checkpoint": str(out / folder.relative_to(tmp) / SOUP), "members": list(soup.members)}
             soups[m].update(weights=list(soup.members.values()), **soup.extra, **scores(soup.score))
@@ -196,6 +197,8 @@ def make_soups(o) -> dict:
             one = {"soup": soups[m]["checkpoint"], "method": m, "soups": {m: soups[m]}, **shared}
             write_json(folder / SUMMARY, one)
             log.info("%s: mean recall %s, %d members", m, soups[m].get("mean_recall"), len(soup.members))
+        if o.report_to == "tensorboard":  # each method's candidates, in the order tried
+            candidate_scores(tmp, {f"{m}/mean_recall": v for m, v in series.items()})
         chosen = max(soups, key=lambda m: soups[m].get("mean_recall") or 0.0)
         if len(o.methods) > 1:
             os.link(tmp / chosen / SOUP, tmp / SOUP)

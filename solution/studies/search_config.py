@@ -33,13 +33,8 @@ CHOICES = {
     "pruner": ("median", "hyperband", "none"),
     "sampler": ("tpe", "random"),
 }
-COUNTS = {
-    "n_trials": 0,
-    "torchrun_nproc": 0,
-    "heartbeat": 0,
-    "grace_period": 1,
-    "gpus_per_trial": 0,
-}  # integer settings, least value
+# integer settings, least value
+COUNTS = {"n_trials": 0, "torchrun_nproc": 0, "heartbeat": 0, "grace_period": 1, "gpus_per_trial": 0}
 
 
 def flag_key(name: str) -> str:
@@ -234,11 +229,11 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), pruner=N
     return cfg
 
 
-def suggest_params(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict:
+def suggest_params(trial: optuna.Trial | None, space: dict[str, ParamSpec], pick=None) -> dict:
     params: dict = {}
     for p in space.values():
         if not p.only_if or params.get(p.only_if):  # a conditional parameter whose parent is on
-            params[p.name] = p.suggest(trial)
+            params[p.name] = pick(p) if pick else p.suggest(trial)  # pick: instead of the trial
     return params
 
 
@@ -286,11 +281,9 @@ def check_trial_flags(cfg: SearchConfig) -> None:
 
 def _fill(cfg: SearchConfig, fixed: dict) -> dict:
     """A trial's parameters: ``fixed`` where given, else each range's low end or first choice."""
-    params: dict = {}
-    for p in cfg.space.values():
-        if not p.only_if or params.get(p.only_if):
-            params[p.name] = fixed[p.name] if p.name in fixed else (p.choices[0] if p.type == "categorical" else p.low)
-    return params
+    return suggest_params(
+        None, cfg.space, lambda p: fixed.get(p.name, p.choices[0] if p.type == "categorical" else p.low)
+    )
 
 
 def _probe_trials(cfg: SearchConfig):

@@ -30,6 +30,8 @@ from .search_config import SearchConfig, check_trial_flags, flag_key, flags_to_a
 
 log = logging.getLogger(__name__)
 
+TRIAL_ATTRS = ("number", "state", "value", "params", "user_attrs", "datetime_start", "duration")
+USER_ATTRS = ("run_dir", "best_checkpoint", "fail_reason", "pruned_at", "retry_of", "gpus")
 MAKERS = {  # a pruner or sampler by name; TPE with constant_liar, so that parallel workers spread
     "median": optuna.pruners.MedianPruner,
     "hyperband": optuna.pruners.HyperbandPruner,
@@ -139,10 +141,6 @@ def search(cfg: SearchConfig, stream) -> dict:
             f"{summary.get('pruned', 0)} pruned{first}); see {cfg.study_dir / TRIALS_CSV}"
         )
     return summary
-
-
-TRIAL_ATTRS = ("number", "state", "value", "params", "user_attrs", "datetime_start", "duration")
-USER_ATTRS = ("run_dir", "best_checkpoint", "fail_reason", "pruned_at", "retry_of", "gpus")
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:

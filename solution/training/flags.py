@@ -21,6 +21,7 @@ from solution.data.datasets import AUGMENTS
 from solution.formats.run_files import MAIN_SET, PARAMS, read_params
 from solution.model import ATTN_IMPLS, ModelConfig, resolve_config
 from solution.model.precision import PRECISION_METAVAR, PRECISIONS, precision_flag
+from solution.plots import REPORT_TO
 
 from .setup import Start
 
@@ -29,11 +30,15 @@ log = logging.getLogger(__name__)
 PRECISION_HELP = "amp/fp16: float16 autocast + GradScaler on CUDA (fp32 on CPU); bf16 (amp_bf16); fp32."
 EMA_HELP = "Validate and save ema = D x ema + (1 - D) x w of the trained weights, from the start's; 0: off."
 LAYER_HELP = "lr x R^(n+1-d) per tower of n blocks, depth d: 0 embeddings, i+1 block i, n+1 norm/projections; 1: off."
-REPORTS = ("", "none", "tensorboard")  # open_clip's --report-to, less wandb
 # What a changed value does on a re-run that resumes the run's own checkpoint:
 TRAINS = "trains"  # changes what is trained: refused unless --allow-changed-flags
 FREE = "free"  # logging, workers, device, schedules of validation and saves, speed: logged
 START = "start"  # where a run starts, or a flag resolved into another one: not compared
+DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
+FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+RUN_FACTS = ("model_config", "world_size", "global_batch_size", "steps_per_epoch", "resumed_from", "train_pairs")
+TUNING = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_vision", "freeze_text")
+STEPS, BATCH = "max steps (--max-steps/--max-epochs)", "--batch-size x processes"
 
 
 class FlagError(SolutionError):
@@ -145,7 +150,7 @@ TABLE: list[str | Flag] = [  # a group's title, then its flags
     F("--save-step-frequency", -1, "Also checkpoint every N steps (epoch_{N}_{step}.pt).", FREE, check=OFF_OR_N),
     F("--no-plot", False, "Do not draw curves.png.", FREE, shown=False),
     F("--no-progress", False, "No bar (on a terminal only; else a log line per train line).", FREE, shown=False),
-    F("--report-to", "", "tensorboard: event files in {run}/tensorboard/.", FREE, shown=False, choices=REPORTS),
+    F("--report-to", "", "tensorboard: event files in {run}/tensorboard/.", FREE, shown=False, choices=REPORT_TO),
     "model (cn_clip flags)",
     F("--vision-model", None, "Vision architecture; default from --resume, else ViT-B-16.", TRAINS),
     F("--text-model", None, "Text architecture; default from --resume, else RoBERTa-wwm-ext-base-chinese.", TRAINS),
@@ -206,6 +211,7 @@ NOT_SETTINGS = frozenset(
     [k for k, f in FLAGS.items() if not f.shown]
     + ["config", "typed", "flag_changes", "model_config", "torchcompile_backend"]
 )
+TrainConfig = dataclasses.make_dataclass("TrainConfig", ["config", *FLAGS, *RUN_FACTS], frozen=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -275,14 +281,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if lora and not args.lora_rank:
         raise FlagError(lora[0], f"{lora[0]} needs --lora-rank (LoRA is off)")
     return args
-
-
-DEFAULT_VISION, DEFAULT_TEXT, DEFAULT_CONTEXT = "ViT-B-16", "RoBERTa-wwm-ext-base-chinese", 52
-FALLBACK_OPTIM = {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
-RUN_FACTS = ("model_config", "world_size", "global_batch_size", "steps_per_epoch", "resumed_from", "train_pairs")
-TUNING = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_vision", "freeze_text")
-STEPS, BATCH = "max steps (--max-steps/--max-epochs)", "--batch-size x processes"
-TrainConfig = dataclasses.make_dataclass("TrainConfig", ["config", *FLAGS, *RUN_FACTS], frozen=True)
 
 
 def steps_per_epoch(train_pairs: int, batch_size: int, world: int, accum_freq: int, train_data: str) -> int:

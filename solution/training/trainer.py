@@ -1,7 +1,6 @@
-"""The training loop and ``main(argv, on_validation=None)`` (``python -m solution.train``); ``on_validation(record)``
-runs after each main-set validation. Under torchrun the main process writes every file and validates. A step's
-saves follow its validations, ``epoch_latest.pt`` first; a re-run resumes it and first writes the checkpoints a
-kill left unwritten, so a run killed anywhere and re-run ends as if never killed."""
+"""The training loop and ``main(argv, on_validation=None)`` (``python -m solution.train``; ``on_validation(record)``
+after each main-set validation); under torchrun the main process writes every file and validates. A re-run resumes
+``epoch_latest.pt`` and first writes the checkpoints a kill left unwritten: it ends as if never killed."""
 
 from __future__ import annotations
 
@@ -18,8 +17,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cn_clip_patch.tuning import grad_checkpointing, has_lora, set_train_mode, unwrap
-from solution.common import SolutionError, setup_logging
-from solution.formats.run_files import MAIN_SET, read_metrics, rewrite_metrics, write_params
+from solution.common import SolutionError, setup_logging, write_json, write_jsonl
+from solution.formats.run_files import MAIN_SET, PARAMS, read_metrics
 from solution.model.compiled import CompileClock, compile_towers
 from solution.model.precision import model_math
 
@@ -141,7 +140,7 @@ class Trainer:
     def _prepare_folder(self) -> None:
         """``params.json``; on resume the checkpoints a kill left unwritten and ``metrics.jsonl`` cut to the step."""
         files = self.files
-        write_params(files.run_dir, self.params)
+        write_json(files.run_dir / PARAMS, self.params)
         if self.start.is_own_run:  # from the very weights of their step
             lora = has_lora(unwrap(self.model))
             with self.ema.swapped():
@@ -151,7 +150,7 @@ class Trainer:
                         log.info("wrote %s, left unwritten by the interrupted run at step %d", path, self.step)
         if files.metrics.is_file():  # the lines after the step a re-run resumes (a torn one too; all on a fresh run)
             step = self.step if self.start.is_own_run else -1
-            rewrite_metrics(files.metrics, [r for r in read_metrics(files.metrics) if r["step"] <= step])
+            write_jsonl(files.metrics, [r for r in read_metrics(files.metrics) if r["step"] <= step])
         if self.cfg.report_to == "tensorboard" and not self._final():  # a finished run's left as it is
             files.open_board()
             for row in read_metrics(files.metrics):  # what metrics.jsonl holds (no set: an earlier version's main)
