@@ -1,8 +1,8 @@
-"""Hostile checkpoints and output paths: one ``error:`` line, exit 2, nothing written.
+"""Hostile checkpoints and full disks: one ``error:`` line, exit 2, nothing written.
 
 Checkpoints with NaN/Inf weights, an unknown architecture or shapes that do not fit are refused the same way
-by training, feature extraction and the soup. Soup and compare refuse outputs that are folders, sit under files
-or are inputs; compare refuses malformed inputs; a full disk (a real small tmpfs) leaves the previous files.
+by training, feature extraction and the soup; a full disk (a real small tmpfs) leaves the previous files;
+checkpoints are read mapped and let go of.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from cli_helpers import one_error_line
 from train_helpers import make_data, tiny_argv
 
-from solution import compare, features, soup, train
-from solution.common import SolutionError, run_cli, write_json, write_jsonl
+from solution import features, soup, train
+from solution.common import SolutionError, run_cli
 from solution.model import ModelConfig, build_model, load_model, read_checkpoint, save_checkpoint
 
 
@@ -94,173 +94,25 @@ def test_bad_checkpoint_is_one_line_in_every_consumer(tiny, tmp_path, capsys, mo
     assert not list(tmp_path.glob("t*")) and not (tmp_path / "soup").exists()
 
 
-def test_registry_name_with_another_model_info_loads_as_stored_with_a_warning(tiny, tmp_path, caplog):
-    _, cfg, _, _ = tiny
+def test_load_model_takes_the_stored_sizes_resizes_a_grid_and_refuses_a_config_it_cannot_read(tiny, tmp_path, caplog):
+    _, cfg, sd, _ = tiny
     wide = dataclasses.replace(cfg, model_info={**cfg.model_info, "vision_width": 128})
     save_checkpoint(tmp_path / "w.pt", build_model(wide).state_dict(), wide)
     model, config, _ = load_model(tmp_path / "w.pt")
     assert config.model_info["vision_width"] == 128 and model.visual.proj.shape == (128, 64)
     assert "differs from the registry's in vision_width (128, registry 64)" in caplog.text
-
-
-CONFIGS = {
-    "a string": "its 'config' is a str, not a mapping",
-    "sizes missing": "its config's model_info lacks vision_width",
-    "a vision config as text": "its config names 'ViT-Tiny' as the text architecture, but it is not a text model config",
-}
-
-
-@pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_config_that_is_not_a_mapping_lacks_sizes_or_names_another_kind_is_refused(tiny, tmp_path, case):
-    _, cfg, sd, _ = tiny
-    sizes = {k: v for k, v in cfg.model_info.items() if k != "vision_width"}
-    config = {"a string": "ViT-Tiny", "sizes missing": {**cfg.to_dict(), "model_info": sizes}}
-    config["a vision config as text"] = {**cfg.to_dict(), "text_model": "ViT-Tiny"}
-    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "config": config[case]}, tmp_path / "s.pt")
-    with pytest.raises(SolutionError, match=r"s\.pt: " + CONFIGS[case]):
-        load_model(tmp_path / "s.pt")
-
-
-def test_resizable_position_grid_still_loads(tiny, tmp_path):
-    """A 7x7 grid (another image resolution) is resized as upstream does, not refused."""
-    _, cfg, sd, _ = tiny
     save_checkpoint(tmp_path / "g.pt", {**sd, "visual.positional_embedding": torch.zeros(50, 64)}, cfg)
-    assert load_model(tmp_path / "g.pt")[0].visual.positional_embedding.shape == (65, 64)
-
-
-# ---------------------------------------------------------------- soup outputs
-
-
-def test_soup_output_that_cannot_be_written_is_refused_before_any_work(tiny, tmp_path, capsys, monkeypatch):
-    root, cfg, _, _ = tiny
-    good, other = root / "good.pt", root / "other.pt"
-    sums = {p: _digest(p) for p in (good, other)}
-    run = ["--method", "uniform", "--no-score", "--checkpoints", good, other]
-    assert "is a file, expected a folder" in _error_line(capsys, monkeypatch, soup.main, [*run, "--output", good])
-    assert "sits under" in _error_line(capsys, monkeypatch, soup.main, [*run, "--output", good / "soup"])
-    out = tmp_path / "s"  # the soup.pt it would write is one of the ingredients (named, not globbed)
-    save_checkpoint(out / "soup.pt", torch.load(other, weights_only=True)["state_dict"], cfg)
-    kept = _digest(out / "soup.pt")
-    argv = ["--method", "uniform", "--no-score", "--checkpoints", good, out / "soup.pt", "--output", out]
-    line = _error_line(capsys, monkeypatch, soup.main, argv)
-    assert "is one of the inputs" in line and "soup.pt" in line and _digest(out / "soup.pt") == kept
-    (tmp_path / "s2" / "soup.pt").mkdir(parents=True)  # its soup.pt is a folder
-    assert "holds files but no soup" in _error_line(capsys, monkeypatch, soup.main, [*run, "--output", tmp_path / "s2"])
-    assert sorted(p.name for p in (tmp_path / "s2").iterdir()) == ["soup.pt"]  # no log, cache or summary written
-    (tmp_path / "s3").mkdir()
-    (tmp_path / "s3" / "greedy").write_text("a file")  # a method's folder is a file
-    argv = ["--method", "uniform,greedy", "--val-data", tmp_path / "nowhere", "--checkpoints", good, other]
-    argv += ["--output", tmp_path / "s3"]
-    line = _error_line(capsys, monkeypatch, soup.main, argv)
-    assert "s3 holds files but no soup" in line
-    assert sorted(p.name for p in (tmp_path / "s3").iterdir()) == ["greedy"]
-    assert all(_digest(p) == s for p, s in sums.items())
-
-
-def test_soup_glob_matching_only_its_own_output_is_one_line(tiny, tmp_path, capsys, monkeypatch):
-    root, _, _, _ = tiny
-    run = ["--method", "uniform", "--no-score", "--output", tmp_path / "s", "--checkpoints"]
-    assert run_cli(soup.main, [str(a) for a in [*run, root / "good.pt", root / "other.pt"]]) == 0
-    line = _error_line(capsys, monkeypatch, soup.main, [*run, tmp_path / "s" / "*.pt"])
-    assert "every checkpoint matched lies inside the output folder" in line
-
-
-@pytest.mark.parametrize(
-    "table, expect",
-    [
-        ('number,state,value,run_dir\n0,COMPLETE,"35.0,x\n1,COMPLETE,30,y\n', "trials.csv:2: malformed CSV"),
-        ("number,state,value,run_dir\n0,COMPLETE,high,x\n", "number and value must be numbers"),
-    ],
-)
-def test_soup_from_study_with_a_malformed_trials_csv(tmp_path, capsys, monkeypatch, table, expect):
-    (tmp_path / "study").mkdir()
-    (tmp_path / "study" / "trials.csv").write_text(table, encoding="utf-8")
-    argv = ["--from-study", tmp_path / "study", "--method", "uniform", "--no-score", "--output", tmp_path / "out"]
-    assert expect in _error_line(capsys, monkeypatch, soup.main, argv) and not (tmp_path / "out").exists()
-
-
-# ---------------------------------------------------------------- compare
-
-
-@pytest.fixture
-def runs(tmp_path):
-    run = tmp_path / "logs" / "a"
-    row = {"step": 10, "kind": "valid", "set": "valid", "r1": 1.0, "r5": 2.0, "r10": 3.0, "mean_recall": 2.0}
-    write_jsonl(run / "metrics.jsonl", [row])
-    write_json(run / "params.json", {"lr": 1e-5})
-    return run
-
-
-@pytest.mark.parametrize("flag", ["--output", "--plot"])
-@pytest.mark.parametrize(
-    "target, expect",
-    [
-        ("metrics.jsonl", "refusing to overwrite it"),
-        ("params.json", "refusing to overwrite it"),
-        ("", "is a folder, expected a file path"),
-        ("params.json/x", "sits under"),
-    ],
-)
-def test_compare_outputs_that_are_inputs_folders_or_under_files(
-    runs, tmp_path, capsys, monkeypatch, flag, target, expect
-):
-    inputs = {p: _digest(p) for p in runs.iterdir()}
-    other = ["--plot", tmp_path / "c.png"] if flag == "--output" else ["--output", tmp_path / "c.md"]
-    line = _error_line(capsys, monkeypatch, compare.main, [runs, flag, runs / target if target else runs, *other])
-    assert expect in line and flag in line
-    assert {p: _digest(p) for p in runs.iterdir() if p.is_file()} == inputs and not list(runs.glob(".*.tmp"))
-    assert not (tmp_path / "c.png").exists() and not (tmp_path / "c.md").exists()  # nothing written
-
-
-def test_compare_plot_and_output_on_one_path_is_refused(runs, tmp_path, capsys, monkeypatch):
-    line = _error_line(capsys, monkeypatch, compare.main, [runs, "--output", tmp_path / "x", "--plot", tmp_path / "x"])
-    assert "--plot" in line and "is one of the inputs" in line and not (tmp_path / "x").exists()
-
-
-TRAIN, SOUP_ROW = (
-    b'{"kind": "train", "step": 1}\n',
-    b'{"method": "greedy", "round": 0, "mean_recall": 1.0, "kept": true}\n',
-)
-MALFORMED = {
-    # name: (file, content, words its error line holds)
-    "metrics bytes": (
-        "metrics.jsonl",
-        TRAIN + b'{"kind": "valid", "text": "\xff\xfe"}\n',
-        "metrics.jsonl:2: not UTF-8",
-    ),
-    "metrics not an object": ("metrics.jsonl", TRAIN + b"[1, 2]\n", "record 2 is a list, not a JSON object"),
-    "soup log bytes": ("soup_log.jsonl", SOUP_ROW + b"\xc3\x28\n", "soup_log.jsonl:2: not UTF-8"),
-    "trials bytes": ("trials.csv", b"0,COMPLETE,1.0,r\n1,COMPLETE,2.0,\xe9t\xe9\n", "trials.csv:3: not UTF-8"),
-    "trials quote": (
-        "trials.csv",
-        b'0,COMPLETE,1.0,"r\n1,COMPLETE,2.0,s\n2,COMPLETE,3.0,t\n',
-        "trials.csv:2: malformed CSV",
-    ),
-    "trials extra field": ("trials.csv", b"0,COMPLETE,1.0,r,extra\n", "trials.csv:2: more fields than the header"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_a_malformed_input_costs_its_row_with_a_line_naming_file_and_line(tmp_path, capsys, monkeypatch, caplog, case):
-    name, content, expect = MALFORMED[case]
-    f = tmp_path / "x" / name
-    f.parent.mkdir()
-    f.write_bytes((b"number,state,value,run_dir\n" if name == "trials.csv" else b"") + content)
-    before = _digest(f)
-    argv = [f.parent, "--output", tmp_path / "c.md", "--plot", tmp_path / "c.png"]
-    assert "nothing to compare" in _error_line(capsys, monkeypatch, compare.main, argv)
-    assert any(expect in r.getMessage() and str(f) in r.getMessage() for r in caplog.records), caplog.text
-    assert _digest(f) == before and not (tmp_path / "c.md").exists() and not (tmp_path / "c.png").exists()
-
-
-@pytest.mark.parametrize("content", [b'{"lr": "\xff"}\n', b"[1, 2]\n"])
-def test_compare_unreadable_params_or_summary_warns_and_goes_on(runs, tmp_path, caplog, content):
-    (runs / "params.json").write_bytes(content)
-    row = {"method": "uniform", "round": 1, "members": ["a"], "mean_recall": 3.0, "kept": True}
-    write_jsonl(tmp_path / "soup" / "soup_log.jsonl", [row])
-    (tmp_path / "soup" / "summary.json").write_bytes(content)
-    text = compare.main([str(runs), str(tmp_path / "soup"), "--no-plot", "--csv"])
-    assert "soup,3.0" in text.replace('"', "") and "params.json" in caplog.text and "summary.json" in caplog.text
+    assert load_model(tmp_path / "g.pt")[0].visual.positional_embedding.shape == (65, 64)  # 7x7, resized as upstream
+    sizes = {k: v for k, v in cfg.model_info.items() if k != "vision_width"}
+    text = "its config names 'ViT-Tiny' as the text architecture, but it is not a text model config"
+    for config, message in (
+        ("ViT-Tiny", "its 'config' is a str, not a mapping"),
+        ({**cfg.to_dict(), "model_info": sizes}, "its config's model_info lacks vision_width"),
+        ({**cfg.to_dict(), "text_model": "ViT-Tiny"}, text),
+    ):
+        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "config": config}, tmp_path / "s.pt")
+        with pytest.raises(SolutionError, match=r"s\.pt: " + message):
+            load_model(tmp_path / "s.pt")
 
 
 # ---------------------------------------------------------------- full disk (a real small tmpfs)

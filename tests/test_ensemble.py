@@ -15,7 +15,7 @@ import torch
 from cli_helpers import one_error_line
 from oracles import fused, qb_norm, stable_topk
 
-from solution import ensemble, features, predict, soup
+from solution import ensemble, features, predict
 from solution.common import SolutionError, folder_lock, read_jsonl
 from solution.data.lmdb_io import LMDBSplit
 from solution.ensembles import make_ensemble
@@ -132,7 +132,7 @@ def test_flip_tta_kept_only_when_it_strictly_helps():
 # ---------------------------------------------------------------- the CLI
 
 
-def test_members_of_two_architectures_ensemble_while_the_soup_refuses(world, ckpts, tmp_path, capsys, monkeypatch):
+def test_members_of_two_architectures_ensemble_scored_on_every_query(world, ckpts, tmp_path):
     out = tmp_path / "ens"
     extra = ("--select-split", "0.5", "--rerank", "none,dual_softmax")
     spec = ensemble.main(_ens(world, ckpts, out, "a", "b", extra=extra))
@@ -155,9 +155,6 @@ def test_members_of_two_architectures_ensemble_while_the_soup_refuses(world, ckp
     assert len(read_hits(out / spec["hits"]["member0"])[0]) == n
     ensemble.main(_ens(world, ckpts, out, "a", extra=("--weights", "1")))  # again, one member: no member1 left
     assert sorted(p.name.split(".")[0] for p in (out / "hits").iterdir()) == ["ensemble"] * 3 + ["member0"] * 3
-    argv = f"--checkpoints {ckpts['a']} {ckpts['b']} --method uniform --no-score --output {tmp_path}/soup".split()
-    code, line = one_error_line(capsys, monkeypatch, soup.main, argv)
-    assert code == 2 and "ViT-Tiny-W96" in line and not (tmp_path / "soup").exists()
 
 
 def test_folds_cross_fit_held_out_hits_on_the_shared_folds(world, ckpts, tmp_path):
@@ -192,36 +189,35 @@ def test_predict_ensemble_of_one_member_equals_plain_predict(world, ckpts, tmp_p
     assert [c["path"] for c in manifest["checkpoints"]] == [str(ckpts["b"].resolve())]
 
 
-@pytest.mark.parametrize("rerank", ["none", "qb_norm"])
-def test_predict_ensemble_fuses_as_the_float64_oracle(world, ckpts, tmp_path, rerank, capsys, monkeypatch):
-    """The submission ranks as the float64 fusion of the members' features (QB-Norm: the inverted softmax of the
-    fused scores over the fused bank of training texts, forced on: the oracle is about the arithmetic)."""
+def test_predict_ensemble_fuses_as_the_float64_oracle(world, ckpts, tmp_path, capsys, monkeypatch):
+    """The submission ranks as the float64 fusion of the members' features; with QB-Norm (forced on: the oracle is
+    about the arithmetic), as the inverted softmax of the fused scores over the fused bank of training texts."""
     bank = tmp_path / "bank.jsonl"
     shutil.copy(world.data / "train_texts.jsonl", bank)
-    extra = ("--weights", "1", "3") + (("--rerank", "qb_norm", "--bank", str(bank)) if rerank == "qb_norm" else ())
+    extra = ("--weights", "1", "3", "--rerank", "qb_norm", "--bank", str(bank))
     ensemble.main(_ens(world, ckpts, tmp_path / "ens", "a", "c", extra=extra))
     path = tmp_path / "ens/ensemble.json"
     spec = json.loads(path.read_text())
-    _edit(path, rerank={**spec["rerank"], "method": rerank, "temperature": 0.05 if rerank == "qb_norm" else 0.0})
-    predict.main(_predict_ens(world, path, tmp_path / "ens.jsonl", tmp_path / "cache"))
     members, banks = [], []
     for m in ("a", "c"):
         txt, img = _features(world, ckpts[m], tmp_path / m)
         members.append((txt.feats, img.feats))
         banks.append((_features(world, ckpts[m], tmp_path / f"{m}_bank", texts=bank)[0].feats, img.feats))
     want = fused(members, [1, 3], "zscore")
-    if rerank == "qb_norm":
-        want = qb_norm(want, fused(banks, [1, 3], "zscore"), 0.05)
-    tol = 1e-4 if rerank == "qb_norm" else 1e-6  # float32 fusion (qb_norm: scores / 0.05) vs the float64 oracle
-    for q, row in enumerate(read_jsonl(tmp_path / "ens.jsonl")):
-        got = want[q][np.searchsorted(img.ids, row["image_ids"])]  # best first, nothing outside the top-5 higher
-        assert np.all(np.diff(got) <= tol) and got[-1] >= stable_topk(want[q : q + 1], 5)[0][0, -1] - tol
-    manifest = json.loads((tmp_path / "ens.json").read_text())
-    assert manifest["ensemble"]["weights"] == [0.25, 0.75] and manifest["ensemble"]["rerank"]["method"] == rerank
-    if rerank == "qb_norm":  # a bank cut from its lines would rank otherwise: refused
-        bank.write_text("".join(bank.read_text().splitlines(keepends=True)[:5]))
-        argv = _predict_ens(world, path, tmp_path / "cut.jsonl", tmp_path / "cache")
-        assert "bank.jsonl changed since selection" in one_error_line(capsys, monkeypatch, predict.main, argv)[1]
+    for rerank, temperature in (("none", 0.0), ("qb_norm", 0.05)):
+        _edit(path, rerank={**spec["rerank"], "method": rerank, "temperature": temperature})
+        predict.main(_predict_ens(world, path, tmp_path / "ens.jsonl", tmp_path / "cache"))
+        if rerank == "qb_norm":
+            want = qb_norm(want, fused(banks, [1, 3], "zscore"), temperature)
+        tol = 1e-4 if rerank == "qb_norm" else 1e-6  # float32 fusion (qb_norm: scores / 0.05) vs the float64 oracle
+        for q, row in enumerate(read_jsonl(tmp_path / "ens.jsonl")):
+            got = want[q][np.searchsorted(img.ids, row["image_ids"])]  # best first, nothing outside the top-5 higher
+            assert np.all(np.diff(got) <= tol) and got[-1] >= stable_topk(want[q : q + 1], 5)[0][0, -1] - tol
+        manifest = json.loads((tmp_path / "ens.json").read_text())
+        assert manifest["ensemble"]["weights"] == [0.25, 0.75] and manifest["ensemble"]["rerank"]["method"] == rerank
+    bank.write_text("".join(bank.read_text().splitlines(keepends=True)[:5]))  # a bank cut from its lines: refused
+    argv = _predict_ens(world, path, tmp_path / "cut.jsonl", tmp_path / "cache")
+    assert "bank.jsonl changed since selection" in one_error_line(capsys, monkeypatch, predict.main, argv)[1]
 
 
 def test_flip_tta_submission_scores_what_selection_logged(world, ckpts, tmp_path, capsys, monkeypatch):

@@ -86,9 +86,10 @@ def test_officially_tolerated_quirks_score_the_same(tmp_path, caplog):
 
 
 GOLD = [{"text_id": 1, "image_ids": [5]}, {"text_id": 2, "image_ids": [6, 7]}]
-OK2 = {"text_id": 2, "image_ids": list(range(10, 20))}
+GOLD_I2T = [{"image_id": 7, "text_ids": [1]}, {"image_id": 8, "text_ids": [2]}]
+OK2, OK8 = {"text_id": 2, "image_ids": list(range(10, 20))}, {"image_id": 8, "text_ids": list(range(10))}
 MALFORMED = {
-    # name: (submission lines, words our message must contain)
+    # name: (submission lines (None: no file), words our message must contain[, the gold])
     "unparsable": (['{"text_id": 1, "image_ids": [1,2', OK2], ["line 1", "cannot be parsed"]),
     "blank line": ([{"text_id": 1, "image_ids": list(range(10))}, "", OK2], ["line 2", "cannot be parsed"]),
     "not an object": ([[1, 2, 3], OK2], ["line 1", "not an object"]),
@@ -107,79 +108,51 @@ MALFORMED = {
     "too few ids": ([{"text_id": 1, "image_ids": list(range(9))}, OK2], ["text_id 1", "9 image_ids", "exactly 10"]),
     "too many ids": ([{"text_id": 1, "image_ids": list(range(11))}, OK2], ["text_id 1", "11 image_ids"]),
     "duplicate ids": ([{"text_id": 1, "image_ids": [0, 1, 2, 3, 4, 5, 6, 7, 8, 3]}, OK2], ["text_id 1", "repeat 3"]),
+    "two problems": (
+        [{"text_id": 1, "image_ids": [1] * 10}, {"text_id": 2, "image_ids": [1]}],
+        ["and 1 more problems"],
+    ),
     "missing texts": ([OK2], ["1 text ids", "no prediction: 1"]),
     "empty file": ([], ["2 text ids", "no prediction"]),
+    "no file": (None, ["not found"]),
+    "bad gold": ([OK2], ["gold", "line 1"], [{"text_id": 1}]),
+    "i2t missing image": ([{"image_id": 7, "text_ids": list(range(10))}], ["no prediction: 8"], GOLD_I2T),
+    "i2t duplicate ids": ([{"image_id": 7, "text_ids": [1] * 10}, OK8], ["image_id 7", "repeat 1"], GOLD_I2T),
+    "i2t string id": ([{"image_id": "7", "text_ids": list(range(10))}, OK8], ["image_id '7'"], GOLD_I2T),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_malformed_rejected_like_official(tmp_path, kind):
-    lines, words = MALFORMED[kind]
-    g, p = write_lines(tmp_path / "gold.jsonl", GOLD), write_lines(tmp_path / "pred.jsonl", lines)
-    if kind == "empty file":
-        p.write_text("")
-    up = json.loads(official(g, p, tmp_path / "official.json"))
+    lines, words, gold = (*MALFORMED[kind], GOLD)[:3]
+    g, p = write_lines(tmp_path / "gold.jsonl", gold), tmp_path / "pred.jsonl"
+    if lines is not None:
+        write_lines(p, lines)
+    up = json.loads(official(g, p, tmp_path / "official.json", "i2t" if "image_id" in gold[0] else "t2i"))
     got, err = ours(g, p, tmp_path / "ours.json")
     res = json.loads(got)
     assert up["success"] is False and res["success"] is False
     assert list(res) == list(up) and res["score"] == up["score"] == 0 and res["scoreJson"] == {}
     assert err is not None and all(w in res["errorMsg"] for w in words), res["errorMsg"]
+    assert kind != "two problems" or "text_id 1" in res["errorDetail"] and "text_id 2" in res["errorDetail"]
 
 
-def test_all_problems_listed_in_detail(tmp_path):
-    g = write_lines(tmp_path / "gold.jsonl", GOLD)
-    p = write_lines(tmp_path / "pred.jsonl", [{"text_id": 1, "image_ids": [1] * 10}, {"text_id": 2, "image_ids": [1]}])
-    res = json.loads(ours(g, p, tmp_path / "o.json")[0])
-    assert "and 1 more problems" in res["errorMsg"]
-    assert "text_id 1" in res["errorDetail"] and "text_id 2" in res["errorDetail"]
-
-
-def test_i2t_malformed_rejected_like_official(tmp_path):
-    gold = [{"image_id": 7, "text_ids": [1]}, {"image_id": 8, "text_ids": [2]}]
-    g = write_lines(tmp_path / "gold.jsonl", gold)
-    eight = {"image_id": 8, "text_ids": list(range(10))}
-    for lines, word in [
-        ([{"image_id": 7, "text_ids": list(range(10))}], "no prediction: 8"),
-        ([{"image_id": 7, "text_ids": [1] * 10}, eight], "image_id 7"),
-        ([{"image_id": "7", "text_ids": list(range(10))}, eight], "image_id '7'"),
-    ]:
-        p = write_lines(tmp_path / "pred.jsonl", lines)
-        assert json.loads(official(g, p, tmp_path / "up.json", "i2t"))["success"] is False
-        res = json.loads(ours(g, p, tmp_path / "o.json")[0])
-        assert res["success"] is False and word in res["errorMsg"]
-
-
-def test_missing_files_and_bad_gold(tmp_path):
-    g = write_lines(tmp_path / "gold.jsonl", GOLD)
-    res = json.loads(ours(g, tmp_path / "nope.jsonl", tmp_path / "o.json")[0])
-    assert res["success"] is False and "not found" in res["errorMsg"]
-    bad = write_lines(tmp_path / "bad_gold.jsonl", [{"text_id": 1}])
-    p = write_lines(tmp_path / "pred.jsonl", [OK2])
-    assert json.loads(official(bad, p, tmp_path / "up.json"))["success"] is False
-    res = json.loads(ours(bad, p, tmp_path / "o.json")[0])
-    assert res["success"] is False and "gold" in res["errorMsg"] and "line 1" in res["errorMsg"]
-
-
-def test_check_without_answers(tmp_path, capsys):
+def test_check_without_answers_reads_query_ids_as_the_official_script_reads_gold(tmp_path, capsys):
+    """--texts: the test texts, or the answers themselves (no text field, a repeated text_id: the official reader
+    keeps the later line): the submission the official script accepts against that gold passes --check too."""
     texts = write_lines(tmp_path / "test_texts.jsonl", [{"text_id": 1, "text": "a"}, {"text_id": 2, "text": "b"}])
     good = write_lines(tmp_path / "good.jsonl", [{"text_id": 1, "image_ids": list(range(10))}, OK2])
     summary = main(["--check", str(good), "--texts", str(texts)])
     assert summary["success"] is True and summary["queries"] == 2
     assert json.loads(capsys.readouterr().out)["success"] is True
+    gold = write_lines(tmp_path / "gold.jsonl", [*GOLD, {"text_id": 2, "image_ids": [8]}])
+    assert json.loads(official(gold, good, tmp_path / "up.json"))["success"] is True
+    assert main(["--check", str(good), "--texts", str(gold)])["queries"] == 2
     bad = write_lines(tmp_path / "bad.jsonl", [{"text_id": 1, "image_ids": list(range(9))}, OK2])
     with pytest.raises(SolutionError, match="text_id 1 .*9 image_ids"):
         main(["--check", str(bad), "--texts", str(texts)])
     with pytest.raises(SolutionError, match="--texts"):
         main(["--check", str(good)])
-
-
-def test_check_reads_query_ids_as_the_official_script_reads_gold(tmp_path):
-    """--texts may be the answers themselves: no text field, a repeated text_id (the official reader keeps the
-    later line). The submission the official script accepts against that gold passes --check too."""
-    gold = write_lines(tmp_path / "gold.jsonl", [*GOLD, {"text_id": 2, "image_ids": [8]}])
-    good = write_lines(tmp_path / "good.jsonl", [{"text_id": 1, "image_ids": list(range(10))}, OK2])
-    assert json.loads(official(gold, good, tmp_path / "up.json"))["success"] is True
-    assert main(["--check", str(good), "--texts", str(gold)])["queries"] == 2
 
 
 def test_shell_wrapper_exits_2_with_one_error_line_and_writes_the_result(tmp_path):

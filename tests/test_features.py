@@ -68,7 +68,7 @@ def _run(data, ckpt, out, *extra, fmt="npy"):
     )
 
 
-def test_prompt_checkpoint_extracts_with_its_prompt(data, tmp_path, caplog):
+def test_prompt_checkpoint_extracts_with_its_prompt_in_both_formats(data, tmp_path, caplog):
     model, cfg = _checkpoint(tmp_path / "ckpt.pt")
     _run(data, tmp_path / "ckpt.pt", tmp_path / "a")
     txt, img = load_features(tmp_path / "a/txt.npy", "text"), load_features(tmp_path / "a/img.npy", "image")
@@ -78,25 +78,20 @@ def test_prompt_checkpoint_extracts_with_its_prompt(data, tmp_path, caplog):
     assert img.ids.tolist() == LMDBSplit(data / "lmdb/valid").image_ids() and img.ids[-1] == 99  # key order
     np.testing.assert_allclose(img.feats, encode_images(model, data / "lmdb/valid", cfg)[1], atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(img.feats, axis=1), 1, atol=1e-5)
+    r = _run(data, tmp_path / "ckpt.pt", tmp_path / "j", "--cache-dir", str(tmp_path / "a/cache"), fmt="jsonl")
+    assert r["image"]["cache"] == "hit" and (tmp_path / "j/img.meta.json").is_file()  # cn_clip's JSON lines
+    first = json.loads((tmp_path / "j/img.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"image_id", "feature"} and isinstance(first["image_id"], int) and len(first["feature"]) == 64
+    for kind, name in (("image", "img"), ("text", "txt")):
+        x, y = load_features(tmp_path / f"a/{name}.npy", kind), load_features(tmp_path / f"j/{name}.jsonl", kind)
+        assert x.ids.tolist() == y.ids.tolist()
+        np.testing.assert_array_equal(x.feats, y.feats)  # float32 round-trips through JSON exactly
     _run(data, tmp_path / "ckpt.pt", tmp_path / "b", "--prompt", "")  # the stored prompt matters
     plain = load_features(tmp_path / "b/txt.npy", "text").feats
     assert "text_prompt is" in caplog.text and "on the command line" in caplog.text
     no_prompt = ModelConfig.from_dict({**cfg.to_dict(), "text_prompt": ""})
     assert np.abs(plain - txt.feats).max() > 1e-3
     np.testing.assert_allclose(plain, encode_texts(model, TEXTS, no_prompt), atol=1e-6)
-
-
-def test_jsonl_format_is_cn_clip_compatible(data, tmp_path):
-    _checkpoint(tmp_path / "ckpt.pt")
-    _run(data, tmp_path / "ckpt.pt", tmp_path / "n")
-    r = _run(data, tmp_path / "ckpt.pt", tmp_path / "j", "--cache-dir", str(tmp_path / "n/cache"), fmt="jsonl")
-    assert r["image"]["cache"] == "hit" and (tmp_path / "j/img.meta.json").is_file()
-    first = json.loads((tmp_path / "j/img.jsonl").read_text().splitlines()[0])
-    assert set(first) == {"image_id", "feature"} and isinstance(first["image_id"], int) and len(first["feature"]) == 64
-    for kind, name in (("image", "img"), ("text", "txt")):
-        x, y = load_features(tmp_path / f"n/{name}.npy", kind), load_features(tmp_path / f"j/{name}.jsonl", kind)
-        assert x.ids.tolist() == y.ids.tolist()
-        np.testing.assert_array_equal(x.feats, y.feats)  # float32 round-trips through JSON exactly
 
 
 def test_image_cache_hit_and_invalidation(data, tmp_path, monkeypatch):
@@ -113,13 +108,18 @@ def test_image_cache_hit_and_invalidation(data, tmp_path, monkeypatch):
     np.testing.assert_array_equal(load_features(tmp_path / "o/img.npy", "image").feats, first)
     _checkpoint(tmp_path / "ckpt.pt", seed=1)  # same architecture, other weights: the cache must not answer
     assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o")["image"]["cache"] == "miss" and len(calls) == 3
-    assert np.abs(load_features(tmp_path / "o/img.npy", "image").feats - first).max() > 1e-3
+    second = load_features(tmp_path / "o/img.npy", "image")
+    assert np.abs(second.feats - first).max() > 1e-3
     model, cfg = _checkpoint(tmp_path / "ckpt2.pt", seed=1, prompt="")  # another text tower and prompt: a hit
     sd = model.state_dict()
     sd["bert.embeddings.word_embeddings.weight"] = sd["bert.embeddings.word_embeddings.weight"] + 0.1
     save_checkpoint(tmp_path / "ckpt2.pt", sd, cfg)
     assert _run(data, tmp_path / "ckpt2.pt", tmp_path / "o")["image"]["cache"] == "hit" and len(calls) == 3
-    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o", "--no-cache")["image"]["cache"] == "off" and len(calls) == 4
+    workers = ("--no-cache", "--num-workers", "1", "--img-batch-size", "5")  # a loader worker: the same features
+    assert _run(data, tmp_path / "ckpt.pt", tmp_path / "o", *workers)["image"]["cache"] == "off" and len(calls) == 4
+    got = load_features(tmp_path / "o/img.npy", "image")
+    assert got.ids.tolist() == second.ids.tolist()
+    np.testing.assert_allclose(got.feats, second.feats, atol=1e-6)
 
 
 def test_validation_score_reaches_the_manifest(data, tmp_path):
@@ -143,19 +143,6 @@ def test_validation_score_reaches_the_manifest(data, tmp_path):
     _checkpoint(tmp_path / "best.pt", metrics={"r1": 7.0, "r5": 8.0, "r10": 9.0, "mean_recall": 8.0, "step": 10})
     _run(data, tmp_path / "best.pt", tmp_path / "o2")  # the trainer's best.pt carries its record under "metrics"
     assert load_features(tmp_path / "o2/img.npy", "image").meta["validation"]["mean_recall"] == 8.0
-
-
-def test_workers_give_the_same_features(data, tmp_path):
-    model, cfg = _checkpoint(tmp_path / "ckpt.pt")
-    out = tmp_path / "w/img.npy"
-    main(
-        f"--extract-image-feats --image-data {data}/lmdb/valid/imgs --resume {tmp_path}/ckpt.pt"
-        f" --image-feat-output-path {out} --num-workers 1 --img-batch-size 5 --no-cache --no-progress".split()
-    )
-    ids, ref = encode_images(model, data / "lmdb/valid", cfg)
-    got = load_features(out, "image")
-    assert got.ids.tolist() == ids.tolist()
-    np.testing.assert_allclose(got.feats, ref, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument")

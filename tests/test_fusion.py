@@ -36,9 +36,8 @@ def test_normalised_fusion_matches_the_definition(norm, temperature):
     members = _int_members(rng, 11, 15)
     members[0][0][0] = 0.0  # a constant row of scores
     want = fused(members, [2, 1], norm, temperature)
-    got_s, got_i = rerank_topk(
-        members, 6, [2, 1], norm=norm, norm_temperature=temperature, chunk_size=4, dtype=torch.float64
-    )
+    kw = dict(norm=norm, norm_temperature=temperature, chunk_size=4, dtype=torch.float64)
+    got_s, got_i = rerank_topk(members, 6, [2, 1], **kw)
     assert np.array_equal(got_i, stable_topk(want, 6)[1])
     np.testing.assert_allclose(got_s, stable_topk(want, 6)[0], rtol=1e-12, atol=1e-12)
 
@@ -48,9 +47,8 @@ def test_zscore_of_constant_rows_is_zero_and_of_exact_rows_exact():
     assert np.mean([0.1] * 3) != 0.1
     s, i = rerank_topk([(np.array([[0.1]]), np.ones((3, 1)))], 3, norm="zscore", dtype=torch.float64)
     assert np.array_equal(s, np.zeros((1, 3))) and i.tolist() == [[0, 1, 2]]
-    s, i = rerank_topk(
-        [(np.array([[1.0]]), np.array([[0.0], [0.0], [4.0], [4.0]]))], 4, norm="zscore", dtype=torch.float64
-    )
+    exact = [(np.array([[1.0]]), np.array([[0.0], [0.0], [4.0], [4.0]]))]
+    s, i = rerank_topk(exact, 4, norm="zscore", dtype=torch.float64)
     assert s.tolist() == [[1.0, 1.0, -1.0, -1.0]] and i.tolist() == [[2, 3, 0, 1]]
 
 
@@ -60,9 +58,8 @@ def test_dual_softmax_matches_the_definition(chunk):
     q, g, bank = rng.normal(size=(10, 4)), rng.normal(size=(14, 4)), rng.normal(size=(6, 4))
     s, temp = q @ g.T, 0.3
     for want, bank_arg in ((dual_softmax(s, s, temp), None), (dual_softmax(s, bank @ g.T, temp), [(bank, g)])):
-        got_s, got_i = rerank_topk(
-            [(q, g)], 5, method="dual_softmax", temperature=temp, bank=bank_arg, chunk_size=chunk, dtype=torch.float64
-        )
+        kw = dict(method="dual_softmax", temperature=temp, bank=bank_arg, chunk_size=chunk, dtype=torch.float64)
+        got_s, got_i = rerank_topk([(q, g)], 5, **kw)
         assert np.array_equal(got_i, stable_topk(want, 5)[1])
         np.testing.assert_allclose(got_s, stable_topk(want, 5)[0], rtol=1e-12)
 
@@ -76,16 +73,8 @@ def test_qb_norm_matches_the_reference_procedure(bank_topk, chunk):
     want = qb_norm(q @ g.T, bank @ g.T, 0.5, bank_topk)
     if bank_topk is not None:
         assert (want == q @ g.T).all(axis=1).any()  # some rows keep their fused scores
-    got_s, got_i = rerank_topk(
-        [(q, g)],
-        6,
-        method="qb_norm",
-        temperature=0.5,
-        bank=[(bank, g)],
-        bank_topk=bank_topk,
-        chunk_size=chunk,
-        dtype=torch.float64,
-    )
+    kw = dict(method="qb_norm", temperature=0.5, bank=[(bank, g)], bank_topk=bank_topk, chunk_size=chunk)
+    got_s, got_i = rerank_topk([(q, g)], 6, dtype=torch.float64, **kw)
     assert np.array_equal(got_i, stable_topk(want, 6)[1])
     np.testing.assert_allclose(got_s, stable_topk(want, 6)[0], rtol=1e-12, atol=1e-12)
 

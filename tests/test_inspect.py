@@ -90,17 +90,15 @@ def shown(driver, selector=".q"):
 
 
 @pytest.mark.xdist_group("browser")
-def test_page_in_chromium(valid, tmp_path, browser, caplog):
-    gold, texts, imgs, gallery, queries = valid
-    preds = write_submission(tmp_path / "a.jsonl", gold, gallery, seed=0, missing=True)
-    out = tmp_path / "inspect" / "a.html"
-    main(
-        ["--submission", str(tmp_path / "a.jsonl"), "--texts", str(texts), "--image-data", str(imgs)]
-        + ["--output", str(out)]
-    )
-    assert "1 image ids are missing" in caplog.text
-    open_page(browser, out)
+def test_page_and_its_comparison_in_chromium(valid, tmp_path, browser, caplog):
+    from selenium.webdriver.support.ui import Select
 
+    gold, texts, imgs, gallery, queries = valid
+    data = ["--texts", str(texts), "--image-data", str(imgs)]
+    preds = write_submission(tmp_path / "a.jsonl", gold, gallery, seed=0, missing=True)
+    main(["--submission", str(tmp_path / "a.jsonl"), *data, "--output", str(tmp_path / "inspect" / "a.html")])
+    assert "1 image ids are missing" in caplog.text
+    open_page(browser, tmp_path / "inspect" / "a.html")
     first = "document.querySelector('.q .ranked')"
     widths = browser.execute_script(f"return [...{first}.querySelectorAll('img')].map(i => i.naturalWidth)")
     assert len(widths) == 10 and all(w > 0 for w in widths)
@@ -109,32 +107,21 @@ def test_page_in_chromium(valid, tmp_path, browser, caplog):
     assert shown(browser, ".ph") == [f"image {MISSING_ID} missing"]
     golds = browser.execute_script("return document.querySelectorAll('.ranked .gold').length")
     assert golds == sum(len(set(ids) & set(gold[q])) for q, ids in preds.items())
-
     word = next(w for w in ("五角星", "圆形", "三角形", "红色") if 0 < sum(w in t for t in queries) < len(queries))
     browser.find_element("id", "filter").send_keys(word)
     texts_shown = shown(browser, ".qtext")
     assert len(texts_shown) == sum(word in t for t in queries) and all(word in t for t in texts_shown)
 
-
-@pytest.mark.xdist_group("browser")
-def test_against_in_chromium(valid, tmp_path, browser):
-    from selenium.webdriver.support.ui import Select
-
-    gold, texts, imgs, gallery, _ = valid
-    a = write_submission(tmp_path / "a.jsonl", gold, gallery, seed=1)
+    a = write_submission(tmp_path / "a.jsonl", gold, gallery, seed=1)  # --against B: what B fixed and broke
     b = write_submission(tmp_path / "b.jsonl", gold, gallery, seed=2)
     va, vb = oracle_values(a, gold), oracle_values(b, gold)
     fixed, broken = sum(vb[q] > va[q] for q in gold), sum(vb[q] < va[q] for q in gold)
     assert fixed and broken
-    out = tmp_path / "ab.html"
-    summary = main(
-        ["--submission", str(tmp_path / "a.jsonl"), "--against", str(tmp_path / "b.jsonl")]
-        + ["--texts", str(texts), "--image-data", str(imgs), "--output", str(out)]
-    )
+    against = ["--submission", str(tmp_path / "a.jsonl"), "--against", str(tmp_path / "b.jsonl")]
+    summary = main([*against, *data, "--output", str(tmp_path / "ab.html")])
     diff = 100 * np.mean([vb[q] - va[q] for q in gold], dtype=np.float64)
     assert summary["against"]["diff"] == pytest.approx(diff, abs=1e-9)  # B - A, not A - B
-    open_page(browser, out)
-
+    open_page(browser, tmp_path / "ab.html")
     assert browser.find_element("id", "fixed").text == str(fixed)
     assert browser.find_element("id", "broken").text == str(broken)
     assert browser.execute_script("return document.querySelectorAll('.q')[0].querySelectorAll('.ranked').length") == 2
@@ -180,34 +167,31 @@ def test_size_each_image_once(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case, message",
+    "flag, name, message",  # the flag given a file of the test's folder
     [
-        ("no-submission", "submission file not found"),
-        ("other-texts", "text ids are not in the texts"),
-        ("nine-ids", "exactly 10 are required"),
-        ("no-answers", "pass --answers"),
-        ("no-lmdb", "not an LMDB split"),
-        ("output-is-input", "refusing to overwrite"),
+        ("--submission", "nothing.jsonl", "submission file not found"),
+        ("--submission", "other.jsonl", "text ids are not in the texts"),
+        ("--submission", "nine.jsonl", "exactly 10 are required"),
+        ("--texts", "test_texts.jsonl", "pass --answers"),  # texts without answers
+        ("--image-data", "lmdb/valid/imgs", "not an LMDB split"),
+        ("--output", "a.jsonl", "refusing to overwrite"),  # the submission
     ],
 )
-def test_refusals(valid, world, tmp_path, capsys, monkeypatch, case, message):
+def test_refusals(valid, world, tmp_path, capsys, monkeypatch, flag, name, message):
     gold, texts, imgs, gallery, _ = valid
-    sub = tmp_path / "a.jsonl"
-    preds = write_submission(sub, gold, gallery, seed=0)
-    argv = {"--submission": sub, "--texts": texts, "--image-data": imgs, "--output": tmp_path / "a.html"}
+    preds = write_submission(tmp_path / "a.jsonl", gold, gallery, seed=0)
     q = next(iter(preds))
-    if case == "no-submission":
-        argv["--submission"] = tmp_path / "nothing.jsonl"
-    elif case == "other-texts":
-        sub.write_text(sub.read_text() + json.dumps({"text_id": 1, "image_ids": preds[q]}) + "\n")
-    elif case == "nine-ids":
-        sub.write_text(json.dumps({"text_id": q, "image_ids": preds[q][:9]}) + "\n")
-    elif case == "no-answers":
-        argv["--texts"] = world.data / "test_texts.jsonl"
-    elif case == "no-lmdb":
-        argv["--image-data"] = tmp_path / "lmdb" / "valid" / "imgs"
-    else:
-        argv["--output"] = sub
+    extra = json.dumps({"text_id": 1, "image_ids": preds[q]}) + "\n"
+    (tmp_path / "other.jsonl").write_text((tmp_path / "a.jsonl").read_text() + extra)
+    (tmp_path / "nine.jsonl").write_text(json.dumps({"text_id": q, "image_ids": preds[q][:9]}) + "\n")
+    shutil.copy(world.data / "test_texts.jsonl", tmp_path)
+    argv = {
+        "--submission": tmp_path / "a.jsonl",
+        "--texts": texts,
+        "--image-data": imgs,
+        "--output": tmp_path / "a.html",
+    }
+    argv[flag] = tmp_path / name
     code, line = one_error_line(capsys, monkeypatch, main, [str(x) for kv in argv.items() for x in kv])
     assert code == 2 and message in line, line
     assert not (tmp_path / "a.html").exists()

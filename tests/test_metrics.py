@@ -1,4 +1,5 @@
-"""Recall against the official script (exact float equality), top-k against a float64 brute force."""
+"""Recall against the official script (exact float equality), per-query hits by definition, top-k against a float64
+brute force."""
 
 import json
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from cn_clip.eval.evaluation import compute_score  # the official arithmetic, as referee
 from oracles import stable_topk
+from test_evaluate import random_case
 
-from solution.retrieval.metrics import present_gold, recall_at_k, topk
+from solution.retrieval.metrics import mean_recall, per_query_recall, present_gold, query_hits, recall_at_k, topk
 
 
 def test_recall_thirds_are_the_officials_to_the_last_digit(tmp_path):
@@ -37,6 +39,25 @@ def test_recall_brute_force_semantics():
     assert r["mean_recall"] == ((1 / 3 + 2 / 3 + 1.0) / 3) * 100
     with pytest.raises(ValueError):
         recall_at_k(preds, {})
+
+
+def test_query_hits_by_definition():
+    preds = [[5, 1, 2, 3, 4, 6, 7, 8, 9, 10], [0, 1, 2, 3, 4, 6, 7, 8, 9, 5], list(range(20, 30))]
+    gold = [{5}, {5, 99}, {5}]
+    assert query_hits(preds, gold).tolist() == [[True, True, True], [False, False, True], [False, False, False]]
+    assert per_query_recall(query_hits(preds, gold)).tolist() == [1.0, 1 / 3, 0.0]
+    by_id = query_hits({7: preds[1], 3: preds[0]}, {3: gold[0], 7: gold[1]})  # rows in gold's order
+    assert by_id.tolist() == [[True, True, True], [False, False, True]]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mean_recall_of_hits_equals_recall_at_k_exactly(seed):
+    rng = np.random.default_rng(seed)
+    gold, preds = random_case(rng, "t2i", int(rng.integers(1, 80)))
+    gold, preds = ({r["text_id"]: r["image_ids"] for r in rows} for rows in (gold, preds))
+    hits = query_hits(preds, gold)
+    assert mean_recall(hits) == recall_at_k(preds, gold)["mean_recall"]  # exact float equality
+    assert abs(100 * per_query_recall(hits).mean() - mean_recall(hits)) < 1e-9
 
 
 @pytest.mark.parametrize("k,chunk", [(1, 1), (5, 3), (10, 7), (10, 1000), (25, 4), (40, 16)])

@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from test_search import FAKE_TRAINER, child_config, fake_config, wait_for
+from test_search import FAKE_TRAINER, WORKER, child_config, fake_config, wait_for
 
 from solution.common import SolutionError
 from solution.studies.gpus import GpuPool, gpu_pool
@@ -134,12 +134,8 @@ def test_a_child_that_outlives_its_killed_worker_keeps_its_gpus(tmp_path):
     raw = child_config(tmp_path, "-", n_trials=1, launcher=[sys.executable, "-c", orphan_code])
     raw.update(gpus_per_trial=1, gpus="0", gpu_lease_dir=str(tmp_path / "leases"))
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "solution.search", "--config", str(tmp_path / "s.yaml")],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}  # the worker needs no torch to count GPUs
+    worker = subprocess.Popen([*WORKER, str(tmp_path / "s.yaml")], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
     started = tmp_path / "started"
     wait_for(lambda: started.exists() and started.read_text(), worker, 120, "the trial's child")
     orphan = int(started.read_text())

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_search import fake_train, two_workers_one_killed  # noqa: F401 (fake_train is a fixture)
+from test_search import fake_train, worker_killed_mid_trial  # noqa: F401 (fake_train is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -60,4 +60,4 @@ def postgres_url():
 
 
 def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, fake_train, postgres_url):  # noqa: F811
-    two_workers_one_killed(tmp_path, fake_train[1], postgres_url)
+    worker_killed_mid_trial(tmp_path, *fake_train, postgres_url)

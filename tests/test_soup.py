@@ -68,7 +68,7 @@ def three(world):
     return [a / "epoch_1.pt", a / "epoch_3.pt", b / "epoch_2.pt"]
 
 
-def test_greedy_keeps_only_strict_gains_from_the_best_single_and_aliases_are_used_once(souped):
+def test_greedy_keeps_only_strict_gains_pairwise_merges_the_best_two_while_it_gains_aliases_used_once(souped):
     out, summary, _ = souped
     rows = _rows(out / "greedy")
     singles = [r for r in rows if r["method"] == "ingredient"]
@@ -89,6 +89,21 @@ def test_greedy_keeps_only_strict_gains_from_the_best_single_and_aliases_are_use
         assert r["kept"] == (r["mean_recall"] > best)
         best = max(best, r["mean_recall"])
     assert summary["soups"]["greedy"]["mean_recall"] == best
+    rows = _rows(out / "pairwise")  # pairwise: the two best merged while the merge beats the worse
+    pool = {r["members"][0]: r["mean_recall"] for r in rows if r["method"] == "ingredient"}
+    rounds = [r for r in rows if r["method"] == "pairwise"]
+    assert rounds
+    for i, r in enumerate(rounds, 1):
+        ranked = sorted(pool.values(), reverse=True)
+        assert r["round"] == i and sorted(r["pair_scores"], reverse=True) == ranked[:2]
+        assert r["kept"] == (r["mean_recall"] > min(r["pair_scores"]))
+        if not r["kept"]:
+            assert i == len(rounds)  # a merge at or below both members ends the search
+            break
+        assert (out / "pairwise" / f"merged_round{i}.pt").is_file()  # named in the log relative to its folder
+        del pool[r["pair"][1]]
+        pool[f"merged_round{i}.pt"] = r["mean_recall"]
+    assert read_checkpoint(out / "pairwise" / "soup.pt")["recipe"]["score"]["mean_recall"] == max(pool.values())
 
 
 def test_each_soup_holds_the_average_its_log_names(souped, world):
@@ -120,25 +135,6 @@ def test_each_soup_holds_the_average_its_log_names(souped, world):
     assert summary["soups"][summary["method"]]["mean_recall"] == max(
         s["mean_recall"] for s in summary["soups"].values()
     )
-
-
-def test_pairwise_merges_the_two_best_while_the_merge_beats_the_worse(souped):
-    out, _, _ = souped
-    rows = _rows(out / "pairwise")
-    pool = {r["members"][0]: r["mean_recall"] for r in rows if r["method"] == "ingredient"}
-    rounds = [r for r in rows if r["method"] == "pairwise"]
-    assert rounds
-    for i, r in enumerate(rounds, 1):
-        ranked = sorted(pool.values(), reverse=True)
-        assert r["round"] == i and sorted(r["pair_scores"], reverse=True) == ranked[:2]
-        assert r["kept"] == (r["mean_recall"] > min(r["pair_scores"]))
-        if not r["kept"]:
-            assert i == len(rounds)  # a merge at or below both members ends the search
-            break
-        assert (out / "pairwise" / f"merged_round{i}.pt").is_file()  # named in the log relative to its folder
-        del pool[r["pair"][1]]
-        pool[f"merged_round{i}.pt"] = r["mean_recall"]
-    assert read_checkpoint(out / "pairwise" / "soup.pt")["recipe"]["score"]["mean_recall"] == max(pool.values())
 
 
 def test_model_stock_interpolates_each_tensor_with_the_start_by_the_fine_tunes_angle(world, tmp_path):
@@ -270,26 +266,15 @@ def test_streamed_one_checkpoint_at_a_time_identical_files_used_once(three, monk
     assert summary["soups"]["uniform"]["members"] == [str(tmp_path / "r" / "epoch_1.pt"), *map(str, three[1:])]
 
 
-@pytest.mark.parametrize("what", ["context_length", "text_prompt", "architecture"])
-def test_mismatched_ingredients_are_refused_before_any_work(three, world, what, monkeypatch, tmp_path):
-    odd = tmp_path / "odd.pt"
-    if what == "architecture":
-        info = dict(world.config.model_info)
-        keys = ("embed_dim", "image_resolution", "vision_width", "vision_patch_size", "vision_head_width")
-        (tmp_path / "ViT-Tiny1.json").write_text(json.dumps({**{k: info[k] for k in keys}, "vision_layers": 1}))
-        monkeypatch.setattr("solution.model.registry.EXTRA_CONFIG_DIRS", (tmp_path,))
-        other = ModelConfig("ViT-Tiny1", "RBT-Tiny", context_length=32)
-        save_checkpoint(odd, build_model(other).state_dict(), other)
-    else:
-        kw = {"context_length": 24} if what == "context_length" else {"context_length": 32, "text_prompt": "图："}
-        save_checkpoint(odd, read_checkpoint(three[1])["state_dict"], ModelConfig("ViT-Tiny", "RBT-Tiny", **kw))
-    with pytest.raises(SolutionError) as e:
-        run("--checkpoints", *three, odd, "--method", "uniform", "--output", tmp_path / "out", "--no-score")
-    assert "odd.pt" in str(e.value) and ("ViT-Tiny1" if what == "architecture" else what) in str(e.value)
-    assert not (tmp_path / "out").exists()
-
-
-def test_bad_inputs_are_one_clear_error_before_any_work(three, world, tmp_path):
+def test_bad_inputs_are_one_clear_error_before_any_work(three, world, tmp_path, monkeypatch):
+    info = dict(world.config.model_info)  # ingredients of another architecture, context length and prompt
+    keys = ("embed_dim", "image_resolution", "vision_width", "vision_patch_size", "vision_head_width")
+    (tmp_path / "ViT-Tiny1.json").write_text(json.dumps({**{k: info[k] for k in keys}, "vision_layers": 1}))
+    monkeypatch.setattr("solution.model.registry.EXTRA_CONFIG_DIRS", (tmp_path,))
+    other = ModelConfig("ViT-Tiny1", "RBT-Tiny", context_length=32)
+    save_checkpoint(tmp_path / "arch.pt", build_model(other).state_dict(), other)
+    for name, kw in (("ctx", {"context_length": 24}), ("prompt", {"context_length": 32, "text_prompt": "图："})):
+        save_checkpoint(tmp_path / f"{name}.pt", _sd(three[1]), ModelConfig("ViT-Tiny", "RBT-Tiny", **kw))
     (tmp_path / "truncated.pt").write_bytes(three[0].read_bytes()[:5000])
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     torch.save({"weights": [1, 2]}, tmp_path / "other.pt")
@@ -301,6 +286,9 @@ def test_bad_inputs_are_one_clear_error_before_any_work(three, world, tmp_path):
     plain, scored = ["--method", "uniform", "--no-score", *out], ["--method", "greedy", *out]
     valid, imgonly, test_texts = world.lmdb("valid"), tmp_path / "imgonly", world.data / "test_texts.jsonl"
     cases = [
+        ([*three, tmp_path / "ctx.pt", *plain], "ctx.pt.*context_length"),
+        ([*three, tmp_path / "prompt.pt", *plain], "prompt.pt.*text_prompt"),
+        ([*three, tmp_path / "arch.pt", *plain], "arch.pt.*ViT-Tiny1"),
         ([tmp_path / "nothing" / "*.pt", *plain], "no checkpoint matches"),
         ([three[0], tmp_path / "truncated.pt", *plain], "truncated.pt is not a readable checkpoint"),
         ([tmp_path / "notes.pt", *plain], "notes.pt"),
@@ -383,14 +371,20 @@ def test_from_study_takes_the_top_complete_trials_the_best_can_be_souped_with(th
     (study / "trials.csv").write_text("number,state,value,run_dir,params_lr\n" + table)
     assert [p.parent.parent.name for p in ingredients.study_checkpoints(study, 2)] == ["0002", "0004"]
     assert "passing over trial 3" in caplog.text  # another prompt than the best trial's
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "trials.csv").write_text("number,state,value,run_dir\n0,FAIL,,x\n")
-    with pytest.raises(SolutionError, match="no complete trial"):
-        ingredients.study_checkpoints(tmp_path / "empty", 2)
+    bad = {"0,FAIL,,x\n": "no complete trial", "0,COMPLETE,high,x\n": "number and value must be numbers"}
+    bad['0,COMPLETE,"35.0,x\n1,COMPLETE,30,y\n'] = "trials.csv:2: malformed CSV"
+    for table, message in bad.items():
+        (study / "trials.csv").write_text("number,state,value,run_dir\n" + table)
+        with pytest.raises(SolutionError, match=message):
+            ingredients.study_checkpoints(study, 2)
+
+
+def _state(folder) -> dict:
+    return {p: p.is_file() and p.read_bytes() for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize(
-    "files, output, refused",
+    "files, output, refused",  # files in folder f ("x/": a folder; "*.pt": a copy of an ingredient, given as one)
     [
         (["params.json", "metrics.jsonl"], "", "is a run folder"),
         (["ensemble.json"], "", "is a ensemble folder"),
@@ -398,16 +392,26 @@ def test_from_study_takes_the_top_complete_trials_the_best_can_be_souped_with(th
         (["imgs/data.mdb"], "soup", "lies inside .*, an lmdb folder"),
         (["valid_texts.jsonl"], "soup", "lies inside .*, a data folder"),
         (["notes.txt"], "", "holds files but no soup"),
+        (["soup.pt/"], "", "holds files but no soup"),
+        (["notes.txt"], "notes.txt", "is a file, expected a folder"),
+        (["notes.txt"], "notes.txt/soup", "sits under .*, which is a file"),
+        (["soup.pt"], "", "soup.pt is one of the inputs"),
     ],
 )
-def test_an_output_of_another_kind_or_inside_data_is_refused_writing_nothing(three, tmp_path, files, output, refused):
+def test_an_output_that_cannot_be_a_soup_folder_is_refused_writing_nothing(three, tmp_path, files, output, refused):
     for name in files:
         (tmp_path / "f" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "f" / name).write_text("x")
-    before = sorted(tmp_path.rglob("*"))
+        if name.endswith("/"):
+            (tmp_path / "f" / name).mkdir()
+        elif name.endswith(".pt"):
+            shutil.copy(three[2], tmp_path / "f" / name)
+        else:
+            (tmp_path / "f" / name).write_text("x")
+    given = [tmp_path / "f" / n for n in files if n.endswith(".pt")]
+    before = _state(tmp_path)
     with pytest.raises(SolutionError, match=refused):
-        run("--checkpoints", *three[:2], "--method uniform --no-score --output", tmp_path / "f" / output)
-    assert sorted(tmp_path.rglob("*")) == before
+        run("--checkpoints", *three[:2], *given, "--method uniform --no-score --output", tmp_path / "f" / output)
+    assert _state(tmp_path) == before
 
 
 def test_a_second_soup_into_the_same_output_is_refused_naming_the_first(three, tmp_path, monkeypatch):
@@ -422,6 +426,8 @@ def test_a_second_soup_into_the_same_output_is_refused_naming_the_first(three, t
 
     monkeypatch.setattr(methods, "uniform", uniform)
     assert run(*argv)["soups"]["uniform"] and refused
+    with pytest.raises(SolutionError, match="every checkpoint matched lies inside the output folder"):
+        run("--checkpoints", tmp_path / "s" / "*.pt", *argv[3:])
 
 
 def test_a_kill_leaves_the_previous_folder_whole_and_damaged_hits_are_scored_again(souped, tmp_path, caplog):
