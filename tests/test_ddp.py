@@ -27,6 +27,7 @@ from solution.training.state import to_cpu
 from solution.training.step import clip_loss
 from solution.training.trainer import main
 
+pytestmark = pytest.mark.xdist_group("ddp")  # one worker starts the two processes once
 TIMEOUT_S = 240  # a hang fails here; the process group's own timeout is set far beyond it (10 min)
 # eps = 1 makes AdamW's update proportional to the gradient (~ SGD with momentum), so a wrongly
 # scaled gradient (e.g. x world size, or a micro-batch's gradient lost or counted twice) would show;
