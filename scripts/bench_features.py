@@ -105,6 +105,26 @@ def _ratio(summary: dict) -> dict:
     return {"ours_over_upstream": summary["median_ratio"], "spread": summary["spread"]}
 
 
+def common_argv(d: Path, precision: str, img_batch: int, text_batch: int) -> list[str]:
+    """The flags both extractors take over ``make_data``'s folder and its ``random.pt``."""
+    return [
+        "--image-data",
+        str(d / "lmdb/bench/imgs"),
+        "--text-data",
+        str(d / "bench_texts.jsonl"),
+        "--resume",
+        str(d / "random.pt"),
+        "--precision",
+        precision,
+        "--context-length",
+        "52",
+        "--img-batch-size",
+        str(img_batch),
+        "--text-batch-size",
+        str(text_batch),
+    ]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=32)
@@ -136,22 +156,7 @@ def main(argv=None) -> dict:
             f"{torch.get_num_threads()}",
             file=sys.stderr,
         )
-        common = [
-            "--image-data",
-            str(d / "lmdb/bench/imgs"),
-            "--text-data",
-            str(d / "bench_texts.jsonl"),
-            "--resume",
-            str(d / "random.pt"),
-            "--precision",
-            "fp32",
-            "--img-batch-size",
-            str(args.img_batch_size),
-            "--text-batch-size",
-            str(args.text_batch_size),
-            "--context-length",
-            "52",
-        ]
+        common = common_argv(d, "fp32", args.img_batch_size, args.text_batch_size)
 
         ours_argv = [
             "--extract-text-feats",

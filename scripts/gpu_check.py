@@ -475,24 +475,8 @@ def features_case(report, device, a, tmp: Path):
     torch.manual_seed(0)
     save_checkpoint(d / "random.pt", build_model(config).state_dict(), config)
     precision = "fp16" if device.type == "cuda" else "fp32"
-    common = [
-        "--image-data",
-        str(d / "lmdb/bench/imgs"),
-        "--text-data",
-        str(d / "bench_texts.jsonl"),
-        "--resume",
-        str(d / "random.pt"),
-        "--precision",
-        precision,
-        "--img-batch-size",
-        str(a.feat_batch),
-        "--text-batch-size",
-        str(a.feat_batch),
-        "--context-length",
-        "52",
-        "--extract-text-feats",
-        "--extract-image-feats",
-    ]
+    common = bench_features.common_argv(d, precision, a.feat_batch, a.feat_batch)
+    common += ["--extract-text-feats", "--extract-image-feats"]
     with timed(device) as tu:
         up_text, up_image = upstream_features(
             [
