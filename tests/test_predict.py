@@ -15,16 +15,14 @@ from solution.formats.hits import array_digest
 from solution.predict import main
 from solution.retrieval.rank import auto_chunk
 
-# runpy warns when another test file already imported the module it runs as __main__: harmless here.
-pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy's, harmless here
 
 
 @pytest.fixture
 def feats(tmp_path):
     rng = np.random.default_rng(0)
     texts, images = dyadic(rng, (23, 16)), dyadic(rng, (57, 16))
-    # Image 5, its exact copies 30-32 and text 7 are one vector of entries +-20/16: no other image scores as
-    # high for text 7 (|x.y| <= sum |x_i| |y_i|), so its top four are a 4-way tie, broken by row.
+    # Image 5, its copies 30-32 and text 7: one vector of entries +-20/16, so text 7's top four tie (broken by row).
     images[5] = rng.choice([-1.25, 1.25], 16)
     images[30:33] = images[5]
     texts[7] = images[5]
@@ -60,20 +58,11 @@ def test_t2i_matches_brute_force_and_manifest_from_either_format(feats):
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_identical_to_upstream_make_topk_predictions(feats, direction):
     d = feats[0]
-    _predict(d, f"ours_{direction}.jsonl", "--direction", direction, fmt="jsonl")
+    _predict(d, f"ours_{direction}.jsonl", "--direction", direction, "--chunk-size", "7", fmt="jsonl")
     module = "cn_clip.eval.make_topk_predictions" + ("" if direction == "t2i" else "_tr")
     flags = ["--top-k", "10", "--eval-batch-size", "16", "--output", d / "up.jsonl"]
     run_upstream_main(module, ["--image-feats", d / "img.jsonl", "--text-feats", d / "text.jsonl", *flags])
     assert (d / f"ours_{direction}.jsonl").read_bytes() == (d / "up.jsonl").read_bytes()
-
-
-def test_i2t_schema_and_chunk_independence(feats):
-    d, tids, t, iids, im = feats
-    for chunk in ("1", "7", "1000"):
-        _predict(d, f"i2t_{chunk}.jsonl", "--direction", "i2t", "--top-k", "5", "--chunk-size", chunk)
-    assert (d / "i2t_1.jsonl").read_bytes() == (d / "i2t_7.jsonl").read_bytes() == (d / "i2t_1000.jsonl").read_bytes()
-    rows = read_jsonl(d / "i2t_1.jsonl")
-    assert set(rows[0]) == {"image_id", "text_ids"} and [r["text_ids"] for r in rows] == ranked_ids(im, t, tids, 5)
 
 
 def test_mixed_checkpoints_only_when_allowed_and_stale_temporaries_removed(feats, capsys, monkeypatch):
@@ -100,7 +89,6 @@ def test_base_names_read_what_extraction_wrote(feats):
     d, tids, t, iids, im = feats
     save_features(d / "b" / "test_imgs", "image", iids, im, fmt="npy")
     save_features(d / "b" / "test_texts", "text", tids, t, fmt="jsonl")  # --format jsonl: JSON lines at the name
-    assert (d / "b" / "test_imgs.npy").is_file() and (d / "b" / "test_texts").is_file()
     main(f"--image-feats {d}/b/test_imgs --text-feats {d}/b/test_texts --output {d}/base.jsonl".split())
     _predict(d, "full.jsonl")
     assert (d / "base.jsonl").read_bytes() == (d / "full.jsonl").read_bytes()
@@ -119,10 +107,7 @@ BAD = {
     # name: (flags replacing the defaults, relative to the feature folder; words the one error line holds)
     "swapped npy": ("--image-feats text.npy --text-feats img.npy", "img.npy|holds image features|swapped"),
     "swapped jsonl": ("--image-feats text.jsonl --text-feats img.jsonl", "img.jsonl|holds image features|swapped"),
-    "swapped cn_clip jsonl": (
-        "--image-feats up_img.jsonl --text-feats up_img.jsonl",
-        "up_img.jsonl:1|holds image features",
-    ),
+    "swapped cn_clip": ("--image-feats up_img.jsonl --text-feats up_img.jsonl", "up_img.jsonl:1|holds image features"),
     "other widths": ("--image-feats narrow.npy", "16-d but image features 8-d"),
     "repeated ids": ("--image-feats dup.npy", "occur more than once"),
     "top-k above the gallery": ("--top-k 58", "only 57"),

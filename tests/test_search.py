@@ -43,8 +43,7 @@ FAKE_TRAINER = textwrap.dedent("""
 
     def main(argv=None, on_validation=None):
         p = argparse.ArgumentParser()
-        for flag, kind, default in (("--lr", float, 1e-3), ("--wd", float, 0.0), ("--max-steps", int, 4),
-                                    ("--sleep", float, 0.0), ("--text-prompt", str, "")):
+        for flag, kind, default in (("--lr", float, 1e-3), ("--max-steps", int, 4), ("--sleep", float, 0.0)):
             p.add_argument(flag, type=kind, default=default)
         p.add_argument("--logs", required=True)
         p.add_argument("--name", required=True)
@@ -59,8 +58,7 @@ FAKE_TRAINER = textwrap.dedent("""
             time.sleep(args.sleep)
             recall = 100 * (1 - math.exp(-step * args.lr * 100)) if args.lr < 0.1 else 1.0
             recall = math.nan if args.lr == 0.2 else recall
-            rec = {"step": step, "epoch": 0, "kind": "valid", "r1": recall, "r5": recall, "r10": recall,
-                   "mean_recall": recall}
+            rec = dict(step=step, epoch=0, kind="valid", **dict.fromkeys(("r1", "r5", "r10", "mean_recall"), recall))
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\\n" + json.dumps({**rec, "set": "general", "mean_recall": 0.0}) + "\\n")
             (run / "checkpoints" / "best.pt").write_bytes(b"x")
@@ -129,9 +127,6 @@ def _trials(raw: dict) -> list:
     return optuna.load_study(study_name=raw["name"], storage=make_storage(parse_config(raw))).trials
 
 
-# ---------------------------------------------------------------- config and flags
-
-
 def test_flags_from_base_and_params():
     cfg = parse_config(
         {
@@ -181,10 +176,7 @@ def test_flags_from_base_and_params():
         ({"timeout": True}, "timeout must be a positive number of seconds"),
         ({"timeout": float("nan")}, "timeout must be a positive number of seconds"),
         ({"space": {"lr": {"type": "float", "low": 0.1, "high": 1, "step": 0}}}, "step must be a positive number"),
-        (
-            {"space": {"lr": {"type": "float", "low": 0.1, "high": float("inf")}}},
-            r"low must be below high \(both finite",
-        ),
+        ({"space": {"lr": {"type": "float", "low": 0.1, "high": float("inf")}}}, r"below high \(both finite"),
         ({"launcher": "bash"}, "launcher must be a non-empty list"),
         ({"name": "../x"}, "name must be a plain folder name"),
         ({"gpus_per_trial": 2}, "gpus_per_trial 2 needs mode: subprocess"),
@@ -229,9 +221,6 @@ def test_shipped_configs_parse_and_the_trainer_accepts_their_trials():
     assert argv[argv.index("--max-steps") + 1] == "7" and "--lora-rank" not in argv and "--freeze-vision" not in argv
 
 
-# ---------------------------------------------------------------- the machinery, stand-in trainer
-
-
 @pytest.mark.filterwarnings("ignore:Fixed parameter")
 def test_search_records_prunes_survives_failures_and_nan_and_reports(tmp_path, fake_train):
     enqueue = [
@@ -244,19 +233,15 @@ def test_search_records_prunes_survives_failures_and_nan_and_reports(tmp_path, f
     summary = run_search(parse_config(raw), fake_train[0])
     study = tmp_path / "out" / "s"
     df = pd.read_csv(study / "trials.csv")
-    assert summary["n_trials"] == 4 and summary["complete"] == (df["state"] == "COMPLETE").sum() >= 1
-    assert list(df.columns[:4]) == ["number", "state", "value", "run_dir"]
-    assert {"params_lr", "params_freeze-vision"} <= set(df.columns)
-    assert list(df["state"]) == ["COMPLETE", "PRUNED", "FAIL", "FAIL"] and df.loc[1, "pruned_at"] == 1
-    assert (
-        df.loc[2, "fail_reason"] == "RuntimeError: CUDA out of memory (stand-in)" and "nan" in df.loc[3, "fail_reason"]
-    )
+    assert (summary["n_trials"], summary["complete"]) == (4, 1) and df.loc[1, "pruned_at"] == 1
+    assert list(df.columns[:4]) == ["number", "state", "value", "run_dir"] and "params_freeze-vision" in df.columns
+    assert list(df["state"]) == ["COMPLETE", "PRUNED", "FAIL", "FAIL"] and "nan" in df.loc[3, "fail_reason"]
+    assert df.loc[2, "fail_reason"] == "RuntimeError: CUDA out of memory (stand-in)"
     for row in df.itertuples():
         assert Path(row.run_dir) == study / "trials" / f"{row.number:04d}"
-    for row in df[df["state"] == "COMPLETE"].itertuples():  # a trial's value: its best main-set validation
-        records = [json.loads(x) for x in Path(row.run_dir, "metrics.jsonl").read_text().splitlines()]
-        assert row.value == max(r["mean_recall"] for r in records if "set" not in r)
-    top = df.loc[df[df["state"] == "COMPLETE"]["value"].idxmax()]
+    top = df.loc[0]  # the one complete trial; its value: its best main-set validation
+    records = [json.loads(x) for x in Path(top["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    assert top["value"] == max(r["mean_recall"] for r in records if "set" not in r)
     assert (top["number"], top["value"]) == (summary["best_trial"], pytest.approx(summary["best_value"]))
     assert top["best_checkpoint"] == str(Path(top["run_dir"]) / "checkpoints" / "best.pt")
     command = (study / "best_command.sh").read_text()
@@ -266,7 +251,6 @@ def test_search_records_prunes_survives_failures_and_nan_and_reports(tmp_path, f
     assert best_cfg["lr"] == pytest.approx(top["params_lr"]) and best_cfg["name"] == "s-best"
     for png in ("history", "intermediate", "parallel_coordinate"):
         assert (study / f"{png}.png").stat().st_size > 1000, png
-    assert study_checkpoints(study, 1) == [Path(top["best_checkpoint"])]
 
 
 def test_metrics_tail_reads_whole_lines_and_skips_a_torn_last_one(tmp_path, caplog):
@@ -279,9 +263,6 @@ def test_metrics_tail_reads_whole_lines_and_skips_a_torn_last_one(tmp_path, capl
         f.write('}\n{"step": 3}\n{"step": ')
     assert tail.read_new() == [{"step": 2}, {"step": 3}]
     assert tail.read_new(final=True) == [] and "metrics.jsonl:4: skipping a last line torn by a kill" in caplog.text
-    path.write_text('{"step": 1}\n[2]\n{"step": 3}\n')
-    with pytest.raises(SolutionError, match="metrics.jsonl:2: record 2 is a list, not a JSON object"):
-        MetricsTail(path).read_new()
 
 
 def test_a_bad_flag_is_a_failure_not_a_crash(tmp_path, fake_train):
@@ -345,9 +326,8 @@ def test_sigterm_stops_the_child_and_requeues_the_trial(tmp_path, fake_train):
 
 
 def worker_killed_mid_trial(tmp_path, train, script, storage: str) -> None:
-    """A worker (a child process) is killed with -9 mid-trial while this one runs a trial: this worker, on the same
-    host, leaves the live worker's trial alone, then fails it at once (not after the hour of grace period a worker
-    elsewhere would wait), re-runs its parameters, and the study ends with its full budget."""
+    """Another worker on this host is killed with -9 mid-trial: its trial is left alone while it lives, then failed
+    at once (no grace period) and its parameters re-run; the study ends with its full budget."""
     raw = child_config(tmp_path, script, name="k", n_trials=2, storage=storage, grace_period=3600)
     (tmp_path / "k.yaml").write_text(yaml.safe_dump({**raw, "base": {"max-steps": 40, "sleep": 0.25}}))
     victim = subprocess.Popen([*WORKER, str(tmp_path / "k.yaml")])
@@ -382,15 +362,10 @@ def worker_killed_mid_trial(tmp_path, train, script, storage: str) -> None:
     assert {t.user_attrs["worker"]["pid"] for t in trials[1:]} == {os.getpid()}
     df = pd.read_csv(tmp_path / "out" / "k" / "trials.csv")
     assert df.loc[0, "fail_reason"] == DIED and (summary["complete"], summary["fail"]) == (2, 1)
-    best = max(trials[1:], key=lambda t: t.value)
-    assert study_checkpoints(tmp_path / "out" / "k", 1) == [Path(best.user_attrs["best_checkpoint"])]
 
 
 def test_a_worker_killed_mid_trial_on_sqlite_is_retried_by_the_other(tmp_path, fake_train):
     worker_killed_mid_trial(tmp_path, *fake_train, f"sqlite:///{tmp_path / 'k.db'}")
-
-
-# ---------------------------------------------------------------- the command line: one line, before any trial
 
 
 def real_trainer_config(tmp_path, **changes) -> Path:
@@ -480,9 +455,6 @@ def test_a_config_without_out_keeps_its_study_under_runs_search(tmp_path, monkey
     assert (tmp_path / "runs" / "search" / "s" / "trials.csv").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]  # nothing else in the cwd
     assert "s.yaml gives no out: the study folder is runs/search/s" in caplog.text
-
-
-# ---------------------------------------------------------------- acceptance: the real trainer
 
 
 def world_base(world, **more) -> dict:  # the real trainer's trial settings on the shared world

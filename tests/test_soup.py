@@ -1,6 +1,5 @@
-"""Model soups (solution.soup) of the shared world's fine-tuned runs: the methods' rules, the weights they save
-(Model Stock against a float64 oracle), scores equal to the submission path's, caching by content, streaming,
-refusals, output folders (kinds, lock, replaced whole) and cross-fitting's held-out hits."""
+"""Model soups (solution.soup) of the shared world's runs: methods, saved weights, scores as the submission path's,
+caching, streaming, refusals, output folders and cross-fitting's held-out hits."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from solution.model import ModelConfig, build_model, clean_state_dict, fingerpri
 from solution.report.folders import read_soup
 from solution.retrieval import encode
 from solution.retrieval.encode import evaluate_split
-from solution.retrieval.metrics import mean_recall
+from solution.retrieval.metrics import RECALL_KEYS, mean_recall
 from solution.soups import ingredients, methods
 from solution.soups.scoring import Scorer
 from solution.stats import id_folds, paired_bootstrap
@@ -63,7 +62,6 @@ def souped(world, tmp_path_factory):
 
 @pytest.fixture
 def three(world):
-    """Three distinct checkpoints of the world's runs."""
     a, b = (r / "checkpoints" for r in world.runs)
     return [a / "epoch_1.pt", a / "epoch_3.pt", b / "epoch_2.pt"]
 
@@ -84,11 +82,10 @@ def test_greedy_keeps_only_strict_gains_pairwise_merges_the_best_two_while_it_ga
         current = max(current, r["mean_recall"])
     interp = [r for r in rows if r["method"] == "greedy+interpolate"]  # alpha 1 is the soup; a tie keeps it
     assert [r["alpha"] for r in interp] == [1.0, 0.5, 0.9] and interp[0]["mean_recall"] == current
-    best = current
     for r in interp[1:]:
-        assert r["kept"] == (r["mean_recall"] > best)
-        best = max(best, r["mean_recall"])
-    assert summary["soups"]["greedy"]["mean_recall"] == best
+        assert r["kept"] == (r["mean_recall"] > current)
+        current = max(current, r["mean_recall"])
+    assert summary["soups"]["greedy"]["mean_recall"] == current
     rows = _rows(out / "pairwise")  # pairwise: the two best merged while the merge beats the worse
     pool = {r["members"][0]: r["mean_recall"] for r in rows if r["method"] == "ingredient"}
     rounds = [r for r in rows if r["method"] == "pairwise"]
@@ -132,9 +129,8 @@ def test_each_soup_holds_the_average_its_log_names(souped, world):
     sel = summary["selection"]  # disjoint halves of the 16 queries
     assert len({*sel["select_text_ids"], *sel["report_text_ids"]}) == 2 * len(sel["report_text_ids"]) == 16
     assert (out / "soup.pt").samefile(out / summary["method"] / "soup.pt")
-    assert summary["soups"][summary["method"]]["mean_recall"] == max(
-        s["mean_recall"] for s in summary["soups"].values()
-    )
+    scores = {m: s["mean_recall"] for m, s in summary["soups"].items()}
+    assert scores[summary["method"]] == max(scores.values())
 
 
 def test_model_stock_interpolates_each_tensor_with_the_start_by_the_fine_tunes_angle(world, tmp_path):
@@ -181,9 +177,7 @@ def test_soup_scores_as_plain_cn_clip_and_the_submission_path_score_it(souped, w
     predict.main(["--image-feats", str(img), "--text-feats", str(txt), "--output", str(pred), "--device", "cpu"])
     result = evaluate.main([str(tmp_path / "gold.jsonl"), str(pred), str(tmp_path / "score.json")])["scoreJson"]
     logged = summary["soups"]["greedy"]
-    assert {k: result[k] for k in ("r1", "r5", "r10", "mean_recall")} == pytest.approx(
-        {k: logged[k] for k in ("r1", "r5", "r10", "mean_recall")}, abs=1e-9
-    )
+    assert [result[k] for k in RECALL_KEYS] == pytest.approx([logged[k] for k in RECALL_KEYS], abs=1e-9)
 
 
 def test_rerun_encodes_nothing_lmdb_and_checkpoints_known_by_content(souped, world, three, monkeypatch, tmp_path):
@@ -234,13 +228,12 @@ def test_hits_of_every_candidate_and_the_paired_bootstrap_compare_shows(souped):
         assert all((out / r["hits"]).is_file() for r in _rows(out / m))
         b = paired_bootstrap(hits, ref_hits, n_resamples=1000, seed=0)
         got = [float(row[c]) for c in ("mean_recall", "select_mr", "held_out_mr", "vs_ref", "ci_low")]
-        assert got == pytest.approx(
-            [s["all"]["mean_recall"], s["mean_recall"], s["report"]["mean_recall"], b.diff, b.low]
-        )
+        want = [s["all"]["mean_recall"], s["mean_recall"], s["report"]["mean_recall"], b.diff, b.low]
+        assert got == pytest.approx(want)
         assert row["note"].startswith("vs best ingredient ") and os.path.basename(ref["path"]) in row["note"]
 
 
-def test_streamed_one_checkpoint_at_a_time_identical_files_used_once(three, monkeypatch, tmp_path):
+def test_fp16_soup_streamed_one_at_a_time_duplicates_used_once_scored_as_saved(three, world, monkeypatch, tmp_path):
     alive = []
     real = ingredients.read_checkpoint
 
@@ -251,19 +244,26 @@ def test_streamed_one_checkpoint_at_a_time_identical_files_used_once(three, monk
         alive.append(weakref.ref(ckpt["state_dict"]["module.logit_scale"]))
         return ckpt
 
-    (tmp_path / "r").mkdir()
-    torch.save({**real(three[0]), "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "r" / "epoch_latest.pt")
-    shutil.copy(three[0], tmp_path / "r" / "epoch_1.pt")
+    r = tmp_path / "r"
+    members = [r / f"epoch_{i}.pt" for i in (1, 2, 3)]
+    for src, dst in zip(three, members):
+        save_checkpoint(dst, {k: v.half() for k, v in real(src)["state_dict"].items()}, world.config)
+    torch.save({**real(members[0]), "optimizer": {"state": {}, "param_groups": []}}, r / "epoch_latest.pt")
     monkeypatch.setattr(ingredients, "read_checkpoint", tracking)  # inspecting
     monkeypatch.setattr(methods, "read_checkpoint", tracking)  # averaging
-    summary = run(
-        "--checkpoints", tmp_path / "r" / "*.pt", *three[1:], "--method uniform --no-score --output", tmp_path / "out"
-    )
-    expected = _weighted([tmp_path / "r" / "epoch_1.pt", *three[1:]], [1 / 3] * 3)
-    for k, v in _sd(tmp_path / "out" / "soup.pt").items():
-        torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-6)
-    assert summary["duplicates"] == {str(tmp_path / "r" / "epoch_latest.pt"): str(tmp_path / "r" / "epoch_1.pt")}
-    assert summary["soups"]["uniform"]["members"] == [str(tmp_path / "r" / "epoch_1.pt"), *map(str, three[1:])]
+    args = ["--checkpoints", r / "*.pt", "--method uniform --device cpu --val-data", world.lmdb("valid")]
+    summary = run(*args, "--output", tmp_path / "out")
+    assert summary["duplicates"] == {str(r / "epoch_latest.pt"): str(members[0])}
+    assert summary["soups"]["uniform"]["members"] == list(map(str, members))
+    ckpt = read_checkpoint(tmp_path / "out" / "soup.pt")
+    assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float16}
+    expected = _weighted(members, [1 / 3] * 3)
+    for k, v in clean_state_dict(ckpt["state_dict"]).items():
+        torch.testing.assert_close(v.float(), expected[k], atol=1e-3, rtol=1e-3)
+    from solution.model import load_model
+
+    model, cfg, _ = load_model(tmp_path / "out" / "soup.pt")
+    assert evaluate_split(model, world.lmdb("valid"), cfg)["mean_recall"] == summary["soups"]["uniform"]["mean_recall"]
 
 
 def test_bad_inputs_are_one_clear_error_before_any_work(three, world, tmp_path, monkeypatch):
@@ -330,33 +330,14 @@ def test_gallery_decoded_queries_tokenised_once_scores_as_plain_validation(three
     assert len(decoded) == split.num_images
     assert len(tokenised) == len(encode.text_batches(encode.split_queries(split).texts, world.config, 16))
     monkeypatch.undo()
-    keys = ("r1", "r5", "r10", "mean_recall")
     for row in rows:  # each candidate through plain validation (its own decoding and encoding)
         model = build_model(world.config)
         model.load_state_dict(_weighted(row["members"], row["weights"]))
         plain = evaluate_split(model.eval(), world.lmdb("valid"), world.config, batch_size=16)
-        assert [row[k] for k in keys] == [plain[k] for k in keys], row["members"]
+        assert [row[k] for k in RECALL_KEYS] == [plain[k] for k in RECALL_KEYS], row["members"]
     shutil.copytree(world.lmdb("valid") / "imgs", tmp_path / "imgonly" / "imgs")  # no pairs: the queries from a file
     run(*args[:-1], tmp_path / "imgonly", "--val-texts", world.data / "valid_texts.jsonl", "--output", tmp_path / "vt")
     assert [r["mean_recall"] for r in _rows(tmp_path / "vt")] == [r["mean_recall"] for r in rows]
-
-
-def test_fp16_ingredients_give_an_fp16_soup_scored_as_saved(three, world, tmp_path):
-    halves = []
-    for i, p in enumerate(three):
-        sd = {k: v.half() for k, v in read_checkpoint(p)["state_dict"].items()}
-        halves.append(save_checkpoint(tmp_path / f"half/h{i}.pt", sd, world.config))
-    args = ["--checkpoints", tmp_path / "half/*.pt", "--method uniform --device cpu --val-data", world.lmdb("valid")]
-    summary = run(*args, "--output", tmp_path / "out")
-    ckpt = read_checkpoint(tmp_path / "out" / "soup.pt")
-    assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float16}
-    expected = _weighted(halves, [1 / 3] * 3)
-    for k, v in clean_state_dict(ckpt["state_dict"]).items():
-        torch.testing.assert_close(v.float(), expected[k], atol=1e-3, rtol=1e-3)
-    from solution.model import load_model
-
-    model, cfg, _ = load_model(tmp_path / "out" / "soup.pt")
-    assert evaluate_split(model, world.lmdb("valid"), cfg)["mean_recall"] == summary["soups"]["uniform"]["mean_recall"]
 
 
 def test_from_study_takes_the_top_complete_trials_the_best_can_be_souped_with(three, world, tmp_path, caplog):
@@ -377,10 +358,6 @@ def test_from_study_takes_the_top_complete_trials_the_best_can_be_souped_with(th
         (study / "trials.csv").write_text("number,state,value,run_dir\n" + table)
         with pytest.raises(SolutionError, match=message):
             ingredients.study_checkpoints(study, 2)
-
-
-def _state(folder) -> dict:
-    return {p: p.is_file() and p.read_bytes() for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize(
@@ -408,10 +385,10 @@ def test_an_output_that_cannot_be_a_soup_folder_is_refused_writing_nothing(three
         else:
             (tmp_path / "f" / name).write_text("x")
     given = [tmp_path / "f" / n for n in files if n.endswith(".pt")]
-    before = _state(tmp_path)
+    before = {p: p.is_file() and p.read_bytes() for p in tmp_path.rglob("*")}
     with pytest.raises(SolutionError, match=refused):
         run("--checkpoints", *three[:2], *given, "--method uniform --no-score --output", tmp_path / "f" / output)
-    assert _state(tmp_path) == before
+    assert {p: p.is_file() and p.read_bytes() for p in tmp_path.rglob("*")} == before
 
 
 def test_a_second_soup_into_the_same_output_is_refused_naming_the_first(three, tmp_path, monkeypatch):
@@ -449,9 +426,8 @@ def test_a_kill_leaves_the_previous_folder_whole_and_damaged_hits_are_scored_aga
 
 
 def test_folds_hold_each_query_out_under_the_choice_made_without_its_fold(world, tmp_path, monkeypatch):
-    """Constructed hits (a candidate known by its logit scale): A hits fold 1, B nothing, their average fold 0 and
-    one query of fold 1. The refit keeps the average; without fold 0 greedy keeps A alone, so fold 0's held-out hits
-    are A's (none) where the refit's would all hit."""
+    """Hits by logit scale: A hits fold 1, B nothing, their average fold 0 and one query of fold 1. The refit keeps
+    the average; without fold 0 greedy keeps A alone, so fold 0's held-out hits are A's (none)."""
     tids = sorted(r["text_id"] for r in read_jsonl(world.data / "valid_texts.jsonl"))
     f0, f1 = id_folds(tids, 2, seed=7)
     table = {1.0: np.isin(np.arange(16), f1), 3.0: np.zeros(16, bool), 2.0: np.isin(np.arange(16), [*f0, f1[0]])}
