@@ -1,8 +1,5 @@
-"""cn_clip_patch.attention: the SDPA text tower equals upstream's BERT attention; the ViT already reaches SDPA.
-
-The referee is upstream's own forward on the same model object (the switch off), compared in float32 to
-~1e-5, and torch's profiler for which attention op runs. Models start on upstream's attention here.
-"""
+"""cn_clip_patch.attention: the SDPA text tower equals upstream's BERT attention (upstream's forward on the same
+model, the switch off, to ~1e-5; the profiler tells which op runs); the ViT already reaches SDPA."""
 
 import copy
 
@@ -18,6 +15,7 @@ from solution.model import build_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SDPA = "aten::scaled_dot_product_attention"
+IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
 
 
 @pytest.fixture
@@ -34,10 +32,6 @@ def _tokens(lengths=(5, 12, 3, 9), seed=1):
         tokens[i, :n] = torch.randint(200, 5000, (n,), generator=g)
         tokens[i, 0], tokens[i, n - 1] = 101, 102
     return tokens
-
-
-def _images(n=2, res=64):
-    return torch.randn(n, 3, res, res, generator=torch.Generator().manual_seed(2))
 
 
 def _no_dropout(model):
@@ -109,9 +103,8 @@ def test_attention_dropout_is_applied_with_upstream_semantics(model):
         ours = torch.stack([mod.train()(x, mask)[0] for _ in range(1000)])
     assert not torch.allclose(ours[0], ours[1]) and not torch.allclose(ours[0], eval_out)
     scale = eval_out.abs().mean()  # E[dropout(P)] = P: the mean over masks is the eval output, for both
-    assert (ours.mean(0) - eval_out).abs().mean() < 0.05 * scale and (
-        ref.mean(0) - eval_out
-    ).abs().mean() < 0.05 * scale
+    assert (ours.mean(0) - eval_out).abs().mean() < 0.05 * scale
+    assert (ref.mean(0) - eval_out).abs().mean() < 0.05 * scale
     assert 0.9 < ours.std(0).mean() / ref.std(0).mean() < 1.1  # the same dropout on the probabilities
 
 
@@ -142,13 +135,13 @@ def test_vision_tower_already_reaches_sdpa_and_is_untouched(model, train):
     model.train()
     model.visual.transformer.resblocks[0].eval()  # a mixed state, which must come back as it was
     modes = [m.training for m in model.modules()]
-    assert vision_reaches_sdpa(model, _images(), train=train)  # upstream ViT: MHA with need_weights=False
+    assert vision_reaches_sdpa(model, IMAGES, train=train)  # upstream ViT: MHA with need_weights=False
     assert [m.training for m in model.modules()] == modes and all(p.grad is None for p in model.parameters())
-    assert "aten::softmax" not in ops(lambda: model.train(train).encode_image(_images()))  # fused, not the math path
+    assert "aten::softmax" not in ops(lambda: model.train(train).encode_image(IMAGES))  # fused, not the math path
     with torch.no_grad():
-        before = model.eval().encode_image(_images())
+        before = model.eval().encode_image(IMAGES)
         use_sdpa(model)
-        assert torch.equal(model.encode_image(_images()), before)  # the text switch leaves the image tower alone
+        assert torch.equal(model.encode_image(IMAGES), before)  # the text switch leaves the image tower alone
 
 
 def test_undo_restores_upstream_exactly_and_nothing_global_changes(tiny_config):
@@ -186,12 +179,11 @@ def test_lora_wrapped_towers_still_equal(model, order):
     assert any("lora_" in k for k in ref[3])
     use_sdpa(model)
     _assert_same_run(ref, _text_run(model, _tokens()))
-    assert vision_reaches_sdpa(model, _images(), train=True) and vision_reaches_sdpa(model, _images())
+    assert vision_reaches_sdpa(model, IMAGES, train=True) and vision_reaches_sdpa(model, IMAGES)
 
 
 def test_real_sized_attention_equals_upstream_and_compiles_without_a_graph_break():
-    """RBT3's 768 wide, 12 heads of 64 (the real towers' sizes): outputs and gradients equal upstream's; the SDPA
-    layer compiles as one graph."""
+    """RBT3's sizes (768 wide, 12 heads of 64): outputs and gradients equal upstream's; SDPA compiles as one graph."""
     torch.manual_seed(0)
     mod = BertSelfAttention(BertConfig(hidden_size=768, num_attention_heads=12, attention_probs_dropout_prob=0.0))
     x, mask = torch.randn(2, 14, 768, requires_grad=True), torch.zeros(2, 1, 1, 14)

@@ -1,9 +1,5 @@
-"""Hostile checkpoints and full disks: one ``error:`` line, exit 2, nothing written.
-
-Checkpoints with NaN/Inf weights, an unknown architecture or shapes that do not fit are refused the same way
-by training, feature extraction and the soup; a full disk (a real small tmpfs) leaves the previous files;
-checkpoints are read mapped and let go of.
-"""
+"""Hostile checkpoints (refused alike by training, features and the soup) and full disks: one ``error:`` line, exit 2,
+nothing written; checkpoints are read mapped and let go of."""
 
 from __future__ import annotations
 
@@ -14,8 +10,7 @@ import os
 
 import pytest
 import torch
-from cli_helpers import one_error_line
-from train_helpers import make_data, tiny_argv
+from train_helpers import error_line, make_data, tiny_argv
 
 from solution import features, soup, train
 from solution.common import SolutionError, run_cli
@@ -38,12 +33,6 @@ def tiny(tmp_path_factory):
 
 def _digest(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def _error_line(capsys, monkeypatch, main, argv) -> str:
-    code, line = one_error_line(capsys, monkeypatch, main, [str(a) for a in argv])
-    assert code == 2
-    return line
 
 
 def _bad_checkpoint(kind: str, path, cfg: ModelConfig, sd: dict) -> str:
@@ -70,25 +59,23 @@ def _bad_checkpoint(kind: str, path, cfg: ModelConfig, sd: dict) -> str:
 
 @pytest.mark.parametrize("kind", ["nan", "inf", "unknown_arch", "other_shape", "bad_grid"])
 @pytest.mark.parametrize("consumer", ["features", "train", "soup"])
-def test_bad_checkpoint_is_one_line_in_every_consumer(tiny, tmp_path, capsys, monkeypatch, kind, consumer):
+def test_bad_checkpoint_is_one_line_in_every_consumer(tiny, tmp_path, capsys, kind, consumer):
     root, cfg, sd, train_split = tiny
     bad = tmp_path / "bad.pt"
     expect = _bad_checkpoint(kind, bad, cfg, sd)
     before = _digest(bad)
     if consumer == "features":
         argv = f"--resume {bad} --extract-text-feats --text-data {root}/texts.jsonl --device cpu --no-progress"
-        line = _error_line(
-            capsys, monkeypatch, features.main, [*argv.split(), "--text-feat-output-path", tmp_path / "t.npy"]
-        )
+        line = error_line(capsys, [*argv.split(), "--text-feat-output-path", str(tmp_path / "t.npy")], features.main)
     elif consumer == "train":
         argv = tiny_argv(train_split, None, tmp_path / "logs", resume=bad, max_epochs=1, batch_size=2)
         if kind == "unknown_arch":  # the names come from the checkpoint, not from flags
             for flag in ("--vision-model", "--text-model"):
                 del argv[argv.index(flag) : argv.index(flag) + 2]
-        line = _error_line(capsys, monkeypatch, train.main, argv)
+        line = error_line(capsys, argv, train.main)
     else:
         argv = f"--checkpoints {root}/good.pt {bad} --method uniform --no-score --output {tmp_path}/soup"
-        line = _error_line(capsys, monkeypatch, soup.main, argv.split())
+        line = error_line(capsys, argv.split(), soup.main)
     assert str(bad) in line and expect in line, line
     assert _digest(bad) == before and [p.name for p in tmp_path.rglob("*.pt")] == ["bad.pt"]  # nothing written
     assert not list(tmp_path.glob("t*")) and not (tmp_path / "soup").exists()
@@ -118,24 +105,13 @@ def test_load_model_takes_the_stored_sizes_resizes_a_grid_and_refuses_a_config_i
 # ---------------------------------------------------------------- full disk (a real small tmpfs)
 
 
-def test_checkpoint_save_on_a_full_disk_keeps_the_previous_file(tiny, small_disk):
-    _, cfg, sd, _ = tiny
-    disk = small_disk(8)  # one tiny checkpoint (6 MB) fits, a second one beside it does not
-    save_checkpoint(disk / "ckpt.pt", sd, cfg, epoch=1)
-    before = _digest(disk / "ckpt.pt")
-    with pytest.raises(SolutionError, match=f"disk full at {disk / 'ckpt.pt'}"):
-        save_checkpoint(disk / "ckpt.pt", sd, cfg, epoch=2)
-    assert _digest(disk / "ckpt.pt") == before and torch.load(disk / "ckpt.pt", weights_only=True)["epoch"] == 1
-    assert sorted(p.name for p in disk.iterdir()) == ["ckpt.pt"]  # no temp file left
-
-
-def test_soup_on_a_full_disk_keeps_the_previous_soup(tiny, small_disk, capsys, monkeypatch):
+def test_soup_on_a_full_disk_keeps_the_previous_soup(tiny, small_disk, capsys):
     root, _, _, _ = tiny
     out = small_disk(10) / "soup"  # the first soup (6 MB + logs) fits; a second soup.pt beside it does not
     run = ["--method", "uniform", "--no-score", "--output", str(out), "--checkpoints"]
     assert run_cli(soup.main, [*run, str(root / "good.pt"), str(root / "other.pt")]) == 0
     kept = {name: _digest(out / name) for name in ("soup.pt", "summary.json")}
-    assert f"disk full at {out / 'soup.pt'}" in _error_line(capsys, monkeypatch, soup.main, [*run, root / "good.pt"])
+    assert f"disk full at {out / 'soup.pt'}" in error_line(capsys, [*run, str(root / "good.pt")], soup.main)
     assert {name: _digest(out / name) for name in kept} == kept and not list(out.glob(".*.tmp"))
     recipe = torch.load(out / "soup.pt", weights_only=True)["recipe"]
     assert json.loads((out / "summary.json").read_text())["soups"]["uniform"]["members"] == recipe["members"]

@@ -1,6 +1,5 @@
-"""solution.compare: one table (and a PNG) over training runs, soups, search studies and ensembles (read by
-solution.report.folders, tabled and drawn by solution.report.table), the paired-bootstrap columns of per-query
-hits (solution.formats.hits, solution.report.significance), refused outputs and unreadable folders."""
+"""solution.compare: one table (and a PNG) over runs, soups, studies and ensembles, the paired-bootstrap columns of
+per-query hits, refused outputs and unreadable folders."""
 
 from __future__ import annotations
 
@@ -75,14 +74,19 @@ ROWS = ["soups/s1", "logs/run_a", "search/st/trial 0", "search/st/trial 1", "log
 
 
 @pytest.fixture
-def tree(tmp_path, monkeypatch):
-    """Two runs, a soup and a study; the current folder (rows are named by relative paths)."""
-    _run(tmp_path / "logs" / "run_a", [30.0, 42.0, 41.0], lr=1e-5, extra_general=90.0)
-    _run(tmp_path / "logs" / "run_b", [25.0, 28.0], lr=3e-5)
-    _soup(tmp_path / "soups" / "s1")
-    _study(tmp_path / "search" / "st")
-    monkeypatch.chdir(tmp_path)
+def here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # rows are named by their relative paths
     return tmp_path
+
+
+@pytest.fixture
+def tree(here):
+    """Two runs, a soup and a study, in the current folder."""
+    _run(here / "logs" / "run_a", [30.0, 42.0, 41.0], lr=1e-5, extra_general=90.0)
+    _run(here / "logs" / "run_b", [25.0, 28.0], lr=3e-5)
+    _soup(here / "soups" / "s1")
+    _study(here / "search" / "st")
+    return here
 
 
 def _csv(text):
@@ -248,12 +252,6 @@ def _trained_run(folder, rows_hits, ids=IDS):
     return folder
 
 
-@pytest.fixture
-def here(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # rows are named by their relative paths
-    return tmp_path
-
-
 def test_hits_round_trip_align_and_bad_files(tmp_path):
     path = write_hits(tmp_path / "x", IDS, REF)
     assert path.name == "x.hits.npy" and (tmp_path / "x.hits.ids.npy").is_file()
@@ -288,32 +286,13 @@ def test_a_system_has_its_difference_and_an_interval_on_that_side(here, queries,
     assert row["note"] == "vs best ingredient a.pt of s"
 
 
-def test_markdown_and_csv_carry_the_columns_rows_without_hits_get_a_note(here):
+def test_csv_carries_the_columns_and_markdown_the_difference_with_its_interval(here):
     _hits_soup(here / "s", np.where(np.arange(8)[:, None] >= 6, True, REF))  # better on queries 6 and 7
-    _run(here / "r", [10.0])
-    df = _csv(compare_cli.main(["s", "r", "--csv", "--no-plot"]))
-    assert set(significance.COLUMNS) <= set(df.columns)
-    run = df[df["name"] == "r"].iloc[0]
-    assert (run["vs_ref"], run["ci_low"], run["ci_high"], run["significant"]) == ("", "", "", "")
-    assert run["note"] == "no per-query hits stored"
-    md = compare_cli.main(["s", "r", "--no-plot"]).splitlines()
-    soup = df[df["kind"] == "soup"].iloc[0]
+    soup = _csv(compare_cli.main(["s", "--csv", "--no-plot"])).iloc[0]
+    assert set(significance.COLUMNS) <= set(soup.index)
     vs = f"+25.00 [{float(soup['ci_low']):.2f}, {float(soup['ci_high']):.2f}]"  # +1 on 2 of 8 queries
+    md = compare_cli.main(["s", "--no-plot"]).splitlines()
     assert md[2] == f"| s | soup | {float(soup['mean_recall']):.2f} |  |  |  | {vs} |"
-    assert md[3] == "| r | run | 10.00 | 5.00 | 10.00 | 15.00 |  |"  # no hits: no interval
-
-
-def test_reference_is_the_best_single_row_with_hits():
-    ids = np.asarray(IDS)
-    best = runs.Entry("best", "run", {"mean_recall": mean_recall(REF)}, hits=(ids, REF))
-    twin = runs.Entry("twin", "trial", {"mean_recall": mean_recall(REF)}, hits=(ids, REF.copy()))
-    weak = runs.Entry("weak", "run", {"mean_recall": 0.0}, hits=(ids, np.zeros_like(REF)))
-    bare = runs.Entry("bare", "run", {"mean_recall": 99.0})  # no hits: never the reference
-    cols = significance.columns([weak, best, twin, bare])
-    assert cols[1] == dict(zip(significance.COLUMNS, (0.0, 0.0, 0.0, "no", "reference (best single model)")))
-    assert cols[2] == {**cols[1], "note": "vs best"}  # a system equal to the reference: [0, 0]
-    assert cols[0]["vs_ref"] == -100 * float(np.mean(REF.mean(axis=1))) and cols[0]["significant"] == "yes"
-    assert cols[3] == {**dict.fromkeys(significance.COLUMNS), "note": "no per-query hits stored"}
 
 
 def test_rows_on_other_queries_or_with_their_hits_missing_get_no_interval(here):
@@ -332,10 +311,8 @@ def test_compare_reads_an_ensemble_folder_with_its_members_as_references(here):
     ids = list(range(8))
     member_hits = [np.array([[q < 4] * 3 for q in ids]), np.array([[q < 2] * 3 for q in ids])]  # member 0 is best
     fused = np.array([[q < 6] * 3 for q in ids])  # right on two more queries than member 0
-    files = {"ensemble": write_hits(here / "ens" / "hits" / "ensemble", ids, fused)}
-    files.update(
-        {f"member{i}": write_hits(here / "ens" / "hits" / f"member{i}", ids, h) for i, h in enumerate(member_hits)}
-    )
+    arrays = {"ensemble": fused, "member0": member_hits[0], "member1": member_hits[1]}
+    files = {k: write_hits(here / "ens" / "hits" / k, ids, h) for k, h in arrays.items()}
     scores = {"all": {"mean_recall": 75.0}, "select": {"mean_recall": 75.0}, "report": None}
     spec = {
         "members": [{"path": f"m{i}.pt", "fingerprint": f"f{i}", "arch": "ViT-Tiny@RBT-Tiny"} for i in range(2)],
@@ -356,18 +333,20 @@ def test_compare_reads_an_ensemble_folder_with_its_members_as_references(here):
     assert [line.split(" | ")[:2] for line in md] == kinds  # each member once
 
 
-def test_compare_gives_runs_intervals_the_best_run_is_the_reference(here):
+def test_compare_gives_runs_intervals_the_best_run_with_hits_is_the_reference(here):
     worse = REF.copy()
     worse[:4] = False
     _trained_run(here / "a", [worse, REF, worse])  # best at its second validation
     _trained_run(here / "b", [np.zeros_like(REF), worse])
-    _run(here / "old", [10.0])  # a run folder from before hits were stored
-    df = pd.read_csv(io.StringIO(compare_cli.main(["a", "b", "old", "--csv", "--no-plot"])))
+    _trained_run(here / "c", [REF])  # as good as a, listed after it: compared with a, [0, 0]
+    _run(here / "old", [99.0])  # a run folder from before hits were stored: the best score, never the reference
+    df = pd.read_csv(io.StringIO(compare_cli.main(["a", "b", "c", "old", "--csv", "--no-plot"])))
     rows = dict(zip(df["name"], df.to_dict("records")))
-    assert (rows["a"]["vs_ref"], rows["a"]["ci_low"], rows["a"]["ci_high"]) == (0.0, 0.0, 0.0)
-    assert rows["a"]["note"] == "reference (best single model)" and rows["a"]["mean_recall"] == mean_recall(REF)
-    assert rows["b"]["vs_ref"] == -50.0 and rows["b"]["ci_high"] <= 0 and rows["b"]["ci_low"] <= rows["b"]["ci_high"]
-    assert rows["b"]["note"] == "vs a"
+    cells = {name: tuple(rows[name][k] for k in significance.COLUMNS) for name in rows}
+    assert cells["a"] == (0.0, 0.0, 0.0, "no", "reference (best single model)")
+    assert cells["c"] == (0.0, 0.0, 0.0, "no", "vs a") and rows["a"]["mean_recall"] == mean_recall(REF)
+    assert rows["b"]["vs_ref"] == -50.0 and rows["b"]["ci_low"] <= rows["b"]["ci_high"] < 0
+    assert cells["b"][3:] == ("yes", "vs a")
     assert pd.isna(rows["old"]["vs_ref"]) and rows["old"]["note"] == "no per-query hits stored"
 
 

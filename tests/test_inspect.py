@@ -13,6 +13,7 @@ import pytest
 from cli_helpers import one_error_line
 from PIL import Image
 
+from solution.common import write_jsonl
 from solution.data.lmdb_io import LMDBSplit, write_images
 from solution.inspect import main
 
@@ -41,10 +42,6 @@ def oracle_values(preds, gold):
     return {
         q: np.mean([any(i in g for i in preds[q][:k]) for k in (1, 5, 10)], dtype=np.float64) for q, g in gold.items()
     }
-
-
-def page_data(html: Path) -> dict:
-    return json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html.read_text()).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -137,25 +134,20 @@ def jpeg_b64(rng, size) -> bytes:
 
 
 def test_size_each_image_once(tmp_path):
-    """A few hundred images: the page holds each id's thumbnail once (at most 96 px a side) plus a bounded
-    amount per query, the arithmetic that keeps MUGE's 5,008 queries over 30,588 images a file a browser opens.
-    Texts without answers take them from ``--answers``."""
+    """The page holds each id's thumbnail once (at most 96 px a side) plus a bounded amount per query, so MUGE's
+    5,008 queries over 30,588 images make a file a browser opens. Texts without answers take them from --answers."""
     rng = np.random.default_rng(0)
     ids = list(range(1000, 1300))
     write_images(tmp_path / "lmdb", ((i, jpeg_b64(rng, (200, 150))) for i in ids))
     gold = {q: [ids[q % 300]] for q in range(120)}
-    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text_id": q, "text": f"查询 {q}"}) + "\n" for q in gold))
-    (tmp_path / "gold.jsonl").write_text(
-        "".join(json.dumps({"text_id": q, "image_ids": g}) + "\n" for q, g in gold.items())
-    )
+    write_jsonl(tmp_path / "texts.jsonl", ({"text_id": q, "text": f"查询 {q}"} for q in gold))
+    write_jsonl(tmp_path / "gold.jsonl", ({"text_id": q, "image_ids": g} for q, g in gold.items()))
     preds = write_submission(tmp_path / "a.jsonl", gold, ids, seed=3)
     out = tmp_path / "a.html"
-    main(
-        ["--submission", str(tmp_path / "a.jsonl"), "--texts", str(tmp_path / "texts.jsonl")]
-        + ["--answers", str(tmp_path / "gold.jsonl"), "--image-data", str(tmp_path / "lmdb"), "--output", str(out)]
-    )
+    files = f"--submission {tmp_path}/a.jsonl --texts {tmp_path}/texts.jsonl --answers {tmp_path}/gold.jsonl"
+    main([*files.split(), "--image-data", str(tmp_path / "lmdb"), "--output", str(out)])
 
-    data = page_data(out)
+    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', out.read_text())[1])
     used = {i for q in gold for i in preds[q] + gold[q]}
     assert {int(i) for i in data["images"]} == used
     thumbs = list(data["images"].values())
@@ -185,13 +177,9 @@ def test_refusals(valid, world, tmp_path, capsys, monkeypatch, flag, name, messa
     (tmp_path / "other.jsonl").write_text((tmp_path / "a.jsonl").read_text() + extra)
     (tmp_path / "nine.jsonl").write_text(json.dumps({"text_id": q, "image_ids": preds[q][:9]}) + "\n")
     shutil.copy(world.data / "test_texts.jsonl", tmp_path)
-    argv = {
-        "--submission": tmp_path / "a.jsonl",
-        "--texts": texts,
-        "--image-data": imgs,
-        "--output": tmp_path / "a.html",
-    }
+    out = tmp_path / "a.html"
+    argv = {"--submission": tmp_path / "a.jsonl", "--texts": texts, "--image-data": imgs, "--output": out}
     argv[flag] = tmp_path / name
     code, line = one_error_line(capsys, monkeypatch, main, [str(x) for kv in argv.items() for x in kv])
     assert code == 2 and message in line, line
-    assert not (tmp_path / "a.html").exists()
+    assert not out.exists()

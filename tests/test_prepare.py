@@ -34,6 +34,7 @@ def _write_muge(d, split, images, texts):
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{split}_imgs.tsv").write_text("".join(f"{i}\t{b}\n" for i, b in images), encoding="utf-8")
     (d / f"{split}_texts.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts), "utf-8")
+    return d
 
 
 def _upstream_build(data_dir, lmdb_dir):
@@ -115,15 +116,12 @@ def test_restricted_unpickler_refuses_a_malicious_pair(tmp_path):
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
 
-    payload = pickle.dumps(Evil())
-    with pytest.raises(SolutionError):
-        restricted_loads(payload)
     with pytest.raises(SolutionError):
         restricted_loads(pickle.dumps((1, 2, ["not", "a", "str"])))
     _write_muge(tmp_path, "train", [(1, _b64(_jpeg()))], [{"text_id": 1, "text": "好", "image_ids": [1]}])
     prepare(tmp_path, ["train"], progress=False)
     with lmdb.open(str(tmp_path / "lmdb" / "train" / "pairs")) as env, env.begin(write=True) as txn:
-        txn.put(b"0", payload)  # planted in an otherwise valid split
+        txn.put(b"0", pickle.dumps(Evil()))  # planted in an otherwise valid split
     with pytest.raises(SolutionError, match="refusing"):
         LMDBSplit(tmp_path / "lmdb" / "train").pair(0)
     assert not marker.exists()
@@ -174,12 +172,8 @@ def test_every_line_of_a_dirty_tsv_is_stored_or_reported(tmp_path, check):
     split = LMDBSplit(tmp_path / "lmdb" / "train")
     assert [split.image_b64(i) for i in (1, 2, 3)] == [lines[0][2:], lines[1][2:], lines[2][2:-1]]  # byte for byte
     assert base64.urlsafe_b64decode(split.image_b64(4)) == good[3] and sorted(split.image_ids()) == [1, 2, 3, 4, 5]
-    assert {(t["text_id"], t["reason"]) for t in rep["skipped_texts"]} == {
-        (11, "no_images"),
-        (10, "duplicate_text_id"),
-        (13, "empty_text"),
-        (None, "malformed"),
-    }
+    skipped = {(t["text_id"], t["reason"]) for t in rep["skipped_texts"]}
+    assert skipped == {(11, "no_images"), (10, "duplicate_text_id"), (13, "empty_text"), (None, "malformed")}
     assert rep["texts"] == {"total": 7, "kept": 2, "unlabelled": 1, "skipped": 4, "with_missing_images": 1}
     assert dict(split.queries()) == {10: ("红色的图片", [1, 5]), 12: ("缺失的图片", [2])}
 
@@ -226,9 +220,8 @@ def test_csv_and_caption_folder_inputs(tmp_path, kind):
     assert sorted(s["reason"] for s in reports["train"]["skipped_images"]) == ["missing_file", "not_an_image"]
     train, valid = read_jsonl(out / "train_texts.jsonl"), read_jsonl(out / "valid_texts.jsonl")
     assert [t["text"] for t in train] == ["红色方块", "蓝色方块"] and len(train[0]["image_ids"]) == 2
-    assert {int(line.split("\t")[0]) for line in open(out / "train_imgs.tsv")} == {
-        i for t in train for i in t["image_ids"]
-    }
+    tsv_ids = {int(line.split("\t")[0]) for line in open(out / "train_imgs.tsv")}
+    assert tsv_ids == {i for t in train for i in t["image_ids"]}
     assert valid[0]["image_ids"] == [train[0]["image_ids"][1]]  # the same file has the same id in every split
     assert {t["text_id"] for t in train}.isdisjoint({t["text_id"] for t in valid})
     split = LMDBSplit(out / "lmdb" / "train")
@@ -248,10 +241,8 @@ def test_make_valid_splits_queries_apart(tmp_path):
     assert train.num_samples + valid.num_samples == 40
     assert set(valid.image_ids()) == {i for _, ids in valid.queries().values() for i in ids}
     assert set(train.image_ids()) == set(range(1, 42)) - set(valid.image_ids())
-    assert (
-        reports["valid"]["num_images"] == valid.num_images
-        and reports["valid"]["source"] == "muge, --make-valid from train"
-    )
+    assert reports["valid"]["num_images"] == valid.num_images
+    assert reports["valid"]["source"] == "muge, --make-valid from train"
     with pytest.raises(SolutionError):
         prepare(tmp_path, "train", make_valid=1.5, progress=False)
 

@@ -1,7 +1,5 @@
-"""``python -m solution.prepare`` under hostile inputs and faults: a split in use, a run killed mid-way,
-MUGE files of the user's in the way, malformed CSV, non-UTF-8 text, outputs that cannot be written,
-``--make-valid`` leaving an empty split, a full disk. Each: exit code 2, one ``error:`` line naming
-the file and what is wrong, the inputs and the previous LMDB untouched."""
+"""``python -m solution.prepare`` under hostile inputs and faults: each one ``error:`` line naming the file and what
+is wrong, the inputs and the previous LMDB untouched."""
 
 import io
 import json
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_prepare import _b64, _jpeg, _write_muge
-from train_helpers import error_line
+from train_helpers import error_line, snapshot
 
 from solution.common import folder_lock, run_cli
 from solution.data.inputs import Text, split_off_valid
@@ -24,21 +22,8 @@ from solution.data.lmdb_io import LMDBSplit
 from solution.prepare import main
 
 
-def _muge(d: Path, images, texts) -> Path:
-    _write_muge(d, "train", images, texts)
-    return d
-
-
 def _argv(data_dir, *extra, splits="train"):
     return ["--data-dir", str(data_dir), "--splits", splits, "--no-progress", *map(str, extra)]
-
-
-def _snapshot(*folders: Path, locks: bool = True) -> dict:
-    """Every file under ``folders`` -> its bytes; of a lock file only that it is there (``locks=False``: not even)."""
-    files = [p for d in folders if d.exists() for p in sorted(d.rglob("*")) if p.is_file()]
-    return {
-        p: b"" if p.name.endswith(".lock") else p.read_bytes() for p in files if locks or not p.name.endswith(".lock")
-    }
 
 
 def _queries(split_dir: Path) -> dict:
@@ -50,18 +35,15 @@ def _leftovers(lmdb_dir: Path) -> list[str]:
     return sorted(p.name for p in lmdb_dir.glob(".*") if not p.name.endswith(".lock"))
 
 
-def _error_line(capsys, argv) -> str:
-    return error_line(capsys, argv, main)
-
-
 OLD = {"红色": [1], "蓝色": [2]}
 
 
 @pytest.fixture
 def old(tmp_path):
     """A MUGE folder and the LMDB a first prepare built from it (the "previous LMDB")."""
-    d = _muge(
+    d = _write_muge(
         tmp_path / "muge",
+        "train",
         [(1, _b64(_jpeg())), (2, _b64(_jpeg((0, 0, 200))))],
         [{"text_id": 1, "text": "红色", "image_ids": [1]}, {"text_id": 2, "text": "蓝色", "image_ids": [2]}],
     )
@@ -72,7 +54,7 @@ def old(tmp_path):
 def test_a_split_in_use_is_refused_naming_the_holder(old, capsys):
     lmdb_dir = old / "lmdb"
     with folder_lock(lmdb_dir / ".train.lock", "LMDB split"):
-        line = _error_line(capsys, _argv(old))
+        line = error_line(capsys, _argv(old), main)
     assert f"pid {os.getpid()}" in line and str(lmdb_dir / "train") in line and "in use" in line
     assert _queries(lmdb_dir / "train") == OLD and _leftovers(lmdb_dir) == []
 
@@ -102,7 +84,7 @@ def test_a_split_left_mid_swap_by_a_killed_run_is_put_back(old, capsys):
     lmdb_dir = old / "lmdb"
     (lmdb_dir / "train").rename(lmdb_dir / ".train.old")
     (old / "train_imgs.tsv").write_text("1\tnot base64!\n2\tnot base64!\n", encoding="utf-8")  # this run fails, later
-    assert "without a single pair" in _error_line(capsys, _argv(old, "--make-valid", "0.5", splits="train,valid"))
+    assert "without a single pair" in error_line(capsys, _argv(old, "--make-valid", "0.5", splits="train,valid"), main)
     assert _queries(lmdb_dir / "train") == OLD and _leftovers(lmdb_dir) == []
 
 
@@ -119,10 +101,10 @@ def test_csv_never_overwrites_the_users_muge_files(old, tmp_path, capsys, presen
     csv = _csv_input(tmp_path / "raw")
     if present == "texts":
         (old / "train_imgs.tsv").unlink()
-    before = _snapshot(old)
-    line = _error_line(capsys, _argv(old, "--csv", csv))
+    before = snapshot(old)
+    line = error_line(capsys, _argv(old, "--csv", csv), main)
     assert str(old / ("train_imgs.tsv" if present == "both" else "train_texts.jsonl")) in line
-    assert "not an earlier output" in line and _snapshot(old) == before  # not even a lock file
+    assert "not an earlier output" in line and snapshot(old) == before  # not even a lock file
 
 
 def test_csv_replaces_its_own_muge_files_but_not_once_the_user_changed_them(tmp_path, capsys):
@@ -133,8 +115,8 @@ def test_csv_replaces_its_own_muge_files_but_not_once_the_user_changed_them(tmp_
     assert len((out / "train_texts.jsonl").read_text(encoding="utf-8").splitlines()) == 1
     with open(out / "train_texts.jsonl", "a", encoding="utf-8") as f:  # now the user's edit
         f.write(json.dumps({"text_id": 9, "text": "手写", "image_ids": [1]}) + "\n")
-    before = _snapshot(out)
-    assert "train_texts.jsonl" in _error_line(capsys, _argv(out, "--csv", csv)) and _snapshot(out) == before
+    before = snapshot(out)
+    assert "train_texts.jsonl" in error_line(capsys, _argv(out, "--csv", csv), main) and snapshot(out) == before
 
 
 @pytest.mark.parametrize(
@@ -149,7 +131,7 @@ def test_csv_replaces_its_own_muge_files_but_not_once_the_user_changed_them(tmp_
 )
 def test_csv_quote_left_open_is_an_error_naming_the_line(tmp_path, capsys, name, body, line, what):
     table = _csv_input(tmp_path / "raw", body, name)
-    err = _error_line(capsys, _argv(tmp_path / "out", "--csv", table))
+    err = error_line(capsys, _argv(tmp_path / "out", "--csv", table), main)
     assert f"{table}:{line}:" in err and what in err and not (tmp_path / "out").exists()
 
 
@@ -166,9 +148,7 @@ def test_non_utf8_text_names_file_and_line(old, tmp_path, capsys, kind):
     gbk = "蓝色".encode("gbk")
     if kind == "texts":
         table, extra = old / "train_texts.jsonl", []
-        table.write_bytes(
-            b"".join(table.read_bytes().splitlines(keepends=True)[:1]) + b'{"text_id": 2, "text": "' + gbk + b'"}\n'
-        )
+        table.write_bytes(table.read_bytes().splitlines(keepends=True)[0] + b'{"text_id": 2, "text": "' + gbk + b'"}\n')
     elif kind == "csv":
         table = _csv_input(tmp_path / "raw", "红色,imgs/a.jpg\n" + "x" * 9 + ",imgs/b.jpg\n")
         table.write_bytes(table.read_bytes().replace(b"x" * 9, gbk))
@@ -178,48 +158,38 @@ def test_non_utf8_text_names_file_and_line(old, tmp_path, capsys, kind):
         _csv_input(tmp_path / "raw")
         table.write_bytes(b'{"image": "imgs/a.jpg", "text": "a"}\n{"image": "imgs/b.jpg", "text": "' + gbk + b'"}\n')
         extra = ["--images-dir", tmp_path / "raw", "--captions", table]
-    before = _snapshot(old, tmp_path)
-    line = _error_line(capsys, _argv(old if kind == "texts" else tmp_path / "out", *extra))
-    assert f"{table}:{3 if kind == 'csv' else 2}: not UTF-8" in line and _snapshot(old, tmp_path) == before
+    before = snapshot(old, tmp_path)
+    line = error_line(capsys, _argv(old if kind == "texts" else tmp_path / "out", *extra), main)
+    assert f"{table}:{3 if kind == 'csv' else 2}: not UTF-8" in line and snapshot(old, tmp_path) == before
 
 
 @pytest.mark.parametrize(
-    "case",
+    "data, flags, want",  # {d}: the MUGE folder; {b}: a user's file; {o}/train: a file; {p}/train: a user's folder
     [
-        "lmdb_dir_is_a_file",
-        "lmdb_dir_under_a_file",
-        "split_is_a_file",
-        "split_is_the_users_folder",
-        "csv_data_dir_is_a_file",
+        ("{d}", "--lmdb-dir {b}", "--lmdb-dir {b} is a file"),
+        ("{d}", "--lmdb-dir {b}/lmdb", "sits under {b}"),
+        ("{d}", "--lmdb-dir {o}", "{o}/train is a file"),
+        ("{d}", "--lmdb-dir {p}", "holiday.jpg: not an LMDB split"),
+        ("{b}", "--csv {c}", "--data-dir {b} is a file"),
     ],
 )
-def test_output_that_cannot_be_written_is_one_line_and_nothing_is_written(old, tmp_path, capsys, case):
-    blocker, out = tmp_path / "blocker", tmp_path / "out"
-    blocker.write_text("mine\n", encoding="utf-8")
-    if case == "split_is_a_file":
-        out.mkdir()
-        (out / "train").write_text("mine\n", encoding="utf-8")
-    elif case == "split_is_the_users_folder":
-        (out / "train").mkdir(parents=True)
-        (out / "train" / "holiday.jpg").write_bytes(_jpeg())
-    argv, want = {
-        "lmdb_dir_is_a_file": (_argv(old, "--lmdb-dir", blocker), f"--lmdb-dir {blocker} is a file"),
-        "lmdb_dir_under_a_file": (_argv(old, "--lmdb-dir", blocker / "lmdb"), f"sits under {blocker}"),
-        "split_is_a_file": (_argv(old, "--lmdb-dir", out), f"{out / 'train'} is a file"),
-        "split_is_the_users_folder": (_argv(old, "--lmdb-dir", out), "holiday.jpg: not an LMDB split"),
-        "csv_data_dir_is_a_file": (
-            _argv(blocker, "--csv", _csv_input(tmp_path / "raw")),
-            f"--data-dir {blocker} is a file",
-        ),
-    }[case]
-    before = _snapshot(old, tmp_path)
-    assert want in _error_line(capsys, argv)
-    assert _snapshot(old, tmp_path) == before  # not even a lock file
+def test_output_that_cannot_be_written_is_one_line_and_nothing_is_written(old, tmp_path, capsys, data, flags, want):
+    blocker, out, photos = tmp_path / "blocker", tmp_path / "out", tmp_path / "photos"
+    (photos / "train").mkdir(parents=True)
+    (photos / "train" / "holiday.jpg").write_bytes(_jpeg())
+    out.mkdir()
+    for file in (blocker, out / "train"):
+        file.write_text("mine\n", encoding="utf-8")
+    paths = dict(d=old, b=blocker, o=out, p=photos, c=_csv_input(tmp_path / "raw"))
+    before = snapshot(old, tmp_path)
+    line = error_line(capsys, _argv(data.format(**paths), *flags.format(**paths).split()), main)
+    assert want.format(**paths) in line and snapshot(old, tmp_path) == before  # not even a lock file
 
 
 def _queries_tsv(d: Path, n: int, bad=()) -> Path:
-    return _muge(
+    return _write_muge(
         d,
+        "train",
         [(i, "not base64!" if i in bad else _b64(_jpeg())) for i in range(1, n + 1)],
         [{"text_id": 100 + i, "text": f"查询{i}", "image_ids": [i]} for i in range(1, n + 1)],
     )
@@ -255,22 +225,24 @@ def test_make_valid_that_leaves_an_empty_split_is_refused(tmp_path, capsys, case
         assert run_cli(main, _argv(d, "--make-valid", fraction, *extra, splits="train,valid")) == 0
         for i in _valid_image_ids([1, 2]):
             (tmp_path / "raw" / "imgs" / f"{'ab'[i - 1]}.jpg").write_bytes(b"<html>gone</html>")
-    before = _snapshot(d, locks=False)
-    assert want in _error_line(capsys, _argv(d, "--make-valid", fraction, *extra, splits="train,valid"))
-    assert _snapshot(d, locks=False) == before  # nothing written (a lock file at most)
+    before = snapshot(d, locks=False)
+    assert want in error_line(capsys, _argv(d, "--make-valid", fraction, *extra, splits="train,valid"), main)
+    assert snapshot(d, locks=False) == before  # nothing written (a lock file at most)
     assert not (d / "lmdb").exists() or _leftovers(d / "lmdb") == []
 
 
 def test_disk_full_while_writing_an_lmdb_keeps_the_previous_one(old, small_disk, tmp_path, capsys):
     lmdb_dir = small_disk(1) / "lmdb"
     assert run_cli(main, _argv(old, "--lmdb-dir", lmdb_dir)) == 0  # the previous LMDB: small, it fits
-    before = _snapshot(lmdb_dir)
+    before = snapshot(lmdb_dir)
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(
         buf, format="JPEG", quality=95
     )
     big = _b64(buf.getvalue())
     n = 2 * (1 << 20) // len(big) + 1  # 2 MiB of images for a 1 MiB disk
-    d = _muge(tmp_path / "big", [(i, big) for i in range(n)], [{"text_id": 1, "text": "噪声", "image_ids": [0]}])
-    assert f"disk full at {lmdb_dir}" in _error_line(capsys, _argv(d, "--lmdb-dir", lmdb_dir))
-    assert _snapshot(lmdb_dir) == before and _leftovers(lmdb_dir) == [] and _queries(lmdb_dir / "train") == OLD
+    d = _write_muge(
+        tmp_path / "big", "train", [(i, big) for i in range(n)], [{"text_id": 1, "text": "噪声", "image_ids": [0]}]
+    )
+    assert f"disk full at {lmdb_dir}" in error_line(capsys, _argv(d, "--lmdb-dir", lmdb_dir), main)
+    assert snapshot(lmdb_dir) == before and _leftovers(lmdb_dir) == [] and _queries(lmdb_dir / "train") == OLD

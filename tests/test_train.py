@@ -1,6 +1,5 @@
 """Trainer end to end on tiny coloured-square LMDBs: tuning modes, checkpoints, prompt, resume."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +8,9 @@ import torch
 from train_helpers import make_data, metrics, tiny_argv
 
 from cn_clip_patch.tuning import apply_tuning
-from solution.common import SolutionError
 from solution.model import ModelConfig, build_model, load_model, read_checkpoint
 from solution.retrieval.encode import evaluate_split
 from solution.training.trainer import main
-
-SEED = 123
 
 
 @pytest.fixture(scope="module")
@@ -24,35 +20,31 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def initial_recall(data):
-    torch.manual_seed(SEED)  # the trainer seeds the same way before building
+    torch.manual_seed(123)  # the trainer's default seed, set the same way before building
     config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16)
-    model = build_model(config)
-    return evaluate_split(model, data[1], config)["mean_recall"], model.state_dict()
+    return evaluate_split(build_model(config), data[1], config)["mean_recall"]
 
 
 @pytest.fixture(scope="module")
 def stage1(data, initial_recall, tmp_path_factory):
     """Full fine-tuning from random weights (stage 1); the other modes continue from it."""
     logs = tmp_path_factory.mktemp("logs")
-    out = main(tiny_argv(*data, logs, name="full", max_steps=16, lr="3e-3", warmup=1, valid_epoch_interval=2))
-    return out
+    return main(tiny_argv(*data, logs, name="full", max_steps=16, lr="3e-3", warmup=1, valid_epoch_interval=2))
 
 
 def _check_run(out, n_steps):
     run = out["run_dir"]
     losses = [r["loss"] for r in metrics(run, "train")]
     assert len(losses) == n_steps and sum(losses[-4:]) < sum(losses[:4])
-    valid_rows = metrics(run, "valid")
-    assert {"r1", "r5", "r10", "mean_recall", "val_loss", "val_acc_i2t", "set"} <= set(valid_rows[-1])
+    assert {"r1", "r5", "r10", "mean_recall", "val_loss", "val_acc_i2t", "set"} <= set(metrics(run, "valid")[-1])
     assert all(r["logit_scale"] <= 100.0 + 1e-4 for r in metrics(run, "train"))
     ckpts = {p.name for p in (Path(run) / "checkpoints").iterdir()}
     assert {"epoch_latest.pt", "best.pt", "epoch_1.pt"} <= ckpts
-    assert json.loads((Path(run) / "params.json").read_text())["max_steps"] == n_steps
 
 
 def test_full_fine_tuning_improves_recall(stage1, initial_recall):
     _check_run(stage1, 16)
-    assert stage1["best"]["mean_recall"] > initial_recall[0]
+    assert stage1["best"]["mean_recall"] > initial_recall
     model, config, ckpt = load_model(stage1["last_checkpoint"])
     assert all(k.startswith("module.") for k in ckpt["state_dict"]) and config.tuning["mode"] == "full"
     assert set(ckpt) >= {"epoch", "step", "name", "state_dict", "config", "optimizer", "train_state"}
@@ -109,41 +101,9 @@ def test_stage2_mode_trains_and_improves_recall(data, stage1, tmp_path, mode):
         assert not torch.equal(sd[key], init_sd[key])  # the merged adapters changed the plain weights
 
 
-def test_prompt_is_applied_in_train_and_validation_and_stored(data, tmp_path, monkeypatch):
-    import solution.training.loaders as td
-    from cn_clip_patch.prompt import tokenize
-    from solution.training import validation
-
-    prompt = "这是一张图片："
-    seen_collates, seen_configs = [], []
-
-    class Recording(td.PairCollate):
-        def __call__(self, batch):
-            out = super().__call__(batch)
-            seen_collates.append((self.prompt, out[1]))
-            return out
-
-    real_encode = validation.encode_split
-
-    def recording_encode(model, split, config, *a, **kw):
-        seen_configs.append(config.text_prompt)
-        return real_encode(model, split, config, *a, **kw)
-
-    monkeypatch.setattr(td, "PairCollate", Recording)
-    monkeypatch.setattr(validation, "encode_split", recording_encode)
-    train, valid = data
-    out = main(tiny_argv(train, valid, tmp_path, max_steps=2, text_prompt=prompt))
-    prompt_ids = tokenize([""], 16, prompt)[0, :-1]  # [CLS] + prompt pieces
-    assert seen_collates and all(p == prompt for p, _ in seen_collates)
-    assert all(torch.equal(tok[:, : len(prompt_ids)], prompt_ids.expand(len(tok), -1)) for _, tok in seen_collates)
-    assert seen_configs == [prompt]
-    stored = load_model(out["last_checkpoint"])[1].text_prompt
-    assert stored == out["params"]["text_prompt"] == out["config"].text_prompt == prompt
-
-
 def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path):
     """An official file (``module.`` keys, fp16, BERT's pooler, no config): the architecture comes from its
-    tensors, cn_clip's optimiser defaults from it; another architecture on the command line is refused."""
+    tensors, cn_clip's optimiser defaults from it."""
     from solution.training.flags import parse_args, resolve
     from solution.training.setup import build, find_start
 
@@ -156,20 +116,11 @@ def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path):
     args = parse_args(["--train-data", "x", "--resume", str(path), "--logs", str(tmp_path), "--lora-rank", "2"])
     start = find_start(tmp_path / "none.pt", args.resume, False)
     cfg = resolve(args, start, world=1, train_pairs=640, device="cpu")
-    assert (
-        (cfg.vision_model, cfg.text_model)
-        == ("ViT-Tiny-W96", "RBT-Tiny")
-        == (cfg.model_config.vision_model, cfg.model_config.text_model)
-    )
+    assert (cfg.vision_model, cfg.text_model) == ("ViT-Tiny-W96", "RBT-Tiny")
+    assert (cfg.model_config.vision_model, cfg.model_config.text_model) == ("ViT-Tiny-W96", "RBT-Tiny")
     key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert torch.equal(build(cfg, start).state_dict()[key], sd["module." + key].float())
     assert (cfg.lr, cfg.beta2) == (5e-4, 0.98) and args.lr is None and args.vision_model is None  # typed as typed
-    args = parse_args(
-        ["--train-data", "x", "--resume", str(path), "--vision-model", "ViT-B-16", "--text-model", "RBT-Tiny"]
-    )
-    start = find_start(tmp_path / "none.pt", args.resume, False)
-    with pytest.raises(SolutionError, match="ViT-Tiny-W96@RBT-Tiny.*ViT-B-16@RBT-Tiny"):
-        build(resolve(args, start, world=1, train_pairs=640, device="cpu"), start)
 
 
 def test_best_validation_stores_its_per_query_hits(stage1, data):
@@ -184,14 +135,12 @@ def test_best_validation_stores_its_per_query_hits(stage1, data):
     run = Path(stage1["run_dir"])
     valid = [r for r in metrics(run, "valid") if r["set"] == "valid"]
     assert len(valid) >= 2
-    running, named = None, []
+    running = None
     for r in valid:  # exactly the rows that beat every earlier one name the file; the others are unchanged
         new_best = running is None or r["mean_recall"] > running
         running = r["mean_recall"] if new_best else running
         assert ("hits" in r) == new_best and r.get("hits", "hits/best.hits.npy") == "hits/best.hits.npy"
-        named += [r] if new_best else []
     best = max(valid, key=lambda r: r["mean_recall"])
-    assert named[-1] is best
     ids, hits = read_hits(run / "hits" / "best.hits.npy")
     assert hits.shape == (len(ids), 3) and sorted(ids.tolist()) == sorted(split_queries(LMDBSplit(data[1])).text_ids)
     assert mean_recall(hits) == best["mean_recall"] == stage1["best"]["mean_recall"]

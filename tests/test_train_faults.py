@@ -1,17 +1,17 @@
 """The run folder under faults: a run stopped anywhere (in a step, in any save) and re-run ends as if never
 stopped; two writers; changed flags on resume; a checkpoint of another shape; a full disk."""
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from train_helpers import error_line, make_data, metrics, paused_train, tiny_argv
+from train_helpers import error_line, make_data, metrics, paused_train, snapshot, tiny_argv
 
 from solution.common import run_cli
 from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
@@ -30,10 +30,6 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob(".*.tmp"))
 
 
-def _files(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"}
-
-
 def outcome(run: Path) -> tuple[dict, list]:
     """A run folder's checkpoints (step and every tensor) and metrics lines without their timings."""
     ckpts = {}
@@ -43,13 +39,6 @@ def outcome(run: Path) -> tuple[dict, list]:
         ckpts[str(p.relative_to(run))] = (c["step"], dict(tensors))
     rows = [{k: v for k, v in r.items() if k not in TIMING} for r in metrics(run)]
     return ckpts, rows
-
-
-def assert_same_outcome(a: Path, b: Path) -> None:
-    (ca, ra), (cb, rb) = outcome(a), outcome(b)
-    assert ca.keys() == cb.keys() and ra == rb
-    for name, (step, tensors) in ca.items():
-        assert cb[name][0] == step and all(torch.equal(v, cb[name][1][k]) for k, v in tensors.items()), name
 
 
 # 12 pairs at batch 4: 3 steps an epoch, 2 epochs; epoch_latest.pt (and epoch_E_S.pt) after each step,
@@ -120,11 +109,14 @@ def test_a_run_stopped_anywhere_and_rerun_ends_as_if_never_stopped(data, uninter
             stop_at(m, file, step, start)
             main(argv)
     main(argv)
-    assert_same_outcome(uninterrupted, tmp_path / "run")
+    (want, want_rows), (got, got_rows) = outcome(uninterrupted), outcome(tmp_path / "run")
+    assert got.keys() == want.keys() and got_rows == want_rows
+    for name, (step, tensors) in want.items():
+        assert got[name][0] == step and all(torch.equal(v, got[name][1][k]) for k, v in tensors.items()), name
     assert_board_is_metrics(tmp_path / "run")
-    files = _files(tmp_path / "run")
+    files = snapshot(tmp_path / "run", locks=False)
     main(argv)  # a finished run re-run: nothing to do, nothing rewritten
-    assert _files(tmp_path / "run") == files
+    assert snapshot(tmp_path / "run", locks=False) == files
 
 
 def test_the_ema_is_what_is_validated_and_saved_and_epoch_latest_keeps_both(uninterrupted):
@@ -136,7 +128,6 @@ def test_the_ema_is_what_is_validated_and_saved_and_epoch_latest_keeps_both(unin
     assert not all(torch.equal(latest["state_dict"][f"module.{n}"], t) for n, t in ema.items())  # the live weights
     at_best = ckpts[f"epoch_{best['epoch']}_{best['step']}.pt"]["state_dict"]  # the EMA of the best step
     assert all(torch.equal(at_best[k], v) for k, v in best["state_dict"].items())
-    assert_board_is_metrics(uninterrupted)
 
 
 # ---------------------------------------------------------------- one writer per run folder
@@ -151,16 +142,13 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path, 
             time.sleep(0.05)
         assert proc.poll() is None and ready.exists(), proc.stderr.read()[-2000:]
         run = tmp_path / "logs" / "run"
-        before = _files(run)
+        before = snapshot(run, locks=False)
         line = error_line(capsys, argv)
         assert f"pid {proc.pid}" in line and str(run) in line and "in use" in line
-        assert _files(run) == before  # the refused writer wrote nothing
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert snapshot(run, locks=False) == before  # the refused writer wrote nothing
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc.kill()  # SIGKILL
+        proc.wait()
         proc.stderr.close()
     assert _temps(run)  # the killed writer left its temporary checkpoint
     out = main(argv)  # the kernel dropped the dead writer's lock: the same command now runs
@@ -190,16 +178,15 @@ CHANGES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CHANGES))
-def test_resuming_under_changed_flags_is_refused_listing_them(finished_run, tmp_path, capsys, data, case):
+@pytest.mark.parametrize("flags, expected", CHANGES.values(), ids=CHANGES)
+def test_resuming_under_changed_flags_is_refused_listing_them(finished_run, tmp_path, capsys, data, flags, expected):
     shutil.copytree(finished_run, tmp_path / "logs")
-    before = _files(tmp_path / "logs" / "run")
-    flags, expected = CHANGES[case]
+    before = snapshot(tmp_path / "logs" / "run", locks=False)
     line = error_line(
         capsys, tiny_argv(*data, tmp_path / "logs", **{"max_steps": 2, "valid_epoch_interval": 0, **flags})
     )
     assert expected in line and "params.json" in line and "--allow-changed-flags" in line
-    assert _files(tmp_path / "logs" / "run") == before
+    assert snapshot(tmp_path / "logs" / "run", locks=False) == before
 
 
 def test_harmless_flag_changes_resume_and_consent_applies_the_new_flags(finished_run, tmp_path, data):
@@ -243,13 +230,10 @@ def test_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys, data
 
 def _fill(disk: Path) -> Path:
     filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 16))
-                f.flush()
-        except OSError:
-            pass
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * (1 << 16))
+            f.flush()
     return filler
 
 

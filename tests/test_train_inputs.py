@@ -178,13 +178,7 @@ def test_a_run_folder_of_another_kind_or_inside_data_is_refused(tmp_path, capsys
     assert not (logs / "run" / "params.json").exists()
 
 
-def test_report_to_tensorboard_without_tensorboard_says_what_to_install(tmp_path, capsys, data, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    line = error_line(capsys, tiny_argv(*data, tmp_path, max_steps=1, report_to="tensorboard"))
-    assert "--report-to tensorboard needs TensorBoard: pip install" in line
-
-
-def test_bad_data_and_model_inputs_are_one_line(tmp_path, capsys, data):
+def test_bad_data_model_and_package_inputs_are_one_line(tmp_path, capsys, data, monkeypatch):
     line = error_line(capsys, tiny_argv(tmp_path / "nope", None, tmp_path))
     assert "--train-data" in line and "nope" in line
     bad = tmp_path / "bad"
@@ -202,6 +196,9 @@ def test_bad_data_and_model_inputs_are_one_line(tmp_path, capsys, data):
     line = error_line(capsys, tiny_argv(data[0], None, tmp_path, text_prompt="这是一张很长很长很长的商品图片的描述："))
     assert "--text-prompt" in line and "context length of 16" in line
     assert "checkpoint not found" in error_line(capsys, tiny_argv(data[0], None, tmp_path, resume=tmp_path / "x.pt"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    line = error_line(capsys, tiny_argv(*data, tmp_path, max_steps=1, report_to="tensorboard"))
+    assert "--report-to tensorboard needs TensorBoard: pip install" in line
 
 
 def test_nan_loss_stops_without_overwriting_checkpoints(tmp_path, capsys, data, monkeypatch):
@@ -239,13 +236,36 @@ def test_a_cn_clip_training_checkpoint_starts_at_its_offset(tmp_path, data, tiny
     assert [r["step"] for r in metrics(tmp_path / "run")] == [5, 6]
 
 
-def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data):
+def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data, monkeypatch):
+    """Unless given, both come from the starting checkpoint and are stored; the prompt reaches every training batch
+    and the validation."""
+    from cn_clip_patch.prompt import tokenize
+    from solution.training import loaders, validation
+
+    batches, validated, real = [], [], validation.encode_split
+
+    class Recording(loaders.PairCollate):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            batches.append((self.prompt, out[1]))
+            return out
+
+    def encode(model, split, config, *a, **k):
+        validated.append(config.text_prompt)
+        return real(model, split, config, *a, **k)
+
+    monkeypatch.setattr(loaders, "PairCollate", Recording)
+    monkeypatch.setattr(validation, "encode_split", encode)
     cfg = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=24, text_prompt="图片：")
     start = save_checkpoint(tmp_path / "start.pt", build_model(cfg).state_dict(), cfg)
-    argv = tiny_argv(data[0], None, tmp_path, resume=start, max_steps=2, valid_epoch_interval=0)
+    argv = tiny_argv(*data, tmp_path, resume=start, max_steps=2)
     del argv[argv.index("--context-length") : argv.index("--context-length") + 2]
-    stored = read_checkpoint(main(argv)["last_checkpoint"])["config"]
-    assert (stored["context_length"], stored["text_prompt"]) == (24, "图片：")
+    out = main(argv)
+    stored = read_checkpoint(out["last_checkpoint"])["config"]
+    assert (stored["context_length"], stored["text_prompt"], out["params"]["text_prompt"]) == (24, "图片：", "图片：")
+    ids = tokenize([""], 24, "图片：")[0, :-1]  # [CLS] + the prompt's pieces
+    assert batches and all(p == "图片：" and torch.equal(t[:, : len(ids)], ids.expand(len(t), -1)) for p, t in batches)
+    assert validated and set(validated) == {"图片："}
     out = main(argv + ["--name", "other", "--text-prompt", "", "--context-length", "20"])
     stored = read_checkpoint(out["last_checkpoint"])["config"]
     assert (stored["context_length"], stored["text_prompt"]) == (20, "")

@@ -85,6 +85,14 @@ def error_line(capsys, argv: list[str], main_fn=None) -> str:
     return lines[0]
 
 
+def snapshot(*folders: Path, locks: bool = True) -> dict:
+    """Every file under ``folders`` -> its bytes; of a lock file only that it is there (``locks=False``: not even)."""
+    files = [p for d in folders if d.exists() for p in sorted(d.rglob("*")) if p.is_file()]
+    return {
+        p: b"" if p.name.endswith(".lock") else p.read_bytes() for p in files if locks or not p.name.endswith(".lock")
+    }
+
+
 def metrics(run: Path, kind: str | None = None) -> list[dict]:
     """The rows of a run folder's ``metrics.jsonl`` (of one kind: "train" or "valid")."""
     rows = [json.loads(x) for x in open(Path(run) / "metrics.jsonl", encoding="utf-8")]
