@@ -61,6 +61,7 @@ def _recipe(tmp_path, **changes) -> Path:
         ({"search.start": "base"}, "r.yaml: search.config: the search config YAML is required"),
         ({"ensembles": [{"name": "e", "members": ["a", "x"]}]}, "ensembles: e.members: no candidate named 'x'"),
         ({"folds": 1}, "r.yaml: folds: cross-fitting needs at least 2 folds"),
+        ({"ensembles": [{"name": "e", "norm": "zz"}]}, "r.yaml: the ensemble e stage: argument --norm: invalid choice"),
     ],
 )
 def test_a_bad_recipe_is_one_line_naming_file_and_key_before_any_work(tmp_path, capsys, monkeypatch, change, message):

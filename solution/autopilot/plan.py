@@ -47,6 +47,8 @@ def check_recipe(recipe: Recipe, stages: Stages) -> None:
 
 
 def run_plan(recipe: Recipe, dry_run: bool = False) -> dict:
+    if not dry_run:
+        run_plan(recipe, dry_run=True)  # every stage's command checked by its tool's parser before any work
     stages = Stages(recipe, dry_run)
     check_recipe(recipe, stages)
     stages.prepare()

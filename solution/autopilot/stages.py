@@ -49,7 +49,7 @@ class Stages:
             shell = f"torchrun --nproc_per_node {self.r.nproc} -m {module}"
         self.commands.append(f"# {stage}\n{shell} {shlex.join(argv)}")
         if self.dry:
-            return None
+            return self._check(stage, module, argv)
         if done is not None and done.exists():
             log.info("[%s] done already (%s)", stage, done)
             return None
@@ -59,6 +59,18 @@ class Stages:
                 raise SolutionError(f"{stage} failed under torchrun (see its log above)")
             return None
         return importlib.import_module(module).main(argv)
+
+    def _check(self, stage: str, module: str, argv: list[str]) -> None:
+        """The tool's own parser takes the stage's command (the trainer's is checked with the recipe)."""
+        build = getattr(importlib.import_module(module), "build_parser", None)
+        if build is not None:
+            parser = build()
+
+            def refuse(message):
+                raise SolutionError(f"{self.r.where(f'the {stage} stage')}: {message}")
+
+            parser.error = refuse
+            parser.parse_args(argv)
 
     # ------------------------------------------------------------ data
     @property
@@ -138,7 +150,8 @@ class Stages:
         s, folder = self.r.soups, self.out / "soups"
         methods = list(s.get("methods") or ["greedy"])
         members = list(s.get("members") or [])
-        argv = ["--checkpoints", *(singles[m] for m in members if m != "search")]
+        listed = [singles[m] for m in members if m != "search"]
+        argv = ["--checkpoints", *listed] if listed else []
         if "search" in members and study is not None:
             argv += ["--from-study", study, "--top", (self.r.search or {}).get("top", 4)]
         argv += ["--val-data", self.lmdb("valid"), "--method", ",".join(methods), "--folds", self.r.folds]
