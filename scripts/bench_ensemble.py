@@ -84,8 +84,7 @@ def child(variant: str, workdir: Path, k: int) -> None:
     import torch
 
     from solution.ensembles.fusion import FUSION_MEMORY_MB, fusion_chunk, rerank_topk
-    from solution.retrieval.metrics import topk
-    from solution.retrieval.rank import auto_chunk
+    from solution.retrieval.rank import auto_chunk, topk
 
     members = load(workdir)
     n_gallery = members[0][1].shape[0]

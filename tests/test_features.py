@@ -287,7 +287,7 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
     """The caller asked for 'high' (TF32 on CUDA, oneDNN TF32 on the CPU): every exact ranking product runs at
     'highest' (no bf16 reduced-precision reductions either), and the caller's setting is back afterwards."""
     from solution.ensembles.fusion import rerank_topk
-    from solution.retrieval.metrics import topk
+    from solution.retrieval.rank import topk
 
     cuda, mkl = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
     seen, real_topk = [], torch.topk

@@ -10,7 +10,8 @@ from cn_clip.eval.evaluation import compute_score  # the official arithmetic, as
 from oracles import stable_topk
 from test_evaluate import random_case
 
-from solution.retrieval.metrics import mean_recall, per_query_recall, present_gold, query_hits, recall_at_k, topk
+from solution.retrieval.metrics import mean_recall, per_query_recall, present_gold, query_hits, recall_at_k
+from solution.retrieval.rank import topk
 
 
 def test_recall_thirds_are_the_officials_to_the_last_digit(tmp_path):

@@ -16,7 +16,8 @@ import torch
 
 from solution.common import SolutionError
 from solution.model.precision import exact_math
-from solution.retrieval.metrics import KS, query_hits, recall_from_hits, topk_rows
+from solution.retrieval.metrics import KS, query_hits, recall_from_hits
+from solution.retrieval.rank import topk_rows
 from solution.stats import crossfit
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,6 @@ from solution.retrieval.metrics import per_query_recall, query_hits, recall_from
 from solution.retrieval.official import check_submission, error_json, read_gold
 from solution.stats import paired_bootstrap
 
-from .significance import CI, N_RESAMPLES, SEED
-
 log = logging.getLogger(__name__)
 
 THUMB, QUALITY = 96, 70
@@ -95,10 +93,10 @@ def build_page(texts, gold: dict, systems: list[tuple[str, dict]], split: LMDBSp
             {"name": name, "recall": recall_from_hits(h), "gold_in_top10": dict(sorted(in_top.items()))}
         )
     if len(systems) == 2:
-        bs = paired_bootstrap(hits[1], hits[0], n_resamples=N_RESAMPLES, seed=SEED, ci=CI)
+        bs = paired_bootstrap(hits[1], hits[0])
         fixed, broken = int((change > 0).sum()), int((change < 0).sum())
         summary["against"] = dict(
-            fixed=fixed, broken=broken, diff=bs.diff, low=bs.low, high=bs.high, n_resamples=N_RESAMPLES, ci=CI
+            fixed=fixed, broken=broken, diff=bs.diff, low=bs.low, high=bs.high, n_resamples=bs.n_resamples, ci=bs.ci
         )
     queries = []
     for i in np.lexsort((qids, values[0])):

@@ -11,7 +11,6 @@ from solution.stats import paired_bootstrap
 
 from .folders import Entry
 
-N_RESAMPLES, SEED, CI = 1000, 0, 0.95
 COLUMNS = ("vs_ref", "ci_low", "ci_high", "significant", "note")
 REFERENCE = "reference (best single model)"
 
@@ -36,7 +35,7 @@ def columns(entries: Sequence[Entry]) -> list[dict]:
     for e in entries:
         other = align(e.hits, ref["hits"]) if e.hits is not None and ref else None  # None: other queries
         if other is not None:
-            b = paired_bootstrap(e.hits[1], other, n_resamples=N_RESAMPLES, seed=SEED, ci=CI)
+            b = paired_bootstrap(e.hits[1], other)
             note = REFERENCE if e is ref["entry"] else f"vs {ref['name']}"
             out.append(dict(zip(COLUMNS, (b.diff, b.low, b.high, "yes" if b.significant else "no", note))))
         elif e.hits is None:

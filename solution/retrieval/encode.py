@@ -26,7 +26,8 @@ from solution.formats.muge import read_texts
 from solution.model import ModelConfig
 from solution.model.precision import autocast as autocast_context
 
-from .metrics import KS, present_gold, query_hits, recall_from_hits, topk
+from .metrics import KS, present_gold, query_hits, recall_from_hits
+from .rank import topk
 
 log = logging.getLogger(__name__)
 

@@ -16,19 +16,54 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from solution.common import SolutionError, check_output, folder_lock, write_json, write_jsonl
 from solution.formats.feature_files import load_features, resolve_features
 from solution.formats.hits import array_digest
 from solution.formats.run_files import METRICS, main_valid, read_metrics
 from solution.model import ModelConfig
+from solution.model.precision import exact_math
 
-from .metrics import RECALL_KEYS, topk
+from .metrics import RECALL_KEYS
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = {"t2i": ("text", "image"), "i2t": ("image", "text")}
 DEFAULT_MEMORY_MB = 512
+
+
+def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-first top-``k`` of each row of ``s``, ties to the lower column (a stable descending sort's order):
+    ``torch.topk`` of ``k + 1`` reordered, and a full sort for the rows whose tie straddles the k-th place."""
+    n = s.shape[1]
+    k = min(k, n)
+    kk = min(k + 1, n)
+    vals, idx = torch.topk(s, kk, dim=1)
+    order = torch.argsort(idx, dim=1)
+    vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+    if kk > k:
+        for r in (vals[:, k - 1] == vals[:, k]).nonzero().flatten().tolist():
+            full = torch.sort(s[r], descending=True, stable=True)
+            vals[r], idx[r] = full.values[:kk], full.indices[:kk]
+    return vals[:, :k], idx[:, :k]
+
+
+@exact_math()  # float32 ``highest`` whatever the caller set
+def topk(queries, gallery, k: int, *, chunk_size: int = 4096, device="cpu", progress: bool = False):
+    """``(scores [Q, k], indices [Q, k])`` of the best gallery rows of every query by inner product, ties to the
+    lower row (as upstream's ``sorted``), ``chunk_size`` queries at a time."""
+    q, g = torch.as_tensor(queries).float(), torch.as_tensor(gallery).float().to(device)
+    k = min(k, g.shape[0])
+    all_s, all_i = [torch.zeros((0, k))], [torch.zeros((0, k), dtype=torch.int64)]
+    for start in tqdm(range(0, q.shape[0], chunk_size), desc="top-k", unit="chunk", disable=not progress):
+        vals, idx = topk_rows(q[start : start + chunk_size].to(device) @ g.T, k)
+        all_s.append(vals.cpu())
+        all_i.append(idx.cpu())
+    return torch.cat(all_s).numpy(), torch.cat(all_i).numpy()
 
 
 def auto_chunk(gallery_size: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
