@@ -12,6 +12,12 @@ import torch
 from solution.model import ModelConfig, build_model, save_checkpoint
 
 torch.set_num_threads(1)  # tiny models: one thread is faster and leaves a core for DataLoader/subprocesses
+LONGEST = ("test_readme.py", "test_pipeline.py", "test_gpu_check.py", "test_ddp.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest files first (most are one xdist group each), so that the workers end together."""
+    items.sort(key=lambda item: item.path.name not in LONGEST)
 
 
 @pytest.fixture
