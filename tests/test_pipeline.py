@@ -16,6 +16,8 @@ from cli_helpers import one_error_line
 
 from solution import pipeline
 from solution.autopilot.evidence import Candidate, choose
+from solution.autopilot.recipe import load_recipe
+from solution.autopilot.stages import Stages
 from solution.retrieval.metrics import recall_from_hits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,16 @@ def test_every_shipped_recipe_passes_its_dry_run(recipe, tmp_path, capsys):
     out = capsys.readouterr().out
     assert result["commands"] and ("train_clip.sh" in out or "-m solution.train" in out)
     assert "model_soup.sh" in out and "ensemble.sh" in out and not (tmp_path / "data").exists()
+
+
+def test_the_search_samples_with_the_recipe_s_seed_unless_its_config_has_one(tmp_path):
+    demo = ROOT / "configs" / "pipeline" / "demo.yaml"
+    sampler = Stages(load_recipe(demo, sets=["seed=7"])).search_config(None)["sampler"]
+    assert sampler == {"name": "tpe", "n_startup_trials": 3, "seed": 7}  # the config's seed is null
+    config = tmp_path / "s.yaml"
+    config.write_text("sampler: {name: random, seed: 123}\nspace: {}\n", encoding="utf-8")
+    recipe = load_recipe(demo, sets=["seed=7", f"search.config={config}"])
+    assert Stages(recipe).search_config(None)["sampler"] == {"name": "random", "seed": 123}
 
 
 def _recipe(tmp_path, **changes) -> Path:

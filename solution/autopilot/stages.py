@@ -130,7 +130,11 @@ class Stages:
         base["device"] = self.r.device
         if resume is not None:
             base.update({"resume": str(resume), "reset-optimizer": True, "reset-data-offset": True})
-        return {**cfg, "base": {**base, **(s.get("set") or {})}}
+        sampler = cfg.get("sampler", "tpe")
+        sampler = {"name": sampler} if isinstance(sampler, str) else sampler
+        if isinstance(sampler, dict) and sampler.get("seed") is None:
+            sampler = {**sampler, "seed": self.r.seed}  # a fresh run of the recipe samples the same trials
+        return {**cfg, "sampler": sampler, "base": {**base, **(s.get("set") or {})}}
 
     def search(self) -> Path:
         s, path = self.r.search, self.out / "search.yaml"
