@@ -245,7 +245,10 @@ def resolve_device(device: str | None = None):
 
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SolutionError(f"--device {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SolutionError(f"device {device!r} requested but CUDA is not available")
     return dev

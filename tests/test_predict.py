@@ -126,6 +126,7 @@ BAD = {
     "output replaces a checkpoint": ("--output best.pt", "best.pt exists and is not"),
     "output replaces text features": ("--output up_img.jsonl --image-feats img.npy", "up_img.jsonl exists and is not"),
     "features changed since extraction": ("--image-feats noisy.npy", "noisy.npy|changed since extraction"),
+    "a device torch does not know": ("--device bogus", "--device 'bogus': not a device"),
 }
 
 
@@ -149,7 +150,7 @@ def test_bad_inputs_and_outputs_one_line_nothing_written(feats, capsys, monkeypa
     given = flags.split()
     argv = {"--image-feats": "img.jsonl", "--text-feats": "text.jsonl", "--output": "out.jsonl"}
     argv.update(zip(given[::2], given[1::2]))
-    argv = {k: v if k == "--top-k" else str(d / v) for k, v in argv.items()}
+    argv = {k: v if k in ("--top-k", "--device") else str(d / v) for k, v in argv.items()}
     before = {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
     code, line = one_error_line(capsys, monkeypatch, main, [x for kv in argv.items() for x in kv])
     assert code == 2 and all(w in line for w in words.split("|")), line
