@@ -9,7 +9,7 @@ and its RSS before ranking (modules + features loaded), so "extra" is the memory
 - ours: ``solution.ensembles.fusion.rerank_topk(norm="zscore")`` with the chunk size
   ``predict --ensemble`` uses (:mod:`solution.ensembles.make_ensemble`: ``fusion_chunk`` for the
   ``FUSION_MEMORY_MB`` budget, which bounds fusion's working set, so its "extra" should track it);
-- 3 x predict: ``solution.retrieval.metrics.topk`` once per member, as ``predict`` ranks (what one does before fusing);
+- 3 x predict: ``solution.retrieval.rank.topk`` once per member, as ``predict`` ranks (what one does before fusing);
 - numpy fusion: the straightforward way, a full ``[Q, G]`` float32 score matrix per member,
   z-score per row, weighted sum, ``argpartition`` + a stable ``argsort`` for the top-10.
 

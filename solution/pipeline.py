@@ -15,7 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="the data folder (MUGE layout) or CSV file; wins over the recipe's data:")
     p.add_argument("--out", help="the output folder; wins over the recipe's out:")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. runs.default.lr=1e-4")
-    p.add_argument("--dry-run", action="store_true", help="print every stage's command and check the recipe")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the commands up to the ensembles, each checked by its tool's parser",
+    )
     return p
 
 

@@ -33,10 +33,11 @@ def ranked_ids(queries, gallery, gallery_ids, k: int) -> list[list[int]]:
 
 
 def normalise(s: np.ndarray, norm: str, temperature: float = 1.0) -> np.ndarray:
-    """Per-row normalisation by definition: z-score (population std; constant rows -> 0) or softmax(s / T)."""
+    """Per-row normalisation by definition: z-score (population std; constant rows, told by their range -> 0) or
+    softmax(s / T)."""
     if norm == "zscore":
-        std = s.std(axis=1, keepdims=True)
-        return np.where(std > 0, (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1), 0.0)
+        const, std = np.ptp(s, axis=1, keepdims=True) == 0, s.std(axis=1, keepdims=True)
+        return np.where(const, 0.0, (s - s.mean(axis=1, keepdims=True)) / np.where(const, 1, std))
     if norm == "softmax":
         e = np.exp(s / temperature)
         return e / e.sum(axis=1, keepdims=True)

@@ -233,7 +233,7 @@ def test_flip_tta_submission_scores_what_selection_logged(world, ckpts, tmp_path
 
 def test_flip_tta_of_a_mirror_invariant_model_equals_no_tta(world, ckpts, tmp_path, monkeypatch):
     """Members whose image tower sees ``(x + flip(x)) / 2``: an image and its mirror give the same tensor."""
-    real = make_ensemble.build_model
+    real = make_ensemble.meta_model
 
     def build(*a, **k):
         model = real(*a, **k)
@@ -241,7 +241,7 @@ def test_flip_tta_of_a_mirror_invariant_model_equals_no_tta(world, ckpts, tmp_pa
         model.encode_image = lambda x: inner((x + torch.flip(x, dims=[-1])) * 0.5)
         return model
 
-    monkeypatch.setattr(make_ensemble, "build_model", build)
+    monkeypatch.setattr(make_ensemble, "meta_model", build)
     enc = dict(device="cpu", precision="amp", batch_size=64, cache_dir=str(tmp_path / "cache"))
     m = make_ensemble.open_member(str(ckpts["a"]))
     make_ensemble.encode_members([m], LMDBSplit(world.lmdb("valid")), ["一件衣服"], flip=True, **enc)
@@ -273,6 +273,7 @@ BAD = {
     "empty output": (("a",), ("--output", ""), "--output must not be empty"),
     "a member with no room for its prompt": (("long", "a"), (), "long.pt: text prompt takes"),
     "a member of bare weights": (("bare", "a"), (), "bare.pt: it holds bare weights"),
+    "a member with LoRA adapters": (("lora", "a"), (), "lora.pt: it holds unmerged LoRA weights"),
     "a run folder": (("a",), ("--output", "T/run"), "is a run folder"),
     "a soup folder": (("a",), ("--output", "T/soup"), "is a soup folder"),
     "inside an LMDB split": (("a",), ("--output", "T/split/ens"), "an lmdb folder"),
@@ -300,6 +301,8 @@ def test_bad_ensemble_is_one_line_and_writes_nothing(world, ckpts, tmp_path, cap
     config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=8, text_prompt="这是一张很长很长很长的图片")
     torch.save({k.removeprefix("module."): v for k, v in sd.items()}, tmp_path / "bare.pt")
     paths = {**ckpts, "long": save_checkpoint(tmp_path / "long.pt", sd, config), "bare": tmp_path / "bare.pt"}
+    lora = {**sd, "module.visual.proj.lora_A.default.weight": torch.zeros(2, 2)}  # adapters left in, merged not said
+    paths["lora"] = save_checkpoint(tmp_path / "lora.pt", lora, ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=32))
     for name, text in FOLDERS.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)

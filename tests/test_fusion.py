@@ -1,4 +1,4 @@
-"""solution.ensembles.fusion against float64 definitions (tests/oracles.py) on integer or dyadic features."""
+"""solution.ensembles.fusion against float64 definitions (tests/oracles.py), exact on integer or dyadic features."""
 
 import numpy as np
 import pytest

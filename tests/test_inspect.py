@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from cli_helpers import one_error_line
 from PIL import Image
+from train_helpers import snapshot
 
 from solution.common import write_jsonl
 from solution.data.lmdb_io import LMDBSplit, write_images
@@ -135,7 +136,7 @@ def jpeg_b64(rng, size) -> bytes:
 
 def test_size_each_image_once(tmp_path):
     """The page holds each id's thumbnail once (at most 96 px a side) plus a bounded amount per query, so MUGE's
-    5,008 queries over 30,588 images make a file a browser opens. Texts without answers take them from --answers."""
+    5,008 queries over 29,806 images make a file a browser opens. Texts without answers take them from --answers."""
     rng = np.random.default_rng(0)
     ids = list(range(1000, 1300))
     write_images(tmp_path / "lmdb", ((i, jpeg_b64(rng, (200, 150))) for i in ids))
@@ -180,6 +181,7 @@ def test_refusals(valid, world, tmp_path, capsys, monkeypatch, flag, name, messa
     out = tmp_path / "a.html"
     argv = {"--submission": tmp_path / "a.jsonl", "--texts": texts, "--image-data": imgs, "--output": out}
     argv[flag] = tmp_path / name
+    before = snapshot(tmp_path)
     code, line = one_error_line(capsys, monkeypatch, main, [str(x) for kv in argv.items() for x in kv])
     assert code == 2 and message in line, line
-    assert not out.exists()
+    assert snapshot(tmp_path) == before and not out.exists()

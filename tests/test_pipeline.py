@@ -3,7 +3,9 @@ and kill -9 in three stages ending with a byte-identical submission."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +43,8 @@ def test_the_search_samples_with_the_recipe_s_seed_unless_its_config_has_one(tmp
     config.write_text("sampler: {name: random, seed: 123}\nspace: {}\n", encoding="utf-8")
     recipe = load_recipe(demo, sets=["seed=7", f"search.config={config}"])
     assert Stages(recipe).search_config(None)["sampler"] == {"name": "random", "seed": 123}
+    h14 = Stages(load_recipe(ROOT / "configs" / "pipeline" / "muge-vit-h-14.yaml")).search_config(None)
+    assert (h14["gpus_per_trial"], h14["torchrun_nproc"]) == (2, 2)  # the search config says 8 and 8
 
 
 def _recipe(tmp_path, **changes) -> Path:
@@ -73,13 +77,15 @@ def _recipe(tmp_path, **changes) -> Path:
         ({"search.start": "base"}, "r.yaml: search.config: the search config YAML is required"),
         ({"ensembles": [{"name": "e", "members": ["a", "x"]}]}, "ensembles: e.members: no candidate named 'x'"),
         ({"folds": 1}, "r.yaml: folds: cross-fitting needs at least 2 folds"),
+        ({"ensembles": [{"name": "e", "members": ["trial-0001"]}]}, "e.members: no candidate named 'trial-0001'"),
         ({"ensembles": [{"name": "e", "norm": "zz"}]}, "r.yaml: the ensemble e stage: argument --norm: invalid choice"),
     ],
 )
 def test_a_bad_recipe_is_one_line_naming_file_and_key_before_any_work(tmp_path, capsys, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)  # the recipe's default out: runs/pipeline here
     code, line = one_error_line(capsys, monkeypatch, pipeline.main, ["--config", str(_recipe(tmp_path, **change))])
     assert code == 2 and message in line, line
-    assert not (tmp_path / "d").exists() and not Path("runs/pipeline").exists()
+    assert not (tmp_path / "d").exists() and not (tmp_path / "runs").exists()
 
 
 def _cand(name, kind, per_fold, valid_mr=50.0):
@@ -161,6 +167,12 @@ def test_a_tiny_plan_submits_its_best_cross_fitted_candidate(tiny_plan, world):
     assert not checked.problems and all(len(v) == 10 for v in checked.predictions.values())
     report = (out / "REPORT.md").read_text(encoding="utf-8")
     assert result["chosen"].name in report and "Against the runner-up" in report
+    other = next(r[0] for r in table if r[-1] != "True" and r[1] == "single")  # submitted by name on a re-run
+    shutil.copytree(out, root / "again")
+    pipeline.main(["--config", str(recipe), "--out", str(root / "again"), "--set", f"submit={other}"])
+    manifest = json.loads((root / "again" / "submission.json").read_text(encoding="utf-8"))
+    assert manifest["choice"]["candidate"] == other
+    assert (root / "again" / "submission.jsonl").read_bytes() == (out / "test" / f"{other}.jsonl").read_bytes()
 
 
 HOOK = """

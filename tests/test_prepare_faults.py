@@ -69,7 +69,9 @@ def test_a_run_killed_mid_way_keeps_the_old_lmdb_and_the_next_run_cleans_up(old,
     proc = subprocess.Popen([sys.executable, "-m", "solution.prepare", *argv], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not list(lmdb_dir.glob(".train.building*")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        if proc.poll() is not None or time.time() > deadline:  # killed first: communicate() would wait for ever
+            proc.kill()
+            pytest.fail(f"no temp folder: {proc.communicate()[1][-2000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

@@ -1,4 +1,4 @@
-"""Validation scores what the offline evaluator scores, its loss is cn_clip's over the same batches, and a run's
+"""Validation scores what the offline evaluator scores, its loss is cn_clip's over the same batches (twin texts masked with same_text), and a run's
 later validations decode no image again."""
 
 from types import SimpleNamespace

@@ -8,6 +8,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+from cli_helpers import one_error_line
 from PIL import Image
 
 from solution.data.lmdb_io import write_split
@@ -74,15 +76,13 @@ TINY = (
 
 
 def error_line(capsys, argv: list[str], main_fn=None) -> str:
-    """The one ``error:`` line, and no traceback, of a refused command (exit code 2; the trainer unless ``main_fn``)."""
-    from solution.common import run_cli
+    """``cli_helpers.one_error_line`` with exit code 2 asserted (the trainer unless ``main_fn``)."""
     from solution.training.trainer import main
 
-    assert run_cli(main_fn or main, argv) == 2
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    with pytest.MonkeyPatch.context() as m:
+        code, line = one_error_line(capsys, m, main_fn or main, argv)
+    assert code == 2, line
+    return line
 
 
 def snapshot(*folders: Path, locks: bool = True) -> dict:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from solution.common import SolutionError, write_json
+from solution.common import SolutionError, resolve_device, write_json
 from solution.ensembles.make_ensemble import read_ensemble
-from solution.formats.hits import read_hits, write_hits
+from solution.formats.hits import hits_paths, read_hits, write_hits
 from solution.retrieval.metrics import query_hits, recall_from_hits
 from solution.retrieval.official import check_submission, read_gold
 from solution.soups.ingredients import study_checkpoints
@@ -106,11 +106,11 @@ def evidence(stages: Stages, singles: dict, soups: dict, ensembles: dict) -> lis
 def _single(stages: Stages, name: str, ckpt: Path) -> Candidate:
     """A single model's plain hits on the valid queries (scored once, kept under OUT/evidence/)."""
     base = stages.out / "evidence" / name
-    if not base.with_suffix(".hits.npy").is_file():
+    if not hits_paths(base)[0].is_file():
         from solution.model import load_model
         from solution.retrieval.encode import evaluate_split
 
-        model, config, _ = load_model(ckpt, device=stages.r.device if stages.r.device != "auto" else "cpu")
+        model, config, _ = load_model(ckpt, device=resolve_device(stages.r.device))
         rec = evaluate_split(model, stages.lmdb("valid"), config, device=model.logit_scale.device, with_hits=True)
         write_hits(base, rec["text_ids"], rec["hits"])
     ids, hits = read_hits(base)
@@ -135,12 +135,16 @@ def _same_queries(name: str, got, want) -> None:
 
 def submit(stages: Stages, chosen: Candidate, why: list[str]) -> Path:
     """``OUT/submission.jsonl`` (top-10 for every test query) and the choice recorded in its manifest."""
-    out = stages.out / "submission.jsonl"
+    out, manifest = stages.out / "submission.jsonl", stages.out / "submission.json"
+    if (
+        manifest.is_file()
+        and json.loads(manifest.read_text(encoding="utf-8")).get("choice", {}).get("source") != chosen.source
+    ):
+        out.unlink(missing_ok=True)  # made for another candidate (or killed before its choice was recorded)
     stages.predict(chosen.name, Path(chosen.source), out)
     mean, low, high = chosen.cv
     choice = {"candidate": chosen.name, "kind": chosen.kind, "source": chosen.source, "valid_mr": chosen.valid_mr}
     choice.update({"cv_mr": mean, "cv_low": low, "cv_high": high, "why": why, **chosen.info})
-    manifest = out.with_suffix(".json")
     write_json(manifest, {**json.loads(manifest.read_text(encoding="utf-8")), "choice": choice})
     return out
 

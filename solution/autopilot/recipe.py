@@ -168,13 +168,12 @@ def _check_names(recipe: Recipe) -> None:
     for e in recipe.ensembles:
         members = e.get("members", "singles")
         if isinstance(members, list):
-            bad = [m for m in members if m not in names and not str(m).startswith("trial-")]
+            bad = [m for m in members if m not in names]
             if bad:
                 raise SolutionError(f"{w('ensembles')}: {e['name']}.members: no candidate named {bad[0]!r}")
         elif members not in ("singles", "all"):
             raise SolutionError(f"{w('ensembles')}: {e['name']}.members: a list of names, 'singles' or 'all'")
-    trial = recipe.submit.startswith("trial-") and recipe.search is not None
-    if recipe.submit != "best" and recipe.submit not in names and not trial:
+    if recipe.submit != "best" and recipe.submit not in names:
         raise SolutionError(
             f"{w('submit')}: no candidate named {recipe.submit!r} (known: best, {', '.join(sorted(names))})"
         )

@@ -105,7 +105,8 @@ def write_report(stages, result: dict) -> Path:
     lines += ["", "![candidates](candidates.png)", ""]
     if chosen.test_mr is not None and singles and chosen is not singles[0]:
         r = paired_bootstrap(chosen.info["test_hits"], singles[0].info["test_hits"])
-        held = "held" if (r.low > 0) == (_boot(chosen, singles[0]).low > 0) else "did not hold"
+        v = _boot(chosen, singles[0])
+        held = "held" if _verdict(r) == _verdict(v) else "did not hold"
         lines += [
             f"On test, {chosen.name} vs the best single model {singles[0].name}: {r.diff:+.2f} "
             f"[{r.low:+.2f}, {r.high:+.2f}]; the valid estimate's verdict {held}.",
@@ -122,6 +123,11 @@ def write_report(stages, result: dict) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _verdict(r) -> int:
+    """Better (1), worse (-1) or not distinguishable (0) by a paired-bootstrap interval."""
+    return 1 if r.low > 0 else -1 if r.high < 0 else 0
 
 
 def _boot(a: Candidate, b: Candidate):

@@ -134,6 +134,9 @@ class Stages:
         sampler = {"name": sampler} if isinstance(sampler, str) else sampler
         if isinstance(sampler, dict) and sampler.get("seed") is None:
             sampler = {**sampler, "seed": self.r.seed}  # a fresh run of the recipe samples the same trials
+        gpus = int(s.get("gpus_per_trial") or 0)
+        if gpus:  # the trial's own GPUs, all of them under torchrun when several
+            cfg = {**cfg, "gpus_per_trial": gpus, "torchrun_nproc": gpus if gpus > 1 else 0}
         return {**cfg, "sampler": sampler, "base": {**base, **(s.get("set") or {})}}
 
     def search(self) -> Path:
@@ -143,7 +146,7 @@ class Stages:
             with atomic_path(path) as tmp:
                 tmp.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
         argv = ["--config", path, "--out", self.out / "search", "--study-name", "study"]
-        for key in ("n_trials", "storage", "gpus_per_trial"):
+        for key in ("n_trials", "storage"):
             if s.get(key) is not None:
                 argv += [f"--{key.replace('_', '-')}", s[key]]
         self.call("search", "search", argv)

@@ -2,7 +2,8 @@
 
 ``F = sum_m w_m N(q_m @ g_m.T)``, ``N`` per query row: none, z-score or ``softmax(s / T)``. With ``L_g = log sum_b
 exp(F_bg / T)`` over a bank of queries: dual softmax ``F * exp(F / T - L)``, QB-Norm ``F / T - L``; ``T = 0``: off.
-:func:`select` keeps each step (temperature, weights, flip TTA, each re-ranker) only when it strictly helps."""
+:func:`select` takes the best softmax temperature and weights, then keeps flip TTA and each re-ranker only when
+it strictly helps (fixed ``--weights`` are kept as given)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,15 @@ from solution.data.lmdb_io import LMDBSplit
 from solution.formats.hits import write_hits
 from solution.formats.kinds import ENSEMBLE_SPEC, claim_folder
 from solution.formats.muge import read_texts
-from solution.model import ModelConfig, build_model, fingerprint, load_weights, read_checkpoint, resolve_config
+from solution.model import (
+    ModelConfig,
+    fingerprint,
+    load_weights,
+    meta_model,
+    read_checkpoint,
+    refuse_unmerged_lora,
+    resolve_config,
+)
 from solution.plots import candidate_scores
 from solution.retrieval.encode import ValData, encode_texts
 from solution.retrieval.extract import cached_image_features
@@ -85,8 +93,7 @@ def open_member(path: str, context_length: int | None = None, recorded: dict | N
         if set(ckpt) == {"state_dict"} and context_length is None:
             raise SolutionError("it holds bare weights: its context length cannot be known; pass --context-length")
         config = resolve_config(ckpt, source=str(path), context_length=None if ckpt.get("config") else context_length)
-        if config.tuning.get("mode") == "lora" and config.tuning.get("merged") is False:
-            raise SolutionError("it holds unmerged LoRA weights (tuning.merged=false): use the merged checkpoint")
+        refuse_unmerged_lora(config, ckpt["state_dict"], "it")
         check_prompt(config.text_prompt, config.context_length)
     except (SolutionError, PromptError) as e:
         raise SolutionError(f"member {path}: {e}") from None
@@ -105,7 +112,7 @@ def encode_members(
     ``texts`` and the ``bank_texts``; returns the gallery ids they share (members whose galleries differ refused)."""
     for m in members:
         try:
-            model = build_model(m.config)
+            model = meta_model(m.config)  # no random init: every tensor comes from the checkpoint
             load_weights(model, m.ckpt["state_dict"], m.config, m.path)
             model.to(kw["device"])
             m.gallery_ids, m.gallery, info = cached_image_features(model, split, m.config, cache_dir=cache_dir, **kw)

@@ -29,7 +29,7 @@ def feature_paths(path: str | os.PathLike, fmt: str | None = None) -> tuple[Path
     ``BASE.ids.npy``, ``BASE.meta.json``; jsonl: the path itself, no ids file, ``BASE.meta.json``."""
     p = str(path)
     fmt = fmt or ("npy" if p.endswith(".npy") else "jsonl")
-    base = p.removesuffix(".npy").removesuffix(".jsonl") if p.endswith((".npy", ".jsonl")) else p
+    base = p.removesuffix(".npy") if p.endswith(".npy") else p.removesuffix(".jsonl")
     if fmt == "npy":
         return Path(base + ".npy"), Path(base + ".ids.npy"), Path(base + ".meta.json")
     if fmt != "jsonl":

@@ -35,7 +35,7 @@ def folder_kind(folder: str | os.PathLike) -> str | None:
 
 def claim_folder(folder: str | os.PathLike, kind: str, what: str = "--output") -> Path:
     """Mark ``folder`` as ``kind`` (creating it), refused when it is of another kind or lies inside an LMDB split
-    or a data folder. Call it under the folder's lock, before writing anything else there."""
+    or a data folder. Call it before writing anything else there (a lock may then live inside it)."""
     folder = Path(folder)
     have = folder_kind(folder)
     if have not in (None, kind):

@@ -5,6 +5,7 @@ from .checkpoint import (
     clean_state_dict,
     fingerprint,
     read_checkpoint,
+    refuse_unmerged_lora,
     resolve_config,
     save_checkpoint,
     state_dict_digest,

@@ -54,6 +54,15 @@ def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items() if "bert.pooler" not in k}
 
 
+def refuse_unmerged_lora(config: ModelConfig, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Soups and ensembles take full weights only: a LoRA run's merged checkpoint, never its adapters."""
+    tuning = config.tuning or {}
+    if (tuning.get("mode") == "lora" and not tuning.get("merged")) or any(
+        "lora_" in k or ".base_layer." in k for k in sd
+    ):
+        raise SolutionError(f"{source} holds unmerged LoRA weights: use the merged checkpoint the trainer saves")
+
+
 def state_dict_digest(sd: Mapping[str, torch.Tensor]) -> str:
     """sha256 of a state dict's names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()

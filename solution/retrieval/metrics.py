@@ -1,4 +1,4 @@
-"""Retrieval metrics: top-k in upstream's tie order, and MUGE's recall in ``evaluation.py``'s arithmetic (to the
+"""Retrieval metrics: MUGE's recall in ``evaluation.py``'s arithmetic (to the
 digit): a query hits at K when a gold id is among its first K predictions; R@K in percent, the score their mean."""
 
 from __future__ import annotations

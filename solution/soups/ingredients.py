@@ -24,6 +24,7 @@ from solution.model import (
     fingerprint,
     model_template,
     read_checkpoint,
+    refuse_unmerged_lora,
     resolve_config,
 )
 
@@ -104,9 +105,7 @@ def inspect_checkpoint(path: Path) -> Ingredient:
     ckpt = read_checkpoint(path, mmap=True)
     config = resolve_config(ckpt, source=str(path))
     sd = clean_state_dict(ckpt["state_dict"])
-    unmerged = (config.tuning or {}).get("mode") == "lora" and not config.tuning.get("merged")
-    if unmerged or any("lora_" in k or ".base_layer." in k for k in sd):
-        raise SolutionError(f"{path} holds unmerged LoRA weights: soup the merged checkpoint the trainer saves")
+    refuse_unmerged_lora(config, sd, str(path))
     check_shapes(sd, model_template(config), config, str(path))
     check_finite(sd, str(path))
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}

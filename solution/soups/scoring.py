@@ -43,7 +43,7 @@ class Scorer:
 
     def __init__(self, val: ValData, config: ModelConfig, folder: Path, opts, round_to: torch.dtype):
         self.val, self.config, self.folder, self.round_to = val, config, folder, round_to
-        self.device, self.precision = torch.device(resolve_device(opts.device)), opts.precision
+        self.device, self.precision = resolve_device(opts.device), opts.precision
         self.kw = dict(batch_size=opts.batch_size, num_workers=opts.num_workers, progress=sys.stderr.isatty())
         decides = [CACHE_VERSION, val.key, sorted(config.model_info.items()), config.context_length, config.text_prompt]
         self.prefix = json.dumps([*decides, effective_precision(self.device, opts.precision), self.device.type])

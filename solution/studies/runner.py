@@ -52,8 +52,8 @@ class Objective:
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C / SIGTERM)")
             requeue(trial.study, trial)
             raise
-        except SystemExit as e:  # argparse inside the trainer: a bad flag in the config
-            trial.set_user_attr("fail_reason", f"trainer exited with code {e.code} (bad flag value?)")
+        except SystemExit as e:  # a train function that exits (ours raises FlagError for a bad flag)
+            trial.set_user_attr("fail_reason", f"trainer exited with code {e.code}")
             raise SolutionError(trial.user_attrs["fail_reason"]) from None
         except BaseException as e:
             text = str(e) if isinstance(e, SolutionError) else f"{type(e).__name__}: {e}".strip()
@@ -130,7 +130,7 @@ class Objective:
         # torchrun's parser would take trainer flags such as --logs: they go through the trainer's --config
         config = self.trials_dir / f"{run_dir.name}.yaml"
         with atomic_path(config) as tmp:
-            kept = {k: v for k, v in flags.items() if v is not None and v is not False}
+            kept = {k: v for k, v in flags.items() if v is not None}  # false: the trainer's --no-X where on by default
             tmp.write_text(yaml.safe_dump(kept, allow_unicode=True, sort_keys=False), encoding="utf-8")
         run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.torchrun_nproc}"]
         return [*run, "-m", "solution.train", "--config", str(config)]

@@ -26,7 +26,7 @@ DEFAULT_OUT = "runs/search"  # a config without out: keeps its study in runs/sea
 RESERVED_FLAGS = {"logs", "name"}  # set per trial by the search
 PARAM_TYPES = ("float", "int", "categorical")
 CHOICES = {
-    "direction": ("maximize", "minimize"),
+    "direction": ("maximize",),  # the objective is mean recall, and best.pt keeps its maximum
     "mode": ("inprocess", "subprocess"),
     "report_at": ("step", "epoch"),
     "plots": ("each", "end", True, False),
@@ -247,12 +247,18 @@ def trial_flags(cfg: SearchConfig, params: dict) -> dict:
 
 
 def flags_to_argv(flags: dict) -> list[str]:
-    """``{"lr": 1e-5, "freeze-vision": True, "text-prompt": None}`` -> ``["--lr", "1e-05", "--freeze-vision"]``."""
+    """``{"lr": 1e-5, "freeze-vision": True, "text-prompt": None}`` -> ``["--lr", "1e-05", "--freeze-vision"]``;
+    ``False`` for a trainer switch that is on by default -> ``--no-KEY``."""
+    from solution.training.flags import FLAGS
+
     argv: list[str] = []
     for key, value in flags.items():
         if value is True:
             argv.append(f"--{key}")
-        elif value is not None and value is not False:
+        elif value is False:
+            f = FLAGS.get(key.replace("-", "_"))
+            argv += [f"--no-{key}"] if f is not None and f.parse is bool and f.default else []
+        elif value is not None:
             argv += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
     return argv
 
