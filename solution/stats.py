@@ -105,6 +105,13 @@ class CrossfitResult:
     held_out: np.ndarray | None = None  # with hits from score_fn: each row's hits under the choice made without it
 
 
+def t_interval(scores) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the scores' mean and its 95% t interval."""
+    s = np.asarray(scores, dtype=np.float64)
+    half = t_quantile_975(len(s) - 1) * float(s.std(ddof=1)) / math.sqrt(len(s))
+    return float(s.mean()), float(s.mean()) - half, float(s.mean()) + half
+
+
 def crossfit(
     select_fn: Callable[[Any], Any], score_fn: Callable[[Any, Any], Any], per_query, k: int = 5, seed: int = 0, ids=None
 ) -> CrossfitResult:
@@ -122,8 +129,7 @@ def crossfit(
             held_out[test], got = got, recall_from_hits(got)["mean_recall"]
         scores.append(float(got))
         log.info("fold %d/%d: %d held-out queries, score %.4f", i + 1, k, len(test), scores[-1])
-    mean = float(np.mean(scores))
-    half = t_quantile_975(k - 1) * float(np.std(scores, ddof=1)) / math.sqrt(k)
+    mean, low, high = t_interval(scores)
     refit = select_fn(per_query)
-    log.info("cross-fit: %.4f +- %.4f (95%% t over %d folds)", mean, half, k)
-    return CrossfitResult(scores, mean, mean - half, mean + half, choices, refit, folds, held_out=held_out)
+    log.info("cross-fit: %.4f +- %.4f (95%% t over %d folds)", mean, mean - low, k)
+    return CrossfitResult(scores, mean, low, high, choices, refit, folds, held_out=held_out)

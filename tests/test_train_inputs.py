@@ -13,7 +13,16 @@ from train_helpers import error_line, make_data, make_split, metrics, tiny_argv
 from solution.data.lmdb_io import write_split
 from solution.formats.kinds import MARKER
 from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
-from solution.training.flags import FLAGS, NOT_SETTINGS, FlagError, build_parser, extra_val_sets, parse_args, resolve
+from solution.training.flags import (
+    FLAGS,
+    NOT_SETTINGS,
+    FlagError,
+    build_parser,
+    extra_val_sets,
+    model_config,
+    parse_args,
+    resolve,
+)
 from solution.training.setup import Start
 from solution.training.trainer import main
 
@@ -270,3 +279,14 @@ def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data
     out = main(argv + ["--name", "other", "--text-prompt", "", "--context-length", "20"])
     stored = read_checkpoint(out["last_checkpoint"])["config"]
     assert (stored["context_length"], stored["text_prompt"]) == (20, "")
+
+
+def test_a_start_is_trained_as_the_architecture_it_records(tmp_path, caplog):
+    info = {**ModelConfig("ViT-Tiny", "RBT-Tiny").model_info, "image_resolution": 32}  # not the registry's 64
+    config = ModelConfig("ViT-Tiny", "RBT-Tiny", context_length=16, text_prompt="图片：", model_info=info)
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "start.pt", build_model(config).state_dict(), config)
+    args = parse_args(["--train-data", "x", "--resume", str(path), "--context-length", "24"])
+    got = model_config(args, Start(read_checkpoint(path), str(path)))
+    assert (got.model_info, got.context_length, got.text_prompt) == (info, 24, "图片：")
+    assert "context_length is 16 in the checkpoint but 24 on the command line" in caplog.text

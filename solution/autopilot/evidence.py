@@ -9,12 +9,11 @@ Student t interval; differences between two candidates are paired bootstraps of 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
 from solution.retrieval.metrics import recall_from_hits
-from solution.stats import paired_bootstrap, t_quantile_975
+from solution.stats import paired_bootstrap, t_interval
 
 from .recipe import KINDS
 
@@ -33,9 +32,7 @@ class Candidate:
     @property
     def cv(self) -> tuple[float, float, float]:
         """``(mean, low, high)``: the fold scores' mean and its 95% t interval."""
-        s = np.asarray(self.fold_scores, dtype=np.float64)
-        half = t_quantile_975(len(s) - 1) * float(s.std(ddof=1)) / math.sqrt(len(s))
-        return float(s.mean()), float(s.mean()) - half, float(s.mean()) + half
+        return t_interval(self.fold_scores)
 
 
 def fold_scores(hits: np.ndarray, folds: list[np.ndarray]) -> list[float]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from solution.common import SolutionError, resolve_device, write_json
 from solution.ensembles.make_ensemble import read_ensemble
-from solution.formats.hits import hits_paths, read_hits, write_hits
+from solution.formats.hits import align, hits_paths, read_hits, write_hits
 from solution.retrieval.metrics import query_hits, recall_from_hits
 from solution.retrieval.official import check_submission, read_gold
 from solution.soups.ingredients import study_checkpoints
@@ -84,7 +84,7 @@ def evidence(stages: Stages, singles: dict, soups: dict, ensembles: dict) -> lis
     cands = [_single(stages, name, ckpt) for name, ckpt in singles.items()]
     ids = cands[0].info.pop("ids")
     for c in cands[1:]:
-        _same_queries(c.name, c.info.pop("ids"), ids)
+        c.hits = _aligned(c.name, ids, (c.info.pop("ids"), c.hits))
     folds = id_folds(ids, stages.r.folds, stages.r.seed)
     for c in cands:
         c.fold_scores = fold_scores(c.hits, folds)
@@ -121,16 +121,16 @@ def _single(stages: Stages, name: str, ckpt: Path) -> Candidate:
 
 
 def _held_out(name: str, kind: str, source: Path, cross: dict, ids: np.ndarray, info: dict) -> Candidate:
-    got_ids, hits = read_hits(cross["hits"])
-    pos = {int(t): i for i, t in enumerate(got_ids.tolist())}
-    _same_queries(name, got_ids, ids)
-    hits = hits[[pos[int(t)] for t in ids.tolist()]]
+    hits = _aligned(name, ids, read_hits(cross["hits"]))
     return Candidate(name, kind, str(source), float(cross["refit_mean_recall"]), list(cross["fold_scores"]), hits, info)
 
 
-def _same_queries(name: str, got, want) -> None:
-    if set(np.asarray(got).tolist()) != set(np.asarray(want).tolist()):
+def _aligned(name: str, ids: np.ndarray, got: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``got``'s hits in the order of the shared query ids."""
+    hits = align((ids, None), got)
+    if hits is None:
         raise SolutionError(f"candidate {name} was scored on other valid queries than the others")
+    return hits
 
 
 def submit(stages: Stages, chosen: Candidate, why: list[str]) -> Path:

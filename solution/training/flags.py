@@ -296,16 +296,17 @@ def steps_per_epoch(train_pairs: int, batch_size: int, world: int, accum_freq: i
 
 
 def model_config(args: argparse.Namespace, start: Start) -> ModelConfig:
-    """The model the run trains: flags first, then the starting checkpoint's."""
+    """The model the run trains: flags first, then the starting checkpoint's (its recorded architecture included)."""
     recipe = tuning_recipe(**{k: vars(args)[k] for k in TUNING})
-    vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
     if start.ckpt is not None:
-        m = resolve_config(start.ckpt, vision_model=args.vision_model, text_model=args.text_model, source=start.source)
-        vision, text = m.vision_model, m.text_model
-    stored = (start.ckpt or {}).get("config") or {}
-    context = args.context_length or int(stored.get("context_length", DEFAULT_CONTEXT))
-    prompt = args.text_prompt if args.text_prompt is not None else str(stored.get("text_prompt", ""))
-    config = ModelConfig(vision, text, context_length=context, text_prompt=prompt, tuning=recipe)
+        named = dict(vision_model=args.vision_model, text_model=args.text_model, text_prompt=args.text_prompt)
+        m = resolve_config(start.ckpt, **named, context_length=args.context_length, source=start.source)
+        config = dataclasses.replace(m, tuning=recipe)
+    else:
+        vision, text = args.vision_model or DEFAULT_VISION, args.text_model or DEFAULT_TEXT
+        context, prompt = args.context_length or DEFAULT_CONTEXT, args.text_prompt or ""
+        config = ModelConfig(vision, text, context_length=context, text_prompt=prompt, tuning=recipe)
+    context = config.context_length
     positions = int(config.model_info.get("text_max_position_embeddings", 512))
     if context > positions:
         raise FlagError("--context-length", f"--context-length {context}: the text model has {positions} positions")
