@@ -161,11 +161,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
         if importlib.util.find_spec(name) is None:
             raise SolutionError(f'--format {fmt} needs the package {name!r}: pip install -e ".[export]"')
     out = check_output(output, inputs=[checkpoint], what="output folder", is_dir=True)
+    if out.is_dir() and any(out.iterdir()):  # before the checkpoint is read (large ones take a while)
+        raise SolutionError(f"output folder {out} is not empty; choose a new one")
     model, config, _ = load_model(checkpoint, device="cpu", attn_impl="upstream")
     if isinstance(config.model_info["vision_layers"], (list, tuple)):
         raise SolutionError(f"{checkpoint} has a ResNet vision tower ({config.vision_model}); only ViT models export")
-    if out.is_dir() and any(out.iterdir()):
-        raise SolutionError(f"output folder {out} is not empty; choose a new one")
     with atomic_path(out, folder=True) as tmp, torch.no_grad():
         (write_hf if fmt == "hf" else write_onnx)(model.eval(), config, tmp)
     log.info("wrote %s (%s) from %s", out, fmt, checkpoint)
