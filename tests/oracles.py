@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from cn_clip_patch.attention import SdpaBertSelfAttention
 from solution.data.datasets import PairCollate, PairDataset, eval_transform
+from solution.retrieval.official import KEYS
 from solution.training.loaders import epoch_order
 from solution.training.step import batch_accuracy, clip_loss, twin_mask
 
@@ -122,3 +123,23 @@ def contrastive_eval(model, split, config, *, batch_size: int, seed: int, same_t
         b = len(images)
         total, acc_i, acc_t, n = total + float(loss) * b, acc_i + i2t * b, acc_t + t2i * b, n + b
     return {"val_loss": total / n, "val_acc_i2t": 100.0 * acc_i / n, "val_acc_t2i": 100.0 * acc_t / n}
+
+
+def random_case(rng, direction, n_queries, gallery=40):
+    """Official-format gold and predictions of ``n_queries`` random queries (60% with a hit), in shuffled order."""
+    qkey, gkey = KEYS[direction]
+    qids = rng.choice(10_000, n_queries, replace=False).tolist()
+    gids = rng.choice(10_000, gallery, replace=False).tolist()
+    gold, pred = [], []
+    for q in qids:
+        answers = [int(x) for x in rng.choice(gids, int(rng.integers(1, 4)), replace=False)]
+        ranked = [int(x) for x in rng.permutation(gids)[:10]]
+        if rng.random() < 0.6:
+            if answers[0] in ranked:
+                ranked.remove(answers[0])
+            ranked.insert(int(rng.integers(0, 10)), answers[0])
+            ranked = ranked[:10]
+        gold.append({qkey: q, gkey: answers})
+        pred.append({qkey: q, gkey: ranked})
+    order = rng.permutation(len(pred))  # submission order need not follow the gold
+    return gold, [pred[i] for i in order]

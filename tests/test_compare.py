@@ -14,6 +14,7 @@ from cli_helpers import one_error_line
 
 from solution import compare as compare_cli
 from solution.common import SolutionError, write_json, write_jsonl
+from solution.formats import hits as hits_format
 from solution.formats.hits import align, read_hits, write_hits
 from solution.report import folders as runs
 from solution.report import significance
@@ -250,6 +251,18 @@ def _trained_run(folder, rows_hits, ids=IDS):
             rows[-1]["hits"] = "hits/best.hits.npy"
     write_jsonl(folder / "metrics.jsonl", rows)
     return folder
+
+
+def test_a_rewrite_killed_before_its_digest_leaves_readable_hits(tmp_path, monkeypatch):
+    write_hits(tmp_path / "x", IDS, REF)
+
+    def killed(path):
+        raise KeyboardInterrupt  # the process dies as the new digest is written
+
+    monkeypatch.setattr(hits_format, "atomic_path", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_hits(tmp_path / "x", IDS, ~REF)  # a new best: the arrays are rewritten, then the digest
+    assert np.array_equal(read_hits(tmp_path / "x")[1], ~REF)  # not "changed since they were written"
 
 
 def test_hits_round_trip_align_and_bad_files(tmp_path):

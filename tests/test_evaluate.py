@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import one_error_line
+from oracles import random_case
 
 from cn_clip_patch.device import run_upstream_main
 from solution.common import SolutionError
@@ -26,25 +27,6 @@ def official(gold, pred, out, direction="t2i"):
 def write_lines(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def random_case(rng, direction, n_queries, gallery=40):
-    qkey, gkey = KEYS[direction]
-    qids = rng.choice(10_000, n_queries, replace=False).tolist()
-    gids = rng.choice(10_000, gallery, replace=False).tolist()
-    gold, pred = [], []
-    for q in qids:
-        answers = [int(x) for x in rng.choice(gids, int(rng.integers(1, 4)), replace=False)]
-        ranked = [int(x) for x in rng.permutation(gids)[:10]]
-        if rng.random() < 0.6:
-            if answers[0] in ranked:
-                ranked.remove(answers[0])
-            ranked.insert(int(rng.integers(0, 10)), answers[0])
-            ranked = ranked[:10]
-        gold.append({qkey: q, gkey: answers})
-        pred.append({qkey: q, gkey: ranked})
-    order = rng.permutation(len(pred))  # submission order need not follow the gold
-    return gold, [pred[i] for i in order]
 
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])

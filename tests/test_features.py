@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import one_error_line
+from oracles import stable_topk
 from PIL import Image
 
 from cn_clip_patch.device import on_device
@@ -265,7 +266,9 @@ def test_validation_scores_only_decodable_gold_images(tmp_path, tiny_model, tiny
     assert r["r5"] == r["r10"] == 100.0  # four images decode: every scored query finds one in its top 5
     ids, img = encode_images(tiny_model, tmp_path / "valid", tiny_config)
     txt = encode_texts(tiny_model, ["红色", "绿色", "黄色"], tiny_config)
-    hits = sum(int(ids[np.argmax(img @ t)]) in g for t, g in zip(txt, ({1}, {2}, {3, 4})))  # R@1 by hand
+    vals, top = stable_topk(np.asarray(txt, np.float64) @ np.asarray(img, np.float64).T, 2)  # R@1 by hand
+    assert (vals[:, 0] - vals[:, 1] > 1e-5).all()  # no near tie: float32 and float64 agree on the first
+    hits = sum(int(ids[top[i, 0]]) in g for i, g in enumerate(({1}, {2}, {3, 4})))
     assert r["r1"] == (hits * 1.0 / 3) * 100
     assert "1 of 5 images could not be decoded" in caplog.text and "1 of 4 queries" in caplog.text
     write_split(tmp_path / "bad", [corrupt], [(5, 11, "蓝色")])
@@ -308,7 +311,7 @@ def test_ranking_runs_at_highest_precision_whatever_the_caller_set(monkeypatch):
         assert torch.get_float32_matmul_precision() == "high" and cuda.allow_tf32 and mkl.fp32_precision == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
-    best = np.argsort(-(queries.astype(np.float64) @ gallery.astype(np.float64).T), axis=1, kind="stable")[:, :2]
+    best = stable_topk(queries.astype(np.float64) @ gallery.astype(np.float64).T, 2)[1]
     assert all((g == best).all() for g in got)
 
 

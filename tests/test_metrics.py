@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 from cn_clip.eval.evaluation import compute_score  # the official arithmetic, as referee
-from oracles import stable_topk
-from test_evaluate import random_case
+from oracles import random_case, stable_topk
 
 from solution.retrieval.metrics import per_query_recall, present_gold, query_hits, recall_at_k
 from solution.retrieval.rank import topk

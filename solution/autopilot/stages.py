@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 
 from solution.common import SolutionError, atomic_path, read_yaml_mapping
+from solution.formats.kinds import ENSEMBLE_SPEC
+from solution.soups import SOUP, SUMMARY
 from solution.studies.search_config import flags_to_argv
 
 from .recipe import Model, Recipe
@@ -167,8 +169,8 @@ class Stages:
             base = s["interpolate_with"]
             argv += ["--interpolate-with", self.start(base) if base in self.r.starts else base]
             argv += ["--alphas", ",".join(map(str, s.get("alphas") or [0.25, 0.5, 0.75]))]
-        self.call("soups", "soup", argv, done=folder / "summary.json")
-        return {f"soup-{m}": (folder / m if len(methods) > 1 else folder) / "soup.pt" for m in methods}
+        self.call("soups", "soup", argv, done=folder / SUMMARY)
+        return {f"soup-{m}": (folder / m if len(methods) > 1 else folder) / SOUP for m in methods}
 
     def ensemble(self, spec: dict, members: dict[str, Path]) -> Path:
         folder = self.out / "ensembles" / spec["name"]
@@ -178,8 +180,8 @@ class Stages:
         argv += ["--rerank", ",".join(rerank), "--device", self.r.device, "--cache-dir", self.out / "feature_cache"]
         if spec.get("bank", "train") and {"qb_norm", "dual_softmax"} & set(rerank):
             argv += ["--bank", self.texts(spec.get("bank", "train"))]
-        self.call(f"ensemble {spec['name']}", "ensemble", argv, done=folder / "ensemble.json")
-        return folder / "ensemble.json"
+        self.call(f"ensemble {spec['name']}", "ensemble", argv, done=folder / ENSEMBLE_SPEC)
+        return folder / ENSEMBLE_SPEC
 
     # ------------------------------------------------------------ predictions
     def predict(self, name: str, source: Path, output: Path) -> Path:
@@ -202,8 +204,8 @@ class Stages:
 
 def soup_crossfit(folder: Path, method: str) -> dict:
     """A soup method's ``crossfit`` record (its summary.json), with the held-out hits file's path resolved."""
-    path = folder / method / "summary.json"
-    path = path if path.is_file() else folder / "summary.json"
+    path = folder / method / SUMMARY
+    path = path if path.is_file() else folder / SUMMARY
     summary = json.loads(path.read_text(encoding="utf-8"))
     entry = summary.get("soups", {}).get(method) or {}
     cross = entry.get("crossfit")

@@ -37,6 +37,7 @@ def write_hits(base: str | os.PathLike, text_ids, hits) -> Path:
     if hits.ndim != 2 or hits.shape[0] != len(ids):
         raise ValueError(f"hits of shape {hits.shape} for {len(ids)} query ids")
     hpath, ipath, dpath = hits_paths(base)
+    dpath.unlink(missing_ok=True)  # a kill before the new digest leaves none, not the old one over new arrays
     write_npy(ipath, ids)
     write_npy(hpath, hits)
     with atomic_path(dpath) as tmp:
