@@ -13,16 +13,8 @@ from train_helpers import error_line, make_data, make_split, metrics, tiny_argv
 from solution.data.lmdb_io import write_split
 from solution.formats.kinds import MARKER
 from solution.model import ModelConfig, build_model, read_checkpoint, save_checkpoint
-from solution.training.flags import (
-    FLAGS,
-    NOT_SETTINGS,
-    FlagError,
-    build_parser,
-    extra_val_sets,
-    model_config,
-    parse_args,
-    resolve,
-)
+from solution.training import flags
+from solution.training.flags import FLAGS, NOT_SETTINGS, FlagError, build_parser, extra_val_sets, parse_args, resolve
 from solution.training.setup import Start
 from solution.training.trainer import main
 
@@ -287,6 +279,6 @@ def test_a_start_is_trained_as_the_architecture_it_records(tmp_path, caplog):
     torch.manual_seed(0)
     path = save_checkpoint(tmp_path / "start.pt", build_model(config).state_dict(), config)
     args = parse_args(["--train-data", "x", "--resume", str(path), "--context-length", "24"])
-    got = model_config(args, Start(read_checkpoint(path), str(path)))
+    got = flags.model_config(args, Start(read_checkpoint(path), str(path)))
     assert (got.model_info, got.context_length, got.text_prompt) == (info, 24, "图片：")
     assert "context_length is 16 in the checkpoint but 24 on the command line" in caplog.text
