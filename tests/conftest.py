@@ -38,8 +38,7 @@ def _quiet_logs(caplog):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """``small_disk(mib)`` mounts a tmpfs of that size under ``tmp_path`` (unmounted afterwards): a full disk without
-    filling the machine's. Skipped, with the reason, where mounting is not permitted (it needs root)."""
+    """``small_disk(mib)``: a tmpfs of that size under ``tmp_path`` (a full disk); skipped where mounting needs root."""
     mounted = []
 
     def mount(mib: int):

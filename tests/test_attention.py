@@ -1,5 +1,4 @@
-"""cn_clip_patch.attention: the SDPA text tower equals upstream's BERT attention (upstream's forward on the same
-model, the switch off, to ~1e-5; the profiler tells which op runs); the ViT already reaches SDPA."""
+"""cn_clip_patch.attention: the SDPA text tower equals upstream's BERT attention; the ViT already reaches SDPA."""
 
 import copy
 

@@ -1,5 +1,4 @@
-"""Hostile checkpoints (refused alike by training, features and the soup) and full disks: one ``error:`` line, exit 2,
-nothing written; checkpoints are read mapped and let go of."""
+"""Hostile checkpoints and full disks: one ``error:`` line, exit 2, nothing written; checkpoints read mapped."""
 
 from __future__ import annotations
 

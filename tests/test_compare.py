@@ -1,5 +1,4 @@
-"""solution.compare: one table (and a PNG) over runs, soups, studies and ensembles, the paired-bootstrap columns of
-per-query hits, refused outputs and unreadable folders."""
+"""solution.compare: one table (and a PNG) of runs, soups, studies and ensembles with paired-bootstrap columns."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from cli_helpers import one_error_line
+from cli_helpers import one_error_line, snapshot
 
 from solution import compare as compare_cli
 from solution.common import SolutionError, write_json, write_jsonl
@@ -152,12 +151,12 @@ OUTPUTS = [  # (flag, path, words of the error line): an input, a folder, under 
 def test_an_output_that_cannot_be_written_is_refused_writing_nothing(tree, capsys, monkeypatch, flag, path, words):
     (tree / "mine.png").write_bytes(b"\x89PNG\r\n\x1a\n a user's picture")
     (tree / "logs" / "run_a" / "checkpoints" / "best.pt").write_bytes(b"PK\x03\x04 a checkpoint")
-    before = {p: p.read_bytes() for p in tree.rglob("*") if p.is_file()}
+    before = snapshot(tree)
     other = {"--output": "c.md", "--plot": "c.png"}
     argv = ["logs", *(x for f, p in {**other, flag: path}.items() for x in (f, p))]
     code, line = one_error_line(capsys, monkeypatch, compare_cli.main, argv)
     assert code == 2 and flag in line and words in line, line
-    assert {p: p.read_bytes() for p in tree.rglob("*") if p.is_file()} == before  # nothing written
+    assert snapshot(tree) == before  # nothing written
 
 
 M, P, S = "logs/run_b/metrics.jsonl", "logs/run_a/params.json", "soups/s1/summary.json"
@@ -239,8 +238,7 @@ def _hits_soup(folder, soup_hits, ids=IDS, ref_hits=REF):
 
 
 def _trained_run(folder, rows_hits, ids=IDS):
-    """A run folder as the trainer writes it: one main-set valid row per hits array, the new bests
-    naming ``hits/best.hits.npy`` (holding the last of them), the others without the key."""
+    """A run folder as the trainer writes it: a valid row per hits array, each new best naming its hits."""
     rows, best = [], None
     for i, h in enumerate(rows_hits):
         mr = mean_recall(h)

@@ -1,6 +1,5 @@
-"""``--torchcompile`` in training and extraction: compiled and eager agree, the compile time is logged and kept
-out of step times, and what cannot compile is refused with one line. Graph captures run with the ``aot_eager``
-backend (dynamo + AOTAutograd, where the refused LoRA case fails; no C++ build)."""
+"""``--torchcompile`` in training and extraction: compiled equals eager, compile time is kept out of step times,
+what cannot compile is one line. Graphs use the ``aot_eager`` backend (no C++ build)."""
 
 import json
 
@@ -37,8 +36,7 @@ def _weights(path):
 
 
 def test_compiled_training_equals_eager_and_logs_compile_time_apart(tmp_path, caplog, aot_trainer):
-    """Same losses and weights after 3 steps; the compile seconds are in the train line and its batch_time
-    leaves them out (a time that included them could not be below them)."""
+    """Same losses and weights after 3 steps; the train line's batch_time leaves out the compile seconds it logs."""
     train, _ = make_data(tmp_path / "data")
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--torchcompile"])):
@@ -64,8 +62,7 @@ def test_compiled_training_equals_eager_and_logs_compile_time_apart(tmp_path, ca
 
 
 def test_lora_on_the_vit_attention_is_refused_and_text_lora_compiles_and_matches_eager(tiny_model, tiny_config):
-    """peft's LoRA on nn.MultiheadAttention fails in AOTAutograd (set_ on a graph input): refused up front.
-    LoRA on the text tower's Linear layers compiles and matches eager."""
+    """peft's LoRA on nn.MultiheadAttention fails in AOTAutograd: refused; text LoRA compiles and matches eager."""
     model = apply_tuning(tiny_model, tuning_recipe(lora_rank=4))
     with pytest.raises(SolutionError, match=r"--torchcompile cannot compile LoRA on nn.MultiheadAttention \(visual\."):
         compile_towers(model, "cpu", "aot_eager")

@@ -1,8 +1,4 @@
-"""Two CPU processes (gloo), started once for the module, run the trainer jobs of ``JOBS`` in turn: at batch 4 each
-they train the same model as one process at batch 8, with and without ``--accum-freq 2`` (DDP's ``no_sync`` on the
-first micro-batch); an early stop and a skipped batch reach every process; an error in the main process's
-validation ends them all. A process still alive at the deadline fails every test instead of blocking it. Then the
-device, seed and save helpers of the GPU path."""
+"""Two gloo CPU processes run ``JOBS``: at batch 4 each they train as one at batch 8; stops and errors reach all."""
 
 import datetime
 import json
@@ -184,8 +180,7 @@ def test_to_cpu_moves_every_tensor_of_nested_state():
 
 
 def test_the_resumable_checkpoint_is_saved_through_to_cpu(tmp_path, data, monkeypatch):
-    """Optimizer state and train_state (RNG, LoRA adapted weights) go through :func:`to_cpu` before
-    ``torch.save``, so a GPU run's checkpoint loads on a CPU-only machine."""
+    """Optimizer state and train_state go through :func:`to_cpu`: a GPU run's checkpoint loads on a CPU."""
     from solution.training import state as state_module
     from solution.training import trainer
 

@@ -1,5 +1,4 @@
-"""Score-level ensembles (solution.ensemble, predict --ensemble): selection on exact scores, the CLI on the world's
-runs and a ViT-Tiny-W96 member, submissions against float64 fusion, one error line per bad input."""
+"""Score-level ensembles (solution.ensemble, predict --ensemble): selection, the CLI, float64 fusion, bad inputs."""
 
 from __future__ import annotations
 
@@ -210,8 +209,7 @@ def test_predict_ensemble_fuses_as_the_float64_oracle(world, ckpts, tmp_path, ca
 
 
 def test_flip_tta_submission_scores_what_selection_logged(world, ckpts, tmp_path, capsys, monkeypatch):
-    """Plain and flipped galleries under distinct cache keys; the submission with flip TTA on the validation
-    queries scores exactly what selection logged for the flip candidate."""
+    """Flip TTA's submission on the validation queries scores exactly what selection logged for it."""
     cache, extra = tmp_path / "cache", ("--weights", "1", "3", "--rerank", "flip")
     spec = ensemble.main(_ens(world, ckpts, tmp_path / "ens", "a", "b", extra=extra))
     (tried,) = [r for r in read_jsonl(tmp_path / "ens/ensemble_log.jsonl") if r["stage"] == "tta"]

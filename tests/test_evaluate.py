@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import one_error_line
+from cli_helpers import one_error_line, snapshot
 from oracles import random_case
 
 from cn_clip_patch.device import run_upstream_main
@@ -129,8 +129,8 @@ def test_output_that_cannot_be_written_is_refused_and_inputs_survive(tmp_path, c
     g, p = write_lines(tmp_path / "gold.jsonl", gold), write_lines(tmp_path / "pred.jsonl", pred)
     (tmp_path / "sub").mkdir()
     (tmp_path / "link.json").symlink_to(g)
-    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    before = snapshot(tmp_path)
     out, words = BAD_OUT[case]
     code, line = one_error_line(capsys, monkeypatch, main, [str(g), str(p), str(tmp_path / out)])
     assert code == 2 and all(w in line for w in words), line
-    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before  # nothing written
+    assert snapshot(tmp_path) == before  # nothing written

@@ -13,7 +13,7 @@ import cn_clip
 import numpy as np
 import pytest
 import torch
-from cli_helpers import one_error_line
+from cli_helpers import one_error_line, snapshot
 from oracles import stable_topk
 from PIL import Image
 
@@ -247,15 +247,14 @@ def test_bad_inputs_and_outputs_one_line_nothing_written(data, tmp_path, capsys,
         **dict(zip(given[::2], given[1::2])),
     }
     what = [] if case == "nothing to do" else ["--extract-image-feats", "--extract-text-feats"]
-    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    before = snapshot(tmp_path)
     code, line = one_error_line(capsys, monkeypatch, main, [*what, "--no-progress", *sum(argv.items(), ())])
     assert code == 2 and all(w in line for w in words.split("|")), line
-    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before  # nothing written
+    assert snapshot(tmp_path) == before  # nothing written
 
 
 def test_validation_scores_only_decodable_gold_images(tmp_path, tiny_model, tiny_config, caplog):
-    """An image that cannot be decoded is no miss: its query is scored on the gold images that exist, and a
-    query whose every gold image is undecodable is not scored (as the official evaluator sees it)."""
+    """An undecodable image is no miss; a query whose every gold image is undecodable is not scored."""
     rng = np.random.default_rng(1)
     good = [(i, _b64_image(rng, (20, 20))) for i in (1, 2, 3, 4)]
     corrupt = (5, base64.urlsafe_b64encode(b"\xff\xd8\xff\xe0 not really a JPEG"))

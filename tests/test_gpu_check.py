@@ -1,6 +1,5 @@
-"""``scripts/gpu_check.sh --quick --device cpu``: the accelerator check's code paths on tiny configs, so the
-script cannot rot before a GPU is at hand. Oracles: its exit code, and the report it writes (every case a row,
-none failed, each figure finite and positive, the markdown table the JSON's rows)."""
+"""``scripts/gpu_check.sh --quick --device cpu`` on tiny configs, so the script cannot rot before a GPU is at hand:
+its exit code, and its report (every case a row, none failed, each figure finite and positive)."""
 
 import json
 import math

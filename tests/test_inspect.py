@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import one_error_line
+from cli_helpers import one_error_line, snapshot
 from PIL import Image
-from train_helpers import snapshot
 
 from solution.common import write_jsonl
 from solution.data.lmdb_io import LMDBSplit, write_images

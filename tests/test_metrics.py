@@ -1,5 +1,4 @@
-"""Recall against the official script (exact float equality), per-query hits by definition, top-k against a float64
-brute force."""
+"""Recall against the official script, per-query hits by definition, top-k against a float64 brute force."""
 
 import json
 
@@ -14,8 +13,7 @@ from solution.retrieval.rank import topk
 
 
 def test_recall_thirds_are_the_officials_to_the_last_digit(tmp_path):
-    """1 hit of 3: hits * 100.0 / n = 33.333333333333336 but the official (1/3)*100 = 33.33333333333333.
-    (Random submissions against the official script: tests/test_evaluate.py.)"""
+    """1 hit of 3: hits * 100.0 / n = 33.333333333333336 but the official (1/3)*100 = 33.33333333333333."""
     gold = {1: [10], 2: [20], 3: [30]}
     preds = {1: [10] + list(range(100, 109)), 2: list(range(200, 210)), 3: list(range(300, 310))}
     g, p = tmp_path / "gold.jsonl", tmp_path / "pred.jsonl"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import one_error_line
+from cli_helpers import one_error_line, snapshot
 from oracles import dyadic, ranked_ids
 
 from cn_clip_patch.device import run_upstream_main
@@ -151,7 +151,7 @@ def test_bad_inputs_and_outputs_one_line_nothing_written(feats, capsys, monkeypa
     argv = {"--image-feats": "img.jsonl", "--text-feats": "text.jsonl", "--output": "out.jsonl"}
     argv.update(zip(given[::2], given[1::2]))
     argv = {k: v if k in ("--top-k", "--device") else str(d / v) for k, v in argv.items()}
-    before = {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    before = snapshot(d)
     code, line = one_error_line(capsys, monkeypatch, main, [x for kv in argv.items() for x in kv])
     assert code == 2 and all(w in line for w in words.split("|")), line
-    assert {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} == before  # every input byte for byte
+    assert snapshot(d) == before  # every input byte for byte

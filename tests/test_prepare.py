@@ -1,5 +1,4 @@
-"""``python -m solution.prepare`` end to end: cn_clip's layout both ways, the report, MUGE files and tables
-(CSV, caption JSON lines), ``--make-valid``."""
+"""``python -m solution.prepare`` end to end: cn_clip's layout both ways, the report, MUGE files and tables."""
 
 import base64
 import csv

@@ -1,5 +1,4 @@
-"""``python -m solution.prepare`` under hostile inputs and faults: each one ``error:`` line naming the file and what
-is wrong, the inputs and the previous LMDB untouched."""
+"""``python -m solution.prepare`` under hostile inputs and faults: one ``error:`` line, inputs left untouched."""
 
 import io
 import json
@@ -12,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import snapshot
 from PIL import Image
 from test_prepare import _b64, _jpeg, _write_muge
-from train_helpers import error_line, snapshot
+from train_helpers import error_line
 
 from solution.common import folder_lock, run_cli
 from solution.data.inputs import Text, split_off_valid
@@ -81,8 +81,7 @@ def test_a_run_killed_mid_way_keeps_the_old_lmdb_and_the_next_run_cleans_up(old,
 
 
 def test_a_split_left_mid_swap_by_a_killed_run_is_put_back(old, capsys):
-    """Killed between its two renames, a run leaves the previous split as ``.train.old`` and no ``train``:
-    the next run puts it back first, so even when that run fails the split is there."""
+    """Killed between its renames, a run leaves ``.train.old`` and no ``train``: the next run puts it back first."""
     lmdb_dir = old / "lmdb"
     (lmdb_dir / "train").rename(lmdb_dir / ".train.old")
     (old / "train_imgs.tsv").write_text("1\tnot base64!\n2\tnot base64!\n", encoding="utf-8")  # this run fails, later

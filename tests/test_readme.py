@@ -1,10 +1,5 @@
-"""README.md works as written: every ```bash block of its "The flow" section runs, in order, on tiny data.
-
-The blocks are read from README.md at test time and run as README gives them, from a scratch
-working folder (with ``Chinese-CLIP/``, ``scripts/`` and ``configs/`` linked in, as from the repo
-root), each as one ``bash -e`` script that must exit 0. Only README's placeholders and sizes are
-replaced, by the explicit table below, so a changed command in README is a changed command here.
-"""
+"""README.md works as written: every ```bash block of its "The flow" section runs in order, as ``bash -e``, on tiny
+data from a scratch folder; only the placeholders and sizes of the table below are replaced."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Optuna search over training runs (solution.search), against a stand-in trainer keeping ``main(argv,
-on_validation=...)`` (in process, or a child through ``launcher``) and the real one on the shared world."""
+"""Optuna search (solution.search) with a stand-in trainer (in process or a child) and the real one on the world."""
 
 from __future__ import annotations
 
@@ -16,7 +15,8 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from cli_helpers import one_error_line
+from cli_helpers import one_error_line, scalars
+from train_helpers import metrics
 
 from solution import common
 from solution import search as search_cli
@@ -244,7 +244,7 @@ def test_search_records_prunes_survives_failures_and_nan_and_reports(tmp_path, f
     for row in df.itertuples():
         assert Path(row.run_dir) == study / "trials" / f"{row.number:04d}"
     top = df.loc[0]  # the one complete trial; its value: its best main-set validation
-    records = [json.loads(x) for x in Path(top["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    records = metrics(top["run_dir"])
     assert top["value"] == max(r["mean_recall"] for r in records if "set" not in r)
     assert (top["number"], top["value"]) == (summary["best_trial"], pytest.approx(summary["best_value"]))
     assert top["best_checkpoint"] == str(Path(top["run_dir"]) / "checkpoints" / "best.pt")
@@ -330,8 +330,7 @@ def test_sigterm_stops_the_child_and_requeues_the_trial(tmp_path, fake_train):
 
 
 def worker_killed_mid_trial(tmp_path, train, script, storage: str) -> None:
-    """Another worker on this host is killed with -9 mid-trial: its trial is left alone while it lives, then failed
-    at once (no grace period) and its parameters re-run; the study ends with its full budget."""
+    """Another worker killed with -9 mid-trial: its trial, left alone while it lived, is failed at once and re-run."""
     raw = child_config(tmp_path, script, name="k", n_trials=2, storage=storage, grace_period=3600)
     (tmp_path / "k.yaml").write_text(yaml.safe_dump({**raw, "base": {"max-steps": 40, "sleep": 0.25}}))
     victim = subprocess.Popen([*WORKER, str(tmp_path / "k.yaml")])
@@ -472,8 +471,6 @@ def world_base(world, **more) -> dict:  # the real trainer's trial settings on t
 
 
 def test_real_search_on_the_world_completes_survives_a_raising_trial_and_gives_a_ready_command(tmp_path, world):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     raw = {
         "name": "real",
         "out": str(tmp_path),
@@ -489,7 +486,7 @@ def test_real_search_on_the_world_completes_survives_a_raising_trial_and_gives_a
     df = pd.read_csv(tmp_path / "real" / "trials.csv")
     assert list(df["state"]) == ["COMPLETE", "FAIL"] and "larger than" in df.loc[1, "fail_reason"]
     run0 = Path(df.loc[0, "run_dir"])
-    valid = [r for r in map(json.loads, (run0 / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "valid"]
+    valid = metrics(run0, "valid")
     assert [r["step"] for r in valid] == [2, 4] and max(r["mean_recall"] for r in valid) == df.loc[0, "value"]
     command = (tmp_path / "real" / "best_command.sh").read_text()
     assert f"--resume {world.base}" in command and "--lr 0.0001" in command and "--name real-best" in command
@@ -497,4 +494,4 @@ def test_real_search_on_the_world_completes_survives_a_raising_trial_and_gives_a
     assert (again.lr, again.resume, again.name, again.max_steps) == (1e-4, str(world.base), "real-best", 4)
     assert study_checkpoints(tmp_path / "real", 2) == [run0 / "checkpoints" / "best.pt"]  # model_soup --from-study
     [events] = run0.rglob("events.out.tfevents.*")  # tensorboard --logdir {study folder}: a run per trial
-    assert EventAccumulator(str(events.parent)).Reload().Tags()["scalars"]
+    assert scalars(events.parent)

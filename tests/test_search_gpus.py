@@ -1,9 +1,4 @@
-"""GPUs per trial in the search (solution.studies.gpus), with fake GPU lists: no GPU is touched.
-
-Leases are flocks on files in a lease folder: disjoint across concurrent trials and workers, given back
-when a trial ends, raises or its process is killed; a trial's child gets them as its own
-CUDA_VISIBLE_DEVICES (the search's environment is left alone); the log and trials.csv name them.
-"""
+"""GPUs per trial (solution.studies.gpus) on fake GPU lists: flock leases; a child gets its CUDA_VISIBLE_DEVICES."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""The search on a real database: two workers on one PostgreSQL study, one killed with -9 mid-trial
-(the test of test_search on SQLite, here across a server as workers on many machines use it).
-
-The server is Debian's (``initdb``/``pg_ctl`` under ``/usr/lib/postgresql/*/bin``), started for this
-module in a temporary folder on a free localhost port; as root it runs as the ``postgres`` user (it
-refuses root). Skipped only where the server binaries are absent.
-"""
+"""Two search workers on a PostgreSQL study (Debian's server, started here), one killed with -9 mid-trial."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Model soups (solution.soup) of the shared world's runs: methods, saved weights, scores as the submission path's,
-caching, streaming, refusals, output folders and cross-fitting's held-out hits."""
+"""Model soups (solution.soup) of the world's runs: methods, weights, scores, caching, refusals, cross-fitting."""
 
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from cli_helpers import snapshot
 
 from solution import compare, soup
 from solution.common import SolutionError, read_jsonl
@@ -213,8 +213,7 @@ def test_rerun_encodes_nothing_lmdb_and_checkpoints_known_by_content(souped, wor
 
 
 def test_hits_of_every_candidate_and_the_paired_bootstrap_compare_shows(souped):
-    """Each scored candidate's hits over all queries give its mean recall digit for digit; compare shows each soup
-    against the best single ingredient by the paired bootstrap of those hits."""
+    """Each candidate's hits give its mean recall digit for digit; compare shows their paired bootstrap."""
     out, summary, _ = souped
     ref = summary["best_single"]
     ref_ids, ref_hits = read_hits(out / ref["hits"])
@@ -411,12 +410,12 @@ def test_a_kill_leaves_the_previous_folder_whole_and_damaged_hits_are_scored_aga
     """kill -9 in the pairwise stage of a re-run: not a byte of the earlier soup changes; the next run ends it."""
     out, _, args = souped
     shutil.copytree(out, tmp_path / "soups")
-    before = {p: p.read_bytes() for p in (tmp_path / "soups").rglob("*") if p.is_file()}
+    before = snapshot(tmp_path / "soups")
     code = "import os, sys; from solution.soups import methods; methods.pairwise = lambda *a: os.kill(os.getpid(), 9)"
     code += "; from solution import soup; soup.main(sys.argv[1:])"
     argv = [w for a in [*args, "--output", tmp_path / "soups"] for w in (a.split() if isinstance(a, str) else [str(a)])]
     assert subprocess.run([sys.executable, "-c", code, *argv], capture_output=True).returncode == -9
-    assert {p: p.read_bytes() for p in (tmp_path / "soups").rglob("*") if p.is_file()} == before
+    assert snapshot(tmp_path / "soups") == before
     assert (tmp_path / ".soups.building" / "greedy" / "soup.pt").is_file()  # built, never swapped in
     damaged = tmp_path / "soups" / json.loads((tmp_path / "soups" / "summary.json").read_text())["best_single"]["hits"]
     damaged.write_bytes(damaged.read_bytes()[:50])

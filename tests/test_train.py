@@ -129,8 +129,7 @@ def test_an_official_checkpoint_gives_its_architecture_and_weights(tmp_path, mon
 
 
 def test_best_validation_stores_its_per_query_hits(stage1, data):
-    """Each new best main-set row names ``hits/best.hits.npy``; the file holds the best row's queries
-    and hits, whose mean recall is that row's exactly; the comparison reads them for the run."""
+    """The hits file holds the best row's queries and hits, whose mean recall is that row's exactly."""
     from solution.data.lmdb_io import LMDBSplit
     from solution.formats.hits import read_hits
     from solution.report.folders import read_run

@@ -1,5 +1,4 @@
-"""The trainer's command line: the flag table, config files, the resolved config, and one error line naming the
-flag (and the config file it came from) for each kind of bad input."""
+"""The trainer's command line: flags, config files, and one error line naming the flag for each bad input."""
 
 import dataclasses
 import json
@@ -239,8 +238,7 @@ def test_a_cn_clip_training_checkpoint_starts_at_its_offset(tmp_path, data, tiny
 
 
 def test_prompt_and_context_length_follow_the_starting_checkpoint(tmp_path, data, monkeypatch):
-    """Unless given, both come from the starting checkpoint and are stored; the prompt reaches every training batch
-    and the validation."""
+    """Unless given, both come from the starting checkpoint; the prompt reaches every batch and the validation."""
     from cn_clip_patch.prompt import tokenize
     from solution.training import loaders, validation
 

@@ -104,8 +104,7 @@ def test_extra_validation_sets_early_stop_and_plot(tmp_path, data):
 
 
 def test_grad_checkpointing_is_held_for_the_run_only(tmp_path, data):
-    """--grad-checkpointing patches upstream's ``checkpoint`` names during the run only: restored when the trainer
-    returns or raises (an in-process search trial after it must not inherit the patch)."""
+    """--grad-checkpointing patches upstream's ``checkpoint`` names for the run only, restored on return or raise."""
     import cn_clip.clip.model as upstream_model
     import cn_clip.clip.modeling_bert as upstream_bert
     from torch.utils.checkpoint import checkpoint
@@ -180,9 +179,7 @@ def test_layer_decay_gives_each_parameter_the_rate_of_its_depth(tiny_model):
 def test_one_loader_per_run_workers_change_nothing_and_a_log_file_gets_a_line_per_step(
     tmp_path, caplog, capsys, monkeypatch, data
 ):
-    """Two epochs from one training DataLoader (persistent workers with --num-workers > 0), built once per run: the
-    run with a worker trains exactly the weights of the run without; a log file gets a plain line per train line and
-    a terminal the bar."""
+    """One DataLoader per run: a worker changes no weight; a log file gets a line per train line, a terminal the bar."""
     from torch.utils.data import DataLoader
 
     from solution.training import loaders

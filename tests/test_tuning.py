@@ -109,8 +109,7 @@ def test_freeze_vision_keeps_resnet_batchnorm_in_eval(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_grad_checkpointing_keeps_every_gradient(tiny_config, lora):
-    """Upstream's reentrant checkpoints would drop the adapters' gradients; ours keeps them all, for its block only
-    (``test_train_loop``: upstream's names restored when it ends, error or not)."""
+    """Upstream's reentrant checkpoints would drop the adapters' gradients; ours keeps them all."""
     from cn_clip_patch.tuning import grad_checkpointing
 
     images, tokens = _inputs(4)

@@ -1,5 +1,4 @@
-"""Validation scores what the offline evaluator scores, its loss is cn_clip's over the same batches (twin texts masked with same_text), and a run's
-later validations decode no image again."""
+"""Validation scores what the offline evaluator scores, its loss is cn_clip's, later validations decode nothing."""
 
 from types import SimpleNamespace
 
@@ -41,8 +40,7 @@ def test_prepared_gallery_gives_the_decoded_features_bit_for_bit(split, tiny_mod
 
 @pytest.mark.parametrize("same_text", [True, False])
 def test_loss_from_features_equals_the_loss_of_the_model_over_the_batches(split, tiny_model, tiny_config, same_text):
-    """The same pairs in the same batches, to float rounding (a feature depends on the other items of its batch
-    only through rounding)."""
+    """The same pairs in the same batches, to float rounding."""
     with torch.no_grad():  # a model that tells the colours apart a little, so the accuracies are not all ties
         tiny_model.logit_scale.fill_(3.0)
     want = contrastive_eval(tiny_model, split, tiny_config, batch_size=6, seed=11, same_text=same_text)

@@ -85,14 +85,6 @@ def error_line(capsys, argv: list[str], main_fn=None) -> str:
     return line
 
 
-def snapshot(*folders: Path, locks: bool = True) -> dict:
-    """Every file under ``folders`` -> its bytes; of a lock file only that it is there (``locks=False``: not even)."""
-    files = [p for d in folders if d.exists() for p in sorted(d.rglob("*")) if p.is_file()]
-    return {
-        p: b"" if p.name.endswith(".lock") else p.read_bytes() for p in files if locks or not p.name.endswith(".lock")
-    }
-
-
 def metrics(run: Path, kind: str | None = None) -> list[dict]:
     """The rows of a run folder's ``metrics.jsonl`` (of one kind: "train" or "valid")."""
     rows = [json.loads(x) for x in open(Path(run) / "metrics.jsonl", encoding="utf-8")]
@@ -100,8 +92,7 @@ def metrics(run: Path, kind: str | None = None) -> list[dict]:
 
 
 def tiny_argv(train: Path, valid: Path | None, logs: Path, name: str = "run", **flags) -> list[str]:
-    """The trainer's command line for a tiny model on the CPU; ``flags`` (``lora_rank=2``, ``freeze_text=True``)
-    are added (True: a switch, None/False: left out)."""
+    """The trainer's command line for a tiny model on the CPU, plus ``flags`` (True: a switch, None/False: left out)."""
     argv = ["--train-data", str(train), "--logs", str(logs), "--name", name, *TINY.split()]
     if valid is not None:
         argv += ["--val-data", str(valid)]
